@@ -1,0 +1,64 @@
+# qes_billing -- PGXS build.  See README.md for the developer targets.
+
+EXTENSION  = qes_billing
+EXTVERSION = 0.1
+
+MODULE_big = qes_billing
+OBJS = \
+	src/qes_billing.o \
+	src/guc.o \
+	src/shmem.o \
+	src/worker.o \
+	src/audit.o \
+	src/config.o
+
+DATA_built = $(EXTENSION)--$(EXTVERSION).sql
+INSTALL_SQL = $(sort $(wildcard sql/install/*.sql))
+
+PG_CONFIG ?= pg_config
+PG_CPPFLAGS = -Isrc -Wall -Wextra -Werror -Wno-unused-parameter \
+	-Wno-missing-field-initializers -Wno-sign-compare
+SHLIB_LINK = -lcurl -lcrypto
+
+# pg_regress: explicit list, so the install script pieces under sql/install
+# are never mistaken for tests.
+REGRESS = install catalog settings tenants audit api
+REGRESS_OPTS = --temp-instance=./tmp_check_regress \
+	--temp-config=test/regress.conf --dbname=contrib_regression
+ISOLATION = wake audit_chain
+ISOLATION_OPTS = --temp-instance=./tmp_check_iso \
+	--temp-config=test/regress.conf --load-extension=qes_billing \
+	--inputdir=test/isolation --outputdir=test/isolation/output \
+	--dbname=contrib_regression
+TAP_TESTS = 1
+PROVE_TESTS = test/t/*.pl
+PROVE_FLAGS = -I ./test/t
+
+EXTRA_CLEAN = tmp_check_regress tmp_check_iso test/isolation/output \
+	results regression.diffs regression.out
+
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+$(EXTENSION)--$(EXTVERSION).sql: $(INSTALL_SQL)
+	cat $^ > $@
+
+# ---------------------------------------------------------------------------
+# Developer targets (README.md).  Everything runs through test/tools so that
+# a fresh Debian machine, root or not, behaves the same.
+.PHONY: deps run stop test test-regress test-python bench
+
+deps:
+	bash test/tools/deps.sh
+
+run:
+	bash test/tools/run.sh start
+
+stop:
+	bash test/tools/run.sh stop
+
+test:
+	bash test/tools/test.sh
+
+bench:
+	bash test/tools/bench.sh

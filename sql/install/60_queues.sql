@@ -1,0 +1,133 @@
+-- The worker's queues: the outbox of Stripe requests and the inbox of
+-- webhook events.  Both are global (not tenant-owned): a request or an event
+-- may concern no tenant (setup) or one not yet known (a new event).
+-- Inserting into either wakes the worker when the transaction commits.
+
+CREATE TABLE billing.stripe_requests (
+  request_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  tenant_id       text REFERENCES billing.tenants,
+  kind            text NOT NULL CHECK (kind ~ '^[a-z_]+(\.[a-z_]+)*$'),
+  method          text NOT NULL CHECK (method IN ('GET', 'POST', 'DELETE')),
+  path            text NOT NULL CHECK (path ~ '^/v1/[A-Za-z0-9_/.-]+$'),
+  params          jsonb NOT NULL DEFAULT '{}',
+  idempotency_key text NOT NULL UNIQUE DEFAULT 'qes-' || gen_random_uuid(),
+  state           text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'in_flight', 'succeeded', 'failed')),
+  attempts        integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+  next_attempt_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  claimed_at      timestamptz,
+  http_status     integer,
+  response        jsonb,
+  error           jsonb,
+  created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE billing.stripe_requests IS
+  'Outbox of Stripe API requests. idempotency_key is fixed at insert and sent on every attempt.';
+CREATE INDEX stripe_requests_due ON billing.stripe_requests (next_attempt_at) WHERE state = 'pending';
+CREATE INDEX stripe_requests_in_flight ON billing.stripe_requests (claimed_at) WHERE state = 'in_flight';
+
+CREATE TABLE billing.webhook_events (
+  stripe_event_id text PRIMARY KEY CHECK (stripe_event_id ~ '^evt_'),
+  event_type      text NOT NULL,
+  livemode        boolean NOT NULL,
+  api_version     text,
+  stripe_created  timestamptz NOT NULL,
+  payload         json NOT NULL,
+  tenant_id       text,
+  state           text NOT NULL DEFAULT 'received'
+                    CHECK (state IN ('received', 'processing', 'applied', 'ignored', 'needs_review')),
+  attempts        integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+  next_attempt_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  last_error      text,
+  received_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  applied_at      timestamptz
+);
+COMMENT ON TABLE billing.webhook_events IS
+  'Inbox of verified Stripe webhook events, unique by Stripe event id; applied by the worker.';
+CREATE INDEX webhook_events_due ON billing.webhook_events (next_attempt_at) WHERE state = 'received';
+CREATE INDEX webhook_events_busy ON billing.webhook_events (received_at) WHERE state IN ('processing', 'needs_review');
+
+CREATE FUNCTION billing.wake_worker_on_commit() RETURNS trigger
+  LANGUAGE c AS 'MODULE_PATHNAME', 'qes_wake_worker_trigger';
+COMMENT ON FUNCTION billing.wake_worker_on_commit() IS
+  'Trigger: wake the worker when the inserting transaction commits (not before, not on rollback).';
+
+CREATE TRIGGER wake_worker AFTER INSERT ON billing.stripe_requests
+  FOR EACH STATEMENT EXECUTE FUNCTION billing.wake_worker_on_commit();
+CREATE TRIGGER wake_worker AFTER INSERT ON billing.webhook_events
+  FOR EACH STATEMENT EXECUTE FUNCTION billing.wake_worker_on_commit();
+
+CREATE FUNCTION billing.wake_worker() RETURNS void
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_wake_worker';
+COMMENT ON FUNCTION billing.wake_worker() IS 'Wake the worker when the calling transaction commits.';
+
+-- Crash reconciliation: a row still in flight when the worker starts was
+-- left by a crash (there is one worker).  Put it back in the queue; an
+-- outbox row keeps its idempotency key, so Stripe replays instead of
+-- creating twice.
+CREATE FUNCTION billing.worker_reclaim() RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_requests bigint;
+  v_events bigint;
+BEGIN
+  UPDATE billing.stripe_requests
+     SET state = 'pending', claimed_at = NULL, next_attempt_at = now(), updated_at = now()
+   WHERE state = 'in_flight';
+  GET DIAGNOSTICS v_requests = ROW_COUNT;
+  UPDATE billing.webhook_events
+     SET state = 'received', next_attempt_at = now()
+   WHERE state = 'processing';
+  GET DIAGNOSTICS v_events = ROW_COUNT;
+  IF v_requests + v_events > 0 THEN
+    PERFORM billing.audit('worker.reclaimed', NULL,
+                          jsonb_build_object('stripe_requests', v_requests, 'webhook_events', v_events));
+  END IF;
+  RETURN v_requests + v_events;
+END
+$$;
+COMMENT ON FUNCTION billing.worker_reclaim() IS
+  'Run by the worker at start: put queue rows left in flight by a crash back in the queue.';
+
+-- Timers (grace periods, trials) run here, once per worker loop.
+CREATE FUNCTION billing.worker_tick() RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  RETURN 0;
+END
+$$;
+COMMENT ON FUNCTION billing.worker_tick() IS 'Run by the worker once per loop: timers. Returns the number of rows changed.';
+
+CREATE FUNCTION billing.worker_state(
+  OUT pid integer, OUT started_at timestamptz, OUT last_loop_at timestamptz,
+  OUT loops bigint, OUT latch_wakeups bigint, OUT timeout_wakeups bigint,
+  OUT naptime_ms integer, OUT reclaimed bigint, OUT extension_present boolean,
+  OUT last_error text, OUT last_error_at timestamptz, OUT wake_requests bigint)
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_worker_state_fn';
+COMMENT ON FUNCTION billing.worker_state() IS 'The worker''s state as it publishes it in shared memory.';
+
+CREATE VIEW billing.worker_status AS
+SELECT w.pid,
+       w.started_at,
+       w.last_loop_at,
+       pg_catalog.clock_timestamp() - w.last_loop_at AS heartbeat_age,
+       w.pid IS NOT NULL
+         AND pg_catalog.clock_timestamp() - w.last_loop_at
+             < make_interval(secs => 3 * w.naptime_ms / 1000.0 + 10) AS alive,
+       w.loops,
+       w.wake_requests,
+       w.latch_wakeups,
+       w.timeout_wakeups,
+       w.naptime_ms,
+       w.reclaimed,
+       w.last_error,
+       w.last_error_at,
+       (SELECT count(*) FROM billing.stripe_requests r WHERE r.state = 'pending') AS outbox_pending,
+       (SELECT count(*) FROM billing.stripe_requests r WHERE r.state = 'in_flight') AS outbox_in_flight,
+       (SELECT count(*) FROM billing.webhook_events e WHERE e.state = 'received') AS inbox_pending,
+       (SELECT count(*) FROM billing.webhook_events e WHERE e.state = 'needs_review') AS inbox_parked
+  FROM billing.worker_state() w;
+COMMENT ON VIEW billing.worker_status IS
+  'The worker: alive since, last loop, wake-ups, queue depths and its last error.';

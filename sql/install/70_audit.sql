@@ -1,0 +1,132 @@
+-- The audit log: append-only, hash-chained with SHA-256 (src/audit.c).
+-- Writers serialize on the single chain-head row, so audit ids are
+-- gap-free and in chain order; a missing row shows as a gap.
+
+CREATE FUNCTION billing.audit_hash(prev bytea, audit_id bigint, occurred_at timestamptz,
+                                   actor_role text, actor_sub text, actor_tenant text,
+                                   tenant_id text, action text, details jsonb)
+  RETURNS bytea LANGUAGE c IMMUTABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'qes_audit_hash';
+COMMENT ON FUNCTION billing.audit_hash(bytea, bigint, timestamptz, text, text, text, text, text, jsonb) IS
+  'SHA-256 over the previous hash and the canonical content of one audit row.';
+
+CREATE TABLE billing.audit_log (
+  audit_id     bigint PRIMARY KEY,
+  occurred_at  timestamptz NOT NULL,
+  actor_role   text NOT NULL,
+  actor_sub    text,
+  actor_tenant text,
+  tenant_id    text,
+  action       text NOT NULL,
+  details      jsonb NOT NULL,
+  prev_hash    bytea NOT NULL,
+  hash         bytea NOT NULL
+);
+COMMENT ON TABLE billing.audit_log IS
+  'Every billing operation: who (database role, JWT subject and tenant), what, for which tenant. Append-only and hash-chained.';
+CREATE INDEX audit_log_tenant ON billing.audit_log (tenant_id, audit_id) WHERE tenant_id IS NOT NULL;
+
+CREATE TABLE billing.audit_head (
+  singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+  last_id   bigint NOT NULL,
+  last_hash bytea NOT NULL
+);
+COMMENT ON TABLE billing.audit_head IS 'The newest link of the audit chain; audit writers lock it.';
+INSERT INTO billing.audit_head VALUES (true, 0, '\x0000000000000000000000000000000000000000000000000000000000000000');
+
+CREATE FUNCTION billing.audit(p_action text, p_tenant_id text DEFAULT NULL, p_details jsonb DEFAULT '{}')
+  RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_head   billing.audit_head;
+  v_id     bigint;
+  v_at     timestamptz := clock_timestamp();
+  v_role   text := billing.outer_role();
+  v_claims jsonb := billing.jwt_claims();
+  v_hash   bytea;
+BEGIN
+  IF p_action IS NULL OR p_action !~ '^[a-z_]+(\.[a-z_]+)+$' THEN
+    RAISE EXCEPTION 'invalid audit action: %', coalesce(quote_literal(p_action), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Actions look like "subscription.created".';
+  END IF;
+  p_details := coalesce(p_details, '{}');
+
+  SELECT * INTO v_head FROM billing.audit_head FOR UPDATE;
+  v_id := v_head.last_id + 1;
+  v_hash := billing.audit_hash(v_head.last_hash, v_id, v_at, v_role, v_claims ->> 'sub',
+                               v_claims ->> 'tenant_id', p_tenant_id, p_action, p_details);
+  INSERT INTO billing.audit_log
+    VALUES (v_id, v_at, v_role, v_claims ->> 'sub', v_claims ->> 'tenant_id', p_tenant_id,
+            p_action, p_details, v_head.last_hash, v_hash);
+  UPDATE billing.audit_head SET last_id = v_id, last_hash = v_hash;
+  RETURN v_id;
+END
+$$;
+COMMENT ON FUNCTION billing.audit(text, text, jsonb) IS
+  'Append one row to the audit log, chained to the previous one. Returns its audit_id.';
+
+CREATE FUNCTION billing.audit_guard() RETURNS trigger
+  LANGUAGE plpgsql SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  IF current_setting('qes_billing.audit_guard')::boolean THEN
+    RAISE EXCEPTION 'the audit log is append-only: % is not allowed', TG_OP
+      USING ERRCODE = 'insufficient_privilege',
+            HINT = 'Audit rows are never changed or removed.';
+  END IF;
+  RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END
+$$;
+COMMENT ON FUNCTION billing.audit_guard() IS 'Trigger: refuse UPDATE, DELETE and TRUNCATE of the audit log.';
+
+CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON billing.audit_log
+  FOR EACH ROW EXECUTE FUNCTION billing.audit_guard();
+CREATE TRIGGER append_only_truncate BEFORE TRUNCATE ON billing.audit_log
+  FOR EACH STATEMENT EXECUTE FUNCTION billing.audit_guard();
+
+CREATE FUNCTION billing.verify_audit_chain(
+  OUT ok boolean, OUT rows_checked bigint, OUT first_bad_id bigint, OUT problem text)
+  LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_head billing.audit_head;
+  v_last billing.audit_log;
+BEGIN
+  SELECT count(*) INTO rows_checked FROM billing.audit_log;
+
+  SELECT c.audit_id,
+         CASE
+           WHEN c.prev_id IS NULL AND c.audit_id <> 1 THEN 'rows before this one are missing'
+           WHEN c.prev_id IS NOT NULL AND c.audit_id <> c.prev_id + 1 THEN 'rows before this one are missing'
+           WHEN c.prev_hash <> coalesce(c.chain_prev, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea)
+             THEN 'prev_hash does not match the previous row'
+           ELSE 'content does not match its hash'
+         END
+    INTO first_bad_id, problem
+    FROM (SELECT a.*,
+                 lag(a.hash) OVER w AS chain_prev,
+                 lag(a.audit_id) OVER w AS prev_id
+            FROM billing.audit_log a
+          WINDOW w AS (ORDER BY a.audit_id)) c
+   WHERE (c.prev_id IS NULL AND c.audit_id <> 1)
+      OR (c.prev_id IS NOT NULL AND c.audit_id <> c.prev_id + 1)
+      OR c.prev_hash <> coalesce(c.chain_prev, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea)
+      OR c.hash <> billing.audit_hash(c.prev_hash, c.audit_id, c.occurred_at, c.actor_role, c.actor_sub,
+                                      c.actor_tenant, c.tenant_id, c.action, c.details)
+   ORDER BY c.audit_id
+   LIMIT 1;
+
+  IF first_bad_id IS NULL THEN
+    SELECT * INTO v_head FROM billing.audit_head;
+    SELECT * INTO v_last FROM billing.audit_log ORDER BY audit_id DESC LIMIT 1;
+    IF v_head.last_id <> coalesce(v_last.audit_id, 0)
+       OR v_head.last_hash <> coalesce(v_last.hash, v_head.last_hash) THEN
+      first_bad_id := coalesce(v_last.audit_id, 0) + 1;
+      problem := 'the newest rows are missing (the chain head is at ' || v_head.last_id || ')';
+    END IF;
+  END IF;
+  ok := first_bad_id IS NULL;
+END
+$$;
+COMMENT ON FUNCTION billing.verify_audit_chain() IS
+  'Walk the audit chain; report the first row whose link or hash does not match, or that newest rows are missing.';

@@ -1,0 +1,81 @@
+-- Schema api: what PostgREST exposes.  Every object has a COMMENT (it
+-- becomes the OpenAPI description).
+
+CREATE VIEW api.plans AS
+SELECT p.plan_id,
+       p.name,
+       p.tier,
+       p.description,
+       p.features,
+       (SELECT pr.unit_amount FROM billing.prices pr
+         WHERE pr.plan_id = p.plan_id AND pr.billing_interval = 'month' AND pr.active AND pr.currency = 'usd') AS monthly_price,
+       (SELECT pr.unit_amount FROM billing.prices pr
+         WHERE pr.plan_id = p.plan_id AND pr.billing_interval = 'year' AND pr.active AND pr.currency = 'usd') AS yearly_price,
+       'usd'::text AS currency,
+       (SELECT jsonb_object_agg(l.metric, l.soft_limit) FROM billing.plan_limits l
+         WHERE l.plan_id = p.plan_id) AS limits
+  FROM billing.plans p
+ WHERE p.active;
+COMMENT ON VIEW api.plans IS
+  'The plan catalog: prices in the smallest currency unit (cents) per month and per year, and per-period limits by metric (null = unlimited; storage in bytes).';
+
+CREATE VIEW api.tenant WITH (security_invoker = true) AS
+SELECT t.tenant_id,
+       t.name,
+       t.billing_email,
+       t.stripe_customer_id IS NOT NULL AS has_stripe_customer,
+       t.disputed,
+       t.created_at
+  FROM billing.tenants t;
+COMMENT ON VIEW api.tenant IS 'The calling tenant (row-level security on the JWT''s tenant_id claim).';
+
+CREATE FUNCTION api.config() RETURNS json
+  LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_base text := rtrim(billing.base_url(), '/');
+BEGIN
+  RETURN json_build_object(
+    'environment', billing.environment(),
+    'stripe_mode', billing.stripe_mode(),
+    'publishable_key', billing.publishable_key(),
+    'base_url', v_base,
+    'webhook_url', v_base || '/api/v1/billing/webhooks/stripe',
+    'stripe_api_version', current_setting('qes_billing.stripe_api_version'),
+    'plans', (SELECT json_agg(p ORDER BY p.tier) FROM api.plans p));
+END
+$$;
+COMMENT ON FUNCTION api.config() IS
+  'Public billing configuration: environment, Stripe mode, publishable key, base and webhook URLs, plans. Never a secret.';
+
+CREATE FUNCTION api.health() RETURNS json
+  LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  w billing.worker_status;
+  v_problem text := billing.stripe_key_problem('secret');
+  v_healthy boolean;
+BEGIN
+  SELECT * INTO w FROM billing.worker_status;
+  v_healthy := coalesce(w.alive, false) AND v_problem IS NULL;
+  IF NOT v_healthy THEN
+    PERFORM set_config('response.status', '503', true);
+  END IF;
+  RETURN json_build_object(
+    'status', CASE WHEN v_healthy THEN 'ok' ELSE 'unhealthy' END,
+    'database', true,
+    'worker', json_build_object(
+      'alive', coalesce(w.alive, false),
+      'heartbeat_age_seconds', round(extract(epoch FROM w.heartbeat_age)::numeric, 3),
+      'last_error', w.last_error),
+    'stripe', json_build_object(
+      'configured', v_problem IS NULL,
+      'mode', billing.stripe_mode(),
+      'problem', v_problem),
+    'outbox_backlog', w.outbox_pending + w.outbox_in_flight,
+    'inbox_backlog', w.inbox_pending,
+    'webhooks_parked', w.inbox_parked);
+END
+$$;
+COMMENT ON FUNCTION api.health() IS
+  'Health: database, worker heartbeat, Stripe configuration and queue backlogs. HTTP 503 when unhealthy, 200 otherwise.';

@@ -1,0 +1,54 @@
+-- Privileges and row-level security.  Runs last, over everything above.
+--   qes_anon    anonymous PostgREST requests (and Stripe's webhooks)
+--   qes_tenant  a tenant's users; the JWT carries tenant_id
+--   qes_admin   operators
+--   qes_app     the QES platform itself (registers tenants, records usage)
+-- Nothing is granted to PUBLIC.
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA billing FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA api FROM PUBLIC;
+REVOKE ALL ON SCHEMA api FROM PUBLIC;
+
+GRANT USAGE ON SCHEMA api TO qes_anon, qes_tenant, qes_admin, qes_app;
+GRANT USAGE ON SCHEMA billing TO qes_tenant, qes_admin, qes_app;
+
+-- public catalog and status
+GRANT SELECT ON api.plans TO qes_anon, qes_tenant, qes_admin, qes_app;
+GRANT EXECUTE ON FUNCTION api.config(), api.health() TO qes_anon, qes_tenant, qes_admin, qes_app;
+
+-- tenant-owned rows, behind row-level security
+GRANT EXECUTE ON FUNCTION billing.jwt_claims(), billing.jwt_tenant_id() TO qes_tenant, qes_admin, qes_app;
+GRANT SELECT ON api.tenant TO qes_tenant, qes_admin;
+
+DO $rls$
+DECLARE
+  t text;
+BEGIN
+  FOREACH t IN ARRAY ARRAY['tenants', 'subscriptions', 'usage_events', 'invoices', 'payments',
+                           'disputes', 'notifications'] LOOP
+    EXECUTE format('ALTER TABLE billing.%I ENABLE ROW LEVEL SECURITY', t);
+    EXECUTE format('CREATE POLICY tenant_own_rows ON billing.%I FOR SELECT TO qes_tenant
+                      USING (tenant_id = billing.jwt_tenant_id())', t);
+    EXECUTE format('CREATE POLICY staff_all_rows ON billing.%I TO qes_admin, qes_app
+                      USING (true) WITH CHECK (true)', t);
+    EXECUTE format('GRANT SELECT ON billing.%I TO qes_tenant, qes_admin', t);
+    -- keep tenant data in pg_dump (extension tables are skipped otherwise)
+    PERFORM pg_catalog.pg_extension_config_dump(format('billing.%I', t)::regclass, '');
+  END LOOP;
+END
+$rls$;
+
+SELECT pg_catalog.pg_extension_config_dump('billing.stripe_requests', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.webhook_events', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.audit_log', '');
+
+-- the platform
+GRANT EXECUTE ON FUNCTION billing.upsert_tenant(text, text, text) TO qes_app, qes_admin;
+
+-- operators
+GRANT SELECT ON billing.worker_status, billing.audit_log, billing.stripe_requests,
+                billing.webhook_events TO qes_admin;
+GRANT EXECUTE ON FUNCTION billing.worker_state(), billing.verify_audit_chain(),
+                          billing.audit_hash(bytea, bigint, timestamptz, text, text, text, text, text, jsonb),
+                          billing.wake_worker()
+  TO qes_admin;

@@ -1,0 +1,457 @@
+/*-------------------------------------------------------------------------
+ *
+ * guc.c
+ *	  Settings of qes_billing, and the environment variables behind them.
+ *
+ * The deployment is configured by the seed's environment variables
+ * (STRIPE_TEST_SECRET_KEY, ..., QES_ENVIRONMENT, QES_BASE_URL), read from
+ * the server's environment.  Each one may be overridden by a qes_billing.*
+ * setting; an empty setting means "use the environment variable".
+ *
+ * Secrets (the six Stripe keys) are superuser-only settings that are left
+ * out of SHOW ALL and pg_settings, and whose SHOW / current_setting() output
+ * is masked, so their values never reach a view, a log or an error message.
+ * Messages name the variable that is wrong, never its value.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "qes_billing.h"
+
+#include <stdlib.h>
+
+#include "utils/builtins.h"
+#include "utils/guc.h"
+
+#include "guc.h"
+
+/* plain settings */
+char	   *qes_database = NULL;
+char	   *qes_stripe_api_base = NULL;
+char	   *qes_stripe_api_version = NULL;
+int			qes_worker_naptime_ms = 10000;
+int			qes_grace_period_s = 7 * 24 * 3600;
+int			qes_max_attempts = 8;
+int			qes_retry_base_ms = 500;
+int			qes_retry_max_ms = 300000;
+int			qes_webhook_max_attempts = 5;
+int			qes_webhook_tolerance_s = 300;
+int			qes_max_inflight = 16;
+bool		qes_audit_guard = true;
+
+/* overrides of the seed's environment variables */
+static char *qes_environment_setting = NULL;
+static char *qes_base_url_setting = NULL;
+static char *stripe_test_secret_key = NULL;
+static char *stripe_test_publishable_key = NULL;
+static char *stripe_test_webhook_secret = NULL;
+static char *stripe_live_secret_key = NULL;
+static char *stripe_live_publishable_key = NULL;
+static char *stripe_live_webhook_secret = NULL;
+
+/*
+ * Where one kind of key comes from, in test and in live mode.
+ */
+typedef struct KeySource
+{
+	const char *what;			/* "secret key", ... */
+	const char *test_env;
+	const char *live_env;
+	const char *test_guc;
+	const char *live_guc;
+	char	  **test_value;
+	char	  **live_value;
+	const char *test_prefixes[3];	/* NULL-terminated; empty for webhook */
+	const char *live_prefixes[3];
+} KeySource;
+
+static const KeySource key_sources[] = {
+	[QES_KEY_SECRET] = {
+		"secret key",
+		"STRIPE_TEST_SECRET_KEY", "STRIPE_LIVE_SECRET_KEY",
+		"qes_billing.stripe_test_secret_key", "qes_billing.stripe_live_secret_key",
+		&stripe_test_secret_key, &stripe_live_secret_key,
+		{"sk_test_", "rk_test_", NULL}, {"sk_live_", "rk_live_", NULL}
+	},
+	[QES_KEY_PUBLISHABLE] = {
+		"publishable key",
+		"STRIPE_TEST_PUBLISHABLE_KEY", "STRIPE_LIVE_PUBLISHABLE_KEY",
+		"qes_billing.stripe_test_publishable_key", "qes_billing.stripe_live_publishable_key",
+		&stripe_test_publishable_key, &stripe_live_publishable_key,
+		{"pk_test_", NULL, NULL}, {"pk_live_", NULL, NULL}
+	},
+	[QES_KEY_WEBHOOK] = {
+		"webhook signing secret",
+		"STRIPE_TEST_WEBHOOK_SECRET", "STRIPE_LIVE_WEBHOOK_SECRET",
+		"qes_billing.stripe_test_webhook_secret", "qes_billing.stripe_live_webhook_secret",
+		&stripe_test_webhook_secret, &stripe_live_webhook_secret,
+		{NULL, NULL, NULL}, {NULL, NULL, NULL}
+	},
+};
+
+static bool
+has_prefix(const char *value, const char *const *prefixes)
+{
+	for (int i = 0; prefixes[i] != NULL; i++)
+		if (strncmp(value, prefixes[i], strlen(prefixes[i])) == 0)
+			return true;
+	return false;
+}
+
+/*
+ * A webhook secret setting holds one secret or, during a rotation, several
+ * separated by commas.  Each must be a whsec_ secret.
+ */
+static bool
+webhook_secrets_valid(const char *value)
+{
+	const char *p = value;
+
+	while (*p)
+	{
+		const char *end = strchr(p, ',');
+		size_t		len = end ? (size_t) (end - p) : strlen(p);
+
+		while (len > 0 && (*p == ' ' || *p == '\t'))
+			p++, len--;
+		if (len < 7 || strncmp(p, "whsec_", 6) != 0)
+			return false;
+		if (!end)
+			break;
+		p = end + 1;
+	}
+	return true;
+}
+
+/*
+ * Find the key of the given kind for the current environment.  Returns the
+ * key, or NULL with *problem and *hint set (both palloc'd) when it is missing
+ * or of the wrong mode.  The key's value never enters a message.
+ */
+static const char *
+lookup_key(QesKeyKind kind, const char **source, char **problem, char **hint,
+		   bool *missing)
+{
+	const KeySource *ks = &key_sources[kind];
+	QesEnvironment env = qes_environment();
+	bool		live = (env == QES_ENV_PRODUCTION);
+	const char *envname = qes_environment_name(env);
+	const char *setting = live ? *ks->live_value : *ks->test_value;
+	const char *var = live ? ks->live_env : ks->test_env;
+	const char *value;
+
+	if (setting && setting[0] != '\0')
+	{
+		value = setting;
+		*source = live ? ks->live_guc : ks->test_guc;
+	}
+	else
+	{
+		value = getenv(var);
+		*source = var;
+	}
+
+	*missing = false;
+	if (value == NULL || value[0] == '\0')
+	{
+		*missing = true;
+		*problem = psprintf("%s is not set", var);
+		*hint = psprintf("QES_ENVIRONMENT \"%s\" uses the %s-mode %s: set %s in the server's environment, or %s.",
+						 envname, live ? "live" : "test", ks->what, var,
+						 live ? ks->live_guc : ks->test_guc);
+		return NULL;
+	}
+
+	if (kind == QES_KEY_WEBHOOK)
+	{
+		if (!webhook_secrets_valid(value))
+		{
+			*problem = psprintf("%s does not hold a Stripe webhook signing secret", *source);
+			*hint = pstrdup("Webhook signing secrets start with whsec_; separate several with commas during a rotation.");
+			return NULL;
+		}
+		return value;
+	}
+
+	if (has_prefix(value, live ? ks->live_prefixes : ks->test_prefixes))
+		return value;
+
+	if (has_prefix(value, live ? ks->test_prefixes : ks->live_prefixes))
+		*problem = psprintf("%s holds a %s-mode Stripe %s, but QES_ENVIRONMENT is \"%s\"",
+							*source, live ? "test" : "live", ks->what, envname);
+	else
+		*problem = psprintf("%s does not hold a Stripe %s", *source, ks->what);
+	*hint = psprintf("%s uses %s-mode keys: set %s to a key that starts with %s.",
+					 envname, live ? "live" : "test", *source,
+					 live ? ks->live_prefixes[0] : ks->test_prefixes[0]);
+	return NULL;
+}
+
+/*
+ * The key of the given kind for the current environment, or an error that
+ * names the variable at fault.  With missing_ok, an unset key gives NULL
+ * (a key of the wrong mode is still an error).
+ */
+const char *
+qes_stripe_key(QesKeyKind kind, bool missing_ok)
+{
+	const char *source;
+	char	   *problem = NULL;
+	char	   *hint = NULL;
+	bool		missing;
+	const char *key = lookup_key(kind, &source, &problem, &hint, &missing);
+
+	if (key)
+		return key;
+	if (missing_ok && missing)
+		return NULL;
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("%s", problem),
+			 errhint("%s", hint)));
+	return NULL;				/* keep compiler quiet */
+}
+
+/*
+ * Is the key of this kind usable?  When not, *problem says why.
+ */
+bool
+qes_stripe_key_problem(QesKeyKind kind, char **problem)
+{
+	const char *source;
+	char	   *hint = NULL;
+	bool		missing;
+
+	*problem = NULL;
+	return lookup_key(kind, &source, problem, &hint, &missing) == NULL;
+}
+
+static bool
+parse_environment(const char *value, QesEnvironment *env)
+{
+	if (strcmp(value, "development") == 0)
+		*env = QES_ENV_DEVELOPMENT;
+	else if (strcmp(value, "staging") == 0)
+		*env = QES_ENV_STAGING;
+	else if (strcmp(value, "production") == 0)
+		*env = QES_ENV_PRODUCTION;
+	else
+		return false;
+	return true;
+}
+
+QesEnvironment
+qes_environment(void)
+{
+	QesEnvironment env = QES_ENV_DEVELOPMENT;
+	const char *value = qes_environment_setting;
+	const char *source = "qes_billing.environment";
+
+	if (value == NULL || value[0] == '\0')
+	{
+		value = getenv("QES_ENVIRONMENT");
+		source = "QES_ENVIRONMENT";
+	}
+	if (value == NULL || value[0] == '\0')
+		return QES_ENV_DEVELOPMENT;
+	if (!parse_environment(value, &env))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s has an invalid value: \"%s\"", source, value),
+				 errhint("Use development, staging or production.")));
+	return env;
+}
+
+const char *
+qes_environment_name(QesEnvironment env)
+{
+	switch (env)
+	{
+		case QES_ENV_DEVELOPMENT:
+			return "development";
+		case QES_ENV_STAGING:
+			return "staging";
+		case QES_ENV_PRODUCTION:
+			return "production";
+	}
+	return "development";
+}
+
+bool
+qes_live_mode(void)
+{
+	return qes_environment() == QES_ENV_PRODUCTION;
+}
+
+const char *
+qes_base_url(void)
+{
+	const char *value = qes_base_url_setting;
+
+	if (value == NULL || value[0] == '\0')
+		value = getenv("QES_BASE_URL");
+	if (value == NULL || value[0] == '\0')
+		return NULL;
+	return value;
+}
+
+/* ---- check and show hooks ---------------------------------------------- */
+
+static bool
+check_environment(char **newval, void **extra, GucSource source)
+{
+	QesEnvironment env;
+
+	if (*newval == NULL || (*newval)[0] == '\0' || parse_environment(*newval, &env))
+		return true;
+	GUC_check_errdetail("qes_billing.environment must be development, staging or production.");
+	return false;
+}
+
+static bool
+check_url(char **newval, void **extra, GucSource source)
+{
+	if (*newval == NULL || (*newval)[0] == '\0' ||
+		strncmp(*newval, "http://", 7) == 0 || strncmp(*newval, "https://", 8) == 0)
+		return true;
+	GUC_check_errdetail("The URL must start with http:// or https://.");
+	return false;
+}
+
+static bool
+check_prefixed(char **newval, const char *const *prefixes, const char *name)
+{
+	if (*newval == NULL || (*newval)[0] == '\0' || has_prefix(*newval, prefixes))
+		return true;
+	GUC_check_errmsg("%s must hold a key that starts with %s", name, prefixes[0]);
+	return false;
+}
+
+#define KEY_CHECK_HOOK(fn, kind, mode) \
+static bool \
+fn(char **newval, void **extra, GucSource source) \
+{ \
+	return check_prefixed(newval, key_sources[kind].mode##_prefixes, \
+						  key_sources[kind].mode##_guc); \
+}
+
+KEY_CHECK_HOOK(check_test_secret, QES_KEY_SECRET, test)
+KEY_CHECK_HOOK(check_live_secret, QES_KEY_SECRET, live)
+KEY_CHECK_HOOK(check_test_publishable, QES_KEY_PUBLISHABLE, test)
+KEY_CHECK_HOOK(check_live_publishable, QES_KEY_PUBLISHABLE, live)
+
+static bool
+check_webhook_secret(char **newval, void **extra, GucSource source)
+{
+	if (*newval == NULL || (*newval)[0] == '\0' || webhook_secrets_valid(*newval))
+		return true;
+	GUC_check_errmsg("a webhook signing secret setting must hold whsec_ secrets separated by commas");
+	return false;
+}
+
+/* Secrets show as "(set)" or "" -- never their value. */
+#define SECRET_SHOW_HOOK(fn, var) \
+static const char * \
+fn(void) \
+{ \
+	return (var && var[0] != '\0') ? "(set)" : ""; \
+}
+
+SECRET_SHOW_HOOK(show_test_secret, stripe_test_secret_key)
+SECRET_SHOW_HOOK(show_live_secret, stripe_live_secret_key)
+SECRET_SHOW_HOOK(show_test_webhook, stripe_test_webhook_secret)
+SECRET_SHOW_HOOK(show_live_webhook, stripe_live_webhook_secret)
+
+#define SECRET_FLAGS (GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE)
+
+static void
+define_key(const char *name, const char *desc, char **var, int flags,
+		   GucStringCheckHook check, GucShowHook show)
+{
+	DefineCustomStringVariable(name, desc, NULL, var, "", PGC_SUSET, flags,
+							   check, NULL, show);
+}
+
+void
+qes_define_gucs(void)
+{
+	DefineCustomStringVariable("qes_billing.database",
+							   "Database the qes_billing worker connects to.",
+							   NULL, &qes_database, "postgres",
+							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("qes_billing.environment",
+							   "development, staging or production; overrides QES_ENVIRONMENT.",
+							   NULL, &qes_environment_setting, "",
+							   PGC_SUSET, 0, check_environment, NULL, NULL);
+	DefineCustomStringVariable("qes_billing.base_url",
+							   "Public base URL of the platform; overrides QES_BASE_URL.",
+							   NULL, &qes_base_url_setting, "",
+							   PGC_SUSET, 0, check_url, NULL, NULL);
+
+	define_key("qes_billing.stripe_test_secret_key",
+			   "Stripe test-mode secret key; overrides STRIPE_TEST_SECRET_KEY.",
+			   &stripe_test_secret_key, SECRET_FLAGS, check_test_secret, show_test_secret);
+	define_key("qes_billing.stripe_live_secret_key",
+			   "Stripe live-mode secret key; overrides STRIPE_LIVE_SECRET_KEY.",
+			   &stripe_live_secret_key, SECRET_FLAGS, check_live_secret, show_live_secret);
+	define_key("qes_billing.stripe_test_webhook_secret",
+			   "Stripe test-mode webhook signing secret(s); overrides STRIPE_TEST_WEBHOOK_SECRET.",
+			   &stripe_test_webhook_secret, SECRET_FLAGS, check_webhook_secret, show_test_webhook);
+	define_key("qes_billing.stripe_live_webhook_secret",
+			   "Stripe live-mode webhook signing secret(s); overrides STRIPE_LIVE_WEBHOOK_SECRET.",
+			   &stripe_live_webhook_secret, SECRET_FLAGS, check_webhook_secret, show_live_webhook);
+	/* publishable keys are public by design; only their mode is checked */
+	define_key("qes_billing.stripe_test_publishable_key",
+			   "Stripe test-mode publishable key; overrides STRIPE_TEST_PUBLISHABLE_KEY.",
+			   &stripe_test_publishable_key, 0, check_test_publishable, NULL);
+	define_key("qes_billing.stripe_live_publishable_key",
+			   "Stripe live-mode publishable key; overrides STRIPE_LIVE_PUBLISHABLE_KEY.",
+			   &stripe_live_publishable_key, 0, check_live_publishable, NULL);
+
+	DefineCustomStringVariable("qes_billing.stripe_api_base",
+							   "Base URL of the Stripe API (tests point it at a local server).",
+							   NULL, &qes_stripe_api_base, "https://api.stripe.com",
+							   PGC_SUSET, 0, check_url, NULL, NULL);
+	DefineCustomStringVariable("qes_billing.stripe_api_version",
+							   "Stripe API version sent as the Stripe-Version header.",
+							   NULL, &qes_stripe_api_version, "2024-06-20",
+							   PGC_SUSET, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("qes_billing.worker_naptime",
+							"Longest sleep of the worker between loops when nobody wakes it.",
+							NULL, &qes_worker_naptime_ms, 10000, 10, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.grace_period",
+							"How long paid limits stay after a failed payment.",
+							NULL, &qes_grace_period_s, 7 * 24 * 3600, 0, 90 * 24 * 3600,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.max_attempts",
+							"Attempts of one Stripe request before it is marked failed.",
+							NULL, &qes_max_attempts, 8, 1, 100,
+							PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.retry_base_delay",
+							"First retry delay of a Stripe request; doubled per attempt, with jitter.",
+							NULL, &qes_retry_base_ms, 500, 1, 3600 * 1000,
+							PGC_SUSET, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.retry_max_delay",
+							"Longest retry delay of a Stripe request.",
+							NULL, &qes_retry_max_ms, 300000, 1, 24 * 3600 * 1000,
+							PGC_SUSET, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.webhook_max_attempts",
+							"Attempts to apply a webhook event before it is parked for review.",
+							NULL, &qes_webhook_max_attempts, 5, 1, 100,
+							PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.webhook_tolerance",
+							"Largest accepted age of a webhook signature timestamp.",
+							NULL, &qes_webhook_tolerance_s, 300, 1, 24 * 3600,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.max_concurrent_requests",
+							"Stripe requests the worker keeps in flight at once.",
+							NULL, &qes_max_inflight, 16, 1, 1024,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomBoolVariable("qes_billing.audit_guard",
+							 "Refuse UPDATE and DELETE on the audit log (superusers may turn it off to test tamper detection).",
+							 NULL, &qes_audit_guard, true,
+							 PGC_SUSET, 0, NULL, NULL, NULL);
+
+	MarkGUCPrefixReserved("qes_billing");
+}

@@ -1,0 +1,46 @@
+/*-------------------------------------------------------------------------
+ *
+ * guc.h
+ *	  Settings of qes_billing and the environment variables behind them.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef QES_GUC_H
+#define QES_GUC_H
+
+typedef enum QesEnvironment
+{
+	QES_ENV_DEVELOPMENT,
+	QES_ENV_STAGING,
+	QES_ENV_PRODUCTION
+} QesEnvironment;
+
+typedef enum QesKeyKind
+{
+	QES_KEY_SECRET,
+	QES_KEY_PUBLISHABLE,
+	QES_KEY_WEBHOOK
+} QesKeyKind;
+
+extern char *qes_database;
+extern char *qes_stripe_api_base;
+extern char *qes_stripe_api_version;
+extern int	qes_worker_naptime_ms;
+extern int	qes_grace_period_s;
+extern int	qes_max_attempts;
+extern int	qes_retry_base_ms;
+extern int	qes_retry_max_ms;
+extern int	qes_webhook_max_attempts;
+extern int	qes_webhook_tolerance_s;
+extern int	qes_max_inflight;
+extern bool qes_audit_guard;
+
+extern void qes_define_gucs(void);
+extern QesEnvironment qes_environment(void);
+extern const char *qes_environment_name(QesEnvironment env);
+extern bool qes_live_mode(void);
+extern const char *qes_base_url(void);
+extern const char *qes_stripe_key(QesKeyKind kind, bool missing_ok);
+extern bool qes_stripe_key_problem(QesKeyKind kind, char **problem);
+
+#endif							/* QES_GUC_H */

@@ -1,0 +1,100 @@
+/*-------------------------------------------------------------------------
+ *
+ * shmem.c
+ *	  Shared memory of qes_billing: request and startup hooks.
+ *
+ * Shared memory is a cache, never the source of truth (DESIGN.md rule 1):
+ * everything in it can be rebuilt from tables, and it is lost at a restart.
+ *
+ * LOCKING RULES
+ *
+ * - QesWorkerState is protected by its own LWLock, qes_worker_state->lock,
+ *   from the named tranche "qes_billing".  The worker takes it EXCLUSIVE to
+ *   publish its pid, latch and counters; readers (the worker_state() SQL
+ *   function, backends waking the worker) take it SHARED.
+ * - The lock is held only to copy a few fields: never across I/O, SPI, an
+ *   ereport, or another LWLock.  Nothing is allocated while it is held.
+ * - wake_requests is a pg_atomic_uint64 and needs no lock.
+ * - Waking the worker reads the latch pointer under the SHARED lock and sets
+ *   it after releasing the lock.  Setting a stale latch (worker gone, PGPROC
+ *   reused) is harmless: at worst a spurious wake-up of some process.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "qes_billing.h"
+
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/shmem.h"
+
+#include "shmem.h"
+
+#define QES_TRANCHE "qes_billing"
+
+QesWorkerState *qes_worker_state = NULL;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+static Size
+qes_shmem_size(void)
+{
+	return MAXALIGN(sizeof(QesWorkerState));
+}
+
+static void
+qes_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(qes_shmem_size());
+	RequestNamedLWLockTranche(QES_TRANCHE, 1);
+}
+
+static void
+qes_shmem_startup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	qes_worker_state = ShmemInitStruct("qes_billing worker state",
+									   sizeof(QesWorkerState), &found);
+	if (!found)
+	{
+		memset(qes_worker_state, 0, sizeof(QesWorkerState));
+		pg_atomic_init_u64(&qes_worker_state->wake_requests, 0);
+		qes_worker_state->lock = &(GetNamedLWLockTranche(QES_TRANCHE))[0].lock;
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+void
+qes_shmem_init(void)
+{
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = qes_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = qes_shmem_startup;
+}
+
+/*
+ * Wake the worker now.  Callers that queue work use qes_wake_at_commit()
+ * instead, so the worker never sees a row that is not yet committed.
+ */
+void
+qes_set_worker_latch(void)
+{
+	Latch	   *latch;
+
+	if (qes_worker_state == NULL)
+		return;
+	pg_atomic_fetch_add_u64(&qes_worker_state->wake_requests, 1);
+	LWLockAcquire(qes_worker_state->lock, LW_SHARED);
+	latch = qes_worker_state->latch;
+	LWLockRelease(qes_worker_state->lock);
+	if (latch)
+		SetLatch(latch);
+}

@@ -1,0 +1,41 @@
+/*-------------------------------------------------------------------------
+ *
+ * shmem.h
+ *	  Shared memory of qes_billing.  Locking rules: see shmem.c.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef QES_SHMEM_H
+#define QES_SHMEM_H
+
+#include "port/atomics.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+#include "utils/timestamp.h"
+
+#define QES_LAST_ERROR_LEN 256
+
+typedef struct QesWorkerState
+{
+	pg_atomic_uint64 wake_requests; /* commits that woke the worker (atomic) */
+	LWLock	   *lock;			/* protects every field below */
+	pid_t		pid;			/* 0 when no worker runs */
+	Latch	   *latch;			/* the worker's MyLatch, NULL when none */
+	TimestampTz started_at;
+	TimestampTz last_loop_at;
+	uint64		loops;
+	uint64		latch_wakeups;	/* loops started because the latch was set */
+	uint64		timeout_wakeups;	/* loops started by the naptime */
+	int			naptime_ms;		/* naptime as the worker last read it */
+	uint64		reclaimed;		/* rows put back in the queue at start-up */
+	bool		extension_present;
+	TimestampTz last_error_at;
+	char		last_error[QES_LAST_ERROR_LEN];
+} QesWorkerState;
+
+extern QesWorkerState *qes_worker_state;
+
+extern void qes_shmem_init(void);
+extern void qes_set_worker_latch(void);
+
+#endif							/* QES_SHMEM_H */

@@ -1,0 +1,339 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *	  The qes_billing background worker: a latch loop.
+ *
+ * One worker per cluster, connected to qes_billing.database.  It sleeps on
+ * its latch; backends that queue work set the latch when their transaction
+ * COMMITs (qes_wake_at_commit), never before and never on abort, and the
+ * naptime wakes it anyway for retries and timers.
+ *
+ * Each loop runs in its own short transaction (DESIGN.md rule 3): it checks
+ * that the extension exists (it may not yet, or may be dropped and created
+ * again while we run), reclaims work left in flight by a crash once per
+ * incarnation of the extension, and runs the timers.  An error in a loop is
+ * logged, kept for the worker_state() view, and the loop goes on.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "qes_billing.h"
+
+#include "access/xact.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "tcop/utility.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+#include "commands/trigger.h"
+
+#include "guc.h"
+#include "shmem.h"
+#include "worker.h"
+
+PG_FUNCTION_INFO_V1(qes_worker_state_fn);
+PG_FUNCTION_INFO_V1(qes_wake_worker_trigger);
+PG_FUNCTION_INFO_V1(qes_wake_worker);
+
+/* ---- waking the worker at commit --------------------------------------- */
+
+static bool wake_pending = false;
+static bool xact_callback_registered = false;
+
+static void
+qes_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			if (wake_pending)
+			{
+				wake_pending = false;
+				qes_set_worker_latch();
+			}
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+		case XACT_EVENT_PREPARE:
+			/* a prepared transaction is picked up by the naptime */
+			wake_pending = false;
+			break;
+		default:
+			break;
+	}
+}
+
+/*
+ * Ask for the worker to be woken when the current transaction commits.
+ */
+void
+qes_wake_at_commit(void)
+{
+	if (!xact_callback_registered)
+	{
+		RegisterXactCallback(qes_xact_callback, NULL);
+		xact_callback_registered = true;
+	}
+	wake_pending = true;
+}
+
+/*
+ * billing.wake_worker_on_commit(): statement-level AFTER INSERT trigger on
+ * the queues.
+ */
+Datum
+qes_wake_worker_trigger(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("wake_worker_on_commit() must be called as a trigger")));
+	qes_wake_at_commit();
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * billing.wake_worker(): wake the worker when the caller's transaction
+ * commits.
+ */
+Datum
+qes_wake_worker(PG_FUNCTION_ARGS)
+{
+	qes_wake_at_commit();
+	PG_RETURN_VOID();
+}
+
+/* ---- the worker's view of itself ---------------------------------------- */
+
+Datum
+qes_worker_state_fn(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[12];
+	bool		nulls[12];
+	QesWorkerState copy;
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	LWLockAcquire(qes_worker_state->lock, LW_SHARED);
+	memcpy(&copy, qes_worker_state, sizeof(copy));
+	LWLockRelease(qes_worker_state->lock);
+
+	memset(nulls, 0, sizeof(nulls));
+	values[0] = Int32GetDatum(copy.pid);
+	nulls[0] = (copy.pid == 0);
+	values[1] = TimestampTzGetDatum(copy.started_at);
+	nulls[1] = (copy.started_at == 0);
+	values[2] = TimestampTzGetDatum(copy.last_loop_at);
+	nulls[2] = (copy.last_loop_at == 0);
+	values[3] = Int64GetDatum((int64) copy.loops);
+	values[4] = Int64GetDatum((int64) copy.latch_wakeups);
+	values[5] = Int64GetDatum((int64) copy.timeout_wakeups);
+	values[6] = Int32GetDatum(copy.naptime_ms);
+	values[7] = Int64GetDatum((int64) copy.reclaimed);
+	values[8] = BoolGetDatum(copy.extension_present);
+	copy.last_error[QES_LAST_ERROR_LEN - 1] = '\0';
+	values[9] = CStringGetTextDatum(copy.last_error);
+	nulls[9] = (copy.last_error[0] == '\0');
+	values[10] = TimestampTzGetDatum(copy.last_error_at);
+	nulls[10] = (copy.last_error_at == 0);
+	values[11] = Int64GetDatum((int64) pg_atomic_read_u64(&qes_worker_state->wake_requests));
+
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* ---- the worker --------------------------------------------------------- */
+
+void
+qes_register_worker(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 2;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, QES_EXTENSION_NAME);
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "qes_worker_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, QES_WORKER_NAME);
+	snprintf(worker.bgw_type, BGW_MAXLEN, QES_WORKER_NAME);
+	RegisterBackgroundWorker(&worker);
+}
+
+static void
+worker_detach(int code, Datum arg)
+{
+	LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
+	qes_worker_state->pid = 0;
+	qes_worker_state->latch = NULL;
+	LWLockRelease(qes_worker_state->lock);
+}
+
+static void
+record_error(const char *message)
+{
+	LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
+	strlcpy(qes_worker_state->last_error, message, QES_LAST_ERROR_LEN);
+	qes_worker_state->last_error_at = GetCurrentTimestamp();
+	LWLockRelease(qes_worker_state->lock);
+}
+
+/*
+ * Run one SQL statement that returns a single bigint (the worker's entry
+ * points into the schema).  Returns 0 for NULL.
+ */
+static int64
+run_bigint(const char *sql)
+{
+	bool		isnull;
+	Datum		d;
+
+	if (SPI_execute(sql, false, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "qes_billing worker: \"%s\" did not return one row", sql);
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? 0 : DatumGetInt64(d);
+}
+
+/*
+ * One loop of work, in its own transaction.
+ */
+/* extension OID whose queues were reclaimed by this worker process */
+static Oid	reclaimed_for = InvalidOid;
+
+static void
+worker_loop_once(void)
+{
+	Oid			extoid;
+	int64		reclaimed = 0;
+	bool		did_reclaim = false;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, "qes_billing worker loop");
+
+	extoid = get_extension_oid(QES_EXTENSION_NAME, true);
+	if (OidIsValid(extoid))
+	{
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "qes_billing worker: SPI_connect failed");
+
+		/* crash reconciliation, once per incarnation of the extension */
+		if (extoid != reclaimed_for)
+		{
+			reclaimed = run_bigint("SELECT billing.worker_reclaim()");
+			did_reclaim = true;
+			if (reclaimed > 0)
+				ereport(LOG,
+						(errmsg("qes_billing worker reclaimed " INT64_FORMAT " queue rows left in flight",
+								reclaimed)));
+		}
+		(void) run_bigint("SELECT billing.worker_tick()");
+		SPI_finish();
+	}
+
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_activity(STATE_IDLE, NULL);
+
+	if (did_reclaim)
+		reclaimed_for = extoid;
+
+	LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
+	qes_worker_state->extension_present = OidIsValid(extoid);
+	qes_worker_state->reclaimed += reclaimed;
+	LWLockRelease(qes_worker_state->lock);
+}
+
+void
+qes_worker_main(Datum main_arg)
+{
+	MemoryContext loop_context;
+	volatile int wake_reason = WL_LATCH_SET;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	BackgroundWorkerInitializeConnection(qes_database, NULL, 0);
+	pgstat_report_appname(QES_WORKER_NAME);
+
+	LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
+	qes_worker_state->pid = MyProcPid;
+	qes_worker_state->latch = MyLatch;
+	qes_worker_state->started_at = GetCurrentTimestamp();
+	qes_worker_state->naptime_ms = qes_worker_naptime_ms;
+	LWLockRelease(qes_worker_state->lock);
+	before_shmem_exit(worker_detach, (Datum) 0);
+
+	ereport(LOG,
+			(errmsg("qes_billing worker started in database \"%s\"", qes_database)));
+
+	loop_context = AllocSetContextCreate(TopMemoryContext,
+										 "qes_billing worker loop",
+										 ALLOCSET_DEFAULT_SIZES);
+
+	for (;;)
+	{
+		MemoryContext oldcontext;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		oldcontext = MemoryContextSwitchTo(loop_context);
+		PG_TRY();
+		{
+			worker_loop_once();
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+
+			/* restore state: log, remember, abort the loop's transaction */
+			MemoryContextSwitchTo(loop_context);
+			edata = CopyErrorData();
+			FlushErrorState();
+			ereport(LOG,
+					(errmsg("qes_billing worker loop failed: %s", edata->message)));
+			record_error(edata->message);
+			AbortCurrentTransaction();
+			pgstat_report_activity(STATE_IDLE, NULL);
+		}
+		PG_END_TRY();
+		MemoryContextSwitchTo(oldcontext);
+		MemoryContextReset(loop_context);
+
+		LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
+		qes_worker_state->loops++;
+		if (wake_reason & WL_LATCH_SET)
+			qes_worker_state->latch_wakeups++;
+		else
+			qes_worker_state->timeout_wakeups++;
+		qes_worker_state->last_loop_at = GetCurrentTimestamp();
+		qes_worker_state->naptime_ms = qes_worker_naptime_ms;
+		LWLockRelease(qes_worker_state->lock);
+
+		wake_reason = WaitLatch(MyLatch,
+								WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+								qes_worker_naptime_ms,
+								PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+}
