@@ -27,6 +27,7 @@ typedef struct QesWorkerState
 	uint64		latch_wakeups;	/* loops started because the latch was set */
 	uint64		timeout_wakeups;	/* loops started by the naptime */
 	int			naptime_ms;		/* naptime as the worker last read it */
+	uint64		wakes_served;	/* wake_requests as read at the last loop start */
 	uint64		reclaimed;		/* rows put back in the queue at start-up */
 	bool		extension_present;
 	TimestampTz last_error_at;

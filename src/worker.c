@@ -121,8 +121,8 @@ Datum
 qes_worker_state_fn(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[12];
-	bool		nulls[12];
+	Datum		values[13];
+	bool		nulls[13];
 	QesWorkerState copy;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
@@ -151,6 +151,7 @@ qes_worker_state_fn(PG_FUNCTION_ARGS)
 	values[10] = TimestampTzGetDatum(copy.last_error_at);
 	nulls[10] = (copy.last_error_at == 0);
 	values[11] = Int64GetDatum((int64) pg_atomic_read_u64(&qes_worker_state->wake_requests));
+	values[12] = Int64GetDatum((int64) copy.wakes_served);
 
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
@@ -289,6 +290,7 @@ qes_worker_main(Datum main_arg)
 	for (;;)
 	{
 		MemoryContext oldcontext;
+		uint64		wakes = pg_atomic_read_u64(&qes_worker_state->wake_requests);
 
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -322,6 +324,7 @@ qes_worker_main(Datum main_arg)
 
 		LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
 		qes_worker_state->loops++;
+		qes_worker_state->wakes_served = wakes;
 		if (wake_reason & WL_LATCH_SET)
 			qes_worker_state->latch_wakeups++;
 		else

@@ -104,7 +104,8 @@ CREATE FUNCTION billing.worker_state(
   OUT pid integer, OUT started_at timestamptz, OUT last_loop_at timestamptz,
   OUT loops bigint, OUT latch_wakeups bigint, OUT timeout_wakeups bigint,
   OUT naptime_ms integer, OUT reclaimed bigint, OUT extension_present boolean,
-  OUT last_error text, OUT last_error_at timestamptz, OUT wake_requests bigint)
+  OUT last_error text, OUT last_error_at timestamptz, OUT wake_requests bigint,
+  OUT wakes_served bigint)
   LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_worker_state_fn';
 COMMENT ON FUNCTION billing.worker_state() IS 'The worker''s state as it publishes it in shared memory.';
 

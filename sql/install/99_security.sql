@@ -52,3 +52,7 @@ GRANT EXECUTE ON FUNCTION billing.worker_state(), billing.verify_audit_chain(),
                           billing.audit_hash(bytea, bigint, timestamptz, text, text, text, text, text, jsonb),
                           billing.wake_worker()
   TO qes_admin;
+
+-- Let the worker find the new extension (and reconcile its queues) as soon
+-- as CREATE EXTENSION commits.
+SELECT billing.wake_worker();
