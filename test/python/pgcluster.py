@@ -1,0 +1,112 @@
+"""A throw-away PostgreSQL cluster with qes_billing preloaded, for pytest.
+
+initdb refuses to run as root, so when the tests run as root the cluster
+steps run as the `postgres` OS user (runuser); connections go over TCP on
+127.0.0.1 with trust authentication, so the test process itself may be
+any user.
+"""
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import psycopg
+
+SEED_VARS = ("STRIPE_TEST_SECRET_KEY", "STRIPE_TEST_PUBLISHABLE_KEY", "STRIPE_TEST_WEBHOOK_SECRET",
+             "STRIPE_LIVE_SECRET_KEY", "STRIPE_LIVE_PUBLISHABLE_KEY", "STRIPE_LIVE_WEBHOOK_SECRET",
+             "QES_ENVIRONMENT", "QES_BASE_URL")
+
+
+def _bindir():
+    return subprocess.check_output(["pg_config", "--bindir"], text=True).strip()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, name, env=None, conf=None, database="qes"):
+        self.name = name
+        self.bindir = _bindir()
+        self.port = _free_port()
+        self.database = database
+        self.dir = tempfile.mkdtemp(prefix=f"qes-{name}-")
+        self.datadir = os.path.join(self.dir, "data")
+        self.logfile = os.path.join(self.dir, "server.log")
+        self.env = {k: v for k, v in os.environ.items() if k not in SEED_VARS}
+        self.env.update(env or {})
+        self.conf = conf or {}
+        self.as_root = os.geteuid() == 0
+        if self.as_root:
+            shutil.chown(self.dir, user="postgres")
+
+    def _run(self, *args, **kw):
+        cmd = [os.path.join(self.bindir, args[0]), *args[1:]]
+        if self.as_root:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        return subprocess.run(cmd, env=self.env, check=True, capture_output=True, text=True, **kw)
+
+    def start(self):
+        self._run("initdb", "-D", self.datadir, "-A", "trust", "-U", "postgres", "--no-sync")
+        settings = {
+            "port": str(self.port),
+            "listen_addresses": "'127.0.0.1'",
+            "unix_socket_directories": f"'{self.dir}'",
+            "shared_preload_libraries": "'qes_billing'",
+            "qes_billing.database": f"'{self.database}'",
+            "qes_billing.worker_naptime": "'200ms'",
+            "fsync": "off",
+        }
+        settings.update(self.conf)
+        extra = "".join(f"{k} = {v}\n" for k, v in settings.items())
+        conf = os.path.join(self.datadir, "postgresql.conf")
+        if self.as_root:   # the file belongs to postgres
+            subprocess.run(["runuser", "-u", "postgres", "--", "sh", "-c", f"cat >> '{conf}'"],
+                           input=extra, text=True, check=True)
+        else:
+            with open(conf, "a") as f:
+                f.write(extra)
+        self._run("pg_ctl", "-D", self.datadir, "-l", self.logfile, "-w", "start")
+        with self.connect("postgres", autocommit=True) as c:
+            c.execute(f'CREATE DATABASE "{self.database}"')
+        with self.connect(autocommit=True) as c:
+            c.execute("CREATE EXTENSION qes_billing")
+            c.execute("CREATE ROLE authenticator LOGIN NOINHERIT")
+            c.execute("GRANT qes_anon, qes_tenant, qes_admin, qes_app TO authenticator")
+        return self
+
+    def dsn(self, dbname=None, user="postgres"):
+        return f"host=127.0.0.1 port={self.port} dbname={dbname or self.database} user={user}"
+
+    def connect(self, dbname=None, user="postgres", autocommit=False):
+        return psycopg.connect(self.dsn(dbname, user), autocommit=autocommit)
+
+    def sql(self, query, params=None):
+        """Run one statement as superuser in its own transaction; return all rows."""
+        with self.connect(autocommit=True) as c:
+            cur = c.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    def wait_until(self, query, timeout=20.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            rows = self.sql(query)
+            if rows and rows[0][0]:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def log(self):
+        with open(self.logfile, errors="replace") as f:
+            return f.read()
+
+    def stop(self):
+        try:
+            self._run("pg_ctl", "-D", self.datadir, "-m", "fast", "-w", "stop")
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
