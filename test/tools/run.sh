@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# make run / make stop: a local PostgreSQL cluster of its own with
+# qes_billing preloaded, its worker running, and a short demonstration.
+set -euo pipefail
+src=$(cd "$(dirname "$0")/../.." && pwd)
+. "$src/test/tools/common.sh"
+
+RUN_DIR=${QES_RUN_DIR:-/tmp/qes_billing-run}
+PORT=${QES_RUN_PORT:-55432}
+DB=${QES_RUN_DB:-qes}
+DATA=$RUN_DIR/data
+
+psql_run() { as_pg psql -X -q -h "$RUN_DIR" -p "$PORT" -d "$DB" -v ON_ERROR_STOP=1 "$@"; }
+
+running() { [ -f "$DATA/postmaster.pid" ] && as_pg pg_ctl -D "$DATA" status >/dev/null 2>&1; }
+
+case "${1:-start}" in
+stop)
+  if running; then as_pg pg_ctl -D "$DATA" -m fast -w stop; else echo "not running"; fi
+  exit 0 ;;
+start) ;;
+*) echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac
+
+bash "$src/test/tools/deps.sh"
+echo "== building and installing qes_billing"
+build_and_install "$src"
+
+export QES_ENVIRONMENT=${QES_ENVIRONMENT:-development}
+export QES_BASE_URL=${QES_BASE_URL:-http://localhost:3000}
+
+if running; then
+  echo "== restarting the cluster in $DATA (port $PORT) to load the new build"
+  as_pg pg_ctl -D "$DATA" -m fast -w restart >/dev/null
+else
+  echo "== creating a cluster in $DATA (port $PORT)"
+  mkdir -p "$RUN_DIR"
+  [ "$(id -u)" = 0 ] && chown "$PGUSER_OS" "$RUN_DIR"
+  if [ ! -f "$DATA/PG_VERSION" ]; then
+    as_pg initdb -D "$DATA" -A trust -U postgres >/dev/null
+    as_pg sh -c "cat >> '$DATA/postgresql.conf'" <<CONF
+port = $PORT
+listen_addresses = 'localhost'
+unix_socket_directories = '$RUN_DIR'
+shared_preload_libraries = 'qes_billing'
+qes_billing.database = '$DB'
+qes_billing.worker_naptime = '1s'
+CONF
+  fi
+  as_pg pg_ctl -D "$DATA" -l "$RUN_DIR/server.log" -w start >/dev/null
+fi
+
+as_pg psql -X -q -h "$RUN_DIR" -p "$PORT" -d postgres -tc "SELECT 1 FROM pg_database WHERE datname = '$DB'" | grep -q 1 \
+  || as_pg createdb -h "$RUN_DIR" -p "$PORT" "$DB"
+psql_run -c "CREATE EXTENSION IF NOT EXISTS qes_billing"
+psql_run -c "ALTER EXTENSION qes_billing UPDATE" >/dev/null 2>&1 || true
+
+echo "== waiting for the worker"
+for _ in $(seq 1 100); do
+  [ "$(psql_run -tAc 'SELECT coalesce(alive, false) FROM billing.worker_status')" = t ] && break
+  sleep 0.1
+done
+psql_run -c "SELECT pid, started_at, alive, loops, outbox_pending, inbox_pending FROM billing.worker_status"
+
+echo "== GET /rpc/config"
+psql_run -tAc "SELECT jsonb_pretty(api.config()::jsonb - 'plans')"
+echo "== GET /rpc/health"
+psql_run -tAc "SELECT jsonb_pretty(api.health()::jsonb)"
+if [ "$(psql_run -tAc "SELECT api.health() ->> 'status'")" != ok ]; then
+  echo "   (unhealthy: set STRIPE_TEST_SECRET_KEY and friends in the environment of 'make run' to configure Stripe)"
+fi
+echo "== GET /plans"
+psql_run -c "SELECT plan_id, name, monthly_price, yearly_price, limits FROM api.plans ORDER BY tier"
+
+echo "== a tenant registers, and the audit chain records it"
+psql_run -c "SELECT tenant_id, name, billing_email FROM billing.upsert_tenant('demo', 'Demo Signing GmbH', 'billing@demo.example')"
+psql_run -c "SELECT audit_id, action, tenant_id, encode(hash, 'hex') AS hash FROM billing.audit_log ORDER BY audit_id DESC LIMIT 3"
+psql_run -c "SELECT * FROM billing.verify_audit_chain()"
+
+for demo in "$src"/test/tools/demo.d/*.sql; do
+  [ -f "$demo" ] || continue
+  echo "== $(head -1 "$demo" | sed 's/^-- *//')"
+  psql_run -f "$demo"
+done
+
+cat <<MSG
+
+qes_billing is running.
+  connect:  psql -h $RUN_DIR -p $PORT -U postgres $DB
+  log:      $RUN_DIR/server.log
+  stop:     make stop
+MSG
