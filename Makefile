@@ -10,7 +10,10 @@ OBJS = \
 	src/shmem.o \
 	src/worker.o \
 	src/audit.o \
-	src/config.o
+	src/config.o \
+	src/catalog_cache.o \
+	src/counters.o \
+	src/usage.o
 
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 INSTALL_SQL = $(sort $(wildcard sql/install/*.sql))
@@ -22,7 +25,7 @@ SHLIB_LINK = -lcurl -lcrypto
 
 # pg_regress: explicit list, so the install script pieces under sql/install
 # are never mistaken for tests.
-REGRESS = install catalog settings tenants audit api
+REGRESS = install catalog settings tenants audit api usage
 REGRESS_OPTS = --temp-instance=./tmp_check_regress \
 	--temp-config=test/regress.conf --dbname=contrib_regression
 ISOLATION = wake audit_chain

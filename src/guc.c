@@ -22,6 +22,7 @@
 #include "utils/builtins.h"
 #include "utils/guc.h"
 
+#include "counters.h"
 #include "guc.h"
 
 /* plain settings */
@@ -452,6 +453,12 @@ qes_define_gucs(void)
 							 "Refuse UPDATE and DELETE on the audit log (superusers may turn it off to test tamper detection).",
 							 NULL, &qes_audit_guard, true,
 							 PGC_SUSET, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("qes_billing.max_counters",
+							"Usage counters (tenant, metric, period) kept in shared memory.",
+							"When full, further totals are computed from billing.usage_events.",
+							&qes_max_counters, 10000, 16, 10000000,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("qes_billing");
 }

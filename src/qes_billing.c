@@ -11,9 +11,14 @@
  */
 #include "qes_billing.h"
 
+#include "access/xact.h"
+#include "commands/trigger.h"
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "utils/guc.h"
 
+#include "catalog_cache.h"
+#include "counters.h"
 #include "guc.h"
 #include "shmem.h"
 #include "worker.h"
@@ -21,6 +26,99 @@
 PG_MODULE_MAGIC;
 
 void		_PG_init(void);
+
+PG_FUNCTION_INFO_V1(qes_invalidate_cache_trigger);
+PG_FUNCTION_INFO_V1(qes_usage_changed_trigger);
+PG_FUNCTION_INFO_V1(qes_reset_caches);
+
+/*
+ * One transaction callback for the module: deltas, cache invalidations and
+ * wake-ups take effect at COMMIT and are forgotten on abort.
+ */
+static void
+qes_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_PRE_PREPARE:
+			qes_counters_refuse_prepare();
+			break;
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			qes_counters_at_commit();
+			qes_catalog_at_commit();
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+			qes_counters_at_abort();
+			qes_catalog_at_abort();
+			break;
+		default:
+			break;
+	}
+	qes_wake_xact_event(event);
+}
+
+static void
+qes_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+					 SubTransactionId parentSubid, void *arg)
+{
+	switch (event)
+	{
+		case SUBXACT_EVENT_ABORT_SUB:
+			qes_counters_at_subabort(mySubid);
+			break;
+		case SUBXACT_EVENT_COMMIT_SUB:
+			qes_counters_at_subcommit(mySubid, parentSubid);
+			break;
+		default:
+			break;
+	}
+}
+
+/*
+ * billing.invalidate_cache_on_commit(): statement trigger on the tables the
+ * backends cache (plans, limits, prices, metrics, clock, tenants,
+ * subscriptions).
+ */
+Datum
+qes_invalidate_cache_trigger(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("invalidate_cache_on_commit() must be called as a trigger")));
+	qes_catalog_invalidate_at_commit();
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * billing.usage_changed(): statement trigger for UPDATE, DELETE and
+ * TRUNCATE of billing.usage_events -- the cached counters are rebuilt from
+ * the table after this commits.
+ */
+Datum
+qes_usage_changed_trigger(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("usage_changed() must be called as a trigger")));
+	qes_counters_reset_at_commit();
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * billing.reset_caches(): forget all cached counters and catalog data when
+ * the transaction commits (run by CREATE EXTENSION).
+ */
+Datum
+qes_reset_caches(PG_FUNCTION_ARGS)
+{
+	qes_counters_reset_at_commit();
+	qes_catalog_invalidate_at_commit();
+	PG_RETURN_VOID();
+}
 
 void
 _PG_init(void)
@@ -35,4 +133,6 @@ _PG_init(void)
 	qes_define_gucs();
 	qes_shmem_init();
 	qes_register_worker();
+	RegisterXactCallback(qes_xact_callback, NULL);
+	RegisterSubXactCallback(qes_subxact_callback, NULL);
 }

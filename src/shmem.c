@@ -14,7 +14,8 @@
  *   function, backends waking the worker) take it SHARED.
  * - The lock is held only to copy a few fields: never across I/O, SPI, an
  *   ereport, or another LWLock.  Nothing is allocated while it is held.
- * - wake_requests is a pg_atomic_uint64 and needs no lock.
+ * - wake_requests and catalog_generation are atomics and need no lock.
+ * - The usage counters have locks of their own: see counters.c.
  * - Waking the worker reads the latch pointer under the SHARED lock and sets
  *   it after releasing the lock.  Setting a stale latch (worker gone, PGPROC
  *   reused) is harmless: at worst a spurious wake-up of some process.
@@ -27,6 +28,7 @@
 #include "storage/ipc.h"
 #include "storage/shmem.h"
 
+#include "counters.h"
 #include "shmem.h"
 
 #define QES_TRANCHE "qes_billing"
@@ -49,6 +51,7 @@ qes_shmem_request(void)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(qes_shmem_size());
 	RequestNamedLWLockTranche(QES_TRANCHE, 1);
+	qes_counters_request();
 }
 
 static void
@@ -66,8 +69,10 @@ qes_shmem_startup(void)
 	{
 		memset(qes_worker_state, 0, sizeof(QesWorkerState));
 		pg_atomic_init_u64(&qes_worker_state->wake_requests, 0);
+		pg_atomic_init_u64(&qes_worker_state->catalog_generation, 1);
 		qes_worker_state->lock = &(GetNamedLWLockTranche(QES_TRANCHE))[0].lock;
 	}
+	qes_counters_startup();
 	LWLockRelease(AddinShmemInitLock);
 }
 

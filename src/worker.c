@@ -49,10 +49,10 @@ PG_FUNCTION_INFO_V1(qes_wake_worker);
 /* ---- waking the worker at commit --------------------------------------- */
 
 static bool wake_pending = false;
-static bool xact_callback_registered = false;
 
-static void
-qes_xact_callback(XactEvent event, void *arg)
+/* called from the module's transaction callback (qes_billing.c) */
+void
+qes_wake_xact_event(XactEvent event)
 {
 	switch (event)
 	{
@@ -81,11 +81,6 @@ qes_xact_callback(XactEvent event, void *arg)
 void
 qes_wake_at_commit(void)
 {
-	if (!xact_callback_registered)
-	{
-		RegisterXactCallback(qes_xact_callback, NULL);
-		xact_callback_registered = true;
-	}
 	wake_pending = true;
 }
 

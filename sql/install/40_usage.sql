@@ -11,6 +11,7 @@ CREATE TABLE billing.usage_events (
   occurred_at     timestamptz NOT NULL,
   recorded_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
   metadata        jsonb,
+  total_after     bigint,
   PRIMARY KEY (tenant_id, idempotency_key)
 ) PARTITION BY HASH (tenant_id);
 COMMENT ON TABLE billing.usage_events IS
@@ -25,4 +26,190 @@ BEGIN
 END
 $parts$;
 
-CREATE INDEX usage_events_period ON billing.usage_events (tenant_id, metric, period_start);
+CREATE INDEX usage_events_period ON billing.usage_events (tenant_id, metric, period_start)
+  INCLUDE (quantity);
+
+-- The hot paths, in C (src/usage.c, src/counters.c).
+
+CREATE TYPE billing.usage_result AS (
+  recorded     boolean,
+  duplicate    boolean,
+  metric       text,
+  quantity     bigint,
+  period_start timestamptz,
+  period_end   timestamptz,
+  total        bigint,
+  usage_limit  bigint,
+  remaining    bigint,
+  status       text
+);
+COMMENT ON TYPE billing.usage_result IS
+  'What record_usage did: recorded (new) or duplicate (the original result), the period total, the limit (NULL = unlimited), what remains and the limit status.';
+
+CREATE TYPE billing.limit_check AS (
+  allowed      boolean,
+  status       text,
+  metric       text,
+  plan_id      text,
+  current      bigint,
+  requested    bigint,
+  usage_limit  bigint,
+  remaining    bigint,
+  percent      numeric,
+  period_start timestamptz,
+  period_end   timestamptz,
+  reason       text,
+  upgrade      jsonb
+);
+COMMENT ON TYPE billing.limit_check IS
+  'check_limit''s answer: allowed, status (ok, warning, over_soft_limit, blocked), where the tenant stands, why its limits are not its plan''s (reason), and the upgrade offered when near or over the limit.';
+
+CREATE FUNCTION billing.record_usage(
+  tenant_id text, metric text, quantity bigint, idempotency_key text,
+  metadata jsonb DEFAULT NULL, occurred_at timestamptz DEFAULT NULL)
+  RETURNS billing.usage_result
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_record_usage';
+COMMENT ON FUNCTION billing.record_usage(text, text, bigint, text, jsonb, timestamptz) IS
+  'Record usage in the caller''s transaction. Counted once per (tenant_id, idempotency_key), forever; a repeat returns the original result. Counters add up per billing period; storage is a gauge (the latest value counts).';
+
+CREATE FUNCTION billing.check_limit(tenant_id text, metric text, quantity bigint DEFAULT 1)
+  RETURNS billing.limit_check
+  LANGUAGE c STABLE AS 'MODULE_PATHNAME', 'qes_check_limit';
+COMMENT ON FUNCTION billing.check_limit(text, text, bigint) IS
+  'May the tenant use quantity more of metric? Soft limits: over them it is allowed, with the status and an upgrade prompt; only a plan''s hard ceiling blocks. Reads committed usage only.';
+
+CREATE FUNCTION billing.record_usage_batch(p_tenant_id text, p_events jsonb)
+  RETURNS TABLE (idempotency_key text, recorded boolean, duplicate boolean, metric text,
+                 quantity bigint, total bigint, usage_limit bigint, status text)
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  e jsonb;
+  r billing.usage_result;
+  i integer := 0;
+BEGIN
+  IF p_events IS NULL OR jsonb_typeof(p_events) <> 'array' THEN
+    RAISE EXCEPTION 'usage events must be a JSON array'
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Pass [{"metric": "signatures", "quantity": 1, "idempotency_key": "..."}, ...].';
+  END IF;
+  IF jsonb_array_length(p_events) > 10000 THEN
+    RAISE EXCEPTION 'too many usage events in one batch: %', jsonb_array_length(p_events)
+      USING ERRCODE = 'program_limit_exceeded', HINT = 'Send at most 10000 events per batch.';
+  END IF;
+  FOR e IN SELECT * FROM jsonb_array_elements(p_events) LOOP
+    i := i + 1;
+    IF jsonb_typeof(e) <> 'object' OR NOT (e ? 'metric' AND e ? 'quantity' AND e ? 'idempotency_key') THEN
+      RAISE EXCEPTION 'usage event % must be an object with metric, quantity and idempotency_key', i
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    r := billing.record_usage(p_tenant_id, e ->> 'metric', (e ->> 'quantity')::bigint,
+                              e ->> 'idempotency_key', e -> 'metadata',
+                              (e ->> 'occurred_at')::timestamptz);
+    idempotency_key := e ->> 'idempotency_key';
+    recorded := r.recorded;
+    duplicate := r.duplicate;
+    metric := r.metric;
+    quantity := r.quantity;
+    total := r.total;
+    usage_limit := r.usage_limit;
+    status := r.status;
+    RETURN NEXT;
+  END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing.record_usage_batch(text, jsonb) IS
+  'Record many usage events of one tenant atomically; each as record_usage (duplicates, in the batch or against history, are skipped and reported).';
+
+CREATE FUNCTION billing.usage_cache_stats(
+  OUT capacity integer, OUT entries integer, OUT hits bigint, OUT loads bigint,
+  OUT uncached bigint, OUT dropped bigint, OUT swept bigint)
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_usage_cache_stats';
+COMMENT ON FUNCTION billing.usage_cache_stats() IS
+  'Shared-memory usage counters: capacity (qes_billing.max_counters), entries, hits, builds from the table, uncached reads (table full or entry being built), entries dropped, entries swept.';
+
+CREATE FUNCTION billing.usage_cache_sweep(before timestamptz) RETURNS bigint
+  LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'qes_usage_cache_sweep';
+COMMENT ON FUNCTION billing.usage_cache_sweep(timestamptz) IS
+  'Drop cached counters of periods that ended before the given time (the worker runs it).';
+
+-- Usage per period for a tenant: the current period from the counters,
+-- earlier periods from the history.
+CREATE FUNCTION billing.usage_report(p_tenant_id text)
+  RETURNS TABLE (period_start timestamptz, period_end timestamptz, is_current boolean, metric text,
+                 used bigint, usage_limit bigint, percent numeric, status text)
+  LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  c billing.limit_check;
+  m record;
+  v_current timestamptz;
+BEGIN
+  IF NOT EXISTS (SELECT FROM billing.tenants t WHERE t.tenant_id = p_tenant_id) THEN
+    RETURN;
+  END IF;
+  FOR m IN SELECT x.metric FROM billing.metrics x ORDER BY x.metric LOOP
+    c := billing.check_limit(p_tenant_id, m.metric, 0);
+    v_current := c.period_start;
+    period_start := c.period_start;
+    period_end := c.period_end;
+    is_current := true;
+    metric := m.metric;
+    used := c.current;
+    usage_limit := c.usage_limit;
+    percent := c.percent;
+    status := c.status;
+    RETURN NEXT;
+  END LOOP;
+  RETURN QUERY
+    SELECT h.period_start, NULL::timestamptz, false, h.metric, h.used, NULL::bigint, NULL::numeric, NULL::text
+      FROM (SELECT u.period_start, u.metric, sum(u.quantity)::bigint AS used
+              FROM billing.usage_events u JOIN billing.metrics x ON x.metric = u.metric AND x.kind = 'counter'
+             WHERE u.tenant_id = p_tenant_id AND u.period_start < v_current
+             GROUP BY u.period_start, u.metric
+            UNION ALL
+            (SELECT DISTINCT ON (u.period_start, u.metric) u.period_start, u.metric, u.quantity
+               FROM billing.usage_events u JOIN billing.metrics x ON x.metric = u.metric AND x.kind = 'gauge'
+              WHERE u.tenant_id = p_tenant_id AND u.period_start < v_current
+              ORDER BY u.period_start, u.metric, u.occurred_at DESC, u.recorded_at DESC)) h
+     ORDER BY h.period_start DESC, h.metric;
+END
+$$;
+COMMENT ON FUNCTION billing.usage_report(text) IS
+  'A tenant''s usage: the current period per metric (used, limit, percent, status) and the totals of earlier periods.';
+
+CREATE FUNCTION billing.my_usage()
+  RETURNS TABLE (period_start timestamptz, period_end timestamptz, is_current boolean, metric text,
+                 used bigint, usage_limit bigint, percent numeric, status text)
+  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$ SELECT * FROM billing.usage_report(billing.jwt_tenant_id()) $$;
+COMMENT ON FUNCTION billing.my_usage() IS 'usage_report() for the tenant named by the request''s JWT.';
+
+-- Changes to what the backends cache take effect at commit.
+CREATE FUNCTION billing.invalidate_cache_on_commit() RETURNS trigger
+  LANGUAGE c AS 'MODULE_PATHNAME', 'qes_invalidate_cache_trigger';
+COMMENT ON FUNCTION billing.invalidate_cache_on_commit() IS
+  'Trigger: make every backend reload the plan catalog, clock and tenants when this transaction commits.';
+
+DO $inval$
+DECLARE
+  t text;
+BEGIN
+  FOREACH t IN ARRAY ARRAY['metrics', 'plans', 'plan_limits', 'prices', 'clock', 'tenants', 'subscriptions'] LOOP
+    EXECUTE format('CREATE TRIGGER invalidate_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON billing.%I
+                      FOR EACH STATEMENT EXECUTE FUNCTION billing.invalidate_cache_on_commit()', t);
+  END LOOP;
+END
+$inval$;
+
+CREATE FUNCTION billing.usage_changed() RETURNS trigger
+  LANGUAGE c AS 'MODULE_PATHNAME', 'qes_usage_changed_trigger';
+COMMENT ON FUNCTION billing.usage_changed() IS
+  'Trigger: usage rows were changed or removed other than by record_usage; cached counters are rebuilt from the table after commit.';
+CREATE TRIGGER usage_changed AFTER UPDATE OR DELETE OR TRUNCATE ON billing.usage_events
+  FOR EACH STATEMENT EXECUTE FUNCTION billing.usage_changed();
+
+CREATE FUNCTION billing.reset_caches() RETURNS void
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_reset_caches';
+COMMENT ON FUNCTION billing.reset_caches() IS
+  'Forget every cached usage counter and catalog entry when this transaction commits.';

@@ -90,12 +90,13 @@ $$;
 COMMENT ON FUNCTION billing.worker_reclaim() IS
   'Run by the worker at start: put queue rows left in flight by a crash back in the queue.';
 
--- Timers (grace periods, trials) run here, once per worker loop.
+-- Timers run here, once per worker loop.
 CREATE FUNCTION billing.worker_tick() RETURNS bigint
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
 BEGIN
-  RETURN 0;
+  -- cached usage counters of periods that ended more than a day ago
+  RETURN billing.usage_cache_sweep(billing.now() - interval '1 day');
 END
 $$;
 COMMENT ON FUNCTION billing.worker_tick() IS 'Run by the worker once per loop: timers. Returns the number of rows changed.';

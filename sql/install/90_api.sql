@@ -29,6 +29,12 @@ SELECT t.tenant_id,
   FROM billing.tenants t;
 COMMENT ON VIEW api.tenant IS 'The calling tenant (row-level security on the JWT''s tenant_id claim).';
 
+CREATE VIEW api.usage WITH (security_invoker = true) AS
+SELECT u.period_start, u.period_end, u.is_current, u.metric, u.used, u.usage_limit, u.percent, u.status
+  FROM billing.my_usage() u;
+COMMENT ON VIEW api.usage IS
+  'The calling tenant''s usage: the current billing period per metric (used, usage_limit (null = unlimited), percent, status: ok, warning, over_soft_limit, blocked) and the totals of earlier periods (is_current = false).';
+
 CREATE FUNCTION api.config() RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
 AS $$

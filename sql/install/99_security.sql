@@ -42,17 +42,28 @@ SELECT pg_catalog.pg_extension_config_dump('billing.stripe_requests', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.webhook_events', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.audit_log', '');
 
+-- usage, for the tenant through api.usage
+GRANT EXECUTE ON FUNCTION billing.my_usage() TO qes_tenant;
+GRANT SELECT ON api.usage TO qes_tenant;
+
 -- the platform
-GRANT EXECUTE ON FUNCTION billing.upsert_tenant(text, text, text) TO qes_app, qes_admin;
+GRANT EXECUTE ON FUNCTION billing.upsert_tenant(text, text, text),
+                          billing.record_usage(text, text, bigint, text, jsonb, timestamptz),
+                          billing.record_usage_batch(text, jsonb),
+                          billing.check_limit(text, text, bigint),
+                          billing.usage_report(text)
+  TO qes_app, qes_admin;
 
 -- operators
 GRANT SELECT ON billing.worker_status, billing.audit_log, billing.stripe_requests,
                 billing.webhook_events TO qes_admin;
-GRANT EXECUTE ON FUNCTION billing.worker_state(), billing.verify_audit_chain(),
+GRANT EXECUTE ON FUNCTION billing.worker_state(), billing.verify_audit_chain(), billing.usage_cache_stats(),
                           billing.audit_hash(bytea, bigint, timestamptz, text, text, text, text, text, jsonb),
                           billing.wake_worker()
   TO qes_admin;
 
--- Let the worker find the new extension (and reconcile its queues) as soon
--- as CREATE EXTENSION commits.
+-- Shared memory outlives DROP EXTENSION: forget what an earlier
+-- incarnation cached, and let the worker find the new extension (and
+-- reconcile its queues) as soon as CREATE EXTENSION commits.
+SELECT billing.reset_caches();
 SELECT billing.wake_worker();

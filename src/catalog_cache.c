@@ -1,0 +1,541 @@
+/*-------------------------------------------------------------------------
+ *
+ * catalog_cache.c
+ *	  Backend-local cache of the plan catalog, the billing clock and the
+ *	  tenants' subscriptions, for the hot paths (record_usage, check_limit).
+ *
+ * Everything here is read from tables and is only a cache (DESIGN.md rule
+ * 1).  Any change to the tables it copies (plans, plan_limits, prices,
+ * metrics, clock, tenants, subscriptions) fires a statement trigger that
+ * bumps a shared generation counter when its transaction COMMITs.  Each
+ * backend compares that counter with the generation it loaded and reloads
+ * when they differ: a plan change is visible to check_limit at once after
+ * commit, never before.  The generation is read BEFORE loading, so a change
+ * that commits during a load leaves the cache stale and it loads again.
+ *
+ * Loads run as the bootstrap superuser, so the cache does not depend on
+ * which role (PostgREST switches roles per request) happened to fill it;
+ * every query is therefore schema-qualified down to its operators.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "qes_billing.h"
+
+#include "access/xact.h"
+#include "catalog/pg_authid.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "port/atomics.h"
+#include "utils/builtins.h"
+#include "utils/datetime.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "catalog_cache.h"
+#include "guc.h"
+#include "shmem.h"
+
+#define QES_MAX_CACHED_TENANTS 10000
+
+typedef struct TenantEntry
+{
+	char		tenant_id[QES_TENANT_ID_LEN];	/* hash key */
+	bool		exists;
+	bool		has_subscription;
+	int			plan;			/* subscribed plan */
+	char		status[24];
+	bool		yearly;
+	bool		has_period;
+	TimestampTz period_start;
+	TimestampTz period_end;
+	bool		has_grace;
+	TimestampTz grace_until;
+} TenantEntry;
+
+static MemoryContext cache_context = NULL;
+static uint64 loaded_generation = 0;
+static bool loaded = false;
+
+static QesMetric *metrics;
+static int	nmetrics;
+static char *metric_names;
+static QesPlan *plans;
+static int	nplans;
+static QesLimit *limits;		/* nplans x nmetrics */
+static int	free_plan;
+static bool clock_has_offset;
+static Interval clock_offset;
+static HTAB *tenants;
+
+static SPIPlanPtr tenant_plan = NULL;
+
+static bool bump_at_commit = false;
+
+/* ---- invalidation -------------------------------------------------------- */
+
+void
+qes_catalog_invalidate_at_commit(void)
+{
+	bump_at_commit = true;
+}
+
+void
+qes_catalog_at_commit(void)
+{
+	if (bump_at_commit && qes_worker_state != NULL)
+		pg_atomic_fetch_add_u64(&qes_worker_state->catalog_generation, 1);
+	bump_at_commit = false;
+}
+
+void
+qes_catalog_at_abort(void)
+{
+	bump_at_commit = false;
+}
+
+/* ---- loading ------------------------------------------------------------ */
+
+static int64
+int64_col(HeapTuple tup, TupleDesc desc, int col, bool *isnull)
+{
+	Datum		d = SPI_getbinval(tup, desc, col, isnull);
+
+	return *isnull ? 0 : DatumGetInt64(d);
+}
+
+static int
+plan_index(const char *plan_id)
+{
+	for (int i = 0; i < nplans; i++)
+		if (strcmp(plans[i].plan_id, plan_id) == 0)
+			return i;
+	return -1;
+}
+
+/*
+ * Run fn as the bootstrap superuser inside its own SPI connection.  An error
+ * aborts the transaction, which restores the user id.
+ */
+static void
+run_as_owner(void (*fn) (void *), void *arg)
+{
+	Oid			save_userid;
+	int			save_sec_context;
+
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID,
+						   save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "qes_billing: SPI_connect failed");
+	fn(arg);
+	SPI_finish();
+	SetUserIdAndSecContext(save_userid, save_sec_context);
+}
+
+static void
+load_catalog(void *arg)
+{
+	MemoryContext old;
+	StringInfoData names;
+
+	if (SPI_execute("SELECT m.metric, m.kind OPERATOR(pg_catalog.=) 'gauge' FROM billing.metrics m ORDER BY 1",
+					true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "qes_billing: could not read billing.metrics");
+	old = MemoryContextSwitchTo(cache_context);
+	nmetrics = SPI_processed;
+	metrics = palloc0(sizeof(QesMetric) * Max(nmetrics, 1));
+	initStringInfo(&names);
+	for (int i = 0; i < nmetrics; i++)
+	{
+		bool		isnull;
+		char	   *name = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+
+		strlcpy(metrics[i].name, name, QES_METRIC_LEN);
+		metrics[i].is_gauge = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull));
+		appendStringInfo(&names, "%s%s", i ? ", " : "", name);
+	}
+	metric_names = names.data;
+	MemoryContextSwitchTo(old);
+
+	if (SPI_execute("SELECT p.plan_id, p.name, p.tier, p.active,"
+					" (SELECT pr.unit_amount FROM billing.prices pr WHERE pr.plan_id OPERATOR(pg_catalog.=) p.plan_id"
+					"   AND pr.billing_interval OPERATOR(pg_catalog.=) 'month' AND pr.active"
+					"   AND pr.currency OPERATOR(pg_catalog.=) 'usd'),"
+					" (SELECT pr.unit_amount FROM billing.prices pr WHERE pr.plan_id OPERATOR(pg_catalog.=) p.plan_id"
+					"   AND pr.billing_interval OPERATOR(pg_catalog.=) 'year' AND pr.active"
+					"   AND pr.currency OPERATOR(pg_catalog.=) 'usd')"
+					" FROM billing.plans p ORDER BY p.tier",
+					true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "qes_billing: could not read billing.plans");
+	old = MemoryContextSwitchTo(cache_context);
+	nplans = SPI_processed;
+	plans = palloc0(sizeof(QesPlan) * Max(nplans, 1));
+	free_plan = -1;
+	for (int i = 0; i < nplans; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+
+		strlcpy(plans[i].plan_id, SPI_getvalue(tup, desc, 1), QES_PLAN_ID_LEN);
+		plans[i].name = SPI_getvalue(tup, desc, 2);
+		plans[i].tier = DatumGetInt32(SPI_getbinval(tup, desc, 3, &isnull));
+		plans[i].active = DatumGetBool(SPI_getbinval(tup, desc, 4, &isnull));
+		plans[i].monthly_price = int64_col(tup, desc, 5, &isnull);
+		plans[i].has_monthly = !isnull;
+		plans[i].yearly_price = int64_col(tup, desc, 6, &isnull);
+		plans[i].has_yearly = !isnull;
+		if (strcmp(plans[i].plan_id, "free") == 0)
+			free_plan = i;
+	}
+	if (free_plan < 0 && nplans > 0)
+		free_plan = 0;			/* the lowest tier stands in for Free */
+	limits = palloc0(sizeof(QesLimit) * Max(nplans * nmetrics, 1));
+	MemoryContextSwitchTo(old);
+
+	if (SPI_execute("SELECT l.plan_id, l.metric, l.soft_limit, l.hard_limit_pct FROM billing.plan_limits l",
+					true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "qes_billing: could not read billing.plan_limits");
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		int			p = plan_index(SPI_getvalue(tup, desc, 1));
+		int			m = qes_metric_lookup(SPI_getvalue(tup, desc, 2));
+		bool		isnull;
+		QesLimit   *l;
+
+		if (p < 0 || m < 0)
+			continue;
+		l = &limits[p * nmetrics + m];
+		l->defined = true;
+		l->soft_limit = int64_col(tup, desc, 3, &isnull);
+		l->unlimited = isnull;
+		l->hard_limit_pct = DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull));
+		if (isnull)
+			l->hard_limit_pct = 0;
+	}
+
+	clock_has_offset = false;
+	if (SPI_execute("SELECT c.offset_by FROM billing.clock c", true, 1) == SPI_OK_SELECT &&
+		SPI_processed == 1)
+	{
+		bool		isnull;
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+		if (!isnull)
+		{
+			memcpy(&clock_offset, DatumGetIntervalP(d), sizeof(Interval));
+			clock_has_offset = (clock_offset.time != 0 || clock_offset.day != 0 ||
+								clock_offset.month != 0);
+		}
+	}
+}
+
+/*
+ * Make sure the cache matches the committed catalog.
+ */
+void
+qes_catalog_refresh(void)
+{
+	uint64		generation;
+	HASHCTL		ctl;
+
+	generation = pg_atomic_read_u64(&qes_worker_state->catalog_generation);
+	if (loaded && generation == loaded_generation)
+		return;
+
+	if (cache_context == NULL)
+		cache_context = AllocSetContextCreate(TopMemoryContext,
+											  "qes_billing catalog cache",
+											  ALLOCSET_SMALL_SIZES);
+	loaded = false;
+	MemoryContextReset(cache_context);
+	tenants = NULL;
+
+	run_as_owner(load_catalog, NULL);
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = QES_TENANT_ID_LEN;
+	ctl.entrysize = sizeof(TenantEntry);
+	ctl.hcxt = cache_context;
+	tenants = hash_create("qes_billing tenant cache", 256, &ctl,
+						  HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+
+	loaded_generation = generation;
+	loaded = true;
+}
+
+/* ---- catalog accessors -------------------------------------------------- */
+
+int
+qes_metric_lookup(const char *name)
+{
+	for (int i = 0; i < nmetrics; i++)
+		if (strcmp(metrics[i].name, name) == 0)
+			return i;
+	return -1;
+}
+
+const QesMetric *
+qes_metric(int idx)
+{
+	return &metrics[idx];
+}
+
+int
+qes_metric_count(void)
+{
+	return nmetrics;
+}
+
+const char *
+qes_metric_names(void)
+{
+	return metric_names;
+}
+
+const QesPlan *
+qes_plan(int idx)
+{
+	return &plans[idx];
+}
+
+const QesLimit *
+qes_limit(int plan, int metric)
+{
+	return &limits[plan * nmetrics + metric];
+}
+
+/* The next active plan up from this one (plans are sorted by tier). */
+int
+qes_next_plan_up(int plan)
+{
+	for (int i = 0; i < nplans; i++)
+		if (plans[i].active && plans[i].tier > plans[plan].tier)
+			return i;
+	return -1;
+}
+
+/*
+ * billing.now(): the transaction's start shifted by the billing clock
+ * outside production (the same value as the SQL function billing.now()).
+ */
+TimestampTz
+qes_billing_now(void)
+{
+	TimestampTz now = GetCurrentTransactionStartTimestamp();
+
+	if (clock_has_offset && qes_environment() != QES_ENV_PRODUCTION)
+		now = DatumGetTimestampTz(DirectFunctionCall2(timestamptz_pl_interval,
+													  TimestampTzGetDatum(now),
+													  IntervalPGetDatum(&clock_offset)));
+	return now;
+}
+
+/* ---- periods (UTC) ------------------------------------------------------ */
+
+static TimestampTz
+add_months_utc(TimestampTz ts, int months)
+{
+	struct pg_tm tm;
+	fsec_t		fsec;
+	int			m;
+	TimestampTz result;
+
+	if (timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) != 0)
+		ereport(ERROR, (errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE), errmsg("timestamp out of range")));
+	m = tm.tm_year * 12 + (tm.tm_mon - 1) + months;
+	tm.tm_year = m / 12;
+	tm.tm_mon = m % 12 + 1;
+	if (tm.tm_mday > day_tab[isleap(tm.tm_year)][tm.tm_mon - 1])
+		tm.tm_mday = day_tab[isleap(tm.tm_year)][tm.tm_mon - 1];
+	if (tm2timestamp(&tm, fsec, NULL, &result) != 0)
+		ereport(ERROR, (errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE), errmsg("timestamp out of range")));
+	return result;
+}
+
+static TimestampTz
+month_start_utc(TimestampTz ts)
+{
+	struct pg_tm tm;
+	fsec_t		fsec;
+	TimestampTz result;
+
+	if (timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) != 0)
+		ereport(ERROR, (errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE), errmsg("timestamp out of range")));
+	tm.tm_mday = 1;
+	tm.tm_hour = tm.tm_min = tm.tm_sec = 0;
+	if (tm2timestamp(&tm, 0, NULL, &result) != 0)
+		ereport(ERROR, (errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE), errmsg("timestamp out of range")));
+	return result;
+}
+
+/*
+ * The subscription period containing ts: periods repeat every month or year
+ * from the anchor (the current period's start), with the day clamped to
+ * the month's length as Stripe does.
+ */
+static void
+anchored_period(TimestampTz anchor, int step, TimestampTz ts,
+				TimestampTz *start, TimestampTz *end)
+{
+	int			k = 0;
+
+	*start = anchor;
+	*end = add_months_utc(anchor, step);
+	while (ts >= *end)
+	{
+		k++;
+		*start = *end;
+		*end = add_months_utc(anchor, (k + 1) * step);
+	}
+	while (ts < *start)
+	{
+		k--;
+		*end = *start;
+		*start = add_months_utc(anchor, k * step);
+	}
+}
+
+/* ---- tenants ------------------------------------------------------------ */
+
+void
+qes_validate_tenant_id(const char *tenant_id)
+{
+	size_t		len = strlen(tenant_id);
+
+	if (len == 0 || len >= QES_TENANT_ID_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid tenant id \"%s\"", tenant_id),
+				 errhint("A tenant id is 1 to 64 characters.")));
+}
+
+typedef struct TenantLoad
+{
+	const char *tenant_id;
+	TenantEntry *entry;
+} TenantLoad;
+
+static void
+load_tenant(void *arg)
+{
+	TenantLoad *tl = (TenantLoad *) arg;
+	TenantEntry *e = tl->entry;
+	Datum		value = CStringGetTextDatum(tl->tenant_id);
+	Oid			argtype = TEXTOID;
+	HeapTuple	tup;
+	TupleDesc	desc;
+	bool		isnull;
+
+	if (tenant_plan == NULL)
+	{
+		tenant_plan = SPI_prepare(
+			"SELECT s.plan_id, s.status, s.billing_interval OPERATOR(pg_catalog.=) 'year',"
+			"       s.current_period_start, s.current_period_end, s.grace_until, s.tenant_id IS NOT NULL"
+			"  FROM billing.tenants t"
+			"  LEFT JOIN LATERAL (SELECT * FROM billing.subscriptions s"
+			"                      WHERE s.tenant_id OPERATOR(pg_catalog.=) t.tenant_id"
+			"                        AND s.status OPERATOR(pg_catalog.<>) ALL ('{canceled,incomplete_expired}'::pg_catalog.text[])"
+			"                      ORDER BY s.subscription_id DESC LIMIT 1) s ON true"
+			" WHERE t.tenant_id OPERATOR(pg_catalog.=) $1",
+			1, &argtype);
+		if (tenant_plan == NULL)
+			elog(ERROR, "qes_billing: could not prepare the tenant query");
+		SPI_keepplan(tenant_plan);
+	}
+	if (SPI_execute_plan(tenant_plan, &value, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "qes_billing: could not read tenant");
+
+	e->exists = (SPI_processed == 1);
+	e->has_subscription = false;
+	if (!e->exists)
+		return;
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	e->has_subscription = DatumGetBool(SPI_getbinval(tup, desc, 7, &isnull));
+	if (!e->has_subscription)
+		return;
+	e->plan = plan_index(SPI_getvalue(tup, desc, 1));
+	strlcpy(e->status, SPI_getvalue(tup, desc, 2), sizeof(e->status));
+	e->yearly = DatumGetBool(SPI_getbinval(tup, desc, 3, &isnull));
+	e->period_start = DatumGetTimestampTz(SPI_getbinval(tup, desc, 4, &isnull));
+	e->has_period = !isnull;
+	e->period_end = DatumGetTimestampTz(SPI_getbinval(tup, desc, 5, &isnull));
+	e->has_period = e->has_period && !isnull;
+	e->grace_until = DatumGetTimestampTz(SPI_getbinval(tup, desc, 6, &isnull));
+	e->has_grace = !isnull;
+}
+
+/*
+ * The plan whose limits apply to the tenant at time `at`, and the billing
+ * period containing `at`.  Returns false when the tenant is not registered.
+ */
+bool
+qes_tenant_plan(const char *tenant_id, TimestampTz at, QesTenantPlan *out)
+{
+	TenantEntry *e;
+	bool		found;
+	bool		subscribed = false;
+
+	qes_catalog_refresh();
+	e = hash_search(tenants, tenant_id, HASH_FIND, NULL);
+	if (e == NULL)
+	{
+		TenantLoad	tl;
+
+		if (hash_get_num_entries(tenants) >= QES_MAX_CACHED_TENANTS)
+		{
+			loaded = false;		/* bounded: start over */
+			qes_catalog_refresh();
+		}
+		e = hash_search(tenants, tenant_id, HASH_ENTER, &found);
+		tl.tenant_id = tenant_id;
+		tl.entry = e;
+		PG_TRY();
+		{
+			run_as_owner(load_tenant, &tl);
+		}
+		PG_CATCH();
+		{
+			/* restore state: no half-loaded entry survives */
+			hash_search(tenants, tenant_id, HASH_REMOVE, NULL);
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+	}
+	if (!e->exists)
+		return false;
+
+	out->plan = free_plan;
+	out->reason = NULL;
+	if (e->has_subscription && e->plan >= 0)
+	{
+		if (strcmp(e->status, "active") == 0 || strcmp(e->status, "trialing") == 0)
+			subscribed = true;
+		else if (strcmp(e->status, "past_due") == 0)
+		{
+			if (!e->has_grace || at < e->grace_until)
+				subscribed = true;
+			else
+				out->reason = "the grace period after a failed payment has ended: Free limits apply until the invoice is paid";
+		}
+		else if (strcmp(e->status, "incomplete") == 0)
+			out->reason = "the subscription is waiting for its first payment: Free limits apply until it is paid";
+		else
+			out->reason = "the subscription is not active: Free limits apply";
+	}
+	if (subscribed)
+		out->plan = e->plan;
+
+	if (subscribed && e->has_period && e->period_end > e->period_start)
+		anchored_period(e->period_start, e->yearly ? 12 : 1, at, &out->period_start, &out->period_end);
+	else
+	{
+		out->period_start = month_start_utc(at);
+		out->period_end = add_months_utc(out->period_start, 1);
+	}
+	return true;
+}

@@ -1,0 +1,68 @@
+/*-------------------------------------------------------------------------
+ *
+ * catalog_cache.h
+ *	  Backend-local cache of the plan catalog, the billing clock and tenants.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef QES_CATALOG_CACHE_H
+#define QES_CATALOG_CACHE_H
+
+#include "datatype/timestamp.h"
+
+#define QES_TENANT_ID_LEN	65		/* 64 characters and a NUL */
+#define QES_METRIC_LEN		33
+#define QES_PLAN_ID_LEN		33
+
+typedef struct QesMetric
+{
+	char		name[QES_METRIC_LEN];
+	bool		is_gauge;
+} QesMetric;
+
+typedef struct QesPlan
+{
+	char		plan_id[QES_PLAN_ID_LEN];
+	char	   *name;
+	int			tier;
+	bool		active;
+	bool		has_monthly;
+	bool		has_yearly;
+	int64		monthly_price;
+	int64		yearly_price;
+} QesPlan;
+
+typedef struct QesLimit
+{
+	bool		defined;		/* a plan_limits row exists */
+	bool		unlimited;		/* soft_limit IS NULL */
+	int64		soft_limit;
+	int32		hard_limit_pct; /* 0 when there is no hard ceiling */
+} QesLimit;
+
+/* A tenant's billing state at one moment. */
+typedef struct QesTenantPlan
+{
+	int			plan;			/* index into the plan array */
+	TimestampTz period_start;
+	TimestampTz period_end;
+	const char *reason;			/* why the limits are not the subscribed plan's, or NULL */
+} QesTenantPlan;
+
+extern void qes_catalog_refresh(void);
+extern int	qes_metric_lookup(const char *name);	/* -1 when unknown */
+extern const QesMetric *qes_metric(int idx);
+extern int	qes_metric_count(void);
+extern const char *qes_metric_names(void);
+extern const QesPlan *qes_plan(int idx);
+extern int	qes_next_plan_up(int plan);	/* -1 when none */
+extern const QesLimit *qes_limit(int plan, int metric);
+extern TimestampTz qes_billing_now(void);
+extern bool qes_tenant_plan(const char *tenant_id, TimestampTz at, QesTenantPlan *out);
+extern void qes_validate_tenant_id(const char *tenant_id);
+
+extern void qes_catalog_invalidate_at_commit(void);
+extern void qes_catalog_at_commit(void);
+extern void qes_catalog_at_abort(void);
+
+#endif							/* QES_CATALOG_CACHE_H */

@@ -1,0 +1,728 @@
+/*-------------------------------------------------------------------------
+ *
+ * counters.c
+ *	  Shared-memory usage counters keyed by (tenant, metric, period).
+ *
+ * record_usage and check_limit read a tenant's period total from here
+ * instead of summing usage history.  The table billing.usage_events stays
+ * the source of truth: an entry is built from it on first use (after a
+ * restart, or once evicted) and a committed record_usage adds its delta at
+ * COMMIT (an xact callback), never before and never on abort.
+ *
+ * Building an entry races with transactions that commit meanwhile.  The
+ * builder sums the table under an MVCC snapshot S of its own (own rows made
+ * invisible) and keeps S's xmin, xmax and in-progress xids in the entry.  A
+ * committing transaction X then adds its delta only if S did not see X's
+ * rows, i.e. only if X was still in progress at S: X >= S.xmax, or X in
+ * S.xip.  Deltas that commit while the sum is running are parked in the
+ * entry and judged the same way when the build finishes.  When S had more
+ * in-progress xids than an entry can keep, a commit that cannot be judged
+ * drops the entry, which is rebuilt later.  No delta is lost or counted
+ * twice.
+ *
+ * The table is bounded by qes_billing.max_counters.  When it is full, new
+ * keys are not cached: their totals are computed from the table on every
+ * call (correct, slower, counted as "uncached" in usage_cache_stats()).
+ * Entries of ended periods are swept by the worker.
+ *
+ * LOCKING RULES
+ *
+ * - The hash table is partitioned; QES_COUNTER_PARTITIONS LWLocks of the
+ *   tranche "qes_billing counters" protect it, partition chosen by the
+ *   key's hash.  An entry is read or written only under its partition's
+ *   lock: SHARED to read a ready entry, EXCLUSIVE to create, change or
+ *   remove one.
+ * - At most one partition lock is held at a time, except by the sweeper,
+ *   which takes all of them in ascending order.
+ * - No lock is held across SPI, I/O, memory allocation or ereport(ERROR).
+ *   The sum is computed with no lock held; the entry is marked "loading"
+ *   meanwhile, and other backends compute their own total uncached rather
+ *   than wait.
+ * - nentries and the statistics are atomics and need no lock.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "qes_billing.h"
+
+#include "access/transam.h"
+#include "access/xact.h"
+#include "catalog/pg_authid.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "port/atomics.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
+#include "utils/builtins.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "counters.h"
+
+#define QES_COUNTER_PARTITIONS	16
+#define QES_SNAP_XIP			32
+#define QES_PARKED				16
+#define QES_COUNTER_TRANCHE		"qes_billing counters"
+
+typedef struct ParkedDelta
+{
+	TransactionId xid;
+	int64		value;
+	TimestampTz at;
+} ParkedDelta;
+
+typedef struct CounterEntry
+{
+	CounterKey	key;			/* hash key: must be first */
+	bool		loading;		/* being built; other readers go uncached */
+	bool		load_failed;	/* too many deltas parked: build again */
+	bool		is_gauge;
+	uint8		notified;		/* QES_NOTIFIED_* thresholds queued */
+	int64		value;			/* counter: period total; gauge: latest */
+	TimestampTz gauge_at;		/* occurred_at of the gauge value */
+	TimestampTz period_end;
+	TransactionId snap_xmin;
+	TransactionId snap_xmax;
+	int			snap_xcnt;		/* -1: more than QES_SNAP_XIP */
+	TransactionId snap_xip[QES_SNAP_XIP];
+	int			nparked;
+	ParkedDelta parked[QES_PARKED];
+} CounterEntry;
+
+typedef struct CounterShared
+{
+	LWLock	   *locks;			/* QES_COUNTER_PARTITIONS of them */
+	pg_atomic_uint32 nentries;
+	pg_atomic_uint64 hits;
+	pg_atomic_uint64 loads;
+	pg_atomic_uint64 uncached;
+	pg_atomic_uint64 dropped;
+	pg_atomic_uint64 swept;
+} CounterShared;
+
+int			qes_max_counters = 10000;
+
+static CounterShared *shared = NULL;
+static HTAB *counters = NULL;
+
+/* A delta (or threshold mark) of this backend's transaction, applied at commit. */
+typedef struct PendingItem
+{
+	CounterKey	key;
+	uint32		hash;
+	bool		is_gauge;
+	uint8		notify_bit;		/* nonzero: mark a threshold, no delta */
+	int64		value;
+	TimestampTz at;
+	TransactionId xid;
+	SubTransactionId subid;
+} PendingItem;
+
+static bool reset_at_commit = false;
+
+static PendingItem *pending = NULL;
+static int	npending = 0;
+static int	maxpending = 0;
+
+/* the entry this backend is building, removed again if the build fails */
+static bool building = false;
+static CounterKey building_key;
+
+PG_FUNCTION_INFO_V1(qes_usage_cache_stats);
+PG_FUNCTION_INFO_V1(qes_usage_cache_sweep);
+
+/* ---- shared memory ------------------------------------------------------ */
+
+static Size
+counters_size(void)
+{
+	return add_size(MAXALIGN(sizeof(CounterShared)),
+					hash_estimate_size(qes_max_counters, sizeof(CounterEntry)));
+}
+
+void
+qes_counters_request(void)
+{
+	RequestAddinShmemSpace(counters_size());
+	RequestNamedLWLockTranche(QES_COUNTER_TRANCHE, QES_COUNTER_PARTITIONS);
+}
+
+/* called with AddinShmemInitLock held */
+void
+qes_counters_startup(void)
+{
+	bool		found;
+	HASHCTL		info;
+
+	shared = ShmemInitStruct("qes_billing counters", sizeof(CounterShared), &found);
+	if (!found)
+	{
+		shared->locks = &(GetNamedLWLockTranche(QES_COUNTER_TRANCHE))[0].lock;
+		pg_atomic_init_u32(&shared->nentries, 0);
+		pg_atomic_init_u64(&shared->hits, 0);
+		pg_atomic_init_u64(&shared->loads, 0);
+		pg_atomic_init_u64(&shared->uncached, 0);
+		pg_atomic_init_u64(&shared->dropped, 0);
+		pg_atomic_init_u64(&shared->swept, 0);
+	}
+	memset(&info, 0, sizeof(info));
+	info.keysize = sizeof(CounterKey);
+	info.entrysize = sizeof(CounterEntry);
+	info.num_partitions = QES_COUNTER_PARTITIONS;
+	counters = ShmemInitHash("qes_billing counter hash", qes_max_counters, qes_max_counters,
+							 &info, HASH_ELEM | HASH_BLOBS | HASH_PARTITION);
+}
+
+static inline LWLock *
+partition_lock(uint32 hash)
+{
+	return &shared->locks[hash % QES_COUNTER_PARTITIONS];
+}
+
+void
+qes_counter_key(CounterKey *key, const char *tenant_id, const char *metric,
+				TimestampTz period_start)
+{
+	memset(key, 0, sizeof(CounterKey));
+	strlcpy(key->tenant_id, tenant_id, QES_TENANT_ID_LEN);
+	strlcpy(key->metric, metric, QES_METRIC_LEN);
+	key->period_start = period_start;
+}
+
+/* ---- visibility of a committer to the builder's snapshot ---------------- */
+
+typedef enum
+{
+	SEEN,						/* S counted xid's rows: skip the delta */
+	NOT_SEEN,					/* S did not: add the delta */
+	UNKNOWN						/* cannot tell: drop the entry */
+} Seen;
+
+static Seen
+seen_by_build(CounterEntry *e, TransactionId xid)
+{
+	if (TransactionIdPrecedes(xid, e->snap_xmin))
+		return SEEN;
+	if (!TransactionIdPrecedes(xid, e->snap_xmax))
+		return NOT_SEEN;
+	if (e->snap_xcnt < 0)
+		return UNKNOWN;
+	for (int i = 0; i < e->snap_xcnt; i++)
+		if (TransactionIdEquals(e->snap_xip[i], xid))
+			return NOT_SEEN;
+	return SEEN;
+}
+
+static void
+apply_value(CounterEntry *e, int64 value, TimestampTz at)
+{
+	if (!e->is_gauge)
+		e->value += value;
+	else if (at >= e->gauge_at)
+	{
+		e->value = value;
+		e->gauge_at = at;
+	}
+}
+
+static void
+remove_entry(const CounterKey *key, uint32 hash)
+{
+	if (hash_search_with_hash_value(counters, key, hash, HASH_REMOVE, NULL) != NULL)
+		pg_atomic_fetch_sub_u32(&shared->nentries, 1);
+}
+
+/* ---- building an entry from the table ----------------------------------- */
+
+static SPIPlanPtr sum_plan = NULL;
+static SPIPlanPtr gauge_plan = NULL;
+
+typedef struct BuildResult
+{
+	int64		value;
+	TimestampTz at;
+} BuildResult;
+
+/*
+ * Sum (or, for a gauge, take the latest of) the committed usage rows for
+ * key under snapshot snap.  Runs as the bootstrap superuser: the total must
+ * not depend on the caller's row-level security.
+ */
+static BuildResult
+compute_from_table(const CounterKey *key, bool is_gauge, Snapshot snap)
+{
+	Oid			argtypes[3] = {TEXTOID, TEXTOID, TIMESTAMPTZOID};
+	Datum		values[3];
+	SPIPlanPtr	plan;
+	BuildResult r = {0, DT_NOBEGIN};
+	Oid			save_userid;
+	int			save_sec_context;
+	bool		isnull;
+
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID, save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "qes_billing: SPI_connect failed");
+	if (sum_plan == NULL)
+	{
+		sum_plan = SPI_prepare("SELECT pg_catalog.sum(u.quantity)::pg_catalog.int8, NULL::pg_catalog.timestamptz"
+							   "  FROM billing.usage_events u"
+							   " WHERE u.tenant_id OPERATOR(pg_catalog.=) $1 AND u.metric OPERATOR(pg_catalog.=) $2"
+							   "   AND u.period_start OPERATOR(pg_catalog.=) $3",
+							   3, argtypes);
+		gauge_plan = SPI_prepare("SELECT u.quantity, u.occurred_at FROM billing.usage_events u"
+								 " WHERE u.tenant_id OPERATOR(pg_catalog.=) $1 AND u.metric OPERATOR(pg_catalog.=) $2"
+								 "   AND u.period_start OPERATOR(pg_catalog.=) $3"
+								 " ORDER BY u.occurred_at DESC, u.recorded_at DESC LIMIT 1",
+								 3, argtypes);
+		if (sum_plan == NULL || gauge_plan == NULL)
+			elog(ERROR, "qes_billing: could not prepare the usage queries");
+		SPI_keepplan(sum_plan);
+		SPI_keepplan(gauge_plan);
+	}
+	plan = is_gauge ? gauge_plan : sum_plan;
+	values[0] = CStringGetTextDatum(key->tenant_id);
+	values[1] = CStringGetTextDatum(key->metric);
+	values[2] = TimestampTzGetDatum(key->period_start);
+	if (SPI_execute_snapshot(plan, values, NULL, snap, InvalidSnapshot, true, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "qes_billing: could not read usage");
+	if (SPI_processed == 1)
+	{
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+		if (!isnull)
+			r.value = DatumGetInt64(d);
+		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+		if (!isnull)
+			r.at = DatumGetTimestampTz(d);
+	}
+	SPI_finish();
+	SetUserIdAndSecContext(save_userid, save_sec_context);
+	return r;
+}
+
+/* The newest committed state, without this transaction's own rows. */
+static Snapshot
+build_snapshot(void)
+{
+	Snapshot	snap = RegisterSnapshot(GetLatestSnapshot());
+
+	snap->curcid = FirstCommandId;
+	return snap;
+}
+
+/*
+ * The committed value of a counter: from shared memory, building the entry
+ * from the table when it is missing.
+ */
+int64
+qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 *notified)
+{
+	uint32		hash = get_hash_value(counters, key);
+	LWLock	   *lock = partition_lock(hash);
+	CounterEntry *e;
+	bool		found;
+	Snapshot	snap;
+	BuildResult r;
+	TransactionId own = GetTopTransactionIdIfAny();
+	int64		value;
+
+	*notified = 0;
+	LWLockAcquire(lock, LW_SHARED);
+	e = hash_search_with_hash_value(counters, key, hash, HASH_FIND, NULL);
+	if (e != NULL && !e->loading)
+	{
+		value = e->value;
+		*notified = e->notified;
+		LWLockRelease(lock);
+		pg_atomic_fetch_add_u64(&shared->hits, 1);
+		return value;
+	}
+	LWLockRelease(lock);
+
+	e = NULL;
+	if (pg_atomic_read_u32(&shared->nentries) < (uint32) qes_max_counters)
+	{
+		LWLockAcquire(lock, LW_EXCLUSIVE);
+		e = hash_search_with_hash_value(counters, key, hash, HASH_ENTER_NULL, &found);
+		if (e != NULL && found)
+		{
+			if (!e->loading)
+			{
+				value = e->value;
+				*notified = e->notified;
+				LWLockRelease(lock);
+				pg_atomic_fetch_add_u64(&shared->hits, 1);
+				return value;
+			}
+			e = NULL;			/* someone else builds it */
+		}
+		else if (e != NULL)
+		{
+			pg_atomic_fetch_add_u32(&shared->nentries, 1);
+			e->loading = true;
+			e->load_failed = false;
+			e->is_gauge = is_gauge;
+			e->notified = 0;
+			e->value = 0;
+			e->gauge_at = DT_NOBEGIN;
+			e->period_end = period_end;
+			e->nparked = 0;
+			e->snap_xcnt = 0;
+		}
+		LWLockRelease(lock);
+	}
+
+	snap = build_snapshot();
+	if (e == NULL)
+	{
+		/* full, or being built by another backend: compute, do not cache */
+		r = compute_from_table(key, is_gauge, snap);
+		UnregisterSnapshot(snap);
+		pg_atomic_fetch_add_u64(&shared->uncached, 1);
+		return r.value;
+	}
+
+	building = true;
+	building_key = *key;
+	r = compute_from_table(key, is_gauge, snap);
+
+	LWLockAcquire(lock, LW_EXCLUSIVE);
+	e = hash_search_with_hash_value(counters, key, hash, HASH_FIND, NULL);
+	if (e == NULL || !e->loading)
+	{
+		/* the cache was reset meanwhile: answer, do not cache */
+		LWLockRelease(lock);
+		building = false;
+		UnregisterSnapshot(snap);
+		pg_atomic_fetch_add_u64(&shared->uncached, 1);
+		return r.value;
+	}
+	if (e->load_failed)
+	{
+		remove_entry(key, hash);
+		LWLockRelease(lock);
+		pg_atomic_fetch_add_u64(&shared->dropped, 1);
+		building = false;
+		UnregisterSnapshot(snap);
+		return r.value;
+	}
+	e->value = r.value;
+	e->gauge_at = r.at;
+	e->snap_xmin = snap->xmin;
+	e->snap_xmax = snap->xmax;
+	if (snap->xcnt + (TransactionIdIsValid(own) ? 1 : 0) > QES_SNAP_XIP)
+		e->snap_xcnt = -1;
+	else
+	{
+		e->snap_xcnt = 0;
+		for (uint32 i = 0; i < snap->xcnt; i++)
+			e->snap_xip[e->snap_xcnt++] = snap->xip[i];
+		/* our own rows were hidden from the sum: our delta must be added */
+		if (TransactionIdIsValid(own))
+			e->snap_xip[e->snap_xcnt++] = own;
+	}
+	for (int i = 0; i < e->nparked; i++)
+	{
+		Seen		s = seen_by_build(e, e->parked[i].xid);
+
+		if (s == UNKNOWN)
+		{
+			e->load_failed = true;
+			break;
+		}
+		if (s == NOT_SEEN)
+			apply_value(e, e->parked[i].value, e->parked[i].at);
+	}
+	e->nparked = 0;
+	if (e->load_failed)
+	{
+		remove_entry(key, hash);
+		pg_atomic_fetch_add_u64(&shared->dropped, 1);
+		LWLockRelease(lock);
+		building = false;
+		UnregisterSnapshot(snap);
+		return r.value;
+	}
+	e->loading = false;
+	value = e->value;
+	*notified = e->notified;
+	LWLockRelease(lock);
+	building = false;
+	UnregisterSnapshot(snap);
+	pg_atomic_fetch_add_u64(&shared->loads, 1);
+	return value;
+}
+
+/* ---- this transaction's deltas ------------------------------------------ */
+
+static PendingItem *
+new_pending(const CounterKey *key)
+{
+	PendingItem *p;
+
+	if (npending == maxpending)
+	{
+		int			newmax = maxpending ? maxpending * 2 : 16;
+
+		if (pending == NULL)
+			pending = MemoryContextAlloc(TopMemoryContext, sizeof(PendingItem) * newmax);
+		else
+			pending = repalloc(pending, sizeof(PendingItem) * newmax);
+		maxpending = newmax;
+	}
+	p = &pending[npending++];
+	memset(p, 0, sizeof(PendingItem));
+	p->key = *key;
+	p->hash = get_hash_value(counters, key);
+	p->subid = GetCurrentSubTransactionId();
+	p->xid = GetTopTransactionId();
+	return p;
+}
+
+void
+qes_counter_add_at_commit(const CounterKey *key, bool is_gauge, int64 value, TimestampTz at)
+{
+	PendingItem *p = new_pending(key);
+
+	p->is_gauge = is_gauge;
+	p->value = value;
+	p->at = at;
+}
+
+void
+qes_counter_notified_at_commit(const CounterKey *key, uint8 bit)
+{
+	new_pending(key)->notify_bit = bit;
+}
+
+/* This transaction's own uncommitted deltas for key (the latest, for a gauge). */
+int64
+qes_counter_own_pending(const CounterKey *key, bool is_gauge, bool *has_gauge)
+{
+	int64		sum = 0;
+	TimestampTz at = DT_NOBEGIN;
+
+	*has_gauge = false;
+	for (int i = 0; i < npending; i++)
+	{
+		PendingItem *p = &pending[i];
+
+		if (p->notify_bit || memcmp(&p->key, key, sizeof(CounterKey)) != 0)
+			continue;
+		if (!is_gauge)
+			sum += p->value;
+		else if (!*has_gauge || p->at >= at)
+		{
+			sum = p->value;
+			at = p->at;
+			*has_gauge = true;
+		}
+	}
+	return sum;
+}
+
+/*
+ * Forget every cached counter when this transaction commits: the usage
+ * table was changed other than by record_usage, or the extension was
+ * (re)created.
+ */
+void
+qes_counters_reset_at_commit(void)
+{
+	reset_at_commit = true;
+}
+
+static void
+reset_all(void)
+{
+	HASH_SEQ_STATUS status;
+	CounterEntry *e;
+
+	for (int i = 0; i < QES_COUNTER_PARTITIONS; i++)
+		LWLockAcquire(&shared->locks[i], LW_EXCLUSIVE);
+	hash_seq_init(&status, counters);
+	while ((e = hash_seq_search(&status)) != NULL)
+	{
+		hash_search(counters, &e->key, HASH_REMOVE, NULL);
+		pg_atomic_fetch_sub_u32(&shared->nentries, 1);
+	}
+	for (int i = QES_COUNTER_PARTITIONS - 1; i >= 0; i--)
+		LWLockRelease(&shared->locks[i]);
+}
+
+/* XACT_EVENT_COMMIT: our rows are visible now; add their deltas. */
+void
+qes_counters_at_commit(void)
+{
+	if (reset_at_commit)
+	{
+		reset_at_commit = false;
+		npending = 0;
+		reset_all();
+		return;
+	}
+	for (int i = 0; i < npending; i++)
+	{
+		PendingItem *p = &pending[i];
+		LWLock	   *lock = partition_lock(p->hash);
+		CounterEntry *e;
+
+		LWLockAcquire(lock, LW_EXCLUSIVE);
+		e = hash_search_with_hash_value(counters, &p->key, p->hash, HASH_FIND, NULL);
+		if (e == NULL)
+			;					/* not cached: the next build reads our rows */
+		else if (p->notify_bit)
+			e->notified |= p->notify_bit;
+		else if (e->loading)
+		{
+			if (e->nparked < QES_PARKED)
+			{
+				e->parked[e->nparked].xid = p->xid;
+				e->parked[e->nparked].value = p->value;
+				e->parked[e->nparked].at = p->at;
+				e->nparked++;
+			}
+			else
+				e->load_failed = true;
+		}
+		else
+		{
+			Seen		s = seen_by_build(e, p->xid);
+
+			if (s == NOT_SEEN)
+				apply_value(e, p->value, p->at);
+			else if (s == UNKNOWN)
+			{
+				remove_entry(&p->key, p->hash);
+				pg_atomic_fetch_add_u64(&shared->dropped, 1);
+			}
+		}
+		LWLockRelease(lock);
+	}
+	npending = 0;
+}
+
+static void
+forget_build(void)
+{
+	if (building)
+	{
+		uint32		hash = get_hash_value(counters, &building_key);
+		LWLock	   *lock = partition_lock(hash);
+		CounterEntry *e;
+
+		LWLockAcquire(lock, LW_EXCLUSIVE);
+		e = hash_search_with_hash_value(counters, &building_key, hash, HASH_FIND, NULL);
+		if (e != NULL && e->loading)
+			remove_entry(&building_key, hash);
+		LWLockRelease(lock);
+		building = false;
+	}
+}
+
+/*
+ * A prepared transaction commits in another backend, where our callback
+ * never runs: its deltas would be lost.  Refuse it.
+ */
+void
+qes_counters_refuse_prepare(void)
+{
+	if (npending > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("cannot PREPARE a transaction that recorded usage"),
+				 errhint("Record usage in an ordinary transaction.")));
+}
+
+void
+qes_counters_at_abort(void)
+{
+	reset_at_commit = false;
+	npending = 0;
+	forget_build();
+}
+
+void
+qes_counters_at_subabort(SubTransactionId mysubid)
+{
+	int			keep = 0;
+
+	/* drop the deltas of the aborted subtransaction and its children */
+	for (int i = 0; i < npending; i++)
+		if (pending[i].subid < mysubid)
+			pending[keep++] = pending[i];
+	npending = keep;
+	forget_build();
+}
+
+void
+qes_counters_at_subcommit(SubTransactionId mysubid, SubTransactionId parentsubid)
+{
+	for (int i = 0; i < npending; i++)
+		if (pending[i].subid == mysubid)
+			pending[i].subid = parentsubid;
+}
+
+/* ---- SQL: statistics and sweeping --------------------------------------- */
+
+/* billing.usage_cache_stats() */
+Datum
+qes_usage_cache_stats(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[7];
+	bool		nulls[7] = {0};
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	values[0] = Int32GetDatum(qes_max_counters);
+	values[1] = Int32GetDatum((int32) pg_atomic_read_u32(&shared->nentries));
+	values[2] = Int64GetDatum((int64) pg_atomic_read_u64(&shared->hits));
+	values[3] = Int64GetDatum((int64) pg_atomic_read_u64(&shared->loads));
+	values[4] = Int64GetDatum((int64) pg_atomic_read_u64(&shared->uncached));
+	values[5] = Int64GetDatum((int64) pg_atomic_read_u64(&shared->dropped));
+	values[6] = Int64GetDatum((int64) pg_atomic_read_u64(&shared->swept));
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/*
+ * billing.usage_cache_sweep(before timestamptz): drop entries whose period
+ * ended before `before`.  Takes every partition lock, in order.
+ */
+Datum
+qes_usage_cache_sweep(PG_FUNCTION_ARGS)
+{
+	TimestampTz before = PG_GETARG_TIMESTAMPTZ(0);
+	HASH_SEQ_STATUS status;
+	CounterEntry *e;
+	int64		removed = 0;
+	static TimestampTz last_sweep = 0;
+	TimestampTz now = GetCurrentTimestamp();
+
+	/* at most once a minute per process: it takes every partition lock */
+	if (last_sweep != 0 && now - last_sweep < 60 * USECS_PER_SEC)
+		PG_RETURN_INT64(0);
+	last_sweep = now;
+
+	for (int i = 0; i < QES_COUNTER_PARTITIONS; i++)
+		LWLockAcquire(&shared->locks[i], LW_EXCLUSIVE);
+	hash_seq_init(&status, counters);
+	while ((e = hash_seq_search(&status)) != NULL)
+	{
+		if (!e->loading && e->period_end < before)
+		{
+			hash_search(counters, &e->key, HASH_REMOVE, NULL);
+			pg_atomic_fetch_sub_u32(&shared->nentries, 1);
+			removed++;
+		}
+	}
+	for (int i = QES_COUNTER_PARTITIONS - 1; i >= 0; i--)
+		LWLockRelease(&shared->locks[i]);
+	pg_atomic_fetch_add_u64(&shared->swept, removed);
+	PG_RETURN_INT64(removed);
+}

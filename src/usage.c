@@ -1,0 +1,491 @@
+/*-------------------------------------------------------------------------
+ *
+ * usage.c
+ *	  record_usage and check_limit: the hot paths.
+ *
+ * record_usage inserts one row into billing.usage_events in the caller's
+ * transaction (so the billable action and its usage commit or roll back
+ * together) and queues the delta for the shared counter, applied at COMMIT
+ * (counters.c).  The same (tenant_id, idempotency_key) is counted once,
+ * forever: the primary key refuses a second row and the original result is
+ * returned.  check_limit reads the committed counter and the plan's limits
+ * from the backend's catalog cache (catalog_cache.c): no usage history is
+ * read and no network is involved.
+ *
+ * Limits are soft: over the limit, the caller is told and offered the next
+ * plan up; only a plan's optional hard ceiling blocks.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "qes_billing.h"
+
+#include "access/xact.h"
+#include "catalog/pg_authid.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/datetime.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/timestamp.h"
+
+#include "catalog_cache.h"
+#include "counters.h"
+
+#define QES_MAX_METADATA_BYTES	4096
+#define QES_MAX_KEY_LEN			255
+#define QES_FUTURE_SLACK_USEC	(5 * 60 * USECS_PER_SEC)
+
+PG_FUNCTION_INFO_V1(qes_record_usage);
+PG_FUNCTION_INFO_V1(qes_check_limit);
+
+typedef enum
+{
+	ST_OK,
+	ST_WARNING,
+	ST_OVER_SOFT,
+	ST_BLOCKED
+} LimitStatus;
+
+static const char *const status_names[] = {"ok", "warning", "over_soft_limit", "blocked"};
+
+static LimitStatus
+status_for(int64 amount, const QesLimit *l)
+{
+	if (!l->defined || l->unlimited)
+		return ST_OK;
+	if (l->hard_limit_pct > 0 && (double) amount * 100.0 > (double) l->soft_limit * l->hard_limit_pct)
+		return ST_BLOCKED;
+	if (amount > l->soft_limit)
+		return ST_OVER_SOFT;
+	if ((double) amount * 100.0 >= (double) l->soft_limit * 80.0)
+		return ST_WARNING;
+	return ST_OK;
+}
+
+static void
+require_arg(FunctionCallInfo fcinfo, int argno, const char *name)
+{
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", name)));
+}
+
+static int
+lookup_metric_or_error(const char *metric)
+{
+	int			m = qes_metric_lookup(metric);
+
+	if (m < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("unknown usage metric \"%s\"", metric),
+				 errhint("Metrics are: %s.", qes_metric_names())));
+	return m;
+}
+
+static void
+tenant_plan_or_error(const char *tenant_id, TimestampTz at, QesTenantPlan *tp)
+{
+	qes_validate_tenant_id(tenant_id);
+	if (!qes_tenant_plan(tenant_id, at, tp))
+		ereport(ERROR,
+				(errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
+				 errmsg("tenant \"%s\" is not registered", tenant_id),
+				 errhint("Register the tenant first with billing.upsert_tenant().")));
+}
+
+/* ---- record_usage -------------------------------------------------------- */
+
+static SPIPlanPtr insert_plan = NULL;
+static SPIPlanPtr existing_plan = NULL;
+static SPIPlanPtr notify_plan = NULL;
+
+static void
+prepare_plans(void)
+{
+	Oid			ins_types[8] = {TEXTOID, TEXTOID, TEXTOID, INT8OID, TIMESTAMPTZOID,
+	TIMESTAMPTZOID, JSONBOID, INT8OID};
+	Oid			key_types[2] = {TEXTOID, TEXTOID};
+	Oid			notify_types[3] = {TEXTOID, TEXTOID, JSONBOID};
+
+	if (insert_plan != NULL)
+		return;
+	insert_plan = SPI_prepare("INSERT INTO billing.usage_events"
+							  " (tenant_id, idempotency_key, metric, quantity, period_start, occurred_at, metadata, total_after)"
+							  " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+							  " ON CONFLICT (tenant_id, idempotency_key) DO NOTHING",
+							  8, ins_types);
+	existing_plan = SPI_prepare("SELECT u.metric, u.quantity, u.period_start, u.total_after"
+								"  FROM billing.usage_events u"
+								" WHERE u.tenant_id OPERATOR(pg_catalog.=) $1"
+								"   AND u.idempotency_key OPERATOR(pg_catalog.=) $2",
+								2, key_types);
+	notify_plan = SPI_prepare("INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)"
+							  " VALUES ($1, 'usage.threshold', $2, $3)"
+							  " ON CONFLICT (tenant_id, dedup_key) DO NOTHING",
+							  3, notify_types);
+	if (insert_plan == NULL || existing_plan == NULL || notify_plan == NULL)
+		elog(ERROR, "qes_billing: could not prepare the usage statements");
+	SPI_keepplan(insert_plan);
+	SPI_keepplan(existing_plan);
+	SPI_keepplan(notify_plan);
+}
+
+typedef struct UsageResult
+{
+	bool		recorded;
+	bool		duplicate;
+	int			metric;
+	int64		quantity;
+	TimestampTz period_start;
+	TimestampTz period_end;
+	int64		total;
+	const QesLimit *limit;
+} UsageResult;
+
+/* "2026-11-01T00:00:00Z", whatever the session's DateStyle and TimeZone */
+static char *
+iso_utc(TimestampTz ts)
+{
+	struct pg_tm tm;
+	fsec_t		fsec;
+
+	if (timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) != 0)
+		ereport(ERROR, (errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE), errmsg("timestamp out of range")));
+	return psprintf("%04d-%02d-%02dT%02d:%02d:%02dZ", tm.tm_year, tm.tm_mon, tm.tm_mday,
+					tm.tm_hour, tm.tm_min, tm.tm_sec);
+}
+
+static void
+queue_threshold(const char *tenant_id, const CounterKey *key, const QesTenantPlan *tp,
+				int metric, int threshold, int64 total, const QesLimit *l)
+{
+	StringInfoData dedup;
+	StringInfoData payload;
+	Datum		values[3];
+	char		isnull[3] = {' ', ' ', ' '};
+
+	initStringInfo(&dedup);
+	appendStringInfo(&dedup, "usage:%s:%s:%d", qes_metric(metric)->name,
+					 iso_utc(tp->period_start), threshold);
+	initStringInfo(&payload);
+	appendStringInfoString(&payload, "{\"metric\": ");
+	escape_json(&payload, qes_metric(metric)->name);
+	appendStringInfo(&payload, ", \"threshold_percent\": %d, \"total\": " INT64_FORMAT
+					 ", \"limit\": " INT64_FORMAT ", \"plan_id\": ",
+					 threshold, total, l->soft_limit);
+	escape_json(&payload, qes_plan(tp->plan)->plan_id);
+	appendStringInfoString(&payload, ", \"period_start\": ");
+	escape_json(&payload, iso_utc(tp->period_start));
+	appendStringInfoString(&payload, "}");
+
+	values[0] = CStringGetTextDatum(tenant_id);
+	values[1] = CStringGetTextDatum(dedup.data);
+	values[2] = DirectFunctionCall1(jsonb_in, CStringGetDatum(payload.data));
+	if (SPI_execute_plan(notify_plan, values, isnull, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "qes_billing: could not queue a usage notification");
+	/* queued now or earlier: either way it exists once this commits */
+	qes_counter_notified_at_commit(key, threshold == 80 ? QES_NOTIFIED_80 : QES_NOTIFIED_100);
+}
+
+static void
+record_one(const char *tenant_id, const char *metric_name, int64 quantity,
+		   const char *idem_key, Jsonb *metadata, TimestampTz occurred_at,
+		   UsageResult *res)
+{
+	QesTenantPlan tp;
+	CounterKey	key;
+	int			metric;
+	bool		is_gauge;
+	int64		committed;
+	int64		own;
+	bool		own_gauge;
+	uint8		notified;
+	int64		total;
+	const QesLimit *l;
+	Datum		values[8];
+	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	Oid			save_userid;
+	int			save_sec_context;
+	bool		inserted;
+
+	qes_catalog_refresh();
+	metric = lookup_metric_or_error(metric_name);
+	is_gauge = qes_metric(metric)->is_gauge;
+	if (is_gauge ? quantity < 0 : quantity <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid quantity " INT64_FORMAT " for metric \"%s\"", quantity, metric_name),
+				 is_gauge ? errhint("\"%s\" is a gauge: report the current value, zero or more.", metric_name)
+				 : errhint("\"%s\" is a counter: report how many were used, one or more.", metric_name)));
+	if (strlen(idem_key) == 0 || strlen(idem_key) > QES_MAX_KEY_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid idempotency key"),
+				 errhint("An idempotency key is 1 to %d characters, unique per tenant for each billable action.",
+						 QES_MAX_KEY_LEN)));
+	if (metadata != NULL)
+	{
+		if (VARSIZE(metadata) - VARHDRSZ > QES_MAX_METADATA_BYTES)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+					 errmsg("usage metadata is too large (%d bytes)", (int) (VARSIZE(metadata) - VARHDRSZ)),
+					 errhint("Keep metadata under %d bytes; store documents elsewhere and reference them.",
+							 QES_MAX_METADATA_BYTES)));
+		if (!JB_ROOT_IS_OBJECT(metadata))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("usage metadata must be a JSON object")));
+	}
+	if (occurred_at > qes_billing_now() + QES_FUTURE_SLACK_USEC)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("occurred_at %s is in the future", timestamptz_to_str(occurred_at)),
+				 errhint("Record usage when it has happened; omit occurred_at to use the current time.")));
+	tenant_plan_or_error(tenant_id, occurred_at, &tp);
+
+	qes_counter_key(&key, tenant_id, metric_name, tp.period_start);
+	committed = qes_counter_get(&key, is_gauge, tp.period_end, &notified);
+	own = qes_counter_own_pending(&key, is_gauge, &own_gauge);
+	if (is_gauge)
+		total = quantity;
+	else
+		total = committed + own + quantity;
+	l = qes_limit(tp.plan, metric);
+
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID, save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "qes_billing: SPI_connect failed");
+	prepare_plans();
+
+	values[0] = CStringGetTextDatum(tenant_id);
+	values[1] = CStringGetTextDatum(idem_key);
+	values[2] = CStringGetTextDatum(metric_name);
+	values[3] = Int64GetDatum(quantity);
+	values[4] = TimestampTzGetDatum(tp.period_start);
+	values[5] = TimestampTzGetDatum(occurred_at);
+	values[6] = PointerGetDatum(metadata);
+	if (metadata == NULL)
+		nulls[6] = 'n';
+	values[7] = Int64GetDatum(total);
+	if (SPI_execute_plan(insert_plan, values, nulls, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "qes_billing: could not record usage");
+	inserted = (SPI_processed == 1);
+
+	memset(res, 0, sizeof(*res));
+	res->limit = l;
+	if (inserted)
+	{
+		res->recorded = true;
+		res->metric = metric;
+		res->quantity = quantity;
+		res->period_start = tp.period_start;
+		res->period_end = tp.period_end;
+		res->total = total;
+		qes_counter_add_at_commit(&key, is_gauge, quantity, occurred_at);
+
+		if (l->defined && !l->unlimited)
+		{
+			if (!(notified & QES_NOTIFIED_80) && (double) total * 100.0 >= (double) l->soft_limit * 80.0)
+				queue_threshold(tenant_id, &key, &tp, metric, 80, total, l);
+			if (!(notified & QES_NOTIFIED_100) && total >= l->soft_limit)
+				queue_threshold(tenant_id, &key, &tp, metric, 100, total, l);
+		}
+	}
+	else
+	{
+		/* a repeat: the original result, nothing added */
+		HeapTuple	tup;
+		TupleDesc	desc;
+		bool		isnull;
+		char	   *orig_metric;
+		int64		orig_quantity;
+		QesTenantPlan otp;
+
+		if (SPI_execute_plan(existing_plan, values, NULL, false, 1) != SPI_OK_SELECT || SPI_processed != 1)
+			ereport(ERROR,
+					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+					 errmsg("could not read the usage already recorded under idempotency key \"%s\"", idem_key),
+					 errhint("Retry the transaction.")));
+		tup = SPI_tuptable->vals[0];
+		desc = SPI_tuptable->tupdesc;
+		orig_metric = SPI_getvalue(tup, desc, 1);
+		orig_quantity = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
+		if (strcmp(orig_metric, metric_name) != 0 || orig_quantity != quantity)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNIQUE_VIOLATION),
+					 errmsg("idempotency key \"%s\" was already used for different usage", idem_key),
+					 errdetail("It recorded %s " INT64_FORMAT "; this call reports %s " INT64_FORMAT ".",
+							   orig_metric, orig_quantity, metric_name, quantity),
+					 errhint("Use a new idempotency key for each billable action.")));
+		res->duplicate = true;
+		res->metric = metric;
+		res->quantity = orig_quantity;
+		res->period_start = DatumGetTimestampTz(SPI_getbinval(tup, desc, 3, &isnull));
+		res->total = DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
+		if (isnull)
+			res->total = orig_quantity;
+		(void) qes_tenant_plan(tenant_id, res->period_start, &otp);
+		res->period_end = otp.period_end;
+	}
+	SPI_finish();
+	SetUserIdAndSecContext(save_userid, save_sec_context);
+}
+
+/*
+ * billing.record_usage(tenant_id, metric, quantity, idempotency_key,
+ *						metadata jsonb, occurred_at timestamptz)
+ */
+Datum
+qes_record_usage(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	UsageResult res;
+	Datum		values[10];
+	bool		nulls[10] = {0};
+	TimestampTz occurred_at;
+
+	require_arg(fcinfo, 0, "tenant_id");
+	require_arg(fcinfo, 1, "metric");
+	require_arg(fcinfo, 2, "quantity");
+	require_arg(fcinfo, 3, "idempotency_key");
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	qes_catalog_refresh();
+	occurred_at = PG_ARGISNULL(5) ? qes_billing_now() : PG_GETARG_TIMESTAMPTZ(5);
+	record_one(text_to_cstring(PG_GETARG_TEXT_PP(0)), text_to_cstring(PG_GETARG_TEXT_PP(1)),
+			   PG_GETARG_INT64(2), text_to_cstring(PG_GETARG_TEXT_PP(3)),
+			   PG_ARGISNULL(4) ? NULL : PG_GETARG_JSONB_P(4), occurred_at, &res);
+
+	values[0] = BoolGetDatum(res.recorded);
+	values[1] = BoolGetDatum(res.duplicate);
+	values[2] = CStringGetTextDatum(qes_metric(res.metric)->name);
+	values[3] = Int64GetDatum(res.quantity);
+	values[4] = TimestampTzGetDatum(res.period_start);
+	values[5] = TimestampTzGetDatum(res.period_end);
+	values[6] = Int64GetDatum(res.total);
+	if (!res.limit->defined || res.limit->unlimited)
+		nulls[7] = nulls[8] = true;
+	else
+	{
+		values[7] = Int64GetDatum(res.limit->soft_limit);
+		values[8] = Int64GetDatum(Max(res.limit->soft_limit - res.total, 0));
+	}
+	values[9] = CStringGetTextDatum(status_names[status_for(res.total, res.limit)]);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* ---- check_limit --------------------------------------------------------- */
+
+static Datum
+upgrade_prompt(int plan, int metric)
+{
+	int			up = qes_next_plan_up(plan);
+	const QesPlan *p;
+	const QesLimit *l;
+	StringInfoData s;
+
+	if (up < 0)
+		return (Datum) 0;
+	p = qes_plan(up);
+	l = qes_limit(up, metric);
+	initStringInfo(&s);
+	appendStringInfoString(&s, "{\"plan_id\": ");
+	escape_json(&s, p->plan_id);
+	appendStringInfoString(&s, ", \"name\": ");
+	escape_json(&s, p->name);
+	if (!l->defined || l->unlimited)
+		appendStringInfoString(&s, ", \"limit\": null");
+	else
+		appendStringInfo(&s, ", \"limit\": " INT64_FORMAT, l->soft_limit);
+	if (p->has_monthly)
+		appendStringInfo(&s, ", \"monthly_price\": " INT64_FORMAT, p->monthly_price);
+	if (p->has_yearly)
+		appendStringInfo(&s, ", \"yearly_price\": " INT64_FORMAT, p->yearly_price);
+	appendStringInfoString(&s, ", \"currency\": \"usd\"}");
+	return DirectFunctionCall1(jsonb_in, CStringGetDatum(s.data));
+}
+
+/*
+ * billing.check_limit(tenant_id, metric, quantity default 1)
+ */
+Datum
+qes_check_limit(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	char	   *tenant_id;
+	char	   *metric_name;
+	int64		quantity;
+	int			metric;
+	QesTenantPlan tp;
+	CounterKey	key;
+	uint8		notified;
+	int64		current;
+	int64		projected;
+	const QesLimit *l;
+	LimitStatus st;
+	Datum		values[13];
+	bool		nulls[13] = {0};
+	Datum		prompt;
+
+	require_arg(fcinfo, 0, "tenant_id");
+	require_arg(fcinfo, 1, "metric");
+	require_arg(fcinfo, 2, "quantity");
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	tenant_id = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	metric_name = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	quantity = PG_GETARG_INT64(2);
+
+	qes_catalog_refresh();
+	metric = lookup_metric_or_error(metric_name);
+	if (quantity < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid quantity " INT64_FORMAT ": must not be negative", quantity),
+				 errhint("Ask for the amount about to be used; 0 asks where the tenant stands.")));
+	tenant_plan_or_error(tenant_id, qes_billing_now(), &tp);
+
+	qes_counter_key(&key, tenant_id, metric_name, tp.period_start);
+	current = qes_counter_get(&key, qes_metric(metric)->is_gauge, tp.period_end, &notified);
+	projected = current + quantity;
+	l = qes_limit(tp.plan, metric);
+	st = status_for(projected, l);
+
+	values[0] = BoolGetDatum(st != ST_BLOCKED);
+	values[1] = CStringGetTextDatum(status_names[st]);
+	values[2] = CStringGetTextDatum(metric_name);
+	values[3] = CStringGetTextDatum(qes_plan(tp.plan)->plan_id);
+	values[4] = Int64GetDatum(current);
+	values[5] = Int64GetDatum(quantity);
+	if (!l->defined || l->unlimited)
+		nulls[6] = nulls[7] = nulls[8] = true;
+	else
+	{
+		values[6] = Int64GetDatum(l->soft_limit);
+		values[7] = Int64GetDatum(Max(l->soft_limit - current, 0));
+		values[8] = DirectFunctionCall2(numeric_round,
+										DirectFunctionCall1(float8_numeric,
+															Float8GetDatum(l->soft_limit > 0
+																		   ? (double) current * 100.0 / (double) l->soft_limit
+																		   : (current > 0 ? 100.0 : 0.0))),
+										Int32GetDatum(1));
+	}
+	values[9] = TimestampTzGetDatum(tp.period_start);
+	values[10] = TimestampTzGetDatum(tp.period_end);
+	if (tp.reason)
+		values[11] = CStringGetTextDatum(tp.reason);
+	else
+		nulls[11] = true;
+	prompt = (st != ST_OK) ? upgrade_prompt(tp.plan, metric) : (Datum) 0;
+	values[12] = prompt;
+	nulls[12] = (prompt == (Datum) 0);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
