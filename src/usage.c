@@ -245,7 +245,9 @@ record_one(const char *tenant_id, const char *metric_name, int64 quantity,
 	if (occurred_at > qes_billing_now() + QES_FUTURE_SLACK_USEC)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("occurred_at %s is in the future", timestamptz_to_str(occurred_at)),
+				 errmsg("occurred_at is in the future"),
+				 errdetail("occurred_at is %s; the billing clock reads %s.",
+						   timestamptz_to_str(occurred_at), timestamptz_to_str(qes_billing_now())),
 				 errhint("Record usage when it has happened; omit occurred_at to use the current time.")));
 	tenant_plan_or_error(tenant_id, occurred_at, &tp);
 
