@@ -1,0 +1,108 @@
+"""Usage through PostgREST (GET /usage) and the bounded counter cache."""
+import uuid
+
+import pytest
+
+from conftest import ADMIN, tenant_claims
+from pgcluster import Cluster
+from postgrest import PostgREST
+
+
+@pytest.fixture(scope="module")
+def usage_tenants(pg):
+    for t in ("use_a", "use_b"):
+        pg.sql("SELECT billing.upsert_tenant(%s, %s, %s)", (t, t.upper(), f"{t}@t.example"))
+    for i in range(12):
+        pg.sql("SELECT billing.record_usage('use_a', 'signatures', 1, %s)", (f"a-sig-{i}",))
+    pg.sql("SELECT billing.record_usage('use_b', 'documents', 7, 'b-doc-1')")
+    pg.sql("SELECT billing.record_usage('use_b', 'storage', 123456, 'b-st-1')")
+
+
+def current(rows):
+    return {r["metric"]: r for r in rows if r["is_current"]}
+
+
+def test_usage_for_tenant(api, usage_tenants):
+    r = api.get("/usage", claims=tenant_claims("use_a"))
+    assert r.status == 200
+    cur = current(r.body)
+    assert set(cur) == {"signatures", "documents", "api_calls", "storage"}
+    sig = cur["signatures"]
+    assert (sig["used"], sig["usage_limit"], sig["status"]) == (12, 10, "over_soft_limit")
+    assert float(sig["percent"]) == 120.0
+    assert cur["documents"]["used"] == 0
+
+
+def test_usage_isolated_between_tenants(api, usage_tenants):
+    cur = current(api.get("/usage", claims=tenant_claims("use_b")).body)
+    assert cur["signatures"]["used"] == 0
+    assert cur["documents"]["used"] == 7
+    assert cur["storage"]["used"] == 123456
+
+
+def test_usage_filters(api, usage_tenants):
+    r = api.get("/usage", claims=tenant_claims("use_a"), params={"metric": "eq.signatures"})
+    assert r.status == 200 and [x["used"] for x in r.body] == [12]
+
+
+def test_usage_refuses_anonymous(api, usage_tenants):
+    r = api.get("/usage")
+    assert r.status == 401
+
+
+def test_usage_unknown_tenant_is_empty(api, usage_tenants):
+    r = api.get("/usage", claims=tenant_claims("nobody"))
+    assert (r.status, r.body) == (200, [])
+
+
+def test_usage_is_for_tenants_only(api, usage_tenants):
+    # operators read usage with billing.usage_report(tenant_id), not /usage
+    r = api.get("/usage", claims=ADMIN)
+    assert r.status == 403 and r.body["code"] == "42501"
+
+
+def test_tenant_cannot_record_usage(api, usage_tenants):
+    # record_usage is not in the api schema, and not executable by tenants
+    assert api.post("/rpc/record_usage", claims=tenant_claims("use_a"),
+                    body={"tenant_id": "use_a", "metric": "signatures"}).status == 404
+
+
+@pytest.fixture(scope="module")
+def small_cache():
+    cluster = Cluster("smallcache", conf={"qes_billing.max_counters": "16"}).start()
+    yield cluster
+    cluster.stop()
+
+
+def test_full_counter_table_stays_correct(small_cache):
+    """With room for 16 counters, 40 tenants x 2 metrics still add up exactly."""
+    pg = small_cache
+    tenants = [f"full{i}" for i in range(40)]
+    with pg.connect(autocommit=True) as c:
+        for t in tenants:
+            c.execute("SELECT billing.upsert_tenant(%s, %s, %s)", (t, t, f"{t}@t.example"))
+        for round_ in range(3):
+            for n, t in enumerate(tenants):
+                c.execute("SELECT billing.record_usage(%s, 'api_calls', %s, %s)", (t, n + 1, f"{t}-{round_}"))
+                c.execute("SELECT billing.record_usage(%s, 'documents', 1, %s)", (t, f"{t}-d-{round_}"))
+        for n, t in enumerate(tenants):
+            got = c.execute("SELECT (billing.check_limit(%s, 'api_calls', 0)).current, "
+                            "(billing.check_limit(%s, 'documents', 0)).current", (t, t)).fetchone()
+            assert got == (3 * (n + 1), 3), t
+        capacity, entries, hits, loads, uncached, dropped, swept = c.execute(
+            "SELECT * FROM billing.usage_cache_stats()").fetchone()
+    assert capacity == 16
+    assert entries <= 16
+    assert uncached > 0          # the overflow was served from the table
+
+
+def test_idempotency_key_is_forever(pg, usage_tenants):
+    key = f"forever-{uuid.uuid4()}"
+    first = pg.sql("SELECT recorded, total FROM billing.record_usage('use_b', 'api_calls', 2, %s)", (key,))
+    pg.sql("SELECT billing.set_clock('400 days')")
+    try:
+        again = pg.sql("SELECT recorded, duplicate, total FROM billing.record_usage('use_b', 'api_calls', 2, %s)", (key,))
+    finally:
+        pg.sql("SELECT billing.set_clock('0')")
+    assert first[0][0] is True
+    assert again[0] == (False, True, first[0][1])
