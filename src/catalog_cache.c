@@ -28,6 +28,9 @@
 #include "port/atomics.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
+#include "utils/datum.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
@@ -51,6 +54,11 @@ typedef struct TenantEntry
 	TimestampTz period_end;
 	bool		has_grace;
 	TimestampTz grace_until;
+	/* the last answer, valid for `at` in [answer_from, answer_until) */
+	bool		has_answer;
+	TimestampTz answer_from;
+	TimestampTz answer_until;
+	QesTenantPlan answer;
 } TenantEntry;
 
 static MemoryContext cache_context = NULL;
@@ -63,6 +71,8 @@ static char *metric_names;
 static QesPlan *plans;
 static int	nplans;
 static QesLimit *limits;		/* nplans x nmetrics */
+static Datum *prompts;			/* nplans x nmetrics upgrade prompts, built on use */
+static bool *prompt_built;
 static int	free_plan;
 static bool clock_has_offset;
 static Interval clock_offset;
@@ -192,6 +202,8 @@ load_catalog(void *arg)
 	if (free_plan < 0 && nplans > 0)
 		free_plan = 0;			/* the lowest tier stands in for Free */
 	limits = palloc0(sizeof(QesLimit) * Max(nplans * nmetrics, 1));
+	prompts = palloc0(sizeof(Datum) * Max(nplans * nmetrics, 1));
+	prompt_built = palloc0(sizeof(bool) * Max(nplans * nmetrics, 1));
 	MemoryContextSwitchTo(old);
 
 	if (SPI_execute("SELECT l.plan_id, l.metric, l.soft_limit, l.hard_limit_pct FROM billing.plan_limits l",
@@ -306,6 +318,50 @@ const QesLimit *
 qes_limit(int plan, int metric)
 {
 	return &limits[plan * nmetrics + metric];
+}
+
+/*
+ * The upgrade offered to a tenant of `plan` near or over its limit for
+ * `metric`: the next plan up, its limit and prices, as jsonb; (Datum) 0 when
+ * there is no plan up.  Built once per catalog generation.
+ */
+Datum
+qes_upgrade_prompt(int plan, int metric)
+{
+	int			idx = plan * nmetrics + metric;
+	int			up;
+	const QesPlan *p;
+	const QesLimit *l;
+	StringInfoData s;
+	MemoryContext old;
+
+	if (prompt_built[idx])
+		return prompts[idx];
+	up = qes_next_plan_up(plan);
+	if (up >= 0)
+	{
+		p = &plans[up];
+		l = &limits[up * nmetrics + metric];
+		initStringInfo(&s);
+		appendStringInfoString(&s, "{\"plan_id\": ");
+		escape_json(&s, p->plan_id);
+		appendStringInfoString(&s, ", \"name\": ");
+		escape_json(&s, p->name);
+		if (!l->defined || l->unlimited)
+			appendStringInfoString(&s, ", \"limit\": null");
+		else
+			appendStringInfo(&s, ", \"limit\": " INT64_FORMAT, l->soft_limit);
+		if (p->has_monthly)
+			appendStringInfo(&s, ", \"monthly_price\": " INT64_FORMAT, p->monthly_price);
+		if (p->has_yearly)
+			appendStringInfo(&s, ", \"yearly_price\": " INT64_FORMAT, p->yearly_price);
+		appendStringInfoString(&s, ", \"currency\": \"usd\"}");
+		old = MemoryContextSwitchTo(cache_context);
+		prompts[idx] = datumCopy(DirectFunctionCall1(jsonb_in, CStringGetDatum(s.data)), false, -1);
+		MemoryContextSwitchTo(old);
+	}
+	prompt_built[idx] = true;
+	return prompts[idx];
 }
 
 /* The next active plan up from this one (plans are sorted by tier). */
@@ -451,6 +507,7 @@ load_tenant(void *arg)
 
 	e->exists = (SPI_processed == 1);
 	e->has_subscription = false;
+	e->has_answer = false;
 	if (!e->exists)
 		return;
 	tup = SPI_tuptable->vals[0];
@@ -508,6 +565,11 @@ qes_tenant_plan(const char *tenant_id, TimestampTz at, QesTenantPlan *out)
 	}
 	if (!e->exists)
 		return false;
+	if (e->has_answer && at >= e->answer_from && at < e->answer_until)
+	{
+		*out = e->answer;
+		return true;
+	}
 
 	out->plan = free_plan;
 	out->reason = NULL;
@@ -537,5 +599,14 @@ qes_tenant_plan(const char *tenant_id, TimestampTz at, QesTenantPlan *out)
 		out->period_start = month_start_utc(at);
 		out->period_end = add_months_utc(out->period_start, 1);
 	}
+
+	/* the answer holds until the period ends or the grace period runs out */
+	e->answer = *out;
+	e->answer_from = out->period_start;
+	e->answer_until = out->period_end;
+	if (e->has_subscription && e->has_grace && strcmp(e->status, "past_due") == 0 &&
+		at < e->grace_until && e->grace_until < e->answer_until)
+		e->answer_until = e->grace_until;
+	e->has_answer = true;
 	return true;
 }

@@ -56,6 +56,7 @@ extern int	qes_metric_count(void);
 extern const char *qes_metric_names(void);
 extern const QesPlan *qes_plan(int idx);
 extern int	qes_next_plan_up(int plan);	/* -1 when none */
+extern Datum qes_upgrade_prompt(int plan, int metric);
 extern const QesLimit *qes_limit(int plan, int metric);
 extern TimestampTz qes_billing_now(void);
 extern bool qes_tenant_plan(const char *tenant_id, TimestampTz at, QesTenantPlan *out);

@@ -95,7 +95,7 @@ typedef struct CounterEntry
 
 typedef struct CounterShared
 {
-	LWLock	   *locks;			/* QES_COUNTER_PARTITIONS of them */
+	LWLockPadded *locks;		/* QES_COUNTER_PARTITIONS of them */
 	pg_atomic_uint32 nentries;
 	pg_atomic_uint64 hits;
 	pg_atomic_uint64 loads;
@@ -161,7 +161,7 @@ qes_counters_startup(void)
 	shared = ShmemInitStruct("qes_billing counters", sizeof(CounterShared), &found);
 	if (!found)
 	{
-		shared->locks = &(GetNamedLWLockTranche(QES_COUNTER_TRANCHE))[0].lock;
+		shared->locks = GetNamedLWLockTranche(QES_COUNTER_TRANCHE);
 		pg_atomic_init_u32(&shared->nentries, 0);
 		pg_atomic_init_u64(&shared->hits, 0);
 		pg_atomic_init_u64(&shared->loads, 0);
@@ -180,7 +180,7 @@ qes_counters_startup(void)
 static inline LWLock *
 partition_lock(uint32 hash)
 {
-	return &shared->locks[hash % QES_COUNTER_PARTITIONS];
+	return &shared->locks[hash % QES_COUNTER_PARTITIONS].lock;
 }
 
 void
@@ -544,7 +544,7 @@ reset_all(void)
 	CounterEntry *e;
 
 	for (int i = 0; i < QES_COUNTER_PARTITIONS; i++)
-		LWLockAcquire(&shared->locks[i], LW_EXCLUSIVE);
+		LWLockAcquire(&shared->locks[i].lock, LW_EXCLUSIVE);
 	hash_seq_init(&status, counters);
 	while ((e = hash_seq_search(&status)) != NULL)
 	{
@@ -552,7 +552,7 @@ reset_all(void)
 		pg_atomic_fetch_sub_u32(&shared->nentries, 1);
 	}
 	for (int i = QES_COUNTER_PARTITIONS - 1; i >= 0; i--)
-		LWLockRelease(&shared->locks[i]);
+		LWLockRelease(&shared->locks[i].lock);
 }
 
 /* XACT_EVENT_COMMIT: our rows are visible now; add their deltas. */
@@ -710,7 +710,7 @@ qes_usage_cache_sweep(PG_FUNCTION_ARGS)
 	last_sweep = now;
 
 	for (int i = 0; i < QES_COUNTER_PARTITIONS; i++)
-		LWLockAcquire(&shared->locks[i], LW_EXCLUSIVE);
+		LWLockAcquire(&shared->locks[i].lock, LW_EXCLUSIVE);
 	hash_seq_init(&status, counters);
 	while ((e = hash_seq_search(&status)) != NULL)
 	{
@@ -722,7 +722,7 @@ qes_usage_cache_sweep(PG_FUNCTION_ARGS)
 		}
 	}
 	for (int i = QES_COUNTER_PARTITIONS - 1; i >= 0; i--)
-		LWLockRelease(&shared->locks[i]);
+		LWLockRelease(&shared->locks[i].lock);
 	pg_atomic_fetch_add_u64(&shared->swept, removed);
 	PG_RETURN_INT64(removed);
 }

@@ -19,6 +19,8 @@
  */
 #include "qes_billing.h"
 
+#include <math.h>
+
 #include "access/xact.h"
 #include "catalog/pg_authid.h"
 #include "catalog/pg_type.h"
@@ -64,6 +66,26 @@ status_for(int64 amount, const QesLimit *l)
 	if ((double) amount * 100.0 >= (double) l->soft_limit * 80.0)
 		return ST_WARNING;
 	return ST_OK;
+}
+
+/* The function's result descriptor, looked up once per call site. */
+static TupleDesc
+result_desc(FunctionCallInfo fcinfo)
+{
+	if (fcinfo->flinfo->fn_extra == NULL)
+	{
+		TupleDesc	tupdesc;
+		MemoryContext old;
+
+		if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+			elog(ERROR, "return type must be a row type");
+		old = MemoryContextSwitchTo(fcinfo->flinfo->fn_mcxt);
+		tupdesc = CreateTupleDescCopy(tupdesc);
+		BlessTupleDesc(tupdesc);
+		MemoryContextSwitchTo(old);
+		fcinfo->flinfo->fn_extra = tupdesc;
+	}
+	return (TupleDesc) fcinfo->flinfo->fn_extra;
 }
 
 static void
@@ -117,8 +139,7 @@ prepare_plans(void)
 		return;
 	insert_plan = SPI_prepare("INSERT INTO billing.usage_events"
 							  " (tenant_id, idempotency_key, metric, quantity, period_start, occurred_at, metadata, total_after)"
-							  " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-							  " ON CONFLICT (tenant_id, idempotency_key) DO NOTHING",
+							  " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
 							  8, ins_types);
 	existing_plan = SPI_prepare("SELECT u.metric, u.quantity, u.period_start, u.total_after"
 								"  FROM billing.usage_events u"
@@ -134,6 +155,19 @@ prepare_plans(void)
 	SPI_keepplan(insert_plan);
 	SPI_keepplan(existing_plan);
 	SPI_keepplan(notify_plan);
+}
+
+/*
+ * A concurrent transaction inserting the same key makes our INSERT wait
+ * and then fail with the primary key's unique violation (SQLSTATE 23505,
+ * HTTP 409 through PostgREST, as Stripe answers for an idempotency key
+ * still in use).  Say so in the error's context.
+ */
+static void
+insert_error_context(void *arg)
+{
+	errcontext("recording usage under idempotency key \"%s\": another transaction recorded it at the same time; "
+			   "retry to receive its result", (const char *) arg);
 }
 
 typedef struct UsageResult
@@ -276,9 +310,23 @@ record_one(const char *tenant_id, const char *metric_name, int64 quantity,
 	if (metadata == NULL)
 		nulls[6] = 'n';
 	values[7] = Int64GetDatum(total);
-	if (SPI_execute_plan(insert_plan, values, nulls, false, 0) != SPI_OK_INSERT)
-		elog(ERROR, "qes_billing: could not record usage");
-	inserted = (SPI_processed == 1);
+
+	/* counted once, forever: a key already recorded returns its result */
+	if (SPI_execute_plan(existing_plan, values, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "qes_billing: could not look up the idempotency key");
+	inserted = (SPI_processed == 0);
+	if (inserted)
+	{
+		ErrorContextCallback errcallback;
+
+		errcallback.callback = insert_error_context;
+		errcallback.arg = (void *) idem_key;
+		errcallback.previous = error_context_stack;
+		error_context_stack = &errcallback;
+		if (SPI_execute_plan(insert_plan, values, nulls, false, 0) != SPI_OK_INSERT)
+			elog(ERROR, "qes_billing: could not record usage");
+		error_context_stack = errcallback.previous;
+	}
 
 	memset(res, 0, sizeof(*res));
 	res->limit = l;
@@ -310,11 +358,6 @@ record_one(const char *tenant_id, const char *metric_name, int64 quantity,
 		int64		orig_quantity;
 		QesTenantPlan otp;
 
-		if (SPI_execute_plan(existing_plan, values, NULL, false, 1) != SPI_OK_SELECT || SPI_processed != 1)
-			ereport(ERROR,
-					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
-					 errmsg("could not read the usage already recorded under idempotency key \"%s\"", idem_key),
-					 errhint("Retry the transaction.")));
 		tup = SPI_tuptable->vals[0];
 		desc = SPI_tuptable->tupdesc;
 		orig_metric = SPI_getvalue(tup, desc, 1);
@@ -357,8 +400,7 @@ qes_record_usage(PG_FUNCTION_ARGS)
 	require_arg(fcinfo, 1, "metric");
 	require_arg(fcinfo, 2, "quantity");
 	require_arg(fcinfo, 3, "idempotency_key");
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
+	tupdesc = result_desc(fcinfo);
 
 	qes_catalog_refresh();
 	occurred_at = PG_ARGISNULL(5) ? qes_billing_now() : PG_GETARG_TIMESTAMPTZ(5);
@@ -386,35 +428,6 @@ qes_record_usage(PG_FUNCTION_ARGS)
 
 /* ---- check_limit --------------------------------------------------------- */
 
-static Datum
-upgrade_prompt(int plan, int metric)
-{
-	int			up = qes_next_plan_up(plan);
-	const QesPlan *p;
-	const QesLimit *l;
-	StringInfoData s;
-
-	if (up < 0)
-		return (Datum) 0;
-	p = qes_plan(up);
-	l = qes_limit(up, metric);
-	initStringInfo(&s);
-	appendStringInfoString(&s, "{\"plan_id\": ");
-	escape_json(&s, p->plan_id);
-	appendStringInfoString(&s, ", \"name\": ");
-	escape_json(&s, p->name);
-	if (!l->defined || l->unlimited)
-		appendStringInfoString(&s, ", \"limit\": null");
-	else
-		appendStringInfo(&s, ", \"limit\": " INT64_FORMAT, l->soft_limit);
-	if (p->has_monthly)
-		appendStringInfo(&s, ", \"monthly_price\": " INT64_FORMAT, p->monthly_price);
-	if (p->has_yearly)
-		appendStringInfo(&s, ", \"yearly_price\": " INT64_FORMAT, p->yearly_price);
-	appendStringInfoString(&s, ", \"currency\": \"usd\"}");
-	return DirectFunctionCall1(jsonb_in, CStringGetDatum(s.data));
-}
-
 /*
  * billing.check_limit(tenant_id, metric, quantity default 1)
  */
@@ -440,8 +453,7 @@ qes_check_limit(PG_FUNCTION_ARGS)
 	require_arg(fcinfo, 0, "tenant_id");
 	require_arg(fcinfo, 1, "metric");
 	require_arg(fcinfo, 2, "quantity");
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
+	tupdesc = result_desc(fcinfo);
 	tenant_id = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	metric_name = text_to_cstring(PG_GETARG_TEXT_PP(1));
 	quantity = PG_GETARG_INT64(2);
@@ -471,14 +483,13 @@ qes_check_limit(PG_FUNCTION_ARGS)
 		nulls[6] = nulls[7] = nulls[8] = true;
 	else
 	{
+		double		pct;
+
+		pct = l->soft_limit > 0 ? (double) current * 100.0 / (double) l->soft_limit
+			: (current > 0 ? 100.0 : 0.0);
 		values[6] = Int64GetDatum(l->soft_limit);
 		values[7] = Int64GetDatum(Max(l->soft_limit - current, 0));
-		values[8] = DirectFunctionCall2(numeric_round,
-										DirectFunctionCall1(float8_numeric,
-															Float8GetDatum(l->soft_limit > 0
-																		   ? (double) current * 100.0 / (double) l->soft_limit
-																		   : (current > 0 ? 100.0 : 0.0))),
-										Int32GetDatum(1));
+		values[8] = Float8GetDatum(rint(pct * 10.0) / 10.0);
 	}
 	values[9] = TimestampTzGetDatum(tp.period_start);
 	values[10] = TimestampTzGetDatum(tp.period_end);
@@ -486,7 +497,7 @@ qes_check_limit(PG_FUNCTION_ARGS)
 		values[11] = CStringGetTextDatum(tp.reason);
 	else
 		nulls[11] = true;
-	prompt = (st != ST_OK) ? upgrade_prompt(tp.plan, metric) : (Datum) 0;
+	prompt = (st != ST_OK) ? qes_upgrade_prompt(tp.plan, metric) : (Datum) 0;
 	values[12] = prompt;
 	nulls[12] = (prompt == (Datum) 0);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
