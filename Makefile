@@ -13,7 +13,8 @@ OBJS = \
 	src/config.o \
 	src/catalog_cache.o \
 	src/counters.o \
-	src/usage.o
+	src/usage.o \
+	src/usage_store.o
 
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 INSTALL_SQL = $(sort $(wildcard sql/install/*.sql))

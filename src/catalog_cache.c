@@ -38,6 +38,7 @@
 #include "catalog_cache.h"
 #include "guc.h"
 #include "shmem.h"
+#include "usage_store.h"
 
 #define QES_MAX_CACHED_TENANTS 10000
 
@@ -266,6 +267,7 @@ qes_catalog_refresh(void)
 	MemoryContextReset(cache_context);
 	tenants = NULL;
 
+	qes_usage_store_reset();
 	run_as_owner(load_catalog, NULL);
 
 	memset(&ctl, 0, sizeof(ctl));

@@ -36,6 +36,7 @@
 
 #include "catalog_cache.h"
 #include "counters.h"
+#include "usage_store.h"
 
 #define QES_MAX_METADATA_BYTES	4096
 #define QES_MAX_KEY_LEN			255
@@ -123,42 +124,10 @@ tenant_plan_or_error(const char *tenant_id, TimestampTz at, QesTenantPlan *tp)
 
 /* ---- record_usage -------------------------------------------------------- */
 
-static SPIPlanPtr insert_plan = NULL;
-static SPIPlanPtr existing_plan = NULL;
 static SPIPlanPtr notify_plan = NULL;
 
-static void
-prepare_plans(void)
-{
-	Oid			ins_types[8] = {TEXTOID, TEXTOID, TEXTOID, INT8OID, TIMESTAMPTZOID,
-	TIMESTAMPTZOID, JSONBOID, INT8OID};
-	Oid			key_types[2] = {TEXTOID, TEXTOID};
-	Oid			notify_types[3] = {TEXTOID, TEXTOID, JSONBOID};
-
-	if (insert_plan != NULL)
-		return;
-	insert_plan = SPI_prepare("INSERT INTO billing.usage_events"
-							  " (tenant_id, idempotency_key, metric, quantity, period_start, occurred_at, metadata, total_after)"
-							  " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-							  8, ins_types);
-	existing_plan = SPI_prepare("SELECT u.metric, u.quantity, u.period_start, u.total_after"
-								"  FROM billing.usage_events u"
-								" WHERE u.tenant_id OPERATOR(pg_catalog.=) $1"
-								"   AND u.idempotency_key OPERATOR(pg_catalog.=) $2",
-								2, key_types);
-	notify_plan = SPI_prepare("INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)"
-							  " VALUES ($1, 'usage.threshold', $2, $3)"
-							  " ON CONFLICT (tenant_id, dedup_key) DO NOTHING",
-							  3, notify_types);
-	if (insert_plan == NULL || existing_plan == NULL || notify_plan == NULL)
-		elog(ERROR, "qes_billing: could not prepare the usage statements");
-	SPI_keepplan(insert_plan);
-	SPI_keepplan(existing_plan);
-	SPI_keepplan(notify_plan);
-}
-
 /*
- * A concurrent transaction inserting the same key makes our INSERT wait
+ * A concurrent transaction inserting the same key makes our insert wait
  * and then fail with the primary key's unique violation (SQLSTATE 23505,
  * HTTP 409 through PostgREST, as Stripe answers for an idempotency key
  * still in use).  Say so in the error's context.
@@ -242,11 +211,12 @@ record_one(const char *tenant_id, const char *metric_name, int64 quantity,
 	uint8		notified;
 	int64		total;
 	const QesLimit *l;
-	Datum		values[8];
-	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
 	Oid			save_userid;
 	int			save_sec_context;
-	bool		inserted;
+	UsageRow	row;
+	UsageRow	existing;
+	QesTenantPlan otp;
+	ErrorContextCallback errcallback;
 
 	qes_catalog_refresh();
 	metric = lookup_metric_or_error(metric_name);
@@ -294,93 +264,79 @@ record_one(const char *tenant_id, const char *metric_name, int64 quantity,
 		total = committed + own + quantity;
 	l = qes_limit(tp.plan, metric);
 
-	GetUserIdAndSecContext(&save_userid, &save_sec_context);
-	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID, save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "qes_billing: SPI_connect failed");
-	prepare_plans();
-
-	values[0] = CStringGetTextDatum(tenant_id);
-	values[1] = CStringGetTextDatum(idem_key);
-	values[2] = CStringGetTextDatum(metric_name);
-	values[3] = Int64GetDatum(quantity);
-	values[4] = TimestampTzGetDatum(tp.period_start);
-	values[5] = TimestampTzGetDatum(occurred_at);
-	values[6] = PointerGetDatum(metadata);
-	if (metadata == NULL)
-		nulls[6] = 'n';
-	values[7] = Int64GetDatum(total);
-
-	/* counted once, forever: a key already recorded returns its result */
-	if (SPI_execute_plan(existing_plan, values, NULL, false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "qes_billing: could not look up the idempotency key");
-	inserted = (SPI_processed == 0);
-	if (inserted)
-	{
-		ErrorContextCallback errcallback;
-
-		errcallback.callback = insert_error_context;
-		errcallback.arg = (void *) idem_key;
-		errcallback.previous = error_context_stack;
-		error_context_stack = &errcallback;
-		if (SPI_execute_plan(insert_plan, values, nulls, false, 0) != SPI_OK_INSERT)
-			elog(ERROR, "qes_billing: could not record usage");
-		error_context_stack = errcallback.previous;
-	}
-
 	memset(res, 0, sizeof(*res));
 	res->limit = l;
-	if (inserted)
-	{
-		res->recorded = true;
-		res->metric = metric;
-		res->quantity = quantity;
-		res->period_start = tp.period_start;
-		res->period_end = tp.period_end;
-		res->total = total;
-		qes_counter_add_at_commit(&key, is_gauge, quantity, occurred_at);
+	res->metric = metric;
 
-		if (l->defined && !l->unlimited)
-		{
-			if (!(notified & QES_NOTIFIED_80) && (double) total * 100.0 >= (double) l->soft_limit * 80.0)
-				queue_threshold(tenant_id, &key, &tp, metric, 80, total, l);
-			if (!(notified & QES_NOTIFIED_100) && total >= l->soft_limit)
-				queue_threshold(tenant_id, &key, &tp, metric, 100, total, l);
-		}
-	}
-	else
+	/* counted once, forever: a key already recorded returns its result */
+	if (qes_usage_find(tenant_id, idem_key, &existing))
 	{
-		/* a repeat: the original result, nothing added */
-		HeapTuple	tup;
-		TupleDesc	desc;
-		bool		isnull;
-		char	   *orig_metric;
-		int64		orig_quantity;
-		QesTenantPlan otp;
-
-		tup = SPI_tuptable->vals[0];
-		desc = SPI_tuptable->tupdesc;
-		orig_metric = SPI_getvalue(tup, desc, 1);
-		orig_quantity = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
-		if (strcmp(orig_metric, metric_name) != 0 || orig_quantity != quantity)
+		if (strcmp(existing.metric, metric_name) != 0 || existing.quantity != quantity)
 			ereport(ERROR,
 					(errcode(ERRCODE_UNIQUE_VIOLATION),
 					 errmsg("idempotency key \"%s\" was already used for different usage", idem_key),
 					 errdetail("It recorded %s " INT64_FORMAT "; this call reports %s " INT64_FORMAT ".",
-							   orig_metric, orig_quantity, metric_name, quantity),
+							   existing.metric, existing.quantity, metric_name, quantity),
 					 errhint("Use a new idempotency key for each billable action.")));
 		res->duplicate = true;
-		res->metric = metric;
-		res->quantity = orig_quantity;
-		res->period_start = DatumGetTimestampTz(SPI_getbinval(tup, desc, 3, &isnull));
-		res->total = DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
-		if (isnull)
-			res->total = orig_quantity;
-		(void) qes_tenant_plan(tenant_id, res->period_start, &otp);
+		res->quantity = existing.quantity;
+		res->period_start = existing.period_start;
+		res->total = existing.total_after;
+		(void) qes_tenant_plan(tenant_id, existing.period_start, &otp);
 		res->period_end = otp.period_end;
+		return;
 	}
-	SPI_finish();
-	SetUserIdAndSecContext(save_userid, save_sec_context);
+
+	row.tenant_id = tenant_id;
+	row.idempotency_key = idem_key;
+	row.metric = metric_name;
+	row.quantity = quantity;
+	row.period_start = tp.period_start;
+	row.occurred_at = occurred_at;
+	row.metadata = metadata;
+	row.total_after = total;
+	errcallback.callback = insert_error_context;
+	errcallback.arg = (void *) idem_key;
+	errcallback.previous = error_context_stack;
+	error_context_stack = &errcallback;
+	qes_usage_insert(&row);
+	error_context_stack = errcallback.previous;
+
+	res->recorded = true;
+	res->quantity = quantity;
+	res->period_start = tp.period_start;
+	res->period_end = tp.period_end;
+	res->total = total;
+	qes_counter_add_at_commit(&key, is_gauge, quantity, occurred_at);
+
+	/* thresholds: one notification each per tenant, metric and period */
+	if (l->defined && !l->unlimited &&
+		((!(notified & QES_NOTIFIED_80) && (double) total * 100.0 >= (double) l->soft_limit * 80.0) ||
+		 (!(notified & QES_NOTIFIED_100) && total >= l->soft_limit)))
+	{
+		Oid			notify_types[3] = {TEXTOID, TEXTOID, JSONBOID};
+
+		GetUserIdAndSecContext(&save_userid, &save_sec_context);
+		SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID, save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "qes_billing: SPI_connect failed");
+		if (notify_plan == NULL)
+		{
+			notify_plan = SPI_prepare("INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)"
+									  " VALUES ($1, 'usage.threshold', $2, $3)"
+									  " ON CONFLICT (tenant_id, dedup_key) DO NOTHING",
+									  3, notify_types);
+			if (notify_plan == NULL)
+				elog(ERROR, "qes_billing: could not prepare the notification statement");
+			SPI_keepplan(notify_plan);
+		}
+		if (!(notified & QES_NOTIFIED_80) && (double) total * 100.0 >= (double) l->soft_limit * 80.0)
+			queue_threshold(tenant_id, &key, &tp, metric, 80, total, l);
+		if (!(notified & QES_NOTIFIED_100) && total >= l->soft_limit)
+			queue_threshold(tenant_id, &key, &tp, metric, 100, total, l);
+		SPI_finish();
+		SetUserIdAndSecContext(save_userid, save_sec_context);
+	}
 }
 
 /*

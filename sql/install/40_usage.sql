@@ -8,7 +8,7 @@
 
 CREATE TABLE billing.usage_events (
   tenant_id       text NOT NULL,
-  idempotency_key text NOT NULL CHECK (length(idempotency_key) BETWEEN 1 AND 255),
+  idempotency_key text NOT NULL,
   metric          text NOT NULL,
   quantity        bigint NOT NULL,
   period_start    timestamptz NOT NULL,

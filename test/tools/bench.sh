@@ -2,13 +2,15 @@
 # make bench: pgbench measurements, each beside its ceiling in the same run
 # on the same cluster, printed as
 #   <name> tps=<n> ceiling=<ceiling name> ceiling_tps=<n> ratio=<r>
-# BENCH_SECONDS (default 10) per measurement, BENCH_CLIENTS (default 8).
+# Each figure is the mean of BENCH_ROUNDS (2) runs of BENCH_SECONDS (10),
+# measurement and ceiling alternating; BENCH_CLIENTS (8) clients.
 set -euo pipefail
 src=$(cd "$(dirname "$0")/../.." && pwd)
 . "$src/test/tools/common.sh"
 unset_seed_env
 
 SECONDS_EACH=${BENCH_SECONDS:-10}
+ROUNDS=${BENCH_ROUNDS:-2}
 CLIENTS=${BENCH_CLIENTS:-8}
 DIR=${QES_BENCH_DIR:-/tmp/qes_billing-bench}
 PORT=${QES_BENCH_PORT:-55433}
@@ -19,7 +21,6 @@ build_and_install "$src"
 
 as_pg pg_ctl -D "$DIR/data" -m immediate stop >/dev/null 2>&1 || true
 rm -rf "$DIR"; mkdir -p "$DIR"
-[ "$(id -u)" = 0 ] && chown -R "$PGUSER_OS" "$DIR"
 cp "$src"/test/bench/*.sql "$DIR/"
 [ "$(id -u)" = 0 ] && chown -R "$PGUSER_OS" "$DIR"
 as_pg initdb -D "$DIR/data" -A trust -U postgres >/dev/null
@@ -31,37 +32,42 @@ shared_preload_libraries = 'qes_billing'
 qes_billing.database = '$DB'
 shared_buffers = '512MB'
 max_wal_size = '4GB'
-synchronous_commit = '${BENCH_SYNC_COMMIT:-on}'
 CONF
 as_pg pg_ctl -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
 trap 'as_pg pg_ctl -D "$DIR/data" -m fast -w stop >/dev/null 2>&1 || true' EXIT
 as_pg createdb -h "$DIR" -p "$PORT" "$DB"
-as_pg psql -X -q -h "$DIR" -p "$PORT" -d "$DB" -v ON_ERROR_STOP=1 -f "$DIR/setup.sql" >/dev/null
+sql() { as_pg psql -X -qAt -h "$DIR" -p "$PORT" -d "$DB" -v ON_ERROR_STOP=1 "$@"; }
+sql -f "$DIR/setup.sql" >/dev/null
 
 tps() {
   as_pg pgbench -n -M prepared -h "$DIR" -p "$PORT" -c "$CLIENTS" -j 2 -T "$SECONDS_EACH" \
     -f "$DIR/$1.sql" "$DB" 2>&1 | awk '/^tps = / { printf "%d", $3 }'
 }
 
-line() {   # name tps ceiling ceiling_tps
-  awk -v n="$1" -v t="$2" -v c="$3" -v ct="$4" \
-    'BEGIN { printf "%s tps=%d ceiling=%s ceiling_tps=%d ratio=%.2f\n", n, t, c, ct, (ct > 0 ? t / ct : 0) }'
+# pair NAME SCRIPT CEILING_NAME CEILING_SCRIPT: alternate, average, print
+pair() {
+  local t=0 c=0
+  for _ in $(seq 1 "$ROUNDS"); do
+    c=$((c + $(tps "$4"))); t=$((t + $(tps "$2")))
+  done
+  awk -v n="$1" -v t="$((t / ROUNDS))" -v cn="$3" -v ct="$((c / ROUNDS))" \
+    'BEGIN { printf "%s tps=%d ceiling=%s ceiling_tps=%d ratio=%.2f\n", n, t, cn, ct, (ct > 0 ? t / ct : 0) }'
 }
 
-echo "qes_billing benchmark: $CLIENTS clients, ${SECONDS_EACH}s each, synchronous_commit=${BENCH_SYNC_COMMIT:-on}, $(nproc) cores"
-warm=$(tps check_limit)        # warm the caches and the counters
-s1=$(tps select_1)
-cl=$(tps check_limit)
-line check_limit "$cl" select_1 "$s1"
-pi=$(tps plain_insert)
-ru=$(tps record_usage)
-line record_usage "$ru" plain_insert "$pi"
+echo "qes_billing benchmark: $CLIENTS clients, $ROUNDS x ${SECONDS_EACH}s per figure, $(nproc) cores, PostgreSQL $(pg_config --version | awk '{print $2}')"
+tps check_limit >/dev/null       # warm caches and counters
+pair record_usage record_usage plain_insert plain_insert
+pair check_limit check_limit select_1 select_1
+pair check_limit_over_limit check_limit_over select_1 select_1
+base=$(pair check_limit check_limit select_1 select_1 | sed 's/.*ratio=//')
 
-as_pg psql -X -q -h "$DIR" -p "$PORT" -d "$DB" -v ON_ERROR_STOP=1 -f "$DIR/load_history.sql" >/dev/null
-rows=$(as_pg psql -X -qAt -h "$DIR" -p "$PORT" -d "$DB" -c "SELECT count(*) FROM billing.usage_events")
-warm=$(tps check_limit)
-s1b=$(tps select_1)
-clh=$(tps check_limit)
-line check_limit_1m_history "$clh" select_1 "$s1b"
-echo "history rows: $rows; check_limit ratio with history / without: $(awk -v a="$clh" -v b="$s1b" -v c="$cl" -v d="$s1" 'BEGIN { printf "%.2f", (a / b) / (c / d) }')"
-as_pg psql -X -qAt -h "$DIR" -p "$PORT" -d "$DB" -c "SELECT 'counter cache: ' || entries || ' entries, ' || hits || ' hits, ' || loads || ' builds, ' || uncached || ' uncached' FROM billing.usage_cache_stats()"
+sql -f "$DIR/load_history.sql" >/dev/null
+echo "history: $(sql -c 'SELECT count(*) FROM billing.usage_events') usage rows"
+tps check_limit >/dev/null
+hist=$(pair check_limit_1m_history check_limit select_1 select_1)
+echo "$hist"
+awk -v a="${hist##*ratio=}" -v b="$base" 'BEGIN { printf "check_limit ratio with history / without: %.2f\n", a / b }'
+
+sql -c "ALTER SYSTEM SET synchronous_commit = off" -c "SELECT pg_reload_conf()" >/dev/null
+pair record_usage_async_commit record_usage plain_insert_async_commit plain_insert
+sql -c "SELECT 'counter cache: ' || entries || ' entries, ' || hits || ' hits, ' || loads || ' builds, ' || uncached || ' uncached' FROM billing.usage_cache_stats()"
