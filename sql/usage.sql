@@ -25,10 +25,10 @@ SELECT total, remaining, status FROM billing.record_usage('u_free', 'signatures'
 SELECT total, remaining, status FROM billing.record_usage('u_free', 'signatures', 1, 'sig-5');
 
 -- check_limit: soft limits allow, with the status and the upgrade prompt
-SELECT allowed, status, plan_id, current, requested, usage_limit, remaining, percent, reason, upgrade
+SELECT allowed, status, current, usage_limit, remaining, plan_id, reason, upgrade
   FROM billing.check_limit('u_free', 'signatures');
 SELECT allowed, status, current, upgrade IS NULL AS no_prompt FROM billing.check_limit('u_free', 'documents');
-SELECT allowed, status, current, percent FROM billing.check_limit('u_free', 'documents', 40);
+SELECT allowed, status, current FROM billing.check_limit('u_free', 'documents', 40);
 SELECT status, upgrade ->> 'plan_id' AS offered, upgrade ->> 'limit' AS offered_limit
   FROM billing.check_limit('u_free', 'documents', 45);
 SELECT allowed, status, current FROM billing.check_limit('u_free', 'api_calls', 0);
@@ -48,21 +48,23 @@ SELECT current FROM billing.check_limit('u_free', 'storage', 0);
 INSERT INTO billing.subscriptions (tenant_id, plan_id, billing_interval, status, current_period_start, current_period_end)
 VALUES ('u_pro', 'professional', 'month', 'active', date_trunc('day', now()) - interval '3 days',
         date_trunc('day', now()) - interval '3 days' + interval '1 month');
-SELECT plan_id, usage_limit, status, period_start = date_trunc('day', now()) - interval '3 days' AS subscription_period
-  FROM billing.check_limit('u_pro', 'signatures', 90);
+SELECT plan_id, usage_limit, status FROM billing.check_limit('u_pro', 'signatures', 90);
+SELECT period_start = date_trunc('day', now()) - interval '3 days' AS subscription_period,
+       period_end = date_trunc('day', now()) - interval '3 days' + interval '1 month' AS subscription_period_end
+  FROM billing.usage_current('u_pro') WHERE metric = 'signatures';
 SELECT status, upgrade ->> 'plan_id' AS offered, upgrade -> 'limit' AS offered_limit, upgrade ->> 'monthly_price' AS price
   FROM billing.check_limit('u_pro', 'signatures', 95);
 -- a period the subscription rolled over to without an update from Stripe yet
 UPDATE billing.subscriptions SET current_period_start = date_trunc('day', now()) - interval '1 month 3 days',
                                  current_period_end = date_trunc('day', now()) - interval '3 days'
  WHERE tenant_id = 'u_pro';
-SELECT period_start = date_trunc('day', now()) - interval '3 days' AS rolled_forward FROM billing.check_limit('u_pro', 'signatures');
+SELECT period_start = date_trunc('day', now()) - interval '3 days' AS rolled_forward FROM billing.usage_current('u_pro') WHERE metric = 'signatures';
 
 -- Enterprise: unlimited counters are never blocked and prompt nothing
 INSERT INTO billing.subscriptions (tenant_id, plan_id, billing_interval, status, current_period_start, current_period_end)
 VALUES ('u_ent', 'enterprise', 'year', 'active', date_trunc('day', now()) - interval '10 days',
         date_trunc('day', now()) - interval '10 days' + interval '1 year');
-SELECT allowed, status, usage_limit, remaining, percent, upgrade FROM billing.check_limit('u_ent', 'signatures', 1000000000);
+SELECT allowed, status, usage_limit, remaining, upgrade FROM billing.check_limit('u_ent', 'signatures', 1000000000);
 SELECT total, usage_limit, status FROM billing.record_usage('u_ent', 'signatures', 1000000, 'ent-1');
 SELECT status, upgrade FROM billing.check_limit('u_ent', 'storage', 100000000000);
 
@@ -107,8 +109,8 @@ SELECT count(*) AS prepared_rows FROM billing.usage_events WHERE idempotency_key
 
 -- the billing clock moves the calendar period: a new month starts at zero
 SELECT billing.set_clock('1 month') IS NOT NULL AS moved;
-SELECT current, period_start = date_trunc('month', (now() + interval '1 month') AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS next_month
-  FROM billing.check_limit('u_free', 'signatures', 0);
+SELECT used, period_start = date_trunc('month', (now() + interval '1 month') AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS next_month
+  FROM billing.usage_current('u_free') WHERE metric = 'signatures';
 SELECT billing.set_clock('0') IS NOT NULL AS back;
 SELECT current FROM billing.check_limit('u_free', 'signatures', 0);
 
@@ -138,6 +140,11 @@ SELECT * FROM billing.check_limit('u_free', 'signatures', -1);
 SELECT * FROM billing.check_limit('nobody', 'signatures');
 SELECT count(*) - :rows_before AS rows_added FROM billing.usage_events;
 
+-- the report's view of the current period: every metric, with percent
+SELECT metric, used, usage_limit, percent, status, plan_id, reason FROM billing.usage_current('u_free');
+SELECT metric, used, usage_limit, percent, status FROM billing.usage_current('u_ent');
+SELECT * FROM billing.usage_current('nobody');
+
 -- batches: the same guarantees per event; duplicates reported, not counted
 SELECT * FROM billing.record_usage_batch('u_free', '[
   {"metric": "documents", "quantity": 2, "idempotency_key": "b-1"},
@@ -161,7 +168,7 @@ SELECT tenant_id, kind, payload ->> 'metric' AS metric, payload ->> 'threshold_p
 SELECT u.tenant_id, u.metric, sum(u.quantity) AS table_total,
        (billing.check_limit(u.tenant_id, u.metric, 0)).current AS counter_total
   FROM billing.usage_events u JOIN billing.metrics m USING (metric)
- WHERE m.kind = 'counter' AND u.period_start = (billing.check_limit(u.tenant_id, u.metric, 0)).period_start
+ WHERE m.kind = 'counter' AND u.period_start = (SELECT c.period_start FROM billing.usage_current(u.tenant_id) c LIMIT 1)
  GROUP BY 1, 2 ORDER BY 1, 2;
 -- ... also after they are forgotten and rebuilt from the table
 DELETE FROM billing.usage_events WHERE idempotency_key = 'sig-5';

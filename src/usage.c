@@ -44,6 +44,7 @@
 
 PG_FUNCTION_INFO_V1(qes_record_usage);
 PG_FUNCTION_INFO_V1(qes_check_limit);
+PG_FUNCTION_INFO_V1(qes_usage_current);
 
 typedef enum
 {
@@ -384,8 +385,21 @@ qes_record_usage(PG_FUNCTION_ARGS)
 
 /* ---- check_limit --------------------------------------------------------- */
 
+static double
+percent_of(int64 amount, const QesLimit *l)
+{
+	double		pct;
+
+	pct = l->soft_limit > 0 ? (double) amount * 100.0 / (double) l->soft_limit
+		: (amount > 0 ? 100.0 : 0.0);
+	return rint(pct * 10.0) / 10.0;
+}
+
 /*
  * billing.check_limit(tenant_id, metric, quantity default 1)
+ *
+ * The hot path's question, answered with the essentials; the period and
+ * percentages are in billing.usage_current().
  */
 Datum
 qes_check_limit(PG_FUNCTION_ARGS)
@@ -399,11 +413,10 @@ qes_check_limit(PG_FUNCTION_ARGS)
 	CounterKey	key;
 	uint8		notified;
 	int64		current;
-	int64		projected;
 	const QesLimit *l;
 	LimitStatus st;
-	Datum		values[13];
-	bool		nulls[13] = {0};
+	Datum		values[8];
+	bool		nulls[8] = {0};
 	Datum		prompt;
 
 	require_arg(fcinfo, 0, "tenant_id");
@@ -425,36 +438,77 @@ qes_check_limit(PG_FUNCTION_ARGS)
 
 	qes_counter_key(&key, tenant_id, metric_name, tp.period_start);
 	current = qes_counter_get(&key, qes_metric(metric)->is_gauge, tp.period_end, &notified);
-	projected = current + quantity;
 	l = qes_limit(tp.plan, metric);
-	st = status_for(projected, l);
+	st = status_for(current + quantity, l);
 
 	values[0] = BoolGetDatum(st != ST_BLOCKED);
 	values[1] = CStringGetTextDatum(status_names[st]);
-	values[2] = CStringGetTextDatum(metric_name);
-	values[3] = CStringGetTextDatum(qes_plan(tp.plan)->plan_id);
-	values[4] = Int64GetDatum(current);
-	values[5] = Int64GetDatum(quantity);
+	values[2] = Int64GetDatum(current);
 	if (!l->defined || l->unlimited)
-		nulls[6] = nulls[7] = nulls[8] = true;
+		nulls[3] = nulls[4] = true;
 	else
 	{
-		double		pct;
-
-		pct = l->soft_limit > 0 ? (double) current * 100.0 / (double) l->soft_limit
-			: (current > 0 ? 100.0 : 0.0);
-		values[6] = Int64GetDatum(l->soft_limit);
-		values[7] = Int64GetDatum(Max(l->soft_limit - current, 0));
-		values[8] = Float8GetDatum(rint(pct * 10.0) / 10.0);
+		values[3] = Int64GetDatum(l->soft_limit);
+		values[4] = Int64GetDatum(Max(l->soft_limit - current, 0));
 	}
-	values[9] = TimestampTzGetDatum(tp.period_start);
-	values[10] = TimestampTzGetDatum(tp.period_end);
+	values[5] = CStringGetTextDatum(qes_plan(tp.plan)->plan_id);
 	if (tp.reason)
-		values[11] = CStringGetTextDatum(tp.reason);
+		values[6] = CStringGetTextDatum(tp.reason);
 	else
-		nulls[11] = true;
+		nulls[6] = true;
 	prompt = (st != ST_OK) ? qes_upgrade_prompt(tp.plan, metric) : (Datum) 0;
-	values[12] = prompt;
-	nulls[12] = (prompt == (Datum) 0);
+	values[7] = prompt;
+	nulls[7] = (prompt == (Datum) 0);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/*
+ * billing.usage_current(tenant_id): every metric of the tenant's current
+ * period -- period, used, limit, percent, status -- for reports.
+ */
+Datum
+qes_usage_current(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	char	   *tenant_id;
+	QesTenantPlan tp;
+
+	require_arg(fcinfo, 0, "tenant_id");
+	tenant_id = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	InitMaterializedSRF(fcinfo, 0);
+	qes_catalog_refresh();
+	tenant_plan_or_error(tenant_id, qes_billing_now(), &tp);
+
+	for (int m = 0; m < qes_metric_count(); m++)
+	{
+		const QesMetric *qm = qes_metric(m);
+		const QesLimit *l = qes_limit(tp.plan, m);
+		CounterKey	key;
+		uint8		notified;
+		int64		used;
+		Datum		values[9];
+		bool		nulls[9] = {0};
+
+		qes_counter_key(&key, tenant_id, qm->name, tp.period_start);
+		used = qes_counter_get(&key, qm->is_gauge, tp.period_end, &notified);
+		values[0] = CStringGetTextDatum(qm->name);
+		values[1] = TimestampTzGetDatum(tp.period_start);
+		values[2] = TimestampTzGetDatum(tp.period_end);
+		values[3] = Int64GetDatum(used);
+		if (!l->defined || l->unlimited)
+			nulls[4] = nulls[5] = true;
+		else
+		{
+			values[4] = Int64GetDatum(l->soft_limit);
+			values[5] = Float8GetDatum(percent_of(used, l));
+		}
+		values[6] = CStringGetTextDatum(status_names[status_for(used, l)]);
+		values[7] = CStringGetTextDatum(qes_plan(tp.plan)->plan_id);
+		if (tp.reason)
+			values[8] = CStringGetTextDatum(tp.reason);
+		else
+			nulls[8] = true;
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
 }

@@ -45,20 +45,15 @@ COMMENT ON TYPE billing.usage_result IS
 CREATE TYPE billing.limit_check AS (
   allowed      boolean,
   status       text,
-  metric       text,
-  plan_id      text,
   current      bigint,
-  requested    bigint,
   usage_limit  bigint,
   remaining    bigint,
-  percent      double precision,
-  period_start timestamptz,
-  period_end   timestamptz,
+  plan_id      text,
   reason       text,
   upgrade      jsonb
 );
 COMMENT ON TYPE billing.limit_check IS
-  'check_limit''s answer: allowed, status (ok, warning, over_soft_limit, blocked), where the tenant stands, why its limits are not its plan''s (reason), and the upgrade offered when near or over the limit.';
+  'check_limit''s answer: allowed, status (ok, warning, over_soft_limit, blocked), the committed usage of the period, the limit (NULL = unlimited) and what remains, the plan whose limits apply, why they are not the subscribed plan''s (reason), and the upgrade offered when near or over the limit.';
 
 CREATE FUNCTION billing.record_usage(
   tenant_id text, metric text, quantity bigint, idempotency_key text,
@@ -73,6 +68,13 @@ CREATE FUNCTION billing.check_limit(tenant_id text, metric text, quantity bigint
   LANGUAGE c STABLE AS 'MODULE_PATHNAME', 'qes_check_limit';
 COMMENT ON FUNCTION billing.check_limit(text, text, bigint) IS
   'May the tenant use quantity more of metric? Soft limits: over them it is allowed, with the status and an upgrade prompt; only a plan''s hard ceiling blocks. Reads committed usage only.';
+
+CREATE FUNCTION billing.usage_current(tenant_id text)
+  RETURNS TABLE (metric text, period_start timestamptz, period_end timestamptz, used bigint,
+                 usage_limit bigint, percent double precision, status text, plan_id text, reason text)
+  LANGUAGE c STABLE AS 'MODULE_PATHNAME', 'qes_usage_current';
+COMMENT ON FUNCTION billing.usage_current(text) IS
+  'The tenant''s current billing period for every metric: used, limit (NULL = unlimited), percent and status, with the plan whose limits apply.';
 
 CREATE FUNCTION billing.record_usage_batch(p_tenant_id text, p_events jsonb)
   RETURNS TABLE (idempotency_key text, recorded boolean, duplicate boolean, metric text,
@@ -137,26 +139,15 @@ CREATE FUNCTION billing.usage_report(p_tenant_id text)
   LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
 AS $$
 DECLARE
-  c billing.limit_check;
-  m record;
   v_current timestamptz;
 BEGIN
   IF NOT EXISTS (SELECT FROM billing.tenants t WHERE t.tenant_id = p_tenant_id) THEN
     RETURN;
   END IF;
-  FOR m IN SELECT x.metric FROM billing.metrics x ORDER BY x.metric LOOP
-    c := billing.check_limit(p_tenant_id, m.metric, 0);
-    v_current := c.period_start;
-    period_start := c.period_start;
-    period_end := c.period_end;
-    is_current := true;
-    metric := m.metric;
-    used := c.current;
-    usage_limit := c.usage_limit;
-    percent := c.percent;
-    status := c.status;
-    RETURN NEXT;
-  END LOOP;
+  RETURN QUERY
+    SELECT c.period_start, c.period_end, true, c.metric, c.used, c.usage_limit, c.percent, c.status
+      FROM billing.usage_current(p_tenant_id) c ORDER BY c.metric;
+  SELECT c.period_start INTO v_current FROM billing.usage_current(p_tenant_id) c LIMIT 1;
   RETURN QUERY
     SELECT h.period_start, NULL::timestamptz, false, h.metric, h.used, NULL::bigint, NULL::double precision, NULL::text
       FROM (SELECT u.period_start, u.metric, sum(u.quantity)::bigint AS used

@@ -5,7 +5,7 @@ SELECT 'signature ' || i AS "recorded in the signing transaction", r.total, r.us
   FROM generate_series(1, 12) i,
        LATERAL billing.record_usage('demo', 'signatures', 1, 'demo-signature-' || to_char(now(), 'YYYYMM') || '-' || i) r;
 \echo 'check_limit before the 13th signature (soft limit: allowed, with a warning and the upgrade):'
-SELECT allowed, status, current, usage_limit, percent, jsonb_pretty(upgrade) AS upgrade
+SELECT allowed, status, current, usage_limit, remaining, jsonb_pretty(upgrade) AS upgrade
   FROM billing.check_limit('demo', 'signatures');
 \echo 'notifications queued (one per threshold):'
 SELECT kind, payload ->> 'metric' AS metric, payload ->> 'threshold_percent' AS threshold FROM billing.notifications WHERE tenant_id = 'demo';
