@@ -50,7 +50,7 @@ $(EXTENSION)--$(EXTVERSION).sql: $(INSTALL_SQL)
 # ---------------------------------------------------------------------------
 # Developer targets (README.md).  Everything runs through test/tools so that
 # a fresh Debian machine, root or not, behaves the same.
-.PHONY: deps run stop test test-regress test-python bench
+.PHONY: deps run stop test bench asan
 
 deps:
 	bash test/tools/deps.sh
@@ -66,3 +66,6 @@ test:
 
 bench:
 	bash test/tools/bench.sh
+
+asan:
+	bash test/tools/asan.sh

@@ -79,6 +79,8 @@ typedef struct CounterEntry
 {
 	CounterKey	key;			/* hash key: must be first */
 	bool		loading;		/* being built; other readers go uncached */
+	int			builder_pid;	/* who builds it, with ... */
+	uint64		build_seq;		/* ... which build of theirs */
 	bool		load_failed;	/* too many deltas parked: build again */
 	bool		is_gauge;
 	uint8		notified;		/* QES_NOTIFIED_* thresholds queued */
@@ -128,9 +130,20 @@ static PendingItem *pending = NULL;
 static int	npending = 0;
 static int	maxpending = 0;
 
-/* the entry this backend is building, removed again if the build fails */
+/*
+ * The entry this backend is building, removed again if the build fails.
+ * (pid, seq) identify the build: a reset may remove the entry meanwhile and
+ * another backend start building the same key, whose entry is not ours.
+ */
 static bool building = false;
 static CounterKey building_key;
+static uint64 build_seq = 0;
+
+static inline bool
+is_our_build(CounterEntry *e)
+{
+	return e->loading && e->builder_pid == MyProcPid && e->build_seq == build_seq;
+}
 
 PG_FUNCTION_INFO_V1(qes_usage_cache_stats);
 PG_FUNCTION_INFO_V1(qes_usage_cache_sweep);
@@ -365,6 +378,8 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 		{
 			pg_atomic_fetch_add_u32(&shared->nentries, 1);
 			e->loading = true;
+			e->builder_pid = MyProcPid;
+			e->build_seq = ++build_seq;
 			e->load_failed = false;
 			e->is_gauge = is_gauge;
 			e->notified = 0;
@@ -393,7 +408,7 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 
 	LWLockAcquire(lock, LW_EXCLUSIVE);
 	e = hash_search_with_hash_value(counters, key, hash, HASH_FIND, NULL);
-	if (e == NULL || !e->loading)
+	if (e == NULL || !is_our_build(e))
 	{
 		/* the cache was reset meanwhile: answer, do not cache */
 		LWLockRelease(lock);
@@ -618,7 +633,7 @@ forget_build(void)
 
 		LWLockAcquire(lock, LW_EXCLUSIVE);
 		e = hash_search_with_hash_value(counters, &building_key, hash, HASH_FIND, NULL);
-		if (e != NULL && e->loading)
+		if (e != NULL && is_our_build(e))
 			remove_entry(&building_key, hash);
 		LWLockRelease(lock);
 		building = false;

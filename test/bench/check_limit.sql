@@ -1,2 +1,2 @@
 \set t random(1, 100)
-SELECT billing.check_limit('bench' || :t, 'api_calls', 1);
+SELECT billing.check_limit(:t, 'api_calls', 1);
