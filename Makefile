@@ -50,7 +50,7 @@ $(EXTENSION)--$(EXTVERSION).sql: $(INSTALL_SQL)
 # ---------------------------------------------------------------------------
 # Developer targets (README.md).  Everything runs through test/tools so that
 # a fresh Debian machine, root or not, behaves the same.
-.PHONY: deps run stop test bench asan
+.PHONY: deps run stop test bench valgrind
 
 deps:
 	bash test/tools/deps.sh
@@ -67,5 +67,5 @@ test:
 bench:
 	bash test/tools/bench.sh
 
-asan:
-	bash test/tools/asan.sh
+valgrind:
+	bash test/tools/valgrind.sh

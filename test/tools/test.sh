@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# make test: every test layer -- pg_regress, isolation, TAP, pytest.
+# make test: every test layer -- pg_regress, isolation, TAP, pytest, and
+# pg_regress + isolation again with the server under valgrind.
 # Each layer runs even when an earlier one failed; the exit status is
 # non-zero when any layer failed or ran no test.
 set -uo pipefail
@@ -21,7 +22,7 @@ else
   work=$src
 fi
 
-only=${1:-}    # optional: run one layer only (pg_regress, isolation, tap, pytest)
+only=${1:-}    # optional: run one layer only (pg_regress, isolation, tap, pytest, valgrind)
 passed=0; failed=0; failed_layers=()
 layer() {
   local name=$1; shift
@@ -48,6 +49,7 @@ layer isolation in_work make -s installcheck REGRESS= TAP_TESTS=
 [ -s "$work/test/isolation/output/regression.diffs" ] && show_diffs
 layer tap in_work make -s installcheck REGRESS= ISOLATION= "PROVE_FLAGS=-I ./test/t --timer"
 layer pytest python3 -m pytest -q -p no:cacheprovider "$src/test/python"
+layer valgrind bash "$src/test/tools/valgrind.sh"
 
 echo
 [ $failed -gt 0 ] && echo "failed layers: ${failed_layers[*]}"
