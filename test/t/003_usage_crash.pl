@@ -20,6 +20,7 @@ for my $c (1 .. $clients)
 {
 	$node->safe_psql('postgres', "SELECT billing.upsert_tenant('crash$c', 'Crash $c', 'c$c\@t.example')");
 }
+$node->safe_psql('postgres', "SELECT billing.upsert_tenant('crash_victim', 'Victim', 'v\@t.example')");
 
 my $dir = PostgreSQL::Test::Utils::tempdir;
 my ($host, $port) = ($node->host, $node->port);
@@ -81,15 +82,30 @@ sub check_totals
 # Run 1: crash recovery in the middle.
 my @pids = map { start_client($_, 8) } 1 .. $clients;
 ok(defined wait_for(sub { acknowledged(1) > 20 && acknowledged($clients) > 20 }, 30), 'clients are recording');
+# The victim: a backend in the middle of a transaction that recorded usage
+# and has not committed.  SIGKILL on it makes the postmaster reinitialise.
+my $victim_session = $node->background_psql('postgres', on_error_stop => 0);
+$victim_session->query_until(qr/victim ready/, q{
+BEGIN;
+SELECT billing.record_usage('crash_victim', 'api_calls', 1, 'never-committed');
+\echo victim ready
+SELECT pg_sleep(600);
+});
 my $victim = $node->safe_psql('postgres',
-	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() LIMIT 1");
-$victim = $node->safe_psql('postgres', "SELECT pid FROM billing.worker_state()") if $victim eq '';
+	"SELECT pid FROM pg_stat_activity WHERE query LIKE '%pg_sleep(600)%' AND pid <> pg_backend_pid()");
+ok($victim ne '', 'a backend is in the middle of recording usage');
 note("killing backend $victim with SIGKILL");
 kill 'KILL', $victim;
 waitpid($_, 0) for @pids;
 ok(defined wait_for(sub { my ($r) = $node->psql('postgres', 'SELECT 1'); $r == 0 }, 60), 'server is back after crash recovery');
-like(slurp_file($node->logfile), qr/terminated by signal 9|all server processes terminated; reinitializing/,
+ok(defined wait_for(sub { slurp_file($node->logfile) =~ /terminated by signal 9/
+		&& slurp_file($node->logfile) =~ /all server processes terminated; reinitializing/ }, 30),
 	'the server went through crash recovery');
+eval { $victim_session->quit; };
+is($node->safe_psql('postgres', q{
+	SELECT (billing.check_limit('crash_victim', 'api_calls', 0)).current || '/' || count(*)
+	  FROM billing.usage_events WHERE tenant_id = 'crash_victim'}),
+	'0/0', 'the killed, uncommitted usage was not counted');
 check_totals('after crash');
 
 # Run 2: a clean restart in the middle.
