@@ -52,8 +52,8 @@ fi
 
 as_pg psql -X -q -h "$RUN_DIR" -p "$PORT" -d postgres -tc "SELECT 1 FROM pg_database WHERE datname = '$DB'" | grep -q 1 \
   || as_pg createdb -h "$RUN_DIR" -p "$PORT" "$DB"
-psql_run -c "CREATE EXTENSION IF NOT EXISTS qes_billing"
-psql_run -c "ALTER EXTENSION qes_billing UPDATE" >/dev/null 2>&1 || true
+# the demo database is disposable: start from a fresh extension every time
+psql_run -c "DROP EXTENSION IF EXISTS qes_billing" -c "CREATE EXTENSION qes_billing"
 
 echo "== waiting for the worker"
 for _ in $(seq 1 100); do
