@@ -12,6 +12,9 @@ REVOKE ALL ON SCHEMA api FROM PUBLIC;
 GRANT USAGE ON SCHEMA api TO qes_anon, qes_tenant, qes_admin, qes_app;
 GRANT USAGE ON SCHEMA billing TO qes_tenant, qes_admin, qes_app;
 
+-- Stripe's webhooks arrive anonymously: the one write the anonymous role may do
+GRANT EXECUTE ON FUNCTION api.stripe_webhook(json) TO qes_anon;
+
 -- public catalog and status
 GRANT SELECT ON api.plans TO qes_anon, qes_tenant, qes_admin, qes_app;
 GRANT EXECUTE ON FUNCTION api.config(), api.health() TO qes_anon, qes_tenant, qes_admin, qes_app;
@@ -41,6 +44,7 @@ $rls$;
 SELECT pg_catalog.pg_extension_config_dump('billing.stripe_requests', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.webhook_events', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.audit_log', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.webhook_rejections', '');
 
 -- usage, for the tenant through api.usage
 GRANT EXECUTE ON FUNCTION billing.my_usage() TO qes_tenant;
@@ -57,7 +61,7 @@ GRANT EXECUTE ON FUNCTION billing.upsert_tenant(text, text, text),
 
 -- operators
 GRANT SELECT ON billing.worker_status, billing.audit_log, billing.stripe_requests,
-                billing.webhook_events TO qes_admin;
+                billing.webhook_events, billing.webhook_rejections TO qes_admin;
 GRANT EXECUTE ON FUNCTION billing.worker_state(), billing.verify_audit_chain(), billing.usage_cache_stats(),
                           billing.audit_hash(bytea, bigint, timestamptz, text, text, text, text, text, jsonb),
                           billing.wake_worker()

@@ -1,0 +1,80 @@
+-- Stripe webhook intake: the signature verifier (src/webhook_signature.c)
+-- and api.stripe_webhook.  Signatures below were computed with Python's
+-- hmac; test/python/test_webhook_signature.py compares the verifier with
+-- stripe-python on thousands of generated headers.
+\set body '{"a":1}'
+\set secret 'whsec_regress_secret'
+\set at 'to_timestamp(1700000100)'
+SELECT h AS header, billing.verify_stripe_signature(:'body', h, :'secret', 300, :at) AS result
+  FROM unnest(ARRAY[
+    't=1700000000,v1=5a1a49cffb6075f8055459d60608f8c5b95ab1ba8f2fdbe7753b299e9852974d',                          -- valid
+    't=1700000000,v1=5a1a49cffb6075f8055459d60608f8c5b95ab1ba8f2fdbe7753b299e98529740',                    -- tampered signature
+    't=1700000001,v1=5a1a49cffb6075f8055459d60608f8c5b95ab1ba8f2fdbe7753b299e9852974d',                          -- other timestamp
+    't=1700000000,v1=0000,v1=5a1a49cffb6075f8055459d60608f8c5b95ab1ba8f2fdbe7753b299e9852974d',                  -- any v1 may match
+    't=1700000000,v0=5a1a49cffb6075f8055459d60608f8c5b95ab1ba8f2fdbe7753b299e9852974d',                          -- v0 only
+    'v1=5a1a49cffb6075f8055459d60608f8c5b95ab1ba8f2fdbe7753b299e9852974d',                                       -- no timestamp
+    't=abc,v1=5a1a49cffb6075f8055459d60608f8c5b95ab1ba8f2fdbe7753b299e9852974d',                                 -- unparseable timestamp
+    't=1700000000,v1',                              -- v1 without a value
+    't= 1700000000 ,v1=5a1a49cffb6075f8055459d60608f8c5b95ab1ba8f2fdbe7753b299e9852974d',                        -- whitespace around the number, as int() allows
+    't=1_700_000_000,v1=5a1a49cffb6075f8055459d60608f8c5b95ab1ba8f2fdbe7753b299e9852974d',                       -- underscores, as int() allows
+    't=1700000000,t=1,v1=5a1a49cffb6075f8055459d60608f8c5b95ab1ba8f2fdbe7753b299e9852974d',                      -- the first t counts
+    ' t=1700000000,v1=5a1a49cffb6075f8055459d60608f8c5b95ab1ba8f2fdbe7753b299e9852974d',                         -- a name with a space is not t
+    't=1700000000,v1=5A1A49CFFB6075F8055459D60608F8C5B95AB1BA8F2FDBE7753B299E9852974D',                  -- hex is case-sensitive
+    't=1700000000,v1=5a1a49cffb6075f8055459d60608f8c5b95ab1ba8f2fdbe7753b299e9852974d=',                         -- a value ends at the next =
+    ''
+  ]) h;
+SELECT billing.verify_stripe_signature(:'body', NULL, :'secret', 300, :at) AS missing_header;
+-- stale only when older than the tolerance; later than now passes, as Stripe's libraries do
+SELECT billing.verify_stripe_signature(:'body', 't=1700000000,v1=5a1a49cffb6075f8055459d60608f8c5b95ab1ba8f2fdbe7753b299e9852974d', :'secret', 300, to_timestamp(1700000301)) AS too_old,
+       billing.verify_stripe_signature(:'body', 't=1700000000,v1=5a1a49cffb6075f8055459d60608f8c5b95ab1ba8f2fdbe7753b299e9852974d', :'secret', 300, to_timestamp(1700000300)) AS just_in_time,
+       billing.verify_stripe_signature(:'body', 't=1700000000,v1=5a1a49cffb6075f8055459d60608f8c5b95ab1ba8f2fdbe7753b299e9852974d', :'secret', 300, to_timestamp(1600000000)) AS from_the_future,
+       billing.verify_stripe_signature(:'body', 't=1700000000,v1=5a1a49cffb6075f8055459d60608f8c5b95ab1ba8f2fdbe7753b299e9852974d', :'secret', 0, to_timestamp(1900000000)) AS no_tolerance;
+-- a rotation: either secret verifies; Stripe sends one v1 per active secret
+SELECT billing.verify_stripe_signature(:'body', 't=1700000000,v1=058b0a38ab926364ab1c61039ddbc3a8a0c81b7396723d81bbaf87566e5f2047', 'whsec_regress_secret,whsec_rotated_secret', 300, :at) AS rotated,
+       billing.verify_stripe_signature(:'body', 't=1700000000,v1=058b0a38ab926364ab1c61039ddbc3a8a0c81b7396723d81bbaf87566e5f2047', :'secret', 300, :at) AS old_secret_only,
+       billing.verify_stripe_signature(:'body', 't=1700000000,v1=5a1a49cffb6075f8055459d60608f8c5b95ab1ba8f2fdbe7753b299e9852974d,v1=058b0a38ab926364ab1c61039ddbc3a8a0c81b7396723d81bbaf87566e5f2047', 'whsec_rotated_secret', 300, :at) AS both_sent;
+-- with no secret configured
+SELECT billing.verify_stripe_signature(:'body', 't=1700000000,v1=5a1a49cffb6075f8055459d60608f8c5b95ab1ba8f2fdbe7753b299e9852974d') AS unconfigured;
+
+-- POST /rpc/stripe_webhook, as PostgREST calls it (anonymous, raw body)
+SET qes_billing.stripe_test_webhook_secret = 'whsec_regress_secret';
+CREATE FUNCTION pg_temp.deliver(body text, signature text) RETURNS TABLE (status text, response json)
+LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM set_config('role', 'qes_anon', true),
+          set_config('request.jwt.claims', '{"role":"qes_anon"}', true),
+          set_config('request.headers', json_build_object('content-type', 'application/json',
+                                                          'stripe-signature', signature)::text, true),
+          set_config('response.status', '', true);
+  response := api.stripe_webhook(body::json);
+  status := coalesce(nullif(current_setting('response.status', true), ''), '200');
+  RESET ROLE;
+  RETURN NEXT;
+END $$;
+\set ev '{"id": "evt_regress_1", "object": "event", "type": "invoice.paid", "created": 1700000000, "livemode": false, "api_version": "2024-06-20", "data": {"object": {"id": "in_1", "object": "invoice"}}}'
+\set live '{"id": "evt_regress_live", "object": "event", "type": "invoice.paid", "created": 1700000000, "livemode": true, "api_version": "2024-06-20", "data": {"object": {"id": "in_1", "object": "invoice"}}}'
+\set notev '{"hello": "world"}'
+BEGIN; SELECT * FROM pg_temp.deliver(:'ev', 't=4102444800,v1=6a6e54d6f23d7f165d97686ace348677845f2791af8170bc2e780d0b30923289'); COMMIT;
+-- the same event again: 200, nothing new
+BEGIN; SELECT * FROM pg_temp.deliver(:'ev', 't=4102444800,v1=6a6e54d6f23d7f165d97686ace348677845f2791af8170bc2e780d0b30923289'); COMMIT;
+SELECT stripe_event_id, event_type, livemode, api_version, stripe_created = to_timestamp(1700000000) AS created,
+       state, payload::text = :'ev' AS raw_body_kept FROM billing.webhook_events;
+-- refusals: 400 with the reason, counted and audited, nothing stored
+BEGIN; SELECT * FROM pg_temp.deliver(:'ev', NULL); COMMIT;
+BEGIN; SELECT * FROM pg_temp.deliver(:'ev', 't=4102444800,v1=6a6e54d6f23d7f165d97686ace348677845f2791af8170bc2e780d0b30923280'); COMMIT;
+BEGIN; SELECT * FROM pg_temp.deliver(:'ev', 'garbage'); COMMIT;
+BEGIN; SELECT * FROM pg_temp.deliver(:'ev', 't=1700000000,v1=6a6e54d6f23d7f165d97686ace348677845f2791af8170bc2e780d0b30923289'); COMMIT;
+BEGIN; SELECT * FROM pg_temp.deliver(:'live', 't=4102444800,v1=b740b2c7c65f84ba76a14bca7a31f82d3ea77c78280211617021bebe99ebcd41'); COMMIT;
+BEGIN; SELECT * FROM pg_temp.deliver(:'notev', 't=4102444800,v1=9f3e08c0a3bbf7b8b1182bf1530c3aa1bfceed90fa68df83202bb3b6e18d3a53'); COMMIT;
+SELECT reason, stripe_event_id, event_type FROM billing.webhook_rejections ORDER BY rejection_id;
+SELECT details ->> 'reason' AS audited_reason FROM billing.audit_log WHERE action = 'webhook.rejected' ORDER BY audit_id;
+SELECT count(*) AS inbox FROM billing.webhook_events;
+-- during a rotation both secrets are accepted
+SET qes_billing.stripe_test_webhook_secret = 'whsec_regress_secret, whsec_rotated_secret';
+BEGIN; SELECT status FROM pg_temp.deliver(:'ev', 't=4102444800,v1=0bf464e130ec281cb6339d9fc738b709bf4ec84fb9296c2efe30dbd45c62c41d'); COMMIT;
+-- no secret configured: 500, so that Stripe retries once it is
+RESET qes_billing.stripe_test_webhook_secret;
+BEGIN; SELECT * FROM pg_temp.deliver(:'ev', 't=4102444800,v1=6a6e54d6f23d7f165d97686ace348677845f2791af8170bc2e780d0b30923289'); COMMIT;
+-- only the anonymous role (and the owner) may call it
+SELECT grantee FROM information_schema.routine_privileges
+ WHERE routine_schema = 'api' AND routine_name = 'stripe_webhook' ORDER BY 1;

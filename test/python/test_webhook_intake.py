@@ -1,0 +1,101 @@
+"""POST /rpc/stripe_webhook through PostgREST: every intake case and its status."""
+import json
+import time
+import uuid
+
+import pytest
+import stripe
+
+from conftest import TEST_KEYS, tenant_claims
+
+SECRET = TEST_KEYS["STRIPE_TEST_WEBHOOK_SECRET"]
+
+
+def event(livemode=False, type_="invoice.paid", **extra):
+    ev = {"id": f"evt_{uuid.uuid4().hex[:24]}", "object": "event", "api_version": "2024-06-20",
+          "created": int(time.time()), "livemode": livemode, "type": type_,
+          "data": {"object": {"id": "in_123", "object": "invoice", "amount_paid": 2900}}}
+    ev.update(extra)
+    # Stripe pretty-prints its bodies; the signature covers these exact bytes
+    return json.dumps(ev, indent=2)
+
+
+def deliver(api, body, header=None, secret=SECRET, timestamp=None, claims=None):
+    if header is None:
+        header = stripe.WebhookSignature.generate_signature_header(body, secret, timestamp=timestamp)
+    headers = {"Content-Type": "application/json"}
+    if header is not False:
+        headers["Stripe-Signature"] = header
+    return api.post("/rpc/stripe_webhook", body=body, headers=headers, claims=claims)
+
+
+def inbox_count(pg, event_id):
+    return pg.sql("SELECT count(*) FROM billing.webhook_events WHERE stripe_event_id = %s", (event_id,))[0][0]
+
+
+def test_valid_event_is_stored_and_acknowledged(pg, api):
+    body = event()
+    eid = json.loads(body)["id"]
+    before = pg.sql("SELECT wake_requests FROM billing.worker_state()")[0][0]
+    r = deliver(api, body)
+    assert r.status == 200 and r.body == {"received": True, "duplicate": False, "event_id": eid}
+    row = pg.sql("SELECT event_type, livemode, payload::text, state FROM billing.webhook_events "
+                 "WHERE stripe_event_id = %s", (eid,))[0]
+    assert row == ("invoice.paid", False, body, "received")      # the raw bytes, unchanged
+    assert pg.sql("SELECT wake_requests FROM billing.worker_state()")[0][0] > before
+
+
+def test_duplicate_delivery_is_200_and_stores_nothing(pg, api):
+    body = event()
+    eid = json.loads(body)["id"]
+    assert deliver(api, body).status == 200
+    again = deliver(api, body, timestamp=int(time.time()) + 1)   # Stripe re-signs each attempt
+    assert again.status == 200 and again.body["duplicate"] is True
+    assert inbox_count(pg, eid) == 1
+
+
+@pytest.mark.parametrize("case,header,reason", [
+    ("missing", False, "no_header"),
+    ("garbage", "garbage", "malformed"),
+    ("no v1", "t=1700000000,v0=abc", "no_v1"),
+    ("wrong secret", None, "mismatch"),
+    ("stale", None, "stale"),
+])
+def test_refusals(pg, api, case, header, reason):
+    body = event()
+    eid = json.loads(body)["id"]
+    kwargs = {}
+    if case == "wrong secret":
+        kwargs["secret"] = "whsec_not_ours"
+    if case == "stale":
+        kwargs["timestamp"] = int(time.time()) - 3600
+    before = pg.sql("SELECT count(*) FROM billing.webhook_rejections WHERE reason = %s", (reason,))[0][0]
+    r = deliver(api, body, header=header, **kwargs)
+    assert r.status == 400 and r.body["reason"] == reason, r.body
+    assert inbox_count(pg, eid) == 0
+    assert pg.sql("SELECT count(*) FROM billing.webhook_rejections WHERE reason = %s", (reason,))[0][0] == before + 1
+    assert pg.sql("SELECT count(*) FROM billing.audit_log WHERE action = 'webhook.rejected' "
+                  "AND details ->> 'reason' = %s", (reason,))[0][0] >= 1
+
+
+def test_tampered_body(pg, api):
+    body = event()
+    header = stripe.WebhookSignature.generate_signature_header(body, SECRET)
+    tampered = body.replace("2900", "1")
+    r = deliver(api, tampered, header=header)
+    assert r.status == 400 and r.body["reason"] == "mismatch"
+
+
+def test_wrong_mode(pg, api):
+    r = deliver(api, event(livemode=True))
+    assert r.status == 400 and r.body["reason"] == "wrong_mode"
+
+
+def test_not_an_event(pg, api):
+    r = deliver(api, json.dumps({"hello": "world"}))
+    assert r.status == 400 and r.body["reason"] == "not_an_event"
+
+
+def test_only_the_anonymous_role_calls_it(api):
+    r = deliver(api, event(), claims=tenant_claims("acme"))
+    assert r.status == 403
