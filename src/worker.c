@@ -42,6 +42,9 @@
 #include "shmem.h"
 #include "worker.h"
 
+/* events billing.worker_tick() applies per loop (see sql/install/60_queues.sql) */
+#define QES_TICK_BATCH 200
+
 PG_FUNCTION_INFO_V1(qes_worker_state_fn);
 PG_FUNCTION_INFO_V1(qes_wake_worker_trigger);
 PG_FUNCTION_INFO_V1(qes_wake_worker);
@@ -237,7 +240,9 @@ worker_loop_once(void)
 						(errmsg("qes_billing worker reclaimed " INT64_FORMAT " queue rows left in flight",
 								reclaimed)));
 		}
-		(void) run_bigint("SELECT billing.worker_tick()");
+		/* a full batch of events: there may be more, loop again at once */
+		if (run_bigint("SELECT billing.worker_tick()") >= QES_TICK_BATCH)
+			SetLatch(MyLatch);
 		SPI_finish();
 	}
 

@@ -90,13 +90,19 @@ $$;
 COMMENT ON FUNCTION billing.worker_reclaim() IS
   'Run by the worker at start: put queue rows left in flight by a crash back in the queue.';
 
--- Timers run here, once per worker loop.
+-- The worker's work, once per loop: apply due webhook events, then timers.
+-- Returns the number of events applied (the worker loops again at once
+-- when it was a full batch).
 CREATE FUNCTION billing.worker_tick() RETURNS bigint
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
+DECLARE
+  v_applied integer;
 BEGIN
+  v_applied := billing.process_inbox(200);
   -- cached usage counters of periods that ended more than a day ago
-  RETURN billing.usage_cache_sweep(billing.now() - interval '1 day');
+  PERFORM billing.usage_cache_sweep(billing.now() - interval '1 day');
+  RETURN v_applied;
 END
 $$;
 COMMENT ON FUNCTION billing.worker_tick() IS 'Run by the worker once per loop: timers. Returns the number of rows changed.';

@@ -35,6 +35,14 @@ SELECT u.period_start, u.period_end, u.is_current, u.metric, u.used, u.usage_lim
 COMMENT ON VIEW api.usage IS
   'The calling tenant''s usage: the current billing period per metric (used, usage_limit (null = unlimited), percent, status: ok, warning, over_soft_limit, blocked) and the totals of earlier periods (is_current = false).';
 
+CREATE VIEW api.invoices WITH (security_invoker = true) AS
+SELECT i.stripe_invoice_id AS invoice_id, i.number, i.status, i.amount_due, i.amount_paid, i.amount_remaining,
+       i.currency, i.period_start, i.period_end, i.hosted_invoice_url, i.invoice_pdf, i.stripe_created AS created
+  FROM billing.invoices i
+ ORDER BY i.stripe_created DESC, i.stripe_invoice_id DESC;
+COMMENT ON VIEW api.invoices IS
+  'The calling tenant''s invoices, mirrored from Stripe, newest first (amounts in the smallest currency unit). Page with limit and offset.';
+
 CREATE FUNCTION api.config() RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
 AS $$

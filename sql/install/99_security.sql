@@ -22,6 +22,7 @@ GRANT EXECUTE ON FUNCTION api.config(), api.health() TO qes_anon, qes_tenant, qe
 -- tenant-owned rows, behind row-level security
 GRANT EXECUTE ON FUNCTION billing.jwt_claims(), billing.jwt_tenant_id() TO qes_tenant, qes_admin, qes_app;
 GRANT SELECT ON api.tenant TO qes_tenant, qes_admin;
+GRANT SELECT ON api.invoices TO qes_tenant, qes_admin;
 
 DO $rls$
 DECLARE
@@ -61,7 +62,8 @@ GRANT EXECUTE ON FUNCTION billing.upsert_tenant(text, text, text),
 
 -- operators
 GRANT SELECT ON billing.worker_status, billing.audit_log, billing.stripe_requests,
-                billing.webhook_events, billing.webhook_rejections TO qes_admin;
+                billing.webhook_events, billing.webhook_rejections, billing.webhook_metrics TO qes_admin;
+GRANT EXECUTE ON FUNCTION billing.replay_webhook(text) TO qes_admin;
 GRANT EXECUTE ON FUNCTION billing.worker_state(), billing.verify_audit_chain(), billing.usage_cache_stats(),
                           billing.audit_hash(bytea, bigint, timestamptz, text, text, text, text, text, jsonb),
                           billing.wake_worker()

@@ -41,7 +41,8 @@ def test_valid_event_is_stored_and_acknowledged(pg, api):
     assert r.status == 200 and r.body == {"received": True, "duplicate": False, "event_id": eid}
     row = pg.sql("SELECT event_type, livemode, payload::text, state FROM billing.webhook_events "
                  "WHERE stripe_event_id = %s", (eid,))[0]
-    assert row == ("invoice.paid", False, body, "received")      # the raw bytes, unchanged
+    assert row[:3] == ("invoice.paid", False, body)               # the raw bytes, unchanged
+    assert row[3] in ("received", "ignored")                      # the worker may have been there already
     assert pg.sql("SELECT wake_requests FROM billing.worker_state()")[0][0] > before
 
 

@@ -30,4 +30,20 @@ if ! python3 -c 'import pytest, psycopg, stripe' 2>/dev/null; then
     || python3 -m pip install -q --disable-pip-version-check --break-system-packages \
          -r "$here/test/python/requirements.txt"
 fi
+# stripe-mock (Stripe's official mock server) for the handler tests, built
+# from the Go module proxy into a cache directory
+STRIPE_MOCK_VERSION=v0.203.0
+tools=${QES_TOOLS_DIR:-$HOME/.cache/qes_billing/bin}
+if [ ! -x "$tools/stripe-mock" ]; then
+  if ! command -v go >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null
+    else
+      echo "deps: Go is needed to build stripe-mock; run as root: apt-get install -y golang-go"; exit 1
+    fi
+  fi
+  echo "deps: building stripe-mock $STRIPE_MOCK_VERSION"
+  mkdir -p "$tools"
+  GOBIN="$tools" go install "github.com/stripe/stripe-mock@$STRIPE_MOCK_VERSION"
+fi
 echo "deps: ok"

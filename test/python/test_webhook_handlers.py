@@ -1,0 +1,271 @@
+"""Stripe events applied by the worker, end to end.
+
+Each event wraps an object from stripe-mock's fixtures (Stripe's current API
+shapes), pointed at our tenant; it is signed with stripe-python, delivered
+through POST /rpc/stripe_webhook as PostgREST would, and applied by the
+background worker.
+"""
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+
+import pytest
+import stripe
+
+from conftest import TEST_KEYS, tenant_claims
+from postgrest import PostgREST
+
+SECRET = TEST_KEYS["STRIPE_TEST_WEBHOOK_SECRET"]
+TENANT = "whk"
+CUSTOMER = "cus_whk0001"
+
+
+def _stripe_mock_binary():
+    for cand in (os.environ.get("QES_STRIPE_MOCK"),
+                 os.path.expanduser("~/.cache/qes_billing/bin/stripe-mock"),
+                 shutil.which("stripe-mock")):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    pytest.fail("stripe-mock is not installed: run test/tools/deps.sh")
+
+
+@pytest.fixture(scope="module")
+def stripe_mock():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([_stripe_mock_binary(), "-http-port", str(port), "-https-port", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            fixture_get(base, "customers/cus_1")
+            break
+        except Exception:
+            time.sleep(0.1)
+    yield base
+    proc.terminate()
+    proc.wait(10)
+
+
+def fixture_get(base, path):
+    req = urllib.request.Request(f"{base}/v1/{path}", headers={"Authorization": "Bearer sk_test_123"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.load(r)
+
+
+@pytest.fixture(scope="module")
+def fx(stripe_mock):
+    objs = {name: fixture_get(stripe_mock, path) for name, path in {
+        "customer": "customers/cus_x", "subscription": "subscriptions/sub_x", "invoice": "invoices/in_x",
+        "payment_intent": "payment_intents/pi_x", "charge": "charges/ch_x", "dispute": "disputes/dp_x"}.items()}
+    return objs
+
+
+@pytest.fixture(scope="module")
+def wh(pg):
+    pg.sql("SELECT billing.upsert_tenant(%s, 'Webhook GmbH', 'wh@t.example')", (TENANT,))
+    api = PostgREST(pg.dsn(user="authenticator"))
+    yield api
+    api.close()
+
+
+def obj(fx, name, **changes):
+    o = copy.deepcopy(fx[name])
+    o["id"] = o["id"].split("_")[0] + "_" + uuid.uuid4().hex[:14]
+    o.update(changes)
+    return o
+
+
+def send(pg, api, type_, o, created=None, wait=True):
+    ev = {"id": f"evt_{uuid.uuid4().hex[:24]}", "object": "event", "api_version": "2024-06-20",
+          "created": created or int(time.time()), "livemode": False, "type": type_,
+          "data": {"object": o}, "pending_webhooks": 1, "request": {"id": None, "idempotency_key": None}}
+    body = json.dumps(ev)
+    header = stripe.WebhookSignature.generate_signature_header(body, SECRET)
+    r = api.post("/rpc/stripe_webhook", body=body,
+                 headers={"Content-Type": "application/json", "Stripe-Signature": header})
+    assert r.status == 200, r.body
+    if not wait:
+        return ev["id"], None
+    assert pg.wait_until(f"SELECT state <> 'received' FROM billing.webhook_events "
+                         f"WHERE stripe_event_id = '{ev['id']}'"), pg.log()[-2000:]
+    return ev["id"], pg.sql("SELECT state, last_error FROM billing.webhook_events WHERE stripe_event_id = %s",
+                            (ev["id"],))[0]
+
+
+def subscription(fx, status="active", lookup_key="professional_monthly", interval="month", **changes):
+    changes.setdefault("cancel_at_period_end", False)
+    changes.setdefault("trial_end", None)
+    o = obj(fx, "subscription", customer=CUSTOMER, status=status, **changes)
+    item = o["items"]["data"][0]
+    item["price"]["id"] = f"price_{lookup_key}"
+    item["price"]["lookup_key"] = lookup_key
+    item["price"]["recurring"]["interval"] = interval
+    now = int(time.time())
+    item["current_period_start"], item["current_period_end"] = now - 86400, now + 29 * 86400
+    return o
+
+
+def sub_row(pg):
+    return pg.sql("SELECT plan_id, billing_interval, status, cancel_at_period_end, grace_until IS NOT NULL "
+                  "FROM billing.subscriptions WHERE tenant_id = %s AND status NOT IN ('canceled', 'incomplete_expired')",
+                  (TENANT,))
+
+
+def limit(pg):
+    return pg.sql("SELECT plan_id, usage_limit, reason FROM billing.check_limit(%s, 'signatures', 0)", (TENANT,))[0]
+
+
+def test_customer_created_links_the_tenant(pg, wh, fx):
+    o = obj(fx, "customer", metadata={"tenant_id": TENANT})
+    o["id"] = CUSTOMER
+    _, (state, err) = send(pg, wh, "customer.created", o)
+    assert state == "applied", err
+    assert pg.sql("SELECT stripe_customer_id FROM billing.tenants WHERE tenant_id = %s", (TENANT,))[0][0] == CUSTOMER
+
+
+def test_subscription_lifecycle_and_limits(pg, wh, fx):
+    sub = subscription(fx)
+    t0 = int(time.time())
+    _, (state, err) = send(pg, wh, "customer.subscription.created", sub, created=t0)
+    assert state == "applied", err
+    assert sub_row(pg) == [("professional", "month", "active", False, False)]
+    assert limit(pg)[:2] == ("professional", 100)
+    # cancel at period end, then an OLDER update arrives late: the newer state stays
+    newer = copy.deepcopy(sub)
+    newer["cancel_at_period_end"] = True
+    send(pg, wh, "customer.subscription.updated", newer, created=t0 + 10)
+    older = copy.deepcopy(sub)
+    older["status"] = "incomplete"
+    _, (state, _) = send(pg, wh, "customer.subscription.updated", older, created=t0 + 5)
+    assert state == "applied"
+    assert sub_row(pg) == [("professional", "month", "active", True, False)]
+    # upgrade to Enterprise yearly: limits follow at once
+    up = subscription(fx, lookup_key="enterprise_yearly", interval="year")
+    up["id"] = sub["id"]
+    send(pg, wh, "customer.subscription.updated", up, created=t0 + 20)
+    assert sub_row(pg) == [("enterprise", "year", "active", False, False)]
+    assert limit(pg)[:2] == ("enterprise", None)
+
+
+def test_invoices_mirror_and_list(pg, wh, fx):
+    sub_id = pg.sql("SELECT stripe_subscription_id FROM billing.subscriptions WHERE tenant_id = %s "
+                    "AND status = 'active'", (TENANT,))[0][0]
+    inv = obj(fx, "invoice", customer=CUSTOMER, status="draft", number="QES-0001",
+              hosted_invoice_url="https://invoice.stripe.com/i/x", invoice_pdf="https://pay.stripe.com/x.pdf",
+              created=int(time.time()))
+    inv["parent"]["subscription_details"]["subscription"] = sub_id
+    t0 = int(time.time())
+    send(pg, wh, "invoice.created", inv, created=t0)
+    send(pg, wh, "invoice.paid", dict(inv, status="paid", amount_paid=inv["amount_due"], amount_remaining=0), created=t0 + 2)
+    send(pg, wh, "invoice.finalized", dict(inv, status="open"), created=t0 + 1)   # late, older
+    r = wh.get("/invoices", claims=tenant_claims(TENANT))
+    assert r.status == 200
+    mine = [i for i in r.body if i["invoice_id"] == inv["id"]]
+    assert len(mine) == 1 and mine[0]["status"] == "paid" and mine[0]["amount_paid"] == inv["amount_due"]
+    assert mine[0]["hosted_invoice_url"] == "https://invoice.stripe.com/i/x" and mine[0]["number"] == "QES-0001"
+    assert wh.get("/invoices", claims=tenant_claims("someone_else")).body == []
+
+
+def test_dunning_grace_free_limits_and_recovery(pg, wh, fx):
+    pg.sql("SELECT billing.set_clock('0')")
+    sub = subscription(fx)
+    sub["id"] = pg.sql("SELECT stripe_subscription_id FROM billing.subscriptions WHERE tenant_id = %s "
+                       "AND status = 'active'", (TENANT,))[0][0]
+    t0 = int(time.time()) + 100
+    send(pg, wh, "customer.subscription.updated", sub, created=t0)
+    inv = obj(fx, "invoice", customer=CUSTOMER, status="open", created=t0)
+    inv["parent"]["subscription_details"]["subscription"] = sub["id"]
+    _, (state, err) = send(pg, wh, "invoice.payment_failed", inv, created=t0 + 1)
+    assert state == "applied", err
+    assert sub_row(pg) == [("professional", "month", "past_due", False, True)]
+    assert limit(pg)[:2] == ("professional", 100)          # paid limits during the grace period
+    assert pg.sql("SELECT count(*) FROM billing.notifications WHERE tenant_id = %s AND kind = 'payment.failed'",
+                  (TENANT,))[0][0] == 1
+    try:
+        pg.sql("SELECT billing.set_clock('8 days')")       # the 7-day grace period ends unpaid
+        plan, lim, reason = limit(pg)
+        assert (plan, lim) == ("free", 10) and "grace period" in reason
+        send(pg, wh, "invoice.paid", dict(inv, status="paid", amount_paid=inv["amount_due"]), created=t0 + 2)
+        assert sub_row(pg) == [("professional", "month", "active", False, False)]
+        assert limit(pg) == ("professional", 100, None)
+    finally:
+        pg.sql("SELECT billing.set_clock('0')")
+    actions = [a for (a,) in pg.sql("SELECT action FROM billing.audit_log WHERE tenant_id = %s "
+                                    "AND action LIKE 'dunning.%%' ORDER BY audit_id", (TENANT,))]
+    assert actions[-2:] == ["dunning.started", "dunning.recovered"]
+
+
+def test_payments_and_dispute(pg, wh, fx):
+    pi = obj(fx, "payment_intent", customer=CUSTOMER, amount=5000, status="succeeded",
+             metadata={"tenant_id": TENANT}, latest_charge=None)
+    send(pg, wh, "payment_intent.succeeded", pi)
+    ch = obj(fx, "charge", customer=CUSTOMER, payment_intent=pi["id"], amount=5000, status="succeeded")
+    send(pg, wh, "charge.succeeded", ch)
+    assert pg.sql("SELECT status, amount, stripe_charge_id FROM billing.payments WHERE stripe_payment_intent_id = %s",
+                  (pi["id"],)) == [("succeeded", 5000, ch["id"])]
+    failed = obj(fx, "payment_intent", customer=CUSTOMER, amount=700, status="requires_payment_method",
+                 last_payment_error={"code": "card_declined", "decline_code": "insufficient_funds",
+                                     "message": "Your card has insufficient funds."})
+    send(pg, wh, "payment_intent.payment_failed", failed)
+    assert pg.sql("SELECT status, failure_code FROM billing.payments WHERE stripe_payment_intent_id = %s",
+                  (failed["id"],)) == [("failed", "insufficient_funds")]
+    dp = obj(fx, "dispute", charge=ch["id"], payment_intent=pi["id"], amount=5000, reason="fraudulent")
+    _, (state, err) = send(pg, wh, "charge.dispute.created", dp)
+    assert state == "applied", err
+    assert pg.sql("SELECT disputed FROM billing.tenants WHERE tenant_id = %s", (TENANT,))[0][0] is True
+    assert pg.sql("SELECT audience FROM billing.notifications WHERE tenant_id = %s AND kind = 'dispute.created'",
+                  (TENANT,)) == [("operator",)]
+    assert pg.sql("SELECT count(*) FROM billing.audit_log WHERE action = 'dispute.created' AND tenant_id = %s",
+                  (TENANT,))[0][0] == 1
+
+
+def test_trial_will_end_and_unknown_and_foreign(pg, wh, fx):
+    sub = subscription(fx, status="trialing", trial_end=int(time.time()) + 3 * 86400)
+    send(pg, wh, "customer.subscription.trial_will_end", sub)
+    assert pg.sql("SELECT count(*) FROM billing.notifications WHERE tenant_id = %s "
+                  "AND kind = 'subscription.trial_will_end'", (TENANT,))[0][0] == 1
+    _, (state, _) = send(pg, wh, "plan.created", {"id": "plan_1", "object": "plan"})
+    assert state == "ignored"
+    _, (state, _) = send(pg, wh, "invoice.paid", obj(fx, "invoice", customer="cus_not_ours"))
+    assert state == "ignored"
+
+
+def test_failing_event_is_parked_and_replayed(pg, wh, fx):
+    pg.sql("ALTER SYSTEM SET qes_billing.webhook_max_attempts = 2")
+    pg.sql("ALTER SYSTEM SET qes_billing.retry_base_delay = '10ms'")
+    pg.sql("SELECT pg_reload_conf()")
+    try:
+        time.sleep(0.5)
+        bad = subscription(fx, lookup_key="gold_monthly")       # a price no plan has
+        bad["id"] = pg.sql("SELECT stripe_subscription_id FROM billing.subscriptions WHERE tenant_id = %s "
+                           "AND status NOT IN ('canceled', 'incomplete_expired')", (TENANT,))[0][0]
+        eid, _ = send(pg, wh, "customer.subscription.updated", bad, created=int(time.time()) + 1000, wait=False)
+        assert pg.wait_until(f"SELECT state = 'needs_review' FROM billing.webhook_events WHERE stripe_event_id = '{eid}'")
+        attempts, last_error = pg.sql("SELECT attempts, last_error FROM billing.webhook_events "
+                                      "WHERE stripe_event_id = %s", (eid,))[0]
+        assert attempts == 2 and "price_gold_monthly which is in no plan" in last_error
+        assert pg.sql("SELECT parked FROM billing.webhook_metrics")[0][0] >= 1
+        # the operator fixes the catalog and replays
+        pg.sql("INSERT INTO billing.plans (plan_id, name, tier) VALUES ('gold', 'Gold', 5)")
+        pg.sql("INSERT INTO billing.prices (price_key, plan_id, billing_interval, unit_amount) "
+               "VALUES ('gold_monthly', 'gold', 'month', 19900)")
+        assert pg.sql("SELECT billing.replay_webhook(%s)", (eid,))[0][0] == 1
+        assert pg.wait_until(f"SELECT state = 'applied' FROM billing.webhook_events WHERE stripe_event_id = '{eid}'")
+        assert pg.sql("SELECT count(*) FROM billing.audit_log WHERE action = 'webhook.replayed' "
+                      "AND details ->> 'event_id' = %s", (eid,))[0][0] == 1
+        assert sub_row(pg)[0][0] == "gold"
+    finally:
+        pg.sql("ALTER SYSTEM RESET qes_billing.webhook_max_attempts")
+        pg.sql("ALTER SYSTEM RESET qes_billing.retry_base_delay")
+        pg.sql("SELECT pg_reload_conf()")
+    latency = pg.sql("SELECT latency_p50_s, latency_p99_s, applied_last_hour FROM billing.webhook_metrics")[0]
+    assert latency[2] > 0 and latency[0] is not None
