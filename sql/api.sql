@@ -23,7 +23,7 @@ COMMIT;
 -- GET /rpc/health: 200 with the worker alive and keys set ...
 DO $$
 BEGIN
-  FOR i IN 1..100 LOOP
+  FOR i IN 1..600 LOOP
     EXIT WHEN (SELECT alive FROM billing.worker_status);
     PERFORM pg_sleep(0.1);
   END LOOP;

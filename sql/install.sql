@@ -48,8 +48,8 @@ SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname LIKE 'qes\_%' ORDER BY 1
 -- the worker is up, connected to this database, under a clear name
 DO $$
 BEGIN
-  FOR i IN 1..100 LOOP
-    EXIT WHEN (SELECT alive FROM billing.worker_status);
+  FOR i IN 1..600 LOOP   -- patient: the valgrind layer starts it slowly
+    EXIT WHEN (SELECT w.alive AND s.extension_present FROM billing.worker_status w, billing.worker_state() s);
     PERFORM pg_sleep(0.1);
   END LOOP;
 END $$;

@@ -10,7 +10,8 @@
  *
  * Each loop runs in its own short transaction (DESIGN.md rule 3): it checks
  * that the extension exists (it may not yet, or may be dropped and created
- * again while we run), reclaims work left in flight by a crash once per
+ * again while we run; a share lock on the extension object keeps DROP
+ * EXTENSION from deadlocking with us), reclaims work left in flight by a crash once per
  * incarnation of the extension, and runs the timers.  An error in a loop is
  * logged, kept for the worker_state() view, and the loop goes on.
  *
@@ -19,6 +20,7 @@
 #include "qes_billing.h"
 
 #include "access/xact.h"
+#include "catalog/pg_extension.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -29,6 +31,7 @@
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/lmgr.h"
 #include "storage/proc.h"
 #include "tcop/utility.h"
 #include "utils/builtins.h"
@@ -225,6 +228,19 @@ worker_loop_once(void)
 	pgstat_report_activity(STATE_RUNNING, "qes_billing worker loop");
 
 	extoid = get_extension_oid(QES_EXTENSION_NAME, true);
+	if (OidIsValid(extoid))
+	{
+		/*
+		 * Lock ordering against DROP EXTENSION: it locks the extension object
+		 * exclusively before any of its relations, so we share-lock the
+		 * object before touching a relation.  One of us waits for the other;
+		 * neither can hold what the other needs.  The extension may be gone
+		 * once we have the lock.
+		 */
+		LockDatabaseObject(ExtensionRelationId, extoid, 0, AccessShareLock);
+		if (get_extension_oid(QES_EXTENSION_NAME, true) != extoid)
+			extoid = InvalidOid;
+	}
 	if (OidIsValid(extoid))
 	{
 		if (SPI_connect() != SPI_OK_CONNECT)

@@ -269,3 +269,39 @@ def test_failing_event_is_parked_and_replayed(pg, wh, fx):
         pg.sql("SELECT pg_reload_conf()")
     latency = pg.sql("SELECT latency_p50_s, latency_p99_s, applied_last_hour FROM billing.webhook_metrics")[0]
     assert latency[2] > 0 and latency[0] is not None
+
+
+def test_customer_updated_and_deleted(pg, wh, fx):
+    other = "cus_whk_other"
+    pg.sql("SELECT billing.upsert_tenant('whk2', 'Second GmbH', 'w2@t.example')")
+    o = obj(fx, "customer", metadata={"tenant_id": "whk2"})
+    o["id"] = other
+    _, (state, err) = send(pg, wh, "customer.updated", o)
+    assert state == "applied", err
+    assert pg.sql("SELECT stripe_customer_id FROM billing.tenants WHERE tenant_id = 'whk2'")[0][0] == other
+    _, (state, err) = send(pg, wh, "customer.deleted", dict(o, deleted=True))
+    assert state == "applied", err
+    assert pg.sql("SELECT stripe_customer_id FROM billing.tenants WHERE tenant_id = 'whk2'")[0][0] is None
+
+
+def test_subscription_deleted_falls_back_to_free(pg, wh, fx):
+    sub_id = pg.sql("SELECT stripe_subscription_id FROM billing.subscriptions WHERE tenant_id = %s "
+                    "AND status NOT IN ('canceled', 'incomplete_expired')", (TENANT,))[0][0]
+    gone = subscription(fx, status="canceled")
+    gone["id"] = sub_id
+    _, (state, err) = send(pg, wh, "customer.subscription.deleted", gone, created=int(time.time()) + 5000)
+    assert state == "applied", err
+    assert sub_row(pg) == []
+    assert limit(pg)[:2] == ("free", 10)
+
+
+def test_charge_failed(pg, wh, fx):
+    pi = obj(fx, "payment_intent", customer=CUSTOMER, amount=1200, status="processing",
+             metadata={"tenant_id": TENANT})
+    send(pg, wh, "payment_intent.succeeded", dict(pi, status="processing"))
+    ch = obj(fx, "charge", customer=CUSTOMER, payment_intent=pi["id"], amount=1200, status="failed",
+             failure_code="card_declined", failure_message="Your card was declined.")
+    _, (state, err) = send(pg, wh, "charge.failed", ch, created=int(time.time()) + 1)
+    assert state == "applied", err
+    assert pg.sql("SELECT status, failure_code, stripe_charge_id FROM billing.payments "
+                  "WHERE stripe_payment_intent_id = %s", (pi["id"],)) == [("failed", "card_declined", ch["id"])]
