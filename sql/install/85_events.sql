@@ -147,12 +147,15 @@ BEGIN
   IF FOUND AND (v_old.stripe_state_at > p_at
                 OR (v_old.stripe_state_at = p_at
                     AND billing.status_rank('payment', v_old.status) > billing.status_rank('payment', v_status))) THEN
-    UPDATE billing.payments SET stripe_charge_id = coalesce(stripe_charge_id, v_charge)
+    -- older state, but what it reveals still counts: the charge, and that it pays an invoice
+    UPDATE billing.payments SET stripe_charge_id = coalesce(stripe_charge_id, v_charge),
+           kind = CASE WHEN o ->> 'invoice' IS NOT NULL THEN 'subscription' ELSE kind END
      WHERE tenant_id = v_old.tenant_id AND payment_id = v_old.payment_id;
     RETURN;
   END IF;
   IF FOUND THEN
     UPDATE billing.payments SET status = v_status, stripe_charge_id = coalesce(v_charge, stripe_charge_id),
+           kind = CASE WHEN o ->> 'invoice' IS NOT NULL THEN 'subscription' ELSE kind END,
            failure_code = CASE WHEN v_status = 'failed' THEN coalesce(v_err ->> 'decline_code', v_err ->> 'code') END,
            failure_message = CASE WHEN v_status = 'failed' THEN v_err ->> 'message' END,
            stripe_state_at = p_at, updated_at = now()
@@ -183,6 +186,12 @@ BEGIN
   IF v_type = 'charge.dispute.created' THEN
     SELECT p.tenant_id INTO v_t FROM billing.payments p
      WHERE p.stripe_charge_id = o ->> 'charge' OR p.stripe_payment_intent_id = o ->> 'payment_intent' LIMIT 1;
+    IF v_t IS NULL THEN
+      -- the charge's own events may not have arrived yet: fail, to be retried
+      RAISE EXCEPTION 'dispute % is for charge %, which no payment mirrors yet', o ->> 'id', o ->> 'charge'
+        USING ERRCODE = 'foreign_key_violation',
+              HINT = 'It is retried with backoff; if it is parked, the charge is not one of ours.';
+    END IF;
   END IF;
   IF v_t IS NULL THEN
     RETURN '';   -- not one of our tenants' objects
@@ -206,6 +215,15 @@ BEGIN
     ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
   WHEN v_type IN ('invoice.created', 'invoice.finalized', 'invoice.paid', 'invoice.payment_failed') THEN
     PERFORM billing.apply_invoice(v_t, o, v_at);
+    IF v_type = 'invoice.payment_failed' THEN
+      -- the fact, whatever order events arrive in (once per invoice); whoever
+      -- delivers notifications skips it if the invoice is paid by then
+      INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)
+      VALUES (v_t, 'payment.failed', 'payment_failed:' || (o ->> 'id'),
+              jsonb_build_object('invoice', o ->> 'id', 'amount_due', (o ->> 'amount_due')::bigint,
+                                 'hosted_invoice_url', o ->> 'hosted_invoice_url'))
+      ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
+    END IF;
     SELECT * INTO v_sub FROM billing.subscriptions s WHERE s.stripe_subscription_id = billing.invoice_subscription(o) FOR UPDATE;
     IF FOUND AND v_type = 'invoice.payment_failed' AND v_sub.status NOT IN ('canceled', 'incomplete_expired')
        AND (v_sub.stripe_state_at IS NULL OR v_sub.stripe_state_at <= v_at) THEN
@@ -215,11 +233,6 @@ BEGIN
              grace_until = coalesce(grace_until, billing.now() + current_setting('qes_billing.grace_period')::interval),
              stripe_state_at = v_at, updated_at = now()
        WHERE tenant_id = v_sub.tenant_id AND subscription_id = v_sub.subscription_id;
-      INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)
-      VALUES (v_t, 'payment.failed', 'payment_failed:' || (o ->> 'id'),
-              jsonb_build_object('invoice', o ->> 'id', 'amount_due', (o ->> 'amount_due')::bigint,
-                                 'hosted_invoice_url', o ->> 'hosted_invoice_url'))
-      ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
       PERFORM billing.audit('dunning.started', v_t, jsonb_build_object('invoice', o ->> 'id', 'subscription', v_sub.stripe_subscription_id));
     ELSIF FOUND AND v_type = 'invoice.paid' AND v_sub.status IN ('past_due', 'unpaid')
        AND (v_sub.stripe_state_at IS NULL OR v_sub.stripe_state_at <= v_at) THEN
