@@ -38,6 +38,7 @@ int			qes_webhook_max_attempts = 5;
 int			qes_webhook_tolerance_s = 300;
 int			qes_max_inflight = 16;
 bool		qes_audit_guard = true;
+bool		qes_worker_paused = false;
 
 /* overrides of the seed's environment variables */
 static char *qes_environment_setting = NULL;
@@ -449,6 +450,10 @@ qes_define_gucs(void)
 							"Stripe requests the worker keeps in flight at once.",
 							NULL, &qes_max_inflight, 16, 1, 1024,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomBoolVariable("qes_billing.worker_paused",
+							 "Pause the worker's work (queues, timers) for maintenance; it keeps its heartbeat.",
+							 NULL, &qes_worker_paused, false,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomBoolVariable("qes_billing.audit_guard",
 							 "Refuse UPDATE and DELETE on the audit log (superusers may turn it off to test tamper detection).",
 							 NULL, &qes_audit_guard, true,

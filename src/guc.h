@@ -34,6 +34,7 @@ extern int	qes_webhook_max_attempts;
 extern int	qes_webhook_tolerance_s;
 extern int	qes_max_inflight;
 extern bool qes_audit_guard;
+extern bool qes_worker_paused;
 
 extern void qes_define_gucs(void);
 extern QesEnvironment qes_environment(void);

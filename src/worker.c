@@ -241,7 +241,8 @@ worker_loop_once(void)
 		if (get_extension_oid(QES_EXTENSION_NAME, true) != extoid)
 			extoid = InvalidOid;
 	}
-	if (OidIsValid(extoid))
+	/* paused for maintenance: heartbeat only */
+	if (OidIsValid(extoid) && !qes_worker_paused)
 	{
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "qes_billing worker: SPI_connect failed");

@@ -44,7 +44,8 @@ CREATE TABLE billing.webhook_events (
 );
 COMMENT ON TABLE billing.webhook_events IS
   'Inbox of verified Stripe webhook events, unique by Stripe event id; applied by the worker.';
-CREATE INDEX webhook_events_due ON billing.webhook_events (next_attempt_at) WHERE state = 'received';
+-- in the order the worker claims events, so a batch needs no sort
+CREATE INDEX webhook_events_due ON billing.webhook_events (stripe_created, received_at) WHERE state = 'received';
 CREATE INDEX webhook_events_busy ON billing.webhook_events (received_at) WHERE state IN ('processing', 'needs_review');
 
 CREATE FUNCTION billing.wake_worker_on_commit() RETURNS trigger

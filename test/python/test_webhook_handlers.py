@@ -305,3 +305,18 @@ def test_charge_failed(pg, wh, fx):
     assert state == "applied", err
     assert pg.sql("SELECT status, failure_code, stripe_charge_id FROM billing.payments "
                   "WHERE stripe_payment_intent_id = %s", (pi["id"],)) == [("failed", "card_declined", ch["id"])]
+
+
+def test_paused_worker_keeps_events_queued(pg, wh, fx):
+    pg.sql("ALTER SYSTEM SET qes_billing.worker_paused = on")
+    pg.sql("SELECT pg_reload_conf()")
+    try:
+        time.sleep(0.5)
+        eid, _ = send(pg, wh, "invoice.created", obj(fx, "invoice", customer=CUSTOMER, status="draft"), wait=False)
+        time.sleep(1.5)
+        assert pg.sql("SELECT state FROM billing.webhook_events WHERE stripe_event_id = %s", (eid,))[0][0] == "received"
+        assert pg.sql("SELECT alive FROM billing.worker_status")[0][0] is True   # heartbeat goes on
+    finally:
+        pg.sql("ALTER SYSTEM RESET qes_billing.worker_paused")
+        pg.sql("SELECT pg_reload_conf()")
+    assert pg.wait_until(f"SELECT state = 'applied' FROM billing.webhook_events WHERE stripe_event_id = '{eid}'")

@@ -55,6 +55,8 @@ pair() {
 }
 
 echo "qes_billing benchmark: $CLIENTS clients, $ROUNDS x ${SECONDS_EACH}s per figure, $(nproc) cores, PostgreSQL $(pg_config --version | awk '{print $2}')"
+part=${BENCH_PART:-all}          # all, usage or webhooks
+if [ "$part" != webhooks ]; then
 tps check_limit >/dev/null       # warm caches and counters
 pair record_usage record_usage plain_insert plain_insert
 pair check_limit check_limit select_1 select_1
@@ -67,7 +69,36 @@ tps check_limit >/dev/null
 hist=$(pair check_limit_1m_history check_limit select_1 select_1)
 echo "$hist"
 awk -v a="${hist##*ratio=}" -v b="$base" 'BEGIN { printf "check_limit ratio with history / without: %.2f\n", a / b }'
+fi
 
+if [ "$part" != usage ]; then
+
+# webhooks: intake beside a plain INSERT of the same payload (the worker
+# applies what arrives meanwhile, as in production), then processing
+sql -c "ALTER SYSTEM SET qes_billing.stripe_test_webhook_secret = 'whsec_bench_secret'" -c "SELECT pg_reload_conf()" >/dev/null
+sql -f "$DIR/webhook_setup.sql" >/dev/null
+sql -c "ALTER SYSTEM SET qes_billing.worker_paused = on" -c "SELECT pg_reload_conf()" >/dev/null
+ROUNDS=1 pair webhook_intake webhook_intake webhook_plain_insert webhook_plain_insert
+sql -c "ALTER SYSTEM SET qes_billing.worker_paused = off" -c "SELECT pg_reload_conf()" >/dev/null
+ROUNDS=1 pair webhook_intake_while_applying webhook_intake webhook_plain_insert webhook_plain_insert
+sql -c "SELECT 'webhook intake: ' || count(*) || ' events stored' FROM billing.webhook_events"
+sql -c "SELECT count(billing.upsert_tenant('wb' || i, 'WB', 'wb' || i || '@bench.example')) FROM generate_series(1, 100) i" \
+    -c "UPDATE billing.tenants SET stripe_customer_id = 'cus_bench_' || substr(tenant_id, 3) WHERE tenant_id LIKE 'wb%'" >/dev/null
+# processing: 20,000 events for known tenants (each mirrors an invoice), queued at once
+until [ "$(sql -c "SELECT count(*) FROM billing.webhook_events WHERE state = 'received'")" = 0 ]; do sleep 0.2; done
+start=$(date +%s.%N)
+sql -c "UPDATE billing.webhook_events SET state = 'received', attempts = 0, next_attempt_at = now()
+         WHERE stripe_event_id IN (SELECT 'evt_bench_' || n FROM generate_series(1, 20000) n)" >/dev/null
+until [ "$(sql -c "SELECT count(*) FROM billing.webhook_events WHERE state = 'received'")" = 0 ]; do sleep 0.05; done
+end=$(date +%s.%N)
+awk -v s="$start" -v e="$end" -v n="$(sql -c "SELECT count(*) FROM billing.invoices WHERE tenant_id LIKE 'wb%'")" \
+  'BEGIN { printf "webhook_processing events=20000 seconds=%.2f events_per_s=%d invoices_mirrored=%d\n", e - s, 20000 / (e - s), n }'
+sql -c "SELECT 'webhook latency (received -> applied, last hour): p50=' || round(latency_p50_s::numeric, 3) || 's p95=' || round(latency_p95_s::numeric, 3) || 's p99=' || round(latency_p99_s::numeric, 3) || 's' FROM billing.webhook_metrics"
+
+fi
+
+if [ "$part" != webhooks ]; then
 sql -c "ALTER SYSTEM SET synchronous_commit = off" -c "SELECT pg_reload_conf()" >/dev/null
 pair record_usage_async_commit record_usage plain_insert_async_commit plain_insert
 sql -c "SELECT 'counter cache: ' || entries || ' entries, ' || hits || ' hits, ' || loads || ' builds, ' || uncached || ' uncached' FROM billing.usage_cache_stats()"
+fi

@@ -77,6 +77,16 @@ psql_run -c "SELECT tenant_id, name, billing_email FROM billing.upsert_tenant('d
 psql_run -c "SELECT audit_id, action, tenant_id, encode(hash, 'hex') AS hash FROM billing.audit_log ORDER BY audit_id DESC LIMIT 3"
 psql_run -c "SELECT * FROM billing.verify_audit_chain()"
 
+# the webhook demo signs as Stripe would, with the configured signing secret
+# or, when none is set, a local one for this demo cluster
+if [ -z "${STRIPE_TEST_WEBHOOK_SECRET:-}" ]; then
+  psql_run -c "ALTER SYSTEM SET qes_billing.stripe_test_webhook_secret = 'whsec_local_demo_only'" -c "SELECT pg_reload_conf()" >/dev/null
+  demo_secret=whsec_local_demo_only
+else
+  demo_secret=$STRIPE_TEST_WEBHOOK_SECRET
+fi
+export PGOPTIONS="-c qes_demo.webhook_secret=$demo_secret"
+
 for demo in "$src"/test/tools/demo.d/*.sql; do
   [ -f "$demo" ] || continue
   echo "== $(head -1 "$demo" | sed 's/^-- *//')"
