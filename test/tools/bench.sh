@@ -73,14 +73,13 @@ fi
 
 if [ "$part" != usage ]; then
 
-# webhooks: intake beside a plain INSERT of the same payload (the worker
-# applies what arrives meanwhile, as in production), then processing
+# webhooks: intake beside a plain INSERT of the same payload, with the
+# worker paused so that only intake is measured; then processing
 sql -c "ALTER SYSTEM SET qes_billing.stripe_test_webhook_secret = 'whsec_bench_secret'" -c "SELECT pg_reload_conf()" >/dev/null
 sql -f "$DIR/webhook_setup.sql" >/dev/null
 sql -c "ALTER SYSTEM SET qes_billing.worker_paused = on" -c "SELECT pg_reload_conf()" >/dev/null
 ROUNDS=1 pair webhook_intake webhook_intake webhook_plain_insert webhook_plain_insert
 sql -c "ALTER SYSTEM SET qes_billing.worker_paused = off" -c "SELECT pg_reload_conf()" >/dev/null
-ROUNDS=1 pair webhook_intake_while_applying webhook_intake webhook_plain_insert webhook_plain_insert
 sql -c "SELECT 'webhook intake: ' || count(*) || ' events stored' FROM billing.webhook_events"
 sql -c "SELECT count(billing.upsert_tenant('wb' || i, 'WB', 'wb' || i || '@bench.example')) FROM generate_series(1, 100) i" \
     -c "UPDATE billing.tenants SET stripe_customer_id = 'cus_bench_' || substr(tenant_id, 3) WHERE tenant_id LIKE 'wb%'" >/dev/null
