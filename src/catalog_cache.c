@@ -125,11 +125,14 @@ plan_index(const char *plan_id)
 }
 
 /*
- * Run fn as the bootstrap superuser inside its own SPI connection.  An error
- * aborts the transaction, which restores the user id.
+ * Run fn as the bootstrap superuser inside its own SPI connection, so that
+ * what it reads or writes does not depend on the calling role (PostgREST
+ * switches roles per request) or its row-level security.  Every query run
+ * this way is schema-qualified down to its operators.  An error aborts the
+ * transaction, which restores the user id.
  */
-static void
-run_as_owner(void (*fn) (void *), void *arg)
+void
+qes_run_as_owner(void (*fn) (void *), void *arg)
 {
 	Oid			save_userid;
 	int			save_sec_context;
@@ -268,7 +271,7 @@ qes_catalog_refresh(void)
 	tenants = NULL;
 
 	qes_usage_store_reset();
-	run_as_owner(load_catalog, NULL);
+	qes_run_as_owner(load_catalog, NULL);
 
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = QES_TENANT_ID_LEN;
@@ -555,7 +558,7 @@ qes_tenant_plan(const char *tenant_id, TimestampTz at, QesTenantPlan *out)
 		tl.entry = e;
 		PG_TRY();
 		{
-			run_as_owner(load_tenant, &tl);
+			qes_run_as_owner(load_tenant, &tl);
 		}
 		PG_CATCH();
 		{

@@ -49,6 +49,7 @@ typedef struct QesTenantPlan
 	const char *reason;			/* why the limits are not the subscribed plan's, or NULL */
 } QesTenantPlan;
 
+extern void qes_run_as_owner(void (*fn) (void *), void *arg);
 extern void qes_catalog_refresh(void);
 extern int	qes_metric_lookup(const char *name);	/* -1 when unknown */
 extern const QesMetric *qes_metric(int idx);

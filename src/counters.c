@@ -46,7 +46,6 @@
 
 #include "access/transam.h"
 #include "access/xact.h"
-#include "catalog/pg_authid.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -260,26 +259,22 @@ typedef struct BuildResult
 	TimestampTz at;
 } BuildResult;
 
-/*
- * Sum (or, for a gauge, take the latest of) the committed usage rows for
- * key under snapshot snap.  Runs as the bootstrap superuser: the total must
- * not depend on the caller's row-level security.
- */
-static BuildResult
-compute_from_table(const CounterKey *key, bool is_gauge, Snapshot snap)
+typedef struct BuildArgs
 {
+	const CounterKey *key;
+	bool		is_gauge;
+	Snapshot	snap;
+	BuildResult result;
+} BuildArgs;
+
+static void
+compute_cb(void *arg)
+{
+	BuildArgs  *a = (BuildArgs *) arg;
 	Oid			argtypes[3] = {TEXTOID, TEXTOID, TIMESTAMPTZOID};
 	Datum		values[3];
-	SPIPlanPtr	plan;
-	BuildResult r = {0, DT_NOBEGIN};
-	Oid			save_userid;
-	int			save_sec_context;
 	bool		isnull;
 
-	GetUserIdAndSecContext(&save_userid, &save_sec_context);
-	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID, save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "qes_billing: SPI_connect failed");
 	if (sum_plan == NULL)
 	{
 		sum_plan = SPI_prepare("SELECT pg_catalog.sum(u.quantity)::pg_catalog.int8, NULL::pg_catalog.timestamptz"
@@ -297,25 +292,35 @@ compute_from_table(const CounterKey *key, bool is_gauge, Snapshot snap)
 		SPI_keepplan(sum_plan);
 		SPI_keepplan(gauge_plan);
 	}
-	plan = is_gauge ? gauge_plan : sum_plan;
-	values[0] = CStringGetTextDatum(key->tenant_id);
-	values[1] = CStringGetTextDatum(key->metric);
-	values[2] = TimestampTzGetDatum(key->period_start);
-	if (SPI_execute_snapshot(plan, values, NULL, snap, InvalidSnapshot, true, false, 1) != SPI_OK_SELECT)
+	values[0] = CStringGetTextDatum(a->key->tenant_id);
+	values[1] = CStringGetTextDatum(a->key->metric);
+	values[2] = TimestampTzGetDatum(a->key->period_start);
+	if (SPI_execute_snapshot(a->is_gauge ? gauge_plan : sum_plan, values, NULL, a->snap,
+							 InvalidSnapshot, true, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "qes_billing: could not read usage");
 	if (SPI_processed == 1)
 	{
 		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 
 		if (!isnull)
-			r.value = DatumGetInt64(d);
+			a->result.value = DatumGetInt64(d);
 		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
 		if (!isnull)
-			r.at = DatumGetTimestampTz(d);
+			a->result.at = DatumGetTimestampTz(d);
 	}
-	SPI_finish();
-	SetUserIdAndSecContext(save_userid, save_sec_context);
-	return r;
+}
+
+/*
+ * Sum (or, for a gauge, take the latest of) the committed usage rows for
+ * key under snapshot snap, as the table owner.
+ */
+static BuildResult
+compute_from_table(const CounterKey *key, bool is_gauge, Snapshot snap)
+{
+	BuildArgs	a = {key, is_gauge, snap, {0, DT_NOBEGIN}};
+
+	qes_run_as_owner(compute_cb, &a);
+	return a.result;
 }
 
 /* The newest committed state, without this transaction's own rows. */

@@ -22,7 +22,6 @@
 #include <math.h>
 
 #include "access/xact.h"
-#include "catalog/pg_authid.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -197,6 +196,39 @@ queue_threshold(const char *tenant_id, const CounterKey *key, const QesTenantPla
 	qes_counter_notified_at_commit(key, threshold == 80 ? QES_NOTIFIED_80 : QES_NOTIFIED_100);
 }
 
+typedef struct ThresholdArgs
+{
+	const char *tenant_id;
+	const CounterKey *key;
+	const QesTenantPlan *tp;
+	int			metric;
+	int64		total;
+	const QesLimit *l;
+	uint8		notified;
+} ThresholdArgs;
+
+static void
+queue_thresholds_cb(void *arg)
+{
+	ThresholdArgs *a = (ThresholdArgs *) arg;
+	Oid			notify_types[3] = {TEXTOID, TEXTOID, JSONBOID};
+
+	if (notify_plan == NULL)
+	{
+		notify_plan = SPI_prepare("INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)"
+								  " VALUES ($1, 'usage.threshold', $2, $3)"
+								  " ON CONFLICT (tenant_id, dedup_key) DO NOTHING",
+								  3, notify_types);
+		if (notify_plan == NULL)
+			elog(ERROR, "qes_billing: could not prepare the notification statement");
+		SPI_keepplan(notify_plan);
+	}
+	if (!(a->notified & QES_NOTIFIED_80) && (double) a->total * 100.0 >= (double) a->l->soft_limit * 80.0)
+		queue_threshold(a->tenant_id, a->key, a->tp, a->metric, 80, a->total, a->l);
+	if (!(a->notified & QES_NOTIFIED_100) && a->total >= a->l->soft_limit)
+		queue_threshold(a->tenant_id, a->key, a->tp, a->metric, 100, a->total, a->l);
+}
+
 static void
 record_one(const char *tenant_id, const char *metric_name, int64 quantity,
 		   const char *idem_key, Jsonb *metadata, TimestampTz occurred_at,
@@ -212,8 +244,6 @@ record_one(const char *tenant_id, const char *metric_name, int64 quantity,
 	uint8		notified;
 	int64		total;
 	const QesLimit *l;
-	Oid			save_userid;
-	int			save_sec_context;
 	UsageRow	row;
 	UsageRow	existing;
 	QesTenantPlan otp;
@@ -315,28 +345,9 @@ record_one(const char *tenant_id, const char *metric_name, int64 quantity,
 		((!(notified & QES_NOTIFIED_80) && (double) total * 100.0 >= (double) l->soft_limit * 80.0) ||
 		 (!(notified & QES_NOTIFIED_100) && total >= l->soft_limit)))
 	{
-		Oid			notify_types[3] = {TEXTOID, TEXTOID, JSONBOID};
+		ThresholdArgs ta = {tenant_id, &key, &tp, metric, total, l, notified};
 
-		GetUserIdAndSecContext(&save_userid, &save_sec_context);
-		SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID, save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
-		if (SPI_connect() != SPI_OK_CONNECT)
-			elog(ERROR, "qes_billing: SPI_connect failed");
-		if (notify_plan == NULL)
-		{
-			notify_plan = SPI_prepare("INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)"
-									  " VALUES ($1, 'usage.threshold', $2, $3)"
-									  " ON CONFLICT (tenant_id, dedup_key) DO NOTHING",
-									  3, notify_types);
-			if (notify_plan == NULL)
-				elog(ERROR, "qes_billing: could not prepare the notification statement");
-			SPI_keepplan(notify_plan);
-		}
-		if (!(notified & QES_NOTIFIED_80) && (double) total * 100.0 >= (double) l->soft_limit * 80.0)
-			queue_threshold(tenant_id, &key, &tp, metric, 80, total, l);
-		if (!(notified & QES_NOTIFIED_100) && total >= l->soft_limit)
-			queue_threshold(tenant_id, &key, &tp, metric, 100, total, l);
-		SPI_finish();
-		SetUserIdAndSecContext(save_userid, save_sec_context);
+		qes_run_as_owner(queue_thresholds_cb, &ta);
 	}
 }
 
