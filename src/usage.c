@@ -249,7 +249,7 @@ record_one(const char *tenant_id, const char *metric_name, int64 quantity,
 	QesTenantPlan otp;
 	ErrorContextCallback errcallback;
 
-	qes_catalog_refresh();
+	/* the caller refreshed the catalog cache */
 	metric = lookup_metric_or_error(metric_name);
 	is_gauge = qes_metric(metric)->is_gauge;
 	if (is_gauge ? quantity < 0 : quantity <= 0)

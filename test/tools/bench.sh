@@ -23,13 +23,7 @@ as_pg pg_ctl -D "$DIR/data" -m immediate stop >/dev/null 2>&1 || true
 rm -rf "$DIR"; mkdir -p "$DIR"
 cp "$src"/test/bench/*.sql "$DIR/"
 [ "$(id -u)" = 0 ] && chown -R "$PGUSER_OS" "$DIR"
-as_pg initdb -D "$DIR/data" -A trust -U postgres >/dev/null
-as_pg sh -c "cat >> '$DIR/data/postgresql.conf'" <<CONF
-port = $PORT
-listen_addresses = ''
-unix_socket_directories = '$DIR'
-shared_preload_libraries = 'qes_billing'
-qes_billing.database = '$DB'
+init_cluster "$DIR" "$PORT" "$DB" '' <<CONF
 shared_buffers = '512MB'
 max_wal_size = '4GB'
 CONF

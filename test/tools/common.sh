@@ -29,3 +29,18 @@ build_and_install() {
     return 1
   fi
 }
+
+# init_cluster DIR PORT DB LISTEN [extra postgresql.conf lines on stdin]:
+# a cluster in DIR/data with qes_billing preloaded, its socket in DIR.
+init_cluster() {
+  local dir=$1 port=$2 db=$3 listen=$4
+  as_pg initdb -D "$dir/data" -A trust -U postgres >/dev/null
+  { cat <<CONF
+port = $port
+listen_addresses = '$listen'
+unix_socket_directories = '$dir'
+shared_preload_libraries = 'qes_billing'
+qes_billing.database = '$db'
+CONF
+    cat; } | as_pg sh -c "cat >> '$dir/data/postgresql.conf'"
+}

@@ -37,13 +37,7 @@ else
   mkdir -p "$RUN_DIR"
   [ "$(id -u)" = 0 ] && chown "$PGUSER_OS" "$RUN_DIR"
   if [ ! -f "$DATA/PG_VERSION" ]; then
-    as_pg initdb -D "$DATA" -A trust -U postgres >/dev/null
-    as_pg sh -c "cat >> '$DATA/postgresql.conf'" <<CONF
-port = $PORT
-listen_addresses = 'localhost'
-unix_socket_directories = '$RUN_DIR'
-shared_preload_libraries = 'qes_billing'
-qes_billing.database = '$DB'
+    init_cluster "$RUN_DIR" "$PORT" "$DB" localhost <<CONF
 qes_billing.worker_naptime = '1s'
 CONF
   fi
