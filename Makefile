@@ -15,7 +15,9 @@ OBJS = \
 	src/counters.o \
 	src/usage.o \
 	src/usage_store.o \
-	src/webhook_signature.o
+	src/webhook_signature.o \
+	src/stripe_form.o \
+	src/outbox.o
 
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 INSTALL_SQL = $(sort $(wildcard sql/install/*.sql))
@@ -27,7 +29,7 @@ SHLIB_LINK = -lcurl -lcrypto
 
 # pg_regress: explicit list, so the install script pieces under sql/install
 # are never mistaken for tests.
-REGRESS = install catalog settings tenants audit api usage webhook
+REGRESS = install catalog settings tenants audit api usage webhook outbox
 REGRESS_OPTS = --temp-instance=./tmp_check_regress \
 	--temp-config=test/regress.conf --dbname=contrib_regression
 ISOLATION = wake audit_chain usage

@@ -37,6 +37,7 @@ int			qes_retry_max_ms = 300000;
 int			qes_webhook_max_attempts = 5;
 int			qes_webhook_tolerance_s = 300;
 int			qes_max_inflight = 16;
+int			qes_request_timeout_ms = 30000;
 bool		qes_audit_guard = true;
 bool		qes_worker_paused = false;
 
@@ -450,6 +451,10 @@ qes_define_gucs(void)
 							"Stripe requests the worker keeps in flight at once.",
 							NULL, &qes_max_inflight, 16, 1, 1024,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.request_timeout",
+							"Longest time one Stripe request may take, connection included.",
+							NULL, &qes_request_timeout_ms, 30000, 100, 600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomBoolVariable("qes_billing.worker_paused",
 							 "Pause the worker's work (queues, timers) for maintenance; it keeps its heartbeat.",
 							 NULL, &qes_worker_paused, false,

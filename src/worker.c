@@ -40,13 +40,17 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 #include "commands/trigger.h"
+#include <limits.h>
 
 #include "guc.h"
+#include "outbox.h"
 #include "shmem.h"
 #include "worker.h"
 
 /* events billing.worker_tick() applies per loop (see sql/install/60_queues.sql) */
 #define QES_TICK_BATCH 200
+/* longest time the outbox runs before the loop's other work gets a turn */
+#define QES_PUMP_SLICE_MS 200
 
 PG_FUNCTION_INFO_V1(qes_worker_state_fn);
 PG_FUNCTION_INFO_V1(qes_wake_worker_trigger);
@@ -184,8 +188,11 @@ worker_detach(int code, Datum arg)
 	LWLockRelease(qes_worker_state->lock);
 }
 
-static void
-record_error(const char *message)
+/* the context of one loop, reset after it (outbox.c allocates in it too) */
+MemoryContext qes_worker_loop_context = NULL;
+
+void
+qes_worker_note_error(const char *message)
 {
 	LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
 	strlcpy(qes_worker_state->last_error, message, QES_LAST_ERROR_LEN);
@@ -210,22 +217,21 @@ run_bigint(const char *sql)
 }
 
 /*
- * One loop of work, in its own transaction.
+ * Start a transaction of the worker and lock the extension.  Returns the
+ * extension's OID, or InvalidOid when it does not exist; when it does, SPI
+ * is connected.  End with qes_worker_end_xact().
  */
-/* extension OID whose queues were reclaimed by this worker process */
-static Oid	reclaimed_for = InvalidOid;
+static bool xact_spi = false;
 
-static void
-worker_loop_once(void)
+static Oid
+begin_xact(const char *activity)
 {
 	Oid			extoid;
-	int64		reclaimed = 0;
-	bool		did_reclaim = false;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, "qes_billing worker loop");
+	pgstat_report_activity(STATE_RUNNING, activity);
 
 	extoid = get_extension_oid(QES_EXTENSION_NAME, true);
 	if (OidIsValid(extoid))
@@ -241,11 +247,57 @@ worker_loop_once(void)
 		if (get_extension_oid(QES_EXTENSION_NAME, true) != extoid)
 			extoid = InvalidOid;
 	}
-	/* paused for maintenance: heartbeat only */
-	if (OidIsValid(extoid) && !qes_worker_paused)
+	xact_spi = false;
+	if (OidIsValid(extoid))
 	{
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "qes_billing worker: SPI_connect failed");
+		xact_spi = true;
+	}
+	return extoid;
+}
+
+bool
+qes_worker_begin_xact(const char *activity)
+{
+	return OidIsValid(begin_xact(activity));
+}
+
+void
+qes_worker_end_xact(void)
+{
+	if (xact_spi)
+		SPI_finish();
+	xact_spi = false;
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/* extension OID whose queues were reclaimed by this worker process */
+static Oid	reclaimed_for = InvalidOid;
+
+/*
+ * One loop of work, in its own transaction.  Returns false when there is
+ * nothing for the outbox to do (no extension, paused); *next_due_ms is how
+ * long until an outbox request is due (-1: none is pending).
+ */
+static bool
+worker_loop_once(long *next_due_ms)
+{
+	Oid			extoid;
+	int64		reclaimed = 0;
+	bool		did_reclaim = false;
+	bool		active;
+
+	*next_due_ms = -1;
+	extoid = begin_xact("qes_billing worker loop");
+	/* paused for maintenance: heartbeat only */
+	active = OidIsValid(extoid) && !qes_worker_paused;
+	if (active)
+	{
+		bool		isnull;
+		Datum		d;
 
 		/* crash reconciliation, once per incarnation of the extension */
 		if (extoid != reclaimed_for)
@@ -260,12 +312,15 @@ worker_loop_once(void)
 		/* a full batch of events: there may be more, loop again at once */
 		if (run_bigint("SELECT billing.worker_tick()") >= QES_TICK_BATCH)
 			SetLatch(MyLatch);
-		SPI_finish();
-	}
 
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	pgstat_report_activity(STATE_IDLE, NULL);
+		/* when the outbox has its next request due */
+		if (SPI_execute("SELECT billing.outbox_next_due()", true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+			elog(ERROR, "qes_billing worker: billing.outbox_next_due() failed");
+		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+		if (!isnull)
+			*next_due_ms = (long) Min(DatumGetFloat8(d) * 1000.0 + 1, (double) INT_MAX);
+	}
+	qes_worker_end_xact();
 
 	if (did_reclaim)
 		reclaimed_for = extoid;
@@ -274,6 +329,7 @@ worker_loop_once(void)
 	qes_worker_state->extension_present = OidIsValid(extoid);
 	qes_worker_state->reclaimed += reclaimed;
 	LWLockRelease(qes_worker_state->lock);
+	return active;
 }
 
 void
@@ -303,11 +359,15 @@ qes_worker_main(Datum main_arg)
 	loop_context = AllocSetContextCreate(TopMemoryContext,
 										 "qes_billing worker loop",
 										 ALLOCSET_DEFAULT_SIZES);
+	qes_worker_loop_context = loop_context;
 
 	for (;;)
 	{
 		MemoryContext oldcontext;
 		uint64		wakes = pg_atomic_read_u64(&qes_worker_state->wake_requests);
+		long		next_due_ms = -1;
+		volatile bool busy = false;
+		long		timeout;
 
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -319,7 +379,13 @@ qes_worker_main(Datum main_arg)
 		oldcontext = MemoryContextSwitchTo(loop_context);
 		PG_TRY();
 		{
-			worker_loop_once();
+			if (worker_loop_once(&next_due_ms))
+			{
+				if (next_due_ms == 0)
+					qes_outbox_wake();
+				/* the outbox, for a slice of time; then the loop again */
+				busy = qes_outbox_pump(QES_PUMP_SLICE_MS);
+			}
 		}
 		PG_CATCH();
 		{
@@ -331,7 +397,7 @@ qes_worker_main(Datum main_arg)
 			FlushErrorState();
 			ereport(LOG,
 					(errmsg("qes_billing worker loop failed: %s", edata->message)));
-			record_error(edata->message);
+			qes_worker_note_error(edata->message);
 			AbortCurrentTransaction();
 			pgstat_report_activity(STATE_IDLE, NULL);
 		}
@@ -350,10 +416,16 @@ qes_worker_main(Datum main_arg)
 		qes_worker_state->naptime_ms = qes_worker_naptime_ms;
 		LWLockRelease(qes_worker_state->lock);
 
+		/* sleep until woken, the naptime, or the next retry is due */
+		timeout = busy ? 0 : qes_worker_naptime_ms;
+		if (!busy && next_due_ms >= 0 && next_due_ms < timeout)
+			timeout = next_due_ms;
 		wake_reason = WaitLatch(MyLatch,
 								WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-								qes_worker_naptime_ms,
+								timeout,
 								PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
+		if (wake_reason & WL_LATCH_SET)
+			qes_outbox_wake();
 	}
 }

@@ -9,11 +9,18 @@
 #define QES_WORKER_H
 
 #include "access/xact.h"
+#include "utils/palloc.h"
 
 extern void qes_register_worker(void);
 extern void qes_wake_at_commit(void);
 extern void qes_wake_xact_event(XactEvent event);
 
 extern PGDLLEXPORT void qes_worker_main(Datum main_arg);
+
+/* for the worker's modules (outbox.c) */
+extern MemoryContext qes_worker_loop_context;
+extern bool qes_worker_begin_xact(const char *activity);
+extern void qes_worker_end_xact(void);
+extern void qes_worker_note_error(const char *message);
 
 #endif							/* QES_WORKER_H */

@@ -9,9 +9,16 @@ CREATE TABLE billing.stripe_requests (
   kind            text NOT NULL CHECK (kind ~ '^[a-z_]+(\.[a-z_]+)*$'),
   method          text NOT NULL CHECK (method IN ('GET', 'POST', 'DELETE')),
   path            text NOT NULL CHECK (path ~ '^/v1/[A-Za-z0-9_/.-]+$'),
-  params          jsonb NOT NULL DEFAULT '{}',
+  params          jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(params) = 'object'),
   idempotency_key text NOT NULL UNIQUE DEFAULT 'qes-' || gen_random_uuid(),
-  state           text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'in_flight', 'succeeded', 'failed')),
+  -- 'waiting': sent once after_request has succeeded, with that request's
+  -- response id put into params under the name in inherit
+  state           text NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('waiting', 'pending', 'in_flight', 'succeeded', 'failed')),
+  after_request   bigint REFERENCES billing.stripe_requests,
+  inherit         text,
+  subject         jsonb NOT NULL DEFAULT '{}',
+  run_id          text,
   attempts        integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
   next_attempt_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
   claimed_at      timestamptz,
@@ -25,6 +32,9 @@ COMMENT ON TABLE billing.stripe_requests IS
   'Outbox of Stripe API requests. idempotency_key is fixed at insert and sent on every attempt.';
 CREATE INDEX stripe_requests_due ON billing.stripe_requests (next_attempt_at) WHERE state = 'pending';
 CREATE INDEX stripe_requests_in_flight ON billing.stripe_requests (claimed_at) WHERE state = 'in_flight';
+CREATE INDEX stripe_requests_after ON billing.stripe_requests (after_request) WHERE state = 'waiting';
+CREATE INDEX stripe_requests_run ON billing.stripe_requests (run_id) WHERE run_id IS NOT NULL;
+CREATE INDEX stripe_requests_tenant ON billing.stripe_requests (tenant_id, kind) WHERE tenant_id IS NOT NULL;
 
 CREATE TABLE billing.webhook_events (
   stripe_event_id text PRIMARY KEY CHECK (stripe_event_id ~ '^evt_'),
@@ -101,6 +111,8 @@ DECLARE
   v_applied integer;
 BEGIN
   v_applied := billing.process_inbox(200);
+  -- outbox requests whose answer this worker lost
+  PERFORM billing.outbox_reclaim_stale(current_setting('qes_billing.request_timeout')::interval);
   -- cached usage counters of periods that ended more than a day ago
   PERFORM billing.usage_cache_sweep(billing.now() - interval '1 day');
   RETURN v_applied;

@@ -32,7 +32,9 @@ DECLARE
   v_created bigint;
   v_new     integer;
 BEGIN
-  v_reason := billing.verify_stripe_signature($1::text, v_header);
+  -- the configured secret(s); without one, what --setup-webhook stored
+  v_reason := billing.verify_stripe_signature($1::text, v_header,
+                CASE WHEN billing.stripe_key_problem('webhook') IS NOT NULL THEN billing.stored_webhook_secrets() END);
   IF v_reason = 'ok' THEN
     v_reason := NULL;
     v_event := $1::jsonb;

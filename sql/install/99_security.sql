@@ -47,6 +47,14 @@ SELECT pg_catalog.pg_extension_config_dump('billing.webhook_events', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.webhook_rejections', '');
 
+-- subscriptions and payments, for the tenant
+GRANT EXECUTE ON FUNCTION api.create_subscription(text, text),
+                          api.update_subscription(text, text, boolean, text),
+                          api.create_payment_intent(bigint, text, text)
+  TO qes_tenant;
+GRANT EXECUTE ON FUNCTION billing.now() TO qes_tenant, qes_admin;
+GRANT SELECT ON api.subscription, api.payments TO qes_tenant, qes_admin;
+
 -- usage, for the tenant through api.usage
 GRANT EXECUTE ON FUNCTION billing.my_usage() TO qes_tenant;
 GRANT SELECT ON api.usage TO qes_tenant;
@@ -62,8 +70,9 @@ GRANT EXECUTE ON FUNCTION billing.upsert_tenant(text, text, text),
 
 -- operators
 GRANT SELECT ON billing.worker_status, billing.audit_log, billing.stripe_requests,
-                billing.webhook_events, billing.webhook_rejections, billing.webhook_metrics TO qes_admin;
-GRANT EXECUTE ON FUNCTION billing.replay_webhook(text) TO qes_admin;
+                billing.webhook_events, billing.webhook_rejections, billing.webhook_metrics,
+                billing.outbox_metrics TO qes_admin;
+GRANT EXECUTE ON FUNCTION billing.replay_webhook(text), billing.retry_request(bigint) TO qes_admin;
 GRANT EXECUTE ON FUNCTION billing.worker_state(), billing.verify_audit_chain(), billing.usage_cache_stats(),
                           billing.audit_hash(bytea, bigint, timestamptz, text, text, text, text, text, jsonb),
                           billing.wake_worker()

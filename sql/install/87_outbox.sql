@@ -1,0 +1,402 @@
+-- The outbox protocol between SQL and the worker's HTTP client (src/outbox.c).
+--
+--   billing.outbox_enqueue()  backends queue a request in their transaction
+--   billing.outbox_claim()    the worker claims due rows and COMMITs, then sends
+--   billing.outbox_record()   the worker records one answer in a new transaction:
+--                             success is applied to local state right there;
+--                             a retryable failure goes back to the queue with
+--                             backoff; anything else is a final failure
+--
+-- Retry policy (DESIGN.md rule 4): network errors, timeouts, 409, 429 and
+-- 5xx are retried, unless Stripe-Should-Retry says otherwise (it overrides
+-- the default either way); Retry-After is a lower bound on the delay; the
+-- delay doubles per attempt from qes_billing.retry_base_delay up to
+-- qes_billing.retry_max_delay, with jitter (50-100 % of it).  After
+-- qes_billing.max_attempts the request fails with its last error.  Requests
+-- that wait for another (after_request) fail with it.
+
+CREATE TABLE billing.stripe_secrets (
+  mode       text NOT NULL CHECK (mode IN ('test', 'live')),
+  kind       text NOT NULL CHECK (kind IN ('webhook')),
+  endpoint   text NOT NULL,
+  secret     text NOT NULL CHECK (secret ~ '^whsec_'),
+  created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  PRIMARY KEY (mode, kind, endpoint)
+);
+COMMENT ON TABLE billing.stripe_secrets IS
+  'Secrets learnt from Stripe (the webhook endpoint''s signing secret, returned once at creation). Superusers only: nothing is granted on it.';
+
+ALTER TABLE billing.subscriptions
+  ADD COLUMN stripe_item_id text,
+  ADD COLUMN pending_change jsonb,
+  ADD COLUMN last_error jsonb;
+
+CREATE FUNCTION billing.stripe_form(params jsonb) RETURNS text
+  LANGUAGE c IMMUTABLE STRICT AS 'MODULE_PATHNAME', 'qes_stripe_form_fn';
+COMMENT ON FUNCTION billing.stripe_form(jsonb) IS
+  'Stripe''s form encoding of request parameters (what the worker sends for a queued request).';
+
+CREATE FUNCTION billing.outbox_enqueue(p_tenant text, p_kind text, p_method text, p_path text,
+                                       p_params jsonb DEFAULT '{}', p_subject jsonb DEFAULT '{}',
+                                       p_after bigint DEFAULT NULL, p_inherit text DEFAULT NULL,
+                                       p_run_id text DEFAULT NULL)
+  RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_id    bigint;
+  v_after billing.stripe_requests;
+  v_state text := 'pending';
+BEGIN
+  IF p_after IS NOT NULL THEN
+    SELECT * INTO v_after FROM billing.stripe_requests WHERE request_id = p_after;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'outbox request % does not exist', p_after USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    IF v_after.state = 'failed' THEN
+      RAISE EXCEPTION 'outbox request % has failed; nothing can wait for it', p_after
+        USING ERRCODE = 'invalid_parameter_value';
+    ELSIF v_after.state <> 'succeeded' THEN
+      v_state := 'waiting';
+    ELSIF p_inherit IS NOT NULL THEN
+      p_params := p_params || jsonb_build_object(p_inherit, v_after.response ->> 'id');
+    END IF;
+  END IF;
+  INSERT INTO billing.stripe_requests (tenant_id, kind, method, path, params, subject, after_request, inherit,
+                                       run_id, state)
+  VALUES (p_tenant, p_kind, p_method, p_path, p_params, p_subject, p_after, p_inherit, p_run_id, v_state)
+  RETURNING request_id INTO v_id;
+  RETURN v_id;
+END
+$$;
+COMMENT ON FUNCTION billing.outbox_enqueue(text, text, text, text, jsonb, jsonb, bigint, text, text) IS
+  'Queue a Stripe request in the caller''s transaction; the worker sends it after COMMIT. With p_after it waits for that request and, with p_inherit, receives its response id as that parameter.';
+
+-- Claim due requests for sending: the worker commits this before any byte
+-- goes out.  Rows are taken with SKIP LOCKED, so a backend busy with a
+-- row (replaying it, say) never blocks the worker.
+CREATE FUNCTION billing.outbox_claim(p_limit integer)
+  RETURNS TABLE (request_id bigint, attempt integer, method text, path text, params jsonb, idempotency_key text)
+  LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+  WITH due AS (
+    SELECT r.request_id FROM billing.stripe_requests r
+     WHERE r.state = 'pending' AND r.next_attempt_at <= now()
+     ORDER BY r.next_attempt_at, r.request_id
+     LIMIT p_limit
+       FOR UPDATE SKIP LOCKED)
+  UPDATE billing.stripe_requests r
+     SET state = 'in_flight', attempts = r.attempts + 1, claimed_at = now(), updated_at = now()
+    FROM due
+   WHERE r.request_id = due.request_id
+  RETURNING r.request_id, r.attempts, r.method, r.path, r.params, r.idempotency_key
+$$;
+COMMENT ON FUNCTION billing.outbox_claim(integer) IS
+  'Run by the worker: mark up to p_limit due requests in flight and return them for sending.';
+
+-- Seconds until the next request is due (NULL: none waits), so the
+-- worker sleeps exactly as long as it may.
+CREATE FUNCTION billing.outbox_next_due() RETURNS double precision
+  LANGUAGE sql STABLE SET search_path = pg_catalog, billing
+AS $$
+  SELECT greatest(0, extract(epoch FROM min(r.next_attempt_at) - now()))::double precision
+    FROM billing.stripe_requests r WHERE r.state = 'pending'
+$$;
+COMMENT ON FUNCTION billing.outbox_next_due() IS 'Seconds until the next outbox request is due; NULL when none is pending.';
+
+-- A request in flight whose answer can no longer come (the worker lost it:
+-- an error while recording, a restart without a crash) goes back to the
+-- queue after twice the request timeout.
+CREATE FUNCTION billing.outbox_reclaim_stale(p_timeout interval) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_n bigint;
+BEGIN
+  UPDATE billing.stripe_requests
+     SET state = 'pending', claimed_at = NULL, next_attempt_at = now(), updated_at = now()
+   WHERE state = 'in_flight' AND claimed_at < now() - 2 * p_timeout;
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  IF v_n > 0 THEN
+    PERFORM billing.audit('worker.reclaimed', NULL, jsonb_build_object('stripe_requests', v_n, 'stale', true));
+  END IF;
+  RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION billing.outbox_reclaim_stale(interval) IS
+  'Put requests in flight for longer than twice the request timeout back in the queue (their answer was lost).';
+
+-- What an unsuccessful answer is: a category, whether to retry, and
+-- Stripe's error fields.
+CREATE FUNCTION billing.outbox_classify(p_http_status integer, p_body jsonb, p_should_retry text,
+                                        p_transport_error text)
+  RETURNS jsonb
+  LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT jsonb_strip_nulls(jsonb_build_object(
+    'category', c.category,
+    'retryable', CASE lower(p_should_retry) WHEN 'true' THEN true WHEN 'false' THEN false
+                 ELSE c.category IN ('network', 'conflict', 'rate_limited', 'server') END,
+    'http_status', p_http_status,
+    'type', p_body -> 'error' ->> 'type',
+    'code', p_body -> 'error' ->> 'code',
+    'decline_code', p_body -> 'error' ->> 'decline_code',
+    'param', p_body -> 'error' ->> 'param',
+    'message', coalesce(p_transport_error, p_body -> 'error' ->> 'message',
+                        'HTTP ' || p_http_status || ' from Stripe')))
+    FROM (SELECT CASE
+                   WHEN p_transport_error IS NOT NULL OR p_http_status IS NULL THEN 'network'
+                   WHEN p_http_status = 409 THEN 'conflict'
+                   WHEN p_http_status = 429 THEN 'rate_limited'
+                   WHEN p_http_status >= 500 THEN 'server'
+                   WHEN p_http_status = 402 OR p_body -> 'error' ->> 'type' = 'card_error' THEN 'card'
+                   WHEN p_http_status = 401 THEN 'authentication'
+                   WHEN p_http_status = 403 THEN 'permission'
+                   WHEN p_http_status = 404 THEN 'not_found'
+                   ELSE 'invalid_request'
+                 END AS category) c
+$$;
+COMMENT ON FUNCTION billing.outbox_classify(integer, jsonb, text, text) IS
+  'Classify an unsuccessful Stripe answer: network, conflict (409), rate_limited (429) and server (5xx) are retried; card, authentication, permission, not_found and invalid_request are business failures. Stripe-Should-Retry overrides.';
+
+-- The delay before attempt n+1.
+CREATE FUNCTION billing.outbox_backoff(p_attempts integer, p_retry_after text DEFAULT NULL) RETURNS interval
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_base  double precision := extract(epoch FROM current_setting('qes_billing.retry_base_delay')::interval);
+  v_cap   double precision := extract(epoch FROM current_setting('qes_billing.retry_max_delay')::interval);
+  v_delay double precision;
+BEGIN
+  v_delay := least(v_cap, v_base * 2 ^ least(greatest(p_attempts - 1, 0), 30)) * (0.5 + random() / 2);
+  IF p_retry_after ~ '^\s*[0-9]{1,6}\s*$' THEN
+    v_delay := greatest(v_delay, btrim(p_retry_after)::double precision);
+  END IF;
+  RETURN make_interval(secs => v_delay);
+END
+$$;
+COMMENT ON FUNCTION billing.outbox_backoff(integer, text) IS
+  'Exponential backoff with jitter after the given number of attempts; Retry-After (seconds) is a lower bound.';
+
+-- A 404 is the answer, not a failure, for the lookups setup makes.
+CREATE FUNCTION billing.outbox_accepts(p_kind text, p_http_status integer) RETURNS boolean
+  LANGUAGE sql IMMUTABLE
+RETURN p_http_status BETWEEN 200 AND 299 OR (p_http_status = 404 AND p_kind LIKE '%.lookup');
+
+CREATE FUNCTION billing.outbox_record(p_request_id bigint, p_attempt integer, p_http_status integer,
+                                      p_body text, p_should_retry text DEFAULT NULL,
+                                      p_retry_after text DEFAULT NULL, p_transport_error text DEFAULT NULL)
+  RETURNS text
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  r       billing.stripe_requests;
+  v_body  jsonb;
+  v_err   jsonb;
+  v_msg   text;
+  v_max   integer := current_setting('qes_billing.max_attempts')::integer;
+BEGIN
+  SELECT * INTO r FROM billing.stripe_requests WHERE request_id = p_request_id FOR UPDATE;
+  IF NOT FOUND OR r.state <> 'in_flight' OR r.attempts <> p_attempt THEN
+    RETURN NULL;   -- reclaimed meanwhile: a later attempt owns the row
+  END IF;
+  BEGIN
+    v_body := p_body::jsonb;
+  EXCEPTION WHEN OTHERS THEN
+    v_body := jsonb_build_object('unparsed_body', left(p_body, 2000));
+  END;
+
+  IF p_transport_error IS NULL AND billing.outbox_accepts(r.kind, p_http_status) THEN
+    BEGIN
+      UPDATE billing.stripe_requests
+         SET state = 'succeeded', http_status = p_http_status, response = v_body, error = NULL, updated_at = now()
+       WHERE request_id = r.request_id
+       RETURNING * INTO r;
+      PERFORM billing.outbox_apply(r);
+      PERFORM billing.outbox_release_waiting(r);
+      RETURN 'succeeded';
+    EXCEPTION WHEN OTHERS THEN
+      -- Stripe answered but we could not apply it: ask again (the same
+      -- Idempotency-Key replays the same answer) after a backoff
+      GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
+      v_err := jsonb_build_object('category', 'apply', 'retryable', true, 'http_status', p_http_status,
+                                  'message', v_msg);
+    END;
+  ELSE
+    v_err := billing.outbox_classify(p_http_status, v_body, p_should_retry, p_transport_error);
+  END IF;
+
+  IF (v_err ->> 'retryable')::boolean AND r.attempts < v_max THEN
+    UPDATE billing.stripe_requests
+       SET state = 'pending', http_status = p_http_status, error = v_err, claimed_at = NULL,
+           next_attempt_at = now() + billing.outbox_backoff(r.attempts, p_retry_after), updated_at = now()
+     WHERE request_id = r.request_id;
+    RETURN 'pending';
+  END IF;
+  PERFORM billing.outbox_fail(r.request_id, p_http_status, v_body, v_err);
+  RETURN 'failed';
+END
+$$;
+COMMENT ON FUNCTION billing.outbox_record(bigint, integer, integer, text, text, text, text) IS
+  'Run by the worker after an answer (or a transport error): succeeded and applied, back to pending with backoff, or failed. Returns the new state; NULL when the row was reclaimed meanwhile.';
+
+-- A final failure, and everything that waited for it.
+CREATE FUNCTION billing.outbox_fail(p_request_id bigint, p_http_status integer, p_body jsonb, p_err jsonb)
+  RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  r billing.stripe_requests;
+  w bigint;
+BEGIN
+  UPDATE billing.stripe_requests
+     SET state = 'failed', http_status = p_http_status, response = p_body,
+         error = p_err || jsonb_build_object('attempts', attempts), claimed_at = NULL, updated_at = now()
+   WHERE request_id = p_request_id
+   RETURNING * INTO r;
+  PERFORM billing.outbox_apply_failure(r);
+  PERFORM billing.audit('stripe.request_failed', r.tenant_id,
+                        jsonb_build_object('request_id', r.request_id, 'kind', r.kind, 'error', r.error));
+  FOR w IN SELECT c.request_id FROM billing.stripe_requests c
+            WHERE c.after_request = p_request_id AND c.state = 'waiting' LOOP
+    PERFORM billing.outbox_fail(w, NULL, NULL,
+                                jsonb_build_object('category', 'dependency', 'retryable', false,
+                                                   'message', format('request %s (%s) failed: %s', r.request_id,
+                                                                     r.kind, r.error ->> 'message')));
+  END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing.outbox_fail(bigint, integer, jsonb, jsonb) IS
+  'Mark a request failed for good, undo what its caller started, audit it, and fail the requests that waited for it.';
+
+CREATE FUNCTION billing.outbox_release_waiting(r billing.stripe_requests) RETURNS void
+  LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+  UPDATE billing.stripe_requests c
+     SET state = 'pending', next_attempt_at = now(), updated_at = now(),
+         params = CASE WHEN c.inherit IS NULL THEN c.params
+                       ELSE c.params || jsonb_build_object(c.inherit, r.response ->> 'id') END
+   WHERE c.after_request = r.request_id AND c.state = 'waiting'
+$$;
+
+-- The Stripe time a response speaks for: when we sent the request.  A
+-- webhook event created later (a later state) still wins; one created
+-- before does not.
+CREATE FUNCTION billing.outbox_state_at(r billing.stripe_requests) RETURNS timestamptz
+  LANGUAGE sql STABLE
+RETURN date_trunc('second', coalesce(r.claimed_at, r.updated_at));
+
+-- Success: what the answer means for local state.
+CREATE FUNCTION billing.outbox_apply(r billing.stripe_requests) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  o      jsonb := r.response;
+  v_sub  bigint := (r.subject ->> 'subscription_id')::bigint;
+  v_secret text;
+BEGIN
+  CASE
+  WHEN r.kind = 'customer.create' THEN
+    UPDATE billing.tenants SET stripe_customer_id = o ->> 'id', updated_at = now()
+     WHERE tenant_id = r.tenant_id AND stripe_customer_id IS NULL;
+    PERFORM billing.audit('customer.created', r.tenant_id, jsonb_build_object('customer', o ->> 'id'));
+  WHEN r.kind IN ('subscription.create', 'subscription.update', 'subscription.refresh') THEN
+    IF v_sub IS NOT NULL THEN
+      UPDATE billing.subscriptions SET stripe_subscription_id = o ->> 'id'
+       WHERE tenant_id = r.tenant_id AND subscription_id = v_sub AND stripe_subscription_id IS NULL;
+    END IF;
+    PERFORM billing.apply_subscription(r.tenant_id, o, billing.outbox_state_at(r), o ->> 'status' = 'canceled');
+    UPDATE billing.subscriptions s
+       SET stripe_item_id = coalesce(o -> 'items' -> 'data' -> 0 ->> 'id', s.stripe_item_id),
+           client_secret = CASE WHEN s.status = 'incomplete'
+                                THEN coalesce(o -> 'latest_invoice' -> 'payment_intent' ->> 'client_secret',
+                                              o -> 'latest_invoice' -> 'confirmation_secret' ->> 'client_secret',
+                                              s.client_secret) END,
+           pending_change = CASE WHEN r.kind = 'subscription.update' THEN NULL ELSE s.pending_change END,
+           last_error = CASE WHEN r.kind = 'subscription.refresh' THEN s.last_error END,
+           updated_at = now()
+     WHERE s.stripe_subscription_id = o ->> 'id';
+    IF r.kind <> 'subscription.refresh' THEN
+      PERFORM billing.audit(CASE r.kind WHEN 'subscription.create' THEN 'subscription.created'
+                                        ELSE 'subscription.changed' END, r.tenant_id,
+                            jsonb_build_object('subscription', o ->> 'id', 'status', o ->> 'status',
+                                               'price', o -> 'items' -> 'data' -> 0 -> 'price' ->> 'id',
+                                               'cancel_at_period_end', o -> 'cancel_at_period_end'));
+    END IF;
+  WHEN r.kind = 'payment_intent.create' THEN
+    UPDATE billing.payments p
+       SET stripe_payment_intent_id = o ->> 'id', client_secret = o ->> 'client_secret',
+           status = CASE WHEN p.stripe_state_at IS NULL OR p.stripe_state_at <= billing.outbox_state_at(r)
+                         THEN o ->> 'status' ELSE p.status END,
+           stripe_state_at = greatest(p.stripe_state_at, billing.outbox_state_at(r)), updated_at = now()
+     WHERE p.tenant_id = r.tenant_id AND p.payment_id = (r.subject ->> 'payment_id')::bigint;
+    PERFORM billing.audit('payment_intent.created', r.tenant_id,
+                          jsonb_build_object('payment_id', (r.subject ->> 'payment_id')::bigint,
+                                             'payment_intent', o ->> 'id', 'status', o ->> 'status'));
+  WHEN r.kind LIKE 'setup.%' THEN
+    PERFORM billing.setup_apply(r);
+  ELSE
+    NULL;   -- a request whose answer changes nothing local (it is kept on the row)
+  END CASE;
+END
+$$;
+COMMENT ON FUNCTION billing.outbox_apply(billing.stripe_requests) IS
+  'Apply a successful Stripe answer to local state, in the transaction that records it.';
+
+-- Final failure: undo what the caller started, and say why where the tenant sees it.
+CREATE FUNCTION billing.outbox_apply_failure(r billing.stripe_requests) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_sub bigint := (r.subject ->> 'subscription_id')::bigint;
+BEGIN
+  CASE
+  WHEN r.kind = 'subscription.create' THEN
+    UPDATE billing.subscriptions SET status = 'incomplete_expired', last_error = r.error, client_secret = NULL,
+                                     updated_at = now()
+     WHERE tenant_id = r.tenant_id AND subscription_id = v_sub AND stripe_subscription_id IS NULL;
+  WHEN r.kind = 'subscription.update' THEN
+    -- the plan and its limits stay where they were
+    UPDATE billing.subscriptions SET pending_change = NULL, last_error = r.error, updated_at = now()
+     WHERE tenant_id = r.tenant_id AND subscription_id = v_sub;
+  WHEN r.kind = 'payment_intent.create' THEN
+    UPDATE billing.payments
+       SET status = 'failed', failure_code = coalesce(r.error ->> 'decline_code', r.error ->> 'code', r.error ->> 'category'),
+           failure_message = r.error ->> 'message', updated_at = now()
+     WHERE tenant_id = r.tenant_id AND payment_id = (r.subject ->> 'payment_id')::bigint;
+  ELSE
+    NULL;
+  END CASE;
+END
+$$;
+COMMENT ON FUNCTION billing.outbox_apply_failure(billing.stripe_requests) IS
+  'Undo what a request''s caller started when the request fails for good (limits never change on a failure).';
+
+-- An operator may send a failed request again (same Idempotency-Key).
+CREATE FUNCTION billing.retry_request(p_request_id bigint) RETURNS void
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  UPDATE billing.stripe_requests SET state = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
+   WHERE request_id = p_request_id AND state = 'failed';
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'no failed outbox request %', p_request_id
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'List them with: SELECT request_id, kind, error FROM billing.stripe_requests WHERE state = ''failed''.';
+  END IF;
+  PERFORM billing.audit('stripe.request_retried', NULL, jsonb_build_object('request_id', p_request_id));
+END
+$$;
+COMMENT ON FUNCTION billing.retry_request(bigint) IS
+  'Send a failed outbox request again with its original Idempotency-Key. Audited.';
+
+CREATE VIEW billing.outbox_metrics AS
+SELECT (SELECT count(*) FROM billing.stripe_requests WHERE state IN ('pending', 'waiting')) AS pending,
+       (SELECT count(*) FROM billing.stripe_requests WHERE state = 'in_flight') AS in_flight,
+       (SELECT count(*) FROM billing.stripe_requests WHERE state = 'pending' AND attempts > 0) AS retrying,
+       (SELECT count(*) FROM billing.stripe_requests WHERE state = 'succeeded' AND updated_at > now() - interval '1 hour') AS succeeded_last_hour,
+       (SELECT count(*) FROM billing.stripe_requests WHERE state = 'failed' AND updated_at > now() - interval '1 hour') AS failed_last_hour,
+       (SELECT count(*) FROM billing.stripe_requests WHERE state = 'failed' AND error ->> 'category' = 'card'
+           AND updated_at > now() - interval '1 hour') AS card_declines_last_hour;
+COMMENT ON VIEW billing.outbox_metrics IS
+  'Stripe requests: queued, in flight, retrying, succeeded and failed in the last hour (card declines apart).';

@@ -1,0 +1,171 @@
+-- The outbox (sql/install/87_outbox.sql) and the subscription API
+-- (92_subscriptions.sql), driven here by hand: this cluster has no Stripe
+-- key, so the worker sends nothing and the test plays the worker with
+-- billing.outbox_claim() and billing.outbox_record().  The HTTP side is
+-- tested against stripe-mock and the stateful fake (test/python).
+
+-- Stripe's form encoding
+SELECT billing.stripe_form('{"customer":"cus_1","items":[{"price":"price_a","quantity":2}],"expand":["latest_invoice.payment_intent"],"metadata":{"tenant_id":"t 1&x=y"},"cancel_at_period_end":true,"description":null,"amount":1999}') AS form;
+SELECT billing.stripe_form('{}') AS empty, billing.stripe_form('{"a":{"b":{"c":"ü"}},"list":[],"obj":{}}') AS nested_and_empty;
+SELECT billing.stripe_form('[1,2]');
+
+-- classification of unsuccessful answers
+SELECT s AS http_status, sr AS should_retry, e AS transport_error,
+       billing.outbox_classify(s, b::jsonb, sr, e) - 'message' AS classified
+  FROM (VALUES (NULL::int, NULL::text, NULL::text, 'Timeout was reached'),
+               (409, NULL, '{"error":{"type":"idempotency_error","message":"in use"}}', NULL),
+               (429, NULL, '{"error":{"type":"rate_limit_error"}}', NULL),
+               (500, NULL, '{"error":{"type":"api_error"}}', NULL),
+               (503, 'false', '{}', NULL),
+               (402, NULL, '{"error":{"type":"card_error","code":"card_declined","decline_code":"insufficient_funds","message":"Your card has insufficient funds."}}', NULL),
+               (400, NULL, '{"error":{"type":"invalid_request_error","param":"items","message":"No such price"}}', NULL),
+               (400, 'true', '{"error":{"type":"invalid_request_error","message":"Lock timeout"}}', NULL),
+               (401, NULL, '{"error":{"type":"authentication_error"}}', NULL),
+               (404, NULL, '{"error":{"type":"invalid_request_error","code":"resource_missing"}}', NULL)) v(s, sr, b, e);
+
+-- backoff: doubles per attempt from retry_base_delay, with 50-100 % jitter, capped; Retry-After is a floor
+SET qes_billing.retry_base_delay = '1s';
+SET qes_billing.retry_max_delay = '10s';
+SELECT n AS attempts,
+       bool_and(d BETWEEN make_interval(secs => least(10, 2 ^ (n - 1)) / 2) AND make_interval(secs => least(10, 2 ^ (n - 1)))) AS in_range
+  FROM generate_series(1, 6) n, LATERAL (SELECT billing.outbox_backoff(n) d FROM generate_series(1, 50)) x
+ GROUP BY n ORDER BY n;
+SELECT billing.outbox_backoff(1, '30') >= interval '30 s' AS retry_after_floor,
+       billing.outbox_backoff(1, 'Wed, 21 Oct 2015 07:28:00 GMT') < interval '2 s' AS http_date_ignored;
+
+-- a tenant and the catalog as setup leaves it
+SELECT tenant_id FROM billing.upsert_tenant('acme', 'Acme', 'billing@acme.test');
+SELECT tenant_id FROM billing.upsert_tenant('solo', 'Solo', 'billing@solo.test');
+
+-- as PostgREST calls for the tenant: role and claims local to the transaction
+CREATE FUNCTION as_tenant(t text) RETURNS void LANGUAGE sql AS $$
+  SELECT set_config('role', 'qes_tenant', true), set_config('request.jwt.claims', json_build_object('role', 'qes_tenant', 'tenant_id', t)::text, true);
+$$;
+GRANT EXECUTE ON FUNCTION as_tenant(text) TO PUBLIC;
+
+-- bad input: a clear error, nothing queued
+BEGIN; SELECT as_tenant('acme'); SELECT api.create_subscription('platinum'); ROLLBACK;
+BEGIN; SELECT as_tenant('acme'); SELECT api.create_subscription('professional', 'week'); ROLLBACK;
+BEGIN; SELECT as_tenant('acme'); SELECT api.create_subscription('professional'); ROLLBACK;  -- not set up in Stripe yet
+BEGIN; SELECT as_tenant('nobody'); SELECT api.create_subscription('free'); ROLLBACK;
+BEGIN; SELECT set_config('role', 'qes_tenant', true); SELECT api.create_subscription('free'); ROLLBACK;
+BEGIN; SELECT as_tenant('acme'); SELECT api.create_payment_intent(-5); ROLLBACK;
+BEGIN; SELECT as_tenant('acme'); SELECT api.create_payment_intent(1000, 'xyz'); ROLLBACK;
+BEGIN; SELECT as_tenant('acme'); SELECT api.create_payment_intent(1000, 'usd', 'no customer yet'); ROLLBACK;
+BEGIN; SELECT as_tenant('acme'); SELECT api.update_subscription('enterprise'); ROLLBACK;
+BEGIN; SELECT as_tenant('acme'); SELECT api.update_subscription(); ROLLBACK;
+SELECT count(*) AS queued FROM billing.stripe_requests;
+SELECT count(*) AS subscriptions FROM billing.subscriptions;
+
+-- Free is local; twice is refused
+BEGIN; SELECT as_tenant('solo'); SELECT api.create_subscription('free'); COMMIT;
+BEGIN; SELECT as_tenant('solo'); SELECT api.create_subscription('free'); ROLLBACK;
+BEGIN; SELECT as_tenant('solo'); SELECT plan, "interval", status, limits_plan, client_secret FROM api.subscription; COMMIT;
+
+-- prices known to Stripe (what --setup-products records)
+UPDATE billing.prices SET stripe_price_id = 'price_' || price_key WHERE unit_amount > 0;
+
+-- Professional monthly: a customer first, then the subscription that waits for it
+BEGIN; SELECT as_tenant('acme'); SELECT api.create_subscription('professional'); COMMIT;
+SELECT request_id, kind, method, path, state, after_request, inherit, billing.stripe_form(params) AS form
+  FROM billing.stripe_requests ORDER BY request_id;
+BEGIN; SELECT as_tenant('acme'); SELECT api.create_subscription('enterprise', 'year'); ROLLBACK;  -- one at a time
+
+-- the worker's part: claim (only what is due and not waiting), send, record
+SELECT request_id, attempt, method, path FROM billing.outbox_claim(10);
+SELECT billing.outbox_record(1, 1, 500, '{"error":{"type":"api_error","message":"boom"}}');
+SELECT state, attempts, error ->> 'category' AS category, next_attempt_at > now() AS backs_off
+  FROM billing.stripe_requests WHERE request_id = 1;
+UPDATE billing.stripe_requests SET next_attempt_at = now() WHERE request_id = 1;
+SELECT request_id, attempt FROM billing.outbox_claim(10);
+SELECT billing.outbox_record(1, 1, 200, '{"id":"cus_stale"}') AS stale_attempt;   -- not the current attempt: ignored
+SELECT billing.outbox_record(1, 2, 200, '{"id":"cus_A1","object":"customer"}') AS recorded;
+SELECT stripe_customer_id FROM billing.tenants WHERE tenant_id = 'acme';
+-- the subscription request is released with the customer it waited for
+SELECT request_id, state, params ->> 'customer' AS customer FROM billing.stripe_requests WHERE request_id = 2;
+SELECT request_id, attempt FROM billing.outbox_claim(10);
+SELECT billing.outbox_record(2, 1, 200, $${"id":"sub_A1","object":"subscription","status":"incomplete","customer":"cus_A1",
+  "cancel_at_period_end":false,"current_period_start":1767225600,"current_period_end":1769904000,
+  "items":{"data":[{"id":"si_A1","price":{"id":"price_professional_monthly","lookup_key":"professional_monthly","recurring":{"interval":"month"}}}]},
+  "latest_invoice":{"id":"in_A1","payment_intent":{"id":"pi_A1","client_secret":"pi_A1_secret_x"}}}$$);
+BEGIN; SELECT as_tenant('acme'); SELECT plan, "interval", status, limits_plan, client_secret, stripe_subscription_id FROM api.subscription; COMMIT;
+-- the payment succeeds: Stripe's webhook (or a later answer) says active
+SELECT billing.outbox_enqueue('acme', 'subscription.refresh', 'GET', '/v1/subscriptions/sub_A1',
+                              p_subject => '{"subscription_id": 2}') AS refresh_request;
+SELECT request_id, attempt FROM billing.outbox_claim(10);
+SELECT billing.outbox_record(3, 1, 200, $${"id":"sub_A1","object":"subscription","status":"active","customer":"cus_A1",
+  "cancel_at_period_end":false,"current_period_start":1767225600,"current_period_end":1769904000,
+  "items":{"data":[{"id":"si_A1","price":{"id":"price_professional_monthly","lookup_key":"professional_monthly","recurring":{"interval":"month"}}}]}}$$);
+BEGIN; SELECT as_tenant('acme'); SELECT plan, status, limits_plan, client_secret, pending_change FROM api.subscription; COMMIT;
+
+-- an upgrade whose payment is declined: the plan and its limits stay
+BEGIN; SELECT as_tenant('acme'); SELECT api.update_subscription('enterprise'); COMMIT;
+BEGIN; SELECT as_tenant('acme'); SELECT api.update_subscription('enterprise'); ROLLBACK;   -- one change at a time
+SELECT request_id, path, billing.stripe_form(params) AS form FROM billing.stripe_requests WHERE request_id = 4;
+SELECT request_id, attempt FROM billing.outbox_claim(10);
+SELECT billing.outbox_record(4, 1, 402, '{"error":{"type":"card_error","code":"card_declined","decline_code":"generic_decline","message":"Your card was declined."}}');
+BEGIN; SELECT as_tenant('acme'); SELECT plan, status, limits_plan, pending_change, last_error, decline_code FROM api.subscription; COMMIT;
+SELECT plan_id FROM billing.check_limit('acme', 'signatures', 1);
+
+-- cancel at period end
+BEGIN; SELECT as_tenant('acme'); SELECT api.update_subscription(cancel_at_period_end => true); COMMIT;
+SELECT billing.stripe_form(params) AS form FROM billing.stripe_requests WHERE request_id = 5;
+SELECT request_id, attempt FROM billing.outbox_claim(10);
+SELECT billing.outbox_record(5, 1, 200, $${"id":"sub_A1","object":"subscription","status":"active","customer":"cus_A1",
+  "cancel_at_period_end":true,"current_period_start":1767225600,"current_period_end":1769904000,
+  "items":{"data":[{"id":"si_A1","price":{"id":"price_professional_monthly","lookup_key":"professional_monthly","recurring":{"interval":"month"}}}]}}$$);
+BEGIN; SELECT as_tenant('acme'); SELECT plan, status, cancel_at_period_end, pending_change FROM api.subscription; COMMIT;
+
+-- a one-time payment, now that the tenant has a customer
+BEGIN; SELECT as_tenant('acme'); SELECT api.create_payment_intent(4900, 'EUR', 'Qualified timestamp pack'); COMMIT;
+SELECT request_id, attempt FROM billing.outbox_claim(10);
+SELECT billing.stripe_form(params) AS form FROM billing.stripe_requests WHERE request_id = 6;
+SELECT billing.outbox_record(6, 1, NULL, NULL, NULL, NULL, 'Failed to connect to api.stripe.com port 443');
+SELECT state, error ->> 'category' AS category, error ->> 'message' AS message FROM billing.stripe_requests WHERE request_id = 6;
+UPDATE billing.stripe_requests SET next_attempt_at = now() WHERE request_id = 6;
+SELECT request_id, attempt FROM billing.outbox_claim(10);
+SELECT billing.outbox_record(6, 2, 200, '{"id":"pi_B1","object":"payment_intent","status":"requires_payment_method","client_secret":"pi_B1_secret_y","amount":4900,"currency":"eur"}');
+BEGIN; SELECT as_tenant('acme'); SELECT payment_id, amount, currency, status, client_secret, payment_intent_id FROM api.payments; COMMIT;
+
+-- an answer we cannot apply is asked again (same key), not lost
+BEGIN; SELECT as_tenant('acme'); SELECT api.create_payment_intent(700); COMMIT;
+SELECT request_id, attempt FROM billing.outbox_claim(10);
+SELECT billing.outbox_record(7, 1, 200, '{"id":"not_a_payment_intent"}');
+SELECT state, error ->> 'category' AS category FROM billing.stripe_requests WHERE request_id = 7;
+
+-- Stripe-Should-Retry: false makes a 503 final; retries end after max_attempts
+SET qes_billing.max_attempts = 2;
+UPDATE billing.stripe_requests SET next_attempt_at = now() WHERE request_id = 7;
+SELECT request_id, attempt FROM billing.outbox_claim(10);
+SELECT billing.outbox_record(7, 2, 503, '{}', 'false');
+SELECT state, error ->> 'category' AS category, error ->> 'attempts' AS attempts FROM billing.stripe_requests WHERE request_id = 7;
+BEGIN; SELECT as_tenant('acme'); SELECT payment_id, status, failure_code FROM api.payments ORDER BY payment_id; COMMIT;
+RESET qes_billing.max_attempts;
+
+-- a failed customer fails what waited for it
+SELECT tenant_id FROM billing.upsert_tenant('beta', 'Beta', 'billing@beta.test');
+BEGIN; SELECT as_tenant('beta'); SELECT api.create_subscription('enterprise', 'year'); COMMIT;
+SELECT request_id, attempt FROM billing.outbox_claim(10);
+SELECT billing.outbox_record(8, 1, 400, '{"error":{"type":"invalid_request_error","message":"Invalid email address"}}');
+SELECT request_id, kind, state, error ->> 'category' AS category, error ->> 'message' AS message
+  FROM billing.stripe_requests WHERE tenant_id = 'beta' ORDER BY request_id;
+BEGIN; SELECT as_tenant('beta'); SELECT plan, status, limits_plan, last_error FROM api.subscription; COMMIT;
+-- and the tenant may try again
+BEGIN; SELECT as_tenant('beta'); SELECT api.create_subscription('enterprise', 'year'); COMMIT;
+
+-- an operator sends a failed request again (same Idempotency-Key)
+SELECT idempotency_key = (SELECT idempotency_key FROM billing.stripe_requests WHERE request_id = 8) AS same_key
+  FROM billing.stripe_requests WHERE request_id = 8;
+SELECT billing.retry_request(8);
+SELECT state, attempts FROM billing.stripe_requests WHERE request_id = 8;
+SELECT billing.retry_request(8);
+
+-- crash reconciliation: in flight → pending, key kept
+SELECT request_id, attempt FROM billing.outbox_claim(1);
+SELECT billing.worker_reclaim() > 0 AS reclaimed;
+SELECT request_id, state, attempts FROM billing.stripe_requests WHERE request_id = 10;
+
+-- every step above is in the audit trail
+SELECT action, tenant_id FROM billing.audit_log
+ WHERE action ~ '^(subscription|customer|payment_intent|stripe)\.' ORDER BY audit_id;
+SELECT * FROM billing.outbox_metrics;

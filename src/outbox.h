@@ -1,0 +1,15 @@
+/*-------------------------------------------------------------------------
+ *
+ * outbox.h
+ *	  The worker's Stripe client (libcurl multi) over the outbox.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef QES_OUTBOX_H
+#define QES_OUTBOX_H
+
+extern bool qes_outbox_pump(long budget_ms);
+extern void qes_outbox_wake(void);
+extern int	qes_outbox_in_flight(void);
+
+#endif							/* QES_OUTBOX_H */
