@@ -20,6 +20,7 @@ OBJS = \
 	src/outbox.o
 
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
+SCRIPTS = src/qes_billing_setup
 INSTALL_SQL = $(sort $(wildcard sql/install/*.sql))
 
 PG_CONFIG ?= pg_config

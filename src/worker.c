@@ -41,6 +41,7 @@
 #include "utils/timestamp.h"
 #include "commands/trigger.h"
 #include <limits.h>
+#include <math.h>
 
 #include "guc.h"
 #include "outbox.h"
@@ -318,7 +319,11 @@ worker_loop_once(long *next_due_ms)
 			elog(ERROR, "qes_billing worker: billing.outbox_next_due() failed");
 		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 		if (!isnull)
-			*next_due_ms = (long) Min(DatumGetFloat8(d) * 1000.0 + 1, (double) INT_MAX);
+		{
+			double		due_s = DatumGetFloat8(d);
+
+			*next_due_ms = due_s <= 0 ? 0 : (long) Min(ceil(due_s * 1000.0), (double) INT_MAX);
+		}
 	}
 	qes_worker_end_xact();
 

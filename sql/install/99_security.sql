@@ -52,7 +52,8 @@ GRANT EXECUTE ON FUNCTION api.create_subscription(text, text),
                           api.update_subscription(text, text, boolean, text),
                           api.create_payment_intent(bigint, text, text)
   TO qes_tenant;
-GRANT EXECUTE ON FUNCTION billing.now() TO qes_tenant, qes_admin;
+GRANT EXECUTE ON FUNCTION billing.now(), billing.environment() TO qes_tenant, qes_admin;
+GRANT SELECT ON billing.clock TO qes_tenant, qes_admin;   -- billing.now() reads it
 GRANT SELECT ON api.subscription, api.payments TO qes_tenant, qes_admin;
 
 -- usage, for the tenant through api.usage

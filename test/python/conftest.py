@@ -1,5 +1,11 @@
+import json
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -47,3 +53,40 @@ def tenant_claims(tenant_id, sub="user@tenant"):
 
 
 ADMIN = {"role": "qes_admin", "sub": "ops@qes.example"}
+
+
+def _stripe_mock_binary():
+    for cand in (os.environ.get("QES_STRIPE_MOCK"),
+                 os.path.expanduser("~/.cache/qes_billing/bin/stripe-mock"),
+                 shutil.which("stripe-mock")):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    pytest.fail("stripe-mock is not installed: run test/tools/deps.sh")
+
+
+@pytest.fixture(scope="session")
+def stripe_mock():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([_stripe_mock_binary(), "-http-port", str(port), "-https-port", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            fixture_get(base, "customers/cus_1")
+            break
+        except Exception:
+            time.sleep(0.1)
+    yield base
+    proc.terminate()
+    proc.wait(10)
+
+
+def fixture_get(base, path):
+    req = urllib.request.Request(f"{base}/v1/{path}", headers={"Authorization": "Bearer sk_test_123"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.load(r)
+
+

@@ -18,47 +18,12 @@ import uuid
 import pytest
 import stripe
 
-from conftest import TEST_KEYS, tenant_claims
+from conftest import TEST_KEYS, fixture_get, tenant_claims
 from postgrest import PostgREST
 
 SECRET = TEST_KEYS["STRIPE_TEST_WEBHOOK_SECRET"]
 TENANT = "whk"
 CUSTOMER = "cus_whk0001"
-
-
-def _stripe_mock_binary():
-    for cand in (os.environ.get("QES_STRIPE_MOCK"),
-                 os.path.expanduser("~/.cache/qes_billing/bin/stripe-mock"),
-                 shutil.which("stripe-mock")):
-        if cand and os.access(cand, os.X_OK):
-            return cand
-    pytest.fail("stripe-mock is not installed: run test/tools/deps.sh")
-
-
-@pytest.fixture(scope="module")
-def stripe_mock():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([_stripe_mock_binary(), "-http-port", str(port), "-https-port", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            fixture_get(base, "customers/cus_1")
-            break
-        except Exception:
-            time.sleep(0.1)
-    yield base
-    proc.terminate()
-    proc.wait(10)
-
-
-def fixture_get(base, path):
-    req = urllib.request.Request(f"{base}/v1/{path}", headers={"Authorization": "Bearer sk_test_123"})
-    with urllib.request.urlopen(req, timeout=5) as r:
-        return json.load(r)
 
 
 @pytest.fixture(scope="module")

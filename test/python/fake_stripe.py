@@ -1,0 +1,500 @@
+"""A stateful fake of the part of Stripe's API qes_billing uses.
+
+stripe-mock (Stripe's own) validates requests but keeps no state; this fake
+keeps customers, products, prices, subscriptions, invoices, payment intents
+and webhook endpoints in the shapes of API version 2024-06-20, so flows can
+be followed end to end:
+
+- Idempotency-Key: the same key with the same parameters replays the first
+  answer (status and body); with other parameters it is a 400
+  idempotency_error, and while the first is still being processed a 409.
+- Faults, injected at a chosen rate: 500 before doing anything, 500 after
+  doing it (the answer is lost, the object exists), 429 with Retry-After,
+  a timeout (no answer within the client's timeout) and a dropped
+  connection after doing it.  Retrying with the same key must then
+  converge to exactly one object per logical request.
+- Payments: confirming a payment intent with pm_card_visa succeeds, with
+  pm_card_chargeDeclined is declined (402 card_error).  A customer's saved
+  card pays subscription changes (payment_behavior=error_if_incomplete
+  refuses the change when it is declined).
+- Events: every state change appends an event (the 16 the endpoint
+  subscribes to) to `events`; `signed(event, secret)` gives the body and
+  Stripe-Signature header to deliver it with.
+
+Run standalone (make run uses it):  python3 fake_stripe.py --port 12112
+"""
+import argparse
+import hashlib
+import hmac
+import json
+import random
+import secrets
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qsl, urlsplit
+
+API_VERSION = "2024-06-20"
+
+
+def new_id(prefix):
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+def parse_form(text):
+    """Stripe's bracket notation back into nested dicts and lists."""
+    root = {}
+    for key, value in parse_qsl(text, keep_blank_values=True):
+        parts = key.replace("]", "").split("[")
+        node = root
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            nxt = None if last else parts[i + 1]
+            if isinstance(node, list):
+                if part == "":
+                    if last:
+                        node.append(value)
+                        break
+                    node.append({} if nxt not in ("",) and not nxt.isdigit() else [])
+                    node = node[-1]
+                    continue
+                idx = int(part)
+                while len(node) <= idx:
+                    node.append(None)
+                if last:
+                    node[idx] = value
+                else:
+                    if node[idx] is None:
+                        node[idx] = [] if (nxt == "" or nxt.isdigit()) else {}
+                    node = node[idx]
+            else:
+                if last:
+                    node[part] = value
+                else:
+                    if part not in node:
+                        node[part] = [] if (nxt == "" or nxt.isdigit()) else {}
+                    node = node[part]
+    return root
+
+
+class StripeError(Exception):
+    def __init__(self, status, type_, message, code=None, decline_code=None, param=None):
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {k: v for k, v in {"type": type_, "message": message, "code": code,
+                                                 "decline_code": decline_code, "param": param}.items()
+                               if v is not None}}
+
+
+class FakeStripe:
+    def __init__(self, fault_rate=0.0, seed=None, timeout_s=3.0):
+        self.lock = threading.RLock()
+        self.rand = random.Random(seed)
+        self.fault_rate = fault_rate
+        self.timeout_s = timeout_s
+        self.objects = {}          # id -> object
+        self.idem = {}             # key -> (params digest, status, body) or "busy"
+        self.events = []
+        self.creates = {}          # object type -> count of objects created
+        self.requests = []         # (method, path, idempotency key, status)
+        self.faults = {}           # kind -> count
+        self.customer_cards = {}   # customer id -> payment method id
+        self.server = None
+
+    # ---- objects ------------------------------------------------------
+
+    def _created(self, obj):
+        self.objects[obj["id"]] = obj
+        self.creates[obj["object"]] = self.creates.get(obj["object"], 0) + 1
+        return obj
+
+    def _event(self, type_, obj, previous=None):
+        ev = {"id": new_id("evt"), "object": "event", "api_version": API_VERSION, "created": int(time.time()),
+              "livemode": False, "type": type_, "pending_webhooks": 1,
+              "request": {"id": None, "idempotency_key": None},
+              "data": {"object": json.loads(json.dumps(obj))}}
+        if previous:
+            ev["data"]["previous_attributes"] = previous
+        self.events.append(ev)
+        return ev
+
+    def get(self, oid, type_=None):
+        obj = self.objects.get(oid)
+        if obj is None or (type_ and obj["object"] != type_):
+            raise StripeError(404, "invalid_request_error", f"No such {type_ or 'object'}: '{oid}'",
+                              code="resource_missing")
+        return obj
+
+    def of_type(self, type_):
+        return [o for o in self.objects.values() if o["object"] == type_]
+
+    # ---- endpoints ----------------------------------------------------
+
+    def handle(self, method, path, params):
+        parts = [p for p in path.split("/") if p][1:]     # drop "v1"
+        name = parts[0] if parts else ""
+        if method == "GET" and parts == ["balance"]:
+            return {"object": "balance", "available": [{"amount": 0, "currency": "usd"}], "livemode": False}
+        if name == "customers":
+            if method == "POST" and len(parts) == 1:
+                c = self._created({"id": new_id("cus"), "object": "customer", "created": int(time.time()),
+                                   "email": params.get("email"), "name": params.get("name"),
+                                   "metadata": params.get("metadata", {}), "livemode": False,
+                                   "invoice_settings": {"default_payment_method": None}})
+                self._event("customer.created", c)
+                return c
+            if method == "GET" and len(parts) == 2:
+                return self.get(parts[1], "customer")
+        if name == "products":
+            if method == "GET" and len(parts) == 2:
+                return self.get(parts[1], "product")
+            if method == "POST" and len(parts) == 1:
+                pid = params.get("id") or new_id("prod")
+                if pid in self.objects:
+                    raise StripeError(400, "invalid_request_error", f"Product already exists.",
+                                      code="resource_already_exists", param="id")
+                return self._created({"id": pid, "object": "product", "name": params["name"], "active": True,
+                                      "description": params.get("description"),
+                                      "metadata": params.get("metadata", {}), "created": int(time.time())})
+        if name == "prices":
+            if method == "GET" and len(parts) == 1:
+                keys = params.get("lookup_keys", [])
+                data = [p for p in self.of_type("price") if (not keys or p["lookup_key"] in keys)]
+                return {"object": "list", "url": "/v1/prices", "has_more": False,
+                        "data": sorted(data, key=lambda p: -p["created"])[:int(params.get("limit", 10))]}
+            if method == "POST" and len(parts) == 1:
+                self.get(params["product"], "product")
+                key = params.get("lookup_key")
+                if key:
+                    holders = [p for p in self.of_type("price") if p["lookup_key"] == key]
+                    if holders and params.get("transfer_lookup_key") != "true":
+                        raise StripeError(400, "invalid_request_error",
+                                          f"A price with lookup key {key} already exists.", param="lookup_key")
+                    for p in holders:
+                        p["lookup_key"] = None
+                rec = params.get("recurring")
+                return self._created({
+                    "id": new_id("price"), "object": "price", "active": True, "currency": params["currency"],
+                    "unit_amount": int(params["unit_amount"]), "product": params["product"], "lookup_key": key,
+                    "recurring": {"interval": rec["interval"], "interval_count": 1} if rec else None,
+                    "type": "recurring" if rec else "one_time", "metadata": params.get("metadata", {}),
+                    "created": int(time.time()) * 1000 + len(self.objects)})
+        if name == "webhook_endpoints":
+            if method == "GET" and len(parts) == 1:
+                data = [dict(w, secret=None) for w in self.of_type("webhook_endpoint")]
+                for w in data:
+                    del w["secret"]
+                return {"object": "list", "url": "/v1/webhook_endpoints", "has_more": False, "data": data}
+            if method == "POST" and len(parts) == 1:
+                w = self._created({"id": new_id("we"), "object": "webhook_endpoint", "url": params["url"],
+                                   "enabled_events": params["enabled_events"], "status": "enabled",
+                                   "api_version": params.get("api_version"), "livemode": False,
+                                   "secret": "whsec_" + secrets.token_hex(16),
+                                   "description": params.get("description"), "metadata": params.get("metadata", {})})
+                return w
+            if method == "POST" and len(parts) == 2:
+                w = self.get(parts[1], "webhook_endpoint")
+                if "enabled_events" in params:
+                    w["enabled_events"] = params["enabled_events"]
+                if params.get("disabled") == "false":
+                    w["status"] = "enabled"
+                return {k: v for k, v in w.items() if k != "secret"}
+        if name == "subscriptions":
+            if method == "POST" and len(parts) == 1:
+                return self._create_subscription(params)
+            if method == "GET" and len(parts) == 2:
+                return self._expand(self.get(parts[1], "subscription"), params)
+            if method == "POST" and len(parts) == 2:
+                return self._update_subscription(self.get(parts[1], "subscription"), params)
+        if name == "payment_intents":
+            if method == "POST" and len(parts) == 1:
+                self.get(params["customer"], "customer")
+                pi = self._payment_intent(int(params["amount"]), params["currency"], params["customer"],
+                                          params.get("description"), params.get("metadata", {}), None)
+                return pi
+            if method == "GET" and len(parts) == 2:
+                return self.get(parts[1], "payment_intent")
+            if method == "POST" and len(parts) == 3 and parts[2] == "confirm":
+                return self.confirm(parts[1], params.get("payment_method", "pm_card_visa"))
+        raise StripeError(404, "invalid_request_error", f"Unrecognized request URL ({method}: {path}).")
+
+    def _payment_intent(self, amount, currency, customer, description, metadata, invoice):
+        pi_id = new_id("pi")
+        return self._created({
+            "id": pi_id, "object": "payment_intent", "amount": amount, "currency": currency, "customer": customer,
+            "description": description, "metadata": metadata, "invoice": invoice, "status": "requires_payment_method",
+            "client_secret": f"{pi_id}_secret_{secrets.token_hex(8)}", "latest_charge": None,
+            "last_payment_error": None, "livemode": False, "created": int(time.time())})
+
+    def _invoice(self, sub, customer, amount, status="open", billing_reason="subscription_create"):
+        now = int(time.time())
+        inv = self._created({
+            "id": new_id("in"), "object": "invoice", "customer": customer, "subscription": sub["id"],
+            "status": status, "amount_due": amount, "amount_paid": 0, "amount_remaining": amount,
+            "currency": "usd", "number": f"QES-{len(self.of_type('invoice')) + 1:05d}",
+            "billing_reason": billing_reason, "period_start": now, "period_end": now, "created": now,
+            "hosted_invoice_url": "https://invoice.stripe.test/i/" + secrets.token_hex(6),
+            "invoice_pdf": "https://pay.stripe.test/invoice/" + secrets.token_hex(6) + "/pdf",
+            "payment_intent": None, "metadata": {}, "livemode": False})
+        self._event("invoice.created", inv)
+        self._event("invoice.finalized", inv)
+        return inv
+
+    def _create_subscription(self, p):
+        cust = self.get(p["customer"], "customer")
+        price = self.get(p["items"][0]["price"], "price")
+        now = int(time.time())
+        sub = self._created({
+            "id": new_id("sub"), "object": "subscription", "customer": cust["id"], "status": "incomplete",
+            "cancel_at_period_end": False, "current_period_start": now,
+            "current_period_end": now + (365 if price["recurring"]["interval"] == "year" else 30) * 86400,
+            "trial_end": None, "metadata": p.get("metadata", {}), "livemode": False, "created": now,
+            "items": {"object": "list", "data": [{"id": new_id("si"), "object": "subscription_item",
+                                                  "price": price, "quantity": 1}]},
+            "latest_invoice": None, "pending_update": None})
+        inv = self._invoice(sub, cust["id"], price["unit_amount"])
+        pi = self._payment_intent(price["unit_amount"], "usd", cust["id"], None, {}, inv["id"])
+        inv["payment_intent"] = pi["id"]
+        sub["latest_invoice"] = inv["id"]
+        self._event("customer.subscription.created", sub)
+        return self._expand(sub, p)
+
+    def _expand(self, sub, p):
+        out = json.loads(json.dumps(sub))
+        exp = p.get("expand", [])
+        if any(e.startswith("latest_invoice") for e in exp) and out["latest_invoice"]:
+            inv = json.loads(json.dumps(self.objects[out["latest_invoice"]]))
+            if "latest_invoice.payment_intent" in exp and inv.get("payment_intent"):
+                inv["payment_intent"] = self.objects[inv["payment_intent"]]
+            out["latest_invoice"] = inv
+        return out
+
+    def _charge(self, pi, pm):
+        declined = pm == "pm_card_chargeDeclined"
+        ch = self._created({"id": new_id("ch"), "object": "charge", "amount": pi["amount"], "currency": pi["currency"],
+                            "customer": pi["customer"], "payment_intent": pi["id"], "invoice": pi.get("invoice"),
+                            "status": "failed" if declined else "succeeded", "paid": not declined,
+                            "failure_code": "card_declined" if declined else None,
+                            "failure_message": "Your card was declined." if declined else None,
+                            "metadata": pi.get("metadata", {}), "livemode": False, "created": int(time.time())})
+        pi["latest_charge"] = ch["id"]
+        if declined:
+            pi["status"] = "requires_payment_method"
+            pi["last_payment_error"] = {"type": "card_error", "code": "card_declined",
+                                        "decline_code": "generic_decline", "message": "Your card was declined."}
+            self._event("charge.failed", ch)
+            self._event("payment_intent.payment_failed", pi)
+        else:
+            pi["status"] = "succeeded"
+            pi["last_payment_error"] = None
+            self._event("charge.succeeded", ch)
+            self._event("payment_intent.succeeded", pi)
+        return not declined
+
+    def confirm(self, pi_id, pm):
+        """What Stripe.js does with the client secret on the front end."""
+        with self.lock:
+            pi = self.get(pi_id, "payment_intent")
+            if pi["status"] == "succeeded":
+                return pi
+            ok = self._charge(pi, pm)
+            if pi.get("invoice"):
+                inv = self.objects[pi["invoice"]]
+                sub = self.objects[inv["subscription"]]
+                if ok:
+                    self._pay_invoice(inv)
+                    self.customer_cards[pi["customer"]] = pm
+                    if sub["status"] in ("incomplete", "past_due"):
+                        prev = sub["status"]
+                        sub["status"] = "active"
+                        self._event("customer.subscription.updated", sub, {"status": prev})
+                else:
+                    self._event("invoice.payment_failed", inv)
+            if not ok:
+                raise StripeError(402, "card_error", "Your card was declined.", code="card_declined",
+                                  decline_code="generic_decline")
+            return pi
+
+    def _pay_invoice(self, inv):
+        inv.update(status="paid", amount_paid=inv["amount_due"], amount_remaining=0)
+        self._event("invoice.paid", inv)
+
+    def _update_subscription(self, sub, p):
+        previous = {}
+        items = p.get("items")
+        if items:
+            new_price = self.get(items[0]["price"], "price")
+            old_price = sub["items"]["data"][0]["price"]
+            if items[0].get("id") != sub["items"]["data"][0]["id"]:
+                raise StripeError(400, "invalid_request_error", "No such subscription item", param="items[0][id]")
+            proration = p.get("proration_behavior", "create_prorations")
+            diff = new_price["unit_amount"] - old_price["unit_amount"]
+            if proration == "always_invoice" and diff > 0:
+                pm = self.customer_cards.get(sub["customer"])
+                inv = self._invoice(sub, sub["customer"], diff, billing_reason="subscription_update")
+                pi = self._payment_intent(diff, "usd", sub["customer"], None, {}, inv["id"])
+                inv["payment_intent"] = pi["id"]
+                if pm is None or not self._charge(pi, pm):
+                    self._event("invoice.payment_failed", inv)
+                    if p.get("payment_behavior") == "error_if_incomplete":
+                        raise StripeError(402, "card_error", "Your card was declined.", code="card_declined",
+                                          decline_code="generic_decline")
+                else:
+                    self._pay_invoice(inv)
+                sub["latest_invoice"] = inv["id"]
+            previous["items"] = json.loads(json.dumps(sub["items"]))
+            sub["items"]["data"][0]["price"] = new_price
+            if new_price["recurring"]["interval"] != old_price["recurring"]["interval"]:
+                now = int(time.time())
+                sub["current_period_start"] = now
+                sub["current_period_end"] = now + (365 if new_price["recurring"]["interval"] == "year" else 30) * 86400
+        if "cancel_at_period_end" in p:
+            previous["cancel_at_period_end"] = sub["cancel_at_period_end"]
+            sub["cancel_at_period_end"] = p["cancel_at_period_end"] == "true"
+        if "metadata" in p:
+            sub["metadata"].update(p["metadata"])
+        self._event("customer.subscription.updated", sub, previous)
+        return self._expand(sub, p)
+
+    # ---- HTTP ---------------------------------------------------------
+
+    def serve(self, port=0):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _answer(self, status, body, headers=()):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Request-Id", new_id("req"))
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _drop(self):
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+            def do_GET(self):
+                self._serve("GET")
+
+            def do_POST(self):
+                self._serve("POST")
+
+            def do_DELETE(self):
+                self._serve("DELETE")
+
+            def _serve(self, method):
+                url = urlsplit(self.path)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                if url.path.startswith("/_fake/"):
+                    return self._control(method, url.path, body)
+                auth = self.headers.get("Authorization", "")
+                if not auth.startswith("Bearer sk_test_"):
+                    return self._answer(401, {"error": {"type": "authentication_error",
+                                                        "message": "Invalid API Key provided."}})
+                params = parse_form(url.query if method == "GET" else body)
+                key = self.headers.get("Idempotency-Key") if method == "POST" else None
+                status, out, extra = fake.process(method, url.path, params, key, body)
+                fake.requests.append((method, url.path, key, status))
+                if status == "timeout":
+                    time.sleep(fake.timeout_s)
+                    return self._drop()
+                if status == "drop":
+                    return self._drop()
+                self._answer(status, out, extra)
+
+            def _control(self, method, path, body):
+                if path == "/_fake/confirm":
+                    p = json.loads(body)
+                    try:
+                        return self._answer(200, fake.confirm(p["payment_intent"], p["payment_method"]))
+                    except StripeError as e:
+                        return self._answer(e.status, e.body)
+                if path == "/_fake/faults":
+                    fake.fault_rate = float(json.loads(body)["rate"])
+                    return self._answer(200, {"rate": fake.fault_rate})
+                if path == "/_fake/events":
+                    return self._answer(200, {"data": fake.events})
+                return self._answer(404, {"error": {"type": "invalid_request_error", "message": "no such control"}})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self):
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+
+    def process(self, method, path, params, key, raw):
+        """Returns (status | 'timeout' | 'drop', body, extra headers)."""
+        digest = hashlib.sha256(f"{method} {path} {raw}".encode()).hexdigest()
+        fault = None
+        with self.lock:
+            if self.fault_rate and self.rand.random() < self.fault_rate:
+                fault = self.rand.choice(["500_before", "500_after", "429", "timeout", "drop_after"])
+                self.faults[fault] = self.faults.get(fault, 0) + 1
+            if fault == "500_before":
+                return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}, []
+            if fault == "429":
+                return 429, {"error": {"type": "invalid_request_error", "code": "rate_limit",
+                                       "message": "Too many requests"}}, [("Retry-After", "1")]
+            if key is not None and key in self.idem:
+                first = self.idem[key]
+                if first[0] != digest:
+                    return 400, {"error": {"type": "idempotency_error",
+                                           "message": "Keys for idempotent requests can only be used with the "
+                                                      "same parameters they were first used with."}}, []
+                status, body = first[1], first[2]
+                extra = [("Idempotent-Replayed", "true")]
+            else:
+                try:
+                    status, body = 200, self.handle(method, path, params)
+                except StripeError as e:
+                    status, body = e.status, e.body
+                if key is not None and status != 500:
+                    self.idem[key] = (digest, status, json.loads(json.dumps(body)))
+                extra = []
+                if status == 402:
+                    extra.append(("Stripe-Should-Retry", "false"))
+            if fault == "500_after":
+                return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}, []
+            if fault == "timeout":
+                return "timeout", None, []
+            if fault == "drop_after":
+                return "drop", None, []
+            return status, body, extra
+
+
+def signed(event, secret, at=None):
+    body = json.dumps(event)
+    t = int(at or time.time())
+    sig = hmac.new(secret.encode(), f"{t}.{body}".encode(), hashlib.sha256).hexdigest()
+    return body, f"t={t},v1={sig}"
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--port", type=int, default=12112)
+    ap.add_argument("--fault-rate", type=float, default=0.0)
+    args = ap.parse_args()
+    fake = FakeStripe(fault_rate=args.fault_rate)
+    print(fake.serve(args.port), flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        fake.stop()
