@@ -7,7 +7,9 @@ be followed end to end:
 
 - Idempotency-Key: the same key with the same parameters replays the first
   answer (status and body); with other parameters it is a 400
-  idempotency_error, and while the first is still being processed a 409.
+  idempotency_error.  (Requests are processed one at a time, so Stripe's
+  409 for a key still in flight does not arise here; the worker's handling
+  of 409 is tested in pg_regress.)
 - Faults, injected at a chosen rate: 500 before doing anything, 500 after
   doing it (the answer is lost, the object exists), 429 with Retry-After,
   a timeout (no answer within the client's timeout) and a dropped
@@ -88,8 +90,9 @@ class StripeError(Exception):
 
 
 class FakeStripe:
-    def __init__(self, fault_rate=0.0, seed=None, timeout_s=3.0):
+    def __init__(self, fault_rate=0.0, seed=None, timeout_s=3.0, delay_s=0.0):
         self.lock = threading.RLock()
+        self.delay_s = delay_s     # every answer waits this long (a slow Stripe)
         self.rand = random.Random(seed)
         self.fault_rate = fault_rate
         self.timeout_s = timeout_s
@@ -405,6 +408,8 @@ class FakeStripe:
                     return self._answer(401, {"error": {"type": "authentication_error",
                                                         "message": "Invalid API Key provided."}})
                 params = parse_form(url.query if method == "GET" else body)
+                if fake.delay_s:
+                    time.sleep(fake.delay_s)
                 key = self.headers.get("Idempotency-Key") if method == "POST" else None
                 status, out, extra = fake.process(method, url.path, params, key, body)
                 fake.requests.append((method, url.path, key, status))
@@ -425,6 +430,9 @@ class FakeStripe:
                 if path == "/_fake/faults":
                     fake.fault_rate = float(json.loads(body)["rate"])
                     return self._answer(200, {"rate": fake.fault_rate})
+                if path == "/_fake/stats":
+                    return self._answer(200, {"creates": fake.creates, "requests": fake.requests,
+                                              "faults": fake.faults})
                 if path == "/_fake/events":
                     return self._answer(200, {"data": fake.events})
                 return self._answer(404, {"error": {"type": "invalid_request_error", "message": "no such control"}})
@@ -490,8 +498,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, default=12112)
     ap.add_argument("--fault-rate", type=float, default=0.0)
+    ap.add_argument("--delay-ms", type=float, default=0.0)
     args = ap.parse_args()
-    fake = FakeStripe(fault_rate=args.fault_rate)
+    fake = FakeStripe(fault_rate=args.fault_rate, delay_s=args.delay_ms / 1000.0)
     print(fake.serve(args.port), flush=True)
     try:
         while True:

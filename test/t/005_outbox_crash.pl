@@ -1,0 +1,94 @@
+# The server crashes while Stripe requests are in flight.  Each outbox row
+# is claimed and committed before it is sent, and keeps its Idempotency-Key,
+# so after crash recovery the rows left in flight are sent again with the
+# same key: the (stateful, fake) Stripe replays its first answer, and every
+# logical request creates exactly one object -- none lost, none doubled.
+use strict;
+use warnings;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use IPC::Run;
+use JSON::PP;
+use File::Basename;
+use Cwd qw(abs_path);
+use QesTest;
+
+# the fake Stripe, answering every request after 150 ms
+my $fake_port = PostgreSQL::Test::Cluster::get_free_port();
+my $fake_py = abs_path(dirname(__FILE__) . '/../python/fake_stripe.py');
+my ($out, $err) = ('', '');
+my $fake = IPC::Run::start(['python3', $fake_py, '--port', $fake_port, '--delay-ms', '150'],
+	'>', \$out, '2>', \$err);
+ok(defined wait_for(sub { $fake->pump_nb; $out =~ /http:/ }, 20), 'the fake Stripe is listening')
+	or diag($err);
+
+sub fake_stats
+{
+	my $json = `curl -s http://127.0.0.1:$fake_port/_fake/stats`;
+	return decode_json($json);
+}
+
+my $node = qes_node('outbox_crash', conf => [
+	"qes_billing.stripe_api_base = 'http://127.0.0.1:$fake_port'",
+	"qes_billing.stripe_test_secret_key = 'sk_test_tap_outbox_crash'",
+	"qes_billing.max_concurrent_requests = 8",
+	"qes_billing.request_timeout = '5s'",
+	"qes_billing.retry_base_delay = '50ms'",
+	"qes_billing.retry_max_delay = '500ms'"]);
+$node->safe_psql('postgres', 'CREATE EXTENSION qes_billing');
+
+my $n = 300;
+$node->safe_psql('postgres', qq{
+	SELECT count(billing.outbox_enqueue(NULL, 'test.customer', 'POST', '/v1/customers',
+	                                    jsonb_build_object('name', 'Crash ' || i, 'email', 'c' || i || '\@t.example',
+	                                                       'metadata', jsonb_build_object('n', i))))
+	  FROM generate_series(1, $n) i;
+});
+
+ok(defined wait_for(sub {
+	$node->safe_psql('postgres',
+		"SELECT count(*) FILTER (WHERE state = 'succeeded') > 20 AND count(*) FILTER (WHERE state = 'in_flight') > 0
+		   FROM billing.stripe_requests") eq 't' }, 60),
+	'requests are being sent');
+my $in_flight = $node->safe_psql('postgres', "SELECT string_agg(request_id::text, ',') FROM billing.stripe_requests WHERE state = 'in_flight'");
+my $done_before = $node->safe_psql('postgres', "SELECT count(*) FROM billing.stripe_requests WHERE state = 'succeeded'");
+note("crash with requests $in_flight in flight, $done_before of $n done");
+$node->stop('immediate');
+$node->start;
+
+ok(defined wait_for(sub {
+	my ($rc, $o) = $node->psql('postgres', "SELECT count(*) FROM billing.stripe_requests WHERE state <> 'succeeded'");
+	$rc == 0 && $o eq '0' }, 120), 'after the restart every request succeeds');
+like(slurp_file($node->logfile), qr/qes_billing worker reclaimed \d+ queue rows left in flight/,
+	'the rows left in flight were reclaimed at start-up');
+
+my $stats = fake_stats();
+is($stats->{creates}{customer}, $n, "exactly $n customers exist in Stripe: none lost, none doubled");
+
+# the requests in flight at the crash were sent again with their own key
+my %sent;
+$sent{$_->[2]}++ for grep { $_->[1] eq '/v1/customers' } @{ $stats->{requests} };
+my @resent = grep { $sent{$_} > 1 } keys %sent;
+cmp_ok(scalar(@resent), '>', 0, scalar(@resent) . ' keys were sent twice (once before the crash, once after)');
+my $keys = $node->safe_psql('postgres', "SELECT string_agg(idempotency_key, ',') FROM billing.stripe_requests");
+my %ours = map { $_ => 1 } split /,/, $keys;
+is(scalar(grep { !$ours{$_} } keys %sent), 0, 'every key sent is the key of an outbox row');
+is(scalar(keys %sent), $n, 'one key per logical request');
+is($node->safe_psql('postgres', "SELECT count(DISTINCT response->>'id') FROM billing.stripe_requests"),
+	$n, 'each row recorded the one customer Stripe created for it');
+# a row claimed just before the crash may not have reached Stripe: it is
+# sent once, after the restart, yet shows two attempts
+my @in_flight = split /,/, $in_flight;
+my $second = $node->safe_psql('postgres', "SELECT string_agg(request_id::text, ',') FROM billing.stripe_requests WHERE attempts > 1");
+is_deeply([sort { $a <=> $b } split /,/, $second], [sort { $a <=> $b } @in_flight],
+	'exactly the rows in flight at the crash were sent again');
+cmp_ok(scalar(@resent), '<=', scalar(@in_flight), 'and only they reached Stripe twice');
+
+unlike(slurp_file($node->logfile), qr/sk_test_tap_outbox_crash/, 'the secret key never reaches the log');
+is($node->safe_psql('postgres', "SELECT count(*) FROM billing.stripe_requests WHERE params::text LIKE '%sk_test%' OR response::text LIKE '%sk_test%'"),
+	'0', 'nor any stored row');
+
+$node->stop;
+$fake->kill_kill;
+done_testing();
