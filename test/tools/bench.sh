@@ -49,8 +49,9 @@ pair() {
 }
 
 echo "qes_billing benchmark: $CLIENTS clients, $ROUNDS x ${SECONDS_EACH}s per figure, $(nproc) cores, PostgreSQL $(pg_config --version | awk '{print $2}')"
-part=${BENCH_PART:-all}          # all, usage or webhooks
-if [ "$part" != webhooks ]; then
+part=${BENCH_PART:-all}          # all, usage, webhooks or outbox
+wants() { [ "$part" = all ] || [ "$part" = "$1" ]; }
+if wants usage; then
 tps check_limit >/dev/null       # warm caches and counters
 pair record_usage record_usage plain_insert plain_insert
 pair check_limit check_limit select_1 select_1
@@ -65,7 +66,7 @@ echo "$hist"
 awk -v a="${hist##*ratio=}" -v b="$base" 'BEGIN { printf "check_limit ratio with history / without: %.2f\n", a / b }'
 fi
 
-if [ "$part" != usage ]; then
+if wants webhooks; then
 
 # webhooks: intake beside a plain INSERT of the same payload, with the
 # worker paused so that only intake is measured; then processing
@@ -90,7 +91,41 @@ sql -c "SELECT 'webhook latency (received -> applied, last hour): p50=' || round
 
 fi
 
-if [ "$part" != webhooks ]; then
+if wants outbox; then
+# the outbox: requests per second the worker sends through libcurl to a
+# local endpoint that answers after 20 ms, at several concurrency settings;
+# the ceiling is the same endpoint driven at the same concurrency by a
+# client without the database
+EP_PORT=${QES_BENCH_ENDPOINT_PORT:-55499}
+N=${BENCH_OUTBOX_REQUESTS:-6000}
+python3 "$src/test/bench/slow_endpoint.py" serve "$EP_PORT" 20 >"$DIR/endpoint.log" 2>&1 &
+ep=$!
+trap 'kill $ep 2>/dev/null; as_pg pg_ctl -D "$DIR/data" -m fast -w stop >/dev/null 2>&1 || true' EXIT
+until grep -q listening "$DIR/endpoint.log"; do sleep 0.1; done
+sql -c "ALTER SYSTEM SET qes_billing.stripe_api_base = 'http://127.0.0.1:$EP_PORT'" \
+    -c "ALTER SYSTEM SET qes_billing.stripe_test_secret_key = 'sk_test_bench_outbox'" -c "SELECT pg_reload_conf()" >/dev/null
+for c in ${BENCH_OUTBOX_CONCURRENCY:-8 32 64}; do
+  sql -c "ALTER SYSTEM SET qes_billing.max_concurrent_requests = $c" -c "ALTER SYSTEM SET qes_billing.worker_paused = on" \
+      -c "SELECT pg_reload_conf()" >/dev/null
+  sleep 1
+  sql -c "DELETE FROM billing.stripe_requests WHERE kind = 'bench.request'" \
+      -c "SELECT count(billing.outbox_enqueue(NULL, 'bench.request', 'POST', '/v1/customers',
+                jsonb_build_object('name', 'Bench', 'metadata', jsonb_build_object('n', i)))) FROM generate_series(1, $N) i" >/dev/null
+  start=$(date +%s.%N)
+  sql -c "ALTER SYSTEM SET qes_billing.worker_paused = off" -c "SELECT pg_reload_conf()" >/dev/null
+  until [ "$(sql -c "SELECT count(*) FROM billing.stripe_requests WHERE kind = 'bench.request' AND state <> 'succeeded'")" = 0 ]; do
+    sleep 0.05
+  done
+  end=$(date +%s.%N)
+  ceiling=$(python3 "$src/test/bench/slow_endpoint.py" load "$EP_PORT" "$c" 5)
+  awk -v c="$c" -v n="$N" -v s="$start" -v e="$end" -v cr="$ceiling" \
+    'BEGIN { r = n / (e - s); printf "outbox_c%d rps=%d ceiling=endpoint_20ms_c%d ceiling_rps=%d ratio=%.2f\n", c, r, c, cr, (cr > 0 ? r / cr : 0) }'
+done
+sql -c "ALTER SYSTEM RESET qes_billing.stripe_api_base" -c "ALTER SYSTEM RESET qes_billing.stripe_test_secret_key" \
+    -c "ALTER SYSTEM RESET qes_billing.max_concurrent_requests" -c "SELECT pg_reload_conf()" >/dev/null
+fi
+
+if wants usage; then
 sql -c "ALTER SYSTEM SET synchronous_commit = off" -c "SELECT pg_reload_conf()" >/dev/null
 pair record_usage_async_commit record_usage plain_insert_async_commit plain_insert
 sql -c "SELECT 'counter cache: ' || entries || ' entries, ' || hits || ' hits, ' || loads || ' builds, ' || uncached || ' uncached' FROM billing.usage_cache_stats()"
