@@ -225,7 +225,8 @@ BEGIN
       ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
     END IF;
     SELECT * INTO v_sub FROM billing.subscriptions s WHERE s.stripe_subscription_id = billing.invoice_subscription(o) FOR UPDATE;
-    IF FOUND AND v_type = 'invoice.payment_failed' AND v_sub.status NOT IN ('canceled', 'incomplete_expired')
+    -- (a first payment that fails is not dunning: the subscription stays incomplete, on Free limits)
+    IF FOUND AND v_type = 'invoice.payment_failed' AND v_sub.status IN ('active', 'trialing', 'past_due', 'unpaid')
        AND (v_sub.stripe_state_at IS NULL OR v_sub.stripe_state_at <= v_at) THEN
       -- dunning: past due, paid limits kept for the grace period
       UPDATE billing.subscriptions

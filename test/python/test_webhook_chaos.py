@@ -17,7 +17,7 @@ import stripe
 
 from conftest import TEST_KEYS
 from postgrest import PostgREST
-from test_webhook_handlers import fx, stripe_mock  # noqa: F401  (fixtures)
+from test_webhook_handlers import fx  # noqa: F401  (fixture)
 
 SECRET = TEST_KEYS["STRIPE_TEST_WEBHOOK_SECRET"]
 TENANTS = 100

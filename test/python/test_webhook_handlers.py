@@ -7,12 +7,7 @@ background worker.
 """
 import copy
 import json
-import os
-import shutil
-import socket
-import subprocess
 import time
-import urllib.request
 import uuid
 
 import pytest

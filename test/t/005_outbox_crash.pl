@@ -10,6 +10,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use IPC::Run;
 use JSON::PP;
+use HTTP::Tiny;
 use File::Basename;
 use Cwd qw(abs_path);
 use QesTest;
@@ -25,8 +26,9 @@ ok(defined wait_for(sub { $fake->pump_nb; $out =~ /http:/ }, 20), 'the fake Stri
 
 sub fake_stats
 {
-	my $json = `curl -s http://127.0.0.1:$fake_port/_fake/stats`;
-	return decode_json($json);
+	my $r = HTTP::Tiny->new->get("http://127.0.0.1:$fake_port/_fake/stats");
+	die "fake Stripe: $r->{status}" unless $r->{success};
+	return decode_json($r->{content});
 }
 
 my $node = qes_node('outbox_crash', conf => [

@@ -14,8 +14,17 @@ psql_run() { as_pg psql -X -q -h "$RUN_DIR" -p "$PORT" -d "$DB" -v ON_ERROR_STOP
 
 running() { [ -f "$DATA/postmaster.pid" ] && as_pg pg_ctl -D "$DATA" status >/dev/null 2>&1; }
 
+FAKE_PORT=${QES_FAKE_STRIPE_PORT:-12112}
+stop_fake() {
+  if [ -f "$RUN_DIR/fake_stripe.pid" ]; then
+    kill "$(cat "$RUN_DIR/fake_stripe.pid")" 2>/dev/null || true
+    rm -f "$RUN_DIR/fake_stripe.pid"
+  fi
+}
+
 case "${1:-start}" in
 stop)
+  stop_fake
   if running; then as_pg pg_ctl -D "$DATA" -m fast -w stop; else echo "not running"; fi
   exit 0 ;;
 start) ;;
@@ -42,6 +51,27 @@ qes_billing.worker_naptime = '1s'
 CONF
   fi
   as_pg pg_ctl -D "$DATA" -l "$RUN_DIR/server.log" -w start >/dev/null
+fi
+
+# Stripe: Stripe's test mode when STRIPE_TEST_SECRET_KEY is set, else the
+# project's local stateful fake (no network needed)
+stop_fake
+sys_set() { as_pg psql -X -q -h "$RUN_DIR" -p "$PORT" -d postgres -v ON_ERROR_STOP=1 "$@" -c "SELECT pg_reload_conf()" >/dev/null; }
+if [ -z "${STRIPE_TEST_SECRET_KEY:-}" ] && [ "$QES_ENVIRONMENT" != production ]; then
+  python3 "$src/test/python/fake_stripe.py" --port "$FAKE_PORT" >"$RUN_DIR/fake_stripe.log" 2>&1 &
+  echo $! >"$RUN_DIR/fake_stripe.pid"
+  for _ in $(seq 1 50); do grep -q http "$RUN_DIR/fake_stripe.log" && break; sleep 0.1; done
+  sys_set -c "ALTER SYSTEM SET qes_billing.stripe_api_base = 'http://127.0.0.1:$FAKE_PORT'" \
+          -c "ALTER SYSTEM SET qes_billing.stripe_test_secret_key = 'sk_test_local_fake'" \
+          -c "ALTER SYSTEM SET qes_billing.stripe_test_publishable_key = 'pk_test_local_fake'" \
+          -c "ALTER SYSTEM RESET qes_billing.stripe_test_webhook_secret"
+  export QES_DEMO_FAKE="http://127.0.0.1:$FAKE_PORT"
+  stripe_used="the local Stripe fake (test/python/fake_stripe.py) on port $FAKE_PORT; set STRIPE_TEST_SECRET_KEY (and friends) to use Stripe's test mode"
+else
+  sys_set -c "ALTER SYSTEM RESET qes_billing.stripe_api_base" -c "ALTER SYSTEM RESET qes_billing.stripe_test_secret_key" \
+          -c "ALTER SYSTEM RESET qes_billing.stripe_test_publishable_key" -c "ALTER SYSTEM RESET qes_billing.stripe_test_webhook_secret"
+  unset QES_DEMO_FAKE
+  stripe_used="Stripe's test mode (api.stripe.com) with STRIPE_TEST_SECRET_KEY; unset it to use the local fake"
 fi
 
 as_pg psql -X -q -h "$RUN_DIR" -p "$PORT" -d postgres -tc "SELECT 1 FROM pg_database WHERE datname = '$DB'" | grep -q 1 \
@@ -71,20 +101,30 @@ psql_run -c "SELECT tenant_id, name, billing_email FROM billing.upsert_tenant('d
 psql_run -c "SELECT audit_id, action, tenant_id, encode(hash, 'hex') AS hash FROM billing.audit_log ORDER BY audit_id DESC LIMIT 3"
 psql_run -c "SELECT * FROM billing.verify_audit_chain()"
 
-# the webhook demo signs as Stripe would, with the configured signing secret
-# or, when none is set, a local one for this demo cluster
-if [ -z "${STRIPE_TEST_WEBHOOK_SECRET:-}" ]; then
-  psql_run -c "ALTER SYSTEM SET qes_billing.stripe_test_webhook_secret = 'whsec_local_demo_only'" -c "SELECT pg_reload_conf()" >/dev/null
-  demo_secret=whsec_local_demo_only
-else
-  demo_secret=$STRIPE_TEST_WEBHOOK_SECRET
-fi
-export PGOPTIONS="-c qes_demo.webhook_secret=$demo_secret"
+echo "== Stripe: $stripe_used"
+echo "== qes_billing_setup --all (products, prices and the webhook endpoint, through the worker)"
+as_pg env PGHOST="$RUN_DIR" PGPORT="$PORT" PGDATABASE="$DB" PGUSER=postgres \
+  "$(pg_config --bindir)/qes_billing_setup" --all --timeout 30 || echo "   (setup failed: see above)"
 
-for demo in "$src"/test/tools/demo.d/*.sql; do
-  [ -f "$demo" ] || continue
-  echo "== $(head -1 "$demo" | sed 's/^-- *//')"
-  psql_run -f "$demo"
+# the webhook demos sign as Stripe would, with the configured signing
+# secret, else the one --setup-webhook stored, else a local one
+if [ -n "${STRIPE_TEST_WEBHOOK_SECRET:-}" ]; then
+  demo_secret=$STRIPE_TEST_WEBHOOK_SECRET
+else
+  demo_secret=$(psql_run -tAc "SELECT split_part(billing.stored_webhook_secrets(), ',', 1)")
+  if [ -z "$demo_secret" ]; then
+    psql_run -c "ALTER SYSTEM SET qes_billing.stripe_test_webhook_secret = 'whsec_local_demo_only'" -c "SELECT pg_reload_conf()" >/dev/null
+    demo_secret=whsec_local_demo_only
+  fi
+fi
+
+for demo in "$src"/test/tools/demo.d/*; do
+  case "$demo" in
+    *.sql) echo "== $(head -1 "$demo" | sed 's/^-- *//')"
+           PGOPTIONS="-c qes_demo.webhook_secret=$demo_secret" psql_run -f "$demo" ;;
+    *.py)  echo "== $(head -1 "$demo" | sed 's/^# *//')"
+           PGHOST="$RUN_DIR" PGPORT="$PORT" PGDATABASE="$DB" python3 "$demo" ;;
+  esac
 done
 
 cat <<MSG
@@ -92,5 +132,6 @@ cat <<MSG
 qes_billing is running.
   connect:  psql -h $RUN_DIR -p $PORT -U postgres $DB
   log:      $RUN_DIR/server.log
+  Stripe:   $stripe_used
   stop:     make stop
 MSG
