@@ -172,6 +172,28 @@ BEGIN
 END
 $$;
 
+-- Ask Stripe, through the outbox, for a subscription as it is now (the
+-- answer is applied like an event: billing.outbox_apply); at most one such
+-- request per subscription is queued at a time.
+CREATE FUNCTION billing.refresh_subscription(p_tenant text, p_stripe_subscription_id text) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_path text := '/v1/subscriptions/' || p_stripe_subscription_id;
+  v_req  bigint;
+BEGIN
+  IF p_stripe_subscription_id !~ '^sub_[A-Za-z0-9_]+$' THEN
+    RETURN NULL;   -- not an id we can put in a path
+  END IF;
+  SELECT r.request_id INTO v_req FROM billing.stripe_requests r
+   WHERE r.tenant_id = p_tenant AND r.kind = 'subscription.refresh' AND r.path = v_path
+     AND r.state IN ('waiting', 'pending', 'in_flight');
+  RETURN coalesce(v_req, billing.outbox_enqueue(p_tenant, 'subscription.refresh', 'GET', v_path));
+END
+$$;
+COMMENT ON FUNCTION billing.refresh_subscription(text, text) IS
+  'Queue a GET of the subscription from Stripe (once at a time); its answer is mirrored like an event.';
+
 -- One event.  Returns the tenant it concerned ('' when it is not ours).
 CREATE FUNCTION billing.apply_event(e jsonb) RETURNS text
   LANGUAGE plpgsql SET search_path = pg_catalog, billing
@@ -225,6 +247,11 @@ BEGIN
       ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
     END IF;
     SELECT * INTO v_sub FROM billing.subscriptions s WHERE s.stripe_subscription_id = billing.invoice_subscription(o) FOR UPDATE;
+    IF NOT FOUND AND billing.invoice_subscription(o) IS NOT NULL THEN
+      -- an invoice of a subscription we do not mirror (its events are late
+      -- or lost): ask Stripe for the subscription as it is now, once
+      PERFORM billing.refresh_subscription(v_t, billing.invoice_subscription(o));
+    END IF;
     -- (a first payment that fails is not dunning: the subscription stays incomplete, on Free limits)
     IF FOUND AND v_type = 'invoice.payment_failed' AND v_sub.status IN ('active', 'trialing', 'past_due', 'unpaid')
        AND (v_sub.stripe_state_at IS NULL OR v_sub.stripe_state_at <= v_at) THEN
