@@ -17,6 +17,7 @@ OBJS = \
 	src/usage_store.o \
 	src/webhook_signature.o \
 	src/stripe_form.o \
+	src/webhook_intake.o \
 	src/outbox.o
 
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql

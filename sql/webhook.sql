@@ -78,3 +78,26 @@ BEGIN; SELECT * FROM pg_temp.deliver(:'ev', 't=4102444800,v1=6a6e54d6f23d7f165d9
 -- only the anonymous role (and the owner) may call it
 SELECT grantee FROM information_schema.routine_privileges
  WHERE routine_schema = 'api' AND routine_name = 'stripe_webhook' ORDER BY 1;
+
+-- the event's top-level fields are read by a scanner (src/webhook_intake.c), not a full parse
+SET qes_billing.stripe_test_webhook_secret = 'whsec_regress_secret';
+-- a string with braces and quotes inside data.object is skipped correctly
+BEGIN; SELECT status, response ->> 'reason' AS reason, response ->> 'event_id' AS event_id FROM pg_temp.deliver('{"id": "evt_scan_1", "type": "invoice.paid", "created": 1700000001, "livemode": false, "data": {"object": {"description": "a } \" ] { [", "nested": {"id": "evt_not_this"}}}}', 't=4102444800,v1=0ec1061a23b60ba2bfc59a0c05d2b177ad490c4ecdff409fffe617799f87ddf6'); COMMIT;
+-- a repeated key counts with its last value, as in jsonb
+BEGIN; SELECT status, response ->> 'reason' AS reason, response ->> 'event_id' AS event_id FROM pg_temp.deliver('{"id": "evt_scan_2", "type": "invoice.created", "type": "invoice.paid", "created": 1700000002, "livemode": false, "data": {"object": {}}}', 't=4102444800,v1=70f8339831f0a62afe26fe19acf69d228be2b9c6bed45790c6572e7cbaf559fe'); COMMIT;
+-- created with a fraction
+BEGIN; SELECT status, response ->> 'reason' AS reason, response ->> 'event_id' AS event_id FROM pg_temp.deliver('{"id": "evt_scan_3", "type": "invoice.paid", "created": 1700000003.5, "livemode": false, "data": {"object": {}}}', 't=4102444800,v1=a4772a3533cbb7e031d07baefd1d325e338c62c931bfc71f49e33b79c9fc6bad'); COMMIT;
+-- livemode as a string
+BEGIN; SELECT status, response ->> 'reason' AS reason, response ->> 'event_id' AS event_id FROM pg_temp.deliver('{"id": "evt_scan_4", "type": "invoice.paid", "created": 1700000004, "livemode": "false", "data": {"object": {}}}', 't=4102444800,v1=24dc148eeea3145009a5152a41326573cde9bf2e58277289b77959c00bbf55a9'); COMMIT;
+-- data.object not an object
+BEGIN; SELECT status, response ->> 'reason' AS reason, response ->> 'event_id' AS event_id FROM pg_temp.deliver('{"id": "evt_scan_5", "type": "invoice.paid", "created": 1700000005, "livemode": false, "data": {"object": []}}', 't=4102444800,v1=d6391d1e2b8f5be92ac6c8da5a04efba18b8ffb81e1de488286501125e5d4596'); COMMIT;
+-- an id that is not an event id
+BEGIN; SELECT status, response ->> 'reason' AS reason, response ->> 'event_id' AS event_id FROM pg_temp.deliver('{"id": "evt_scan-6", "type": "invoice.paid", "created": 1700000006, "livemode": false, "data": {"object": {}}}', 't=4102444800,v1=5c6444c5d18b1a7b30630f5959d57a9e7668d415253aa0720935e78ac4de6708'); COMMIT;
+-- an escaped key is not read (Stripe never escapes keys)
+BEGIN; SELECT status, response ->> 'reason' AS reason, response ->> 'event_id' AS event_id FROM pg_temp.deliver('{"\u0069d": "evt_scan_7", "type": "invoice.paid", "created": 1700000007, "livemode": false, "data": {"object": {}}}', 't=4102444800,v1=4f3d792da58af3fca2c70037e6803b5a3a9f21516344fe3fd7a994660f17551c'); COMMIT;
+-- not an object at all
+BEGIN; SELECT status, response ->> 'reason' AS reason, response ->> 'event_id' AS event_id FROM pg_temp.deliver('[{"id": "evt_scan_8"}]', 't=4102444800,v1=7bd153316227612a69db8990d3309690d15108ae307213dc56b97ebb03fdbbcd'); COMMIT;
+-- no data
+BEGIN; SELECT status, response ->> 'reason' AS reason, response ->> 'event_id' AS event_id FROM pg_temp.deliver('{"id": "evt_scan_9", "type": "invoice.paid", "created": 1700000009, "livemode": false}', 't=4102444800,v1=7a4c5b728ff77a1261390920635a91a868b6efce4237a74fac1db2586eb08d99'); COMMIT;
+SELECT stripe_event_id, event_type, stripe_created FROM billing.webhook_events WHERE stripe_event_id LIKE 'evt_scan%' ORDER BY 1;
+RESET qes_billing.stripe_test_webhook_secret;

@@ -165,19 +165,13 @@ void
 qes_usage_insert(const UsageRow *row)
 {
 	Relation	rel;
-	TupleDesc	desc;
 	Datum		values[NUM_COLS];
 	bool		nulls[NUM_COLS];
 	Datum		ordered[NUM_COLS];
 	bool		ordered_nulls[NUM_COLS];
-	EState	   *estate;
-	ResultRelInfo *rri;
-	TupleTableSlot *slot;
-	List	   *recheck;
 
 	resolve();
 	rel = table_open(usage_relid, RowExclusiveLock);
-	desc = RelationGetDescr(rel);
 
 	memset(nulls, 0, sizeof(nulls));
 	values[COL_TENANT_ID] = CStringGetTextDatum(row->tenant_id);
@@ -196,12 +190,33 @@ qes_usage_insert(const UsageRow *row)
 		ordered_nulls[attnums[i] - 1] = nulls[i];
 	}
 
+	qes_insert_row(rel, ordered, ordered_nulls);
+	table_close(rel, NoLock);
+}
+
+/*
+ * Insert a row (values in attribute order) into rel, opened with
+ * RowExclusiveLock, and its index entries (partial indexes included) --
+ * the heap and index work of an INSERT without planner or executor tree.
+ * Shared by the hot paths that write this way (usage, webhook intake); the
+ * caller answers for what an INSERT would add: CHECK constraints, triggers,
+ * permissions.
+ */
+void
+qes_insert_row(Relation rel, Datum *values, bool *nulls)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	EState	   *estate;
+	ResultRelInfo *rri;
+	TupleTableSlot *slot;
+	List	   *recheck;
+
 	estate = CreateExecutorState();
 	rri = makeNode(ResultRelInfo);
 	InitResultRelInfo(rri, rel, 1, NULL, 0);
 	ExecOpenIndices(rri, false);
 	slot = MakeSingleTupleTableSlot(desc, &TTSOpsHeapTuple);
-	ExecStoreHeapTuple(heap_form_tuple(desc, ordered, ordered_nulls), slot, false);
+	ExecStoreHeapTuple(heap_form_tuple(desc, values, nulls), slot, false);
 
 	simple_table_tuple_insert(rel, slot);
 #if PG_VERSION_NUM >= 160000
@@ -215,5 +230,4 @@ qes_usage_insert(const UsageRow *row)
 	ExecDropSingleTupleTableSlot(slot);
 	ExecCloseIndices(rri);
 	FreeExecutorState(estate);
-	table_close(rel, NoLock);
 }

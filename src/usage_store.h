@@ -27,4 +27,8 @@ extern void qes_usage_store_reset(void);
 extern bool qes_usage_find(const char *tenant_id, const char *idempotency_key, UsageRow *found);
 extern void qes_usage_insert(const UsageRow *row);
 
+/* shared by the hot paths that write without the executor */
+#include "utils/relcache.h"
+extern void qes_insert_row(Relation rel, Datum *values, bool *nulls);
+
 #endif							/* QES_USAGE_STORE_H */

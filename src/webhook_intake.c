@@ -1,0 +1,494 @@
+/*-------------------------------------------------------------------------
+ *
+ * webhook_intake.c
+ *	  api.stripe_webhook(json): verify, store, acknowledge (DESIGN.md rule 5).
+ *
+ * PostgREST calls it for POST /rpc/stripe_webhook with the raw body (a
+ * single unnamed json parameter keeps Stripe's bytes) and the request
+ * headers in the request.headers setting.  In C, because it is the hot
+ * path of every delivery: the signature is checked over the bytes as they
+ * are (webhook_signature.c), and only the event's top-level fields are read
+ * (id, type, created, livemode, api_version, and that data.object is an
+ * object) by a bounds-checked scanner instead of building the whole jsonb.
+ * The body has been checked to be JSON by json's input function already; the
+ * scanner still never reads past the end and gives up on anything unexpected
+ * (which rejects the delivery as not_an_event).  Keys are matched as written:
+ * Stripe never escapes them.  A repeated key counts with its last value, as
+ * in jsonb (which is how the worker reads the payload).
+ *
+ * A new event is inserted into billing.webhook_events (the insert's trigger
+ * wakes the worker at commit); a known one answers 200 and stores nothing.
+ * A refused delivery is handed to billing.webhook_reject(), which records and
+ * audits it and sets the HTTP status.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "qes_billing.h"
+
+#include "access/genam.h"
+#include "access/stratnum.h"
+#include "access/table.h"
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "lib/stringinfo.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/json.h"
+#include "utils/fmgroids.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "guc.h"
+#include "usage_store.h"
+#include "webhook_signature.h"
+#include "worker.h"
+
+PG_FUNCTION_INFO_V1(qes_stripe_webhook_fn);
+
+/* ---- a scanner for the top level of a JSON object --------------------- */
+
+typedef struct JsonSpan
+{
+	const char *start;			/* the raw value, as written */
+	int			len;
+	bool		present;
+} JsonSpan;
+
+typedef struct JsonScan
+{
+	const char *p;
+	const char *end;
+} JsonScan;
+
+static void
+skip_ws(JsonScan *s)
+{
+	while (s->p < s->end && (*s->p == ' ' || *s->p == '\t' || *s->p == '\n' || *s->p == '\r'))
+		s->p++;
+}
+
+/* past a string whose opening quote is at s->p */
+static bool
+skip_string(JsonScan *s)
+{
+	s->p++;
+	while (s->p < s->end)
+	{
+		if (*s->p == '\\')
+			s->p += 2;
+		else if (*s->p == '"')
+		{
+			s->p++;
+			return true;
+		}
+		else
+			s->p++;
+	}
+	return false;
+}
+
+/* past one value of any kind */
+static bool
+skip_value(JsonScan *s)
+{
+	int			depth = 0;
+
+	if (s->p >= s->end)
+		return false;
+	if (*s->p == '"')
+		return skip_string(s);
+	if (*s->p != '{' && *s->p != '[')
+	{
+		/* number, true, false, null */
+		while (s->p < s->end && *s->p != ',' && *s->p != '}' && *s->p != ']' &&
+			   *s->p != ' ' && *s->p != '\t' && *s->p != '\n' && *s->p != '\r')
+			s->p++;
+		return true;
+	}
+	while (s->p < s->end)
+	{
+		char		c = *s->p;
+
+		if (c == '"')
+		{
+			if (!skip_string(s))
+				return false;
+			continue;
+		}
+		if (c == '{' || c == '[')
+			depth++;
+		else if (c == '}' || c == ']')
+		{
+			depth--;
+			if (depth == 0)
+			{
+				s->p++;
+				return true;
+			}
+		}
+		s->p++;
+	}
+	return false;
+}
+
+/*
+ * JsonScan the object at [p, end): for each key in keys[] (NULL-terminated),
+ * the raw span of its (last) value.  False when this is not an object.
+ */
+static bool
+scan_object(const char *p, const char *end, const char *const *keys, JsonSpan *out)
+{
+	JsonScan		s = {p, end};
+
+	for (int i = 0; keys[i]; i++)
+		out[i].present = false;
+	skip_ws(&s);
+	if (s.p >= s.end || *s.p != '{')
+		return false;
+	s.p++;
+	skip_ws(&s);
+	if (s.p < s.end && *s.p == '}')
+		return true;
+	for (;;)
+	{
+		const char *kstart;
+		int			klen;
+		const char *vstart;
+
+		skip_ws(&s);
+		if (s.p >= s.end || *s.p != '"')
+			return false;
+		kstart = s.p + 1;
+		if (!skip_string(&s))
+			return false;
+		klen = (int) (s.p - 1 - kstart);
+		skip_ws(&s);
+		if (s.p >= s.end || *s.p != ':')
+			return false;
+		s.p++;
+		skip_ws(&s);
+		vstart = s.p;
+		if (!skip_value(&s))
+			return false;
+		for (int i = 0; keys[i]; i++)
+		{
+			if ((int) strlen(keys[i]) == klen && memcmp(keys[i], kstart, klen) == 0)
+			{
+				out[i].start = vstart;
+				out[i].len = (int) (s.p - vstart);
+				out[i].present = true;
+			}
+		}
+		skip_ws(&s);
+		if (s.p < s.end && *s.p == ',')
+		{
+			s.p++;
+			continue;
+		}
+		return s.p < s.end && *s.p == '}';
+	}
+}
+
+/* a string value without escapes, as a palloc'd C string; NULL otherwise */
+static char *
+plain_string(const JsonSpan *v)
+{
+	if (!v->present || v->len < 2 || v->start[0] != '"' || v->start[v->len - 1] != '"' ||
+		memchr(v->start, '\\', v->len) != NULL)
+		return NULL;
+	return pnstrdup(v->start + 1, v->len - 2);
+}
+
+static bool
+span_is(const JsonSpan *v, const char *literal)
+{
+	return v->present && v->len == (int) strlen(literal) && memcmp(v->start, literal, v->len) == 0;
+}
+
+/* an integer value (no fraction or exponent) */
+static bool
+span_int64(const JsonSpan *v, int64 *out)
+{
+	int64		n = 0;
+	int			i = 0;
+	bool		neg = false;
+
+	if (!v->present || v->len == 0 || v->len > 18)
+		return false;
+	if (v->start[0] == '-')
+		neg = true, i = 1;
+	if (i >= v->len)
+		return false;
+	for (; i < v->len; i++)
+	{
+		if (v->start[i] < '0' || v->start[i] > '9')
+			return false;
+		n = n * 10 + (v->start[i] - '0');
+	}
+	*out = neg ? -n : n;
+	return true;
+}
+
+static bool
+valid_event_id(const char *id)
+{
+	if (id == NULL || strncmp(id, "evt_", 4) != 0 || id[4] == '\0' || strlen(id) > 255)
+		return false;
+	for (const char *c = id + 4; *c; c++)
+		if (!((*c >= 'A' && *c <= 'Z') || (*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9') || *c == '_'))
+			return false;
+	return true;
+}
+
+/* the Stripe-Signature header from request.headers (lower-cased names) */
+static char *
+signature_header(void)
+{
+	static const char *const keys[] = {"stripe-signature", NULL};
+	const char *headers = GetConfigOption("request.headers", true, false);
+	JsonSpan	v[1];
+
+	if (headers == NULL || headers[0] == '\0' ||
+		!scan_object(headers, headers + strlen(headers), keys, v))
+		return NULL;
+	return plain_string(&v[0]);
+}
+
+/* ---- the endpoint ------------------------------------------------------- */
+
+/* ---- the inbox row ------------------------------------------------------- */
+
+enum
+{
+	EV_STRIPE_EVENT_ID,
+	EV_EVENT_TYPE,
+	EV_LIVEMODE,
+	EV_API_VERSION,
+	EV_STRIPE_CREATED,
+	EV_PAYLOAD,
+	EV_TENANT_ID,
+	EV_STATE,
+	EV_ATTEMPTS,
+	EV_NEXT_ATTEMPT_AT,
+	EV_LAST_ERROR,
+	EV_RECEIVED_AT,
+	EV_APPLIED_AT,
+	EV_NUM_COLS
+};
+
+static const char *const ev_cols[EV_NUM_COLS] = {
+	"stripe_event_id", "event_type", "livemode", "api_version", "stripe_created", "payload",
+	"tenant_id", "state", "attempts", "next_attempt_at", "last_error", "received_at", "applied_at"
+};
+
+/*
+ * Store the event in billing.webhook_events unless its id is there already;
+ * returns whether it was new.  Written like usage_store.c writes usage: a
+ * primary-key probe, then the heap and index work of an INSERT without an
+ * executor (this is the path every delivery takes).  What an INSERT would
+ * add is done here: the CHECK constraints hold by construction (the id was
+ * checked by valid_event_id(), state 'received', attempts 0), and the
+ * table's wake-the-worker trigger is replaced by the same call.  Two
+ * deliveries of one new event at once: the second waits for the first and
+ * gets a unique violation (HTTP 409), and Stripe's retry then finds it.
+ */
+static bool
+store_event(const char *id, const char *type, bool live, const char *api_version,
+			TimestampTz created, text *payload)
+{
+	Oid			relid = get_relname_relid("webhook_events", get_namespace_oid("billing", false));
+	Relation	rel;
+	Oid			pkey;
+	TupleDesc	desc;
+	Datum		values[EV_NUM_COLS];
+	bool		nulls[EV_NUM_COLS];
+	Datum		ordered[EV_NUM_COLS];
+	bool		ordered_nulls[EV_NUM_COLS];
+	ScanKeyData key;
+	SysScanDesc scan;
+	Snapshot	snap;
+	bool		known;
+	AttrNumber	idatt;
+	TimestampTz now = GetCurrentTransactionStartTimestamp();
+
+	if (!OidIsValid(relid))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("relation \"billing.webhook_events\" does not exist")));
+	rel = table_open(relid, RowExclusiveLock);
+	desc = RelationGetDescr(rel);
+	pkey = RelationGetPrimaryKeyIndex(rel);
+	if (desc->natts != EV_NUM_COLS || !OidIsValid(pkey))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("billing.webhook_events does not have the columns and primary key qes_billing created"),
+				 errhint("Do not alter the extension's tables; recreate the extension.")));
+
+	/* known already? (committed, or earlier in this transaction) */
+	CommandCounterIncrement();
+	snap = RegisterSnapshot(GetLatestSnapshot());
+	idatt = get_attnum(relid, ev_cols[EV_STRIPE_EVENT_ID]);
+	if (idatt == InvalidAttrNumber)
+		elog(ERROR, "billing.webhook_events has no stripe_event_id");
+	ScanKeyEntryInitialize(&key, 0, idatt, BTEqualStrategyNumber, InvalidOid,
+						   TupleDescAttr(desc, idatt - 1)->attcollation, F_TEXTEQ, CStringGetTextDatum(id));
+	scan = systable_beginscan(rel, pkey, true, snap, 1, &key);
+	known = HeapTupleIsValid(systable_getnext(scan));
+	systable_endscan(scan);
+	UnregisterSnapshot(snap);
+	if (known)
+	{
+		table_close(rel, NoLock);
+		return false;
+	}
+
+	memset(nulls, 0, sizeof(nulls));
+	values[EV_STRIPE_EVENT_ID] = CStringGetTextDatum(id);
+	values[EV_EVENT_TYPE] = CStringGetTextDatum(type);
+	values[EV_LIVEMODE] = BoolGetDatum(live);
+	values[EV_API_VERSION] = api_version ? CStringGetTextDatum(api_version) : (Datum) 0;
+	nulls[EV_API_VERSION] = (api_version == NULL);
+	values[EV_STRIPE_CREATED] = TimestampTzGetDatum(created);
+	values[EV_PAYLOAD] = PointerGetDatum(payload);
+	nulls[EV_TENANT_ID] = true;
+	values[EV_STATE] = CStringGetTextDatum("received");
+	values[EV_ATTEMPTS] = Int32GetDatum(0);
+	values[EV_NEXT_ATTEMPT_AT] = TimestampTzGetDatum(now);
+	nulls[EV_LAST_ERROR] = true;
+	values[EV_RECEIVED_AT] = TimestampTzGetDatum(now);
+	nulls[EV_APPLIED_AT] = true;
+	for (int i = 0; i < EV_NUM_COLS; i++)
+	{
+		AttrNumber	att = get_attnum(relid, ev_cols[i]);
+
+		if (att == InvalidAttrNumber)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_COLUMN),
+					 errmsg("column \"%s\" of billing.webhook_events does not exist", ev_cols[i])));
+		ordered[att - 1] = values[i];
+		ordered_nulls[att - 1] = nulls[i];
+	}
+	qes_insert_row(rel, ordered, ordered_nulls);
+	table_close(rel, NoLock);
+	qes_wake_at_commit();
+	return true;
+}
+
+static Datum
+reject(const char *reason, const char *id, const char *type)
+{
+	Oid			argtypes[3] = {TEXTOID, TEXTOID, TEXTOID};
+	Datum		args[3];
+	char		nulls[3] = {' ', ' ', ' '};
+	bool		isnull;
+	Datum		result;
+
+	args[0] = CStringGetTextDatum(reason);
+	args[1] = id ? CStringGetTextDatum(id) : (Datum) 0;
+	nulls[1] = id ? ' ' : 'n';
+	args[2] = type ? CStringGetTextDatum(type) : (Datum) 0;
+	nulls[2] = type ? ' ' : 'n';
+	if (SPI_execute_with_args("SELECT billing.webhook_reject($1, $2, $3)", 3, argtypes, args, nulls,
+							  false, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "billing.webhook_reject failed");
+	result = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return SPI_datumTransfer(result, false, -1);
+}
+
+/*
+ * api.stripe_webhook(json) returns json
+ */
+Datum
+qes_stripe_webhook_fn(PG_FUNCTION_ARGS)
+{
+	static const char *const event_keys[] = {"id", "type", "created", "livemode", "api_version", "data", NULL};
+	static const char *const data_keys[] = {"object", NULL};
+	text	   *body;
+	const char *payload;
+	int			len;
+	char	   *header;
+	const char *secrets;
+	QesSigResult sig;
+	int64		now_s;
+	JsonSpan	ev[6];
+	JsonSpan	data[1];
+	char	   *id = NULL;
+	char	   *type = NULL;
+	char	   *api_version = NULL;
+	int64		created = 0;
+	bool		live = qes_live_mode();
+	const char *reason = NULL;
+	Datum		result;
+	StringInfoData out;
+	MemoryContext upper = CurrentMemoryContext;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("the webhook body must not be null")));
+	body = PG_GETARG_TEXT_PP(0);
+	payload = VARDATA_ANY(body);
+	len = VARSIZE_ANY_EXHDR(body);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+
+	/* the configured secret(s); without one, what --setup-webhook stored */
+	secrets = qes_stripe_key(QES_KEY_WEBHOOK, true);
+	if (secrets == NULL)
+	{
+		if (SPI_execute("SELECT billing.stored_webhook_secrets()", true, 1) == SPI_OK_SELECT &&
+			SPI_processed == 1)
+			secrets = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	}
+
+	header = signature_header();
+	now_s = GetCurrentTimestamp() / USECS_PER_SEC +
+		(POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY;
+	sig = qes_verify_stripe_signature(header, payload, len, secrets, qes_webhook_tolerance_s, now_s);
+
+	if (sig != QES_SIG_OK)
+		reason = qes_sig_result_code(sig);
+	else if (!scan_object(payload, payload + len, event_keys, ev) ||
+			 !valid_event_id(id = plain_string(&ev[0])) ||
+			 (type = plain_string(&ev[1])) == NULL || type[0] == '\0' ||
+			 !span_int64(&ev[2], &created) || created < 0 || created > INT64CONST(100000000000) ||
+			 !(span_is(&ev[3], "true") || span_is(&ev[3], "false")) ||
+			 !ev[5].present ||
+			 !scan_object(ev[5].start, ev[5].start + ev[5].len, data_keys, data) ||
+			 !data[0].present || data[0].start[0] != '{')
+		reason = "not_an_event";
+	else if (span_is(&ev[3], "true") != live)
+		reason = "wrong_mode";
+
+	if (reason != NULL)
+	{
+		result = reject(reason, id, type);
+		SPI_finish();
+		PG_RETURN_DATUM(result);
+	}
+	api_version = plain_string(&ev[4]);
+
+	/* store it, once per event id */
+	{
+		bool		is_new;
+
+		is_new = store_event(id, type, live, api_version,
+							 (created - (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY) * USECS_PER_SEC,
+							 body);
+		/* the answer outlives SPI's memory */
+		MemoryContextSwitchTo(upper);
+		initStringInfo(&out);
+		appendStringInfo(&out, "{\"received\": true, \"duplicate\": %s, \"event_id\": ",
+						 is_new ? "false" : "true");
+		escape_json(&out, id);
+		appendStringInfoChar(&out, '}');
+	}
+	SPI_finish();
+	PG_RETURN_TEXT_P(cstring_to_text_with_len(out.data, out.len));
+}
