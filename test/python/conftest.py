@@ -24,9 +24,21 @@ TEST_KEYS = {
 
 
 @pytest.fixture(scope="session")
-def pg():
+def session_fake_stripe():
+    """The stateful fake Stripe the session cluster's worker talks to (a
+    handler may ask Stripe for an object; tests never reach the internet)."""
+    from fake_stripe import FakeStripe
+    fake = FakeStripe(seed=1)
+    fake.base = fake.serve()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def pg(session_fake_stripe):
     """A cluster configured like a development deployment with test keys."""
-    cluster = Cluster("main", env=TEST_KEYS).start()
+    cluster = Cluster("main", env=TEST_KEYS,
+                      conf={"qes_billing.stripe_api_base": f"'{session_fake_stripe.base}'"}).start()
     assert cluster.wait_until("SELECT alive FROM billing.worker_status"), cluster.log()
     yield cluster
     cluster.stop()

@@ -224,6 +224,8 @@ def test_failing_event_is_parked_and_replayed(pg, wh, fx):
                       "AND details ->> 'event_id' = %s", (eid,))[0][0] == 1
         assert sub_row(pg)[0][0] == "gold"
     finally:
+        # the catalog as the other tests expect it
+        pg.sql("UPDATE billing.plans SET active = false WHERE plan_id = 'gold'")
         pg.sql("ALTER SYSTEM RESET qes_billing.webhook_max_attempts")
         pg.sql("ALTER SYSTEM RESET qes_billing.retry_base_delay")
         pg.sql("SELECT pg_reload_conf()")
