@@ -26,6 +26,8 @@
 #include "qes_billing.h"
 
 #include "access/genam.h"
+#include "access/heapam.h"
+#include "catalog/pg_am.h"
 #include "access/stratnum.h"
 #include "access/table.h"
 #include "access/xact.h"
@@ -259,8 +261,6 @@ signature_header(void)
 	return plain_string(&v[0]);
 }
 
-/* ---- the endpoint ------------------------------------------------------- */
-
 /* ---- the inbox row ------------------------------------------------------- */
 
 enum
@@ -287,6 +287,69 @@ static const char *const ev_cols[EV_NUM_COLS] = {
 };
 
 /*
+ * How the inbox is written, resolved once per incarnation of the table: the
+ * attribute numbers, the primary key, and whether its indexes are exactly
+ * the three btrees the install script creates, so that the row's index
+ * entries can be inserted directly (the primary key, and webhook_events_due
+ * whose predicate state = 'received' a new row satisfies; webhook_events_busy
+ * is for rows being processed or parked, which a new row is not).
+ */
+typedef struct InboxStore
+{
+	Oid			relid;
+	Oid			pkey;
+	Oid			due;
+	bool		direct;
+	AttrNumber	att[EV_NUM_COLS];
+} InboxStore;
+
+static InboxStore inbox = {InvalidOid};
+
+static void
+resolve_inbox(Relation rel)
+{
+	Oid			relid = RelationGetRelid(rel);
+	Oid			nsp = RelationGetNamespace(rel);
+	Oid			busy;
+	List	   *indexes;
+
+	if (inbox.relid == relid)
+		return;
+	inbox.relid = InvalidOid;
+	if (RelationGetDescr(rel)->natts != EV_NUM_COLS)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("billing.webhook_events does not have the columns qes_billing created"),
+				 errhint("Do not alter the extension's tables; recreate the extension.")));
+	for (int i = 0; i < EV_NUM_COLS; i++)
+	{
+		inbox.att[i] = get_attnum(relid, ev_cols[i]);
+		if (inbox.att[i] == InvalidAttrNumber)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_COLUMN),
+					 errmsg("column \"%s\" of billing.webhook_events does not exist", ev_cols[i])));
+	}
+	inbox.pkey = RelationGetPrimaryKeyIndex(rel);
+	if (!OidIsValid(inbox.pkey))
+		elog(ERROR, "billing.webhook_events has no primary key");
+	inbox.due = get_relname_relid("webhook_events_due", nsp);
+	busy = get_relname_relid("webhook_events_busy", nsp);
+	indexes = RelationGetIndexList(rel);
+	inbox.direct = list_length(indexes) == 3 && OidIsValid(inbox.due) && OidIsValid(busy) &&
+		list_member_oid(indexes, inbox.pkey) && list_member_oid(indexes, inbox.due) &&
+		list_member_oid(indexes, busy);
+	list_free(indexes);
+	for (int i = 0; inbox.direct && i < 2; i++)
+	{
+		Relation	idx = index_open(i == 0 ? inbox.pkey : inbox.due, AccessShareLock);
+
+		inbox.direct = idx->rd_rel->relam == BTREE_AM_OID;
+		index_close(idx, AccessShareLock);
+	}
+	inbox.relid = relid;
+}
+
+/*
  * Store the event in billing.webhook_events unless its id is there already;
  * returns whether it was new.  Written like usage_store.c writes usage: a
  * primary-key probe, then the heap and index work of an INSERT without an
@@ -303,7 +366,6 @@ store_event(const char *id, const char *type, bool live, const char *api_version
 {
 	Oid			relid = get_relname_relid("webhook_events", get_namespace_oid("billing", false));
 	Relation	rel;
-	Oid			pkey;
 	TupleDesc	desc;
 	Datum		values[EV_NUM_COLS];
 	bool		nulls[EV_NUM_COLS];
@@ -313,7 +375,6 @@ store_event(const char *id, const char *type, bool live, const char *api_version
 	SysScanDesc scan;
 	Snapshot	snap;
 	bool		known;
-	AttrNumber	idatt;
 	TimestampTz now = GetCurrentTransactionStartTimestamp();
 
 	if (!OidIsValid(relid))
@@ -322,22 +383,15 @@ store_event(const char *id, const char *type, bool live, const char *api_version
 				 errmsg("relation \"billing.webhook_events\" does not exist")));
 	rel = table_open(relid, RowExclusiveLock);
 	desc = RelationGetDescr(rel);
-	pkey = RelationGetPrimaryKeyIndex(rel);
-	if (desc->natts != EV_NUM_COLS || !OidIsValid(pkey))
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("billing.webhook_events does not have the columns and primary key qes_billing created"),
-				 errhint("Do not alter the extension's tables; recreate the extension.")));
+	resolve_inbox(rel);
 
 	/* known already? (committed, or earlier in this transaction) */
 	CommandCounterIncrement();
 	snap = RegisterSnapshot(GetLatestSnapshot());
-	idatt = get_attnum(relid, ev_cols[EV_STRIPE_EVENT_ID]);
-	if (idatt == InvalidAttrNumber)
-		elog(ERROR, "billing.webhook_events has no stripe_event_id");
-	ScanKeyEntryInitialize(&key, 0, idatt, BTEqualStrategyNumber, InvalidOid,
-						   TupleDescAttr(desc, idatt - 1)->attcollation, F_TEXTEQ, CStringGetTextDatum(id));
-	scan = systable_beginscan(rel, pkey, true, snap, 1, &key);
+	ScanKeyEntryInitialize(&key, 0, inbox.att[EV_STRIPE_EVENT_ID], BTEqualStrategyNumber, InvalidOid,
+						   TupleDescAttr(desc, inbox.att[EV_STRIPE_EVENT_ID] - 1)->attcollation,
+						   F_TEXTEQ, CStringGetTextDatum(id));
+	scan = systable_beginscan(rel, inbox.pkey, true, snap, 1, &key);
 	known = HeapTupleIsValid(systable_getnext(scan));
 	systable_endscan(scan);
 	UnregisterSnapshot(snap);
@@ -364,20 +418,36 @@ store_event(const char *id, const char *type, bool live, const char *api_version
 	nulls[EV_APPLIED_AT] = true;
 	for (int i = 0; i < EV_NUM_COLS; i++)
 	{
-		AttrNumber	att = get_attnum(relid, ev_cols[i]);
-
-		if (att == InvalidAttrNumber)
-			ereport(ERROR,
-					(errcode(ERRCODE_UNDEFINED_COLUMN),
-					 errmsg("column \"%s\" of billing.webhook_events does not exist", ev_cols[i])));
-		ordered[att - 1] = values[i];
-		ordered_nulls[att - 1] = nulls[i];
+		ordered[inbox.att[i] - 1] = values[i];
+		ordered_nulls[inbox.att[i] - 1] = nulls[i];
 	}
-	qes_insert_row(rel, ordered, ordered_nulls);
+
+	if (inbox.direct)
+	{
+		HeapTuple	tup = heap_form_tuple(desc, ordered, ordered_nulls);
+		Relation	idx;
+		Datum		ikey[2];
+		bool		inull[2] = {false, false};
+
+		simple_heap_insert(rel, tup);	/* compresses or toasts the payload */
+		idx = index_open(inbox.pkey, RowExclusiveLock);
+		ikey[0] = values[EV_STRIPE_EVENT_ID];
+		index_insert(idx, ikey, inull, &tup->t_self, rel, UNIQUE_CHECK_YES, false, NULL);
+		index_close(idx, NoLock);
+		idx = index_open(inbox.due, RowExclusiveLock);
+		ikey[0] = values[EV_STRIPE_CREATED];
+		ikey[1] = values[EV_RECEIVED_AT];
+		index_insert(idx, ikey, inull, &tup->t_self, rel, UNIQUE_CHECK_NO, false, NULL);
+		index_close(idx, NoLock);
+	}
+	else
+		qes_insert_row(rel, ordered, ordered_nulls);
 	table_close(rel, NoLock);
 	qes_wake_at_commit();
 	return true;
 }
+
+/* ---- the endpoint ------------------------------------------------------- */
 
 static Datum
 reject(const char *reason, const char *id, const char *type)
@@ -435,16 +505,20 @@ qes_stripe_webhook_fn(PG_FUNCTION_ARGS)
 	payload = VARDATA_ANY(body);
 	len = VARSIZE_ANY_EXHDR(body);
 
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-
 	/* the configured secret(s); without one, what --setup-webhook stored */
 	secrets = qes_stripe_key(QES_KEY_WEBHOOK, true);
 	if (secrets == NULL)
 	{
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
 		if (SPI_execute("SELECT billing.stored_webhook_secrets()", true, 1) == SPI_OK_SELECT &&
 			SPI_processed == 1)
-			secrets = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+		{
+			char	   *stored = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+
+			secrets = stored ? MemoryContextStrdup(upper, stored) : NULL;
+		}
+		SPI_finish();
 	}
 
 	header = signature_header();
@@ -468,6 +542,8 @@ qes_stripe_webhook_fn(PG_FUNCTION_ARGS)
 
 	if (reason != NULL)
 	{
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
 		result = reject(reason, id, type);
 		SPI_finish();
 		PG_RETURN_DATUM(result);
@@ -481,14 +557,11 @@ qes_stripe_webhook_fn(PG_FUNCTION_ARGS)
 		is_new = store_event(id, type, live, api_version,
 							 (created - (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY) * USECS_PER_SEC,
 							 body);
-		/* the answer outlives SPI's memory */
-		MemoryContextSwitchTo(upper);
 		initStringInfo(&out);
 		appendStringInfo(&out, "{\"received\": true, \"duplicate\": %s, \"event_id\": ",
 						 is_new ? "false" : "true");
 		escape_json(&out, id);
 		appendStringInfoChar(&out, '}');
 	}
-	SPI_finish();
 	PG_RETURN_TEXT_P(cstring_to_text_with_len(out.data, out.len));
 }

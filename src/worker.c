@@ -52,6 +52,8 @@
 #define QES_TICK_BATCH 200
 /* longest time the outbox runs before the loop's other work gets a turn */
 #define QES_PUMP_SLICE_MS 200
+/* shortest time between the starts of two loops when not busy */
+#define QES_MIN_LOOP_MS 5
 
 PG_FUNCTION_INFO_V1(qes_worker_state_fn);
 PG_FUNCTION_INFO_V1(qes_wake_worker_trigger);
@@ -373,6 +375,7 @@ qes_worker_main(Datum main_arg)
 		long		next_due_ms = -1;
 		volatile bool busy = false;
 		long		timeout;
+		TimestampTz loop_started = GetCurrentTimestamp();
 
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -420,6 +423,21 @@ qes_worker_main(Datum main_arg)
 		qes_worker_state->last_loop_at = GetCurrentTimestamp();
 		qes_worker_state->naptime_ms = qes_worker_naptime_ms;
 		LWLockRelease(qes_worker_state->lock);
+
+		/*
+		 * Coalesce wake-ups: every commit that queues work sets our latch,
+		 * thousands of times a second under load, and a loop costs a
+		 * transaction.  Unless busy, loops start at most every
+		 * QES_MIN_LOOP_MS; what arrives meanwhile is taken by the next one.
+		 */
+		if (!busy)
+		{
+			long		since = TimestampDifferenceMilliseconds(loop_started, GetCurrentTimestamp());
+
+			if (since < QES_MIN_LOOP_MS)
+				(void) WaitLatch(NULL, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, QES_MIN_LOOP_MS - since,
+								 PG_WAIT_EXTENSION);
+		}
 
 		/* sleep until woken, the naptime, or the next retry is due */
 		timeout = busy ? 0 : qes_worker_naptime_ms;
