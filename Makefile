@@ -34,7 +34,7 @@ SHLIB_LINK = -lcurl -lcrypto
 REGRESS = install catalog settings tenants audit api usage webhook outbox
 REGRESS_OPTS = --temp-instance=./tmp_check_regress \
 	--temp-config=test/regress.conf --dbname=contrib_regression
-ISOLATION = wake audit_chain usage outbox
+ISOLATION = wake audit_chain usage outbox webhook_intake
 ISOLATION_OPTS = --temp-instance=./tmp_check_iso \
 	--temp-config=test/regress.conf --load-extension=qes_billing \
 	--inputdir=test/isolation --outputdir=test/isolation/output \
