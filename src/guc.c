@@ -38,6 +38,7 @@ int			qes_webhook_max_attempts = 5;
 int			qes_webhook_tolerance_s = 300;
 int			qes_max_inflight = 16;
 int			qes_request_timeout_ms = 30000;
+int			qes_max_requests_per_second = 0;
 bool		qes_audit_guard = true;
 bool		qes_worker_paused = false;
 
@@ -455,6 +456,11 @@ qes_define_gucs(void)
 							"Longest time one Stripe request may take, connection included.",
 							NULL, &qes_request_timeout_ms, 30000, 100, 600 * 1000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.max_requests_per_second",
+							"Largest rate at which the worker sends Stripe requests (0: no limit).",
+							"Stripe allows about 100 requests/s in live mode and 25 in test mode.",
+							&qes_max_requests_per_second, 0, 0, 100000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomBoolVariable("qes_billing.worker_paused",
 							 "Pause the worker's work (queues, timers) for maintenance; it keeps its heartbeat.",
 							 NULL, &qes_worker_paused, false,

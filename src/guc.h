@@ -34,6 +34,7 @@ extern int	qes_webhook_max_attempts;
 extern int	qes_webhook_tolerance_s;
 extern int	qes_max_inflight;
 extern int	qes_request_timeout_ms;
+extern int	qes_max_requests_per_second;
 extern bool qes_audit_guard;
 extern bool qes_worker_paused;
 

@@ -26,6 +26,10 @@
  * leaves with a key of the wrong mode: the settings refuse such keys, and the
  * prefix is checked again here.
  *
+ * qes_billing.max_requests_per_second bounds the rate of sending (a token
+ * bucket of a tenth of a second's worth), below Stripe's own limits, so that a burst
+ * of work does not turn into a burst of 429s.
+ *
  * All state lives in this process (the worker); nothing here is shared.
  *
  *-------------------------------------------------------------------------
@@ -33,6 +37,7 @@
 #include "qes_billing.h"
 
 #include <curl/curl.h>
+#include <math.h>
 
 #include "access/xact.h"
 #include "executor/spi.h"
@@ -75,6 +80,46 @@ typedef struct OutboxCall
 	int			record_tries;
 	struct OutboxCall *next;
 } OutboxCall;
+
+/*
+ * Rate limit (qes_billing.max_requests_per_second): a token bucket holding
+ * at most a tenth of a second's worth, refilled with time.
+ */
+static double tokens = 0;
+static TimestampTz tokens_at = 0;
+
+static int
+take_tokens(int want)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	int			rate = qes_max_requests_per_second;
+	int			n;
+	double		cap;
+
+	if (rate <= 0)
+		return want;
+	/* a burst of at most a tenth of a second's worth: no second sees more than 1.1 x rate */
+	cap = Max(1.0, rate / 10.0);
+	if (tokens_at == 0)
+		tokens = cap;
+	else
+		tokens = Min(cap, tokens + (double) (now - tokens_at) / USECS_PER_SEC * rate);
+	tokens_at = now;
+	n = Min(want, (int) tokens);
+	tokens -= n;
+	return n;
+}
+
+/* milliseconds until the bucket holds a token again (0: it does) */
+static long
+token_wait_ms(void)
+{
+	int			rate = qes_max_requests_per_second;
+
+	if (rate <= 0 || tokens >= 1)
+		return 0;
+	return (long) ceil((1 - tokens) * 1000.0 / rate);
+}
 
 static CURLM *multi = NULL;
 static MemoryContext outbox_context = NULL;
@@ -528,7 +573,16 @@ qes_outbox_pump(long budget_ms)
 
 		CHECK_FOR_INTERRUPTS();
 		if (claim_more && n_in_flight < qes_max_inflight)
-			claim_and_send(qes_max_inflight - n_in_flight);
+		{
+			int			room = take_tokens(qes_max_inflight - n_in_flight);
+
+			if (room > 0)
+			{
+				int			claimed = claim_and_send(room);
+
+				tokens += room - claimed;	/* unused tokens go back */
+			}
+		}
 
 		if (n_in_flight > 0)
 		{
@@ -544,6 +598,19 @@ qes_outbox_pump(long budget_ms)
 		curl_multi_poll(multi, NULL, 0, Min(left_ms, 50), NULL);
 	}
 	return n_in_flight > 0 || claim_more || calls != NULL;
+}
+
+/*
+ * How long the worker may sleep while the outbox is busy: 0, or -- when
+ * nothing is in flight and only the rate limit holds requests back -- until
+ * the next token.
+ */
+long
+qes_outbox_busy_wait_ms(void)
+{
+	if (n_in_flight > 0 || calls != NULL || !claim_more)
+		return 0;
+	return token_wait_ms();
 }
 
 /* the latch was set: new requests may have been queued */

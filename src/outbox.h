@@ -11,5 +11,6 @@
 extern bool qes_outbox_pump(long budget_ms);
 extern void qes_outbox_wake(void);
 extern int	qes_outbox_in_flight(void);
+extern long qes_outbox_busy_wait_ms(void);
 
 #endif							/* QES_OUTBOX_H */

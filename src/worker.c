@@ -440,7 +440,7 @@ qes_worker_main(Datum main_arg)
 		}
 
 		/* sleep until woken, the naptime, or the next retry is due */
-		timeout = busy ? 0 : qes_worker_naptime_ms;
+		timeout = busy ? qes_outbox_busy_wait_ms() : qes_worker_naptime_ms;
 		if (!busy && next_due_ms >= 0 && next_due_ms < timeout)
 			timeout = next_due_ms;
 		wake_reason = WaitLatch(MyLatch,

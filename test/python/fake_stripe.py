@@ -100,7 +100,7 @@ class FakeStripe:
         self.idem = {}             # key -> (params digest, status, body) or "busy"
         self.events = []
         self.creates = {}          # object type -> count of objects created
-        self.requests = []         # (method, path, idempotency key, status)
+        self.requests = []         # (method, path, idempotency key, status, time)
         self.faults = {}           # kind -> count
         self.customer_cards = {}   # customer id -> payment method id
         self.server = None
@@ -412,7 +412,7 @@ class FakeStripe:
                     time.sleep(fake.delay_s)
                 key = self.headers.get("Idempotency-Key") if method == "POST" else None
                 status, out, extra = fake.process(method, url.path, params, key, body)
-                fake.requests.append((method, url.path, key, status))
+                fake.requests.append((method, url.path, key, status, time.time()))
                 if status == "timeout":
                     time.sleep(fake.timeout_s)
                     return self._drop()

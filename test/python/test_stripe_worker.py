@@ -389,3 +389,28 @@ def test_an_invoice_of_an_unknown_subscription_asks_stripe_for_it(pgf, apif, fak
     row = pg.sql("SELECT plan_id, status, stripe_subscription_id FROM billing.subscriptions WHERE tenant_id = 'late'")
     assert row == [("professional", "active", s["id"])], row
     assert limits_plan(pg, "late") == "professional"
+
+
+def test_rate_limit_bounds_the_sending_rate(pgf, fake):
+    """qes_billing.max_requests_per_second: 60 requests at 20/s take about
+    three seconds, and no second sees more than 1.1 x 20 (the bucket's
+    burst is a tenth of a second's worth)."""
+    pg = pgf
+    pg.sql("ALTER SYSTEM SET qes_billing.max_requests_per_second = 20")
+    pg.sql("SELECT pg_reload_conf()")
+    time.sleep(0.5)
+    try:
+        start = time.time()
+        pg.sql("SELECT count(billing.outbox_enqueue(NULL, 'test.customer', 'POST', '/v1/customers', "
+               "jsonb_build_object('name', 'Rate ' || i))) FROM generate_series(1, 60) i")
+        drain(pg)
+        took = time.time() - start
+    finally:
+        pg.sql("ALTER SYSTEM RESET qes_billing.max_requests_per_second")
+        pg.sql("SELECT pg_reload_conf()")
+    sent = sorted(r[4] for r in fake.requests if r[1] == "/v1/customers" and r[4] >= start)
+    assert len(sent) == 60
+    busiest = max(sum(1 for t in sent if s <= t < s + 1.0) for s in sent)
+    print(f"60 requests at 20/s took {took:.2f}s; busiest second: {busiest}")
+    assert 2.5 <= took <= 10, took
+    assert busiest <= 22, busiest
