@@ -72,7 +72,8 @@ GRANT EXECUTE ON FUNCTION billing.upsert_tenant(text, text, text),
 -- operators
 GRANT SELECT ON billing.worker_status, billing.audit_log, billing.stripe_requests,
                 billing.webhook_events, billing.webhook_rejections, billing.webhook_metrics,
-                billing.outbox_metrics TO qes_admin;
+                billing.outbox_metrics, billing.subscription_health, billing.payment_metrics,
+                billing.usage_patterns TO qes_admin;
 GRANT EXECUTE ON FUNCTION billing.replay_webhook(text), billing.retry_request(bigint) TO qes_admin;
 GRANT EXECUTE ON FUNCTION billing.worker_state(), billing.verify_audit_chain(), billing.usage_cache_stats(),
                           billing.audit_hash(bytea, bigint, timestamptz, text, text, text, text, text, jsonb),
