@@ -23,8 +23,8 @@
  *
  * The secret key is read from the settings at each claim and goes only into
  * the Authorization header; it is never logged or stored.  A request never
- * leaves with a key of the wrong mode: the settings refuse such keys, and the
- * prefix is checked again here.
+ * leaves with a key of the wrong mode: the settings refuse such keys, and
+ * qes_stripe_key() checks the prefix again at each claim.
  *
  * qes_billing.max_requests_per_second bounds the rate of sending (a token
  * bucket of a tenth of a second's worth), below Stripe's own limits, so that a burst
@@ -190,16 +190,6 @@ outbox_init(void)
 										   ALLOCSET_DEFAULT_SIZES);
 }
 
-/* Is this key of the mode the environment demands? */
-static bool
-key_mode_ok(const char *key)
-{
-	const char *want = qes_live_mode() ? "_live_" : "_test_";
-
-	return (strncmp(key, "sk", 2) == 0 || strncmp(key, "rk", 2) == 0) &&
-		strncmp(key + 2, want, strlen(want)) == 0;
-}
-
 typedef struct ClaimedRow
 {
 	int64		request_id;
@@ -313,13 +303,13 @@ static int
 claim_and_send(int room)
 {
 	const char *key;
+	char	   *problem;
 	ClaimedRow *rows = NULL;
 	int			n = 0;
 	Oid			argtypes[1] = {INT4OID};
 	Datum		args[1];
 
-	key = qes_stripe_key(QES_KEY_SECRET, true);
-	if (key == NULL || !key_mode_ok(key))
+	if (qes_stripe_key_problem(QES_KEY_SECRET, &problem))
 	{
 		/*
 		 * Nothing can be sent: the rows stay pending (nothing is lost), and
@@ -328,6 +318,8 @@ claim_and_send(int room)
 		claim_more = false;
 		return 0;
 	}
+	/* present and of the environment's mode (guc.c checks the prefix) */
+	key = qes_stripe_key(QES_KEY_SECRET, false);
 
 	if (!qes_worker_begin_xact("qes_billing worker: claiming Stripe requests"))
 	{

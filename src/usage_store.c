@@ -87,22 +87,35 @@ resolve(void)
 				(errcode(ERRCODE_UNDEFINED_TABLE),
 				 errmsg("relation \"billing.usage_events\" does not exist")));
 	rel = table_open(usage_relid, AccessShareLock);
+	qes_table_columns(rel, col_names, NUM_COLS, attnums);
 	usage_pkey = RelationGetPrimaryKeyIndex(rel);
-	if (RelationGetDescr(rel)->natts != NUM_COLS || !OidIsValid(usage_pkey))
+	table_close(rel, AccessShareLock);
+	resolved = true;
+}
+
+/*
+ * The attribute numbers of the named columns of one of the extension's
+ * tables, and that it has its primary key and no other columns: the hot
+ * paths that write without the executor rely on the table being as the
+ * install script made it.
+ */
+void
+qes_table_columns(Relation rel, const char *const *names, int ncols, AttrNumber *attnums)
+{
+	if (RelationGetDescr(rel)->natts != ncols || !OidIsValid(RelationGetPrimaryKeyIndex(rel)))
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("billing.usage_events does not have the columns and primary key qes_billing created"),
+				 errmsg("billing.%s does not have the columns and primary key qes_billing created",
+						RelationGetRelationName(rel)),
 				 errhint("Do not alter the extension's tables; recreate the extension.")));
-	table_close(rel, AccessShareLock);
-	for (int i = 0; i < NUM_COLS; i++)
+	for (int i = 0; i < ncols; i++)
 	{
-		attnums[i] = get_attnum(usage_relid, col_names[i]);
+		attnums[i] = get_attnum(RelationGetRelid(rel), names[i]);
 		if (attnums[i] == InvalidAttrNumber)
 			ereport(ERROR,
 					(errcode(ERRCODE_UNDEFINED_COLUMN),
-					 errmsg("column \"%s\" of billing.usage_events does not exist", col_names[i])));
+					 errmsg("column \"%s\" of billing.%s does not exist", names[i], RelationGetRelationName(rel))));
 	}
-	resolved = true;
 }
 
 /*

@@ -28,7 +28,9 @@ extern bool qes_usage_find(const char *tenant_id, const char *idempotency_key, U
 extern void qes_usage_insert(const UsageRow *row);
 
 /* shared by the hot paths that write without the executor */
+#include "access/attnum.h"
 #include "utils/relcache.h"
 extern void qes_insert_row(Relation rel, Datum *values, bool *nulls);
+extern void qes_table_columns(Relation rel, const char *const *names, int ncols, AttrNumber *attnums);
 
 #endif							/* QES_USAGE_STORE_H */

@@ -316,22 +316,8 @@ resolve_inbox(Relation rel)
 	if (inbox.relid == relid)
 		return;
 	inbox.relid = InvalidOid;
-	if (RelationGetDescr(rel)->natts != EV_NUM_COLS)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("billing.webhook_events does not have the columns qes_billing created"),
-				 errhint("Do not alter the extension's tables; recreate the extension.")));
-	for (int i = 0; i < EV_NUM_COLS; i++)
-	{
-		inbox.att[i] = get_attnum(relid, ev_cols[i]);
-		if (inbox.att[i] == InvalidAttrNumber)
-			ereport(ERROR,
-					(errcode(ERRCODE_UNDEFINED_COLUMN),
-					 errmsg("column \"%s\" of billing.webhook_events does not exist", ev_cols[i])));
-	}
+	qes_table_columns(rel, ev_cols, EV_NUM_COLS, inbox.att);
 	inbox.pkey = RelationGetPrimaryKeyIndex(rel);
-	if (!OidIsValid(inbox.pkey))
-		elog(ERROR, "billing.webhook_events has no primary key");
 	inbox.due = get_relname_relid("webhook_events_due", nsp);
 	busy = get_relname_relid("webhook_events_busy", nsp);
 	indexes = RelationGetIndexList(rel);

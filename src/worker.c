@@ -312,14 +312,15 @@ worker_loop_once(long *next_due_ms)
 						(errmsg("qes_billing worker reclaimed " INT64_FORMAT " queue rows left in flight",
 								reclaimed)));
 		}
+		if (SPI_execute("SELECT applied, outbox_due_s FROM billing.worker_tick()", false, 1) != SPI_OK_SELECT ||
+			SPI_processed != 1)
+			elog(ERROR, "qes_billing worker: billing.worker_tick() did not return one row");
 		/* a full batch of events: there may be more, loop again at once */
-		if (run_bigint("SELECT billing.worker_tick()") >= QES_TICK_BATCH)
-			SetLatch(MyLatch);
-
-		/* when the outbox has its next request due */
-		if (SPI_execute("SELECT billing.outbox_next_due()", true, 1) != SPI_OK_SELECT || SPI_processed != 1)
-			elog(ERROR, "qes_billing worker: billing.outbox_next_due() failed");
 		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+		if (!isnull && DatumGetInt64(d) >= QES_TICK_BATCH)
+			SetLatch(MyLatch);
+		/* when the outbox has its next request due */
+		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
 		if (!isnull)
 		{
 			double		due_s = DatumGetFloat8(d);

@@ -103,22 +103,22 @@ COMMENT ON FUNCTION billing.worker_reclaim() IS
 
 -- The worker's work, once per loop: apply due webhook events, then timers.
 -- Returns the number of events applied (the worker loops again at once
--- when it was a full batch).
-CREATE FUNCTION billing.worker_tick() RETURNS bigint
+-- when it was a full batch) and the seconds until the next outbox request
+-- is due (NULL: none waits), so that one call per loop tells it both.
+CREATE FUNCTION billing.worker_tick(OUT applied bigint, OUT outbox_due_s double precision)
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
-DECLARE
-  v_applied integer;
 BEGIN
-  v_applied := billing.process_inbox(200);
+  applied := billing.process_inbox(200);
   -- outbox requests whose answer this worker lost
   PERFORM billing.outbox_reclaim_stale(current_setting('qes_billing.request_timeout')::interval);
   -- cached usage counters of periods that ended more than a day ago
   PERFORM billing.usage_cache_sweep(billing.now() - interval '1 day');
-  RETURN v_applied;
+  outbox_due_s := billing.outbox_next_due();
 END
 $$;
-COMMENT ON FUNCTION billing.worker_tick() IS 'Run by the worker once per loop: timers. Returns the number of rows changed.';
+COMMENT ON FUNCTION billing.worker_tick() IS
+  'Run by the worker once per loop: apply due webhook events, timers. Returns the events applied and the seconds until the next outbox request is due.';
 
 CREATE FUNCTION billing.worker_state(
   OUT pid integer, OUT started_at timestamptz, OUT last_loop_at timestamptz,

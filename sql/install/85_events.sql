@@ -176,20 +176,12 @@ $$;
 -- answer is applied like an event: billing.outbox_apply); at most one such
 -- request per subscription is queued at a time.
 CREATE FUNCTION billing.refresh_subscription(p_tenant text, p_stripe_subscription_id text) RETURNS bigint
-  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+  LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
 AS $$
-DECLARE
-  v_path text := '/v1/subscriptions/' || p_stripe_subscription_id;
-  v_req  bigint;
-BEGIN
-  IF p_stripe_subscription_id !~ '^sub_[A-Za-z0-9_]+$' THEN
-    RETURN NULL;   -- not an id we can put in a path
-  END IF;
-  SELECT r.request_id INTO v_req FROM billing.stripe_requests r
-   WHERE r.tenant_id = p_tenant AND r.kind = 'subscription.refresh' AND r.path = v_path
-     AND r.state IN ('waiting', 'pending', 'in_flight');
-  RETURN coalesce(v_req, billing.outbox_enqueue(p_tenant, 'subscription.refresh', 'GET', v_path));
-END
+  -- only an id that can go into a path
+  SELECT CASE WHEN p_stripe_subscription_id ~ '^sub_[A-Za-z0-9_]+$' THEN
+    billing.outbox_enqueue_once(p_tenant, 'subscription.refresh', 'GET', '/v1/subscriptions/' || p_stripe_subscription_id)
+  END
 $$;
 COMMENT ON FUNCTION billing.refresh_subscription(text, text) IS
   'Queue a GET of the subscription from Stripe (once at a time); its answer is mirrored like an event.';

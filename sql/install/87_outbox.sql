@@ -46,7 +46,6 @@ AS $$
 DECLARE
   v_id    bigint;
   v_after billing.stripe_requests;
-  v_state text := 'pending';
 BEGIN
   IF p_after IS NOT NULL THEN
     SELECT * INTO v_after FROM billing.stripe_requests WHERE request_id = p_after;
@@ -56,21 +55,38 @@ BEGIN
     IF v_after.state = 'failed' THEN
       RAISE EXCEPTION 'outbox request % has failed; nothing can wait for it', p_after
         USING ERRCODE = 'invalid_parameter_value';
-    ELSIF v_after.state <> 'succeeded' THEN
-      v_state := 'waiting';
-    ELSIF p_inherit IS NOT NULL THEN
-      p_params := p_params || jsonb_build_object(p_inherit, v_after.response ->> 'id');
     END IF;
   END IF;
   INSERT INTO billing.stripe_requests (tenant_id, kind, method, path, params, subject, after_request, inherit,
                                        run_id, state)
-  VALUES (p_tenant, p_kind, p_method, p_path, p_params, p_subject, p_after, p_inherit, p_run_id, v_state)
+  VALUES (p_tenant, p_kind, p_method, p_path, p_params, p_subject, p_after, p_inherit, p_run_id,
+          CASE WHEN p_after IS NULL THEN 'pending' ELSE 'waiting' END)
   RETURNING request_id INTO v_id;
+  IF v_after.state = 'succeeded' THEN
+    PERFORM billing.outbox_release_waiting(v_after);   -- done already: due at once
+  END IF;
   RETURN v_id;
 END
 $$;
 COMMENT ON FUNCTION billing.outbox_enqueue(text, text, text, text, jsonb, jsonb, bigint, text, text) IS
   'Queue a Stripe request in the caller''s transaction; the worker sends it after COMMIT. With p_after it waits for that request and, with p_inherit, receives its response id as that parameter.';
+
+-- Queue a request unless the same one (tenant, kind, path) is still
+-- queued or in flight; returns the request either way.
+CREATE FUNCTION billing.outbox_enqueue_once(p_tenant text, p_kind text, p_method text, p_path text,
+                                            p_params jsonb DEFAULT '{}')
+  RETURNS bigint
+  LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+  SELECT coalesce(
+    (SELECT r.request_id FROM billing.stripe_requests r
+      WHERE r.tenant_id = p_tenant AND r.kind = p_kind AND r.path = p_path
+        AND r.state IN ('waiting', 'pending', 'in_flight')
+      ORDER BY r.request_id LIMIT 1),
+    billing.outbox_enqueue(p_tenant, p_kind, p_method, p_path, p_params))
+$$;
+COMMENT ON FUNCTION billing.outbox_enqueue_once(text, text, text, text, jsonb) IS
+  'Queue a request unless the same one (tenant, kind, path) is still queued or in flight; returns the request.';
 
 -- Claim due requests for sending: the worker commits this before any byte
 -- goes out.  Rows are taken with SKIP LOCKED, so a backend busy with a
@@ -324,12 +340,10 @@ BEGIN
                                                'cancel_at_period_end', o -> 'cancel_at_period_end'));
     END IF;
   WHEN r.kind = 'payment_intent.create' THEN
-    UPDATE billing.payments p
-       SET stripe_payment_intent_id = o ->> 'id', client_secret = o ->> 'client_secret',
-           status = CASE WHEN p.stripe_state_at IS NULL OR p.stripe_state_at <= billing.outbox_state_at(r)
-                         THEN o ->> 'status' ELSE p.status END,
-           stripe_state_at = greatest(p.stripe_state_at, billing.outbox_state_at(r)), updated_at = now()
+    -- link the row, then mirror the answer as an event would (newer state wins)
+    UPDATE billing.payments p SET stripe_payment_intent_id = o ->> 'id', client_secret = o ->> 'client_secret'
      WHERE p.tenant_id = r.tenant_id AND p.payment_id = (r.subject ->> 'payment_id')::bigint;
+    PERFORM billing.apply_payment(r.tenant_id, o, billing.outbox_state_at(r), o ->> 'status');
     PERFORM billing.audit('payment_intent.created', r.tenant_id,
                           jsonb_build_object('payment_id', (r.subject ->> 'payment_id')::bigint,
                                              'payment_intent', o ->> 'id', 'status', o ->> 'status'));

@@ -65,24 +65,13 @@ $$;
 
 -- The tenant's Stripe customer, or the queued request that creates it.
 CREATE FUNCTION billing.customer_request(t billing.tenants) RETURNS bigint
-  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+  LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
 AS $$
-DECLARE
-  v_req bigint;
-BEGIN
-  IF t.stripe_customer_id IS NOT NULL THEN
-    RETURN NULL;
-  END IF;
-  SELECT r.request_id INTO v_req FROM billing.stripe_requests r
-   WHERE r.tenant_id = t.tenant_id AND r.kind = 'customer.create' AND r.state IN ('waiting', 'pending', 'in_flight')
-   ORDER BY r.request_id LIMIT 1;
-  IF v_req IS NULL THEN
-    v_req := billing.outbox_enqueue(t.tenant_id, 'customer.create', 'POST', '/v1/customers',
-               jsonb_build_object('name', t.name, 'email', t.billing_email,
-                                  'metadata', jsonb_build_object('tenant_id', t.tenant_id)));
-  END IF;
-  RETURN v_req;
-END
+  SELECT CASE WHEN t.stripe_customer_id IS NULL THEN
+    billing.outbox_enqueue_once(t.tenant_id, 'customer.create', 'POST', '/v1/customers',
+                                jsonb_build_object('name', t.name, 'email', t.billing_email,
+                                                   'metadata', jsonb_build_object('tenant_id', t.tenant_id)))
+  END
 $$;
 
 CREATE FUNCTION api.create_subscription(plan text, "interval" text DEFAULT 'month') RETURNS json
