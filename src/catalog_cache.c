@@ -4,14 +4,27 @@
  *	  Backend-local cache of the plan catalog, the billing clock and the
  *	  tenants' subscriptions, for the hot paths (record_usage, check_limit).
  *
- * Everything here is read from tables and is only a cache (DESIGN.md rule
- * 1).  Any change to the tables it copies (plans, plan_limits, prices,
- * metrics, clock, tenants, subscriptions) fires a statement trigger that
- * bumps a shared generation counter when its transaction COMMITs.  Each
- * backend compares that counter with the generation it loaded and reloads
- * when they differ: a plan change is visible to check_limit at once after
- * commit, never before.  The generation is read BEFORE loading, so a change
- * that commits during a load leaves the cache stale and it loads again.
+ * Everything here is read from tables and is only a cache (docs/
+ * architecture.md, "Caches").  It is invalidated by PostgreSQL's own
+ * transactional invalidation messages: an AFTER STATEMENT trigger on each
+ * table it copies (plans, plan_limits, prices, metrics, clock, tenants,
+ * subscriptions) queues a relcache invalidation of that table, which
+ * PostgreSQL sends when -- and only when -- the transaction commits
+ * (also at COMMIT PREPARED, from the two-phase state file), writes into
+ * the commit record so a hot standby replays it, and applies in the
+ * writing backend itself at its next command and on abort.  A relcache
+ * callback marks the cache stale when one of those tables (or everything)
+ * is invalidated.
+ *
+ * A load reads with the newest snapshot (committed data plus this
+ * transaction's own changes), never the transaction's snapshot: a
+ * REPEATABLE READ transaction would otherwise cache what it saw at its
+ * start after others had committed newer data and sent their messages.
+ * Invalidations that arrive while loading (they are processed whenever a
+ * lock is taken) leave the cache stale, so it loads again on the next call.
+ * Own uncommitted changes are loaded only by the transaction that made
+ * them, and its abort invalidates the cache again: nothing a rolled-back or
+ * not yet visible transaction wrote outlives it.
  *
  * Loads run as the bootstrap superuser, so the cache does not depend on
  * which role (PostgREST switches roles per request) happened to fill it;
@@ -22,23 +35,24 @@
 #include "qes_billing.h"
 
 #include "access/xact.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_authid.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
-#include "port/atomics.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
 #include "utils/datum.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/hsearch.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "catalog_cache.h"
 #include "guc.h"
-#include "shmem.h"
-#include "usage_store.h"
 
 #define QES_MAX_CACHED_TENANTS 10000
 
@@ -63,8 +77,16 @@ typedef struct TenantEntry
 } TenantEntry;
 
 static MemoryContext cache_context = NULL;
-static uint64 loaded_generation = 0;
-static bool loaded = false;
+static bool loaded = false;		/* the arrays below hold a complete load */
+static bool cache_valid = false;	/* ... and no invalidation came since */
+static uint64 inval_count = 0;	/* invalidations of our tables seen */
+
+/* the tables copied here, as resolved at the last load */
+#define QES_CACHED_TABLES 7
+static const char *const cached_tables[QES_CACHED_TABLES] = {
+	"metrics", "plans", "plan_limits", "prices", "clock", "tenants", "subscriptions"
+};
+static Oid	cached_relids[QES_CACHED_TABLES];
 
 static QesMetric *metrics;
 static int	nmetrics;
@@ -81,28 +103,48 @@ static HTAB *tenants;
 
 static SPIPlanPtr tenant_plan = NULL;
 
-static bool bump_at_commit = false;
-
 /* ---- invalidation -------------------------------------------------------- */
 
-void
-qes_catalog_invalidate_at_commit(void)
+/*
+ * Relcache callback (registered in _PG_init): relid is InvalidOid when
+ * everything is invalidated (for instance after the invalidation queue
+ * overflowed).  Cheap: called for every relcache invalidation.
+ */
+static void
+relcache_callback(Datum arg, Oid relid)
 {
-	bump_at_commit = true;
+	for (int i = 0; i < QES_CACHED_TABLES; i++)
+	{
+		if (!OidIsValid(relid) || cached_relids[i] == relid)
+		{
+			cache_valid = false;
+			inval_count++;
+			return;
+		}
+	}
 }
 
 void
-qes_catalog_at_commit(void)
+qes_catalog_register_callback(void)
 {
-	if (bump_at_commit && qes_worker_state != NULL)
-		pg_atomic_fetch_add_u64(&qes_worker_state->catalog_generation, 1);
-	bump_at_commit = false;
+	CacheRegisterRelcacheCallback(relcache_callback, (Datum) 0);
 }
 
+/*
+ * billing.invalidate_cache_on_commit() calls this for the table it fires
+ * on: a relcache invalidation, sent at commit, never on abort.
+ */
 void
-qes_catalog_at_abort(void)
+qes_catalog_invalidate_rel(Relation rel)
 {
-	bump_at_commit = false;
+	CacheInvalidateRelcache(rel);
+}
+
+/* Every backend drops its cache when this transaction commits. */
+void
+qes_catalog_invalidate_all(void)
+{
+	CacheInvalidateRelcacheAll();
 }
 
 /* ---- loading ------------------------------------------------------------ */
@@ -249,17 +291,40 @@ load_catalog(void *arg)
 	}
 }
 
+/* The OIDs of the cached tables, as the catalog has them now. */
+static void
+resolve_cached_tables(void)
+{
+	Oid			nsp = get_namespace_oid("billing", true);
+
+	for (int i = 0; i < QES_CACHED_TABLES; i++)
+		cached_relids[i] = OidIsValid(nsp) ? get_relname_relid(cached_tables[i], nsp) : InvalidOid;
+}
+
 /*
- * Make sure the cache matches the committed catalog.
+ * Run fn as the table owner under the newest snapshot (see the header).
+ */
+static void
+run_latest(void (*fn) (void *), void *arg)
+{
+	PushActiveSnapshot(GetLatestSnapshot());
+	qes_run_as_owner(fn, arg);
+	PopActiveSnapshot();
+}
+
+/*
+ * Make sure the cache matches the committed catalog (and this
+ * transaction's own changes to it).
  */
 void
 qes_catalog_refresh(void)
 {
-	uint64		generation;
 	HASHCTL		ctl;
+	uint64		seen;
 
-	generation = pg_atomic_read_u64(&qes_worker_state->catalog_generation);
-	if (loaded && generation == loaded_generation)
+	/* messages other sessions (or WAL replay) sent since we last looked */
+	AcceptInvalidationMessages();
+	if (loaded && cache_valid)
 		return;
 
 	if (cache_context == NULL)
@@ -270,8 +335,10 @@ qes_catalog_refresh(void)
 	MemoryContextReset(cache_context);
 	tenants = NULL;
 
-	qes_usage_store_reset();
-	qes_run_as_owner(load_catalog, NULL);
+	resolve_cached_tables();
+	seen = inval_count;
+	cache_valid = true;
+	run_latest(load_catalog, NULL);
 
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = QES_TENANT_ID_LEN;
@@ -280,8 +347,10 @@ qes_catalog_refresh(void)
 	tenants = hash_create("qes_billing tenant cache", 256, &ctl,
 						  HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
 
-	loaded_generation = generation;
 	loaded = true;
+	/* an invalidation during the load: use it for this call, load again next */
+	if (inval_count != seen)
+		cache_valid = false;
 }
 
 /* ---- catalog accessors -------------------------------------------------- */
@@ -548,17 +617,20 @@ qes_tenant_plan(const char *tenant_id, TimestampTz at, QesTenantPlan *out)
 	{
 		TenantLoad	tl;
 
+		uint64		seen;
+
 		if (hash_get_num_entries(tenants) >= QES_MAX_CACHED_TENANTS)
 		{
-			loaded = false;		/* bounded: start over */
+			cache_valid = false;	/* bounded: start over */
 			qes_catalog_refresh();
 		}
 		e = hash_search(tenants, tenant_id, HASH_ENTER, &found);
 		tl.tenant_id = tenant_id;
 		tl.entry = e;
+		seen = inval_count;
 		PG_TRY();
 		{
-			qes_run_as_owner(load_tenant, &tl);
+			run_latest(load_tenant, &tl);
 		}
 		PG_CATCH();
 		{
@@ -567,6 +639,9 @@ qes_tenant_plan(const char *tenant_id, TimestampTz at, QesTenantPlan *out)
 			PG_RE_THROW();
 		}
 		PG_END_TRY();
+		/* invalidated while loading: answer with it, load afresh next time */
+		if (inval_count != seen)
+			cache_valid = false;
 	}
 	if (!e->exists)
 		return false;

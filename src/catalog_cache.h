@@ -63,8 +63,9 @@ extern TimestampTz qes_billing_now(void);
 extern bool qes_tenant_plan(const char *tenant_id, TimestampTz at, QesTenantPlan *out);
 extern void qes_validate_tenant_id(const char *tenant_id);
 
-extern void qes_catalog_invalidate_at_commit(void);
-extern void qes_catalog_at_commit(void);
-extern void qes_catalog_at_abort(void);
+#include "utils/relcache.h"
+extern void qes_catalog_register_callback(void);
+extern void qes_catalog_invalidate_rel(Relation rel);
+extern void qes_catalog_invalidate_all(void);
 
 #endif							/* QES_CATALOG_CACHE_H */

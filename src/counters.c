@@ -18,7 +18,18 @@
  * entry and judged the same way when the build finishes.  When S had more
  * in-progress xids than an entry can keep, a commit that cannot be judged
  * drops the entry, which is rebuilt later.  No delta is lost or counted
- * twice.
+ * twice.  The snapshot's xids are kept as 64-bit FullTransactionIds and
+ * committers are judged by their FullTransactionId, so an entry that lives
+ * for a whole yearly period compares right however many xids pass.
+ *
+ * Keys carry the database OID: the same tenant in two databases of one
+ * cluster (a restore beside the original) are two counters.
+ *
+ * On a hot standby nothing is cached: the table changes by WAL replay, which
+ * no commit callback sees, so every answer is summed from the replicated
+ * table (exactly what it holds).  No entry is built during recovery, so
+ * none survives a promotion.  Totals saturate at the int8 maximum instead
+ * of wrapping (record_usage refuses a quantity that would pass it).
  *
  * The table is bounded by qes_billing.max_counters.  When it is full, new
  * keys are not cached: their totals are computed from the table on every
@@ -45,6 +56,8 @@
 #include "qes_billing.h"
 
 #include "access/transam.h"
+#include "access/xlog.h"
+#include "common/int.h"
 #include "access/xact.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -54,6 +67,8 @@
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
+#include "catalog/pg_type.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
@@ -69,7 +84,7 @@
 
 typedef struct ParkedDelta
 {
-	TransactionId xid;
+	FullTransactionId xid;
 	int64		value;
 	TimestampTz at;
 } ParkedDelta;
@@ -86,10 +101,11 @@ typedef struct CounterEntry
 	int64		value;			/* counter: period total; gauge: latest */
 	TimestampTz gauge_at;		/* occurred_at of the gauge value */
 	TimestampTz period_end;
-	TransactionId snap_xmin;
-	TransactionId snap_xmax;
+	/* the build's snapshot, in 64-bit xids: never wraps however long it lives */
+	FullTransactionId snap_xmin;
+	FullTransactionId snap_xmax;
 	int			snap_xcnt;		/* -1: more than QES_SNAP_XIP */
-	TransactionId snap_xip[QES_SNAP_XIP];
+	FullTransactionId snap_xip[QES_SNAP_XIP];
 	int			nparked;
 	ParkedDelta parked[QES_PARKED];
 } CounterEntry;
@@ -119,7 +135,7 @@ typedef struct PendingItem
 	uint8		notify_bit;		/* nonzero: mark a threshold, no delta */
 	int64		value;
 	TimestampTz at;
-	TransactionId xid;
+	FullTransactionId xid;
 	SubTransactionId subid;
 } PendingItem;
 
@@ -145,6 +161,7 @@ is_our_build(CounterEntry *e)
 }
 
 PG_FUNCTION_INFO_V1(qes_usage_cache_stats);
+PG_FUNCTION_INFO_V1(qes_counter_seen_fn);
 PG_FUNCTION_INFO_V1(qes_usage_cache_sweep);
 
 /* ---- shared memory ------------------------------------------------------ */
@@ -200,6 +217,7 @@ qes_counter_key(CounterKey *key, const char *tenant_id, const char *metric,
 				TimestampTz period_start)
 {
 	memset(key, 0, sizeof(CounterKey));
+	key->dbid = MyDatabaseId;
 	strlcpy(key->tenant_id, tenant_id, QES_TENANT_ID_LEN);
 	strlcpy(key->metric, metric, QES_METRIC_LEN);
 	key->period_start = period_start;
@@ -207,33 +225,56 @@ qes_counter_key(CounterKey *key, const char *tenant_id, const char *metric,
 
 /* ---- visibility of a committer to the builder's snapshot ---------------- */
 
-typedef enum
-{
-	SEEN,						/* S counted xid's rows: skip the delta */
-	NOT_SEEN,					/* S did not: add the delta */
-	UNKNOWN						/* cannot tell: drop the entry */
-} Seen;
-
 static Seen
-seen_by_build(CounterEntry *e, TransactionId xid)
+seen_by_build(CounterEntry *e, FullTransactionId xid)
 {
-	if (TransactionIdPrecedes(xid, e->snap_xmin))
+	return qes_counter_seen(e->snap_xmin, e->snap_xmax, e->snap_xcnt, e->snap_xip, xid);
+}
+
+/*
+ * Did a snapshot (xmin, xmax, in-progress xids; xcnt -1 when they were too
+ * many to keep) see the rows of the committed transaction xid?  All in
+ * 64-bit transaction ids, so the answer stays right for an entry that lives
+ * through more than 2^31 transactions (a yearly period at 68 xid/s).
+ */
+Seen
+qes_counter_seen(FullTransactionId xmin, FullTransactionId xmax, int xcnt,
+				 const FullTransactionId *xip, FullTransactionId xid)
+{
+	if (FullTransactionIdPrecedes(xid, xmin))
 		return SEEN;
-	if (!TransactionIdPrecedes(xid, e->snap_xmax))
+	if (!FullTransactionIdPrecedes(xid, xmax))
 		return NOT_SEEN;
-	if (e->snap_xcnt < 0)
+	if (xcnt < 0)
 		return UNKNOWN;
-	for (int i = 0; i < e->snap_xcnt; i++)
-		if (TransactionIdEquals(e->snap_xip[i], xid))
+	for (int i = 0; i < xcnt; i++)
+		if (FullTransactionIdEquals(xip[i], xid))
 			return NOT_SEEN;
 	return SEEN;
+}
+
+/*
+ * The 64-bit form of a 32-bit xid of a current snapshot: one within 2^31
+ * transactions of next (ReadNextFullTransactionId), as every xid a live
+ * snapshot holds is.
+ */
+static FullTransactionId
+widen_xid(FullTransactionId next, TransactionId xid)
+{
+	int32		diff = (int32) (xid - XidFromFullTransactionId(next));
+
+	return FullTransactionIdFromU64((uint64) ((int64) U64FromFullTransactionId(next) + diff));
 }
 
 static void
 apply_value(CounterEntry *e, int64 value, TimestampTz at)
 {
 	if (!e->is_gauge)
-		e->value += value;
+	{
+		/* saturate: concurrent records can together pass the int8 range */
+		if (pg_add_s64_overflow(e->value, value, &e->value))
+			e->value = PG_INT64_MAX;
+	}
 	else if (at >= e->gauge_at)
 	{
 		e->value = value;
@@ -277,7 +318,9 @@ compute_cb(void *arg)
 
 	if (sum_plan == NULL)
 	{
-		sum_plan = SPI_prepare("SELECT pg_catalog.sum(u.quantity)::pg_catalog.int8, NULL::pg_catalog.timestamptz"
+		/* a sum past the int8 range saturates (record_usage refuses to pass it) */
+		sum_plan = SPI_prepare("SELECT LEAST(COALESCE(pg_catalog.sum(u.quantity), 0),"
+							   " 9223372036854775807::pg_catalog.numeric)::pg_catalog.int8, NULL::pg_catalog.timestamptz"
 							   "  FROM billing.usage_events u"
 							   " WHERE u.tenant_id OPERATOR(pg_catalog.=) $1 AND u.metric OPERATOR(pg_catalog.=) $2"
 							   "   AND u.period_start OPERATOR(pg_catalog.=) $3",
@@ -346,10 +389,26 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 	bool		found;
 	Snapshot	snap;
 	BuildResult r;
-	TransactionId own = GetTopTransactionIdIfAny();
+	FullTransactionId own = GetTopFullTransactionIdIfAny();
+	FullTransactionId next;
 	int64		value;
 
 	*notified = 0;
+
+	/*
+	 * A hot standby's table changes by WAL replay, which no commit callback
+	 * sees: answer from the table itself, exactly what it holds now, and
+	 * never build an entry that would outlive a promotion.
+	 */
+	if (RecoveryInProgress())
+	{
+		snap = build_snapshot();
+		r = compute_from_table(key, is_gauge, snap);
+		UnregisterSnapshot(snap);
+		pg_atomic_fetch_add_u64(&shared->uncached, 1);
+		return r.value;
+	}
+
 	LWLockAcquire(lock, LW_SHARED);
 	e = hash_search_with_hash_value(counters, key, hash, HASH_FIND, NULL);
 	if (e != NULL && !e->loading)
@@ -410,6 +469,8 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 	building = true;
 	building_key = *key;
 	r = compute_from_table(key, is_gauge, snap);
+	/* every xid of snap precedes this; read without a partition lock held */
+	next = ReadNextFullTransactionId();
 
 	LWLockAcquire(lock, LW_EXCLUSIVE);
 	e = hash_search_with_hash_value(counters, key, hash, HASH_FIND, NULL);
@@ -433,17 +494,17 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 	}
 	e->value = r.value;
 	e->gauge_at = r.at;
-	e->snap_xmin = snap->xmin;
-	e->snap_xmax = snap->xmax;
-	if (snap->xcnt + (TransactionIdIsValid(own) ? 1 : 0) > QES_SNAP_XIP)
+	e->snap_xmin = widen_xid(next, snap->xmin);
+	e->snap_xmax = widen_xid(next, snap->xmax);
+	if (snap->xcnt + (FullTransactionIdIsValid(own) ? 1 : 0) > QES_SNAP_XIP)
 		e->snap_xcnt = -1;
 	else
 	{
 		e->snap_xcnt = 0;
 		for (uint32 i = 0; i < snap->xcnt; i++)
-			e->snap_xip[e->snap_xcnt++] = snap->xip[i];
+			e->snap_xip[e->snap_xcnt++] = widen_xid(next, snap->xip[i]);
 		/* our own rows were hidden from the sum: our delta must be added */
-		if (TransactionIdIsValid(own))
+		if (FullTransactionIdIsValid(own))
 			e->snap_xip[e->snap_xcnt++] = own;
 	}
 	for (int i = 0; i < e->nparked; i++)
@@ -500,7 +561,7 @@ new_pending(const CounterKey *key)
 	p->key = *key;
 	p->hash = get_hash_value(counters, key);
 	p->subid = GetCurrentSubTransactionId();
-	p->xid = GetTopTransactionId();
+	p->xid = GetTopFullTransactionId();
 	return p;
 }
 
@@ -745,4 +806,49 @@ qes_usage_cache_sweep(PG_FUNCTION_ARGS)
 		LWLockRelease(&shared->locks[i].lock);
 	pg_atomic_fetch_add_u64(&shared->swept, removed);
 	PG_RETURN_INT64(removed);
+}
+
+/*
+ * billing.counter_delta_seen(snap_xmin, snap_xmax, snap_xip, committer):
+ * the rule above, for tests: 'seen', 'not_seen' or 'unknown' (snap_xip NULL
+ * means the snapshot had more in-progress xids than an entry keeps).  All
+ * arguments are 64-bit transaction ids (txid_current() values).
+ */
+Datum
+qes_counter_seen_fn(PG_FUNCTION_ARGS)
+{
+	FullTransactionId xip[QES_SNAP_XIP];
+	int			xcnt = -1;
+	Seen		seen;
+	static const char *const names[] = {"seen", "not_seen", "unknown"};
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(3))
+		PG_RETURN_NULL();
+	if (!PG_ARGISNULL(2))
+	{
+		ArrayType  *arr = PG_GETARG_ARRAYTYPE_P(2);
+		Datum	   *elems;
+		bool	   *enulls;
+		int			n;
+
+		deconstruct_array(arr, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE, &elems, &enulls, &n);
+		if (n > QES_SNAP_XIP)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+					 errmsg("at most %d in-progress xids can be given", QES_SNAP_XIP)));
+		for (int i = 0; i < n; i++)
+		{
+			if (enulls[i])
+				ereport(ERROR,
+						(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+						 errmsg("in-progress xids must not be null")));
+			xip[i] = FullTransactionIdFromU64((uint64) DatumGetInt64(elems[i]));
+		}
+		xcnt = n;
+	}
+	seen = qes_counter_seen(FullTransactionIdFromU64((uint64) PG_GETARG_INT64(0)),
+							FullTransactionIdFromU64((uint64) PG_GETARG_INT64(1)),
+							xcnt, xip,
+							FullTransactionIdFromU64((uint64) PG_GETARG_INT64(3)));
+	PG_RETURN_TEXT_P(cstring_to_text(names[seen]));
 }

@@ -8,12 +8,14 @@
 #ifndef QES_COUNTERS_H
 #define QES_COUNTERS_H
 
+#include "access/transam.h"
 #include "datatype/timestamp.h"
 
 #include "catalog_cache.h"
 
 typedef struct CounterKey
 {
+	Oid			dbid;			/* the database whose table it sums */
 	char		tenant_id[QES_TENANT_ID_LEN];
 	char		metric[QES_METRIC_LEN];
 	TimestampTz period_start;
@@ -22,7 +24,17 @@ typedef struct CounterKey
 #define QES_NOTIFIED_80		0x01
 #define QES_NOTIFIED_100	0x02
 
+typedef enum
+{
+	SEEN,						/* the build counted the committer's rows: skip its delta */
+	NOT_SEEN,					/* it did not: add the delta */
+	UNKNOWN						/* cannot tell: drop the entry */
+} Seen;
+
 extern int	qes_max_counters;
+
+extern Seen qes_counter_seen(FullTransactionId xmin, FullTransactionId xmax, int xcnt,
+							 const FullTransactionId *xip, FullTransactionId xid);
 
 extern void qes_counters_request(void);
 extern void qes_counters_startup(void);

@@ -21,6 +21,7 @@
 #include "counters.h"
 #include "guc.h"
 #include "shmem.h"
+#include "usage_store.h"
 #include "worker.h"
 
 PG_MODULE_MAGIC;
@@ -46,12 +47,11 @@ qes_xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
 			qes_counters_at_commit();
-			qes_catalog_at_commit();
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
+			qes_usage_inserting = false;
 			qes_counters_at_abort();
-			qes_catalog_at_abort();
 			break;
 		default:
 			break;
@@ -66,6 +66,7 @@ qes_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 	switch (event)
 	{
 		case SUBXACT_EVENT_ABORT_SUB:
+			qes_usage_inserting = false;
 			qes_counters_at_subabort(mySubid);
 			break;
 		case SUBXACT_EVENT_COMMIT_SUB:
@@ -79,7 +80,8 @@ qes_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 /*
  * billing.invalidate_cache_on_commit(): statement trigger on the tables the
  * backends cache (plans, limits, prices, metrics, clock, tenants,
- * subscriptions).
+ * subscriptions): a relcache invalidation of the table, which PostgreSQL
+ * sends at commit (and COMMIT PREPARED, and replays on standbys).
  */
 Datum
 qes_invalidate_cache_trigger(PG_FUNCTION_ARGS)
@@ -88,14 +90,15 @@ qes_invalidate_cache_trigger(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("invalidate_cache_on_commit() must be called as a trigger")));
-	qes_catalog_invalidate_at_commit();
+	qes_catalog_invalidate_rel(((TriggerData *) fcinfo->context)->tg_relation);
 	return PointerGetDatum(NULL);
 }
 
 /*
- * billing.usage_changed(): statement trigger for UPDATE, DELETE and
+ * billing.usage_changed(): statement trigger for INSERT, UPDATE, DELETE and
  * TRUNCATE of billing.usage_events -- the cached counters are rebuilt from
- * the table after this commits.
+ * the table after this commits.  record_usage's own INSERT is the one
+ * change the counters follow by themselves (its delta is added at commit).
  */
 Datum
 qes_usage_changed_trigger(PG_FUNCTION_ARGS)
@@ -104,7 +107,8 @@ qes_usage_changed_trigger(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("usage_changed() must be called as a trigger")));
-	qes_counters_reset_at_commit();
+	if (!(TRIGGER_FIRED_BY_INSERT(((TriggerData *) fcinfo->context)->tg_event) && qes_usage_inserting))
+		qes_counters_reset_at_commit();
 	return PointerGetDatum(NULL);
 }
 
@@ -116,7 +120,7 @@ Datum
 qes_reset_caches(PG_FUNCTION_ARGS)
 {
 	qes_counters_reset_at_commit();
-	qes_catalog_invalidate_at_commit();
+	qes_catalog_invalidate_all();
 	PG_RETURN_VOID();
 }
 
@@ -135,4 +139,5 @@ _PG_init(void)
 	qes_register_worker();
 	RegisterXactCallback(qes_xact_callback, NULL);
 	RegisterSubXactCallback(qes_subxact_callback, NULL);
+	qes_catalog_register_callback();
 }

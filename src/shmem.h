@@ -18,7 +18,6 @@
 typedef struct QesWorkerState
 {
 	pg_atomic_uint64 wake_requests; /* commits that woke the worker (atomic) */
-	pg_atomic_uint64 catalog_generation;	/* bumped at commit of catalog changes */
 	LWLock	   *lock;			/* protects every field below */
 	pid_t		pid;			/* 0 when no worker runs */
 	Latch	   *latch;			/* the worker's MyLatch, NULL when none */

@@ -22,6 +22,7 @@
 #include <math.h>
 
 #include "access/xact.h"
+#include "common/int.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -126,19 +127,6 @@ tenant_plan_or_error(const char *tenant_id, TimestampTz at, QesTenantPlan *tp)
 
 static SPIPlanPtr notify_plan = NULL;
 
-/*
- * A concurrent transaction inserting the same key makes our insert wait
- * and then fail with the primary key's unique violation (SQLSTATE 23505,
- * HTTP 409 through PostgREST, as Stripe answers for an idempotency key
- * still in use).  Say so in the error's context.
- */
-static void
-insert_error_context(void *arg)
-{
-	errcontext("recording usage under idempotency key \"%s\": another transaction recorded it at the same time; "
-			   "retry to receive its result", (const char *) arg);
-}
-
 typedef struct UsageResult
 {
 	bool		recorded;
@@ -229,6 +217,29 @@ queue_thresholds_cb(void *arg)
 		queue_threshold(a->tenant_id, a->key, a->tp, a->metric, 100, a->total, a->l);
 }
 
+/* The original result of a key recorded before; an error if it recorded other usage. */
+static void
+duplicate_result(const char *tenant_id, const char *idem_key, const char *metric_name,
+				 int64 quantity, const UsageRow *existing, UsageResult *res)
+{
+	QesTenantPlan otp;
+
+	if (strcmp(existing->metric, metric_name) != 0 || existing->quantity != quantity)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNIQUE_VIOLATION),
+				 errmsg("idempotency key \"%s\" was already used for different usage", idem_key),
+				 errdetail("It recorded %s " INT64_FORMAT "; this call reports %s " INT64_FORMAT ".",
+						   existing->metric, existing->quantity, metric_name, quantity),
+				 errhint("Use a new idempotency key for each billable action.")));
+	res->recorded = false;
+	res->duplicate = true;
+	res->quantity = existing->quantity;
+	res->period_start = existing->period_start;
+	res->total = existing->total_after;
+	(void) qes_tenant_plan(tenant_id, existing->period_start, &otp);
+	res->period_end = otp.period_end;
+}
+
 static void
 record_one(const char *tenant_id, const char *metric_name, int64 quantity,
 		   const char *idem_key, Jsonb *metadata, TimestampTz occurred_at,
@@ -246,8 +257,7 @@ record_one(const char *tenant_id, const char *metric_name, int64 quantity,
 	const QesLimit *l;
 	UsageRow	row;
 	UsageRow	existing;
-	QesTenantPlan otp;
-	ErrorContextCallback errcallback;
+	bool		overflow;
 
 	/* the caller refreshed the catalog cache */
 	metric = lookup_metric_or_error(metric_name);
@@ -289,33 +299,35 @@ record_one(const char *tenant_id, const char *metric_name, int64 quantity,
 	qes_counter_key(&key, tenant_id, metric_name, tp.period_start);
 	committed = qes_counter_get(&key, is_gauge, tp.period_end, &notified);
 	own = qes_counter_own_pending(&key, is_gauge, &own_gauge);
+	overflow = false;
 	if (is_gauge)
 		total = quantity;
 	else
-		total = committed + own + quantity;
+		overflow = pg_add_s64_overflow(committed, own, &total) ||
+			pg_add_s64_overflow(total, quantity, &total);
 	l = qes_limit(tp.plan, metric);
 
 	memset(res, 0, sizeof(*res));
 	res->limit = l;
 	res->metric = metric;
 
-	/* counted once, forever: a key already recorded returns its result */
-	if (qes_usage_find(tenant_id, idem_key, &existing))
+	/*
+	 * Counted once, forever: a key already recorded (also by a transaction
+	 * that committed while our insert waited for it) returns its result.
+	 */
+	if (overflow)
 	{
-		if (strcmp(existing.metric, metric_name) != 0 || existing.quantity != quantity)
-			ereport(ERROR,
-					(errcode(ERRCODE_UNIQUE_VIOLATION),
-					 errmsg("idempotency key \"%s\" was already used for different usage", idem_key),
-					 errdetail("It recorded %s " INT64_FORMAT "; this call reports %s " INT64_FORMAT ".",
-							   existing.metric, existing.quantity, metric_name, quantity),
-					 errhint("Use a new idempotency key for each billable action.")));
-		res->duplicate = true;
-		res->quantity = existing.quantity;
-		res->period_start = existing.period_start;
-		res->total = existing.total_after;
-		(void) qes_tenant_plan(tenant_id, existing.period_start, &otp);
-		res->period_end = otp.period_end;
-		return;
+		if (qes_usage_find(tenant_id, idem_key, &existing))
+		{
+			duplicate_result(tenant_id, idem_key, metric_name, quantity, &existing, res);
+			return;
+		}
+		ereport(ERROR,
+				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+				 errmsg("usage total of \"%s\" for tenant \"%s\" would overflow", metric_name, tenant_id),
+				 errdetail("The period total is " INT64_FORMAT "; adding " INT64_FORMAT " exceeds " INT64_FORMAT ".",
+						   committed, quantity, PG_INT64_MAX),
+				 errhint("Nothing was recorded. Check the quantity: it is a count of uses, not an amount.")));
 	}
 
 	row.tenant_id = tenant_id;
@@ -326,12 +338,16 @@ record_one(const char *tenant_id, const char *metric_name, int64 quantity,
 	row.occurred_at = occurred_at;
 	row.metadata = metadata;
 	row.total_after = total;
-	errcallback.callback = insert_error_context;
-	errcallback.arg = (void *) idem_key;
-	errcallback.previous = error_context_stack;
-	error_context_stack = &errcallback;
-	qes_usage_insert(&row);
-	error_context_stack = errcallback.previous;
+	if (!qes_usage_insert(&row))
+	{
+		if (!qes_usage_find(tenant_id, idem_key, &existing))
+			ereport(ERROR,
+					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+					 errmsg("usage under idempotency key \"%s\" was removed while it was being recorded", idem_key),
+					 errhint("Retry the transaction.")));
+		duplicate_result(tenant_id, idem_key, metric_name, quantity, &existing, res);
+		return;
+	}
 
 	res->recorded = true;
 	res->quantity = quantity;
@@ -369,6 +385,8 @@ qes_record_usage(PG_FUNCTION_ARGS)
 	require_arg(fcinfo, 2, "quantity");
 	require_arg(fcinfo, 3, "idempotency_key");
 	tupdesc = result_desc(fcinfo);
+	/* it writes: 25006 in a read-only transaction, on a standby, when fenced */
+	PreventCommandIfReadOnly("billing.record_usage()");
 
 	qes_catalog_refresh();
 	occurred_at = PG_ARGISNULL(5) ? qes_billing_now() : PG_GETARG_TIMESTAMPTZ(5);
@@ -424,6 +442,7 @@ qes_check_limit(PG_FUNCTION_ARGS)
 	CounterKey	key;
 	uint8		notified;
 	int64		current;
+	int64		asked;
 	const QesLimit *l;
 	LimitStatus st;
 	Datum		values[8];
@@ -450,7 +469,10 @@ qes_check_limit(PG_FUNCTION_ARGS)
 	qes_counter_key(&key, tenant_id, metric_name, tp.period_start);
 	current = qes_counter_get(&key, qes_metric(metric)->is_gauge, tp.period_end, &notified);
 	l = qes_limit(tp.plan, metric);
-	st = status_for(current + quantity, l);
+	/* saturating: a total at the int8 maximum plus more is still over */
+	if (pg_add_s64_overflow(current, quantity, &asked))
+		asked = PG_INT64_MAX;
+	st = status_for(asked, l);
 
 	values[0] = BoolGetDatum(st != ST_BLOCKED);
 	values[1] = CStringGetTextDatum(status_names[st]);

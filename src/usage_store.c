@@ -1,22 +1,25 @@
 /*-------------------------------------------------------------------------
  *
  * usage_store.c
- *	  Direct access to billing.usage_events for record_usage.
+ *	  Writing and reading billing.usage_events for record_usage.
  *
- * record_usage must cost about what a plain INSERT of its row costs.  Going
- * through SPI meant two executor start-ups per call (a probe and an
- * INSERT), which profiling showed to be over 40 % of the call.  So, as
- * PostgreSQL's own catalog code does, the row is found with a scan of the
- * primary key and inserted with simple_table_tuple_insert() plus
- * ExecInsertIndexTuples(): the same heap and index work as an INSERT, with
- * the same WAL, locks, and unique-violation behaviour, but no planner and
- * no executor tree.
+ * Every row is written through PostgreSQL's own INSERT (a kept SPI plan),
+ * so it goes to the relation as it is now: every index it has at this
+ * moment (including ones a DBA created CONCURRENTLY, or rebuilt with
+ * REINDEX CONCURRENTLY), its constraints and triggers, the defaults of
+ * columns a later version adds, TOAST, and the read-only checks of a hot
+ * standby or a fenced primary.  The plan cache re-plans the statement when
+ * the relation changes, so nothing about the relation's shape is kept
+ * across transactions by this file (docs/architecture.md, "Direct writes").
  *
- * What an INSERT would add and this does not: permission and row-level
- * security checks (record_usage is granted explicitly and writes as the
- * table owner), CHECK constraints (there are none; record_usage validates
- * its input), and INSERT triggers (there are none on this table; adding one
- * would be bypassed -- the install script is the table's only definition).
+ * The statement is INSERT ... ON CONFLICT DO NOTHING: a key recorded
+ * before (or by a concurrent transaction that commits while we wait for
+ * it) inserts nothing, and the caller then reads the original row.
+ *
+ * The earlier direct heap and index insert saved one executor start-up per
+ * call but skipped indexes created after the backend first resolved the
+ * table, and failed after REINDEX CONCURRENTLY; the measured cost of doing
+ * it right is in the README's benchmark section.
  *
  *-------------------------------------------------------------------------
  */
@@ -26,221 +29,165 @@
 #include "access/htup_details.h"
 #include "access/stratnum.h"
 #include "access/table.h"
-#include "access/tableam.h"
-#include "access/xact.h"
 #include "catalog/namespace.h"
-#include "catalog/pg_collation.h"
-#include "executor/executor.h"
-#include "nodes/execnodes.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "nodes/makefuncs.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
-#include "utils/relcache.h"
 #include "utils/snapmgr.h"
 
+#include "catalog_cache.h"
 #include "usage_store.h"
 
-enum
+static SPIPlanPtr insert_plan = NULL;
+
+/*
+ * True while record_usage's own INSERT runs: the usage_changed trigger
+ * then knows the counters get this row's delta at commit, and any other
+ * INSERT into the table (a backfill, a restore) resets them instead.
+ */
+bool		qes_usage_inserting = false;
+
+typedef struct InsertArgs
 {
-	COL_TENANT_ID,
-	COL_IDEMPOTENCY_KEY,
-	COL_METRIC,
-	COL_QUANTITY,
-	COL_PERIOD_START,
-	COL_OCCURRED_AT,
-	COL_RECORDED_AT,
-	COL_METADATA,
-	COL_TOTAL_AFTER,
-	NUM_COLS
-};
-
-static const char *const col_names[NUM_COLS] = {
-	"tenant_id", "idempotency_key", "metric", "quantity", "period_start",
-	"occurred_at", "recorded_at", "metadata", "total_after"
-};
-
-static bool resolved = false;
-static Oid	usage_relid;
-static Oid	usage_pkey;
-static AttrNumber attnums[NUM_COLS];
-
-/* Forget the OIDs (the extension may have been re-created). */
-void
-qes_usage_store_reset(void)
-{
-	resolved = false;
-}
+	const UsageRow *row;
+	bool		inserted;
+} InsertArgs;
 
 static void
-resolve(void)
+insert_cb(void *arg)
 {
-	Oid			nsp;
-	Relation	rel;
+	InsertArgs *a = (InsertArgs *) arg;
+	const UsageRow *row = a->row;
+	Datum		values[8];
+	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	int			rc;
 
-	if (resolved)
-		return;
-	nsp = get_namespace_oid("billing", false);
-	usage_relid = get_relname_relid("usage_events", nsp);
-	if (!OidIsValid(usage_relid))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_TABLE),
-				 errmsg("relation \"billing.usage_events\" does not exist")));
-	rel = table_open(usage_relid, AccessShareLock);
-	qes_table_columns(rel, col_names, NUM_COLS, attnums);
-	usage_pkey = RelationGetPrimaryKeyIndex(rel);
-	table_close(rel, AccessShareLock);
-	resolved = true;
+	if (insert_plan == NULL)
+	{
+		Oid			types[8] = {TEXTOID, TEXTOID, TEXTOID, INT8OID, TIMESTAMPTZOID,
+		TIMESTAMPTZOID, JSONBOID, INT8OID};
+		SPIPlanPtr	plan;
+
+		plan = SPI_prepare("INSERT INTO billing.usage_events"
+						   " (tenant_id, idempotency_key, metric, quantity, period_start,"
+						   "  occurred_at, metadata, total_after)"
+						   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+						   " ON CONFLICT (tenant_id, idempotency_key) DO NOTHING",
+						   8, types);
+		if (plan == NULL)
+			elog(ERROR, "qes_billing: could not prepare the usage insert: %s",
+				 SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		insert_plan = plan;
+	}
+	values[0] = CStringGetTextDatum(row->tenant_id);
+	values[1] = CStringGetTextDatum(row->idempotency_key);
+	values[2] = CStringGetTextDatum(row->metric);
+	values[3] = Int64GetDatum(row->quantity);
+	values[4] = TimestampTzGetDatum(row->period_start);
+	values[5] = TimestampTzGetDatum(row->occurred_at);
+	values[6] = PointerGetDatum(row->metadata);
+	nulls[6] = (row->metadata == NULL) ? 'n' : ' ';
+	values[7] = Int64GetDatum(row->total_after);
+	rc = SPI_execute_plan(insert_plan, values, nulls, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "qes_billing: usage insert failed: %s", SPI_result_code_string(rc));
+	a->inserted = (SPI_processed == 1);
 }
 
 /*
- * The attribute numbers of the named columns of one of the extension's
- * tables, and that it has its primary key and no other columns: the hot
- * paths that write without the executor rely on the table being as the
- * install script made it.
+ * Insert the row unless its (tenant_id, idempotency_key) exists; returns
+ * whether it was inserted.  Runs as the table owner (qes_run_as_owner), so
+ * the caller needs no privilege on the table.
  */
-void
-qes_table_columns(Relation rel, const char *const *names, int ncols, AttrNumber *attnums)
+bool
+qes_usage_insert(const UsageRow *row)
 {
-	if (RelationGetDescr(rel)->natts != ncols || !OidIsValid(RelationGetPrimaryKeyIndex(rel)))
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("billing.%s does not have the columns and primary key qes_billing created",
-						RelationGetRelationName(rel)),
-				 errhint("Do not alter the extension's tables; recreate the extension.")));
-	for (int i = 0; i < ncols; i++)
-	{
-		attnums[i] = get_attnum(RelationGetRelid(rel), names[i]);
-		if (attnums[i] == InvalidAttrNumber)
-			ereport(ERROR,
-					(errcode(ERRCODE_UNDEFINED_COLUMN),
-					 errmsg("column \"%s\" of billing.%s does not exist", names[i], RelationGetRelationName(rel))));
-	}
+	InsertArgs	a = {row, false};
+
+	/* an error aborts the transaction; the flag is cleared at its end */
+	qes_usage_inserting = true;
+	qes_run_as_owner(insert_cb, &a);
+	qes_usage_inserting = false;
+	return a.inserted;
 }
 
 /*
  * Find the row recorded under (tenant_id, idempotency_key), as of now:
- * committed rows and this transaction's own earlier ones.
+ * committed rows (also those committed after this transaction's snapshot,
+ * which ON CONFLICT waited for) and this transaction's own.  A read only:
+ * the relation, its primary key and column numbers are looked up afresh
+ * from the relcache on every call.
  */
 bool
 qes_usage_find(const char *tenant_id, const char *idempotency_key, UsageRow *found)
 {
 	Relation	rel;
-	Relation	idx;
+	Oid			pkey;
+	TupleDesc	desc;
 	ScanKeyData key[2];
 	SysScanDesc scan;
 	HeapTuple	tup;
 	Snapshot	snap;
+	AttrNumber	att_tenant,
+				att_key,
+				att_metric,
+				att_quantity,
+				att_period,
+				att_occurred,
+				att_total;
 	bool		result = false;
 
-	resolve();
-	/* make our own earlier rows of this statement visible, as SPI would */
+	rel = table_openrv(makeRangeVar("billing", "usage_events", -1), AccessShareLock);
+	pkey = RelationGetPrimaryKeyIndex(rel);
+	att_tenant = get_attnum(RelationGetRelid(rel), "tenant_id");
+	att_key = get_attnum(RelationGetRelid(rel), "idempotency_key");
+	att_metric = get_attnum(RelationGetRelid(rel), "metric");
+	att_quantity = get_attnum(RelationGetRelid(rel), "quantity");
+	att_period = get_attnum(RelationGetRelid(rel), "period_start");
+	att_occurred = get_attnum(RelationGetRelid(rel), "occurred_at");
+	att_total = get_attnum(RelationGetRelid(rel), "total_after");
+	if (!OidIsValid(pkey) || att_tenant == InvalidAttrNumber || att_key == InvalidAttrNumber ||
+		att_metric == InvalidAttrNumber || att_quantity == InvalidAttrNumber ||
+		att_period == InvalidAttrNumber || att_occurred == InvalidAttrNumber ||
+		att_total == InvalidAttrNumber)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("billing.usage_events does not have the columns and primary key qes_billing created"),
+				 errhint("Do not drop the extension's columns or keys; recreate the extension.")));
+	desc = RelationGetDescr(rel);
+
+	/* make our own earlier rows visible, as a new statement would */
 	CommandCounterIncrement();
 	snap = RegisterSnapshot(GetLatestSnapshot());
-	rel = table_open(usage_relid, RowExclusiveLock);
-	idx = index_open(usage_pkey, RowExclusiveLock);
-	ScanKeyEntryInitialize(&key[0], 0, attnums[COL_TENANT_ID], BTEqualStrategyNumber, InvalidOid,
-						   idx->rd_indcollation[0], F_TEXTEQ, CStringGetTextDatum(tenant_id));
-	ScanKeyEntryInitialize(&key[1], 0, attnums[COL_IDEMPOTENCY_KEY], BTEqualStrategyNumber, InvalidOid,
-						   idx->rd_indcollation[1], F_TEXTEQ, CStringGetTextDatum(idempotency_key));
-	scan = systable_beginscan(rel, usage_pkey, true, snap, 2, key);
+	ScanKeyInit(&key[0], att_tenant, BTEqualStrategyNumber, F_TEXTEQ, CStringGetTextDatum(tenant_id));
+	key[0].sk_collation = TupleDescAttr(desc, att_tenant - 1)->attcollation;
+	ScanKeyInit(&key[1], att_key, BTEqualStrategyNumber, F_TEXTEQ, CStringGetTextDatum(idempotency_key));
+	key[1].sk_collation = TupleDescAttr(desc, att_key - 1)->attcollation;
+	scan = systable_beginscan(rel, pkey, true, snap, 2, key);
 	tup = systable_getnext(scan);
 	if (HeapTupleIsValid(tup))
 	{
-		TupleDesc	desc = RelationGetDescr(rel);
 		bool		isnull;
 
 		found->tenant_id = tenant_id;
 		found->idempotency_key = idempotency_key;
-		found->metric = TextDatumGetCString(heap_getattr(tup, attnums[COL_METRIC], desc, &isnull));
-		found->quantity = DatumGetInt64(heap_getattr(tup, attnums[COL_QUANTITY], desc, &isnull));
-		found->period_start = DatumGetTimestampTz(heap_getattr(tup, attnums[COL_PERIOD_START], desc, &isnull));
-		found->occurred_at = DatumGetTimestampTz(heap_getattr(tup, attnums[COL_OCCURRED_AT], desc, &isnull));
+		found->metric = TextDatumGetCString(heap_getattr(tup, att_metric, desc, &isnull));
+		found->quantity = DatumGetInt64(heap_getattr(tup, att_quantity, desc, &isnull));
+		found->period_start = DatumGetTimestampTz(heap_getattr(tup, att_period, desc, &isnull));
+		found->occurred_at = DatumGetTimestampTz(heap_getattr(tup, att_occurred, desc, &isnull));
 		found->metadata = NULL;
-		found->total_after = DatumGetInt64(heap_getattr(tup, attnums[COL_TOTAL_AFTER], desc, &isnull));
+		found->total_after = DatumGetInt64(heap_getattr(tup, att_total, desc, &isnull));
 		if (isnull)
 			found->total_after = found->quantity;
 		result = true;
 	}
 	systable_endscan(scan);
-	index_close(idx, NoLock);
-	table_close(rel, NoLock);
 	UnregisterSnapshot(snap);
-	return result;
-}
-
-/*
- * Insert the row and its index entries.  A concurrent insert of the same
- * key makes the primary key wait for that transaction and, if it commits,
- * raise a unique violation, exactly as an INSERT would.
- */
-void
-qes_usage_insert(const UsageRow *row)
-{
-	Relation	rel;
-	Datum		values[NUM_COLS];
-	bool		nulls[NUM_COLS];
-	Datum		ordered[NUM_COLS];
-	bool		ordered_nulls[NUM_COLS];
-
-	resolve();
-	rel = table_open(usage_relid, RowExclusiveLock);
-
-	memset(nulls, 0, sizeof(nulls));
-	values[COL_TENANT_ID] = CStringGetTextDatum(row->tenant_id);
-	values[COL_IDEMPOTENCY_KEY] = CStringGetTextDatum(row->idempotency_key);
-	values[COL_METRIC] = CStringGetTextDatum(row->metric);
-	values[COL_QUANTITY] = Int64GetDatum(row->quantity);
-	values[COL_PERIOD_START] = TimestampTzGetDatum(row->period_start);
-	values[COL_OCCURRED_AT] = TimestampTzGetDatum(row->occurred_at);
-	values[COL_RECORDED_AT] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
-	values[COL_METADATA] = PointerGetDatum(row->metadata);
-	nulls[COL_METADATA] = (row->metadata == NULL);
-	values[COL_TOTAL_AFTER] = Int64GetDatum(row->total_after);
-	for (int i = 0; i < NUM_COLS; i++)
-	{
-		ordered[attnums[i] - 1] = values[i];
-		ordered_nulls[attnums[i] - 1] = nulls[i];
-	}
-
-	qes_insert_row(rel, ordered, ordered_nulls);
 	table_close(rel, NoLock);
-}
-
-/*
- * Insert a row (values in attribute order) into rel, opened with
- * RowExclusiveLock, and its index entries (partial indexes included) --
- * the heap and index work of an INSERT without planner or executor tree.
- * Shared by the hot paths that write this way (usage, webhook intake); the
- * caller answers for what an INSERT would add: CHECK constraints, triggers,
- * permissions.
- */
-void
-qes_insert_row(Relation rel, Datum *values, bool *nulls)
-{
-	TupleDesc	desc = RelationGetDescr(rel);
-	EState	   *estate;
-	ResultRelInfo *rri;
-	TupleTableSlot *slot;
-	List	   *recheck;
-
-	estate = CreateExecutorState();
-	rri = makeNode(ResultRelInfo);
-	InitResultRelInfo(rri, rel, 1, NULL, 0);
-	ExecOpenIndices(rri, false);
-	slot = MakeSingleTupleTableSlot(desc, &TTSOpsHeapTuple);
-	ExecStoreHeapTuple(heap_form_tuple(desc, values, nulls), slot, false);
-
-	simple_table_tuple_insert(rel, slot);
-#if PG_VERSION_NUM >= 160000
-	recheck = ExecInsertIndexTuples(rri, slot, estate, false, false, NULL, NIL, false);
-#else
-	recheck = ExecInsertIndexTuples(rri, slot, estate, false, false, NULL, NIL);
-#endif
-	Assert(recheck == NIL);
-	(void) recheck;
-
-	ExecDropSingleTupleTableSlot(slot);
-	ExecCloseIndices(rri);
-	FreeExecutorState(estate);
+	return result;
 }

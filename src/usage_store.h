@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * usage_store.h
- *	  Direct access to billing.usage_events for the hot path.
+ *	  Writing and reading billing.usage_events for record_usage.
  *
  *-------------------------------------------------------------------------
  */
@@ -23,14 +23,8 @@ typedef struct UsageRow
 	int64		total_after;
 } UsageRow;
 
-extern void qes_usage_store_reset(void);
+extern bool qes_usage_inserting;
 extern bool qes_usage_find(const char *tenant_id, const char *idempotency_key, UsageRow *found);
-extern void qes_usage_insert(const UsageRow *row);
-
-/* shared by the hot paths that write without the executor */
-#include "access/attnum.h"
-#include "utils/relcache.h"
-extern void qes_insert_row(Relation rel, Datum *values, bool *nulls);
-extern void qes_table_columns(Relation rel, const char *const *names, int ncols, AttrNumber *attnums);
+extern bool qes_usage_insert(const UsageRow *row);
 
 #endif							/* QES_USAGE_STORE_H */

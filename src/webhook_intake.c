@@ -16,8 +16,9 @@
  * Stripe never escapes them.  A repeated key counts with its last value, as
  * in jsonb (which is how the worker reads the payload).
  *
- * A new event is inserted into billing.webhook_events (the insert's trigger
- * wakes the worker at commit); a known one answers 200 and stores nothing.
+ * A new event is inserted into billing.webhook_events through a kept INSERT
+ * plan (the insert's trigger wakes the worker at commit); a known one
+ * answers 200 and stores nothing.
  * A refused delivery is handed to billing.webhook_reject(), which records and
  * audits it and sets the HTTP status.
  *
@@ -25,30 +26,20 @@
  */
 #include "qes_billing.h"
 
-#include "access/genam.h"
-#include "access/heapam.h"
-#include "catalog/pg_am.h"
-#include "access/stratnum.h"
-#include "access/table.h"
 #include "access/xact.h"
-#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "lib/stringinfo.h"
+#include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/json.h"
-#include "utils/fmgroids.h"
-#include "utils/lsyscache.h"
-#include "utils/rel.h"
-#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "catalog_cache.h"
 #include "guc.h"
-#include "usage_store.h"
 #include "webhook_signature.h"
-#include "worker.h"
 
 PG_FUNCTION_INFO_V1(qes_stripe_webhook_fn);
 
@@ -263,174 +254,74 @@ signature_header(void)
 
 /* ---- the inbox row ------------------------------------------------------- */
 
-enum
+static SPIPlanPtr store_plan = NULL;
+
+typedef struct StoreArgs
 {
-	EV_STRIPE_EVENT_ID,
-	EV_EVENT_TYPE,
-	EV_LIVEMODE,
-	EV_API_VERSION,
-	EV_STRIPE_CREATED,
-	EV_PAYLOAD,
-	EV_TENANT_ID,
-	EV_STATE,
-	EV_ATTEMPTS,
-	EV_NEXT_ATTEMPT_AT,
-	EV_LAST_ERROR,
-	EV_RECEIVED_AT,
-	EV_APPLIED_AT,
-	EV_NUM_COLS
-};
-
-static const char *const ev_cols[EV_NUM_COLS] = {
-	"stripe_event_id", "event_type", "livemode", "api_version", "stripe_created", "payload",
-	"tenant_id", "state", "attempts", "next_attempt_at", "last_error", "received_at", "applied_at"
-};
-
-/*
- * How the inbox is written, resolved once per incarnation of the table: the
- * attribute numbers, the primary key, and whether its indexes are exactly
- * the three btrees the install script creates, so that the row's index
- * entries can be inserted directly (the primary key, and webhook_events_due
- * whose predicate state = 'received' a new row satisfies; webhook_events_busy
- * is for rows being processed or parked, which a new row is not).
- */
-typedef struct InboxStore
-{
-	Oid			relid;
-	Oid			pkey;
-	Oid			due;
-	bool		direct;
-	AttrNumber	att[EV_NUM_COLS];
-} InboxStore;
-
-static InboxStore inbox = {InvalidOid};
+	const char *id;
+	const char *type;
+	bool		live;
+	const char *api_version;
+	TimestampTz created;
+	text	   *payload;
+	bool		stored;
+} StoreArgs;
 
 static void
-resolve_inbox(Relation rel)
+store_cb(void *arg)
 {
-	Oid			relid = RelationGetRelid(rel);
-	Oid			nsp = RelationGetNamespace(rel);
-	Oid			busy;
-	List	   *indexes;
+	StoreArgs  *a = (StoreArgs *) arg;
+	Datum		values[6];
+	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
+	int			rc;
 
-	if (inbox.relid == relid)
-		return;
-	inbox.relid = InvalidOid;
-	qes_table_columns(rel, ev_cols, EV_NUM_COLS, inbox.att);
-	inbox.pkey = RelationGetPrimaryKeyIndex(rel);
-	inbox.due = get_relname_relid("webhook_events_due", nsp);
-	busy = get_relname_relid("webhook_events_busy", nsp);
-	indexes = RelationGetIndexList(rel);
-	inbox.direct = list_length(indexes) == 3 && OidIsValid(inbox.due) && OidIsValid(busy) &&
-		list_member_oid(indexes, inbox.pkey) && list_member_oid(indexes, inbox.due) &&
-		list_member_oid(indexes, busy);
-	list_free(indexes);
-	for (int i = 0; inbox.direct && i < 2; i++)
+	if (store_plan == NULL)
 	{
-		Relation	idx = index_open(i == 0 ? inbox.pkey : inbox.due, AccessShareLock);
+		Oid			types[6] = {TEXTOID, TEXTOID, BOOLOID, TEXTOID, TIMESTAMPTZOID, JSONOID};
+		SPIPlanPtr	plan;
 
-		inbox.direct = idx->rd_rel->relam == BTREE_AM_OID;
-		index_close(idx, AccessShareLock);
+		plan = SPI_prepare("INSERT INTO billing.webhook_events"
+						   " (stripe_event_id, event_type, livemode, api_version, stripe_created, payload)"
+						   " VALUES ($1, $2, $3, $4, $5, $6)"
+						   " ON CONFLICT (stripe_event_id) DO NOTHING",
+						   6, types);
+		if (plan == NULL)
+			elog(ERROR, "qes_billing: could not prepare the inbox insert: %s",
+				 SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		store_plan = plan;
 	}
-	inbox.relid = relid;
+	values[0] = CStringGetTextDatum(a->id);
+	values[1] = CStringGetTextDatum(a->type);
+	values[2] = BoolGetDatum(a->live);
+	values[3] = a->api_version ? CStringGetTextDatum(a->api_version) : (Datum) 0;
+	nulls[3] = a->api_version ? ' ' : 'n';
+	values[4] = TimestampTzGetDatum(a->created);
+	values[5] = PointerGetDatum(a->payload);	/* json is text inside */
+	rc = SPI_execute_plan(store_plan, values, nulls, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "qes_billing: inbox insert failed: %s", SPI_result_code_string(rc));
+	a->stored = (SPI_processed == 1);
 }
 
 /*
  * Store the event in billing.webhook_events unless its id is there already;
- * returns whether it was new.  Written like usage_store.c writes usage: a
- * primary-key probe, then the heap and index work of an INSERT without an
- * executor (this is the path every delivery takes).  What an INSERT would
- * add is done here: the CHECK constraints hold by construction (the id was
- * checked by valid_event_id(), state 'received', attempts 0), and the
- * table's wake-the-worker trigger is replaced by the same call.  Two
- * deliveries of one new event at once: the second waits for the first and
- * gets a unique violation (HTTP 409), and Stripe's retry then finds it.
+ * returns whether it was new.  Through PostgreSQL's INSERT (a kept SPI
+ * plan, as the table owner), so the row reaches every index the table has
+ * now, its constraints, defaults and triggers (the insert trigger wakes the
+ * worker at commit), and a read-only transaction or a standby refuses it
+ * (docs/architecture.md, "Direct writes").  ON CONFLICT DO NOTHING: two
+ * deliveries of one new event at once, the second waits for the first and
+ * answers "duplicate" if it commits, or stores the event if it rolls back.
  */
 static bool
 store_event(const char *id, const char *type, bool live, const char *api_version,
 			TimestampTz created, text *payload)
 {
-	Oid			relid = get_relname_relid("webhook_events", get_namespace_oid("billing", false));
-	Relation	rel;
-	TupleDesc	desc;
-	Datum		values[EV_NUM_COLS];
-	bool		nulls[EV_NUM_COLS];
-	Datum		ordered[EV_NUM_COLS];
-	bool		ordered_nulls[EV_NUM_COLS];
-	ScanKeyData key;
-	SysScanDesc scan;
-	Snapshot	snap;
-	bool		known;
-	TimestampTz now = GetCurrentTransactionStartTimestamp();
+	StoreArgs	a = {id, type, live, api_version, created, payload, false};
 
-	if (!OidIsValid(relid))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_TABLE),
-				 errmsg("relation \"billing.webhook_events\" does not exist")));
-	rel = table_open(relid, RowExclusiveLock);
-	desc = RelationGetDescr(rel);
-	resolve_inbox(rel);
-
-	/* known already? (committed, or earlier in this transaction) */
-	CommandCounterIncrement();
-	snap = RegisterSnapshot(GetLatestSnapshot());
-	ScanKeyEntryInitialize(&key, 0, inbox.att[EV_STRIPE_EVENT_ID], BTEqualStrategyNumber, InvalidOid,
-						   TupleDescAttr(desc, inbox.att[EV_STRIPE_EVENT_ID] - 1)->attcollation,
-						   F_TEXTEQ, CStringGetTextDatum(id));
-	scan = systable_beginscan(rel, inbox.pkey, true, snap, 1, &key);
-	known = HeapTupleIsValid(systable_getnext(scan));
-	systable_endscan(scan);
-	UnregisterSnapshot(snap);
-	if (known)
-	{
-		table_close(rel, NoLock);
-		return false;
-	}
-
-	memset(nulls, 0, sizeof(nulls));
-	values[EV_STRIPE_EVENT_ID] = CStringGetTextDatum(id);
-	values[EV_EVENT_TYPE] = CStringGetTextDatum(type);
-	values[EV_LIVEMODE] = BoolGetDatum(live);
-	values[EV_API_VERSION] = api_version ? CStringGetTextDatum(api_version) : (Datum) 0;
-	nulls[EV_API_VERSION] = (api_version == NULL);
-	values[EV_STRIPE_CREATED] = TimestampTzGetDatum(created);
-	values[EV_PAYLOAD] = PointerGetDatum(payload);
-	nulls[EV_TENANT_ID] = true;
-	values[EV_STATE] = CStringGetTextDatum("received");
-	values[EV_ATTEMPTS] = Int32GetDatum(0);
-	values[EV_NEXT_ATTEMPT_AT] = TimestampTzGetDatum(now);
-	nulls[EV_LAST_ERROR] = true;
-	values[EV_RECEIVED_AT] = TimestampTzGetDatum(now);
-	nulls[EV_APPLIED_AT] = true;
-	for (int i = 0; i < EV_NUM_COLS; i++)
-	{
-		ordered[inbox.att[i] - 1] = values[i];
-		ordered_nulls[inbox.att[i] - 1] = nulls[i];
-	}
-
-	if (inbox.direct)
-	{
-		HeapTuple	tup = heap_form_tuple(desc, ordered, ordered_nulls);
-		Relation	idx;
-		Datum		ikey[2];
-		bool		inull[2] = {false, false};
-
-		simple_heap_insert(rel, tup);	/* compresses or toasts the payload */
-		idx = index_open(inbox.pkey, RowExclusiveLock);
-		ikey[0] = values[EV_STRIPE_EVENT_ID];
-		index_insert(idx, ikey, inull, &tup->t_self, rel, UNIQUE_CHECK_YES, false, NULL);
-		index_close(idx, NoLock);
-		idx = index_open(inbox.due, RowExclusiveLock);
-		ikey[0] = values[EV_STRIPE_CREATED];
-		ikey[1] = values[EV_RECEIVED_AT];
-		index_insert(idx, ikey, inull, &tup->t_self, rel, UNIQUE_CHECK_NO, false, NULL);
-		index_close(idx, NoLock);
-	}
-	else
-		qes_insert_row(rel, ordered, ordered_nulls);
-	table_close(rel, NoLock);
-	qes_wake_at_commit();
-	return true;
+	qes_run_as_owner(store_cb, &a);
+	return a.stored;
 }
 
 /* ---- the endpoint ------------------------------------------------------- */
@@ -487,6 +378,8 @@ qes_stripe_webhook_fn(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("the webhook body must not be null")));
+	/* it writes (the event, or the refusal): 25006 on a standby or when fenced */
+	PreventCommandIfReadOnly("api.stripe_webhook()");
 	body = PG_GETARG_TEXT_PP(0);
 	payload = VARDATA_ANY(body);
 	len = VARSIZE_ANY_EXHDR(body);

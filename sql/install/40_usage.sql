@@ -150,7 +150,7 @@ BEGIN
   SELECT c.period_start INTO v_current FROM billing.usage_current(p_tenant_id) c LIMIT 1;
   RETURN QUERY
     SELECT h.period_start, NULL::timestamptz, false, h.metric, h.used, NULL::bigint, NULL::double precision, NULL::text
-      FROM (SELECT u.period_start, u.metric, sum(u.quantity)::bigint AS used
+      FROM (SELECT u.period_start, u.metric, least(sum(u.quantity), 9223372036854775807)::bigint AS used
               FROM billing.usage_events u JOIN billing.metrics x ON x.metric = u.metric AND x.kind = 'counter'
              WHERE u.tenant_id = p_tenant_id AND u.period_start < v_current
              GROUP BY u.period_start, u.metric
@@ -192,11 +192,17 @@ $inval$;
 CREATE FUNCTION billing.usage_changed() RETURNS trigger
   LANGUAGE c AS 'MODULE_PATHNAME', 'qes_usage_changed_trigger';
 COMMENT ON FUNCTION billing.usage_changed() IS
-  'Trigger: usage rows were changed or removed other than by record_usage; cached counters are rebuilt from the table after commit.';
-CREATE TRIGGER usage_changed AFTER UPDATE OR DELETE OR TRUNCATE ON billing.usage_events
+  'Trigger: usage rows were added, changed or removed other than by record_usage; cached counters are rebuilt from the table after commit.';
+CREATE TRIGGER usage_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON billing.usage_events
   FOR EACH STATEMENT EXECUTE FUNCTION billing.usage_changed();
 
 CREATE FUNCTION billing.reset_caches() RETURNS void
   LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_reset_caches';
 COMMENT ON FUNCTION billing.reset_caches() IS
   'Forget every cached usage counter and catalog entry when this transaction commits.';
+
+CREATE FUNCTION billing.counter_delta_seen(snap_xmin bigint, snap_xmax bigint, snap_xip bigint[],
+                                           committer bigint) RETURNS text
+  LANGUAGE c IMMUTABLE AS 'MODULE_PATHNAME', 'qes_counter_seen_fn';
+COMMENT ON FUNCTION billing.counter_delta_seen(bigint, bigint, bigint[], bigint) IS
+  'The rule a cached counter uses to decide whether a committed delta was already in its build (seen, not_seen, unknown), in 64-bit transaction ids; for tests (src/counters.c).';

@@ -1,0 +1,124 @@
+-- Correct under real operations (docs/architecture.md): writes go through
+-- PostgreSQL's machinery for the relation as it is now, read-only
+-- transactions are refused, caches never hold what no transaction
+-- committed, totals never wrap, counters compare 64-bit xids.
+\set VERBOSITY default
+SELECT (billing.upsert_tenant('ops', 'Ops Ltd', 'ops@t.example')).tenant_id;
+
+-- ---- read-only transactions: 25006, nothing written -----------------------
+BEGIN READ ONLY;
+SELECT * FROM billing.record_usage('ops', 'signatures', 1, 'ro-1');
+ROLLBACK;
+\echo :LAST_ERROR_SQLSTATE
+BEGIN READ ONLY;
+SELECT set_config('request.headers', '{"stripe-signature": "t=1,v1=00"}', true) IS NOT NULL AS h;
+SELECT api.stripe_webhook('{"id": "evt_ro", "type": "invoice.paid", "created": 1, "livemode": false, "data": {"object": {}}}');
+ROLLBACK;
+\echo :LAST_ERROR_SQLSTATE
+-- how an old primary is fenced
+SET default_transaction_read_only = on;
+SELECT * FROM billing.record_usage('ops', 'signatures', 1, 'ro-2');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM billing.record_usage_batch('ops', '[{"metric": "signatures", "quantity": 1, "idempotency_key": "ro-3"}]');
+\echo :LAST_ERROR_SQLSTATE
+-- reading is fine
+SELECT allowed, current FROM billing.check_limit('ops', 'signatures', 0);
+RESET default_transaction_read_only;
+SELECT count(*) AS rows_written FROM billing.usage_events WHERE tenant_id = 'ops';
+SELECT count(*) AS events_written FROM billing.webhook_events WHERE stripe_event_id = 'evt_ro';
+
+-- ---- caches hold only what committed --------------------------------------
+-- a limit change in a transaction that rolls back: seen inside it, gone after
+SELECT usage_limit FROM billing.check_limit('ops', 'signatures', 0);
+BEGIN;
+UPDATE billing.plan_limits SET soft_limit = 999999 WHERE plan_id = 'free' AND metric = 'signatures';
+SELECT usage_limit FROM billing.check_limit('ops', 'signatures', 0);
+ROLLBACK;
+SELECT usage_limit FROM billing.check_limit('ops', 'signatures', 0);
+-- the same when the cache is first loaded inside that transaction
+BEGIN;
+UPDATE billing.plan_limits SET soft_limit = 999998 WHERE plan_id = 'free' AND metric = 'signatures';
+UPDATE billing.plan_limits SET soft_limit = 999997 WHERE plan_id = 'free' AND metric = 'documents';
+SELECT metric, usage_limit FROM billing.usage_current('ops') WHERE metric IN ('signatures', 'documents') ORDER BY 1;
+ROLLBACK;
+SELECT metric, usage_limit FROM billing.usage_current('ops') WHERE metric IN ('signatures', 'documents') ORDER BY 1;
+-- and in a subtransaction that rolls back
+BEGIN;
+SAVEPOINT a;
+UPDATE billing.plan_limits SET soft_limit = 999996 WHERE plan_id = 'free' AND metric = 'signatures';
+SELECT usage_limit FROM billing.check_limit('ops', 'signatures', 0);
+ROLLBACK TO SAVEPOINT a;
+SELECT usage_limit FROM billing.check_limit('ops', 'signatures', 0);
+COMMIT;
+-- a tenant registered in a transaction that rolls back does not exist after it
+BEGIN;
+SELECT (billing.upsert_tenant('ops_ghost', 'Ghost', 'g@t.example')).tenant_id;
+SELECT recorded FROM billing.record_usage('ops_ghost', 'signatures', 1, 'ghost-1');
+ROLLBACK;
+SELECT * FROM billing.check_limit('ops_ghost', 'signatures', 0);
+SELECT * FROM billing.record_usage('ops_ghost', 'signatures', 1, 'ghost-2');
+SELECT count(*) AS ghost_rows FROM billing.usage_events WHERE tenant_id = 'ops_ghost';
+-- a committed change is seen at once
+UPDATE billing.plan_limits SET soft_limit = 12 WHERE plan_id = 'free' AND metric = 'signatures';
+SELECT usage_limit FROM billing.check_limit('ops', 'signatures', 0);
+UPDATE billing.plan_limits SET soft_limit = 10 WHERE plan_id = 'free' AND metric = 'signatures';
+SELECT usage_limit FROM billing.check_limit('ops', 'signatures', 0);
+
+-- ---- index DDL: the next write reaches the relation as it is now ----------
+SELECT recorded FROM billing.record_usage('ops', 'signatures', 1, 'ddl-0');
+CREATE INDEX usage_events_ops_extra ON billing.usage_events (occurred_at);
+SELECT recorded FROM billing.record_usage('ops', 'signatures', 1, 'ddl-1');
+REINDEX TABLE CONCURRENTLY billing.usage_events;
+SELECT recorded FROM billing.record_usage('ops', 'signatures', 1, 'ddl-2');
+SELECT recorded, duplicate FROM billing.record_usage('ops', 'signatures', 1, 'ddl-1');
+ALTER TABLE billing.usage_events ADD COLUMN ops_note text NOT NULL DEFAULT 'later version';
+SELECT recorded FROM billing.record_usage('ops', 'signatures', 1, 'ddl-3');
+SELECT idempotency_key, ops_note FROM billing.usage_events WHERE tenant_id = 'ops' ORDER BY 1;
+-- the same for the inbox
+CREATE INDEX webhook_events_ops_extra ON billing.webhook_events (event_type);
+REINDEX TABLE CONCURRENTLY billing.webhook_events;
+CREATE EXTENSION IF NOT EXISTS amcheck;
+SELECT count(*) AS indexes_checked
+  FROM (SELECT bt_index_check(c.oid, true)
+          FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+         WHERE i.indrelid IN ('billing.usage_events'::regclass, 'billing.webhook_events'::regclass)) x;
+DROP EXTENSION amcheck;
+ALTER TABLE billing.usage_events DROP COLUMN ops_note;
+DROP INDEX billing.usage_events_ops_extra;
+DROP INDEX billing.webhook_events_ops_extra;
+SELECT recorded FROM billing.record_usage('ops', 'signatures', 1, 'ddl-4');
+
+-- ---- totals never wrap -------------------------------------------------------
+SELECT (billing.upsert_tenant('ops_big', 'Big', 'big@t.example')).tenant_id;
+SELECT recorded, total, status FROM billing.record_usage('ops_big', 'api_calls', 9223372036854775806, 'big-1');
+SELECT * FROM billing.record_usage('ops_big', 'api_calls', 2, 'big-2');
+\echo :LAST_ERROR_SQLSTATE
+-- nothing was written by the refused call; a repeat of the first key is still its result
+SELECT count(*) AS big_rows FROM billing.usage_events WHERE tenant_id = 'ops_big';
+SELECT recorded, duplicate, total FROM billing.record_usage('ops_big', 'api_calls', 9223372036854775806, 'big-1');
+SELECT recorded, total FROM billing.record_usage('ops_big', 'api_calls', 1, 'big-3');
+SELECT allowed, status, current FROM billing.check_limit('ops_big', 'api_calls', 5);
+-- rows whose sum passes int8 (written past record_usage): answers saturate, never 22003
+INSERT INTO billing.usage_events (tenant_id, idempotency_key, metric, quantity, period_start, occurred_at)
+SELECT 'ops_big', 'direct-' || i, 'documents', 9223372036854775807,
+       (SELECT u.period_start FROM billing.usage_current('ops_big') u WHERE u.metric = 'documents'), now()
+  FROM generate_series(1, 2) i;
+SELECT current, status FROM billing.check_limit('ops_big', 'documents', 0);
+SELECT used, status FROM billing.usage_current('ops_big') WHERE metric = 'documents';
+SELECT metric, used FROM billing.usage_report('ops_big') WHERE metric = 'documents';
+SELECT metric, used_max FROM billing.usage_patterns WHERE metric = 'documents';
+-- a quantity of zero or less is refused as before
+SELECT * FROM billing.record_usage('ops_big', 'api_calls', -9223372036854775808, 'big-4');
+
+-- ---- counters compare 64-bit transaction ids --------------------------------
+-- a snapshot built at xid 1000 (xmin 990, 995 in progress), judged against committers
+SELECT billing.counter_delta_seen(990, 1000, '{995}', 980) AS before_xmin,
+       billing.counter_delta_seen(990, 1000, '{995}', 995) AS in_progress,
+       billing.counter_delta_seen(990, 1000, '{995}', 996) AS committed_before,
+       billing.counter_delta_seen(990, 1000, '{995}', 1000) AS at_xmax,
+       billing.counter_delta_seen(990, 1000, NULL, 996) AS too_many_to_keep;
+-- the same snapshot judged 2^31 and 2^32 transactions later: still not seen
+-- (32-bit xids compare the first as "older than the build" and drop its delta)
+SELECT billing.counter_delta_seen(990, 1000, '{995}', 1000 + 2147483648) AS after_2_31,
+       billing.counter_delta_seen(990, 1000, '{995}', 1000 + 4294967296) AS after_2_32,
+       billing.counter_delta_seen(990 + 4294967296, 1000 + 4294967296, '{}', 996) AS old_epoch_committer;
