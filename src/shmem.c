@@ -3,7 +3,7 @@
  * shmem.c
  *	  Shared memory of qes_billing: request and startup hooks.
  *
- * Shared memory is a cache, never the source of truth (DESIGN.md rule 1):
+ * Shared memory is a cache, never the source of truth (docs/architecture.md, rule 1):
  * everything in it can be rebuilt from tables, and it is lost at a restart.
  *
  * LOCKING RULES

@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * webhook_intake.c
- *	  api.stripe_webhook(json): verify, store, acknowledge (DESIGN.md rule 5).
+ *	  api.stripe_webhook(json): verify, store, acknowledge (docs/architecture.md, rule 5).
  *
  * PostgREST calls it for POST /rpc/stripe_webhook with the raw body (a
  * single unnamed json parameter keeps Stripe's bytes) and the request

@@ -1,5 +1,5 @@
 -- Tenants and their subscriptions.  Tenant-owned tables lead their primary
--- key with tenant_id (DESIGN.md rule 2).
+-- key with tenant_id (docs/architecture.md, rule 2).
 
 CREATE TABLE billing.tenants (
   tenant_id          text PRIMARY KEY CHECK (tenant_id ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$'),
