@@ -36,16 +36,11 @@ BEGIN
     EXECUTE format('CREATE POLICY staff_all_rows ON billing.%I TO qes_admin, qes_app
                       USING (true) WITH CHECK (true)', t);
     EXECUTE format('GRANT SELECT ON billing.%I TO qes_tenant, qes_admin', t);
-    -- keep tenant data in pg_dump (extension tables are skipped otherwise)
-    PERFORM pg_catalog.pg_extension_config_dump(format('billing.%I', t)::regclass, '');
   END LOOP;
 END
 $rls$;
 
-SELECT pg_catalog.pg_extension_config_dump('billing.stripe_requests', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.webhook_events', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.audit_log', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.webhook_rejections', '');
+-- (what pg_dump keeps: sql/install/97_dump.sql)
 
 -- subscriptions and payments, for the tenant
 GRANT EXECUTE ON FUNCTION api.create_subscription(text, text),
