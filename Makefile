@@ -18,6 +18,7 @@ OBJS = \
 	src/webhook_signature.o \
 	src/stripe_form.o \
 	src/webhook_intake.o \
+	src/guard.o \
 	src/outbox.o
 
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
@@ -31,10 +32,10 @@ SHLIB_LINK = -lcurl -lcrypto
 
 # pg_regress: explicit list, so the install script pieces under sql/install
 # are never mistaken for tests.
-REGRESS = install catalog settings tenants audit api usage webhook outbox metrics
+REGRESS = install catalog settings tenants audit api usage webhook outbox metrics operations zz_amcheck
 REGRESS_OPTS = --temp-instance=./tmp_check_regress \
 	--temp-config=test/regress.conf --dbname=contrib_regression
-ISOLATION = wake audit_chain usage outbox webhook_intake
+ISOLATION = wake audit_chain usage outbox webhook_intake caches zz_amcheck
 ISOLATION_OPTS = --temp-instance=./tmp_check_iso \
 	--temp-config=test/regress.conf --load-extension=qes_billing \
 	--inputdir=test/isolation --outputdir=test/isolation/output \
@@ -48,6 +49,9 @@ EXTRA_CLEAN = tmp_check_regress tmp_check_iso test/isolation/output \
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# every object is rebuilt when a header changes (shared-memory layouts)
+$(OBJS): $(wildcard src/*.h)
 
 $(EXTENSION)--$(EXTVERSION).sql: $(INSTALL_SQL)
 	cat $^ > $@

@@ -54,3 +54,7 @@ DELETE FROM billing.audit_log WHERE action = 'invoice.viewed';
 SELECT ok, first_bad_id = (SELECT min(audit_id) FROM billing.audit_log WHERE tenant_id = 'audited' AND action = 'tenant.updated') AS names_next_row, problem
   FROM billing.verify_audit_chain();
 RESET qes_billing.audit_guard;
+-- every role it is granted to can run it
+SET ROLE qes_admin;
+SELECT ok FROM billing.verify_audit_chain();
+RESET ROLE;

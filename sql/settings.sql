@@ -65,3 +65,28 @@ RESET qes_billing.environment;
 SELECT billing.set_clock(NULL);
 SELECT billing.set_clock('0') - now() AS offset_reset;
 SELECT action, details FROM billing.audit_log WHERE action = 'clock.set' ORDER BY audit_id;
+
+-- key settings are never stored per database or role (pg_db_role_setting is readable by every role)
+ALTER DATABASE contrib_regression SET qes_billing.stripe_test_webhook_secret = 'whsec_per_database';
+\echo :LAST_ERROR_SQLSTATE
+CREATE ROLE regress_qes_keyholder;
+ALTER ROLE regress_qes_keyholder SET qes_billing.stripe_test_secret_key = 'sk_test_per_role';
+ALTER ROLE regress_qes_keyholder IN DATABASE contrib_regression SET qes_billing.stripe_live_secret_key = 'sk_live_per_role';
+DROP ROLE regress_qes_keyholder;
+SELECT count(*) AS stored_key_settings FROM pg_db_role_setting s, unnest(s.setconfig) c WHERE c LIKE 'qes_billing.stripe%';
+-- the secret key only ever goes to an https API base (http only to the loopback, outside production)
+SET qes_billing.stripe_test_secret_key = 'sk_test_51Habc';
+SET qes_billing.stripe_api_base = 'http://127.0.0.1:12111';
+SELECT billing.stripe_key_problem('secret') AS loopback_http;
+SET qes_billing.stripe_api_base = 'http://stripe-proxy.example';
+SELECT billing.stripe_key_problem('secret') AS remote_http;
+SET qes_billing.environment = 'production';
+SET qes_billing.stripe_live_secret_key = 'sk_live_51Habc';
+SET qes_billing.stripe_api_base = 'http://127.0.0.1:12111';
+SELECT billing.stripe_key_problem('secret') AS http_in_production;
+SET qes_billing.stripe_api_base = 'https://api.stripe.com';
+SELECT billing.stripe_key_problem('secret') AS https_in_production;
+RESET qes_billing.environment;
+RESET qes_billing.stripe_live_secret_key;
+RESET qes_billing.stripe_test_secret_key;
+RESET qes_billing.stripe_api_base;

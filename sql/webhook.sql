@@ -66,8 +66,17 @@ BEGIN; SELECT * FROM pg_temp.deliver(:'ev', 'garbage'); COMMIT;
 BEGIN; SELECT * FROM pg_temp.deliver(:'ev', 't=1700000000,v1=6a6e54d6f23d7f165d97686ace348677845f2791af8170bc2e780d0b30923289'); COMMIT;
 BEGIN; SELECT * FROM pg_temp.deliver(:'live', 't=4102444800,v1=b740b2c7c65f84ba76a14bca7a31f82d3ea77c78280211617021bebe99ebcd41'); COMMIT;
 BEGIN; SELECT * FROM pg_temp.deliver(:'notev', 't=4102444800,v1=9f3e08c0a3bbf7b8b1182bf1530c3aa1bfceed90fa68df83202bb3b6e18d3a53'); COMMIT;
-SELECT reason, stripe_event_id, event_type FROM billing.webhook_rejections ORDER BY rejection_id;
-SELECT details ->> 'reason' AS audited_reason FROM billing.audit_log WHERE action = 'webhook.rejected' ORDER BY audit_id;
+-- counted in shared memory: nothing written, no audit lock taken, per delivery
+SELECT count(*) AS rows_written FROM billing.webhook_rejections;
+SELECT reason, deliveries FROM billing.webhook_rejections_pending() ORDER BY reason;
+SELECT rejected_last_hour FROM billing.webhook_metrics;
+-- the worker's minute flush: one row and one audit row per reason, with the count
+SELECT billing.flush_webhook_rejections() AS deliveries_flushed;
+SELECT billing.flush_webhook_rejections() AS flushed_again;
+SELECT reason, deliveries FROM billing.webhook_rejections ORDER BY reason;
+SELECT details ->> 'reason' AS audited_reason, details ->> 'deliveries' AS deliveries
+  FROM billing.audit_log WHERE action = 'webhook.rejected' ORDER BY details ->> 'reason';
+SELECT rejected_last_hour FROM billing.webhook_metrics;
 SELECT count(*) AS inbox FROM billing.webhook_events;
 -- during a rotation both secrets are accepted
 SET qes_billing.stripe_test_webhook_secret = 'whsec_regress_secret, whsec_rotated_secret';
@@ -93,11 +102,51 @@ BEGIN; SELECT status, response ->> 'reason' AS reason, response ->> 'event_id' A
 BEGIN; SELECT status, response ->> 'reason' AS reason, response ->> 'event_id' AS event_id FROM pg_temp.deliver('{"id": "evt_scan_5", "type": "invoice.paid", "created": 1700000005, "livemode": false, "data": {"object": []}}', 't=4102444800,v1=d6391d1e2b8f5be92ac6c8da5a04efba18b8ffb81e1de488286501125e5d4596'); COMMIT;
 -- an id that is not an event id
 BEGIN; SELECT status, response ->> 'reason' AS reason, response ->> 'event_id' AS event_id FROM pg_temp.deliver('{"id": "evt_scan-6", "type": "invoice.paid", "created": 1700000006, "livemode": false, "data": {"object": {}}}', 't=4102444800,v1=5c6444c5d18b1a7b30630f5959d57a9e7668d415253aa0720935e78ac4de6708'); COMMIT;
--- an escaped key is not read (Stripe never escapes keys)
+-- an escaped top-level key is refused (Stripe never escapes keys; jsonb would decode it)
 BEGIN; SELECT status, response ->> 'reason' AS reason, response ->> 'event_id' AS event_id FROM pg_temp.deliver('{"\u0069d": "evt_scan_7", "type": "invoice.paid", "created": 1700000007, "livemode": false, "data": {"object": {}}}', 't=4102444800,v1=4f3d792da58af3fca2c70037e6803b5a3a9f21516344fe3fd7a994660f17551c'); COMMIT;
 -- not an object at all
 BEGIN; SELECT status, response ->> 'reason' AS reason, response ->> 'event_id' AS event_id FROM pg_temp.deliver('[{"id": "evt_scan_8"}]', 't=4102444800,v1=7bd153316227612a69db8990d3309690d15108ae307213dc56b97ebb03fdbbcd'); COMMIT;
 -- no data
 BEGIN; SELECT status, response ->> 'reason' AS reason, response ->> 'event_id' AS event_id FROM pg_temp.deliver('{"id": "evt_scan_9", "type": "invoice.paid", "created": 1700000009, "livemode": false}', 't=4102444800,v1=7a4c5b728ff77a1261390920635a91a868b6efce4237a74fac1db2586eb08d99'); COMMIT;
+-- validly signed but implausible or unstorable: refused with its reason (pgcrypto signs them here)
+SET client_min_messages = warning;
+CREATE EXTENSION IF NOT EXISTS pgcrypto;
+RESET client_min_messages;
+CREATE FUNCTION pg_temp.signed(body text) RETURNS text LANGUAGE sql
+  RETURN 't=4102444800,v1=' || encode(hmac('4102444800.' || body, 'whsec_regress_secret', 'sha256'), 'hex');
+CREATE FUNCTION pg_temp.try(body text) RETURNS TABLE (status text, reason text, event_id text) LANGUAGE sql
+  RETURN (SELECT (d.status, d.response ->> 'reason', d.response ->> 'event_id') FROM pg_temp.deliver(body, pg_temp.signed(body)) d);
+SELECT 'type 10 KB' AS "case", * FROM pg_temp.try('{"id": "evt_imp_1", "type": "' || repeat('x', 10000) || '.paid", "created": 1700000000, "livemode": false, "data": {"object": {}}}')
+UNION ALL SELECT 'type with a space', * FROM pg_temp.try('{"id": "evt_imp_2", "type": "invoice paid", "created": 1700000000, "livemode": false, "data": {"object": {}}}')
+UNION ALL SELECT 'type without a dot', * FROM pg_temp.try('{"id": "evt_imp_3", "type": "invoice", "created": 1700000000, "livemode": false, "data": {"object": {}}}')
+UNION ALL SELECT 'created 0', * FROM pg_temp.try('{"id": "evt_imp_4", "type": "invoice.paid", "created": 0, "livemode": false, "data": {"object": {}}}')
+UNION ALL SELECT 'created in 5138', * FROM pg_temp.try('{"id": "evt_imp_5", "type": "invoice.paid", "created": 99999999999, "livemode": false, "data": {"object": {}}}')
+UNION ALL SELECT 'created negative', * FROM pg_temp.try('{"id": "evt_imp_6", "type": "invoice.paid", "created": -5, "livemode": false, "data": {"object": {}}}')
+UNION ALL SELECT 'NUL escape', * FROM pg_temp.try('{"id": "evt_imp_7", "type": "invoice.paid", "created": 1700000000, "livemode": false, "data": {"object": {"d": "a\u0000b"}}}')
+UNION ALL SELECT 'lone high surrogate', * FROM pg_temp.try('{"id": "evt_imp_8", "type": "invoice.paid", "created": 1700000000, "livemode": false, "data": {"object": {"d": "\ud800x"}}}')
+UNION ALL SELECT 'lone low surrogate', * FROM pg_temp.try('{"id": "evt_imp_9", "type": "invoice.paid", "created": 1700000000, "livemode": false, "data": {"object": {"d": "\udc00"}}}')
+UNION ALL SELECT 'surrogate pair (fine)', * FROM pg_temp.try('{"id": "evt_imp_10", "type": "invoice.paid", "created": 1700000000, "livemode": false, "data": {"object": {"d": "\ud83d\ude00"}}}')
+UNION ALL SELECT 'escaped key in data (fine)', * FROM pg_temp.try('{"id": "evt_imp_11", "type": "invoice.paid", "created": 1700000000, "livemode": false, "data": {"object": {"\u0064": 1}}}')
+UNION ALL SELECT 'api_version 100 chars', * FROM pg_temp.try('{"id": "evt_imp_12", "type": "invoice.paid", "created": 1700000000, "livemode": false, "api_version": "' || repeat('9', 100) || '", "data": {"object": {}}}')
+UNION ALL SELECT 'api_version null (fine)', * FROM pg_temp.try('{"id": "evt_imp_13", "type": "invoice.paid", "created": 1700000000, "livemode": false, "api_version": null, "data": {"object": {}}}');
+-- every stored payload casts to jsonb (the worker can apply it)
+SELECT count(*) AS stored, count(payload::jsonb) AS castable FROM billing.webhook_events;
+-- header values are read as the JSON they are: a quote or a tab in the header is not "no header"
+BEGIN;
+SELECT set_config('request.headers', json_build_object('stripe-signature',
+         pg_temp.signed('{"id": "evt_hdr_1", "type": "invoice.paid", "created": 1700000000, "livemode": false, "data": {"object": {}}}')
+         || ',note="a\b",x=' || chr(9))::text, true) IS NOT NULL AS h;
+SELECT api.stripe_webhook('{"id": "evt_hdr_1", "type": "invoice.paid", "created": 1700000000, "livemode": false, "data": {"object": {}}}') ->> 'event_id' AS accepted;
+COMMIT;
 SELECT stripe_event_id, event_type, stripe_created FROM billing.webhook_events WHERE stripe_event_id LIKE 'evt_scan%' ORDER BY 1;
+-- the tolerance edge, as stripe-python decides (t < now - tolerance, in fractions of a second)
+SELECT billing.verify_stripe_signature('{}', 't=1700000000,v1=' || encode(hmac('1700000000.{}', 'whsec_edge', 'sha256'), 'hex'),
+                                       'whsec_edge', 300, to_timestamp(1700000300)) AS at_edge,
+       billing.verify_stripe_signature('{}', 't=1700000000,v1=' || encode(hmac('1700000000.{}', 'whsec_edge', 'sha256'), 'hex'),
+                                       'whsec_edge', 300, to_timestamp(1700000300.001)) AS a_millisecond_past;
+SELECT billing.flush_webhook_rejections() > 0 AS flushed;
+SELECT reason, sum(deliveries) AS deliveries FROM billing.webhook_rejections
+ WHERE reason IN ('bad_type', 'bad_created', 'bad_encoding', 'escaped_key') GROUP BY reason ORDER BY reason;
+DROP FUNCTION pg_temp.try(text), pg_temp.signed(text);
+DROP EXTENSION pgcrypto;
 RESET qes_billing.stripe_test_webhook_secret;

@@ -19,10 +19,13 @@
 
 #include <stdlib.h>
 
+#include "access/xact.h"
+#include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
 
 #include "counters.h"
+#include "guard.h"
 #include "guc.h"
 
 /* plain settings */
@@ -127,6 +130,47 @@ webhook_secrets_valid(const char *value)
 }
 
 /*
+ * Is qes_billing.stripe_api_base fit to receive the secret key?  https
+ * always; http only outside production and only to the loopback (tests,
+ * the local fake).  Sets *problem and *hint when not.
+ */
+static bool
+api_base_problem(bool live, char **problem, char **hint)
+{
+	const char *base = qes_stripe_api_base ? qes_stripe_api_base : "";
+	const char *host;
+	size_t		hostlen;
+
+	if (strncmp(base, "https://", 8) == 0)
+		return false;
+	if (strncmp(base, "http://", 7) != 0)
+	{
+		*problem = pstrdup("qes_billing.stripe_api_base is not an https:// URL");
+		*hint = pstrdup("Set it to https://api.stripe.com (the default).");
+		return true;
+	}
+	if (live)
+	{
+		*problem = pstrdup("qes_billing.stripe_api_base uses http:// in production, where the secret key would travel in clear text");
+		*hint = pstrdup("Use https://api.stripe.com (the default); http:// is for tests against a local server outside production.");
+		return true;
+	}
+	host = base + 7;
+	hostlen = strcspn(host, "/?#");
+	if (hostlen > 0 && host[0] == '[')
+		hostlen = strcspn(host, "]") + 1;
+	else
+		hostlen = strcspn(host, ":/?#");
+	if ((hostlen == 9 && strncmp(host, "localhost", 9) == 0) ||
+		(hostlen >= 9 && strncmp(host, "127.", 4) == 0) ||
+		(hostlen == 5 && strncmp(host, "[::1]", 5) == 0))
+		return false;
+	*problem = pstrdup("qes_billing.stripe_api_base uses http:// to a host that is not the loopback");
+	*hint = pstrdup("Use https://; http:// is accepted only for a local test server (localhost, 127.0.0.1, [::1]).");
+	return true;
+}
+
+/*
  * Find the key of the given kind for the current environment.  Returns the
  * key, or NULL with *problem and *hint set (both palloc'd) when it is missing
  * or of the wrong mode.  The key's value never enters a message.
@@ -177,7 +221,12 @@ lookup_key(QesKeyKind kind, const char **source, char **problem, char **hint,
 	}
 
 	if (has_prefix(value, live ? ks->live_prefixes : ks->test_prefixes))
+	{
+		/* the secret key goes to qes_billing.stripe_api_base: never in clear text */
+		if (kind == QES_KEY_SECRET && api_base_problem(live, problem, hint))
+			return NULL;
 		return value;
+	}
 
 	if (has_prefix(value, live ? ks->test_prefixes : ks->live_prefixes))
 		*problem = psprintf("%s holds a %s-mode Stripe %s, but QES_ENVIRONMENT is \"%s\"",
@@ -321,36 +370,74 @@ check_url(char **newval, void **extra, GucSource source)
 	return false;
 }
 
+/*
+ * Key settings are taken only from the server's environment,
+ * postgresql.conf and ALTER SYSTEM (or SET by a superuser for the session):
+ * never stored per database or role, where every role can read them in
+ * pg_db_role_setting.  A refused value never reaches the log: the messages
+ * never include it, and an error raised for a statement hides the
+ * statement (log_min_error_statement would log it, key and all).
+ */
 static bool
-check_prefixed(char **newval, const char *const *prefixes, const char *name)
+key_refused(GucSource source, const char *name, const char *problem, const char *hint)
 {
-	if (*newval == NULL || (*newval)[0] == '\0' || has_prefix(*newval, prefixes))
-		return true;
-	GUC_check_errmsg("%s must hold a key that starts with %s", name, prefixes[0]);
+	bool		stored = (source == PGC_S_TEST || source == PGC_S_DATABASE ||
+						  source == PGC_S_USER || source == PGC_S_DATABASE_USER ||
+						  source == PGC_S_GLOBAL);
+
+	/* a statement being executed (SET, ALTER SYSTEM, ALTER ROLE/DATABASE SET) */
+	if (IsUnderPostmaster && IsTransactionState() && !stored)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s", problem),
+				 errhint("%s", hint),
+				 errhidestmt(true)));
+	if (IsUnderPostmaster && IsTransactionState() && source == PGC_S_TEST)
+		ereport(ERROR,
+				(errcode(ERRCODE_CANT_CHANGE_RUNTIME_PARAM),
+				 errmsg("%s", problem),
+				 errhint("%s", hint),
+				 errhidestmt(true)));
+	GUC_check_errmsg("%s", problem);
+	GUC_check_errhint("%s", hint);
 	return false;
+}
+
+static bool
+check_key(char **newval, GucSource source, const char *name, const char *const *prefixes)
+{
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	if (source == PGC_S_TEST || source == PGC_S_DATABASE || source == PGC_S_USER ||
+		source == PGC_S_DATABASE_USER || source == PGC_S_GLOBAL)
+		return key_refused(source, name,
+						   psprintf("%s may be set only in postgresql.conf, with ALTER SYSTEM, or in the server's environment", name),
+						   "Settings stored per database or role are readable by every role in pg_db_role_setting.");
+	if (prefixes == NULL ? webhook_secrets_valid(*newval) : has_prefix(*newval, prefixes))
+		return true;
+	if (prefixes == NULL)
+		return key_refused(source, name,
+						   psprintf("%s must hold whsec_ secrets separated by commas", name),
+						   "Webhook signing secrets start with whsec_.");
+	return key_refused(source, name,
+					   psprintf("%s must hold a key that starts with %s", name, prefixes[0]),
+					   "Test-mode keys go into the test settings, live-mode keys into the live ones.");
 }
 
 #define KEY_CHECK_HOOK(fn, kind, mode) \
 static bool \
 fn(char **newval, void **extra, GucSource source) \
 { \
-	return check_prefixed(newval, key_sources[kind].mode##_prefixes, \
-						  key_sources[kind].mode##_guc); \
+	return check_key(newval, source, key_sources[kind].mode##_guc, \
+					 key_sources[kind].mode##_prefixes[0] ? key_sources[kind].mode##_prefixes : NULL); \
 }
 
 KEY_CHECK_HOOK(check_test_secret, QES_KEY_SECRET, test)
 KEY_CHECK_HOOK(check_live_secret, QES_KEY_SECRET, live)
 KEY_CHECK_HOOK(check_test_publishable, QES_KEY_PUBLISHABLE, test)
 KEY_CHECK_HOOK(check_live_publishable, QES_KEY_PUBLISHABLE, live)
-
-static bool
-check_webhook_secret(char **newval, void **extra, GucSource source)
-{
-	if (*newval == NULL || (*newval)[0] == '\0' || webhook_secrets_valid(*newval))
-		return true;
-	GUC_check_errmsg("a webhook signing secret setting must hold whsec_ secrets separated by commas");
-	return false;
-}
+KEY_CHECK_HOOK(check_test_webhook, QES_KEY_WEBHOOK, test)
+KEY_CHECK_HOOK(check_live_webhook, QES_KEY_WEBHOOK, live)
 
 /* Secrets show as "(set)" or "" -- never their value. */
 #define SECRET_SHOW_HOOK(fn, var) \
@@ -399,10 +486,10 @@ qes_define_gucs(void)
 			   &stripe_live_secret_key, SECRET_FLAGS, check_live_secret, show_live_secret);
 	define_key("qes_billing.stripe_test_webhook_secret",
 			   "Stripe test-mode webhook signing secret(s); overrides STRIPE_TEST_WEBHOOK_SECRET.",
-			   &stripe_test_webhook_secret, SECRET_FLAGS, check_webhook_secret, show_test_webhook);
+			   &stripe_test_webhook_secret, SECRET_FLAGS, check_test_webhook, show_test_webhook);
 	define_key("qes_billing.stripe_live_webhook_secret",
 			   "Stripe live-mode webhook signing secret(s); overrides STRIPE_LIVE_WEBHOOK_SECRET.",
-			   &stripe_live_webhook_secret, SECRET_FLAGS, check_webhook_secret, show_live_webhook);
+			   &stripe_live_webhook_secret, SECRET_FLAGS, check_live_webhook, show_live_webhook);
 	/* publishable keys are public by design; only their mode is checked */
 	define_key("qes_billing.stripe_test_publishable_key",
 			   "Stripe test-mode publishable key; overrides STRIPE_TEST_PUBLISHABLE_KEY.",
@@ -474,6 +561,24 @@ qes_define_gucs(void)
 							"Usage counters (tenant, metric, period) kept in shared memory.",
 							"When full, further totals are computed from billing.usage_events.",
 							&qes_max_counters, 10000, 16, 10000000,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("qes_billing.rate_limit_address",
+							"Requests per second one client address may make through PostgREST (0: no limit).",
+							"Anonymous and tenant requests, by the last X-Forwarded-For entry; never Stripe's webhook deliveries.",
+							&qes_rate_limit_address, 50, 0, 1000000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.rate_limit_tenant",
+							"Requests per second one tenant (the JWT's tenant_id) may make through PostgREST (0: no limit).",
+							NULL, &qes_rate_limit_tenant, 20, 0, 1000000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.rate_limit_staff",
+							"Requests per second each of the roles qes_admin and qes_app may make through PostgREST (0: no limit).",
+							NULL, &qes_rate_limit_staff, 0, 0, 1000000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.rate_limit_slots",
+							"Rate-limit buckets kept in shared memory (addresses, tenants).",
+							NULL, &qes_rate_limit_slots, 16384, 64, 10000000,
 							PGC_POSTMASTER, 0, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("qes_billing");

@@ -15,7 +15,8 @@
  * - The lock is held only to copy a few fields: never across I/O, SPI, an
  *   ereport, or another LWLock.  Nothing is allocated while it is held.
  * - wake_requests is an atomic and needs no lock.
- * - The usage counters have locks of their own: see counters.c.
+ * - The usage counters have locks of their own: see counters.c; so do the
+ *   rejection counters and rate-limit buckets: see guard.c.
  * - Waking the worker reads the latch pointer under the SHARED lock and sets
  *   it after releasing the lock.  Setting a stale latch (worker gone, PGPROC
  *   reused) is harmless: at worst a spurious wake-up of some process.
@@ -29,6 +30,7 @@
 #include "storage/shmem.h"
 
 #include "counters.h"
+#include "guard.h"
 #include "shmem.h"
 
 #define QES_TRANCHE "qes_billing"
@@ -52,6 +54,7 @@ qes_shmem_request(void)
 	RequestAddinShmemSpace(qes_shmem_size());
 	RequestNamedLWLockTranche(QES_TRANCHE, 1);
 	qes_counters_request();
+	qes_guard_request();
 }
 
 static void
@@ -72,6 +75,7 @@ qes_shmem_startup(void)
 		qes_worker_state->lock = &(GetNamedLWLockTranche(QES_TRANCHE))[0].lock;
 	}
 	qes_counters_startup();
+	qes_guard_startup();
 	LWLockRelease(AddinShmemInitLock);
 }
 

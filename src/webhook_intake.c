@@ -38,8 +38,13 @@
 #include "utils/timestamp.h"
 
 #include "catalog_cache.h"
+#include "guard.h"
 #include "guc.h"
+#include "webhook_intake.h"
 #include "webhook_signature.h"
+
+/* 2011-01-01T00:00:00Z: no Stripe event is older */
+#define QES_EARLIEST_EVENT	INT64CONST(1293840000)
 
 PG_FUNCTION_INFO_V1(qes_stripe_webhook_fn);
 
@@ -134,9 +139,13 @@ skip_value(JsonScan *s)
  * the raw span of its (last) value.  False when this is not an object.
  */
 static bool
-scan_object(const char *p, const char *end, const char *const *keys, JsonSpan *out)
+scan_object(const char *p, const char *end, const char *const *keys, JsonSpan *out,
+			bool *escaped_key)
 {
 	JsonScan		s = {p, end};
+
+	if (escaped_key)
+		*escaped_key = false;
 
 	for (int i = 0; keys[i]; i++)
 		out[i].present = false;
@@ -160,6 +169,8 @@ scan_object(const char *p, const char *end, const char *const *keys, JsonSpan *o
 		if (!skip_string(&s))
 			return false;
 		klen = (int) (s.p - 1 - kstart);
+		if (escaped_key && memchr(kstart, '\\', klen) != NULL)
+			*escaped_key = true;
 		skip_ws(&s);
 		if (s.p >= s.end || *s.p != ':')
 			return false;
@@ -238,18 +249,229 @@ valid_event_id(const char *id)
 	return true;
 }
 
-/* the Stripe-Signature header from request.headers (lower-cased names) */
-static char *
-signature_header(void)
+static int
+hex_value(char c)
 {
-	static const char *const keys[] = {"stripe-signature", NULL};
-	const char *headers = GetConfigOption("request.headers", true, false);
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+static bool
+hex4(const char *p, const char *end, int *out)
+{
+	int			v = 0;
+
+	if (end - p < 4)
+		return false;
+	for (int i = 0; i < 4; i++)
+	{
+		int			h = hex_value(p[i]);
+
+		if (h < 0)
+			return false;
+		v = v * 16 + h;
+	}
+	*out = v;
+	return true;
+}
+
+static void
+append_utf8(StringInfo buf, int cp)
+{
+	if (cp < 0x80)
+		appendStringInfoChar(buf, (char) cp);
+	else if (cp < 0x800)
+	{
+		appendStringInfoChar(buf, (char) (0xC0 | (cp >> 6)));
+		appendStringInfoChar(buf, (char) (0x80 | (cp & 0x3F)));
+	}
+	else if (cp < 0x10000)
+	{
+		appendStringInfoChar(buf, (char) (0xE0 | (cp >> 12)));
+		appendStringInfoChar(buf, (char) (0x80 | ((cp >> 6) & 0x3F)));
+		appendStringInfoChar(buf, (char) (0x80 | (cp & 0x3F)));
+	}
+	else
+	{
+		appendStringInfoChar(buf, (char) (0xF0 | (cp >> 18)));
+		appendStringInfoChar(buf, (char) (0x80 | ((cp >> 12) & 0x3F)));
+		appendStringInfoChar(buf, (char) (0x80 | ((cp >> 6) & 0x3F)));
+		appendStringInfoChar(buf, (char) (0x80 | (cp & 0x3F)));
+	}
+}
+
+/*
+ * A JSON string value decoded as JSON decodes it (every escape, surrogate
+ * pairs), palloc'd; NULL when it is not a string, or holds \u0000 or an
+ * unpaired surrogate (which no text value can hold).
+ */
+static char *
+json_string(const JsonSpan *v)
+{
+	const char *p;
+	const char *end;
+	StringInfoData buf;
+
+	if (!v->present || v->len < 2 || v->start[0] != '"' || v->start[v->len - 1] != '"')
+		return NULL;
+	p = v->start + 1;
+	end = v->start + v->len - 1;
+	initStringInfo(&buf);
+	while (p < end)
+	{
+		int			cp;
+
+		if (*p != '\\')
+		{
+			appendStringInfoChar(&buf, *p++);
+			continue;
+		}
+		if (++p >= end)
+			return NULL;
+		switch (*p++)
+		{
+			case '"':
+				appendStringInfoChar(&buf, '"');
+				break;
+			case '\\':
+				appendStringInfoChar(&buf, '\\');
+				break;
+			case '/':
+				appendStringInfoChar(&buf, '/');
+				break;
+			case 'b':
+				appendStringInfoChar(&buf, '\b');
+				break;
+			case 'f':
+				appendStringInfoChar(&buf, '\f');
+				break;
+			case 'n':
+				appendStringInfoChar(&buf, '\n');
+				break;
+			case 'r':
+				appendStringInfoChar(&buf, '\r');
+				break;
+			case 't':
+				appendStringInfoChar(&buf, '\t');
+				break;
+			case 'u':
+				if (!hex4(p, end, &cp))
+					return NULL;
+				p += 4;
+				if (cp == 0 || (cp >= 0xDC00 && cp <= 0xDFFF))
+					return NULL;
+				if (cp >= 0xD800 && cp <= 0xDBFF)
+				{
+					int			lo;
+
+					if (end - p < 6 || p[0] != '\\' || p[1] != 'u' || !hex4(p + 2, end, &lo) ||
+						lo < 0xDC00 || lo > 0xDFFF)
+						return NULL;
+					p += 6;
+					cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+				}
+				append_utf8(&buf, cp);
+				break;
+			default:
+				return NULL;
+		}
+	}
+	return buf.data;
+}
+
+/*
+ * Does the JSON text hold an escape that jsonb refuses (\u0000, an
+ * unpaired surrogate)?  The worker casts each payload to jsonb; such an
+ * event could never be applied.
+ */
+static bool
+has_unstorable_escape(const char *p, const char *end)
+{
+	while (p < end)
+	{
+		int			cp;
+
+		if (*p != '\\')
+		{
+			p++;
+			continue;
+		}
+		if (p + 1 >= end)
+			return true;
+		if (p[1] != 'u')
+		{
+			p += 2;
+			continue;
+		}
+		if (!hex4(p + 2, end, &cp))
+			return true;
+		p += 6;
+		if (cp == 0 || (cp >= 0xDC00 && cp <= 0xDFFF))
+			return true;
+		if (cp >= 0xD800 && cp <= 0xDBFF)
+		{
+			int			lo;
+
+			if (end - p < 6 || p[0] != '\\' || p[1] != 'u' || !hex4(p + 2, end, &lo) ||
+				lo < 0xDC00 || lo > 0xDFFF)
+				return true;
+			p += 6;
+		}
+	}
+	return false;
+}
+
+/*
+ * A top-level string member of a JSON object text, decoded; NULL when
+ * absent, not a string, or the text is not an object.
+ */
+char *
+qes_json_top_level_string(const char *json, const char *key)
+{
+	const char *keys[2] = {key, NULL};
 	JsonSpan	v[1];
 
-	if (headers == NULL || headers[0] == '\0' ||
-		!scan_object(headers, headers + strlen(headers), keys, v))
+	if (json == NULL || !scan_object(json, json + strlen(json), keys, v, NULL))
 		return NULL;
-	return plain_string(&v[0]);
+	return json_string(&v[0]);
+}
+
+/*
+ * A request header PostgREST passed in request.headers (a JSON object with
+ * lower-cased names), its value decoded as the JSON it is; NULL when absent.
+ */
+char *
+qes_request_header(const char *name)
+{
+	return qes_json_top_level_string(GetConfigOption("request.headers", true, false), name);
+}
+
+/* Stripe's event types: "invoice.paid", "customer.subscription.updated", ... */
+static bool
+valid_event_type(const char *type)
+{
+	int			dots = 0;
+	size_t		len = strlen(type);
+
+	if (len < 3 || len > 100 || type[0] == '.' || type[len - 1] == '.')
+		return false;
+	for (const char *c = type; *c; c++)
+	{
+		if (*c == '.')
+		{
+			if (c[1] == '.')
+				return false;
+			dots++;
+		}
+		else if (!((*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9') || *c == '_'))
+			return false;
+	}
+	return dots >= 1;
 }
 
 /* ---- the inbox row ------------------------------------------------------- */
@@ -326,25 +548,49 @@ store_event(const char *id, const char *type, bool live, const char *api_version
 
 /* ---- the endpoint ------------------------------------------------------- */
 
+/*
+ * Refuse a delivery: counted in shared memory (guard.c: no write, no audit
+ * lock; the worker rolls the counts up into webhook_rejections and the
+ * audit log about once a minute), answered with its HTTP status and reason.
+ */
 static Datum
-reject(const char *reason, const char *id, const char *type)
+reject(QesRejectReason reason, bool live)
 {
-	Oid			argtypes[3] = {TEXTOID, TEXTOID, TEXTOID};
-	Datum		args[3];
-	char		nulls[3] = {' ', ' ', ' '};
-	bool		isnull;
-	Datum		result;
+	StringInfoData out;
 
-	args[0] = CStringGetTextDatum(reason);
-	args[1] = id ? CStringGetTextDatum(id) : (Datum) 0;
-	nulls[1] = id ? ' ' : 'n';
-	args[2] = type ? CStringGetTextDatum(type) : (Datum) 0;
-	nulls[2] = type ? ' ' : 'n';
-	if (SPI_execute_with_args("SELECT billing.webhook_reject($1, $2, $3)", 3, argtypes, args, nulls,
-							  false, 1) != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "billing.webhook_reject failed");
-	result = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-	return SPI_datumTransfer(result, false, -1);
+	qes_guard_count_rejection(reason);
+	/* no secret is our configuration, not the sender: 500, so that Stripe retries */
+	(void) set_config_option("response.status", reason == QES_REJECT_NO_SECRET ? "500" : "400",
+							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_LOCAL, true, 0, false);
+	initStringInfo(&out);
+	appendStringInfoString(&out, "{\"error\" : ");
+	escape_json(&out, qes_reject_reason_message(reason, live));
+	appendStringInfoString(&out, ", \"reason\" : ");
+	escape_json(&out, qes_reject_reason_name(reason));
+	appendStringInfoChar(&out, '}');
+	PG_RETURN_TEXT_P(cstring_to_text_with_len(out.data, out.len));
+}
+
+static QesRejectReason
+sig_reason(QesSigResult sig)
+{
+	switch (sig)
+	{
+		case QES_SIG_NO_HEADER:
+			return QES_REJECT_NO_HEADER;
+		case QES_SIG_NO_SECRET:
+			return QES_REJECT_NO_SECRET;
+		case QES_SIG_MALFORMED:
+			return QES_REJECT_MALFORMED;
+		case QES_SIG_NO_V1:
+			return QES_REJECT_NO_V1;
+		case QES_SIG_MISMATCH:
+			return QES_REJECT_MISMATCH;
+		case QES_SIG_STALE:
+		case QES_SIG_OK:
+			break;
+	}
+	return QES_REJECT_STALE;
 }
 
 /*
@@ -361,7 +607,8 @@ qes_stripe_webhook_fn(PG_FUNCTION_ARGS)
 	char	   *header;
 	const char *secrets;
 	QesSigResult sig;
-	int64		now_s;
+	int64		now_unix_s;
+	bool		escaped = false;
 	JsonSpan	ev[6];
 	JsonSpan	data[1];
 	char	   *id = NULL;
@@ -369,8 +616,6 @@ qes_stripe_webhook_fn(PG_FUNCTION_ARGS)
 	char	   *api_version = NULL;
 	int64		created = 0;
 	bool		live = qes_live_mode();
-	const char *reason = NULL;
-	Datum		result;
 	StringInfoData out;
 	MemoryContext upper = CurrentMemoryContext;
 
@@ -400,34 +645,40 @@ qes_stripe_webhook_fn(PG_FUNCTION_ARGS)
 		SPI_finish();
 	}
 
-	header = signature_header();
-	now_s = GetCurrentTimestamp() / USECS_PER_SEC +
-		(POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY;
-	sig = qes_verify_stripe_signature(header, payload, len, secrets, qes_webhook_tolerance_s, now_s);
-
+	header = qes_request_header("stripe-signature");
+	sig = qes_verify_stripe_signature(header, payload, len, secrets, qes_webhook_tolerance_s,
+									  qes_unix_usecs(GetCurrentTimestamp()));
 	if (sig != QES_SIG_OK)
-		reason = qes_sig_result_code(sig);
-	else if (!scan_object(payload, payload + len, event_keys, ev) ||
-			 !valid_event_id(id = plain_string(&ev[0])) ||
-			 (type = plain_string(&ev[1])) == NULL || type[0] == '\0' ||
-			 !span_int64(&ev[2], &created) || created < 0 || created > INT64CONST(100000000000) ||
-			 !(span_is(&ev[3], "true") || span_is(&ev[3], "false")) ||
-			 !ev[5].present ||
-			 !scan_object(ev[5].start, ev[5].start + ev[5].len, data_keys, data) ||
-			 !data[0].present || data[0].start[0] != '{')
-		reason = "not_an_event";
-	else if (span_is(&ev[3], "true") != live)
-		reason = "wrong_mode";
+		PG_RETURN_DATUM(reject(sig_reason(sig), live));
 
-	if (reason != NULL)
+	/* validly signed: is it an event the worker can apply? */
+	if (!scan_object(payload, payload + len, event_keys, ev, &escaped) ||
+		!valid_event_id(id = plain_string(&ev[0])) ||
+		(type = plain_string(&ev[1])) == NULL ||
+		!span_int64(&ev[2], &created) ||
+		!(span_is(&ev[3], "true") || span_is(&ev[3], "false")) ||
+		!ev[5].present ||
+		!scan_object(ev[5].start, ev[5].start + ev[5].len, data_keys, data, NULL) ||
+		!data[0].present || data[0].start[0] != '{')
+		PG_RETURN_DATUM(reject(escaped ? QES_REJECT_ESCAPED_KEY : QES_REJECT_NOT_AN_EVENT, live));
+	if (escaped)
+		PG_RETURN_DATUM(reject(QES_REJECT_ESCAPED_KEY, live));
+	if (!valid_event_type(type))
+		PG_RETURN_DATUM(reject(QES_REJECT_BAD_TYPE, live));
+	/* Stripe began in 2011; a day's clock skew ahead at most */
+	now_unix_s = qes_unix_usecs(GetCurrentTimestamp()) / USECS_PER_SEC;
+	if (created < QES_EARLIEST_EVENT || created > now_unix_s + SECS_PER_DAY)
+		PG_RETURN_DATUM(reject(QES_REJECT_BAD_CREATED, live));
+	if (has_unstorable_escape(payload, payload + len))
+		PG_RETURN_DATUM(reject(QES_REJECT_BAD_ENCODING, live));
+	if (span_is(&ev[3], "true") != live)
+		PG_RETURN_DATUM(reject(QES_REJECT_WRONG_MODE, live));
+	if (ev[4].present && !span_is(&ev[4], "null"))
 	{
-		if (SPI_connect() != SPI_OK_CONNECT)
-			elog(ERROR, "SPI_connect failed");
-		result = reject(reason, id, type);
-		SPI_finish();
-		PG_RETURN_DATUM(result);
+		api_version = plain_string(&ev[4]);
+		if (api_version == NULL || strlen(api_version) > 64)
+			PG_RETURN_DATUM(reject(QES_REJECT_NOT_AN_EVENT, live));
 	}
-	api_version = plain_string(&ev[4]);
 
 	/* store it, once per event id */
 	{

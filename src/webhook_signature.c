@@ -179,12 +179,20 @@ hmac_hex(const char *key, size_t key_len, const char *prefix, size_t prefix_len,
 	hex[64] = '\0';
 }
 
+/* A timestamptz as microseconds since the Unix epoch. */
+int64
+qes_unix_usecs(TimestampTz ts)
+{
+	return ts + (int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY * USECS_PER_SEC;
+}
+
 /*
- * Verify header against payload with any of the comma-separated secrets.
+ * Verify header against payload with any of the comma-separated secrets,
+ * at now_us (microseconds since the Unix epoch).
  */
 QesSigResult
 qes_verify_stripe_signature(const char *header, const char *payload, size_t payload_len,
-							const char *secrets, int64 tolerance_s, int64 now_s)
+							const char *secrets, int64 tolerance_s, int64 now_us)
 {
 	const char *end;
 	const char *p;
@@ -259,7 +267,15 @@ qes_verify_stripe_signature(const char *header, const char *payload, size_t payl
 		return QES_SIG_NO_SECRET;
 	if (!matched)
 		return QES_SIG_MISMATCH;
-	if (tolerance_s > 0 && t < now_s - tolerance_s)
+	/*
+	 * Stale exactly when stripe-python says so: t < time.time() - tolerance,
+	 * compared in microseconds (a whole-second clock would accept up to one
+	 * second longer).  A timestamp beyond the int64 microsecond range is in
+	 * the future, which Stripe's SDKs do not refuse either.
+	 */
+	if (tolerance_s > 0 && t < PG_INT64_MAX / USECS_PER_SEC &&
+		(t < PG_INT64_MIN / USECS_PER_SEC ||
+		 t * USECS_PER_SEC < now_us - tolerance_s * USECS_PER_SEC))
 		return QES_SIG_STALE;
 	return QES_SIG_OK;
 }
@@ -281,7 +297,7 @@ qes_verify_stripe_signature_fn(PG_FUNCTION_ARGS)
 	char	   *header;
 	const char *secrets;
 	int64		tolerance;
-	int64		now_s;
+	int64		now_us;
 
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
@@ -292,10 +308,9 @@ qes_verify_stripe_signature_fn(PG_FUNCTION_ARGS)
 	secrets = PG_ARGISNULL(2) ? qes_stripe_key(QES_KEY_WEBHOOK, true)
 		: text_to_cstring(PG_GETARG_TEXT_PP(2));
 	tolerance = PG_ARGISNULL(3) ? qes_webhook_tolerance_s : PG_GETARG_INT32(3);
-	now_s = (PG_ARGISNULL(4) ? GetCurrentTimestamp() : PG_GETARG_TIMESTAMPTZ(4));
-	now_s = now_s / USECS_PER_SEC + (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY;
+	now_us = qes_unix_usecs(PG_ARGISNULL(4) ? GetCurrentTimestamp() : PG_GETARG_TIMESTAMPTZ(4));
 
 	PG_RETURN_TEXT_P(cstring_to_text(qes_sig_result_code(
 		qes_verify_stripe_signature(header, VARDATA_ANY(payload), VARSIZE_ANY_EXHDR(payload),
-									secrets, tolerance, now_s))));
+									secrets, tolerance, now_us))));
 }

@@ -8,6 +8,8 @@
 #ifndef QES_WEBHOOK_SIGNATURE_H
 #define QES_WEBHOOK_SIGNATURE_H
 
+#include "datatype/timestamp.h"
+
 typedef enum QesSigResult
 {
 	QES_SIG_OK,
@@ -23,6 +25,7 @@ extern const char *qes_sig_result_code(QesSigResult r);
 extern QesSigResult qes_verify_stripe_signature(const char *header,
 												const char *payload, size_t payload_len,
 												const char *secrets, int64 tolerance_s,
-												int64 now_s);
+												int64 now_us);
+extern int64 qes_unix_usecs(TimestampTz ts);
 
 #endif							/* QES_WEBHOOK_SIGNATURE_H */

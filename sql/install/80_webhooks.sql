@@ -11,43 +11,42 @@ CREATE TABLE billing.webhook_rejections (
   rejection_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
   rejected_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
   reason          text NOT NULL,
+  deliveries      bigint NOT NULL DEFAULT 1 CHECK (deliveries > 0),
   stripe_event_id text,
   event_type      text
 );
 COMMENT ON TABLE billing.webhook_rejections IS
-  'Webhook deliveries refused at intake (bad or missing signature, stale, wrong mode, not an event): an attack or a wrong secret shows here.';
+  'Webhook deliveries refused at intake (bad or missing signature, stale, wrong mode, not an event, implausible): an attack or a wrong secret shows here. Refusals are counted in shared memory and written here about once a minute, one row per reason with the number of deliveries (billing.webhook_rejections_pending() shows what is not written yet).';
 CREATE INDEX webhook_rejections_recent ON billing.webhook_rejections (rejected_at);
 
--- A refused delivery: counted, audited, answered with its HTTP status and
--- reason (called by api.stripe_webhook, src/webhook_intake.c).
-CREATE FUNCTION billing.webhook_reject(p_reason text, p_event_id text, p_event_type text) RETURNS json
-  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
-AS $$
-BEGIN
-  INSERT INTO billing.webhook_rejections (reason, stripe_event_id, event_type)
-    VALUES (p_reason, left(p_event_id, 255), left(p_event_type, 255));
-  PERFORM billing.audit('webhook.rejected', NULL,
-                        jsonb_build_object('reason', p_reason, 'event_id', p_event_id, 'event_type', p_event_type));
-  -- no secret is our configuration, not the sender: 500, so that Stripe retries
-  PERFORM set_config('response.status', CASE WHEN p_reason = 'no_secret' THEN '500' ELSE '400' END, true);
-  RETURN json_build_object('error', CASE p_reason
-    WHEN 'no_header'    THEN 'missing Stripe-Signature header'
-    WHEN 'malformed'    THEN 'unparseable Stripe-Signature header'
-    WHEN 'no_v1'        THEN 'no v1 signature in the Stripe-Signature header'
-    WHEN 'mismatch'     THEN 'the signature does not match the payload'
-    WHEN 'stale'        THEN 'the signature timestamp is outside the tolerance'
-    WHEN 'no_secret'    THEN 'the webhook signing secret is not configured'
-    WHEN 'not_an_event' THEN 'the payload is not a Stripe event'
-    WHEN 'wrong_mode'   THEN CASE WHEN billing.stripe_mode() = 'live' THEN 'a test-mode event was sent to a live-mode endpoint'
-                              ELSE 'a live-mode event was sent to a test-mode endpoint' END
-    END, 'reason', p_reason);
-END
-$$;
-COMMENT ON FUNCTION billing.webhook_reject(text, text, text) IS
-  'Record and audit a refused webhook delivery; sets response.status (400, or 500 when no secret is configured) and returns the error body.';
+-- Refused deliveries are counted in shared memory without a write or the
+-- audit chain's lock (src/guard.c); the worker writes the counts here and
+-- into the audit log about once a minute.
+CREATE FUNCTION billing.flush_webhook_rejections() RETURNS bigint
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_flush_webhook_rejections';
+COMMENT ON FUNCTION billing.flush_webhook_rejections() IS
+  'Write the webhook refusals counted since the last flush: one webhook_rejections row and one audit row (webhook.rejected) per reason, with the number of deliveries. Returns the deliveries written. The worker runs it about once a minute.';
+
+CREATE FUNCTION billing.webhook_rejections_pending(OUT reason text, OUT deliveries bigint)
+  RETURNS SETOF record
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_webhook_rejections_pending';
+COMMENT ON FUNCTION billing.webhook_rejections_pending() IS
+  'Webhook refusals counted in shared memory and not yet written to billing.webhook_rejections, by reason.';
 
 CREATE FUNCTION api.stripe_webhook(json) RETURNS json
   LANGUAGE c VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
   AS 'MODULE_PATHNAME', 'qes_stripe_webhook_fn';
 COMMENT ON FUNCTION api.stripe_webhook(json) IS
-  'Stripe webhook endpoint (POST /rpc/stripe_webhook, the raw event as the body). Verifies the Stripe-Signature header and the mode, stores a new event in the inbox for the worker and answers 200 at once; a repeated event id answers 200 and stores nothing. Refusals answer 400 with the reason, and are counted and audited.';
+  'Stripe webhook endpoint (POST /rpc/stripe_webhook, the raw event as the body). Verifies the Stripe-Signature header and the mode, stores a new event in the inbox for the worker and answers 200 at once; a repeated event id answers 200 and stores nothing. Refusals answer 400 with the reason (500 when no secret is configured) and are counted, then written and audited once a minute per reason.';
+
+-- Inbound rate limiting (src/guard.c): PostgREST's db-pre-request function.
+CREATE FUNCTION api.pre_request() RETURNS void
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_pre_request';
+COMMENT ON FUNCTION api.pre_request() IS
+  'PostgREST db-pre-request: token buckets per client address (last X-Forwarded-For entry; never for Stripe webhook deliveries), per tenant (JWT tenant_id) and per staff role; over the limit the request is answered 429 with Retry-After.';
+
+CREATE FUNCTION billing.rate_limit_stats(OUT allowed bigint, OUT limited bigint, OUT overflowed bigint,
+                                         OUT slots_used bigint, OUT slots integer)
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_rate_limit_stats';
+COMMENT ON FUNCTION billing.rate_limit_stats() IS
+  'Inbound rate limiting since start: requests allowed and limited (429), requests that shared an overflow bucket, buckets in use of those available.';

@@ -364,6 +364,7 @@ SELECT (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM ap
        (SELECT count(*) FROM billing.webhook_events WHERE state = 'received') AS pending,
        (SELECT count(*) FROM billing.webhook_events WHERE state = 'received' AND attempts > 0) AS retrying,
        (SELECT count(*) FROM billing.webhook_events WHERE state = 'needs_review') AS parked,
-       (SELECT count(*) FROM billing.webhook_rejections WHERE rejected_at > now() - interval '1 hour') AS rejected_last_hour;
+       (SELECT coalesce(sum(r.deliveries), 0) FROM billing.webhook_rejections r WHERE r.rejected_at > now() - interval '1 hour')
+         + (SELECT coalesce(sum(p.deliveries), 0) FROM billing.webhook_rejections_pending() p) AS rejected_last_hour;
 COMMENT ON VIEW billing.webhook_metrics IS
   'Webhook processing: latency received -> applied (p50, p95, p99 over the last hour), throughput, retries, parked and rejected deliveries.';

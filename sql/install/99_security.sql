@@ -75,6 +75,12 @@ GRANT EXECUTE ON FUNCTION billing.worker_state(), billing.verify_audit_chain(), 
                           billing.wake_worker()
   TO qes_admin;
 
+-- abuse protection: PostgREST calls the pre-request function as every role
+GRANT EXECUTE ON FUNCTION api.pre_request() TO qes_anon, qes_tenant, qes_admin, qes_app;
+GRANT EXECUTE ON FUNCTION billing.webhook_rejections_pending(), billing.rate_limit_stats() TO qes_admin;
+-- verify_audit_chain() reads the chain head (not a secret: the last row's hash)
+GRANT SELECT ON billing.audit_head TO qes_admin;
+
 -- Shared memory outlives DROP EXTENSION: forget what an earlier
 -- incarnation cached, and let the worker find the new extension (and
 -- reconcile its queues) as soon as CREATE EXTENSION commits.
