@@ -41,7 +41,7 @@ def pg(session_fake_stripe):
                       conf={"qes_billing.stripe_api_base": f"'{session_fake_stripe.base}'"}).start()
     assert cluster.wait_until("SELECT alive FROM billing.worker_status"), cluster.log()
     yield cluster
-    cluster.stop()
+    amcheck_and_stop(cluster)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,21 @@ def pg_nokeys():
     cluster = Cluster("nokeys").start()
     assert cluster.wait_until("SELECT alive FROM billing.worker_status"), cluster.log()
     yield cluster
-    cluster.stop()
+    amcheck_and_stop(cluster)
+
+
+def amcheck_and_stop(cluster):
+    """The last step on a cluster: every billing index passes amcheck
+    (bt_index_check with heapallindexed), else the run fails (an error at
+    teardown makes pytest exit non-zero).  The cluster is stopped either way."""
+    try:
+        checked, failures, skipped = cluster.amcheck()
+    finally:
+        cluster.stop()
+    for index in skipped:
+        print(f"amcheck {cluster.name}: skipped {index} (not valid or not ready)")
+    assert checked > 0, f"amcheck {cluster.name}: no billing index found"
+    assert not failures, f"amcheck {cluster.name}: " + "; ".join(failures)
 
 
 @pytest.fixture

@@ -101,6 +101,34 @@ class Cluster:
             time.sleep(0.05)
         return False
 
+    def amcheck(self, dbname=None):
+        """amcheck every btree index of the schemas billing and api:
+        bt_index_check(index, heapallindexed => true).  Returns (checked,
+        failures, skipped): failures is a list of "index: error" strings;
+        skipped names the indexes that are not valid or not ready (a failed
+        or running CREATE INDEX CONCURRENTLY), which amcheck cannot check."""
+        failures, skipped, checked = [], [], 0
+        with self.connect(dbname, autocommit=True) as c:
+            c.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+            rows = c.execute(
+                "SELECT c.oid::regclass::text, i.indisvalid AND i.indisready"
+                "  FROM pg_index i"
+                "  JOIN pg_class c ON c.oid = i.indexrelid"
+                "  JOIN pg_namespace n ON n.oid = c.relnamespace"
+                "  JOIN pg_am am ON am.oid = c.relam"
+                " WHERE n.nspname IN ('billing', 'api') AND am.amname = 'btree' AND c.relkind = 'i'"
+                " ORDER BY 1").fetchall()
+            for index, checkable in rows:
+                if not checkable:
+                    skipped.append(index)
+                    continue
+                try:
+                    c.execute("SELECT bt_index_check(%s::regclass, true)", (index,))
+                except psycopg.Error as e:
+                    failures.append(f"{index}: {e.sqlstate}: {str(e).strip()}")
+                checked += 1
+        return checked, failures, skipped
+
     def log(self):
         with open(self.logfile, errors="replace") as f:
             return f.read()

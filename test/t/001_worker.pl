@@ -95,5 +95,6 @@ is($node->safe_psql('postgres', "SELECT details FROM billing.audit_log WHERE act
 	'{"webhook_events": 1, "stripe_requests": 1}', 'reclaim is audited');
 isnt(worker_pid($node), $pid, 'a new worker runs after the crash');
 
+amcheck_all($node);
 $node->stop;
 done_testing();

@@ -44,6 +44,7 @@ my $test_key = 'sk_test_51AnotherSecretThatMustNeverShow';
 	is($node->safe_psql('postgres', 'SHOW qes_billing.stripe_test_secret_key'), '(set)', 'SHOW masks the key');
 	is($node->safe_psql('postgres', "SELECT count(*) FROM pg_settings WHERE setting LIKE '%SecretThat%'"), '0',
 		'no view shows the key');
+	amcheck_all($node);
 	$node->stop;
 	my $log = slurp_file($node->logfile);
 	unlike($log, qr/TopSecret|AnotherSecret/, 'the server log never shows a key');
@@ -62,6 +63,7 @@ my $test_key = 'sk_test_51AnotherSecretThatMustNeverShow';
 	like($err, qr/HINT:.*starts with sk_live_/, 'with a hint');
 	($rc, $out, $err) = $node->psql('postgres', 'SELECT billing.set_clock($$1 day$$)');
 	like($err, qr/cannot be moved in production/, 'the clock stays put in production');
+	amcheck_all($node);
 	$node->stop;
 }
 
@@ -73,6 +75,7 @@ my $test_key = 'sk_test_51AnotherSecretThatMustNeverShow';
 	my ($rc, $out, $err) = $node->psql('postgres', 'SELECT billing.environment()');
 	like($err, qr/QES_ENVIRONMENT has an invalid value: "prod".*\n.*HINT:  Use development, staging or production/,
 		'an invalid QES_ENVIRONMENT is a clear error');
+	amcheck_all($node);
 	$node->stop;
 }
 

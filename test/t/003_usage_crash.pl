@@ -121,5 +121,6 @@ $total += acknowledged($_) for 1 .. $clients;
 note("acknowledged records in all: $total");
 cmp_ok($total, '>', 200, 'enough records were made for the test to mean something');
 
+amcheck_all($node);
 $node->stop;
 done_testing();

@@ -65,5 +65,6 @@ ok(defined wait_for(sub {
 is($node->safe_psql('postgres', "SELECT count(*) FROM billing.invoices WHERE tenant_id LIKE 'wc%'"),
 	$events, 'replayed events change nothing: still one invoice each');
 
+amcheck_all($node);
 $node->stop;
 done_testing();

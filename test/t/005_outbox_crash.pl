@@ -91,6 +91,7 @@ unlike(slurp_file($node->logfile), qr/sk_test_tap_outbox_crash/, 'the secret key
 is($node->safe_psql('postgres', "SELECT count(*) FROM billing.stripe_requests WHERE params::text LIKE '%sk_test%' OR response::text LIKE '%sk_test%'"),
 	'0', 'nor any stored row');
 
+amcheck_all($node);
 $node->stop;
 $fake->kill_kill;
 done_testing();

@@ -9,15 +9,15 @@ use Test::More;
 use Time::HiRes qw(time usleep);
 use Exporter 'import';
 
-our @EXPORT = qw(qes_node worker_state wait_for worker_pid);
+our @EXPORT = qw(qes_node worker_state wait_for worker_pid amcheck_all billing_indexes);
 
 # A started node with the library preloaded; extra postgresql.conf lines
-# may be given.
+# may be given, and allows_streaming => 1 for a primary with standbys.
 sub qes_node
 {
 	my ($name, %opts) = @_;
 	my $node = PostgreSQL::Test::Cluster->new($name);
-	$node->init;
+	$node->init(allows_streaming => $opts{allows_streaming} // 0);
 	$node->append_conf('postgresql.conf', join("\n",
 		"shared_preload_libraries = 'qes_billing'",
 		"qes_billing.database = 'postgres'",
@@ -58,6 +58,66 @@ sub wait_for
 		usleep(20_000);
 	}
 	return undef;
+}
+
+# The btree indexes of the schemas billing and api, as "oid|name|checkable"
+# rows; checkable is false for an index that is not valid or not ready (a
+# CREATE INDEX CONCURRENTLY that failed or is still running), which amcheck
+# cannot be asked about.
+sub billing_indexes
+{
+	my ($node, $db) = @_;
+	my $rows = $node->safe_psql($db // 'postgres', q{
+		SELECT c.oid, n.nspname || '.' || c.relname, i.indisvalid AND i.indisready
+		  FROM pg_index i
+		  JOIN pg_class c ON c.oid = i.indexrelid
+		  JOIN pg_namespace n ON n.oid = c.relnamespace
+		  JOIN pg_am am ON am.oid = c.relam
+		 WHERE n.nspname IN ('billing', 'api') AND am.amname = 'btree' AND c.relkind = 'i'
+		 ORDER BY 2});
+	return map { [ split /\|/ ] } grep { $_ ne '' } split /\n/, $rows;
+}
+
+# amcheck every billing index of one node and database:
+# bt_index_check(index, heapallindexed => true), so an index entry missing
+# for a heap row (a direct write that skipped an index) or a broken page
+# fails the test.  One test per call, failing with every index's error;
+# an index that is not valid/ready is skipped with a note.  On a standby
+# the amcheck extension must have been created on the primary (the helper
+# creates it where it can write).  An optional label names the moment in
+# the test name.  Returns the number of indexes checked.
+sub amcheck_all
+{
+	my ($node, $db, $label) = @_;
+	$db //= 'postgres';
+	my $name = $node->name . "/$db" . (defined $label ? " ($label)" : '');
+	my $standby = $node->safe_psql($db, 'SELECT pg_is_in_recovery()') eq 't';
+	$node->safe_psql($db, 'CREATE EXTENSION IF NOT EXISTS amcheck') unless $standby;
+	my @failures;
+	my ($checked, $skipped) = (0, 0);
+	for my $idx (billing_indexes($node, $db))
+	{
+		my ($oid, $index, $checkable) = @$idx;
+		if ($checkable ne 't')
+		{
+			note("amcheck $name: skipping $index (not valid or not ready)");
+			$skipped++;
+			next;
+		}
+		my ($rc, $out, $err) = $node->psql($db, "SELECT bt_index_check($oid, true)");
+		if ($rc != 0)
+		{
+			$err =~ s/\s+$//;
+			push @failures, "$index: " . ($err ne '' ? $err : "psql exit code $rc");
+		}
+		$checked++;
+	}
+	my $ok = ok(@failures == 0 && $checked > 0,
+		"amcheck $name: $checked billing indexes with heapallindexed"
+		. ($skipped ? ", $skipped not valid/ready skipped" : ''));
+	diag("amcheck $name: $_") for @failures;
+	diag("amcheck $name: no billing index found (is the extension created in $db?)") if $checked == 0;
+	return $checked;
 }
 
 1;

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # make valgrind: run the pg_regress and isolation layers, and the worker's
-# Stripe client against the fake, with the server under valgrind memcheck.  A private bindir holds a `postgres` wrapper that
-# starts the real server under valgrind (every backend and the worker are
-# forked from it, so they run under valgrind too); initdb and psql run
-# natively.  Errors in frames of qes_billing.so fail the run; reports that
-# only involve PostgreSQL's own code are counted but not ours to fix.
+# Stripe client against the fake, with the server under valgrind memcheck;
+# each ends with amcheck of every billing index (zz_amcheck in the
+# pg_regress and isolation lists, test/tools/amcheck.sql on the outbox run).
+# A private bindir holds a `postgres` wrapper that starts the real server
+# under valgrind (every backend and the worker are forked from it, so they
+# run under valgrind too); initdb and psql run natively.  Errors in frames
+# of qes_billing.so fail the run; reports that only involve PostgreSQL's own
+# code are counted but not ours to fix.
 # (AddressSanitizer cannot be preloaded into Debian's uninstrumented server:
 # glibc's bindtextdomain deadlocks under libasan at start-up.)
 set -uo pipefail
@@ -76,6 +79,10 @@ done
 sent=$(vpsql -c "SELECT count(*) || ' requests succeeded after ' || sum(attempts) || ' attempts' FROM billing.stripe_requests WHERE state = 'succeeded'")
 echo "valgrind outbox: $sent"
 [ "$(vpsql -c "SELECT count(*) FROM billing.stripe_requests WHERE state = 'succeeded'")" = 40 ] || { echo "valgrind outbox: not all 40 requests succeeded"; status=1; }
+# amcheck (under valgrind too): every billing index holds every row
+if ! vpsql -v ON_ERROR_STOP=1 < "$src/test/tools/amcheck.sql"; then
+  echo "valgrind outbox: amcheck found a billing index that fails bt_index_check"; status=1
+fi
 kill -INT "$(as_pg head -1 "$vdir/data/postmaster.pid")" 2>/dev/null
 for _ in $(seq 1 60); do [ -f "$vdir/data/postmaster.pid" ] || break; sleep 1; done
 kill "$fake" 2>/dev/null
