@@ -7,9 +7,12 @@ One HTTP request = one transaction on a connection logged in as the
    on STABLE/IMMUTABLE functions, READ WRITE otherwise;
 2. one statement of set_config(..., true): search_path, role, the JWT
    claims, request.method, request.path, request.headers, request.cookies;
-3. the main query: a CTE around the call or the read, reading
+3. the db-pre-request function, when one is configured (select api.<fn>());
+4. the main query: a CTE around the call or the read, reading
    response.status and response.headers in the same statement;
-4. COMMIT, or ROLLBACK on any error, with the SQLSTATE mapped to HTTP.
+5. COMMIT, or ROLLBACK on any error, with the SQLSTATE mapped to HTTP
+   (SQLSTATE PGRST: the message is the JSON body, the detail the status
+   and headers).
 
 This is the one place the tests know PostgREST's behaviour; keep it small.
 """
@@ -53,10 +56,11 @@ def http_status_for(sqlstate, authenticated):
 
 
 class PostgREST:
-    def __init__(self, dsn, anon_role="qes_anon", schema="api"):
+    def __init__(self, dsn, anon_role="qes_anon", schema="api", pre_request=None):
         self.conn = psycopg.connect(dsn, autocommit=True)
         self.anon_role = anon_role
         self.schema = schema
+        self.pre_request = pre_request      # db-pre-request, e.g. "api.pre_request"
 
     def close(self):
         self.conn.close()
@@ -101,6 +105,8 @@ class PostgREST:
                 "set_config('request.cookies', %s, true)",
                 (f'"{self.schema}", "public"', role, json.dumps(claims), method, path,
                  json.dumps(headers), "{}"))
+            if self.pre_request:
+                cur.execute(sql.SQL("SELECT {}()").format(sql.Identifier(*self.pre_request.split("."))))
             if rpc:
                 query, args = self._call_query(name, routine, method, body, params, content_type)
             else:
@@ -112,6 +118,11 @@ class PostgREST:
             cur.execute("ROLLBACK")
             diag = e.diag
             state = diag.sqlstate or "XX000"
+            if state == "PGRST":
+                # full control: the message is the body, the detail status and headers
+                detail = json.loads(diag.message_detail or "{}")
+                return Response(int(detail.get("status", 500)), json.loads(diag.message_primary),
+                                dict(detail.get("headers", {})))
             return Response(http_status_for(state, authenticated),
                             {"code": state, "message": diag.message_primary,
                              "details": diag.message_detail, "hint": diag.message_hint})

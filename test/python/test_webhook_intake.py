@@ -70,13 +70,24 @@ def test_refusals(pg, api, case, header, reason):
         kwargs["secret"] = "whsec_not_ours"
     if case == "stale":
         kwargs["timestamp"] = int(time.time()) - 3600
-    before = pg.sql("SELECT count(*) FROM billing.webhook_rejections WHERE reason = %s", (reason,))[0][0]
+    before = refused(pg, reason)
     r = deliver(api, body, header=header, **kwargs)
     assert r.status == 400 and r.body["reason"] == reason, r.body
     assert inbox_count(pg, eid) == 0
-    assert pg.sql("SELECT count(*) FROM billing.webhook_rejections WHERE reason = %s", (reason,))[0][0] == before + 1
+    # counted at once (shared memory), written and audited per reason by the flush
+    assert refused(pg, reason) == before + 1
+    pg.sql("SELECT billing.flush_webhook_rejections()")
+    assert pg.sql("SELECT count(*) FROM billing.webhook_rejections_pending() WHERE reason = %s", (reason,))[0][0] == 0
+    assert refused(pg, reason) == before + 1
     assert pg.sql("SELECT count(*) FROM billing.audit_log WHERE action = 'webhook.rejected' "
                   "AND details ->> 'reason' = %s", (reason,))[0][0] >= 1
+
+
+def refused(pg, reason):
+    """Deliveries refused for reason: written rows plus what is still counted in memory."""
+    return pg.sql("SELECT (SELECT coalesce(sum(deliveries), 0) FROM billing.webhook_rejections WHERE reason = %s)"
+                  " + (SELECT coalesce(sum(deliveries), 0) FROM billing.webhook_rejections_pending() WHERE reason = %s)",
+                  (reason, reason))[0][0]
 
 
 def test_tampered_body(pg, api):
