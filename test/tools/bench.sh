@@ -49,7 +49,7 @@ pair() {
 }
 
 echo "qes_billing benchmark: $CLIENTS clients, $ROUNDS x ${SECONDS_EACH}s per figure, $(nproc) cores, PostgreSQL $(pg_config --version | awk '{print $2}')"
-part=${BENCH_PART:-all}          # all, usage, webhooks or outbox
+part=${BENCH_PART:-all}          # all, usage, webhooks, outbox or guard
 wants() { [ "$part" = all ] || [ "$part" = "$1" ]; }
 if wants usage; then
 tps check_limit >/dev/null       # warm caches and counters
@@ -141,6 +141,14 @@ for c in ${BENCH_OUTBOX_CONCURRENCY:-8 32 64}; do
 done
 sql -c "ALTER SYSTEM RESET qes_billing.stripe_api_base" -c "ALTER SYSTEM RESET qes_billing.stripe_test_secret_key" \
     -c "ALTER SYSTEM RESET qes_billing.max_concurrent_requests" -c "SELECT pg_reload_conf()" >/dev/null
+fi
+
+if wants guard; then
+# inbound rate limiting: a request with db-pre-request = api.pre_request
+# beside the same request without it (the per-request cost of the bucket)
+pair pre_request pre_request no_pre_request no_pre_request
+awk -v a="$(sql -c "SELECT allowed FROM billing.rate_limit_stats()")" -v l="$(sql -c "SELECT limited FROM billing.rate_limit_stats()")" \
+  'BEGIN { printf "pre_request: %d allowed, %d limited\n", a, l }'
 fi
 
 if wants usage; then
