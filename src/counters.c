@@ -31,10 +31,15 @@
  * none survives a promotion.  Totals saturate at the int8 maximum instead
  * of wrapping (record_usage refuses a quantity that would pass it).
  *
- * The table is bounded by qes_billing.max_counters.  When it is full, new
- * keys are not cached: their totals are computed from the table on every
- * call (correct, slower, counted as "uncached" in usage_cache_stats()).
- * Entries of ended periods are swept by the worker.
+ * The table is bounded by qes_billing.max_counters.  When it is full, the
+ * least recently used sixteenth of the entries is evicted (each entry keeps
+ * the start time of the last transaction that used it), so the busiest
+ * tenants stay cached whatever order they arrive in.  Only one backend
+ * evicts at a time; others that find the table full meanwhile compute their
+ * total from the table (correct, slower, counted as "uncached").  An
+ * evicted entry is simply rebuilt from the table when next used: a delta
+ * that commits while it is absent is in the table by then.  Entries of
+ * ended periods are also swept by the worker.
  *
  * LOCKING RULES
  *
@@ -43,13 +48,17 @@
  *   key's hash.  An entry is read or written only under its partition's
  *   lock: SHARED to read a ready entry, EXCLUSIVE to create, change or
  *   remove one.
- * - At most one partition lock is held at a time, except by the sweeper,
- *   which takes all of them in ascending order.
+ * - At most one partition lock is held at a time, except by the sweeper
+ *   and the evictor, which take all of them in ascending order (and only
+ *   one backend evicts at a time: the "evicting" flag).  The evictor's
+ *   scratch array is allocated before it takes the locks.
  * - No lock is held across SPI, I/O, memory allocation or ereport(ERROR).
  *   The sum is computed with no lock held; the entry is marked "loading"
  *   meanwhile, and other backends compute their own total uncached rather
  *   than wait.
- * - nentries and the statistics are atomics and need no lock.
+ * - nentries, the statistics and an entry's last_used are atomics and need
+ *   no lock (last_used is written under the SHARED lock of a hit: a
+ *   monotonic hint, never used for correctness).
  *
  *-------------------------------------------------------------------------
  */
@@ -98,6 +107,7 @@ typedef struct CounterEntry
 	bool		load_failed;	/* too many deltas parked: build again */
 	bool		is_gauge;
 	uint8		notified;		/* QES_NOTIFIED_* thresholds queued */
+	pg_atomic_uint64 last_used; /* start of the last transaction using it */
 	int64		value;			/* counter: period total; gauge: latest */
 	TimestampTz gauge_at;		/* occurred_at of the gauge value */
 	TimestampTz period_end;
@@ -119,6 +129,8 @@ typedef struct CounterShared
 	pg_atomic_uint64 uncached;
 	pg_atomic_uint64 dropped;
 	pg_atomic_uint64 swept;
+	pg_atomic_uint64 evicted;
+	pg_atomic_flag evicting;
 } CounterShared;
 
 int			qes_max_counters = 10000;
@@ -197,6 +209,8 @@ qes_counters_startup(void)
 		pg_atomic_init_u64(&shared->uncached, 0);
 		pg_atomic_init_u64(&shared->dropped, 0);
 		pg_atomic_init_u64(&shared->swept, 0);
+		pg_atomic_init_u64(&shared->evicted, 0);
+		pg_atomic_init_flag(&shared->evicting);
 	}
 	memset(&info, 0, sizeof(info));
 	info.keysize = sizeof(CounterKey);
@@ -376,6 +390,101 @@ build_snapshot(void)
 	return snap;
 }
 
+/* Mark an entry used by this transaction (a hint for eviction). */
+static inline void
+touch(CounterEntry *e)
+{
+	uint64		now = (uint64) GetCurrentTransactionStartTimestamp();
+
+	if (pg_atomic_read_u64(&e->last_used) < now)
+		pg_atomic_write_u64(&e->last_used, now);
+}
+
+/* the k-th smallest of a[0..n-1] (0-based), reordering a */
+static uint64
+select_kth(uint64 *a, int n, int k)
+{
+	int			lo = 0,
+				hi = n - 1;
+
+	while (lo < hi)
+	{
+		uint64		pivot = a[(lo + hi) / 2];
+		int			i = lo,
+					j = hi;
+
+		while (i <= j)
+		{
+			while (a[i] < pivot)
+				i++;
+			while (a[j] > pivot)
+				j--;
+			if (i <= j)
+			{
+				uint64		t = a[i];
+
+				a[i] = a[j];
+				a[j] = t;
+				i++;
+				j--;
+			}
+		}
+		if (k <= j)
+			hi = j;
+		else if (k >= i)
+			lo = i;
+		else
+			break;
+	}
+	return a[k];
+}
+
+/*
+ * The table is full: evict the least recently used sixteenth of it.  Only
+ * one backend at a time; the others go uncached meanwhile.
+ */
+static void
+evict_some(void)
+{
+	static uint64 *scratch = NULL;
+	HASH_SEQ_STATUS status;
+	CounterEntry *e;
+	int			n = 0;
+	int			k;
+	int			removed = 0;
+	uint64		threshold;
+
+	if (scratch == NULL)
+		scratch = MemoryContextAlloc(TopMemoryContext, sizeof(uint64) * (qes_max_counters + 1));
+	if (!pg_atomic_test_set_flag(&shared->evicting))
+		return;
+	for (int i = 0; i < QES_COUNTER_PARTITIONS; i++)
+		LWLockAcquire(&shared->locks[i].lock, LW_EXCLUSIVE);
+	hash_seq_init(&status, counters);
+	while ((e = hash_seq_search(&status)) != NULL)
+		if (!e->loading && n < qes_max_counters)
+			scratch[n++] = pg_atomic_read_u64(&e->last_used);
+	if (n > 0)
+	{
+		k = Max(n / 16, 1);
+		threshold = select_kth(scratch, n, k - 1);
+		hash_seq_init(&status, counters);
+		while ((e = hash_seq_search(&status)) != NULL)
+		{
+			if (!e->loading && removed < k && pg_atomic_read_u64(&e->last_used) <= threshold)
+			{
+				hash_search(counters, &e->key, HASH_REMOVE, NULL);
+				pg_atomic_fetch_sub_u32(&shared->nentries, 1);
+				removed++;
+			}
+		}
+	}
+	for (int i = QES_COUNTER_PARTITIONS - 1; i >= 0; i--)
+		LWLockRelease(&shared->locks[i].lock);
+	pg_atomic_clear_flag(&shared->evicting);
+	pg_atomic_fetch_add_u64(&shared->evicted, removed);
+}
+
 /*
  * The committed value of a counter: from shared memory, building the entry
  * from the table when it is missing.
@@ -415,6 +524,7 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 	{
 		value = e->value;
 		*notified = e->notified;
+		touch(e);
 		LWLockRelease(lock);
 		pg_atomic_fetch_add_u64(&shared->hits, 1);
 		return value;
@@ -422,6 +532,8 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 	LWLockRelease(lock);
 
 	e = NULL;
+	if (pg_atomic_read_u32(&shared->nentries) >= (uint32) qes_max_counters)
+		evict_some();
 	if (pg_atomic_read_u32(&shared->nentries) < (uint32) qes_max_counters)
 	{
 		LWLockAcquire(lock, LW_EXCLUSIVE);
@@ -432,6 +544,7 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 			{
 				value = e->value;
 				*notified = e->notified;
+				touch(e);
 				LWLockRelease(lock);
 				pg_atomic_fetch_add_u64(&shared->hits, 1);
 				return value;
@@ -447,6 +560,7 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 			e->load_failed = false;
 			e->is_gauge = is_gauge;
 			e->notified = 0;
+			pg_atomic_init_u64(&e->last_used, (uint64) GetCurrentTransactionStartTimestamp());
 			e->value = 0;
 			e->gauge_at = DT_NOBEGIN;
 			e->period_end = period_end;
@@ -756,8 +870,10 @@ Datum
 qes_usage_cache_stats(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[7];
-	bool		nulls[7] = {0};
+	Datum		values[10];
+	bool		nulls[10] = {0};
+	uint64		hits = pg_atomic_read_u64(&shared->hits);
+	uint64		misses = pg_atomic_read_u64(&shared->loads) + pg_atomic_read_u64(&shared->uncached);
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
@@ -768,6 +884,11 @@ qes_usage_cache_stats(PG_FUNCTION_ARGS)
 	values[4] = Int64GetDatum((int64) pg_atomic_read_u64(&shared->uncached));
 	values[5] = Int64GetDatum((int64) pg_atomic_read_u64(&shared->dropped));
 	values[6] = Int64GetDatum((int64) pg_atomic_read_u64(&shared->swept));
+	values[7] = Int64GetDatum((int64) pg_atomic_read_u64(&shared->evicted));
+	values[8] = Float8GetDatum(hits + misses > 0 ? (double) hits / (double) (hits + misses) : 0.0);
+	nulls[8] = (hits + misses == 0);
+	/* shared memory per counter: the entry and its share of the hash */
+	values[9] = Int32GetDatum((int32) (hash_estimate_size(1000, sizeof(CounterEntry)) / 1000));
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 

@@ -121,10 +121,11 @@ COMMENT ON FUNCTION billing.record_usage_batch(text, jsonb) IS
 
 CREATE FUNCTION billing.usage_cache_stats(
   OUT capacity integer, OUT entries integer, OUT hits bigint, OUT loads bigint,
-  OUT uncached bigint, OUT dropped bigint, OUT swept bigint)
+  OUT uncached bigint, OUT dropped bigint, OUT swept bigint, OUT evicted bigint,
+  OUT hit_rate double precision, OUT bytes_per_counter integer)
   LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_usage_cache_stats';
 COMMENT ON FUNCTION billing.usage_cache_stats() IS
-  'Shared-memory usage counters: capacity (qes_billing.max_counters), entries, hits, builds from the table, uncached reads (table full or entry being built), entries dropped, entries swept.';
+  'Shared-memory usage counters: capacity (qes_billing.max_counters), entries, hits, builds from the table, uncached reads (entry being built, eviction running, or a hot standby), entries dropped, swept (period ended) and evicted (least recently used, when full), the hit rate, and the shared memory one counter takes.';
 
 CREATE FUNCTION billing.usage_cache_sweep(before timestamptz) RETURNS bigint
   LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'qes_usage_cache_sweep';

@@ -89,11 +89,38 @@ def test_full_counter_table_stays_correct(small_cache):
             got = c.execute("SELECT (billing.check_limit(%s, 'api_calls', 0)).current, "
                             "(billing.check_limit(%s, 'documents', 0)).current", (t, t)).fetchone()
             assert got == (3 * (n + 1), 3), t
-        capacity, entries, hits, loads, uncached, dropped, swept = c.execute(
-            "SELECT * FROM billing.usage_cache_stats()").fetchone()
+        capacity, entries, evicted = c.execute(
+            "SELECT capacity, entries, evicted FROM billing.usage_cache_stats()").fetchone()
+        # totals equal the table for every tenant and metric, after all that eviction
+        off = c.execute(
+            "SELECT count(*) FROM (SELECT u.tenant_id, u.metric, sum(u.quantity) AS s FROM billing.usage_events u"
+            " WHERE u.tenant_id LIKE 'full%%' GROUP BY 1, 2) t"
+            " WHERE (billing.check_limit(t.tenant_id, t.metric, 0)).current <> t.s").fetchone()[0]
     assert capacity == 16
     assert entries <= 16
-    assert uncached > 0          # the overflow was served from the table
+    assert evicted > 0           # the least recently used made room
+    assert off == 0
+
+
+def test_busiest_tenant_stays_cached(small_cache):
+    """LRU eviction: a tenant used in every transaction keeps its counter while
+    60 others pass through a table of 16; its answers need no rebuild."""
+    pg = small_cache
+    with pg.connect(autocommit=True) as c:
+        c.execute("SELECT billing.upsert_tenant('busy', 'Busy', 'busy@t.example')")
+        for i in range(60):
+            c.execute("SELECT billing.upsert_tenant(%s, 'Other', 'o@t.example')", (f"other{i}",))
+        c.execute("SELECT billing.record_usage('busy', 'api_calls', 1, 'busy-0')")
+        loads_before = c.execute("SELECT loads FROM billing.usage_cache_stats()").fetchone()[0]
+        for i in range(60):
+            c.execute("SELECT billing.record_usage(%s, 'api_calls', 1, %s)", (f"other{i}", f"o-{i}"))
+            c.execute("SELECT billing.record_usage('busy', 'api_calls', 1, %s)", (f"busy-{i + 1}",))
+        loads, evicted = c.execute("SELECT loads, evicted FROM billing.usage_cache_stats()").fetchone()
+        busy = c.execute("SELECT (billing.check_limit('busy', 'api_calls', 0)).current").fetchone()[0]
+    assert busy == 61
+    assert evicted > 0
+    # 60 other tenants were built once each; busy never again
+    assert loads - loads_before <= 60, (loads_before, loads)
 
 
 def test_idempotency_key_is_forever(pg, usage_tenants):

@@ -64,6 +64,22 @@ tps check_limit >/dev/null
 hist=$(pair check_limit_1m_history check_limit select_1 select_1)
 echo "$hist"
 awk -v a="${hist##*ratio=}" -v b="$base" 'BEGIN { printf "check_limit ratio with history / without: %.2f\n", a / b }'
+
+# a heavy tenant (100,000 rows this period) cached, then again after the
+# counter table has been filled by other tenants (evicting it: it must come
+# back and stay, not be summed from the table on every call)
+sql -c "SELECT billing.upsert_tenant('heavy', 'Heavy', 'h@bench.example')" \
+    -c "INSERT INTO billing.usage_events (tenant_id, idempotency_key, metric, quantity, period_start, occurred_at)
+        SELECT 'heavy', 'h' || i, 'api_calls', 1,
+               (SELECT period_start FROM billing.usage_current('heavy') WHERE metric = 'api_calls'), now()
+          FROM generate_series(1, 100000) i" >/dev/null
+cached=$(tps check_limit_heavy)
+cap=$(sql -c "SELECT capacity FROM billing.usage_cache_stats()")
+sql -c "SELECT count(billing.upsert_tenant('fill' || i, 'Fill', 'f@bench.example')) FROM generate_series(1, $cap / 4 + 100) i" \
+    -c "SELECT count(*) FROM generate_series(1, $cap / 4 + 100) i, LATERAL billing.usage_current('fill' || i)" >/dev/null
+full=$(tps check_limit_heavy)
+awk -v t="$full" -v c="$cached" -v s="$(sql -c "SELECT entries || '/' || capacity || ' entries, ' || evicted || ' evicted, hit rate ' || round(hit_rate::numeric, 3) || ', ' || bytes_per_counter || ' bytes per counter' FROM billing.usage_cache_stats()")" \
+  'BEGIN { printf "check_limit_heavy_table_full tps=%d ceiling=check_limit_heavy_cached ceiling_tps=%d ratio=%.2f (%s)\n", t, c, (c > 0 ? t / c : 0), s }'
 fi
 
 if wants webhooks; then
