@@ -19,7 +19,8 @@ OBJS = \
 	src/stripe_form.o \
 	src/webhook_intake.o \
 	src/guard.o \
-	src/outbox.o
+	src/outbox.o \
+	src/redact.o
 
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 SCRIPTS = src/qes_billing_setup
@@ -32,7 +33,7 @@ SHLIB_LINK = -lcurl -lcrypto
 
 # pg_regress: explicit list, so the install script pieces under sql/install
 # are never mistaken for tests.
-REGRESS = install catalog settings tenants audit api usage webhook outbox metrics operations zz_amcheck
+REGRESS = install catalog settings tenants audit api usage webhook outbox metrics operations redact zz_amcheck
 REGRESS_OPTS = --temp-instance=./tmp_check_regress \
 	--temp-config=test/regress.conf --dbname=contrib_regression
 ISOLATION = wake audit_chain usage outbox webhook_intake caches zz_amcheck

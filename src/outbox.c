@@ -54,6 +54,7 @@
 
 #include "guc.h"
 #include "outbox.h"
+#include "redact.h"
 #include "stripe_form.h"
 #include "worker.h"
 
@@ -454,7 +455,7 @@ record_in_subxact(OutboxCall *call)
 		CurrentResourceOwner = oldowner;
 		ereport(LOG,
 				(errmsg("qes_billing worker: could not record the answer to Stripe request " INT64_FORMAT ": %s",
-						call->request_id, edata->message)));
+						call->request_id, qes_redact_cstring(edata->message))));
 		qes_worker_note_error(edata->message);
 		FreeErrorData(edata);
 	}

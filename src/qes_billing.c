@@ -20,6 +20,7 @@
 #include "catalog_cache.h"
 #include "counters.h"
 #include "guc.h"
+#include "redact.h"
 #include "shmem.h"
 #include "usage_store.h"
 #include "worker.h"
@@ -135,6 +136,7 @@ _PG_init(void)
 				 errhint("Add qes_billing to shared_preload_libraries in postgresql.conf and restart the server.")));
 
 	qes_define_gucs();
+	qes_redact_install_log_hook();
 	qes_shmem_init();
 	qes_register_worker();
 	RegisterXactCallback(qes_xact_callback, NULL);

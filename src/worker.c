@@ -45,6 +45,7 @@
 
 #include "guc.h"
 #include "outbox.h"
+#include "redact.h"
 #include "shmem.h"
 #include "worker.h"
 
@@ -197,6 +198,8 @@ MemoryContext qes_worker_loop_context = NULL;
 void
 qes_worker_note_error(const char *message)
 {
+	/* shown by worker_status and api.health: never a secret (DESIGN.md rule 13) */
+	message = qes_redact_cstring(message);
 	LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
 	strlcpy(qes_worker_state->last_error, message, QES_LAST_ERROR_LEN);
 	qes_worker_state->last_error_at = GetCurrentTimestamp();
@@ -405,7 +408,7 @@ qes_worker_main(Datum main_arg)
 			edata = CopyErrorData();
 			FlushErrorState();
 			ereport(LOG,
-					(errmsg("qes_billing worker loop failed: %s", edata->message)));
+					(errmsg("qes_billing worker loop failed: %s", qes_redact_cstring(edata->message))));
 			qes_worker_note_error(edata->message);
 			AbortCurrentTransaction();
 			pgstat_report_activity(STATE_IDLE, NULL);

@@ -225,9 +225,14 @@ BEGIN
   IF p_transport_error IS NULL AND billing.outbox_accepts(r.kind, p_http_status) THEN
     BEGIN
       UPDATE billing.stripe_requests
-         SET state = 'succeeded', http_status = p_http_status, response = v_body, error = NULL, updated_at = now()
+         SET state = 'succeeded', http_status = p_http_status, response = billing.redact(v_body), error = NULL,
+             updated_at = now()
        WHERE request_id = r.request_id
        RETURNING * INTO r;
+      -- the row keeps the answer redacted (DESIGN.md rule 13); applying it
+      -- sees all of it (setup stores an endpoint's signing secret in
+      -- billing.stripe_secrets, the one place a secret is kept)
+      r.response := v_body;
       PERFORM billing.outbox_apply(r);
       PERFORM billing.outbox_release_waiting(r);
       RETURN 'succeeded';
@@ -242,6 +247,7 @@ BEGIN
     v_err := billing.outbox_classify(p_http_status, v_body, p_should_retry, p_transport_error);
   END IF;
 
+  v_err := billing.redact(v_err);   -- an answer may echo our Authorization header
   IF (v_err ->> 'retryable')::boolean AND r.attempts < v_max THEN
     UPDATE billing.stripe_requests
        SET state = 'pending', http_status = p_http_status, error = v_err, claimed_at = NULL,
@@ -266,8 +272,8 @@ DECLARE
   w bigint;
 BEGIN
   UPDATE billing.stripe_requests
-     SET state = 'failed', http_status = p_http_status, response = p_body,
-         error = p_err || jsonb_build_object('attempts', attempts), claimed_at = NULL, updated_at = now()
+     SET state = 'failed', http_status = p_http_status, response = billing.redact(p_body),
+         error = billing.redact(p_err) || jsonb_build_object('attempts', attempts), claimed_at = NULL, updated_at = now()
    WHERE request_id = p_request_id
    RETURNING * INTO r;
   PERFORM billing.outbox_apply_failure(r);

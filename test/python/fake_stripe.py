@@ -19,6 +19,11 @@ be followed end to end:
   pm_card_chargeDeclined is declined (402 card_error).  A customer's saved
   card pays subscription changes (payment_behavior=error_if_incomplete
   refuses the change when it is declined).
+- An echoing endpoint (`echo`, the share of requests it answers, like a
+  misconfigured proxy in front of Stripe): the request's headers, the
+  Authorization with our secret key among them, come back in the answer --
+  in turn a JSON 500 (retried), a JSON 400 (a final failure), an HTML 502
+  and a JSON 200 (a "success" that is no Stripe object).
 - Events: every state change appends an event (the 16 the endpoint
   subscribes to) to `events`; `signed(event, secret)` gives the body and
   Stripe-Signature header to deliver it with.
@@ -103,6 +108,8 @@ class FakeStripe:
         self.requests = []         # (method, path, idempotency key, status, time)
         self.faults = {}           # kind -> count
         self.customer_cards = {}   # customer id -> payment method id
+        self.echo = 0.0            # share of requests answered by an echoing endpoint
+        self.echoed = 0
         self.server = None
 
     # ---- objects ------------------------------------------------------
@@ -407,6 +414,8 @@ class FakeStripe:
                 if not auth.startswith("Bearer sk_test_"):
                     return self._answer(401, {"error": {"type": "authentication_error",
                                                         "message": "Invalid API Key provided."}})
+                if fake.echo and fake.echo_now():
+                    return self._echo(method, body)
                 params = parse_form(url.query if method == "GET" else body)
                 if fake.delay_s:
                     time.sleep(fake.delay_s)
@@ -419,6 +428,30 @@ class FakeStripe:
                 if status == "drop":
                     return self._drop()
                 self._answer(status, out, extra)
+
+            def _echo(self, method, body):
+                """What an endpoint that echoes the request answers (see echo_now)."""
+                headers = dict(self.headers.items())
+                seen = f"{method} {self.path}\n" + "\n".join(f"{k}: {v}" for k, v in headers.items())
+                mode = fake.echo_modes[fake.echoed % len(fake.echo_modes)]
+                fake.echoed += 1
+                fake.faults["echo_" + mode] = fake.faults.get("echo_" + mode, 0) + 1
+                if mode == "html_502":
+                    data = f"<html><body><h1>502 Bad Gateway</h1><pre>{seen}</pre></body></html>".encode()
+                    self.send_response(502)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                if mode == "json_500":
+                    return self._answer(500, {"error": {"type": "api_error", "message": "upstream failed: " + seen,
+                                                        "request": {"headers": headers, "body": body}}})
+                if mode == "json_400":
+                    return self._answer(400, {"error": {"type": "invalid_request_error",
+                                                        "message": "bad request: " + seen, "headers": headers}})
+                return self._answer(200, {"object": "echo", "method": method, "path": self.path,
+                                          "headers": headers, "body": body})
 
             def _control(self, method, path, body):
                 if path == "/_fake/confirm":
@@ -446,6 +479,12 @@ class FakeStripe:
         if self.server:
             self.server.shutdown()
             self.server.server_close()
+
+    echo_modes = ("json_500", "json_400", "html_502", "json_200")
+
+    def echo_now(self):
+        with self.lock:
+            return self.rand.random() < self.echo
 
     def process(self, method, path, params, key, raw):
         """Returns (status | 'timeout' | 'drop', body, extra headers)."""

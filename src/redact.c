@@ -1,0 +1,398 @@
+/*-------------------------------------------------------------------------
+ *
+ * redact.c
+ *	  Masking secrets before anything is stored or logged (DESIGN.md rule 13).
+ *
+ * Secrets live only in the environment, superuser-only settings and
+ * billing.stripe_secrets.  Everything else that may carry one -- Stripe's
+ * answers and the errors made of them (billing.stripe_requests), audit
+ * details, the worker's last error, the server log -- goes through here
+ * first.  What is masked, each replaced by "[redacted]":
+ *
+ *	- Stripe secret and restricted keys: sk_live_..., sk_test_...,
+ *	  rk_live_..., rk_test_... (publishable keys are public and stay);
+ *	- webhook signing secrets: whsec_...;
+ *	- credentials of an Authorization header: "Bearer <token>" (8
+ *	  characters or more) and "Basic <token>" (16 or more), the scheme's
+ *	  name kept;
+ *	- in JSON, the value of any key named "secret" or "authorization"
+ *	  (any case, at any depth; a webhook endpoint's signing secret is its
+ *	  "secret").  A client_secret is the tenant's, handed to its front end
+ *	  by design, and stays.
+ *
+ * A key or secret is recognised at the start of a word (not preceded by a
+ * letter or digit), so identifiers that merely contain the letters stay.
+ * Masking is idempotent: what it produces is never masked again.
+ *
+ * SQL: billing.redact_text(text) and billing.redact(jsonb)
+ * (sql/install/05_redact.sql).  C: the worker masks what it logs and keeps
+ * as its last error (src/worker.c, src/outbox.c), and an emit_log_hook
+ * masks every message, detail, hint and context any process logs, and
+ * hides the statement of a logged error when the statement holds a secret.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "qes_billing.h"
+
+#include "fmgr.h"
+#include "lib/stringinfo.h"
+#include "miscadmin.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/elog.h"
+#include "utils/jsonb.h"
+
+#include "redact.h"
+
+PG_FUNCTION_INFO_V1(qes_redact_text_fn);
+PG_FUNCTION_INFO_V1(qes_redact_jsonb_fn);
+
+static const char *const key_prefixes[] = {
+	"sk_live_", "sk_test_", "rk_live_", "rk_test_", "whsec_", NULL
+};
+
+static inline bool
+is_alnum(char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+}
+
+/* characters of a key or secret after its prefix */
+static inline bool
+is_key_char(char c)
+{
+	return is_alnum(c) || c == '_' || c == '-' || c == '+' || c == '/' || c == '=';
+}
+
+/* characters of an HTTP credential (RFC 7235 token68) */
+static inline bool
+is_token68_char(char c)
+{
+	return is_alnum(c) || c == '-' || c == '.' || c == '_' || c == '~' || c == '+' || c == '/' || c == '=';
+}
+
+/*
+ * Is there a secret at s[i]?  Returns its length (0: none) and in *keep how
+ * many of its first bytes stay (the scheme name and blanks of "Bearer x").
+ */
+static int
+secret_at(const char *s, int len, int i, int *keep)
+{
+	char		c = s[i];
+
+	*keep = 0;
+	if (i > 0 && is_alnum(s[i - 1]))
+		return 0;
+	if (c == 's' || c == 'r' || c == 'w')
+	{
+		for (int p = 0; key_prefixes[p] != NULL; p++)
+		{
+			int			plen = strlen(key_prefixes[p]);
+			int			j = i + plen;
+
+			if (len - i <= plen || memcmp(s + i, key_prefixes[p], plen) != 0)
+				continue;
+			while (j < len && is_key_char(s[j]))
+				j++;
+			if (j > i + plen)
+				return j - i;
+		}
+	}
+	else if (c == 'B' || c == 'b')
+	{
+		static const char *const schemes[] = {"bearer", "basic"};
+
+		for (int k = 0; k < 2; k++)
+		{
+			int			slen = strlen(schemes[k]);
+			int			j = i + slen;
+			int			t;
+
+			if (len - i <= slen || pg_strncasecmp(s + i, schemes[k], slen) != 0 ||
+				(s[j] != ' ' && s[j] != '\t'))
+				continue;
+			while (j < len && (s[j] == ' ' || s[j] == '\t'))
+				j++;
+			t = j;
+			while (t < len && is_token68_char(s[t]))
+				t++;
+			/*
+			 * Both are also words ("the Basic plan"): only what looks like
+			 * a credential (keys and tokens are long)
+			 */
+			if (t - j >= (k == 0 ? 8 : 16))
+			{
+				*keep = j - i;
+				return t - i;
+			}
+		}
+	}
+	return 0;
+}
+
+/* Does s (len bytes) hold anything to mask? */
+bool
+qes_redact_needed(const char *s, int len)
+{
+	int			keep;
+
+	for (int i = 0; i < len; i++)
+		if (secret_at(s, len, i, &keep) > 0)
+			return true;
+	return false;
+}
+
+/* s (len bytes) with every secret masked, appended to buf */
+static void
+redact_into(StringInfo buf, const char *s, int len)
+{
+	int			from = 0;
+
+	for (int i = 0; i < len;)
+	{
+		int			keep;
+		int			n = secret_at(s, len, i, &keep);
+
+		if (n == 0)
+		{
+			i++;
+			continue;
+		}
+		appendBinaryStringInfo(buf, s + from, i + keep - from);
+		appendStringInfoString(buf, QES_REDACTED);
+		i += n;
+		from = i;
+	}
+	appendBinaryStringInfo(buf, s + from, len - from);
+}
+
+/* A palloc'd copy of s with every secret masked (s itself when none). */
+char *
+qes_redact_cstring(const char *s)
+{
+	StringInfoData buf;
+	int			len;
+
+	if (s == NULL)
+		return NULL;
+	len = strlen(s);
+	if (!qes_redact_needed(s, len))
+		return (char *) s;
+	initStringInfo(&buf);
+	redact_into(&buf, s, len);
+	return buf.data;
+}
+
+/* ---- JSON ------------------------------------------------------------------ */
+
+static bool
+secret_key(const JsonbValue *k)
+{
+	return (k->val.string.len == 6 && pg_strncasecmp(k->val.string.val, "secret", 6) == 0) ||
+		(k->val.string.len == 13 && pg_strncasecmp(k->val.string.val, "authorization", 13) == 0);
+}
+
+static bool
+string_needs(const JsonbValue *v)
+{
+	return v->type == jbvString && qes_redact_needed(v->val.string.val, v->val.string.len);
+}
+
+/* mask a string value in place (into new memory) */
+static void
+redact_string(JsonbValue *v)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	redact_into(&buf, v->val.string.val, v->val.string.len);
+	v->val.string.val = buf.data;
+	v->val.string.len = buf.len;
+}
+
+static void
+set_redacted(JsonbValue *v)
+{
+	v->type = jbvString;
+	v->val.string.val = pstrdup(QES_REDACTED);
+	v->val.string.len = strlen(QES_REDACTED);
+}
+
+/* Is anything in the document to be masked?  (Most answers hold nothing.) */
+static bool
+jsonb_needs(Jsonb *in)
+{
+	JsonbIterator *it = JsonbIteratorInit(&in->root);
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	bool		after_secret_key = false;
+
+	while ((tok = JsonbIteratorNext(&it, &v, false)) != WJB_DONE)
+	{
+		switch (tok)
+		{
+			case WJB_KEY:
+				if (string_needs(&v))
+					return true;
+				after_secret_key = secret_key(&v);
+				break;
+			case WJB_VALUE:
+				if ((after_secret_key && v.type != jbvNull &&
+					 !(v.type == jbvString && v.val.string.len == strlen(QES_REDACTED) &&
+					   memcmp(v.val.string.val, QES_REDACTED, v.val.string.len) == 0)) ||
+					string_needs(&v))
+					return true;
+				after_secret_key = false;
+				break;
+			case WJB_ELEM:
+				if (string_needs(&v))
+					return true;
+				break;
+			case WJB_BEGIN_ARRAY:
+			case WJB_BEGIN_OBJECT:
+				if (after_secret_key)
+					return true;	/* a container under a secret key */
+				break;
+			default:
+				break;
+		}
+	}
+	return false;
+}
+
+/*
+ * The document with every secret masked; the input itself when nothing is
+ * to be masked.
+ */
+Jsonb *
+qes_redact_jsonb(Jsonb *in)
+{
+	JsonbIterator *it;
+	JsonbParseState *state = NULL;
+	JsonbValue	v;
+	JsonbValue *res = NULL;
+	JsonbIteratorToken tok;
+	bool		after_secret_key = false;
+	int			skip = 0;		/* depth inside a container being masked */
+
+	if (!jsonb_needs(in))
+		return in;
+
+	it = JsonbIteratorInit(&in->root);
+	while ((tok = JsonbIteratorNext(&it, &v, false)) != WJB_DONE)
+	{
+		if (skip > 0)
+		{
+			if (tok == WJB_BEGIN_ARRAY || tok == WJB_BEGIN_OBJECT)
+				skip++;
+			else if (tok == WJB_END_ARRAY || tok == WJB_END_OBJECT)
+				skip--;
+			continue;
+		}
+		switch (tok)
+		{
+			case WJB_KEY:
+				after_secret_key = secret_key(&v);
+				if (string_needs(&v))
+					redact_string(&v);
+				res = pushJsonbValue(&state, tok, &v);
+				break;
+			case WJB_VALUE:
+			case WJB_ELEM:
+				if (tok == WJB_VALUE && after_secret_key)
+				{
+					if (v.type != jbvNull)
+						set_redacted(&v);
+					after_secret_key = false;
+				}
+				else if (string_needs(&v))
+					redact_string(&v);
+				res = pushJsonbValue(&state, tok, &v);
+				break;
+			case WJB_BEGIN_ARRAY:
+			case WJB_BEGIN_OBJECT:
+				if (after_secret_key)
+				{
+					/* an object or array under a secret key: masked whole */
+					after_secret_key = false;
+					skip = 1;
+					set_redacted(&v);
+					res = pushJsonbValue(&state, WJB_VALUE, &v);
+					break;
+				}
+				res = pushJsonbValue(&state, tok,
+									 (tok == WJB_BEGIN_ARRAY && v.val.array.rawScalar) ? &v : NULL);
+				break;
+			case WJB_END_ARRAY:
+			case WJB_END_OBJECT:
+				res = pushJsonbValue(&state, tok, NULL);
+				break;
+			default:
+				break;
+		}
+	}
+	return JsonbValueToJsonb(res);
+}
+
+/* ---- SQL ------------------------------------------------------------------- */
+
+/* billing.redact_text(text) */
+Datum
+qes_redact_text_fn(PG_FUNCTION_ARGS)
+{
+	text	   *t = PG_GETARG_TEXT_PP(0);
+	StringInfoData buf;
+
+	if (!qes_redact_needed(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t)))
+		PG_RETURN_TEXT_P(t);
+	initStringInfo(&buf);
+	redact_into(&buf, VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
+	PG_RETURN_TEXT_P(cstring_to_text_with_len(buf.data, buf.len));
+}
+
+/* billing.redact(jsonb) */
+Datum
+qes_redact_jsonb_fn(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_JSONB_P(qes_redact_jsonb(PG_GETARG_JSONB_P(0)));
+}
+
+/* ---- the server log ------------------------------------------------------- */
+
+static emit_log_hook_type prev_emit_log_hook = NULL;
+
+static void
+redact_field(char **field)
+{
+	if (*field != NULL)
+		*field = qes_redact_cstring(*field);
+}
+
+/*
+ * Every message any process sends to the server log (and with it, to the
+ * client): masked.  Allocations go to the error's own context.  The
+ * statement of a logged error is printed from debug_query_string, which we
+ * cannot change: it is hidden when it holds a secret.
+ */
+static void
+qes_emit_log_hook(ErrorData *edata)
+{
+	redact_field(&edata->message);
+	redact_field(&edata->detail);
+	redact_field(&edata->detail_log);
+	redact_field(&edata->hint);
+	redact_field(&edata->context);
+	redact_field(&edata->internalquery);
+	if (!edata->hide_stmt && debug_query_string != NULL &&
+		qes_redact_needed(debug_query_string, strlen(debug_query_string)))
+		edata->hide_stmt = true;
+	if (prev_emit_log_hook)
+		prev_emit_log_hook(edata);
+}
+
+void
+qes_redact_install_log_hook(void)
+{
+	prev_emit_log_hook = emit_log_hook;
+	emit_log_hook = qes_emit_log_hook;
+}

@@ -1,0 +1,20 @@
+/*-------------------------------------------------------------------------
+ *
+ * redact.h
+ *	  Masking secrets before anything is stored or logged (DESIGN.md rule 13).
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef QES_REDACT_H
+#define QES_REDACT_H
+
+#include "utils/jsonb.h"
+
+#define QES_REDACTED "[redacted]"
+
+extern bool qes_redact_needed(const char *s, int len);
+extern char *qes_redact_cstring(const char *s);
+extern Jsonb *qes_redact_jsonb(Jsonb *in);
+extern void qes_redact_install_log_hook(void);
+
+#endif							/* QES_REDACT_H */

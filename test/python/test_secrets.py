@@ -1,0 +1,249 @@
+"""Secrets stay secret (DESIGN.md rule 13, issue 12).
+
+A secret -- an sk_/rk_ key, a whsec_ signing secret, the `secret` field of
+a webhook endpoint -- is stored only in billing.stripe_secrets; responses,
+errors and audit details are redacted before they are stored or logged.
+
+After a full run -- qes_billing_setup --all through the fake Stripe (which
+returns the endpoint's signing secret once, as Stripe does), a subscription
+paid and its events delivered signed with the stored secret, then requests
+answered by an endpoint that echoes our request headers (Authorization:
+Bearer <secret key>) in JSON and HTML error bodies and in a 200, and an
+error raised while the worker records an answer whose message carries the
+key -- every table and view of the schemas billing and api readable by each
+role (the superuser too, billing.stripe_secrets apart), the settings views,
+pg_stat_activity, api.health/api.config, the server log (log_statement =
+all), qes_billing_setup's output and pg_dump are searched for the key, the
+signing secret and any sk_/rk_/whsec_ token, and none is found.
+"""
+import json
+import os
+import re
+import subprocess
+import time
+
+import psycopg
+import pytest
+
+from conftest import amcheck_and_stop, tenant_claims
+from fake_stripe import FakeStripe, signed
+from pgcluster import Cluster
+from postgrest import PostgREST
+
+KEY = "sk_test_51RedactionProofKey9f3Kq7ZtW2mXv"
+ENV = {
+    "QES_ENVIRONMENT": "development",
+    "QES_BASE_URL": "https://sign.example.test",
+    "STRIPE_TEST_SECRET_KEY": KEY,
+    "STRIPE_TEST_PUBLISHABLE_KEY": "pk_test_51RedactionProofPublishable",
+    # no STRIPE_TEST_WEBHOOK_SECRET: webhooks are verified with the secret
+    # --setup-webhook stores in billing.stripe_secrets
+}
+TOKEN = re.compile(r"(?:sk|rk)_(?:test|live)_[A-Za-z0-9]+|whsec_[A-Za-z0-9]+")
+OPEN = "state IN ('waiting', 'pending', 'in_flight')"
+ROLES = ("qes_admin", "qes_app", "qes_tenant", "qes_anon")
+
+
+@pytest.fixture(scope="module")
+def fake():
+    f = FakeStripe(seed=12, timeout_s=1.5)
+    f.base = f.serve()
+    yield f
+    f.stop()
+
+
+@pytest.fixture(scope="module")
+def pg(fake):
+    c = Cluster("secrets", env=ENV, conf={
+        "qes_billing.stripe_api_base": f"'{fake.base}'", "qes_billing.retry_base_delay": "'20ms'",
+        "qes_billing.retry_max_delay": "'200ms'", "qes_billing.request_timeout": "'1s'",
+        "qes_billing.max_attempts": "4", "qes_billing.worker_naptime": "'200ms'",
+        "log_statement": "'all'", "log_min_messages": "'info'"}).start()
+    assert c.wait_until("SELECT alive FROM billing.worker_status"), c.log()
+    yield c
+    amcheck_and_stop(c)
+
+
+@pytest.fixture(scope="module")
+def api(pg):
+    client = PostgREST(pg.dsn(user="authenticator"))
+    client.delivered = 0
+    yield client
+    client.close()
+
+
+def setup_command(pg, *args):
+    exe = os.path.join(pg.bindir, "qes_billing_setup")
+    env = dict(os.environ, PGHOST="127.0.0.1", PGPORT=str(pg.port), PGDATABASE=pg.database, PGUSER="postgres")
+    return subprocess.run([exe, *args, "--timeout", "30"], env=env, capture_output=True, text=True, timeout=90)
+
+
+def drain(pg, timeout=60):
+    assert pg.wait_until(f"SELECT NOT EXISTS (SELECT 1 FROM billing.stripe_requests WHERE {OPEN})", timeout), \
+        pg.sql(f"SELECT request_id, kind, state, attempts FROM billing.stripe_requests WHERE {OPEN}")
+
+
+def deliver(pg, api, fake, secret):
+    events = fake.events[api.delivered:]
+    api.delivered += len(events)
+    for ev in events:
+        body, header = signed(ev, secret)
+        r = api.post("/rpc/stripe_webhook", body=body,
+                     headers={"Content-Type": "application/json", "Stripe-Signature": header})
+        assert r.status == 200, r.body
+    assert pg.wait_until("SELECT NOT EXISTS (SELECT 1 FROM billing.webhook_events WHERE state = 'received')")
+
+
+def leaks(text, secrets):
+    """The secrets and secret-looking tokens in text."""
+    found = {s for s in secrets if s in text}
+    return found | set(TOKEN.findall(text))
+
+
+def readable(conn, role, claims, queries):
+    """Run each query as role (None: the superuser) in its own transaction;
+    return ({place: text of all rows}, {place: sqlstate of a refusal})."""
+    seen, refused = {}, {}
+    for place, query in queries:
+        try:
+            with conn.transaction():
+                if role:
+                    conn.execute(f"SET LOCAL ROLE {role}")
+                    conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
+                rows = conn.execute(query).fetchall()
+        except psycopg.Error as e:
+            refused[place] = e.sqlstate
+            continue
+        seen[place] = "\n".join(str(r[0]) for r in rows)
+    return seen, refused
+
+
+def everything(conn, superuser):
+    rels = [r for (r,) in conn.execute(
+        "SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname IN ('billing', 'api') AND c.relkind IN ('r', 'v', 'm', 'p', 'f') ORDER BY 1")]
+    assert "billing.stripe_requests" in rels and "billing.audit_log" in rels, rels
+    queries = [(rel, f"SELECT row_to_json(t)::text FROM {rel} t") for rel in rels
+               if not (superuser and rel == "billing.stripe_secrets")]
+    queries += [(v, f"SELECT row_to_json(s)::text FROM {v} s")
+                for v in ("pg_settings", "pg_db_role_setting", "pg_file_settings", "pg_stat_activity")]
+    queries += [("SHOW ALL", "SELECT string_agg(name || '=' || setting, ' ') FROM pg_settings")]
+    queries += [(f"current_setting({g})", f"SELECT current_setting('{g}', true)")
+                for g in ("qes_billing.stripe_test_secret_key", "qes_billing.stripe_test_webhook_secret",
+                          "qes_billing.stripe_live_secret_key", "qes_billing.stripe_live_webhook_secret")]
+    queries += [(f, f"SELECT {f}::text") for f in ("api.health()", "api.config()", "billing.worker_state()")]
+    return queries
+
+
+def test_no_secret_is_stored_shown_logged_or_dumped(pg, api, fake):
+    out = []     # what qes_billing_setup printed
+
+    # -- setup: the endpoint's signing secret goes to billing.stripe_secrets
+    r = setup_command(pg, "--all")
+    out.append(r.stdout + r.stderr)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "signing secret stored" in r.stdout, r.stdout
+    endpoints = fake.of_type("webhook_endpoint")
+    assert len(endpoints) == 1
+    whsec = endpoints[0]["secret"]
+    assert whsec.startswith("whsec_")
+    assert pg.sql("SELECT mode, secret FROM billing.stripe_secrets") == [("test", whsec)]
+    secrets = (KEY, whsec)
+
+    # -- a subscription, paid; its events verified with the stored secret
+    pg.sql("SELECT billing.upsert_tenant('calm', 'Calm GmbH', 'billing@calm.example')")
+    calm = tenant_claims("calm")
+    r = api.post("/rpc/create_subscription", body={"plan": "professional", "interval": "month"}, claims=calm)
+    assert r.status == 200, r.body
+    drain(pg)
+    s = api.get("/subscription", claims=calm).body[0]
+    fake.confirm(s["client_secret"].split("_secret_")[0], "pm_card_visa")
+    deliver(pg, api, fake, whsec)
+    assert api.get("/subscription", claims=calm).body[0]["status"] == "active"
+    assert pg.sql("SELECT count(*) FROM billing.webhook_events WHERE state = 'applied'")[0][0] > 0
+
+    # -- an endpoint that echoes our headers: every answer, each kind of answer
+    fake.echo = 1.0
+    for t in ("echo_a", "echo_b", "echo_c"):
+        pg.sql("SELECT billing.upsert_tenant(%s, %s, %s)", (t, t.upper(), f"billing@{t}.example"))
+        api.post("/rpc/create_subscription", body={"plan": "enterprise", "interval": "year"},
+                 claims=tenant_claims(t))
+    r = api.post("/rpc/create_payment_intent", body={"amount": 1500, "currency": "eur"}, claims=calm)
+    assert r.status == 200, r.body
+    r = api.post("/rpc/update_subscription", body={"plan": "enterprise"}, claims=calm)
+    assert r.status == 200, r.body
+    r = setup_command(pg, "--test-config", "--setup-webhook")
+    out.append(r.stdout + r.stderr)
+    drain(pg)
+    fake.echo = 0.0
+    echoed = {k: v for k, v in fake.faults.items() if k.startswith("echo_")}
+    assert len(echoed) == 4 and sum(echoed.values()) >= 12, echoed
+    # the echoed answers were stored (redacted), failed requests audited
+    assert pg.sql("SELECT count(*) FROM billing.stripe_requests WHERE state = 'failed'")[0][0] >= 3
+    assert pg.sql("SELECT count(*) FROM billing.audit_log WHERE action = 'stripe.request_failed'")[0][0] >= 3
+
+    # -- an error while the worker records an answer, its message carrying
+    #    the key (logged, and kept as the worker's last error)
+    pg.sql("SELECT billing.upsert_tenant('rec_fault', 'Rec', 'billing@rec.example')")
+    with pg.connect(autocommit=True) as c:
+        c.execute(f"""CREATE FUNCTION public.refuse_recording() RETURNS trigger LANGUAGE plpgsql AS $$
+                      BEGIN
+                        RAISE EXCEPTION 'proxy said: Authorization: Bearer {KEY}';
+                      END $$""")
+        c.execute("""CREATE TRIGGER refuse_recording BEFORE UPDATE ON billing.stripe_requests FOR EACH ROW
+                     WHEN (NEW.tenant_id = 'rec_fault' AND NEW.state <> 'in_flight')
+                     EXECUTE FUNCTION public.refuse_recording()""")
+    try:
+        api.post("/rpc/create_subscription", body={"plan": "professional"}, claims=tenant_claims("rec_fault"))
+        assert pg.wait_until("SELECT last_error LIKE '%proxy said%' FROM billing.worker_status"), \
+            pg.sql("SELECT * FROM billing.worker_status")
+    finally:
+        with pg.connect(autocommit=True) as c:
+            c.execute("DROP TRIGGER refuse_recording ON billing.stripe_requests")
+            c.execute("DROP FUNCTION public.refuse_recording()")
+    drain(pg)   # reclaimed after twice the request timeout, then recorded
+    pg.sql("SELECT billing.flush_webhook_rejections()")
+
+    # -- the search
+    found = {}
+
+    def check(where, text):
+        hit = leaks(text, secrets)
+        if hit:
+            found[where] = sorted(hit)
+
+    with pg.connect(autocommit=True) as conn:
+        seen, refused = readable(conn, None, {}, everything(conn, True))
+        assert not {p: s for p, s in refused.items() if p != "pg_file_settings"}, refused
+        for place, text in seen.items():
+            check(f"postgres: {place}", text)
+        operator = seen
+        counts = {}
+        for role in ROLES:
+            claim_sets = ([tenant_claims(t) for t in ("calm", "echo_a", "echo_b", "echo_c", "rec_fault")]
+                          if role == "qes_tenant" else [{"role": role, "sub": "ops@qes.example"}])
+            for claims in claim_sets:
+                seen, refused = readable(conn, role, claims, everything(conn, False))
+                assert "billing.stripe_secrets" in refused, role
+                counts[role] = counts.get(role, 0) + sum(t.count("\n") + 1 for t in seen.values() if t)
+                for place, text in seen.items():
+                    check(f"{role} {claims.get('tenant_id', '')}: {place}", text)
+        assert all(counts.values()), counts
+
+    check("server log", pg.log())
+    assert "could not record the answer" in pg.log()
+    for i, text in enumerate(out):
+        check(f"qes_billing_setup run {i}", text)
+    dump = subprocess.run([os.path.join(pg.bindir, "pg_dump"), "-d", pg.dsn()],
+                          capture_output=True, text=True, check=True).stdout
+    assert "billing.audit_log" in dump or "audit_log" in dump
+    check("pg_dump", dump)
+
+    assert not found, "secrets found:\n" + "\n".join(f"  {w}: {h}" for w, h in sorted(found.items()))
+    # the echoes and the recording error were there, masked
+    assert "Bearer [redacted]" in operator["billing.stripe_requests"]
+    assert "Bearer [redacted]" in operator["billing.audit_log"]
+    assert "Bearer [redacted]" in pg.log()
+    # the endpoint's answer is kept, its secret masked (setup reports it stored)
+    assert pg.sql("SELECT response ->> 'secret' FROM billing.stripe_requests"
+                  " WHERE kind = 'setup.webhook.create' ORDER BY request_id LIMIT 1") == [("[redacted]",)]
