@@ -31,7 +31,7 @@ chmod 755 "$wrap/bin/postgres"
 build_and_install "$src" || exit 1
 status=0
 if [ "$(id -u)" = 0 ]; then
-  work=/tmp/qes_billing-valgrind/work; rm -rf "$work"; mkdir -p "$work"
+  work=$wrap/work; rm -rf "$work"; mkdir -p "$work"
   tar -C "$src" --exclude=.git --exclude='tmp_check*' -cf - . | tar -C "$work" -xf -
   chown -R "$PGUSER_OS" "$work"
 else
