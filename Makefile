@@ -20,7 +20,8 @@ OBJS = \
 	src/webhook_intake.o \
 	src/guard.o \
 	src/outbox.o \
-	src/redact.o
+	src/redact.o \
+	src/notify.o
 
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 SCRIPTS = src/qes_billing_setup

@@ -45,6 +45,28 @@ int			qes_max_requests_per_second = 0;
 bool		qes_audit_guard = true;
 bool		qes_worker_paused = false;
 
+/* notifications (src/notify.c) */
+char	   *qes_smtp_url = NULL;
+int			qes_smtp_starttls = QES_STARTTLS_REQUIRE;
+char	   *qes_smtp_username = NULL;
+char	   *qes_notify_from = NULL;
+char	   *qes_notify_operator_email = NULL;
+char	   *qes_notify_webhook_url = NULL;
+char	   *qes_notify_ca_file = NULL;
+int			qes_notify_max_attempts = 12;
+int			qes_notify_retry_base_ms = 30000;
+int			qes_notify_retry_max_ms = 3600 * 1000;
+int			qes_notify_timeout_ms = 30000;
+static char *smtp_password_setting = NULL;
+static char *notify_webhook_secret_setting = NULL;
+
+static const struct config_enum_entry starttls_options[] = {
+	{"require", QES_STARTTLS_REQUIRE, false},
+	{"try", QES_STARTTLS_TRY, false},
+	{"off", QES_STARTTLS_OFF, false},
+	{NULL, 0, false}
+};
+
 /* overrides of the seed's environment variables */
 static char *qes_environment_setting = NULL;
 static char *qes_base_url_setting = NULL;
@@ -347,6 +369,34 @@ qes_base_url(void)
 	return value;
 }
 
+/*
+ * The notification secrets: the setting, else the environment variable.
+ * NULL when neither is set.  Never logged, never stored (src/notify.c).
+ */
+static const char *
+setting_or_env(const char *setting, const char *var)
+{
+	const char *value = setting;
+
+	if (value == NULL || value[0] == '\0')
+		value = getenv(var);
+	if (value == NULL || value[0] == '\0')
+		return NULL;
+	return value;
+}
+
+const char *
+qes_smtp_password(void)
+{
+	return setting_or_env(smtp_password_setting, "QES_SMTP_PASSWORD");
+}
+
+const char *
+qes_notify_webhook_secret(void)
+{
+	return setting_or_env(notify_webhook_secret_setting, "QES_NOTIFY_WEBHOOK_SECRET");
+}
+
 /* ---- check and show hooks ---------------------------------------------- */
 
 static bool
@@ -424,6 +474,63 @@ check_key(char **newval, GucSource source, const char *name, const char *const *
 					   "Test-mode keys go into the test settings, live-mode keys into the live ones.");
 }
 
+/*
+ * A secret of the notifications (SMTP password, platform webhook signing
+ * secret): any value, but like the keys never stored per database or role.
+ */
+static bool
+check_notify_secret(char **newval, GucSource source, const char *name)
+{
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	if (source == PGC_S_TEST || source == PGC_S_DATABASE || source == PGC_S_USER ||
+		source == PGC_S_DATABASE_USER || source == PGC_S_GLOBAL)
+		return key_refused(source, name,
+						   psprintf("%s may be set only in postgresql.conf, with ALTER SYSTEM, or in the server's environment", name),
+						   "Settings stored per database or role are readable by every role in pg_db_role_setting.");
+	return true;
+}
+
+static bool
+check_smtp_password(char **newval, void **extra, GucSource source)
+{
+	return check_notify_secret(newval, source, "qes_billing.smtp_password");
+}
+
+static bool
+check_notify_webhook_secret(char **newval, void **extra, GucSource source)
+{
+	return check_notify_secret(newval, source, "qes_billing.notify_webhook_secret");
+}
+
+/* an SMTP server URL: smtp:// or smtps://, credentials in their own settings */
+static bool
+check_smtp_url(char **newval, void **extra, GucSource source)
+{
+	const char *v = *newval;
+	const char *host;
+
+	if (v == NULL || v[0] == '\0')
+		return true;
+	if (strncmp(v, "smtp://", 7) == 0)
+		host = v + 7;
+	else if (strncmp(v, "smtps://", 8) == 0)
+		host = v + 8;
+	else
+	{
+		GUC_check_errdetail("qes_billing.smtp_url must start with smtp:// (STARTTLS) or smtps:// (TLS).");
+		return false;
+	}
+	if (memchr(host, '@', strcspn(host, "/?#")) != NULL)
+	{
+		/* never echo it: it may hold a password */
+		GUC_check_errmsg("qes_billing.smtp_url must not contain credentials");
+		GUC_check_errhint("Use qes_billing.smtp_username and qes_billing.smtp_password.");
+		return false;
+	}
+	return true;
+}
+
 #define KEY_CHECK_HOOK(fn, kind, mode) \
 static bool \
 fn(char **newval, void **extra, GucSource source) \
@@ -451,6 +558,8 @@ SECRET_SHOW_HOOK(show_test_secret, stripe_test_secret_key)
 SECRET_SHOW_HOOK(show_live_secret, stripe_live_secret_key)
 SECRET_SHOW_HOOK(show_test_webhook, stripe_test_webhook_secret)
 SECRET_SHOW_HOOK(show_live_webhook, stripe_live_webhook_secret)
+SECRET_SHOW_HOOK(show_smtp_password, smtp_password_setting)
+SECRET_SHOW_HOOK(show_notify_webhook_secret, notify_webhook_secret_setting)
 
 #define SECRET_FLAGS (GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE)
 
@@ -580,6 +689,58 @@ qes_define_gucs(void)
 							"Rate-limit buckets kept in shared memory (addresses, tenants).",
 							NULL, &qes_rate_limit_slots, 16384, 64, 10000000,
 							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+
+	/* notifications (src/notify.c): read by the worker */
+	DefineCustomStringVariable("qes_billing.smtp_url",
+							   "SMTP server of notification emails: smtp://host:587 (STARTTLS) or smtps://host:465; empty: no email.",
+							   NULL, &qes_smtp_url, "",
+							   PGC_SIGHUP, 0, check_smtp_url, NULL, NULL);
+	DefineCustomEnumVariable("qes_billing.smtp_starttls",
+							 "STARTTLS on smtp:// URLs: require (default), try, or off (only to the loopback outside production).",
+							 NULL, &qes_smtp_starttls, QES_STARTTLS_REQUIRE, starttls_options,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("qes_billing.smtp_username",
+							   "SMTP user name (empty: no authentication).",
+							   NULL, &qes_smtp_username, "",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+	define_key("qes_billing.smtp_password",
+			   "SMTP password; overrides QES_SMTP_PASSWORD.",
+			   &smtp_password_setting, SECRET_FLAGS, check_smtp_password, show_smtp_password);
+	DefineCustomStringVariable("qes_billing.notify_from",
+							   "From address of notification emails, e.g. QES Billing <billing@example.com>.",
+							   NULL, &qes_notify_from, "",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("qes_billing.notify_operator_email",
+							   "Where operators' notifications (disputes) are emailed; empty: not emailed.",
+							   NULL, &qes_notify_operator_email, "",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("qes_billing.notify_webhook_url",
+							   "The platform's URL that receives notifications as signed events; empty: none.",
+							   NULL, &qes_notify_webhook_url, "",
+							   PGC_SIGHUP, 0, check_url, NULL, NULL);
+	define_key("qes_billing.notify_webhook_secret",
+			   "Signing secret of the notification events sent to the platform; overrides QES_NOTIFY_WEBHOOK_SECRET.",
+			   &notify_webhook_secret_setting, SECRET_FLAGS, check_notify_webhook_secret, show_notify_webhook_secret);
+	DefineCustomStringVariable("qes_billing.notify_ca_file",
+							   "CA certificates (PEM file) that SMTP and webhook TLS peers are verified against; empty: the system's.",
+							   NULL, &qes_notify_ca_file, "",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.notify_max_attempts",
+							"Attempts to deliver a notification before it is marked failed.",
+							NULL, &qes_notify_max_attempts, 12, 1, 100,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.notify_retry_base_delay",
+							"First retry delay of a notification; doubled per attempt, with jitter.",
+							NULL, &qes_notify_retry_base_ms, 30000, 1, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.notify_retry_max_delay",
+							"Longest retry delay of a notification.",
+							NULL, &qes_notify_retry_max_ms, 3600 * 1000, 1, 24 * 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.notify_timeout",
+							"Longest time one delivery (SMTP or webhook) may take, connection included.",
+							NULL, &qes_notify_timeout_ms, 30000, 100, 600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("qes_billing");
 }

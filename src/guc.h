@@ -38,6 +38,28 @@ extern int	qes_max_requests_per_second;
 extern bool qes_audit_guard;
 extern bool qes_worker_paused;
 
+/* notifications (src/notify.c) */
+typedef enum QesStartTls
+{
+	QES_STARTTLS_REQUIRE,
+	QES_STARTTLS_TRY,
+	QES_STARTTLS_OFF
+} QesStartTls;
+
+extern char *qes_smtp_url;
+extern int	qes_smtp_starttls;
+extern char *qes_smtp_username;
+extern char *qes_notify_from;
+extern char *qes_notify_operator_email;
+extern char *qes_notify_webhook_url;
+extern char *qes_notify_ca_file;
+extern int	qes_notify_max_attempts;
+extern int	qes_notify_retry_base_ms;
+extern int	qes_notify_retry_max_ms;
+extern int	qes_notify_timeout_ms;
+extern const char *qes_smtp_password(void);
+extern const char *qes_notify_webhook_secret(void);
+
 extern void qes_define_gucs(void);
 extern QesEnvironment qes_environment(void);
 extern const char *qes_environment_name(QesEnvironment env);

@@ -44,6 +44,7 @@
 #include <math.h>
 
 #include "guc.h"
+#include "notify.h"
 #include "outbox.h"
 #include "redact.h"
 #include "shmem.h"
@@ -397,6 +398,8 @@ qes_worker_main(Datum main_arg)
 					qes_outbox_wake();
 				/* the outbox, for a slice of time; then the loop again */
 				busy = qes_outbox_pump(QES_PUMP_SLICE_MS);
+				/* notifications (src/notify.c); lowers next_due_ms to theirs */
+				busy |= qes_notify_pump(QES_PUMP_SLICE_MS, &next_due_ms);
 			}
 		}
 		PG_CATCH();
