@@ -20,6 +20,7 @@
 #include <stdlib.h>
 
 #include "access/xact.h"
+#include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
@@ -397,6 +398,51 @@ qes_notify_webhook_secret(void)
 	return setting_or_env(notify_webhook_secret_setting, "QES_NOTIFY_WEBHOOK_SECRET");
 }
 
+/*
+ * PostgreSQL logs "parameter ... changed to <value>" when a reload changes
+ * a setting, the raw value included, and the notification secrets have no
+ * prefix that src/redact.c could recognise: every logged message, detail,
+ * hint and context is masked here for their current values.
+ */
+static emit_log_hook_type prev_emit_log_hook = NULL;
+
+static void
+mask_secret(char **field, const char *secret)
+{
+	StringInfoData out;
+	const char *p;
+	const char *hit;
+	size_t		len;
+
+	if (*field == NULL || secret == NULL || (len = strlen(secret)) < 4 || strstr(*field, secret) == NULL)
+		return;
+	initStringInfo(&out);
+	for (p = *field; (hit = strstr(p, secret)) != NULL; p = hit + len)
+	{
+		appendBinaryStringInfo(&out, p, (int) (hit - p));
+		appendStringInfoString(&out, "[redacted]");
+	}
+	appendStringInfoString(&out, p);
+	*field = out.data;
+}
+
+static void
+notify_secrets_log_hook(ErrorData *edata)
+{
+	const char *secrets[2] = {qes_smtp_password(), qes_notify_webhook_secret()};
+
+	for (int i = 0; i < 2; i++)
+	{
+		mask_secret(&edata->message, secrets[i]);
+		mask_secret(&edata->detail, secrets[i]);
+		mask_secret(&edata->detail_log, secrets[i]);
+		mask_secret(&edata->hint, secrets[i]);
+		mask_secret(&edata->context, secrets[i]);
+	}
+	if (prev_emit_log_hook)
+		prev_emit_log_hook(edata);
+}
+
 /* ---- check and show hooks ---------------------------------------------- */
 
 static bool
@@ -741,6 +787,9 @@ qes_define_gucs(void)
 							"Longest time one delivery (SMTP or webhook) may take, connection included.",
 							NULL, &qes_notify_timeout_ms, 30000, 100, 600 * 1000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	prev_emit_log_hook = emit_log_hook;
+	emit_log_hook = notify_secrets_log_hook;
 
 	MarkGUCPrefixReserved("qes_billing");
 }

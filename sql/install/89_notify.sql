@@ -411,6 +411,17 @@ AS $$
 DECLARE
   v_n integer;
 BEGIN
+  -- (an INSERT of no rows would still fire the wake-up trigger: the worker
+  -- would wake itself and claim again, forever)
+  IF NOT EXISTS (SELECT FROM billing.subscriptions s
+                  WHERE s.status IN ('past_due', 'unpaid') AND s.grace_until IS NOT NULL
+                    AND s.grace_until <= billing.now()
+                    AND NOT EXISTS (SELECT FROM billing.notifications x
+                                     WHERE x.tenant_id = s.tenant_id
+                                       AND x.dedup_key = 'grace_ended:' || s.subscription_id || ':'
+                                                         || extract(epoch FROM s.grace_until)::bigint)) THEN
+    RETURN 0;
+  END IF;
   WITH due AS (
     SELECT s.tenant_id, s.subscription_id, s.stripe_subscription_id, s.plan_id, s.grace_until,
            'grace_ended:' || s.subscription_id || ':' || extract(epoch FROM s.grace_until)::bigint AS dedup_key
@@ -480,6 +491,7 @@ DECLARE
   r        record;
   v_to     text;
   v_chan   text[];
+  v_err    text;
 BEGIN
   PERFORM billing.notify_timers();
   -- in flight for longer than twice the timeout: this worker lost the answer
@@ -495,19 +507,34 @@ BEGIN
      LIMIT p_limit
        FOR UPDATE SKIP LOCKED
   LOOP
-    v := billing.notify_vars(n);
+    BEGIN
+      v := billing.notify_vars(n);
+      v_to := CASE WHEN n.audience = 'tenant' THEN v ->> 'billing_email' ELSE nullif(p_operator_email, '') END;
+      v_chan := '{}';
+      IF p_email AND v_to IS NOT NULL AND NOT n.delivered ? 'email' THEN
+        v_chan := v_chan || 'email'::text;
+      END IF;
+      IF p_webhook AND NOT n.delivered ? 'webhook' THEN
+        v_chan := v_chan || 'webhook'::text;
+      END IF;
+      IF NOT v ? 'skip' AND cardinality(v_chan) > 0 THEN
+        r := billing.notify_render(n, v, v_to);   -- the same text on every channel and attempt
+      END IF;
+    EXCEPTION WHEN OTHERS THEN
+      -- a notification that cannot be rendered must not hold up the others
+      GET STACKED DIAGNOSTICS v_err = MESSAGE_TEXT;
+      UPDATE billing.notifications x
+         SET state = 'failed', attempts = x.attempts + 1, last_error = 'render: ' || v_err, updated_at = now()
+       WHERE x.tenant_id = n.tenant_id AND x.notification_id = n.notification_id;
+      PERFORM billing.audit('notification.failed', n.tenant_id,
+                            jsonb_build_object('notification_id', n.notification_id, 'kind', n.kind,
+                                               'event_id', n.event_id, 'error', 'render: ' || v_err));
+      CONTINUE;
+    END;
     IF v ? 'skip' THEN
       UPDATE billing.notifications x SET state = 'skipped', skip_reason = v ->> 'skip', updated_at = now()
        WHERE x.tenant_id = n.tenant_id AND x.notification_id = n.notification_id;
       CONTINUE;
-    END IF;
-    v_to := CASE WHEN n.audience = 'tenant' THEN v ->> 'billing_email' ELSE nullif(p_operator_email, '') END;
-    v_chan := '{}';
-    IF p_email AND v_to IS NOT NULL AND NOT n.delivered ? 'email' THEN
-      v_chan := v_chan || 'email'::text;
-    END IF;
-    IF p_webhook AND NOT n.delivered ? 'webhook' THEN
-      v_chan := v_chan || 'webhook'::text;
     END IF;
     IF cardinality(v_chan) = 0 THEN
       -- nothing left that a configured channel can deliver
@@ -528,7 +555,6 @@ BEGIN
            attempt_errors = '{}', updated_at = now()
      WHERE x.tenant_id = n.tenant_id AND x.notification_id = n.notification_id
      RETURNING * INTO n;
-    r := billing.notify_render(n, v, CASE WHEN 'email' = ANY (v_chan) THEN v_to END);
     tenant_id := n.tenant_id;
     notification_id := n.notification_id;
     attempt := n.attempts;
@@ -551,13 +577,15 @@ COMMENT ON FUNCTION billing.notify_claim(integer, boolean, boolean, text) IS
 CREATE FUNCTION billing.notify_next_due() RETURNS double precision
   LANGUAGE sql STABLE SET search_path = pg_catalog, billing
 AS $$
-  SELECT greatest(0, extract(epoch FROM least(
-           (SELECT min(x.next_attempt_at) FROM billing.notifications x WHERE x.state = 'pending') - now(),
-           (SELECT min(s.grace_until) FROM billing.subscriptions s
-             WHERE s.status IN ('past_due', 'unpaid') AND s.grace_until IS NOT NULL
-               AND s.grace_until > billing.now()) - billing.now(),
-           (SELECT min(x.claimed_at) FROM billing.notifications x WHERE x.state = 'in_flight')
-             + 2 * current_setting('qes_billing.notify_timeout')::interval - now())))::double precision
+  -- (greatest() ignores a NULL: only a due time, if any, goes into it)
+  SELECT CASE WHEN d.due IS NOT NULL THEN greatest(0, extract(epoch FROM d.due - now()))::double precision END
+    FROM (SELECT least(
+            (SELECT min(x.next_attempt_at) FROM billing.notifications x WHERE x.state = 'pending'),
+            (SELECT min(s.grace_until) FROM billing.subscriptions s
+              WHERE s.status IN ('past_due', 'unpaid') AND s.grace_until IS NOT NULL
+                AND s.grace_until > billing.now()) - (billing.now() - now()),
+            (SELECT min(x.claimed_at) FROM billing.notifications x WHERE x.state = 'in_flight')
+              + 2 * current_setting('qes_billing.notify_timeout')::interval) AS due) d
 $$;
 COMMENT ON FUNCTION billing.notify_next_due() IS
   'Seconds until the next notification is due (retry, grace period end); NULL when none.';
