@@ -25,6 +25,8 @@ OBJS = \
 
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 SCRIPTS = src/qes_billing_setup
+# for operators, installed into $(docdir)/extension (README.md, "Monitoring")
+DOCS = docs/monitoring/qes_billing_queries.yaml docs/monitoring/qes_billing_alerts.yml
 INSTALL_SQL = $(sort $(wildcard sql/install/*.sql))
 
 PG_CONFIG ?= pg_config
