@@ -52,6 +52,7 @@
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "common/base64.h"
+#include "common/hashfn.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -129,6 +130,7 @@ static uint64 seen_wakes = 0;	/* wake_requests when we last claimed */
 static TimestampTz due_at = 0;	/* when the next row is due (0: none known) */
 static bool was_enabled = false;
 static Oid	reclaimed_for = InvalidOid;
+static uint64 settings_hash = 0;	/* of the settings the cached connections were made with */
 
 /* ---- settings ------------------------------------------------------------- */
 
@@ -411,13 +413,16 @@ notify_init(void)
 {
 	if (multi != NULL)
 		return;
-	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
-		elog(ERROR, "qes_billing worker: curl_global_init failed");
+	if (notify_context == NULL)
+	{
+		if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+			elog(ERROR, "qes_billing worker: curl_global_init failed");
+		notify_context = AllocSetContextCreate(TopMemoryContext, "qes_billing notifications",
+											   ALLOCSET_DEFAULT_SIZES);
+	}
 	multi = curl_multi_init();
 	if (multi == NULL)
 		elog(ERROR, "qes_billing worker: curl_multi_init failed");
-	notify_context = AllocSetContextCreate(TopMemoryContext, "qes_billing notifications",
-										   ALLOCSET_DEFAULT_SIZES);
 }
 
 static Transfer *
@@ -759,8 +764,14 @@ transfer_error(Transfer *t, bool *permanent)
 		msg = psprintf("%s: %s%s", curl_easy_strerror(t->result),
 					   t->errbuf[0] ? t->errbuf : "no detail",
 					   t->code > 0 ? psprintf(" (SMTP reply %ld)", t->code) : "");
-		/* the server refused this message for good (5xx to MAIL, RCPT or DATA) */
+		/*
+		 * The server refused this message for good (5xx to MAIL, RCPT or
+		 * DATA); but authentication wanted or refused (530, 534, 535, 538)
+		 * is about our settings, not the message: retried, for the operator
+		 * to fix.
+		 */
 		*permanent = t->code >= 500 && t->code <= 599 &&
+			t->code != 530 && t->code != 534 && t->code != 535 && t->code != 538 &&
 			(t->result == CURLE_SEND_ERROR || t->result == CURLE_WEIRD_SERVER_REPLY ||
 			 t->result == CURLE_RECV_ERROR);
 	}
@@ -919,6 +930,40 @@ collect_finished(void)
 
 /* ---- the pump --------------------------------------------------------------- */
 
+/*
+ * libcurl keeps connections (an SMTP session, TLS after STARTTLS) for the
+ * next transfer; one made under other settings (server, TLS, CA, user,
+ * password) must not be reused.  When they changed, the multi handle and
+ * its connection cache are dropped once nothing is in flight.
+ */
+static void
+drop_connections_if_settings_changed(void)
+{
+	StringInfoData s;
+	const char *pw = qes_smtp_password();
+	const char *secret = qes_notify_webhook_secret();
+	uint64		h;
+
+	initStringInfo(&s);
+	appendStringInfo(&s, "%s|%d|%s|%s|%s|%s|%s", qes_smtp_url ? qes_smtp_url : "", qes_smtp_starttls,
+					 qes_smtp_username ? qes_smtp_username : "", pw ? pw : "",
+					 qes_notify_ca_file ? qes_notify_ca_file : "",
+					 qes_notify_webhook_url ? qes_notify_webhook_url : "", secret ? secret : "");
+	h = hash_bytes_extended((const unsigned char *) s.data, s.len, 0);
+	memset(s.data, 0, s.len);
+	pfree(s.data);
+	if (h == settings_hash)
+		return;
+	if (multi != NULL)
+	{
+		if (transfers != NULL)
+			return;				/* after what is in flight */
+		curl_multi_cleanup(multi);
+		multi = NULL;
+	}
+	settings_hash = h;
+}
+
 bool
 qes_notify_pump(long budget_ms, long *next_due_ms)
 {
@@ -934,6 +979,7 @@ qes_notify_pump(long budget_ms, long *next_due_ms)
 	was_enabled = enabled;
 	if (!enabled && transfers == NULL)
 		return false;
+	drop_connections_if_settings_changed();
 	notify_init();
 
 	if (enabled &&

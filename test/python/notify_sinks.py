@@ -12,6 +12,7 @@ import asyncio
 import email
 import email.policy
 import json
+import os
 import socket
 import threading
 import time
@@ -35,7 +36,10 @@ class SmtpSink:
     for every RCPT to it.  `hold_seconds` delays the answer to DATA after
     the message was recorded."""
 
-    def __init__(self, port=None):
+    def __init__(self, port=None, starttls_context=None, implicit_tls_context=None, logins=None):
+        """starttls_context: offer (and require) STARTTLS; implicit_tls_context:
+        TLS from the first byte (smtps://); logins: {user: password} to
+        require AUTH (after TLS when TLS is offered)."""
         self.port = port or free_port()
         self.messages = []
         self.attempts = 0
@@ -43,8 +47,27 @@ class SmtpSink:
         self.data_replies = []
         self.reply_for = {}
         self.hold_seconds = 0.0
+        self.logins = logins
+        self.auth_attempts = []
+        self.implicit_tls = implicit_tls_context is not None
         self.lock = threading.Lock()
-        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        kwargs = {}
+        if starttls_context is not None:
+            kwargs.update(tls_context=starttls_context, require_starttls=True)
+        if implicit_tls_context is not None:
+            kwargs.update(ssl_context=implicit_tls_context)
+        if logins is not None:
+            kwargs.update(authenticator=self._authenticate, auth_required=True,
+                          auth_require_tls=starttls_context is not None)   # (implicit TLS: it is, aiosmtpd cannot tell)
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port, **kwargs)
+
+    def _authenticate(self, server, session, envelope, mechanism, auth_data):
+        from aiosmtpd.smtp import AuthResult
+        login = auth_data.login.decode() if isinstance(auth_data.login, bytes) else auth_data.login
+        password = auth_data.password.decode() if isinstance(auth_data.password, bytes) else auth_data.password
+        ok = self.logins.get(login) == password
+        self.auth_attempts.append({"mechanism": mechanism, "login": login, "ok": ok})
+        return AuthResult(success=ok, handled=False)
 
     def start(self):
         self.controller.start()
@@ -55,7 +78,7 @@ class SmtpSink:
 
     @property
     def url(self):
-        return f"smtp://127.0.0.1:{self.port}"
+        return f"{'smtps' if self.implicit_tls else 'smtp'}://127.0.0.1:{self.port}"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         with self.lock:
@@ -73,9 +96,11 @@ class SmtpSink:
             return reply
         raw = envelope.original_content or envelope.content
         msg = email.message_from_bytes(raw, policy=email.policy.default)
+        tls = session.ssl is not None or self.implicit_tls
         with self.lock:
             self.messages.append({"mail_from": envelope.mail_from, "rcpt_tos": list(envelope.rcpt_tos),
-                                  "raw": raw, "msg": msg, "at": time.time()})
+                                  "raw": raw, "msg": msg, "at": time.time(), "tls": tls,
+                                  "authenticated": bool(session.authenticated)})
         if self.hold_seconds:
             await asyncio.sleep(self.hold_seconds)
         return "250 Message accepted for delivery"
@@ -187,6 +212,27 @@ class WebhookReceiver:
                 return True
             time.sleep(0.02)
         return False
+
+
+def self_signed_cert(directory):
+    """A certificate for 127.0.0.1 and localhost (openssl), readable by the
+    server's user: returns (cert, key) paths."""
+    import subprocess
+    cert, key = os.path.join(directory, "smtp-cert.pem"), os.path.join(directory, "smtp-key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    os.chmod(directory, 0o755)
+    os.chmod(cert, 0o644)
+    return cert, key
+
+
+def server_tls_context(cert, key):
+    import ssl
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
 
 
 class BlackHole:
