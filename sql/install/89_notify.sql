@@ -389,7 +389,7 @@ BEGIN
                || E'\n<hr>\n<p style="font-size: 12px; color: #6b7280;">' || billing.notify_html(v_foot) || E'</p>\n</body></html>\n';
   event := jsonb_build_object(
     'id', n.event_id, 'object', 'event', 'type', n.kind, 'api_version', 'qes_billing/1',
-    'created', extract(epoch FROM n.created_at)::bigint, 'livemode', billing.stripe_mode() = 'live',
+    'created', floor(extract(epoch FROM n.created_at))::bigint, 'livemode', billing.stripe_mode() = 'live',
     'data', jsonb_build_object('object', jsonb_build_object(
       'object', 'notification', 'tenant_id', n.tenant_id, 'notification_id', n.notification_id,
       'audience', n.audience, 'kind', n.kind, 'payload', n.payload,
