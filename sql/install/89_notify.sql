@@ -266,7 +266,7 @@ BEGIN
     v := v || jsonb_build_object(
       'invoice_number', coalesce(i.number, p ->> 'invoice'),
       'amount', coalesce(billing.notify_money(coalesce(nullif(i.amount_remaining, 0), i.amount_due), i.currency),
-                         billing.notify_money((p ->> 'amount_due')::bigint, 'usd')),
+                         'the amount due'),
       'plan_name', v_plan.name,
       'grace_until', billing.notify_utc(s.grace_until),
       'subject_deadline', CASE WHEN s.status = 'past_due' AND s.grace_until IS NOT NULL
