@@ -23,8 +23,30 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-# Python test dependencies (pytest, psycopg, stripe for the signature oracle)
-if ! python3 -c 'import pytest, psycopg, stripe' 2>/dev/null; then
+# Prometheus tooling for test/python/test_prometheus.py: Debian's
+# postgres exporter (run by the test itself, on a free port) and promtool
+# (package prometheus).  Without recommends: no node exporter comes along.
+MONITORING_DEBS=(prometheus-postgres-exporter prometheus)
+missing=()
+for p in "${MONITORING_DEBS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "deps: installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "deps: missing Debian packages; run as root:"
+    echo "  apt-get update && apt-get install -y --no-install-recommends ${missing[*]}"
+    exit 1
+  fi
+fi
+
+# Python test dependencies (pytest, psycopg, stripe for the signature oracle,
+# aiosmtpd for the SMTP server notifications are delivered to, PyYAML to
+# read the exporter's queries file)
+if ! python3 -c 'import pytest, psycopg, stripe, aiosmtpd, yaml' 2>/dev/null; then
   echo "deps: installing Python packages from test/python/requirements.txt"
   python3 -m pip install -q --disable-pip-version-check -r "$here/test/python/requirements.txt" \
     || python3 -m pip install -q --disable-pip-version-check --break-system-packages \
