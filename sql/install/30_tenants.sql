@@ -29,6 +29,15 @@ CREATE TABLE billing.subscriptions (
   trial_end              timestamptz,
   grace_until            timestamptz,
   stripe_state_at        timestamptz,
+  -- Stripe's own facts the entitlements are computed from (docs/architecture.md,
+  -- "Mirroring Stripe"): the cycle anchor the periods step from, when the
+  -- subscription was created and when it ended
+  billing_cycle_anchor   timestamptz,
+  stripe_created         timestamptz,
+  ended_at               timestamptz,
+  -- where the state came from: an event (Stripe's time, whole seconds) or
+  -- an answer of the outbox (stamped with the second its request was sent)
+  stripe_state_source    text CHECK (stripe_state_source IN ('event', 'answer')),
   created_at             timestamptz NOT NULL DEFAULT pg_catalog.now(),
   updated_at             timestamptz NOT NULL DEFAULT pg_catalog.now(),
   PRIMARY KEY (tenant_id, subscription_id),
@@ -36,9 +45,24 @@ CREATE TABLE billing.subscriptions (
          OR current_period_end > current_period_start)
 );
 COMMENT ON TABLE billing.subscriptions IS
-  'Subscriptions mirrored from Stripe (Free is local only). stripe_state_at is the Stripe time of the newest state applied, so an older event never overwrites a newer one.';
+  'Subscriptions mirrored from Stripe (Free is local only). stripe_state_at is the Stripe time of the newest state applied, so an older event never overwrites a newer one; grace_until is derived from Stripe''s times (billing.sync_dunning).';
 CREATE UNIQUE INDEX subscriptions_one_current ON billing.subscriptions (tenant_id)
   WHERE status NOT IN ('canceled', 'incomplete_expired');
+
+-- Every Stripe customer of a tenant that Stripe told about, kept by Stripe
+-- id: events about any of them (a deleted one too) belong to the tenant, and
+-- a deleted customer is never linked again.  tenants.stripe_customer_id is
+-- the newest customer that is not deleted (billing.sync_customer).
+CREATE TABLE billing.stripe_customers (
+  tenant_id          text NOT NULL REFERENCES billing.tenants,
+  stripe_customer_id text NOT NULL UNIQUE CHECK (stripe_customer_id ~ '^cus_'),
+  stripe_created     timestamptz,
+  deleted_at         timestamptz,
+  linked_at          timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  PRIMARY KEY (tenant_id, stripe_customer_id)
+);
+COMMENT ON TABLE billing.stripe_customers IS
+  'Every Stripe customer of each tenant that Stripe told about (customer events). deleted_at is the Stripe time of customer.deleted: a deleted customer is never revived by an older event.';
 
 CREATE FUNCTION billing.upsert_tenant(p_tenant_id text, p_name text, p_billing_email text)
   RETURNS billing.tenants

@@ -17,11 +17,21 @@ CREATE TABLE billing.invoices (
   stripe_created     timestamptz NOT NULL,
   stripe_state_at    timestamptz,
   updated_at         timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  -- kept by Stripe id, so the relation resolves whichever side arrives first
+  stripe_subscription_id text,
+  -- dunning facts, from Stripe's times: the first failed attempt (the
+  -- created time of the earliest invoice.payment_failed), attempts so far,
+  -- status_transitions
+  first_failed_at    timestamptz,
+  attempt_count      integer NOT NULL DEFAULT 0,
+  finalized_at       timestamptz,
+  paid_at            timestamptz,
   PRIMARY KEY (tenant_id, stripe_invoice_id),
   FOREIGN KEY (tenant_id, subscription_id) REFERENCES billing.subscriptions
 );
 COMMENT ON TABLE billing.invoices IS 'Invoices mirrored from Stripe.';
 CREATE INDEX invoices_newest ON billing.invoices (tenant_id, stripe_created DESC);
+CREATE INDEX invoices_subscription ON billing.invoices (stripe_subscription_id) WHERE stripe_subscription_id IS NOT NULL;
 
 CREATE TABLE billing.payments (
   tenant_id                text NOT NULL REFERENCES billing.tenants,
@@ -42,8 +52,24 @@ CREATE TABLE billing.payments (
   stripe_state_at          timestamptz,
   created_at               timestamptz NOT NULL DEFAULT pg_catalog.now(),
   updated_at               timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  stripe_invoice_id        text,
   PRIMARY KEY (tenant_id, payment_id)
 );
+CREATE INDEX payments_charge ON billing.payments (stripe_charge_id) WHERE stripe_charge_id IS NOT NULL;
+
+-- Which payment intent pays which invoice, by Stripe id, from whichever side
+-- says so: the payment intent's `invoice` and the invoice's `payment_intent`
+-- (API versions before 2025-03-31), or the invoice's payments
+-- (InvoicePayment objects, since).  A payment is kind 'subscription' when a
+-- link names it, whichever arrived first.
+CREATE TABLE billing.invoice_payments (
+  tenant_id                text NOT NULL REFERENCES billing.tenants,
+  stripe_payment_intent_id text NOT NULL CHECK (stripe_payment_intent_id ~ '^pi_'),
+  stripe_invoice_id        text NOT NULL CHECK (stripe_invoice_id ~ '^in_'),
+  PRIMARY KEY (tenant_id, stripe_payment_intent_id, stripe_invoice_id)
+);
+COMMENT ON TABLE billing.invoice_payments IS
+  'Links between payment intents and the invoices they pay, by Stripe id (from either side, in any API version).';
 COMMENT ON TABLE billing.payments IS 'Payments (one-time payment intents and subscription charges) mirrored from Stripe.';
 
 CREATE TABLE billing.disputes (

@@ -1,23 +1,73 @@
 -- Applying Stripe events (the inbox) to local state.  The worker calls
 -- billing.process_inbox() every loop.  Each event is applied in its own
 -- subtransaction together with its state change, so a crash or an error
--- leaves it to be applied again, never half-applied; handlers are
--- idempotent and order-tolerant: every mirrored row remembers the Stripe
--- time of the state it holds (stripe_state_at) and an older event never
--- overwrites a newer state.
+-- leaves it to be applied again, never half-applied.
+--
+-- The mirror converges to Stripe's truth whatever the order of delivery
+-- (DESIGN.md rule 12; docs/architecture.md, "Mirroring Stripe"):
+--
+--   * each mirrored object keeps the Stripe time of the state it holds
+--     (stripe_state_at); an older state never overwrites a newer one, an
+--     ended subscription or a deleted customer is never revived, and two
+--     different states of the same second are ordered by a fixed rule while
+--     the object is fetched from Stripe (through the outbox, one GET per
+--     object in flight), whose answer is newer than both;
+--   * facts accumulate whatever the order: an invoice's first failed
+--     attempt is the earliest invoice.payment_failed, its subscription and
+--     its payment intents are kept by Stripe id and linked whenever both
+--     sides are present;
+--   * entitlements are derived, not applied: the grace period of a past_due
+--     subscription runs from the first failed attempt of its oldest unpaid
+--     invoice (Stripe's time), never from when an event happened to arrive
+--     (billing.sync_dunning);
+--   * an event that names what is not mirrored yet waits for it (state
+--     'waiting', or 'ignored' for a customer that is not known to be ours)
+--     and is applied again as soon as it arrives (billing.inbox_requeue).
 
--- Which tenant an object belongs to: metadata.tenant_id, else its customer.
+ALTER TABLE billing.webhook_events ADD COLUMN waits_for text[];
+COMMENT ON COLUMN billing.webhook_events.waits_for IS
+  'The Stripe ids an event waits for (a waiting or ignored event is applied again when one of them is mirrored).';
+ALTER TABLE billing.webhook_events DROP CONSTRAINT webhook_events_state_check;
+ALTER TABLE billing.webhook_events ADD CONSTRAINT webhook_events_state_check
+  CHECK (state IN ('received', 'processing', 'applied', 'ignored', 'waiting', 'needs_review'));
+-- The same, as rows to look up by Stripe id (global like the inbox: an event
+-- may not be known to belong to any tenant yet).
+CREATE TABLE billing.webhook_waits (
+  stripe_id       text NOT NULL,
+  stripe_event_id text NOT NULL REFERENCES billing.webhook_events ON DELETE CASCADE,
+  PRIMARY KEY (stripe_id, stripe_event_id)
+);
+COMMENT ON TABLE billing.webhook_waits IS
+  'Which waiting or ignored inbox event waits for which Stripe id (applied again when that object is mirrored).';
+CREATE INDEX webhook_waits_event ON billing.webhook_waits (stripe_event_id);
+
+-- A Stripe reference: an id, or an expanded object's id.
+CREATE FUNCTION billing.stripe_ref(v jsonb) RETURNS text
+  LANGUAGE sql IMMUTABLE
+RETURN CASE jsonb_typeof(v) WHEN 'string' THEN v #>> '{}' WHEN 'object' THEN v ->> 'id' END;
+COMMENT ON FUNCTION billing.stripe_ref(jsonb) IS 'The id a Stripe reference field holds, whether it is an id or an expanded object.';
+
+-- The customer an object belongs to (its own id for a customer).
+CREATE FUNCTION billing.object_customer(o jsonb) RETURNS text
+  LANGUAGE sql IMMUTABLE
+RETURN CASE WHEN o ->> 'object' = 'customer' THEN o ->> 'id' ELSE billing.stripe_ref(o -> 'customer') END;
+
+-- Which tenant an object belongs to: metadata.tenant_id (on the object, or
+-- on the subscription an invoice is for), else any customer the tenant ever
+-- had (a deleted one too).
 CREATE FUNCTION billing.event_tenant(obj jsonb) RETURNS text
   LANGUAGE sql STABLE SET search_path = pg_catalog, billing
 AS $$
   SELECT coalesce(
-    (SELECT t.tenant_id FROM billing.tenants t WHERE t.tenant_id = obj -> 'metadata' ->> 'tenant_id'),
     (SELECT t.tenant_id FROM billing.tenants t
-      WHERE t.stripe_customer_id = coalesce(obj ->> 'customer',
-                                            CASE WHEN obj ->> 'object' = 'customer' THEN obj ->> 'id' END)))
+      WHERE t.tenant_id = coalesce(obj -> 'metadata' ->> 'tenant_id',
+                                   obj -> 'parent' -> 'subscription_details' -> 'metadata' ->> 'tenant_id',
+                                   obj -> 'subscription_details' -> 'metadata' ->> 'tenant_id')),
+    (SELECT c.tenant_id FROM billing.stripe_customers c WHERE c.stripe_customer_id = billing.object_customer(obj)),
+    (SELECT t.tenant_id FROM billing.tenants t WHERE t.stripe_customer_id = billing.object_customer(obj)))
 $$;
 COMMENT ON FUNCTION billing.event_tenant(jsonb) IS
-  'The tenant a Stripe object belongs to: its metadata.tenant_id, or the tenant of its customer.';
+  'The tenant a Stripe object belongs to: its metadata.tenant_id (or its subscription''s), or the tenant of any of its customers.';
 
 CREATE FUNCTION billing.status_rank(kind text, status text) RETURNS integer
   LANGUAGE sql IMMUTABLE
@@ -34,147 +84,43 @@ END;
 COMMENT ON FUNCTION billing.status_rank(text, text) IS
   'Tie-break for two events of the same second: the status further along its lifecycle wins.';
 
--- Subscriptions: status, plan and interval from the price, period, cancel_at_period_end, trial.
-CREATE FUNCTION billing.apply_subscription(p_tenant text, o jsonb, p_at timestamptz, p_deleted boolean)
-  RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, billing
+-- ---- waiting events ---------------------------------------------------------
+
+-- Events that waited for one of these Stripe ids are applied again (at once:
+-- the worker is woken when the transaction commits).
+CREATE FUNCTION billing.inbox_requeue(p_ids text[]) RETURNS integer
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
 DECLARE
-  v_price   jsonb := o -> 'items' -> 'data' -> 0 -> 'price';
-  v_plan    text;
-  v_int     text;
-  v_status  text := CASE WHEN p_deleted THEN 'canceled' ELSE o ->> 'status' END;
-  v_sub     billing.subscriptions;
-  v_pstart  timestamptz := to_timestamp((coalesce(o ->> 'current_period_start',
-                                                   o -> 'items' -> 'data' -> 0 ->> 'current_period_start'))::bigint);
-  v_pend    timestamptz := to_timestamp((coalesce(o ->> 'current_period_end',
-                                                   o -> 'items' -> 'data' -> 0 ->> 'current_period_end'))::bigint);
+  v_ids text[] := array_remove(p_ids, NULL);
+  v_n   integer;
 BEGIN
-  SELECT pr.plan_id, pr.billing_interval INTO v_plan, v_int FROM billing.prices pr
-   WHERE pr.stripe_price_id = v_price ->> 'id' OR pr.price_key = v_price ->> 'lookup_key'
-   ORDER BY pr.stripe_price_id = v_price ->> 'id' DESC NULLS LAST LIMIT 1;
-  IF v_plan IS NULL THEN
-    RAISE EXCEPTION 'subscription % has price % which is in no plan of the catalog', o ->> 'id', v_price ->> 'id'
-      USING ERRCODE = 'foreign_key_violation', HINT = 'Run qes_billing_setup --setup-products, or set billing.prices.stripe_price_id.';
+  IF v_ids IS NULL OR cardinality(v_ids) = 0 THEN
+    RETURN 0;
   END IF;
-  v_int := coalesce(v_price -> 'recurring' ->> 'interval', v_int);
-
-  SELECT * INTO v_sub FROM billing.subscriptions s WHERE s.stripe_subscription_id = o ->> 'id' FOR UPDATE;
-  IF NOT FOUND THEN
-    -- the tenant's current local subscription (Free, or one waiting for Stripe) becomes this one
-    SELECT * INTO v_sub FROM billing.subscriptions s
-     WHERE s.tenant_id = p_tenant AND s.stripe_subscription_id IS NULL
-       AND s.status NOT IN ('canceled', 'incomplete_expired') FOR UPDATE;
+  WITH woken AS (
+    DELETE FROM billing.webhook_waits w
+     WHERE w.stripe_event_id IN (SELECT x.stripe_event_id FROM billing.webhook_waits x WHERE x.stripe_id = ANY (v_ids))
+    RETURNING w.stripe_event_id)
+  UPDATE billing.webhook_events e
+     SET state = 'received', attempts = 0, next_attempt_at = now(), waits_for = NULL
+   WHERE e.stripe_event_id IN (SELECT stripe_event_id FROM woken) AND e.state IN ('ignored', 'waiting');
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  IF v_n > 0 THEN
+    PERFORM billing.wake_worker();
   END IF;
-  IF FOUND AND v_sub.stripe_state_at IS NOT NULL
-     AND (v_sub.stripe_state_at > p_at
-          OR (v_sub.stripe_state_at = p_at
-              AND (v_sub.current_period_end, billing.status_rank('subscription', v_sub.status))
-                  > (v_pend, billing.status_rank('subscription', v_status)))) THEN
-    RETURN;   -- an older event: the newer state stays
-  END IF;
-  IF FOUND THEN
-    UPDATE billing.subscriptions SET
-      stripe_subscription_id = o ->> 'id', plan_id = v_plan, billing_interval = v_int, status = v_status,
-      stripe_price_id = v_price ->> 'id', current_period_start = v_pstart, current_period_end = v_pend,
-      cancel_at_period_end = coalesce((o ->> 'cancel_at_period_end')::boolean, false),
-      trial_end = to_timestamp((o ->> 'trial_end')::bigint),
-      grace_until = CASE WHEN v_status = 'past_due' THEN grace_until END,
-      stripe_state_at = p_at, updated_at = now()
-     WHERE tenant_id = v_sub.tenant_id AND subscription_id = v_sub.subscription_id;
-  ELSE
-    INSERT INTO billing.subscriptions (tenant_id, plan_id, billing_interval, status, stripe_subscription_id,
-                                       stripe_price_id, current_period_start, current_period_end,
-                                       cancel_at_period_end, trial_end, stripe_state_at)
-    VALUES (p_tenant, v_plan, v_int, v_status, o ->> 'id', v_price ->> 'id', v_pstart, v_pend,
-            coalesce((o ->> 'cancel_at_period_end')::boolean, false), to_timestamp((o ->> 'trial_end')::bigint), p_at);
-  END IF;
+  RETURN v_n;
 END
 $$;
+COMMENT ON FUNCTION billing.inbox_requeue(text[]) IS
+  'Put the events that wait for any of these Stripe ids (a customer, a charge, a subscription, an invoice) back in the queue.';
 
--- An invoice's subscription: top level before API 2025-03-31, under parent since.
-CREATE FUNCTION billing.invoice_subscription(o jsonb) RETURNS text
-  LANGUAGE sql IMMUTABLE
-RETURN coalesce(o ->> 'subscription', o -> 'parent' -> 'subscription_details' ->> 'subscription');
+-- ---- asking Stripe ----------------------------------------------------------
 
-CREATE FUNCTION billing.apply_invoice(p_tenant text, o jsonb, p_at timestamptz) RETURNS void
-  LANGUAGE plpgsql SET search_path = pg_catalog, billing
-AS $$
-DECLARE
-  v_old billing.invoices;
-  v_sub bigint;
-BEGIN
-  SELECT s.subscription_id INTO v_sub FROM billing.subscriptions s
-   WHERE s.tenant_id = p_tenant AND s.stripe_subscription_id = billing.invoice_subscription(o);
-  SELECT * INTO v_old FROM billing.invoices i WHERE i.stripe_invoice_id = o ->> 'id' FOR UPDATE;
-  IF FOUND AND (v_old.stripe_state_at > p_at
-                OR (v_old.stripe_state_at = p_at
-                    AND billing.status_rank('invoice', v_old.status) > billing.status_rank('invoice', o ->> 'status'))) THEN
-    RETURN;
-  END IF;
-  INSERT INTO billing.invoices AS i (tenant_id, stripe_invoice_id, subscription_id, number, status, amount_due,
-                                     amount_paid, amount_remaining, currency, period_start, period_end,
-                                     hosted_invoice_url, invoice_pdf, stripe_created, stripe_state_at)
-  VALUES (p_tenant, o ->> 'id', v_sub, o ->> 'number', o ->> 'status',
-          coalesce((o ->> 'amount_due')::bigint, 0), coalesce((o ->> 'amount_paid')::bigint, 0),
-          coalesce((o ->> 'amount_remaining')::bigint, 0), o ->> 'currency',
-          to_timestamp((o ->> 'period_start')::bigint), to_timestamp((o ->> 'period_end')::bigint),
-          o ->> 'hosted_invoice_url', o ->> 'invoice_pdf', to_timestamp((o ->> 'created')::bigint), p_at)
-  ON CONFLICT (stripe_invoice_id) DO UPDATE SET
-    subscription_id = coalesce(EXCLUDED.subscription_id, i.subscription_id), number = EXCLUDED.number,
-    status = EXCLUDED.status, amount_due = EXCLUDED.amount_due, amount_paid = EXCLUDED.amount_paid,
-    amount_remaining = EXCLUDED.amount_remaining, hosted_invoice_url = EXCLUDED.hosted_invoice_url,
-    invoice_pdf = EXCLUDED.invoice_pdf, stripe_state_at = EXCLUDED.stripe_state_at, updated_at = now();
-END
-$$;
-
-CREATE FUNCTION billing.apply_payment(p_tenant text, o jsonb, p_at timestamptz, p_kind text) RETURNS void
-  LANGUAGE plpgsql SET search_path = pg_catalog, billing
-AS $$
-DECLARE
-  v_pi     text := CASE WHEN o ->> 'object' = 'payment_intent' THEN o ->> 'id' ELSE o ->> 'payment_intent' END;
-  v_charge text := CASE WHEN o ->> 'object' = 'charge' THEN o ->> 'id' ELSE o ->> 'latest_charge' END;
-  v_status text := CASE o ->> 'object' WHEN 'charge' THEN CASE o ->> 'status' WHEN 'succeeded' THEN 'succeeded'
-                                                                               WHEN 'failed' THEN 'failed' ELSE 'processing' END
-                                       ELSE CASE WHEN p_kind = 'failed' THEN 'failed' ELSE o ->> 'status' END END;
-  v_err    jsonb := coalesce(o -> 'last_payment_error', jsonb_build_object('code', o ->> 'failure_code',
-                                                                             'message', o ->> 'failure_message'));
-  v_old    billing.payments;
-BEGIN
-  IF v_pi IS NULL THEN
-    RETURN;   -- a charge without a payment intent: nothing of ours
-  END IF;
-  SELECT * INTO v_old FROM billing.payments p WHERE p.stripe_payment_intent_id = v_pi FOR UPDATE;
-  IF FOUND AND (v_old.stripe_state_at > p_at
-                OR (v_old.stripe_state_at = p_at
-                    AND billing.status_rank('payment', v_old.status) > billing.status_rank('payment', v_status))) THEN
-    -- older state, but what it reveals still counts: the charge, and that it pays an invoice
-    UPDATE billing.payments SET stripe_charge_id = coalesce(stripe_charge_id, v_charge),
-           kind = CASE WHEN o ->> 'invoice' IS NOT NULL THEN 'subscription' ELSE kind END
-     WHERE tenant_id = v_old.tenant_id AND payment_id = v_old.payment_id;
-    RETURN;
-  END IF;
-  IF FOUND THEN
-    UPDATE billing.payments SET status = v_status, stripe_charge_id = coalesce(v_charge, stripe_charge_id),
-           kind = CASE WHEN o ->> 'invoice' IS NOT NULL THEN 'subscription' ELSE kind END,
-           failure_code = CASE WHEN v_status = 'failed' THEN coalesce(v_err ->> 'decline_code', v_err ->> 'code') END,
-           failure_message = CASE WHEN v_status = 'failed' THEN v_err ->> 'message' END,
-           stripe_state_at = p_at, updated_at = now()
-     WHERE tenant_id = v_old.tenant_id AND payment_id = v_old.payment_id;
-  ELSE
-    INSERT INTO billing.payments (tenant_id, kind, amount, currency, description, status, stripe_payment_intent_id,
-                                  stripe_charge_id, failure_code, failure_message, stripe_state_at)
-    VALUES (p_tenant, CASE WHEN o ->> 'invoice' IS NOT NULL THEN 'subscription' ELSE 'one_time' END,
-            greatest(coalesce((o ->> 'amount')::bigint, 0), 1), o ->> 'currency', o ->> 'description', v_status, v_pi,
-            v_charge,
-            CASE WHEN v_status = 'failed' THEN coalesce(v_err ->> 'decline_code', v_err ->> 'code') END,
-            CASE WHEN v_status = 'failed' THEN v_err ->> 'message' END, p_at);
-  END IF;
-END
-$$;
-
--- Ask Stripe, through the outbox, for a subscription as it is now (the
--- answer is applied like an event: billing.outbox_apply); at most one such
--- request per subscription is queued at a time.
+-- Ask Stripe, through the outbox, for an object as it is now (the answer is
+-- mirrored like an event, stamped with the time the request was sent, so it
+-- is newer than every event created before); at most one GET per object is
+-- queued or in flight at a time.
 CREATE FUNCTION billing.refresh_subscription(p_tenant text, p_stripe_subscription_id text) RETURNS bigint
   LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
 AS $$
@@ -186,8 +132,523 @@ $$;
 COMMENT ON FUNCTION billing.refresh_subscription(text, text) IS
   'Queue a GET of the subscription from Stripe (once at a time); its answer is mirrored like an event.';
 
--- One event.  Returns the tenant it concerned ('' when it is not ours).
-CREATE FUNCTION billing.apply_event(e jsonb) RETURNS text
+-- The same, sent no earlier than the next second: its answer is then
+-- stamped later than every event of this second, which it must decide.
+CREATE FUNCTION billing.refresh_subscription_after_this_second(p_tenant text, p_stripe_subscription_id text)
+  RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_id bigint := billing.refresh_subscription(p_tenant, p_stripe_subscription_id);
+BEGIN
+  UPDATE billing.stripe_requests
+     SET next_attempt_at = greatest(next_attempt_at, date_trunc('second', clock_timestamp()) + interval '1 second')
+   WHERE request_id = v_id AND state = 'pending' AND attempts = 0;
+  RETURN v_id;
+END
+$$;
+COMMENT ON FUNCTION billing.refresh_subscription_after_this_second(text, text) IS
+  'Queue a GET of the subscription (once at a time) sent in the next second at the earliest, so that its answer is newer than every event of this second.';
+
+CREATE FUNCTION billing.refresh_invoice(p_tenant text, p_stripe_invoice_id text) RETURNS bigint
+  LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+  SELECT CASE WHEN p_stripe_invoice_id ~ '^in_[A-Za-z0-9_]+$' THEN
+    billing.outbox_enqueue_once(p_tenant, 'invoice.refresh', 'GET', '/v1/invoices/' || p_stripe_invoice_id)
+  END
+$$;
+COMMENT ON FUNCTION billing.refresh_invoice(text, text) IS
+  'Queue a GET of the invoice from Stripe (once at a time; in the pinned API version it names its payment intent); its answer is mirrored like an event.';
+
+-- ---- customers --------------------------------------------------------------
+
+-- tenants.stripe_customer_id: the tenant's newest customer that is not
+-- deleted.  The one linked now counts as a candidate too, as the newest
+-- when Stripe has told nothing about it yet (qes_billing just created it).
+-- Audited when it changes.
+CREATE FUNCTION billing.sync_customer(p_tenant text) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_old text;
+  v_new text;
+BEGIN
+  SELECT t.stripe_customer_id INTO v_old FROM billing.tenants t WHERE t.tenant_id = p_tenant FOR UPDATE;
+  SELECT x.id INTO v_new
+    FROM (SELECT c.stripe_customer_id AS id, c.stripe_created AS created FROM billing.stripe_customers c
+           WHERE c.tenant_id = p_tenant AND c.deleted_at IS NULL
+          UNION ALL
+          SELECT v_old, NULL WHERE v_old IS NOT NULL
+             AND NOT EXISTS (SELECT 1 FROM billing.stripe_customers c WHERE c.stripe_customer_id = v_old)) x
+   ORDER BY x.created DESC NULLS FIRST, x.id DESC LIMIT 1;
+  IF v_new IS DISTINCT FROM v_old THEN
+    UPDATE billing.tenants SET stripe_customer_id = v_new, updated_at = now() WHERE tenant_id = p_tenant;
+    PERFORM billing.audit('customer.linked', p_tenant, jsonb_build_object('customer', v_new, 'previous', v_old));
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION billing.sync_customer(text) IS
+  'Link the tenant to its newest Stripe customer that is not deleted (audited as customer.linked when it changes).';
+
+-- A customer linked to a tenant (by the outbox's customer.create, the
+-- platform, or the mirror): the events that waited for it are applied.
+CREATE FUNCTION billing.customer_linked() RETURNS trigger
+  LANGUAGE plpgsql SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  IF NEW.stripe_customer_id IS NOT NULL THEN
+    PERFORM billing.inbox_requeue(ARRAY[NEW.stripe_customer_id]);
+  END IF;
+  RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing.customer_linked() IS
+  'Trigger: events that waited for a customer are applied once it is linked to a tenant.';
+CREATE TRIGGER customer_linked AFTER INSERT OR UPDATE OF stripe_customer_id ON billing.tenants
+  FOR EACH ROW EXECUTE FUNCTION billing.customer_linked();
+
+CREATE FUNCTION billing.apply_customer(p_tenant text, o jsonb, p_at timestamptz, p_deleted boolean) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_deleted boolean := p_deleted OR coalesce((o ->> 'deleted')::boolean, false);
+BEGIN
+  -- a deleted customer stays deleted: an older created/updated changes nothing
+  INSERT INTO billing.stripe_customers AS c (tenant_id, stripe_customer_id, stripe_created, deleted_at)
+  VALUES (p_tenant, o ->> 'id', to_timestamp((o ->> 'created')::bigint), CASE WHEN v_deleted THEN p_at END)
+  ON CONFLICT (stripe_customer_id) DO UPDATE
+    SET stripe_created = coalesce(c.stripe_created, EXCLUDED.stripe_created),
+        deleted_at = least(c.deleted_at, EXCLUDED.deleted_at);
+  PERFORM billing.sync_customer(t.tenant_id)
+     FROM billing.stripe_customers c JOIN billing.tenants t USING (tenant_id)
+    WHERE c.stripe_customer_id = o ->> 'id';
+  IF NOT v_deleted THEN
+    PERFORM billing.inbox_requeue(ARRAY[o ->> 'id']);
+  END IF;
+END
+$$;
+
+-- ---- subscriptions -----------------------------------------------------------
+
+-- The grace period of a past_due subscription runs from the first failed
+-- attempt of its oldest unpaid invoice: the created time of the earliest
+-- invoice.payment_failed, else (that event late or lost) the invoice's
+-- finalization, else (no unpaid invoice mirrored yet) the start of the
+-- period the renewal failed for.  All of them Stripe's times.
+CREATE FUNCTION billing.dunning_since(s billing.subscriptions) RETURNS timestamptz
+  LANGUAGE sql STABLE SET search_path = pg_catalog, billing
+AS $$
+  SELECT coalesce(
+    (SELECT min(coalesce(i.first_failed_at, i.finalized_at, i.stripe_created)) FROM billing.invoices i
+      WHERE i.tenant_id = s.tenant_id AND i.stripe_subscription_id = s.stripe_subscription_id
+        AND i.status IN ('open', 'uncollectible') AND (i.first_failed_at IS NOT NULL OR i.attempt_count > 0)),
+    (SELECT min(coalesce(i.finalized_at, i.stripe_created)) FROM billing.invoices i
+      WHERE i.tenant_id = s.tenant_id AND i.stripe_subscription_id = s.stripe_subscription_id
+        AND i.status IN ('open', 'uncollectible')),
+    s.current_period_start, s.stripe_state_at)
+$$;
+COMMENT ON FUNCTION billing.dunning_since(billing.subscriptions) IS
+  'When a past_due subscription''s dunning began, in Stripe''s time: the first failed attempt of its oldest unpaid invoice (else the invoice''s finalization, else its period''s start).';
+
+-- grace_until, derived from the mirrored subscription and its invoices
+-- (never from when an event was applied); audited when it changes.
+CREATE FUNCTION billing.sync_dunning(p_tenant text, p_subscription_id bigint) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  s       billing.subscriptions;
+  v_since timestamptz;
+  v_grace timestamptz;
+BEGIN
+  SELECT * INTO s FROM billing.subscriptions
+   WHERE tenant_id = p_tenant AND subscription_id = p_subscription_id FOR UPDATE;
+  IF NOT FOUND OR s.stripe_subscription_id IS NULL THEN
+    RETURN;   -- local (Free, or waiting for Stripe): no dunning
+  END IF;
+  -- past_due, unless an invoice paid after that state settled every failed
+  -- one (Stripe's own update to active follows, or is fetched)
+  IF s.status = 'past_due'
+     AND (EXISTS (SELECT 1 FROM billing.invoices i
+                   WHERE i.tenant_id = s.tenant_id AND i.stripe_subscription_id = s.stripe_subscription_id
+                     AND i.status IN ('open', 'uncollectible') AND (i.first_failed_at IS NOT NULL OR i.attempt_count > 0))
+          OR NOT EXISTS (SELECT 1 FROM billing.invoices i
+                          WHERE i.tenant_id = s.tenant_id AND i.stripe_subscription_id = s.stripe_subscription_id
+                            AND i.status = 'paid' AND coalesce(i.paid_at, i.stripe_state_at) >= s.stripe_state_at)) THEN
+    v_since := billing.dunning_since(s);
+    v_grace := v_since + current_setting('qes_billing.grace_period')::interval;
+  END IF;
+  IF v_grace IS DISTINCT FROM s.grace_until THEN
+    UPDATE billing.subscriptions SET grace_until = v_grace, updated_at = now()
+     WHERE tenant_id = s.tenant_id AND subscription_id = s.subscription_id;
+    PERFORM billing.audit(CASE WHEN s.grace_until IS NULL THEN 'dunning.started'
+                               WHEN v_grace IS NULL AND s.status IN ('active', 'trialing', 'past_due') THEN 'dunning.recovered'
+                               WHEN v_grace IS NULL THEN 'dunning.ended'
+                               ELSE 'dunning.updated' END,
+                          p_tenant,
+                          jsonb_build_object('subscription', s.stripe_subscription_id, 'status', s.status,
+                                             'since', v_since, 'grace_until', v_grace,
+                                             'previous_grace_until', s.grace_until));
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION billing.sync_dunning(text, bigint) IS
+  'Derive a subscription''s grace period from Stripe''s facts (past_due status, the first failed attempt of its oldest unpaid invoice); audited as dunning.started, dunning.updated, dunning.recovered or dunning.ended.';
+
+-- One subscription state.  Returns the Stripe ids it waits for when it
+-- cannot be applied yet (the tenant has another current subscription whose
+-- end is not mirrored: that one is fetched from Stripe meanwhile).
+CREATE FUNCTION billing.apply_subscription_state(p_tenant text, o jsonb, p_at timestamptz, p_deleted boolean,
+                                                 p_source text DEFAULT 'event', OUT waits_for text[])
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_price    jsonb := o -> 'items' -> 'data' -> 0 -> 'price';
+  v_plan     text;
+  v_int      text;
+  v_status   text := CASE WHEN p_deleted THEN 'canceled' ELSE o ->> 'status' END;
+  v_terminal boolean;
+  v_sub      billing.subscriptions;
+  v_other    billing.subscriptions;
+  v_id       bigint;
+  v_pstart   timestamptz := to_timestamp((coalesce(o ->> 'current_period_start',
+                                                   o -> 'items' -> 'data' -> 0 ->> 'current_period_start'))::bigint);
+  v_pend     timestamptz := to_timestamp((coalesce(o ->> 'current_period_end',
+                                                   o -> 'items' -> 'data' -> 0 ->> 'current_period_end'))::bigint);
+  v_cancel   boolean := coalesce((o ->> 'cancel_at_period_end')::boolean, false);
+  v_trial    timestamptz := to_timestamp((o ->> 'trial_end')::bigint);
+  v_anchor   timestamptz := to_timestamp((o ->> 'billing_cycle_anchor')::bigint);
+  v_ended    timestamptz := to_timestamp((o ->> 'ended_at')::bigint);
+BEGIN
+  SELECT pr.plan_id, pr.billing_interval INTO v_plan, v_int FROM billing.prices pr
+   WHERE pr.stripe_price_id = v_price ->> 'id' OR pr.price_key = v_price ->> 'lookup_key'
+   ORDER BY pr.stripe_price_id = v_price ->> 'id' DESC NULLS LAST LIMIT 1;
+  IF v_plan IS NULL THEN
+    RAISE EXCEPTION 'subscription % has price % which is in no plan of the catalog', o ->> 'id', v_price ->> 'id'
+      USING ERRCODE = 'foreign_key_violation', HINT = 'Run qes_billing_setup --setup-products, or set billing.prices.stripe_price_id.';
+  END IF;
+  v_int := coalesce(v_price -> 'recurring' ->> 'interval', v_int);
+  IF v_status IS NULL OR v_status NOT IN ('incomplete', 'incomplete_expired', 'trialing', 'active', 'past_due',
+                                          'canceled', 'unpaid', 'paused') THEN
+    RAISE EXCEPTION 'subscription % has an unknown status %', o ->> 'id', coalesce(quote_literal(v_status), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Stripe''s subscription statuses: incomplete, incomplete_expired, trialing, active, past_due, canceled, unpaid, paused.';
+  END IF;
+  v_terminal := v_status IN ('canceled', 'incomplete_expired');
+  IF v_terminal THEN
+    v_ended := coalesce(v_ended, to_timestamp((o ->> 'canceled_at')::bigint), p_at);
+  END IF;
+
+  SELECT * INTO v_sub FROM billing.subscriptions s WHERE s.stripe_subscription_id = o ->> 'id' FOR UPDATE;
+  IF NOT FOUND AND NOT v_terminal THEN
+    -- the tenant's current local subscription (Free, or one waiting for Stripe) becomes this one
+    SELECT * INTO v_sub FROM billing.subscriptions s
+     WHERE s.tenant_id = p_tenant AND s.stripe_subscription_id IS NULL
+       AND s.status NOT IN ('canceled', 'incomplete_expired') FOR UPDATE;
+  END IF;
+
+  IF v_sub.subscription_id IS NOT NULL AND v_sub.stripe_subscription_id IS NOT NULL
+     AND v_sub.stripe_state_at IS NOT NULL THEN
+    IF v_sub.status IN ('canceled', 'incomplete_expired') AND NOT v_terminal THEN
+      RETURN;   -- an ended subscription is never revived (whatever the times say)
+    ELSIF v_terminal AND v_sub.status NOT IN ('canceled', 'incomplete_expired') THEN
+      NULL;     -- and its end always wins
+    ELSIF v_sub.stripe_state_at > p_at THEN
+      RETURN;   -- an older state: the newer one stays
+    ELSIF v_sub.stripe_state_at = p_at THEN
+      IF (v_sub.status, v_sub.plan_id, v_sub.billing_interval, v_sub.current_period_start, v_sub.current_period_end,
+          v_sub.cancel_at_period_end, v_sub.trial_end)
+         IS NOT DISTINCT FROM (v_status, v_plan, v_int, v_pstart, v_pend, v_cancel, v_trial) THEN
+        -- the same state again: only fill in what it adds
+        UPDATE billing.subscriptions
+           SET billing_cycle_anchor = coalesce(billing_cycle_anchor, v_anchor),
+               stripe_created = coalesce(stripe_created, to_timestamp((o ->> 'created')::bigint))
+         WHERE tenant_id = v_sub.tenant_id AND subscription_id = v_sub.subscription_id
+           AND (billing_cycle_anchor IS NULL OR stripe_created IS NULL);
+        RETURN;
+      END IF;
+      -- two different states of the same second.  Two answers of the
+      -- outbox: the one recorded later was asked for later, and wins.
+      -- Otherwise Stripe's order is not known: ask Stripe in the next
+      -- second (its answer is newer than both) and meanwhile let a fixed
+      -- rule decide, the same in every delivery order.
+      IF p_source = 'answer' AND v_sub.stripe_state_source = 'answer' THEN
+        NULL;
+      ELSE
+        PERFORM billing.refresh_subscription_after_this_second(p_tenant, o ->> 'id');
+        IF (coalesce(v_sub.current_period_end, '-infinity'), billing.status_rank('subscription', v_sub.status),
+          v_sub.cancel_at_period_end, coalesce(v_sub.stripe_price_id, ''), coalesce(v_sub.trial_end, '-infinity'))
+         >= (coalesce(v_pend, '-infinity'), billing.status_rank('subscription', v_status),
+             v_cancel, coalesce(v_price ->> 'id', ''), coalesce(v_trial, '-infinity')) THEN
+          RETURN;
+        END IF;
+      END IF;
+    END IF;
+  END IF;
+
+  IF NOT v_terminal THEN
+    -- one current subscription per tenant: another one whose end is late or lost?
+    SELECT * INTO v_other FROM billing.subscriptions s
+     WHERE s.tenant_id = p_tenant AND s.stripe_subscription_id IS NOT NULL
+       AND s.stripe_subscription_id <> o ->> 'id' AND s.status NOT IN ('canceled', 'incomplete_expired');
+    IF FOUND THEN
+      PERFORM billing.refresh_subscription(p_tenant, v_other.stripe_subscription_id);
+      waits_for := ARRAY[v_other.stripe_subscription_id, o ->> 'id'];
+      RETURN;
+    END IF;
+  END IF;
+
+  IF v_sub.subscription_id IS NOT NULL THEN
+    UPDATE billing.subscriptions SET
+      stripe_subscription_id = o ->> 'id', plan_id = v_plan, billing_interval = v_int, status = v_status,
+      stripe_price_id = v_price ->> 'id', current_period_start = v_pstart, current_period_end = v_pend,
+      cancel_at_period_end = v_cancel, trial_end = v_trial,
+      billing_cycle_anchor = coalesce(v_anchor, billing_cycle_anchor),
+      stripe_created = coalesce(to_timestamp((o ->> 'created')::bigint), stripe_created),
+      ended_at = CASE WHEN v_terminal THEN least(ended_at, v_ended) END,
+      stripe_state_at = greatest(stripe_state_at, p_at), stripe_state_source = p_source, updated_at = now()
+     WHERE tenant_id = v_sub.tenant_id AND subscription_id = v_sub.subscription_id;
+    v_id := v_sub.subscription_id;
+    p_tenant := v_sub.tenant_id;
+  ELSE
+    INSERT INTO billing.subscriptions (tenant_id, plan_id, billing_interval, status, stripe_subscription_id,
+                                       stripe_price_id, current_period_start, current_period_end,
+                                       cancel_at_period_end, trial_end, stripe_state_at, billing_cycle_anchor,
+                                       stripe_created, ended_at, stripe_state_source)
+    VALUES (p_tenant, v_plan, v_int, v_status, o ->> 'id', v_price ->> 'id', v_pstart, v_pend,
+            v_cancel, v_trial, p_at, v_anchor, to_timestamp((o ->> 'created')::bigint),
+            CASE WHEN v_terminal THEN v_ended END, p_source)
+    RETURNING subscription_id INTO v_id;
+  END IF;
+
+  -- its invoices, whichever arrived first
+  UPDATE billing.invoices SET subscription_id = v_id, updated_at = now()
+   WHERE tenant_id = p_tenant AND stripe_subscription_id = o ->> 'id' AND subscription_id IS DISTINCT FROM v_id;
+  PERFORM billing.sync_dunning(p_tenant, v_id);
+  IF v_terminal THEN
+    -- a subscription that waited for this one to end
+    PERFORM billing.inbox_requeue(ARRAY[o ->> 'id']);
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION billing.apply_subscription_state(text, jsonb, timestamptz, boolean, text) IS
+  'Mirror one state of a Stripe subscription (newest wins; an ended one is never revived; a same-second conflict is fetched from Stripe). Returns the Stripe ids it must wait for, NULL when applied or older.';
+
+-- For answers of the outbox (billing.outbox_apply): a subscription that
+-- cannot be applied yet is an error there, so the answer is asked for again.
+-- Its state is Stripe's when the request was sent (source 'answer').
+CREATE FUNCTION billing.apply_subscription(p_tenant text, o jsonb, p_at timestamptz, p_deleted boolean)
+  RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_waits text[] := billing.apply_subscription_state(p_tenant, o, p_at, p_deleted, 'answer');
+BEGIN
+  IF v_waits IS NOT NULL THEN
+    RAISE EXCEPTION 'subscription % of tenant % waits for the end of subscription %', o ->> 'id', p_tenant, v_waits[1]
+      USING ERRCODE = 'unique_violation', HINT = 'The other subscription is being fetched from Stripe; this answer is applied again after it.';
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION billing.apply_subscription(text, jsonb, timestamptz, boolean) IS
+  'Mirror one state of a Stripe subscription (as billing.apply_subscription_state); an error when it must wait for another subscription''s end.';
+
+-- ---- invoices and payments ---------------------------------------------------
+
+-- An invoice's subscription: top level before API 2025-03-31, under parent since.
+CREATE FUNCTION billing.invoice_subscription(o jsonb) RETURNS text
+  LANGUAGE sql IMMUTABLE
+RETURN coalesce(billing.stripe_ref(o -> 'subscription'),
+                o -> 'parent' -> 'subscription_details' ->> 'subscription');
+
+-- Record that a payment intent pays an invoice (from either side); the
+-- payment, when mirrored, becomes a subscription payment.
+CREATE FUNCTION billing.link_invoice_payment(p_tenant text, p_invoice text, p_payment_intent text) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  IF p_invoice IS NULL OR p_payment_intent IS NULL OR p_invoice !~ '^in_' OR p_payment_intent !~ '^pi_' THEN
+    RETURN;
+  END IF;
+  INSERT INTO billing.invoice_payments (tenant_id, stripe_payment_intent_id, stripe_invoice_id)
+  VALUES (p_tenant, p_payment_intent, p_invoice) ON CONFLICT DO NOTHING;
+  IF FOUND THEN
+    UPDATE billing.payments SET kind = 'subscription', stripe_invoice_id = coalesce(stripe_invoice_id, p_invoice),
+                                updated_at = now()
+     WHERE tenant_id = p_tenant AND stripe_payment_intent_id = p_payment_intent
+       AND (kind <> 'subscription' OR stripe_invoice_id IS NULL);
+  END IF;
+END
+$$;
+
+CREATE FUNCTION billing.apply_invoice(p_tenant text, o jsonb, p_at timestamptz, p_failed boolean DEFAULT false,
+                                      p_fetched boolean DEFAULT false)
+  RETURNS void
+  LANGUAGE plpgsql SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_old    billing.invoices;
+  v_sub    billing.subscriptions;
+  v_subid  text := billing.invoice_subscription(o);
+  v_newer  boolean;
+  v_pi     text;
+  v_st     jsonb := o -> 'status_transitions';
+BEGIN
+  IF v_subid IS NOT NULL THEN
+    SELECT * INTO v_sub FROM billing.subscriptions s WHERE s.tenant_id = p_tenant AND s.stripe_subscription_id = v_subid;
+  END IF;
+  SELECT * INTO v_old FROM billing.invoices i WHERE i.stripe_invoice_id = o ->> 'id' FOR UPDATE;
+  IF NOT FOUND THEN
+    INSERT INTO billing.invoices (tenant_id, stripe_invoice_id, subscription_id, stripe_subscription_id, number, status,
+                                  amount_due, amount_paid, amount_remaining, currency, period_start, period_end,
+                                  hosted_invoice_url, invoice_pdf, stripe_created, stripe_state_at, first_failed_at,
+                                  attempt_count, finalized_at, paid_at)
+    VALUES (p_tenant, o ->> 'id', v_sub.subscription_id, v_subid, o ->> 'number', o ->> 'status',
+            coalesce((o ->> 'amount_due')::bigint, 0), coalesce((o ->> 'amount_paid')::bigint, 0),
+            coalesce((o ->> 'amount_remaining')::bigint, 0), o ->> 'currency',
+            to_timestamp((o ->> 'period_start')::bigint), to_timestamp((o ->> 'period_end')::bigint),
+            o ->> 'hosted_invoice_url', o ->> 'invoice_pdf', to_timestamp((o ->> 'created')::bigint), p_at,
+            CASE WHEN p_failed THEN p_at END, coalesce((o ->> 'attempt_count')::integer, 0),
+            to_timestamp((v_st ->> 'finalized_at')::bigint), to_timestamp((v_st ->> 'paid_at')::bigint));
+    PERFORM billing.inbox_requeue(ARRAY[o ->> 'id']);
+  ELSE
+    v_newer := v_old.stripe_state_at IS NULL OR v_old.stripe_state_at < p_at
+               OR (v_old.stripe_state_at = p_at
+                   AND (billing.status_rank('invoice', v_old.status), v_old.status, v_old.amount_paid,
+                        v_old.amount_remaining, coalesce(v_old.number, ''))
+                       < (billing.status_rank('invoice', o ->> 'status'), o ->> 'status',
+                          coalesce((o ->> 'amount_paid')::bigint, 0), coalesce((o ->> 'amount_remaining')::bigint, 0),
+                          coalesce(o ->> 'number', '')));
+    UPDATE billing.invoices i SET
+      -- the newest state
+      number = CASE WHEN v_newer THEN coalesce(o ->> 'number', i.number) ELSE i.number END,
+      status = CASE WHEN v_newer THEN o ->> 'status' ELSE i.status END,
+      amount_due = CASE WHEN v_newer THEN coalesce((o ->> 'amount_due')::bigint, 0) ELSE i.amount_due END,
+      amount_paid = CASE WHEN v_newer THEN coalesce((o ->> 'amount_paid')::bigint, 0) ELSE i.amount_paid END,
+      amount_remaining = CASE WHEN v_newer THEN coalesce((o ->> 'amount_remaining')::bigint, 0) ELSE i.amount_remaining END,
+      hosted_invoice_url = CASE WHEN v_newer THEN coalesce(o ->> 'hosted_invoice_url', i.hosted_invoice_url) ELSE i.hosted_invoice_url END,
+      invoice_pdf = CASE WHEN v_newer THEN coalesce(o ->> 'invoice_pdf', i.invoice_pdf) ELSE i.invoice_pdf END,
+      stripe_state_at = CASE WHEN v_newer THEN p_at ELSE i.stripe_state_at END,
+      -- facts, whatever the order
+      subscription_id = coalesce(v_sub.subscription_id, i.subscription_id),
+      stripe_subscription_id = coalesce(i.stripe_subscription_id, v_subid),
+      first_failed_at = least(i.first_failed_at, CASE WHEN p_failed THEN p_at END),
+      attempt_count = greatest(i.attempt_count, coalesce((o ->> 'attempt_count')::integer, 0)),
+      finalized_at = coalesce(i.finalized_at, to_timestamp((v_st ->> 'finalized_at')::bigint)),
+      paid_at = coalesce(i.paid_at, to_timestamp((v_st ->> 'paid_at')::bigint)),
+      updated_at = now()
+     WHERE tenant_id = v_old.tenant_id AND stripe_invoice_id = v_old.stripe_invoice_id;
+  END IF;
+
+  -- which payment intent pays it: named on the invoice before API
+  -- 2025-03-31, in its payments (InvoicePayment) since
+  v_pi := billing.stripe_ref(o -> 'payment_intent');
+  PERFORM billing.link_invoice_payment(p_tenant, o ->> 'id', v_pi);
+  PERFORM billing.link_invoice_payment(p_tenant, o ->> 'id', billing.stripe_ref(p -> 'payment' -> 'payment_intent'))
+     FROM jsonb_array_elements(CASE WHEN jsonb_typeof(o -> 'payments' -> 'data') = 'array'
+                                    THEN o -> 'payments' -> 'data' ELSE '[]' END) p;
+  IF NOT p_fetched AND NOT o ? 'payment_intent' AND o -> 'payments' IS NULL
+     AND coalesce((o ->> 'amount_paid')::bigint, 0) > 0 THEN
+    -- a newer API shape: the payment intent is only on the invoice's
+    -- payments; the invoice in the pinned version names it
+    PERFORM billing.refresh_invoice(p_tenant, o ->> 'id');
+  END IF;
+
+  IF v_sub.subscription_id IS NOT NULL THEN
+    PERFORM billing.sync_dunning(v_sub.tenant_id, v_sub.subscription_id);
+    -- an invoice that contradicts the mirrored status (the subscription's
+    -- own update is late or lost): ask Stripe for the subscription
+    IF NOT p_fetched AND p_at >= coalesce(v_sub.stripe_state_at, '-infinity')
+       AND ((p_failed AND v_sub.status IN ('active', 'trialing'))
+            OR (o ->> 'status' = 'paid' AND v_sub.status IN ('past_due', 'unpaid'))) THEN
+      PERFORM billing.refresh_subscription(p_tenant, v_subid);
+    END IF;
+  ELSIF v_subid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM billing.subscriptions s WHERE s.stripe_subscription_id = v_subid) THEN
+    -- an invoice of a subscription we do not mirror (its events are late
+    -- or lost): ask Stripe for the subscription as it is now, once
+    PERFORM billing.refresh_subscription(p_tenant, v_subid);
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION billing.apply_invoice(text, jsonb, timestamptz, boolean, boolean) IS
+  'Mirror one state of a Stripe invoice (newest wins; its subscription, payment intents and first failed attempt are kept whatever the order) and derive its subscription''s dunning.';
+
+CREATE FUNCTION billing.apply_payment(p_tenant text, o jsonb, p_at timestamptz, p_kind text) RETURNS void
+  LANGUAGE plpgsql SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_pi     text := CASE WHEN o ->> 'object' = 'payment_intent' THEN o ->> 'id' ELSE billing.stripe_ref(o -> 'payment_intent') END;
+  v_charge text := CASE WHEN o ->> 'object' = 'charge' THEN o ->> 'id' ELSE billing.stripe_ref(o -> 'latest_charge') END;
+  v_status text := CASE o ->> 'object' WHEN 'charge' THEN CASE o ->> 'status' WHEN 'succeeded' THEN 'succeeded'
+                                                                               WHEN 'failed' THEN 'failed' ELSE 'processing' END
+                                       ELSE CASE WHEN p_kind = 'failed' THEN 'failed' ELSE o ->> 'status' END END;
+  v_err    jsonb := coalesce(o -> 'last_payment_error', jsonb_build_object('code', o ->> 'failure_code',
+                                                                             'message', o ->> 'failure_message'));
+  v_inv    text := billing.stripe_ref(o -> 'invoice');
+  v_link   text;
+  v_old    billing.payments;
+BEGIN
+  IF v_pi IS NULL THEN
+    RETURN;   -- a charge without a payment intent: nothing of ours
+  END IF;
+  -- the invoice it pays, named by the payment (before API 2025-03-31) or by the invoice
+  PERFORM billing.link_invoice_payment(p_tenant, v_inv, v_pi);
+  SELECT l.stripe_invoice_id INTO v_link FROM billing.invoice_payments l
+   WHERE l.tenant_id = p_tenant AND l.stripe_payment_intent_id = v_pi ORDER BY 1 LIMIT 1;
+  SELECT * INTO v_old FROM billing.payments p WHERE p.stripe_payment_intent_id = v_pi FOR UPDATE;
+  IF FOUND AND (v_old.stripe_state_at > p_at
+                OR (v_old.stripe_state_at = p_at
+                    AND billing.status_rank('payment', v_old.status) >= billing.status_rank('payment', v_status))) THEN
+    -- older state, but what it reveals still counts: the charge, and the invoice it pays
+    UPDATE billing.payments SET stripe_charge_id = coalesce(stripe_charge_id, v_charge),
+           kind = CASE WHEN v_link IS NOT NULL THEN 'subscription' ELSE kind END,
+           stripe_invoice_id = coalesce(stripe_invoice_id, v_link)
+     WHERE tenant_id = v_old.tenant_id AND payment_id = v_old.payment_id;
+  ELSIF FOUND THEN
+    UPDATE billing.payments SET status = v_status, stripe_charge_id = coalesce(v_charge, stripe_charge_id),
+           kind = CASE WHEN v_link IS NOT NULL THEN 'subscription' ELSE kind END,
+           stripe_invoice_id = coalesce(stripe_invoice_id, v_link),
+           failure_code = CASE WHEN v_status = 'failed' THEN coalesce(v_err ->> 'decline_code', v_err ->> 'code') END,
+           failure_message = CASE WHEN v_status = 'failed' THEN v_err ->> 'message' END,
+           stripe_state_at = p_at, updated_at = now()
+     WHERE tenant_id = v_old.tenant_id AND payment_id = v_old.payment_id;
+  ELSE
+    INSERT INTO billing.payments (tenant_id, kind, amount, currency, description, status, stripe_payment_intent_id,
+                                  stripe_charge_id, failure_code, failure_message, stripe_state_at, stripe_invoice_id)
+    VALUES (p_tenant, CASE WHEN v_link IS NOT NULL THEN 'subscription' ELSE 'one_time' END,
+            greatest(coalesce((o ->> 'amount')::bigint, 0), 1), o ->> 'currency', o ->> 'description', v_status, v_pi,
+            v_charge,
+            CASE WHEN v_status = 'failed' THEN coalesce(v_err ->> 'decline_code', v_err ->> 'code') END,
+            CASE WHEN v_status = 'failed' THEN v_err ->> 'message' END, p_at, v_link);
+  END IF;
+  -- a dispute that waited for this charge
+  PERFORM billing.inbox_requeue(ARRAY[v_charge, v_pi]);
+END
+$$;
+
+-- ---- answers of the GETs above (invoice.refresh) ------------------------------
+
+CREATE FUNCTION billing.mirror_fetched() RETURNS trigger
+  LANGUAGE plpgsql SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_t text := coalesce(billing.event_tenant(NEW.response), NEW.tenant_id);
+BEGIN
+  IF NEW.response ->> 'object' = 'invoice' AND v_t IS NOT NULL THEN
+    PERFORM billing.apply_invoice(v_t, NEW.response, billing.outbox_state_at(NEW), false, true);
+  END IF;
+  RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing.mirror_fetched() IS
+  'Trigger: the answer of a GET the mirror asked for (invoice.refresh) is applied like an event, in the transaction that records it.';
+CREATE TRIGGER mirror_fetched AFTER UPDATE OF state ON billing.stripe_requests
+  FOR EACH ROW WHEN (NEW.state = 'succeeded' AND OLD.state <> 'succeeded' AND NEW.kind = 'invoice.refresh')
+  EXECUTE FUNCTION billing.mirror_fetched();
+
+-- ---- one event ----------------------------------------------------------------
+
+-- Apply one event.  tenant_id: the tenant it concerned ('' when it is not
+-- known to be ours, NULL for a type not handled); state: applied, ignored
+-- or waiting; waits_for: what it waits for.
+CREATE FUNCTION billing.apply_event_ex(e jsonb, OUT out_tenant text, OUT out_state text, OUT out_waits text[])
   LANGUAGE plpgsql SET search_path = pg_catalog, billing
 AS $$
 DECLARE
@@ -195,40 +656,58 @@ DECLARE
   v_type text := e ->> 'type';
   v_at   timestamptz := to_timestamp((e ->> 'created')::bigint);
   v_t    text := billing.event_tenant(o);
-  v_sub  billing.subscriptions;
+  v_ref  text[];
 BEGIN
+  out_state := 'applied';
   IF v_type = 'charge.dispute.created' THEN
     SELECT p.tenant_id INTO v_t FROM billing.payments p
-     WHERE p.stripe_charge_id = o ->> 'charge' OR p.stripe_payment_intent_id = o ->> 'payment_intent' LIMIT 1;
+     WHERE p.stripe_charge_id = billing.stripe_ref(o -> 'charge')
+        OR p.stripe_payment_intent_id = billing.stripe_ref(o -> 'payment_intent')
+     ORDER BY p.stripe_charge_id = billing.stripe_ref(o -> 'charge') DESC NULLS LAST LIMIT 1;
     IF v_t IS NULL THEN
-      -- the charge's own events may not have arrived yet: fail, to be retried
-      RAISE EXCEPTION 'dispute % is for charge %, which no payment mirrors yet', o ->> 'id', o ->> 'charge'
-        USING ERRCODE = 'foreign_key_violation',
-              HINT = 'It is retried with backoff; if it is parked, the charge is not one of ours.';
+      -- its charge is not mirrored yet: applied when it is
+      out_tenant := '';
+      out_state := 'waiting';
+      out_waits := array_remove(ARRAY[billing.stripe_ref(o -> 'charge'), billing.stripe_ref(o -> 'payment_intent')], NULL);
+      RETURN;
+    END IF;
+  ELSIF v_type = 'invoice_payment.paid' THEN
+    SELECT i.tenant_id INTO v_t FROM billing.invoices i WHERE i.stripe_invoice_id = billing.stripe_ref(o -> 'invoice');
+    IF v_t IS NULL THEN
+      out_tenant := '';
+      out_state := 'waiting';
+      out_waits := array_remove(ARRAY[billing.stripe_ref(o -> 'invoice')], NULL);
+      RETURN;
     END IF;
   END IF;
   IF v_t IS NULL THEN
-    RETURN '';   -- not one of our tenants' objects
+    -- not (known to be) one of our tenants' objects; applied if its customer becomes ours
+    out_tenant := '';
+    out_state := 'ignored';
+    out_waits := array_remove(ARRAY[billing.object_customer(o)], NULL);
+    RETURN;
   END IF;
+  out_tenant := v_t;
 
   CASE
   WHEN v_type IN ('customer.created', 'customer.updated') THEN
-    UPDATE billing.tenants SET stripe_customer_id = o ->> 'id', updated_at = now()
-     WHERE tenant_id = v_t AND stripe_customer_id IS DISTINCT FROM o ->> 'id';
+    PERFORM billing.apply_customer(v_t, o, v_at, false);
   WHEN v_type = 'customer.deleted' THEN
-    UPDATE billing.tenants SET stripe_customer_id = NULL, updated_at = now()
-     WHERE tenant_id = v_t AND stripe_customer_id = o ->> 'id';
-  WHEN v_type IN ('customer.subscription.created', 'customer.subscription.updated') THEN
-    PERFORM billing.apply_subscription(v_t, o, v_at, false);
-  WHEN v_type = 'customer.subscription.deleted' THEN
-    PERFORM billing.apply_subscription(v_t, o, v_at, true);
+    PERFORM billing.apply_customer(v_t, o, v_at, true);
+  WHEN v_type IN ('customer.subscription.created', 'customer.subscription.updated',
+                  'customer.subscription.deleted') THEN
+    out_waits := billing.apply_subscription_state(v_t, o, v_at, v_type = 'customer.subscription.deleted');
+    IF out_waits IS NOT NULL THEN
+      out_state := 'waiting';
+    END IF;
   WHEN v_type = 'customer.subscription.trial_will_end' THEN
     INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)
     VALUES (v_t, 'subscription.trial_will_end', 'trial_will_end:' || (o ->> 'id') || ':' || coalesce(o ->> 'trial_end', ''),
             jsonb_build_object('subscription', o ->> 'id', 'trial_end', to_timestamp((o ->> 'trial_end')::bigint)))
     ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
-  WHEN v_type IN ('invoice.created', 'invoice.finalized', 'invoice.paid', 'invoice.payment_failed') THEN
-    PERFORM billing.apply_invoice(v_t, o, v_at);
+  WHEN v_type IN ('invoice.created', 'invoice.finalized', 'invoice.updated', 'invoice.paid', 'invoice.payment_failed',
+                  'invoice.voided', 'invoice.marked_uncollectible') THEN
+    PERFORM billing.apply_invoice(v_t, o, v_at, v_type = 'invoice.payment_failed');
     IF v_type = 'invoice.payment_failed' THEN
       -- the fact, whatever order events arrive in (once per invoice); whoever
       -- delivers notifications skips it if the invoice is paid by then
@@ -238,53 +717,40 @@ BEGIN
                                  'hosted_invoice_url', o ->> 'hosted_invoice_url'))
       ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
     END IF;
-    SELECT * INTO v_sub FROM billing.subscriptions s WHERE s.stripe_subscription_id = billing.invoice_subscription(o) FOR UPDATE;
-    IF NOT FOUND AND billing.invoice_subscription(o) IS NOT NULL THEN
-      -- an invoice of a subscription we do not mirror (its events are late
-      -- or lost): ask Stripe for the subscription as it is now, once
-      PERFORM billing.refresh_subscription(v_t, billing.invoice_subscription(o));
-    END IF;
-    -- (a first payment that fails is not dunning: the subscription stays incomplete, on Free limits)
-    IF FOUND AND v_type = 'invoice.payment_failed' AND v_sub.status IN ('active', 'trialing', 'past_due', 'unpaid')
-       AND (v_sub.stripe_state_at IS NULL OR v_sub.stripe_state_at <= v_at) THEN
-      -- dunning: past due, paid limits kept for the grace period
-      UPDATE billing.subscriptions
-         SET status = CASE WHEN status IN ('active', 'trialing', 'past_due') THEN 'past_due' ELSE status END,
-             grace_until = coalesce(grace_until, billing.now() + current_setting('qes_billing.grace_period')::interval),
-             stripe_state_at = v_at, updated_at = now()
-       WHERE tenant_id = v_sub.tenant_id AND subscription_id = v_sub.subscription_id;
-      PERFORM billing.audit('dunning.started', v_t, jsonb_build_object('invoice', o ->> 'id', 'subscription', v_sub.stripe_subscription_id));
-    ELSIF FOUND AND v_type = 'invoice.paid' AND v_sub.status IN ('past_due', 'unpaid')
-       AND (v_sub.stripe_state_at IS NULL OR v_sub.stripe_state_at <= v_at) THEN
-      UPDATE billing.subscriptions SET status = 'active', grace_until = NULL, stripe_state_at = v_at, updated_at = now()
-       WHERE tenant_id = v_sub.tenant_id AND subscription_id = v_sub.subscription_id;
-      PERFORM billing.audit('dunning.recovered', v_t, jsonb_build_object('invoice', o ->> 'id', 'subscription', v_sub.stripe_subscription_id));
-    END IF;
+  WHEN v_type = 'invoice_payment.paid' THEN
+    PERFORM billing.link_invoice_payment(v_t, billing.stripe_ref(o -> 'invoice'),
+                                         billing.stripe_ref(o -> 'payment' -> 'payment_intent'));
   WHEN v_type IN ('payment_intent.succeeded', 'charge.succeeded') THEN
     PERFORM billing.apply_payment(v_t, o, v_at, 'succeeded');
   WHEN v_type IN ('payment_intent.payment_failed', 'charge.failed') THEN
     PERFORM billing.apply_payment(v_t, o, v_at, 'failed');
   WHEN v_type = 'charge.dispute.created' THEN
     INSERT INTO billing.disputes (tenant_id, stripe_dispute_id, stripe_charge_id, amount, currency, reason, status, stripe_created)
-    VALUES (v_t, o ->> 'id', o ->> 'charge', coalesce((o ->> 'amount')::bigint, 0), o ->> 'currency', o ->> 'reason',
-            o ->> 'status', to_timestamp((o ->> 'created')::bigint))
+    VALUES (v_t, o ->> 'id', billing.stripe_ref(o -> 'charge'), coalesce((o ->> 'amount')::bigint, 0), o ->> 'currency',
+            o ->> 'reason', o ->> 'status', to_timestamp((o ->> 'created')::bigint))
     ON CONFLICT (stripe_dispute_id) DO NOTHING;
     IF FOUND THEN
       UPDATE billing.tenants SET disputed = true, updated_at = now() WHERE tenant_id = v_t;
       INSERT INTO billing.notifications (tenant_id, kind, audience, dedup_key, payload)
       VALUES (v_t, 'dispute.created', 'operator', 'dispute:' || (o ->> 'id'),
-              jsonb_build_object('dispute', o ->> 'id', 'charge', o ->> 'charge', 'amount', (o ->> 'amount')::bigint,
-                                 'currency', o ->> 'currency', 'reason', o ->> 'reason'))
+              jsonb_build_object('dispute', o ->> 'id', 'charge', billing.stripe_ref(o -> 'charge'),
+                                 'amount', (o ->> 'amount')::bigint, 'currency', o ->> 'currency', 'reason', o ->> 'reason'))
       ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
-      PERFORM billing.audit('dispute.created', v_t, jsonb_build_object('dispute', o ->> 'id', 'charge', o ->> 'charge',
+      PERFORM billing.audit('dispute.created', v_t, jsonb_build_object('dispute', o ->> 'id', 'charge', billing.stripe_ref(o -> 'charge'),
                                                                        'amount', (o ->> 'amount')::bigint, 'reason', o ->> 'reason'));
     END IF;
   ELSE
-    RETURN NULL;   -- a type we do not handle
+    out_tenant := NULL;   -- a type we do not handle
+    out_state := 'ignored';
   END CASE;
-  RETURN v_t;
 END
 $$;
+COMMENT ON FUNCTION billing.apply_event_ex(jsonb) IS
+  'Apply one Stripe event to local state: the tenant it concerned, its state (applied, ignored, waiting) and the Stripe ids it waits for. Idempotent and independent of delivery order.';
+
+CREATE FUNCTION billing.apply_event(e jsonb) RETURNS text
+  LANGUAGE sql SET search_path = pg_catalog, billing
+AS $$ SELECT (billing.apply_event_ex(e)).out_tenant $$;
 COMMENT ON FUNCTION billing.apply_event(jsonb) IS
   'Apply one Stripe event to local state. Idempotent; an older event never overwrites newer state. Returns the tenant, '''' when not ours, NULL for a type not handled.';
 
@@ -294,7 +760,7 @@ CREATE FUNCTION billing.process_inbox(p_limit integer DEFAULT 200) RETURNS integ
 AS $$
 DECLARE
   ev      record;
-  v_t     text;
+  r       record;
   v_err   text;
   v_n     integer := 0;
   v_max   integer := current_setting('qes_billing.webhook_max_attempts')::integer;
@@ -310,13 +776,17 @@ BEGIN
   LOOP
     v_n := v_n + 1;
     BEGIN
-      v_t := billing.apply_event(ev.payload::jsonb);
+      r := billing.apply_event_ex(ev.payload::jsonb);
+      DELETE FROM billing.webhook_waits WHERE stripe_event_id = ev.stripe_event_id;
+      INSERT INTO billing.webhook_waits (stripe_id, stripe_event_id)
+      SELECT DISTINCT x, ev.stripe_event_id FROM unnest(r.out_waits) x WHERE x IS NOT NULL;
       UPDATE billing.webhook_events
-         SET state = CASE WHEN v_t IS NULL OR v_t = '' THEN 'ignored' ELSE 'applied' END,
-             tenant_id = nullif(v_t, ''), attempts = attempts + 1, applied_at = clock_timestamp(), last_error = NULL
+         SET state = r.out_state, waits_for = r.out_waits,
+             tenant_id = nullif(r.out_tenant, ''), attempts = attempts + 1, applied_at = clock_timestamp(), last_error = NULL
        WHERE stripe_event_id = ev.stripe_event_id;
     EXCEPTION WHEN OTHERS THEN
       GET STACKED DIAGNOSTICS v_err = MESSAGE_TEXT;
+      v_err := billing.redact_text(v_err);
       UPDATE billing.webhook_events
          SET attempts = attempts + 1, last_error = v_err,
              state = CASE WHEN attempts + 1 >= v_max THEN 'needs_review' ELSE 'received' END,
@@ -331,7 +801,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing.process_inbox(integer) IS
-  'Apply due inbox events (run by the worker). A failing event is retried with exponential backoff and jitter; after qes_billing.webhook_max_attempts it is parked as needs_review.';
+  'Apply due inbox events (run by the worker). A failing event is retried with exponential backoff and jitter; after qes_billing.webhook_max_attempts it is parked as needs_review. An event that names what is not mirrored yet waits for it.';
 
 CREATE FUNCTION billing.replay_webhook(p_event_id text DEFAULT NULL) RETURNS integer
   LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, billing
@@ -365,6 +835,7 @@ SELECT (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM ap
        (SELECT count(*) FROM billing.webhook_events WHERE state = 'received' AND attempts > 0) AS retrying,
        (SELECT count(*) FROM billing.webhook_events WHERE state = 'needs_review') AS parked,
        (SELECT coalesce(sum(r.deliveries), 0) FROM billing.webhook_rejections r WHERE r.rejected_at > now() - interval '1 hour')
-         + (SELECT coalesce(sum(p.deliveries), 0) FROM billing.webhook_rejections_pending() p) AS rejected_last_hour;
+         + (SELECT coalesce(sum(p.deliveries), 0) FROM billing.webhook_rejections_pending() p) AS rejected_last_hour,
+       (SELECT count(*) FROM billing.webhook_events WHERE state = 'waiting') AS waiting;
 COMMENT ON VIEW billing.webhook_metrics IS
-  'Webhook processing: latency received -> applied (p50, p95, p99 over the last hour), throughput, retries, parked and rejected deliveries.';
+  'Webhook processing: latency received -> applied (p50, p95, p99 over the last hour), throughput, retries, parked and rejected deliveries, events waiting for an object not mirrored yet.';

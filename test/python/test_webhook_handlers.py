@@ -146,7 +146,13 @@ def test_dunning_grace_free_limits_and_recovery(pg, wh, fx):
     inv["parent"]["subscription_details"]["subscription"] = sub["id"]
     _, (state, err) = send(pg, wh, "invoice.payment_failed", inv, created=t0 + 1)
     assert state == "applied", err
+    # the invoice alone does not change the subscription: Stripe's own update does
+    assert sub_row(pg) == [("professional", "month", "active", False, False)]
+    send(pg, wh, "customer.subscription.updated", dict(sub, status="past_due"), created=t0 + 1)
     assert sub_row(pg) == [("professional", "month", "past_due", False, True)]
+    # the grace period runs from the failed attempt (the event's Stripe time)
+    assert pg.sql("SELECT grace_until = to_timestamp(%s) + interval '7 days' FROM billing.subscriptions "
+                  "WHERE tenant_id = %s AND status = 'past_due'", (t0 + 1, TENANT)) == [(True,)]
     assert limit(pg)[:2] == ("professional", 100)          # paid limits during the grace period
     assert pg.sql("SELECT count(*) FROM billing.notifications WHERE tenant_id = %s AND kind = 'payment.failed'",
                   (TENANT,))[0][0] == 1
@@ -155,6 +161,10 @@ def test_dunning_grace_free_limits_and_recovery(pg, wh, fx):
         plan, lim, reason = limit(pg)
         assert (plan, lim) == ("free", 10) and "grace period" in reason
         send(pg, wh, "invoice.paid", dict(inv, status="paid", amount_paid=inv["amount_due"]), created=t0 + 2)
+        # paid after the past_due state: the paid limits are back before Stripe's update arrives
+        assert sub_row(pg) == [("professional", "month", "past_due", False, False)]
+        assert limit(pg) == ("professional", 100, None)
+        send(pg, wh, "customer.subscription.updated", sub, created=t0 + 2)
         assert sub_row(pg) == [("professional", "month", "active", False, False)]
         assert limit(pg) == ("professional", 100, None)
     finally:
