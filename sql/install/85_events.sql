@@ -117,48 +117,55 @@ COMMENT ON FUNCTION billing.inbox_requeue(text[]) IS
 
 -- ---- asking Stripe ----------------------------------------------------------
 
--- Ask Stripe, through the outbox, for an object as it is now (the answer is
--- mirrored like an event, stamped with the time the request was sent, so it
--- is newer than every event created before); at most one GET per object is
--- queued or in flight at a time.
-CREATE FUNCTION billing.refresh_subscription(p_tenant text, p_stripe_subscription_id text) RETURNS bigint
-  LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
-AS $$
-  -- only an id that can go into a path
-  SELECT CASE WHEN p_stripe_subscription_id ~ '^sub_[A-Za-z0-9_]+$' THEN
-    billing.outbox_enqueue_once(p_tenant, 'subscription.refresh', 'GET', '/v1/subscriptions/' || p_stripe_subscription_id)
-  END
-$$;
-COMMENT ON FUNCTION billing.refresh_subscription(text, text) IS
-  'Queue a GET of the subscription from Stripe (once at a time); its answer is mirrored like an event.';
-
--- The same, sent no earlier than the next second: its answer is then
--- stamped later than every event of this second, which it must decide.
-CREATE FUNCTION billing.refresh_subscription_after_this_second(p_tenant text, p_stripe_subscription_id text)
+-- Ask Stripe, through the outbox, for an object as it is now: GET
+-- /v1/<objects>/<id> (kind mirror.<object>.lookup).  Its answer is mirrored
+-- like an event when the request is recorded (billing.mirror_fetched),
+-- stamped with the second the request was sent, so it is newer than every
+-- event created before; a 404 is an answer too (Stripe has no such object:
+-- nothing to mirror).  At most one GET per object is queued or in flight at
+-- a time.  p_next_second: not sent before the next second, so that its
+-- answer is newer than every event of this second (which it must decide).
+CREATE FUNCTION billing.fetch_object(p_tenant text, p_object text, p_id text, p_next_second boolean DEFAULT false)
   RETURNS bigint
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
 DECLARE
-  v_id bigint := billing.refresh_subscription(p_tenant, p_stripe_subscription_id);
+  v_path text := CASE p_object WHEN 'subscription' THEN '/v1/subscriptions/'
+                               WHEN 'invoice' THEN '/v1/invoices/'
+                               WHEN 'customer' THEN '/v1/customers/'
+                               WHEN 'charge' THEN '/v1/charges/'
+                               WHEN 'payment_intent' THEN '/v1/payment_intents/' END;
+  v_id   bigint;
 BEGIN
-  UPDATE billing.stripe_requests
-     SET next_attempt_at = greatest(next_attempt_at, date_trunc('second', clock_timestamp()) + interval '1 second')
-   WHERE request_id = v_id AND state = 'pending' AND attempts = 0;
+  IF v_path IS NULL THEN
+    RAISE EXCEPTION 'cannot fetch a Stripe % object', coalesce(quote_literal(p_object), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Objects: subscription, invoice, customer, charge, payment_intent.';
+  END IF;
+  -- only an id that can go into a path
+  IF p_id IS NULL OR p_id !~ '^[a-z]{2,4}_[A-Za-z0-9_]+$' THEN
+    RETURN NULL;
+  END IF;
+  v_id := billing.outbox_enqueue_once(p_tenant, 'mirror.' || p_object || '.lookup', 'GET', v_path || p_id);
+  IF p_next_second THEN
+    UPDATE billing.stripe_requests
+       SET next_attempt_at = greatest(next_attempt_at, date_trunc('second', clock_timestamp()) + interval '1 second')
+     WHERE request_id = v_id AND state = 'pending' AND attempts = 0;
+  END IF;
   RETURN v_id;
 END
 $$;
-COMMENT ON FUNCTION billing.refresh_subscription_after_this_second(text, text) IS
-  'Queue a GET of the subscription (once at a time) sent in the next second at the earliest, so that its answer is newer than every event of this second.';
+COMMENT ON FUNCTION billing.fetch_object(text, text, text, boolean) IS
+  'Queue a GET of a Stripe object (subscription, invoice, customer, charge, payment_intent), once at a time; its answer is mirrored like an event (a 404 mirrors nothing). With p_next_second it is sent in the next second at the earliest.';
 
-CREATE FUNCTION billing.refresh_invoice(p_tenant text, p_stripe_invoice_id text) RETURNS bigint
+-- Kept for callers of the first version: a GET of the subscription.
+CREATE FUNCTION billing.refresh_subscription(p_tenant text, p_stripe_subscription_id text) RETURNS bigint
   LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
 AS $$
-  SELECT CASE WHEN p_stripe_invoice_id ~ '^in_[A-Za-z0-9_]+$' THEN
-    billing.outbox_enqueue_once(p_tenant, 'invoice.refresh', 'GET', '/v1/invoices/' || p_stripe_invoice_id)
-  END
+  SELECT billing.fetch_object(p_tenant, 'subscription', p_stripe_subscription_id)
 $$;
-COMMENT ON FUNCTION billing.refresh_invoice(text, text) IS
-  'Queue a GET of the invoice from Stripe (once at a time; in the pinned API version it names its payment intent); its answer is mirrored like an event.';
+COMMENT ON FUNCTION billing.refresh_subscription(text, text) IS
+  'Queue a GET of the subscription from Stripe (once at a time); its answer is mirrored like an event.';
 
 -- ---- customers --------------------------------------------------------------
 
@@ -373,7 +380,7 @@ BEGIN
       IF p_source = 'answer' AND v_sub.stripe_state_source = 'answer' THEN
         NULL;
       ELSE
-        PERFORM billing.refresh_subscription_after_this_second(p_tenant, o ->> 'id');
+        PERFORM billing.fetch_object(p_tenant, 'subscription', o ->> 'id', true);
         IF (coalesce(v_sub.current_period_end, '-infinity'), billing.status_rank('subscription', v_sub.status),
           v_sub.cancel_at_period_end, coalesce(v_sub.stripe_price_id, ''), coalesce(v_sub.trial_end, '-infinity'))
          >= (coalesce(v_pend, '-infinity'), billing.status_rank('subscription', v_status),
@@ -390,7 +397,7 @@ BEGIN
      WHERE s.tenant_id = p_tenant AND s.stripe_subscription_id IS NOT NULL
        AND s.stripe_subscription_id <> o ->> 'id' AND s.status NOT IN ('canceled', 'incomplete_expired');
     IF FOUND THEN
-      PERFORM billing.refresh_subscription(p_tenant, v_other.stripe_subscription_id);
+      PERFORM billing.fetch_object(p_tenant, 'subscription', v_other.stripe_subscription_id);
       waits_for := ARRAY[v_other.stripe_subscription_id, o ->> 'id'];
       RETURN;
     END IF;
@@ -479,7 +486,7 @@ END
 $$;
 
 CREATE FUNCTION billing.apply_invoice(p_tenant text, o jsonb, p_at timestamptz, p_failed boolean DEFAULT false,
-                                      p_fetched boolean DEFAULT false)
+                                      p_fetched boolean DEFAULT false, p_api_version text DEFAULT NULL)
   RETURNS void
   LANGUAGE plpgsql SET search_path = pg_catalog, billing
 AS $$
@@ -544,11 +551,11 @@ BEGIN
   PERFORM billing.link_invoice_payment(p_tenant, o ->> 'id', billing.stripe_ref(p -> 'payment' -> 'payment_intent'))
      FROM jsonb_array_elements(CASE WHEN jsonb_typeof(o -> 'payments' -> 'data') = 'array'
                                     THEN o -> 'payments' -> 'data' ELSE '[]' END) p;
-  IF NOT p_fetched AND NOT o ? 'payment_intent' AND o -> 'payments' IS NULL
+  IF NOT p_fetched AND p_api_version >= '2025-03-31' AND NOT o ? 'payment_intent' AND o -> 'payments' IS NULL
      AND coalesce((o ->> 'amount_paid')::bigint, 0) > 0 THEN
-    -- a newer API shape: the payment intent is only on the invoice's
-    -- payments; the invoice in the pinned version names it
-    PERFORM billing.refresh_invoice(p_tenant, o ->> 'id');
+    -- a newer API shape (2025-03-31 and later): the payment intent is only
+    -- on the invoice's payments; the invoice in the pinned version names it
+    PERFORM billing.fetch_object(p_tenant, 'invoice', o ->> 'id');
   END IF;
 
   IF v_sub.subscription_id IS NOT NULL THEN
@@ -558,16 +565,16 @@ BEGIN
     IF NOT p_fetched AND p_at >= coalesce(v_sub.stripe_state_at, '-infinity')
        AND ((p_failed AND v_sub.status IN ('active', 'trialing'))
             OR (o ->> 'status' = 'paid' AND v_sub.status IN ('past_due', 'unpaid'))) THEN
-      PERFORM billing.refresh_subscription(p_tenant, v_subid);
+      PERFORM billing.fetch_object(p_tenant, 'subscription', v_subid);
     END IF;
   ELSIF v_subid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM billing.subscriptions s WHERE s.stripe_subscription_id = v_subid) THEN
     -- an invoice of a subscription we do not mirror (its events are late
     -- or lost): ask Stripe for the subscription as it is now, once
-    PERFORM billing.refresh_subscription(p_tenant, v_subid);
+    PERFORM billing.fetch_object(p_tenant, 'subscription', v_subid);
   END IF;
 END
 $$;
-COMMENT ON FUNCTION billing.apply_invoice(text, jsonb, timestamptz, boolean, boolean) IS
+COMMENT ON FUNCTION billing.apply_invoice(text, jsonb, timestamptz, boolean, boolean, text) IS
   'Mirror one state of a Stripe invoice (newest wins; its subscription, payment intents and first failed attempt are kept whatever the order) and derive its subscription''s dunning.';
 
 CREATE FUNCTION billing.apply_payment(p_tenant text, o jsonb, p_at timestamptz, p_kind text) RETURNS void
@@ -623,24 +630,38 @@ BEGIN
 END
 $$;
 
--- ---- answers of the GETs above (invoice.refresh) ------------------------------
+-- ---- answers of the GETs above (billing.fetch_object) -------------------------
 
 CREATE FUNCTION billing.mirror_fetched() RETURNS trigger
   LANGUAGE plpgsql SET search_path = pg_catalog, billing
 AS $$
 DECLARE
-  v_t text := coalesce(billing.event_tenant(NEW.response), NEW.tenant_id);
+  o     jsonb := NEW.response;
+  v_t   text := coalesce(billing.event_tenant(NEW.response), NEW.tenant_id);
+  v_at  timestamptz := billing.outbox_state_at(NEW);
 BEGIN
-  IF NEW.response ->> 'object' = 'invoice' AND v_t IS NOT NULL THEN
-    PERFORM billing.apply_invoice(v_t, NEW.response, billing.outbox_state_at(NEW), false, true);
+  IF NEW.http_status <> 200 OR v_t IS NULL OR NOT EXISTS (SELECT 1 FROM billing.tenants t WHERE t.tenant_id = v_t) THEN
+    RETURN NULL;   -- Stripe has no such object (404), or it is not ours
   END IF;
+  CASE o ->> 'object'
+  WHEN 'subscription' THEN
+    PERFORM billing.apply_subscription(v_t, o, v_at, o ->> 'status' = 'canceled');
+  WHEN 'invoice' THEN
+    PERFORM billing.apply_invoice(v_t, o, v_at, false, true);
+  WHEN 'customer' THEN
+    PERFORM billing.apply_customer(v_t, o, v_at, coalesce((o ->> 'deleted')::boolean, false));
+  WHEN 'payment_intent', 'charge' THEN
+    PERFORM billing.apply_payment(v_t, o, v_at, CASE WHEN o ->> 'status' = 'failed' THEN 'failed' END);
+  ELSE
+    NULL;
+  END CASE;
   RETURN NULL;
 END
 $$;
 COMMENT ON FUNCTION billing.mirror_fetched() IS
-  'Trigger: the answer of a GET the mirror asked for (invoice.refresh) is applied like an event, in the transaction that records it.';
+  'Trigger: the answer of a GET the mirror asked for (billing.fetch_object) is applied like an event, in the transaction that records it; an error there makes the worker ask again.';
 CREATE TRIGGER mirror_fetched AFTER UPDATE OF state ON billing.stripe_requests
-  FOR EACH ROW WHEN (NEW.state = 'succeeded' AND OLD.state <> 'succeeded' AND NEW.kind = 'invoice.refresh')
+  FOR EACH ROW WHEN (NEW.state = 'succeeded' AND OLD.state <> 'succeeded' AND NEW.kind LIKE 'mirror.%')
   EXECUTE FUNCTION billing.mirror_fetched();
 
 -- ---- one event ----------------------------------------------------------------
@@ -707,7 +728,7 @@ BEGIN
     ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
   WHEN v_type IN ('invoice.created', 'invoice.finalized', 'invoice.updated', 'invoice.paid', 'invoice.payment_failed',
                   'invoice.voided', 'invoice.marked_uncollectible') THEN
-    PERFORM billing.apply_invoice(v_t, o, v_at, v_type = 'invoice.payment_failed');
+    PERFORM billing.apply_invoice(v_t, o, v_at, v_type = 'invoice.payment_failed', false, e ->> 'api_version');
     IF v_type = 'invoice.payment_failed' THEN
       -- the fact, whatever order events arrive in (once per invoice); whoever
       -- delivers notifications skips it if the invoice is paid by then

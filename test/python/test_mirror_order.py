@@ -388,5 +388,5 @@ def test_newer_shapes_link_invoice_payments(pg, api, fx, session_fake_stripe):  
         assert pg.sql("SELECT kind, stripe_invoice_id FROM billing.payments WHERE tenant_id = %s", (t,)) == \
             [("subscription", f"in_{t}")], t
     fetched = [t for t in cases if pg.sql("SELECT count(*) FROM billing.stripe_requests WHERE tenant_id = %s "
-                                          "AND kind = 'invoice.refresh' AND state = 'succeeded'", (t,))[0][0]]
+                                          "AND kind = 'mirror.invoice.lookup' AND state = 'succeeded'", (t,))[0][0]]
     assert len(fetched) >= 1

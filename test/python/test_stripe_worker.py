@@ -73,6 +73,10 @@ def test_every_request_kind_is_valid_for_stripe(stripe_mock):
         assert api.post("/rpc/create_payment_intent", body={"amount": 4900, "currency": "eur", "description": "pack"},
                         claims=tenant_claims("sm")).status == 200
         pg.sql("SELECT billing.outbox_enqueue('sm', 'subscription.refresh', 'GET', '/v1/subscriptions/sub_sm1')")
+        # what the mirror asks Stripe for (billing.fetch_object)
+        for obj, oid in (("subscription", "sub_sm2"), ("invoice", "in_sm1"), ("customer", "cus_sm1"),
+                         ("charge", "ch_sm1"), ("payment_intent", "pi_sm1")):
+            pg.sql("SELECT billing.fetch_object('sm', %s, %s)", (obj, oid))
         # the branches of setup stripe-mock's fixtures never take (it has every
         # product, and no endpoint at our URL): the same code, fed other answers
         pg.sql("""SELECT billing.setup_apply(jsonb_populate_record(NULL::billing.stripe_requests,
@@ -94,7 +98,8 @@ def test_every_request_kind_is_valid_for_stripe(stripe_mock):
         assert kinds == {"setup.check", "setup.product.lookup", "setup.product.create", "setup.prices.list",
                          "setup.price.create", "setup.webhook.list", "setup.webhook.create", "setup.webhook.update",
                          "customer.create", "subscription.create", "subscription.update", "payment_intent.create",
-                         "subscription.refresh"}, kinds
+                         "subscription.refresh", "mirror.subscription.lookup", "mirror.invoice.lookup",
+                         "mirror.customer.lookup", "mirror.charge.lookup", "mirror.payment_intent.lookup"}, kinds
         # and that is every kind the SQL code can queue
         src = os.path.join(os.path.dirname(__file__), "..", "..", "sql", "install")
         queued = set()
@@ -385,7 +390,7 @@ def test_an_invoice_of_an_unknown_subscription_asks_stripe_for_it(pgf, apif, fak
     deliver(pg, api, fake, only={"invoice.paid"})            # the subscription's own events never come
     drain(pg)
     assert pg.sql("SELECT kind, state FROM billing.stripe_requests WHERE tenant_id = 'late'") == \
-        [("subscription.refresh", "succeeded")]
+        [("mirror.subscription.lookup", "succeeded")]
     row = pg.sql("SELECT plan_id, status, stripe_subscription_id FROM billing.subscriptions WHERE tenant_id = 'late'")
     assert row == [("professional", "active", s["id"])], row
     assert limits_plan(pg, "late") == "professional"
