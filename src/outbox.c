@@ -21,6 +21,18 @@
  * (billing.worker_reclaim); one whose answer this process lost is reclaimed
  * after twice the request timeout (billing.outbox_reclaim_stale).
  *
+ * Each request belongs to the incarnation of the extension it was claimed
+ * from.  After DROP and CREATE EXTENSION its row is gone, and the new
+ * tables number their rows from 1 again: the answer to a request of an
+ * incarnation that is no longer there is dropped, never recorded (it would
+ * land on the new row with the same id and attempt).  Nothing is claimed from
+ * a new incarnation before the worker's tick has reconciled it.
+ *
+ * Idle is free: the pump runs a transaction only to claim when the tick (or
+ * the last recording) said a request is due, and to record answers.  A
+ * batch of answers is recorded in as many transactions as it takes to keep
+ * each under QES_SUBXID_BUDGET subtransaction xids.
+ *
  * The secret key is read from the settings at each claim and goes only into
  * the Authorization header; it is never logged or stored.  A request never
  * leaves with a key of the wrong mode: the settings refuse such keys, and
@@ -37,6 +49,7 @@
 #include "qes_billing.h"
 
 #include <curl/curl.h>
+#include <limits.h>
 #include <math.h>
 
 #include "access/xact.h"
@@ -64,6 +77,7 @@
 typedef struct OutboxCall
 {
 	MemoryContext context;		/* holds this struct and all it points to */
+	Oid			extoid;			/* the incarnation of the extension it belongs to */
 	int64		request_id;
 	int32		attempt;
 	CURL	   *easy;
@@ -126,7 +140,8 @@ static CURLM *multi = NULL;
 static MemoryContext outbox_context = NULL;
 static OutboxCall *calls = NULL;	/* in flight or answered, not yet recorded */
 static int	n_in_flight = 0;
-static bool claim_more = true;	/* the last claim may have left due rows */
+static bool claim_more = false;	/* due rows may be left to claim */
+static TimestampTz claim_at = 0;	/* when a request is due (0: none known) */
 
 /* ---- curl callbacks (must not ereport) ---------------------------------- */
 
@@ -206,7 +221,7 @@ typedef struct ClaimedRow
  * into the call's own memory context.
  */
 static OutboxCall *
-make_call(const ClaimedRow *row, const char *key)
+make_call(const ClaimedRow *row, const char *key, Oid extoid)
 {
 	MemoryContext cxt = AllocSetContextCreate(outbox_context, "qes_billing request",
 											  ALLOCSET_SMALL_SIZES);
@@ -219,6 +234,7 @@ make_call(const ClaimedRow *row, const char *key)
 	long		timeout_ms = qes_request_timeout_ms;
 
 	call->context = cxt;
+	call->extoid = extoid;
 	call->request_id = row->request_id;
 	call->attempt = row->attempt;
 	initStringInfo(&call->response);
@@ -295,6 +311,8 @@ free_call(OutboxCall *call)
 	MemoryContextDelete(call->context);
 }
 
+static double next_due(void);
+
 /* ---- claim ---------------------------------------------------------------- */
 
 /*
@@ -309,6 +327,7 @@ claim_and_send(int room)
 	int			n = 0;
 	Oid			argtypes[1] = {INT4OID};
 	Datum		args[1];
+	Oid			extoid;
 
 	if (qes_stripe_key_problem(QES_KEY_SECRET, &problem))
 	{
@@ -322,7 +341,12 @@ claim_and_send(int room)
 	/* present and of the environment's mode (guc.c checks the prefix) */
 	key = qes_stripe_key(QES_KEY_SECRET, false);
 
-	if (!qes_worker_begin_xact("qes_billing worker: claiming Stripe requests"))
+	/*
+	 * Only from the incarnation the tick has reconciled: a new one (created
+	 * since) wakes the worker at its commit, and its tick comes first.
+	 */
+	extoid = qes_worker_begin_xact("qes_billing worker: claiming Stripe requests");
+	if (!OidIsValid(extoid) || extoid != qes_worker_incarnation())
 	{
 		qes_worker_end_xact();
 		claim_more = false;
@@ -359,13 +383,23 @@ claim_and_send(int room)
 			MemoryContextSwitchTo(old);
 		}
 	}
+	/*
+	 * Every due row we could take is taken: when is the next one due?  One
+	 * due now was skipped (SKIP LOCKED: a backend holds it): look again
+	 * after the naptime, or when that backend's commit wakes us.
+	 */
+	if (n < room)
+	{
+		double		due_s = next_due();
+
+		claim_more = false;
+		qes_outbox_set_due(due_s == 0 ? qes_worker_naptime_ms / 1000.0 : due_s);
+	}
 	qes_worker_end_xact();		/* COMMIT: the rows are in_flight before a byte leaves */
 
-	if (n < room)
-		claim_more = false;
 	for (int i = 0; i < n; i++)
 	{
-		OutboxCall *call = make_call(&rows[i], key);
+		OutboxCall *call = make_call(&rows[i], key, extoid);
 		CURLMcode	rc;
 
 		call->next = calls;
@@ -464,15 +498,33 @@ record_in_subxact(OutboxCall *call)
 }
 
 /*
- * Record every answered call, one transaction for the batch and a
- * subtransaction for each answer.  Returns how many were recorded.
+ * Seconds until the next request is due as of the transaction we are in (0:
+ * now; -1: none is pending).
+ */
+static double
+next_due(void)
+{
+	bool		isnull;
+	Datum		d;
+
+	if (SPI_execute("SELECT billing.outbox_next_due()", false, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "qes_billing worker: billing.outbox_next_due() did not return one row");
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? -1 : Max(0.0, DatumGetFloat8(d));
+}
+
+/*
+ * Record every answered call, a subtransaction for each answer (so one bad
+ * answer cannot undo the others), in one transaction -- or more, each
+ * committed before its subtransactions' xids could overflow the PGPROC cache.
+ * Returns how many were recorded.
  */
 static int
 record_answers(void)
 {
 	OutboxCall **link;
 	int			n = 0;
-	bool		present;
+	Oid			extoid;
 
 	if (calls == NULL)
 		return 0;
@@ -482,26 +534,40 @@ record_answers(void)
 	if (n == 0)
 		return 0;
 
-	present = qes_worker_begin_xact("qes_billing worker: recording Stripe answers");
+	extoid = qes_worker_begin_xact("qes_billing worker: recording Stripe answers");
 	n = 0;
-	if (present)
+	for (OutboxCall *c = calls; c; c = c->next)
 	{
-		for (OutboxCall *c = calls; c; c = c->next)
+		if (!c->done || c->record_tries < 0)
+			continue;
+		if (OidIsValid(extoid) && qes_worker_subxids() >= QES_SUBXID_BUDGET)
 		{
-			if (!c->done)
-				continue;
-			c->record_tries++;
-			if (record_in_subxact(c))
-			{
-				c->record_tries = -1;	/* recorded */
-				n++;
-			}
+			qes_worker_end_xact();
+			extoid = qes_worker_begin_xact("qes_billing worker: recording Stripe answers");
+		}
+		if (c->extoid != extoid)
+		{
+			/* its row went with DROP EXTENSION: nothing to record it on */
+			ereport(LOG,
+					(errmsg("qes_billing worker: dropped the answer to Stripe request " INT64_FORMAT " of a dropped incarnation of the extension",
+							c->request_id)));
+			c->record_tries = -2;
+			continue;
+		}
+		c->record_tries++;
+		if (record_in_subxact(c))
+		{
+			c->record_tries = -1;	/* recorded */
+			n++;
 		}
 	}
+	/* a retry scheduled, or a waiting request released: when to claim next */
+	if (n > 0)
+		qes_outbox_set_due(next_due());
 	qes_worker_end_xact();
 
 	/*
-	 * Committed.  Forget what was recorded, what cannot be (the extension is
+	 * Committed.  Forget what was recorded, what cannot be (its extension is
 	 * gone) and what failed too often (its row is reclaimed as stale and
 	 * sent again with the same Idempotency-Key).
 	 */
@@ -510,7 +576,7 @@ record_answers(void)
 	{
 		OutboxCall *c = *link;
 
-		if (c->done && (c->record_tries < 0 || !present || c->record_tries >= QES_RECORD_TRIES))
+		if (c->done && (c->record_tries < 0 || c->record_tries >= QES_RECORD_TRIES))
 		{
 			*link = c->next;
 			free_call(c);
@@ -558,6 +624,13 @@ qes_outbox_pump(long budget_ms)
 {
 	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), budget_ms);
 
+	if (claim_at != 0 && GetCurrentTimestamp() >= claim_at)
+	{
+		claim_at = 0;
+		claim_more = true;
+	}
+	if (!claim_more && calls == NULL)
+		return false;			/* idle: no transaction, no curl */
 	outbox_init();
 	for (;;)
 	{
@@ -606,11 +679,37 @@ qes_outbox_busy_wait_ms(void)
 	return token_wait_ms();
 }
 
-/* the latch was set: new requests may have been queued */
+/*
+ * The next request is due in due_s seconds (0: now; < 0: none is pending), as
+ * the tick or the last recording found.
+ */
 void
-qes_outbox_wake(void)
+qes_outbox_set_due(double due_s)
 {
-	claim_more = true;
+	if (due_s < 0)
+		claim_at = 0;
+	else if (due_s == 0)
+	{
+		claim_at = 0;
+		claim_more = true;
+	}
+	else
+		claim_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+											   (long) Min(ceil(due_s * 1000.0), (double) INT_MAX));
+}
+
+/* milliseconds until a request is due (-1: none known) */
+long
+qes_outbox_claim_wait_ms(void)
+{
+	TimestampTz now;
+
+	if (claim_more)
+		return 0;
+	if (claim_at == 0)
+		return -1;
+	now = GetCurrentTimestamp();
+	return claim_at <= now ? 0 : TimestampDifferenceMilliseconds(now, claim_at);
 }
 
 int

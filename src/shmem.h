@@ -29,6 +29,9 @@ typedef struct QesWorkerState
 	int			naptime_ms;		/* naptime as the worker last read it */
 	uint64		wakes_served;	/* wake_requests as read at the last loop start */
 	uint64		reclaimed;		/* rows put back in the queue at start-up */
+	uint64		xacts;			/* transactions the worker ran */
+	int			max_subxids;	/* most subtransaction xids one of them cached */
+	uint64		subxid_overflows;	/* transactions that overflowed that cache */
 	bool		extension_present;
 	TimestampTz last_error_at;
 	char		last_error[QES_LAST_ERROR_LEN];

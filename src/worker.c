@@ -5,15 +5,22 @@
  *
  * One worker per cluster, connected to qes_billing.database.  It sleeps on
  * its latch; backends that queue work set the latch when their transaction
- * COMMITs (qes_wake_at_commit), never before and never on abort, and the
- * naptime wakes it anyway for retries and timers.
+ * COMMITs (qes_wake_at_commit), never before and never on abort.
  *
- * Each loop runs in its own short transaction (DESIGN.md rule 3): it checks
- * that the extension exists (it may not yet, or may be dropped and created
- * again while we run; a share lock on the extension object keeps DROP
- * EXTENSION from deadlocking with us), reclaims work left in flight by a crash once per
- * incarnation of the extension, and runs the timers.  An error in a loop is
- * logged, kept for the worker_state() view, and the loop goes on.
+ * Idle is free (DESIGN.md rule 14): the worker runs a transaction only when
+ * it has something to do -- it was woken by a commit, or the time has come
+ * that its last tick said the next work is due (an event or a request
+ * retried with backoff, a request in flight too long, a prepared
+ * transaction that may hold queued work, the hourly housekeeping).  Other
+ * naptime wake-ups only publish a heartbeat.
+ *
+ * A tick runs in its own short transaction (DESIGN.md rule 3): it finds the
+ * extension (it may not exist yet, or may be dropped and created again while
+ * we run; a share lock on the extension object keeps DROP EXTENSION from
+ * deadlocking with us), reclaims work left in flight by a crash once per
+ * incarnation of the extension, applies due events and runs the timers.  An
+ * error in a loop is logged, kept for the worker_state() view, and the loop
+ * goes on.
  *
  *-------------------------------------------------------------------------
  */
@@ -50,12 +57,21 @@
 #include "shmem.h"
 #include "worker.h"
 
-/* events billing.worker_tick() applies per loop (see sql/install/60_queues.sql) */
-#define QES_TICK_BATCH 200
+/*
+ * Events billing.worker_tick() applies per transaction.  Each is applied in a
+ * subtransaction that takes an xid of its own, and a backend's PGPROC
+ * caches only PGPROC_MAX_CACHED_SUBXIDS (64) of them: one more, and every
+ * snapshot taken anywhere in the cluster must look into pg_subtrans while
+ * the transaction runs.  A full batch is followed by another transaction at
+ * once.
+ */
+#define QES_TICK_BATCH 50
 /* longest time the outbox runs before the loop's other work gets a turn */
 #define QES_PUMP_SLICE_MS 200
 /* shortest time between the starts of two loops when not busy */
 #define QES_MIN_LOOP_MS 5
+/* the tick runs at least this often: the usage counter sweep */
+#define QES_HOUSEKEEPING_MS (3600 * 1000)
 
 PG_FUNCTION_INFO_V1(qes_worker_state_fn);
 PG_FUNCTION_INFO_V1(qes_wake_worker_trigger);
@@ -64,6 +80,8 @@ PG_FUNCTION_INFO_V1(qes_wake_worker);
 /* ---- waking the worker at commit --------------------------------------- */
 
 static bool wake_pending = false;
+/* true in the worker process itself */
+static bool am_worker = false;
 
 /* called from the module's transaction callback (qes_billing.c) */
 void
@@ -79,10 +97,20 @@ qes_wake_xact_event(XactEvent event)
 				qes_set_worker_latch();
 			}
 			break;
+		case XACT_EVENT_PREPARE:
+			/*
+			 * The work becomes visible at COMMIT PREPARED, which wakes nobody:
+			 * wake the worker now, so that its tick sees a prepared
+			 * transaction and looks again every naptime while one exists.
+			 */
+			if (wake_pending)
+			{
+				wake_pending = false;
+				qes_set_worker_latch();
+			}
+			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
-		case XACT_EVENT_PREPARE:
-			/* a prepared transaction is picked up by the naptime */
 			wake_pending = false;
 			break;
 		default:
@@ -100,8 +128,12 @@ qes_wake_at_commit(void)
 }
 
 /*
- * billing.wake_worker_on_commit(): statement-level AFTER INSERT trigger on
- * the queues.
+ * billing.wake_worker_on_commit(): statement-level AFTER INSERT and AFTER
+ * UPDATE trigger on the queues.  The worker's own UPDATEs do not wake it
+ * (every tick updates the queues, and would wake it for the next, for
+ * ever): the tick itself says when what they changed falls due.  Rows it
+ * inserts (a request a handler queues, a notification) wake it as anyone's
+ * do.
  */
 Datum
 qes_wake_worker_trigger(PG_FUNCTION_ARGS)
@@ -110,7 +142,8 @@ qes_wake_worker_trigger(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("wake_worker_on_commit() must be called as a trigger")));
-	qes_wake_at_commit();
+	if (!am_worker || TRIGGER_FIRED_BY_INSERT(((TriggerData *) fcinfo->context)->tg_event))
+		qes_wake_at_commit();
 	return PointerGetDatum(NULL);
 }
 
@@ -131,8 +164,8 @@ Datum
 qes_worker_state_fn(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[13];
-	bool		nulls[13];
+	Datum		values[16];
+	bool		nulls[16];
 	QesWorkerState copy;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
@@ -162,6 +195,9 @@ qes_worker_state_fn(PG_FUNCTION_ARGS)
 	nulls[10] = (copy.last_error_at == 0);
 	values[11] = Int64GetDatum((int64) pg_atomic_read_u64(&qes_worker_state->wake_requests));
 	values[12] = Int64GetDatum((int64) copy.wakes_served);
+	values[13] = Int64GetDatum((int64) copy.xacts);
+	values[14] = Int32GetDatum(copy.max_subxids);
+	values[15] = Int64GetDatum((int64) copy.subxid_overflows);
 
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
@@ -223,12 +259,47 @@ run_bigint(const char *sql)
 	return isnull ? 0 : DatumGetInt64(d);
 }
 
+/* subtransaction xids the current transaction holds in its PGPROC cache */
+int
+qes_worker_subxids(void)
+{
+	return MyProc->subxidStatus.overflowed ? PGPROC_MAX_CACHED_SUBXIDS + 1 : MyProc->subxidStatus.count;
+}
+
+/* count a transaction of the worker, and the subxids it cached */
+static void
+note_xact(int subxids, bool overflowed)
+{
+	LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
+	qes_worker_state->xacts++;
+	if (subxids > qes_worker_state->max_subxids)
+		qes_worker_state->max_subxids = subxids;
+	if (overflowed)
+		qes_worker_state->subxid_overflows++;
+	LWLockRelease(qes_worker_state->lock);
+}
+
 /*
  * Start a transaction of the worker and lock the extension.  Returns the
  * extension's OID, or InvalidOid when it does not exist; when it does, SPI
  * is connected.  End with qes_worker_end_xact().
+ *
+ * The extension may have been dropped and created again, in one transaction,
+ * since this process last used it.  Its new incarnation becomes visible
+ * (ProcArrayEndTransaction) before that transaction sends its invalidation
+ * messages (AtEOXact_Inval), and its commit wakes us in between
+ * (XACT_EVENT_COMMIT): a loop starting then sees the new extension in the
+ * catalog while our catalog caches still hold the old one -- "billing" the
+ * dropped schema, so that billing.worker_reclaim() "does not exist".  The
+ * dropping transaction holds its lock on the old extension object until
+ * after it has sent them, so we take that lock too before touching the new
+ * incarnation, as PostgreSQL does for relations: lock, then read
+ * invalidations.  The transaction snapshot is taken only after every lock
+ * wait, so it sees whatever we waited for.
  */
 static bool xact_spi = false;
+/* the incarnation of the extension this process last used */
+static Oid	last_extoid = InvalidOid;
 
 static Oid
 begin_xact(const char *activity)
@@ -237,23 +308,36 @@ begin_xact(const char *activity)
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
-	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, activity);
 
-	extoid = get_extension_oid(QES_EXTENSION_NAME, true);
-	if (OidIsValid(extoid))
+	for (;;)
 	{
+		extoid = get_extension_oid(QES_EXTENSION_NAME, true);
+		if (!OidIsValid(extoid))
+			break;
+
 		/*
 		 * Lock ordering against DROP EXTENSION: it locks the extension object
 		 * exclusively before any of its relations, so we share-lock the
 		 * object before touching a relation.  One of us waits for the other;
-		 * neither can hold what the other needs.  The extension may be gone
-		 * once we have the lock.
+		 * neither can hold what the other needs.
 		 */
 		LockDatabaseObject(ExtensionRelationId, extoid, 0, AccessShareLock);
-		if (get_extension_oid(QES_EXTENSION_NAME, true) != extoid)
-			extoid = InvalidOid;
+		if (OidIsValid(last_extoid) && extoid != last_extoid)
+		{
+			/* a new incarnation: wait for the end of whoever dropped ours */
+			LockDatabaseObject(ExtensionRelationId, last_extoid, 0, AccessShareLock);
+			UnlockDatabaseObject(ExtensionRelationId, last_extoid, 0, AccessShareLock);
+		}
+		/* the extension may be gone, or new, once we have the lock */
+		if (get_extension_oid(QES_EXTENSION_NAME, true) == extoid)
+			break;
+		UnlockDatabaseObject(ExtensionRelationId, extoid, 0, AccessShareLock);
 	}
+	if (OidIsValid(extoid))
+		last_extoid = extoid;
+
+	PushActiveSnapshot(GetTransactionSnapshot());
 	xact_spi = false;
 	if (OidIsValid(extoid))
 	{
@@ -264,45 +348,80 @@ begin_xact(const char *activity)
 	return extoid;
 }
 
-bool
+Oid
 qes_worker_begin_xact(const char *activity)
 {
-	return OidIsValid(begin_xact(activity));
+	return begin_xact(activity);
 }
 
 void
 qes_worker_end_xact(void)
 {
+	int			subxids = qes_worker_subxids();
+	bool		overflowed = MyProc->subxidStatus.overflowed;
+
 	if (xact_spi)
 		SPI_finish();
 	xact_spi = false;
 	PopActiveSnapshot();
 	CommitTransactionCommand();
 	pgstat_report_activity(STATE_IDLE, NULL);
+	note_xact(subxids, overflowed);
 }
 
-/* extension OID whose queues were reclaimed by this worker process */
+/*
+ * The extension OID whose queues this process reconciled (rows left in
+ * flight put back): the incarnation the outbox may claim requests of.
+ */
 static Oid	reclaimed_for = InvalidOid;
 
+Oid
+qes_worker_incarnation(void)
+{
+	return reclaimed_for;
+}
+
+/* what a tick tells the loop */
+typedef struct TickResult
+{
+	bool		active;			/* an extension to serve, not paused */
+	bool		full;			/* a full batch of events: more may be due */
+	double		outbox_due_s;	/* until an outbox request is due; < 0: none */
+	double		next_due_s;		/* until the tick has work again; < 0: none */
+} TickResult;
+
+static double
+get_float8(int col, double if_null)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, col, &isnull);
+
+	return isnull ? if_null : Max(0.0, DatumGetFloat8(d));
+}
+
 /*
- * One loop of work, in its own transaction.  Returns false when there is
- * nothing for the outbox to do (no extension, paused); *next_due_ms is how
- * long until an outbox request is due (-1: none is pending).
+ * The tick, in its own transaction: reconcile a new incarnation, apply due
+ * events (billing.worker_tick), and learn when there is work again.
  */
-static bool
-worker_loop_once(long *next_due_ms)
+static void
+worker_tick(TickResult *r)
 {
 	Oid			extoid;
 	int64		reclaimed = 0;
 	bool		did_reclaim = false;
-	bool		active;
 
-	*next_due_ms = -1;
+	r->active = false;
+	r->full = false;
+	r->outbox_due_s = -1;
+	r->next_due_s = -1;
+
 	extoid = begin_xact("qes_billing worker loop");
 	/* paused for maintenance: heartbeat only */
-	active = OidIsValid(extoid) && !qes_worker_paused;
-	if (active)
+	r->active = OidIsValid(extoid) && !qes_worker_paused;
+	if (r->active)
 	{
+		Oid			argtypes[1] = {INT4OID};
+		Datum		args[1] = {Int32GetDatum(QES_TICK_BATCH)};
 		bool		isnull;
 		Datum		d;
 
@@ -316,21 +435,14 @@ worker_loop_once(long *next_due_ms)
 						(errmsg("qes_billing worker reclaimed " INT64_FORMAT " queue rows left in flight",
 								reclaimed)));
 		}
-		if (SPI_execute("SELECT applied, outbox_due_s FROM billing.worker_tick()", false, 1) != SPI_OK_SELECT ||
+		if (SPI_execute_with_args("SELECT applied, outbox_due_s, next_due_s FROM billing.worker_tick($1)",
+								  1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT ||
 			SPI_processed != 1)
 			elog(ERROR, "qes_billing worker: billing.worker_tick() did not return one row");
-		/* a full batch of events: there may be more, loop again at once */
 		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-		if (!isnull && DatumGetInt64(d) >= QES_TICK_BATCH)
-			SetLatch(MyLatch);
-		/* when the outbox has its next request due */
-		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
-		if (!isnull)
-		{
-			double		due_s = DatumGetFloat8(d);
-
-			*next_due_ms = due_s <= 0 ? 0 : (long) Min(ceil(due_s * 1000.0), (double) INT_MAX);
-		}
+		r->full = !isnull && DatumGetInt64(d) >= QES_TICK_BATCH;
+		r->outbox_due_s = get_float8(2, -1);
+		r->next_due_s = get_float8(3, -1);
 	}
 	qes_worker_end_xact();
 
@@ -341,7 +453,18 @@ worker_loop_once(long *next_due_ms)
 	qes_worker_state->extension_present = OidIsValid(extoid);
 	qes_worker_state->reclaimed += reclaimed;
 	LWLockRelease(qes_worker_state->lock);
-	return active;
+}
+
+static long
+ms_until(TimestampTz t, TimestampTz now)
+{
+	return t <= now ? 0 : TimestampDifferenceMilliseconds(now, t);
+}
+
+static TimestampTz
+plus_seconds(TimestampTz now, double s)
+{
+	return now + (TimestampTz) Min(s * USECS_PER_SEC, (double) QES_HOUSEKEEPING_MS * 1000);
 }
 
 void
@@ -349,6 +472,9 @@ qes_worker_main(Datum main_arg)
 {
 	MemoryContext loop_context;
 	volatile int wake_reason = WL_LATCH_SET;
+	volatile bool tick_now = true;	/* the first loop looks */
+	volatile bool active = false;	/* the last tick found an extension to serve */
+	volatile TimestampTz tick_at = 0;	/* when the tick has work again */
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
@@ -356,6 +482,7 @@ qes_worker_main(Datum main_arg)
 
 	BackgroundWorkerInitializeConnection(qes_database, NULL, 0);
 	pgstat_report_appname(QES_WORKER_NAME);
+	am_worker = true;
 
 	LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
 	qes_worker_state->pid = MyProcPid;
@@ -377,9 +504,11 @@ qes_worker_main(Datum main_arg)
 	{
 		MemoryContext oldcontext;
 		uint64		wakes = pg_atomic_read_u64(&qes_worker_state->wake_requests);
-		long		next_due_ms = -1;
+		long		notify_due_ms = -1;
 		volatile bool busy = false;
+		volatile bool more = false;
 		long		timeout;
+		long		stats_ms;
 		TimestampTz loop_started = GetCurrentTimestamp();
 
 		CHECK_FOR_INTERRUPTS();
@@ -387,19 +516,37 @@ qes_worker_main(Datum main_arg)
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
+			tick_now = true;	/* paused, resumed, keys, timeouts: look again */
 		}
+		/* a commit woke us, or work falls due: otherwise no transaction */
+		if ((wake_reason & WL_LATCH_SET) || loop_started >= tick_at)
+			tick_now = true;
 
 		oldcontext = MemoryContextSwitchTo(loop_context);
 		PG_TRY();
 		{
-			if (worker_loop_once(&next_due_ms))
+			if (tick_now)
 			{
-				if (next_due_ms == 0)
-					qes_outbox_wake();
+				TickResult	r;
+				TimestampTz now;
+
+				tick_now = false;
+				worker_tick(&r);
+				now = GetCurrentTimestamp();
+				active = r.active;
+				more = r.full;
+				tick_at = TimestampTzPlusMilliseconds(now, QES_HOUSEKEEPING_MS);
+				if (r.next_due_s >= 0)
+					tick_at = plus_seconds(now, r.next_due_s);
+				if (active)
+					qes_outbox_set_due(r.outbox_due_s);
+			}
+			if (active)
+			{
 				/* the outbox, for a slice of time; then the loop again */
 				busy = qes_outbox_pump(QES_PUMP_SLICE_MS);
-				/* notifications (src/notify.c); lowers next_due_ms to theirs */
-				busy |= qes_notify_pump(QES_PUMP_SLICE_MS, &next_due_ms);
+				/* notifications (src/notify.c) */
+				busy |= qes_notify_pump(QES_PUMP_SLICE_MS, &notify_due_ms);
 			}
 		}
 		PG_CATCH();
@@ -413,12 +560,22 @@ qes_worker_main(Datum main_arg)
 			ereport(LOG,
 					(errmsg("qes_billing worker loop failed: %s", qes_redact_cstring(edata->message))));
 			qes_worker_note_error(edata->message);
+			if (IsTransactionState())
+				note_xact(0, false);
 			AbortCurrentTransaction();
 			pgstat_report_activity(STATE_IDLE, NULL);
+			/* try again after the naptime (or when woken) */
+			tick_now = false;
+			more = false;
+			busy = false;
+			tick_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), qes_worker_naptime_ms);
 		}
 		PG_END_TRY();
 		MemoryContextSwitchTo(oldcontext);
 		MemoryContextReset(loop_context);
+
+		/* the worker's own statistics (a background worker must send them) */
+		stats_ms = pgstat_report_stat(false);
 
 		LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
 		qes_worker_state->loops++;
@@ -437,7 +594,7 @@ qes_worker_main(Datum main_arg)
 		 * transaction.  Unless busy, loops start at most every
 		 * QES_MIN_LOOP_MS; what arrives meanwhile is taken by the next one.
 		 */
-		if (!busy)
+		if (!busy && !more)
 		{
 			long		since = TimestampDifferenceMilliseconds(loop_started, GetCurrentTimestamp());
 
@@ -446,16 +603,35 @@ qes_worker_main(Datum main_arg)
 								 PG_WAIT_EXTENSION);
 		}
 
-		/* sleep until woken, the naptime, or the next retry is due */
-		timeout = busy ? qes_outbox_busy_wait_ms() : qes_worker_naptime_ms;
-		if (!busy && next_due_ms >= 0 && next_due_ms < timeout)
-			timeout = next_due_ms;
+		/*
+		 * Sleep until woken, or until work is due: a full batch of events
+		 * goes on at once; otherwise the next tick, outbox claim or
+		 * notification, within the naptime (a heartbeat, no transaction).
+		 */
+		if (more)
+		{
+			tick_now = true;
+			timeout = 0;
+		}
+		else if (busy)
+			timeout = qes_outbox_busy_wait_ms();
+		else
+		{
+			TimestampTz now = GetCurrentTimestamp();
+			long		claim_ms = qes_outbox_claim_wait_ms();
+
+			timeout = Min(qes_worker_naptime_ms, ms_until(tick_at, now));
+			if (claim_ms >= 0)
+				timeout = Min(timeout, claim_ms);
+			if (notify_due_ms >= 0)
+				timeout = Min(timeout, notify_due_ms);
+			if (stats_ms > 0)
+				timeout = Min(timeout, stats_ms);
+		}
 		wake_reason = WaitLatch(MyLatch,
 								WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 								timeout,
 								PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
-		if (wake_reason & WL_LATCH_SET)
-			qes_outbox_wake();
 	}
 }

@@ -1,7 +1,9 @@
 -- The worker's queues: the outbox of Stripe requests and the inbox of
 -- webhook events.  Both are global (not tenant-owned): a request or an event
 -- may concern no tenant (setup) or one not yet known (a new event).
--- Inserting into either wakes the worker when the transaction commits.
+-- Inserting into either, or updating it, wakes the worker when the
+-- transaction commits: an idle worker runs no transaction of its own
+-- (DESIGN.md rule 14), so whatever makes a row due must say so.
 
 CREATE TABLE billing.stripe_requests (
   request_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -61,11 +63,11 @@ CREATE INDEX webhook_events_busy ON billing.webhook_events (received_at) WHERE s
 CREATE FUNCTION billing.wake_worker_on_commit() RETURNS trigger
   LANGUAGE c AS 'MODULE_PATHNAME', 'qes_wake_worker_trigger';
 COMMENT ON FUNCTION billing.wake_worker_on_commit() IS
-  'Trigger: wake the worker when the inserting transaction commits (not before, not on rollback).';
+  'Trigger: wake the worker when the inserting (or updating) transaction commits (not before, not on rollback).';
 
-CREATE TRIGGER wake_worker AFTER INSERT ON billing.stripe_requests
+CREATE TRIGGER wake_worker AFTER INSERT OR UPDATE ON billing.stripe_requests
   FOR EACH STATEMENT EXECUTE FUNCTION billing.wake_worker_on_commit();
-CREATE TRIGGER wake_worker AFTER INSERT ON billing.webhook_events
+CREATE TRIGGER wake_worker AFTER INSERT OR UPDATE ON billing.webhook_events
   FOR EACH STATEMENT EXECUTE FUNCTION billing.wake_worker_on_commit();
 
 CREATE FUNCTION billing.wake_worker() RETURNS void
@@ -101,33 +103,69 @@ $$;
 COMMENT ON FUNCTION billing.worker_reclaim() IS
   'Run by the worker at start: put queue rows left in flight by a crash back in the queue.';
 
--- The worker's work, once per loop: apply due webhook events, then timers.
--- Returns the number of events applied (the worker loops again at once
--- when it was a full batch) and the seconds until the next outbox request
--- is due (NULL: none waits), so that one call per loop tells it both.
-CREATE FUNCTION billing.worker_tick(OUT applied bigint, OUT outbox_due_s double precision)
+-- The worker's tick: apply due webhook events, then timers.  Returns the
+-- number of events applied (the worker runs the next tick at once when it
+-- was a full batch of p_events), the seconds until the next outbox request
+-- is due (NULL: none waits), and the seconds until the tick has work again
+-- (NULL: nothing is scheduled; the worker then runs no transaction until a
+-- commit wakes it, DESIGN.md rule 14).
+--
+-- Each event is applied in a subtransaction with an xid of its own, and a
+-- backend caches 64 of them: p_events stays below that (the worker passes
+-- 50), so the batch never overflows the cache and slows every snapshot in
+-- the cluster.
+CREATE FUNCTION billing.worker_tick(p_events integer, OUT applied bigint, OUT outbox_due_s double precision,
+                                    OUT next_due_s double precision)
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
+DECLARE
+  v_timeout interval := current_setting('qes_billing.request_timeout')::interval;
+  v_naptime double precision := extract(epoch FROM current_setting('qes_billing.worker_naptime')::interval);
+  v_events  double precision;
+  v_stale   double precision;
 BEGIN
-  applied := billing.process_inbox(200);
+  applied := billing.process_inbox(p_events);
   -- outbox requests whose answer this worker lost
-  PERFORM billing.outbox_reclaim_stale(current_setting('qes_billing.request_timeout')::interval);
+  PERFORM billing.outbox_reclaim_stale(v_timeout);
   -- cached usage counters of periods that ended more than a day ago
   PERFORM billing.usage_cache_sweep(billing.now() - interval '1 day');
   outbox_due_s := billing.outbox_next_due();
+
+  IF applied >= p_events THEN
+    next_due_s := 0;   -- more may be due now
+    RETURN;
+  END IF;
+  -- an event retried with backoff; one due now but not applied (locked by
+  -- someone else) is looked at again after the naptime
+  SELECT extract(epoch FROM min(e.next_attempt_at) FILTER (WHERE e.next_attempt_at > now()) - now()),
+         CASE WHEN bool_or(e.next_attempt_at <= now()) THEN v_naptime END
+    INTO v_events, v_stale
+    FROM billing.webhook_events e WHERE e.state = 'received';
+  next_due_s := least(v_events, v_stale);
+  -- a request in flight whose answer may be lost: stale after twice the timeout
+  SELECT extract(epoch FROM min(r.claimed_at) + 2 * v_timeout - now()) INTO v_stale
+    FROM billing.stripe_requests r WHERE r.state = 'in_flight';
+  next_due_s := least(next_due_s, v_stale);
+  -- a prepared transaction may hold queued work, and COMMIT PREPARED wakes
+  -- nobody: look again every naptime while one exists
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_xacts) THEN
+    next_due_s := least(next_due_s, v_naptime);
+  END IF;
+  -- (overdue is negative: the worker reads it as now)
 END
 $$;
-COMMENT ON FUNCTION billing.worker_tick() IS
-  'Run by the worker once per loop: apply due webhook events, timers. Returns the events applied and the seconds until the next outbox request is due.';
+COMMENT ON FUNCTION billing.worker_tick(integer) IS
+  'Run by the worker: apply up to p_events due webhook events, timers. Returns the events applied, the seconds until the next outbox request is due, and the seconds until the tick has work again (NULL: none scheduled).';
 
 CREATE FUNCTION billing.worker_state(
   OUT pid integer, OUT started_at timestamptz, OUT last_loop_at timestamptz,
   OUT loops bigint, OUT latch_wakeups bigint, OUT timeout_wakeups bigint,
   OUT naptime_ms integer, OUT reclaimed bigint, OUT extension_present boolean,
   OUT last_error text, OUT last_error_at timestamptz, OUT wake_requests bigint,
-  OUT wakes_served bigint)
+  OUT wakes_served bigint, OUT xacts bigint, OUT max_subxids integer, OUT subxid_overflows bigint)
   LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_worker_state_fn';
-COMMENT ON FUNCTION billing.worker_state() IS 'The worker''s state as it publishes it in shared memory.';
+COMMENT ON FUNCTION billing.worker_state() IS
+  'The worker''s state as it publishes it in shared memory: loops and what woke them, transactions run (an idle worker runs none), the most subtransaction xids one of them cached (the PGPROC cache holds 64) and how many overflowed it.';
 
 CREATE VIEW billing.worker_status AS
 SELECT w.pid,

@@ -110,13 +110,15 @@ $$;
 COMMENT ON FUNCTION billing.outbox_claim(integer) IS
   'Run by the worker: mark up to p_limit due requests in flight and return them for sending.';
 
--- Seconds until the next request is due (NULL: none waits), so the
--- worker sleeps exactly as long as it may.
+-- Seconds until the next request is due (0: now; NULL: none waits), so the
+-- worker sleeps exactly as long as it may.  (greatest(0, NULL) is 0, not
+-- NULL: an empty queue must not read as "due now".)
 CREATE FUNCTION billing.outbox_next_due() RETURNS double precision
   LANGUAGE sql STABLE SET search_path = pg_catalog, billing
 AS $$
-  SELECT greatest(0, extract(epoch FROM min(r.next_attempt_at) - now()))::double precision
-    FROM billing.stripe_requests r WHERE r.state = 'pending'
+  SELECT greatest(0, extract(epoch FROM d.at - now()))::double precision
+    FROM (SELECT min(r.next_attempt_at) AS at FROM billing.stripe_requests r WHERE r.state = 'pending') d
+   WHERE d.at IS NOT NULL
 $$;
 COMMENT ON FUNCTION billing.outbox_next_due() IS 'Seconds until the next outbox request is due; NULL when none is pending.';
 
