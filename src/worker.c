@@ -51,6 +51,7 @@
 #include <math.h>
 
 #include "guc.h"
+#include "guard.h"
 #include "notify.h"
 #include "outbox.h"
 #include "redact.h"
@@ -455,6 +456,37 @@ worker_tick(TickResult *r)
 	LWLockRelease(qes_worker_state->lock);
 }
 
+/*
+ * Refused webhook deliveries are counted in shared memory (src/guard.c);
+ * write them (one row and one audit row per reason) at most once a
+ * minute, and only when something was counted: idle stays free.
+ */
+#define QES_REJECTION_FLUSH_MS (60 * 1000)
+static TimestampTz last_rejection_flush = 0;
+
+static long
+rejection_flush_wait_ms(TimestampTz now)
+{
+	if (!qes_guard_rejections_pending())
+		return -1;
+	if (last_rejection_flush == 0)
+		return 0;
+	return Max(0, QES_REJECTION_FLUSH_MS - TimestampDifferenceMilliseconds(last_rejection_flush, now));
+}
+
+static void
+flush_rejections_if_due(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (rejection_flush_wait_ms(now) != 0)
+		return;
+	last_rejection_flush = now;
+	if (qes_worker_begin_xact("qes_billing worker: writing refused webhook deliveries"))
+		(void) run_bigint("SELECT billing.flush_webhook_rejections()");
+	qes_worker_end_xact();
+}
+
 static long
 ms_until(TimestampTz t, TimestampTz now)
 {
@@ -547,6 +579,8 @@ qes_worker_main(Datum main_arg)
 				busy = qes_outbox_pump(QES_PUMP_SLICE_MS);
 				/* notifications (src/notify.c) */
 				busy |= qes_notify_pump(QES_PUMP_SLICE_MS, &notify_due_ms);
+				/* refused webhook deliveries, about once a minute */
+				flush_rejections_if_due();
 			}
 		}
 		PG_CATCH();
@@ -625,6 +659,8 @@ qes_worker_main(Datum main_arg)
 				timeout = Min(timeout, claim_ms);
 			if (notify_due_ms >= 0)
 				timeout = Min(timeout, notify_due_ms);
+			if (active && rejection_flush_wait_ms(now) >= 0)
+				timeout = Min(timeout, rejection_flush_wait_ms(now));
 			if (stats_ms > 0)
 				timeout = Min(timeout, stats_ms);
 		}

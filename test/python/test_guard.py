@@ -193,3 +193,28 @@ def test_forged_flood_does_not_slow_audited_calls(pg):
     assert audit_after - audit_before <= 2 * 12
     pg.sql("SELECT billing.flush_webhook_rejections()")
     assert counted >= 0
+
+
+def test_worker_writes_refusals_once_a_minute():
+    """The worker writes counted refusals: the first at once, then at most once
+    a minute (one row and one audit row per reason), and nothing when idle."""
+    from pgcluster import Cluster
+    cluster = Cluster("refusals", env={"STRIPE_TEST_WEBHOOK_SECRET": SECRET}).start()
+    try:
+        assert cluster.wait_until("SELECT alive FROM billing.worker_status")
+        api = PostgREST(cluster.dsn(user="authenticator"))
+        body, _ = signed_event()
+        bad = {"Stripe-Signature": "t=1,v1=" + "0" * 64}
+        assert api.post("/rpc/stripe_webhook", body=body, headers=bad).status == 400
+        assert cluster.wait_until("SELECT count(*) = 0 FROM billing.webhook_rejections_pending()", timeout=10)
+        assert cluster.sql("SELECT reason, deliveries FROM billing.webhook_rejections") == [("mismatch", 1)]
+        for _ in range(5):
+            api.post("/rpc/stripe_webhook", body=body, headers=bad)
+        time.sleep(2)
+        # within the minute: counted, not written yet
+        assert cluster.sql("SELECT sum(deliveries) FROM billing.webhook_rejections_pending()")[0][0] == 5
+        assert cluster.sql("SELECT count(*) FROM billing.audit_log WHERE action = 'webhook.rejected'")[0][0] == 1
+        api.close()
+    finally:
+        from conftest import amcheck_and_stop
+        amcheck_and_stop(cluster)
