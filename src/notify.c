@@ -108,6 +108,7 @@ typedef struct Transfer
 	CURLcode	result;
 	long		code;			/* last SMTP reply or HTTP status */
 	int			record_tries;
+	Oid			extoid;			/* the incarnation of the extension it was claimed from */
 } Transfer;
 
 /* What the settings configure, checked at each claim. */
@@ -624,13 +625,13 @@ claim_and_send(int room, const Channels *ch)
 	due_at = TimestampTzPlusMilliseconds(now, 5000);
 	seen_wakes = pg_atomic_read_u64(&qes_worker_state->wake_requests);
 
-	if (!qes_worker_begin_xact("qes_billing worker: claiming notifications"))
+	extoid = qes_worker_begin_xact("qes_billing worker: claiming notifications");
+	if (!OidIsValid(extoid))
 	{
 		qes_worker_end_xact();
 		due_at = 0;
 		return 0;
 	}
-	extoid = get_extension_oid(QES_EXTENSION_NAME, true);
 	if (extoid != reclaimed_for)
 	{
 		/* before our first claim in this incarnation of the extension */
@@ -712,12 +713,16 @@ claim_and_send(int room, const Channels *ch)
 											  r->html_body ? r->html_body : "");
 			Transfer   *t = new_transfer(CHANNEL_EMAIL, r->tenant_id, r->notification_id, r->attempt);
 
+			t->extoid = extoid;
+
 			setup_email(t, ch, r->email_to, message);
 			start_transfer(t);
 		}
 		if (r->webhook_body && ch->webhook)
 		{
 			Transfer   *t = new_transfer(CHANNEL_WEBHOOK, r->tenant_id, r->notification_id, r->attempt);
+
+			t->extoid = extoid;
 
 			setup_webhook(t, r->event_id, r->webhook_body);
 			start_transfer(t);
@@ -859,6 +864,7 @@ record_done(void)
 	Transfer  **link;
 	int			n = 0;
 	bool		present;
+	Oid			extoid;
 
 	for (Transfer *t = transfers; t; t = t->next)
 		if (t->done)
@@ -866,7 +872,8 @@ record_done(void)
 	if (n == 0)
 		return 0;
 
-	present = qes_worker_begin_xact("qes_billing worker: recording notification deliveries");
+	extoid = qes_worker_begin_xact("qes_billing worker: recording notification deliveries");
+	present = OidIsValid(extoid);
 	n = 0;
 	if (present)
 	{
@@ -874,6 +881,15 @@ record_done(void)
 		{
 			if (!t->done)
 				continue;
+			if (t->extoid != extoid)
+			{
+				/* its row went with DROP EXTENSION: never record it on a new one */
+				ereport(LOG,
+						(errmsg("qes_billing worker: dropped the delivery result of notification " INT64_FORMAT " of a dropped incarnation of the extension",
+								t->notification_id)));
+				t->record_tries = -2;
+				continue;
+			}
 			t->record_tries++;
 			if (record_in_subxact(t))
 			{

@@ -578,6 +578,9 @@ record_answers(void)
 
 		if (c->done && (c->record_tries < 0 || c->record_tries >= QES_RECORD_TRIES))
 		{
+			/* its row stays in flight: the tick reclaims it once stale */
+			if (c->record_tries >= QES_RECORD_TRIES)
+				qes_worker_request_tick(2 * (long) qes_request_timeout_ms + 100);
 			*link = c->next;
 			free_call(c);
 		}

@@ -457,6 +457,22 @@ worker_tick(TickResult *r)
 }
 
 /*
+ * A part of the worker that needs the tick by a certain time (the outbox,
+ * when an answer could not be recorded and its row must be reclaimed as
+ * stale) asks for it here; the loop merges it into its own schedule.
+ */
+static TimestampTz tick_requested_at = 0;
+
+void
+qes_worker_request_tick(long ms)
+{
+	TimestampTz at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ms);
+
+	if (tick_requested_at == 0 || at < tick_requested_at)
+		tick_requested_at = at;
+}
+
+/*
  * Refused webhook deliveries are counted in shared memory (src/guard.c);
  * write them (one row and one audit row per reason) at most once a
  * minute, and only when something was counted: idle stays free.
@@ -551,6 +567,9 @@ qes_worker_main(Datum main_arg)
 			tick_now = true;	/* paused, resumed, keys, timeouts: look again */
 		}
 		/* a commit woke us, or work falls due: otherwise no transaction */
+		if (tick_requested_at != 0 && tick_requested_at < tick_at)
+			tick_at = tick_requested_at;
+		tick_requested_at = 0;
 		if ((wake_reason & WL_LATCH_SET) || loop_started >= tick_at)
 			tick_now = true;
 
@@ -654,6 +673,8 @@ qes_worker_main(Datum main_arg)
 			TimestampTz now = GetCurrentTimestamp();
 			long		claim_ms = qes_outbox_claim_wait_ms();
 
+			if (tick_requested_at != 0 && tick_requested_at < tick_at)
+				tick_at = tick_requested_at;
 			timeout = Min(qes_worker_naptime_ms, ms_until(tick_at, now));
 			if (claim_ms >= 0)
 				timeout = Min(timeout, claim_ms);

@@ -32,4 +32,6 @@ extern int	qes_worker_subxids(void);
  */
 #define QES_SUBXID_BUDGET 48
 
+extern void qes_worker_request_tick(long ms);
+
 #endif							/* QES_WORKER_H */
