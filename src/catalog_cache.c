@@ -65,10 +65,15 @@ typedef struct TenantEntry
 	char		status[24];
 	bool		yearly;
 	bool		has_period;
-	TimestampTz period_start;
-	TimestampTz period_end;
+	TimestampTz period_start;	/* Stripe's current_period_start ... */
+	TimestampTz period_end;		/* ... and current_period_end */
+	TimestampTz anchor;			/* billing_cycle_anchor (or inferred) */
 	bool		has_grace;
 	TimestampTz grace_until;
+	/* the last paid subscription that ended, for the Free periods after it */
+	bool		has_ended;
+	TimestampTz ended_start;
+	TimestampTz ended_end;
 	/* the last answer, valid for `at` in [answer_from, answer_until) */
 	bool		has_answer;
 	TimestampTz answer_from;
@@ -502,31 +507,115 @@ month_start_utc(TimestampTz ts)
 	return result;
 }
 
+/* Whole months from a to b (UTC), ignoring the day. */
+static int
+months_between(TimestampTz a, TimestampTz b)
+{
+	struct pg_tm ta,
+				tb;
+	fsec_t		fsec;
+
+	if (timestamp2tm(a, NULL, &ta, &fsec, NULL, NULL) != 0 ||
+		timestamp2tm(b, NULL, &tb, &fsec, NULL, NULL) != 0)
+		ereport(ERROR, (errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE), errmsg("timestamp out of range")));
+	return (tb.tm_year - ta.tm_year) * 12 + (tb.tm_mon - ta.tm_mon);
+}
+
 /*
- * The subscription period containing ts: periods repeat every month or year
- * from the anchor (the current period's start), with the day clamped to
- * the month's length as Stripe does.
+ * The subscription period containing ts, as Stripe computes it
+ * (docs/architecture.md, "Billing periods"): [period_start, period_end) is
+ * Stripe's current period, exactly; before and after it the periods step
+ * from the billing cycle anchor by `step` months (12 for yearly), each
+ * boundary anchor + k * step months with the anchor's day clamped to the
+ * month's length (an anchor on the 31st bills on Feb 28 or 29, then on
+ * Mar 31; a yearly anchor on Feb 29 bills on Feb 28 in common years).
+ * Every boundary is computed from the anchor, never from the previous
+ * boundary, so a clamped day does not stick.
  */
 static void
-anchored_period(TimestampTz anchor, int step, TimestampTz ts,
-				TimestampTz *start, TimestampTz *end)
+stripe_period(TimestampTz cps, TimestampTz cpe, TimestampTz anchor, int step,
+			  TimestampTz ts, TimestampTz *start, TimestampTz *end)
 {
-	int			k = 0;
+	int			k;
 
-	*start = anchor;
-	*end = add_months_utc(anchor, step);
-	while (ts >= *end)
+	if (ts >= cps && ts < cpe)
 	{
-		k++;
-		*start = *end;
-		*end = add_months_utc(anchor, (k + 1) * step);
+		*start = cps;
+		*end = cpe;
+		return;
 	}
+	if (ts >= cpe)
+	{
+		/* the first boundary after the current period, then on */
+		k = months_between(anchor, cpe) / step - 1;
+		while (add_months_utc(anchor, k * step) <= cpe)
+			k++;
+		*start = cpe;
+		*end = add_months_utc(anchor, k * step);
+		while (ts >= *end)
+		{
+			*start = *end;
+			k++;
+			*end = add_months_utc(anchor, k * step);
+		}
+		return;
+	}
+	/* before the current period (usage reported late, or an earlier clock) */
+	k = months_between(anchor, cps) / step + 1;
+	while (add_months_utc(anchor, k * step) >= cps)
+		k--;
+	*end = cps;
+	*start = add_months_utc(anchor, k * step);
 	while (ts < *start)
 	{
-		k--;
 		*end = *start;
+		k--;
 		*start = add_months_utc(anchor, k * step);
 	}
+}
+
+/*
+ * The anchor periods step from: Stripe's billing_cycle_anchor when the
+ * mirror has it; else the current period's start when one step from it
+ * gives its end (an anchor on the 31st, a period from Jan 31 to Feb 28),
+ * else its end (after a trial, or an anchor later in the month than the
+ * start's day).
+ */
+static TimestampTz
+infer_anchor(TimestampTz cps, TimestampTz cpe, int step)
+{
+	return add_months_utc(cps, step) == cpe ? cps : cpe;
+}
+
+/*
+ * A Free tenant's period containing ts: the calendar month (UTC), except
+ * right after a paid subscription ended: its last period runs to its end
+ * (with Free limits when it ended early), then a period runs from that end
+ * to the start of the next calendar month.  So usage is never counted in
+ * two periods and a change of regime loses none.
+ */
+static void
+free_period(const TenantEntry *e, TimestampTz ts, TimestampTz *start, TimestampTz *end)
+{
+	if (e->has_ended && ts >= e->ended_start && ts < e->ended_end)
+	{
+		*start = e->ended_start;
+		*end = e->ended_end;
+		return;
+	}
+	if (e->has_ended && ts >= e->ended_end)
+	{
+		TimestampTz next = add_months_utc(month_start_utc(e->ended_end), 1);
+
+		if (ts < next)
+		{
+			*start = e->ended_end;
+			*end = next;
+			return;
+		}
+	}
+	*start = month_start_utc(ts);
+	*end = add_months_utc(*start, 1);
 }
 
 /* ---- tenants ------------------------------------------------------------ */
@@ -564,12 +653,20 @@ load_tenant(void *arg)
 	{
 		tenant_plan = SPI_prepare(
 			"SELECT s.plan_id, s.status, s.billing_interval OPERATOR(pg_catalog.=) 'year',"
-			"       s.current_period_start, s.current_period_end, s.grace_until, s.tenant_id IS NOT NULL"
+			"       s.current_period_start, s.current_period_end, s.grace_until, s.tenant_id IS NOT NULL,"
+			"       s.billing_cycle_anchor, x.current_period_start, x.current_period_end"
 			"  FROM billing.tenants t"
 			"  LEFT JOIN LATERAL (SELECT * FROM billing.subscriptions s"
 			"                      WHERE s.tenant_id OPERATOR(pg_catalog.=) t.tenant_id"
 			"                        AND s.status OPERATOR(pg_catalog.<>) ALL ('{canceled,incomplete_expired}'::pg_catalog.text[])"
 			"                      ORDER BY s.subscription_id DESC LIMIT 1) s ON true"
+			/* the last paid Stripe subscription that ended */
+			"  LEFT JOIN LATERAL (SELECT * FROM billing.subscriptions x"
+			"                      WHERE x.tenant_id OPERATOR(pg_catalog.=) t.tenant_id"
+			"                        AND x.status OPERATOR(pg_catalog.=) 'canceled'"
+			"                        AND x.current_period_start IS NOT NULL"
+			"                        AND x.current_period_end OPERATOR(pg_catalog.>) x.current_period_start"
+			"                      ORDER BY x.current_period_end DESC, x.subscription_id DESC LIMIT 1) x ON true"
 			" WHERE t.tenant_id OPERATOR(pg_catalog.=) $1",
 			1, &argtype);
 		if (tenant_plan == NULL)
@@ -581,11 +678,19 @@ load_tenant(void *arg)
 
 	e->exists = (SPI_processed == 1);
 	e->has_subscription = false;
+	e->has_ended = false;
+	e->has_period = false;
 	e->has_answer = false;
 	if (!e->exists)
 		return;
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
+	e->ended_start = DatumGetTimestampTz(SPI_getbinval(tup, desc, 9, &isnull));
+	if (!isnull)
+	{
+		e->ended_end = DatumGetTimestampTz(SPI_getbinval(tup, desc, 10, &isnull));
+		e->has_ended = !isnull;
+	}
 	e->has_subscription = DatumGetBool(SPI_getbinval(tup, desc, 7, &isnull));
 	if (!e->has_subscription)
 		return;
@@ -598,6 +703,17 @@ load_tenant(void *arg)
 	e->has_period = e->has_period && !isnull;
 	e->grace_until = DatumGetTimestampTz(SPI_getbinval(tup, desc, 6, &isnull));
 	e->has_grace = !isnull;
+	if (e->has_period)
+	{
+		if (e->period_end <= e->period_start)
+			e->has_period = false;
+		else
+		{
+			e->anchor = DatumGetTimestampTz(SPI_getbinval(tup, desc, 8, &isnull));
+			if (isnull)
+				e->anchor = infer_anchor(e->period_start, e->period_end, e->yearly ? 12 : 1);
+		}
+	}
 }
 
 /*
@@ -672,21 +788,31 @@ qes_tenant_plan(const char *tenant_id, TimestampTz at, QesTenantPlan *out)
 	if (subscribed)
 		out->plan = e->plan;
 
-	if (subscribed && e->has_period && e->period_end > e->period_start)
-		anchored_period(e->period_start, e->yearly ? 12 : 1, at, &out->period_start, &out->period_end);
+	/*
+	 * The period (docs/architecture.md, "Billing periods"): a subscription
+	 * Stripe has -- trialing, active, past_due, unpaid, paused -- bills in
+	 * Stripe's periods whichever limits apply (after the grace period the
+	 * period goes on, with Free limits), so no change of limits moves usage
+	 * to another period.  One waiting for its first payment (incomplete),
+	 * a local one and none at all are on the Free periods.
+	 */
+	if (e->has_subscription && e->has_period && strcmp(e->status, "incomplete") != 0)
+		stripe_period(e->period_start, e->period_end, e->anchor, e->yearly ? 12 : 1, at,
+					  &out->period_start, &out->period_end);
 	else
-	{
-		out->period_start = month_start_utc(at);
-		out->period_end = add_months_utc(out->period_start, 1);
-	}
+		free_period(e, at, &out->period_start, &out->period_end);
 
-	/* the answer holds until the period ends or the grace period runs out */
+	/* the answer holds within the period, on one side of the grace period's end */
 	e->answer = *out;
 	e->answer_from = out->period_start;
 	e->answer_until = out->period_end;
-	if (e->has_subscription && e->has_grace && strcmp(e->status, "past_due") == 0 &&
-		at < e->grace_until && e->grace_until < e->answer_until)
-		e->answer_until = e->grace_until;
+	if (e->has_subscription && e->has_grace && strcmp(e->status, "past_due") == 0)
+	{
+		if (at < e->grace_until && e->grace_until < e->answer_until)
+			e->answer_until = e->grace_until;
+		else if (at >= e->grace_until && e->grace_until > e->answer_from)
+			e->answer_from = e->grace_until;
+	}
 	e->has_answer = true;
 	return true;
 }

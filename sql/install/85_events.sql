@@ -301,6 +301,45 @@ $$;
 COMMENT ON FUNCTION billing.sync_dunning(text, bigint) IS
   'Derive a subscription''s grace period from Stripe''s facts (past_due status, the first failed attempt of its oldest unpaid invoice); audited as dunning.started, dunning.updated, dunning.recovered or dunning.ended.';
 
+-- Usage that occurred in Stripe's current period of a subscription but
+-- was recorded under another period -- the mirror learnt of the period
+-- late: a first payment, a renewal or an interval switch whose events came
+-- after the usage -- moves to that period, so that it counts there and
+-- nowhere else (docs/architecture.md, "Billing periods").  Rows of other
+-- tenants and periods are not touched; the usage counters are rebuilt from
+-- the table after the commit (the usage_changed trigger).  Audited.
+CREATE FUNCTION billing.rekey_usage(p_tenant text, p_start timestamptz, p_end timestamptz) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_n bigint;
+BEGIN
+  IF p_start IS NULL OR p_end IS NULL OR p_end <= p_start THEN
+    RETURN 0;
+  END IF;
+  -- per metric, through the usage_events_period index: a row of the period
+  -- carries a key no older than a year (the longest period) before it
+  IF NOT EXISTS (SELECT 1 FROM billing.metrics m
+                  CROSS JOIN LATERAL (SELECT 1 FROM billing.usage_events u
+                                       WHERE u.tenant_id = p_tenant AND u.metric = m.metric
+                                         AND u.period_start >= p_start - interval '13 months' AND u.period_start < p_end
+                                         AND u.period_start <> p_start
+                                         AND u.occurred_at >= p_start AND u.occurred_at < p_end
+                                       LIMIT 1) x) THEN
+    RETURN 0;
+  END IF;
+  UPDATE billing.usage_events u SET period_start = p_start
+   WHERE u.tenant_id = p_tenant AND u.period_start >= p_start - interval '13 months' AND u.period_start < p_end
+     AND u.period_start <> p_start AND u.occurred_at >= p_start AND u.occurred_at < p_end;
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  PERFORM billing.audit('usage.rekeyed', p_tenant,
+                        jsonb_build_object('period_start', p_start, 'period_end', p_end, 'events', v_n));
+  RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION billing.rekey_usage(text, timestamptz, timestamptz) IS
+  'Move the tenant''s usage that occurred in [p_start, p_end) but was recorded under another period into that period (the mirror learnt of the period after the usage). Audited as usage.rekeyed.';
+
 -- One subscription state.  Returns the Stripe ids it waits for when it
 -- cannot be applied yet (the tenant has another current subscription whose
 -- end is not mirrored: that one is fetched from Stripe meanwhile).
@@ -424,6 +463,14 @@ BEGIN
             v_cancel, v_trial, p_at, v_anchor, to_timestamp((o ->> 'created')::bigint),
             CASE WHEN v_terminal THEN v_ended END, p_source)
     RETURNING subscription_id INTO v_id;
+  END IF;
+
+  -- a period the usage was not recorded under yet (renewed, switched, or
+  -- paid for the first time): what occurred in it counts in it
+  IF v_status IN ('trialing', 'active', 'past_due', 'unpaid', 'paused')
+     AND (v_sub.subscription_id IS NULL OR v_sub.current_period_start IS DISTINCT FROM v_pstart
+          OR v_sub.status NOT IN ('trialing', 'active', 'past_due', 'unpaid', 'paused')) THEN
+    PERFORM billing.rekey_usage(p_tenant, v_pstart, v_pend);
   END IF;
 
   -- its invoices, whichever arrived first
