@@ -599,7 +599,7 @@ BEGIN
      FROM jsonb_array_elements(CASE WHEN jsonb_typeof(o -> 'payments' -> 'data') = 'array'
                                     THEN o -> 'payments' -> 'data' ELSE '[]' END) p;
   IF NOT p_fetched AND p_api_version >= '2025-03-31' AND NOT o ? 'payment_intent' AND o -> 'payments' IS NULL
-     AND coalesce((o ->> 'amount_paid')::bigint, 0) > 0 THEN
+     AND (coalesce((o ->> 'amount_paid')::bigint, 0) > 0 OR coalesce((o ->> 'attempt_count')::integer, 0) > 0) THEN
     -- a newer API shape (2025-03-31 and later): the payment intent is only
     -- on the invoice's payments; the invoice in the pinned version names it
     PERFORM billing.fetch_object(p_tenant, 'invoice', o ->> 'id');
