@@ -1,7 +1,7 @@
 # qes_billing -- PGXS build.  See README.md for the developer targets.
 
 EXTENSION  = qes_billing
-EXTVERSION = 0.1
+EXTVERSION = 0.2
 
 MODULE_big = qes_billing
 OBJS = \
@@ -23,7 +23,11 @@ OBJS = \
 	src/redact.o \
 	src/notify.o
 
+# the current version's install script, built from sql/install/*.sql;
+# released versions' install and upgrade scripts are frozen files in sql/
+# that are never edited (README.md, "Upgrading")
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
+DATA = sql/$(EXTENSION)--0.1.sql sql/$(EXTENSION)--0.1--0.2.sql
 SCRIPTS = src/qes_billing_setup
 # for operators, installed into $(docdir)/extension (README.md, "Monitoring")
 DOCS = docs/monitoring/qes_billing_queries.yaml docs/monitoring/qes_billing_alerts.yml

@@ -11,7 +11,7 @@
 #include "postgres.h"
 
 #define QES_EXTENSION_NAME	"qes_billing"
-#define QES_VERSION			"0.1"
+#define QES_VERSION			"0.2"
 #define QES_WORKER_NAME		"qes_billing worker"
 
 #if PG_VERSION_NUM < 150000

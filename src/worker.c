@@ -22,10 +22,22 @@
  * error in a loop is logged, kept for the worker_state() view, and the loop
  * goes on.
  *
+ * The library and the extension's SQL are updated apart (README.md,
+ * "Upgrading"): after the new library is installed and the server
+ * restarted, the database keeps the old version's SQL until ALTER
+ * EXTENSION qes_billing UPDATE, and the worker's calls would not match it.
+ * Until the versions agree the worker only keeps its heartbeat (and looks
+ * again every naptime, in a transaction that reads pg_extension and nothing
+ * else); it says why once in the log and in worker_state().last_error, and
+ * resumes by itself when the update commits.
+ *
  *-------------------------------------------------------------------------
  */
 #include "qes_billing.h"
 
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
 #include "access/xact.h"
 #include "catalog/pg_extension.h"
 #include "commands/extension.h"
@@ -42,6 +54,7 @@
 #include "storage/proc.h"
 #include "tcop/utility.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
@@ -382,10 +395,100 @@ qes_worker_incarnation(void)
 	return reclaimed_for;
 }
 
+/* ---- the extension's version ------------------------------------------- */
+
+/*
+ * The version of the extension's SQL (pg_extension.extversion) whose
+ * mismatch with QES_VERSION paused the worker, or "" when none did.
+ * ALTER EXTENSION UPDATE keeps the extension's OID, so the version is read
+ * on every tick.
+ */
+static char paused_for_version[NAMEDATALEN] = "";
+static char paused_message[QES_LAST_ERROR_LEN] = "";
+
+/* pg_extension.extversion of the extension extoid, palloc'd; NULL if gone */
+static char *
+extension_version(Oid extoid)
+{
+	Relation	rel;
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tup;
+	char	   *version = NULL;
+
+	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyInit(&key, Anum_pg_extension_oid, BTEqualStrategyNumber, F_OIDEQ,
+				ObjectIdGetDatum(extoid));
+	scan = systable_beginscan(rel, ExtensionOidIndexId, true, NULL, 1, &key);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+	{
+		bool		isnull;
+		Datum		d = heap_getattr(tup, Anum_pg_extension_extversion, RelationGetDescr(rel), &isnull);
+
+		if (!isnull)
+			version = text_to_cstring(DatumGetTextPP(d));
+	}
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return version;
+}
+
+/*
+ * Whether the extension's SQL is the version this library was built for.
+ * On a change either way, say so once: in the log, and in last_error while
+ * paused (cleared on resuming unless another error replaced it).
+ */
+static bool
+extension_version_matches(Oid extoid)
+{
+	char	   *version = extension_version(extoid);
+
+	if (version != NULL && strcmp(version, QES_VERSION) == 0)
+	{
+		if (paused_for_version[0] != '\0')
+		{
+			ereport(LOG,
+					(errmsg("qes_billing worker resumed: extension qes_billing in database \"%s\" is version %s now",
+							qes_database, version)));
+			LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
+			if (strcmp(qes_worker_state->last_error, paused_message) == 0)
+			{
+				qes_worker_state->last_error[0] = '\0';
+				qes_worker_state->last_error_at = 0;
+			}
+			LWLockRelease(qes_worker_state->lock);
+			paused_for_version[0] = '\0';
+			paused_message[0] = '\0';
+		}
+		return true;
+	}
+
+	if (version == NULL)
+		version = "(none)";
+	if (strcmp(paused_for_version, version) != 0)
+	{
+		strlcpy(paused_for_version, version, sizeof(paused_for_version));
+		snprintf(paused_message, sizeof(paused_message),
+				 "paused: extension qes_billing is version %s in database \"%s\", the library is version %s; "
+				 "run ALTER EXTENSION qes_billing UPDATE",
+				 version, qes_database, QES_VERSION);
+		ereport(LOG,
+				(errmsg("qes_billing worker paused: extension qes_billing in database \"%s\" is version %s, the library is version %s",
+						qes_database, version, QES_VERSION),
+				 errdetail("The worker does no work until the extension's SQL matches the library; it keeps its heartbeat and looks again every qes_billing.worker_naptime."),
+				 errhint("Run ALTER EXTENSION qes_billing UPDATE in database \"%s\"; the worker resumes when it commits.",
+						 qes_database)));
+		qes_worker_note_error(paused_message);
+	}
+	return false;
+}
+
 /* what a tick tells the loop */
 typedef struct TickResult
 {
 	bool		active;			/* an extension to serve, not paused */
+	bool		mismatch;		/* paused: the extension is another version */
 	bool		full;			/* a full batch of events: more may be due */
 	double		outbox_due_s;	/* until an outbox request is due; < 0: none */
 	double		next_due_s;		/* until the tick has work again; < 0: none */
@@ -412,6 +515,7 @@ worker_tick(TickResult *r)
 	bool		did_reclaim = false;
 
 	r->active = false;
+	r->mismatch = false;
 	r->full = false;
 	r->outbox_due_s = -1;
 	r->next_due_s = -1;
@@ -419,6 +523,12 @@ worker_tick(TickResult *r)
 	extoid = begin_xact("qes_billing worker loop");
 	/* paused for maintenance: heartbeat only */
 	r->active = OidIsValid(extoid) && !qes_worker_paused;
+	/* the extension's SQL of another version: heartbeat only, until updated */
+	if (r->active && !extension_version_matches(extoid))
+	{
+		r->active = false;
+		r->mismatch = true;
+	}
 	if (r->active)
 	{
 		Oid			argtypes[1] = {INT4OID};
@@ -449,6 +559,9 @@ worker_tick(TickResult *r)
 
 	if (did_reclaim)
 		reclaimed_for = extoid;
+	/* reconcile the queues again once the versions agree (the same OID) */
+	if (r->mismatch)
+		reclaimed_for = InvalidOid;
 
 	LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
 	qes_worker_state->extension_present = OidIsValid(extoid);
@@ -589,6 +702,9 @@ qes_worker_main(Datum main_arg)
 				tick_at = TimestampTzPlusMilliseconds(now, QES_HOUSEKEEPING_MS);
 				if (r.next_due_s >= 0)
 					tick_at = plus_seconds(now, r.next_due_s);
+				/* waiting for ALTER EXTENSION UPDATE: look again each naptime */
+				if (r.mismatch)
+					tick_at = TimestampTzPlusMilliseconds(now, qes_worker_naptime_ms);
 				if (active)
 					qes_outbox_set_due(r.outbox_due_s);
 			}

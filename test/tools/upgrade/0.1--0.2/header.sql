@@ -1,0 +1,23 @@
+-- qes_billing 0.1 -> 0.2: ALTER EXTENSION qes_billing UPDATE.
+--
+-- Released with 0.2 and never edited afterwards (README.md, "Upgrading");
+-- until then it follows sql/install: test/tools/upgrade/draft.sh 0.1 0.2
+-- writes it from the two install scripts and the hand-written parts in
+-- test/tools/upgrade/0.1--0.2/.
+--
+-- It brings a 0.1 database to exactly what CREATE EXTENSION qes_billing
+-- makes in 0.2 -- the same tables, columns in the same order, constraints,
+-- indexes, functions, views, triggers, policies, privileges, comments,
+-- extension members and pg_dump marks -- and moves the 0.1 data into it.
+-- test/t/011_upgrade.pl compares the two (pg_dump of both schemas, the
+-- extension's members, its config marks) and checks the data.
+--
+-- The library must be the 0.2 one when this runs: the functions it creates
+-- name C symbols only the 0.2 library has (README.md, "Upgrading").
+--
+--   1. what 0.2 drops, or creates anew because it cannot be changed in place
+--   2. the 0.2 install script (sql/install/*.sql) where it differs from 0.1,
+--      in its order
+--   3. the data: the tables made again, facts 0.1 kept only in the inbox,
+--      the seed rows, secrets 0.1 stored in clear
+\echo Use "ALTER EXTENSION qes_billing UPDATE TO '0.2'" to load this file. \quit
