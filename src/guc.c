@@ -46,6 +46,10 @@ int			qes_max_requests_per_second = 0;
 bool		qes_audit_guard = true;
 bool		qes_worker_paused = false;
 
+/* reconciliation (sql/install/86_reconcile.sql reads them with current_setting) */
+static int	qes_reconcile_interval_s = 3600;
+static int	qes_reconcile_pages = 20;
+
 /* notifications (src/notify.c) */
 char	   *qes_smtp_url = NULL;
 int			qes_smtp_starttls = QES_STARTTLS_REQUIRE;
@@ -682,6 +686,14 @@ qes_define_gucs(void)
 							"Longest retry delay of a Stripe request.",
 							NULL, &qes_retry_max_ms, 300000, 1, 24 * 3600 * 1000,
 							PGC_SUSET, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.reconcile_interval",
+							"How often the reconciliation pass lists what changed in Stripe (0: never).",
+							NULL, &qes_reconcile_interval_s, 3600, 0, 7 * 24 * 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.reconcile_pages",
+							"Most list pages (100 objects each) one reconciliation pass asks Stripe for.",
+							NULL, &qes_reconcile_pages, 20, 1, 100000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("qes_billing.webhook_max_attempts",
 							"Attempts to apply a webhook event before it is parked for review.",
 							NULL, &qes_webhook_max_attempts, 5, 1, 100,

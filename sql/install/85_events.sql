@@ -677,6 +677,28 @@ BEGIN
 END
 $$;
 
+-- A dispute: the tenant is flagged, the operator notified, audited (once).
+CREATE FUNCTION billing.apply_dispute(p_tenant text, o jsonb) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  INSERT INTO billing.disputes (tenant_id, stripe_dispute_id, stripe_charge_id, amount, currency, reason, status, stripe_created)
+  VALUES (p_tenant, o ->> 'id', billing.stripe_ref(o -> 'charge'), coalesce((o ->> 'amount')::bigint, 0), o ->> 'currency',
+          o ->> 'reason', o ->> 'status', to_timestamp((o ->> 'created')::bigint))
+  ON CONFLICT (stripe_dispute_id) DO NOTHING;
+  IF FOUND THEN
+    UPDATE billing.tenants SET disputed = true, updated_at = now() WHERE tenant_id = p_tenant;
+    INSERT INTO billing.notifications (tenant_id, kind, audience, dedup_key, payload)
+    VALUES (p_tenant, 'dispute.created', 'operator', 'dispute:' || (o ->> 'id'),
+            jsonb_build_object('dispute', o ->> 'id', 'charge', billing.stripe_ref(o -> 'charge'),
+                               'amount', (o ->> 'amount')::bigint, 'currency', o ->> 'currency', 'reason', o ->> 'reason'))
+    ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
+    PERFORM billing.audit('dispute.created', p_tenant, jsonb_build_object('dispute', o ->> 'id', 'charge', billing.stripe_ref(o -> 'charge'),
+                                                                          'amount', (o ->> 'amount')::bigint, 'reason', o ->> 'reason'));
+  END IF;
+END
+$$;
+
 -- ---- answers of the GETs above (billing.fetch_object) -------------------------
 
 CREATE FUNCTION billing.mirror_fetched() RETURNS trigger
@@ -793,20 +815,7 @@ BEGIN
   WHEN v_type IN ('payment_intent.payment_failed', 'charge.failed') THEN
     PERFORM billing.apply_payment(v_t, o, v_at, 'failed');
   WHEN v_type = 'charge.dispute.created' THEN
-    INSERT INTO billing.disputes (tenant_id, stripe_dispute_id, stripe_charge_id, amount, currency, reason, status, stripe_created)
-    VALUES (v_t, o ->> 'id', billing.stripe_ref(o -> 'charge'), coalesce((o ->> 'amount')::bigint, 0), o ->> 'currency',
-            o ->> 'reason', o ->> 'status', to_timestamp((o ->> 'created')::bigint))
-    ON CONFLICT (stripe_dispute_id) DO NOTHING;
-    IF FOUND THEN
-      UPDATE billing.tenants SET disputed = true, updated_at = now() WHERE tenant_id = v_t;
-      INSERT INTO billing.notifications (tenant_id, kind, audience, dedup_key, payload)
-      VALUES (v_t, 'dispute.created', 'operator', 'dispute:' || (o ->> 'id'),
-              jsonb_build_object('dispute', o ->> 'id', 'charge', billing.stripe_ref(o -> 'charge'),
-                                 'amount', (o ->> 'amount')::bigint, 'currency', o ->> 'currency', 'reason', o ->> 'reason'))
-      ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
-      PERFORM billing.audit('dispute.created', v_t, jsonb_build_object('dispute', o ->> 'id', 'charge', billing.stripe_ref(o -> 'charge'),
-                                                                       'amount', (o ->> 'amount')::bigint, 'reason', o ->> 'reason'));
-    END IF;
+    PERFORM billing.apply_dispute(v_t, o);
   ELSE
     out_tenant := NULL;   -- a type we do not handle
     out_state := 'ignored';
@@ -836,7 +845,7 @@ DECLARE
   v_cap   double precision := extract(epoch FROM current_setting('qes_billing.retry_max_delay')::interval);
 BEGIN
   FOR ev IN
-    SELECT w.stripe_event_id, w.payload, w.attempts FROM billing.webhook_events w
+    SELECT w.stripe_event_id, w.payload, w.attempts, w.source FROM billing.webhook_events w
      WHERE w.state = 'received' AND w.next_attempt_at <= now()
      ORDER BY w.stripe_created, w.received_at
      LIMIT p_limit
@@ -844,7 +853,12 @@ BEGIN
   LOOP
     v_n := v_n + 1;
     BEGIN
-      r := billing.apply_event_ex(ev.payload::jsonb);
+      IF ev.source = 'reconcile' THEN
+        -- an event the webhooks never brought: what it repairs is drift
+        r := billing.reconcile_event(ev.stripe_event_id, ev.payload::jsonb);
+      ELSE
+        r := billing.apply_event_ex(ev.payload::jsonb);
+      END IF;
       DELETE FROM billing.webhook_waits WHERE stripe_event_id = ev.stripe_event_id;
       INSERT INTO billing.webhook_waits (stripe_id, stripe_event_id)
       SELECT DISTINCT x, ev.stripe_event_id FROM unnest(r.out_waits) x WHERE x IS NOT NULL;
@@ -865,6 +879,8 @@ BEGIN
       END IF;
     END;
   END LOOP;
+  -- the periodic reconciliation pass, when it is due (sql/install/86_reconcile.sql)
+  PERFORM billing.reconcile_tick();
   RETURN v_n;
 END
 $$;

@@ -244,6 +244,7 @@ class World:
             dp = self._base("dispute", id=f"dp_{T}", charge=first_charge["id"], payment_intent=None,
                             amount=first_charge["amount"], currency="usd", reason="fraudulent",
                             status="needs_response", created=at)
+            first_charge["disputed"] = True
             ev("charge.dispute.created", dp, at)
             if i % 10 == 5:
                 # in the same second as its charge and sent before it: even in order, before its charge
@@ -319,9 +320,10 @@ class World:
             if not fails:
                 pay(inv, sub, pe + 3600)
                 continue
-            pay(inv, sub, pe + 3600, ok=False)
+            # the renewal's payment fails at once (the same second as the renewal)
+            pay(inv, sub, pe, ok=False)
             sub["status"] = "past_due"
-            ev("customer.subscription.updated", sub, pe + 3600)
+            ev("customer.subscription.updated", sub, pe)
             recover = pe + 3600 + (2 + i % 4) * DAY
             if i % 11 == 0 or recover >= end:
                 break           # still unpaid at the end
@@ -393,38 +395,48 @@ class World:
     # ---- HTTP: what qes_billing asks Stripe ---------------------------------
 
     COLLECTIONS = {"subscriptions": "subscription", "invoices": "invoice", "customers": "customer",
-                   "charges": "charge", "payment_intents": "payment_intent"}
+                   "charges": "charge", "payment_intents": "payment_intent", "disputes": "dispute"}
 
-    def answer(self, method, path, params):
+    def all_events(self):
+        return [e for evs in self.events.values() for e in evs]
+
+    def answer(self, method, path, query):
         parts = [p for p in path.split("/") if p][1:]
+        pairs = parse_qsl(query, keep_blank_values=True)
+        params = dict(pairs)
         with self.lock:
             self.requests.append((method, path))
-            if method != "GET" or not parts or parts[0] not in self.COLLECTIONS:
+            if method != "GET" or not parts or (parts[0] not in self.COLLECTIONS and parts[0] != "events"):
                 return 404, {"error": {"type": "invalid_request_error", "message": f"Unrecognized request URL ({path})"}}
-            type_ = self.COLLECTIONS[parts[0]]
-            if len(parts) == 2:
-                o = self.objects.get(parts[1])
-                if o is None or o.get("object") != type_:
-                    return 404, {"error": {"type": "invalid_request_error", "code": "resource_missing",
-                                           "message": f"No such {type_}: '{parts[1]}'"}}
-                if type_ == "customer" and o.get("deleted"):
-                    return 200, {"id": o["id"], "object": "customer", "deleted": True}
-                return 200, self.render(o, "pinned")
-            # lists, newest first, paginated (reconciliation)
-            data = [o for o in self.objects.values() if o.get("object") == type_]
-            if "customer" in params:
-                data = [o for o in data if o.get("customer") == params["customer"]]
-            gte = params.get("created[gte]") or params.get("created", {}).get("gte") if isinstance(params.get("created"), dict) else params.get("created[gte]")
-            if gte:
-                data = [o for o in data if o["created"] >= int(gte)]
+            if parts[0] == "events":
+                if len(parts) != 1:
+                    return 404, {"error": {"type": "invalid_request_error", "message": "No such event"}}
+                # Stripe's event log: 30 days, newest first, by type and creation
+                types = {v for k, v in pairs if k == "types[]"}
+                gte = int(params.get("created[gte]", 0))
+                data = [e for e in self.all_events()
+                        if e["created"] >= max(gte, self.now - 30 * DAY) and (not types or e["type"] in types)]
+            else:
+                type_ = self.COLLECTIONS[parts[0]]
+                if len(parts) == 2:
+                    o = self.objects.get(parts[1])
+                    if o is None or o.get("object") != type_:
+                        return 404, {"error": {"type": "invalid_request_error", "code": "resource_missing",
+                                               "message": f"No such {type_}: '{parts[1]}'"}}
+                    if type_ == "customer" and o.get("deleted"):
+                        return 200, {"id": o["id"], "object": "customer", "deleted": True}
+                    return 200, self.render(o, "pinned")
+                data = [o for o in self.objects.values() if o.get("object") == type_]
+                for f in ("customer", "charge", "payment_intent"):
+                    if f in params:
+                        data = [o for o in data if o.get(f) == params[f]]
+                data = [self.render(o, "pinned") for o in data]
             data.sort(key=lambda o: (-o["created"], o["id"]))
             if "starting_after" in params:
                 ids = [o["id"] for o in data]
                 data = data[ids.index(params["starting_after"]) + 1:] if params["starting_after"] in ids else []
             limit = int(params.get("limit", 10))
-            page = data[:limit]
-            return 200, {"object": "list", "url": path, "has_more": len(data) > limit,
-                         "data": [self.render(o, "pinned") for o in page]}
+            return 200, {"object": "list", "url": path, "has_more": len(data) > limit, "data": data[:limit]}
 
     def serve(self):
         world = self
@@ -437,8 +449,7 @@ class World:
 
             def do_GET(self):
                 url = urlsplit(self.path)
-                params = dict(parse_qsl(url.query))
-                status, body = world.answer("GET", url.path, params)
+                status, body = world.answer("GET", url.path, url.query)
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

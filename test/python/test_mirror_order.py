@@ -390,3 +390,23 @@ def test_newer_shapes_link_invoice_payments(pg, api, fx, session_fake_stripe):  
     fetched = [t for t in cases if pg.sql("SELECT count(*) FROM billing.stripe_requests WHERE tenant_id = %s "
                                           "AND kind = 'mirror.invoice.lookup' AND state = 'succeeded'", (t,))[0][0]]
     assert len(fetched) >= 1
+
+
+def test_reconcile_tenant_refuses_bad_input_and_is_for_operators(pg):
+    import psycopg
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="unknown tenant"):
+        pg.sql("SELECT billing.reconcile_tenant('nobody_here')")
+    pg.sql("SELECT billing.upsert_tenant('rec_free', 'Free GmbH', 'f@free.example')")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="has no Stripe customer"):
+        pg.sql("SELECT billing.reconcile_tenant('rec_free')")
+    with pg.connect() as c:
+        c.execute("SET ROLE qes_tenant")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT billing.reconcile_tenant('rec_free')")
+    with pg.connect() as c:
+        c.execute("SET ROLE qes_admin")
+        c.execute("SELECT * FROM billing.drift_report LIMIT 1")
+        c.execute("SELECT * FROM billing.reconcile_runs LIMIT 1")
+    for obj in ("billing.reconcile_tenant(text)", "billing.reconcile_now()"):
+        assert pg.sql("SELECT obj_description(%s::regprocedure, 'pg_proc') IS NOT NULL", (obj,)) == [(True,)]
+    assert pg.sql("SELECT obj_description('billing.drift_report'::regclass, 'pg_class') IS NOT NULL") == [(True,)]

@@ -47,7 +47,8 @@ def drain(pg, timeout=60):
 # ---- stripe-mock: every kind of request is one Stripe accepts ------------
 
 def test_every_request_kind_is_valid_for_stripe(stripe_mock):
-    pg = cluster_for("smock", stripe_mock)
+    # no next reconciliation pass queued after the one asked for below
+    pg = cluster_for("smock", stripe_mock, **{"qes_billing.reconcile_interval": "0"})
     try:
         r = setup_command(pg, "--all")
         assert "setup.check" in r.stdout, r.stdout + r.stderr
@@ -77,6 +78,11 @@ def test_every_request_kind_is_valid_for_stripe(stripe_mock):
         for obj, oid in (("subscription", "sub_sm2"), ("invoice", "in_sm1"), ("customer", "cus_sm1"),
                          ("charge", "ch_sm1"), ("payment_intent", "pi_sm1")):
             pg.sql("SELECT billing.fetch_object('sm', %s, %s)", (obj, oid))
+        # what reconciliation lists (sql/install/86_reconcile.sql)
+        pg.sql("SELECT billing.reconcile_now()")
+        pg.sql("SELECT billing.reconcile_tenant('sm')")
+        pg.sql("SELECT billing.outbox_enqueue('sm', 'reconcile.disputes.list', 'GET', '/v1/disputes', "
+               "'{\"charge\": \"ch_sm1\", \"limit\": 100}')")
         # the branches of setup stripe-mock's fixtures never take (it has every
         # product, and no endpoint at our URL): the same code, fed other answers
         pg.sql("""SELECT billing.setup_apply(jsonb_populate_record(NULL::billing.stripe_requests,
@@ -99,7 +105,10 @@ def test_every_request_kind_is_valid_for_stripe(stripe_mock):
                          "setup.price.create", "setup.webhook.list", "setup.webhook.create", "setup.webhook.update",
                          "customer.create", "subscription.create", "subscription.update", "payment_intent.create",
                          "subscription.refresh", "mirror.subscription.lookup", "mirror.invoice.lookup",
-                         "mirror.customer.lookup", "mirror.charge.lookup", "mirror.payment_intent.lookup"}, kinds
+                         "mirror.customer.lookup", "mirror.charge.lookup", "mirror.payment_intent.lookup",
+                         "reconcile.events.list", "reconcile.customer.lookup", "reconcile.subscriptions.list",
+                         "reconcile.invoices.list", "reconcile.payment_intents.list", "reconcile.charges.list",
+                         "reconcile.disputes.list"}, kinds
         # and that is every kind the SQL code can queue
         src = os.path.join(os.path.dirname(__file__), "..", "..", "sql", "install")
         queued = set()
