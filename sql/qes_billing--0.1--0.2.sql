@@ -188,7 +188,7 @@ ALTER TABLE billing.invoices
 
 CREATE INDEX invoices_subscription ON billing.invoices (stripe_subscription_id) WHERE stripe_subscription_id IS NOT NULL;
 
--- (upgrade) the new column of billing.payments, filled in section 3
+-- (upgrade) what 0.2 adds to billing.payments
 ALTER TABLE billing.payments ADD COLUMN stripe_invoice_id text;
 
 CREATE INDEX payments_charge ON billing.payments (stripe_charge_id) WHERE stripe_charge_id IS NOT NULL;

@@ -17,8 +17,11 @@ makes them).  It writes:
      order -- functions and triggers as CREATE OR REPLACE, an index whose
      definition changed dropped first, the objects dropped in 1 created
      again, every GRANT and REVOKE -- where a changed CREATE TABLE of an
-     existing table is replaced by PARTS_DIR/table_<name>.sql, a DO block
-     by PARTS_DIR/do_<tag>.sql, an INSERT by PARTS_DIR/insert_<table>.sql;
+     existing table becomes ALTER TABLE ... ADD COLUMN for what it appends
+     (filled with the default, then SET DEFAULT, SET NOT NULL, the new
+     constraints) unless PARTS_DIR/table_<name>.sql replaces it, a DO block
+     is replaced by PARTS_DIR/do_<tag>.sql, an INSERT by
+     PARTS_DIR/insert_<table>.sql;
   3. PARTS_DIR/post.sql (hand-written: the data).
 
 A draft: test/t/011_upgrade.pl is the check (schema equal to a fresh
@@ -247,6 +250,49 @@ def seed_rows():
         f"SELECT '{t}', pg_catalog.to_jsonb(t) FROM {SCRATCH}.seed_{t} t" for t in seeded) + ';')
     return '\n'.join(res)
 
+# ---- a table that gains columns at its end ----------------------------------
+# Columns and constraints added by ALTER TABLE statements of B's script are
+# left to those statements.
+altered_cols, altered_cons = set(), set()
+for raw, code in s02:
+    m = re.match(r'ALTER TABLE ([\w.]+)', code, re.I)
+    if m:
+        altered_cols |= {(m.group(1), c) for c in re.findall(r'ADD COLUMN (\w+)', code, re.I)}
+        altered_cons |= {(m.group(1), c) for c in re.findall(r'ADD CONSTRAINT (\w+)', code, re.I)}
+COLDEFS = """SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                    pg_get_expr(d.adbin, d.adrelid)
+               FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+              WHERE a.attrelid = '%s'::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"""
+CONS = """SELECT c.conname, pg_get_constraintdef(c.oid) FROM pg_constraint c
+           WHERE c.conrelid = '%s'::regclass ORDER BY c.contype <> 'c', c.conname"""
+
+def append_columns(t, raw):
+    """ALTER TABLE for the columns (and their constraints) a changed CREATE
+    TABLE appends.  A column gets its default only once its rows are filled,
+    so that the table holds no "missing value" a fresh one has not."""
+    have = {c for c, _ in ca[t]}
+    cons_a = {r[0] for r in q(DB_A, CONS % t)}
+    res = [f'-- (upgrade) what {B} adds to {t}']
+    fill = []
+    for name, typ, notnull, default in q(DB_B, COLDEFS % t):
+        if name in have or (t, name) in altered_cols:
+            continue
+        res.append(f'ALTER TABLE {t} ADD COLUMN {name} {typ};')
+        if default:
+            fill.append(f'UPDATE {t} SET {name} = {default};')
+            fill.append(f'ALTER TABLE {t} ALTER COLUMN {name} SET DEFAULT {default};')
+        if notnull == 't':
+            if not default:
+                warnings.append(f'{t}.{name} is NOT NULL without a default: fill it in a part')
+            fill.append(f'ALTER TABLE {t} ALTER COLUMN {name} SET NOT NULL;')
+    res += fill
+    for name, definition in q(DB_B, CONS % t):
+        if name not in cons_a and (t, name) not in altered_cons:
+            res.append(f'ALTER TABLE {t} ADD CONSTRAINT {name} {definition};')
+    if len(res) == 1:
+        warnings.append(f'{t}: its CREATE TABLE changed, but no column or constraint was added: check it')
+    return '\n'.join(res)
+
 # ---- statements ------------------------------------------------------------
 rebuilt_names = set(rebuild)
 def refs_rebuilt(code):
@@ -284,8 +330,7 @@ for raw, code in s02:
             continue
         rep = part('table_' + t.split('.')[1] + '.sql')
         if rep is None:
-            warnings.append(f'no replacement for the changed table {t}')
-            out.append('-- FIXME changed table ' + t + '\n' + '\n'.join('-- ' + l for l in raw.splitlines()))
+            out.append(append_columns(t, raw))
         else:
             out.append(rep.rstrip('\n'))
     elif m_idx:
