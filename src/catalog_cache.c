@@ -651,6 +651,7 @@ load_tenant(void *arg)
 
 	if (tenant_plan == NULL)
 	{
+		/* s: the current subscription; x: the last paid one that ended */
 		tenant_plan = SPI_prepare(
 			"SELECT s.plan_id, s.status, s.billing_interval OPERATOR(pg_catalog.=) 'year',"
 			"       s.current_period_start, s.current_period_end, s.grace_until, s.tenant_id IS NOT NULL,"
@@ -660,7 +661,6 @@ load_tenant(void *arg)
 			"                      WHERE s.tenant_id OPERATOR(pg_catalog.=) t.tenant_id"
 			"                        AND s.status OPERATOR(pg_catalog.<>) ALL ('{canceled,incomplete_expired}'::pg_catalog.text[])"
 			"                      ORDER BY s.subscription_id DESC LIMIT 1) s ON true"
-			/* the last paid Stripe subscription that ended */
 			"  LEFT JOIN LATERAL (SELECT * FROM billing.subscriptions x"
 			"                      WHERE x.tenant_id OPERATOR(pg_catalog.=) t.tenant_id"
 			"                        AND x.status OPERATOR(pg_catalog.=) 'canceled'"
