@@ -85,6 +85,8 @@ DECLARE
   v_cust bigint;
   v_req  bigint;
 BEGIN
+  -- an earlier attempt may have created it in Stripe: not a second one while that is checked
+  PERFORM billing.check_no_unknown_outcome(t.tenant_id, 'subscription.create');
   IF cur.subscription_id IS NOT NULL AND (cur.stripe_subscription_id IS NOT NULL OR cur.plan_id <> 'free') THEN
     RAISE EXCEPTION 'tenant % already has a subscription (plan %, status %)', t.tenant_id, cur.plan_id, cur.status
       USING ERRCODE = 'unique_violation', HINT = 'Change it with POST /rpc/update_subscription.';

@@ -156,6 +156,8 @@ class FakeStripe:
                 return c
             if method == "GET" and len(parts) == 2:
                 return self.get(parts[1], "customer")
+            if method == "GET" and len(parts) == 1:
+                return self._list("customer", params, email=params.get("email"))
         if name == "products":
             if method == "GET" and len(parts) == 2:
                 return self.get(parts[1], "product")
@@ -215,6 +217,8 @@ class FakeStripe:
                 return self._create_subscription(params)
             if method == "GET" and len(parts) == 2:
                 return self._expand(self.get(parts[1], "subscription"), params)
+            if method == "GET" and len(parts) == 1:
+                return self._list("subscription", params, customer=params.get("customer"))
             if method == "POST" and len(parts) == 2:
                 return self._update_subscription(self.get(parts[1], "subscription"), params)
         if name == "payment_intents":
@@ -228,6 +232,13 @@ class FakeStripe:
             if method == "POST" and len(parts) == 3 and parts[2] == "confirm":
                 return self.confirm(parts[1], params.get("payment_method", "pm_card_visa"))
         raise StripeError(404, "invalid_request_error", f"Unrecognized request URL ({method}: {path}).")
+
+    def _list(self, type_, params, **filters):
+        """A list endpoint: newest first, filtered by equal fields, one page."""
+        data = [o for o in self.of_type(type_) if all(v is None or o.get(k) == v for k, v in filters.items())]
+        data.sort(key=lambda o: -o.get("created", 0))
+        limit = int(params.get("limit", 10))
+        return {"object": "list", "url": f"/v1/{type_}s", "has_more": len(data) > limit, "data": data[:limit]}
 
     def _payment_intent(self, amount, currency, customer, description, metadata, invoice):
         pi_id = new_id("pi")

@@ -6,6 +6,7 @@ state, replays idempotent requests and injects faults.
 Tenants call the API through the PostgREST helper; the fake's events are
 delivered signed through POST /rpc/stripe_webhook, as Stripe would.
 """
+import json
 import os
 import re
 import subprocess
@@ -83,6 +84,11 @@ def test_every_request_kind_is_valid_for_stripe(stripe_mock):
         pg.sql("SELECT billing.reconcile_tenant('sm')")
         pg.sql("SELECT billing.outbox_enqueue('sm', 'reconcile.disputes.list', 'GET', '/v1/disputes', "
                "'{\"charge\": \"ch_sm1\", \"limit\": 100}')")
+        # the lookups that resolve an unknown outcome (sql/install/93_resolve.sql)
+        for kind, (path, params) in {"resolve.customer.list": ("/v1/customers", {"email": "billing@sm.example", "limit": 100}),
+                                     "resolve.subscription.list": ("/v1/subscriptions", {"customer": "cus_sm1", "status": "all", "limit": 100})}.items():
+            pg.sql("SELECT billing.outbox_enqueue('sm', %s, 'GET', %s, %s::jsonb, '{\"request_id\": 0}')",
+                   (kind, path, json.dumps(params)))
         # the branches of setup stripe-mock's fixtures never take (it has every
         # product, and no endpoint at our URL): the same code, fed other answers
         pg.sql("""SELECT billing.setup_apply(jsonb_populate_record(NULL::billing.stripe_requests,
@@ -108,7 +114,7 @@ def test_every_request_kind_is_valid_for_stripe(stripe_mock):
                          "mirror.customer.lookup", "mirror.charge.lookup", "mirror.payment_intent.lookup",
                          "reconcile.events.list", "reconcile.customer.lookup", "reconcile.subscriptions.list",
                          "reconcile.invoices.list", "reconcile.payment_intents.list", "reconcile.charges.list",
-                         "reconcile.disputes.list"}, kinds
+                         "reconcile.disputes.list", "resolve.customer.list", "resolve.subscription.list"}, kinds
         # and that is every kind the SQL code can queue
         src = os.path.join(os.path.dirname(__file__), "..", "..", "sql", "install")
         queued = set()

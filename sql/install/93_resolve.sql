@@ -1,0 +1,153 @@
+-- Unknown outcomes (issue 10, item 7): a request that creates a customer or
+-- a subscription in Stripe and failed
+-- without a definite answer (timeouts and dropped connections after Stripe
+-- may have acted, 5xx, 409, 429, or an answer that could not be applied)
+-- may have created the object anyway.  Before the failure stands, the
+-- worker looks the object up in Stripe by what qes_billing put on it (the
+-- tenant's email and metadata.tenant_id for a customer, metadata
+-- subscription_id among the customer's subscriptions).  (A one-time payment
+-- may be made twice on purpose; a payment intent Stripe made but whose
+-- answer was lost is never confirmed, so nothing is charged.)  Found: it is linked and mirrored, the local row is no
+-- longer failed, and what waited for it (a subscription that waited for its
+-- customer) is sent again with its own Idempotency-Key.  Not found: the
+-- failure stands.  While a lookup is under way the tenant cannot start the
+-- same thing again (a second customer or subscription): 409 with a hint.
+-- Every resolution is audited (stripe.request_resolved).
+
+CREATE FUNCTION billing.outcome_unknown(r billing.stripe_requests) RETURNS boolean
+  LANGUAGE sql IMMUTABLE
+RETURN r.kind IN ('customer.create', 'subscription.create')
+   AND r.error ->> 'category' IN ('network', 'server', 'conflict', 'rate_limited', 'apply');
+COMMENT ON FUNCTION billing.outcome_unknown(billing.stripe_requests) IS
+  'Whether a failed customer or subscription request may still have created its object in Stripe (no definite answer: network, 5xx, 409, 429, or an answer that could not be applied).';
+
+-- Queue the lookup of a failed request's object.
+CREATE FUNCTION billing.resolve_request(r billing.stripe_requests) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  t     billing.tenants;
+  v_cus text;
+BEGIN
+  SELECT * INTO t FROM billing.tenants WHERE tenant_id = r.tenant_id;
+  IF NOT FOUND THEN
+    RETURN NULL;
+  END IF;
+  IF r.kind = 'customer.create' THEN
+    RETURN billing.outbox_enqueue(r.tenant_id, 'resolve.customer.list', 'GET', '/v1/customers',
+                                  jsonb_build_object('email', t.billing_email, 'limit', 100),
+                                  jsonb_build_object('request_id', r.request_id));
+  END IF;
+  v_cus := coalesce(r.params ->> 'customer', t.stripe_customer_id);
+  IF v_cus IS NULL OR v_cus !~ '^cus_' THEN
+    RETURN NULL;   -- no customer: nothing can have been created for it
+  END IF;
+  RETURN billing.outbox_enqueue(r.tenant_id, 'resolve.subscription.list', 'GET', '/v1/subscriptions',
+                                jsonb_build_object('customer', v_cus, 'status', 'all', 'limit', 100),
+                                jsonb_build_object('request_id', r.request_id));
+END
+$$;
+COMMENT ON FUNCTION billing.resolve_request(billing.stripe_requests) IS
+  'Queue the Stripe lookup that resolves a failed request of unknown outcome (its customer or subscription, found by qes_billing''s metadata).';
+
+CREATE FUNCTION billing.request_failed_unknown() RETURNS trigger
+  LANGUAGE plpgsql SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  PERFORM billing.resolve_request(NEW);
+  RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing.request_failed_unknown() IS
+  'Trigger: a request that creates an object and failed without a definite answer is looked up in Stripe before its failure stands.';
+CREATE TRIGGER request_failed_unknown AFTER UPDATE OF state ON billing.stripe_requests
+  FOR EACH ROW WHEN (NEW.state = 'failed' AND OLD.state <> 'failed' AND billing.outcome_unknown(NEW))
+  EXECUTE FUNCTION billing.request_failed_unknown();
+
+-- The lookup's answer: the object qes_billing asked for, or nothing.
+CREATE FUNCTION billing.resolve_fetched() RETURNS trigger
+  LANGUAGE plpgsql SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  r      billing.stripe_requests;
+  o      jsonb;
+  w      billing.stripe_requests;
+  v_at   timestamptz := billing.outbox_state_at(NEW);
+  v_sub  bigint;
+BEGIN
+  SELECT * INTO r FROM billing.stripe_requests WHERE request_id = (NEW.subject ->> 'request_id')::bigint FOR UPDATE;
+  IF NOT FOUND OR r.state <> 'failed' THEN
+    RETURN NULL;
+  END IF;
+  v_sub := (r.subject ->> 'subscription_id')::bigint;
+  SELECT x INTO o FROM jsonb_array_elements(CASE WHEN jsonb_typeof(NEW.response -> 'data') = 'array'
+                                                 THEN NEW.response -> 'data' ELSE '[]' END) x
+   WHERE CASE r.kind
+           WHEN 'customer.create' THEN x -> 'metadata' ->> 'tenant_id' = r.tenant_id AND NOT coalesce((x ->> 'deleted')::boolean, false)
+           ELSE x -> 'metadata' ->> 'subscription_id' = r.subject ->> 'subscription_id'
+                AND x -> 'metadata' ->> 'tenant_id' = r.tenant_id
+         END
+   ORDER BY (x ->> 'created')::bigint LIMIT 1;
+  IF o IS NULL THEN
+    PERFORM billing.audit('stripe.request_resolved', r.tenant_id,
+                          jsonb_build_object('request_id', r.request_id, 'kind', r.kind, 'found', false));
+    RETURN NULL;   -- Stripe never created it: the failure stands
+  END IF;
+
+  CASE r.kind
+  WHEN 'customer.create' THEN
+    UPDATE billing.tenants SET stripe_customer_id = o ->> 'id', updated_at = now()
+     WHERE tenant_id = r.tenant_id AND stripe_customer_id IS NULL;
+    PERFORM billing.apply_customer(r.tenant_id, o, v_at, false);
+    -- what waited for the customer never reached Stripe: send it now, with its own key
+    FOR w IN SELECT * FROM billing.stripe_requests c
+              WHERE c.after_request = r.request_id AND c.state = 'failed' AND c.error ->> 'category' = 'dependency'
+                FOR UPDATE LOOP
+      UPDATE billing.stripe_requests
+         SET state = 'pending', attempts = 0, error = NULL, http_status = NULL, response = NULL,
+             next_attempt_at = now(), updated_at = now(),
+             params = CASE WHEN w.inherit IS NULL THEN w.params ELSE w.params || jsonb_build_object(w.inherit, o ->> 'id') END
+       WHERE request_id = w.request_id;
+      UPDATE billing.subscriptions SET status = 'incomplete', last_error = NULL, updated_at = now()
+       WHERE tenant_id = w.tenant_id AND subscription_id = (w.subject ->> 'subscription_id')::bigint
+         AND status = 'incomplete_expired' AND stripe_subscription_id IS NULL
+         AND NOT EXISTS (SELECT 1 FROM billing.subscriptions s WHERE s.tenant_id = w.tenant_id
+                            AND s.status NOT IN ('canceled', 'incomplete_expired'));
+    END LOOP;
+  ELSE
+    -- the local row is the Stripe subscription after all
+    UPDATE billing.subscriptions SET status = 'incomplete', last_error = NULL, stripe_subscription_id = o ->> 'id',
+                                     updated_at = now()
+     WHERE tenant_id = r.tenant_id AND subscription_id = v_sub AND stripe_subscription_id IS NULL
+       AND NOT EXISTS (SELECT 1 FROM billing.subscriptions s WHERE s.tenant_id = r.tenant_id
+                          AND s.status NOT IN ('canceled', 'incomplete_expired'));
+    PERFORM billing.apply_subscription(r.tenant_id, o, v_at, o ->> 'status' = 'canceled');
+  END CASE;
+  PERFORM billing.audit('stripe.request_resolved', r.tenant_id,
+                        jsonb_build_object('request_id', r.request_id, 'kind', r.kind, 'found', true, 'object', o ->> 'id'));
+  RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing.resolve_fetched() IS
+  'Trigger: the answer of a lookup for a failed request of unknown outcome; the object found is linked and mirrored (and what waited for it sent again), otherwise the failure stands. Audited.';
+CREATE TRIGGER resolve_fetched AFTER UPDATE OF state ON billing.stripe_requests
+  FOR EACH ROW WHEN (NEW.state = 'succeeded' AND OLD.state <> 'succeeded' AND NEW.kind LIKE 'resolve.%')
+  EXECUTE FUNCTION billing.resolve_fetched();
+
+-- While a customer or subscription is looked up, the tenant may not start
+-- another subscription (a one-time payment may be made twice on purpose).
+CREATE FUNCTION billing.check_no_unknown_outcome(p_tenant text, p_kind text) RETURNS void
+  LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM billing.stripe_requests r
+              WHERE r.tenant_id = p_tenant AND r.state IN ('waiting', 'pending', 'in_flight')
+                AND r.kind IN ('resolve.customer.list', 'resolve.subscription.list')) THEN
+    RAISE EXCEPTION 'an earlier request of tenant % may have reached Stripe; its outcome is being checked', p_tenant
+      USING ERRCODE = 'unique_violation',
+            HINT = 'Try again in a minute: if Stripe created it, it is linked to you then; if not, you can start again.';
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION billing.check_no_unknown_outcome(text, text) IS
+  'Refuse (409) to start a subscription while the outcome of an earlier customer or subscription request is being checked with Stripe.';

@@ -1,0 +1,139 @@
+"""Unknown outcomes (issue 10, item 7): Stripe acted but its answer never
+arrived (the connection dropped after it, every attempt), so the request
+fails after qes_billing.max_attempts.  Before the failure stands, the worker
+looks the object up in Stripe; the tenant's retry never makes a second
+customer or subscription."""
+import psycopg
+import pytest
+
+from conftest import tenant_claims
+from fake_stripe import FakeStripe
+from postgrest import PostgREST
+from test_stripe_worker import cluster_for, drain, setup_command, sub
+
+OPEN = "state IN ('waiting', 'pending', 'in_flight')"
+
+
+@pytest.fixture(scope="module")
+def fake():
+    f = FakeStripe(seed=5, timeout_s=1.0)
+    f.base = f.serve()
+    f.lost = {}                   # path -> how the answer is lost: "drop" (Stripe acted) or "500" (it did not)
+    original = f.process
+
+    def process(method, path, params, key, raw):
+        how = f.lost.get((method, path))
+        if how == "500":
+            return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}, []
+        status, body, extra = original(method, path, params, key, raw)
+        if how == "drop":
+            return "drop", None, []
+        return status, body, extra
+    f.process = process
+    yield f
+    f.stop()
+
+
+@pytest.fixture(scope="module")
+def pgu(fake):
+    c = cluster_for("unknown", fake.base, **{"qes_billing.max_attempts": "3"})
+    r = setup_command(c, "--setup-products")
+    assert r.returncode == 0, r.stdout + r.stderr
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def api(pgu):
+    client = PostgREST(pgu.dsn(user="authenticator"))
+    yield client
+    client.close()
+
+
+def subscriptions_in_stripe(fake, tenant):
+    return [s for s in fake.of_type("subscription") if s["metadata"].get("tenant_id") == tenant]
+
+
+def customers_in_stripe(fake, tenant):
+    return [c for c in fake.of_type("customer") if c["metadata"].get("tenant_id") == tenant]
+
+
+def test_a_subscription_created_whose_answer_was_lost_is_found(pgu, api, fake):
+    pg = pgu
+    pg.sql("SELECT billing.upsert_tenant('lost_sub', 'Lost Sub GmbH', 'billing@lostsub.example')")
+    claims = tenant_claims("lost_sub")
+    fake.lost[("POST", "/v1/subscriptions")] = "drop"
+    try:
+        assert api.post("/rpc/create_subscription", body={"plan": "professional"}, claims=claims).status == 200
+        drain(pg)
+    finally:
+        fake.lost.clear()
+    # every attempt failed without an answer ...
+    assert pg.sql("SELECT state, attempts, error ->> 'category' FROM billing.stripe_requests "
+                  "WHERE tenant_id = 'lost_sub' AND kind = 'subscription.create'") == [("failed", 3, "network")]
+    # ... but Stripe had made it (once: the same key each time), and the lookup found it
+    made = subscriptions_in_stripe(fake, "lost_sub")
+    assert len(made) == 1
+    s = sub(api, "lost_sub")
+    assert s["status"] == "incomplete" and s["stripe_subscription_id"] == made[0]["id"], s
+    assert pg.sql("SELECT details ->> 'found', details ->> 'object' FROM billing.audit_log "
+                  "WHERE tenant_id = 'lost_sub' AND action = 'stripe.request_resolved'") == [("true", made[0]["id"])]
+    # the tenant tries again: refused, still one subscription in Stripe
+    r = api.post("/rpc/create_subscription", body={"plan": "professional"}, claims=claims)
+    assert r.status == 409, r.body
+    drain(pg)
+    assert len(subscriptions_in_stripe(fake, "lost_sub")) == 1
+
+
+def test_a_customer_created_whose_answer_was_lost_is_found(pgu, api, fake):
+    pg = pgu
+    pg.sql("SELECT billing.upsert_tenant('lost_cus', 'Lost Cus GmbH', 'billing@lostcus.example')")
+    claims = tenant_claims("lost_cus")
+    fake.lost[("POST", "/v1/customers")] = "drop"
+    try:
+        assert api.post("/rpc/create_subscription", body={"plan": "professional"}, claims=claims).status == 200
+        assert pg.wait_until("SELECT state = 'failed' FROM billing.stripe_requests "
+                             "WHERE tenant_id = 'lost_cus' AND kind = 'customer.create'", 30)
+    finally:
+        fake.lost.clear()
+    drain(pg)
+    # one customer, found and linked; the subscription that waited for it was sent after all
+    assert len(customers_in_stripe(fake, "lost_cus")) == 1
+    assert pg.sql("SELECT stripe_customer_id FROM billing.tenants WHERE tenant_id = 'lost_cus'")[0][0] == \
+        customers_in_stripe(fake, "lost_cus")[0]["id"]
+    assert len(subscriptions_in_stripe(fake, "lost_cus")) == 1
+    assert sub(api, "lost_cus")["status"] == "incomplete"
+    assert api.post("/rpc/create_subscription", body={"plan": "professional"}, claims=claims).status == 409
+    drain(pg)
+    assert len(customers_in_stripe(fake, "lost_cus")) == 1 and len(subscriptions_in_stripe(fake, "lost_cus")) == 1
+
+
+def test_nothing_created_the_failure_stands_and_a_retry_works(pgu, api, fake):
+    pg = pgu
+    pg.sql("SELECT billing.upsert_tenant('no_sub', 'No Sub GmbH', 'billing@nosub.example')")
+    claims = tenant_claims("no_sub")
+    fake.lost[("POST", "/v1/subscriptions")] = "500"
+    try:
+        assert api.post("/rpc/create_subscription", body={"plan": "professional"}, claims=claims).status == 200
+        drain(pg)
+    finally:
+        fake.lost.clear()
+    assert subscriptions_in_stripe(fake, "no_sub") == []
+    assert sub(api, "no_sub")["status"] == "incomplete_expired"
+    assert pg.sql("SELECT details ->> 'found' FROM billing.audit_log WHERE tenant_id = 'no_sub' "
+                  "AND action = 'stripe.request_resolved'") == [("false",)]
+    assert api.post("/rpc/create_subscription", body={"plan": "professional"}, claims=claims).status == 200
+    drain(pg)
+    assert len(subscriptions_in_stripe(fake, "no_sub")) == 1
+
+
+def test_no_second_subscription_while_an_outcome_is_checked(pgu, api):
+    pg = pgu
+    pg.sql("SELECT billing.upsert_tenant('checking', 'Checking GmbH', 'billing@checking.example')")
+    pg.sql("SELECT billing.outbox_enqueue('checking', 'resolve.subscription.list', 'GET', '/v1/subscriptions', "
+           "'{\"customer\": \"cus_none\", \"status\": \"all\"}', '{\"request_id\": 0}')")
+    r = api.post("/rpc/create_subscription", body={"plan": "professional"}, claims=tenant_claims("checking"))
+    assert r.status == 409 and "being checked" in r.body["message"], r.body
+    assert "Try again" in r.body["hint"]
+    drain(pg)
+    assert pg.sql("SELECT count(*) FROM billing.subscriptions WHERE tenant_id = 'checking'") == [(0,)]
