@@ -1915,10 +1915,13 @@ END
 $$;
 
 -- A batch of answers, element i of each array being one answer (the
--- worker's common path, one call per batch).  Unguarded: anything that
--- raises undoes the whole batch, which the worker then records answer by
--- answer with billing.outbox_record.  Returns how many were recorded (not
--- reclaimed meanwhile).
+-- worker's common path, one call per batch).  The successful answers are
+-- stored in one UPDATE (one executor start, one check of the table's
+-- constraints and triggers for the batch, not one per answer), then each is
+-- applied as billing.outbox_succeed applies one; the others are recorded one
+-- by one.  Unguarded: anything that raises undoes the whole batch, which
+-- the worker then records answer by answer with billing.outbox_record.
+-- Returns how many were recorded (not reclaimed meanwhile).
 CREATE OR REPLACE FUNCTION billing.outbox_record_batch(p_request_ids bigint[], p_attempts integer[], p_http_status integer[],
                                             p_bodies text[], p_should_retry text[], p_retry_after text[],
                                             p_transport_errors text[])
@@ -1926,9 +1929,37 @@ CREATE OR REPLACE FUNCTION billing.outbox_record_batch(p_request_ids bigint[], p
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
 DECLARE
-  v_n integer := 0;
+  v      record;
+  r      billing.stripe_requests;
+  v_done boolean[] := array_fill(false, ARRAY[coalesce(cardinality(p_request_ids), 0)]);
+  v_n    integer := 0;
 BEGIN
+  FOR v IN
+    UPDATE billing.stripe_requests s
+       SET state = 'succeeded', http_status = a.http_status, response = billing.redact(a.body), error = NULL,
+           updated_at = now()
+      FROM (SELECT x.request_id, x.attempt, x.http_status, x.body::jsonb AS body, x.ord
+              FROM unnest(p_request_ids, p_attempts, p_http_status, p_bodies, p_transport_errors)
+                     WITH ORDINALITY AS x(request_id, attempt, http_status, body, transport_error, ord)
+             WHERE x.transport_error IS NULL) a
+     WHERE s.request_id = a.request_id AND s.request_id = ANY (p_request_ids)
+       -- (a value the planner does not see: the rows are found by their
+       -- primary key, never by a scan of stripe_requests_in_flight, whatever
+       -- the statistics say)
+       AND s.state = (SELECT 'in_flight'::text)
+       AND s.attempts = a.attempt AND billing.outbox_accepts(s.kind, a.http_status)
+    RETURNING s AS req, a.body, a.ord
+  LOOP
+    -- as billing.outbox_succeed: stored redacted, applied as Stripe sent it
+    r := v.req;
+    r.response := v.body;
+    PERFORM billing.outbox_apply(r);
+    PERFORM billing.outbox_release_waiting(r);
+    v_done[v.ord] := true;
+    v_n := v_n + 1;
+  END LOOP;
   FOR i IN 1 .. coalesce(cardinality(p_request_ids), 0) LOOP
+    CONTINUE WHEN v_done[i];
     IF billing.outbox_record_answer(p_request_ids[i], p_attempts[i], p_http_status[i], p_bodies[i],
                                     p_should_retry[i], p_retry_after[i], p_transport_errors[i], false) IS NOT NULL THEN
       v_n := v_n + 1;
@@ -2744,6 +2775,60 @@ AS $$
    ORDER BY s.subscription_id DESC LIMIT 1
 $$;
 
+CREATE OR REPLACE FUNCTION api.create_subscription(plan text, "interval" text DEFAULT 'month') RETURNS json
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  t      billing.tenants := billing.calling_tenant();
+  pr     billing.prices := billing.check_plan_interval(plan, "interval");
+  cur    billing.subscriptions := billing.current_subscription(t.tenant_id);
+  v_sub  billing.subscriptions;
+  v_cust bigint;
+  v_req  bigint;
+BEGIN
+  -- an earlier attempt may have created it in Stripe: not a second one while that is checked
+  PERFORM billing.check_no_unknown_outcome(t.tenant_id, 'subscription.create');
+  IF cur.subscription_id IS NOT NULL AND (cur.stripe_subscription_id IS NOT NULL OR cur.plan_id <> 'free') THEN
+    RAISE EXCEPTION 'tenant % already has a subscription (plan %, status %)', t.tenant_id, cur.plan_id, cur.status
+      USING ERRCODE = 'unique_violation', HINT = 'Change it with POST /rpc/update_subscription.';
+  END IF;
+  IF pr.unit_amount = 0 THEN
+    IF cur.subscription_id IS NOT NULL THEN
+      RAISE EXCEPTION 'tenant % is already on the % plan', t.tenant_id, cur.plan_id
+        USING ERRCODE = 'invalid_parameter_value', HINT = 'Choose a paid plan to upgrade.';
+    END IF;
+    INSERT INTO billing.subscriptions (tenant_id, plan_id, billing_interval, status)
+    VALUES (t.tenant_id, pr.plan_id, pr.billing_interval, 'active') RETURNING * INTO v_sub;
+    PERFORM billing.audit('subscription.created', t.tenant_id,
+                          jsonb_build_object('subscription_id', v_sub.subscription_id, 'plan', pr.plan_id,
+                                             'interval', pr.billing_interval, 'local', true));
+  ELSE
+    -- the local Free subscription ends; the paid one waits for its first payment
+    UPDATE billing.subscriptions SET status = 'canceled', updated_at = now()
+     WHERE tenant_id = t.tenant_id AND subscription_id = cur.subscription_id;
+    INSERT INTO billing.subscriptions (tenant_id, plan_id, billing_interval, status)
+    VALUES (t.tenant_id, pr.plan_id, pr.billing_interval, 'incomplete') RETURNING * INTO v_sub;
+    v_cust := billing.customer_request(t);
+    v_req := billing.outbox_enqueue(t.tenant_id, 'subscription.create', 'POST', '/v1/subscriptions',
+               jsonb_build_object('items', jsonb_build_array(jsonb_build_object('price', pr.stripe_price_id)),
+                                  'payment_behavior', 'default_incomplete',
+                                  'payment_settings', jsonb_build_object('save_default_payment_method', 'on_subscription'),
+                                  'expand', jsonb_build_array('latest_invoice.payment_intent'),
+                                  'metadata', jsonb_build_object('tenant_id', t.tenant_id,
+                                                                 'subscription_id', v_sub.subscription_id))
+               || CASE WHEN v_cust IS NULL THEN jsonb_build_object('customer', t.stripe_customer_id) ELSE '{}' END,
+               jsonb_build_object('subscription_id', v_sub.subscription_id),
+               p_after => v_cust, p_inherit => CASE WHEN v_cust IS NOT NULL THEN 'customer' END);
+    PERFORM billing.audit('subscription.create_requested', t.tenant_id,
+                          jsonb_build_object('subscription_id', v_sub.subscription_id, 'plan', pr.plan_id,
+                                             'interval', pr.billing_interval, 'request_id', v_req,
+                                             'customer_request_id', v_cust));
+  END IF;
+  RETURN json_build_object('subscription_id', v_sub.subscription_id, 'plan', v_sub.plan_id,
+                           'interval', v_sub.billing_interval, 'status', v_sub.status);
+END
+$$;
+
 CREATE VIEW api.subscription WITH (security_invoker = true) AS
 SELECT s.subscription_id,
        s.plan_id AS plan,
@@ -2768,6 +2853,167 @@ SELECT s.subscription_id,
 
 COMMENT ON VIEW api.subscription IS
   'The calling tenant''s subscription (the latest): plan, interval, Stripe status, limits_plan (whose limits apply now), client_secret while the first payment is awaited, current period, cancel_at_period_end, a change in progress and the last error. No row: the tenant is on Free.';
+
+-- Unknown outcomes (issue 10, item 7): a request that creates a customer or
+-- a subscription in Stripe and failed
+-- without a definite answer (timeouts and dropped connections after Stripe
+-- may have acted, 5xx, 409, 429, or an answer that could not be applied)
+-- may have created the object anyway.  Before the failure stands, the
+-- worker looks the object up in Stripe by what qes_billing put on it (the
+-- tenant's email and metadata.tenant_id for a customer, metadata
+-- subscription_id among the customer's subscriptions).  (A one-time payment
+-- may be made twice on purpose; a payment intent Stripe made but whose
+-- answer was lost is never confirmed, so nothing is charged.)  Found: it is linked and mirrored, the local row is no
+-- longer failed, and what waited for it (a subscription that waited for its
+-- customer) is sent again with its own Idempotency-Key.  Not found: the
+-- failure stands.  While a lookup is under way the tenant cannot start the
+-- same thing again (a second customer or subscription): 409 with a hint.
+-- Every resolution is audited (stripe.request_resolved).
+
+CREATE OR REPLACE FUNCTION billing.outcome_unknown(r billing.stripe_requests) RETURNS boolean
+  LANGUAGE sql IMMUTABLE
+RETURN r.kind IN ('customer.create', 'subscription.create')
+   AND r.error ->> 'category' IN ('network', 'server', 'conflict', 'rate_limited', 'apply');
+
+COMMENT ON FUNCTION billing.outcome_unknown(billing.stripe_requests) IS
+  'Whether a failed customer or subscription request may still have created its object in Stripe (no definite answer: network, 5xx, 409, 429, or an answer that could not be applied).';
+
+-- Queue the lookup of a failed request's object.
+CREATE OR REPLACE FUNCTION billing.resolve_request(r billing.stripe_requests) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  t     billing.tenants;
+  v_cus text;
+BEGIN
+  SELECT * INTO t FROM billing.tenants WHERE tenant_id = r.tenant_id;
+  IF NOT FOUND THEN
+    RETURN NULL;
+  END IF;
+  IF r.kind = 'customer.create' THEN
+    RETURN billing.outbox_enqueue(r.tenant_id, 'resolve.customer.list', 'GET', '/v1/customers',
+                                  jsonb_build_object('email', t.billing_email, 'limit', 100),
+                                  jsonb_build_object('request_id', r.request_id));
+  END IF;
+  v_cus := coalesce(r.params ->> 'customer', t.stripe_customer_id);
+  IF v_cus IS NULL OR v_cus !~ '^cus_' THEN
+    RETURN NULL;   -- no customer: nothing can have been created for it
+  END IF;
+  RETURN billing.outbox_enqueue(r.tenant_id, 'resolve.subscription.list', 'GET', '/v1/subscriptions',
+                                jsonb_build_object('customer', v_cus, 'status', 'all', 'limit', 100),
+                                jsonb_build_object('request_id', r.request_id));
+END
+$$;
+
+COMMENT ON FUNCTION billing.resolve_request(billing.stripe_requests) IS
+  'Queue the Stripe lookup that resolves a failed request of unknown outcome (its customer or subscription, found by qes_billing''s metadata).';
+
+CREATE OR REPLACE FUNCTION billing.request_failed_unknown() RETURNS trigger
+  LANGUAGE plpgsql SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  PERFORM billing.resolve_request(NEW);
+  RETURN NULL;
+END
+$$;
+
+COMMENT ON FUNCTION billing.request_failed_unknown() IS
+  'Trigger: a request that creates an object and failed without a definite answer is looked up in Stripe before its failure stands.';
+
+CREATE OR REPLACE TRIGGER request_failed_unknown AFTER UPDATE OF state ON billing.stripe_requests
+  FOR EACH ROW WHEN (NEW.state = 'failed' AND OLD.state <> 'failed' AND billing.outcome_unknown(NEW))
+  EXECUTE FUNCTION billing.request_failed_unknown();
+
+-- The lookup's answer: the object qes_billing asked for, or nothing.
+CREATE OR REPLACE FUNCTION billing.resolve_fetched() RETURNS trigger
+  LANGUAGE plpgsql SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  r      billing.stripe_requests;
+  o      jsonb;
+  w      billing.stripe_requests;
+  v_at   timestamptz := billing.outbox_state_at(NEW);
+  v_sub  bigint;
+BEGIN
+  SELECT * INTO r FROM billing.stripe_requests WHERE request_id = (NEW.subject ->> 'request_id')::bigint FOR UPDATE;
+  IF NOT FOUND OR r.state <> 'failed' THEN
+    RETURN NULL;
+  END IF;
+  v_sub := (r.subject ->> 'subscription_id')::bigint;
+  SELECT x INTO o FROM jsonb_array_elements(CASE WHEN jsonb_typeof(NEW.response -> 'data') = 'array'
+                                                 THEN NEW.response -> 'data' ELSE '[]' END) x
+   WHERE CASE r.kind
+           WHEN 'customer.create' THEN x -> 'metadata' ->> 'tenant_id' = r.tenant_id AND NOT coalesce((x ->> 'deleted')::boolean, false)
+           ELSE x -> 'metadata' ->> 'subscription_id' = r.subject ->> 'subscription_id'
+                AND x -> 'metadata' ->> 'tenant_id' = r.tenant_id
+         END
+   ORDER BY (x ->> 'created')::bigint LIMIT 1;
+  IF o IS NULL THEN
+    PERFORM billing.audit('stripe.request_resolved', r.tenant_id,
+                          jsonb_build_object('request_id', r.request_id, 'kind', r.kind, 'found', false));
+    RETURN NULL;   -- Stripe never created it: the failure stands
+  END IF;
+
+  CASE r.kind
+  WHEN 'customer.create' THEN
+    UPDATE billing.tenants SET stripe_customer_id = o ->> 'id', updated_at = now()
+     WHERE tenant_id = r.tenant_id AND stripe_customer_id IS NULL;
+    PERFORM billing.apply_customer(r.tenant_id, o, v_at, false);
+    -- what waited for the customer never reached Stripe: send it now, with its own key
+    FOR w IN SELECT * FROM billing.stripe_requests c
+              WHERE c.after_request = r.request_id AND c.state = 'failed' AND c.error ->> 'category' = 'dependency'
+                FOR UPDATE LOOP
+      UPDATE billing.stripe_requests
+         SET state = 'pending', attempts = 0, error = NULL, http_status = NULL, response = NULL,
+             next_attempt_at = now(), updated_at = now(),
+             params = CASE WHEN w.inherit IS NULL THEN w.params ELSE w.params || jsonb_build_object(w.inherit, o ->> 'id') END
+       WHERE request_id = w.request_id;
+      UPDATE billing.subscriptions SET status = 'incomplete', last_error = NULL, updated_at = now()
+       WHERE tenant_id = w.tenant_id AND subscription_id = (w.subject ->> 'subscription_id')::bigint
+         AND status = 'incomplete_expired' AND stripe_subscription_id IS NULL
+         AND NOT EXISTS (SELECT 1 FROM billing.subscriptions s WHERE s.tenant_id = w.tenant_id
+                            AND s.status NOT IN ('canceled', 'incomplete_expired'));
+    END LOOP;
+  ELSE
+    -- the local row is the Stripe subscription after all
+    UPDATE billing.subscriptions SET status = 'incomplete', last_error = NULL, stripe_subscription_id = o ->> 'id',
+                                     updated_at = now()
+     WHERE tenant_id = r.tenant_id AND subscription_id = v_sub AND stripe_subscription_id IS NULL
+       AND NOT EXISTS (SELECT 1 FROM billing.subscriptions s WHERE s.tenant_id = r.tenant_id
+                          AND s.status NOT IN ('canceled', 'incomplete_expired'));
+    PERFORM billing.apply_subscription(r.tenant_id, o, v_at, o ->> 'status' = 'canceled');
+  END CASE;
+  PERFORM billing.audit('stripe.request_resolved', r.tenant_id,
+                        jsonb_build_object('request_id', r.request_id, 'kind', r.kind, 'found', true, 'object', o ->> 'id'));
+  RETURN NULL;
+END
+$$;
+
+COMMENT ON FUNCTION billing.resolve_fetched() IS
+  'Trigger: the answer of a lookup for a failed request of unknown outcome; the object found is linked and mirrored (and what waited for it sent again), otherwise the failure stands. Audited.';
+
+CREATE OR REPLACE TRIGGER resolve_fetched AFTER UPDATE OF state ON billing.stripe_requests
+  FOR EACH ROW WHEN (NEW.state = 'succeeded' AND OLD.state <> 'succeeded' AND NEW.kind LIKE 'resolve.%')
+  EXECUTE FUNCTION billing.resolve_fetched();
+
+-- While a customer or subscription is looked up, the tenant may not start
+-- another subscription (a one-time payment may be made twice on purpose).
+CREATE OR REPLACE FUNCTION billing.check_no_unknown_outcome(p_tenant text, p_kind text) RETURNS void
+  LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM billing.stripe_requests r
+              WHERE r.tenant_id = p_tenant AND r.state IN ('waiting', 'pending', 'in_flight')
+                AND r.kind IN ('resolve.customer.list', 'resolve.subscription.list')) THEN
+    RAISE EXCEPTION 'an earlier request of tenant % may have reached Stripe; its outcome is being checked', p_tenant
+      USING ERRCODE = 'unique_violation',
+            HINT = 'Try again in a minute: if Stripe created it, it is linked to you then; if not, you can start again.';
+  END IF;
+END
+$$;
+
+COMMENT ON FUNCTION billing.check_no_unknown_outcome(text, text) IS
+  'Refuse (409) to start a subscription while the outcome of an earlier customer or subscription request is being checked with Stripe.';
 
 -- Operator metrics: subscription health, payment success and usage
 -- patterns (webhook and outbox metrics are next to their queues:
