@@ -131,9 +131,12 @@ def test_no_second_subscription_while_an_outcome_is_checked(pgu, api):
     pg = pgu
     pg.sql("SELECT billing.upsert_tenant('checking', 'Checking GmbH', 'billing@checking.example')")
     # a lookup under way (held back, so that the worker does not answer it first)
-    req = pg.sql("SELECT billing.outbox_enqueue('checking', 'resolve.subscription.list', 'GET', '/v1/subscriptions', "
-                 "'{\"customer\": \"cus_none\", \"status\": \"all\"}', '{\"request_id\": 0}')")[0][0]
-    pg.sql("UPDATE billing.stripe_requests SET next_attempt_at = now() + interval '1 hour' WHERE request_id = %s", (req,))
+    with pg.connect() as c:      # one transaction: the worker never sees it due
+        req = c.execute("SELECT billing.outbox_enqueue('checking', 'resolve.subscription.list', 'GET', "
+                        "'/v1/subscriptions', '{\"customer\": \"cus_none\", \"status\": \"all\"}', "
+                        "'{\"request_id\": 0}')").fetchone()[0]
+        c.execute("UPDATE billing.stripe_requests SET next_attempt_at = now() + interval '1 hour' "
+                  "WHERE request_id = %s", (req,))
     r = api.post("/rpc/create_subscription", body={"plan": "professional"}, claims=tenant_claims("checking"))
     assert r.status == 409 and "being checked" in r.body["message"], r.body
     assert "Try again" in r.body["hint"]
