@@ -13,7 +13,7 @@
  * rejections(), which the worker runs about once a minute when something
  * is pending, turns what was counted since the last flush into one row of
  * billing.webhook_rejections and one audit row per reason, with the number
- * of deliveries.  A crash loses at most the last minute's counts, never an
+ * of deliveries; the counts leave "pending" only when that commits.  A crash loses at most the last minute's counts, never an
  * event (a refused delivery stores nothing anyway).
  *
  * Rate limiting.  api.pre_request() is PostgREST's db-pre-request function:
@@ -60,6 +60,7 @@
 #include "storage/shmem.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
 #include "utils/guc.h"
 #include "utils/timestamp.h"
 
@@ -226,6 +227,42 @@ flush_cb(void *arg)
 }
 
 /*
+ * Flushes are serialized by a transaction-scoped advisory lock, and the
+ * "flushed" marks move only when the flushing transaction commits (the
+ * module's commit callback calls qes_guard_at_commit): an aborted flush
+ * leaves the counts pending, and two flushes never write the same counts.
+ */
+#define QES_FLUSH_LOCK_KEY	INT64CONST(0x7165735f72656a65)	/* "qes_reje" */
+
+static bool flush_at_commit = false;
+static uint64 flush_marks[QES_REJECT_NREASONS];
+
+void
+qes_guard_at_commit(void)
+{
+	if (flush_at_commit && guard != NULL)
+		for (int i = 0; i < QES_REJECT_NREASONS; i++)
+			pg_atomic_write_u64(&guard->flushed[i], flush_marks[i]);
+	flush_at_commit = false;
+}
+
+void
+qes_guard_at_abort(void)
+{
+	flush_at_commit = false;
+}
+
+/* the marks move in this backend's commit callback: not from another one */
+void
+qes_guard_refuse_prepare(void)
+{
+	if (flush_at_commit)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("cannot PREPARE a transaction that flushed webhook refusals")));
+}
+
+/*
  * billing.flush_webhook_rejections(): write what was counted since the last
  * flush, one row and one audit row per reason; returns the deliveries
  * written.
@@ -236,22 +273,23 @@ qes_flush_webhook_rejections(PG_FUNCTION_ARGS)
 	int64		total = 0;
 
 	PreventCommandIfReadOnly("billing.flush_webhook_rejections()");
+	(void) DirectFunctionCall1(pg_advisory_xact_lock_int8, Int64GetDatum(QES_FLUSH_LOCK_KEY));
 	for (int i = 0; i < QES_REJECT_NREASONS; i++)
 	{
-		uint64		prev = pg_atomic_read_u64(&guard->flushed[i]);
+		/* a flush earlier in this transaction counts as done */
+		uint64		prev = flush_at_commit ? flush_marks[i] : pg_atomic_read_u64(&guard->flushed[i]);
 		uint64		cur = pg_atomic_read_u64(&guard->rejected[i]);
 		FlushArgs	a;
 
+		flush_marks[i] = cur;
 		if (cur == prev)
-			continue;
-		/* another flusher may be at it: whoever moves the mark writes the row */
-		if (!pg_atomic_compare_exchange_u64(&guard->flushed[i], &prev, cur))
 			continue;
 		a.reason = i;
 		a.deliveries = (int64) (cur - prev);
 		qes_run_as_owner(flush_cb, &a);
 		total += a.deliveries;
 	}
+	flush_at_commit = true;
 	PG_RETURN_INT64(total);
 }
 

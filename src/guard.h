@@ -38,5 +38,8 @@ extern const char *qes_reject_reason_name(QesRejectReason r);
 extern const char *qes_reject_reason_message(QesRejectReason r, bool live);
 extern void qes_guard_count_rejection(QesRejectReason r);
 extern bool qes_guard_rejections_pending(void);
+extern void qes_guard_at_commit(void);
+extern void qes_guard_at_abort(void);
+extern void qes_guard_refuse_prepare(void);
 
 #endif							/* QES_GUARD_H */

@@ -19,6 +19,7 @@
 
 #include "catalog_cache.h"
 #include "counters.h"
+#include "guard.h"
 #include "guc.h"
 #include "redact.h"
 #include "shmem.h"
@@ -44,15 +45,18 @@ qes_xact_callback(XactEvent event, void *arg)
 	{
 		case XACT_EVENT_PRE_PREPARE:
 			qes_counters_refuse_prepare();
+			qes_guard_refuse_prepare();
 			break;
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
 			qes_counters_at_commit();
+			qes_guard_at_commit();
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 			qes_usage_inserting = false;
 			qes_counters_at_abort();
+			qes_guard_at_abort();
 			break;
 		default:
 			break;
