@@ -1783,7 +1783,7 @@ ALTER TABLE billing.subscriptions
 -- (a join planned for an unknown LIMIT hashed the whole table per claim).
 CREATE OR REPLACE FUNCTION billing.outbox_claim(p_limit integer)
   RETURNS TABLE (request_id bigint, attempt integer, method text, path text, params jsonb, idempotency_key text)
-  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
   RETURN QUERY
@@ -1926,7 +1926,7 @@ CREATE OR REPLACE FUNCTION billing.outbox_record_batch(p_request_ids bigint[], p
                                             p_bodies text[], p_should_retry text[], p_retry_after text[],
                                             p_transport_errors text[])
   RETURNS integer
-  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
   v      record;
