@@ -36,6 +36,7 @@ char	   *qes_stripe_api_version = NULL;
 int			qes_worker_naptime_ms = 10000;
 int			qes_grace_period_s = 7 * 24 * 3600;
 int			qes_max_attempts = 8;
+int			qes_idempotency_window_s = 23 * 3600;
 int			qes_retry_base_ms = 500;
 int			qes_retry_max_ms = 300000;
 int			qes_webhook_max_attempts = 5;
@@ -673,6 +674,11 @@ qes_define_gucs(void)
 	DefineCustomIntVariable("qes_billing.grace_period",
 							"How long paid limits stay after a failed payment.",
 							NULL, &qes_grace_period_s, 7 * 24 * 3600, 0, 90 * 24 * 3600,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.idempotency_window",
+							"How long a Stripe request whose outcome is unknown is retried with its Idempotency-Key.",
+							"Stripe keeps a key's result for 24 hours: within that time a retry replays it instead of acting twice; after it the object is looked up before the request is declared failed.",
+							&qes_idempotency_window_s, 23 * 3600, 1, 24 * 3600,
 							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
 	DefineCustomIntVariable("qes_billing.max_attempts",
 							"Attempts of one Stripe request before it is marked failed.",

@@ -28,6 +28,7 @@ extern char *qes_stripe_api_version;
 extern int	qes_worker_naptime_ms;
 extern int	qes_grace_period_s;
 extern int	qes_max_attempts;
+extern int	qes_idempotency_window_s;
 extern int	qes_retry_base_ms;
 extern int	qes_retry_max_ms;
 extern int	qes_webhook_max_attempts;
