@@ -122,3 +122,23 @@ SELECT billing.counter_delta_seen(990, 1000, '{995}', 980) AS before_xmin,
 SELECT billing.counter_delta_seen(990, 1000, '{995}', 1000 + 2147483648) AS after_2_31,
        billing.counter_delta_seen(990, 1000, '{995}', 1000 + 4294967296) AS after_2_32,
        billing.counter_delta_seen(990 + 4294967296, 1000 + 4294967296, '{}', 996) AS old_epoch_committer;
+
+-- ---- two-phase commit: what only this backend's commit callback applies is refused --
+BEGIN;
+DELETE FROM billing.usage_events WHERE tenant_id = 'ops_big' AND metric = 'documents';
+PREPARE TRANSACTION 'ops_usage_change';
+\echo :LAST_ERROR_SQLSTATE
+SELECT count(*) AS prepared FROM pg_prepared_xacts WHERE gid = 'ops_usage_change';
+SELECT current FROM billing.check_limit('ops_big', 'documents', 0);
+-- a flush of refused webhooks rolled back to a savepoint leaves them pending
+SELECT set_config('request.headers', '{"stripe-signature": "t=1,v1=00"}', false) IS NOT NULL AS h;
+SELECT api.stripe_webhook('{"id": "evt_sp", "type": "invoice.paid", "created": 1700000000, "livemode": false, "data": {"object": {}}}') ->> 'reason' AS refused;
+RESET request.headers;
+BEGIN;
+SAVEPOINT s;
+SELECT billing.flush_webhook_rejections() > 0 AS flushed;
+ROLLBACK TO SAVEPOINT s;
+-- rolled back: the same counts are still to be written
+SELECT billing.flush_webhook_rejections() > 0 AS flushed_again;
+COMMIT;
+SELECT count(*) AS pending_after_commit FROM billing.webhook_rejections_pending();

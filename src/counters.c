@@ -832,6 +832,12 @@ qes_counters_refuse_prepare(void)
 				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
 				 errmsg("cannot PREPARE a transaction that recorded usage"),
 				 errhint("Record usage in an ordinary transaction.")));
+	/* the reset would happen at COMMIT PREPARED in another backend: never */
+	if (reset_at_commit)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("cannot PREPARE a transaction that changed billing.usage_events"),
+				 errhint("Change usage rows in an ordinary transaction.")));
 }
 
 void

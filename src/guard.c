@@ -27,19 +27,21 @@
  * PostgREST answer 429 with Retry-After.
  *
  * The buckets live in a fixed array of qes_billing.rate_limit_slots slots,
- * split into QES_GUARD_PARTITIONS regions.  A key hashes to a region and a
- * start slot and probes up to QES_GUARD_PROBES slots.  A slot whose bucket
- * has refilled completely holds no information and may be taken over by
- * another key, so the answer is the same as with unbounded memory.  When
- * every probed slot is busy, the key shares the region's overflow bucket
- * (strict: a flood of distinct addresses is still limited, never let
- * through).
+ * split into QES_GUARD_PARTITIONS regions.  A key hashes (with a random
+ * seed chosen at start, so nobody can compute which keys collide) to a
+ * region and a start slot and probes up to QES_GUARD_PROBES slots.  A slot
+ * whose bucket has refilled completely holds no information and may be
+ * taken over by another key, so the answer is the same as with unbounded
+ * memory.  When every probed slot is busy, the one refilled longest ago is
+ * taken over (erring towards letting a request through; counted as
+ * "overflowed").  IPv6 clients are limited per /64, the block one host
+ * usually has; IPv4 per address.
  *
  * LOCKING RULES
  *
  * - One LWLock per region ("qes_billing guard" tranche) protects the
- *   region's slots and its overflow bucket, EXCLUSIVE for any access (every
- *   access updates a bucket).  At most one is held at a time, for a few
+ *   region's slots, EXCLUSIVE to take a token (it updates a bucket), SHARED
+ *   to read them for statistics.  At most one is held at a time, for a few
  *   instructions: no I/O, allocation or ereport while held.
  * - The rejection and statistics counters are atomics and need no lock.
  *
@@ -47,8 +49,10 @@
  */
 #include "qes_billing.h"
 
+#include <arpa/inet.h>
 #include <math.h>
 
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "executor/spi.h"
@@ -94,7 +98,7 @@ typedef struct GuardShared
 	pg_atomic_uint64 overflowed;
 	LWLockPadded *locks;
 	int			per_region;
-	Bucket		overflow[QES_GUARD_PARTITIONS];
+	uint64		seed;			/* random, for the bucket hash */
 	Bucket		slots[FLEXIBLE_ARRAY_MEMBER];
 } GuardShared;
 
@@ -179,6 +183,8 @@ qes_guard_startup(void)
 		pg_atomic_init_u64(&guard->overflowed, 0);
 		guard->locks = GetNamedLWLockTranche(QES_GUARD_TRANCHE);
 		guard->per_region = Max(qes_rate_limit_slots / QES_GUARD_PARTITIONS, 1);
+		if (!pg_strong_random(&guard->seed, sizeof(guard->seed)))
+			guard->seed = (uint64) GetCurrentTimestamp() ^ (uint64) MyProcPid;
 	}
 }
 
@@ -235,6 +241,7 @@ flush_cb(void *arg)
 #define QES_FLUSH_LOCK_KEY	INT64CONST(0x7165735f72656a65)	/* "qes_reje" */
 
 static bool flush_at_commit = false;
+static SubTransactionId flush_subid = InvalidSubTransactionId;
 static uint64 flush_marks[QES_REJECT_NREASONS];
 
 void
@@ -250,6 +257,14 @@ void
 qes_guard_at_abort(void)
 {
 	flush_at_commit = false;
+}
+
+/* a flush rolled back to a savepoint is undone: its counts stay pending */
+void
+qes_guard_at_subabort(SubTransactionId mysubid)
+{
+	if (flush_at_commit && flush_subid >= mysubid)
+		flush_at_commit = false;
 }
 
 /* the marks move in this backend's commit callback: not from another one */
@@ -289,6 +304,8 @@ qes_flush_webhook_rejections(PG_FUNCTION_ARGS)
 		qes_run_as_owner(flush_cb, &a);
 		total += a.deliveries;
 	}
+	if (!flush_at_commit)
+		flush_subid = GetCurrentSubTransactionId();
 	flush_at_commit = true;
 	PG_RETURN_INT64(total);
 }
@@ -324,7 +341,8 @@ qes_webhook_rejections_pending(PG_FUNCTION_ARGS)
 static int
 take_token(const char *key, int rate)
 {
-	uint32		h = hash_bytes((const unsigned char *) key, strlen(key));
+	/* seeded per cluster start: nobody can compute which keys collide */
+	uint32		h = (uint32) hash_bytes_extended((const unsigned char *) key, strlen(key), guard->seed);
 	int			region = h % QES_GUARD_PARTITIONS;
 	int			per = guard->per_region;
 	int			start = (h / QES_GUARD_PARTITIONS) % per;
@@ -332,6 +350,7 @@ take_token(const char *key, int rate)
 	TimestampTz now = GetCurrentTimestamp();
 	Bucket	   *b = NULL;
 	Bucket	   *free_slot = NULL;
+	Bucket	   *oldest = NULL;
 	LWLock	   *lock = &guard->locks[region].lock;
 	int			wait = 0;
 
@@ -347,8 +366,21 @@ take_token(const char *key, int rate)
 		}
 		if (free_slot == NULL &&
 			(s->key[0] == '\0' ||
-			 s->tokens + (double) (now - s->refilled_at) / USECS_PER_SEC * rate >= burst))
+			 s->tokens + (double) Max(now - s->refilled_at, 0) / USECS_PER_SEC * rate >= burst))
 			free_slot = s;
+		if (oldest == NULL || s->refilled_at < oldest->refilled_at)
+			oldest = s;
+	}
+	/*
+	 * Every slot of the window is busy: take over the one refilled longest
+	 * ago (counted as overflow).  Its key starts again with a full bucket,
+	 * which only ever errs towards letting a request through; with the seeded
+	 * hash an attacker cannot aim at a victim's window.
+	 */
+	if (b == NULL && free_slot == NULL && oldest != NULL)
+	{
+		free_slot = oldest;
+		pg_atomic_fetch_add_u64(&guard->overflowed, 1);
 	}
 	if (b == NULL && free_slot != NULL)
 	{
@@ -357,17 +389,8 @@ take_token(const char *key, int rate)
 		b->tokens = burst;
 		b->refilled_at = now;
 	}
-	if (b == NULL)
-	{
-		b = &guard->overflow[region];
-		pg_atomic_fetch_add_u64(&guard->overflowed, 1);
-		if (b->refilled_at == 0)
-		{
-			b->tokens = burst;
-			b->refilled_at = now;
-		}
-	}
-	b->tokens = Min(burst, b->tokens + (double) (now - b->refilled_at) / USECS_PER_SEC * rate);
+	/* a clock stepped back refills nothing (and takes nothing) */
+	b->tokens = Min(burst, b->tokens + (double) Max(now - b->refilled_at, 0) / USECS_PER_SEC * rate);
 	b->refilled_at = now;
 	if (b->tokens >= 1.0)
 		b->tokens -= 1.0;
@@ -396,6 +419,20 @@ client_address(void)
 		*--end = '\0';
 	if (*last == '\0' || strlen(last) > 45)
 		return pstrdup("invalid");
+	if (strchr(last, ':') != NULL)
+	{
+		unsigned char a6[16];
+		char		out[INET6_ADDRSTRLEN + 4];
+
+		/* IPv6: the /64 (a host usually has all of it) */
+		if (inet_pton(AF_INET6, last, a6) != 1)
+			return pstrdup("invalid");
+		memset(a6 + 8, 0, 8);
+		if (inet_ntop(AF_INET6, a6, out, sizeof(out)) == NULL)
+			return pstrdup("invalid");
+		strlcat(out, "/64", sizeof(out));
+		return pstrdup(out);
+	}
 	return pstrdup(last);
 }
 

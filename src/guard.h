@@ -41,5 +41,6 @@ extern bool qes_guard_rejections_pending(void);
 extern void qes_guard_at_commit(void);
 extern void qes_guard_at_abort(void);
 extern void qes_guard_refuse_prepare(void);
+extern void qes_guard_at_subabort(SubTransactionId mysubid);
 
 #endif							/* QES_GUARD_H */

@@ -73,6 +73,7 @@ qes_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 		case SUBXACT_EVENT_ABORT_SUB:
 			qes_usage_inserting = false;
 			qes_counters_at_subabort(mySubid);
+			qes_guard_at_subabort(mySubid);
 			break;
 		case SUBXACT_EVENT_COMMIT_SUB:
 			qes_counters_at_subcommit(mySubid, parentSubid);

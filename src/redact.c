@@ -34,6 +34,9 @@
  */
 #include "qes_billing.h"
 
+#include "parser/analyze.h"
+#include "utils/backend_status.h"
+
 #include "fmgr.h"
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
@@ -390,9 +393,32 @@ qes_emit_log_hook(ErrorData *edata)
 		prev_emit_log_hook(edata);
 }
 
+/* ---- pg_stat_activity ------------------------------------------------------- */
+
+static post_parse_analyze_hook_type prev_post_parse_analyze_hook = NULL;
+
+/*
+ * A statement that holds a secret (ALTER SYSTEM SET qes_billing.stripe_... =
+ * 'sk_live_...', set_config of a key) would stay in pg_stat_activity.query,
+ * which pg_monitor (and so a metrics exporter) reads: report it masked.
+ * The text was reported before parsing; this replaces it, and it is what
+ * the session shows until its next statement.
+ */
+static void
+qes_post_parse_analyze(ParseState *pstate, Query *query, JumbleState *jstate)
+{
+	if (prev_post_parse_analyze_hook)
+		prev_post_parse_analyze_hook(pstate, query, jstate);
+	if (pgstat_track_activities && pstate->p_sourcetext != NULL &&
+		qes_redact_needed(pstate->p_sourcetext, strlen(pstate->p_sourcetext)))
+		pgstat_report_activity(STATE_RUNNING, qes_redact_cstring(pstate->p_sourcetext));
+}
+
 void
 qes_redact_install_log_hook(void)
 {
 	prev_emit_log_hook = emit_log_hook;
 	emit_log_hook = qes_emit_log_hook;
+	prev_post_parse_analyze_hook = post_parse_analyze_hook;
+	post_parse_analyze_hook = qes_post_parse_analyze;
 }

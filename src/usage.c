@@ -22,6 +22,7 @@
 #include <math.h>
 
 #include "access/xact.h"
+#include "common/hashfn.h"
 #include "common/int.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
@@ -29,6 +30,7 @@
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
 #include "utils/datetime.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
@@ -131,12 +133,12 @@ typedef struct UsageResult
 {
 	bool		recorded;
 	bool		duplicate;
-	int			metric;
+	char		metric[QES_METRIC_LEN];
 	int64		quantity;
 	TimestampTz period_start;
 	TimestampTz period_end;
 	int64		total;
-	const QesLimit *limit;
+	QesLimit	limit;			/* a copy: the cache may be reloaded before the answer is built */
 } UsageResult;
 
 /* "2026-11-01T00:00:00Z", whatever the session's DateStyle and TimeZone */
@@ -174,6 +176,21 @@ queue_threshold(const char *tenant_id, const CounterKey *key, const QesTenantPla
 	appendStringInfoString(&payload, ", \"period_start\": ");
 	escape_json(&payload, iso_utc(tp->period_start));
 	appendStringInfoString(&payload, "}");
+
+	/*
+	 * Another transaction queueing the same notice (it crossed the threshold
+	 * too and has not committed) would make our INSERT wait for it -- and two
+	 * recorders crossing two thresholds in opposite orders deadlock.  The
+	 * notice is a side effect: never wait for it.  Whoever holds the lock
+	 * queues it; if that transaction rolls back, the next record over the
+	 * threshold queues it (the notified bit is set only at commit).
+	 */
+	if (!DatumGetBool(DirectFunctionCall1(pg_try_advisory_xact_lock_int8,
+										  Int64GetDatum((int64) hash_bytes_extended((const unsigned char *) dedup.data,
+																					  strlen(dedup.data),
+																					  (uint64) hash_bytes((const unsigned char *) tenant_id,
+																										  strlen(tenant_id)))))))
+		return;
 
 	values[0] = CStringGetTextDatum(tenant_id);
 	values[1] = CStringGetTextDatum(dedup.data);
@@ -308,8 +325,9 @@ record_one(const char *tenant_id, const char *metric_name, int64 quantity,
 	l = qes_limit(tp.plan, metric);
 
 	memset(res, 0, sizeof(*res));
-	res->limit = l;
-	res->metric = metric;
+	res->limit = *l;
+	l = &res->limit;
+	strlcpy(res->metric, metric_name, QES_METRIC_LEN);
 
 	/*
 	 * Counted once, forever: a key already recorded (also by a transaction
@@ -396,19 +414,19 @@ qes_record_usage(PG_FUNCTION_ARGS)
 
 	values[0] = BoolGetDatum(res.recorded);
 	values[1] = BoolGetDatum(res.duplicate);
-	values[2] = CStringGetTextDatum(qes_metric(res.metric)->name);
+	values[2] = CStringGetTextDatum(res.metric);
 	values[3] = Int64GetDatum(res.quantity);
 	values[4] = TimestampTzGetDatum(res.period_start);
 	values[5] = TimestampTzGetDatum(res.period_end);
 	values[6] = Int64GetDatum(res.total);
-	if (!res.limit->defined || res.limit->unlimited)
+	if (!res.limit.defined || res.limit.unlimited)
 		nulls[7] = nulls[8] = true;
 	else
 	{
-		values[7] = Int64GetDatum(res.limit->soft_limit);
-		values[8] = Int64GetDatum(Max(res.limit->soft_limit - res.total, 0));
+		values[7] = Int64GetDatum(res.limit.soft_limit);
+		values[8] = Int64GetDatum(Max(res.limit.soft_limit - res.total, 0));
 	}
-	values[9] = CStringGetTextDatum(status_names[status_for(res.total, res.limit)]);
+	values[9] = CStringGetTextDatum(status_names[status_for(res.total, &res.limit)]);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 

@@ -609,6 +609,7 @@ qes_stripe_webhook_fn(PG_FUNCTION_ARGS)
 	QesSigResult sig;
 	int64		now_unix_s;
 	bool		escaped = false;
+	bool		data_escaped = false;
 	JsonSpan	ev[6];
 	JsonSpan	data[1];
 	char	   *id = NULL;
@@ -658,10 +659,11 @@ qes_stripe_webhook_fn(PG_FUNCTION_ARGS)
 		!span_int64(&ev[2], &created) ||
 		!(span_is(&ev[3], "true") || span_is(&ev[3], "false")) ||
 		!ev[5].present ||
-		!scan_object(ev[5].start, ev[5].start + ev[5].len, data_keys, data, NULL) ||
+		!scan_object(ev[5].start, ev[5].start + ev[5].len, data_keys, data, &data_escaped) ||
 		!data[0].present || data[0].start[0] != '{')
 		PG_RETURN_DATUM(reject(escaped ? QES_REJECT_ESCAPED_KEY : QES_REJECT_NOT_AN_EVENT, live));
-	if (escaped)
+	/* an escaped key here could make jsonb's data.object another one than ours */
+	if (escaped || data_escaped)
 		PG_RETURN_DATUM(reject(QES_REJECT_ESCAPED_KEY, live));
 	if (!valid_event_type(type))
 		PG_RETURN_DATUM(reject(QES_REJECT_BAD_TYPE, live));
