@@ -12,10 +12,31 @@
  *	   qes_billing.max_concurrent_requests), each with the Idempotency-Key of
  *	   its row, so a retry or a resend after a crash is replayed by Stripe
  *	   instead of creating twice.  No transaction spans a request.
- *	3. record: each answer is recorded by billing.outbox_record() in a new
- *	   transaction (one per batch of answers, a subtransaction per answer, so
- *	   one bad answer cannot undo the others), which also applies it to local
- *	   state or schedules the retry.
+ *	3. record: the answers that came in are recorded in a new transaction,
+ *	   which also applies them to local state or schedules the retry.
+ *
+ * One transaction per turn of the pump, not one per request
+ * (docs/architecture.md, "The worker loop"): the answers that came in since
+ * the last turn are recorded and the requests that take their places are
+ * claimed in the same transaction; it commits before any of those requests
+ * is sent.  (Claiming and sending before recording, in a transaction of
+ * its own, put requests on the wire no sooner and cost twice the
+ * transactions.)  Answers are recorded with one call of
+ * billing.outbox_record_batch per batch, no subtransaction per answer; when
+ * something in a batch raises, the batch is rolled back (it ran in one
+ * subtransaction) and each of its answers is recorded on its own by
+ * billing.outbox_record in a subtransaction, so one bad answer cannot undo
+ * the others.  A transaction commits before its subtransactions' xids could
+ * overflow the PGPROC cache (QES_SUBXID_BUDGET).  The statements are
+ * prepared once per incarnation of the extension and kept; the curl handles
+ * are kept and reused (the multi handle keeps the connections alive between
+ * requests).
+ *
+ * The pump waits on curl's sockets and the worker's latch together (a
+ * WaitEventSet holding the latch and an epoll set of curl's sockets); a
+ * commit that queued a request (counted in shared memory by the wake-up
+ * trigger, src/worker.c) has it claimed and sent at once, before anything
+ * else, even while other requests are in flight.
  *
  * A row left in_flight by a crash is reclaimed at worker start-up
  * (billing.worker_reclaim); one whose answer this process lost is reclaimed
@@ -29,9 +50,7 @@
  * a new incarnation before the worker's tick has reconciled it.
  *
  * Idle is free: the pump runs a transaction only to claim when the tick (or
- * the last recording) said a request is due, and to record answers.  A
- * batch of answers is recorded in as many transactions as it takes to keep
- * each under QES_SUBXID_BUDGET subtransaction xids.
+ * the last recording) said a request is due, and to record answers.
  *
  * The secret key is read from the settings at each claim and goes only into
  * the Authorization header; it is never logged or stored.  A request never
@@ -49,17 +68,23 @@
 #include "qes_billing.h"
 
 #include <curl/curl.h>
+#include <errno.h>
 #include <limits.h>
 #include <math.h>
+#include <sys/epoll.h>
+#include <unistd.h>
 
 #include "access/xact.h"
+#include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "storage/latch.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 #include "utils/snapmgr.h"
@@ -68,22 +93,26 @@
 #include "guc.h"
 #include "outbox.h"
 #include "redact.h"
+#include "shmem.h"
 #include "stripe_form.h"
 #include "worker.h"
 
 #define QES_MAX_RESPONSE_BYTES	(4 * 1024 * 1024)
+/* a kept response buffer larger than this is given back after its answer */
+#define QES_KEEP_RESPONSE_BYTES	(64 * 1024)
 #define QES_RECORD_TRIES		3
+/* answers per call of billing.outbox_record_batch */
+#define QES_RECORD_BATCH		32
 
 typedef struct OutboxCall
 {
-	MemoryContext context;		/* holds this struct and all it points to */
 	Oid			extoid;			/* the incarnation of the extension it belongs to */
 	int64		request_id;
 	int32		attempt;
-	CURL	   *easy;
+	CURL	   *easy;			/* kept with the call, reused */
 	struct curl_slist *headers;
-	char	   *url;
-	char	   *body;			/* POST body, or NULL */
+	StringInfoData url;
+	StringInfoData body;		/* POST body */
 	StringInfoData response;
 	bool		too_large;
 	char		should_retry[16];
@@ -92,7 +121,7 @@ typedef struct OutboxCall
 	bool		done;
 	CURLcode	result;
 	long		http_status;
-	int			record_tries;
+	int			record_tries;	/* -1: recorded; -2: dropped (its incarnation is gone) */
 	struct OutboxCall *next;
 } OutboxCall;
 
@@ -138,10 +167,28 @@ token_wait_ms(void)
 
 static CURLM *multi = NULL;
 static MemoryContext outbox_context = NULL;
+static MemoryContext turn_context = NULL;	/* one turn's claimed rows, reset per turn */
 static OutboxCall *calls = NULL;	/* in flight or answered, not yet recorded */
+static OutboxCall *free_calls = NULL;	/* kept for reuse, with their curl handles */
 static int	n_in_flight = 0;
+static int	n_answered = 0;		/* calls done and not yet recorded or dropped */
 static bool claim_more = false;	/* due rows may be left to claim */
 static TimestampTz claim_at = 0;	/* when a request is due (0: none known) */
+static bool last_turn_failed = false;	/* record and claim apart after an error */
+static uint64 outbox_wakes_seen = 0;	/* qes_worker_state->outbox_wakes as last read */
+
+/* waiting: the latch and curl's sockets (an epoll set of their own) */
+static int	curl_epoll = -1;
+static WaitEventSet *wait_set = NULL;
+static TimestampTz curl_timer_at = 0;	/* curl wants socket_action(TIMEOUT) then (0: never) */
+static bool curl_timer_armed = false;
+
+/* statements, prepared once per incarnation of the extension and kept */
+static Oid	plans_extoid = InvalidOid;
+static SPIPlanPtr claim_plan = NULL;
+static SPIPlanPtr record_batch_plan = NULL;
+static SPIPlanPtr record_plan = NULL;
+static SPIPlanPtr next_due_plan = NULL;
 
 /* ---- curl callbacks (must not ereport) ---------------------------------- */
 
@@ -190,6 +237,54 @@ header_cb(char *data, size_t size, size_t nmemb, void *arg)
 	return n;
 }
 
+/*
+ * curl tells which of its sockets to watch for what: kept in our epoll set.
+ * socketp is non-NULL once the socket is in the set.
+ */
+static int
+socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
+{
+	struct epoll_event ev;
+
+	if (what == CURL_POLL_REMOVE)
+	{
+		if (socketp != NULL)
+			(void) epoll_ctl(curl_epoll, EPOLL_CTL_DEL, s, NULL);
+		curl_multi_assign(multi, s, NULL);
+		return 0;
+	}
+	memset(&ev, 0, sizeof(ev));
+	ev.data.fd = s;
+	if (what == CURL_POLL_IN || what == CURL_POLL_INOUT)
+		ev.events |= EPOLLIN;
+	if (what == CURL_POLL_OUT || what == CURL_POLL_INOUT)
+		ev.events |= EPOLLOUT;
+	/* a closed descriptor leaves the set by itself, and its number may come back */
+	if (epoll_ctl(curl_epoll, socketp ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, s, &ev) != 0)
+	{
+		if (errno == ENOENT)
+			(void) epoll_ctl(curl_epoll, EPOLL_CTL_ADD, s, &ev);
+		else if (errno == EEXIST)
+			(void) epoll_ctl(curl_epoll, EPOLL_CTL_MOD, s, &ev);
+	}
+	curl_multi_assign(multi, s, (void *) 1);
+	return 0;
+}
+
+/* curl asks to be called back after timeout_ms (-1: no timer) */
+static int
+timer_cb(CURLM *m, long timeout_ms, void *userp)
+{
+	if (timeout_ms < 0)
+		curl_timer_armed = false;
+	else
+	{
+		curl_timer_armed = true;
+		curl_timer_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_ms);
+	}
+	return 0;
+}
+
 /* ---- set-up --------------------------------------------------------------- */
 
 static void
@@ -197,13 +292,67 @@ outbox_init(void)
 {
 	if (multi != NULL)
 		return;
+	outbox_context = AllocSetContextCreate(TopMemoryContext, "qes_billing outbox",
+										   ALLOCSET_DEFAULT_SIZES);
+	turn_context = AllocSetContextCreate(outbox_context, "qes_billing outbox turn",
+										 ALLOCSET_DEFAULT_SIZES);
+	curl_epoll = epoll_create1(EPOLL_CLOEXEC);
+	if (curl_epoll < 0)
+		elog(ERROR, "qes_billing worker: epoll_create1 failed: %m");
+	wait_set = CreateWaitEventSet(TopMemoryContext, 3);
+	AddWaitEventToSet(wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	AddWaitEventToSet(wait_set, WL_SOCKET_READABLE, curl_epoll, NULL, NULL);
+
 	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
 		elog(ERROR, "qes_billing worker: curl_global_init failed");
 	multi = curl_multi_init();
 	if (multi == NULL)
 		elog(ERROR, "qes_billing worker: curl_multi_init failed");
-	outbox_context = AllocSetContextCreate(TopMemoryContext, "qes_billing outbox",
-										   ALLOCSET_DEFAULT_SIZES);
+	curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
+	curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, timer_cb);
+}
+
+/*
+ * The statements of the incarnation extoid, prepared in its first
+ * transaction and kept (a new incarnation gets its own).
+ */
+static void
+prepare_plans(Oid extoid)
+{
+	Oid			batch_types[7] = {INT8ARRAYOID, INT4ARRAYOID, INT4ARRAYOID, TEXTARRAYOID,
+	TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
+	Oid			record_types[7] = {INT8OID, INT4OID, INT4OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+	Oid			claim_types[1] = {INT4OID};
+
+	if (plans_extoid == extoid && next_due_plan != NULL)
+		return;
+	if (claim_plan)
+		SPI_freeplan(claim_plan);
+	if (record_batch_plan)
+		SPI_freeplan(record_batch_plan);
+	if (record_plan)
+		SPI_freeplan(record_plan);
+	if (next_due_plan)
+		SPI_freeplan(next_due_plan);
+	claim_plan = record_batch_plan = record_plan = next_due_plan = NULL;
+	plans_extoid = InvalidOid;
+
+	claim_plan = SPI_prepare("SELECT request_id, attempt, method, path, params, idempotency_key"
+							 "  FROM billing.outbox_claim($1)", 1, claim_types);
+	if (claim_plan == NULL || SPI_keepplan(claim_plan) != 0)
+		elog(ERROR, "qes_billing worker: cannot prepare the outbox claim: %s", SPI_result_code_string(SPI_result));
+	record_batch_plan = SPI_prepare("SELECT billing.outbox_record_batch($1, $2, $3, $4, $5, $6, $7)",
+									7, batch_types);
+	if (record_batch_plan == NULL || SPI_keepplan(record_batch_plan) != 0)
+		elog(ERROR, "qes_billing worker: cannot prepare the outbox record: %s", SPI_result_code_string(SPI_result));
+	record_plan = SPI_prepare("SELECT billing.outbox_record($1, $2, $3, $4, $5, $6, $7)", 7, record_types);
+	if (record_plan == NULL || SPI_keepplan(record_plan) != 0)
+		elog(ERROR, "qes_billing worker: cannot prepare the outbox record: %s", SPI_result_code_string(SPI_result));
+	next_due_plan = SPI_prepare("SELECT billing.outbox_next_due()", 0, NULL);
+	if (next_due_plan == NULL || SPI_keepplan(next_due_plan) != 0)
+		elog(ERROR, "qes_billing worker: cannot prepare billing.outbox_next_due(): %s", SPI_result_code_string(SPI_result));
+	plans_extoid = extoid;
 }
 
 typedef struct ClaimedRow
@@ -216,66 +365,41 @@ typedef struct ClaimedRow
 	char	   *idempotency_key;
 } ClaimedRow;
 
-/*
- * Build the curl handle of one claimed row.  Everything it needs is copied
- * into the call's own memory context.
- */
-static OutboxCall *
-make_call(const ClaimedRow *row, const char *key, Oid extoid)
+/* a StringInfo in the outbox's own memory */
+static void
+init_kept_string(StringInfo str)
 {
-	MemoryContext cxt = AllocSetContextCreate(outbox_context, "qes_billing request",
-											  ALLOCSET_SMALL_SIZES);
-	MemoryContext old = MemoryContextSwitchTo(cxt);
-	OutboxCall *call = palloc0(sizeof(OutboxCall));
-	bool		is_post = strcmp(row->method, "POST") == 0;
-	const char *base = qes_stripe_api_base;
-	size_t		baselen = strlen(base);
-	char	   *header;
-	long		timeout_ms = qes_request_timeout_ms;
+	MemoryContext old = MemoryContextSwitchTo(outbox_context);
 
-	call->context = cxt;
-	call->extoid = extoid;
-	call->request_id = row->request_id;
-	call->attempt = row->attempt;
-	initStringInfo(&call->response);
-	while (baselen > 0 && base[baselen - 1] == '/')
-		baselen--;
-	call->url = psprintf("%.*s%s%s%s", (int) baselen, base, row->path,
-						 (!is_post && row->form[0]) ? "?" : "",
-						 (!is_post && row->form[0]) ? row->form : "");
-	if (is_post)
-		call->body = pstrdup(row->form);
+	initStringInfo(str);
+	MemoryContextSwitchTo(old);
+}
 
+/* a call and its curl handle: one kept for reuse, or a new one */
+static OutboxCall *
+get_call(void)
+{
+	OutboxCall *call = free_calls;
+
+	if (call != NULL)
+	{
+		free_calls = call->next;
+		return call;
+	}
+	call = MemoryContextAllocZero(outbox_context, sizeof(OutboxCall));
 	call->easy = curl_easy_init();
 	if (call->easy == NULL)
+	{
+		pfree(call);
 		elog(ERROR, "qes_billing worker: curl_easy_init failed");
+	}
+	init_kept_string(&call->url);
+	init_kept_string(&call->body);
+	init_kept_string(&call->response);
 
-	header = psprintf("Authorization: Bearer %s", key);
-	call->headers = curl_slist_append(call->headers, header);
-	memset(header, 0, strlen(header));	/* no copy of the key lingers */
-	call->headers = curl_slist_append(call->headers,
-									  psprintf("Stripe-Version: %s", qes_stripe_api_version));
-	if (strcmp(row->method, "GET") != 0)
-		call->headers = curl_slist_append(call->headers,
-										  psprintf("Idempotency-Key: %s", row->idempotency_key));
-	call->headers = curl_slist_append(call->headers, "Accept: application/json");
-	call->headers = curl_slist_append(call->headers, "Expect:");
-	if (is_post)
-		call->headers = curl_slist_append(call->headers,
-										  "Content-Type: application/x-www-form-urlencoded");
-
-	curl_easy_setopt(call->easy, CURLOPT_URL, call->url);
-	curl_easy_setopt(call->easy, CURLOPT_HTTPHEADER, call->headers);
+	/* what stays the same for every request of this handle */
 	curl_easy_setopt(call->easy, CURLOPT_USERAGENT,
 					 "qes_billing/" QES_VERSION " (PostgreSQL " PG_VERSION ")");
-	if (is_post)
-	{
-		curl_easy_setopt(call->easy, CURLOPT_POST, 1L);
-		curl_easy_setopt(call->easy, CURLOPT_POSTFIELDS, call->body);
-		curl_easy_setopt(call->easy, CURLOPT_POSTFIELDSIZE, (long) strlen(call->body));
-	}
-	else if (strcmp(row->method, "DELETE") == 0)
-		curl_easy_setopt(call->easy, CURLOPT_CUSTOMREQUEST, "DELETE");
 #if LIBCURL_VERSION_NUM >= 0x075500
 	curl_easy_setopt(call->easy, CURLOPT_PROTOCOLS_STR, "http,https");
 #else
@@ -284,8 +408,6 @@ make_call(const ClaimedRow *row, const char *key, Oid extoid)
 	curl_easy_setopt(call->easy, CURLOPT_FOLLOWLOCATION, 0L);
 	curl_easy_setopt(call->easy, CURLOPT_SSL_VERIFYPEER, 1L);
 	curl_easy_setopt(call->easy, CURLOPT_SSL_VERIFYHOST, 2L);
-	curl_easy_setopt(call->easy, CURLOPT_TIMEOUT_MS, timeout_ms);
-	curl_easy_setopt(call->easy, CURLOPT_CONNECTTIMEOUT_MS, Min(timeout_ms, 10000L));
 	curl_easy_setopt(call->easy, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(call->easy, CURLOPT_WRITEFUNCTION, write_cb);
 	curl_easy_setopt(call->easy, CURLOPT_WRITEDATA, call);
@@ -293,95 +415,162 @@ make_call(const ClaimedRow *row, const char *key, Oid extoid)
 	curl_easy_setopt(call->easy, CURLOPT_HEADERDATA, call);
 	curl_easy_setopt(call->easy, CURLOPT_ERRORBUFFER, call->errbuf);
 	curl_easy_setopt(call->easy, CURLOPT_PRIVATE, call);
-
-	MemoryContextSwitchTo(old);
 	return call;
 }
 
+/* a call whose answer is recorded (or dropped): kept for the next request */
 static void
-free_call(OutboxCall *call)
+put_call(OutboxCall *call)
 {
-	if (call->easy)
+	if (!call->done)
 	{
-		if (!call->done)
-			curl_multi_remove_handle(multi, call->easy);
-		curl_easy_cleanup(call->easy);
+		curl_multi_remove_handle(multi, call->easy);
+		n_in_flight--;
 	}
+	curl_easy_setopt(call->easy, CURLOPT_HTTPHEADER, NULL);
 	curl_slist_free_all(call->headers);
-	MemoryContextDelete(call->context);
+	call->headers = NULL;
+	if (call->response.maxlen > QES_KEEP_RESPONSE_BYTES)
+	{
+		pfree(call->response.data);
+		init_kept_string(&call->response);
+	}
+	call->next = free_calls;
+	free_calls = call;
 }
 
-static double next_due(void);
+/*
+ * Make the request of one claimed row on a kept call.  Everything curl
+ * reads during the transfer lives in the call.
+ */
+static OutboxCall *
+make_call(const ClaimedRow *row, const char *key, Oid extoid)
+{
+	OutboxCall *call = get_call();
+	bool		is_post = strcmp(row->method, "POST") == 0;
+	bool		is_get = strcmp(row->method, "GET") == 0;
+	const char *base = qes_stripe_api_base;
+	size_t		baselen = strlen(base);
+	long		timeout_ms = qes_request_timeout_ms;
+	StringInfoData header;
+
+	call->extoid = extoid;
+	call->request_id = row->request_id;
+	call->attempt = row->attempt;
+	call->too_large = false;
+	call->should_retry[0] = '\0';
+	call->retry_after[0] = '\0';
+	call->errbuf[0] = '\0';
+	call->done = false;
+	call->result = CURLE_OK;
+	call->http_status = 0;
+	call->record_tries = 0;
+	resetStringInfo(&call->response);
+
+	while (baselen > 0 && base[baselen - 1] == '/')
+		baselen--;
+	resetStringInfo(&call->url);
+	appendBinaryStringInfo(&call->url, base, baselen);
+	appendStringInfoString(&call->url, row->path);
+	if (!is_post && row->form[0])
+	{
+		appendStringInfoChar(&call->url, '?');
+		appendStringInfoString(&call->url, row->form);
+	}
+
+	initStringInfo(&header);
+	appendStringInfo(&header, "Authorization: Bearer %s", key);
+	call->headers = curl_slist_append(NULL, header.data);
+	memset(header.data, 0, header.len);	/* no copy of the key lingers */
+	resetStringInfo(&header);
+	appendStringInfo(&header, "Stripe-Version: %s", qes_stripe_api_version);
+	call->headers = curl_slist_append(call->headers, header.data);
+	if (!is_get)
+	{
+		resetStringInfo(&header);
+		appendStringInfo(&header, "Idempotency-Key: %s", row->idempotency_key);
+		call->headers = curl_slist_append(call->headers, header.data);
+	}
+	pfree(header.data);
+	call->headers = curl_slist_append(call->headers, "Accept: application/json");
+	call->headers = curl_slist_append(call->headers, "Expect:");
+	if (is_post)
+		call->headers = curl_slist_append(call->headers,
+										  "Content-Type: application/x-www-form-urlencoded");
+
+	curl_easy_setopt(call->easy, CURLOPT_URL, call->url.data);
+	curl_easy_setopt(call->easy, CURLOPT_HTTPHEADER, call->headers);
+	if (is_post)
+	{
+		resetStringInfo(&call->body);
+		appendStringInfoString(&call->body, row->form);
+		curl_easy_setopt(call->easy, CURLOPT_CUSTOMREQUEST, NULL);
+		curl_easy_setopt(call->easy, CURLOPT_POST, 1L);
+		curl_easy_setopt(call->easy, CURLOPT_POSTFIELDS, call->body.data);
+		curl_easy_setopt(call->easy, CURLOPT_POSTFIELDSIZE, (long) call->body.len);
+	}
+	else
+	{
+		curl_easy_setopt(call->easy, CURLOPT_HTTPGET, 1L);
+		curl_easy_setopt(call->easy, CURLOPT_CUSTOMREQUEST,
+						 strcmp(row->method, "DELETE") == 0 ? "DELETE" : NULL);
+	}
+	curl_easy_setopt(call->easy, CURLOPT_TIMEOUT_MS, timeout_ms);
+	curl_easy_setopt(call->easy, CURLOPT_CONNECTTIMEOUT_MS, Min(timeout_ms, 10000L));
+	return call;
+}
 
 /* ---- claim ---------------------------------------------------------------- */
 
 /*
- * Claim up to `room` due requests and start them.  Returns how many.
+ * Seconds until the next request is due as of the transaction we are in (0:
+ * now; -1: none is pending).
+ */
+static double
+next_due(void)
+{
+	bool		isnull;
+	Datum		d;
+
+	if (SPI_execute_plan(next_due_plan, NULL, NULL, false, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "qes_billing worker: billing.outbox_next_due() did not return one row");
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? -1 : Max(0.0, DatumGetFloat8(d));
+}
+
+/*
+ * Claim up to room due requests in the current transaction; the rows are
+ * copied, form-encoded, into the turn's memory.  Returns how many.
  */
 static int
-claim_and_send(int room)
+claim(int room, ClaimedRow **rows_out)
 {
-	const char *key;
-	char	   *problem;
-	ClaimedRow *rows = NULL;
-	int			n = 0;
-	Oid			argtypes[1] = {INT4OID};
 	Datum		args[1];
-	Oid			extoid;
+	ClaimedRow *rows;
+	int			n;
 
-	if (qes_stripe_key_problem(QES_KEY_SECRET, &problem))
-	{
-		/*
-		 * Nothing can be sent: the rows stay pending (nothing is lost), and
-		 * api.health reports the key problem and the outbox backlog.
-		 */
-		claim_more = false;
-		return 0;
-	}
-	/* present and of the environment's mode (guc.c checks the prefix) */
-	key = qes_stripe_key(QES_KEY_SECRET, false);
-
-	/*
-	 * Only from the incarnation the tick has reconciled: a new one (created
-	 * since) wakes the worker at its commit, and its tick comes first.
-	 */
-	extoid = qes_worker_begin_xact("qes_billing worker: claiming Stripe requests");
-	if (!OidIsValid(extoid) || extoid != qes_worker_incarnation())
-	{
-		qes_worker_end_xact();
-		claim_more = false;
-		return 0;
-	}
 	args[0] = Int32GetDatum(room);
-	if (SPI_execute_with_args("SELECT request_id, attempt, method, path, params, idempotency_key"
-							  "  FROM billing.outbox_claim($1)",
-							  1, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
+	if (SPI_execute_plan(claim_plan, args, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "qes_billing worker: billing.outbox_claim failed");
 	n = (int) SPI_processed;
-	if (n > 0)
+	rows = MemoryContextAlloc(turn_context, sizeof(ClaimedRow) * Max(n, 1));
+	for (int i = 0; i < n; i++)
 	{
-		/* copied out of SPI's memory into the loop's context */
-		MemoryContext old = MemoryContextSwitchTo(qes_worker_loop_context);
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		Jsonb	   *params;
+		MemoryContext old;
 
-		rows = palloc(sizeof(ClaimedRow) * n);
+		rows[i].request_id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		rows[i].attempt = DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull));
+		params = DatumGetJsonbP(SPI_getbinval(tup, desc, 5, &isnull));
+		old = MemoryContextSwitchTo(turn_context);
+		rows[i].method = SPI_getvalue(tup, desc, 3);
+		rows[i].path = SPI_getvalue(tup, desc, 4);
+		rows[i].form = qes_stripe_form_encode(params);
+		rows[i].idempotency_key = SPI_getvalue(tup, desc, 6);
 		MemoryContextSwitchTo(old);
-		for (int i = 0; i < n; i++)
-		{
-			HeapTuple	tup = SPI_tuptable->vals[i];
-			TupleDesc	desc = SPI_tuptable->tupdesc;
-			bool		isnull;
-			Jsonb	   *params;
-
-			rows[i].request_id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-			rows[i].attempt = DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull));
-			params = DatumGetJsonbP(SPI_getbinval(tup, desc, 5, &isnull));
-			old = MemoryContextSwitchTo(qes_worker_loop_context);
-			rows[i].method = SPI_getvalue(tup, desc, 3);
-			rows[i].path = SPI_getvalue(tup, desc, 4);
-			rows[i].form = qes_stripe_form_encode(params);
-			rows[i].idempotency_key = SPI_getvalue(tup, desc, 6);
-			MemoryContextSwitchTo(old);
-		}
 	}
 	/*
 	 * Every due row we could take is taken: when is the next one due?  One
@@ -395,69 +584,49 @@ claim_and_send(int room)
 		claim_more = false;
 		qes_outbox_set_due(due_s == 0 ? qes_worker_naptime_ms / 1000.0 : due_s);
 	}
-	qes_worker_end_xact();		/* COMMIT: the rows are in_flight before a byte leaves */
-
-	for (int i = 0; i < n; i++)
-	{
-		OutboxCall *call = make_call(&rows[i], key, extoid);
-		CURLMcode	rc;
-
-		call->next = calls;
-		calls = call;
-		n_in_flight++;
-		rc = curl_multi_add_handle(multi, call->easy);
-		if (rc != CURLM_OK)
-		{
-			/* recorded as a transport error, retried with backoff */
-			call->done = true;
-			call->result = CURLE_FAILED_INIT;
-			snprintf(call->errbuf, sizeof(call->errbuf), "curl_multi_add_handle: %s",
-					 curl_multi_strerror(rc));
-			n_in_flight--;
-		}
-	}
+	*rows_out = rows;
 	return n;
 }
 
 /* ---- record --------------------------------------------------------------- */
 
-static void
-record_one(OutboxCall *call)
+/* the transport error of an answer, or NULL */
+static char *
+transport_error(OutboxCall *call)
 {
-	Oid			argtypes[7] = {INT8OID, INT4OID, INT4OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
-	Datum		args[7];
-	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
-	char	   *transport_error = NULL;
+	if (call->result == CURLE_OK)
+		return NULL;
+	if (call->too_large)
+		return psprintf("response larger than %d bytes", QES_MAX_RESPONSE_BYTES);
+	return psprintf("%s: %s", curl_easy_strerror(call->result),
+					call->errbuf[0] ? call->errbuf : "no detail");
+}
 
-	if (call->result != CURLE_OK)
-	{
-		if (call->too_large)
-			transport_error = psprintf("response larger than %d bytes", QES_MAX_RESPONSE_BYTES);
-		else
-			transport_error = psprintf("%s: %s", curl_easy_strerror(call->result),
-									   call->errbuf[0] ? call->errbuf : "no detail");
-	}
+/* the seven arguments of billing.outbox_record for one answer */
+static void
+answer_args(OutboxCall *call, Datum *args, bool *nulls)
+{
+	char	   *error = transport_error(call);
+
 	args[0] = Int64GetDatum(call->request_id);
+	nulls[0] = false;
 	args[1] = Int32GetDatum(call->attempt);
+	nulls[1] = false;
 	args[2] = Int32GetDatum((int32) call->http_status);
-	nulls[2] = (transport_error != NULL || call->http_status == 0) ? 'n' : ' ';
-	args[3] = CStringGetTextDatum(call->response.data);
-	nulls[3] = transport_error != NULL ? 'n' : ' ';
-	args[4] = CStringGetTextDatum(call->should_retry);
-	nulls[4] = call->should_retry[0] ? ' ' : 'n';
-	args[5] = CStringGetTextDatum(call->retry_after);
-	nulls[5] = call->retry_after[0] ? ' ' : 'n';
-	args[6] = transport_error ? CStringGetTextDatum(transport_error) : (Datum) 0;
-	nulls[6] = transport_error ? ' ' : 'n';
-
-	if (SPI_execute_with_args("SELECT billing.outbox_record($1, $2, $3, $4, $5, $6, $7)",
-							  7, argtypes, args, nulls, false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "qes_billing worker: billing.outbox_record failed");
+	nulls[2] = error != NULL || call->http_status == 0;
+	args[3] = error != NULL ? (Datum) 0 : CStringGetTextDatum(call->response.data);
+	nulls[3] = error != NULL;
+	args[4] = call->should_retry[0] ? CStringGetTextDatum(call->should_retry) : (Datum) 0;
+	nulls[4] = !call->should_retry[0];
+	args[5] = call->retry_after[0] ? CStringGetTextDatum(call->retry_after) : (Datum) 0;
+	nulls[5] = !call->retry_after[0];
+	args[6] = error ? CStringGetTextDatum(error) : (Datum) 0;
+	nulls[6] = error == NULL;
 }
 
 /*
- * Record one answer in a subtransaction.  Returns false (logged) when it
- * could not be recorded.
+ * Record one answer with billing.outbox_record in a subtransaction.
+ * Returns false (logged) when it could not be recorded.
  */
 static bool
 record_in_subxact(OutboxCall *call)
@@ -470,7 +639,15 @@ record_in_subxact(OutboxCall *call)
 	MemoryContextSwitchTo(oldcontext);
 	PG_TRY();
 	{
-		record_one(call);
+		Datum		args[7];
+		bool		nulls[7];
+		char		n[7];
+
+		answer_args(call, args, nulls);
+		for (int i = 0; i < 7; i++)
+			n[i] = nulls[i] ? 'n' : ' ';
+		if (SPI_execute_plan(record_plan, args, n, false, 1) != SPI_OK_SELECT)
+			elog(ERROR, "qes_billing worker: billing.outbox_record failed");
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcontext);
 		CurrentResourceOwner = oldowner;
@@ -498,81 +675,170 @@ record_in_subxact(OutboxCall *call)
 }
 
 /*
- * Seconds until the next request is due as of the transaction we are in (0:
- * now; -1: none is pending).
+ * Record a batch of answers with one call of billing.outbox_record_batch,
+ * in a subtransaction.  Returns false, with the subtransaction rolled back
+ * and nothing recorded, when anything in it raised.
  */
-static double
-next_due(void)
+static bool
+record_batch_in_subxact(OutboxCall **batch, int n)
 {
-	bool		isnull;
-	Datum		d;
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	volatile bool ok = false;
 
-	if (SPI_execute("SELECT billing.outbox_next_due()", false, 1) != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "qes_billing worker: billing.outbox_next_due() did not return one row");
-	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-	return isnull ? -1 : Max(0.0, DatumGetFloat8(d));
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		static const Oid elemtypes[7] = {INT8OID, INT4OID, INT4OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+		Datum		arrays[7];
+		Datum	   *elems[7];
+		bool	   *elemnulls[7];
+		int			dims[1] = {n};
+		int			lbs[1] = {1};
+
+		for (int j = 0; j < 7; j++)
+		{
+			elems[j] = palloc(sizeof(Datum) * n);
+			elemnulls[j] = palloc(sizeof(bool) * n);
+		}
+		for (int i = 0; i < n; i++)
+		{
+			Datum		args[7];
+			bool		nulls[7];
+
+			answer_args(batch[i], args, nulls);
+			for (int j = 0; j < 7; j++)
+			{
+				elems[j][i] = args[j];
+				elemnulls[j][i] = nulls[j];
+			}
+		}
+		for (int j = 0; j < 7; j++)
+		{
+			int16		typlen;
+			bool		typbyval;
+			char		typalign;
+
+			get_typlenbyvalalign(elemtypes[j], &typlen, &typbyval, &typalign);
+			arrays[j] = PointerGetDatum(construct_md_array(elems[j], elemnulls[j], 1, dims, lbs,
+														   elemtypes[j], typlen, typbyval, typalign));
+		}
+		if (SPI_execute_plan(record_batch_plan, arrays, NULL, false, 1) != SPI_OK_SELECT)
+			elog(ERROR, "qes_billing worker: billing.outbox_record_batch failed");
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		ok = true;
+	}
+	PG_CATCH();
+	{
+		/* restore state: each answer is recorded on its own instead */
+		MemoryContextSwitchTo(oldcontext);
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_END_TRY();
+	return ok;
 }
 
 /*
- * Record every answered call, a subtransaction for each answer (so one bad
- * answer cannot undo the others), in one transaction -- or more, each
- * committed before its subtransactions' xids could overflow the PGPROC cache.
- * Returns how many were recorded.
+ * Record the answered calls in the transaction we are in (of incarnation
+ * *extoid), committing and beginning another before the subtransaction
+ * xids could overflow the PGPROC cache.  The calls recorded are put in
+ * recorded[] (they are forgotten once the last transaction has committed);
+ * the answers of a dropped incarnation are dropped.  Returns how many were
+ * recorded.
  */
 static int
-record_answers(void)
+record_answers(Oid *extoid, OutboxCall **recorded)
 {
-	OutboxCall **link;
-	int			n = 0;
-	Oid			extoid;
+	/* (in the turn's memory: SPI's goes with each commit) */
+	OutboxCall **todo = MemoryContextAlloc(turn_context, sizeof(OutboxCall *) * Max(n_answered, 1));
+	int			n_todo = 0;
+	int			n_recorded = 0;
 
-	if (calls == NULL)
-		return 0;
-	for (OutboxCall *c = calls; c; c = c->next)
-		if (c->done)
-			n++;
-	if (n == 0)
-		return 0;
-
-	extoid = qes_worker_begin_xact("qes_billing worker: recording Stripe answers");
-	n = 0;
 	for (OutboxCall *c = calls; c; c = c->next)
 	{
 		if (!c->done || c->record_tries < 0)
 			continue;
-		if (OidIsValid(extoid) && qes_worker_subxids() >= QES_SUBXID_BUDGET)
-		{
-			qes_worker_end_xact();
-			extoid = qes_worker_begin_xact("qes_billing worker: recording Stripe answers");
-		}
-		if (c->extoid != extoid)
+		if (c->extoid != *extoid)
 		{
 			/* its row went with DROP EXTENSION: nothing to record it on */
 			ereport(LOG,
 					(errmsg("qes_billing worker: dropped the answer to Stripe request " INT64_FORMAT " of a dropped incarnation of the extension",
 							c->request_id)));
 			c->record_tries = -2;
+			n_answered--;
 			continue;
 		}
-		c->record_tries++;
-		if (record_in_subxact(c))
-		{
-			c->record_tries = -1;	/* recorded */
-			n++;
-		}
+		todo[n_todo++] = c;
 	}
-	/* a retry scheduled, or a waiting request released: when to claim next */
-	if (n > 0)
-		qes_outbox_set_due(next_due());
-	qes_worker_end_xact();
 
-	/*
-	 * Committed.  Forget what was recorded, what cannot be (its extension is
-	 * gone) and what failed too often (its row is reclaimed as stale and
-	 * sent again with the same Idempotency-Key).
-	 */
-	link = &calls;
-	while (*link)
+	for (int start = 0; start < n_todo; start += QES_RECORD_BATCH)
+	{
+		int			n = Min(QES_RECORD_BATCH, n_todo - start);
+		OutboxCall **batch = todo + start;
+
+		/*
+		 * A batch takes one subtransaction xid (and what the answers' apply
+		 * functions take of their own): commit first when it could pass the
+		 * budget.
+		 */
+		if (qes_worker_subxids() > QES_SUBXID_BUDGET - QES_RECORD_BATCH)
+		{
+			qes_worker_end_xact();
+			if (qes_worker_begin_xact("qes_billing worker: Stripe requests") != *extoid)
+			{
+				/* the extension went meanwhile: the tick reconciles, these wait */
+				*extoid = InvalidOid;
+				break;
+			}
+		}
+		if (record_batch_in_subxact(batch, n))
+		{
+			for (int i = 0; i < n; i++)
+				recorded[n_recorded++] = batch[i];
+			continue;
+		}
+		/* something in the batch raised: each answer on its own */
+		for (int i = 0; i < n; i++)
+		{
+			OutboxCall *c = batch[i];
+
+			if (qes_worker_subxids() >= QES_SUBXID_BUDGET)
+			{
+				qes_worker_end_xact();
+				if (qes_worker_begin_xact("qes_billing worker: Stripe requests") != *extoid)
+				{
+					*extoid = InvalidOid;
+					break;
+				}
+			}
+			c->record_tries++;
+			if (record_in_subxact(c))
+				recorded[n_recorded++] = c;
+		}
+		if (!OidIsValid(*extoid))
+			break;
+	}
+	return n_recorded;
+}
+
+/* ---- one turn: record what came in, claim what takes its place ----------- */
+
+/*
+ * Forget the calls whose answers were recorded, what cannot be (its
+ * extension is gone) and what failed too often (its row is reclaimed as
+ * stale and sent again with the same Idempotency-Key); their handles are
+ * kept for the next requests.
+ */
+static void
+forget_finished(void)
+{
+	for (OutboxCall **link = &calls; *link;)
 	{
 		OutboxCall *c = *link;
 
@@ -581,18 +847,138 @@ record_answers(void)
 			/* its row stays in flight: the tick reclaims it once stale */
 			if (c->record_tries >= QES_RECORD_TRIES)
 				qes_worker_request_tick(2 * (long) qes_request_timeout_ms + 100);
+			if (c->record_tries != -2)
+				n_answered--;	/* (a dropped one was counted out when dropped) */
 			*link = c->next;
-			free_call(c);
+			put_call(c);
 		}
 		else
 			link = &c->next;
 	}
-	if (n > 0)
-		claim_more = true;		/* requests waiting for these may be due now */
-	return n;
+}
+
+/*
+ * One transaction: record the answers that came in, then claim up to room
+ * due requests (if the extension is the incarnation the tick reconciled and
+ * a key is set), COMMIT, and only then start the claimed requests.  After a
+ * turn that failed, recording and claiming commit apart, so that an error
+ * in claiming cannot keep answers from being recorded.  Returns how many
+ * requests were claimed; *n_recorded says how many answers were recorded.
+ */
+static int
+turn(int room, int *n_recorded)
+{
+	const char *key = NULL;
+	char	   *problem;
+	Oid			extoid;
+	OutboxCall **recorded;
+	ClaimedRow *rows = NULL;
+	int			claimed = 0;
+	bool		apart = last_turn_failed;
+	MemoryContext old;
+
+	*n_recorded = 0;
+	if (room > 0)
+	{
+		if (qes_stripe_key_problem(QES_KEY_SECRET, &problem))
+		{
+			/*
+			 * Nothing can be sent: the rows stay pending (nothing is lost), and
+			 * api.health reports the key problem and the outbox backlog.
+			 */
+			claim_more = false;
+			room = 0;
+		}
+		else					/* present and of the environment's mode (guc.c checks the prefix) */
+			key = qes_stripe_key(QES_KEY_SECRET, false);
+	}
+	if (room == 0 && n_answered == 0)
+		return 0;
+
+	old = CurrentMemoryContext;
+	MemoryContextReset(turn_context);
+	recorded = MemoryContextAlloc(turn_context, sizeof(OutboxCall *) * Max(n_answered, 1));
+
+	last_turn_failed = true;	/* until it has committed */
+	extoid = qes_worker_begin_xact("qes_billing worker: Stripe requests");
+	if (OidIsValid(extoid))
+		prepare_plans(extoid);
+	if (n_answered > 0)
+		*n_recorded = record_answers(&extoid, recorded);
+	if (room > 0)
+	{
+		/*
+		 * Only from the incarnation the tick has reconciled: a new one
+		 * (created since) wakes the worker at its commit, and its tick comes
+		 * first.
+		 */
+		if (!OidIsValid(extoid) || extoid != qes_worker_incarnation())
+			claim_more = false;
+		else
+		{
+			if (apart && *n_recorded > 0)
+			{
+				qes_worker_end_xact();
+				if (qes_worker_begin_xact("qes_billing worker: Stripe requests") != extoid)
+					extoid = InvalidOid;
+			}
+			if (OidIsValid(extoid))
+				claimed = claim(room, &rows);
+			else
+				claim_more = false;
+		}
+	}
+	else if (*n_recorded > 0)
+		claim_more = true;		/* a retry scheduled, or a waiting request released */
+	qes_worker_end_xact();		/* COMMIT: the rows are in_flight before a byte leaves */
+	MemoryContextSwitchTo(old);
+	last_turn_failed = false;
+
+	/* committed: forget what was recorded */
+	for (int i = 0; i < *n_recorded; i++)
+		recorded[i]->record_tries = -1;
+	forget_finished();
+
+	for (int i = 0; i < claimed; i++)
+	{
+		OutboxCall *call = make_call(&rows[i], key, extoid);
+		CURLMcode	rc;
+
+		call->next = calls;
+		calls = call;
+		n_in_flight++;
+		rc = curl_multi_add_handle(multi, call->easy);
+		if (rc != CURLM_OK)
+		{
+			/* recorded as a transport error, retried with backoff */
+			call->done = true;
+			call->result = CURLE_FAILED_INIT;
+			snprintf(call->errbuf, sizeof(call->errbuf), "curl_multi_add_handle: %s",
+					 curl_multi_strerror(rc));
+			n_in_flight--;
+			n_answered++;
+		}
+	}
+	return claimed;
 }
 
 /* ---- the pump ------------------------------------------------------------- */
+
+/*
+ * Has a commit queued a Stripe request since we last looked?  (The wake-up
+ * trigger on billing.stripe_requests counts them, src/worker.c.)  Then one
+ * may be due now, whatever the last claim or tick said.
+ */
+static bool
+outbox_woken(void)
+{
+	uint64		wakes = pg_atomic_read_u64(&qes_worker_state->outbox_wakes);
+
+	if (wakes == outbox_wakes_seen)
+		return false;
+	outbox_wakes_seen = wakes;
+	return true;
+}
 
 static void
 collect_finished(void)
@@ -612,61 +998,110 @@ collect_finished(void)
 		curl_multi_remove_handle(multi, msg->easy_handle);
 		call->done = true;
 		n_in_flight--;
+		n_answered++;
 	}
+}
+
+/*
+ * Let curl work: on the sockets that are ready (found without waiting in
+ * our epoll set), and on its timer when it has come.
+ */
+static void
+drive_curl(void)
+{
+	struct epoll_event events[64];
+	int			running;
+	int			n;
+
+	do
+	{
+		n = epoll_wait(curl_epoll, events, lengthof(events), 0);
+		for (int i = 0; i < n; i++)
+		{
+			int			flags = 0;
+
+			if (events[i].events & (EPOLLIN | EPOLLHUP))
+				flags |= CURL_CSELECT_IN;
+			if (events[i].events & EPOLLOUT)
+				flags |= CURL_CSELECT_OUT;
+			if (events[i].events & EPOLLERR)
+				flags |= CURL_CSELECT_ERR;
+			curl_multi_socket_action(multi, events[i].data.fd, flags, &running);
+		}
+	} while (n == lengthof(events));
+	if (curl_timer_armed && GetCurrentTimestamp() >= curl_timer_at)
+	{
+		curl_timer_armed = false;
+		curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running);
+	}
+	collect_finished();
 }
 
 /*
  * Work the outbox for at most budget_ms: keep up to
  * qes_billing.max_concurrent_requests requests in flight, record answers as
- * they come.  Returns early when the worker's latch is set (new work) and
- * nothing is answered yet.  Returns true when requests are still in flight
- * or more may be due, so the caller must not sleep.
+ * they come.  Returns early when the worker's latch is set (new work).
+ * Returns true when requests are still in flight or more may be due, so the
+ * caller must not sleep.
  */
 bool
 qes_outbox_pump(long budget_ms)
 {
 	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), budget_ms);
+	MemoryContext old;
 
-	if (claim_at != 0 && GetCurrentTimestamp() >= claim_at)
+	if (outbox_woken() || (claim_at != 0 && GetCurrentTimestamp() >= claim_at))
 	{
 		claim_at = 0;
 		claim_more = true;
 	}
-	if (!claim_more && calls == NULL)
+	if (!claim_more && n_in_flight == 0 && n_answered == 0)
 		return false;			/* idle: no transaction, no curl */
 	outbox_init();
+	/* (a transaction's commit leaves TopMemoryContext current) */
+	old = MemoryContextSwitchTo(qes_worker_loop_context);
+	forget_finished();
 	for (;;)
 	{
-		int			running;
 		long		left_ms;
+		long		wait_ms;
+		int			room = 0;
+		WaitEvent	event;
 
 		CHECK_FOR_INTERRUPTS();
-		if (claim_more && n_in_flight < qes_max_inflight)
-		{
-			int			room = take_tokens(qes_max_inflight - n_in_flight);
-
-			if (room > 0)
-			{
-				int			claimed = claim_and_send(room);
-
-				tokens += room - claimed;	/* unused tokens go back */
-			}
-		}
-
 		if (n_in_flight > 0)
+			drive_curl();
+		if (outbox_woken())
+			claim_more = true;	/* a commit queued one: claimed at once, before we break for the tick */
+		if (claim_more && n_in_flight < qes_max_inflight)
+			room = take_tokens(qes_max_inflight - n_in_flight);
+		if (room > 0 || n_answered > 0)
 		{
-			curl_multi_perform(multi, &running);
-			collect_finished();
+			int			recorded;
+			int			claimed = turn(room, &recorded);
+
+			tokens += room - claimed;	/* unused tokens go back */
+			if (claimed > 0)
+			{
+				/* on the wire at once */
+				drive_curl();
+				continue;
+			}
+			if (recorded > 0)
+				continue;
 		}
-		if (calls != NULL && record_answers() > 0)
-			continue;			/* claim again at once */
 
 		left_ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
 		if (n_in_flight == 0 || left_ms <= 0 || MyLatch->is_set)
 			break;
-		curl_multi_poll(multi, NULL, 0, Min(left_ms, 50), NULL);
+		wait_ms = left_ms;
+		if (curl_timer_armed)
+			wait_ms = Min(wait_ms, TimestampDifferenceMilliseconds(GetCurrentTimestamp(), curl_timer_at));
+		/* curl's sockets or a commit that sets the latch, whichever first */
+		(void) WaitEventSetWait(wait_set, wait_ms, &event, 1, PG_WAIT_EXTENSION);
 	}
-	return n_in_flight > 0 || claim_more || calls != NULL;
+	MemoryContextSwitchTo(old);
+	return n_in_flight > 0 || claim_more || n_answered > 0;
 }
 
 /*
@@ -677,7 +1112,7 @@ qes_outbox_pump(long budget_ms)
 long
 qes_outbox_busy_wait_ms(void)
 {
-	if (n_in_flight > 0 || calls != NULL || !claim_more)
+	if (n_in_flight > 0 || n_answered > 0 || !claim_more)
 		return 0;
 	return token_wait_ms();
 }

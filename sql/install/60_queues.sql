@@ -32,7 +32,8 @@ CREATE TABLE billing.stripe_requests (
 );
 COMMENT ON TABLE billing.stripe_requests IS
   'Outbox of Stripe API requests. idempotency_key is fixed at insert and sent on every attempt.';
-CREATE INDEX stripe_requests_due ON billing.stripe_requests (next_attempt_at) WHERE state = 'pending';
+-- in the order the worker claims requests (billing.outbox_claim), so a claim needs no sort
+CREATE INDEX stripe_requests_due ON billing.stripe_requests (next_attempt_at, request_id) WHERE state = 'pending';
 CREATE INDEX stripe_requests_in_flight ON billing.stripe_requests (claimed_at) WHERE state = 'in_flight';
 CREATE INDEX stripe_requests_after ON billing.stripe_requests (after_request) WHERE state = 'waiting';
 CREATE INDEX stripe_requests_run ON billing.stripe_requests (run_id) WHERE run_id IS NOT NULL;

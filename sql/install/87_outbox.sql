@@ -6,6 +6,8 @@
 --                             success is applied to local state right there;
 --                             a retryable failure goes back to the queue with
 --                             backoff; anything else is a final failure
+--   billing.outbox_record_batch()  the same for a batch of answers in one
+--                             call (the worker's common path)
 --
 -- Retry policy (DESIGN.md rule 4): network errors, timeouts, 409, 429 and
 -- 5xx are retried, unless Stripe-Should-Retry says otherwise (it overrides
@@ -90,22 +92,27 @@ COMMENT ON FUNCTION billing.outbox_enqueue_once(text, text, text, text, jsonb) I
 
 -- Claim due requests for sending: the worker commits this before any byte
 -- goes out.  Rows are taken with SKIP LOCKED, so a backend busy with a
--- row (replaying it, say) never blocks the worker.
+-- row (replaying it, say) never blocks the worker.  PL/pgSQL keeps the plan
+-- for the worker's session; the due rows are found in the order of the
+-- stripe_requests_due index (no sort) and updated through the primary key,
+-- so a claim costs the same however many rows the table or the queue holds
+-- (a join planned for an unknown LIMIT hashed the whole table per claim).
 CREATE FUNCTION billing.outbox_claim(p_limit integer)
   RETURNS TABLE (request_id bigint, attempt integer, method text, path text, params jsonb, idempotency_key text)
-  LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing SET plan_cache_mode = force_generic_plan
 AS $$
-  WITH due AS (
-    SELECT r.request_id FROM billing.stripe_requests r
-     WHERE r.state = 'pending' AND r.next_attempt_at <= now()
-     ORDER BY r.next_attempt_at, r.request_id
-     LIMIT p_limit
-       FOR UPDATE SKIP LOCKED)
+BEGIN
+  RETURN QUERY
   UPDATE billing.stripe_requests r
      SET state = 'in_flight', attempts = r.attempts + 1, claimed_at = now(), updated_at = now()
-    FROM due
-   WHERE r.request_id = due.request_id
-  RETURNING r.request_id, r.attempts, r.method, r.path, r.params, r.idempotency_key
+   WHERE r.request_id = ANY (ARRAY(
+           SELECT d.request_id FROM billing.stripe_requests d
+            WHERE d.state = 'pending' AND d.next_attempt_at <= now()
+            ORDER BY d.next_attempt_at, d.request_id
+            LIMIT p_limit
+              FOR UPDATE SKIP LOCKED))
+  RETURNING r.request_id, r.attempts, r.method, r.path, r.params, r.idempotency_key;
+END
 $$;
 COMMENT ON FUNCTION billing.outbox_claim(integer) IS
   'Run by the worker: mark up to p_limit due requests in flight and return them for sending.';
@@ -114,11 +121,13 @@ COMMENT ON FUNCTION billing.outbox_claim(integer) IS
 -- worker sleeps exactly as long as it may.  (greatest(0, NULL) is 0, not
 -- NULL: an empty queue must not read as "due now".)
 CREATE FUNCTION billing.outbox_next_due() RETURNS double precision
-  LANGUAGE sql STABLE SET search_path = pg_catalog, billing
+  LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing
 AS $$
-  SELECT greatest(0, extract(epoch FROM d.at - now()))::double precision
-    FROM (SELECT min(r.next_attempt_at) AS at FROM billing.stripe_requests r WHERE r.state = 'pending') d
-   WHERE d.at IS NOT NULL
+BEGIN
+  RETURN (SELECT greatest(0, extract(epoch FROM d.at - now()))::double precision
+            FROM (SELECT min(r.next_attempt_at) AS at FROM billing.stripe_requests r WHERE r.state = 'pending') d
+           WHERE d.at IS NOT NULL);
+END
 $$;
 COMMENT ON FUNCTION billing.outbox_next_due() IS 'Seconds until the next outbox request is due; NULL when none is pending.';
 
@@ -201,9 +210,39 @@ CREATE FUNCTION billing.outbox_accepts(p_kind text, p_http_status integer) RETUR
   LANGUAGE sql IMMUTABLE
 RETURN p_http_status BETWEEN 200 AND 299 OR (p_http_status = 404 AND p_kind LIKE '%.lookup');
 
-CREATE FUNCTION billing.outbox_record(p_request_id bigint, p_attempt integer, p_http_status integer,
-                                      p_body text, p_should_retry text DEFAULT NULL,
-                                      p_retry_after text DEFAULT NULL, p_transport_error text DEFAULT NULL)
+-- Recording an answer.  billing.outbox_record guards each step: a body
+-- that is not JSON is kept as text, and an answer Stripe gave that cannot be
+-- applied goes back to the queue (category apply) -- each in a
+-- subtransaction.  The worker records a batch of answers with one call of
+-- billing.outbox_record_batch, unguarded (no subtransaction per answer);
+-- when anything in the batch raises, it rolls the batch back and records
+-- each answer with billing.outbox_record instead (src/outbox.c), so one bad
+-- answer never undoes the others and the outcome is the same either way.
+CREATE FUNCTION billing.outbox_succeed(r billing.stripe_requests, p_http_status integer, p_body jsonb)
+  RETURNS text
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  UPDATE billing.stripe_requests
+     SET state = 'succeeded', http_status = p_http_status, response = billing.redact(p_body), error = NULL,
+         updated_at = now()
+   WHERE request_id = r.request_id
+   RETURNING * INTO r;
+  -- the row keeps the answer redacted (DESIGN.md rule 13); applying it
+  -- sees all of it (setup stores an endpoint's signing secret in
+  -- billing.stripe_secrets, the one place a secret is kept)
+  r.response := p_body;
+  PERFORM billing.outbox_apply(r);
+  PERFORM billing.outbox_release_waiting(r);
+  RETURN 'succeeded';
+END
+$$;
+COMMENT ON FUNCTION billing.outbox_succeed(billing.stripe_requests, integer, jsonb) IS
+  'A successful answer: stored redacted, applied unredacted, and the requests that waited for it released.';
+
+CREATE FUNCTION billing.outbox_record_answer(p_request_id bigint, p_attempt integer, p_http_status integer,
+                                             p_body text, p_should_retry text, p_retry_after text,
+                                             p_transport_error text, p_guarded boolean)
   RETURNS text
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
@@ -212,32 +251,27 @@ DECLARE
   v_body  jsonb;
   v_err   jsonb;
   v_msg   text;
-  v_max   integer := current_setting('qes_billing.max_attempts')::integer;
 BEGIN
   SELECT * INTO r FROM billing.stripe_requests WHERE request_id = p_request_id FOR UPDATE;
   IF NOT FOUND OR r.state <> 'in_flight' OR r.attempts <> p_attempt THEN
     RETURN NULL;   -- reclaimed meanwhile: a later attempt owns the row
   END IF;
-  BEGIN
-    v_body := p_body::jsonb;
-  EXCEPTION WHEN OTHERS THEN
-    v_body := jsonb_build_object('unparsed_body', left(p_body, 2000));
-  END;
+  IF NOT p_guarded THEN
+    v_body := p_body::jsonb;   -- not JSON: raises, and the worker records it guarded
+  ELSE
+    BEGIN
+      v_body := p_body::jsonb;
+    EXCEPTION WHEN OTHERS THEN
+      v_body := jsonb_build_object('unparsed_body', left(p_body, 2000));
+    END;
+  END IF;
 
   IF p_transport_error IS NULL AND billing.outbox_accepts(r.kind, p_http_status) THEN
+    IF NOT p_guarded THEN
+      RETURN billing.outbox_succeed(r, p_http_status, v_body);
+    END IF;
     BEGIN
-      UPDATE billing.stripe_requests
-         SET state = 'succeeded', http_status = p_http_status, response = billing.redact(v_body), error = NULL,
-             updated_at = now()
-       WHERE request_id = r.request_id
-       RETURNING * INTO r;
-      -- the row keeps the answer redacted (DESIGN.md rule 13); applying it
-      -- sees all of it (setup stores an endpoint's signing secret in
-      -- billing.stripe_secrets, the one place a secret is kept)
-      r.response := v_body;
-      PERFORM billing.outbox_apply(r);
-      PERFORM billing.outbox_release_waiting(r);
-      RETURN 'succeeded';
+      RETURN billing.outbox_succeed(r, p_http_status, v_body);
     EXCEPTION WHEN OTHERS THEN
       -- Stripe answered but we could not apply it: ask again (the same
       -- Idempotency-Key replays the same answer) after a backoff
@@ -250,7 +284,7 @@ BEGIN
   END IF;
 
   v_err := billing.redact(v_err);   -- an answer may echo our Authorization header
-  IF (v_err ->> 'retryable')::boolean AND r.attempts < v_max THEN
+  IF (v_err ->> 'retryable')::boolean AND r.attempts < current_setting('qes_billing.max_attempts')::integer THEN
     UPDATE billing.stripe_requests
        SET state = 'pending', http_status = p_http_status, error = v_err, claimed_at = NULL,
            next_attempt_at = now() + billing.outbox_backoff(r.attempts, p_retry_after), updated_at = now()
@@ -261,8 +295,79 @@ BEGIN
   RETURN 'failed';
 END
 $$;
+COMMENT ON FUNCTION billing.outbox_record_answer(bigint, integer, integer, text, text, text, text, boolean) IS
+  'Record one answer: succeeded and applied, back to pending with backoff, or failed. Guarded: a body that is not JSON is kept as text and an answer that cannot be applied is retried; unguarded, either raises. Returns the new state; NULL when the row was reclaimed meanwhile.';
+
+CREATE FUNCTION billing.outbox_record(p_request_id bigint, p_attempt integer, p_http_status integer,
+                                      p_body text, p_should_retry text DEFAULT NULL,
+                                      p_retry_after text DEFAULT NULL, p_transport_error text DEFAULT NULL)
+  RETURNS text
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  RETURN billing.outbox_record_answer(p_request_id, p_attempt, p_http_status, p_body, p_should_retry,
+                                      p_retry_after, p_transport_error, true);
+END
+$$;
 COMMENT ON FUNCTION billing.outbox_record(bigint, integer, integer, text, text, text, text) IS
   'Run by the worker after an answer (or a transport error): succeeded and applied, back to pending with backoff, or failed. Returns the new state; NULL when the row was reclaimed meanwhile.';
+
+-- A batch of answers, element i of each array being one answer (the
+-- worker's common path, one call per batch).  The successful answers are
+-- stored in one UPDATE (one executor start, one check of the table's
+-- constraints and triggers for the batch, not one per answer), then each is
+-- applied as billing.outbox_succeed applies one; the others are recorded one
+-- by one.  Unguarded: anything that raises undoes the whole batch, which
+-- the worker then records answer by answer with billing.outbox_record.
+-- Returns how many were recorded (not reclaimed meanwhile).
+CREATE FUNCTION billing.outbox_record_batch(p_request_ids bigint[], p_attempts integer[], p_http_status integer[],
+                                            p_bodies text[], p_should_retry text[], p_retry_after text[],
+                                            p_transport_errors text[])
+  RETURNS integer
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+  v      record;
+  r      billing.stripe_requests;
+  v_done boolean[] := array_fill(false, ARRAY[coalesce(cardinality(p_request_ids), 0)]);
+  v_n    integer := 0;
+BEGIN
+  FOR v IN
+    UPDATE billing.stripe_requests s
+       SET state = 'succeeded', http_status = a.http_status, response = billing.redact(a.body), error = NULL,
+           updated_at = now()
+      FROM (SELECT x.request_id, x.attempt, x.http_status, x.body::jsonb AS body, x.ord
+              FROM unnest(p_request_ids, p_attempts, p_http_status, p_bodies, p_transport_errors)
+                     WITH ORDINALITY AS x(request_id, attempt, http_status, body, transport_error, ord)
+             WHERE x.transport_error IS NULL) a
+     WHERE s.request_id = a.request_id AND s.request_id = ANY (p_request_ids)
+       -- (a value the planner does not see: the rows are found by their
+       -- primary key, never by a scan of stripe_requests_in_flight, whatever
+       -- the statistics say)
+       AND s.state = (SELECT 'in_flight'::text)
+       AND s.attempts = a.attempt AND billing.outbox_accepts(s.kind, a.http_status)
+    RETURNING s AS req, a.body, a.ord
+  LOOP
+    -- as billing.outbox_succeed: stored redacted, applied as Stripe sent it
+    r := v.req;
+    r.response := v.body;
+    PERFORM billing.outbox_apply(r);
+    PERFORM billing.outbox_release_waiting(r);
+    v_done[v.ord] := true;
+    v_n := v_n + 1;
+  END LOOP;
+  FOR i IN 1 .. coalesce(cardinality(p_request_ids), 0) LOOP
+    CONTINUE WHEN v_done[i];
+    IF billing.outbox_record_answer(p_request_ids[i], p_attempts[i], p_http_status[i], p_bodies[i],
+                                    p_should_retry[i], p_retry_after[i], p_transport_errors[i], false) IS NOT NULL THEN
+      v_n := v_n + 1;
+    END IF;
+  END LOOP;
+  RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION billing.outbox_record_batch(bigint[], integer[], integer[], text[], text[], text[], text[]) IS
+  'Run by the worker: record a batch of answers in one call, unguarded (an error undoes the batch; the worker then records each with billing.outbox_record). Returns how many were recorded.';
 
 -- A final failure, and everything that waited for it.
 CREATE FUNCTION billing.outbox_fail(p_request_id bigint, p_http_status integer, p_body jsonb, p_err jsonb)
@@ -294,13 +399,15 @@ COMMENT ON FUNCTION billing.outbox_fail(bigint, integer, jsonb, jsonb) IS
   'Mark a request failed for good, undo what its caller started, audit it, and fail the requests that waited for it.';
 
 CREATE FUNCTION billing.outbox_release_waiting(r billing.stripe_requests) RETURNS void
-  LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
+BEGIN
   UPDATE billing.stripe_requests c
      SET state = 'pending', next_attempt_at = now(), updated_at = now(),
          params = CASE WHEN c.inherit IS NULL THEN c.params
                        ELSE c.params || jsonb_build_object(c.inherit, r.response ->> 'id') END
-   WHERE c.after_request = r.request_id AND c.state = 'waiting'
+   WHERE c.after_request = r.request_id AND c.state = 'waiting';
+END
 $$;
 
 -- The Stripe time a response speaks for: when we sent the request.  A

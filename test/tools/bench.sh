@@ -1,20 +1,35 @@
 #!/usr/bin/env bash
-# make bench: pgbench measurements, each beside its ceiling in the same run
-# on the same cluster, printed as
-#   <name> tps=<n> ceiling=<ceiling name> ceiling_tps=<n> ratio=<r>
-# Each figure is the mean of BENCH_ROUNDS (2) runs of BENCH_SECONDS (10),
-# measurement and ceiling alternating; BENCH_CLIENTS (8) clients.
+# make bench: measurements, each beside its ceiling (or target) in the same
+# run, printed as
+#   <name> <figure>=<n> ceiling=<ceiling name> ceiling_<figure>=<n> ratio=<r> ... spread=<lo>..<hi> (<k> rounds)
+# where ratio is the figure over its ceiling (for a latency or a cost, the
+# target over the figure's own side: above 1 is within the target) and the
+# spread is the lowest and highest per-round ratio.
+#
+# Each part runs on a cluster of its own, made afresh (initdb) for it, so
+# that no part measures what an earlier one left behind (the usage part
+# writes 1.3 M usage rows, the webhook part 100,000 events); within a part
+# each round starts alike (an empty queue, a checkpoint).  pgbench figures
+# are the mean of BENCH_ROUNDS (3) runs of BENCH_SECONDS (10), measurement
+# and ceiling alternating; BENCH_CLIENTS (8) clients.
+#
+#   BENCH_PART="usage guard webhooks outbox worker"   the parts to run (default: all)
+#   BENCH_SAME_CLUSTER=1   every part on one cluster, one after the other
+#                          (how make bench ran before; for comparison)
 set -euo pipefail
 src=$(cd "$(dirname "$0")/../.." && pwd)
 . "$src/test/tools/common.sh"
 unset_seed_env
 
 SECONDS_EACH=${BENCH_SECONDS:-10}
-ROUNDS=${BENCH_ROUNDS:-2}
+ROUNDS=${BENCH_ROUNDS:-3}
 CLIENTS=${BENCH_CLIENTS:-8}
 DIR=${QES_BENCH_DIR:-/tmp/qes_billing-bench}
 PORT=${QES_BENCH_PORT:-55433}
+EP_PORT=${QES_BENCH_ENDPOINT_PORT:-55499}
 DB=bench
+part=${BENCH_PART:-all}
+same=${BENCH_SAME_CLUSTER:-0}
 
 bash "$src/test/tools/deps.sh" >/dev/null
 build_and_install "$src"
@@ -23,47 +38,112 @@ as_pg pg_ctl -D "$DIR/data" -m immediate stop >/dev/null 2>&1 || true
 rm -rf "$DIR"; mkdir -p "$DIR"
 cp "$src"/test/bench/*.sql "$DIR/"
 [ "$(id -u)" = 0 ] && chown -R "$PGUSER_OS" "$DIR"
-init_cluster "$DIR" "$PORT" "$DB" '' <<CONF
+
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  as_pg pg_ctl -D "$DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+sql() { as_pg psql -X -qAt -h "$DIR" -p "$PORT" -d "$DB" -v ON_ERROR_STOP=1 "$@"; }
+
+# a fresh cluster (initdb) with the extension and the usage fixtures
+have_cluster=0
+fresh_cluster() {
+  if [ "$same" = 1 ] && [ "$have_cluster" = 1 ]; then return 0; fi
+  as_pg pg_ctl -D "$DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+  rm -rf "$DIR/data" "$DIR/server.log"
+  init_cluster "$DIR" "$PORT" "$DB" '' <<CONF
 shared_buffers = '512MB'
 max_wal_size = '4GB'
 CONF
-as_pg pg_ctl -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
-trap 'as_pg pg_ctl -D "$DIR/data" -m fast -w stop >/dev/null 2>&1 || true' EXIT
-as_pg createdb -h "$DIR" -p "$PORT" "$DB"
-sql() { as_pg psql -X -qAt -h "$DIR" -p "$PORT" -d "$DB" -v ON_ERROR_STOP=1 "$@"; }
-sql -f "$DIR/setup.sql" >/dev/null
+  as_pg pg_ctl -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
+  as_pg createdb -h "$DIR" -p "$PORT" "$DB"
+  sql -f "$DIR/setup.sql" >/dev/null
+  have_cluster=1
+}
+
+# restart with commit timestamps kept (for the latency lines: from the
+# queuing transaction's commit record to the request on the wire or the
+# event applied); not on for the other figures, it costs every commit a bit
+commit_timestamps_on() {
+  settings track_commit_timestamp=on
+  as_pg pg_ctl -D "$DIR/data" -l "$DIR/server.log" -m fast -w restart >/dev/null
+}
+
+# the worker's process and its CPU time so far (ms, user + system)
+worker_pid() {
+  local p=""
+  until [ -n "$p" ]; do p=$(sql -c "SELECT pid FROM billing.worker_state()"); [ -n "$p" ] || sleep 0.2; done
+  echo "$p"
+}
+cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%d", ($14 + $15) * 1000 / hz }' "/proc/$1/stat"; }
+
+settings() {   # settings NAME=VALUE ...: ALTER SYSTEM each, reload
+  local args=()
+  for s in "$@"; do args+=(-c "ALTER SYSTEM SET ${s%%=*} = '${s#*=}'"); done
+  sql "${args[@]}" -c "SELECT pg_reload_conf()" >/dev/null
+}
 
 tps() {
   as_pg pgbench -n -M prepared -h "$DIR" -p "$PORT" -c "$CLIENTS" -j 2 -T "$SECONDS_EACH" \
     -f "$DIR/$1.sql" "$DB" 2>&1 | awk '/^tps = / { printf "%d", $3 }'
 }
 
-# pair NAME SCRIPT CEILING_NAME CEILING_SCRIPT: alternate, average, print
-pair() {
-  local t=0 c=0
-  for _ in $(seq 1 "$ROUNDS"); do
-    c=$((c + $(tps "$4"))); t=$((t + $(tps "$2")))
-  done
-  awk -v n="$1" -v t="$((t / ROUNDS))" -v cn="$3" -v ct="$((c / ROUNDS))" \
-    'BEGIN { printf "%s tps=%d ceiling=%s ceiling_tps=%d ratio=%.2f\n", n, t, cn, ct, (ct > 0 ? t / ct : 0) }'
+# report NAME UNIT CEILING_NAME "values" "ceilings" [extra]: the means, the
+# ratio of the means and the spread of the per-round ratios
+report() {
+  awk -v n="$1" -v u="$2" -v cn="$3" -v vs="$4" -v cs="$5" -v extra="${6:-}" 'BEGIN {
+    k = split(vs, v, " "); split(cs, c, " "); tv = 0; tc = 0; lo = 1e9; hi = 0
+    for (i = 1; i <= k; i++) { tv += v[i]; tc += c[i]; r = (c[i] > 0 ? v[i] / c[i] : 0); if (r < lo) lo = r; if (r > hi) hi = r }
+    printf "%s %s=%d ceiling=%s ceiling_%s=%d ratio=%.2f spread=%.2f..%.2f (%d rounds)%s\n",
+           n, u, tv / k, cn, u, tc / k, (tc > 0 ? tv / tc : 0), lo, hi, k, (extra != "" ? " " extra : "") }'
 }
 
-echo "qes_billing benchmark: $CLIENTS clients, $ROUNDS x ${SECONDS_EACH}s per figure, $(nproc) cores, PostgreSQL $(pg_config --version | awk '{print $2}')"
-part=${BENCH_PART:-all}          # all, usage, webhooks, outbox or guard
-wants() { [ "$part" = all ] || [ "$part" = "$1" ]; }
+# pair NAME SCRIPT CEILING_NAME CEILING_SCRIPT: alternate, report
+pair() {
+  local vs="" cs=""
+  for _ in $(seq 1 "$ROUNDS"); do
+    cs="$cs $(tps "$4")"; vs="$vs $(tps "$2")"
+  done
+  report "$1" tps "$3" "$vs" "$cs"
+}
+
+# percentiles of the numbers on stdin: p50 p99 max n
+percentiles() {
+  sort -n | awk '{ v[NR] = $1 } END {
+    if (NR == 0) { print "0 0 0 0"; exit }
+    i50 = int(0.50 * (NR - 1) + 0.5) + 1; i99 = int(0.99 * (NR - 1) + 0.5) + 1
+    printf "%.2f %.2f %.2f %d\n", v[i50], v[i99], v[NR], NR }'
+}
+
+start_endpoint() {   # start_endpoint PORT [LOG]: the 20 ms endpoint
+  local log=$DIR/endpoint-$1.out
+  python3 "$src/test/bench/slow_endpoint.py" serve "$1" 20 ${2:+"$2"} >"$log" 2>&1 &
+  pids+=($!)
+  until grep -q listening "$log"; do sleep 0.1; done
+}
+
+echo "qes_billing benchmark: $CLIENTS clients, $ROUNDS x ${SECONDS_EACH}s per figure, $(nproc) cores, PostgreSQL $(pg_config --version | awk '{print $2}'), a fresh cluster per part$([ "$same" = 1 ] && echo ' (no: BENCH_SAME_CLUSTER=1)')"
+wants() { [ "$part" = all ] || [[ " $part " == *" $1 "* ]]; }
+
+# ---- usage: record_usage and check_limit ---------------------------------------
 if wants usage; then
+fresh_cluster
 tps check_limit >/dev/null       # warm caches and counters
 pair record_usage record_usage plain_insert plain_insert
 pair check_limit check_limit select_1 select_1
 pair check_limit_over_limit check_limit_over select_1 select_1
-base=$(pair check_limit check_limit select_1 select_1 | sed 's/.*ratio=//')
+base=$(pair check_limit check_limit select_1 select_1 | sed 's/.* ratio=\([0-9.]*\).*/\1/')
 
 sql -f "$DIR/load_history.sql" >/dev/null
 echo "history: $(sql -c 'SELECT count(*) FROM billing.usage_events') usage rows"
 tps check_limit >/dev/null
 hist=$(pair check_limit_1m_history check_limit select_1 select_1)
 echo "$hist"
-awk -v a="${hist##*ratio=}" -v b="$base" 'BEGIN { printf "check_limit ratio with history / without: %.2f\n", a / b }'
+awk -v a="$(echo "$hist" | sed 's/.* ratio=\([0-9.]*\).*/\1/')" -v b="$base" \
+  'BEGIN { printf "check_limit ratio with history / without: %.2f\n", a / b }'
 
 # a heavy tenant (100,000 rows this period) cached, then again after the
 # counter table has been filled by other tenants (evicting it: it must come
@@ -73,102 +153,184 @@ sql -c "SELECT billing.upsert_tenant('heavy', 'Heavy', 'h@bench.example')" \
         SELECT 'heavy', 'h' || i, 'api_calls', 1,
                (SELECT period_start FROM billing.usage_current('heavy') WHERE metric = 'api_calls'), now()
           FROM generate_series(1, 100000) i" >/dev/null
-cached=$(tps check_limit_heavy)
+cached=""; full=""
+for _ in $(seq 1 "$ROUNDS"); do cached="$cached $(tps check_limit_heavy)"; done
 cap=$(sql -c "SELECT capacity FROM billing.usage_cache_stats()")
 sql -c "SELECT count(billing.upsert_tenant('fill' || i, 'Fill', 'f@bench.example')) FROM generate_series(1, $cap / 4 + 100) i" \
     -c "SELECT count(*) FROM generate_series(1, $cap / 4 + 100) i, LATERAL billing.usage_current('fill' || i)" >/dev/null
-full=$(tps check_limit_heavy)
-awk -v t="$full" -v c="$cached" -v s="$(sql -c "SELECT entries || '/' || capacity || ' entries, ' || evicted || ' evicted, hit rate ' || round(hit_rate::numeric, 3) || ', ' || bytes_per_counter || ' bytes per counter' FROM billing.usage_cache_stats()")" \
-  'BEGIN { printf "check_limit_heavy_table_full tps=%d ceiling=check_limit_heavy_cached ceiling_tps=%d ratio=%.2f (%s)\n", t, c, (c > 0 ? t / c : 0), s }'
+for _ in $(seq 1 "$ROUNDS"); do full="$full $(tps check_limit_heavy)"; done
+report check_limit_heavy_table_full tps check_limit_heavy_cached "$full" "$cached" \
+  "($(sql -c "SELECT entries || '/' || capacity || ' entries, ' || evicted || ' evicted, hit rate ' || round(hit_rate::numeric, 3) || ', ' || bytes_per_counter || ' bytes per counter' FROM billing.usage_cache_stats()"))"
+
+settings synchronous_commit=off
+pair record_usage_async_commit record_usage plain_insert_async_commit plain_insert
+settings synchronous_commit=on
+sql -c "SELECT 'counter cache: ' || entries || ' entries, ' || hits || ' hits, ' || loads || ' builds, ' || uncached || ' uncached' FROM billing.usage_cache_stats()"
 fi
 
-if wants webhooks; then
-
-# webhooks: intake beside a plain INSERT of the same payload, with the
-# worker paused so that only intake is measured; then processing
-sql -c "ALTER SYSTEM SET qes_billing.stripe_test_webhook_secret = 'whsec_bench_secret'" -c "SELECT pg_reload_conf()" >/dev/null
-sql -f "$DIR/webhook_setup.sql" >/dev/null
-sql -c "ALTER SYSTEM SET qes_billing.worker_paused = on" -c "SELECT pg_reload_conf()" >/dev/null
-# each run starts from an empty inbox (and ceiling table) and the same
-# 100,000 signed events, after a checkpoint, so that runs are alike
-reset_intake() {
-  sql -c "TRUNCATE billing.webhook_events, bench_plain_events" -c "SELECT setval('bench_intake_seq', 1), setval('bench_plain_seq', 1)" \
-      -c "CHECKPOINT" >/dev/null
-}
-t=0; c=0
-for _ in $(seq 1 "$ROUNDS"); do
-  reset_intake; c=$((c + $(tps webhook_plain_insert)))
-  reset_intake; t=$((t + $(tps webhook_intake)))
-done
-awk -v t="$((t / ROUNDS))" -v c="$((c / ROUNDS))" \
-  'BEGIN { printf "webhook_intake tps=%d ceiling=webhook_plain_insert ceiling_tps=%d ratio=%.2f\n", t, c, (c > 0 ? t / c : 0) }'
-reset_intake
-sql -c "SELECT count(api_stripe_webhook_bench) FROM (SELECT set_config('request.headers', json_build_object('stripe-signature', e.header)::text, true),
-               api.stripe_webhook(e.body::json) AS api_stripe_webhook_bench FROM bench_events e WHERE n <= 40000) x" >/dev/null
-sql -c "ALTER SYSTEM SET qes_billing.worker_paused = off" -c "SELECT pg_reload_conf()" >/dev/null
-sql -c "SELECT 'webhook intake: ' || count(*) || ' events stored' FROM billing.webhook_events"
-sql -c "SELECT count(billing.upsert_tenant('wb' || i, 'WB', 'wb' || i || '@bench.example')) FROM generate_series(1, 100) i" \
-    -c "UPDATE billing.tenants SET stripe_customer_id = 'cus_bench_' || substr(tenant_id, 3) WHERE tenant_id LIKE 'wb%'" >/dev/null
-# processing: 20,000 events for known tenants (each mirrors an invoice), queued at once
-until [ "$(sql -c "SELECT count(*) FROM billing.webhook_events WHERE state = 'received'")" = 0 ]; do sleep 0.2; done
-start=$(date +%s.%N)
-sql -c "UPDATE billing.webhook_events SET state = 'received', attempts = 0, next_attempt_at = now(), received_at = now()
-         WHERE stripe_event_id IN (SELECT 'evt_bench_' || n FROM generate_series(1, 20000) n)" >/dev/null
-until [ "$(sql -c "SELECT count(*) FROM billing.webhook_events WHERE state = 'received'")" = 0 ]; do sleep 0.05; done
-end=$(date +%s.%N)
-awk -v s="$start" -v e="$end" -v n="$(sql -c "SELECT count(*) FROM billing.invoices WHERE tenant_id LIKE 'wb%'")" \
-  'BEGIN { printf "webhook_processing events=20000 seconds=%.2f events_per_s=%d invoices_mirrored=%d\n", e - s, 20000 / (e - s), n }'
-sql -c "SELECT 'webhook latency in that burst of 20,000 (received -> applied): p50=' || round(percentile_cont(0.5) WITHIN GROUP (ORDER BY l)::numeric, 3)
-               || 's p95=' || round(percentile_cont(0.95) WITHIN GROUP (ORDER BY l)::numeric, 3) || 's p99=' || round(percentile_cont(0.99) WITHIN GROUP (ORDER BY l)::numeric, 3) || 's'
-          FROM (SELECT extract(epoch FROM applied_at - received_at) AS l FROM billing.webhook_events
-                 WHERE stripe_event_id IN (SELECT 'evt_bench_' || n FROM generate_series(1, 20000) n)) x"
-
-fi
-
-if wants outbox; then
-# the outbox: requests per second the worker sends through libcurl to a
-# local endpoint that answers after 20 ms, at several concurrency settings;
-# the ceiling is the same endpoint driven at the same concurrency by a
-# client without the database
-EP_PORT=${QES_BENCH_ENDPOINT_PORT:-55499}
-N=${BENCH_OUTBOX_REQUESTS:-6000}
-python3 "$src/test/bench/slow_endpoint.py" serve "$EP_PORT" 20 >"$DIR/endpoint.log" 2>&1 &
-ep=$!
-trap 'kill $ep 2>/dev/null; as_pg pg_ctl -D "$DIR/data" -m fast -w stop >/dev/null 2>&1 || true' EXIT
-until grep -q listening "$DIR/endpoint.log"; do sleep 0.1; done
-sql -c "ALTER SYSTEM SET qes_billing.stripe_api_base = 'http://127.0.0.1:$EP_PORT'" \
-    -c "ALTER SYSTEM SET qes_billing.stripe_test_secret_key = 'sk_test_bench_outbox'" -c "SELECT pg_reload_conf()" >/dev/null
-for c in ${BENCH_OUTBOX_CONCURRENCY:-8 32 64}; do
-  sql -c "ALTER SYSTEM SET qes_billing.max_concurrent_requests = $c" -c "ALTER SYSTEM SET qes_billing.worker_paused = on" \
-      -c "SELECT pg_reload_conf()" >/dev/null
-  sleep 1
-  sql -c "DELETE FROM billing.stripe_requests WHERE kind = 'bench.request'" \
-      -c "SELECT count(billing.outbox_enqueue(NULL, 'bench.request', 'POST', '/v1/customers',
-                jsonb_build_object('name', 'Bench', 'metadata', jsonb_build_object('n', i)))) FROM generate_series(1, $N) i" >/dev/null
-  start=$(date +%s.%N)
-  sql -c "ALTER SYSTEM SET qes_billing.worker_paused = off" -c "SELECT pg_reload_conf()" >/dev/null
-  until [ "$(sql -c "SELECT count(*) FROM billing.stripe_requests WHERE kind = 'bench.request' AND state <> 'succeeded'")" = 0 ]; do
-    sleep 0.05
-  done
-  end=$(date +%s.%N)
-  ceiling=$(python3 "$src/test/bench/slow_endpoint.py" load "$EP_PORT" "$c" 5)
-  awk -v c="$c" -v n="$N" -v s="$start" -v e="$end" -v cr="$ceiling" \
-    'BEGIN { r = n / (e - s); printf "outbox_c%d rps=%d ceiling=endpoint_20ms_c%d ceiling_rps=%d ratio=%.2f\n", c, r, c, cr, (cr > 0 ? r / cr : 0) }'
-done
-sql -c "ALTER SYSTEM RESET qes_billing.stripe_api_base" -c "ALTER SYSTEM RESET qes_billing.stripe_test_secret_key" \
-    -c "ALTER SYSTEM RESET qes_billing.max_concurrent_requests" -c "SELECT pg_reload_conf()" >/dev/null
-fi
-
+# ---- guard: inbound rate limiting ------------------------------------------------
 if wants guard; then
-# inbound rate limiting: a request with db-pre-request = api.pre_request
-# beside the same request without it (the per-request cost of the bucket)
+fresh_cluster
+# a request with db-pre-request = api.pre_request beside the same request
+# without it (the per-request cost of the bucket)
 pair pre_request pre_request no_pre_request no_pre_request
 awk -v a="$(sql -c "SELECT allowed FROM billing.rate_limit_stats()")" -v l="$(sql -c "SELECT limited FROM billing.rate_limit_stats()")" \
   'BEGIN { printf "pre_request: %d allowed, %d limited\n", a, l }'
 fi
 
-if wants usage; then
-sql -c "ALTER SYSTEM SET synchronous_commit = off" -c "SELECT pg_reload_conf()" >/dev/null
-pair record_usage_async_commit record_usage plain_insert_async_commit plain_insert
-sql -c "SELECT 'counter cache: ' || entries || ' entries, ' || hits || ' hits, ' || loads || ' builds, ' || uncached || ' uncached' FROM billing.usage_cache_stats()"
+# ---- webhooks: intake, processing, commit -> applied -------------------------------
+if wants webhooks; then
+fresh_cluster
+settings qes_billing.stripe_test_webhook_secret=whsec_bench_secret
+sql -f "$DIR/webhook_setup.sql" >/dev/null
+settings qes_billing.worker_paused=on
+# intake beside a plain INSERT of the same payload, with the worker paused
+# so that only intake is measured; each run starts from an empty inbox (and
+# ceiling table) and the same 100,000 signed events, after a checkpoint
+reset_intake() {
+  sql -c "TRUNCATE billing.webhook_events, billing.webhook_waits, bench_plain_events" \
+      -c "SELECT setval('bench_intake_seq', 1), setval('bench_plain_seq', 1)" -c "CHECKPOINT" >/dev/null
+}
+vs=""; cs=""
+for _ in $(seq 1 "$ROUNDS"); do
+  reset_intake; cs="$cs $(tps webhook_plain_insert)"
+  reset_intake; vs="$vs $(tps webhook_intake)"
+done
+report webhook_intake tps webhook_plain_insert "$vs" "$cs"
+
+# processing: 20,000 queued invoice.paid events for known tenants, each
+# updating a mirrored invoice (the first delivery of the same events,
+# inserting the invoices, runs before), applied by the worker at once
+reset_intake
+sql -c "SELECT count(billing.upsert_tenant('wb' || i, 'WB', 'wb' || i || '@bench.example')) FROM generate_series(1, 100) i" \
+    -c "UPDATE billing.tenants SET stripe_customer_id = 'cus_bench_' || substr(tenant_id, 3) WHERE tenant_id LIKE 'wb%'" >/dev/null
+sql -c "SELECT count(api_stripe_webhook_bench) FROM (SELECT set_config('request.headers', json_build_object('stripe-signature', e.header)::text, true),
+               api.stripe_webhook(e.body::json) AS api_stripe_webhook_bench FROM bench_events e WHERE n <= 40000) x" >/dev/null
+settings qes_billing.worker_paused=off
+until [ "$(sql -c "SELECT count(*) FROM billing.webhook_events WHERE state IN ('received', 'processing')")" = 0 ]; do sleep 0.2; done
+echo "webhook intake: $(sql -c "SELECT count(*) FROM billing.webhook_events") events stored, $(sql -c "SELECT count(*) FROM billing.invoices WHERE tenant_id LIKE 'wb%'") invoices mirrored"
+vs=""; cs=""; lat=""
+for _ in $(seq 1 "$ROUNDS"); do
+  # each round from the same state: the last round's row versions vacuumed
+  sql -c "VACUUM ANALYZE billing.webhook_events" -c "VACUUM ANALYZE billing.invoices" -c "CHECKPOINT" >/dev/null
+  sql -c "UPDATE billing.webhook_events SET state = 'received', attempts = 0, next_attempt_at = now(), received_at = now(), applied_at = NULL
+           WHERE stripe_event_id IN (SELECT 'evt_bench_' || n FROM generate_series(1, 20000) n)" >/dev/null
+  until [ "$(sql -c "SELECT count(*) FROM billing.webhook_events WHERE state IN ('received', 'processing')")" = 0 ]; do sleep 0.05; done
+  # from the commit that queued them (received_at) to the last applied
+  vs="$vs $(sql -c "SELECT round(20000 / extract(epoch FROM max(applied_at) - min(received_at))) FROM billing.webhook_events
+                     WHERE stripe_event_id IN (SELECT 'evt_bench_' || n FROM generate_series(1, 20000) n)")"
+  cs="$cs 2000"
+  lat=$(sql -c "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY l)::numeric, 2) || 's p99=' || round(percentile_cont(0.99) WITHIN GROUP (ORDER BY l)::numeric, 2)
+                  FROM (SELECT extract(epoch FROM applied_at - received_at) AS l FROM billing.webhook_events
+                         WHERE stripe_event_id IN (SELECT 'evt_bench_' || n FROM generate_series(1, 20000) n)) x")
+done
+report webhook_processing events_per_s target "$vs" "$cs" \
+  "(bursts of 20,000 queued events; received -> applied in the last: p50=$lat; $(sql -c "SELECT count(*) FILTER (WHERE state = 'applied') || ' applied, ' || count(*) FILTER (WHERE state NOT IN ('applied')) || ' not'
+      FROM billing.webhook_events WHERE stripe_event_id IN (SELECT 'evt_bench_' || n FROM generate_series(1, 20000) n)"))"
+
+# commit -> applied at low load: events delivered one by one through
+# api.stripe_webhook at 20 a second (Poisson arrivals), each in its own
+# transaction, which notes its xid; from that transaction's commit
+# timestamp to applied_at (the worker's clock when it applied the event)
+commit_timestamps_on
+sql -c "VACUUM ANALYZE billing.webhook_events" -c "VACUUM ANALYZE billing.invoices" \
+    -c "CREATE TABLE bench_commits (n bigint PRIMARY KEY, xid xid8 NOT NULL)" -c "SELECT setval('bench_intake_seq', 1)" -c "CHECKPOINT" >/dev/null
+cat >"$DIR/webhook_latency.sql" <<'SQL'
+BEGIN;
+SELECT set_config('request.headers', json_build_object('stripe-signature', e.header)::text, true),
+       api.stripe_webhook(e.body::json)
+  FROM bench_events e WHERE e.n = 40000 + (SELECT nextval('bench_intake_seq'));
+INSERT INTO bench_commits VALUES (40000 + currval('bench_intake_seq'), pg_current_xact_id());
+COMMIT;
+SQL
+[ "$(id -u)" = 0 ] && chown "$PGUSER_OS" "$DIR/webhook_latency.sql"
+as_pg pgbench -n -M prepared -h "$DIR" -p "$PORT" -c 1 -R 20 -T 15 -f "$DIR/webhook_latency.sql" "$DB" >/dev/null 2>&1
+until [ "$(sql -c "SELECT count(*) FROM billing.webhook_events WHERE state IN ('received', 'processing')")" = 0 ]; do sleep 0.1; done
+read -r p50 p99 max n < <(sql -c "SELECT extract(epoch FROM e.applied_at - pg_xact_commit_timestamp(c.xid::xid)) * 1000
+                                    FROM bench_commits c JOIN billing.webhook_events e ON e.stripe_event_id = 'evt_bench_' || c.n
+                                   WHERE e.applied_at IS NOT NULL" | percentiles)
+awk -v a="$p50" -v b="$p99" -v m="$max" -v n="$n" -v q="$(sql -c "SELECT count(*) FROM bench_commits")" 'BEGIN {
+  printf "commit_to_applied p50_ms=%.2f p99_ms=%.2f max_ms=%.2f events=%d/%d target=p99_ms<=5 ratio=%.2f (20 events/s, Poisson, each its own transaction)\n", a, b, m, n, q, (b > 0 ? 5 / b : 0) }'
+fi
+
+# ---- outbox: requests per second and worker CPU per request ------------------------
+if wants outbox; then
+fresh_cluster
+# 6,000 queued Stripe requests sent by the worker through libcurl to a
+# local endpoint that answers after 20 ms, at 16, 32 and 64 in flight; the
+# ceiling is the same endpoint driven at the same concurrency by a plain
+# client without the database (test/bench/slow_endpoint.py).  Requests per
+# second from the first claim to the last answer recorded; the worker's CPU
+# (user + system, /proc/<pid>/stat) per request over the same run.
+N=${BENCH_OUTBOX_REQUESTS:-6000}
+start_endpoint "$EP_PORT"
+settings qes_billing.stripe_api_base="http://127.0.0.1:$EP_PORT" qes_billing.stripe_test_secret_key=sk_test_bench_outbox
+for c in ${BENCH_OUTBOX_CONCURRENCY:-16 32 64}; do
+  vs=""; cs=""; cpus=""
+  for _ in $(seq 1 "$ROUNDS"); do
+    cs="$cs $(python3 "$src/test/bench/slow_endpoint.py" load "$EP_PORT" "$c" 5)"
+    settings qes_billing.max_concurrent_requests="$c" qes_billing.worker_paused=on
+    sleep 1
+    # (TRUNCATE: each round starts from an empty table; a DELETE would also
+    # look for requests waiting for each row, through no index)
+    sql -c "TRUNCATE billing.stripe_requests" \
+        -c "SELECT count(billing.outbox_enqueue(NULL, 'bench.request', 'POST', '/v1/customers',
+                  jsonb_build_object('name', 'Bench', 'metadata', jsonb_build_object('n', i)))) FROM generate_series(1, $N) i" \
+        -c "CHECKPOINT" >/dev/null
+    pid=$(worker_pid); cpu0=$(cpu_ms "$pid")
+    settings qes_billing.worker_paused=off
+    until [ "$(sql -c "SELECT count(*) FROM billing.stripe_requests WHERE kind = 'bench.request' AND state <> 'succeeded'")" = 0 ]; do
+      sleep 0.05
+    done
+    cpu1=$(cpu_ms "$pid")
+    vs="$vs $(sql -c "SELECT round($N / extract(epoch FROM max(updated_at) - min(claimed_at))) FROM billing.stripe_requests WHERE kind = 'bench.request'")"
+    cpus="$cpus $(( (cpu1 - cpu0) * 1000 / N ))"
+  done
+  report "outbox_c$c" rps "endpoint_20ms_c$c" "$vs" "$cs" \
+    "$(awk -v v="$cpus" 'BEGIN { k = split(v, a, " "); t = 0; lo = 1e9; hi = 0
+         for (i = 1; i <= k; i++) { t += a[i]; if (a[i] < lo) lo = a[i]; if (a[i] > hi) hi = a[i] }
+         printf "worker_cpu_us_per_request=%d (%d..%d; target <= 300)", t / k, lo, hi }')"
+done
+settings qes_billing.max_concurrent_requests=16
+fi
+
+# ---- worker: idle, commit -> request on the wire ----------------------------------
+if wants worker; then
+fresh_cluster
+pid=$(worker_pid)
+naptime_ms=$(sql -c "SELECT naptime_ms FROM billing.worker_state()")
+sleep 3          # the creation's wake-ups settle
+s0=$(sql -c "SELECT loops || ' ' || timeout_wakeups || ' ' || latch_wakeups || ' ' || xacts FROM billing.worker_state()")
+c0=$(cpu_ms "$pid"); t0=$(date +%s.%N)
+sleep 30
+s1=$(sql -c "SELECT loops || ' ' || timeout_wakeups || ' ' || latch_wakeups || ' ' || xacts FROM billing.worker_state()")
+c1=$(cpu_ms "$pid"); t1=$(date +%s.%N)
+awk -v a="$s0" -v b="$s1" -v c0="$c0" -v c1="$c1" -v t0="$t0" -v t1="$t1" -v nap="$naptime_ms" 'BEGIN {
+  split(a, x, " "); split(b, y, " "); s = t1 - t0; allowed = int(s * 1000 / nap) + 1
+  printf "idle_%ds loops=%d ceiling=one_per_naptime ceiling_loops=%d ratio=%.2f timeout_wakeups=%d latch_wakeups=%d worker_transactions=%d worker_cpu_ms=%d (naptime %d ms)\n",
+         s + 0.5, y[1] - x[1], allowed, (y[1] - x[1]) / allowed, y[2] - x[2], y[3] - x[3], y[4] - x[4], c1 - c0, nap }'
+
+# commit -> request on the wire at low load: requests queued one by one
+# (each its own transaction, which notes its xid in the request) at 20 a
+# second (Poisson arrivals, so some arrive while another is in flight) to
+# the 20 ms endpoint, which notes when each request's head arrived; from the
+# queuing transaction's commit timestamp to that arrival
+commit_timestamps_on
+start_endpoint $((EP_PORT + 1)) "$DIR/arrivals.log"
+settings qes_billing.stripe_api_base="http://127.0.0.1:$((EP_PORT + 1))" qes_billing.stripe_test_secret_key=sk_test_bench_outbox
+cat >"$DIR/outbox_latency.sql" <<'SQL'
+SELECT billing.outbox_enqueue(NULL, 'bench.latency', 'POST', '/v1/customers', '{"name": "Latency"}',
+                              jsonb_build_object('xid', pg_current_xact_id()::text));
+SQL
+[ "$(id -u)" = 0 ] && chown "$PGUSER_OS" "$DIR/outbox_latency.sql"
+sql -c "CHECKPOINT" >/dev/null
+as_pg pgbench -n -M prepared -h "$DIR" -p "$PORT" -c 1 -R 20 -T 15 -f "$DIR/outbox_latency.sql" "$DB" >/dev/null 2>&1
+until [ "$(sql -c "SELECT count(*) FROM billing.stripe_requests WHERE kind = 'bench.latency' AND state <> 'succeeded'")" = 0 ]; do sleep 0.1; done
+sleep 0.5
+sql -c "SELECT idempotency_key || ' ' || extract(epoch FROM pg_xact_commit_timestamp((subject ->> 'xid')::xid8::xid))
+          FROM billing.stripe_requests WHERE kind = 'bench.latency'" >"$DIR/committed.txt"
+read -r p50 p99 max n < <(awk 'NR == FNR { c[$1] = $2; next } ($1 in c) { printf "%.3f\n", ($2 - c[$1]) * 1000 }' \
+                            "$DIR/committed.txt" "$DIR/arrivals.log" | percentiles)
+awk -v a="$p50" -v b="$p99" -v m="$max" -v n="$n" -v q="$(wc -l <"$DIR/committed.txt")" 'BEGIN {
+  printf "commit_to_wire p50_ms=%.2f p99_ms=%.2f max_ms=%.2f requests=%d/%d target=p99_ms<=5 ratio=%.2f (20 requests/s, Poisson, each its own transaction, to the 20 ms endpoint)\n", a, b, m, n, q, (b > 0 ? 5 / b : 0) }'
 fi
