@@ -129,6 +129,11 @@ tenant_plan_or_error(const char *tenant_id, TimestampTz at, QesTenantPlan *tp)
 
 static SPIPlanPtr notify_plan = NULL;
 
+/* threshold-notice locks taken by this transaction (see queue_threshold) */
+#define QES_MAX_NOTICE_LOCKS 64
+static TransactionId notice_locks_xid = InvalidTransactionId;
+static int	notice_locks = 0;
+
 typedef struct UsageResult
 {
 	bool		recorded;
@@ -185,12 +190,26 @@ queue_threshold(const char *tenant_id, const CounterKey *key, const QesTenantPla
 	 * queues it; if that transaction rolls back, the next record over the
 	 * threshold queues it (the notified bit is set only at commit).
 	 */
-	if (!DatumGetBool(DirectFunctionCall1(pg_try_advisory_xact_lock_int8,
-										  Int64GetDatum((int64) hash_bytes_extended((const unsigned char *) dedup.data,
-																					  strlen(dedup.data),
-																					  (uint64) hash_bytes((const unsigned char *) tenant_id,
-																										  strlen(tenant_id)))))))
-		return;
+	if (notice_locks_xid != GetTopTransactionId())
+	{
+		notice_locks_xid = GetTopTransactionId();
+		notice_locks = 0;
+	}
+	/*
+	 * Each lock lasts until the transaction ends: a transaction that crosses
+	 * thresholds for thousands of tenants (a bulk import) would fill the lock
+	 * table, so past QES_MAX_NOTICE_LOCKS it inserts as before (and may wait).
+	 */
+	if (notice_locks < QES_MAX_NOTICE_LOCKS)
+	{
+		notice_locks++;
+		if (!DatumGetBool(DirectFunctionCall1(pg_try_advisory_xact_lock_int8,
+											  Int64GetDatum((int64) hash_bytes_extended((const unsigned char *) dedup.data,
+																						  strlen(dedup.data),
+																						  (uint64) hash_bytes((const unsigned char *) tenant_id,
+																											  strlen(tenant_id)))))))
+			return;
+	}
 
 	values[0] = CStringGetTextDatum(tenant_id);
 	values[1] = CStringGetTextDatum(dedup.data);
