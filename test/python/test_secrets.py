@@ -58,6 +58,8 @@ def pg(fake):
         "qes_billing.stripe_api_base": f"'{fake.base}'", "qes_billing.retry_base_delay": "'20ms'",
         "qes_billing.retry_max_delay": "'200ms'", "qes_billing.request_timeout": "'1s'",
         "qes_billing.max_attempts": "4", "qes_billing.worker_naptime": "'200ms'",
+        # echoed 5xx are unknown outcomes: retried with their key only this long
+        "qes_billing.idempotency_window": "'1s'",
         "log_statement": "'all'", "log_min_messages": "'info'"}).start()
     assert c.wait_until("SELECT alive FROM billing.worker_status"), c.log()
     yield c

@@ -1,8 +1,11 @@
 """Unknown outcomes (issue 10, item 7): Stripe acted but its answer never
-arrived (the connection dropped after it, every attempt), so the request
-fails after qes_billing.max_attempts.  Before the failure stands, the worker
-looks the object up in Stripe; the tenant's retry never makes a second
-customer or subscription."""
+arrived (the connection dropped after it, every attempt).  The request is
+retried with its Idempotency-Key beyond qes_billing.max_attempts for as long
+as Stripe keeps the key's result (qes_billing.idempotency_window; 2 s here),
+then it may fail -- but before the failure stands, the worker looks the
+object up in Stripe; the tenant's retry never makes a second customer or
+subscription.  An operator's retry_request keeps the key of an unknown
+outcome and renews the key of a refusal (Stripe would replay the refusal)."""
 import psycopg
 import pytest
 
@@ -36,7 +39,8 @@ def fake():
 
 @pytest.fixture(scope="module")
 def pgu(fake):
-    c = cluster_for("unknown", fake.base, **{"qes_billing.max_attempts": "3"})
+    c = cluster_for("unknown", fake.base, **{"qes_billing.max_attempts": "3",
+                                             "qes_billing.idempotency_window": "'2s'"})
     r = setup_command(c, "--setup-products")
     assert r.returncode == 0, r.stdout + r.stderr
     yield c
@@ -68,9 +72,10 @@ def test_a_subscription_created_whose_answer_was_lost_is_found(pgu, api, fake):
         drain(pg)
     finally:
         fake.lost.clear()
-    # every attempt failed without an answer ...
-    assert pg.sql("SELECT state, attempts, error ->> 'category' FROM billing.stripe_requests "
-                  "WHERE tenant_id = 'lost_sub' AND kind = 'subscription.create'") == [("failed", 3, "network")]
+    # every attempt failed without an answer, past max_attempts (3) while the key was honoured ...
+    state, attempts, category = pg.sql("SELECT state, attempts, error ->> 'category' FROM billing.stripe_requests "
+                                       "WHERE tenant_id = 'lost_sub' AND kind = 'subscription.create'")[0]
+    assert (state, category) == ("failed", "network") and attempts > 3, attempts
     # ... but Stripe had made it (once: the same key each time), and the lookup found it
     made = subscriptions_in_stripe(fake, "lost_sub")
     assert len(made) == 1
@@ -143,3 +148,56 @@ def test_no_second_subscription_while_an_outcome_is_checked(pgu, api):
     pg.sql("UPDATE billing.stripe_requests SET next_attempt_at = now() WHERE request_id = %s", (req,))
     drain(pg)
     assert pg.sql("SELECT count(*) FROM billing.subscriptions WHERE tenant_id = 'checking'") == [(0,)]
+
+
+def test_an_unknown_outcome_is_retried_with_its_key_past_max_attempts(pgu, api, fake):
+    pg = pgu
+    pg.sql("ALTER SYSTEM SET qes_billing.idempotency_window = '1h'")
+    pg.sql("SELECT pg_reload_conf()")
+    pg.sql("SELECT billing.upsert_tenant('long_unknown', 'Long GmbH', 'billing@long.example')")
+    fake.lost[("POST", "/v1/customers")] = "drop"
+    try:
+        import time
+        time.sleep(0.5)
+        assert api.post("/rpc/create_subscription", body={"plan": "professional"},
+                        claims=tenant_claims("long_unknown")).status == 200
+        key = pg.sql("SELECT idempotency_key FROM billing.stripe_requests "
+                     "WHERE tenant_id = 'long_unknown' AND kind = 'customer.create'")[0][0]
+        assert pg.wait_until("SELECT attempts > 6 FROM billing.stripe_requests "
+                             "WHERE tenant_id = 'long_unknown' AND kind = 'customer.create'", 30)
+        state, key_now = pg.sql("SELECT state, idempotency_key FROM billing.stripe_requests "
+                                "WHERE tenant_id = 'long_unknown' AND kind = 'customer.create'")[0]
+        assert state != "failed" and key_now == key
+    finally:
+        fake.lost.clear()
+        pg.sql("ALTER SYSTEM RESET qes_billing.idempotency_window")
+        pg.sql("SELECT pg_reload_conf()")
+    drain(pg)
+    # the answer finally arrives: one customer in Stripe, linked
+    assert len(customers_in_stripe(fake, "long_unknown")) == 1
+    assert pg.sql("SELECT stripe_customer_id FROM billing.tenants WHERE tenant_id = 'long_unknown'")[0][0] == \
+        customers_in_stripe(fake, "long_unknown")[0]["id"]
+
+
+def test_retry_request_keeps_the_key_of_an_unknown_outcome_and_renews_a_refusal(pgu):
+    pg = pgu
+    # one transaction, back to failed before it commits: the worker never sends them
+    with pg.connect() as c:
+        ids = {}
+        for name, category in (("unknown", "network"), ("refused", "card")):
+            ids[name] = c.execute(
+                "INSERT INTO billing.stripe_requests (kind, method, path, params, state, attempts, error)"
+                " VALUES ('test.retry', 'POST', '/v1/customers', '{}', 'failed', 3,"
+                " jsonb_build_object('category', %s::text))"
+                " RETURNING request_id, idempotency_key", (category,)).fetchone()
+        for name, (rid, _) in ids.items():
+            c.execute("SELECT billing.retry_request(%s)", (rid,))
+        keys = {name: c.execute("SELECT idempotency_key FROM billing.stripe_requests WHERE request_id = %s",
+                                (rid,)).fetchone()[0] for name, (rid, _) in ids.items()}
+        audited = c.execute("SELECT details ->> 'new_idempotency_key' FROM billing.audit_log"
+                            " WHERE action = 'stripe.request_retried' ORDER BY audit_id DESC LIMIT 2").fetchall()
+        c.execute("UPDATE billing.stripe_requests SET state = 'failed' WHERE kind = 'test.retry'")
+        c.commit()
+    assert keys["unknown"] == ids["unknown"][1]
+    assert keys["refused"] != ids["refused"][1]
+    assert sorted(a[0] for a in audited) == ["false", "true"]
