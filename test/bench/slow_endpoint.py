@@ -98,6 +98,7 @@ def serve_stamped(port, delay, log_path):
 
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)   # (accepted sockets inherit it)
     srv.bind(("127.0.0.1", port))
     srv.listen(128)
     print(f"listening on {port}", flush=True)
