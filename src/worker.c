@@ -44,6 +44,7 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -94,6 +95,8 @@ PG_FUNCTION_INFO_V1(qes_wake_worker);
 /* ---- waking the worker at commit --------------------------------------- */
 
 static bool wake_pending = false;
+/* ... and the transaction queued a Stripe request (src/outbox.c claims it first) */
+static bool wake_outbox_pending = false;
 /* true in the worker process itself */
 static bool am_worker = false;
 
@@ -108,6 +111,9 @@ qes_wake_xact_event(XactEvent event)
 			if (wake_pending)
 			{
 				wake_pending = false;
+				if (wake_outbox_pending)
+					pg_atomic_fetch_add_u64(&qes_worker_state->outbox_wakes, 1);
+				wake_outbox_pending = false;
 				qes_set_worker_latch();
 			}
 			break;
@@ -120,12 +126,14 @@ qes_wake_xact_event(XactEvent event)
 			if (wake_pending)
 			{
 				wake_pending = false;
+				wake_outbox_pending = false;
 				qes_set_worker_latch();
 			}
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 			wake_pending = false;
+			wake_outbox_pending = false;
 			break;
 		default:
 			break;
@@ -157,7 +165,13 @@ qes_wake_worker_trigger(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("wake_worker_on_commit() must be called as a trigger")));
 	if (!am_worker || TRIGGER_FIRED_BY_INSERT(((TriggerData *) fcinfo->context)->tg_event))
+	{
 		qes_wake_at_commit();
+		/* a Stripe request: the worker claims it before anything else */
+		if (strcmp(RelationGetRelationName(((TriggerData *) fcinfo->context)->tg_relation),
+				   "stripe_requests") == 0)
+			wake_outbox_pending = true;
+	}
 	return PointerGetDatum(NULL);
 }
 
@@ -250,9 +264,14 @@ void
 qes_worker_note_error(const char *message)
 {
 	/* shown by worker_status and api.health: never a secret (DESIGN.md rule 13) */
+	int			len;
+
 	message = qes_redact_cstring(message);
+	/* cut on a character boundary: the text is returned as text */
+	len = pg_mbcliplen(message, strlen(message), QES_LAST_ERROR_LEN - 1);
 	LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
-	strlcpy(qes_worker_state->last_error, message, QES_LAST_ERROR_LEN);
+	memcpy(qes_worker_state->last_error, message, len);
+	qes_worker_state->last_error[len] = '\0';
 	qes_worker_state->last_error_at = GetCurrentTimestamp();
 	LWLockRelease(qes_worker_state->lock);
 }
@@ -689,6 +708,13 @@ qes_worker_main(Datum main_arg)
 		oldcontext = MemoryContextSwitchTo(loop_context);
 		PG_TRY();
 		{
+			/*
+			 * A commit that queued a Stripe request woke us: it is claimed and
+			 * sent before the tick (src/outbox.c), so that it is on the wire
+			 * a millisecond or so after that commit.
+			 */
+			if (active && !qes_worker_paused && (wake_reason & WL_LATCH_SET))
+				(void) qes_outbox_pump(0);
 			if (tick_now)
 			{
 				TickResult	r;
@@ -728,6 +754,8 @@ qes_worker_main(Datum main_arg)
 			FlushErrorState();
 			ereport(LOG,
 					(errmsg("qes_billing worker loop failed: %s", qes_redact_cstring(edata->message))));
+			/* an error outside a transaction leaves no LWLock held either */
+			LWLockReleaseAll();
 			qes_worker_note_error(edata->message);
 			if (IsTransactionState())
 				note_xact(0, false);
