@@ -92,6 +92,16 @@ class Cluster:
             cur = c.execute(query, params)
             return cur.fetchall() if cur.description else []
 
+    def set_clock(self, at):
+        """Move the billing clock so that billing.now() reads `at` (a
+        timezone-aware datetime) now; it runs on from there with the real
+        clock.  Every test that reasons about dates sets it: no test depends
+        on the day it runs."""
+        return self.sql("SELECT billing.set_clock(%s::timestamptz - pg_catalog.now())", (at,))[0][0]
+
+    def reset_clock(self):
+        return self.sql("SELECT billing.set_clock('0')")[0][0]
+
     def wait_until(self, query, timeout=20.0):
         deadline = time.time() + timeout
         while time.time() < deadline:
