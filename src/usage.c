@@ -47,6 +47,7 @@
 PG_FUNCTION_INFO_V1(qes_record_usage);
 PG_FUNCTION_INFO_V1(qes_check_limit);
 PG_FUNCTION_INFO_V1(qes_usage_current);
+PG_FUNCTION_INFO_V1(qes_usage_period);
 
 typedef enum
 {
@@ -581,4 +582,31 @@ qes_usage_current(PG_FUNCTION_ARGS)
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	return (Datum) 0;
+}
+
+/*
+ * billing.usage_period(tenant_id, at): the period usage that occurred at
+ * `at` is filed under, and the plan whose limits apply then, as the mirror
+ * stands in this transaction (docs/architecture.md, "Billing periods").
+ * billing.rekey_usage_from() moves usage whose key no longer matches it.
+ */
+Datum
+qes_usage_period(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	char	   *tenant_id;
+	QesTenantPlan tp;
+	Datum		values[3];
+	bool		nulls[3] = {0};
+
+	require_arg(fcinfo, 0, "tenant_id");
+	require_arg(fcinfo, 1, "at");
+	tupdesc = result_desc(fcinfo);
+	tenant_id = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	qes_catalog_refresh();
+	tenant_plan_or_error(tenant_id, PG_GETARG_TIMESTAMPTZ(1), &tp);
+	values[0] = TimestampTzGetDatum(tp.period_start);
+	values[1] = TimestampTzGetDatum(tp.period_end);
+	values[2] = CStringGetTextDatum(qes_plan(tp.plan)->plan_id);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }

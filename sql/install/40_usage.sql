@@ -76,6 +76,12 @@ CREATE FUNCTION billing.usage_current(tenant_id text)
 COMMENT ON FUNCTION billing.usage_current(text) IS
   'The tenant''s current billing period for every metric: used, limit (NULL = unlimited), percent and status, with the plan whose limits apply.';
 
+CREATE FUNCTION billing.usage_period(tenant_id text, at timestamptz,
+                                     OUT period_start timestamptz, OUT period_end timestamptz, OUT plan_id text)
+  LANGUAGE c STABLE AS 'MODULE_PATHNAME', 'qes_usage_period';
+COMMENT ON FUNCTION billing.usage_period(text, timestamptz) IS
+  'The billing period that usage occurring at `at` is counted in, and the plan whose limits apply then, as the mirror of Stripe stands now.';
+
 CREATE FUNCTION billing.record_usage_batch(p_tenant_id text, p_events jsonb)
   RETURNS TABLE (idempotency_key text, recorded boolean, duplicate boolean, metric text,
                  quantity bigint, total bigint, usage_limit bigint, status text)

@@ -305,44 +305,44 @@ $$;
 COMMENT ON FUNCTION billing.sync_dunning(text, bigint) IS
   'Derive a subscription''s grace period from Stripe''s facts (past_due status, the first failed attempt of its oldest unpaid invoice); audited as dunning.started, dunning.updated, dunning.recovered or dunning.ended.';
 
--- Usage that occurred in Stripe's current period of a subscription but
--- was recorded under another period -- the mirror learnt of the period
--- late: a first payment, a renewal or an interval switch whose events came
--- after the usage -- moves to that period, so that it counts there and
--- nowhere else (docs/architecture.md, "Billing periods").  Rows of other
--- tenants and periods are not touched; the usage counters are rebuilt from
--- the table after the commit (the usage_changed trigger).  Audited.
-CREATE FUNCTION billing.rekey_usage(p_tenant text, p_start timestamptz, p_end timestamptz) RETURNS bigint
+-- Usage is filed under the period it occurred in as the mirror stood when
+-- it was recorded.  When the mirror learns of a period late -- a first
+-- payment, a renewal, an interval switch, an end or a cancellation whose
+-- event came after the usage -- the usage that occurred from p_from on is
+-- moved to the period it occurred in as the mirror stands now
+-- (billing.usage_period), so that it counts there and nowhere else
+-- (docs/architecture.md, "Billing periods").  Usage before p_from keeps its
+-- period.  Rows of other tenants are not touched; the usage counters are
+-- rebuilt from the table after the commit (the usage_changed trigger).
+-- Audited when anything moved.
+CREATE FUNCTION billing.rekey_usage_from(p_tenant text, p_from timestamptz) RETURNS bigint
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
 DECLARE
   v_n bigint;
 BEGIN
-  IF p_start IS NULL OR p_end IS NULL OR p_end <= p_start THEN
+  IF p_from IS NULL THEN
     RETURN 0;
   END IF;
-  -- per metric, through the usage_events_period index: a row of the period
-  -- carries a key no older than a year (the longest period) before it
-  IF NOT EXISTS (SELECT 1 FROM billing.metrics m
-                  CROSS JOIN LATERAL (SELECT 1 FROM billing.usage_events u
-                                       WHERE u.tenant_id = p_tenant AND u.metric = m.metric
-                                         AND u.period_start >= p_start - interval '13 months' AND u.period_start < p_end
-                                         AND u.period_start <> p_start
-                                         AND u.occurred_at >= p_start AND u.occurred_at < p_end
-                                       LIMIT 1) x) THEN
-    RETURN 0;
-  END IF;
-  UPDATE billing.usage_events u SET period_start = p_start
-   WHERE u.tenant_id = p_tenant AND u.period_start >= p_start - interval '13 months' AND u.period_start < p_end
-     AND u.period_start <> p_start AND u.occurred_at >= p_start AND u.occurred_at < p_end;
+  -- a row that occurred from p_from on carries a key no more than a year
+  -- (the longest period) before it: the usage_events_period index bounds it
+  UPDATE billing.usage_events u SET period_start = p.period_start
+    FROM (SELECT x.idempotency_key, (billing.usage_period(p_tenant, x.occurred_at)).period_start
+            FROM billing.usage_events x
+           WHERE x.tenant_id = p_tenant AND x.period_start >= p_from - interval '13 months'
+             AND x.occurred_at >= p_from) p
+   WHERE u.tenant_id = p_tenant AND u.idempotency_key = p.idempotency_key
+     AND u.period_start <> p.period_start;
   GET DIAGNOSTICS v_n = ROW_COUNT;
-  PERFORM billing.audit('usage.rekeyed', p_tenant,
-                        jsonb_build_object('period_start', p_start, 'period_end', p_end, 'events', v_n));
+  IF v_n > 0 THEN
+    PERFORM billing.audit('usage.rekeyed', p_tenant,
+                          jsonb_build_object('from', p_from, 'events', v_n));
+  END IF;
   RETURN v_n;
 END
 $$;
-COMMENT ON FUNCTION billing.rekey_usage(text, timestamptz, timestamptz) IS
-  'Move the tenant''s usage that occurred in [p_start, p_end) but was recorded under another period into that period (the mirror learnt of the period after the usage). Audited as usage.rekeyed.';
+COMMENT ON FUNCTION billing.rekey_usage_from(text, timestamptz) IS
+  'Move the tenant''s usage that occurred from p_from on into the period it occurred in as the mirror stands now (the mirror learnt of a period, an end or a cancellation after the usage). Audited as usage.rekeyed.';
 
 -- One subscription state.  Returns the Stripe ids it waits for when it
 -- cannot be applied yet (the tenant has another current subscription whose
@@ -469,12 +469,18 @@ BEGIN
     RETURNING subscription_id INTO v_id;
   END IF;
 
-  -- a period the usage was not recorded under yet (renewed, switched, or
-  -- paid for the first time): what occurred in it counts in it
-  IF v_status IN ('trialing', 'active', 'past_due', 'unpaid', 'paused')
-     AND (v_sub.subscription_id IS NULL OR v_sub.current_period_start IS DISTINCT FROM v_pstart
-          OR v_sub.status NOT IN ('trialing', 'active', 'past_due', 'unpaid', 'paused')) THEN
-    PERFORM billing.rekey_usage(p_tenant, v_pstart, v_pend);
+  -- periods the usage was not filed under (renewed, switched, paid for the
+  -- first time, ended or cancelled after the usage was recorded): what
+  -- occurred from the earlier of the old and the new period's start on
+  -- moves to the period it occurred in
+  IF v_sub.subscription_id IS NULL
+     OR (v_sub.current_period_start, v_sub.current_period_end, v_sub.billing_interval,
+         v_sub.status IN ('trialing', 'active', 'past_due', 'unpaid', 'paused'),
+         v_sub.status IN ('canceled', 'incomplete_expired'))
+        IS DISTINCT FROM
+        (v_pstart, v_pend, v_int, v_status IN ('trialing', 'active', 'past_due', 'unpaid', 'paused'), v_terminal)
+     OR (v_anchor IS NOT NULL AND v_sub.billing_cycle_anchor IS DISTINCT FROM v_anchor) THEN
+    PERFORM billing.rekey_usage_from(p_tenant, least(v_sub.current_period_start, v_pstart));
   END IF;
 
   -- its invoices, whichever arrived first

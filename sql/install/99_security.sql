@@ -61,6 +61,7 @@ GRANT EXECUTE ON FUNCTION billing.upsert_tenant(text, text, text),
                           billing.record_usage_batch(text, jsonb),
                           billing.check_limit(text, text, bigint),
                           billing.usage_current(text),
+                          billing.usage_period(text, timestamptz),
                           billing.usage_report(text)
   TO qes_app, qes_admin;
 
