@@ -250,11 +250,36 @@ def invoice(fx, inv_id, cus, sub_id, status, created):
     return o
 
 
-def test_regime_changes_neither_lose_nor_double_count(pg, api, fx):  # noqa: F811
+# Fixed simulated dates (the billing clock), never the day the suite runs:
+# early in a month in the evening (a paid period that ended in the previous
+# month), midday, the turn of a year, a leap day late in the evening, the
+# last days of short and long months.
+REGIME_DATES = [
+    datetime(2026, 12, 6, 21, 30, tzinfo=UTC),
+    datetime(2026, 12, 6, 12, 0, tzinfo=UTC),
+    datetime(2027, 1, 7, 21, 30, tzinfo=UTC),
+    datetime(2027, 1, 1, 0, 30, tzinfo=UTC),
+    datetime(2027, 12, 31, 23, 30, tzinfo=UTC),
+    datetime(2028, 2, 29, 23, 30, tzinfo=UTC),
+    datetime(2028, 3, 1, 20, 0, tzinfo=UTC),
+    datetime(2027, 4, 30, 22, 0, tzinfo=UTC),
+    datetime(2027, 3, 3, 19, 45, tzinfo=UTC),
+]
+
+
+@pytest.fixture
+def clock(pg):
+    """Set the billing clock for one test; back to the real clock after."""
+    yield lambda at: pg.set_clock(at)
+    pg.reset_clock()
+
+
+@pytest.mark.parametrize("now", REGIME_DATES, ids=[d.strftime("%Y-%m-%dT%H%M") for d in REGIME_DATES])
+def test_regime_changes_neither_lose_nor_double_count(pg, api, fx, clock, now):  # noqa: F811
     """Usage around every change of regime, the events delivered after the
     usage they govern: check_limit counts exactly what occurred in the
-    period it reports."""
-    now = datetime.now(UTC).replace(microsecond=0)
+    period it reports, at each of the fixed dates."""
+    clock(now)
     d = timedelta(days=1)
     results = {}
 
