@@ -12,14 +12,22 @@ Bearer <secret key>) in JSON and HTML error bodies and in a 200, and an
 error raised while the worker records an answer whose message carries the
 key -- every table and view of the schemas billing and api readable by each
 role (the superuser too, billing.stripe_secrets apart), the settings views,
-pg_stat_activity, api.health/api.config, the server log (log_statement =
-all), qes_billing_setup's output and pg_dump are searched for the key, the
-signing secret and any sk_/rk_/whsec_ token, and none is found.
+pg_stat_activity (as each role and as a pg_monitor login), api.health/
+api.config, the server log (log_statement = all), qes_billing_setup's output
+and pg_dump are searched for the key, the signing secret and any
+sk_/rk_/whsec_ token, and none is found.
+
+pg_stat_activity is also read while statements that carry a secret are
+running (held by an advisory lock) and after them, by the superuser and by a
+pg_monitor login: masked.  And the search is shown able to fail: secrets
+planted in a row, a log line and a running statement are found exactly
+there.
 """
 import json
 import os
 import re
 import subprocess
+import threading
 import time
 
 import psycopg
@@ -42,6 +50,9 @@ ENV = {
 TOKEN = re.compile(r"(?:sk|rk)_(?:test|live)_[A-Za-z0-9]+|whsec_[A-Za-z0-9]+")
 OPEN = "state IN ('waiting', 'pending', 'in_flight')"
 ROLES = ("qes_admin", "qes_app", "qes_tenant", "qes_anon")
+MONITOR = "secrets_monitor"     # a metrics exporter's login: pg_monitor shows it every session's statement
+HELD = 7_404_001                # the advisory lock that keeps statements running
+CONTROL = "x" + "sk_test_" + "ControlRunningInClear"    # not masked: a letter before the prefix
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +148,103 @@ def everything(conn, superuser):
     return queries
 
 
+def monitor_login(pg):
+    pg.sql(f"""DO $$ BEGIN
+                 IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{MONITOR}') THEN
+                   CREATE ROLE {MONITOR} LOGIN IN ROLE pg_monitor;
+                 END IF;
+               END $$""")
+
+
+class Running:
+    """Statements kept running in their own sessions: each waits for a
+    share of the advisory lock HELD (pg_advisory_lock_shared, in its
+    executor, after parse analysis) until release(); the sessions then stay
+    open, idle, until close().  Statements go by the simple query protocol,
+    as psql sends them."""
+
+    def __init__(self, pg, statements):
+        self.holder = pg.connect(autocommit=True)
+        self.holder.execute("SELECT pg_advisory_lock(%s)", (HELD,))
+        self.conns = {name: pg.connect(autocommit=True) for name in statements}
+        self.pids = {name: c.info.backend_pid for name, c in self.conns.items()}
+        self.errors = {}
+        self.threads = [threading.Thread(target=self._run, args=(name, q)) for name, q in statements.items()]
+        for t in self.threads:
+            t.start()
+        pids = list(self.pids.values())
+        assert pg.wait_until(f"SELECT count(*) = {len(pids)} FROM pg_stat_activity WHERE pid = ANY('{{{','.join(map(str, pids))}}}') "
+                             "AND state = 'active' AND wait_event_type = 'Lock' AND wait_event = 'advisory'"), \
+            pg.sql("SELECT pid, state, wait_event_type, wait_event FROM pg_stat_activity")
+
+    def _run(self, name, query):
+        try:
+            psycopg.ClientCursor(self.conns[name]).execute(query)
+        except psycopg.Error as e:        # pragma: no cover - shown by the test
+            self.errors[name] = str(e)
+
+    def release(self):
+        self.holder.execute("SELECT pg_advisory_unlock(%s)", (HELD,))
+        for t in self.threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in self.threads) and not self.errors, self.errors
+
+    def close(self):
+        for c in [self.holder, *self.conns.values()]:
+            c.close()
+
+
+def activity(conn, pids):
+    """{pid: (state, query)} of these sessions, as conn's role sees them."""
+    return {pid: (state, query) for pid, state, query in conn.execute(
+        "SELECT pid, state, query FROM pg_stat_activity WHERE pid = ANY(%s)", (list(pids),))}
+
+
+def search(pg, secrets, outputs=()):
+    """Search every place the module's docstring names, read by the superuser,
+    by each role and by a monitoring login (pg_monitor, which sees every
+    session's statement): returns ({place: sorted secrets found there}, what
+    the superuser read of each relation).  test_the_search_finds_planted_secrets
+    shows that it finds what is there."""
+    found = {}
+
+    def check(where, text):
+        hit = leaks(text, secrets)
+        if hit:
+            found[where] = sorted(hit)
+
+    with pg.connect(autocommit=True) as conn:
+        seen, refused = readable(conn, None, {}, everything(conn, True))
+        assert not {p: s for p, s in refused.items() if p != "pg_file_settings"}, refused
+        for place, text in seen.items():
+            check(f"postgres: {place}", text)
+        operator = seen
+        counts = {}
+        for role in ROLES:
+            claim_sets = ([tenant_claims(t) for t in ("calm", "echo_a", "echo_b", "echo_c", "rec_fault")]
+                          if role == "qes_tenant" else [{"role": role, "sub": "ops@qes.example"}])
+            for claims in claim_sets:
+                seen, refused = readable(conn, role, claims, everything(conn, False))
+                assert "billing.stripe_secrets" in refused, role
+                counts[role] = counts.get(role, 0) + sum(t.count("\n") + 1 for t in seen.values() if t)
+                for place, text in seen.items():
+                    check(f"{role} {claims.get('tenant_id', '')}: {place}", text)
+        assert all(counts.values()), counts
+    monitor_login(pg)
+    with pg.connect(user=MONITOR, autocommit=True) as conn:
+        check(f"{MONITOR}: pg_stat_activity",
+              "\n".join(r[0] for r in conn.execute("SELECT row_to_json(s)::text FROM pg_stat_activity s")))
+
+    check("server log", pg.log())
+    for i, text in enumerate(outputs):
+        check(f"qes_billing_setup run {i}", text)
+    dump = subprocess.run([os.path.join(pg.bindir, "pg_dump"), "-d", pg.dsn()],
+                          capture_output=True, text=True, check=True).stdout
+    assert "audit_log" in dump
+    check("pg_dump", dump)
+    return found, operator
+
+
 def test_no_secret_is_stored_shown_logged_or_dumped(pg, api, fake):
     out = []     # what qes_billing_setup printed
 
@@ -210,40 +318,8 @@ def test_no_secret_is_stored_shown_logged_or_dumped(pg, api, fake):
     pg.sql("SELECT billing.flush_webhook_rejections()")
 
     # -- the search
-    found = {}
-
-    def check(where, text):
-        hit = leaks(text, secrets)
-        if hit:
-            found[where] = sorted(hit)
-
-    with pg.connect(autocommit=True) as conn:
-        seen, refused = readable(conn, None, {}, everything(conn, True))
-        assert not {p: s for p, s in refused.items() if p != "pg_file_settings"}, refused
-        for place, text in seen.items():
-            check(f"postgres: {place}", text)
-        operator = seen
-        counts = {}
-        for role in ROLES:
-            claim_sets = ([tenant_claims(t) for t in ("calm", "echo_a", "echo_b", "echo_c", "rec_fault")]
-                          if role == "qes_tenant" else [{"role": role, "sub": "ops@qes.example"}])
-            for claims in claim_sets:
-                seen, refused = readable(conn, role, claims, everything(conn, False))
-                assert "billing.stripe_secrets" in refused, role
-                counts[role] = counts.get(role, 0) + sum(t.count("\n") + 1 for t in seen.values() if t)
-                for place, text in seen.items():
-                    check(f"{role} {claims.get('tenant_id', '')}: {place}", text)
-        assert all(counts.values()), counts
-
-    check("server log", pg.log())
+    found, operator = search(pg, secrets, out)
     assert "could not record the answer" in pg.log()
-    for i, text in enumerate(out):
-        check(f"qes_billing_setup run {i}", text)
-    dump = subprocess.run([os.path.join(pg.bindir, "pg_dump"), "-d", pg.dsn()],
-                          capture_output=True, text=True, check=True).stdout
-    assert "billing.audit_log" in dump or "audit_log" in dump
-    check("pg_dump", dump)
-
     assert not found, "secrets found:\n" + "\n".join(f"  {w}: {h}" for w, h in sorted(found.items()))
     # the echoes and the recording error were there, masked
     assert "Bearer [redacted]" in operator["billing.stripe_requests"]
@@ -252,3 +328,74 @@ def test_no_secret_is_stored_shown_logged_or_dumped(pg, api, fake):
     # the endpoint's answer is kept, its secret masked (setup reports it stored)
     assert pg.sql("SELECT response ->> 'secret' FROM billing.stripe_requests"
                   " WHERE kind = 'setup.webhook.create' ORDER BY request_id LIMIT 1") == [("[redacted]",)]
+
+
+def test_a_running_statement_shows_its_secret_masked(pg):
+    """pg_stat_activity while a statement that carries a secret runs (and
+    after it, while its session is idle): masked for the superuser and for a
+    pg_monitor login.  A control statement whose token the masking does not
+    recognise (it does not start a word) runs beside them and is seen in
+    clear, so the reading does see running statements' text."""
+    whsec = "whsec_" + "RunningStatementSecret42"
+    control = CONTROL
+    monitor_login(pg)
+    running = Running(pg, {
+        "literal": f"SELECT pg_advisory_lock_shared({HELD}), '{KEY}' AS key, 'Bearer {whsec}' AS header",
+        "set_config": f"SELECT set_config('qes_billing.stripe_test_webhook_secret', '{whsec}', false)"
+                      f" FROM pg_advisory_lock_shared({HELD})",
+        "control": f"SELECT pg_advisory_lock_shared({HELD}), '{control}' AS control",
+    })
+    try:
+        pids = running.pids
+        for state in ("active", "idle"):
+            with pg.connect(autocommit=True) as su, pg.connect(user=MONITOR, autocommit=True) as mon:
+                for who, conn in (("postgres", su), (MONITOR, mon)):
+                    seen = activity(conn, pids.values())
+                    assert {s for s, _ in seen.values()} == {state}, (who, seen)
+                    for name in ("literal", "set_config"):
+                        query = seen[pids[name]][1]
+                        assert "[redacted]" in query and not leaks(query, (KEY, whsec)), (who, state, query)
+                        assert "pg_advisory_lock_shared" in query, (who, state, query)
+                    assert seen[pids["control"]][1].count(control) == 1, (who, state, seen[pids["control"]])
+                    assert leaks("\n".join(q for _, q in seen.values()), (KEY, whsec)) == {control[1:]}
+                # a role without pg_read_all_stats sees no other session's statement at all
+                su.execute("SET ROLE qes_admin")
+                assert {q for _, q in activity(su, pids.values()).values()} == {"<insufficient privilege>"}
+                su.execute("RESET ROLE")
+            if state == "active":
+                running.release()
+    finally:
+        running.close()
+
+
+def test_the_search_finds_planted_secrets(pg):
+    """The search is able to fail: a secret planted in a table row, a log
+    line and a running statement's text (each in a form the masking leaves
+    alone or never sees) is found in exactly those places and in the dump."""
+    pg.sql("SELECT billing.upsert_tenant('calm', 'Calm GmbH', 'billing@calm.example')")
+    in_row, in_log, in_activity = ("sk_test_" + "PlantedInARow7", "sk_test_" + "PlantedInTheLog7",
+                                   "sk_test_" + "PlantedRunning7")
+    # the statements never carry the token whole (their text is logged): the
+    # row is written through a concatenation, the log line and the running
+    # statement carry it after a letter, where the masking does not look
+    pg.sql("CREATE TABLE billing.zz_secret_plant (note text)")
+    running = None
+    try:
+        pg.sql("INSERT INTO billing.zz_secret_plant VALUES ('sk_' || 'test_' || 'PlantedInARow7')")
+        pg.sql("DO $$ BEGIN RAISE LOG 'self-test: x%', 'sk_' || 'test_' || 'PlantedInTheLog7'; END $$")
+        running = Running(pg, {"plant": f"SELECT pg_advisory_lock_shared({HELD}), 'x{in_activity}' AS plant"})
+        found, _ = search(pg, (KEY,))
+        # the log also holds the control statement of the test before, if it ran
+        in_server_log = set(found.pop("server log", ()))
+        assert {in_log, in_activity} <= in_server_log <= {in_log, in_activity, CONTROL[1:]}, in_server_log
+        assert found == {
+            "postgres: billing.zz_secret_plant": [in_row],
+            "postgres: pg_stat_activity": [in_activity],
+            f"{MONITOR}: pg_stat_activity": [in_activity],
+            "pg_dump": [in_row],
+        }, found
+        running.release()
+    finally:
+        if running:
+            running.close()
+        pg.sql("DROP TABLE billing.zz_secret_plant")
