@@ -59,26 +59,34 @@ BEGIN; SELECT * FROM pg_temp.deliver(:'ev', 't=4102444800,v1=6a6e54d6f23d7f165d9
 BEGIN; SELECT * FROM pg_temp.deliver(:'ev', 't=4102444800,v1=6a6e54d6f23d7f165d97686ace348677845f2791af8170bc2e780d0b30923289'); COMMIT;
 SELECT stripe_event_id, event_type, livemode, api_version, stripe_created = to_timestamp(1700000000) AS created,
        payload::text = :'ev' AS raw_body_kept FROM billing.webhook_events;
--- refusals: 400 with the reason, counted and audited, nothing stored
+-- refusals: 400 with the reason, counted and audited, nothing stored.
+-- The worker writes counted refusals (the first at once, then at most once a
+-- minute) under the flush's advisory lock (QES_FLUSH_LOCK_KEY, src/guard.c).
+-- This session holds that lock until the end of the refusals' part, so the
+-- worker cannot write them first (its flush waits); the flushes below take
+-- the same lock, which a session may take again.
+SELECT pg_advisory_lock(x'7165735f72656a65'::bigint) IS NOT NULL AS worker_flush_held_off;
+SELECT count(*) AS pending_before FROM billing.webhook_rejections_pending();
+SELECT count(*) AS rows_before FROM billing.webhook_rejections;
 BEGIN; SELECT * FROM pg_temp.deliver(:'ev', NULL); COMMIT;
 BEGIN; SELECT * FROM pg_temp.deliver(:'ev', 't=4102444800,v1=6a6e54d6f23d7f165d97686ace348677845f2791af8170bc2e780d0b30923280'); COMMIT;
 BEGIN; SELECT * FROM pg_temp.deliver(:'ev', 'garbage'); COMMIT;
 BEGIN; SELECT * FROM pg_temp.deliver(:'ev', 't=1700000000,v1=6a6e54d6f23d7f165d97686ace348677845f2791af8170bc2e780d0b30923289'); COMMIT;
 BEGIN; SELECT * FROM pg_temp.deliver(:'live', 't=4102444800,v1=b740b2c7c65f84ba76a14bca7a31f82d3ea77c78280211617021bebe99ebcd41'); COMMIT;
 BEGIN; SELECT * FROM pg_temp.deliver(:'notev', 't=4102444800,v1=9f3e08c0a3bbf7b8b1182bf1530c3aa1bfceed90fa68df83202bb3b6e18d3a53'); COMMIT;
--- counted in shared memory per delivery (no write, no audit lock); the worker
--- writes the first at once and then at most once a minute, so count both
-SELECT reason, sum(n) AS deliveries
-  FROM (SELECT reason, deliveries AS n FROM billing.webhook_rejections
-        UNION ALL SELECT reason, deliveries FROM billing.webhook_rejections_pending()) x
- GROUP BY reason ORDER BY reason;
+-- counted in shared memory per delivery: nothing written, no audit lock taken
+SELECT count(*) AS rows_written FROM billing.webhook_rejections;
+SELECT count(*) AS audit_rows_written FROM billing.audit_log WHERE action = 'webhook.rejected';
+SELECT reason, deliveries FROM billing.webhook_rejections_pending() ORDER BY reason;
 SELECT rejected_last_hour FROM billing.webhook_metrics;
--- the flush: one row and one audit row per reason, with the count
-SELECT billing.flush_webhook_rejections() >= 0 AS flushed;
+-- the flush: one row and one audit row per reason, with the count; a second
+-- flush finds nothing new
+SELECT billing.flush_webhook_rejections() AS deliveries_flushed;
+SELECT billing.flush_webhook_rejections() AS flushed_again;
 SELECT count(*) AS still_pending FROM billing.webhook_rejections_pending();
-SELECT reason, sum(deliveries) AS deliveries FROM billing.webhook_rejections GROUP BY reason ORDER BY reason;
-SELECT details ->> 'reason' AS audited_reason, sum((details ->> 'deliveries')::int) AS deliveries
-  FROM billing.audit_log WHERE action = 'webhook.rejected' GROUP BY 1 ORDER BY 1;
+SELECT reason, deliveries FROM billing.webhook_rejections ORDER BY reason;
+SELECT details ->> 'reason' AS audited_reason, details ->> 'deliveries' AS deliveries
+  FROM billing.audit_log WHERE action = 'webhook.rejected' ORDER BY details ->> 'reason';
 SELECT rejected_last_hour FROM billing.webhook_metrics;
 SELECT count(*) AS inbox FROM billing.webhook_events;
 -- during a rotation both secrets are accepted
@@ -147,9 +155,12 @@ SELECT billing.verify_stripe_signature('{}', 't=1700000000,v1=' || encode(hmac('
                                        'whsec_edge', 300, to_timestamp(1700000300)) AS at_edge,
        billing.verify_stripe_signature('{}', 't=1700000000,v1=' || encode(hmac('1700000000.{}', 'whsec_edge', 'sha256'), 'hex'),
                                        'whsec_edge', 300, to_timestamp(1700000300.001)) AS a_millisecond_past;
-SELECT billing.flush_webhook_rejections() >= 0 AS flushed;
+-- every refusal since the first flush, still pending (the worker was held off), then written
+SELECT reason, deliveries FROM billing.webhook_rejections_pending() ORDER BY reason;
+SELECT billing.flush_webhook_rejections() AS deliveries_flushed;
 SELECT reason, sum(deliveries) AS deliveries FROM billing.webhook_rejections
  WHERE reason IN ('bad_type', 'bad_created', 'bad_encoding', 'escaped_key') GROUP BY reason ORDER BY reason;
+SELECT pg_advisory_unlock(x'7165735f72656a65'::bigint) AS worker_flush_released;
 DROP FUNCTION pg_temp.try(text), pg_temp.signed(text);
 DROP EXTENSION pgcrypto;
 RESET qes_billing.stripe_test_webhook_secret;
