@@ -67,7 +67,7 @@ $(EXTENSION)--$(EXTVERSION).sql: $(INSTALL_SQL)
 # ---------------------------------------------------------------------------
 # Developer targets (README.md).  Everything runs through test/tools so that
 # a fresh Debian machine, root or not, behaves the same.
-.PHONY: deps run stop test bench valgrind
+.PHONY: deps run stop test bench valgrind test-periods
 
 deps:
 	bash test/tools/deps.sh
@@ -86,3 +86,11 @@ bench:
 
 valgrind:
 	bash test/tools/valgrind.sh
+
+# the property-based period test, long and random (make test runs a fixed
+# derandomized list); QES_PERIOD_EXAMPLES sets how many lifecycles
+test-periods:
+	bash test/tools/deps.sh
+	$(MAKE) -s install
+	QES_PERIOD_EXAMPLES=$${QES_PERIOD_EXAMPLES:-2000} QES_PERIOD_RANDOM=1 \
+	  python3 -m pytest -q -p no:cacheprovider -s test/python/test_period_model.py

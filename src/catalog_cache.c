@@ -589,10 +589,11 @@ infer_anchor(TimestampTz cps, TimestampTz cpe, int step)
 
 /*
  * A Free tenant's period containing ts: the calendar month (UTC), except
- * right after a paid subscription ended: its last period runs to its end
+ * around a paid subscription that ended: its last period runs to its end
  * (with Free limits when it ended early), then a period runs from that end
- * to the start of the next calendar month.  So usage is never counted in
- * two periods and a change of regime loses none.
+ * to the start of the next calendar month, and the calendar month in which
+ * its last period began ends there.  So the periods never overlap: usage is
+ * never counted in two periods and a change of regime loses none.
  */
 static void
 free_period(const TenantEntry *e, TimestampTz ts, TimestampTz *start, TimestampTz *end)
@@ -616,6 +617,9 @@ free_period(const TenantEntry *e, TimestampTz ts, TimestampTz *start, TimestampT
 	}
 	*start = month_start_utc(ts);
 	*end = add_months_utc(*start, 1);
+	/* the calendar month before that subscription's last period ends at it */
+	if (e->has_ended && ts < e->ended_start && *end > e->ended_start)
+		*end = e->ended_start;
 }
 
 /* ---- tenants ------------------------------------------------------------ */

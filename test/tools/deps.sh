@@ -46,7 +46,7 @@ fi
 # Python test dependencies (pytest, psycopg, stripe for the signature oracle,
 # aiosmtpd for the SMTP server notifications are delivered to, PyYAML to
 # read the exporter's queries file)
-if ! python3 -c 'import pytest, psycopg, stripe, aiosmtpd, yaml' 2>/dev/null; then
+if ! python3 -c 'import pytest, psycopg, stripe, aiosmtpd, yaml, hypothesis' 2>/dev/null; then
   echo "deps: installing Python packages from test/python/requirements.txt"
   python3 -m pip install -q --disable-pip-version-check -r "$here/test/python/requirements.txt" \
     || python3 -m pip install -q --disable-pip-version-check --break-system-packages \
