@@ -27,6 +27,11 @@ be followed end to end:
 - Events: every state change appends an event (the 16 the endpoint
   subscribes to) to `events`; `signed(event, secret)` gives the body and
   Stripe-Signature header to deliver it with.
+- A clock: every time the fake stamps (objects' and events' `created`,
+  periods) is `now()`, the real clock shifted by `set_clock(at)`, so that a
+  test sets the fake and the billing clock (Cluster.set_clock) to the same
+  date.  Signatures and the request log keep the real clock (webhook
+  signatures are checked against it).
 
 Run standalone (make run uses it):  python3 fake_stripe.py --port 12112
 """
@@ -111,6 +116,22 @@ class FakeStripe:
         self.echo = 0.0            # share of requests answered by an echoing endpoint
         self.echoed = 0
         self.server = None
+        self.clock_offset = 0.0    # seconds now() runs ahead of the real clock
+
+    # ---- the clock ----------------------------------------------------
+
+    def now(self):
+        """The fake's time in Unix seconds (an int, as Stripe stamps)."""
+        return int(time.time() + self.clock_offset)
+
+    def set_clock(self, at):
+        """Make now() read `at` (a timezone-aware datetime or Unix seconds)
+        from here on; it runs on with the real clock, like the billing clock."""
+        at = at.timestamp() if hasattr(at, "timestamp") else float(at)
+        self.clock_offset = at - time.time()
+
+    def reset_clock(self):
+        self.clock_offset = 0.0
 
     # ---- objects ------------------------------------------------------
 
@@ -120,7 +141,7 @@ class FakeStripe:
         return obj
 
     def _event(self, type_, obj, previous=None):
-        ev = {"id": new_id("evt"), "object": "event", "api_version": API_VERSION, "created": int(time.time()),
+        ev = {"id": new_id("evt"), "object": "event", "api_version": API_VERSION, "created": self.now(),
               "livemode": False, "type": type_, "pending_webhooks": 1,
               "request": {"id": None, "idempotency_key": None},
               "data": {"object": json.loads(json.dumps(obj))}}
@@ -148,7 +169,7 @@ class FakeStripe:
             return {"object": "balance", "available": [{"amount": 0, "currency": "usd"}], "livemode": False}
         if name == "customers":
             if method == "POST" and len(parts) == 1:
-                c = self._created({"id": new_id("cus"), "object": "customer", "created": int(time.time()),
+                c = self._created({"id": new_id("cus"), "object": "customer", "created": self.now(),
                                    "email": params.get("email"), "name": params.get("name"),
                                    "metadata": params.get("metadata", {}), "livemode": False,
                                    "invoice_settings": {"default_payment_method": None}})
@@ -168,7 +189,7 @@ class FakeStripe:
                                       code="resource_already_exists", param="id")
                 return self._created({"id": pid, "object": "product", "name": params["name"], "active": True,
                                       "description": params.get("description"),
-                                      "metadata": params.get("metadata", {}), "created": int(time.time())})
+                                      "metadata": params.get("metadata", {}), "created": self.now()})
         if name == "prices":
             if method == "GET" and len(parts) == 1:
                 keys = params.get("lookup_keys", [])
@@ -191,7 +212,7 @@ class FakeStripe:
                     "unit_amount": int(params["unit_amount"]), "product": params["product"], "lookup_key": key,
                     "recurring": {"interval": rec["interval"], "interval_count": 1} if rec else None,
                     "type": "recurring" if rec else "one_time", "metadata": params.get("metadata", {}),
-                    "created": int(time.time()) * 1000 + len(self.objects)})
+                    "created": self.now() * 1000 + len(self.objects)})
         if name == "webhook_endpoints":
             if method == "GET" and len(parts) == 1:
                 data = [dict(w, secret=None) for w in self.of_type("webhook_endpoint")]
@@ -246,10 +267,10 @@ class FakeStripe:
             "id": pi_id, "object": "payment_intent", "amount": amount, "currency": currency, "customer": customer,
             "description": description, "metadata": metadata, "invoice": invoice, "status": "requires_payment_method",
             "client_secret": f"{pi_id}_secret_{secrets.token_hex(8)}", "latest_charge": None,
-            "last_payment_error": None, "livemode": False, "created": int(time.time())})
+            "last_payment_error": None, "livemode": False, "created": self.now()})
 
     def _invoice(self, sub, customer, amount, status="open", billing_reason="subscription_create"):
-        now = int(time.time())
+        now = self.now()
         inv = self._created({
             "id": new_id("in"), "object": "invoice", "customer": customer, "subscription": sub["id"],
             "status": status, "amount_due": amount, "amount_paid": 0, "amount_remaining": amount,
@@ -265,7 +286,7 @@ class FakeStripe:
     def _create_subscription(self, p):
         cust = self.get(p["customer"], "customer")
         price = self.get(p["items"][0]["price"], "price")
-        now = int(time.time())
+        now = self.now()
         sub = self._created({
             "id": new_id("sub"), "object": "subscription", "customer": cust["id"], "status": "incomplete",
             "cancel_at_period_end": False, "current_period_start": now,
@@ -298,7 +319,7 @@ class FakeStripe:
                             "status": "failed" if declined else "succeeded", "paid": not declined,
                             "failure_code": "card_declined" if declined else None,
                             "failure_message": "Your card was declined." if declined else None,
-                            "metadata": pi.get("metadata", {}), "livemode": False, "created": int(time.time())})
+                            "metadata": pi.get("metadata", {}), "livemode": False, "created": self.now()})
         pi["latest_charge"] = ch["id"]
         if declined:
             pi["status"] = "requires_payment_method"
@@ -367,7 +388,7 @@ class FakeStripe:
             previous["items"] = json.loads(json.dumps(sub["items"]))
             sub["items"]["data"][0]["price"] = new_price
             if new_price["recurring"]["interval"] != old_price["recurring"]["interval"]:
-                now = int(time.time())
+                now = self.now()
                 sub["current_period_start"] = now
                 sub["current_period_end"] = now + (365 if new_price["recurring"]["interval"] == "year" else 30) * 86400
         if "cancel_at_period_end" in p:

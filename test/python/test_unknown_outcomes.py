@@ -6,13 +6,20 @@ then it may fail -- but before the failure stands, the worker looks the
 object up in Stripe; the tenant's retry never makes a second customer or
 subscription.  An operator's retry_request keeps the key of an unknown
 outcome and renews the key of a refusal (Stripe would replay the refusal)."""
+from datetime import datetime, timezone
+
 import psycopg
 import pytest
 
 from conftest import tenant_claims
 from fake_stripe import FakeStripe
 from postgrest import PostgREST
-from test_stripe_worker import cluster_for, drain, setup_command, sub
+from test_stripe_worker import cluster_for, drain, set_clocks, setup_command, sub, ts
+
+# The fake stamps its objects at this date and the billing clock reads it (no
+# events are delivered here, so the worker's answers, stamped with the real
+# clock, never meet an event of the fake's clock).  The 5th, in the evening.
+AT = datetime(2027, 6, 5, 19, 0, tzinfo=timezone.utc)
 
 OPEN = "state IN ('waiting', 'pending', 'in_flight')"
 
@@ -41,6 +48,7 @@ def fake():
 def pgu(fake):
     c = cluster_for("unknown", fake.base, **{"qes_billing.max_attempts": "3",
                                              "qes_billing.idempotency_window": "'2s'"})
+    set_clocks(c, fake, AT)
     r = setup_command(c, "--setup-products")
     assert r.returncode == 0, r.stdout + r.stderr
     yield c
@@ -81,6 +89,10 @@ def test_a_subscription_created_whose_answer_was_lost_is_found(pgu, api, fake):
     assert len(made) == 1
     s = sub(api, "lost_sub")
     assert s["status"] == "incomplete" and s["stripe_subscription_id"] == made[0]["id"], s
+    # mirrored as found: Stripe's period, stamped by the fake at the fixed date
+    assert (ts(s["current_period_start"]), ts(s["current_period_end"])) == \
+        (ts(made[0]["current_period_start"]), ts(made[0]["current_period_end"])), (s, made[0])
+    assert ts(s["current_period_start"]).date() == AT.date(), s
     assert pg.sql("SELECT details ->> 'found', details ->> 'object' FROM billing.audit_log "
                   "WHERE tenant_id = 'lost_sub' AND action = 'stripe.request_resolved'") == [("true", made[0]["id"])]
     # the tenant tries again: refused, still one subscription in Stripe
