@@ -7,13 +7,15 @@ delivered, the worker applies them, then the (k+1)-th.  Objects are
 stripe-mock's fixtures (the newest API shapes) pointed at our tenants.
 What must hold is the same in every order: the final mirror, the grace
 period (from Stripe's times, never from when an event was applied), and
-check_limit at several clock offsets.
+check_limit at several clock offsets.  Each case runs at a fixed date (the
+billing clock reads it; the events' Stripe times are computed from it), so
+no case depends on the day it runs.
 """
 import copy
 import itertools
 import json
-import time
 import uuid
+from datetime import datetime, timezone
 
 import pytest
 import stripe
@@ -40,7 +42,18 @@ def quick_retries(pg):
     yield
     pg.sql("ALTER SYSTEM RESET qes_billing.retry_base_delay")
     pg.sql("SELECT pg_reload_conf()")
-    pg.sql("SELECT billing.set_clock('0')")
+    pg.reset_clock()
+
+
+def utc(*args):
+    return datetime(*args, tzinfo=timezone.utc)
+
+
+def run_at(pg, at):
+    """The case runs at `at`: the billing clock reads it now.  Returns it in
+    Unix seconds, the 'now' the case's Stripe times are computed from."""
+    pg.set_clock(at)
+    return int(at.timestamp())
 
 
 def event(type_, o, created):
@@ -112,13 +125,14 @@ def invoice(fx, inv_id, cus, sub_id, status, created, **kw):
     return o
 
 
-def limits(pg, tenant, offset_days):
-    pg.sql("SELECT billing.set_clock(%s)", (f"{offset_days} days",))
+def limits(pg, tenant, now, offset_days):
+    """check_limit with the billing clock offset_days after the case's now."""
+    pg.set_clock(datetime.fromtimestamp(now + offset_days * DAY, timezone.utc))
     try:
         return pg.sql("SELECT plan_id, usage_limit, reason FROM billing.check_limit(%s, 'signatures', 0)",
                       (tenant,))[0]
     finally:
-        pg.sql("SELECT billing.set_clock('0')")
+        pg.set_clock(datetime.fromtimestamp(now, timezone.utc))
 
 
 def sub_state(pg, tenant):
@@ -147,7 +161,8 @@ def test_dunning_in_every_order(pg, api, fx):  # noqa: F811
     active) and invoice.paid in all 24 orders: the grace period runs from the
     failed attempt's Stripe time whichever of the two failure events comes
     first, and every order ends active on the paid plan."""
-    now = int(time.time())
+    # Feb 29 of a leap year, in the evening: the grace period ends in March
+    now = run_at(pg, utc(2028, 2, 29, 19, 30))
     t0, t1, t2 = now - 20 * DAY, now - 1 * DAY, now - 3600
     orders = list(itertools.permutations(["failed", "past_due", "paid", "active"]))
     tenants, seqs, names = {}, {}, {}
@@ -172,13 +187,14 @@ def test_dunning_in_every_order(pg, api, fx):  # noqa: F811
             deliver(api, evs[k])
             ids.append(evs[k]["id"])
         settle(pg, ids)
-    grace = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t1 + 7 * DAY))
+    grace = datetime.fromtimestamp(t1 + 7 * DAY, timezone.utc)
+    assert grace == utc(2028, 3, 6, 19, 30)
     for t in half:
         rows = sub_state(pg, t)
         assert [(r[1], r[2]) for r in rows] == [("professional", "past_due")], (half[t], rows)
-        assert rows[0][3].strftime("%Y-%m-%d %H:%M:%S") == grace, (half[t], rows)   # t1 + 7 days, Stripe's time
-        assert limits(pg, t, 0)[:2] == ("professional", 100)                        # inside the grace period
-        plan, lim, reason = limits(pg, t, 7)                                        # t1 + 8 days: over
+        assert rows[0][3] == grace, (half[t], rows)                                  # t1 + 7 days, Stripe's time
+        assert limits(pg, t, now, 0)[:2] == ("professional", 100)                        # inside the grace period
+        plan, lim, reason = limits(pg, t, now, 7)                                        # t1 + 8 days: over
         assert (plan, lim) == ("free", 10) and "grace period" in reason, (half[t], plan, reason)
         actions = [a for (a,) in pg.sql("SELECT action FROM billing.audit_log WHERE tenant_id = %s "
                                         "AND action LIKE 'dunning.%%' ORDER BY audit_id", (t,))]
@@ -194,7 +210,7 @@ def test_dunning_in_every_order(pg, api, fx):  # noqa: F811
         rows = sub_state(pg, t)
         assert [(r[1], r[2], r[3]) for r in rows] == [("professional", "active", None)], (order, rows)
         for offset in (0, 3, 8, 31):
-            assert limits(pg, t, offset) == ("professional", 100, None), (order, offset)
+            assert limits(pg, t, now, offset) == ("professional", 100, None), (order, offset)
         assert pg.sql("SELECT status, first_failed_at = to_timestamp(%s) FROM billing.invoices "
                       "WHERE tenant_id = %s", (t1, t)) == [("paid", True)], order
 
@@ -203,7 +219,8 @@ def test_a_failure_delivered_late_grants_no_extra_days(pg, api, fx):  # noqa: F8
     """A renewal that failed ten days ago, its events delivered only now (in
     both orders): the grace period ended three days ago, Free limits apply
     at once."""
-    now = int(time.time())
+    # Dec 31, in the evening: the failure was in December, the grace period ended three days ago
+    now = run_at(pg, utc(2027, 12, 31, 21, 0))
     seqs = {}
     for order in (("failed", "past_due"), ("past_due", "failed")):
         t, cus = new_tenant(pg, "late")
@@ -213,7 +230,7 @@ def test_a_failure_delivered_late_grants_no_extra_days(pg, api, fx):  # noqa: F8
                          now - 40 * DAY)] + [evs[n] for n in order]
     run_orders(pg, api, seqs)
     for t in seqs:
-        plan, lim, reason = limits(pg, t, 0)
+        plan, lim, reason = limits(pg, t, now, 0)
         assert (plan, lim) == ("free", 10) and "grace period" in reason, (t, plan, reason)
         assert pg.sql("SELECT grace_until = to_timestamp(%s) FROM billing.subscriptions WHERE tenant_id = %s "
                       "AND status = 'past_due'", (now - 3 * DAY, t)) == [(True,)]
@@ -223,7 +240,8 @@ def test_a_failed_payment_does_not_hide_newer_subscription_states(pg, api, fx): 
     """The failure of an invoice (its event created at t+20, applied first)
     must not stamp the subscription: its upgrade at t+10 and its renewal at
     t+15 are newer subscription states and win."""
-    now = int(time.time())
+    # the 4th, in the evening; the renewal is in February
+    now = run_at(pg, utc(2027, 3, 4, 20, 0))
     t0 = now - 40 * DAY
     seqs = {}
     for order in itertools.permutations(["failed", "upgrade", "renewal"]):
@@ -252,7 +270,8 @@ def test_deleted_customers_and_subscriptions_are_never_revived(pg, api, fx):  # 
     linked to the deleted customer again, and the invoices of its new
     customer (the tenant came back) are still mirrored.  An ended
     subscription is not revived by an older update."""
-    now = int(time.time())
+    # Jan 31, in the evening
+    now = run_at(pg, utc(2027, 1, 31, 22, 0))
     seqs = {}
     for order in itertools.permutations(["deleted", "updated", "new_customer", "new_invoice"]):
         t = f"ret_{uuid.uuid4().hex[:8]}"
@@ -288,7 +307,7 @@ def test_deleted_customers_and_subscriptions_are_never_revived(pg, api, fx):  # 
     ]})
     assert pg.sql("SELECT status, ended_at = to_timestamp(%s) FROM billing.subscriptions WHERE tenant_id = %s",
                   (now - 5 * DAY, t)) == [("canceled", True)]
-    assert limits(pg, t, 0)[:2] == ("free", 10)
+    assert limits(pg, t, now, 0)[:2] == ("free", 10)
 
 
 def test_relations_resolve_in_either_order(pg, api, fx):  # noqa: F811
@@ -299,7 +318,8 @@ def test_relations_resolve_in_either_order(pg, api, fx):  # noqa: F811
     pg.sql("ALTER SYSTEM SET qes_billing.webhook_max_attempts = 2")
     pg.sql("SELECT pg_reload_conf()")
     try:
-        now = int(time.time())
+        # the 1st, in the evening: the events are of the day before, in September
+        now = run_at(pg, utc(2027, 10, 1, 20, 30))
         seqs = {}
         for order in itertools.permutations(["subscription", "invoice", "payment", "charge", "dispute"]):
             if order.index("dispute") > 2:       # 120 orders; those with the dispute early are the interesting half
@@ -343,7 +363,8 @@ def test_newer_shapes_link_invoice_payments(pg, api, fx, session_fake_stripe):  
     from the invoice's payments when the event carries them, else the worker
     asks Stripe for the invoice in the pinned version (which names it); an
     invoice_payment.paid event links it too."""
-    now = int(time.time())
+    # the 9th, late in the evening
+    now = run_at(pg, utc(2027, 7, 9, 23, 0))
     fake = session_fake_stripe
     cases = {}
     for how in ("payments_in_event", "fetched", "invoice_payment_event"):
