@@ -4,11 +4,16 @@ Each event wraps an object from stripe-mock's fixtures (Stripe's current API
 shapes), pointed at our tenant; it is signed with stripe-python, delivered
 through POST /rpc/stripe_webhook as PostgREST would, and applied by the
 background worker.
+
+The module runs at a fixed date: the billing clock reads AT when the module
+starts and runs on from there, and the events' Stripe times are computed
+from it (now()), so no test depends on the day it runs.
 """
 import copy
 import json
 import time
 import uuid
+from datetime import datetime, timezone
 
 import pytest
 import stripe
@@ -19,6 +24,21 @@ from postgrest import PostgREST
 SECRET = TEST_KEYS["STRIPE_TEST_WEBHOOK_SECRET"]
 TENANT = "whk"
 CUSTOMER = "cus_whk0001"
+# the 3rd of a month in the evening: the grace period ends on the 10th, the
+# subscription's period began the day before
+AT = datetime(2027, 3, 3, 21, 15, tzinfo=timezone.utc)
+_offset = [0.0]          # how far the billing clock runs ahead of the real one
+
+
+def now():
+    """The billing clock's time in Unix seconds: what the events are stamped with."""
+    return int(time.time() + _offset[0])
+
+
+def set_clock(pg, at):
+    """The billing clock at `at` (a datetime), running on; now() follows it."""
+    pg.set_clock(at)
+    _offset[0] = at.timestamp() - time.time()
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +51,13 @@ def fx(stripe_mock):
 
 @pytest.fixture(scope="module")
 def wh(pg):
+    set_clock(pg, AT)
     pg.sql("SELECT billing.upsert_tenant(%s, 'Webhook GmbH', 'wh@t.example')", (TENANT,))
     api = PostgREST(pg.dsn(user="authenticator"))
     yield api
     api.close()
+    pg.reset_clock()
+    _offset[0] = 0.0
 
 
 def obj(fx, name, **changes):
@@ -46,7 +69,7 @@ def obj(fx, name, **changes):
 
 def send(pg, api, type_, o, created=None, wait=True):
     ev = {"id": f"evt_{uuid.uuid4().hex[:24]}", "object": "event", "api_version": "2024-06-20",
-          "created": created or int(time.time()), "livemode": False, "type": type_,
+          "created": created or now(), "livemode": False, "type": type_,
           "data": {"object": o}, "pending_webhooks": 1, "request": {"id": None, "idempotency_key": None}}
     body = json.dumps(ev)
     header = stripe.WebhookSignature.generate_signature_header(body, SECRET)
@@ -69,8 +92,8 @@ def subscription(fx, status="active", lookup_key="professional_monthly", interva
     item["price"]["id"] = f"price_{lookup_key}"
     item["price"]["lookup_key"] = lookup_key
     item["price"]["recurring"]["interval"] = interval
-    now = int(time.time())
-    item["current_period_start"], item["current_period_end"] = now - 86400, now + 29 * 86400
+    t = now()
+    item["current_period_start"], item["current_period_end"] = t - 86400, t + 29 * 86400
     return o
 
 
@@ -94,7 +117,7 @@ def test_customer_created_links_the_tenant(pg, wh, fx):
 
 def test_subscription_lifecycle_and_limits(pg, wh, fx):
     sub = subscription(fx)
-    t0 = int(time.time())
+    t0 = now()
     _, (state, err) = send(pg, wh, "customer.subscription.created", sub, created=t0)
     assert state == "applied", err
     assert sub_row(pg) == [("professional", "month", "active", False, False)]
@@ -121,9 +144,9 @@ def test_invoices_mirror_and_list(pg, wh, fx):
                     "AND status = 'active'", (TENANT,))[0][0]
     inv = obj(fx, "invoice", customer=CUSTOMER, status="draft", number="QES-0001",
               hosted_invoice_url="https://invoice.stripe.com/i/x", invoice_pdf="https://pay.stripe.com/x.pdf",
-              created=int(time.time()))
+              created=now())
     inv["parent"]["subscription_details"]["subscription"] = sub_id
-    t0 = int(time.time())
+    t0 = now()
     send(pg, wh, "invoice.created", inv, created=t0)
     send(pg, wh, "invoice.paid", dict(inv, status="paid", amount_paid=inv["amount_due"], amount_remaining=0), created=t0 + 2)
     send(pg, wh, "invoice.finalized", dict(inv, status="open"), created=t0 + 1)   # late, older
@@ -136,11 +159,10 @@ def test_invoices_mirror_and_list(pg, wh, fx):
 
 
 def test_dunning_grace_free_limits_and_recovery(pg, wh, fx):
-    pg.sql("SELECT billing.set_clock('0')")
     sub = subscription(fx)
     sub["id"] = pg.sql("SELECT stripe_subscription_id FROM billing.subscriptions WHERE tenant_id = %s "
                        "AND status = 'active'", (TENANT,))[0][0]
-    t0 = int(time.time()) + 100
+    t0 = now() + 100
     send(pg, wh, "customer.subscription.updated", sub, created=t0)
     inv = obj(fx, "invoice", customer=CUSTOMER, status="open", created=t0)
     inv["parent"]["subscription_details"]["subscription"] = sub["id"]
@@ -150,14 +172,18 @@ def test_dunning_grace_free_limits_and_recovery(pg, wh, fx):
     assert sub_row(pg) == [("professional", "month", "active", False, False)]
     send(pg, wh, "customer.subscription.updated", dict(sub, status="past_due"), created=t0 + 1)
     assert sub_row(pg) == [("professional", "month", "past_due", False, True)]
-    # the grace period runs from the failed attempt (the event's Stripe time)
-    assert pg.sql("SELECT grace_until = to_timestamp(%s) + interval '7 days' FROM billing.subscriptions "
-                  "WHERE tenant_id = %s AND status = 'past_due'", (t0 + 1, TENANT)) == [(True,)]
+    # the grace period runs from the failed attempt (the event's Stripe time):
+    # 7 days from the 3rd in the evening, the 10th in the evening
+    grace = datetime.fromtimestamp(t0 + 1 + 7 * 86400, timezone.utc)
+    assert pg.sql("SELECT grace_until FROM billing.subscriptions "
+                  "WHERE tenant_id = %s AND status = 'past_due'", (TENANT,)) == [(grace,)]
+    assert (grace.month, grace.day) == (AT.month, 10), grace
     assert limit(pg)[:2] == ("professional", 100)          # paid limits during the grace period
     assert pg.sql("SELECT count(*) FROM billing.notifications WHERE tenant_id = %s AND kind = 'payment.failed'",
                   (TENANT,))[0][0] == 1
+    back = now()
     try:
-        pg.sql("SELECT billing.set_clock('8 days')")       # the 7-day grace period ends unpaid
+        set_clock(pg, datetime.fromtimestamp(t0 + 8 * 86400, timezone.utc))   # the grace period ended unpaid
         plan, lim, reason = limit(pg)
         assert (plan, lim) == ("free", 10) and "grace period" in reason
         send(pg, wh, "invoice.paid", dict(inv, status="paid", amount_paid=inv["amount_due"]), created=t0 + 2)
@@ -168,7 +194,7 @@ def test_dunning_grace_free_limits_and_recovery(pg, wh, fx):
         assert sub_row(pg) == [("professional", "month", "active", False, False)]
         assert limit(pg) == ("professional", 100, None)
     finally:
-        pg.sql("SELECT billing.set_clock('0')")
+        set_clock(pg, datetime.fromtimestamp(back, timezone.utc))
     actions = [a for (a,) in pg.sql("SELECT action FROM billing.audit_log WHERE tenant_id = %s "
                                     "AND action LIKE 'dunning.%%' ORDER BY audit_id", (TENANT,))]
     assert actions[-2:] == ["dunning.started", "dunning.recovered"]
@@ -199,7 +225,7 @@ def test_payments_and_dispute(pg, wh, fx):
 
 
 def test_trial_will_end_and_unknown_and_foreign(pg, wh, fx):
-    sub = subscription(fx, status="trialing", trial_end=int(time.time()) + 3 * 86400)
+    sub = subscription(fx, status="trialing", trial_end=now() + 3 * 86400)
     send(pg, wh, "customer.subscription.trial_will_end", sub)
     assert pg.sql("SELECT count(*) FROM billing.notifications WHERE tenant_id = %s "
                   "AND kind = 'subscription.trial_will_end'", (TENANT,))[0][0] == 1
@@ -218,7 +244,7 @@ def test_failing_event_is_parked_and_replayed(pg, wh, fx):
         bad = subscription(fx, lookup_key="gold_monthly")       # a price no plan has
         bad["id"] = pg.sql("SELECT stripe_subscription_id FROM billing.subscriptions WHERE tenant_id = %s "
                            "AND status NOT IN ('canceled', 'incomplete_expired')", (TENANT,))[0][0]
-        eid, _ = send(pg, wh, "customer.subscription.updated", bad, created=int(time.time()) + 1000, wait=False)
+        eid, _ = send(pg, wh, "customer.subscription.updated", bad, created=now() + 1000, wait=False)
         assert pg.wait_until(f"SELECT state = 'needs_review' FROM billing.webhook_events WHERE stripe_event_id = '{eid}'")
         attempts, last_error = pg.sql("SELECT attempts, last_error FROM billing.webhook_events "
                                       "WHERE stripe_event_id = %s", (eid,))[0]
@@ -261,7 +287,7 @@ def test_subscription_deleted_falls_back_to_free(pg, wh, fx):
                     "AND status NOT IN ('canceled', 'incomplete_expired')", (TENANT,))[0][0]
     gone = subscription(fx, status="canceled")
     gone["id"] = sub_id
-    _, (state, err) = send(pg, wh, "customer.subscription.deleted", gone, created=int(time.time()) + 5000)
+    _, (state, err) = send(pg, wh, "customer.subscription.deleted", gone, created=now() + 5000)
     assert state == "applied", err
     assert sub_row(pg) == []
     assert limit(pg)[:2] == ("free", 10)
@@ -273,7 +299,7 @@ def test_charge_failed(pg, wh, fx):
     send(pg, wh, "payment_intent.succeeded", dict(pi, status="processing"))
     ch = obj(fx, "charge", customer=CUSTOMER, payment_intent=pi["id"], amount=1200, status="failed",
              failure_code="card_declined", failure_message="Your card was declined.")
-    _, (state, err) = send(pg, wh, "charge.failed", ch, created=int(time.time()) + 1)
+    _, (state, err) = send(pg, wh, "charge.failed", ch, created=now() + 1)
     assert state == "applied", err
     assert pg.sql("SELECT status, failure_code, stripe_charge_id FROM billing.payments "
                   "WHERE stripe_payment_intent_id = %s", (pi["id"],)) == [("failed", "card_declined", ch["id"])]
