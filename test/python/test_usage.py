@@ -1,5 +1,10 @@
-"""Usage through PostgREST (GET /usage) and the bounded counter cache."""
+"""Usage through PostgREST (GET /usage) and the bounded counter cache.
+
+The module runs at a fixed date through the billing clock (AT, the 1st of a
+month in the evening): a Free tenant's period is that calendar month, and no
+test depends on the day it runs."""
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -8,14 +13,20 @@ from pgcluster import Cluster
 from postgrest import PostgREST
 
 
+AT = datetime(2027, 11, 1, 21, 30, tzinfo=timezone.utc)
+
+
 @pytest.fixture(scope="module")
 def usage_tenants(pg):
+    pg.set_clock(AT)
     for t in ("use_a", "use_b"):
         pg.sql("SELECT billing.upsert_tenant(%s, %s, %s)", (t, t.upper(), f"{t}@t.example"))
     for i in range(12):
         pg.sql("SELECT billing.record_usage('use_a', 'signatures', 1, %s)", (f"a-sig-{i}",))
     pg.sql("SELECT billing.record_usage('use_b', 'documents', 7, 'b-doc-1')")
     pg.sql("SELECT billing.record_usage('use_b', 'storage', 123456, 'b-st-1')")
+    yield
+    pg.reset_clock()
 
 
 def current(rows):
@@ -31,6 +42,10 @@ def test_usage_for_tenant(api, usage_tenants):
     assert (sig["used"], sig["usage_limit"], sig["status"]) == (12, 10, "over_soft_limit")
     assert float(sig["percent"]) == 120.0
     assert cur["documents"]["used"] == 0
+    # Free: the calendar month (UTC) of the billing clock's date
+    assert {(datetime.fromisoformat(c["period_start"]), datetime.fromisoformat(c["period_end"]))
+            for c in cur.values()} == {(datetime(2027, 11, 1, tzinfo=timezone.utc),
+                                        datetime(2027, 12, 1, tzinfo=timezone.utc))}
 
 
 def test_usage_isolated_between_tenants(api, usage_tenants):
@@ -70,6 +85,7 @@ def test_tenant_cannot_record_usage(api, usage_tenants):
 @pytest.fixture(scope="module")
 def small_cache():
     cluster = Cluster("smallcache", conf={"qes_billing.max_counters": "16"}).start()
+    cluster.set_clock(AT)       # one period for all the usage below
     yield cluster
     cluster.stop()
 
@@ -126,10 +142,11 @@ def test_busiest_tenant_stays_cached(small_cache):
 def test_idempotency_key_is_forever(pg, usage_tenants):
     key = f"forever-{uuid.uuid4()}"
     first = pg.sql("SELECT recorded, total FROM billing.record_usage('use_b', 'api_calls', 2, %s)", (key,))
-    pg.sql("SELECT billing.set_clock('400 days')")
+    [(offset,)] = pg.sql("SELECT offset_by FROM billing.clock")
+    pg.set_clock(AT + timedelta(days=400))
     try:
         again = pg.sql("SELECT recorded, duplicate, total FROM billing.record_usage('use_b', 'api_calls', 2, %s)", (key,))
     finally:
-        pg.sql("SELECT billing.set_clock('0')")
+        pg.sql("SELECT billing.set_clock(%s)", (offset,))
     assert first[0][0] is True
     assert again[0] == (False, True, first[0][1])
