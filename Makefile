@@ -1,7 +1,13 @@
 # qes_billing -- PGXS build.  See README.md for the developer targets.
 
 EXTENSION  = qes_billing
-EXTVERSION = 0.2
+# The version is written once, as default_version in qes_billing.control;
+# the C code (QES_VERSION), the install script's name, the Debian package
+# (make deb) and META.json's check all take it from there.
+EXTVERSION := $(shell sed -n "s/^default_version *= *'\([^']*\)'.*/\1/p" $(EXTENSION).control)
+ifeq ($(EXTVERSION),)
+$(error no default_version found in $(EXTENSION).control)
+endif
 
 MODULE_big = qes_billing
 OBJS = \
@@ -35,7 +41,8 @@ INSTALL_SQL = $(sort $(wildcard sql/install/*.sql))
 
 PG_CONFIG ?= pg_config
 PG_CPPFLAGS = -Isrc -Wall -Wextra -Werror -Wno-unused-parameter \
-	-Wno-missing-field-initializers -Wno-sign-compare
+	-Wno-missing-field-initializers -Wno-sign-compare \
+	-DQES_VERSION='"$(EXTVERSION)"'
 SHLIB_LINK = -lcurl -lcrypto
 
 # pg_regress: explicit list, so the install script pieces under sql/install
@@ -60,6 +67,8 @@ include $(PGXS)
 
 # every object is rebuilt when a header changes (shared-memory layouts)
 $(OBJS): $(wildcard src/*.h)
+# ... and when the version changes (QES_VERSION)
+$(OBJS): $(EXTENSION).control
 
 $(EXTENSION)--$(EXTVERSION).sql: $(INSTALL_SQL)
 	cat $^ > $@

@@ -11,7 +11,13 @@
 #include "postgres.h"
 
 #define QES_EXTENSION_NAME	"qes_billing"
-#define QES_VERSION			"0.2"
+/*
+ * QES_VERSION is the extension's version, passed by the Makefile from
+ * qes_billing.control's default_version (the one place it is written).
+ */
+#ifndef QES_VERSION
+#error "QES_VERSION is not defined: build with the Makefile (it reads qes_billing.control)"
+#endif
 #define QES_WORKER_NAME		"qes_billing worker"
 
 #if PG_VERSION_NUM < 150000
