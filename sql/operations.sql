@@ -3,6 +3,8 @@
 -- transactions are refused, caches never hold what no transaction
 -- committed, totals never wrap, counters compare 64-bit xids.
 \set VERBOSITY default
+-- at a fixed date through the billing clock (the evening of Mar 1 2028, as sql/usage.sql)
+SELECT billing.set_clock('2028-03-01 22:30:00+00' - now()) IS NOT NULL AS clock_set;
 SELECT (billing.upsert_tenant('ops', 'Ops Ltd', 'ops@t.example')).tenant_id;
 
 -- ---- read-only transactions: 25006, nothing written -----------------------
@@ -101,7 +103,7 @@ SELECT allowed, status, current FROM billing.check_limit('ops_big', 'api_calls',
 -- rows whose sum passes int8 (written past record_usage): answers saturate, never 22003
 INSERT INTO billing.usage_events (tenant_id, idempotency_key, metric, quantity, period_start, occurred_at)
 SELECT 'ops_big', 'direct-' || i, 'documents', 9223372036854775807,
-       (SELECT u.period_start FROM billing.usage_current('ops_big') u WHERE u.metric = 'documents'), now()
+       (SELECT u.period_start FROM billing.usage_current('ops_big') u WHERE u.metric = 'documents'), billing.now()
   FROM generate_series(1, 2) i;
 SELECT current, status FROM billing.check_limit('ops_big', 'documents', 0);
 SELECT used, status FROM billing.usage_current('ops_big') WHERE metric = 'documents';
@@ -130,15 +132,22 @@ PREPARE TRANSACTION 'ops_usage_change';
 \echo :LAST_ERROR_SQLSTATE
 SELECT count(*) AS prepared FROM pg_prepared_xacts WHERE gid = 'ops_usage_change';
 SELECT current FROM billing.check_limit('ops_big', 'documents', 0);
--- a flush of refused webhooks rolled back to a savepoint leaves them pending
+-- a flush of refused webhooks rolled back to a savepoint leaves them pending.
+-- This session holds the flush's advisory lock (as in sql/webhook.sql), so
+-- the worker cannot write the refusal first; what was pending before is
+-- written first.
+SELECT pg_advisory_lock(x'7165735f72656a65'::bigint) IS NOT NULL AS worker_flush_held_off;
+SELECT billing.flush_webhook_rejections() IS NOT NULL AS earlier_refusals_written;
 SELECT set_config('request.headers', '{"stripe-signature": "t=1,v1=00"}', false) IS NOT NULL AS h;
 SELECT api.stripe_webhook('{"id": "evt_sp", "type": "invoice.paid", "created": 1700000000, "livemode": false, "data": {"object": {}}}') ->> 'reason' AS refused;
 RESET request.headers;
 BEGIN;
 SAVEPOINT s;
-SELECT billing.flush_webhook_rejections() > 0 AS flushed;
+SELECT billing.flush_webhook_rejections() AS flushed;
 ROLLBACK TO SAVEPOINT s;
 -- rolled back: the same counts are still to be written
-SELECT billing.flush_webhook_rejections() > 0 AS flushed_again;
+SELECT billing.flush_webhook_rejections() AS flushed_again;
 COMMIT;
 SELECT count(*) AS pending_after_commit FROM billing.webhook_rejections_pending();
+SELECT pg_advisory_unlock(x'7165735f72656a65'::bigint) AS worker_flush_released;
+SELECT billing.set_clock('0') IS NOT NULL AS clock_reset;

@@ -1,14 +1,16 @@
 -- Usage metering and limit checks (src/usage.c, src/counters.c).
 -- Billing periods are computed in UTC; so are this test's expectations.
+-- The test runs at a fixed date through the billing clock (the day it runs
+-- changes nothing): the evening of Mar 1 2028, the day after Feb 29 of a
+-- leap year.
 SET TimeZone = 'UTC';
+SELECT billing.set_clock('2028-03-01 20:30:00+00' - now()) IS NOT NULL AS clock_set;
 SELECT (billing.upsert_tenant('u_free', 'Free Co', 'f@u.example')).tenant_id,
        (billing.upsert_tenant('u_pro', 'Pro Co', 'p@u.example')).tenant_id,
        (billing.upsert_tenant('u_ent', 'Ent Co', 'e@u.example')).tenant_id;
 
 -- a tenant with no subscription is on Free, billed per calendar month (UTC)
-SELECT recorded, duplicate, metric, quantity, total, usage_limit, remaining, status,
-       period_start = date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS calendar_month,
-       period_end = (date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC' AS month_end
+SELECT recorded, duplicate, metric, quantity, total, usage_limit, remaining, status, period_start, period_end
   FROM billing.record_usage('u_free', 'signatures', 3, 'sig-1');
 
 -- the same key again: the original result, nothing added
@@ -40,30 +42,28 @@ SELECT total, status FROM billing.record_usage('u_free', 'storage', 0, 'st-3');
 SELECT total, status FROM billing.record_usage('u_free', 'storage', 2000000000, 'st-4');
 SELECT current, usage_limit, status FROM billing.check_limit('u_free', 'storage', 0);
 -- a late report of an older value does not replace the newer one
-SELECT recorded FROM billing.record_usage('u_free', 'storage', 5, 'st-old', NULL, now() - interval '1 minute');
+SELECT recorded FROM billing.record_usage('u_free', 'storage', 5, 'st-old', NULL, billing.now() - interval '1 minute');
 SELECT current FROM billing.check_limit('u_free', 'storage', 0);
 
--- Professional (a paid subscription): its limits and its own billing period;
--- a plan change is visible at once after commit
-INSERT INTO billing.subscriptions (tenant_id, plan_id, billing_interval, status, current_period_start, current_period_end)
-VALUES ('u_pro', 'professional', 'month', 'active', date_trunc('day', now()) - interval '3 days',
-        date_trunc('day', now()) - interval '3 days' + interval '1 month');
+-- Professional (a paid subscription): its limits and its own billing period
+-- (anchored on Jan 31: Stripe bills on Feb 29, then on Mar 31); a plan change
+-- is visible at once after commit
+INSERT INTO billing.subscriptions (tenant_id, plan_id, billing_interval, status, billing_cycle_anchor,
+                                   current_period_start, current_period_end)
+VALUES ('u_pro', 'professional', 'month', 'active', '2028-01-31 00:00+00', '2028-02-29 00:00+00', '2028-03-31 00:00+00');
 SELECT plan_id, usage_limit, status FROM billing.check_limit('u_pro', 'signatures', 90);
-SELECT period_start = date_trunc('day', now()) - interval '3 days' AS subscription_period,
-       period_end = date_trunc('day', now()) - interval '3 days' + interval '1 month' AS subscription_period_end
-  FROM billing.usage_current('u_pro') WHERE metric = 'signatures';
+SELECT period_start, period_end FROM billing.usage_current('u_pro') WHERE metric = 'signatures';
 SELECT status, upgrade ->> 'plan_id' AS offered, upgrade -> 'limit' AS offered_limit, upgrade ->> 'monthly_price' AS price
   FROM billing.check_limit('u_pro', 'signatures', 95);
--- a period the subscription rolled over to without an update from Stripe yet
-UPDATE billing.subscriptions SET current_period_start = date_trunc('day', now()) - interval '1 month 3 days',
-                                 current_period_end = date_trunc('day', now()) - interval '3 days'
+-- a period the subscription rolled over to without an update from Stripe yet:
+-- the mirror still has [Jan 31, Feb 29); the period in force is the next one
+UPDATE billing.subscriptions SET current_period_start = '2028-01-31 00:00+00', current_period_end = '2028-02-29 00:00+00'
  WHERE tenant_id = 'u_pro';
-SELECT period_start = date_trunc('day', now()) - interval '3 days' AS rolled_forward FROM billing.usage_current('u_pro') WHERE metric = 'signatures';
+SELECT period_start AS rolled_forward, period_end FROM billing.usage_current('u_pro') WHERE metric = 'signatures';
 
 -- Enterprise: unlimited counters are never blocked and prompt nothing
 INSERT INTO billing.subscriptions (tenant_id, plan_id, billing_interval, status, current_period_start, current_period_end)
-VALUES ('u_ent', 'enterprise', 'year', 'active', date_trunc('day', now()) - interval '10 days',
-        date_trunc('day', now()) - interval '10 days' + interval '1 year');
+VALUES ('u_ent', 'enterprise', 'year', 'active', '2028-02-20 00:00+00', '2029-02-20 00:00+00');
 SELECT allowed, status, usage_limit, remaining, upgrade FROM billing.check_limit('u_ent', 'signatures', 1000000000);
 SELECT total, usage_limit, status FROM billing.record_usage('u_ent', 'signatures', 1000000, 'ent-1');
 SELECT status, upgrade FROM billing.check_limit('u_ent', 'storage', 100000000000);
@@ -76,9 +76,9 @@ UPDATE billing.plan_limits SET hard_limit_pct = NULL WHERE plan_id = 'free' AND 
 SELECT allowed, status FROM billing.check_limit('u_free', 'documents', 76);
 
 -- limits follow the subscription's state
-UPDATE billing.subscriptions SET status = 'past_due', grace_until = now() + interval '2 days' WHERE tenant_id = 'u_pro';
+UPDATE billing.subscriptions SET status = 'past_due', grace_until = billing.now() + interval '2 days' WHERE tenant_id = 'u_pro';
 SELECT plan_id, usage_limit, reason FROM billing.check_limit('u_pro', 'signatures');
-UPDATE billing.subscriptions SET grace_until = now() - interval '1 second' WHERE tenant_id = 'u_pro';
+UPDATE billing.subscriptions SET grace_until = billing.now() - interval '1 second' WHERE tenant_id = 'u_pro';
 SELECT plan_id, usage_limit, reason FROM billing.check_limit('u_pro', 'signatures');
 UPDATE billing.subscriptions SET status = 'incomplete', grace_until = NULL WHERE tenant_id = 'u_pro';
 SELECT plan_id, usage_limit, reason FROM billing.check_limit('u_pro', 'signatures');
@@ -108,10 +108,10 @@ PREPARE TRANSACTION 'with_usage';
 SELECT count(*) AS prepared_rows FROM billing.usage_events WHERE idempotency_key = 'prep-1';
 
 -- the billing clock moves the calendar period: a new month starts at zero
-SELECT billing.set_clock('1 month') IS NOT NULL AS moved;
-SELECT used, period_start = date_trunc('month', (now() + interval '1 month') AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS next_month
+SELECT billing.set_clock('2028-04-01 10:00:00+00' - now()) IS NOT NULL AS moved;
+SELECT used, period_start AS next_month, period_end
   FROM billing.usage_current('u_free') WHERE metric = 'signatures';
-SELECT billing.set_clock('0') IS NOT NULL AS back;
+SELECT billing.set_clock('2028-03-01 21:30:00+00' - now()) IS NOT NULL AS back;
 SELECT current FROM billing.check_limit('u_free', 'signatures', 0);
 
 -- bad input: a clear error with its SQLSTATE, and nothing recorded
@@ -130,7 +130,7 @@ SELECT * FROM billing.record_usage('u_free', 'signatures', 1, 'bad-6', jsonb_bui
 \echo :LAST_ERROR_SQLSTATE
 SELECT * FROM billing.record_usage('u_free', 'signatures', 1, 'bad-7', '[1, 2]');
 \set VERBOSITY terse
-SELECT * FROM billing.record_usage('u_free', 'signatures', 1, 'bad-8', NULL, now() + interval '1 day');
+SELECT * FROM billing.record_usage('u_free', 'signatures', 1, 'bad-8', NULL, billing.now() + interval '1 day');
 \set VERBOSITY default
 SELECT * FROM billing.record_usage(NULL, 'signatures', 1, 'bad-9');
 \echo :LAST_ERROR_SQLSTATE
@@ -188,3 +188,5 @@ SELECT metric, used, usage_limit, status FROM api.usage WHERE is_current ORDER B
 -- tenants cannot record or check usage themselves
 SELECT * FROM billing.check_limit('u_ent', 'signatures');
 ROLLBACK;
+-- back to the real clock for the tests after this one
+SELECT billing.set_clock('0') IS NOT NULL AS clock_reset;
