@@ -44,13 +44,6 @@ CREATE FUNCTION billing.jwt_tenant_id() RETURNS text
   LANGUAGE sql STABLE PARALLEL SAFE
   RETURN billing.jwt_claims() ->> 'tenant_id';
 COMMENT ON FUNCTION billing.jwt_tenant_id() IS 'The tenant_id claim of the request''s JWT; row-level security is keyed on it.';
-
--- The billing clock.  Every time-dependent rule reads billing.now().
-CREATE TABLE billing.clock (
-  singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-  offset_by interval NOT NULL DEFAULT '0'
-);
-COMMENT ON TABLE billing.clock IS 'Offset of billing.now() from the real clock (ignored in production).';
 INSERT INTO billing.clock DEFAULT VALUES;
 
 CREATE FUNCTION billing.now() RETURNS timestamptz

@@ -1,29 +1,3 @@
--- Usage events: one row per recorded usage, counted once per
--- (tenant_id, idempotency_key) forever.  The hot paths never read this
--- history (they read the shared counters), so its size only adds B-tree
--- depth to the two index inserts of record_usage.  It is deliberately not
--- partitioned: on PostgreSQL 15 tuple routing costs a single-row INSERT
--- about 17 % (measured, see README), and period partitions could not keep
--- the key unique forever.
-
-CREATE TABLE billing.usage_events (
-  tenant_id       text NOT NULL,
-  idempotency_key text NOT NULL,
-  metric          text NOT NULL,
-  quantity        bigint NOT NULL,
-  period_start    timestamptz NOT NULL,
-  occurred_at     timestamptz NOT NULL,
-  recorded_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
-  metadata        jsonb,
-  total_after     bigint,
-  PRIMARY KEY (tenant_id, idempotency_key)
-);
-COMMENT ON TABLE billing.usage_events IS
-  'Recorded usage. Counters: quantity is added to the period total; gauge (storage): the newest row of the period is the value.';
-
-
-CREATE INDEX usage_events_period ON billing.usage_events (tenant_id, metric, period_start)
-  INCLUDE (quantity);
 
 -- The hot paths, in C (src/usage.c, src/counters.c).
 

@@ -1,65 +1,6 @@
--- The worker's queues: the outbox of Stripe requests and the inbox of
--- webhook events.  Both are global (not tenant-owned): a request or an event
--- may concern no tenant (setup) or one not yet known (a new event).
--- Inserting into either, or updating it, wakes the worker when the
--- transaction commits: an idle worker runs no transaction of its own
--- (DESIGN.md rule 14), so whatever makes a row due must say so.
-
-CREATE TABLE billing.stripe_requests (
-  request_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-  tenant_id       text REFERENCES billing.tenants,
-  kind            text NOT NULL CHECK (kind ~ '^[a-z_]+(\.[a-z_]+)*$'),
-  method          text NOT NULL CHECK (method IN ('GET', 'POST', 'DELETE')),
-  path            text NOT NULL CHECK (path ~ '^/v1/[A-Za-z0-9_/.-]+$'),
-  params          jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(params) = 'object'),
-  idempotency_key text NOT NULL UNIQUE DEFAULT 'qes-' || gen_random_uuid(),
-  -- 'waiting': sent once after_request has succeeded, with that request's
-  -- response id put into params under the name in inherit
-  state           text NOT NULL DEFAULT 'pending'
-                    CHECK (state IN ('waiting', 'pending', 'in_flight', 'succeeded', 'failed')),
-  after_request   bigint REFERENCES billing.stripe_requests,
-  inherit         text,
-  subject         jsonb NOT NULL DEFAULT '{}',
-  run_id          text,
-  attempts        integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
-  next_attempt_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
-  claimed_at      timestamptz,
-  http_status     integer,
-  response        jsonb,
-  error           jsonb,
-  created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
-  updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
-);
-COMMENT ON TABLE billing.stripe_requests IS
-  'Outbox of Stripe API requests. idempotency_key is fixed at insert and sent on every attempt.';
--- in the order the worker claims requests (billing.outbox_claim), so a claim needs no sort
-CREATE INDEX stripe_requests_due ON billing.stripe_requests (next_attempt_at, request_id) WHERE state = 'pending';
-CREATE INDEX stripe_requests_in_flight ON billing.stripe_requests (claimed_at) WHERE state = 'in_flight';
-CREATE INDEX stripe_requests_after ON billing.stripe_requests (after_request) WHERE state = 'waiting';
-CREATE INDEX stripe_requests_run ON billing.stripe_requests (run_id) WHERE run_id IS NOT NULL;
-CREATE INDEX stripe_requests_tenant ON billing.stripe_requests (tenant_id, kind) WHERE tenant_id IS NOT NULL;
-
-CREATE TABLE billing.webhook_events (
-  stripe_event_id text PRIMARY KEY CHECK (stripe_event_id ~ '^evt_'),
-  event_type      text NOT NULL,
-  livemode        boolean NOT NULL,
-  api_version     text,
-  stripe_created  timestamptz NOT NULL,
-  payload         json NOT NULL,
-  tenant_id       text,
-  state           text NOT NULL DEFAULT 'received'
-                    CHECK (state IN ('received', 'processing', 'applied', 'ignored', 'needs_review')),
-  attempts        integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
-  next_attempt_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
-  last_error      text,
-  received_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
-  applied_at      timestamptz
-);
-COMMENT ON TABLE billing.webhook_events IS
-  'Inbox of verified Stripe webhook events, unique by Stripe event id; applied by the worker.';
--- in the order the worker claims events, so a batch needs no sort
-CREATE INDEX webhook_events_due ON billing.webhook_events (stripe_created, received_at) WHERE state = 'received';
-CREATE INDEX webhook_events_busy ON billing.webhook_events (received_at) WHERE state IN ('processing', 'needs_review');
+-- The worker's queues, the outbox and the inbox (the tables: 01_tables.sql):
+-- waking the worker at commit, reclaiming what a crashed worker left in
+-- flight, and the worker's status.
 
 CREATE FUNCTION billing.wake_worker_on_commit() RETURNS trigger
   LANGUAGE c AS 'MODULE_PATHNAME', 'qes_wake_worker_trigger';

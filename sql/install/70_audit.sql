@@ -8,29 +8,6 @@ CREATE FUNCTION billing.audit_hash(prev bytea, audit_id bigint, occurred_at time
   RETURNS bytea LANGUAGE c IMMUTABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'qes_audit_hash';
 COMMENT ON FUNCTION billing.audit_hash(bytea, bigint, timestamptz, text, text, text, text, text, jsonb) IS
   'SHA-256 over the previous hash and the canonical content of one audit row.';
-
-CREATE TABLE billing.audit_log (
-  audit_id     bigint PRIMARY KEY,
-  occurred_at  timestamptz NOT NULL,
-  actor_role   text NOT NULL,
-  actor_sub    text,
-  actor_tenant text,
-  tenant_id    text,
-  action       text NOT NULL,
-  details      jsonb NOT NULL,
-  prev_hash    bytea NOT NULL,
-  hash         bytea NOT NULL
-);
-COMMENT ON TABLE billing.audit_log IS
-  'Every billing operation: who (database role, JWT subject and tenant), what, for which tenant. Append-only and hash-chained.';
-CREATE INDEX audit_log_tenant ON billing.audit_log (tenant_id, audit_id) WHERE tenant_id IS NOT NULL;
-
-CREATE TABLE billing.audit_head (
-  singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-  last_id   bigint NOT NULL,
-  last_hash bytea NOT NULL
-);
-COMMENT ON TABLE billing.audit_head IS 'The newest link of the audit chain; audit writers lock it.';
 INSERT INTO billing.audit_head VALUES (true, 0, '\x0000000000000000000000000000000000000000000000000000000000000000');
 
 CREATE FUNCTION billing.audit(p_action text, p_tenant_id text DEFAULT NULL, p_details jsonb DEFAULT '{}')

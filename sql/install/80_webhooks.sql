@@ -7,18 +7,6 @@ CREATE FUNCTION billing.verify_stripe_signature(payload text, header text, secre
 COMMENT ON FUNCTION billing.verify_stripe_signature(text, text, text, integer, timestamptz) IS
   'Check a Stripe-Signature header against the raw body: ok, or no_header, no_secret, malformed, no_v1, mismatch, stale. Defaults: the configured webhook secret(s), qes_billing.webhook_tolerance, the real clock.';
 
-CREATE TABLE billing.webhook_rejections (
-  rejection_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-  rejected_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
-  reason          text NOT NULL,
-  deliveries      bigint NOT NULL DEFAULT 1 CHECK (deliveries > 0),
-  stripe_event_id text,
-  event_type      text
-);
-COMMENT ON TABLE billing.webhook_rejections IS
-  'Webhook deliveries refused at intake (bad or missing signature, stale, wrong mode, not an event, implausible): an attack or a wrong secret shows here. Refusals are counted in shared memory and written here about once a minute, one row per reason with the number of deliveries (billing.webhook_rejections_pending() shows what is not written yet).';
-CREATE INDEX webhook_rejections_recent ON billing.webhook_rejections (rejected_at);
-
 -- Refused deliveries are counted in shared memory without a write or the
 -- audit chain's lock (src/guard.c); the worker writes the counts here and
 -- into the audit log about once a minute.

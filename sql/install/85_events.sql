@@ -24,23 +24,6 @@
 --     'waiting', or 'ignored' for a customer that is not known to be ours)
 --     and is applied again as soon as it arrives (billing.inbox_requeue).
 
-ALTER TABLE billing.webhook_events ADD COLUMN waits_for text[];
-COMMENT ON COLUMN billing.webhook_events.waits_for IS
-  'The Stripe ids an event waits for (a waiting or ignored event is applied again when one of them is mirrored).';
-ALTER TABLE billing.webhook_events DROP CONSTRAINT webhook_events_state_check;
-ALTER TABLE billing.webhook_events ADD CONSTRAINT webhook_events_state_check
-  CHECK (state IN ('received', 'processing', 'applied', 'ignored', 'waiting', 'needs_review'));
--- The same, as rows to look up by Stripe id (global like the inbox: an event
--- may not be known to belong to any tenant yet).
-CREATE TABLE billing.webhook_waits (
-  stripe_id       text NOT NULL,
-  stripe_event_id text NOT NULL REFERENCES billing.webhook_events ON DELETE CASCADE,
-  PRIMARY KEY (stripe_id, stripe_event_id)
-);
-COMMENT ON TABLE billing.webhook_waits IS
-  'Which waiting or ignored inbox event waits for which Stripe id (applied again when that object is mirrored).';
-CREATE INDEX webhook_waits_event ON billing.webhook_waits (stripe_event_id);
-
 -- A Stripe reference: an id, or an expanded object's id.
 CREATE FUNCTION billing.stripe_ref(v jsonb) RETURNS text
   LANGUAGE sql IMMUTABLE

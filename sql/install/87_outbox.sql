@@ -17,22 +17,6 @@
 -- qes_billing.max_attempts the request fails with its last error.  Requests
 -- that wait for another (after_request) fail with it.
 
-CREATE TABLE billing.stripe_secrets (
-  mode       text NOT NULL CHECK (mode IN ('test', 'live')),
-  kind       text NOT NULL CHECK (kind IN ('webhook')),
-  endpoint   text NOT NULL,
-  secret     text NOT NULL CHECK (secret ~ '^whsec_'),
-  created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
-  PRIMARY KEY (mode, kind, endpoint)
-);
-COMMENT ON TABLE billing.stripe_secrets IS
-  'Secrets learnt from Stripe (the webhook endpoint''s signing secret, returned once at creation). Superusers only: nothing is granted on it.';
-
-ALTER TABLE billing.subscriptions
-  ADD COLUMN stripe_item_id text,
-  ADD COLUMN pending_change jsonb,
-  ADD COLUMN last_error jsonb;
-
 CREATE FUNCTION billing.stripe_form(params jsonb) RETURNS text
   LANGUAGE c IMMUTABLE STRICT AS 'MODULE_PATHNAME', 'qes_stripe_form_fn';
 COMMENT ON FUNCTION billing.stripe_form(jsonb) IS

@@ -20,17 +20,6 @@
 -- it): retire a plan or price with active = false, lift a limit with
 -- soft_limit = NULL, and keep the seed keys.
 
--- The seed rows as this script made them; never dumped (each CREATE
--- EXTENSION makes them again).  An upgrade script that changes a seed row
--- changes it here too.
-CREATE TABLE billing.seed_rows (
-  relname text NOT NULL CHECK (relname IN ('metrics', 'plans', 'plan_limits', 'prices', 'clock', 'audit_head')),
-  "row"   jsonb NOT NULL,
-  PRIMARY KEY (relname, "row")
-);
-COMMENT ON TABLE billing.seed_rows IS
-  'The rows CREATE EXTENSION seeds (catalog, clock, audit chain head), as it made them: pg_dump leaves out a row still equal to its seed, and restoring a changed one replaces the seed.';
-
 INSERT INTO billing.seed_rows
 SELECT 'metrics', pg_catalog.to_jsonb(t) FROM billing.metrics t
 UNION ALL SELECT 'plans', pg_catalog.to_jsonb(t) FROM billing.plans t

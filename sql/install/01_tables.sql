@@ -1,0 +1,498 @@
+-- Every table of qes_billing, with its indexes and constraints, in its
+-- final form, grouped by concern.  No later file alters a table: a change of
+-- shape in a released version is an upgrade script's business
+-- (sql/qes_billing--A--B.sql).  The functions and triggers over these
+-- tables live in the files of their concern; row-level security and grants
+-- in 99_security.sql; what pg_dump keeps in 97_dump.sql.
+--
+-- Tenant-owned tables lead their primary key with tenant_id, so the schema
+-- can be distributed by tenant (docs/architecture.md, "Rules").
+
+-- ---- the billing clock ---------------------------------------------------------
+
+-- The billing clock.  Every time-dependent rule reads billing.now().
+CREATE TABLE billing.clock (
+  singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+  offset_by interval NOT NULL DEFAULT '0'
+);
+COMMENT ON TABLE billing.clock IS 'Offset of billing.now() from the real clock (ignored in production).';
+
+-- ---- the plan catalog ----------------------------------------------------------
+-- The plan catalog (global, not tenant-owned): metrics, plans, their limits
+-- and prices.  Operators change it with plain SQL; limits take effect at
+-- commit.
+
+CREATE TABLE billing.metrics (
+  metric      text PRIMARY KEY CHECK (metric ~ '^[a-z][a-z_]{0,31}$'),
+  kind        text NOT NULL CHECK (kind IN ('counter', 'gauge')),
+  unit        text NOT NULL,
+  description text NOT NULL
+);
+COMMENT ON TABLE billing.metrics IS
+  'What is metered. Counters are summed per billing period; a gauge''s latest value counts.';
+
+CREATE TABLE billing.plans (
+  plan_id           text PRIMARY KEY CHECK (plan_id ~ '^[a-z][a-z0-9_]{0,31}$'),
+  name              text NOT NULL CHECK (length(name) BETWEEN 1 AND 100),
+  tier              integer NOT NULL UNIQUE CHECK (tier >= 0),
+  description       text NOT NULL DEFAULT '',
+  features          text[] NOT NULL DEFAULT '{}',
+  stripe_product_id text UNIQUE,
+  active            boolean NOT NULL DEFAULT true
+);
+COMMENT ON TABLE billing.plans IS
+  'Plans, ordered by tier (the next tier up is the upgrade a tenant is offered).';
+
+CREATE TABLE billing.plan_limits (
+  plan_id        text NOT NULL REFERENCES billing.plans ON UPDATE CASCADE ON DELETE CASCADE,
+  metric         text NOT NULL REFERENCES billing.metrics ON UPDATE CASCADE,
+  soft_limit     bigint CHECK (soft_limit >= 0),
+  hard_limit_pct integer CHECK (hard_limit_pct >= 100),
+  PRIMARY KEY (plan_id, metric),
+  CHECK (soft_limit IS NOT NULL OR hard_limit_pct IS NULL)
+);
+COMMENT ON TABLE billing.plan_limits IS
+  'Per plan and metric: the soft limit per billing period (NULL = unlimited) and an optional hard ceiling in percent of it.';
+
+CREATE TABLE billing.prices (
+  price_key        text PRIMARY KEY CHECK (price_key ~ '^[a-z][a-z0-9_]{0,63}$'),
+  plan_id          text NOT NULL REFERENCES billing.plans ON UPDATE CASCADE,
+  billing_interval text NOT NULL CHECK (billing_interval IN ('month', 'year')),
+  unit_amount      bigint NOT NULL CHECK (unit_amount >= 0),
+  currency         text NOT NULL DEFAULT 'usd' CHECK (currency ~ '^[a-z]{3}$'),
+  stripe_price_id  text UNIQUE,
+  active           boolean NOT NULL DEFAULT true
+);
+COMMENT ON TABLE billing.prices IS
+  'Prices per plan and interval, in the smallest currency unit. price_key is the Stripe lookup_key.';
+CREATE UNIQUE INDEX prices_one_active ON billing.prices (plan_id, billing_interval, currency) WHERE active;
+
+-- ---- tenants and subscriptions -------------------------------------------------
+-- Tenants and their subscriptions.  Tenant-owned tables lead their primary
+-- key with tenant_id (docs/architecture.md, rule 2).
+
+CREATE TABLE billing.tenants (
+  tenant_id          text PRIMARY KEY CHECK (tenant_id ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$'),
+  name               text NOT NULL CHECK (length(name) BETWEEN 1 AND 200),
+  billing_email      text NOT NULL CHECK (length(billing_email) <= 254
+                                          AND billing_email ~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$'),
+  stripe_customer_id text UNIQUE CHECK (stripe_customer_id ~ '^cus_'),
+  disputed           boolean NOT NULL DEFAULT false,
+  created_at         timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  updated_at         timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE billing.tenants IS 'Tenants of the QES platform, registered by the platform with billing.upsert_tenant().';
+
+CREATE TABLE billing.subscriptions (
+  tenant_id              text NOT NULL REFERENCES billing.tenants,
+  subscription_id        bigint GENERATED ALWAYS AS IDENTITY,
+  plan_id                text NOT NULL REFERENCES billing.plans ON UPDATE CASCADE,
+  billing_interval       text NOT NULL CHECK (billing_interval IN ('month', 'year')),
+  status                 text NOT NULL CHECK (status IN ('incomplete', 'incomplete_expired', 'trialing',
+                                                         'active', 'past_due', 'canceled', 'unpaid', 'paused')),
+  stripe_subscription_id text UNIQUE CHECK (stripe_subscription_id ~ '^sub_'),
+  stripe_price_id        text,
+  client_secret          text,
+  current_period_start   timestamptz,
+  current_period_end     timestamptz,
+  cancel_at_period_end   boolean NOT NULL DEFAULT false,
+  trial_end              timestamptz,
+  grace_until            timestamptz,
+  stripe_state_at        timestamptz,
+  -- Stripe's own facts the entitlements are computed from (docs/architecture.md,
+  -- "Mirroring Stripe"): the cycle anchor the periods step from, when the
+  -- subscription was created and when it ended
+  billing_cycle_anchor   timestamptz,
+  stripe_created         timestamptz,
+  ended_at               timestamptz,
+  -- where the state came from: an event (Stripe's time, whole seconds) or
+  -- an answer of the outbox (stamped with the second its request was sent)
+  stripe_state_source    text CHECK (stripe_state_source IN ('event', 'answer')),
+  created_at             timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  updated_at             timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  -- what the outbox needs: the subscription item upgrades and downgrades
+  -- change, a change asked for and not answered yet, the last failure
+  stripe_item_id         text,
+  pending_change         jsonb,
+  last_error             jsonb,
+  PRIMARY KEY (tenant_id, subscription_id),
+  CHECK (current_period_end IS NULL OR current_period_start IS NULL
+         OR current_period_end > current_period_start)
+);
+COMMENT ON TABLE billing.subscriptions IS
+  'Subscriptions mirrored from Stripe (Free is local only). stripe_state_at is the Stripe time of the newest state applied, so an older event never overwrites a newer one; grace_until is derived from Stripe''s times (billing.sync_dunning).';
+CREATE UNIQUE INDEX subscriptions_one_current ON billing.subscriptions (tenant_id)
+  WHERE status NOT IN ('canceled', 'incomplete_expired');
+-- the grace periods the notification timers watch
+CREATE INDEX subscriptions_grace ON billing.subscriptions (grace_until)
+  WHERE status IN ('past_due', 'unpaid') AND grace_until IS NOT NULL;
+
+-- Every Stripe customer of a tenant that Stripe told about, kept by Stripe
+-- id: events about any of them (a deleted one too) belong to the tenant, and
+-- a deleted customer is never linked again.  tenants.stripe_customer_id is
+-- the newest customer that is not deleted (billing.sync_customer).
+CREATE TABLE billing.stripe_customers (
+  tenant_id          text NOT NULL REFERENCES billing.tenants,
+  stripe_customer_id text NOT NULL UNIQUE CHECK (stripe_customer_id ~ '^cus_'),
+  stripe_created     timestamptz,
+  deleted_at         timestamptz,
+  linked_at          timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  PRIMARY KEY (tenant_id, stripe_customer_id)
+);
+COMMENT ON TABLE billing.stripe_customers IS
+  'Every Stripe customer of each tenant that Stripe told about (customer events). deleted_at is the Stripe time of customer.deleted: a deleted customer is never revived by an older event.';
+
+-- ---- usage ---------------------------------------------------------------------
+-- Usage events: one row per recorded usage, counted once per
+-- (tenant_id, idempotency_key) forever.  The hot paths never read this
+-- history (they read the shared counters), so its size only adds B-tree
+-- depth to the two index inserts of record_usage.  It is deliberately not
+-- partitioned: on PostgreSQL 15 tuple routing costs a single-row INSERT
+-- about 17 % (measured, see README), and period partitions could not keep
+-- the key unique forever.
+
+CREATE TABLE billing.usage_events (
+  tenant_id       text NOT NULL,
+  idempotency_key text NOT NULL,
+  metric          text NOT NULL,
+  quantity        bigint NOT NULL,
+  period_start    timestamptz NOT NULL,
+  occurred_at     timestamptz NOT NULL,
+  recorded_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  metadata        jsonb,
+  total_after     bigint,
+  PRIMARY KEY (tenant_id, idempotency_key)
+);
+COMMENT ON TABLE billing.usage_events IS
+  'Recorded usage. Counters: quantity is added to the period total; gauge (storage): the newest row of the period is the value.';
+
+
+CREATE INDEX usage_events_period ON billing.usage_events (tenant_id, metric, period_start)
+  INCLUDE (quantity);
+
+-- ---- invoices, payments, disputes, notifications -------------------------------
+-- Mirrors of Stripe objects per tenant, and the notifications queue.
+
+CREATE TABLE billing.invoices (
+  tenant_id          text NOT NULL REFERENCES billing.tenants,
+  stripe_invoice_id  text NOT NULL UNIQUE CHECK (stripe_invoice_id ~ '^in_'),
+  subscription_id    bigint,
+  number             text,
+  status             text NOT NULL CHECK (status IN ('draft', 'open', 'paid', 'uncollectible', 'void')),
+  amount_due         bigint NOT NULL DEFAULT 0 CHECK (amount_due >= 0),
+  amount_paid        bigint NOT NULL DEFAULT 0 CHECK (amount_paid >= 0),
+  amount_remaining   bigint NOT NULL DEFAULT 0 CHECK (amount_remaining >= 0),
+  currency           text NOT NULL CHECK (currency ~ '^[a-z]{3}$'),
+  period_start       timestamptz,
+  period_end         timestamptz,
+  hosted_invoice_url text,
+  invoice_pdf        text,
+  stripe_created     timestamptz NOT NULL,
+  stripe_state_at    timestamptz,
+  updated_at         timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  -- kept by Stripe id, so the relation resolves whichever side arrives first
+  stripe_subscription_id text,
+  -- dunning facts, from Stripe's times: the first failed attempt (the
+  -- created time of the earliest invoice.payment_failed), attempts so far,
+  -- status_transitions
+  first_failed_at    timestamptz,
+  attempt_count      integer NOT NULL DEFAULT 0,
+  finalized_at       timestamptz,
+  paid_at            timestamptz,
+  PRIMARY KEY (tenant_id, stripe_invoice_id),
+  FOREIGN KEY (tenant_id, subscription_id) REFERENCES billing.subscriptions
+);
+COMMENT ON TABLE billing.invoices IS 'Invoices mirrored from Stripe.';
+CREATE INDEX invoices_newest ON billing.invoices (tenant_id, stripe_created DESC);
+CREATE INDEX invoices_subscription ON billing.invoices (stripe_subscription_id) WHERE stripe_subscription_id IS NOT NULL;
+
+CREATE TABLE billing.payments (
+  tenant_id                text NOT NULL REFERENCES billing.tenants,
+  payment_id               bigint GENERATED ALWAYS AS IDENTITY,
+  kind                     text NOT NULL CHECK (kind IN ('one_time', 'subscription')),
+  amount                   bigint NOT NULL CHECK (amount > 0),
+  currency                 text NOT NULL CHECK (currency ~ '^[a-z]{3}$'),
+  description              text CHECK (length(description) <= 1000),
+  status                   text NOT NULL DEFAULT 'pending'
+                             CHECK (status IN ('pending', 'requires_payment_method', 'requires_confirmation',
+                                               'requires_action', 'processing', 'requires_capture',
+                                               'canceled', 'succeeded', 'failed')),
+  stripe_payment_intent_id text UNIQUE CHECK (stripe_payment_intent_id ~ '^pi_'),
+  stripe_charge_id         text,
+  client_secret            text,
+  failure_code             text,
+  failure_message          text,
+  stripe_state_at          timestamptz,
+  created_at               timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  updated_at               timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  stripe_invoice_id        text,
+  PRIMARY KEY (tenant_id, payment_id)
+);
+CREATE INDEX payments_charge ON billing.payments (stripe_charge_id) WHERE stripe_charge_id IS NOT NULL;
+
+-- Which payment intent pays which invoice, by Stripe id, from whichever side
+-- says so: the payment intent's `invoice` and the invoice's `payment_intent`
+-- (API versions before 2025-03-31), or the invoice's payments
+-- (InvoicePayment objects, since).  A payment is kind 'subscription' when a
+-- link names it, whichever arrived first.
+CREATE TABLE billing.invoice_payments (
+  tenant_id                text NOT NULL REFERENCES billing.tenants,
+  stripe_payment_intent_id text NOT NULL CHECK (stripe_payment_intent_id ~ '^pi_'),
+  stripe_invoice_id        text NOT NULL CHECK (stripe_invoice_id ~ '^in_'),
+  PRIMARY KEY (tenant_id, stripe_payment_intent_id, stripe_invoice_id)
+);
+COMMENT ON TABLE billing.invoice_payments IS
+  'Links between payment intents and the invoices they pay, by Stripe id (from either side, in any API version).';
+COMMENT ON TABLE billing.payments IS 'Payments (one-time payment intents and subscription charges) mirrored from Stripe.';
+
+CREATE TABLE billing.disputes (
+  tenant_id         text NOT NULL REFERENCES billing.tenants,
+  stripe_dispute_id text NOT NULL UNIQUE CHECK (stripe_dispute_id ~ '^(dp|du)_'),
+  stripe_charge_id  text,
+  amount            bigint NOT NULL CHECK (amount >= 0),
+  currency          text NOT NULL CHECK (currency ~ '^[a-z]{3}$'),
+  reason            text,
+  status            text NOT NULL,
+  stripe_created    timestamptz NOT NULL,
+  recorded_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  PRIMARY KEY (tenant_id, stripe_dispute_id)
+);
+COMMENT ON TABLE billing.disputes IS 'Card disputes (chargebacks) reported by Stripe.';
+
+-- Notifications, delivered by the worker (sql/install/89_notify.sql,
+-- src/notify.c).  state: pending -> in_flight -> sent | pending (retry) |
+-- failed; or skipped when it no longer applies by its turn
+-- (docs/architecture.md, "States").  event_id is what receivers deduplicate
+-- by, the same on every attempt.  channels_due: the channels of the attempt
+-- in flight not yet recorded; delivered: channel -> when it delivered (a
+-- channel that delivered is not sent again); attempt_errors: what failed in
+-- this attempt, per channel.
+CREATE TABLE billing.notifications (
+  tenant_id       text NOT NULL REFERENCES billing.tenants,
+  notification_id bigint GENERATED ALWAYS AS IDENTITY,
+  kind            text NOT NULL CHECK (kind ~ '^[a-z_]+(\.[a-z_]+)*$'),
+  audience        text NOT NULL DEFAULT 'tenant' CHECK (audience IN ('tenant', 'operator')),
+  dedup_key       text NOT NULL,
+  payload         jsonb NOT NULL DEFAULT '{}',
+  state           text NOT NULL DEFAULT 'pending',
+  created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  sent_at         timestamptz,
+  event_id        text NOT NULL DEFAULT 'ntf_' || pg_catalog.replace(pg_catalog.gen_random_uuid()::text, '-', '')
+                    CHECK (event_id ~ '^ntf_[0-9a-f]{32}$'),
+  attempts        integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+  next_attempt_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  claimed_at      timestamptz,
+  channels_due    text[] NOT NULL DEFAULT '{}',
+  delivered       jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(delivered) = 'object'),
+  attempt_errors  jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(attempt_errors) = 'object'),
+  last_error      text,
+  skip_reason     text,
+  updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  PRIMARY KEY (tenant_id, notification_id),
+  UNIQUE (tenant_id, dedup_key),
+  CONSTRAINT notifications_state_check CHECK (state IN ('pending', 'in_flight', 'sent', 'failed', 'skipped'))
+);
+COMMENT ON TABLE billing.notifications IS
+  'Notifications to tenants or operators, queued once per dedup_key (e.g. one per tenant, metric, period and threshold).';
+COMMENT ON COLUMN billing.notifications.event_id IS
+  'The id of the notification on every channel and attempt (webhook "id" and QES-Event-Id, email Message-ID and X-QES-Event-Id): receivers deduplicate by it.';
+-- the worker claims by due time
+CREATE INDEX notifications_due ON billing.notifications (next_attempt_at) WHERE state = 'pending';
+CREATE INDEX notifications_in_flight ON billing.notifications (claimed_at) WHERE state = 'in_flight';
+CREATE INDEX notifications_failed ON billing.notifications (updated_at) WHERE state = 'failed';
+
+-- ---- the outbox and the inbox --------------------------------------------------
+-- The worker's queues: the outbox of Stripe requests and the inbox of
+-- webhook events.  Both are global (not tenant-owned): a request or an event
+-- may concern no tenant (setup) or one not yet known (a new event).
+-- Inserting into either, or updating it, wakes the worker when the
+-- transaction commits: an idle worker runs no transaction of its own
+-- (DESIGN.md rule 14), so whatever makes a row due must say so.
+
+CREATE TABLE billing.stripe_requests (
+  request_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  tenant_id       text REFERENCES billing.tenants,
+  kind            text NOT NULL CHECK (kind ~ '^[a-z_]+(\.[a-z_]+)*$'),
+  method          text NOT NULL CHECK (method IN ('GET', 'POST', 'DELETE')),
+  path            text NOT NULL CHECK (path ~ '^/v1/[A-Za-z0-9_/.-]+$'),
+  params          jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(params) = 'object'),
+  idempotency_key text NOT NULL UNIQUE DEFAULT 'qes-' || gen_random_uuid(),
+  -- 'waiting': sent once after_request has succeeded, with that request's
+  -- response id put into params under the name in inherit
+  state           text NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('waiting', 'pending', 'in_flight', 'succeeded', 'failed')),
+  after_request   bigint REFERENCES billing.stripe_requests,
+  inherit         text,
+  subject         jsonb NOT NULL DEFAULT '{}',
+  run_id          text,
+  attempts        integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+  next_attempt_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  claimed_at      timestamptz,
+  http_status     integer,
+  response        jsonb,
+  error           jsonb,
+  created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE billing.stripe_requests IS
+  'Outbox of Stripe API requests. idempotency_key is fixed at insert and sent on every attempt.';
+-- in the order the worker claims requests (billing.outbox_claim), so a claim needs no sort
+CREATE INDEX stripe_requests_due ON billing.stripe_requests (next_attempt_at, request_id) WHERE state = 'pending';
+CREATE INDEX stripe_requests_in_flight ON billing.stripe_requests (claimed_at) WHERE state = 'in_flight';
+CREATE INDEX stripe_requests_after ON billing.stripe_requests (after_request) WHERE state = 'waiting';
+CREATE INDEX stripe_requests_run ON billing.stripe_requests (run_id) WHERE run_id IS NOT NULL;
+CREATE INDEX stripe_requests_tenant ON billing.stripe_requests (tenant_id, kind) WHERE tenant_id IS NOT NULL;
+
+CREATE TABLE billing.webhook_events (
+  stripe_event_id text PRIMARY KEY CHECK (stripe_event_id ~ '^evt_'),
+  event_type      text NOT NULL,
+  livemode        boolean NOT NULL,
+  api_version     text,
+  stripe_created  timestamptz NOT NULL,
+  payload         json NOT NULL,
+  tenant_id       text,
+  -- received -> processing -> applied | ignored | waiting | needs_review
+  -- (docs/architecture.md, "States")
+  state           text NOT NULL DEFAULT 'received',
+  attempts        integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+  next_attempt_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  last_error      text,
+  received_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  applied_at      timestamptz,
+  waits_for       text[],
+  source          text NOT NULL DEFAULT 'webhook' CHECK (source IN ('webhook', 'reconcile')),
+  CONSTRAINT webhook_events_state_check
+    CHECK (state IN ('received', 'processing', 'applied', 'ignored', 'waiting', 'needs_review'))
+);
+COMMENT ON TABLE billing.webhook_events IS
+  'Inbox of verified Stripe webhook events, unique by Stripe event id; applied by the worker.';
+-- in the order the worker claims events, so a batch needs no sort
+CREATE INDEX webhook_events_due ON billing.webhook_events (stripe_created, received_at) WHERE state = 'received';
+CREATE INDEX webhook_events_busy ON billing.webhook_events (received_at) WHERE state IN ('processing', 'needs_review');
+COMMENT ON COLUMN billing.webhook_events.waits_for IS
+  'The Stripe ids an event waits for (a waiting or ignored event is applied again when one of them is mirrored).';
+COMMENT ON COLUMN billing.webhook_events.source IS
+  'How the event came: delivered by Stripe (webhook) or found missing by a reconciliation pass (reconcile).';
+
+-- The events waiting for objects, as rows to look up by Stripe id (global
+-- like the inbox: an event may not be known to belong to any tenant yet).
+CREATE TABLE billing.webhook_waits (
+  stripe_id       text NOT NULL,
+  stripe_event_id text NOT NULL REFERENCES billing.webhook_events ON DELETE CASCADE,
+  PRIMARY KEY (stripe_id, stripe_event_id)
+);
+COMMENT ON TABLE billing.webhook_waits IS
+  'Which waiting or ignored inbox event waits for which Stripe id (applied again when that object is mirrored).';
+CREATE INDEX webhook_waits_event ON billing.webhook_waits (stripe_event_id);
+
+-- ---- the audit log -------------------------------------------------------------
+
+CREATE TABLE billing.audit_log (
+  audit_id     bigint PRIMARY KEY,
+  occurred_at  timestamptz NOT NULL,
+  actor_role   text NOT NULL,
+  actor_sub    text,
+  actor_tenant text,
+  tenant_id    text,
+  action       text NOT NULL,
+  details      jsonb NOT NULL,
+  prev_hash    bytea NOT NULL,
+  hash         bytea NOT NULL
+);
+COMMENT ON TABLE billing.audit_log IS
+  'Every billing operation: who (database role, JWT subject and tenant), what, for which tenant. Append-only and hash-chained.';
+CREATE INDEX audit_log_tenant ON billing.audit_log (tenant_id, audit_id) WHERE tenant_id IS NOT NULL;
+
+CREATE TABLE billing.audit_head (
+  singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+  last_id   bigint NOT NULL,
+  last_hash bytea NOT NULL
+);
+COMMENT ON TABLE billing.audit_head IS 'The newest link of the audit chain; audit writers lock it.';
+
+-- ---- webhook refusals ----------------------------------------------------------
+
+CREATE TABLE billing.webhook_rejections (
+  rejection_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  rejected_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  reason          text NOT NULL,
+  deliveries      bigint NOT NULL DEFAULT 1 CHECK (deliveries > 0),
+  stripe_event_id text,
+  event_type      text
+);
+COMMENT ON TABLE billing.webhook_rejections IS
+  'Webhook deliveries refused at intake (bad or missing signature, stale, wrong mode, not an event, implausible): an attack or a wrong secret shows here. Refusals are counted in shared memory and written here about once a minute, one row per reason with the number of deliveries (billing.webhook_rejections_pending() shows what is not written yet).';
+CREATE INDEX webhook_rejections_recent ON billing.webhook_rejections (rejected_at);
+
+-- ---- reconciliation ------------------------------------------------------------
+
+-- One run: a pass over Stripe's events, or one tenant's objects.  Global
+-- like the queues (a pass concerns no one tenant).
+CREATE TABLE billing.reconcile_runs (
+  run_id        text PRIMARY KEY,
+  kind          text NOT NULL CHECK (kind IN ('pass', 'tenant')),
+  tenant_id     text REFERENCES billing.tenants,
+  started_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  finished_at   timestamptz,
+  requests      integer NOT NULL DEFAULT 0,   -- Stripe requests answered
+  listed        integer NOT NULL DEFAULT 0,   -- events or objects Stripe listed
+  missed_events integer NOT NULL DEFAULT 0,   -- events the inbox never received
+  repairs       integer NOT NULL DEFAULT 0,
+  errors        integer NOT NULL DEFAULT 0
+);
+COMMENT ON TABLE billing.reconcile_runs IS
+  'Reconciliation runs: a periodic pass over Stripe''s events or one tenant''s objects; what Stripe listed, the events the inbox had missed, the repairs made, the Stripe requests spent.';
+CREATE INDEX reconcile_runs_started ON billing.reconcile_runs (started_at);
+
+CREATE TABLE billing.drift_repairs (
+  tenant_id       text NOT NULL REFERENCES billing.tenants,
+  repair_id       bigint GENERATED ALWAYS AS IDENTITY,
+  repaired_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  run_id          text,
+  source          text NOT NULL CHECK (source IN ('events', 'objects')),
+  object          text NOT NULL,
+  stripe_id       text NOT NULL,
+  stripe_event_id text,
+  before          jsonb,
+  after           jsonb,
+  PRIMARY KEY (tenant_id, repair_id)
+);
+COMMENT ON TABLE billing.drift_repairs IS
+  'Each repair of the mirror by reconciliation: the object, the mirror''s state of it before and after, the run, and the missed event that repaired it (source events) or Stripe''s object as listed (source objects).';
+
+-- The pass's progress (one row, made by the worker's first loop).
+CREATE TABLE billing.reconcile_state (
+  singleton       boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+  events_cursor   timestamptz,   -- the next listing asks for events created at or after it
+  listing_newest  timestamptz,   -- the newest event the listing under way saw
+  pass_run_id     text,
+  pass_pages      integer NOT NULL DEFAULT 0,
+  next_pass_at    timestamptz NOT NULL
+);
+COMMENT ON TABLE billing.reconcile_state IS
+  'Where the periodic reconciliation pass stands: its cursor in Stripe''s event list, the listing under way, when the next pass is due.';
+
+-- ---- Stripe secrets ------------------------------------------------------------
+CREATE TABLE billing.stripe_secrets (
+  mode       text NOT NULL CHECK (mode IN ('test', 'live')),
+  kind       text NOT NULL CHECK (kind IN ('webhook')),
+  endpoint   text NOT NULL,
+  secret     text NOT NULL CHECK (secret ~ '^whsec_'),
+  created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  PRIMARY KEY (mode, kind, endpoint)
+);
+COMMENT ON TABLE billing.stripe_secrets IS
+  'Secrets learnt from Stripe (the webhook endpoint''s signing secret, returned once at creation). Superusers only: nothing is granted on it.';
+
+
+-- ---- dump and restore ----------------------------------------------------------
+-- The seed rows as this script made them; never dumped (each CREATE
+-- EXTENSION makes them again).  An upgrade script that changes a seed row
+-- changes it here too.
+CREATE TABLE billing.seed_rows (
+  relname text NOT NULL CHECK (relname IN ('metrics', 'plans', 'plan_limits', 'prices', 'clock', 'audit_head')),
+  "row"   jsonb NOT NULL,
+  PRIMARY KEY (relname, "row")
+);
+COMMENT ON TABLE billing.seed_rows IS
+  'The rows CREATE EXTENSION seeds (catalog, clock, audit chain head), as it made them: pg_dump leaves out a row still equal to its seed, and restoring a changed one replaces the seed.';
