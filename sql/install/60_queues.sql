@@ -2,6 +2,19 @@
 -- waking the worker at commit, reclaiming what a crashed worker left in
 -- flight, and the worker's status.
 
+-- The delay before attempt n+1 of anything the worker retries (an outbox
+-- request, an inbox event, a notification): doubling from base per attempt
+-- up to cap, with jitter (50-100 % of it) so that retries of many rows that
+-- failed together spread out.  The exponent is capped, so a large attempt
+-- count cannot overflow.
+CREATE FUNCTION billing.backoff(p_attempts integer, p_base interval, p_cap interval) RETURNS interval
+  LANGUAGE sql VOLATILE PARALLEL SAFE
+RETURN pg_catalog.make_interval(secs => least(extract(epoch FROM p_cap),
+                                              extract(epoch FROM p_base) * 2 ^ least(greatest(p_attempts - 1, 0), 30))
+                                        * (0.5 + pg_catalog.random() / 2));
+COMMENT ON FUNCTION billing.backoff(integer, interval, interval) IS
+  'The delay before the next attempt after p_attempts attempts: p_base doubled per attempt up to p_cap, with 50-100 % jitter.';
+
 CREATE FUNCTION billing.wake_worker_on_commit() RETURNS trigger
   LANGUAGE c AS 'MODULE_PATHNAME', 'qes_wake_worker_trigger';
 COMMENT ON FUNCTION billing.wake_worker_on_commit() IS

@@ -834,8 +834,6 @@ DECLARE
   v_err   text;
   v_n     integer := 0;
   v_max   integer := current_setting('qes_billing.webhook_max_attempts')::integer;
-  v_base  double precision := extract(epoch FROM current_setting('qes_billing.retry_base_delay')::interval);
-  v_cap   double precision := extract(epoch FROM current_setting('qes_billing.retry_max_delay')::interval);
 BEGIN
   FOR ev IN
     SELECT w.stripe_event_id, w.payload, w.attempts, w.source FROM billing.webhook_events w
@@ -865,7 +863,8 @@ BEGIN
       UPDATE billing.webhook_events
          SET attempts = attempts + 1, last_error = v_err,
              state = CASE WHEN attempts + 1 >= v_max THEN 'needs_review' ELSE 'received' END,
-             next_attempt_at = now() + make_interval(secs => least(v_cap, v_base * 2 ^ attempts) * (0.5 + random() / 2))
+             next_attempt_at = now() + billing.backoff(attempts + 1, current_setting('qes_billing.retry_base_delay')::interval,
+                                                       current_setting('qes_billing.retry_max_delay')::interval)
        WHERE stripe_event_id = ev.stripe_event_id;
       IF ev.attempts + 1 >= v_max THEN
         PERFORM billing.audit('webhook.parked', NULL, jsonb_build_object('event_id', ev.stripe_event_id, 'error', v_err));

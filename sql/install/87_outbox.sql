@@ -175,11 +175,10 @@ CREATE FUNCTION billing.outbox_backoff(p_attempts integer, p_retry_after text DE
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
 DECLARE
-  v_base  double precision := extract(epoch FROM current_setting('qes_billing.retry_base_delay')::interval);
-  v_cap   double precision := extract(epoch FROM current_setting('qes_billing.retry_max_delay')::interval);
-  v_delay double precision;
+  v_delay double precision := extract(epoch FROM billing.backoff(p_attempts,
+                                                                 current_setting('qes_billing.retry_base_delay')::interval,
+                                                                 current_setting('qes_billing.retry_max_delay')::interval));
 BEGIN
-  v_delay := least(v_cap, v_base * 2 ^ least(greatest(p_attempts - 1, 0), 30)) * (0.5 + random() / 2);
   IF p_retry_after ~ '^\s*[0-9]{1,6}\s*$' THEN
     v_delay := greatest(v_delay, btrim(p_retry_after)::double precision);
   END IF;

@@ -557,13 +557,11 @@ $$;
 COMMENT ON FUNCTION billing.notify_next_due() IS
   'Seconds until the next notification is due (retry, grace period end); NULL when none.';
 
--- The delay before attempt n+1: exponential with jitter (50-100 %).
+-- The delay before attempt n+1 (billing.backoff with the notification settings).
 CREATE FUNCTION billing.notify_backoff(p_attempts integer) RETURNS interval
   LANGUAGE sql VOLATILE
-RETURN make_interval(secs => least(extract(epoch FROM current_setting('qes_billing.notify_retry_max_delay')::interval),
-                                   extract(epoch FROM current_setting('qes_billing.notify_retry_base_delay')::interval)
-                                     * 2 ^ least(greatest(p_attempts - 1, 0), 30))
-                             * (0.5 + random() / 2));
+RETURN billing.backoff(p_attempts, current_setting('qes_billing.notify_retry_base_delay')::interval,
+                       current_setting('qes_billing.notify_retry_max_delay')::interval);
 
 -- One channel's outcome.  Returns the notification's state, NULL when the
 -- row was reclaimed meanwhile (a later attempt owns it).  p_error is
