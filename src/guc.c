@@ -377,7 +377,10 @@ qes_base_url(void)
 
 /*
  * The notification secrets: the setting, else the environment variable.
- * NULL when neither is set.  Never logged, never stored (src/notify.c).
+ * NULL when neither is set.  Never stored (src/notify.c); they have no
+ * prefix to be recognised by, so src/redact.c masks their current values in
+ * whatever is logged (PostgreSQL logs "parameter ... changed to <value>"
+ * when a reload changes a setting, the raw value included).
  */
 static const char *
 setting_or_env(const char *setting, const char *var)
@@ -401,51 +404,6 @@ const char *
 qes_notify_webhook_secret(void)
 {
 	return setting_or_env(notify_webhook_secret_setting, "QES_NOTIFY_WEBHOOK_SECRET");
-}
-
-/*
- * PostgreSQL logs "parameter ... changed to <value>" when a reload changes
- * a setting, the raw value included, and the notification secrets have no
- * prefix that src/redact.c could recognise: every logged message, detail,
- * hint and context is masked here for their current values.
- */
-static emit_log_hook_type prev_emit_log_hook = NULL;
-
-static void
-mask_secret(char **field, const char *secret)
-{
-	StringInfoData out;
-	const char *p;
-	const char *hit;
-	size_t		len;
-
-	if (*field == NULL || secret == NULL || (len = strlen(secret)) < 4 || strstr(*field, secret) == NULL)
-		return;
-	initStringInfo(&out);
-	for (p = *field; (hit = strstr(p, secret)) != NULL; p = hit + len)
-	{
-		appendBinaryStringInfo(&out, p, (int) (hit - p));
-		appendStringInfoString(&out, "[redacted]");
-	}
-	appendStringInfoString(&out, p);
-	*field = out.data;
-}
-
-static void
-notify_secrets_log_hook(ErrorData *edata)
-{
-	const char *secrets[2] = {qes_smtp_password(), qes_notify_webhook_secret()};
-
-	for (int i = 0; i < 2; i++)
-	{
-		mask_secret(&edata->message, secrets[i]);
-		mask_secret(&edata->detail, secrets[i]);
-		mask_secret(&edata->detail_log, secrets[i]);
-		mask_secret(&edata->hint, secrets[i]);
-		mask_secret(&edata->context, secrets[i]);
-	}
-	if (prev_emit_log_hook)
-		prev_emit_log_hook(edata);
 }
 
 /* ---- check and show hooks ---------------------------------------------- */
@@ -805,9 +763,6 @@ qes_define_gucs(void)
 							"Longest time one delivery (SMTP or webhook) may take, connection included.",
 							NULL, &qes_notify_timeout_ms, 30000, 100, 600 * 1000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
-
-	prev_emit_log_hook = emit_log_hook;
-	emit_log_hook = notify_secrets_log_hook;
 
 	MarkGUCPrefixReserved("qes_billing");
 }

@@ -733,28 +733,6 @@ claim_and_send(int room, const Channels *ch)
 
 /* ---- record ----------------------------------------------------------------- */
 
-/* replace every occurrence of needle in s (in place, s is palloc'd) */
-static char *
-redact(char *s, const char *needle)
-{
-	StringInfoData out;
-	const char *p = s;
-	const char *hit;
-	size_t		nlen;
-
-	if (needle == NULL || (nlen = strlen(needle)) < 3 || strstr(s, needle) == NULL)
-		return s;
-	initStringInfo(&out);
-	while ((hit = strstr(p, needle)) != NULL)
-	{
-		appendBinaryStringInfo(&out, p, (int) (hit - p));
-		appendStringInfoString(&out, "[redacted]");
-		p = hit + nlen;
-	}
-	appendStringInfoString(&out, p);
-	return out.data;
-}
-
 /* what went wrong, fit to be stored: never a secret */
 static char *
 transfer_error(Transfer *t, bool *permanent)
@@ -792,9 +770,7 @@ transfer_error(Transfer *t, bool *permanent)
 			msg = psprintf("%s: %s", curl_easy_strerror(t->result),
 						   t->errbuf[0] ? t->errbuf : "no detail");
 	}
-	msg = redact(msg, qes_smtp_password());
-	msg = redact(msg, qes_notify_webhook_secret());
-	return qes_redact_cstring(msg);
+	return qes_redact_secrets(msg);
 }
 
 static void

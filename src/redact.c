@@ -24,11 +24,18 @@
  * letter or digit), so identifiers that merely contain the letters stay.
  * Masking is idempotent: what it produces is never masked again.
  *
+ * Two secrets have no prefix to be recognised by: the SMTP password and the
+ * platform webhook's signing secret (src/guc.c).  qes_redact_secrets() masks
+ * their current values as well, wherever they occur; a value shorter than
+ * QES_REDACT_MIN_VALUE_LEN is not looked for (it would mask ordinary words).
+ *
  * SQL: billing.redact_text(text) and billing.redact(jsonb)
  * (sql/install/05_redact.sql).  C: the worker masks what it logs and keeps
- * as its last error (src/worker.c, src/outbox.c), and an emit_log_hook
- * masks every message, detail, hint and context any process logs, and
- * hides the statement of a logged error when the statement holds a secret.
+ * as its last error (src/worker_xact.c) and the notifications' delivery
+ * errors (src/notify.c), and the one emit_log_hook masks every message,
+ * detail, hint and context any process logs -- the reload's "parameter
+ * changed to" lines included -- and hides the statement of a logged error
+ * when the statement holds a secret.
  *
  *-------------------------------------------------------------------------
  */
@@ -45,6 +52,7 @@
 #include "utils/elog.h"
 #include "utils/jsonb.h"
 
+#include "guc.h"
 #include "redact.h"
 
 PG_FUNCTION_INFO_V1(qes_redact_text_fn);
@@ -184,6 +192,54 @@ qes_redact_cstring(const char *s)
 	initStringInfo(&buf);
 	redact_into(&buf, s, len);
 	return buf.data;
+}
+
+/*
+ * s with every occurrence of value masked (s itself when there is none, or
+ * the value is too short to be looked for).
+ */
+static const char *
+redact_value(const char *s, const char *value)
+{
+	StringInfoData buf;
+	const char *p;
+	const char *hit;
+	size_t		len;
+
+	if (value == NULL || (len = strlen(value)) < QES_REDACT_MIN_VALUE_LEN ||
+		strstr(s, value) == NULL)
+		return s;
+	initStringInfo(&buf);
+	for (p = s; (hit = strstr(p, value)) != NULL; p = hit + len)
+	{
+		appendBinaryStringInfo(&buf, p, (int) (hit - p));
+		appendStringInfoString(&buf, QES_REDACTED);
+	}
+	appendStringInfoString(&buf, p);
+	return buf.data;
+}
+
+/*
+ * A palloc'd copy of s with every secret masked: those recognised by their
+ * form (qes_redact_cstring), and the current values of the secrets that have
+ * no form (the SMTP password, the platform webhook's signing secret).  s
+ * itself when there is none.
+ */
+char *
+qes_redact_secrets(const char *s)
+{
+	if (s == NULL)
+		return NULL;
+	s = redact_value(s, qes_smtp_password());
+	s = redact_value(s, qes_notify_webhook_secret());
+	return qes_redact_cstring(s);
+}
+
+/* Does s hold a secret of either kind? */
+static bool
+holds_secret(const char *s)
+{
+	return qes_redact_secrets(s) != s;
 }
 
 /* ---- JSON ------------------------------------------------------------------ */
@@ -368,14 +424,15 @@ static void
 redact_field(char **field)
 {
 	if (*field != NULL)
-		*field = qes_redact_cstring(*field);
+		*field = qes_redact_secrets(*field);
 }
 
 /*
  * Every message any process sends to the server log (and with it, to the
- * client): masked.  Allocations go to the error's own context.  The
- * statement of a logged error is printed from debug_query_string, which we
- * cannot change: it is hidden when it holds a secret.
+ * client): masked.  This is the module's only emit_log_hook.  Allocations
+ * go to the error's own context.  The statement of a logged error is
+ * printed from debug_query_string, which we cannot change: it is hidden
+ * when it holds a secret.
  */
 static void
 qes_emit_log_hook(ErrorData *edata)
@@ -386,8 +443,7 @@ qes_emit_log_hook(ErrorData *edata)
 	redact_field(&edata->hint);
 	redact_field(&edata->context);
 	redact_field(&edata->internalquery);
-	if (!edata->hide_stmt && debug_query_string != NULL &&
-		qes_redact_needed(debug_query_string, strlen(debug_query_string)))
+	if (!edata->hide_stmt && debug_query_string != NULL && holds_secret(debug_query_string))
 		edata->hide_stmt = true;
 	if (prev_emit_log_hook)
 		prev_emit_log_hook(edata);

@@ -266,7 +266,7 @@ qes_worker_note_error(const char *message)
 	/* shown by worker_status and api.health: never a secret (DESIGN.md rule 13) */
 	int			len;
 
-	message = qes_redact_cstring(message);
+	message = qes_redact_secrets(message);
 	/* cut on a character boundary: the text is returned as text */
 	len = pg_mbcliplen(message, strlen(message), QES_LAST_ERROR_LEN - 1);
 	LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
