@@ -30,8 +30,9 @@ be followed end to end:
 - A clock: every time the fake stamps (objects' and events' `created`,
   periods) is `now()`, the real clock shifted by `set_clock(at)`, so that a
   test sets the fake and the billing clock (Cluster.set_clock) to the same
-  date.  Signatures and the request log keep the real clock (webhook
-  signatures are checked against it).
+  date (over HTTP: POST /_fake/clock {"at": <Unix seconds> | null}).
+  Signatures and the request log keep the real clock (webhook signatures
+  are checked against it).
 
 Run standalone (make run uses it):  python3 fake_stripe.py --port 12112
 """
@@ -500,6 +501,13 @@ class FakeStripe:
                                               "faults": fake.faults})
                 if path == "/_fake/events":
                     return self._answer(200, {"data": fake.events})
+                if path == "/_fake/clock":
+                    at = json.loads(body or "{}").get("at")     # Unix seconds; null: the real clock
+                    if at is None:
+                        fake.reset_clock()
+                    else:
+                        fake.set_clock(at)
+                    return self._answer(200, {"now": fake.now()})
                 return self._answer(404, {"error": {"type": "invalid_request_error", "message": "no such control"}})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)

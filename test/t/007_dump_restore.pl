@@ -18,6 +18,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use IPC::Run;
 use JSON::PP;
+use HTTP::Tiny;
 use Digest::SHA qw(hmac_sha256_hex);
 use File::Basename;
 use Cwd qw(abs_path);
@@ -229,8 +230,15 @@ $src->safe_psql('postgres', q{
 	UPDATE billing.plan_limits SET soft_limit = 5, hard_limit_pct = 200 WHERE plan_id = 'free' AND metric = 'signatures';
 	UPDATE billing.plan_limits SET soft_limit = 250 WHERE plan_id = 'professional' AND metric = 'signatures';
 	UPDATE billing.plans SET description = 'For regulated organisations, with an SLA' WHERE plan_id = 'enterprise';
-	SELECT billing.set_clock(interval '90 seconds');
 });
+# a shifted billing clock: the activity runs at a fixed date (the last evening
+# of a year), with the fake Stripe's clock at the same date, so that the day
+# the test runs changes nothing
+my $at = $src->safe_psql('postgres', q{SELECT extract(epoch FROM timestamptz '2027-12-31 20:00:00+00')::bigint});
+$src->safe_psql('postgres', "SELECT billing.set_clock(to_timestamp($at) - now())");
+my $clock = HTTP::Tiny->new->post("http://127.0.0.1:$fake_port/_fake/clock",
+	{ content => $json->encode({ at => $at + 0 }), headers => { 'Content-Type' => 'application/json' } });
+ok($clock->{success}, 'the fake Stripe\'s clock is set too') or diag($clock->{content});
 
 # tenants, subscriptions through the API
 $src->safe_psql('postgres', q{
@@ -245,7 +253,7 @@ as_tenant($src, 'postgres', 'beta', "SELECT api.create_payment_intent(1500, 'usd
 	'beta starts a one-time payment');
 
 # webhooks: acme's customer, subscription, invoices, payment, dispute
-my $base = time - 3600;
+my $base = $at - 3600;
 my %acme_cust = (customer => 'cus_acme_dump');
 my @events = (
 	event('evt_dump_1', 'customer.created', $base,

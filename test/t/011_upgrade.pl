@@ -172,8 +172,14 @@ as_tenant('gamma', "SELECT api.create_subscription('free', 'month')");
 # is paused, so they are sent after the update
 as_tenant('beta', "SELECT api.create_subscription('professional', 'month')");
 
+# at a fixed date through the billing clock, so that the day it runs changes
+# nothing: half an hour into a month (the subscriptions' periods start in the
+# month before), and in the past of any day it runs, as Stripe's events are
+my $at = q1(q{SELECT extract(epoch FROM timestamptz '2026-11-01 00:30:00+00')::bigint});
+q1("SELECT billing.set_clock(to_timestamp($at) - now())");
+
 # webhooks, applied by 0.1's handlers
-my $base = int(time) - 3600;
+my $base = $at - 3600;
 my $period_end = $base + 30 * 86400;
 sub sub_object
 {
@@ -242,8 +248,8 @@ q1(q{
 	       coalesce((SELECT s.current_period_start FROM billing.subscriptions s
 	                  WHERE s.tenant_id = u.t AND s.status IN ('active', 'trialing', 'past_due')
 	                    AND s.current_period_start IS NOT NULL),
-	                date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
-	       now() - interval '1 minute', NULL
+	                date_trunc('month', billing.now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
+	       billing.now() - interval '1 minute', NULL
 	  FROM (VALUES ('acme', 'up-acme-1', 'signatures', 7), ('acme', 'up-acme-2', 'documents', 3),
 	               ('acme', 'up-acme-3', 'storage', 123456789), ('beta', 'up-beta-1', 'api_calls', 50),
 	               ('beta', 'up-beta-2', 'signatures', 4), ('gamma', 'up-gamma-1', 'signatures', 3),
