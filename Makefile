@@ -21,6 +21,7 @@ OBJS = \
 	src/counters.o \
 	src/usage.o \
 	src/usage_store.o \
+	src/features.o \
 	src/webhook_signature.o \
 	src/stripe_form.o \
 	src/webhook_intake.o \
@@ -47,7 +48,7 @@ SHLIB_LINK = -lcurl -lcrypto
 
 # pg_regress: explicit list, so the install script pieces under sql/install
 # are never mistaken for tests.
-REGRESS = install catalog settings tenants audit api usage webhook outbox metrics operations redact zz_amcheck
+REGRESS = install catalog settings tenants audit api usage features webhook outbox metrics operations redact zz_amcheck
 REGRESS_OPTS = --temp-instance=./tmp_check_regress \
 	--temp-config=test/regress.conf --dbname=contrib_regression
 ISOLATION = wake audit_chain usage outbox webhook_intake caches usage_side_effects zz_amcheck
@@ -76,7 +77,7 @@ $(EXTENSION)--$(EXTVERSION).sql: $(INSTALL_SQL)
 # ---------------------------------------------------------------------------
 # Developer targets (README.md).  Everything runs through test/tools so that
 # a fresh Debian machine, root or not, behaves the same.
-.PHONY: deps run stop test bench valgrind test-periods
+.PHONY: deps run stop test bench valgrind test-periods deb
 
 deps:
 	bash test/tools/deps.sh
@@ -95,6 +96,11 @@ bench:
 
 valgrind:
 	bash test/tools/valgrind.sh
+
+# the Debian package postgresql-15-qes-billing, into build/deb/ (.ci/deb.sh;
+# packaging sources in .ci/debian)
+deb:
+	bash .ci/deb.sh
 
 # the property-based period test, long and random (make test runs a fixed
 # derandomized list); QES_PERIOD_EXAMPLES sets how many lifecycles

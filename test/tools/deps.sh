@@ -43,6 +43,26 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# Debian packaging for make deb and the deb layer (test/tools/deb_test.sh):
+# debhelper with PostgreSQL's pg_buildext/dh pgxs, lintian.  Without
+# recommends (lintian's would bring a mail setup and more).
+PACKAGING_DEBS=(debhelper postgresql-server-dev-all dpkg-dev fakeroot lintian)
+missing=()
+for p in "${PACKAGING_DEBS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "deps: installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "deps: missing Debian packages; run as root:"
+    echo "  apt-get update && apt-get install -y --no-install-recommends ${missing[*]}"
+    exit 1
+  fi
+fi
+
 # Python test dependencies (pytest, psycopg, stripe for the signature oracle,
 # aiosmtpd for the SMTP server notifications are delivered to, PyYAML to
 # read the exporter's queries file)
