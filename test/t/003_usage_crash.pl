@@ -15,6 +15,9 @@ use QesTest;
 
 my $node = qes_node('usage_crash');
 $node->safe_psql('postgres', 'CREATE EXTENSION qes_billing');
+# at a fixed date through the billing clock (the last evening of February): no
+# period ends while the test runs, whatever day it runs
+$node->safe_psql('postgres', q{SELECT billing.set_clock('2027-02-28 21:00:00+00' - now())});
 my $clients = 4;
 for my $c (1 .. $clients)
 {

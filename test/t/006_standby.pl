@@ -61,6 +61,9 @@ my $primary = qes_node('primary', allows_streaming => 1, conf => [
 	"qes_billing.retry_base_delay = '50ms'",
 	"qes_billing.retry_max_delay = '500ms'"]);
 $primary->safe_psql('postgres', 'CREATE EXTENSION qes_billing');
+# at a fixed date through the billing clock (replicated with the table it
+# lives in): no period ends while the test runs, whatever day it runs
+$primary->safe_psql('postgres', q{SELECT billing.set_clock('2027-09-30 20:00:00+00' - now())});
 $primary->safe_psql('postgres', 'CREATE EXTENSION amcheck');	# for amcheck_all on the standby
 $primary->backup('base');
 

@@ -36,6 +36,9 @@ $node->safe_psql('postgres', q{
 	CREATE TABLE ddl_ledger (kind text NOT NULL, key text NOT NULL, tenant_id text, ok boolean NOT NULL,
 	                         response text, PRIMARY KEY (kind, key));
 });
+# at a fixed date through the billing clock (Feb 29 2028, in the evening): no
+# period ends while the load runs, whatever day it runs
+$node->safe_psql('postgres', q{SELECT billing.set_clock('2028-02-29 20:00:00+00' - now())});
 
 # The two client scripts.  Usage: a new key, one record_usage call, the
 # ledger line, in one statement (one transaction).  Webhook: a new event,
