@@ -21,6 +21,7 @@ OBJS = \
 	src/counters.o \
 	src/usage.o \
 	src/usage_store.o \
+	src/features.o \
 	src/webhook_signature.o \
 	src/stripe_form.o \
 	src/webhook_intake.o \
@@ -47,7 +48,7 @@ SHLIB_LINK = -lcurl -lcrypto
 
 # pg_regress: explicit list, so the install script pieces under sql/install
 # are never mistaken for tests.
-REGRESS = install catalog settings tenants audit api usage webhook outbox metrics operations redact zz_amcheck
+REGRESS = install catalog settings tenants audit api usage webhook outbox metrics operations redact features zz_amcheck
 REGRESS_OPTS = --temp-instance=./tmp_check_regress \
 	--temp-config=test/regress.conf --dbname=contrib_regression
 ISOLATION = wake audit_chain usage outbox webhook_intake caches usage_side_effects zz_amcheck

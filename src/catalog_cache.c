@@ -102,6 +102,10 @@ static QesLimit *limits;		/* nplans x nmetrics */
 static Datum *prompts;			/* nplans x nmetrics upgrade prompts, built on use */
 static bool *prompt_built;
 static int	free_plan;
+static char **features;			/* every feature some plan lists, sorted */
+static int	nfeatures;
+static char *feature_names;
+static bool *plan_features;		/* nplans x nfeatures: the plan lists it */
 static bool clock_has_offset;
 static Interval clock_offset;
 static HTAB *tenants;
@@ -280,6 +284,40 @@ load_catalog(void *arg)
 			l->hard_limit_pct = 0;
 	}
 
+	/* features: what some plan lists; which plan lists which */
+	if (SPI_execute("SELECT f.feature, p.plan_id"
+					"  FROM billing.plans p, pg_catalog.unnest(p.features) f(feature)"
+					" ORDER BY f.feature COLLATE \"C\", p.plan_id COLLATE \"C\"",
+					true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "qes_billing: could not read billing.plans.features");
+	old = MemoryContextSwitchTo(cache_context);
+	features = palloc0(sizeof(char *) * Max(SPI_processed, 1));
+	nfeatures = 0;
+	initStringInfo(&names);
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		char	   *f = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+
+		if (nfeatures == 0 || strcmp(features[nfeatures - 1], f) != 0)
+		{
+			appendStringInfo(&names, "%s%s", nfeatures ? ", " : "", f);
+			features[nfeatures++] = pstrdup(f);
+		}
+	}
+	feature_names = names.data;
+	plan_features = palloc0(sizeof(bool) * Max(nplans * nfeatures, 1));
+	for (uint64 i = 0, f = 0; i < SPI_processed; i++)
+	{
+		char	   *name = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+		int			p = plan_index(SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2));
+
+		while (strcmp(features[f], name) != 0)
+			f++;
+		if (p >= 0)
+			plan_features[p * nfeatures + f] = true;
+	}
+	MemoryContextSwitchTo(old);
+
 	clock_has_offset = false;
 	if (SPI_execute("SELECT c.offset_by FROM billing.clock c", true, 1) == SPI_OK_SELECT &&
 		SPI_processed == 1)
@@ -397,6 +435,46 @@ const QesLimit *
 qes_limit(int plan, int metric)
 {
 	return &limits[plan * nmetrics + metric];
+}
+
+/* Features: every one some plan lists (sorted), and which plan lists it. */
+int
+qes_feature_lookup(const char *name)
+{
+	for (int i = 0; i < nfeatures; i++)
+		if (strcmp(features[i], name) == 0)
+			return i;
+	return -1;
+}
+
+int
+qes_feature_count(void)
+{
+	return nfeatures;
+}
+
+const char *
+qes_feature_name(int idx)
+{
+	return features[idx];
+}
+
+const char *
+qes_feature_names(void)
+{
+	return feature_names;
+}
+
+bool
+qes_plan_has_feature(int plan, int feature)
+{
+	return plan_features[plan * nfeatures + feature];
+}
+
+int
+qes_plan_count(void)
+{
+	return nplans;
 }
 
 /*

@@ -59,6 +59,12 @@ extern const QesPlan *qes_plan(int idx);
 extern int	qes_next_plan_up(int plan);	/* -1 when none */
 extern Datum qes_upgrade_prompt(int plan, int metric);
 extern const QesLimit *qes_limit(int plan, int metric);
+extern int	qes_plan_count(void);
+extern int	qes_feature_lookup(const char *name);	/* -1 when no plan lists it */
+extern int	qes_feature_count(void);
+extern const char *qes_feature_name(int idx);
+extern const char *qes_feature_names(void);
+extern bool qes_plan_has_feature(int plan, int feature);
 extern TimestampTz qes_billing_now(void);
 extern bool qes_tenant_plan(const char *tenant_id, TimestampTz at, QesTenantPlan *out);
 extern void qes_validate_tenant_id(const char *tenant_id);

@@ -55,6 +55,12 @@ GRANT SELECT ON api.subscription, api.payments TO qes_tenant, qes_admin;
 GRANT EXECUTE ON FUNCTION billing.my_usage() TO qes_tenant;
 GRANT SELECT ON api.usage TO qes_tenant;
 
+-- features, for the tenant through api.features and api.has_feature
+-- (sql/install/41_features.sql)
+GRANT EXECUTE ON FUNCTION billing.my_features(), api.has_feature(text) TO qes_tenant;
+GRANT SELECT ON api.features TO qes_tenant;
+GRANT EXECUTE ON FUNCTION billing.has_feature(text, text), billing.features_current(text) TO qes_app, qes_admin;
+
 -- the platform
 GRANT EXECUTE ON FUNCTION billing.upsert_tenant(text, text, text),
                           billing.record_usage(text, text, bigint, text, jsonb, timestamptz),

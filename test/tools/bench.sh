@@ -129,6 +129,9 @@ tps check_limit >/dev/null       # warm caches and counters
 pair record_usage record_usage plain_insert plain_insert
 pair check_limit check_limit select_1 select_1
 pair check_limit_over_limit check_limit_over select_1 select_1
+# plan features: the same state and rules as check_limit, at its cost (ceiling
+# SELECT 1; the target is ratio >= 0.8)
+pair has_feature has_feature select_1 select_1
 base=$(pair check_limit check_limit select_1 select_1 | sed 's/.* ratio=\([0-9.]*\).*/\1/')
 
 sql -f "$DIR/load_history.sql" >/dev/null

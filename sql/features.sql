@@ -1,0 +1,74 @@
+-- Plan features as entitlements (src/features.c, sql/install/41_features.sql):
+-- has_feature answers from the same state and rules as check_limit.  The
+-- test runs at a fixed date through the billing clock: the evening of
+-- May 10 2028.
+SET TimeZone = 'UTC';
+SELECT billing.set_clock('2028-05-10 20:00:00+00' - now()) IS NOT NULL AS clock_set;
+SELECT (billing.upsert_tenant('f_free', 'Free Co', 'f@f.example')).tenant_id,
+       (billing.upsert_tenant('f_pro', 'Pro Co', 'p@f.example')).tenant_id;
+
+-- the catalog's features, and which plan has them
+SELECT plan_id, features FROM billing.plans ORDER BY tier;
+
+-- a tenant with no subscription: Free, no feature
+SELECT feature, enabled, plan_id, reason, available_in FROM billing.features_current('f_free');
+SELECT billing.has_feature('f_free', 'api_access') AS free_api;
+
+-- unknown feature, unknown tenant, NULLs: clear errors
+\set VERBOSITY default
+SELECT billing.has_feature('f_free', 'teleportation');
+SELECT billing.has_feature('nobody', 'api_access');
+SELECT billing.has_feature('f_free', NULL);
+SELECT billing.has_feature(NULL, 'api_access');
+\set VERBOSITY terse
+
+-- Professional, trialing: its features, like its limits
+INSERT INTO billing.subscriptions (tenant_id, plan_id, billing_interval, status, billing_cycle_anchor,
+                                   current_period_start, current_period_end, trial_end)
+VALUES ('f_pro', 'professional', 'month', 'trialing', '2028-05-01 00:00+00', '2028-05-01 00:00+00',
+        '2028-06-01 00:00+00', '2028-06-01 00:00+00');
+SELECT billing.has_feature('f_pro', 'api_access') AS api, billing.has_feature('f_pro', 'compliance_tools') AS compliance,
+       (billing.check_limit('f_pro', 'signatures')).plan_id AS limits_of;
+SELECT feature, enabled, plan_id, reason, available_in FROM billing.features_current('f_pro');
+
+-- past_due inside the grace period keeps them; after it, Free (as the limits)
+UPDATE billing.subscriptions SET status = 'past_due', grace_until = '2028-05-12 20:00+00' WHERE tenant_id = 'f_pro';
+SELECT billing.has_feature('f_pro', 'api_access') AS in_grace, (billing.check_limit('f_pro', 'signatures')).plan_id;
+SELECT billing.set_clock('2028-05-13 09:00:00+00' - now()) IS NOT NULL AS after_grace;
+SELECT billing.has_feature('f_pro', 'api_access') AS after_grace, (billing.check_limit('f_pro', 'signatures')).plan_id;
+SELECT DISTINCT reason FROM billing.features_current('f_pro');
+-- paid again: back
+UPDATE billing.subscriptions SET status = 'active', grace_until = NULL WHERE tenant_id = 'f_pro';
+SELECT billing.has_feature('f_pro', 'api_access') AS paid;
+
+-- upgraded to Enterprise: compliance tools at commit
+UPDATE billing.subscriptions SET plan_id = 'enterprise' WHERE tenant_id = 'f_pro';
+SELECT billing.has_feature('f_pro', 'compliance_tools') AS enterprise_compliance;
+-- waiting for a first payment (incomplete) and cancelled: Free
+UPDATE billing.subscriptions SET status = 'incomplete' WHERE tenant_id = 'f_pro';
+SELECT billing.has_feature('f_pro', 'api_access') AS incomplete;
+UPDATE billing.subscriptions SET status = 'canceled', ended_at = billing.now() WHERE tenant_id = 'f_pro';
+SELECT billing.has_feature('f_pro', 'api_access') AS canceled;
+
+-- every change of features was audited, with what was gained and lost
+SELECT action, details ->> 'plan_before' AS plan_before, details ->> 'status_before' AS status_before,
+       details ->> 'plan' AS plan, details ->> 'status' AS status, details -> 'gained' AS gained, details -> 'lost' AS lost
+  FROM billing.audit_log WHERE tenant_id = 'f_pro' AND action = 'features.changed' ORDER BY audit_id;
+
+-- an operator's catalog change takes effect at commit, in this backend too
+UPDATE billing.plans SET features = features || '{bulk_signing}' WHERE plan_id = 'enterprise';
+SELECT feature, available_in FROM billing.features_current('f_free') WHERE feature = 'bulk_signing';
+UPDATE billing.plans SET features = array_remove(features, 'bulk_signing') WHERE plan_id = 'enterprise';
+SELECT billing.has_feature('f_free', 'bulk_signing');
+
+-- the tenant's view through the API (the JWT's tenant), and only its own
+SET ROLE qes_tenant;
+SELECT set_config('request.jwt.claims', '{"tenant_id": "f_free", "role": "qes_tenant"}', false) IS NOT NULL AS claims;
+SELECT feature, enabled FROM api.features ORDER BY feature;
+SELECT api.has_feature('advanced_signatures') AS mine;
+SELECT api.has_feature('nope');
+SELECT billing.has_feature('f_pro', 'api_access');
+RESET ROLE;
+SELECT set_config('request.jwt.claims', '', false) IS NOT NULL AS claims_cleared;
+
+SELECT billing.set_clock('0') IS NOT NULL AS clock_reset;
