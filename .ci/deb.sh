@@ -10,7 +10,8 @@
 # checks them; an error fails the build.  META.json's version is checked
 # against the control file first.
 #
-# Environment: QES_DEB_REVISION (1), QES_DEB_DIST (bookworm),
+# Environment: QES_DEB_REF builds a commit (git archive) instead of the
+# working tree, QES_DEB_REVISION (1), QES_DEB_DIST (bookworm),
 # QES_DEB_OUT (build/deb), QES_DEB_KEEP_TREE=1 keeps the build directory,
 # SOURCE_DATE_EPOCH (else the last commit's time) dates the changelog.
 set -euo pipefail
@@ -18,8 +19,6 @@ src=$(cd "$(dirname "$0")/.." && pwd)
 cd "$src"
 
 start=$(date +%s)
-version=$(sed -n "s/^default_version *= *'\([^']*\)'.*/\1/p" qes_billing.control)
-[ -n "$version" ] || { echo "deb: no default_version in qes_billing.control" >&2; exit 1; }
 revision=${QES_DEB_REVISION:-1}
 dist=${QES_DEB_DIST:-bookworm}
 out=${QES_DEB_OUT:-$src/build/deb}
@@ -29,36 +28,44 @@ for tool in dpkg-buildpackage dh pg_buildext lintian; do
     echo "deb: $tool is missing (bash test/tools/deps.sh installs the build dependencies)" >&2; exit 1; }
 done
 
-python3 test/tools/check_meta.py
-
 if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
-  SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || date +%s)
+  SOURCE_DATE_EPOCH=$(git log -1 --format=%ct ${QES_DEB_REF:-} 2>/dev/null || date +%s)
 fi
 export SOURCE_DATE_EPOCH
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/qes_billing-deb.XXXXXX")
 cleanup() { [ "${QES_DEB_KEEP_TREE:-}" = 1 ] && echo "deb: build directory kept: $tmp" || rm -rf "$tmp"; }
 trap cleanup EXIT
-tree=$tmp/qes-billing-$version
+tree=$tmp/tree
 mkdir -p "$tree"
 
 # the source tree: tracked and untracked files that git does not ignore (no
-# build products); without git, everything but them
-if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+# build products); without git, everything but them; with QES_DEB_REF, that
+# commit's tree (a release built from a tag, not from a working tree)
+if [ -n "${QES_DEB_REF:-}" ]; then
+  git archive --format=tar "$QES_DEB_REF" | tar -C "$tree" -xf -
+elif git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
   git ls-files -z --cached --others --exclude-standard |
     while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
     tar --null -T - -cf - | tar -C "$tree" -xf -
 else
   tar --exclude=./.git --exclude=./build --exclude='./tmp_check*' --exclude='*.o' \
-      --exclude='*.bc' --exclude='*.so' --exclude="./qes_billing--$version.sql" \
+      --exclude='*.bc' --exclude='*.so' --exclude='./qes_billing--*.sql' \
       -cf - . | tar -C "$tree" -xf -
 fi
+
+# from here on everything comes from the copy
+version=$(sed -n "s/^default_version *= *'\([^']*\)'.*/\1/p" "$tree/qes_billing.control")
+[ -n "$version" ] || { echo "deb: no default_version in qes_billing.control" >&2; exit 1; }
+python3 "$tree/test/tools/check_meta.py"
+mv "$tree" "$tmp/qes-billing-$version"
+tree=$tmp/qes-billing-$version
 rm -rf "$tree/debian"
-cp -a .ci/debian "$tree/debian"
+cp -a "$tree/.ci/debian" "$tree/debian"
 rm -f "$tree/debian/changelog.in"
 sed -e "s/@VERSION@/$version/g" -e "s/@REVISION@/$revision/g" -e "s/@DISTRIBUTION@/$dist/g" \
     -e "s/@DATE@/$(LC_ALL=C date -u -R -d "@$SOURCE_DATE_EPOCH")/g" \
-    .ci/debian/changelog.in > "$tree/debian/changelog"
+    "$tree/.ci/debian/changelog.in" > "$tree/debian/changelog"
 
 echo "deb: building postgresql-15-qes-billing $version-$revision in $tree"
 (cd "$tree" && pg_buildext updatecontrol) >"$tmp/build.log" 2>&1

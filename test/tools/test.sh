@@ -49,6 +49,7 @@ layer isolation in_work make -s installcheck REGRESS= TAP_TESTS=
 [ -s "$work/test/isolation/output/regression.diffs" ] && show_diffs
 layer tap in_work make -s installcheck REGRESS= ISOLATION= "PROVE_FLAGS=-I ./test/t --timer"
 layer pytest python3 -m pytest -q -p no:cacheprovider "$src/test/python"
+layer deb bash "$src/test/tools/deb_test.sh"
 layer valgrind bash "$src/test/tools/valgrind.sh"
 
 echo
