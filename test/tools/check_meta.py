@@ -5,12 +5,16 @@ Valid JSON; the spec's required keys and their forms (terms, SemVer
 versions, version ranges, a known license, release status, tags, no_index,
 prereq phases and relationships, no unknown keys but x_ ones); every file it
 names exists; and its versions are qes_billing.control's default_version
-(the one version source) written as SemVer: "0.2" is "0.2.0".  Exits 1 with
-one line per problem.  Run by make deb (.ci/deb.sh) and so by the deb layer.
+(the one version source) written as SemVer: "0.2" is "0.2.0".  Then PGXN's
+own validator, pgxn_meta, when test/tools/deps.sh could build it.  Exits 1
+with one line per problem.  Run by make deb (.ci/deb.sh) and so by the deb
+layer.
 """
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -233,12 +237,31 @@ def main():
             bad(f"provides.qes_billing.version {ext.get('version')!r} differs from "
                 f"qes_billing.control's default_version {cv!r} (as SemVer: {want!r})")
 
+    # PGXN's own validator (the pgxn_meta crate's JSON schemas), when
+    # test/tools/deps.sh could build it
+    validator = pgxn_meta()
+    if validator:
+        r = subprocess.run([validator, path], capture_output=True, text=True)
+        if r.returncode != 0:
+            bad("pgxn_meta: " + (r.stdout + r.stderr).strip().replace("\\n", "\n  "))
+        by = "checked here and by pgxn_meta"
+    else:
+        by = "checked here; pgxn_meta, PGXN's validator, not installed"
+
     for p in problems:
         print(f"META.json: {p}")
     if problems:
         return 1
-    print(f"META.json: valid (meta-spec 1.0.0), version {meta['version']} = qes_billing.control {cv}")
+    print(f"META.json: valid meta-spec 1.0.0 ({by}), version {meta['version']} = qes_billing.control {cv}")
     return 0
+
+
+def pgxn_meta():
+    tools = os.environ.get("QES_TOOLS_DIR") or os.path.expanduser("~/.cache/qes_billing/bin")
+    p = os.path.join(tools, "pgxn_meta")
+    if os.access(p, os.X_OK):
+        return p
+    return shutil.which("pgxn_meta")
 
 
 if __name__ == "__main__":

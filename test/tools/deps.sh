@@ -88,4 +88,16 @@ if [ ! -x "$tools/stripe-mock" ]; then
   mkdir -p "$tools"
   GOBIN="$tools" go install "github.com/stripe/stripe-mock@$STRIPE_MOCK_VERSION"
 fi
+# pgxn_meta, PGXN's META.json validator (a crate), for make deb's META.json
+# check (test/tools/check_meta.py); skipped without cargo, the check then
+# does its own spec checks only
+PGXN_META_VERSION=0.7.0
+if [ ! -x "$tools/pgxn_meta" ] && command -v cargo >/dev/null; then
+  echo "deps: building pgxn_meta $PGXN_META_VERSION"
+  mkdir -p "$tools"
+  root=$(mktemp -d)
+  cargo install -q --locked --root "$root" pgxn_meta --version "$PGXN_META_VERSION" &&
+    cp "$root/bin/pgxn_meta" "$tools/"
+  rm -rf "$root"
+fi
 echo "deps: ok"
