@@ -15,6 +15,8 @@ OBJS = \
 	src/guc.o \
 	src/shmem.o \
 	src/worker.o \
+	src/worker_xact.o \
+	src/worker_http.o \
 	src/audit.o \
 	src/config.o \
 	src/catalog_cache.o \
@@ -35,7 +37,7 @@ OBJS = \
 # that are never edited (README.md, "Upgrading")
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 DATA = sql/$(EXTENSION)--0.1.sql sql/$(EXTENSION)--0.1--0.2.sql
-SCRIPTS = src/qes_billing_setup
+SCRIPTS = src/qes_billing_setup src/qes_billing_audit src/qes_billing_audit_verify
 # for operators, installed into $(docdir)/extension (README.md, "Monitoring")
 DOCS = docs/monitoring/qes_billing_queries.yaml docs/monitoring/qes_billing_alerts.yml
 INSTALL_SQL = $(sort $(wildcard sql/install/*.sql))
@@ -63,6 +65,7 @@ PROVE_FLAGS = -I ./test/t
 EXTRA_CLEAN = tmp_check_regress tmp_check_iso test/isolation/output \
 	results regression.diffs regression.out
 
+include router.mk
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
