@@ -15,8 +15,6 @@ OBJS = \
 	src/guc.o \
 	src/shmem.o \
 	src/worker.o \
-	src/worker_xact.o \
-	src/worker_http.o \
 	src/audit.o \
 	src/config.o \
 	src/catalog_cache.o \
@@ -37,7 +35,7 @@ OBJS = \
 # that are never edited (README.md, "Upgrading")
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 DATA = sql/$(EXTENSION)--0.1.sql sql/$(EXTENSION)--0.1--0.2.sql
-SCRIPTS = src/qes_billing_setup src/qes_billing_audit src/qes_billing_audit_verify
+SCRIPTS = src/qes_billing_setup
 # for operators, installed into $(docdir)/extension (README.md, "Monitoring")
 DOCS = docs/monitoring/qes_billing_queries.yaml docs/monitoring/qes_billing_alerts.yml
 INSTALL_SQL = $(sort $(wildcard sql/install/*.sql))

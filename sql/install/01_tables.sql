@@ -479,6 +479,9 @@ CREATE TABLE billing.stripe_secrets (
   endpoint   text NOT NULL,
   secret     text NOT NULL CHECK (secret ~ '^whsec_'),
   created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  -- the endpoint's URL (several endpoints: a primary and a backup, each
+  -- with its own secret, all accepted)
+  url        text,
   PRIMARY KEY (mode, kind, endpoint)
 );
 COMMENT ON TABLE billing.stripe_secrets IS

@@ -96,24 +96,40 @@ $$;
 COMMENT ON FUNCTION billing.setup_products(text) IS
   'Queue the lookups that find or create a Stripe product (id qes_<plan>) and its prices (by lookup_key) for each paid plan.';
 
--- --setup-webhook
-CREATE FUNCTION billing.setup_webhook(p_run text) RETURNS bigint
+-- --setup-webhook, and --setup-backup-webhook URL: a second endpoint (for
+-- instance a second PostgREST in another zone) subscribed to the same
+-- events, with its own signing secret kept beside the first's.  Stripe
+-- delivers every event to both; the inbox stores it once (its Stripe id).
+CREATE FUNCTION billing.setup_webhook(p_run text, p_url text DEFAULT NULL) RETURNS bigint
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
+DECLARE
+  v_url text := coalesce(p_url, billing.webhook_endpoint_url());
 BEGIN
   PERFORM billing.require_secret_key();
-  IF billing.base_url() !~ '^https?://[^/]+' THEN
+  IF p_url IS NULL AND billing.base_url() !~ '^https?://[^/]+' THEN
     RAISE EXCEPTION 'QES_BASE_URL is not an http(s) URL: %', billing.base_url()
       USING ERRCODE = 'invalid_parameter_value', HINT = 'Set QES_BASE_URL (or qes_billing.base_url) to the public URL of the platform.';
   END IF;
+  IF p_url IS NOT NULL AND (p_url !~ '^https://[^/[:space:]]+/[^[:space:]]*$' OR length(p_url) > 2048) THEN
+    RAISE EXCEPTION 'the backup webhook endpoint''s URL is not an https URL: %', p_url
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Give the full https URL Stripe is to deliver to, e.g. https://zone-b.example.com/api/v1/billing/webhooks/stripe.';
+  END IF;
+  IF p_url IS NOT NULL AND p_url = billing.webhook_endpoint_url() THEN
+    RAISE EXCEPTION 'the backup webhook endpoint''s URL is the primary''s: %', p_url
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'A backup endpoint has another URL (another PostgREST); the primary is made by --setup-webhook.';
+  END IF;
   PERFORM billing.audit('setup.requested', NULL,
-                        jsonb_build_object('run', p_run, 'step', 'webhook', 'url', billing.webhook_endpoint_url()));
+                        jsonb_build_object('run', p_run, 'step', CASE WHEN p_url IS NULL THEN 'webhook' ELSE 'backup-webhook' END,
+                                           'url', v_url));
   RETURN billing.outbox_enqueue(NULL, 'setup.webhook.list', 'GET', '/v1/webhook_endpoints',
-                                jsonb_build_object('limit', 100), p_run_id => p_run);
+                                jsonb_build_object('limit', 100), jsonb_build_object('url', v_url), p_run_id => p_run);
 END
 $$;
-COMMENT ON FUNCTION billing.setup_webhook(text) IS
-  'Queue the lookup that finds, updates or creates the webhook endpoint at QES_BASE_URL/api/v1/billing/webhooks/stripe.';
+COMMENT ON FUNCTION billing.setup_webhook(text, text) IS
+  'Queue the lookup that finds, updates or creates a webhook endpoint for the events handled: at QES_BASE_URL/api/v1/billing/webhooks/stripe, or at p_url (a backup endpoint, https). Each endpoint''s signing secret is kept in billing.stripe_secrets.';
 
 -- The answers of setup requests: each finds what exists and queues only what is missing.
 CREATE FUNCTION billing.setup_apply(r billing.stripe_requests) RETURNS void
@@ -176,32 +192,33 @@ BEGIN
                           jsonb_build_object('price_key', r.subject ->> 'price_key', 'price', o ->> 'id'));
   WHEN 'setup.webhook.list' THEN
     SELECT x INTO v_found FROM jsonb_array_elements(o -> 'data') x
-     WHERE x ->> 'url' = billing.webhook_endpoint_url() LIMIT 1;
+     WHERE x ->> 'url' = coalesce(r.subject ->> 'url', billing.webhook_endpoint_url()) LIMIT 1;
     IF v_found IS NOT NULL THEN
       IF v_found ->> 'status' IS DISTINCT FROM 'enabled'
          OR NOT (SELECT array_agg(e ORDER BY e) FROM jsonb_array_elements_text(v_found -> 'enabled_events') e)
                 IS NOT DISTINCT FROM (SELECT array_agg(e ORDER BY e) FROM unnest(billing.webhook_event_types()) e) THEN
         PERFORM billing.outbox_enqueue(NULL, 'setup.webhook.update', 'POST', '/v1/webhook_endpoints/' || (v_found ->> 'id'),
                   jsonb_build_object('enabled_events', to_jsonb(billing.webhook_event_types()), 'disabled', false),
-                  jsonb_build_object('endpoint', v_found ->> 'id'), p_run_id => r.run_id);
+                  r.subject || jsonb_build_object('endpoint', v_found ->> 'id'), p_run_id => r.run_id);
       END IF;
     ELSIF (o ->> 'has_more')::boolean THEN
       PERFORM billing.outbox_enqueue(NULL, 'setup.webhook.list', 'GET', '/v1/webhook_endpoints',
-                jsonb_build_object('limit', 100, 'starting_after', o -> 'data' -> -1 ->> 'id'), p_run_id => r.run_id);
+                jsonb_build_object('limit', 100, 'starting_after', o -> 'data' -> -1 ->> 'id'), r.subject,
+                p_run_id => r.run_id);
     ELSE
       PERFORM billing.outbox_enqueue(NULL, 'setup.webhook.create', 'POST', '/v1/webhook_endpoints',
-                jsonb_build_object('url', billing.webhook_endpoint_url(),
+                jsonb_build_object('url', coalesce(r.subject ->> 'url', billing.webhook_endpoint_url()),
                                    'enabled_events', to_jsonb(billing.webhook_event_types()),
                                    'api_version', current_setting('qes_billing.stripe_api_version'),
                                    'description', 'qes_billing (' || billing.environment() || ')',
                                    'metadata', jsonb_build_object('qes_environment', billing.environment())),
-                p_run_id => r.run_id);
+                r.subject, p_run_id => r.run_id);
     END IF;
   WHEN 'setup.webhook.create' THEN
     IF o ->> 'secret' ~ '^whsec_' THEN
-      INSERT INTO billing.stripe_secrets (mode, kind, endpoint, secret)
-      VALUES (v_mode, 'webhook', o ->> 'id', o ->> 'secret')
-      ON CONFLICT (mode, kind, endpoint) DO UPDATE SET secret = EXCLUDED.secret, created_at = now();
+      INSERT INTO billing.stripe_secrets (mode, kind, endpoint, secret, url)
+      VALUES (v_mode, 'webhook', o ->> 'id', o ->> 'secret', o ->> 'url')
+      ON CONFLICT (mode, kind, endpoint) DO UPDATE SET secret = EXCLUDED.secret, url = EXCLUDED.url, created_at = now();
     END IF;
     PERFORM billing.audit('setup.webhook_created', NULL, jsonb_build_object('endpoint', o ->> 'id', 'url', o ->> 'url'));
   ELSE

@@ -61,6 +61,10 @@ GRANT EXECUTE ON FUNCTION billing.my_features(), api.has_feature(text) TO qes_te
 GRANT SELECT ON api.features TO qes_tenant;
 GRANT EXECUTE ON FUNCTION billing.has_feature(text, text), billing.features_current(text) TO qes_app, qes_admin;
 
+-- the webhook endpoints whose secrets are kept, never the secrets
+-- (sql/install/88_webhook_endpoints.sql; set_webhook_secret: superusers only)
+GRANT SELECT ON billing.webhook_endpoints TO qes_admin;
+
 -- the platform
 GRANT EXECUTE ON FUNCTION billing.upsert_tenant(text, text, text),
                           billing.record_usage(text, text, bigint, text, jsonb, timestamptz),
