@@ -103,7 +103,8 @@ apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends "$(rea
 owned=0
 while read -r f; do
   owner=$(dpkg -S "$f" 2>/dev/null | cut -d: -f1)
-  [ "$owner" = "$pkg" ] || fail "$f is not the package's (owner: ${owner:-none})"
+  [ "$owner" = "$pkg" ] ||
+    fail "$f is not the package's (owner: ${owner:-none}; a make install from another tree meanwhile?)"
   owned=$((owned + 1))
 done < <(qes_files)
 changed=$(dpkg --verify "$pkg")
