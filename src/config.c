@@ -40,10 +40,14 @@ parse_key_kind(text *t)
 	return QES_KEY_SECRET;		/* keep compiler quiet */
 }
 
-/* billing.environment(): development, staging or production */
+/*
+ * billing.environment(): development, staging or production.  Also where
+ * the test-only qes_billing.debug_fault plants its memory error.
+ */
 Datum
 qes_environment_fn(PG_FUNCTION_ARGS)
 {
+	qes_debug_fault_point();
 	PG_RETURN_TEXT_P(cstring_to_text(qes_environment_name(qes_environment())));
 }
 

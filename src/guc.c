@@ -572,6 +572,91 @@ SECRET_SHOW_HOOK(show_notify_webhook_secret, notify_webhook_secret_setting)
 
 #define SECRET_FLAGS (GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE)
 
+/* ---- test-only: a planted memory error --------------------------------- */
+
+/*
+ * qes_billing.debug_fault (test-only; README.md, "Two commands"): when set
+ * by a superuser outside production, billing.environment() commits a
+ * deliberate memory error, so that the valgrind layer can show that its
+ * classifier catches an error in our code (test/tools/valgrind.sh, its
+ * self-test).  Production refuses the setting and ignores it if it was set
+ * before the environment changed.
+ */
+typedef enum QesDebugFault
+{
+	QES_FAULT_NONE,
+	QES_FAULT_INVALID_READ,
+	QES_FAULT_UNINITIALISED
+} QesDebugFault;
+
+static int	qes_debug_fault = QES_FAULT_NONE;
+
+static const struct config_enum_entry debug_fault_options[] = {
+	{"none", QES_FAULT_NONE, false},
+	{"invalid_read", QES_FAULT_INVALID_READ, false},
+	{"uninitialised", QES_FAULT_UNINITIALISED, false},
+	{NULL, 0, false}
+};
+
+/* the environment without raising an error (a check hook must not) */
+static bool
+production_quietly(void)
+{
+	const char *value = qes_environment_setting;
+	QesEnvironment env;
+
+	if (value == NULL || value[0] == '\0')
+		value = getenv("QES_ENVIRONMENT");
+	return value != NULL && parse_environment(value, &env) && env == QES_ENV_PRODUCTION;
+}
+
+static bool
+check_debug_fault(int *newval, void **extra, GucSource source)
+{
+	if (*newval == QES_FAULT_NONE || !production_quietly())
+		return true;
+	GUC_check_errdetail("qes_billing.debug_fault is a test-only setting, refused in production.");
+	return false;
+}
+
+/*
+ * Commit the planted memory error, if one is asked for.  The chunk is
+ * larger than any allocation set's chunk limit, so palloc gives it a
+ * malloc'd block of its own that ends where the chunk ends: memcheck knows
+ * that block's bounds and contents even in a server built without
+ * USE_VALGRIND.
+ */
+void
+qes_debug_fault_point(void)
+{
+	const Size	size = 16 * 1024;
+	volatile char *chunk;
+	volatile char sink;
+
+	if (qes_debug_fault == QES_FAULT_NONE)
+		return;
+	if (production_quietly())
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("qes_billing.debug_fault is ignored in production")));
+		return;
+	}
+	chunk = palloc(size);
+	if (qes_debug_fault == QES_FAULT_INVALID_READ)
+	{
+		memset((char *) chunk, 0, size);
+		sink = chunk[size];		/* one byte past the chunk */
+		(void) sink;
+	}
+	else if (chunk[size / 2] == 'q')	/* a branch on a byte nobody wrote */
+		elog(DEBUG1, "qes_billing.debug_fault: the unwritten byte happened to be 'q'");
+	pfree((char *) chunk);
+	ereport(NOTICE,
+			(errmsg("qes_billing.debug_fault: planted \"%s\"",
+					debug_fault_options[qes_debug_fault].name)));
+}
+
 static void
 define_key(const char *name, const char *desc, char **var, int flags,
 		   GucStringCheckHook check, GucShowHook show)
@@ -763,6 +848,14 @@ qes_define_gucs(void)
 							"Longest time one delivery (SMTP or webhook) may take, connection included.",
 							NULL, &qes_notify_timeout_ms, 30000, 100, 600 * 1000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	/* test-only (see qes_debug_fault_point); hidden like the secrets */
+	DefineCustomEnumVariable("qes_billing.debug_fault",
+							 "Test-only: billing.environment() commits a deliberate memory error (none, invalid_read, uninitialised).",
+							 "For the valgrind layer's self-test; refused in production.",
+							 &qes_debug_fault, QES_FAULT_NONE, debug_fault_options,
+							 PGC_SUSET, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
+							 check_debug_fault, NULL, NULL);
 
 	MarkGUCPrefixReserved("qes_billing");
 }

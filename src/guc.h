@@ -68,5 +68,6 @@ extern bool qes_live_mode(void);
 extern const char *qes_base_url(void);
 extern const char *qes_stripe_key(QesKeyKind kind, bool missing_ok);
 extern bool qes_stripe_key_problem(QesKeyKind kind, char **problem);
+extern void qes_debug_fault_point(void);
 
 #endif							/* QES_GUC_H */
