@@ -35,7 +35,7 @@ OBJS = \
 # that are never edited (README.md, "Upgrading")
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 DATA = sql/$(EXTENSION)--0.1.sql sql/$(EXTENSION)--0.1--0.2.sql
-SCRIPTS = src/qes_billing_setup
+SCRIPTS = src/qes_billing_setup src/qes_billing_audit src/qes_billing_audit_verify
 # for operators, installed into $(docdir)/extension (README.md, "Monitoring")
 DOCS = docs/monitoring/qes_billing_queries.yaml docs/monitoring/qes_billing_alerts.yml
 INSTALL_SQL = $(sort $(wildcard sql/install/*.sql))

@@ -51,6 +51,9 @@ bool		qes_worker_paused = false;
 static int	qes_reconcile_interval_s = 3600;
 static int	qes_reconcile_pages = 20;
 
+/* the audit trail's retention (sql/install/72_audit_export.sql reads it with current_setting) */
+static int	qes_audit_retention_s = 0;
+
 /* notifications (src/notify.c) */
 char	   *qes_smtp_url = NULL;
 int			qes_smtp_starttls = QES_STARTTLS_REQUIRE;
@@ -772,6 +775,11 @@ qes_define_gucs(void)
 							 "Refuse UPDATE and DELETE on the audit log (superusers may turn it off to test tamper detection).",
 							 NULL, &qes_audit_guard, true,
 							 PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.audit_retention",
+							"How long audit rows stay in the database before they may be archived (0: for ever).",
+							"billing.audit_archive() exports, then removes, only rows older than this.",
+							&qes_audit_retention_s, 0, 0, PG_INT32_MAX,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
 
 	DefineCustomIntVariable("qes_billing.max_counters",
 							"Usage counters (tenant, metric, period) kept in shared memory.",

@@ -410,6 +410,23 @@ CREATE TABLE billing.audit_head (
 );
 COMMENT ON TABLE billing.audit_head IS 'The newest link of the audit chain; audit writers lock it.';
 
+-- One row per archival (sql/install/72_audit_export.sql): the audit rows
+-- first_id..last_id were exported to a file and removed; last_hash is the
+-- hash of row last_id, from which the chain left in audit_log goes on.
+CREATE TABLE billing.audit_archives (
+  archive_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  first_id      bigint NOT NULL CHECK (first_id >= 1),
+  last_id       bigint NOT NULL UNIQUE,
+  last_hash     bytea NOT NULL CHECK (octet_length(last_hash) = 32),
+  rows_removed  bigint NOT NULL CHECK (rows_removed = last_id - first_id + 1),
+  export_sha256 bytea NOT NULL CHECK (octet_length(export_sha256) = 32),
+  archived_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  archived_by   text NOT NULL,
+  CHECK (last_id >= first_id)
+);
+COMMENT ON TABLE billing.audit_archives IS
+  'Audit rows exported and removed: which ids, the hash of the last one (the chain in audit_log goes on from it) and the SHA-256 of the export file that holds them.';
+
 -- ---- webhook refusals ----------------------------------------------------------
 
 CREATE TABLE billing.webhook_rejections (

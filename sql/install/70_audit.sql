@@ -17,7 +17,7 @@ AS $$
 DECLARE
   v_head   billing.audit_head;
   v_id     bigint;
-  v_at     timestamptz := clock_timestamp();
+  v_at     timestamptz;
   v_role   text := billing.outer_role();
   v_claims jsonb := billing.jwt_claims();
   v_hash   bytea;
@@ -30,6 +30,9 @@ BEGIN
   p_details := billing.redact(coalesce(p_details, '{}'));
 
   SELECT * INTO v_head FROM billing.audit_head FOR UPDATE;
+  -- stamped once the chain is ours: times never go back along the chain,
+  -- so a period of time is a run of consecutive rows (72_audit_export.sql)
+  v_at := clock_timestamp();
   v_id := v_head.last_id + 1;
   v_hash := billing.audit_hash(v_head.last_hash, v_id, v_at, v_role, v_claims ->> 'sub',
                                v_claims ->> 'tenant_id', p_tenant_id, p_action, p_details);
@@ -47,6 +50,12 @@ CREATE FUNCTION billing.audit_guard() RETURNS trigger
   LANGUAGE plpgsql SET search_path = pg_catalog, billing
 AS $$
 BEGIN
+  -- a row covered by a recorded archive may be removed (billing.audit_archive)
+  IF TG_OP = 'DELETE' AND TG_TABLE_NAME = 'audit_log'
+     AND EXISTS (SELECT FROM billing.audit_archives a
+                  WHERE a.last_id >= OLD.audit_id AND a.first_id <= OLD.audit_id) THEN
+    RETURN OLD;
+  END IF;
   IF current_setting('qes_billing.audit_guard')::boolean THEN
     RAISE EXCEPTION 'the audit log is append-only: % is not allowed', TG_OP
       USING ERRCODE = 'insufficient_privilege',
@@ -55,11 +64,16 @@ BEGIN
   RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
 END
 $$;
-COMMENT ON FUNCTION billing.audit_guard() IS 'Trigger: refuse UPDATE, DELETE and TRUNCATE of the audit log.';
+COMMENT ON FUNCTION billing.audit_guard() IS
+  'Trigger: refuse UPDATE, DELETE and TRUNCATE of the audit log (but the DELETE of rows an archive covers) and of its archives.';
 
 CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON billing.audit_log
   FOR EACH ROW EXECUTE FUNCTION billing.audit_guard();
 CREATE TRIGGER append_only_truncate BEFORE TRUNCATE ON billing.audit_log
+  FOR EACH STATEMENT EXECUTE FUNCTION billing.audit_guard();
+CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON billing.audit_archives
+  FOR EACH ROW EXECUTE FUNCTION billing.audit_guard();
+CREATE TRIGGER append_only_truncate BEFORE TRUNCATE ON billing.audit_archives
   FOR EACH STATEMENT EXECUTE FUNCTION billing.audit_guard();
 
 CREATE FUNCTION billing.verify_audit_chain(
@@ -69,14 +83,23 @@ AS $$
 DECLARE
   v_head billing.audit_head;
   v_last billing.audit_log;
+  -- where the chain in audit_log starts: after the newest archive, or at 1
+  v_base_id   bigint := 0;
+  v_base_hash bytea := '\x0000000000000000000000000000000000000000000000000000000000000000';
 BEGIN
+  SELECT a.last_id, a.last_hash INTO v_base_id, v_base_hash
+    FROM billing.audit_archives a ORDER BY a.last_id DESC LIMIT 1;
+  IF NOT FOUND THEN
+    v_base_id := 0;
+    v_base_hash := '\x0000000000000000000000000000000000000000000000000000000000000000';
+  END IF;
   SELECT count(*) INTO rows_checked FROM billing.audit_log;
 
   SELECT c.audit_id,
          CASE
-           WHEN c.prev_id IS NULL AND c.audit_id <> 1 THEN 'rows before this one are missing'
+           WHEN c.prev_id IS NULL AND c.audit_id <> v_base_id + 1 THEN 'rows before this one are missing'
            WHEN c.prev_id IS NOT NULL AND c.audit_id <> c.prev_id + 1 THEN 'rows before this one are missing'
-           WHEN c.prev_hash <> coalesce(c.chain_prev, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea)
+           WHEN c.prev_hash <> coalesce(c.chain_prev, v_base_hash)
              THEN 'prev_hash does not match the previous row'
            ELSE 'content does not match its hash'
          END
@@ -86,9 +109,9 @@ BEGIN
                  lag(a.audit_id) OVER w AS prev_id
             FROM billing.audit_log a
           WINDOW w AS (ORDER BY a.audit_id)) c
-   WHERE (c.prev_id IS NULL AND c.audit_id <> 1)
+   WHERE (c.prev_id IS NULL AND c.audit_id <> v_base_id + 1)
       OR (c.prev_id IS NOT NULL AND c.audit_id <> c.prev_id + 1)
-      OR c.prev_hash <> coalesce(c.chain_prev, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea)
+      OR c.prev_hash <> coalesce(c.chain_prev, v_base_hash)
       OR c.hash <> billing.audit_hash(c.prev_hash, c.audit_id, c.occurred_at, c.actor_role, c.actor_sub,
                                       c.actor_tenant, c.tenant_id, c.action, c.details)
    ORDER BY c.audit_id
@@ -97,9 +120,9 @@ BEGIN
   IF first_bad_id IS NULL THEN
     SELECT * INTO v_head FROM billing.audit_head;
     SELECT * INTO v_last FROM billing.audit_log ORDER BY audit_id DESC LIMIT 1;
-    IF v_head.last_id <> coalesce(v_last.audit_id, 0)
+    IF v_head.last_id <> coalesce(v_last.audit_id, v_base_id)
        OR v_head.last_hash <> coalesce(v_last.hash, v_head.last_hash) THEN
-      first_bad_id := coalesce(v_last.audit_id, 0) + 1;
+      first_bad_id := coalesce(v_last.audit_id, v_base_id) + 1;
       problem := 'the newest rows are missing (the chain head is at ' || v_head.last_id || ')';
     END IF;
   END IF;
@@ -107,4 +130,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing.verify_audit_chain() IS
-  'Walk the audit chain; report the first row whose link or hash does not match, or that newest rows are missing.';
+  'Walk the audit chain from the newest archive''s last hash (or from the start); report the first row whose link or hash does not match, or that newest rows are missing.';

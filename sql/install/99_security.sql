@@ -94,6 +94,8 @@ GRANT EXECUTE ON FUNCTION api.pre_request() TO qes_anon, qes_tenant, qes_admin, 
 GRANT EXECUTE ON FUNCTION billing.webhook_rejections_pending(), billing.rate_limit_stats() TO qes_admin;
 -- verify_audit_chain() reads the chain head (not a secret: the last row's hash)
 GRANT SELECT ON billing.audit_head TO qes_admin;
+-- ... and where the kept chain starts (audit rows archived: ids, hashes, the export's digest)
+GRANT SELECT ON billing.audit_archives TO qes_admin;
 
 -- Shared memory outlives DROP EXTENSION: forget what an earlier
 -- incarnation cached, and let the worker find the new extension (and
