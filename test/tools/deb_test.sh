@@ -88,37 +88,57 @@ qes_files() {
   find "$bindir" -maxdepth 1 -name 'qes_billing_*'
   find "$docdir/extension" -maxdepth 1 -name 'qes_billing_*' 2>/dev/null
 }
+# ... and every file make install installs (the tree may build more than
+# one extension)
+our_files() { { cat "$tmp/make-install.list"; qes_files; } | sort -u; }
 if dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
   say "purging the $pkg installed before ($(dpkg-query -W -f='${Version}' "$pkg"))"
   apt-get purge -y -qq -o DPkg::Lock::Timeout=300 "$pkg" >/dev/null 2>&1 || fail "purging $pkg"
 fi
 removed=0
 while read -r f; do
+  [ -e "$f" ] || continue
   if ! dpkg -S "$f" >/dev/null 2>&1; then rm -f "$f"; removed=$((removed + 1)); fi
-done < <(qes_files)
+done < <(our_files)
 find "$pkglibdir/bitcode/qes_billing" -depth -type d -empty -delete 2>/dev/null
 say "removed $removed files no package owns (make install's)"
 apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends "$(realpath "$deb")" \
   >"$tmp/apt.log" 2>&1 || { cat "$tmp/apt.log"; fail "installing $deb"; }
+# every file make install installs is there and the package's; another
+# qes_billing file (one this tree does not install, e.g. an older build's) is
+# named: it was removed above, so a make install from another tree put it back
 owned=0
 while read -r f; do
+  [ -e "$f" ] || fail "$f is missing"
   owner=$(dpkg -S "$f" 2>/dev/null | cut -d: -f1)
   [ "$owner" = "$pkg" ] ||
     fail "$f is not the package's (owner: ${owner:-none}; a make install from another tree meanwhile?)"
   owned=$((owned + 1))
+done < "$tmp/make-install.list"
+while read -r f; do
+  grep -qxF "$f" "$tmp/make-install.list" && continue
+  dpkg -S "$f" >/dev/null 2>&1 || say "warning: $f is no package's and not this tree's (a make install from another tree meanwhile?)"
 done < <(qes_files)
 changed=$(dpkg --verify "$pkg")
 [ -z "$changed" ] || fail "installed files differ from the package's: $changed"
-say "installed: $owned qes_billing files in PostgreSQL's directories, all $pkg's, none changed"
+say "installed: $owned files of this tree's in PostgreSQL's directories, all $pkg's, none changed"
 say "$(dpkg -S "$pkglibdir/qes_billing.so")"
 "$bindir/qes_billing_setup" --help >/dev/null || fail "qes_billing_setup --help"
 
 # 4. pg_regress against the installed files, from a copy of the tests alone
-mkdir -p "$tmp/tree/test"
-cp -a "$src/Makefile" "$src/qes_billing.control" "$src/sql" "$src/expected" "$tmp/tree/"
-cp -a "$src/test/regress.conf" "$tmp/tree/test/"
+# (the files git does not ignore: no build products)
+mkdir -p "$tmp/tree"
+if git -C "$src" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  (cd "$src" && git ls-files -z --cached --others --exclude-standard |
+     while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
+     tar --null -T - -cf -) | tar -C "$tmp/tree" -xf -
+else
+  tar -C "$src" --exclude=./.git --exclude=./build --exclude='./tmp_check*' -cf - . | tar -C "$tmp/tree" -xf -
+  (cd "$tmp/tree" && make -s clean >/dev/null)
+fi
 chown -R "$PGUSER_OS" "$tmp"
-ls "$tmp/tree" | grep -qE '\.(so|o|bc)$|--'"$version"'\.sql$' && fail "build products in the test copy"
+built_files=$(cd "$tmp/tree" && find . \( -name '*.so' -o -name '*.o' -o -name '*.bc' -o -name "qes_billing--$version.sql" \) ! -path './sql/*')
+[ -z "$built_files" ] || fail "build products in the test copy: $built_files"
 regress_start=$(date +%s)
 regress_ok=1
 (cd "$tmp/tree" && as_pg make -s installcheck ISOLATION= TAP_TESTS=) > "$tmp/regress.out" 2>&1 || regress_ok=0
