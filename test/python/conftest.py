@@ -56,7 +56,9 @@ def pg_nokeys():
 def amcheck_and_stop(cluster):
     """The last step on a cluster: every billing index passes amcheck
     (bt_index_check with heapallindexed), else the run fails (an error at
-    teardown makes pytest exit non-zero).  The cluster is stopped either way."""
+    teardown makes pytest exit non-zero).  The cluster is stopped either way.
+    Cluster.stop() fails a cluster that was stopped without this."""
+    cluster.amchecked = True
     try:
         checked, failures, skipped = cluster.amcheck()
     finally:

@@ -42,6 +42,7 @@ class Cluster:
         self.env.update(env or {})
         self.conf = conf or {}
         self.as_root = os.geteuid() == 0
+        self.amchecked = False      # set by conftest.amcheck_and_stop; stop() insists on it
         if self.as_root:
             shutil.chown(self.dir, user="postgres")
 
@@ -143,8 +144,16 @@ class Cluster:
         with open(self.logfile, errors="replace") as f:
             return f.read()
 
-    def stop(self):
+    def stop(self, amcheck_skipped=None):
+        """Stop the cluster and remove it.  Every cluster a test starts ends
+        with conftest.amcheck_and_stop, which checks every billing index
+        while its rows are still there; a cluster stopped without it fails
+        the test (after it is stopped), unless amcheck_skipped says why
+        there is nothing to check."""
         try:
             self._run("pg_ctl", "-D", self.datadir, "-m", "fast", "-w", "stop")
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+        if not self.amchecked and amcheck_skipped is None:
+            raise AssertionError(f"cluster {self.name} was stopped without amcheck: "
+                                 "end it with conftest.amcheck_and_stop")

@@ -602,4 +602,5 @@ def test_throughput_and_latency(sinks, capsys):
                   f"Python process); latency commit -> delivered on an idle worker: "
                   f"p50={lat[len(lat) // 2] * 1000:.0f} ms max={lat[-1] * 1000:.0f} ms")
     finally:
-        pg.stop()
+        from conftest import amcheck_and_stop
+        amcheck_and_stop(pg)

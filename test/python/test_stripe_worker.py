@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from conftest import TEST_KEYS, tenant_claims
+from conftest import TEST_KEYS, amcheck_and_stop, tenant_claims
 from fake_stripe import FakeStripe, signed
 from pgcluster import Cluster
 from postgrest import PostgREST
@@ -155,7 +155,7 @@ def test_every_request_kind_is_valid_for_stripe(stripe_mock):
         assert rejected == [], rejected
         api.close()
     finally:
-        pg.stop()
+        amcheck_and_stop(pg)
 
 
 # ---- the stateful fake -----------------------------------------------------
@@ -173,7 +173,7 @@ def pgf(fake):
     c = cluster_for("fake", fake.base)
     set_clocks(c, fake)
     yield c
-    c.stop()
+    amcheck_and_stop(c)
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +225,7 @@ def test_setup_all_twice_creates_nothing_the_second_time(pgf, fake):
     assert pgf.sql("SELECT has_table_privilege('qes_admin', 'billing.stripe_secrets', 'SELECT')")[0][0] is False
     endpoint = fake.of_type("webhook_endpoint")[0]
     assert endpoint["url"] == "https://sign.example.test/api/v1/billing/webhooks/stripe"
-    assert len(endpoint["enabled_events"]) == 16
+    assert len(endpoint["enabled_events"]) == 20
 
     r = setup_command(pgf, "--all")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -245,7 +245,7 @@ def test_setup_reports_a_missing_key_and_exits_nonzero(stripe_mock):
         assert pg.sql("SELECT count(*) FROM billing.stripe_requests")[0][0] == 0
         assert setup_command(pg, "--bogus").returncode == 2
     finally:
-        pg.stop()
+        amcheck_and_stop(pg)
 
 
 def test_subscription_lifecycle(pgf, apif, fake):

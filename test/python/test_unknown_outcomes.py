@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 import psycopg
 import pytest
 
-from conftest import tenant_claims
+from conftest import amcheck_and_stop, tenant_claims
 from fake_stripe import FakeStripe
 from postgrest import PostgREST
 from test_stripe_worker import cluster_for, drain, set_clocks, setup_command, sub, ts
@@ -52,7 +52,7 @@ def pgu(fake):
     r = setup_command(c, "--setup-products")
     assert r.returncode == 0, r.stdout + r.stderr
     yield c
-    c.stop()
+    amcheck_and_stop(c)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from conftest import ADMIN, tenant_claims
+from conftest import ADMIN, amcheck_and_stop, tenant_claims
 from pgcluster import Cluster
 from postgrest import PostgREST
 
@@ -87,7 +87,7 @@ def small_cache():
     cluster = Cluster("smallcache", conf={"qes_billing.max_counters": "16"}).start()
     cluster.set_clock(AT)       # one period for all the usage below
     yield cluster
-    cluster.stop()
+    amcheck_and_stop(cluster)
 
 
 def test_full_counter_table_stays_correct(small_cache):
