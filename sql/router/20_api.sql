@@ -184,6 +184,16 @@ $$;
 COMMENT ON FUNCTION api.create_payment_intent(bigint, text, text) IS
   'A one-time payment by the calling tenant: amount in the smallest currency unit (50 to 99999999), currency (usd, eur, gbp, chf), description. Returns the payment id at once; GET /payments shows its client_secret when Stripe has answered. Audited.';
 
+CREATE FUNCTION api.has_feature(feature text) RETURNS boolean
+  LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, router
+AS $$
+BEGIN
+  RETURN router.invoke_tenant('has_feature', json_build_object('feature', feature))::text::boolean;
+END
+$$;
+COMMENT ON FUNCTION api.has_feature(text) IS
+  'May the calling tenant use the feature now? Same rules as billing.has_feature; an unknown feature is an error (22023).';
+
 -- Inbound rate limiting, as on one database: qes_billing's token buckets in
 -- this cluster's shared memory (the library is preloaded here too).
 CREATE FUNCTION api.pre_request() RETURNS void
@@ -244,6 +254,13 @@ SELECT x.subscription_id, x.plan, x."interval", x.status, x.limits_plan, x.clien
             decline_code text, stripe_subscription_id text, updated_at timestamptz);
 COMMENT ON VIEW api.subscription IS
   'The calling tenant''s subscription (the latest): plan, interval, Stripe status, limits_plan (whose limits apply now), client_secret while the first payment is awaited, current period, cancel_at_period_end, a change in progress and the last error. No row: the tenant is on Free.';
+
+CREATE VIEW api.features WITH (security_invoker = true) AS
+SELECT x.feature, x.enabled, x.plan_id, x.reason, x.available_in
+  FROM json_to_recordset(router.api_rows('features'))
+       AS x(feature text, enabled boolean, plan_id text, reason text, available_in text);
+COMMENT ON VIEW api.features IS
+  'The calling tenant''s features now: enabled, the plan whose features apply (the one Stripe''s state implies: trials and grace periods keep the plan), why it is not the subscribed plan, and the lowest plan that has the feature.';
 
 CREATE VIEW api.payments WITH (security_invoker = true) AS
 SELECT x.payment_id, x.kind, x.amount, x.currency, x.description, x.status, x.client_secret, x.failure_code,

@@ -25,6 +25,8 @@ GRANT EXECUTE ON FUNCTION api.create_subscription(text, text),
   TO qes_tenant;
 GRANT SELECT ON api.subscription, api.payments TO qes_tenant, qes_admin;
 GRANT SELECT ON api.usage TO qes_tenant;
+GRANT EXECUTE ON FUNCTION api.has_feature(text) TO qes_tenant;
+GRANT SELECT ON api.features TO qes_tenant;
 GRANT EXECUTE ON FUNCTION api.pre_request() TO qes_anon, qes_tenant, qes_admin, qes_app;
 
 -- the views read their rows through this (security_invoker views call it as the caller)

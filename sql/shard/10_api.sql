@@ -52,6 +52,10 @@ BEGIN
       WHEN 'stripe_webhook' THEN
         -- json keeps the bytes Stripe signed; the intake verifies them again
         body := api.stripe_webhook(p_body::json)::text;
+      WHEN 'has_feature' THEN
+        body := api.has_feature(feature => p_args ->> 'feature')::text;
+      WHEN 'features' THEN
+        body := (SELECT coalesce(json_agg(v), '[]')::text FROM api.features v);
       WHEN 'plans' THEN
         body := (SELECT coalesce(json_agg(v), '[]')::text FROM api.plans v);
       WHEN 'tenant' THEN

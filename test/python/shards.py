@@ -167,7 +167,11 @@ class Sharded:
         try:
             return self._start()
         except BaseException:
-            self.stop(lambda c: c.stop())
+            from conftest import amcheck_and_stop
+            try:
+                self.stop(amcheck_and_stop)
+            except BaseException as e:      # the failure to start is the one to show
+                print(f"stopping after a failed start: {e}")
             raise
 
     def _start(self):
