@@ -15,6 +15,8 @@ OBJS = \
 	src/guc.o \
 	src/shmem.o \
 	src/worker.o \
+	src/worker_xact.o \
+	src/worker_http.o \
 	src/audit.o \
 	src/config.o \
 	src/catalog_cache.o \

@@ -2,7 +2,8 @@
  *
  * notify.c
  *	  The worker delivers billing.notifications: email over SMTP and a
- *	  signed webhook to the platform, through its own libcurl multi handle.
+ *	  signed webhook to the platform, through the worker's libcurl multi
+ *	  loop (src/worker_http.c).
  *
  * The protocol with SQL (sql/install/89_notify.sql) is the outbox's
  * (DESIGN.md rule 3, docs/architecture.md "One notification"):
@@ -18,6 +19,11 @@
  *	   transaction is open meanwhile.
  *	3. record: each channel's outcome by billing.notify_record() in a new
  *	   transaction (a subtransaction per outcome).
+ *
+ * Transactions and subtransactions are the worker's (src/worker_xact.c).  A
+ * turn of the pump never waits: the worker's loop turns it, and waits on
+ * curl's sockets and its latch together between turns (src/worker_http.c,
+ * which hands each finished delivery back to this file).
  *
  * At least once: a crash between sending and recording sends again.  Every
  * attempt carries the notification's event_id (the event's "id" and the
@@ -41,7 +47,6 @@
  */
 #include "qes_billing.h"
 
-#include <curl/curl.h>
 #include <limits.h>
 #include <math.h>
 #include <time.h>
@@ -58,17 +63,16 @@
 #include "funcapi.h"
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
-#include "storage/latch.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
-#include "utils/resowner.h"
 #include "utils/timestamp.h"
 
 #include "guc.h"
 #include "notify.h"
 #include "redact.h"
 #include "shmem.h"
-#include "worker.h"
+#include "worker_http.h"
+#include "worker_xact.h"
 
 /* transfers (an email or a webhook POST each) in flight at once */
 #define QES_NOTIFY_MAX_INFLIGHT	32
@@ -91,22 +95,20 @@ static const char *const channel_names[] = {"email", "webhook"};
 /* One email or one webhook POST of one notification. */
 typedef struct Transfer
 {
+	QesHttpTransfer http;		/* first: its curl handle */
 	MemoryContext context;		/* holds this struct and all it points to */
 	struct Transfer *next;
 	NotifyChannel channel;
 	char	   *tenant_id;
 	int64		notification_id;
 	int32		attempt;
-	CURL	   *easy;
 	struct curl_slist *list;	/* SMTP recipients, or HTTP headers */
 	char	   *data;			/* the message (SMTP upload) or the body */
 	size_t		len;
 	size_t		pos;
 	size_t		received;
-	char		errbuf[CURL_ERROR_SIZE];
-	bool		done;
-	CURLcode	result;
-	long		code;			/* last SMTP reply or HTTP status */
+	bool		done;			/* finished (http.result; http.response_code: the
+								 * last SMTP reply or the HTTP status) */
 	int			record_tries;
 	Oid			extoid;			/* the incarnation of the extension it was claimed from */
 } Transfer;
@@ -122,7 +124,6 @@ typedef struct Channels
 	char	   *from_domain;
 } Channels;
 
-static CURLM *multi = NULL;
 static MemoryContext notify_context = NULL;
 static Transfer *transfers = NULL;	/* in flight or done, not yet recorded */
 static int	n_in_flight = 0;
@@ -132,6 +133,7 @@ static TimestampTz due_at = 0;	/* when the next row is due (0: none known) */
 static bool was_enabled = false;
 static Oid	reclaimed_for = InvalidOid;
 static uint64 settings_hash = 0;	/* of the settings the cached connections were made with */
+static bool connections_stale = false;	/* made with other settings: forget them */
 
 /* ---- settings ------------------------------------------------------------- */
 
@@ -412,18 +414,19 @@ discard_cb(char *data, size_t size, size_t nmemb, void *arg)
 static void
 notify_init(void)
 {
-	if (multi != NULL)
-		return;
 	if (notify_context == NULL)
-	{
-		if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
-			elog(ERROR, "qes_billing worker: curl_global_init failed");
 		notify_context = AllocSetContextCreate(TopMemoryContext, "qes_billing notifications",
 											   ALLOCSET_DEFAULT_SIZES);
-	}
-	multi = curl_multi_init();
-	if (multi == NULL)
-		elog(ERROR, "qes_billing worker: curl_multi_init failed");
+}
+
+/* a delivery finished (src/worker_http.c calls this): recorded at the next turn */
+static void
+transfer_done(QesHttpTransfer *xfer)
+{
+	Transfer   *t = (Transfer *) xfer;
+
+	t->done = true;
+	n_in_flight--;
 }
 
 static Transfer *
@@ -438,21 +441,21 @@ new_transfer(NotifyChannel channel, const char *tenant_id, int64 id, int32 attem
 	t->tenant_id = MemoryContextStrdup(cxt, tenant_id);
 	t->notification_id = id;
 	t->attempt = attempt;
-	t->easy = curl_easy_init();
-	if (t->easy == NULL)
+	if (!qes_http_transfer_init(&t->http, transfer_done))
 	{
 		MemoryContextDelete(cxt);
 		elog(ERROR, "qes_billing worker: curl_easy_init failed");
 	}
-	curl_easy_setopt(t->easy, CURLOPT_TIMEOUT_MS, (long) qes_notify_timeout_ms);
-	curl_easy_setopt(t->easy, CURLOPT_CONNECTTIMEOUT_MS, (long) Min(qes_notify_timeout_ms, 10000));
-	curl_easy_setopt(t->easy, CURLOPT_NOSIGNAL, 1L);
-	curl_easy_setopt(t->easy, CURLOPT_SSL_VERIFYPEER, 1L);
-	curl_easy_setopt(t->easy, CURLOPT_SSL_VERIFYHOST, 2L);
+	curl_easy_setopt(t->http.easy, CURLOPT_TIMEOUT_MS, (long) qes_notify_timeout_ms);
+	curl_easy_setopt(t->http.easy, CURLOPT_CONNECTTIMEOUT_MS, (long) Min(qes_notify_timeout_ms, 10000));
 	if (qes_notify_ca_file && qes_notify_ca_file[0])
-		curl_easy_setopt(t->easy, CURLOPT_CAINFO, qes_notify_ca_file);
-	curl_easy_setopt(t->easy, CURLOPT_ERRORBUFFER, t->errbuf);
-	curl_easy_setopt(t->easy, CURLOPT_PRIVATE, t);
+		curl_easy_setopt(t->http.easy, CURLOPT_CAINFO, qes_notify_ca_file);
+	if (connections_stale)
+	{
+		/* none of the connections made under the old settings, and keep none */
+		curl_easy_setopt(t->http.easy, CURLOPT_FRESH_CONNECT, 1L);
+		curl_easy_setopt(t->http.easy, CURLOPT_FORBID_REUSE, 1L);
+	}
 	return t;
 }
 
@@ -466,27 +469,23 @@ setup_email(Transfer *t, const Channels *ch, const char *to, const char *message
 	t->len = strlen(t->data);
 	t->list = curl_slist_append(NULL, psprintf("<%s>", to));
 
-	curl_easy_setopt(t->easy, CURLOPT_URL, qes_smtp_url);
-#if LIBCURL_VERSION_NUM >= 0x075500
-	curl_easy_setopt(t->easy, CURLOPT_PROTOCOLS_STR, "smtp,smtps");
-#else
-	curl_easy_setopt(t->easy, CURLOPT_PROTOCOLS, CURLPROTO_SMTP | CURLPROTO_SMTPS);
-#endif
-	curl_easy_setopt(t->easy, CURLOPT_MAIL_FROM, psprintf("<%s>", ch->mail_from));
-	curl_easy_setopt(t->easy, CURLOPT_MAIL_RCPT, t->list);
-	curl_easy_setopt(t->easy, CURLOPT_USE_SSL,
+	curl_easy_setopt(t->http.easy, CURLOPT_URL, qes_smtp_url);
+	qes_http_set_protocols(t->http.easy, "smtp,smtps");
+	curl_easy_setopt(t->http.easy, CURLOPT_MAIL_FROM, psprintf("<%s>", ch->mail_from));
+	curl_easy_setopt(t->http.easy, CURLOPT_MAIL_RCPT, t->list);
+	curl_easy_setopt(t->http.easy, CURLOPT_USE_SSL,
 					 qes_smtp_starttls == QES_STARTTLS_REQUIRE ? (long) CURLUSESSL_ALL :
 					 qes_smtp_starttls == QES_STARTTLS_TRY ? (long) CURLUSESSL_TRY : (long) CURLUSESSL_NONE);
 	if (qes_smtp_username && qes_smtp_username[0])
 	{
 		/* libcurl keeps its own copies */
-		curl_easy_setopt(t->easy, CURLOPT_USERNAME, qes_smtp_username);
-		curl_easy_setopt(t->easy, CURLOPT_PASSWORD, password ? password : "");
+		curl_easy_setopt(t->http.easy, CURLOPT_USERNAME, qes_smtp_username);
+		curl_easy_setopt(t->http.easy, CURLOPT_PASSWORD, password ? password : "");
 	}
-	curl_easy_setopt(t->easy, CURLOPT_READFUNCTION, read_cb);
-	curl_easy_setopt(t->easy, CURLOPT_READDATA, t);
-	curl_easy_setopt(t->easy, CURLOPT_UPLOAD, 1L);
-	curl_easy_setopt(t->easy, CURLOPT_INFILESIZE_LARGE, (curl_off_t) t->len);
+	curl_easy_setopt(t->http.easy, CURLOPT_READFUNCTION, read_cb);
+	curl_easy_setopt(t->http.easy, CURLOPT_READDATA, t);
+	curl_easy_setopt(t->http.easy, CURLOPT_UPLOAD, 1L);
+	curl_easy_setopt(t->http.easy, CURLOPT_INFILESIZE_LARGE, (curl_off_t) t->len);
 	MemoryContextSwitchTo(old);
 }
 
@@ -524,54 +523,37 @@ setup_webhook(Transfer *t, const char *event_id, const char *body)
 	t->list = curl_slist_append(t->list, "Accept: application/json");
 	t->list = curl_slist_append(t->list, "Expect:");
 
-	curl_easy_setopt(t->easy, CURLOPT_URL, qes_notify_webhook_url);
-#if LIBCURL_VERSION_NUM >= 0x075500
-	curl_easy_setopt(t->easy, CURLOPT_PROTOCOLS_STR, "http,https");
-#else
-	curl_easy_setopt(t->easy, CURLOPT_PROTOCOLS, CURLPROTO_HTTP | CURLPROTO_HTTPS);
-#endif
-	curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, t->list);
-	curl_easy_setopt(t->easy, CURLOPT_USERAGENT, "qes_billing/" QES_VERSION " (PostgreSQL " PG_VERSION ")");
-	curl_easy_setopt(t->easy, CURLOPT_POST, 1L);
-	curl_easy_setopt(t->easy, CURLOPT_POSTFIELDS, t->data);
-	curl_easy_setopt(t->easy, CURLOPT_POSTFIELDSIZE, (long) t->len);
-	curl_easy_setopt(t->easy, CURLOPT_FOLLOWLOCATION, 0L);
-	curl_easy_setopt(t->easy, CURLOPT_WRITEFUNCTION, discard_cb);
-	curl_easy_setopt(t->easy, CURLOPT_WRITEDATA, t);
+	curl_easy_setopt(t->http.easy, CURLOPT_URL, qes_notify_webhook_url);
+	qes_http_set_protocols(t->http.easy, "http,https");
+	curl_easy_setopt(t->http.easy, CURLOPT_HTTPHEADER, t->list);
+	curl_easy_setopt(t->http.easy, CURLOPT_POST, 1L);
+	curl_easy_setopt(t->http.easy, CURLOPT_POSTFIELDS, t->data);
+	curl_easy_setopt(t->http.easy, CURLOPT_POSTFIELDSIZE, (long) t->len);
+	curl_easy_setopt(t->http.easy, CURLOPT_WRITEFUNCTION, discard_cb);
+	curl_easy_setopt(t->http.easy, CURLOPT_WRITEDATA, t);
 	MemoryContextSwitchTo(old);
 }
 
+/* on the worker's curl loop (src/worker_http.c) */
 static void
 start_transfer(Transfer *t)
 {
-	CURLMcode	rc;
-
 	t->next = transfers;
 	transfers = t;
-	rc = curl_multi_add_handle(multi, t->easy);
-	if (rc != CURLM_OK)
-	{
-		/* recorded as a failure, retried with backoff */
-		t->done = true;
-		t->result = CURLE_FAILED_INIT;
-		snprintf(t->errbuf, sizeof(t->errbuf), "curl_multi_add_handle: %s", curl_multi_strerror(rc));
-		return;
-	}
 	n_in_flight++;
+	/* (refused by curl: done at once, recorded as a failure, retried with backoff) */
+	qes_http_start(&t->http);
 }
 
 static void
 free_transfer(Transfer *t)
 {
-	if (t->easy)
+	if (!t->done)
 	{
-		if (!t->done)
-		{
-			curl_multi_remove_handle(multi, t->easy);
-			n_in_flight--;
-		}
-		curl_easy_cleanup(t->easy);
+		qes_http_cancel(&t->http);
+		n_in_flight--;
 	}
+	curl_easy_cleanup(t->http.easy);
 	curl_slist_free_all(t->list);
 	if (t->data)
 		memset(t->data, 0, t->len);
@@ -619,6 +601,7 @@ claim_and_send(int room, const Channels *ch)
 	bool		reclaimed = false;
 	double		due_s = -1;
 	TimestampTz now = GetCurrentTimestamp();
+	MemoryContext caller = CurrentMemoryContext;	/* where the rows are copied to */
 
 	/* until this succeeds: look again in a while (an error propagates) */
 	claim_more = false;
@@ -655,7 +638,7 @@ claim_and_send(int room, const Channels *ch)
 	n = (int) SPI_processed;
 	if (n > 0)
 	{
-		MemoryContext old = MemoryContextSwitchTo(qes_worker_loop_context);
+		MemoryContext old = MemoryContextSwitchTo(caller);
 		SPITupleTable *tt = SPI_tuptable;
 
 		rows = palloc(sizeof(ClaimedRow) * n);
@@ -742,40 +725,42 @@ transfer_error(Transfer *t, bool *permanent)
 	*permanent = false;
 	if (t->channel == CHANNEL_EMAIL)
 	{
-		if (t->result == CURLE_OK)
+		if (t->http.result == CURLE_OK)
 			return NULL;
-		msg = psprintf("%s: %s%s", curl_easy_strerror(t->result),
-					   t->errbuf[0] ? t->errbuf : "no detail",
-					   t->code > 0 ? psprintf(" (SMTP reply %ld)", t->code) : "");
+		msg = psprintf("%s: %s%s", curl_easy_strerror(t->http.result),
+					   t->http.errbuf[0] ? t->http.errbuf : "no detail",
+					   t->http.response_code > 0 ? psprintf(" (SMTP reply %ld)", t->http.response_code) : "");
 		/*
 		 * The server refused this message for good (5xx to MAIL, RCPT or
 		 * DATA); but authentication wanted or refused (530, 534, 535, 538)
 		 * is about our settings, not the message: retried, for the operator
 		 * to fix.
 		 */
-		*permanent = t->code >= 500 && t->code <= 599 &&
-			t->code != 530 && t->code != 534 && t->code != 535 && t->code != 538 &&
-			(t->result == CURLE_SEND_ERROR || t->result == CURLE_WEIRD_SERVER_REPLY ||
-			 t->result == CURLE_RECV_ERROR);
+		*permanent = t->http.response_code >= 500 && t->http.response_code <= 599 &&
+			t->http.response_code != 530 && t->http.response_code != 534 && t->http.response_code != 535 && t->http.response_code != 538 &&
+			(t->http.result == CURLE_SEND_ERROR || t->http.result == CURLE_WEIRD_SERVER_REPLY ||
+			 t->http.result == CURLE_RECV_ERROR);
 	}
 	else
 	{
-		if (t->result == CURLE_OK && t->code >= 200 && t->code <= 299)
+		if (t->http.result == CURLE_OK && t->http.response_code >= 200 && t->http.response_code <= 299)
 			return NULL;
-		if (t->result == CURLE_OK)
-			msg = psprintf("HTTP %ld from the platform", t->code);
-		else if (t->received > QES_NOTIFY_MAX_RESPONSE && t->code >= 200 && t->code <= 299)
+		if (t->http.result == CURLE_OK)
+			msg = psprintf("HTTP %ld from the platform", t->http.response_code);
+		else if (t->received > QES_NOTIFY_MAX_RESPONSE && t->http.response_code >= 200 && t->http.response_code <= 299)
 			return NULL;		/* answered 2xx; we stopped reading a long body */
 		else
-			msg = psprintf("%s: %s", curl_easy_strerror(t->result),
-						   t->errbuf[0] ? t->errbuf : "no detail");
+			msg = psprintf("%s: %s", curl_easy_strerror(t->http.result),
+						   t->http.errbuf[0] ? t->http.errbuf : "no detail");
 	}
 	return qes_redact_secrets(msg);
 }
 
+/* one channel's outcome, by billing.notify_record (a step of qes_worker_subxact) */
 static void
-record_one(Transfer *t)
+record_one(void *arg)
 {
+	Transfer   *t = (Transfer *) arg;
 	Oid			argtypes[7] = {TEXTOID, INT8OID, INT4OID, TEXTOID, BOOLOID, BOOLOID, TEXTOID};
 	Datum		args[7];
 	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
@@ -799,39 +784,9 @@ record_one(Transfer *t)
 static bool
 record_in_subxact(Transfer *t)
 {
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	volatile bool ok = false;
-
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
-	{
-		record_one(t);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		ok = true;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		/* restore state: this outcome stays unrecorded, the others go on */
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		ereport(LOG,
-				(errmsg("qes_billing worker: could not record the delivery of notification " INT64_FORMAT ": %s",
-						t->notification_id, edata->message)));
-		qes_worker_note_error(edata->message);
-		FreeErrorData(edata);
-	}
-	PG_END_TRY();
-	return ok;
+	return qes_worker_subxact(record_one, t,
+							  psprintf("record the delivery of notification " INT64_FORMAT,
+									   t->notification_id));
 }
 
 static int
@@ -899,37 +854,17 @@ record_done(void)
 	return n;
 }
 
-static void
-collect_finished(void)
-{
-	CURLMsg    *msg;
-	int			left;
-
-	while ((msg = curl_multi_info_read(multi, &left)) != NULL)
-	{
-		Transfer   *t = NULL;
-
-		if (msg->msg != CURLMSG_DONE)
-			continue;
-		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &t);
-		t->result = msg->data.result;
-		curl_easy_getinfo(msg->easy_handle, CURLINFO_RESPONSE_CODE, &t->code);
-		curl_multi_remove_handle(multi, msg->easy_handle);
-		t->done = true;
-		n_in_flight--;
-	}
-}
-
 /* ---- the pump --------------------------------------------------------------- */
 
 /*
  * libcurl keeps connections (an SMTP session, TLS after STARTTLS) for the
  * next transfer; one made under other settings (server, TLS, CA, user,
- * password) must not be reused.  When they changed, the multi handle and
- * its connection cache are dropped once nothing is in flight.
+ * password) must not be reused.  When they changed, the worker's connections
+ * are forgotten as soon as nothing is in flight (src/worker_http.c);
+ * until then every delivery makes a connection of its own and keeps none.
  */
 static void
-drop_connections_if_settings_changed(void)
+forget_connections_if_settings_changed(void)
 {
 	StringInfoData s;
 	const char *pw = qes_smtp_password();
@@ -944,26 +879,36 @@ drop_connections_if_settings_changed(void)
 	h = hash_bytes_extended((const unsigned char *) s.data, s.len, 0);
 	memset(s.data, 0, s.len);
 	pfree(s.data);
-	if (h == settings_hash)
-		return;
-	if (multi != NULL)
+	if (h != settings_hash)
 	{
-		if (transfers != NULL)
-			return;				/* after what is in flight */
-		curl_multi_cleanup(multi);
-		multi = NULL;
+		/* (the first settings: no connection was made under others) */
+		connections_stale = settings_hash != 0;
+		settings_hash = h;
 	}
-	settings_hash = h;
+	if (connections_stale && qes_http_forget_connections())
+		connections_stale = false;
 }
 
+/*
+ * One turn of the notifications, without waiting: claim what is due and
+ * fits (its transfers started on the worker's curl loop, src/worker_http.c),
+ * record the deliveries that finished.  Runs no transaction when nothing was
+ * queued since the last look (no wake-up) and nothing is due.  Lowers
+ * *next_due_ms (-1: none) to when the next notification is due.
+ * *progress: something was claimed or recorded, so another turn may find
+ * more at once.  Returns true when deliveries are in flight or more may be
+ * due, so the caller must not sleep.
+ */
 bool
-qes_notify_pump(long budget_ms, long *next_due_ms)
+qes_notify_pump(long *next_due_ms, bool *progress)
 {
 	Channels	ch;
 	bool		enabled;
+	int			claimed = 0;
+	int			recorded = 0;
 	TimestampTz now = GetCurrentTimestamp();
-	TimestampTz deadline = TimestampTzPlusMilliseconds(now, budget_ms);
 
+	*progress = false;
 	channels_config(&ch);
 	enabled = ch.email || ch.webhook;
 	if (enabled && !was_enabled)
@@ -971,34 +916,18 @@ qes_notify_pump(long budget_ms, long *next_due_ms)
 	was_enabled = enabled;
 	if (!enabled && transfers == NULL)
 		return false;
-	drop_connections_if_settings_changed();
 	notify_init();
+	forget_connections_if_settings_changed();
 
 	if (enabled &&
 		(pg_atomic_read_u64(&qes_worker_state->wake_requests) != seen_wakes ||
 		 (due_at != 0 && now >= due_at)))
 		claim_more = true;
-
-	for (;;)
-	{
-		int			running;
-		long		left_ms;
-
-		CHECK_FOR_INTERRUPTS();
-		if (enabled && claim_more && n_in_flight + 2 <= QES_NOTIFY_MAX_INFLIGHT)
-			(void) claim_and_send(Min(QES_NOTIFY_CLAIM_BATCH, (QES_NOTIFY_MAX_INFLIGHT - n_in_flight) / 2), &ch);
-		if (n_in_flight > 0)
-		{
-			curl_multi_perform(multi, &running);
-			collect_finished();
-		}
-		if (transfers != NULL && record_done() > 0)
-			continue;
-		left_ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
-		if (n_in_flight == 0 || left_ms <= 0 || MyLatch->is_set)
-			break;
-		curl_multi_poll(multi, NULL, 0, (int) Min(left_ms, 50), NULL);
-	}
+	if (enabled && claim_more && n_in_flight + 2 <= QES_NOTIFY_MAX_INFLIGHT)
+		claimed = claim_and_send(Min(QES_NOTIFY_CLAIM_BATCH, (QES_NOTIFY_MAX_INFLIGHT - n_in_flight) / 2), &ch);
+	if (transfers != NULL)
+		recorded = record_done();
+	*progress = claimed > 0 || recorded > 0;
 
 	if (enabled && due_at != 0)
 	{

@@ -1,8 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * outbox.c
- *	  The worker's Stripe client: the outbox driven through libcurl's multi
- *	  interface.
+ *	  The worker's Stripe client: the outbox, sent through the worker's
+ *	  libcurl multi loop (src/worker_http.c).
  *
  * The protocol with SQL (sql/install/87_outbox.sql), DESIGN.md rules 3 and 4:
  *
@@ -27,15 +27,17 @@
  * subtransaction) and each of its answers is recorded on its own by
  * billing.outbox_record in a subtransaction, so one bad answer cannot undo
  * the others.  A transaction commits before its subtransactions' xids could
- * overflow the PGPROC cache (QES_SUBXID_BUDGET).  The statements are
+ * overflow the PGPROC cache (QES_SUBXID_BUDGET).  Transactions and
+ * subtransactions are the worker's (src/worker_xact.c).  The statements are
  * prepared once per incarnation of the extension and kept; the curl handles
- * are kept and reused (the multi handle keeps the connections alive between
- * requests).
+ * are kept and reused (the worker's multi handle keeps the connections alive
+ * between requests).
  *
- * The pump waits on curl's sockets and the worker's latch together (a
- * WaitEventSet holding the latch and an epoll set of curl's sockets); a
- * commit that queued a request (counted in shared memory by the wake-up
- * trigger, src/worker.c) has it claimed and sent at once, before anything
+ * A turn of the pump never waits: the worker's loop turns it, and waits on
+ * curl's sockets and the latch together between turns (src/worker_http.c,
+ * which hands each answer back to this file as it comes in).  A commit that
+ * queued a request (counted in shared memory by the wake-up trigger,
+ * src/worker.c) has it claimed and sent at the next turn, before anything
  * else, even while other requests are in flight.
  *
  * A row left in_flight by a crash is reclaimed at worker start-up
@@ -67,26 +69,19 @@
  */
 #include "qes_billing.h"
 
-#include <curl/curl.h>
-#include <errno.h>
 #include <limits.h>
 #include <math.h>
-#include <sys/epoll.h>
-#include <unistd.h>
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
-#include "pgstat.h"
-#include "storage/latch.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
-#include "utils/resowner.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
@@ -95,7 +90,8 @@
 #include "redact.h"
 #include "shmem.h"
 #include "stripe_form.h"
-#include "worker.h"
+#include "worker_http.h"
+#include "worker_xact.h"
 
 #define QES_MAX_RESPONSE_BYTES	(4 * 1024 * 1024)
 /* a kept response buffer larger than this is given back after its answer */
@@ -106,10 +102,10 @@
 
 typedef struct OutboxCall
 {
+	QesHttpTransfer http;		/* first: its curl handle, kept and reused */
 	Oid			extoid;			/* the incarnation of the extension it belongs to */
 	int64		request_id;
 	int32		attempt;
-	CURL	   *easy;			/* kept with the call, reused */
 	struct curl_slist *headers;
 	StringInfoData url;
 	StringInfoData body;		/* POST body */
@@ -117,10 +113,7 @@ typedef struct OutboxCall
 	bool		too_large;
 	char		should_retry[16];
 	char		retry_after[32];
-	char		errbuf[CURL_ERROR_SIZE];
-	bool		done;
-	CURLcode	result;
-	long		http_status;
+	bool		done;			/* answered (http.result, http.response_code) */
 	int			record_tries;	/* -1: recorded; -2: dropped (its incarnation is gone) */
 	struct OutboxCall *next;
 } OutboxCall;
@@ -165,7 +158,6 @@ token_wait_ms(void)
 	return (long) ceil((1 - tokens) * 1000.0 / rate);
 }
 
-static CURLM *multi = NULL;
 static MemoryContext outbox_context = NULL;
 static MemoryContext turn_context = NULL;	/* one turn's claimed rows, reset per turn */
 static OutboxCall *calls = NULL;	/* in flight or answered, not yet recorded */
@@ -176,12 +168,7 @@ static bool claim_more = false;	/* due rows may be left to claim */
 static TimestampTz claim_at = 0;	/* when a request is due (0: none known) */
 static bool last_turn_failed = false;	/* record and claim apart after an error */
 static uint64 outbox_wakes_seen = 0;	/* qes_worker_state->outbox_wakes as last read */
-
-/* waiting: the latch and curl's sockets (an epoll set of their own) */
-static int	curl_epoll = -1;
-static WaitEventSet *wait_set = NULL;
-static TimestampTz curl_timer_at = 0;	/* curl wants socket_action(TIMEOUT) then (0: never) */
-static bool curl_timer_armed = false;
+static TimestampTz tick_wanted_at = 0;	/* the worker's tick is wanted by then (0: not) */
 
 /* statements, prepared once per incarnation of the extension and kept */
 static Oid	plans_extoid = InvalidOid;
@@ -237,80 +224,17 @@ header_cb(char *data, size_t size, size_t nmemb, void *arg)
 	return n;
 }
 
-/*
- * curl tells which of its sockets to watch for what: kept in our epoll set.
- * socketp is non-NULL once the socket is in the set.
- */
-static int
-socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
-{
-	struct epoll_event ev;
-
-	if (what == CURL_POLL_REMOVE)
-	{
-		if (socketp != NULL)
-			(void) epoll_ctl(curl_epoll, EPOLL_CTL_DEL, s, NULL);
-		curl_multi_assign(multi, s, NULL);
-		return 0;
-	}
-	memset(&ev, 0, sizeof(ev));
-	ev.data.fd = s;
-	if (what == CURL_POLL_IN || what == CURL_POLL_INOUT)
-		ev.events |= EPOLLIN;
-	if (what == CURL_POLL_OUT || what == CURL_POLL_INOUT)
-		ev.events |= EPOLLOUT;
-	/* a closed descriptor leaves the set by itself, and its number may come back */
-	if (epoll_ctl(curl_epoll, socketp ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, s, &ev) != 0)
-	{
-		if (errno == ENOENT)
-			(void) epoll_ctl(curl_epoll, EPOLL_CTL_ADD, s, &ev);
-		else if (errno == EEXIST)
-			(void) epoll_ctl(curl_epoll, EPOLL_CTL_MOD, s, &ev);
-	}
-	curl_multi_assign(multi, s, (void *) 1);
-	return 0;
-}
-
-/* curl asks to be called back after timeout_ms (-1: no timer) */
-static int
-timer_cb(CURLM *m, long timeout_ms, void *userp)
-{
-	if (timeout_ms < 0)
-		curl_timer_armed = false;
-	else
-	{
-		curl_timer_armed = true;
-		curl_timer_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_ms);
-	}
-	return 0;
-}
-
 /* ---- set-up --------------------------------------------------------------- */
 
 static void
 outbox_init(void)
 {
-	if (multi != NULL)
+	if (outbox_context != NULL)
 		return;
 	outbox_context = AllocSetContextCreate(TopMemoryContext, "qes_billing outbox",
 										   ALLOCSET_DEFAULT_SIZES);
 	turn_context = AllocSetContextCreate(outbox_context, "qes_billing outbox turn",
 										 ALLOCSET_DEFAULT_SIZES);
-	curl_epoll = epoll_create1(EPOLL_CLOEXEC);
-	if (curl_epoll < 0)
-		elog(ERROR, "qes_billing worker: epoll_create1 failed: %m");
-	wait_set = CreateWaitEventSet(TopMemoryContext, 3);
-	AddWaitEventToSet(wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
-	AddWaitEventToSet(wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
-	AddWaitEventToSet(wait_set, WL_SOCKET_READABLE, curl_epoll, NULL, NULL);
-
-	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
-		elog(ERROR, "qes_billing worker: curl_global_init failed");
-	multi = curl_multi_init();
-	if (multi == NULL)
-		elog(ERROR, "qes_billing worker: curl_multi_init failed");
-	curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
-	curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, timer_cb);
 }
 
 /*
@@ -375,11 +299,23 @@ init_kept_string(StringInfo str)
 	MemoryContextSwitchTo(old);
 }
 
+/* the answer came in (src/worker_http.c calls this): recorded at the next turn */
+static void
+call_done(QesHttpTransfer *xfer)
+{
+	OutboxCall *call = (OutboxCall *) xfer;
+
+	call->done = true;
+	n_in_flight--;
+	n_answered++;
+}
+
 /* a call and its curl handle: one kept for reuse, or a new one */
 static OutboxCall *
 get_call(void)
 {
 	OutboxCall *call = free_calls;
+	CURL	   *easy;
 
 	if (call != NULL)
 	{
@@ -387,8 +323,7 @@ get_call(void)
 		return call;
 	}
 	call = MemoryContextAllocZero(outbox_context, sizeof(OutboxCall));
-	call->easy = curl_easy_init();
-	if (call->easy == NULL)
+	if (!qes_http_transfer_init(&call->http, call_done))
 	{
 		pfree(call);
 		elog(ERROR, "qes_billing worker: curl_easy_init failed");
@@ -398,23 +333,12 @@ get_call(void)
 	init_kept_string(&call->response);
 
 	/* what stays the same for every request of this handle */
-	curl_easy_setopt(call->easy, CURLOPT_USERAGENT,
-					 "qes_billing/" QES_VERSION " (PostgreSQL " PG_VERSION ")");
-#if LIBCURL_VERSION_NUM >= 0x075500
-	curl_easy_setopt(call->easy, CURLOPT_PROTOCOLS_STR, "http,https");
-#else
-	curl_easy_setopt(call->easy, CURLOPT_PROTOCOLS, CURLPROTO_HTTP | CURLPROTO_HTTPS);
-#endif
-	curl_easy_setopt(call->easy, CURLOPT_FOLLOWLOCATION, 0L);
-	curl_easy_setopt(call->easy, CURLOPT_SSL_VERIFYPEER, 1L);
-	curl_easy_setopt(call->easy, CURLOPT_SSL_VERIFYHOST, 2L);
-	curl_easy_setopt(call->easy, CURLOPT_NOSIGNAL, 1L);
-	curl_easy_setopt(call->easy, CURLOPT_WRITEFUNCTION, write_cb);
-	curl_easy_setopt(call->easy, CURLOPT_WRITEDATA, call);
-	curl_easy_setopt(call->easy, CURLOPT_HEADERFUNCTION, header_cb);
-	curl_easy_setopt(call->easy, CURLOPT_HEADERDATA, call);
-	curl_easy_setopt(call->easy, CURLOPT_ERRORBUFFER, call->errbuf);
-	curl_easy_setopt(call->easy, CURLOPT_PRIVATE, call);
+	easy = call->http.easy;
+	qes_http_set_protocols(easy, "http,https");
+	curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, write_cb);
+	curl_easy_setopt(easy, CURLOPT_WRITEDATA, call);
+	curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, header_cb);
+	curl_easy_setopt(easy, CURLOPT_HEADERDATA, call);
 	return call;
 }
 
@@ -424,10 +348,10 @@ put_call(OutboxCall *call)
 {
 	if (!call->done)
 	{
-		curl_multi_remove_handle(multi, call->easy);
+		qes_http_cancel(&call->http);
 		n_in_flight--;
 	}
-	curl_easy_setopt(call->easy, CURLOPT_HTTPHEADER, NULL);
+	curl_easy_setopt(call->http.easy, CURLOPT_HTTPHEADER, NULL);
 	curl_slist_free_all(call->headers);
 	call->headers = NULL;
 	if (call->response.maxlen > QES_KEEP_RESPONSE_BYTES)
@@ -460,10 +384,7 @@ make_call(const ClaimedRow *row, const char *key, Oid extoid)
 	call->too_large = false;
 	call->should_retry[0] = '\0';
 	call->retry_after[0] = '\0';
-	call->errbuf[0] = '\0';
 	call->done = false;
-	call->result = CURLE_OK;
-	call->http_status = 0;
 	call->record_tries = 0;
 	resetStringInfo(&call->response);
 
@@ -498,25 +419,25 @@ make_call(const ClaimedRow *row, const char *key, Oid extoid)
 		call->headers = curl_slist_append(call->headers,
 										  "Content-Type: application/x-www-form-urlencoded");
 
-	curl_easy_setopt(call->easy, CURLOPT_URL, call->url.data);
-	curl_easy_setopt(call->easy, CURLOPT_HTTPHEADER, call->headers);
+	curl_easy_setopt(call->http.easy, CURLOPT_URL, call->url.data);
+	curl_easy_setopt(call->http.easy, CURLOPT_HTTPHEADER, call->headers);
 	if (is_post)
 	{
 		resetStringInfo(&call->body);
 		appendStringInfoString(&call->body, row->form);
-		curl_easy_setopt(call->easy, CURLOPT_CUSTOMREQUEST, NULL);
-		curl_easy_setopt(call->easy, CURLOPT_POST, 1L);
-		curl_easy_setopt(call->easy, CURLOPT_POSTFIELDS, call->body.data);
-		curl_easy_setopt(call->easy, CURLOPT_POSTFIELDSIZE, (long) call->body.len);
+		curl_easy_setopt(call->http.easy, CURLOPT_CUSTOMREQUEST, NULL);
+		curl_easy_setopt(call->http.easy, CURLOPT_POST, 1L);
+		curl_easy_setopt(call->http.easy, CURLOPT_POSTFIELDS, call->body.data);
+		curl_easy_setopt(call->http.easy, CURLOPT_POSTFIELDSIZE, (long) call->body.len);
 	}
 	else
 	{
-		curl_easy_setopt(call->easy, CURLOPT_HTTPGET, 1L);
-		curl_easy_setopt(call->easy, CURLOPT_CUSTOMREQUEST,
+		curl_easy_setopt(call->http.easy, CURLOPT_HTTPGET, 1L);
+		curl_easy_setopt(call->http.easy, CURLOPT_CUSTOMREQUEST,
 						 strcmp(row->method, "DELETE") == 0 ? "DELETE" : NULL);
 	}
-	curl_easy_setopt(call->easy, CURLOPT_TIMEOUT_MS, timeout_ms);
-	curl_easy_setopt(call->easy, CURLOPT_CONNECTTIMEOUT_MS, Min(timeout_ms, 10000L));
+	curl_easy_setopt(call->http.easy, CURLOPT_TIMEOUT_MS, timeout_ms);
+	curl_easy_setopt(call->http.easy, CURLOPT_CONNECTTIMEOUT_MS, Min(timeout_ms, 10000L));
 	return call;
 }
 
@@ -594,12 +515,12 @@ claim(int room, ClaimedRow **rows_out)
 static char *
 transport_error(OutboxCall *call)
 {
-	if (call->result == CURLE_OK)
+	if (call->http.result == CURLE_OK)
 		return NULL;
 	if (call->too_large)
 		return psprintf("response larger than %d bytes", QES_MAX_RESPONSE_BYTES);
-	return psprintf("%s: %s", curl_easy_strerror(call->result),
-					call->errbuf[0] ? call->errbuf : "no detail");
+	return psprintf("%s: %s", curl_easy_strerror(call->http.result),
+					call->http.errbuf[0] ? call->http.errbuf : "no detail");
 }
 
 /* the seven arguments of billing.outbox_record for one answer */
@@ -612,8 +533,8 @@ answer_args(OutboxCall *call, Datum *args, bool *nulls)
 	nulls[0] = false;
 	args[1] = Int32GetDatum(call->attempt);
 	nulls[1] = false;
-	args[2] = Int32GetDatum((int32) call->http_status);
-	nulls[2] = error != NULL || call->http_status == 0;
+	args[2] = Int32GetDatum((int32) call->http.response_code);
+	nulls[2] = error != NULL || call->http.response_code == 0;
 	args[3] = error != NULL ? (Datum) 0 : CStringGetTextDatum(call->response.data);
 	nulls[3] = error != NULL;
 	args[4] = call->should_retry[0] ? CStringGetTextDatum(call->should_retry) : (Datum) 0;
@@ -624,124 +545,98 @@ answer_args(OutboxCall *call, Datum *args, bool *nulls)
 	nulls[6] = error == NULL;
 }
 
+/* one answer, by billing.outbox_record (a step of qes_worker_subxact) */
+static void
+record_one(void *arg)
+{
+	OutboxCall *call = (OutboxCall *) arg;
+	Datum		args[7];
+	bool		nulls[7];
+	char		n[7];
+
+	answer_args(call, args, nulls);
+	for (int i = 0; i < 7; i++)
+		n[i] = nulls[i] ? 'n' : ' ';
+	if (SPI_execute_plan(record_plan, args, n, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "qes_billing worker: billing.outbox_record failed");
+}
+
 /*
- * Record one answer with billing.outbox_record in a subtransaction.
- * Returns false (logged) when it could not be recorded.
+ * Record one answer in a subtransaction.  Returns false (logged) when it
+ * could not be recorded; the others go on.
  */
 static bool
 record_in_subxact(OutboxCall *call)
 {
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	volatile bool ok = false;
+	return qes_worker_subxact(record_one, call,
+							  psprintf("record the answer to Stripe request " INT64_FORMAT,
+									   call->request_id));
+}
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
+typedef struct AnswerBatch
+{
+	OutboxCall **calls;
+	int			n;
+} AnswerBatch;
+
+/*
+ * A batch of answers, by one call of billing.outbox_record_batch (a step of
+ * qes_worker_subxact): each argument an array with an element per answer.
+ */
+static void
+record_batch(void *arg)
+{
+	AnswerBatch *batch = (AnswerBatch *) arg;
+	int			n = batch->n;
+	static const Oid elemtypes[7] = {INT8OID, INT4OID, INT4OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+	Datum		arrays[7];
+	Datum	   *elems[7];
+	bool	   *elemnulls[7];
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	for (int j = 0; j < 7; j++)
+	{
+		elems[j] = palloc(sizeof(Datum) * n);
+		elemnulls[j] = palloc(sizeof(bool) * n);
+	}
+	for (int i = 0; i < n; i++)
 	{
 		Datum		args[7];
 		bool		nulls[7];
-		char		n[7];
 
-		answer_args(call, args, nulls);
-		for (int i = 0; i < 7; i++)
-			n[i] = nulls[i] ? 'n' : ' ';
-		if (SPI_execute_plan(record_plan, args, n, false, 1) != SPI_OK_SELECT)
-			elog(ERROR, "qes_billing worker: billing.outbox_record failed");
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		ok = true;
+		answer_args(batch->calls[i], args, nulls);
+		for (int j = 0; j < 7; j++)
+		{
+			elems[j][i] = args[j];
+			elemnulls[j][i] = nulls[j];
+		}
 	}
-	PG_CATCH();
+	for (int j = 0; j < 7; j++)
 	{
-		ErrorData  *edata;
+		int16		typlen;
+		bool		typbyval;
+		char		typalign;
 
-		/* restore state: this answer stays unrecorded, the others go on */
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		ereport(LOG,
-				(errmsg("qes_billing worker: could not record the answer to Stripe request " INT64_FORMAT ": %s",
-						call->request_id, qes_redact_cstring(edata->message))));
-		qes_worker_note_error(edata->message);
-		FreeErrorData(edata);
+		get_typlenbyvalalign(elemtypes[j], &typlen, &typbyval, &typalign);
+		arrays[j] = PointerGetDatum(construct_md_array(elems[j], elemnulls[j], 1, dims, lbs,
+													   elemtypes[j], typlen, typbyval, typalign));
 	}
-	PG_END_TRY();
-	return ok;
+	if (SPI_execute_plan(record_batch_plan, arrays, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "qes_billing worker: billing.outbox_record_batch failed");
 }
 
 /*
- * Record a batch of answers with one call of billing.outbox_record_batch,
- * in a subtransaction.  Returns false, with the subtransaction rolled back
- * and nothing recorded, when anything in it raised.
+ * Record a batch of answers in a subtransaction.  Returns false, with the
+ * subtransaction rolled back and nothing recorded, when anything in it
+ * raised (not logged: each answer is then recorded on its own).
  */
 static bool
-record_batch_in_subxact(OutboxCall **batch, int n)
+record_batch_in_subxact(OutboxCall **calls, int n)
 {
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	volatile bool ok = false;
+	AnswerBatch batch = {calls, n};
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
-	{
-		static const Oid elemtypes[7] = {INT8OID, INT4OID, INT4OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
-		Datum		arrays[7];
-		Datum	   *elems[7];
-		bool	   *elemnulls[7];
-		int			dims[1] = {n};
-		int			lbs[1] = {1};
-
-		for (int j = 0; j < 7; j++)
-		{
-			elems[j] = palloc(sizeof(Datum) * n);
-			elemnulls[j] = palloc(sizeof(bool) * n);
-		}
-		for (int i = 0; i < n; i++)
-		{
-			Datum		args[7];
-			bool		nulls[7];
-
-			answer_args(batch[i], args, nulls);
-			for (int j = 0; j < 7; j++)
-			{
-				elems[j][i] = args[j];
-				elemnulls[j][i] = nulls[j];
-			}
-		}
-		for (int j = 0; j < 7; j++)
-		{
-			int16		typlen;
-			bool		typbyval;
-			char		typalign;
-
-			get_typlenbyvalalign(elemtypes[j], &typlen, &typbyval, &typalign);
-			arrays[j] = PointerGetDatum(construct_md_array(elems[j], elemnulls[j], 1, dims, lbs,
-														   elemtypes[j], typlen, typbyval, typalign));
-		}
-		if (SPI_execute_plan(record_batch_plan, arrays, NULL, false, 1) != SPI_OK_SELECT)
-			elog(ERROR, "qes_billing worker: billing.outbox_record_batch failed");
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		ok = true;
-	}
-	PG_CATCH();
-	{
-		/* restore state: each answer is recorded on its own instead */
-		MemoryContextSwitchTo(oldcontext);
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_END_TRY();
-	return ok;
+	return qes_worker_subxact(record_batch, &batch, NULL);
 }
 
 /*
@@ -846,7 +741,13 @@ forget_finished(void)
 		{
 			/* its row stays in flight: the tick reclaims it once stale */
 			if (c->record_tries >= QES_RECORD_TRIES)
-				qes_worker_request_tick(2 * (long) qes_request_timeout_ms + 100);
+			{
+				TimestampTz stale_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+																   2 * (long) qes_request_timeout_ms + 100);
+
+				if (tick_wanted_at == 0 || stale_at < tick_wanted_at)
+					tick_wanted_at = stale_at;
+			}
 			if (c->record_tries != -2)
 				n_answered--;	/* (a dropped one was counted out when dropped) */
 			*link = c->next;
@@ -942,22 +843,12 @@ turn(int room, int *n_recorded)
 	for (int i = 0; i < claimed; i++)
 	{
 		OutboxCall *call = make_call(&rows[i], key, extoid);
-		CURLMcode	rc;
 
 		call->next = calls;
 		calls = call;
 		n_in_flight++;
-		rc = curl_multi_add_handle(multi, call->easy);
-		if (rc != CURLM_OK)
-		{
-			/* recorded as a transport error, retried with backoff */
-			call->done = true;
-			call->result = CURLE_FAILED_INIT;
-			snprintf(call->errbuf, sizeof(call->errbuf), "curl_multi_add_handle: %s",
-					 curl_multi_strerror(rc));
-			n_in_flight--;
-			n_answered++;
-		}
+		/* (refused by curl: answered at once as a transport error, retried with backoff) */
+		qes_http_start(&call->http);
 	}
 	return claimed;
 }
@@ -980,127 +871,41 @@ outbox_woken(void)
 	return true;
 }
 
-static void
-collect_finished(void)
-{
-	CURLMsg    *msg;
-	int			left;
-
-	while ((msg = curl_multi_info_read(multi, &left)) != NULL)
-	{
-		OutboxCall *call = NULL;
-
-		if (msg->msg != CURLMSG_DONE)
-			continue;
-		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &call);
-		call->result = msg->data.result;
-		curl_easy_getinfo(msg->easy_handle, CURLINFO_RESPONSE_CODE, &call->http_status);
-		curl_multi_remove_handle(multi, msg->easy_handle);
-		call->done = true;
-		n_in_flight--;
-		n_answered++;
-	}
-}
-
 /*
- * Let curl work: on the sockets that are ready (found without waiting in
- * our epoll set), and on its timer when it has come.
- */
-static void
-drive_curl(void)
-{
-	struct epoll_event events[64];
-	int			running;
-	int			n;
-
-	do
-	{
-		n = epoll_wait(curl_epoll, events, lengthof(events), 0);
-		for (int i = 0; i < n; i++)
-		{
-			int			flags = 0;
-
-			if (events[i].events & (EPOLLIN | EPOLLHUP))
-				flags |= CURL_CSELECT_IN;
-			if (events[i].events & EPOLLOUT)
-				flags |= CURL_CSELECT_OUT;
-			if (events[i].events & EPOLLERR)
-				flags |= CURL_CSELECT_ERR;
-			curl_multi_socket_action(multi, events[i].data.fd, flags, &running);
-		}
-	} while (n == lengthof(events));
-	if (curl_timer_armed && GetCurrentTimestamp() >= curl_timer_at)
-	{
-		curl_timer_armed = false;
-		curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running);
-	}
-	collect_finished();
-}
-
-/*
- * Work the outbox for at most budget_ms: keep up to
- * qes_billing.max_concurrent_requests requests in flight, record answers as
- * they come.  Returns early when the worker's latch is set (new work).
- * Returns true when requests are still in flight or more may be due, so the
- * caller must not sleep.
+ * One turn of the outbox, without waiting: record the answers that came in
+ * and claim the due requests that fit (up to
+ * qes_billing.max_concurrent_requests in flight, at the rate
+ * qes_billing.max_requests_per_second allows), started on the worker's curl
+ * loop (src/worker_http.c).  *progress: something was recorded or claimed,
+ * so another turn may find more at once.  Returns true when requests are in
+ * flight, answered and not recorded, or more may be due, so the caller must
+ * not sleep.
  */
 bool
-qes_outbox_pump(long budget_ms)
+qes_outbox_pump(bool *progress)
 {
-	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), budget_ms);
-	MemoryContext old;
+	int			room = 0;
 
+	*progress = false;
 	if (outbox_woken() || (claim_at != 0 && GetCurrentTimestamp() >= claim_at))
 	{
 		claim_at = 0;
-		claim_more = true;
+		claim_more = true;		/* a commit queued one: claimed at once */
 	}
 	if (!claim_more && n_in_flight == 0 && n_answered == 0)
 		return false;			/* idle: no transaction, no curl */
 	outbox_init();
-	/* (a transaction's commit leaves TopMemoryContext current) */
-	old = MemoryContextSwitchTo(qes_worker_loop_context);
 	forget_finished();
-	for (;;)
+	if (claim_more && n_in_flight < qes_max_inflight)
+		room = take_tokens(qes_max_inflight - n_in_flight);
+	if (room > 0 || n_answered > 0)
 	{
-		long		left_ms;
-		long		wait_ms;
-		int			room = 0;
-		WaitEvent	event;
+		int			recorded;
+		int			claimed = turn(room, &recorded);
 
-		CHECK_FOR_INTERRUPTS();
-		if (n_in_flight > 0)
-			drive_curl();
-		if (outbox_woken())
-			claim_more = true;	/* a commit queued one: claimed at once, before we break for the tick */
-		if (claim_more && n_in_flight < qes_max_inflight)
-			room = take_tokens(qes_max_inflight - n_in_flight);
-		if (room > 0 || n_answered > 0)
-		{
-			int			recorded;
-			int			claimed = turn(room, &recorded);
-
-			tokens += room - claimed;	/* unused tokens go back */
-			if (claimed > 0)
-			{
-				/* on the wire at once */
-				drive_curl();
-				continue;
-			}
-			if (recorded > 0)
-				continue;
-		}
-
-		left_ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
-		if (n_in_flight == 0 || left_ms <= 0 || MyLatch->is_set)
-			break;
-		wait_ms = left_ms;
-		if (curl_timer_armed)
-			wait_ms = Min(wait_ms, TimestampDifferenceMilliseconds(GetCurrentTimestamp(), curl_timer_at));
-		/* curl's sockets or a commit that sets the latch, whichever first */
-		(void) WaitEventSetWait(wait_set, wait_ms, &event, 1, PG_WAIT_EXTENSION);
+		tokens += room - claimed;	/* unused tokens go back */
+		*progress = claimed > 0 || recorded > 0;
 	}
-	MemoryContextSwitchTo(old);
 	return n_in_flight > 0 || claim_more || n_answered > 0;
 }
 
@@ -1154,4 +959,20 @@ int
 qes_outbox_in_flight(void)
 {
 	return n_in_flight;
+}
+
+/*
+ * When the worker's tick must run for the outbox (0: no need): an answer it
+ * could not record leaves its row in flight, to be reclaimed once stale and
+ * sent again with its key.  take: the caller has merged it into its
+ * schedule, forget it.
+ */
+TimestampTz
+qes_outbox_tick_wanted(bool take)
+{
+	TimestampTz at = tick_wanted_at;
+
+	if (take)
+		tick_wanted_at = 0;
+	return at;
 }

@@ -40,25 +40,20 @@
 #include "access/table.h"
 #include "access/xact.h"
 #include "catalog/pg_extension.h"
-#include "commands/extension.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
-#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
-#include "storage/lmgr.h"
-#include "storage/proc.h"
 #include "tcop/utility.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
-#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 #include "commands/trigger.h"
 #include <limits.h>
@@ -71,6 +66,8 @@
 #include "redact.h"
 #include "shmem.h"
 #include "worker.h"
+#include "worker_http.h"
+#include "worker_xact.h"
 
 /*
  * Events billing.worker_tick() applies per transaction.  Each is applied in a
@@ -81,7 +78,7 @@
  * once.
  */
 #define QES_TICK_BATCH 50
-/* longest time the outbox runs before the loop's other work gets a turn */
+/* longest time the pumps run before the loop's other work gets a turn */
 #define QES_PUMP_SLICE_MS 200
 /* shortest time between the starts of two loops when not busy */
 #define QES_MIN_LOOP_MS 5
@@ -257,25 +254,6 @@ worker_detach(int code, Datum arg)
 	LWLockRelease(qes_worker_state->lock);
 }
 
-/* the context of one loop, reset after it (outbox.c allocates in it too) */
-MemoryContext qes_worker_loop_context = NULL;
-
-void
-qes_worker_note_error(const char *message)
-{
-	/* shown by worker_status and api.health: never a secret (DESIGN.md rule 13) */
-	int			len;
-
-	message = qes_redact_secrets(message);
-	/* cut on a character boundary: the text is returned as text */
-	len = pg_mbcliplen(message, strlen(message), QES_LAST_ERROR_LEN - 1);
-	LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
-	memcpy(qes_worker_state->last_error, message, len);
-	qes_worker_state->last_error[len] = '\0';
-	qes_worker_state->last_error_at = GetCurrentTimestamp();
-	LWLockRelease(qes_worker_state->lock);
-}
-
 /*
  * Run one SQL statement that returns a single bigint (the worker's entry
  * points into the schema).  Returns 0 for NULL.
@@ -290,128 +268,6 @@ run_bigint(const char *sql)
 		elog(ERROR, "qes_billing worker: \"%s\" did not return one row", sql);
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	return isnull ? 0 : DatumGetInt64(d);
-}
-
-/* subtransaction xids the current transaction holds in its PGPROC cache */
-int
-qes_worker_subxids(void)
-{
-	return MyProc->subxidStatus.overflowed ? PGPROC_MAX_CACHED_SUBXIDS + 1 : MyProc->subxidStatus.count;
-}
-
-/* count a transaction of the worker, and the subxids it cached */
-static void
-note_xact(int subxids, bool overflowed)
-{
-	LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
-	qes_worker_state->xacts++;
-	if (subxids > qes_worker_state->max_subxids)
-		qes_worker_state->max_subxids = subxids;
-	if (overflowed)
-		qes_worker_state->subxid_overflows++;
-	LWLockRelease(qes_worker_state->lock);
-}
-
-/*
- * Start a transaction of the worker and lock the extension.  Returns the
- * extension's OID, or InvalidOid when it does not exist; when it does, SPI
- * is connected.  End with qes_worker_end_xact().
- *
- * The extension may have been dropped and created again, in one transaction,
- * since this process last used it.  Its new incarnation becomes visible
- * (ProcArrayEndTransaction) before that transaction sends its invalidation
- * messages (AtEOXact_Inval), and its commit wakes us in between
- * (XACT_EVENT_COMMIT): a loop starting then sees the new extension in the
- * catalog while our catalog caches still hold the old one -- "billing" the
- * dropped schema, so that billing.worker_reclaim() "does not exist".  The
- * dropping transaction holds its lock on the old extension object until
- * after it has sent them, so we take that lock too before touching the new
- * incarnation, as PostgreSQL does for relations: lock, then read
- * invalidations.  The transaction snapshot is taken only after every lock
- * wait, so it sees whatever we waited for.
- */
-static bool xact_spi = false;
-/* the incarnation of the extension this process last used */
-static Oid	last_extoid = InvalidOid;
-
-static Oid
-begin_xact(const char *activity)
-{
-	Oid			extoid;
-
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	pgstat_report_activity(STATE_RUNNING, activity);
-
-	for (;;)
-	{
-		extoid = get_extension_oid(QES_EXTENSION_NAME, true);
-		if (!OidIsValid(extoid))
-			break;
-
-		/*
-		 * Lock ordering against DROP EXTENSION: it locks the extension object
-		 * exclusively before any of its relations, so we share-lock the
-		 * object before touching a relation.  One of us waits for the other;
-		 * neither can hold what the other needs.
-		 */
-		LockDatabaseObject(ExtensionRelationId, extoid, 0, AccessShareLock);
-		if (OidIsValid(last_extoid) && extoid != last_extoid)
-		{
-			/* a new incarnation: wait for the end of whoever dropped ours */
-			LockDatabaseObject(ExtensionRelationId, last_extoid, 0, AccessShareLock);
-			UnlockDatabaseObject(ExtensionRelationId, last_extoid, 0, AccessShareLock);
-		}
-		/* the extension may be gone, or new, once we have the lock */
-		if (get_extension_oid(QES_EXTENSION_NAME, true) == extoid)
-			break;
-		UnlockDatabaseObject(ExtensionRelationId, extoid, 0, AccessShareLock);
-	}
-	if (OidIsValid(extoid))
-		last_extoid = extoid;
-
-	PushActiveSnapshot(GetTransactionSnapshot());
-	xact_spi = false;
-	if (OidIsValid(extoid))
-	{
-		if (SPI_connect() != SPI_OK_CONNECT)
-			elog(ERROR, "qes_billing worker: SPI_connect failed");
-		xact_spi = true;
-	}
-	return extoid;
-}
-
-Oid
-qes_worker_begin_xact(const char *activity)
-{
-	return begin_xact(activity);
-}
-
-void
-qes_worker_end_xact(void)
-{
-	int			subxids = qes_worker_subxids();
-	bool		overflowed = MyProc->subxidStatus.overflowed;
-
-	if (xact_spi)
-		SPI_finish();
-	xact_spi = false;
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	pgstat_report_activity(STATE_IDLE, NULL);
-	note_xact(subxids, overflowed);
-}
-
-/*
- * The extension OID whose queues this process reconciled (rows left in
- * flight put back): the incarnation the outbox may claim requests of.
- */
-static Oid	reclaimed_for = InvalidOid;
-
-Oid
-qes_worker_incarnation(void)
-{
-	return reclaimed_for;
 }
 
 /* ---- the extension's version ------------------------------------------- */
@@ -539,7 +395,7 @@ worker_tick(TickResult *r)
 	r->outbox_due_s = -1;
 	r->next_due_s = -1;
 
-	extoid = begin_xact("qes_billing worker loop");
+	extoid = qes_worker_begin_xact("qes_billing worker loop");
 	/* paused for maintenance: heartbeat only */
 	r->active = OidIsValid(extoid) && !qes_worker_paused;
 	/* the extension's SQL of another version: heartbeat only, until updated */
@@ -556,7 +412,7 @@ worker_tick(TickResult *r)
 		Datum		d;
 
 		/* crash reconciliation, once per incarnation of the extension */
-		if (extoid != reclaimed_for)
+		if (extoid != qes_worker_incarnation())
 		{
 			reclaimed = run_bigint("SELECT billing.worker_reclaim()");
 			did_reclaim = true;
@@ -577,10 +433,10 @@ worker_tick(TickResult *r)
 	qes_worker_end_xact();
 
 	if (did_reclaim)
-		reclaimed_for = extoid;
+		qes_worker_set_incarnation(extoid);
 	/* reconcile the queues again once the versions agree (the same OID) */
 	if (r->mismatch)
-		reclaimed_for = InvalidOid;
+		qes_worker_set_incarnation(InvalidOid);
 
 	LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
 	qes_worker_state->extension_present = OidIsValid(extoid);
@@ -589,19 +445,16 @@ worker_tick(TickResult *r)
 }
 
 /*
- * A part of the worker that needs the tick by a certain time (the outbox,
- * when an answer could not be recorded and its row must be reclaimed as
- * stale) asks for it here; the loop merges it into its own schedule.
+ * The tick by the time the outbox wants it, if earlier (an answer it could
+ * not record: its row must be reclaimed once stale); take clears the wish,
+ * now merged into the loop's own schedule.
  */
-static TimestampTz tick_requested_at = 0;
-
-void
-qes_worker_request_tick(long ms)
+static TimestampTz
+earliest_tick(TimestampTz tick_at, bool take)
 {
-	TimestampTz at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ms);
+	TimestampTz wanted = qes_outbox_tick_wanted(take);
 
-	if (tick_requested_at == 0 || at < tick_requested_at)
-		tick_requested_at = at;
+	return (wanted != 0 && wanted < tick_at) ? wanted : tick_at;
 }
 
 /*
@@ -630,9 +483,51 @@ flush_rejections_if_due(void)
 	if (rejection_flush_wait_ms(now) != 0)
 		return;
 	last_rejection_flush = now;
-	if (qes_worker_begin_xact("qes_billing worker: writing refused webhook deliveries"))
+	if (OidIsValid(qes_worker_begin_xact("qes_billing worker: writing refused webhook deliveries")))
 		(void) run_bigint("SELECT billing.flush_webhook_rejections()");
 	qes_worker_end_xact();
+}
+
+/*
+ * The pumps, for at most budget_ms: turn by turn, each records what came
+ * back and claims what takes its place (the outbox first: a Stripe request
+ * a commit queued goes before anything else), and between turns the loop
+ * waits on curl's sockets and the latch together (src/worker_http.c, which
+ * hands each finished transfer back to its pump).  Returns early when the
+ * latch is set (new work for the tick), or when nothing is in flight and no
+ * turn got anywhere.  With notify_due_ms NULL only the outbox is turned.
+ * Returns true when a pump has transfers in flight or more may be due, so
+ * the loop must not sleep.
+ */
+static bool
+run_pumps(long budget_ms, long *notify_due_ms)
+{
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), budget_ms);
+
+	for (;;)
+	{
+		bool		busy;
+		bool		progress;
+		long		left_ms;
+
+		CHECK_FOR_INTERRUPTS();
+		qes_http_drive();
+		busy = qes_outbox_pump(&progress);
+		if (notify_due_ms != NULL)
+		{
+			bool		notified;
+
+			*notify_due_ms = -1;
+			busy |= qes_notify_pump(notify_due_ms, &notified);
+			progress |= notified;
+		}
+		if (progress)
+			continue;			/* claimed (on the wire at once) or recorded */
+		left_ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
+		if (qes_http_in_flight() == 0 || left_ms <= 0 || MyLatch->is_set)
+			return busy;
+		qes_http_wait(left_ms);
+	}
 }
 
 static long
@@ -678,7 +573,6 @@ qes_worker_main(Datum main_arg)
 	loop_context = AllocSetContextCreate(TopMemoryContext,
 										 "qes_billing worker loop",
 										 ALLOCSET_DEFAULT_SIZES);
-	qes_worker_loop_context = loop_context;
 
 	for (;;)
 	{
@@ -699,9 +593,7 @@ qes_worker_main(Datum main_arg)
 			tick_now = true;	/* paused, resumed, keys, timeouts: look again */
 		}
 		/* a commit woke us, or work falls due: otherwise no transaction */
-		if (tick_requested_at != 0 && tick_requested_at < tick_at)
-			tick_at = tick_requested_at;
-		tick_requested_at = 0;
+		tick_at = earliest_tick(tick_at, true);
 		if ((wake_reason & WL_LATCH_SET) || loop_started >= tick_at)
 			tick_now = true;
 
@@ -714,7 +606,7 @@ qes_worker_main(Datum main_arg)
 			 * a millisecond or so after that commit.
 			 */
 			if (active && !qes_worker_paused && (wake_reason & WL_LATCH_SET))
-				(void) qes_outbox_pump(0);
+				(void) run_pumps(0, NULL);
 			if (tick_now)
 			{
 				TickResult	r;
@@ -736,10 +628,11 @@ qes_worker_main(Datum main_arg)
 			}
 			if (active)
 			{
-				/* the outbox, for a slice of time; then the loop again */
-				busy = qes_outbox_pump(QES_PUMP_SLICE_MS);
-				/* notifications (src/notify.c) */
-				busy |= qes_notify_pump(QES_PUMP_SLICE_MS, &notify_due_ms);
+				/*
+				 * the outbox and the notifications (src/notify.c), for a
+				 * slice of time; then the loop again
+				 */
+				busy = run_pumps(QES_PUMP_SLICE_MS, &notify_due_ms);
 				/* refused webhook deliveries, about once a minute */
 				flush_rejections_if_due();
 			}
@@ -753,14 +646,11 @@ qes_worker_main(Datum main_arg)
 			edata = CopyErrorData();
 			FlushErrorState();
 			ereport(LOG,
-					(errmsg("qes_billing worker loop failed: %s", qes_redact_cstring(edata->message))));
+					(errmsg("qes_billing worker loop failed: %s", qes_redact_secrets(edata->message))));
 			/* an error outside a transaction leaves no LWLock held either */
 			LWLockReleaseAll();
 			qes_worker_note_error(edata->message);
-			if (IsTransactionState())
-				note_xact(0, false);
-			AbortCurrentTransaction();
-			pgstat_report_activity(STATE_IDLE, NULL);
+			qes_worker_abort_xact();
 			/* try again after the naptime (or when woken) */
 			tick_now = false;
 			more = false;
@@ -817,8 +707,7 @@ qes_worker_main(Datum main_arg)
 			TimestampTz now = GetCurrentTimestamp();
 			long		claim_ms = qes_outbox_claim_wait_ms();
 
-			if (tick_requested_at != 0 && tick_requested_at < tick_at)
-				tick_at = tick_requested_at;
+			tick_at = earliest_tick(tick_at, false);
 			timeout = Min(qes_worker_naptime_ms, ms_until(tick_at, now));
 			if (claim_ms >= 0)
 				timeout = Min(timeout, claim_ms);
