@@ -447,7 +447,7 @@ CREATE INDEX webhook_rejections_recent ON billing.webhook_rejections (rejected_a
 -- like the queues (a pass concerns no one tenant).
 CREATE TABLE billing.reconcile_runs (
   run_id        text PRIMARY KEY,
-  kind          text NOT NULL CHECK (kind IN ('pass', 'tenant')),
+  kind          text NOT NULL CHECK (kind IN ('pass', 'tenant', 'meters')),
   tenant_id     text REFERENCES billing.tenants,
   started_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
   finished_at   timestamptz,
@@ -466,7 +466,7 @@ CREATE TABLE billing.drift_repairs (
   repair_id       bigint GENERATED ALWAYS AS IDENTITY,
   repaired_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
   run_id          text,
-  source          text NOT NULL CHECK (source IN ('events', 'objects')),
+  source          text NOT NULL CHECK (source IN ('events', 'objects', 'meters')),
   object          text NOT NULL,
   stripe_id       text NOT NULL,
   stripe_event_id text,
@@ -488,6 +488,100 @@ CREATE TABLE billing.reconcile_state (
 );
 COMMENT ON TABLE billing.reconcile_state IS
   'Where the periodic reconciliation pass stands: its cursor in Stripe''s event list, the listing under way, when the next pass is due.';
+
+-- ---- usage billed through Stripe Billing Meters --------------------------------
+-- (sql/install/94_meters.sql; docs/architecture.md, "Usage billed through
+-- meters").  Off by default: nothing is billed until an operator adds an
+-- active metered price and runs qes_billing_setup --setup-meters.
+
+-- What an operator makes billable, per plan, metric and interval: every
+-- unit beyond `included` per period at unit_amount_decimal (the smallest
+-- currency unit, fractions allowed); included = 0 bills every unit.  A
+-- Stripe price with recurring[meter] (graduated tiers when included > 0).
+CREATE TABLE billing.metered_prices (
+  price_key           text PRIMARY KEY CHECK (price_key ~ '^[a-z][a-z0-9_]{0,63}$'),
+  plan_id             text NOT NULL REFERENCES billing.plans ON UPDATE CASCADE,
+  metric              text NOT NULL REFERENCES billing.metrics ON UPDATE CASCADE,
+  billing_interval    text NOT NULL CHECK (billing_interval IN ('month', 'year')),
+  included            bigint NOT NULL DEFAULT 0 CHECK (included >= 0),
+  unit_amount_decimal numeric(20, 6) NOT NULL CHECK (unit_amount_decimal > 0),
+  currency            text NOT NULL DEFAULT 'usd' CHECK (currency ~ '^[a-z]{3}$'),
+  stripe_price_id     text UNIQUE CHECK (stripe_price_id ~ '^price_'),
+  active              boolean NOT NULL DEFAULT true
+);
+COMMENT ON TABLE billing.metered_prices IS
+  'Usage billed through Stripe Billing Meters, per plan, metric and interval: units beyond `included` per period at unit_amount_decimal (smallest currency unit per unit). None by default (limits stay soft and unbilled). price_key is the Stripe lookup_key.';
+CREATE UNIQUE INDEX metered_prices_one_active ON billing.metered_prices (plan_id, metric, billing_interval, currency)
+  WHERE active;
+
+-- One Stripe meter per billable metric (made by setup): counters are summed,
+-- a gauge (storage) bills its last value.
+CREATE TABLE billing.meters (
+  metric          text PRIMARY KEY REFERENCES billing.metrics ON UPDATE CASCADE,
+  event_name      text NOT NULL UNIQUE CHECK (event_name ~ '^[a-z][a-z0-9_]{0,99}$'),
+  aggregation     text NOT NULL CHECK (aggregation IN ('sum', 'last')),
+  stripe_meter_id text UNIQUE CHECK (stripe_meter_id ~ '^(mtr|meter)_')
+);
+COMMENT ON TABLE billing.meters IS
+  'The Stripe meter of each billable metric (event_name qes_<metric>; sum for counters, last for the storage gauge).';
+
+-- The meter events: each one aggregates the billable usage rows of one
+-- tenant and metric that a pass found unsent, and is sent once, with an
+-- identifier derived from those rows (so a retry, a lost answer or a
+-- repeated pass sends the same identifier).  state: queued -> delivered |
+-- failed; delivered -> cancel_queued -> cancelled (an adjustment).
+CREATE TABLE billing.meter_events (
+  tenant_id          text NOT NULL REFERENCES billing.tenants,
+  meter_event_id     bigint GENERATED ALWAYS AS IDENTITY,
+  identifier         text NOT NULL UNIQUE CHECK (identifier ~ '^qes_[0-9a-f]{64}$'),
+  metric             text NOT NULL,
+  event_name         text NOT NULL,
+  stripe_customer_id text NOT NULL,
+  value              bigint NOT NULL CHECK (value >= 0),
+  event_at           timestamptz NOT NULL,
+  period_start       timestamptz NOT NULL,
+  usage_rows         integer NOT NULL CHECK (usage_rows > 0),
+  state              text NOT NULL DEFAULT 'queued'
+                       CHECK (state IN ('queued', 'delivered', 'failed', 'cancel_queued', 'cancelled')),
+  request_id         bigint,
+  cancel_request_id  bigint,
+  created_at         timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  delivered_at       timestamptz,
+  last_error         jsonb,
+  PRIMARY KEY (tenant_id, meter_event_id)
+);
+COMMENT ON TABLE billing.meter_events IS
+  'Meter events sent to Stripe: one per tenant, metric and pass, aggregating the usage rows not sent yet; the identifier (derived from those rows) is Stripe''s dedup key on every attempt.';
+-- a tenant and metric with an event under way gets no second one (Stripe:
+-- one concurrent call per customer and meter)
+CREATE INDEX meter_events_open ON billing.meter_events (tenant_id, metric) WHERE state IN ('queued', 'cancel_queued');
+CREATE INDEX meter_events_period ON billing.meter_events (tenant_id, metric, period_start);
+CREATE INDEX meter_events_request ON billing.meter_events (request_id) WHERE request_id IS NOT NULL;
+
+-- Which usage row went into which meter event: each row once, forever.
+CREATE TABLE billing.meter_event_usage (
+  tenant_id       text NOT NULL,
+  idempotency_key text NOT NULL,
+  meter_event_id  bigint NOT NULL,
+  PRIMARY KEY (tenant_id, idempotency_key),
+  FOREIGN KEY (tenant_id, meter_event_id) REFERENCES billing.meter_events ON DELETE CASCADE
+);
+COMMENT ON TABLE billing.meter_event_usage IS
+  'Each billable usage row and the meter event that carried it to Stripe (a row is sent in one event, once).';
+CREATE INDEX meter_event_usage_event ON billing.meter_event_usage (tenant_id, meter_event_id);
+
+-- The sending passes' schedule (one row, made by the first tick).
+CREATE TABLE billing.meter_state (
+  singleton     boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+  pass_interval interval NOT NULL DEFAULT '1 minute' CHECK (pass_interval >= interval '1 second'),
+  max_events    integer NOT NULL DEFAULT 1000 CHECK (max_events > 0),
+  next_pass_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  -- the comparison of Stripe's event summaries with the local sums
+  reconcile_interval interval NOT NULL DEFAULT '1 hour' CHECK (reconcile_interval >= interval '0'),
+  next_reconcile_at  timestamptz NOT NULL DEFAULT pg_catalog.now() + interval '1 hour'
+);
+COMMENT ON TABLE billing.meter_state IS
+  'When the next meter pass queues what was recorded since (pass_interval: the aggregation window) and at most how many meter events one pass queues.';
 
 -- ---- Stripe secrets ------------------------------------------------------------
 CREATE TABLE billing.stripe_secrets (

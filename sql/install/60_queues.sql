@@ -78,8 +78,11 @@ DECLARE
   v_naptime double precision := extract(epoch FROM current_setting('qes_billing.worker_naptime')::interval);
   v_events  double precision;
   v_stale   double precision;
+  v_meters  double precision;
 BEGIN
   applied := billing.process_inbox(p_events);
+  -- usage billed through meters: the pass when due (NULL: none billed)
+  v_meters := billing.meter_tick();
   -- outbox requests whose answer this worker lost
   PERFORM billing.outbox_reclaim_stale(v_timeout);
   -- cached usage counters of periods that ended more than a day ago
@@ -96,7 +99,7 @@ BEGIN
          CASE WHEN bool_or(e.next_attempt_at <= now()) THEN v_naptime END
     INTO v_events, v_stale
     FROM billing.webhook_events e WHERE e.state = 'received';
-  next_due_s := least(v_events, v_stale);
+  next_due_s := least(v_events, v_stale, v_meters);
   -- a request in flight whose answer may be lost: stale after twice the timeout
   SELECT extract(epoch FROM min(r.claimed_at) + 2 * v_timeout - now()) INTO v_stale
     FROM billing.stripe_requests r WHERE r.state = 'in_flight';

@@ -65,6 +65,13 @@ GRANT EXECUTE ON FUNCTION billing.has_feature(text, text), billing.features_curr
 -- (sql/install/88_webhook_endpoints.sql; set_webhook_secret: superusers only)
 GRANT SELECT ON billing.webhook_endpoints TO qes_admin;
 
+-- usage billed through meters (sql/install/94_meters.sql)
+GRANT EXECUTE ON FUNCTION billing.my_usage_billable() TO qes_tenant;
+GRANT SELECT ON api.usage_billable TO qes_tenant;
+GRANT EXECUTE ON FUNCTION billing.usage_billable(text) TO qes_app, qes_admin;
+GRANT EXECUTE ON FUNCTION billing.meter_reconcile(text), billing.void_usage(text, text, text) TO qes_admin;
+GRANT SELECT ON billing.meter_metrics, billing.meter_events, billing.metered_prices, billing.meters TO qes_admin;
+
 -- the platform
 GRANT EXECUTE ON FUNCTION billing.upsert_tenant(text, text, text),
                           billing.record_usage(text, text, bigint, text, jsonb, timestamptz),

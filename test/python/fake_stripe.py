@@ -118,6 +118,15 @@ class FakeStripe:
         self.echoed = 0
         self.server = None
         self.clock_offset = 0.0    # seconds now() runs ahead of the real clock
+        # Billing meters: events by identifier (Stripe refuses a repeat within
+        # its dedup window), those reported later as errors (asynchronous),
+        # and a switch that forgets idempotency keys of meter events (as if
+        # they had expired: only the identifier deduplicates then)
+        self.meter_events = {}     # identifier -> event
+        self.meter_errors = []     # the events Stripe reports as errors later
+        self.meter_dedup_s = 24 * 3600
+        self.meter_forget_keys = False
+        self.meter_repeats = 0     # events refused as repeats of an identifier
 
     # ---- the clock ----------------------------------------------------
 
@@ -208,10 +217,21 @@ class FakeStripe:
                     for p in holders:
                         p["lookup_key"] = None
                 rec = params.get("recurring")
+                if rec and rec.get("usage_type") == "metered":
+                    if not rec.get("meter"):
+                        raise StripeError(400, "invalid_request_error", "A metered price needs a meter.",
+                                          param="recurring[meter]")
+                    self.get(rec["meter"], "billing.meter")
                 return self._created({
                     "id": new_id("price"), "object": "price", "active": True, "currency": params["currency"],
-                    "unit_amount": int(params["unit_amount"]), "product": params["product"], "lookup_key": key,
-                    "recurring": {"interval": rec["interval"], "interval_count": 1} if rec else None,
+                    "unit_amount": int(params["unit_amount"]) if "unit_amount" in params else None,
+                    "unit_amount_decimal": params.get("unit_amount_decimal"),
+                    "billing_scheme": params.get("billing_scheme", "per_unit"),
+                    "tiers_mode": params.get("tiers_mode"), "tiers": params.get("tiers"),
+                    "product": params["product"], "lookup_key": key,
+                    "recurring": {"interval": rec["interval"], "interval_count": 1,
+                                  "usage_type": rec.get("usage_type", "licensed"),
+                                  "meter": rec.get("meter")} if rec else None,
                     "type": "recurring" if rec else "one_time", "metadata": params.get("metadata", {}),
                     "created": self.now() * 1000 + len(self.objects)})
         if name == "webhook_endpoints":
@@ -234,6 +254,8 @@ class FakeStripe:
                 if params.get("disabled") == "false":
                     w["status"] = "enabled"
                 return {k: v for k, v in w.items() if k != "secret"}
+        if name == "billing":
+            return self._billing(method, parts[1:], params)
         if name == "subscriptions":
             if method == "POST" and len(parts) == 1:
                 return self._create_subscription(params)
@@ -253,7 +275,150 @@ class FakeStripe:
                 return self.get(parts[1], "payment_intent")
             if method == "POST" and len(parts) == 3 and parts[2] == "confirm":
                 return self.confirm(parts[1], params.get("payment_method", "pm_card_visa"))
+        if name == "disputes":
+            if method == "GET" and len(parts) == 2:
+                return self.get(parts[1], "dispute")
+            if method == "POST" and len(parts) == 2:
+                return self._update_dispute(self.get(parts[1], "dispute"), params)
         raise StripeError(404, "invalid_request_error", f"Unrecognized request URL ({method}: {path}).")
+
+    # ---- disputes -----------------------------------------------------
+
+    def dispute(self, charge_id, reason="fraudulent", due_in_s=7 * 86400):
+        """The cardholder disputes a charge: charge.dispute.created, and the
+        amount is withdrawn from the balance (charge.dispute.funds_withdrawn)."""
+        with self.lock:
+            ch = self.get(charge_id, "charge")
+            dp = self._created({
+                "id": new_id("dp"), "object": "dispute", "amount": ch["amount"], "currency": ch["currency"],
+                "charge": ch["id"], "payment_intent": ch.get("payment_intent"), "reason": reason,
+                "status": "needs_response", "created": self.now(), "livemode": False, "metadata": {},
+                "is_charge_refundable": False, "evidence": {},
+                "evidence_details": {"due_by": self.now() + due_in_s, "has_evidence": False,
+                                     "past_due": False, "submission_count": 0}})
+            ch["disputed"] = True
+            self._event("charge.dispute.created", dp)
+            self._event("charge.dispute.funds_withdrawn", dp)
+            return dp
+
+    def _update_dispute(self, dp, p):
+        """POST /v1/disputes/{id}: evidence staged (submit=false) or submitted
+        (the default); Stripe takes a submission once."""
+        if dp["status"] not in ("needs_response", "warning_needs_response"):
+            raise StripeError(400, "invalid_request_error",
+                              "This dispute is already closed or under review.", param="submit")
+        if dp["evidence_details"]["due_by"] <= self.now():
+            raise StripeError(400, "invalid_request_error", "The deadline to respond has passed.")
+        previous = {"evidence": dict(dp["evidence"])}
+        dp["evidence"].update(p.get("evidence", {}))
+        dp["metadata"].update(p.get("metadata", {}))
+        dp["evidence_details"]["has_evidence"] = bool(dp["evidence"])
+        if p.get("submit", "true") != "false":
+            dp["status"] = "under_review" if dp["status"] == "needs_response" else "warning_under_review"
+            dp["evidence_details"]["submission_count"] += 1
+            previous["status"] = "needs_response"
+        self._event("charge.dispute.updated", dp, previous)
+        return dp
+
+    def close_dispute(self, dispute_id, outcome):
+        """The card network decides: won (the amount comes back:
+        charge.dispute.funds_reinstated) or lost."""
+        with self.lock:
+            dp = self.get(dispute_id, "dispute")
+            dp["status"] = outcome
+            dp["evidence_details"]["due_by"] = 0 if outcome == "lost" else dp["evidence_details"]["due_by"]
+            self._event("charge.dispute.closed", dp, {"status": "under_review"})
+            if outcome == "won":
+                self._event("charge.dispute.funds_reinstated", dp)
+            return dp
+
+    # ---- billing meters ---------------------------------------------------
+
+    def _billing(self, method, parts, params):
+        if parts == ["meters"] and method == "POST":
+            if any(m["event_name"] == params["event_name"] for m in self.of_type("billing.meter")):
+                raise StripeError(400, "invalid_request_error",
+                                  f"A meter with event_name {params['event_name']} already exists.", param="event_name")
+            return self._created({
+                "id": new_id("mtr"), "object": "billing.meter", "created": self.now(), "livemode": False,
+                "display_name": params["display_name"], "event_name": params["event_name"], "status": "active",
+                "default_aggregation": {"formula": params["default_aggregation"]["formula"]},
+                "customer_mapping": {"type": "by_id", "event_payload_key":
+                                     params.get("customer_mapping", {}).get("event_payload_key", "stripe_customer_id")},
+                "value_settings": {"event_payload_key":
+                                   params.get("value_settings", {}).get("event_payload_key", "value")}})
+        if parts == ["meters"] and method == "GET":
+            data = sorted(self.of_type("billing.meter"), key=lambda m: -m["created"])
+            return {"object": "list", "url": "/v1/billing/meters", "has_more": False,
+                    "data": data[:int(params.get("limit", 10))]}
+        if parts == ["meter_events"] and method == "POST":
+            return self._meter_event(params)
+        if parts == ["meter_event_adjustments"] and method == "POST":
+            ident = params["cancel"]["identifier"]
+            ev = self.meter_events.get(ident)
+            if ev is None or ev["event_name"] != params["event_name"]:
+                raise StripeError(400, "invalid_request_error", f"No meter event with identifier {ident}.")
+            if self.now() - ev["received"] > 24 * 3600:
+                raise StripeError(400, "invalid_request_error",
+                                  "Meter events can only be cancelled within 24 hours of being received.")
+            ev["cancelled"] = True
+            return {"object": "billing.meter_event_adjustment", "event_name": params["event_name"],
+                    "status": "pending", "type": "cancel", "cancel": {"identifier": ident}, "livemode": False}
+        if len(parts) == 3 and parts[0] == "meters" and parts[2] == "event_summaries" and method == "GET":
+            meter = self.get(parts[1], "billing.meter")
+            start, end = int(params["start_time"]), int(params["end_time"])
+            if start % 60 or end % 60:
+                raise StripeError(400, "invalid_request_error", "start_time and end_time must be minute-aligned.")
+            value = self.meter_value(meter["id"], params["customer"], start, end)
+            return {"object": "list", "url": f"/v1/billing/meters/{meter['id']}/event_summaries", "has_more": False,
+                    "data": [{"id": new_id("mtrusg"), "object": "billing.meter_event_summary",
+                              "aggregated_value": float(value), "start_time": start, "end_time": end,
+                              "livemode": False, "meter": meter["id"]}]}
+        raise StripeError(404, "invalid_request_error",
+                          f"Unrecognized request URL ({method}: /v1/billing/{'/'.join(parts)}).")
+
+    def _meter_event(self, p):
+        ident = p.get("identifier") or new_id("ident")
+        if len(ident) > 100:
+            raise StripeError(400, "invalid_request_error", "identifier is too long.", param="identifier")
+        old = self.meter_events.get(ident)
+        if old is not None and self.now() - old["received"] < self.meter_dedup_s:
+            self.meter_repeats += 1
+            raise StripeError(400, "invalid_request_error",
+                              f"An event already exists with identifier {ident}.", param="identifier")
+        ts = int(p.get("timestamp") or self.now())
+        if ts < self.now() - 35 * 24 * 3600 or ts > self.now() + 300:
+            raise StripeError(400, "invalid_request_error", "timestamp must be within the past 35 days.",
+                              param="timestamp")
+        value = p.get("payload", {}).get("value")
+        if value is None or not str(value).isdigit():
+            raise StripeError(400, "invalid_request_error", "payload[value] must be a whole number.",
+                              param="payload[value]")
+        ev = {"object": "billing.meter_event", "event_name": p["event_name"], "identifier": ident,
+              "timestamp": ts, "payload": p["payload"], "created": self.now(), "livemode": False,
+              "received": self.now(), "cancelled": False}
+        self.meter_events[ident] = ev
+        # asynchronous: accepted now, reported as an error later when nothing matches
+        meters = [m for m in self.of_type("billing.meter") if m["event_name"] == p["event_name"]]
+        customer = p["payload"].get("stripe_customer_id")
+        if not meters or customer not in self.objects:
+            ev["error"] = "no_meter" if not meters else "customer_not_found"
+            self.meter_errors.append(ev)
+        return {k: v for k, v in ev.items() if k not in ("received", "cancelled", "error")}
+
+    def meter_value(self, meter_id, customer, start, end):
+        # what Stripe's summary says: the sum, or the last value, of the
+        # valid events not cancelled of a customer in [start, end)
+        meter = self.get(meter_id, "billing.meter")
+        evs = sorted((e for e in self.meter_events.values()
+                      if e["event_name"] == meter["event_name"] and not e["cancelled"] and "error" not in e
+                      and e["payload"].get("stripe_customer_id") == customer and start <= e["timestamp"] < end),
+                     key=lambda e: (e["timestamp"], e["created"]))
+        if meter["default_aggregation"]["formula"] == "last":
+            return int(evs[-1]["payload"]["value"]) if evs else 0
+        if meter["default_aggregation"]["formula"] == "count":
+            return len(evs)
+        return sum(int(e["payload"]["value"]) for e in evs)
 
     def _list(self, type_, params, **filters):
         """A list endpoint: newest first, filtered by equal fields, one page."""
@@ -539,6 +704,8 @@ class FakeStripe:
             if fault == "429":
                 return 429, {"error": {"type": "invalid_request_error", "code": "rate_limit",
                                        "message": "Too many requests"}}, [("Retry-After", "1")]
+            if key is not None and self.meter_forget_keys and path == "/v1/billing/meter_events":
+                key = None         # as if the key had expired
             if key is not None and key in self.idem:
                 first = self.idem[key]
                 if first[0] != digest:

@@ -1,0 +1,614 @@
+-- Usage billed through Stripe Billing Meters (docs/architecture.md, "Usage
+-- billed through meters").  The tables: 01_tables.sql (metered_prices,
+-- meters, meter_events, meter_event_usage, meter_state).
+--
+--   setup     billing.setup_meters(run): a meter per billable metric and a
+--             metered price (recurring[meter]) per active metered price,
+--             found again by event_name and lookup_key (re-runnable)
+--   pass      billing.meter_tick(), from the worker's tick: every
+--             pass_interval, billing.meter_queue() gathers the billable
+--             usage rows no meter event carries yet -- committed rows only,
+--             so usage whose transaction rolled back is never seen -- into
+--             one meter event per tenant and metric, and queues it in the
+--             outbox (kind meter.event) with Idempotency-Key and identifier
+--             derived from those rows.  record_usage is unchanged: it only
+--             writes locally.
+--   answers   billing.meter_apply / billing.meter_apply_failure, from
+--             billing.outbox_apply and outbox_apply_failure: delivered;
+--             Stripe's "an event already exists with identifier" is
+--             delivered too (a lost answer's retry after the key expired)
+--   check     billing.meter_reconcile(): Stripe's event summaries per
+--             customer and meter against the local sums; differences in
+--             billing.drift_report (source meters), failed events re-sent
+--             with their identifier where that is safe
+--   correct   billing.void_usage(): a voided row's meter event is cancelled
+--             (meter_event_adjustments) inside Stripe's window and the
+--             event's other rows sent again; after it, a credit by hand
+
+-- ---- setup ------------------------------------------------------------------------
+
+CREATE FUNCTION billing.setup_meters(p_run text) RETURNS integer
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  n integer;
+BEGIN
+  PERFORM billing.require_secret_key();
+  INSERT INTO billing.meters (metric, event_name, aggregation)
+  SELECT DISTINCT mp.metric, 'qes_' || mp.metric, CASE m.kind WHEN 'gauge' THEN 'last' ELSE 'sum' END
+    FROM billing.metered_prices mp JOIN billing.metrics m USING (metric)
+   WHERE mp.active
+  ON CONFLICT (metric) DO NOTHING;
+  SELECT count(*) INTO n FROM billing.metered_prices WHERE active;
+  IF n = 0 THEN
+    RETURN 0;   -- nothing is billed: no meter is needed
+  END IF;
+  PERFORM billing.audit('setup.requested', NULL, jsonb_build_object('run', p_run, 'step', 'meters'));
+  PERFORM billing.outbox_enqueue(NULL, 'meter.setup.list', 'GET', '/v1/billing/meters',
+                                 jsonb_build_object('limit', 100, 'status', 'active'), p_run_id => p_run);
+  RETURN n;
+END
+$$;
+COMMENT ON FUNCTION billing.setup_meters(text) IS
+  'Queue the lookups that find or create a Stripe meter per billable metric (event_name qes_<metric>; sum, or last for the storage gauge) and a metered price per active billing.metered_prices row. Re-runnable.';
+
+-- The metered prices, once every meter has its Stripe id.
+CREATE FUNCTION billing.meter_setup_prices(p_run text) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM billing.meters m JOIN billing.metered_prices mp USING (metric)
+              WHERE mp.active AND m.stripe_meter_id IS NULL) THEN
+    RETURN;   -- a meter is still being made: its answer calls this again
+  END IF;
+  PERFORM billing.outbox_enqueue(NULL, 'meter.setup.prices.list', 'GET', '/v1/prices',
+            jsonb_build_object('lookup_keys', (SELECT jsonb_agg(p.price_key ORDER BY p.price_key)
+                                                 FROM billing.metered_prices p WHERE p.active),
+                               'limit', 100),
+            p_run_id => p_run);
+END
+$$;
+
+-- The form of a metered price: graduated tiers when some units are included.
+CREATE FUNCTION billing.meter_price_params(mp billing.metered_prices) RETURNS jsonb
+  LANGUAGE sql STABLE SET search_path = pg_catalog, billing
+AS $$
+  SELECT jsonb_build_object(
+           'product', coalesce(pl.stripe_product_id, 'qes_' || mp.plan_id),
+           'currency', mp.currency,
+           'recurring', jsonb_build_object('interval', mp.billing_interval, 'usage_type', 'metered',
+                                           'meter', m.stripe_meter_id),
+           'lookup_key', mp.price_key, 'transfer_lookup_key', true,
+           'nickname', format('%s %s beyond %s', pl.name, mp.metric, mp.included),
+           'metadata', jsonb_build_object('qes_plan', mp.plan_id, 'qes_metric', mp.metric,
+                                          'qes_price', mp.price_key, 'qes_included', mp.included))
+         || CASE WHEN mp.included > 0 THEN
+              jsonb_build_object('billing_scheme', 'tiered', 'tiers_mode', 'graduated',
+                                 'tiers', jsonb_build_array(
+                                   jsonb_build_object('up_to', mp.included, 'unit_amount', 0),
+                                   jsonb_build_object('up_to', 'inf', 'unit_amount_decimal', mp.unit_amount_decimal::text)))
+            ELSE jsonb_build_object('billing_scheme', 'per_unit', 'unit_amount_decimal', mp.unit_amount_decimal::text) END
+    FROM billing.plans pl, billing.meters m
+   WHERE pl.plan_id = mp.plan_id AND m.metric = mp.metric
+$$;
+
+-- ---- the pass -----------------------------------------------------------------------
+
+-- Stripe's dedup identifier of a meter event: derived from the usage rows
+-- it carries (tenant, metric and their idempotency keys, as record_usage
+-- stored them), so the same rows always give the same identifier.
+CREATE FUNCTION billing.meter_identifier(p_tenant text, p_metric text, p_keys text[]) RETURNS text
+  LANGUAGE sql IMMUTABLE
+RETURN 'qes_' || encode(sha256(convert_to(p_tenant || chr(1) || p_metric || chr(1)
+                                         || array_to_string(p_keys, chr(1)), 'UTF8')), 'hex');
+
+-- Queue the billable usage no meter event carries yet: one meter event per
+-- tenant and metric (none while one is under way for them: Stripe takes one
+-- concurrent call per customer and meter), at most p_limit.  Returns how
+-- many were queued.
+CREATE FUNCTION billing.meter_queue(p_limit integer) RETURNS integer
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_now timestamptz := billing.now();
+  v_ev  text[];
+  x     text;
+BEGIN
+  WITH live AS (
+    SELECT s.tenant_id, s.current_period_start, t.stripe_customer_id, mp.metric, m.event_name, m.aggregation
+      FROM billing.metered_prices mp
+      JOIN billing.meters m ON m.metric = mp.metric AND m.stripe_meter_id IS NOT NULL
+      JOIN billing.subscriptions s ON s.plan_id = mp.plan_id AND s.billing_interval = mp.billing_interval
+      JOIN billing.tenants t ON t.tenant_id = s.tenant_id
+     WHERE mp.active AND mp.stripe_price_id IS NOT NULL
+       AND s.stripe_subscription_id IS NOT NULL AND s.status IN ('trialing', 'active', 'past_due')
+       AND s.current_period_start IS NOT NULL AND t.stripe_customer_id IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM billing.meter_events e
+                        WHERE e.tenant_id = s.tenant_id AND e.metric = mp.metric
+                          AND e.state IN ('queued', 'cancel_queued'))),
+  fresh AS (
+    SELECT l.tenant_id, l.metric, l.event_name, l.aggregation, l.stripe_customer_id, l.current_period_start,
+           u.idempotency_key, u.quantity, u.occurred_at, u.recorded_at
+      FROM live l
+      JOIN billing.usage_events u ON u.tenant_id = l.tenant_id AND u.metric = l.metric
+                                 AND u.period_start = l.current_period_start
+     WHERE NOT EXISTS (SELECT 1 FROM billing.meter_event_usage x
+                        WHERE x.tenant_id = u.tenant_id AND x.idempotency_key = u.idempotency_key)),
+  grouped AS (
+    SELECT f.tenant_id, f.metric, f.event_name, f.stripe_customer_id, f.current_period_start,
+           CASE WHEN f.aggregation = 'sum' THEN least(sum(f.quantity), 9223372036854775807)::bigint
+                ELSE (array_agg(f.quantity ORDER BY f.occurred_at DESC, f.recorded_at DESC, f.idempotency_key))[1] END
+             AS value,
+           -- Stripe takes timestamps of the last 35 days, at most 5 minutes ahead
+           least(greatest(max(f.occurred_at), v_now - interval '34 days', f.current_period_start), v_now) AS event_at,
+           array_agg(f.idempotency_key ORDER BY f.idempotency_key) AS keys
+      FROM fresh f
+     GROUP BY f.tenant_id, f.metric, f.event_name, f.stripe_customer_id, f.current_period_start, f.aggregation
+     ORDER BY min(f.recorded_at)
+     LIMIT p_limit),
+  ev AS (
+    INSERT INTO billing.meter_events (tenant_id, identifier, metric, event_name, stripe_customer_id, value,
+                                      event_at, period_start, usage_rows)
+    SELECT g.tenant_id, billing.meter_identifier(g.tenant_id, g.metric, g.keys), g.metric, g.event_name,
+           g.stripe_customer_id, g.value, g.event_at, g.current_period_start, cardinality(g.keys)
+      FROM grouped g
+    RETURNING tenant_id, meter_event_id, metric),
+  used AS (
+    INSERT INTO billing.meter_event_usage (tenant_id, idempotency_key, meter_event_id)
+    SELECT e.tenant_id, k, e.meter_event_id
+      FROM ev e JOIN grouped g ON g.tenant_id = e.tenant_id AND g.metric = e.metric, unnest(g.keys) k)
+  SELECT array_agg(e.meter_event_id::text || ' ' || e.tenant_id) INTO v_ev FROM ev e;
+  -- the requests, in a statement of their own (they read the rows just made)
+  FOREACH x IN ARRAY coalesce(v_ev, '{}') LOOP
+    PERFORM billing.meter_send(substr(x, strpos(x, ' ') + 1), split_part(x, ' ', 1)::bigint);
+  END LOOP;
+  RETURN coalesce(cardinality(v_ev), 0);
+END
+$$;
+COMMENT ON FUNCTION billing.meter_queue(integer) IS
+  'Gather the committed billable usage rows no meter event carries yet into one meter event per tenant and metric (none while one is under way) and queue them; at most p_limit. Returns how many.';
+
+-- Queue the request that sends one meter event.  The Idempotency-Key and
+-- the identifier are the event's own: a retry of the request (lost answer,
+-- crash, 429) replays; a send after the key expired is refused by Stripe
+-- as a repeat of the identifier, which counts as delivered.
+CREATE FUNCTION billing.meter_send(p_tenant text, p_meter_event_id bigint, p_attempt integer DEFAULT 0)
+  RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  e    billing.meter_events;
+  v_id bigint;
+BEGIN
+  SELECT * INTO STRICT e FROM billing.meter_events WHERE tenant_id = p_tenant AND meter_event_id = p_meter_event_id;
+  INSERT INTO billing.stripe_requests (tenant_id, kind, method, path, params, subject, idempotency_key)
+  VALUES (e.tenant_id, 'meter.event', 'POST', '/v1/billing/meter_events',
+          jsonb_build_object('event_name', e.event_name, 'identifier', e.identifier,
+                             'timestamp', extract(epoch FROM e.event_at)::bigint,
+                             'payload', jsonb_build_object('stripe_customer_id', e.stripe_customer_id,
+                                                           'value', e.value::text)),
+          jsonb_build_object('meter_event_id', e.meter_event_id),
+          'qes-' || e.identifier || CASE WHEN p_attempt > 0 THEN '-' || p_attempt ELSE '' END)
+  RETURNING request_id INTO v_id;
+  UPDATE billing.meter_events SET request_id = v_id, state = 'queued', last_error = NULL
+   WHERE tenant_id = e.tenant_id AND meter_event_id = e.meter_event_id;
+  RETURN v_id;
+END
+$$;
+
+-- From billing.worker_tick: run the pass when it is due.  Returns the
+-- seconds until the next one, NULL when nothing is billed through meters
+-- (then nothing is scheduled: idle is free).
+CREATE FUNCTION billing.meter_tick() RETURNS double precision
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  st billing.meter_state;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM billing.metered_prices mp JOIN billing.meters m USING (metric)
+                  WHERE mp.active AND mp.stripe_price_id IS NOT NULL AND m.stripe_meter_id IS NOT NULL) THEN
+    RETURN NULL;
+  END IF;
+  SELECT * INTO st FROM billing.meter_state;
+  IF NOT FOUND THEN
+    INSERT INTO billing.meter_state DEFAULT VALUES ON CONFLICT DO NOTHING RETURNING * INTO st;
+  END IF;
+  IF st.next_pass_at <= now() THEN
+    PERFORM billing.meter_queue(st.max_events);
+    UPDATE billing.meter_state SET next_pass_at = now() + pass_interval RETURNING * INTO st;
+  END IF;
+  IF st.reconcile_interval > interval '0' AND st.next_reconcile_at <= now() THEN
+    PERFORM billing.meter_reconcile(NULL);
+    UPDATE billing.meter_state SET next_reconcile_at = now() + reconcile_interval RETURNING * INTO st;
+  END IF;
+  RETURN extract(epoch FROM least(st.next_pass_at,
+                                  CASE WHEN st.reconcile_interval > interval '0' THEN st.next_reconcile_at END) - now());
+END
+$$;
+COMMENT ON FUNCTION billing.meter_tick() IS
+  'Run by the worker''s tick: the meter pass every meter_state.pass_interval, the comparison with Stripe every reconcile_interval. Returns the seconds until the next is due; NULL when no usage is billed through meters.';
+
+-- An operator's pass, now (tests, and after a change of the catalog).
+CREATE FUNCTION billing.meter_pass_now() RETURNS integer
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  n integer;
+BEGIN
+  INSERT INTO billing.meter_state DEFAULT VALUES ON CONFLICT DO NOTHING;
+  n := billing.meter_queue((SELECT max_events FROM billing.meter_state));
+  UPDATE billing.meter_state SET next_pass_at = now() + pass_interval;
+  RETURN n;
+END
+$$;
+COMMENT ON FUNCTION billing.meter_pass_now() IS
+  'Queue the billable usage not sent yet now, instead of at the next pass. Returns the meter events queued.';
+
+-- ---- answers ------------------------------------------------------------------------
+
+CREATE FUNCTION billing.meter_apply(r billing.stripe_requests) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  o       jsonb := r.response;
+  v_found jsonb;
+  m       billing.meters;
+  mp      billing.metered_prices;
+BEGIN
+  CASE r.kind
+  WHEN 'meter.event' THEN
+    UPDATE billing.meter_events SET state = 'delivered', delivered_at = now(), last_error = NULL
+     WHERE request_id = r.request_id AND state = 'queued';
+  WHEN 'meter.cancel' THEN
+    PERFORM billing.meter_cancelled(r);
+  WHEN 'meter.summary' THEN
+    PERFORM billing.meter_compare(r);
+  WHEN 'meter.setup.list' THEN
+    FOR m IN SELECT * FROM billing.meters x
+              WHERE x.stripe_meter_id IS NULL
+                AND EXISTS (SELECT 1 FROM billing.metered_prices p WHERE p.metric = x.metric AND p.active)
+              ORDER BY x.metric LOOP
+      SELECT x INTO v_found FROM jsonb_array_elements(o -> 'data') x WHERE x ->> 'event_name' = m.event_name LIMIT 1;
+      IF v_found IS NOT NULL THEN
+        UPDATE billing.meters SET stripe_meter_id = v_found ->> 'id' WHERE metric = m.metric;
+      ELSIF (o ->> 'has_more')::boolean THEN
+        NULL;   -- the next page may have it
+      ELSE
+        PERFORM billing.outbox_enqueue(NULL, 'meter.setup.create', 'POST', '/v1/billing/meters',
+                  jsonb_build_object('display_name', 'QES ' || m.metric, 'event_name', m.event_name,
+                                     'default_aggregation', jsonb_build_object('formula', m.aggregation),
+                                     'customer_mapping', jsonb_build_object('type', 'by_id',
+                                                                            'event_payload_key', 'stripe_customer_id'),
+                                     'value_settings', jsonb_build_object('event_payload_key', 'value')),
+                  jsonb_build_object('metric', m.metric), p_run_id => r.run_id);
+      END IF;
+    END LOOP;
+    IF (o ->> 'has_more')::boolean THEN
+      PERFORM billing.outbox_enqueue(NULL, 'meter.setup.list', 'GET', '/v1/billing/meters',
+                jsonb_build_object('limit', 100, 'status', 'active', 'starting_after', o -> 'data' -> -1 ->> 'id'),
+                p_run_id => r.run_id);
+    ELSE
+      PERFORM billing.meter_setup_prices(r.run_id);
+    END IF;
+  WHEN 'meter.setup.create' THEN
+    UPDATE billing.meters SET stripe_meter_id = o ->> 'id' WHERE metric = r.subject ->> 'metric';
+    PERFORM billing.audit('setup.meter_created', NULL, jsonb_build_object('metric', r.subject ->> 'metric',
+                                                                          'meter', o ->> 'id'));
+    PERFORM billing.meter_setup_prices(r.run_id);
+  WHEN 'meter.setup.prices.list' THEN
+    FOR mp IN SELECT * FROM billing.metered_prices p WHERE p.active ORDER BY p.price_key LOOP
+      SELECT x INTO v_found FROM jsonb_array_elements(o -> 'data') x WHERE x ->> 'lookup_key' = mp.price_key LIMIT 1;
+      IF v_found IS NOT NULL AND coalesce((v_found ->> 'active')::boolean, true)
+         AND v_found -> 'recurring' ->> 'meter' = (SELECT stripe_meter_id FROM billing.meters WHERE metric = mp.metric)
+         AND v_found -> 'recurring' ->> 'interval' = mp.billing_interval AND v_found ->> 'currency' = mp.currency
+         AND coalesce(v_found -> 'metadata' ->> 'qes_included', '0') = mp.included::text
+         AND coalesce(v_found ->> 'unit_amount_decimal', v_found -> 'tiers' -> -1 ->> 'unit_amount_decimal')::numeric
+             = mp.unit_amount_decimal THEN
+        UPDATE billing.metered_prices SET stripe_price_id = v_found ->> 'id' WHERE price_key = mp.price_key;
+      ELSE
+        -- missing, or the catalog changed: a new price takes the lookup key over
+        PERFORM billing.outbox_enqueue(NULL, 'meter.setup.price.create', 'POST', '/v1/prices',
+                  billing.meter_price_params(mp), jsonb_build_object('price_key', mp.price_key),
+                  p_run_id => r.run_id);
+      END IF;
+    END LOOP;
+  WHEN 'meter.setup.price.create' THEN
+    UPDATE billing.metered_prices SET stripe_price_id = o ->> 'id' WHERE price_key = r.subject ->> 'price_key';
+    PERFORM billing.audit('setup.price_created', NULL,
+                          jsonb_build_object('price_key', r.subject ->> 'price_key', 'price', o ->> 'id', 'metered', true));
+  ELSE
+    NULL;
+  END CASE;
+END
+$$;
+COMMENT ON FUNCTION billing.meter_apply(billing.stripe_requests) IS
+  'Apply a successful answer of a meter request (billing.outbox_apply): a meter event delivered or cancelled, a summary compared, setup''s meters and prices recorded.';
+
+CREATE FUNCTION billing.meter_apply_failure(r billing.stripe_requests) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  CASE r.kind
+  WHEN 'meter.event' THEN
+    IF r.error ->> 'message' ILIKE '%already exists with identifier%' THEN
+      -- Stripe has this identifier: an earlier attempt was delivered
+      UPDATE billing.meter_events SET state = 'delivered', delivered_at = now(), last_error = NULL
+       WHERE request_id = r.request_id AND state = 'queued';
+    ELSE
+      UPDATE billing.meter_events SET state = 'failed', last_error = r.error
+       WHERE request_id = r.request_id AND state = 'queued';
+    END IF;
+  WHEN 'meter.cancel' THEN
+    -- not cancelled (e.g. past Stripe's window): it stays billed
+    UPDATE billing.meter_events SET state = 'delivered', last_error = r.error
+     WHERE cancel_request_id = r.request_id AND state = 'cancel_queued';
+    PERFORM billing.audit('meter.cancel_failed', r.tenant_id,
+                          jsonb_build_object('meter_event_id', (r.subject ->> 'meter_event_id')::bigint,
+                                             'error', r.error ->> 'message',
+                                             'to_do', 'credit the tenant by hand (a credit note on the invoice)'));
+  ELSE
+    NULL;
+  END CASE;
+END
+$$;
+COMMENT ON FUNCTION billing.meter_apply_failure(billing.stripe_requests) IS
+  'A meter request failed for good: a meter event Stripe already has (its identifier) is delivered, any other failed (reconciliation finds what Stripe lacks); a cancellation that failed leaves the event billed, audited.';
+
+-- ---- reconciliation -----------------------------------------------------------------
+
+-- Compare Stripe's event summaries with the local sums for every live
+-- tenant and meter (or one tenant's), through the outbox.  Returns the run.
+CREATE FUNCTION billing.meter_reconcile(p_tenant text DEFAULT NULL) RETURNS text
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_run  text := 'rm_' || replace(gen_random_uuid()::text, '-', '');
+  v_end  timestamptz := date_trunc('minute', billing.now()) + interval '1 minute';
+  x      record;
+  n      integer := 0;
+BEGIN
+  IF p_tenant IS NOT NULL AND NOT EXISTS (SELECT 1 FROM billing.tenants WHERE tenant_id = p_tenant) THEN
+    RAISE EXCEPTION 'tenant "%" is not registered', p_tenant
+      USING ERRCODE = 'foreign_key_violation', HINT = 'List tenants with SELECT tenant_id FROM billing.tenants.';
+  END IF;
+  INSERT INTO billing.reconcile_runs (run_id, kind, tenant_id) VALUES (v_run, 'meters', p_tenant);
+  FOR x IN SELECT DISTINCT e.tenant_id, e.metric, e.stripe_customer_id, e.period_start, m.stripe_meter_id
+             FROM billing.meter_events e JOIN billing.meters m USING (metric)
+             JOIN billing.subscriptions s ON s.tenant_id = e.tenant_id AND s.current_period_start = e.period_start
+                                         AND s.status IN ('trialing', 'active', 'past_due')
+            WHERE m.stripe_meter_id IS NOT NULL AND (p_tenant IS NULL OR e.tenant_id = p_tenant)
+            ORDER BY 1, 2 LOOP
+    PERFORM billing.outbox_enqueue(x.tenant_id, 'meter.summary', 'GET',
+              '/v1/billing/meters/' || x.stripe_meter_id || '/event_summaries',
+              jsonb_build_object('customer', x.stripe_customer_id,
+                                 'start_time', extract(epoch FROM date_trunc('minute', x.period_start))::bigint,
+                                 'end_time', extract(epoch FROM greatest(v_end, date_trunc('minute', x.period_start)
+                                                                                 + interval '1 minute'))::bigint,
+                                 'limit', 100),
+              jsonb_build_object('run_id', v_run, 'metric', x.metric, 'period_start', x.period_start,
+                                 'customer', x.stripe_customer_id, 'meter', x.stripe_meter_id),
+              p_run_id => v_run);
+    n := n + 1;
+  END LOOP;
+  IF n = 0 THEN
+    UPDATE billing.reconcile_runs SET finished_at = now() WHERE run_id = v_run;
+  END IF;
+  PERFORM billing.audit('reconcile.requested', p_tenant, jsonb_build_object('run', v_run, 'meters', n));
+  RETURN v_run;
+END
+$$;
+COMMENT ON FUNCTION billing.meter_reconcile(text) IS
+  'Compare Stripe''s meter event summaries of the current period with the local sums, per tenant and meter (all, or one tenant''s), through the outbox. Differences go to billing.drift_report (source meters); meter events whose sending failed are sent again with their identifier when exactly they are missing. Returns the run id. Audited.';
+
+-- The local figure Stripe's summary should show: the sum of the period's
+-- meter events not cancelled (counters), or the newest one's value (gauge).
+CREATE FUNCTION billing.meter_local_value(p_tenant text, p_metric text, p_period timestamptz) RETURNS numeric
+  LANGUAGE sql STABLE SET search_path = pg_catalog, billing
+AS $$
+  SELECT CASE WHEN m.aggregation = 'sum'
+              THEN (SELECT coalesce(sum(e.value), 0) FROM billing.meter_events e
+                     WHERE e.tenant_id = p_tenant AND e.metric = p_metric AND e.period_start = p_period
+                       AND e.state NOT IN ('cancelled'))
+              ELSE (SELECT e.value FROM billing.meter_events e
+                     WHERE e.tenant_id = p_tenant AND e.metric = p_metric AND e.period_start = p_period
+                       AND e.state NOT IN ('cancelled')
+                     ORDER BY e.event_at DESC, e.meter_event_id DESC LIMIT 1) END
+    FROM billing.meters m WHERE m.metric = p_metric
+$$;
+
+CREATE FUNCTION billing.meter_compare(r billing.stripe_requests) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_metric text := r.subject ->> 'metric';
+  v_period timestamptz := (r.subject ->> 'period_start')::timestamptz;
+  v_run    text := r.subject ->> 'run_id';
+  v_agg    text := (SELECT aggregation FROM billing.meters WHERE metric = v_metric);
+  v_stripe numeric;
+  v_local  numeric;
+  v_failed numeric;
+  v_repair text := 'none';
+  e        billing.meter_events;
+BEGIN
+  SELECT CASE WHEN v_agg = 'sum' THEN coalesce(sum((s ->> 'aggregated_value')::numeric), 0)
+              ELSE (array_agg((s ->> 'aggregated_value')::numeric ORDER BY (s ->> 'end_time')::bigint DESC))[1] END
+    INTO v_stripe FROM jsonb_array_elements(r.response -> 'data') s;
+  UPDATE billing.reconcile_runs SET requests = requests + 1, listed = listed + 1 WHERE run_id = v_run;
+  IF EXISTS (SELECT 1 FROM billing.meter_events x
+              WHERE x.tenant_id = r.tenant_id AND x.metric = v_metric AND x.period_start = v_period
+                AND x.state IN ('queued', 'cancel_queued')) THEN
+    NULL;   -- an event under way: compared at the next run
+  ELSE
+    v_local := billing.meter_local_value(r.tenant_id, v_metric, v_period);
+    IF v_local IS DISTINCT FROM v_stripe AND NOT (v_local IS NULL AND v_stripe = 0) THEN
+      -- safe to repair: Stripe lacks exactly what failed to be sent (its
+      -- identifier makes a second copy impossible within Stripe's window)
+      SELECT coalesce(sum(x.value), 0) INTO v_failed FROM billing.meter_events x
+       WHERE x.tenant_id = r.tenant_id AND x.metric = v_metric AND x.period_start = v_period AND x.state = 'failed';
+      IF v_agg = 'sum' AND v_failed > 0 AND v_local - coalesce(v_stripe, 0) = v_failed THEN
+        FOR e IN SELECT * FROM billing.meter_events x
+                  WHERE x.tenant_id = r.tenant_id AND x.metric = v_metric AND x.period_start = v_period
+                    AND x.state = 'failed' LOOP
+          PERFORM billing.meter_send(e.tenant_id, e.meter_event_id, (SELECT count(*)::integer FROM billing.stripe_requests q
+                                          WHERE q.kind = 'meter.event'
+                                            AND (q.subject ->> 'meter_event_id')::bigint = e.meter_event_id));
+        END LOOP;
+        v_repair := 'failed meter events sent again with their identifiers';
+      ELSIF coalesce(v_stripe, 0) > coalesce(v_local, 0) THEN
+        v_repair := 'none: Stripe has more than was sent; cancel the events within 24 hours or credit the tenant';
+      ELSE
+        v_repair := 'none: compare billing.meter_events with Stripe''s events by identifier';
+      END IF;
+      INSERT INTO billing.drift_repairs (tenant_id, run_id, source, object, stripe_id, before, after)
+      VALUES (r.tenant_id, v_run, 'meters', 'meter_usage', (r.subject ->> 'meter') || ':' || (r.subject ->> 'customer'),
+              jsonb_build_object('metric', v_metric, 'period_start', v_period, 'stripe_value', v_stripe),
+              jsonb_build_object('metric', v_metric, 'period_start', v_period, 'local_value', v_local,
+                                 'difference', coalesce(v_local, 0) - coalesce(v_stripe, 0), 'repair', v_repair));
+      UPDATE billing.reconcile_runs SET repairs = repairs + 1 WHERE run_id = v_run;
+      PERFORM billing.audit('meter.drift', r.tenant_id,
+                            jsonb_build_object('run', v_run, 'metric', v_metric, 'period_start', v_period,
+                                               'stripe_value', v_stripe, 'local_value', v_local, 'repair', v_repair));
+    END IF;
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM billing.stripe_requests q
+                  WHERE q.run_id = v_run AND q.request_id <> r.request_id
+                    AND q.state IN ('waiting', 'pending', 'in_flight')) THEN
+    UPDATE billing.reconcile_runs SET finished_at = now() WHERE run_id = v_run;
+  END IF;
+END
+$$;
+
+-- ---- corrections --------------------------------------------------------------------
+
+-- Void one usage row (an operator's correction): the row is removed (the
+-- counters are rebuilt at commit) and audited with what it was.  If a meter
+-- event carried it to Stripe, that event is cancelled with a meter event
+-- adjustment while Stripe's window (24 hours from receipt) is open, and its
+-- other rows are sent again in a new event once the cancellation is
+-- confirmed; after the window, the usage stays billed and the audit row says
+-- to credit the tenant by hand.  Returns what was done.
+CREATE FUNCTION billing.void_usage(p_tenant text, p_key text, p_reason text) RETURNS text
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  u      billing.usage_events;
+  e      billing.meter_events;
+  v_req  bigint;
+  v_done text;
+BEGIN
+  IF p_reason IS NULL OR length(btrim(p_reason)) = 0 THEN
+    RAISE EXCEPTION 'a reason is required to void usage'
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Say why, e.g. ''signature failed, not the tenant''''s fault''.';
+  END IF;
+  SELECT * INTO u FROM billing.usage_events WHERE tenant_id = p_tenant AND idempotency_key = p_key FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'no usage of tenant "%" with idempotency key "%"', p_tenant, p_key
+      USING ERRCODE = 'no_data_found', HINT = 'Find it in billing.usage_events.';
+  END IF;
+  SELECT e2.* INTO e FROM billing.meter_event_usage x
+    JOIN billing.meter_events e2 ON e2.tenant_id = x.tenant_id AND e2.meter_event_id = x.meter_event_id
+   WHERE x.tenant_id = p_tenant AND x.idempotency_key = p_key FOR UPDATE OF e2;
+  IF e.meter_event_id IS NULL THEN
+    v_done := 'voided; never sent to Stripe';
+  ELSIF e.state = 'queued' THEN
+    RAISE EXCEPTION 'the usage is being sent to Stripe right now (meter event %)', e.meter_event_id
+      USING ERRCODE = 'object_in_use', HINT = 'Try again in a minute, when Stripe has answered.';
+  ELSIF e.state IN ('cancel_queued', 'cancelled') THEN
+    v_done := 'voided; its meter event is cancelled already';
+  ELSIF e.state = 'delivered' AND e.delivered_at > now() - interval '23 hours' THEN
+    v_req := billing.outbox_enqueue(p_tenant, 'meter.cancel', 'POST', '/v1/billing/meter_event_adjustments',
+               jsonb_build_object('event_name', e.event_name, 'type', 'cancel',
+                                  'cancel', jsonb_build_object('identifier', e.identifier)),
+               jsonb_build_object('meter_event_id', e.meter_event_id));
+    UPDATE billing.meter_events SET state = 'cancel_queued', cancel_request_id = v_req
+     WHERE tenant_id = e.tenant_id AND meter_event_id = e.meter_event_id;
+    v_done := format('voided; meter event %s is being cancelled in Stripe, its other %s row(s) will be sent again',
+                     e.meter_event_id, e.usage_rows - 1);
+  ELSIF e.state = 'failed' THEN
+    v_done := format('voided; its meter event %s had failed (not billed unless reconciliation finds it)', e.meter_event_id);
+  ELSE
+    v_done := format('voided locally; meter event %s was delivered more than 23 hours ago and stays billed: '
+                     'credit the tenant by hand (a credit note on the invoice)', e.meter_event_id);
+  END IF;
+  DELETE FROM billing.meter_event_usage WHERE tenant_id = p_tenant AND idempotency_key = p_key;
+  DELETE FROM billing.usage_events WHERE tenant_id = p_tenant AND idempotency_key = p_key;
+  PERFORM billing.audit('usage.voided', p_tenant,
+                        jsonb_build_object('idempotency_key', p_key, 'metric', u.metric, 'quantity', u.quantity,
+                                           'occurred_at', u.occurred_at, 'reason', p_reason,
+                                           'meter_event_id', e.meter_event_id, 'done', v_done));
+  RETURN v_done;
+END
+$$;
+COMMENT ON FUNCTION billing.void_usage(text, text, text) IS
+  'Void one usage row (with a reason; audited): removed locally; a meter event that carried it is cancelled in Stripe within its 24-hour window and the event''s other rows sent again; after the window it stays billed and the tenant is to be credited by hand. Returns what was done.';
+
+-- The cancellation was confirmed: the event no longer counts, and the rows
+-- it carried that were not voided become unsent (the next pass sends them).
+CREATE FUNCTION billing.meter_cancelled(r billing.stripe_requests) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  e billing.meter_events;
+BEGIN
+  UPDATE billing.meter_events SET state = 'cancelled'
+   WHERE cancel_request_id = r.request_id AND state = 'cancel_queued'
+  RETURNING * INTO e;
+  IF FOUND THEN
+    DELETE FROM billing.meter_event_usage WHERE tenant_id = e.tenant_id AND meter_event_id = e.meter_event_id;
+    PERFORM billing.audit('meter.cancelled', e.tenant_id,
+                          jsonb_build_object('meter_event_id', e.meter_event_id, 'identifier', e.identifier,
+                                             'value', e.value));
+  END IF;
+END
+$$;
+
+-- ---- what the tenant sees -----------------------------------------------------------
+
+-- What will be billed so far this period, per billable metric: used, the
+-- included quantity, the billable units and their amount at the price.
+CREATE FUNCTION billing.usage_billable(p_tenant text)
+  RETURNS TABLE (metric text, period_start timestamptz, used bigint, included bigint, billable bigint,
+                 unit_amount_decimal numeric, amount numeric, currency text, sent bigint)
+  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+  SELECT c.metric, c.period_start, c.used, mp.included, greatest(c.used - mp.included, 0),
+         mp.unit_amount_decimal, round(greatest(c.used - mp.included, 0) * mp.unit_amount_decimal, 6), mp.currency,
+         (SELECT CASE WHEN m.kind = 'gauge'
+                      THEN (SELECT e.value FROM billing.meter_events e
+                             WHERE e.tenant_id = p_tenant AND e.metric = c.metric AND e.period_start = c.period_start
+                               AND e.state = 'delivered' ORDER BY e.event_at DESC LIMIT 1)
+                      ELSE (SELECT sum(e.value)::bigint FROM billing.meter_events e
+                             WHERE e.tenant_id = p_tenant AND e.metric = c.metric AND e.period_start = c.period_start
+                               AND e.state = 'delivered') END
+            FROM billing.metrics m WHERE m.metric = c.metric)
+    FROM billing.usage_current(p_tenant) c
+    JOIN billing.subscriptions s ON s.tenant_id = p_tenant AND s.stripe_subscription_id IS NOT NULL
+                                AND s.status IN ('trialing', 'active', 'past_due')
+    JOIN billing.metered_prices mp ON mp.plan_id = s.plan_id AND mp.billing_interval = s.billing_interval
+                                  AND mp.metric = c.metric AND mp.active
+   ORDER BY c.metric
+$$;
+COMMENT ON FUNCTION billing.usage_billable(text) IS
+  'What will be billed through meters so far this period, per billable metric: used, included, billable units, their amount (smallest currency unit) and what Stripe has been sent.';
+
+CREATE FUNCTION billing.my_usage_billable()
+  RETURNS TABLE (metric text, period_start timestamptz, used bigint, included bigint, billable bigint,
+                 unit_amount_decimal numeric, amount numeric, currency text, sent bigint)
+  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$ SELECT * FROM billing.usage_billable(billing.jwt_tenant_id()) $$;
+COMMENT ON FUNCTION billing.my_usage_billable() IS 'usage_billable() for the tenant named by the request''s JWT.';
+
+CREATE VIEW api.usage_billable WITH (security_invoker = true) AS
+SELECT b.metric, b.period_start, b.used, b.included, b.billable, b.unit_amount_decimal, b.amount, b.currency, b.sent
+  FROM billing.my_usage_billable() b;
+COMMENT ON VIEW api.usage_billable IS
+  'The calling tenant''s usage billed through meters this period, per metric: used, included, billable units, their amount so far (smallest currency unit; Stripe invoices it at the period''s end) and what Stripe has been sent. Empty when nothing is billed by usage.';
+
+CREATE VIEW billing.meter_metrics AS
+SELECT (SELECT count(*) FROM billing.meter_events WHERE state = 'queued') AS queued,
+       (SELECT count(*) FROM billing.meter_events WHERE state = 'delivered') AS delivered,
+       (SELECT count(*) FROM billing.meter_events WHERE state = 'failed') AS failed,
+       (SELECT count(*) FROM billing.meter_events WHERE state IN ('cancel_queued', 'cancelled')) AS cancelled,
+       (SELECT count(*) FROM billing.meter_event_usage) AS usage_rows_sent;
+COMMENT ON VIEW billing.meter_metrics IS
+  'Meter events queued, delivered, failed and cancelled, and the usage rows they carried.';

@@ -1,0 +1,395 @@
+"""Usage billed through Stripe Billing Meters (sql/install/94_meters.sql).
+
+Request shapes against stripe-mock (setup's meters and metered prices, meter
+events, adjustments, event summaries: every one is a request Stripe
+accepts); behaviour against the stateful fake (fake_stripe.py): setup found
+again, each usage row reaching Stripe exactly once through crashes, lost
+answers, 429s, repeats and expired idempotency keys (Stripe's identifier
+dedup), rolled-back usage never sent, corrections inside and after Stripe's
+cancel window, asynchronous errors found by the comparison of Stripe's
+event summaries with the local sums.
+
+Every cluster runs at a fixed date through the billing clock, the fake's
+clock with it (2027-06-15 19:00 UTC, in a period from June 1)."""
+import random
+import time
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+import pytest
+
+from conftest import TEST_KEYS, amcheck_and_stop
+from fake_stripe import FakeStripe
+from pgcluster import Cluster
+from test_stripe_worker import setup_command
+
+AT = datetime(2027, 6, 15, 19, 0, tzinfo=timezone.utc)
+PERIOD = (datetime(2027, 6, 1, tzinfo=timezone.utc), datetime(2027, 7, 1, tzinfo=timezone.utc))
+OPEN = "state IN ('waiting', 'pending', 'in_flight')"
+
+METERED = """
+INSERT INTO billing.metered_prices (price_key, plan_id, metric, billing_interval, included, unit_amount_decimal)
+VALUES ('professional_signatures_overage_monthly', 'professional', 'signatures', 'month', 100, 50),
+       ('professional_storage_monthly', 'professional', 'storage', 'month', 10737418240, 0.000001),
+       ('enterprise_signatures_monthly', 'enterprise', 'signatures', 'month', 0, 25)"""
+
+
+def cluster(name, base, **conf):
+    settings = {"qes_billing.stripe_api_base": f"'{base}'", "qes_billing.retry_base_delay": "'20ms'",
+                "qes_billing.retry_max_delay": "'300ms'", "qes_billing.request_timeout": "'1s'",
+                "qes_billing.max_attempts": "40", "qes_billing.worker_naptime": "'200ms'"}
+    settings.update(conf)
+    c = Cluster(name, env=TEST_KEYS, conf=settings).start()
+    assert c.wait_until("SELECT alive FROM billing.worker_status"), c.log()
+    c.set_clock(AT)
+    return c
+
+
+def drain(pg, timeout=90):
+    assert pg.wait_until(f"SELECT NOT EXISTS (SELECT 1 FROM billing.stripe_requests WHERE {OPEN})", timeout), \
+        pg.sql(f"SELECT request_id, kind, state, attempts, error FROM billing.stripe_requests WHERE {OPEN} LIMIT 5")
+
+
+def subscribe(pg, fake, tenant, plan, customer=None):
+    """A tenant with a Stripe customer (in the fake unless given) and a live
+    subscription of the plan whose period is June 2027."""
+    pg.sql("SELECT billing.upsert_tenant(%s, %s, %s)", (tenant, tenant.title(), f"{tenant}@example.test"))
+    if customer is None:
+        customer = fake.handle("POST", "/v1/customers", {"email": f"{tenant}@example.test"})["id"]
+    pg.sql("UPDATE billing.tenants SET stripe_customer_id = %s WHERE tenant_id = %s", (customer, tenant))
+    pg.sql("""INSERT INTO billing.subscriptions (tenant_id, plan_id, billing_interval, status, stripe_subscription_id,
+                                                 current_period_start, current_period_end, billing_cycle_anchor)
+              VALUES (%s, %s, 'month', 'active', %s, %s, %s, %s)""",
+           (tenant, plan, "sub_" + tenant, PERIOD[0], PERIOD[1], PERIOD[0]))
+    return customer
+
+
+def stripe_value(pg, fake, tenant, metric):
+    customer, meter = pg.sql("SELECT t.stripe_customer_id, m.stripe_meter_id FROM billing.tenants t, billing.meters m "
+                             "WHERE t.tenant_id = %s AND m.metric = %s", (tenant, metric))[0]
+    return fake.meter_value(meter, customer, int(PERIOD[0].timestamp()), int(PERIOD[1].timestamp()))
+
+
+def local_value(pg, tenant, metric):
+    """What the period's usage table says Stripe should bill."""
+    if metric == "storage":
+        rows = pg.sql("SELECT quantity FROM billing.usage_events WHERE tenant_id = %s AND metric = %s "
+                      "AND period_start = %s ORDER BY occurred_at DESC, recorded_at DESC LIMIT 1",
+                      (tenant, metric, PERIOD[0]))
+        return rows[0][0] if rows else 0
+    return pg.sql("SELECT coalesce(sum(quantity), 0) FROM billing.usage_events WHERE tenant_id = %s AND metric = %s "
+                  "AND period_start = %s", (tenant, metric, PERIOD[0]))[0][0]
+
+
+def pass_and_drain(pg):
+    pg.sql("SELECT billing.meter_pass_now()")
+    drain(pg)
+
+
+# ---- stripe-mock: every request shape is one Stripe accepts --------------------------
+
+def test_every_meter_request_is_valid_for_stripe(stripe_mock):
+    pg = cluster("meters_mock", stripe_mock)
+    try:
+        pg.sql(METERED)
+        pg.sql("UPDATE billing.plans SET stripe_product_id = 'prod_NWjs8kKbJWmuuc' WHERE plan_id = 'professional'")
+        r = setup_command(pg, "--setup-meters")
+        assert r.returncode == 0, r.stdout + r.stderr
+        # stripe-mock answers with its fixtures: take its meter and price ids
+        assert pg.sql("SELECT count(*) FROM billing.meters WHERE stripe_meter_id IS NOT NULL")[0][0] == 2
+        assert pg.sql("SELECT count(*) FROM billing.metered_prices WHERE stripe_price_id IS NOT NULL")[0][0] == 3
+        subscribe(pg, None, "mock_t", "professional", customer="cus_NeZwdNtLEOXuvB")
+        pg.sql("SELECT billing.record_usage('mock_t', 'signatures', 3, 'm1')")
+        pg.sql("SELECT billing.record_usage('mock_t', 'storage', 5000, 'm2')")
+        assert pg.sql("SELECT billing.meter_pass_now()")[0][0] == 2
+        drain(pg)
+        assert pg.sql("SELECT state, count(*) FROM billing.meter_events GROUP BY 1") == [("delivered", 2)]
+        assert "being cancelled" in pg.sql("SELECT billing.void_usage('mock_t', 'm1', 'test')")[0][0]
+        drain(pg)
+        pg.sql("SELECT billing.meter_reconcile()")
+        drain(pg)
+        kinds = {k for (k,) in pg.sql("SELECT DISTINCT kind FROM billing.stripe_requests WHERE state = 'succeeded'")}
+        assert kinds == {"meter.setup.list", "meter.setup.create", "meter.setup.prices.list",
+                         "meter.setup.price.create", "meter.event", "meter.cancel", "meter.summary"}, kinds
+        failed = pg.sql("SELECT kind, error FROM billing.stripe_requests WHERE state = 'failed'")
+        assert failed == [], failed
+        # the form of a tiered metered price, as stripe-mock accepted it
+        form = pg.sql("SELECT billing.stripe_form(params) FROM billing.stripe_requests "
+                      "WHERE kind = 'meter.setup.price.create' AND subject ->> 'price_key' = "
+                      "'professional_signatures_overage_monthly'")[0][0]
+        for part in ("recurring%5Busage_type%5D=metered", "recurring%5Bmeter%5D=m", "tiers_mode=graduated",
+                     "tiers%5B0%5D%5Bup_to%5D=100", "tiers%5B1%5D%5Bup_to%5D=inf",
+                     "tiers%5B1%5D%5Bunit_amount_decimal%5D=50"):
+            assert part in form, (part, form)
+    finally:
+        amcheck_and_stop(pg)
+
+
+# ---- the stateful fake --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fake():
+    f = FakeStripe(seed=23, timeout_s=1.2)
+    f.base = f.serve()
+    f.set_clock(AT)
+    yield f
+    f.stop()
+
+
+@pytest.fixture(scope="module")
+def pg(fake):
+    c = cluster("meters", fake.base)
+    yield c
+    amcheck_and_stop(c)
+
+
+@pytest.fixture
+def billed(pg, fake):
+    """The metered prices set up in Stripe (test_setup_meters_once's work,
+    made here when that test did not run first)."""
+    if pg.sql("SELECT count(*) FROM billing.metered_prices WHERE stripe_price_id IS NOT NULL")[0][0] < 3:
+        if pg.sql("SELECT count(*) FROM billing.metered_prices")[0][0] == 0:
+            pg.sql(METERED)
+        r = setup_command(pg, "--setup-products", "--setup-meters")
+        assert r.returncode == 0, r.stdout + r.stderr
+    return pg
+
+
+def test_off_by_default(pg):
+    # no metered price: nothing is billed, the tick schedules nothing
+    assert pg.sql("SELECT billing.meter_tick()") == [(None,)]
+    assert pg.sql("SELECT count(*) FROM billing.meters") == [(0,)]
+
+
+def test_setup_meters_once(pg, fake):
+    pg.sql(METERED)
+    r = setup_command(pg, "--setup-products", "--setup-meters")
+    assert r.returncode == 0, r.stdout + r.stderr
+    meters = {m["event_name"]: m["default_aggregation"]["formula"] for m in fake.of_type("billing.meter")}
+    assert meters == {"qes_signatures": "sum", "qes_storage": "last"}
+    prices = {p["lookup_key"]: p for p in fake.of_type("price") if p["recurring"]
+              and p["recurring"].get("usage_type") == "metered"}
+    assert set(prices) == {"professional_signatures_overage_monthly", "professional_storage_monthly",
+                           "enterprise_signatures_monthly"}
+    over = prices["professional_signatures_overage_monthly"]
+    assert over["tiers_mode"] == "graduated" and over["tiers"][0] == {"up_to": "100", "unit_amount": "0"}
+    assert over["tiers"][1]["unit_amount_decimal"] == "50.000000"
+    assert prices["enterprise_signatures_monthly"]["unit_amount_decimal"] == "25.000000"
+    creates = dict(fake.creates)
+    r = setup_command(pg, "--setup-meters")
+    assert r.returncode == 0 and fake.creates == creates, (r.stdout, fake.creates)
+    assert pg.sql("SELECT count(*) FROM billing.metered_prices WHERE stripe_price_id IS NULL") == [(0,)]
+
+
+def test_usage_reaches_stripe_once_and_rollbacks_never(billed, fake):
+    pg = billed
+    subscribe(pg, fake, "pro_a", "professional")
+    for i in range(5):
+        pg.sql("SELECT billing.record_usage('pro_a', 'signatures', 2, %s)", (f"a{i}",))
+    # a transaction that rolls back: never sent
+    with pg.connect() as c:
+        c.execute("SELECT billing.record_usage('pro_a', 'signatures', 1000, 'rolled-back')")
+        c.rollback()
+    # a repeated key: counted once
+    pg.sql("SELECT billing.record_usage('pro_a', 'signatures', 2, 'a0')")
+    assert pg.sql("SELECT billing.meter_pass_now()") == [(1,)]
+    drain(pg)
+    assert stripe_value(pg, fake, "pro_a", "signatures") == 10 == local_value(pg, "pro_a", "signatures")
+    # a second pass sends only what is new; the same rows never again
+    assert pg.sql("SELECT billing.meter_pass_now()") == [(0,)]
+    pg.sql("SELECT billing.record_usage('pro_a', 'signatures', 1, 'a5')")
+    pass_and_drain(pg)
+    assert stripe_value(pg, fake, "pro_a", "signatures") == 11
+    assert pg.sql("SELECT value, usage_rows, state FROM billing.meter_events WHERE tenant_id = 'pro_a' "
+                  "ORDER BY meter_event_id") == [(10, 5, "delivered"), (1, 1, "delivered")]
+    # what the tenant sees: billable beyond the 100 included, what Stripe has
+    assert pg.sql("SELECT metric, used, included, billable, amount, sent FROM billing.usage_billable('pro_a') "
+                  "WHERE metric = 'signatures'") == [("signatures", 11, 100, 0, 0, 11)]
+
+
+def test_gauge_bills_the_last_value(billed, fake):
+    pg = billed
+    subscribe(pg, fake, "pro_g", "professional")
+    for i, v in enumerate((5_000, 9_000, 7_000)):
+        pg.sql("SELECT billing.record_usage('pro_g', 'storage', %s, %s, NULL, %s)",
+               (v, f"g{i}", AT + timedelta(minutes=i)))
+    pass_and_drain(pg)
+    assert stripe_value(pg, fake, "pro_g", "storage") == 7_000 == local_value(pg, "pro_g", "storage")
+
+
+def test_dedup_by_identifier_when_the_key_expired(billed, fake):
+    pg = billed
+    subscribe(pg, fake, "ent_d", "enterprise")
+    pg.sql("SELECT billing.record_usage('ent_d', 'signatures', 4, 'd1')")
+    pass_and_drain(pg)
+    e = pg.sql("SELECT tenant_id, meter_event_id FROM billing.meter_events WHERE tenant_id = 'ent_d'")[0]
+    # the answer was lost, the key expired: the same identifier sent again
+    fake.meter_forget_keys = True
+    try:
+        repeats = fake.meter_repeats
+        pg.sql("UPDATE billing.meter_events SET state = 'failed' WHERE tenant_id = %s AND meter_event_id = %s", e)
+        pg.sql("SELECT billing.meter_send(%s, %s, 1)", e)
+        drain(pg)
+    finally:
+        fake.meter_forget_keys = False
+    assert fake.meter_repeats == repeats + 1
+    assert pg.sql("SELECT state FROM billing.meter_events WHERE tenant_id = %s AND meter_event_id = %s", e) == \
+        [("delivered",)]
+    assert stripe_value(pg, fake, "ent_d", "signatures") == 4
+
+
+def test_void_inside_and_after_the_cancel_window(billed, fake):
+    pg = billed
+    subscribe(pg, fake, "ent_v", "enterprise")
+    for i, q in enumerate((3, 4, 5)):
+        pg.sql("SELECT billing.record_usage('ent_v', 'signatures', %s, %s)", (q, f"v{i}"))
+    pass_and_drain(pg)
+    assert stripe_value(pg, fake, "ent_v", "signatures") == 12
+    done = pg.sql("SELECT billing.void_usage('ent_v', 'v1', 'signature failed on our side')")[0][0]
+    assert "being cancelled" in done, done
+    drain(pg)
+    pass_and_drain(pg)          # the event's other rows again, in a new event
+    assert stripe_value(pg, fake, "ent_v", "signatures") == 8 == local_value(pg, "ent_v", "signatures")
+    assert pg.sql("SELECT state, value FROM billing.meter_events WHERE tenant_id = 'ent_v' ORDER BY meter_event_id") \
+        == [("cancelled", 12), ("delivered", 8)]
+    # after Stripe's window: voided locally, billed in Stripe, the audit says to credit
+    pg.sql("UPDATE billing.meter_events SET delivered_at = delivered_at - interval '2 days' WHERE tenant_id = 'ent_v'")
+    done = pg.sql("SELECT billing.void_usage('ent_v', 'v2', 'late correction')")[0][0]
+    assert "credit the tenant by hand" in done, done
+    assert pg.sql("SELECT details ->> 'done' FROM billing.audit_log WHERE action = 'usage.voided' "
+                  "AND details ->> 'idempotency_key' = 'v2'") == [(done,)]
+    # bad input: a clear error, nothing changed
+    for args, state in ((("ent_v", "nope", "x"), "P0002"), (("ent_v", "v0", ""), "22023")):
+        with pytest.raises(psycopg.Error) as e:
+            pg.sql("SELECT billing.void_usage(%s, %s, %s)", args)
+        assert e.value.sqlstate == state
+    assert local_value(pg, "ent_v", "signatures") == 3
+
+
+def test_async_error_is_found_by_the_comparison(billed, fake):
+    pg = billed
+    # a customer Stripe does not know: accepted, reported as an error later
+    subscribe(pg, fake, "ent_x", "enterprise", customer="cus_unknownToStripe")
+    pg.sql("SELECT billing.record_usage('ent_x', 'signatures', 6, 'x1')")
+    pass_and_drain(pg)
+    assert fake.meter_errors and fake.meter_errors[-1]["error"] == "customer_not_found"
+    run = pg.sql("SELECT billing.meter_reconcile('ent_x')")[0][0]
+    drain(pg)
+    rows = pg.sql("SELECT object, before ->> 'stripe_value', after ->> 'local_value', after ->> 'repair' "
+                  "FROM billing.drift_report WHERE run_id = %s", (run,))
+    assert len(rows) == 1 and rows[0][0] == "meter_usage" and float(rows[0][1]) == 0 and rows[0][2] == "6", rows
+    assert pg.sql("SELECT finished_at IS NOT NULL, repairs FROM billing.reconcile_runs WHERE run_id = %s", (run,)) \
+        == [(True, 1)]
+
+
+def test_failed_sends_are_repaired_by_the_comparison(billed, fake):
+    pg = billed
+    subscribe(pg, fake, "ent_r", "enterprise")
+    pg.sql("SELECT billing.record_usage('ent_r', 'signatures', 7, 'r1')")
+    fake.fault_rate = 1.0          # every attempt fails until the request gives up
+    try:
+        pg.sql("ALTER SYSTEM SET qes_billing.max_attempts = 2")
+        pg.sql("ALTER SYSTEM SET qes_billing.idempotency_window = '1s'")
+        pg.sql("SELECT pg_reload_conf()")
+        time.sleep(0.3)
+        pass_and_drain(pg)
+    finally:
+        fake.fault_rate = 0.0
+        pg.sql("ALTER SYSTEM RESET qes_billing.max_attempts")
+        pg.sql("ALTER SYSTEM RESET qes_billing.idempotency_window")
+        pg.sql("SELECT pg_reload_conf()")
+        time.sleep(0.3)
+    state = pg.sql("SELECT state FROM billing.meter_events WHERE tenant_id = 'ent_r'")[0][0]
+    before = stripe_value(pg, fake, "ent_r", "signatures")
+    run = pg.sql("SELECT billing.meter_reconcile('ent_r')")[0][0]
+    drain(pg)
+    drain(pg)
+    after = stripe_value(pg, fake, "ent_r", "signatures")
+    assert after == 7, (state, before, after)
+    if state == "failed" and before == 0:
+        assert pg.sql("SELECT after ->> 'repair' FROM billing.drift_report WHERE run_id = %s", (run,)) == \
+            [("failed meter events sent again with their identifiers",)]
+
+
+def test_chaos_crashes_lost_answers_repeats(billed, fake):
+    pg = billed
+    """Many tenants record usage (with repeated keys and rolled-back
+    transactions) while 30 % of Stripe's answers are faults (429, 5xx
+    before and after acting, timeouts, dropped connections after acting),
+    idempotency keys expire at times (only Stripe's identifier dedup is
+    left) and the server crashes (immediate stop) four times.  At the end
+    Stripe's sums equal the local sums for every tenant and meter."""
+    rnd = random.Random(5)
+    tenants = [f"chaos_{i}" for i in range(12)]
+    for i, t in enumerate(tenants):
+        subscribe(pg, fake, t, "professional" if i % 2 else "enterprise")
+    faults_before = dict(fake.faults)
+    repeats_before = fake.meter_repeats
+    replays_before = sum(1 for r in fake.requests if r[1] == "/v1/billing/meter_events")
+    pg.sql("UPDATE billing.meter_state SET pass_interval = '1 second', next_pass_at = now()")
+    fake.fault_rate = 0.3
+    recorded = rolled_back = repeated = crashes = 0
+    try:
+        for rnd_i in range(8):
+            with pg.connect() as c:
+                for _ in range(40):
+                    t = rnd.choice(tenants)
+                    metric = "storage" if rnd.random() < 0.2 else "signatures"
+                    q = rnd.randint(1, 9) if metric == "signatures" else rnd.randint(1, 10**9)
+                    key = f"k{rnd.randint(0, 400)}"
+                    if rnd.random() < 0.1:
+                        c.execute("SELECT billing.record_usage(%s, %s, %s, 'rb-' || %s)", (t, metric, q, key))
+                        c.rollback()
+                        rolled_back += 1
+                        continue
+                    try:
+                        r = c.execute("SELECT duplicate FROM billing.record_usage(%s, %s, %s, %s)",
+                                      (t, metric, q, key + metric)).fetchone()
+                        c.commit()
+                        repeated += r[0]
+                        recorded += not r[0]
+                    except psycopg.Error:
+                        c.rollback()       # the same key for other usage: refused
+                        repeated += 1
+            fake.meter_forget_keys = rnd_i % 3 == 1
+            time.sleep(0.6)
+            if rnd_i % 2 == 1:
+                pg._run("pg_ctl", "-D", pg.datadir, "-m", "immediate", "-w", "stop")
+                pg._run("pg_ctl", "-D", pg.datadir, "-l", pg.logfile, "-w", "start")
+                crashes += 1
+                assert pg.wait_until("SELECT alive FROM billing.worker_status"), pg.log()
+    finally:
+        fake.fault_rate = 0.0
+        fake.meter_forget_keys = False
+    # the rest goes out; then the comparison repairs what failed for good
+    for _ in range(3):
+        pg.sql("SELECT billing.meter_pass_now()")
+        drain(pg, 120)
+    run = pg.sql("SELECT billing.meter_reconcile()")[0][0]
+    drain(pg, 120)
+    drain(pg, 120)
+    differences = []
+    billable = pg.sql("""SELECT s.tenant_id, mp.metric FROM billing.subscriptions s
+                           JOIN billing.metered_prices mp ON mp.plan_id = s.plan_id AND mp.active
+                          WHERE s.tenant_id LIKE 'chaos_%' ORDER BY 1, 2""")
+    assert len(billable) == 18      # Professional: signatures and storage; Enterprise: signatures
+    for t, metric in billable:
+            s, l = stripe_value(pg, fake, t, metric), local_value(pg, t, metric)
+            if s != l:
+                differences.append((t, metric, s, l))
+    faults = {k: v - faults_before.get(k, 0) for k, v in fake.faults.items()}
+    sent = sum(1 for r in fake.requests if r[1] == "/v1/billing/meter_events") - replays_before
+    found = pg.sql("SELECT count(*) FROM billing.drift_repairs WHERE run_id = %s", (run,))[0][0]
+    events = pg.sql("SELECT count(*), coalesce(sum(usage_rows), 0) FROM billing.meter_events "
+                    "WHERE tenant_id LIKE 'chaos_%'")[0]
+    print(f"\nchaos: {recorded} usage rows recorded, {repeated} repeats refused or deduplicated, "
+          f"{rolled_back} rolled back; {events[0]} meter events carrying {events[1]} rows; "
+          f"{sent} meter-event requests, faults {faults}; "
+          f"lost answers (acted, answer lost) {faults.get('500_after', 0) + faults.get('drop_after', 0)}; "
+          f"identifier repeats refused by Stripe {fake.meter_repeats - repeats_before}; {crashes} crashes; "
+          f"differences found by the comparison {found}; differences after it {len(differences)}")
+    assert differences == [], differences
+    assert events[1] == pg.sql("""SELECT count(*) FROM billing.usage_events u JOIN billing.subscriptions s USING (tenant_id)
+                                    JOIN billing.metered_prices mp ON mp.plan_id = s.plan_id AND mp.metric = u.metric
+                                   WHERE u.tenant_id LIKE 'chaos_%'""")[0][0]
+    assert crashes == 4 and recorded > 100 and faults.get("drop_after", 0) + faults.get("500_after", 0) > 0
