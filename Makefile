@@ -27,6 +27,8 @@ OBJS = \
 	src/webhook_signature.o \
 	src/stripe_form.o \
 	src/webhook_intake.o \
+	src/json_scan.o \
+	src/postgrest.o \
 	src/guard.o \
 	src/outbox.o \
 	src/redact.o \

@@ -70,7 +70,7 @@
 
 #include "catalog_cache.h"
 #include "guard.h"
-#include "webhook_intake.h"
+#include "postgrest.h"
 
 #define QES_GUARD_PARTITIONS	16
 #define QES_GUARD_PROBES		8
@@ -455,15 +455,11 @@ qes_pre_request(PG_FUNCTION_ARGS)
 {
 	const char *path = GetConfigOption("request.path", true, false);
 	char	   *role = GetUserNameFromId(GetUserId(), true);
-	char	   *tenant = NULL;
-	const char *claims = GetConfigOption("request.jwt.claims", true, false);
+	char	   *tenant = qes_request_claim("tenant_id");
 	bool		webhook = (path != NULL && strcmp(path, "/rpc/stripe_webhook") == 0);
 	bool		staff = (role != NULL && (strcmp(role, "qes_admin") == 0 || strcmp(role, "qes_app") == 0));
 	char		key[QES_GUARD_KEY_LEN];
 	int			wait;
-
-	if (claims != NULL && claims[0] != '\0')
-		tenant = qes_json_top_level_string(claims, "tenant_id");
 
 	if (staff)
 	{

@@ -5,8 +5,8 @@
  *	  it, shared by the outbox (src/outbox.c, Stripe requests) and the
  *	  notifications (src/notify.c, email and the platform's webhook).
  *
- * The chain is pg_net's: the loop, a queue, events (docs/architecture.md,
- * "The worker loop").  The loop (src/worker.c) turns the pumps; a pump
+ * The chain is: the loop, a queue, events (docs/architecture.md, "The
+ * worker loop").  The loop (src/worker.c) turns the pumps; a pump
  * claims rows in a short transaction and queues each as a transfer on the
  * multi handle (qes_http_start); the loop then waits here
  * (qes_http_wait) on a WaitEventSet that holds the worker's latch, the
