@@ -199,12 +199,42 @@ CREATE TABLE billing.invoices (
   attempt_count      integer NOT NULL DEFAULT 0,
   finalized_at       timestamptz,
   paid_at            timestamptz,
+  -- subscription_create for a subscription's first invoice (whose failure
+  -- is no dunning: the subscription never started)
+  billing_reason     text,
   PRIMARY KEY (tenant_id, stripe_invoice_id),
   FOREIGN KEY (tenant_id, subscription_id) REFERENCES billing.subscriptions
 );
 COMMENT ON TABLE billing.invoices IS 'Invoices mirrored from Stripe.';
 CREATE INDEX invoices_newest ON billing.invoices (tenant_id, stripe_created DESC);
 CREATE INDEX invoices_subscription ON billing.invoices (stripe_subscription_id) WHERE stripe_subscription_id IS NOT NULL;
+
+-- One row per invoice whose payment failed: what was decided and audited
+-- about it, each fact once whatever the order events arrive in
+-- (billing.sync_invoice_failure, 85_events.sql).  told: NULL until decided,
+-- then whether the tenant was told (payment.failed); lookup_request: the one
+-- GET that checks a failure learnt late (0: none could be sent); the Stripe
+-- times audited as dunning.started, dunning.recovered (or
+-- .recovered_before_known) and dunning.ended; learnt_at: when the mirror
+-- learnt of the failure (ours).
+CREATE TABLE billing.invoice_failures (
+  tenant_id              text NOT NULL REFERENCES billing.tenants,
+  stripe_invoice_id      text NOT NULL,
+  stripe_subscription_id text,
+  told                   boolean,
+  lookup_request         bigint,
+  started_at             timestamptz,
+  recovered_at           timestamptz,
+  ended_at               timestamptz,
+  learnt_at              timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  decided_at             timestamptz,
+  PRIMARY KEY (tenant_id, stripe_invoice_id)
+);
+COMMENT ON TABLE billing.invoice_failures IS
+  'One row per invoice whose payment failed: whether the tenant was told, and which dunning facts were audited (each once, whatever the order events arrive in).';
+CREATE INDEX invoice_failures_open ON billing.invoice_failures (stripe_subscription_id)
+  WHERE recovered_at IS NULL AND ended_at IS NULL;
+CREATE INDEX invoice_failures_lookup ON billing.invoice_failures (lookup_request) WHERE lookup_request IS NOT NULL;
 
 CREATE TABLE billing.payments (
   tenant_id                text NOT NULL REFERENCES billing.tenants,
@@ -288,6 +318,8 @@ CREATE TABLE billing.notifications (
   last_error      text,
   skip_reason     text,
   updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  -- the GETs that checked what it is about before it went out (one per object)
+  verify_requests bigint[] NOT NULL DEFAULT '{}',
   PRIMARY KEY (tenant_id, notification_id),
   UNIQUE (tenant_id, dedup_key),
   CONSTRAINT notifications_state_check CHECK (state IN ('pending', 'in_flight', 'sent', 'failed', 'skipped'))

@@ -20,6 +20,11 @@
 --     subscription runs from the first failed attempt of its oldest unpaid
 --     invoice (Stripe's time), never from when an event happened to arrive
 --     (billing.sync_dunning);
+--   * side effects are facts of Stripe's timeline too: each failed invoice's
+--     notifications and dunning audit rows are decided once, from Stripe's
+--     times, and a failure learnt too late to know whether it still holds
+--     is checked with Stripe before the tenant is told of it
+--     (billing.sync_invoice_failure);
 --   * an event that names what is not mirrored yet waits for it (state
 --     'waiting', or 'ignored' for a customer that is not known to be ours)
 --     and is applied again as soon as it arrives (billing.inbox_requeue).
@@ -245,7 +250,10 @@ COMMENT ON FUNCTION billing.dunning_since(billing.subscriptions) IS
   'When a past_due subscription''s dunning began, in Stripe''s time: the first failed attempt of its oldest unpaid invoice (else the invoice''s finalization, else its period''s start).';
 
 -- grace_until, derived from the mirrored subscription and its invoices
--- (never from when an event was applied); audited when it changes.
+-- (never from when an event was applied).  It is the entitlement, not a
+-- fact: what the tenant is told and what is audited about dunning are the
+-- facts of each failed invoice (billing.sync_invoice_failure, below), the
+-- same in every delivery order.
 CREATE FUNCTION billing.sync_dunning(p_tenant text, p_subscription_id bigint) RETURNS void
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
@@ -274,19 +282,229 @@ BEGIN
   IF v_grace IS DISTINCT FROM s.grace_until THEN
     UPDATE billing.subscriptions SET grace_until = v_grace, updated_at = now()
      WHERE tenant_id = s.tenant_id AND subscription_id = s.subscription_id;
-    PERFORM billing.audit(CASE WHEN s.grace_until IS NULL THEN 'dunning.started'
-                               WHEN v_grace IS NULL AND s.status IN ('active', 'trialing', 'past_due') THEN 'dunning.recovered'
-                               WHEN v_grace IS NULL THEN 'dunning.ended'
-                               ELSE 'dunning.updated' END,
-                          p_tenant,
-                          jsonb_build_object('subscription', s.stripe_subscription_id, 'status', s.status,
-                                             'since', v_since, 'grace_until', v_grace,
-                                             'previous_grace_until', s.grace_until));
+  END IF;
+  IF s.status IN ('canceled', 'incomplete_expired') THEN
+    -- ended: a failed invoice still unpaid ended with it (dunning.ended)
+    PERFORM billing.sync_invoice_failure(f.tenant_id, f.stripe_invoice_id)
+       FROM billing.invoice_failures f
+      WHERE f.tenant_id = s.tenant_id AND f.stripe_subscription_id = s.stripe_subscription_id
+        AND f.recovered_at IS NULL AND f.ended_at IS NULL;
   END IF;
 END
 $$;
 COMMENT ON FUNCTION billing.sync_dunning(text, bigint) IS
-  'Derive a subscription''s grace period from Stripe''s facts (past_due status, the first failed attempt of its oldest unpaid invoice); audited as dunning.started, dunning.updated, dunning.recovered or dunning.ended.';
+  'Derive a subscription''s grace period from Stripe''s facts (past_due status, the first failed attempt of its oldest unpaid invoice). The dunning facts are billing.sync_invoice_failure''s.';
+
+-- ---- dunning facts: what the tenant is told, what is audited ---------------
+--
+-- Side effects follow Stripe's timeline, not the order events arrive in
+-- (docs/architecture.md, "Mirroring Stripe"): each is a fact about one
+-- failed invoice, decided once and kept here, so every delivery order --
+-- repeated, shuffled, days late -- tells and audits the same facts:
+--
+--   dunning.started    the invoice of a running subscription (any invoice
+--                      but its first, subscription_create) failed: since =
+--                      its first failed attempt, grace_until = since +
+--                      qes_billing.grace_period (Stripe's times)
+--   told / not told    whether the tenant is told (payment.failed): only a
+--                      failure that still holds when the mirror learns it.
+--                      The mirror vouches for that when its view of the
+--                      invoice is fresh (billing.fresh_within: Stripe
+--                      delivers within seconds); a failure learnt later --
+--                      a late or replayed event -- is checked with one GET
+--                      of the invoice first.  Paid (or voided) by then: not
+--                      told, whatever order the mirror learnt things in.
+--   dunning.recovered  the invoice was paid after the tenant was told of
+--                      its failure: payment.recovered, about that invoice
+--   dunning.recovered_before_known
+--                      it was paid before the mirror could tell the tenant
+--                      (since, grace_until, recovered_at: Stripe's times;
+--                      learnt_at: ours): audited, nobody told
+--   dunning.ended      the subscription ended while it was unpaid
+--
+-- Grace periods that end unpaid are told by a timer (billing.notify_timers,
+-- 89_notify.sql), checked the same way before they are.
+
+-- How fresh the mirror's view of an object must be to decide, without
+-- asking Stripe, that something still holds.  Stripe delivers an event
+-- within seconds; one applied later than this may have been overtaken by
+-- events not delivered yet.
+CREATE FUNCTION billing.fresh_within() RETURNS interval
+  LANGUAGE sql IMMUTABLE
+RETURN interval '5 minutes';
+COMMENT ON FUNCTION billing.fresh_within() IS
+  'How old (in Stripe''s time) the mirror''s view of an object may be for a notification to rely on it; an older view is checked with Stripe first.';
+
+CREATE FUNCTION billing.sync_invoice_failure(p_tenant text, p_invoice text) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  i        billing.invoices;
+  f        billing.invoice_failures;
+  s        billing.subscriptions;
+  r        billing.stripe_requests;
+  v_sub    text;
+  v_dun    boolean;
+  v_since  timestamptz;
+  v_paid   timestamptz;
+  v_told   boolean;
+  v_asked  boolean;
+  v_facts  jsonb;
+BEGIN
+  SELECT * INTO i FROM billing.invoices x WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice;
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  SELECT * INTO f FROM billing.invoice_failures x
+   WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice FOR UPDATE;
+  IF NOT FOUND THEN
+    IF i.first_failed_at IS NOT NULL THEN
+      INSERT INTO billing.invoice_failures (tenant_id, stripe_invoice_id) VALUES (p_tenant, p_invoice)
+      RETURNING * INTO f;
+    ELSIF EXISTS (SELECT FROM billing.notifications n
+                   WHERE n.tenant_id = p_tenant AND n.dedup_key = 'payment_failed:' || p_invoice) THEN
+      -- a failure notice queued without its facts (by hand, or by 0.1): told
+      INSERT INTO billing.invoice_failures (tenant_id, stripe_invoice_id, told, decided_at)
+      VALUES (p_tenant, p_invoice, true, now())
+      RETURNING * INTO f;
+    ELSE
+      RETURN;   -- nothing failed
+    END IF;
+  END IF;
+
+  v_sub := coalesce(i.stripe_subscription_id,
+                    (SELECT x.stripe_subscription_id FROM billing.subscriptions x
+                      WHERE x.tenant_id = i.tenant_id AND x.subscription_id = i.subscription_id));
+  v_dun := v_sub IS NOT NULL AND i.billing_reason IS DISTINCT FROM 'subscription_create';
+  v_since := coalesce(i.first_failed_at, i.finalized_at, i.stripe_created);
+  v_paid := CASE WHEN i.status = 'paid' THEN coalesce(i.paid_at, i.stripe_state_at, i.updated_at) END;
+  v_facts := jsonb_build_object('subscription', v_sub, 'invoice', p_invoice, 'since', v_since,
+                                'grace_until', v_since + current_setting('qes_billing.grace_period')::interval);
+  IF f.stripe_subscription_id IS DISTINCT FROM v_sub THEN
+    UPDATE billing.invoice_failures x SET stripe_subscription_id = v_sub
+     WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice;
+  END IF;
+
+  -- the episode began: a fact of Stripe's timeline, whatever else is known
+  IF v_dun AND f.started_at IS NULL THEN
+    UPDATE billing.invoice_failures x SET started_at = v_since
+     WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice;
+    PERFORM billing.audit('dunning.started', p_tenant, v_facts);
+  END IF;
+
+  -- the lookup that checks it, when one was sent and is over (an answer
+  -- once it is mirrored: a batch of answers is marked succeeded before each
+  -- is applied)
+  IF f.lookup_request IS NOT NULL THEN
+    SELECT * INTO r FROM billing.stripe_requests x WHERE x.request_id = f.lookup_request;
+    v_asked := NOT FOUND OR r.state = 'failed'
+               OR (r.state = 'succeeded' AND (r.http_status <> 200 OR i.stripe_state_at >= billing.outbox_state_at(r)));
+  END IF;
+
+  -- tell the tenant?  Only what still holds when the mirror learns it
+  IF f.told IS NULL THEN
+    IF i.status IN ('paid', 'void') THEN
+      v_told := false;
+    ELSIF i.stripe_state_at >= now() - billing.fresh_within() THEN
+      v_told := true;
+    ELSIF v_asked THEN
+      -- asked: the answer, mirrored, said unpaid; Stripe has no such
+      -- invoice (404): nothing to tell; no answer at all: tell
+      v_told := NOT coalesce(r.state = 'succeeded' AND r.http_status = 404, false);
+    ELSIF f.lookup_request IS NULL THEN
+      UPDATE billing.invoice_failures x SET lookup_request = coalesce(billing.fetch_object(p_tenant, 'invoice', p_invoice), 0)
+       WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice;
+    END IF;
+    IF v_told IS NOT NULL THEN
+      UPDATE billing.invoice_failures x SET told = v_told, decided_at = now()
+       WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice;
+      f.told := v_told;
+      IF v_told THEN
+        INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)
+        VALUES (p_tenant, 'payment.failed', 'payment_failed:' || p_invoice,
+                jsonb_build_object('invoice', p_invoice, 'subscription', v_sub, 'amount_due', i.amount_due,
+                                   'hosted_invoice_url', i.hosted_invoice_url))
+        ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
+      END IF;
+    END IF;
+  END IF;
+
+  IF NOT v_dun OR f.told IS NULL THEN
+    RETURN;
+  END IF;
+
+  -- paid: recovered (told) or recovered before it was known (not told)
+  IF v_paid IS NOT NULL AND f.recovered_at IS NULL THEN
+    UPDATE billing.invoice_failures x SET recovered_at = v_paid
+     WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice;
+    IF f.told THEN
+      PERFORM billing.audit('dunning.recovered', p_tenant, v_facts || jsonb_build_object('recovered_at', v_paid));
+      INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)
+      VALUES (p_tenant, 'payment.recovered', 'payment_recovered:' || p_invoice,
+              jsonb_build_object('invoice', p_invoice, 'subscription', v_sub, 'subscription_id', i.subscription_id,
+                                 'since', v_since, 'recovered_at', v_paid))
+      ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
+    ELSE
+      PERFORM billing.audit('dunning.recovered_before_known', p_tenant,
+                            v_facts || jsonb_build_object('recovered_at', v_paid, 'learnt_at', f.learnt_at));
+    END IF;
+  END IF;
+
+  -- the subscription ended while the invoice was unpaid (as Stripe had it
+  -- when it ended: the mirror's view of the invoice is as of then, or the
+  -- invoice was looked up)
+  IF f.ended_at IS NULL AND v_paid IS NULL THEN
+    SELECT * INTO s FROM billing.subscriptions x WHERE x.stripe_subscription_id = v_sub;
+    IF s.status IN ('canceled', 'incomplete_expired') AND s.ended_at IS NOT NULL THEN
+      IF i.stripe_state_at >= least(s.ended_at, now() - billing.fresh_within()) OR v_asked THEN
+        UPDATE billing.invoice_failures x SET ended_at = s.ended_at
+         WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice;
+        PERFORM billing.audit('dunning.ended', p_tenant, v_facts || jsonb_build_object('ended_at', s.ended_at));
+      ELSIF f.lookup_request IS NULL THEN
+        UPDATE billing.invoice_failures x SET lookup_request = coalesce(billing.fetch_object(p_tenant, 'invoice', p_invoice), 0)
+         WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice;
+      END IF;
+    END IF;
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION billing.sync_invoice_failure(text, text) IS
+  'Decide and record the facts of a failed invoice, once each and from Stripe''s times: dunning.started, whether the tenant is told (payment.failed; a failure learnt late is checked with Stripe first), dunning.recovered (with payment.recovered) or dunning.recovered_before_known, dunning.ended.';
+
+-- Whatever changes an invoice (an event, a GET's answer, reconciliation,
+-- an upgrade), its failure's facts follow.
+CREATE FUNCTION billing.invoice_failure_changed() RETURNS trigger
+  LANGUAGE plpgsql SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  PERFORM billing.sync_invoice_failure(NEW.tenant_id, NEW.stripe_invoice_id);
+  RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing.invoice_failure_changed() IS
+  'Trigger: a failed (or paid) invoice that changed has its dunning facts decided (billing.sync_invoice_failure).';
+CREATE TRIGGER invoice_failure AFTER INSERT OR UPDATE ON billing.invoices
+  FOR EACH ROW WHEN (NEW.first_failed_at IS NOT NULL OR NEW.status = 'paid')
+  EXECUTE FUNCTION billing.invoice_failure_changed();
+
+-- The answer (or the end) of a lookup a failure waited for: its facts are
+-- decided.  (An answer of 200 is mirrored by billing.mirror_fetched, whose
+-- change of the invoice decides them.)
+CREATE FUNCTION billing.invoice_lookup_done() RETURNS trigger
+  LANGUAGE plpgsql SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  PERFORM billing.sync_invoice_failure(f.tenant_id, f.stripe_invoice_id)
+     FROM billing.invoice_failures f WHERE f.lookup_request = NEW.request_id;
+  RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing.invoice_lookup_done() IS
+  'Trigger: a lookup of a failed invoice ended without an answer to mirror (404, or failed for good): the failure''s facts are decided with what the mirror has.';
+CREATE TRIGGER invoice_lookup_done AFTER UPDATE OF state ON billing.stripe_requests
+  FOR EACH ROW WHEN (NEW.kind = 'mirror.invoice.lookup' AND OLD.state <> NEW.state
+                     AND (NEW.state = 'failed' OR (NEW.state = 'succeeded' AND NEW.http_status <> 200)))
+  EXECUTE FUNCTION billing.invoice_lookup_done();
 
 -- Usage is filed under the period it occurred in as the mirror stood when
 -- it was recorded.  When the mirror learns of a period late -- a first
@@ -546,14 +764,16 @@ BEGIN
     INSERT INTO billing.invoices (tenant_id, stripe_invoice_id, subscription_id, stripe_subscription_id, number, status,
                                   amount_due, amount_paid, amount_remaining, currency, period_start, period_end,
                                   hosted_invoice_url, invoice_pdf, stripe_created, stripe_state_at, first_failed_at,
-                                  attempt_count, finalized_at, paid_at)
+                                  attempt_count, finalized_at, paid_at, billing_reason)
     VALUES (p_tenant, o ->> 'id', v_sub.subscription_id, v_subid, o ->> 'number', o ->> 'status',
             coalesce((o ->> 'amount_due')::bigint, 0), coalesce((o ->> 'amount_paid')::bigint, 0),
             coalesce((o ->> 'amount_remaining')::bigint, 0), o ->> 'currency',
             to_timestamp((o ->> 'period_start')::bigint), to_timestamp((o ->> 'period_end')::bigint),
             o ->> 'hosted_invoice_url', o ->> 'invoice_pdf', to_timestamp((o ->> 'created')::bigint), p_at,
             CASE WHEN p_failed THEN p_at END, coalesce((o ->> 'attempt_count')::integer, 0),
-            to_timestamp((v_st ->> 'finalized_at')::bigint), to_timestamp((v_st ->> 'paid_at')::bigint));
+            to_timestamp((v_st ->> 'finalized_at')::bigint),
+            least(to_timestamp((v_st ->> 'paid_at')::bigint), CASE WHEN o ->> 'status' = 'paid' THEN p_at END),
+            o ->> 'billing_reason');
     PERFORM billing.inbox_requeue(ARRAY[o ->> 'id']);
   ELSE
     v_newer := v_old.stripe_state_at IS NULL OR v_old.stripe_state_at < p_at
@@ -579,7 +799,10 @@ BEGIN
       first_failed_at = least(i.first_failed_at, CASE WHEN p_failed THEN p_at END),
       attempt_count = greatest(i.attempt_count, coalesce((o ->> 'attempt_count')::integer, 0)),
       finalized_at = coalesce(i.finalized_at, to_timestamp((v_st ->> 'finalized_at')::bigint)),
-      paid_at = coalesce(i.paid_at, to_timestamp((v_st ->> 'paid_at')::bigint)),
+      -- paid: status_transitions.paid_at, else the earliest state that says paid
+      paid_at = least(i.paid_at, to_timestamp((v_st ->> 'paid_at')::bigint),
+                      CASE WHEN o ->> 'status' = 'paid' THEN p_at END),
+      billing_reason = coalesce(i.billing_reason, o ->> 'billing_reason'),
       updated_at = now()
      WHERE tenant_id = v_old.tenant_id AND stripe_invoice_id = v_old.stripe_invoice_id;
   END IF;
@@ -790,16 +1013,9 @@ BEGIN
     ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
   WHEN v_type IN ('invoice.created', 'invoice.finalized', 'invoice.updated', 'invoice.paid', 'invoice.payment_failed',
                   'invoice.voided', 'invoice.marked_uncollectible') THEN
+    -- (a failure's notification and audit: billing.sync_invoice_failure,
+    -- once per invoice, decided from Stripe's times whatever the order)
     PERFORM billing.apply_invoice(v_t, o, v_at, v_type = 'invoice.payment_failed', false, e ->> 'api_version');
-    IF v_type = 'invoice.payment_failed' THEN
-      -- the fact, whatever order events arrive in (once per invoice); whoever
-      -- delivers notifications skips it if the invoice is paid by then
-      INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)
-      VALUES (v_t, 'payment.failed', 'payment_failed:' || (o ->> 'id'),
-              jsonb_build_object('invoice', o ->> 'id', 'amount_due', (o ->> 'amount_due')::bigint,
-                                 'hosted_invoice_url', o ->> 'hosted_invoice_url'))
-      ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
-    END IF;
   WHEN v_type = 'invoice_payment.paid' THEN
     PERFORM billing.link_invoice_payment(v_t, billing.stripe_ref(o -> 'invoice'),
                                          billing.stripe_ref(o -> 'payment' -> 'payment_intent'));

@@ -17,10 +17,19 @@
 -- email's Message-ID and X-QES-Event-Id), so receivers can deduplicate.  A
 -- channel that delivered is never sent again for the notification.
 --
--- Where notifications are queued: usage thresholds (src/usage.c), payment
--- failed, trial ending and the operator's dispute alert (85_events.sql),
--- grace ended (billing.notify_timers, below), payment recovered (trigger on
--- subscriptions, below).
+-- Where notifications are queued: usage thresholds (src/usage.c), trial
+-- ending and the operator's dispute alert (85_events.sql), payment failed
+-- and payment recovered (billing.sync_invoice_failure, 85_events.sql: once
+-- per invoice, decided from Stripe's times), grace ended
+-- (billing.notify_timers, below).
+--
+-- What a notification says must hold as Stripe has it when it goes out,
+-- not only as the mirror has it (docs/architecture.md, "Mirroring Stripe"):
+-- one about a subscription whose mirrored state is older than the moment it
+-- is about -- a grace period's end, a trial about to end, learnt from late
+-- or replayed events -- waits for one GET of the subscription first
+-- (billing.notify_checked, verify_requests), so that events the mirror has
+-- not had yet cannot make what the tenant is told depend on their order.
 
 -- ---- formatting ----------------------------------------------------------
 
@@ -147,8 +156,45 @@ $$;
 
 -- ---- what a notification says, and whether it still applies -------------
 
+-- Does the mirror vouch for an object's state (a subscription, an invoice)
+-- as of p_as_of?  NULL: yes -- its state is as of then, or fresh, or Stripe
+-- was asked for it (once per notification and object): what the answer
+-- mirrored, or the mirror's own when there was none.  {"verify": {object,
+-- id}}: ask Stripe first; {"defer": reason}: the answer is on its way;
+-- {"skip": reason}: Stripe has no such object.
+CREATE FUNCTION billing.notify_checked(n billing.notifications, p_object text, p_id text,
+                                       p_state_at timestamptz, p_as_of timestamptz) RETURNS jsonb
+  LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  r billing.stripe_requests;
+BEGIN
+  IF p_state_at >= least(p_as_of, now() - billing.fresh_within())
+     OR p_id IS NULL OR p_id !~ '^[a-z]{2,4}_[A-Za-z0-9_]+$' THEN
+    RETURN NULL;   -- vouched for, or nothing Stripe could be asked about
+  END IF;
+  SELECT * INTO r FROM billing.stripe_requests x
+   WHERE x.request_id = ANY (n.verify_requests)
+     AND x.path = CASE p_object WHEN 'subscription' THEN '/v1/subscriptions/' ELSE '/v1/invoices/' END || p_id
+   ORDER BY x.request_id DESC LIMIT 1;
+  IF NOT FOUND THEN
+    RETURN jsonb_build_object('verify', jsonb_build_object('object', p_object, 'id', p_id));
+  END IF;
+  IF r.state NOT IN ('succeeded', 'failed') THEN
+    RETURN jsonb_build_object('defer', format('waiting for Stripe''s answer about %s', p_id));
+  END IF;
+  IF r.state = 'succeeded' AND r.http_status = 404 THEN
+    RETURN jsonb_build_object('skip', format('Stripe has no %s %s', p_object, p_id));
+  END IF;
+  RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing.notify_checked(billing.notifications, text, text, timestamptz, timestamptz) IS
+  'Whether the mirror vouches for an object''s state as of a moment (NULL), or Stripe must be asked first (verify), is being asked (defer), or has no such object (skip).';
+
 -- The values a notification's template needs, read as things are now; or
--- {"skip": reason} when it no longer applies.
+-- {"skip": reason} when it no longer applies; {"verify": ...} or
+-- {"defer": reason} when Stripe must be asked first (billing.notify_checked).
 CREATE FUNCTION billing.notify_vars(n billing.notifications) RETURNS jsonb
   LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing
 AS $$
@@ -164,6 +210,8 @@ DECLARE
   v_hard  integer;
   v_base  text := rtrim(billing.base_url(), '/');
   v_billing_url text;
+  v_chk   jsonb;
+  v_told  billing.notifications;
 BEGIN
   SELECT * INTO t FROM billing.tenants WHERE tenant_id = n.tenant_id;
   v_billing_url := CASE WHEN v_base ~ '^https?://' THEN v_base || '/billing' END;
@@ -262,6 +310,23 @@ BEGIN
     IF s.grace_until IS DISTINCT FROM (p ->> 'grace_until')::timestamptz OR s.grace_until > billing.now() THEN
       RETURN jsonb_build_object('skip', 'the grace period was changed: a newer one applies');
     END IF;
+    -- still unpaid when it ended, as Stripe has it: the invoice it runs
+    -- from (billing.dunning_since) and the subscription, each as of then
+    SELECT * INTO i FROM billing.invoices x
+     WHERE x.tenant_id = n.tenant_id AND x.stripe_subscription_id = s.stripe_subscription_id
+       AND x.status IN ('open', 'uncollectible')
+     ORDER BY x.first_failed_at IS NULL AND x.attempt_count = 0, coalesce(x.first_failed_at, x.finalized_at, x.stripe_created)
+     LIMIT 1;
+    IF FOUND THEN
+      v_chk := billing.notify_checked(n, 'invoice', i.stripe_invoice_id, i.stripe_state_at, s.grace_until);
+      IF v_chk IS NOT NULL THEN
+        RETURN v_chk;
+      END IF;
+    END IF;
+    v_chk := billing.notify_checked(n, 'subscription', s.stripe_subscription_id, s.stripe_state_at, s.grace_until);
+    IF v_chk IS NOT NULL THEN
+      RETURN v_chk;
+    END IF;
     SELECT * INTO i FROM billing.invoices x
      WHERE x.tenant_id = n.tenant_id AND x.subscription_id = s.subscription_id AND x.status IN ('open', 'uncollectible')
      ORDER BY x.stripe_created DESC LIMIT 1;
@@ -273,14 +338,32 @@ BEGIN
       'action_url', CASE WHEN i.hosted_invoice_url ~ '^https://' THEN i.hosted_invoice_url ELSE v_billing_url END);
 
   WHEN 'payment.recovered' THEN
-    SELECT * INTO s FROM billing.subscriptions x
-     WHERE x.tenant_id = n.tenant_id AND x.subscription_id = (p ->> 'subscription_id')::bigint;
-    IF NOT FOUND OR s.status NOT IN ('active', 'trialing') THEN
-      RETURN jsonb_build_object('skip', format('the subscription is %s now', coalesce(s.status, 'gone')));
+    IF p ? 'invoice' THEN
+      -- the invoice it recovers (billing.sync_invoice_failure): told only
+      -- after its failure was
+      SELECT * INTO v_told FROM billing.notifications x
+       WHERE x.tenant_id = n.tenant_id AND x.dedup_key = 'payment_failed:' || (p ->> 'invoice');
+      IF v_told.state IN ('pending', 'in_flight') THEN
+        RETURN jsonb_build_object('defer', 'the failure it recovers from is being told first',
+                                  'until', v_told.next_attempt_at);
+      END IF;
+      IF v_told.notification_id IS NULL OR v_told.delivered = '{}' THEN
+        RETURN jsonb_build_object('skip', format('the tenant was not told that invoice %s failed', p ->> 'invoice'));
+      END IF;
+      SELECT * INTO i FROM billing.invoices x WHERE x.tenant_id = n.tenant_id AND x.stripe_invoice_id = p ->> 'invoice';
+      SELECT * INTO s FROM billing.subscriptions x
+       WHERE x.tenant_id = n.tenant_id AND x.stripe_subscription_id = p ->> 'subscription';
+    ELSE
+      -- queued before recoveries were facts of an invoice: as it was then
+      SELECT * INTO s FROM billing.subscriptions x
+       WHERE x.tenant_id = n.tenant_id AND x.subscription_id = (p ->> 'subscription_id')::bigint;
+      IF NOT FOUND OR s.status NOT IN ('active', 'trialing') THEN
+        RETURN jsonb_build_object('skip', format('the subscription is %s now', coalesce(s.status, 'gone')));
+      END IF;
+      SELECT * INTO i FROM billing.invoices x
+       WHERE x.tenant_id = n.tenant_id AND x.subscription_id = s.subscription_id AND x.status = 'paid'
+       ORDER BY x.stripe_state_at DESC NULLS LAST, x.stripe_created DESC LIMIT 1;
     END IF;
-    SELECT * INTO i FROM billing.invoices x
-     WHERE x.tenant_id = n.tenant_id AND x.subscription_id = s.subscription_id AND x.status = 'paid'
-     ORDER BY x.stripe_state_at DESC NULLS LAST, x.stripe_created DESC LIMIT 1;
     SELECT * INTO v_plan FROM billing.plans WHERE plan_id = s.plan_id;
     v := v || jsonb_build_object(
       'plan_name', v_plan.name, 'plan_limits', billing.notify_plan_limits(s.plan_id),
@@ -289,11 +372,18 @@ BEGIN
 
   WHEN 'subscription.trial_will_end' THEN
     SELECT * INTO s FROM billing.subscriptions x WHERE x.stripe_subscription_id = p ->> 'subscription';
+    IF FOUND AND s.trial_end <= billing.now() THEN
+      RETURN jsonb_build_object('skip', 'the trial has ended already');
+    END IF;
+    IF FOUND THEN
+      -- still in its trial now, as Stripe has it
+      v_chk := billing.notify_checked(n, 'subscription', s.stripe_subscription_id, s.stripe_state_at, now());
+      IF v_chk IS NOT NULL THEN
+        RETURN v_chk;
+      END IF;
+    END IF;
     IF NOT FOUND OR s.status <> 'trialing' THEN
       RETURN jsonb_build_object('skip', format('the subscription is %s, no longer in its trial', coalesce(s.status, 'gone')));
-    END IF;
-    IF s.trial_end <= billing.now() THEN
-      RETURN jsonb_build_object('skip', 'the trial has ended already');
     END IF;
     SELECT * INTO v_plan FROM billing.plans WHERE plan_id = s.plan_id;
     v := v || jsonb_build_object(
@@ -370,8 +460,10 @@ COMMENT ON FUNCTION billing.notify_render(billing.notifications, jsonb, text) IS
 -- ---- timers --------------------------------------------------------------
 
 -- Grace periods that have ended: limits are lowered to Free's (check_limit
--- does that by itself from grace_until); queue the notice and audit it,
--- once per subscription and grace period.
+-- does that by itself from grace_until); queue the notice, once per
+-- subscription and grace period.  Whether it goes out (and is audited as
+-- dunning.grace_ended) is decided when it is claimed, once the mirror
+-- vouches that the subscription was still unpaid then (billing.notify_vars).
 CREATE FUNCTION billing.notify_timers() RETURNS integer
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
@@ -402,29 +494,22 @@ BEGIN
       FROM due d
      WHERE NOT EXISTS (SELECT FROM billing.notifications x WHERE x.tenant_id = d.tenant_id AND x.dedup_key = d.dedup_key)
     ON CONFLICT (tenant_id, dedup_key) DO NOTHING
-    RETURNING tenant_id, payload)
-  SELECT count(billing.audit('dunning.grace_ended', ins.tenant_id, ins.payload)) INTO v_n FROM ins;
+    RETURNING tenant_id)
+  SELECT count(*) INTO v_n FROM ins;
   RETURN v_n;
 END
 $$;
 COMMENT ON FUNCTION billing.notify_timers() IS
-  'Queue (and audit) a grace.ended notification for each subscription whose grace period ended unpaid, once per grace period.';
+  'Queue a grace.ended notification for each subscription whose grace period ended unpaid, once per grace period (audited as dunning.grace_ended when it is claimed and still holds).';
 
--- Payment recovered: a subscription leaves past_due/unpaid for active.  A
--- changed grace period wakes the worker, whose next due time includes it.
+-- A changed grace period wakes the worker, whose next due time includes it.
+-- (A recovery is no transition the mirror passed through, which depends on
+-- the order it saw states in: it is a fact of the invoice that was paid,
+-- billing.sync_invoice_failure.)
 CREATE FUNCTION billing.notify_subscription_changed() RETURNS trigger
   LANGUAGE plpgsql SET search_path = pg_catalog, billing
 AS $$
 BEGIN
-  IF OLD.status IN ('past_due', 'unpaid') AND NEW.status IN ('active', 'trialing') THEN
-    INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)
-    VALUES (NEW.tenant_id, 'payment.recovered',
-            'payment_recovered:' || NEW.subscription_id || ':'
-              || extract(epoch FROM coalesce(OLD.grace_until, NEW.stripe_state_at, now()))::bigint,
-            jsonb_build_object('subscription', NEW.stripe_subscription_id, 'subscription_id', NEW.subscription_id,
-                               'grace_until', OLD.grace_until))
-    ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
-  END IF;
   IF NEW.grace_until IS DISTINCT FROM OLD.grace_until THEN
     PERFORM billing.wake_worker();
   END IF;
@@ -484,7 +569,7 @@ BEGIN
       IF p_webhook AND NOT n.delivered ? 'webhook' THEN
         v_chan := v_chan || 'webhook'::text;
       END IF;
-      IF NOT v ? 'skip' AND cardinality(v_chan) > 0 THEN
+      IF NOT (v ?| ARRAY['skip', 'verify', 'defer']) AND cardinality(v_chan) > 0 THEN
         r := billing.notify_render(n, v, v_to);   -- the same text on every channel and attempt
       END IF;
     EXCEPTION WHEN OTHERS THEN
@@ -498,10 +583,29 @@ BEGIN
                                                'event_id', n.event_id, 'error', 'render: ' || v_err));
       CONTINUE;
     END;
+    IF v ? 'verify' THEN
+      -- ask Stripe first (once per object); the answer wakes the worker
+      UPDATE billing.notifications x
+         SET verify_requests = x.verify_requests
+                               || billing.fetch_object(n.tenant_id, v -> 'verify' ->> 'object', v -> 'verify' ->> 'id'),
+             next_attempt_at = now() + interval '1 second', updated_at = now()
+       WHERE x.tenant_id = n.tenant_id AND x.notification_id = n.notification_id;
+      CONTINUE;
+    END IF;
+    IF v ? 'defer' THEN
+      UPDATE billing.notifications x
+         SET next_attempt_at = greatest(now() + interval '1 second', (v ->> 'until')::timestamptz), updated_at = now()
+       WHERE x.tenant_id = n.tenant_id AND x.notification_id = n.notification_id;
+      CONTINUE;
+    END IF;
     IF v ? 'skip' THEN
       UPDATE billing.notifications x SET state = 'skipped', skip_reason = v ->> 'skip', updated_at = now()
        WHERE x.tenant_id = n.tenant_id AND x.notification_id = n.notification_id;
       CONTINUE;
+    END IF;
+    IF n.kind = 'grace.ended' AND n.attempts = 0 AND n.delivered = '{}' THEN
+      -- the grace period ended unpaid, as Stripe has it: audited once, when decided
+      PERFORM billing.audit('dunning.grace_ended', n.tenant_id, n.payload);
     END IF;
     IF cardinality(v_chan) = 0 THEN
       -- nothing left that a configured channel can deliver

@@ -13,10 +13,15 @@ intervals, the anchor's day clamped to each month's length.
 
 `World.serve()` answers the mirror's GETs (/v1/<objects>/<id>, in the pinned
 version qes_billing sends) and the list endpoints reconciliation reads, with
-the final state.  `World.expected(copy)` is what the mirror must hold after
-every event: table by table, in the terms of qes_billing's tables.
+the final state (every event lies in the past: Stripe answers what is true
+now).  It counts the GETs of each object (`gets`, `gets_of(copy)`), so a
+test can bound them: a mirror that asked Stripe for everything on every
+event would converge too, at the price of a GET per event.
+`World.expected(copy)` is what the mirror must hold after every event:
+table by table, in the terms of qes_billing's tables.
 """
 import calendar
+import collections
 import copy
 import json
 import random
@@ -52,6 +57,7 @@ class World:
         self.first_failed = {}       # invoice id -> created of its first invoice.payment_failed
         self.trial_notices = set()   # (tenant, subscription id, trial_end)
         self.requests = []           # (method, path) the mirror sent
+        self.gets = collections.Counter()   # object id -> GETs of it (/v1/<objects>/<id>)
         self.lock = threading.Lock()
         self.server = None
 
@@ -381,13 +387,29 @@ class World:
         for t in {c["metadata"]["tenant_id"] for c in self.of(copy_, "customer") if "foreign" not in c["id"]}:
             if t not in tenants:
                 ten.append((strip(t), None, any(d[0] == strip(t) for d in disputes)))
-        notes = [(strip(i[0]), "payment.failed", "tenant") for i in invs if i[7] is not None]
+        # a failure is told only if it still holds when the mirror learns it:
+        # every event here lies days in the past, so only the invoices still
+        # unpaid now (docs/architecture.md, "Mirroring Stripe")
+        notes = [(strip(i[0]), "payment.failed", "tenant") for i in invs if i[7] is not None and i[2] == "open"]
         notes += [(d[0], "dispute.created", "operator") for d in disputes]
         notes += [(strip(t), "subscription.trial_will_end", "tenant") for t, s, e in self.trial_notices if copy_ in t]
         return {"subscriptions": sorted(subs, key=repr), "invoices": sorted(invs, key=repr),
                 "payments": sorted(pays, key=repr), "disputes": sorted(disputes, key=repr),
                 "stripe_customers": sorted(custs, key=repr), "tenants": sorted(ten, key=repr),
                 "notifications": sorted(notes, key=repr)}
+
+    def objects_of(self, copy_):
+        """The Stripe objects of one copy (foreign customers' aside), by type."""
+        out = collections.Counter()
+        for oid, o in self.objects.items():
+            if f"_{copy_}" in oid and "foreign" not in oid:
+                out[o.get("object")] += 1
+        return out
+
+    def gets_of(self, copy_):
+        """The GETs of single objects of one copy: {object id: GETs}."""
+        with self.lock:
+            return {oid: n for oid, n in self.gets.items() if f"_{copy_}" in oid}
 
     def _tenant_of_customer(self, cid):
         return self.objects[cid]["metadata"]["tenant_id"]
@@ -419,6 +441,7 @@ class World:
             else:
                 type_ = self.COLLECTIONS[parts[0]]
                 if len(parts) == 2:
+                    self.gets[parts[1]] += 1
                     o = self.objects.get(parts[1])
                     if o is None or o.get("object") != type_:
                         return 404, {"error": {"type": "invalid_request_error", "code": "resource_missing",
