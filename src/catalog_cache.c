@@ -204,7 +204,7 @@ load_catalog(void *arg)
 	MemoryContext old;
 	StringInfoData names;
 
-	if (SPI_execute("SELECT m.metric, m.kind OPERATOR(pg_catalog.=) 'gauge' FROM billing.metrics m ORDER BY 1",
+	if (SPI_execute(/* result: text, bool */ "SELECT m.metric, m.kind OPERATOR(pg_catalog.=) 'gauge' FROM billing.metrics m ORDER BY 1",
 					true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "qes_billing: could not read billing.metrics");
 	old = MemoryContextSwitchTo(cache_context);
@@ -223,7 +223,7 @@ load_catalog(void *arg)
 	metric_names = names.data;
 	MemoryContextSwitchTo(old);
 
-	if (SPI_execute("SELECT p.plan_id, p.name, p.tier, p.active,"
+	if (SPI_execute(/* result: text, text, int4, bool, int8, int8 */ "SELECT p.plan_id, p.name, p.tier, p.active,"
 					" (SELECT pr.unit_amount FROM billing.prices pr WHERE pr.plan_id OPERATOR(pg_catalog.=) p.plan_id"
 					"   AND pr.billing_interval OPERATOR(pg_catalog.=) 'month' AND pr.active"
 					"   AND pr.currency OPERATOR(pg_catalog.=) 'usd'),"
@@ -261,7 +261,7 @@ load_catalog(void *arg)
 	prompt_built = palloc0(sizeof(bool) * Max(nplans * nmetrics, 1));
 	MemoryContextSwitchTo(old);
 
-	if (SPI_execute("SELECT l.plan_id, l.metric, l.soft_limit, l.hard_limit_pct FROM billing.plan_limits l",
+	if (SPI_execute(/* result: text, text, int8, int4 */ "SELECT l.plan_id, l.metric, l.soft_limit, l.hard_limit_pct FROM billing.plan_limits l",
 					true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "qes_billing: could not read billing.plan_limits");
 	for (uint64 i = 0; i < SPI_processed; i++)
@@ -285,7 +285,7 @@ load_catalog(void *arg)
 	}
 
 	/* features: what some plan lists; which plan lists which */
-	if (SPI_execute("SELECT f.feature, p.plan_id"
+	if (SPI_execute(/* result: text, text */ "SELECT f.feature, p.plan_id"
 					"  FROM billing.plans p, pg_catalog.unnest(p.features) f(feature)"
 					" ORDER BY f.feature COLLATE \"C\", p.plan_id COLLATE \"C\"",
 					true, 0) != SPI_OK_SELECT)
@@ -319,7 +319,7 @@ load_catalog(void *arg)
 	MemoryContextSwitchTo(old);
 
 	clock_has_offset = false;
-	if (SPI_execute("SELECT c.offset_by FROM billing.clock c", true, 1) == SPI_OK_SELECT &&
+	if (SPI_execute(/* result: interval */ "SELECT c.offset_by FROM billing.clock c", true, 1) == SPI_OK_SELECT &&
 		SPI_processed == 1)
 	{
 		bool		isnull;
@@ -734,7 +734,7 @@ load_tenant(void *arg)
 	if (tenant_plan == NULL)
 	{
 		/* s: the current subscription; x: the last paid one that ended */
-		tenant_plan = SPI_prepare(
+		tenant_plan = SPI_prepare(/* result: text, text, bool, timestamptz, timestamptz, timestamptz, bool, timestamptz, timestamptz, timestamptz */
 			"SELECT s.plan_id, s.status, s.billing_interval OPERATOR(pg_catalog.=) 'year',"
 			"       s.current_period_start, s.current_period_end, s.grace_until, s.tenant_id IS NOT NULL,"
 			"       s.billing_cycle_anchor, x.current_period_start, x.current_period_end"

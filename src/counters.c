@@ -333,13 +333,13 @@ compute_cb(void *arg)
 	if (sum_plan == NULL)
 	{
 		/* a sum past the int8 range saturates (record_usage refuses to pass it) */
-		sum_plan = SPI_prepare("SELECT LEAST(COALESCE(pg_catalog.sum(u.quantity), 0),"
+		sum_plan = SPI_prepare(/* result: int8, timestamptz */ "SELECT LEAST(COALESCE(pg_catalog.sum(u.quantity), 0),"
 							   " 9223372036854775807::pg_catalog.numeric)::pg_catalog.int8, NULL::pg_catalog.timestamptz"
 							   "  FROM billing.usage_events u"
 							   " WHERE u.tenant_id OPERATOR(pg_catalog.=) $1 AND u.metric OPERATOR(pg_catalog.=) $2"
 							   "   AND u.period_start OPERATOR(pg_catalog.=) $3",
 							   3, argtypes);
-		gauge_plan = SPI_prepare("SELECT u.quantity, u.occurred_at FROM billing.usage_events u"
+		gauge_plan = SPI_prepare(/* result: int8, timestamptz */ "SELECT u.quantity, u.occurred_at FROM billing.usage_events u"
 								 " WHERE u.tenant_id OPERATOR(pg_catalog.=) $1 AND u.metric OPERATOR(pg_catalog.=) $2"
 								 "   AND u.period_start OPERATOR(pg_catalog.=) $3"
 								 " ORDER BY u.occurred_at DESC, u.recorded_at DESC LIMIT 1",

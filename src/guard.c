@@ -223,10 +223,10 @@ flush_cb(void *arg)
 
 	values[0] = CStringGetTextDatum(reason_names[a->reason]);
 	values[1] = Int64GetDatum(a->deliveries);
-	if (SPI_execute_with_args("INSERT INTO billing.webhook_rejections (reason, deliveries) VALUES ($1, $2)",
+	if (SPI_execute_with_args(/* result: none */ "INSERT INTO billing.webhook_rejections (reason, deliveries) VALUES ($1, $2)",
 							  2, types, values, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "qes_billing: could not record webhook rejections");
-	if (SPI_execute_with_args("SELECT billing.audit('webhook.rejected', NULL,"
+	if (SPI_execute_with_args(/* result: - */ "SELECT billing.audit('webhook.rejected', NULL,"
 							  " pg_catalog.jsonb_build_object('reason', $1, 'deliveries', $2))",
 							  2, types, values, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "qes_billing: could not audit webhook rejections");

@@ -618,7 +618,7 @@ claim_and_send(int room, const Channels *ch)
 	if (extoid != reclaimed_for)
 	{
 		/* before our first claim in this incarnation of the extension */
-		if (SPI_execute("SELECT billing.notify_reclaim()", false, 0) != SPI_OK_SELECT)
+		if (SPI_execute(/* result: - */ "SELECT billing.notify_reclaim()", false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "qes_billing worker: billing.notify_reclaim failed");
 		reclaimed = true;
 	}
@@ -630,7 +630,7 @@ claim_and_send(int room, const Channels *ch)
 		args[3] = CStringGetTextDatum(qes_notify_operator_email);
 	else
 		nulls[3] = 'n';
-	if (SPI_execute_with_args("SELECT tenant_id, notification_id, attempt, event_id, kind, email_to,"
+	if (SPI_execute_with_args(/* result: text, int8, int4, text, text, text, text, text, text, text */ "SELECT tenant_id, notification_id, attempt, event_id, kind, email_to,"
 							  " subject, text_body, html_body, webhook_body"
 							  "  FROM billing.notify_claim($1, $2, $3, $4)",
 							  4, argtypes, args, nulls, false, 0) != SPI_OK_SELECT)
@@ -661,7 +661,7 @@ claim_and_send(int room, const Channels *ch)
 		}
 		MemoryContextSwitchTo(old);
 	}
-	if (SPI_execute("SELECT billing.notify_next_due()", false, 1) == SPI_OK_SELECT && SPI_processed == 1)
+	if (SPI_execute(/* result: float8 */ "SELECT billing.notify_next_due()", false, 1) == SPI_OK_SELECT && SPI_processed == 1)
 	{
 		bool		isnull;
 		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
@@ -775,7 +775,7 @@ record_one(void *arg)
 	args[5] = BoolGetDatum(permanent);
 	args[6] = error ? CStringGetTextDatum(error) : (Datum) 0;
 	nulls[6] = error ? ' ' : 'n';
-	if (SPI_execute_with_args("SELECT billing.notify_record($1, $2, $3, $4, $5, $6, $7)",
+	if (SPI_execute_with_args(/* result: - */ "SELECT billing.notify_record($1, $2, $3, $4, $5, $6, $7)",
 							  7, argtypes, args, nulls, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "qes_billing worker: billing.notify_record failed");
 }

@@ -262,18 +262,18 @@ prepare_plans(Oid extoid)
 	claim_plan = record_batch_plan = record_plan = next_due_plan = NULL;
 	plans_extoid = InvalidOid;
 
-	claim_plan = SPI_prepare("SELECT request_id, attempt, method, path, params, idempotency_key"
+	claim_plan = SPI_prepare(/* result: int8, int4, text, text, jsonb, text */ "SELECT request_id, attempt, method, path, params, idempotency_key"
 							 "  FROM billing.outbox_claim($1)", 1, claim_types);
 	if (claim_plan == NULL || SPI_keepplan(claim_plan) != 0)
 		elog(ERROR, "qes_billing worker: cannot prepare the outbox claim: %s", SPI_result_code_string(SPI_result));
-	record_batch_plan = SPI_prepare("SELECT billing.outbox_record_batch($1, $2, $3, $4, $5, $6, $7)",
+	record_batch_plan = SPI_prepare(/* result: - */ "SELECT billing.outbox_record_batch($1, $2, $3, $4, $5, $6, $7)",
 									7, batch_types);
 	if (record_batch_plan == NULL || SPI_keepplan(record_batch_plan) != 0)
 		elog(ERROR, "qes_billing worker: cannot prepare the outbox record: %s", SPI_result_code_string(SPI_result));
-	record_plan = SPI_prepare("SELECT billing.outbox_record($1, $2, $3, $4, $5, $6, $7)", 7, record_types);
+	record_plan = SPI_prepare(/* result: - */ "SELECT billing.outbox_record($1, $2, $3, $4, $5, $6, $7)", 7, record_types);
 	if (record_plan == NULL || SPI_keepplan(record_plan) != 0)
 		elog(ERROR, "qes_billing worker: cannot prepare the outbox record: %s", SPI_result_code_string(SPI_result));
-	next_due_plan = SPI_prepare("SELECT billing.outbox_next_due()", 0, NULL);
+	next_due_plan = SPI_prepare(/* result: float8 */ "SELECT billing.outbox_next_due()", 0, NULL);
 	if (next_due_plan == NULL || SPI_keepplan(next_due_plan) != 0)
 		elog(ERROR, "qes_billing worker: cannot prepare billing.outbox_next_due(): %s", SPI_result_code_string(SPI_result));
 	plans_extoid = extoid;

@@ -240,7 +240,7 @@ queue_thresholds_cb(void *arg)
 
 	if (notify_plan == NULL)
 	{
-		notify_plan = SPI_prepare("INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)"
+		notify_plan = SPI_prepare(/* result: none */ "INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)"
 								  " VALUES ($1, 'usage.threshold', $2, $3)"
 								  " ON CONFLICT (tenant_id, dedup_key) DO NOTHING",
 								  3, notify_types);

@@ -72,7 +72,7 @@ insert_cb(void *arg)
 		TIMESTAMPTZOID, JSONBOID, INT8OID};
 		SPIPlanPtr	plan;
 
-		plan = SPI_prepare("INSERT INTO billing.usage_events"
+		plan = SPI_prepare(/* result: none */ "INSERT INTO billing.usage_events"
 						   " (tenant_id, idempotency_key, metric, quantity, period_start,"
 						   "  occurred_at, metadata, total_after)"
 						   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"

@@ -114,7 +114,7 @@ store_cb(void *arg)
 		Oid			types[6] = {TEXTOID, TEXTOID, BOOLOID, TEXTOID, TIMESTAMPTZOID, JSONOID};
 		SPIPlanPtr	plan;
 
-		plan = SPI_prepare("INSERT INTO billing.webhook_events"
+		plan = SPI_prepare(/* result: none */ "INSERT INTO billing.webhook_events"
 						   " (stripe_event_id, event_type, livemode, api_version, stripe_created, payload)"
 						   " VALUES ($1, $2, $3, $4, $5, $6)"
 						   " ON CONFLICT (stripe_event_id) DO NOTHING",
@@ -248,7 +248,7 @@ qes_stripe_webhook_fn(PG_FUNCTION_ARGS)
 	{
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
-		if (SPI_execute("SELECT billing.stored_webhook_secrets()", true, 1) == SPI_OK_SELECT &&
+		if (SPI_execute(/* result: text */ "SELECT billing.stored_webhook_secrets()", true, 1) == SPI_OK_SELECT &&
 			SPI_processed == 1)
 		{
 			char	   *stored = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);

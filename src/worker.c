@@ -414,14 +414,14 @@ worker_tick(TickResult *r)
 		/* crash reconciliation, once per incarnation of the extension */
 		if (extoid != qes_worker_incarnation())
 		{
-			reclaimed = run_bigint("SELECT billing.worker_reclaim()");
+			reclaimed = run_bigint(/* result: int8 */ "SELECT billing.worker_reclaim()");
 			did_reclaim = true;
 			if (reclaimed > 0)
 				ereport(LOG,
 						(errmsg("qes_billing worker reclaimed " INT64_FORMAT " queue rows left in flight",
 								reclaimed)));
 		}
-		if (SPI_execute_with_args("SELECT applied, outbox_due_s, next_due_s FROM billing.worker_tick($1)",
+		if (SPI_execute_with_args(/* result: int8, float8, float8 */ "SELECT applied, outbox_due_s, next_due_s FROM billing.worker_tick($1)",
 								  1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT ||
 			SPI_processed != 1)
 			elog(ERROR, "qes_billing worker: billing.worker_tick() did not return one row");
@@ -484,7 +484,7 @@ flush_rejections_if_due(void)
 		return;
 	last_rejection_flush = now;
 	if (OidIsValid(qes_worker_begin_xact("qes_billing worker: writing refused webhook deliveries")))
-		(void) run_bigint("SELECT billing.flush_webhook_rejections()");
+		(void) run_bigint(/* result: int8 */ "SELECT billing.flush_webhook_rejections()");
 	qes_worker_end_xact();
 }
 
