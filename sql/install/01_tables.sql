@@ -115,6 +115,9 @@ CREATE TABLE billing.subscriptions (
   stripe_item_id         text,
   pending_change         jsonb,
   last_error             jsonb,
+  -- the metered items (usage billed through meters, 94_meters.sql) as
+  -- Stripe last answered: [{"id": "si_...", "price": "price_..."}]
+  metered_items          jsonb NOT NULL DEFAULT '[]' CHECK (jsonb_typeof(metered_items) = 'array'),
   PRIMARY KEY (tenant_id, subscription_id),
   CHECK (current_period_end IS NULL OR current_period_start IS NULL
          OR current_period_end > current_period_start)

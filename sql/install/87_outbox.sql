@@ -430,7 +430,8 @@ BEGIN
     END IF;
     PERFORM billing.apply_subscription(r.tenant_id, o, billing.outbox_state_at(r), o ->> 'status' = 'canceled');
     UPDATE billing.subscriptions s
-       SET stripe_item_id = coalesce(o -> 'items' -> 'data' -> 0 ->> 'id', s.stripe_item_id),
+       SET stripe_item_id = coalesce(billing.base_item_of(o), s.stripe_item_id),
+           metered_items = billing.metered_items_of(o),
            client_secret = CASE WHEN s.status = 'incomplete'
                                 THEN coalesce(o -> 'latest_invoice' -> 'payment_intent' ->> 'client_secret',
                                               o -> 'latest_invoice' -> 'confirmation_secret' ->> 'client_secret',

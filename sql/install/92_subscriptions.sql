@@ -109,7 +109,8 @@ BEGIN
     VALUES (t.tenant_id, pr.plan_id, pr.billing_interval, 'incomplete') RETURNING * INTO v_sub;
     v_cust := billing.customer_request(t);
     v_req := billing.outbox_enqueue(t.tenant_id, 'subscription.create', 'POST', '/v1/subscriptions',
-               jsonb_build_object('items', jsonb_build_array(jsonb_build_object('price', pr.stripe_price_id)),
+               jsonb_build_object('items', jsonb_build_array(jsonb_build_object('price', pr.stripe_price_id))
+                                           || billing.metered_items_for(pr.plan_id, pr.billing_interval),
                                   'payment_behavior', 'default_incomplete',
                                   'payment_settings', jsonb_build_object('save_default_payment_method', 'on_subscription'),
                                   'expand', jsonb_build_array('latest_invoice.payment_intent'),
@@ -194,7 +195,8 @@ BEGIN
             OR (v_plan = cur.plan_id AND v_int = 'year');
     proration := coalesce(proration, CASE WHEN v_up THEN 'always_invoice' ELSE 'create_prorations' END);
     v_params := jsonb_build_object(
-      'items', jsonb_build_array(jsonb_build_object('id', cur.stripe_item_id, 'price', pr.stripe_price_id)),
+      'items', jsonb_build_array(jsonb_build_object('id', cur.stripe_item_id, 'price', pr.stripe_price_id))
+               || billing.metered_items_change(cur, pr.plan_id, pr.billing_interval),   -- 94_meters.sql
       'proration_behavior', proration,
       'payment_behavior', 'error_if_incomplete',
       'metadata', jsonb_build_object('tenant_id', t.tenant_id, 'subscription_id', cur.subscription_id));

@@ -92,6 +92,43 @@ AS $$
    WHERE pl.plan_id = mp.plan_id AND m.metric = mp.metric
 $$;
 
+-- ---- subscriptions' metered items ----------------------------------------------------
+
+-- The metered items a new subscription of this plan and interval gets.
+CREATE FUNCTION billing.metered_items_for(p_plan text, p_interval text) RETURNS jsonb
+  LANGUAGE sql STABLE SET search_path = pg_catalog, billing
+AS $$
+  SELECT coalesce(jsonb_agg(jsonb_build_object('price', mp.stripe_price_id) ORDER BY mp.price_key), '[]')
+    FROM billing.metered_prices mp
+   WHERE mp.plan_id = p_plan AND mp.billing_interval = p_interval AND mp.active AND mp.stripe_price_id IS NOT NULL
+$$;
+COMMENT ON FUNCTION billing.metered_items_for(text, text) IS
+  'The subscription items (metered prices) a subscription of the plan and interval carries: [{"price": ...}].';
+
+-- What a plan change does to the metered items: the current ones deleted,
+-- the new plan's added (none when neither has any).
+CREATE FUNCTION billing.metered_items_change(s billing.subscriptions, p_plan text, p_interval text) RETURNS jsonb
+  LANGUAGE sql STABLE SET search_path = pg_catalog, billing
+AS $$
+  SELECT coalesce((SELECT jsonb_agg(jsonb_build_object('id', i ->> 'id', 'deleted', true))
+                     FROM jsonb_array_elements(s.metered_items) i), '[]')
+         || billing.metered_items_for(p_plan, p_interval)
+$$;
+
+-- A Stripe subscription's licensed item (the plan's price) and its metered items.
+CREATE FUNCTION billing.base_item_of(o jsonb) RETURNS text
+  LANGUAGE sql IMMUTABLE
+RETURN coalesce((SELECT i ->> 'id' FROM jsonb_array_elements(o -> 'items' -> 'data') WITH ORDINALITY x(i, n)
+                  WHERE coalesce(i -> 'price' -> 'recurring' ->> 'usage_type', 'licensed') <> 'metered'
+                  ORDER BY n LIMIT 1),
+                o -> 'items' -> 'data' -> 0 ->> 'id');
+
+CREATE FUNCTION billing.metered_items_of(o jsonb) RETURNS jsonb
+  LANGUAGE sql IMMUTABLE
+RETURN coalesce((SELECT jsonb_agg(jsonb_build_object('id', i ->> 'id', 'price', i -> 'price' ->> 'id') ORDER BY n)
+                   FROM jsonb_array_elements(o -> 'items' -> 'data') WITH ORDINALITY x(i, n)
+                  WHERE i -> 'price' -> 'recurring' ->> 'usage_type' = 'metered'), '[]');
+
 -- ---- the pass -----------------------------------------------------------------------
 
 -- Stripe's dedup identifier of a meter event: derived from the usage rows

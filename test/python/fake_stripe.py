@@ -461,12 +461,24 @@ class FakeStripe:
             "items": {"object": "list", "data": [{"id": new_id("si"), "object": "subscription_item",
                                                   "price": price, "quantity": 1}]},
             "latest_invoice": None, "pending_update": None})
+        for it in p["items"][1:]:          # metered items: no quantity
+            sub["items"]["data"].append(self._metered_item(it))
         inv = self._invoice(sub, cust["id"], price["unit_amount"])
         pi = self._payment_intent(price["unit_amount"], "usd", cust["id"], None, {}, inv["id"])
         inv["payment_intent"] = pi["id"]
         sub["latest_invoice"] = inv["id"]
         self._event("customer.subscription.created", sub)
         return self._expand(sub, p)
+
+    def _metered_item(self, it):
+        price = self.get(it["price"], "price")
+        if not price.get("recurring") or price["recurring"].get("usage_type") != "metered":
+            raise StripeError(400, "invalid_request_error", "Only one licensed price per subscription here.",
+                              param="items")
+        if "quantity" in it:
+            raise StripeError(400, "invalid_request_error", "A metered price takes no quantity.",
+                              param="items[][quantity]")
+        return {"id": new_id("si"), "object": "subscription_item", "price": price}
 
     def _expand(self, sub, p):
         out = json.loads(json.dumps(sub))
@@ -553,6 +565,14 @@ class FakeStripe:
                 sub["latest_invoice"] = inv["id"]
             previous["items"] = json.loads(json.dumps(sub["items"]))
             sub["items"]["data"][0]["price"] = new_price
+            for it in items[1:]:
+                if it.get("deleted") == "true":
+                    if not any(d["id"] == it.get("id") for d in sub["items"]["data"][1:]):
+                        raise StripeError(400, "invalid_request_error", "No such subscription item",
+                                          param="items[][id]")
+                    sub["items"]["data"] = [d for d in sub["items"]["data"] if d["id"] != it["id"]]
+                else:
+                    sub["items"]["data"].append(self._metered_item(it))
             if new_price["recurring"]["interval"] != old_price["recurring"]["interval"]:
                 now = self.now()
                 sub["current_period_start"] = now

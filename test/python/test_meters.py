@@ -393,3 +393,59 @@ def test_chaos_crashes_lost_answers_repeats(billed, fake):
                                     JOIN billing.metered_prices mp ON mp.plan_id = s.plan_id AND mp.metric = u.metric
                                    WHERE u.tenant_id LIKE 'chaos_%'""")[0][0]
     assert crashes == 4 and recorded > 100 and faults.get("drop_after", 0) + faults.get("500_after", 0) > 0
+
+
+# ---- subscriptions carry the metered items -------------------------------------------------
+
+def test_subscriptions_get_and_move_their_metered_items():
+    """Through the API: a Professional subscription gets the plan's metered
+    items; an upgrade to Enterprise deletes them and adds Enterprise's.  Both
+    clocks stay on the real clock here, as in test_stripe_worker (the worker
+    stamps Stripe's answers with its real claim time); nothing asserted
+    depends on the day."""
+    from postgrest import PostgREST
+    from conftest import tenant_claims
+    from test_stripe_worker import deliver, sub
+    f = FakeStripe(seed=29, timeout_s=1.2)
+    f.base = f.serve()
+    pg = Cluster("meters_items", env=TEST_KEYS,
+                 conf={"qes_billing.stripe_api_base": f"'{f.base}'", "qes_billing.retry_base_delay": "'20ms'",
+                       "qes_billing.worker_naptime": "'200ms'"}).start()
+    api = PostgREST(pg.dsn(user="authenticator"))
+    api.delivered = 0
+    try:
+        assert pg.wait_until("SELECT alive FROM billing.worker_status"), pg.log()
+        pg.sql(METERED)
+        r = setup_command(pg, "--setup-products", "--setup-meters")
+        assert r.returncode == 0, r.stdout + r.stderr
+        pg.sql("SELECT billing.upsert_tenant('items', 'Items AG', 'billing@items.example')")
+        claims = tenant_claims("items")
+        r = api.post("/rpc/create_subscription", body={"plan": "professional", "interval": "month"}, claims=claims)
+        assert r.status == 200, r.body
+        drain(pg)
+        s = sub(api, "items")
+        f.confirm(s["client_secret"].split("_secret_")[0], "pm_card_visa")
+        deliver(pg, api, f)
+
+        def stripe_items():
+            [x] = [x for x in f.of_type("subscription") if x["metadata"].get("tenant_id") == "items"]
+            return [i["price"]["lookup_key"] for i in x["items"]["data"]]
+
+        assert stripe_items() == ["professional_monthly", "professional_signatures_overage_monthly",
+                                  "professional_storage_monthly"]
+        local = pg.sql("SELECT jsonb_array_length(metered_items), stripe_item_id FROM billing.subscriptions "
+                       "WHERE tenant_id = 'items' AND stripe_subscription_id IS NOT NULL")
+        assert local[0][0] == 2 and local[0][1].startswith("si_"), local
+        r = api.post("/rpc/update_subscription", body={"plan": "enterprise"}, claims=claims)
+        assert r.status == 200, r.body
+        drain(pg)
+        deliver(pg, api, f)
+        assert sub(api, "items")["plan"] == "enterprise"
+        assert stripe_items() == ["enterprise_monthly", "enterprise_signatures_monthly"]
+        assert pg.sql("SELECT metered_items -> 0 ->> 'price' = (SELECT stripe_price_id FROM billing.metered_prices "
+                      "WHERE price_key = 'enterprise_signatures_monthly') FROM billing.subscriptions "
+                      "WHERE tenant_id = 'items' AND stripe_subscription_id IS NOT NULL") == [(True,)]
+    finally:
+        api.close()
+        f.stop()
+        amcheck_and_stop(pg)
