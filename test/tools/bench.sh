@@ -13,7 +13,7 @@
 # are the mean of BENCH_ROUNDS (3) runs of BENCH_SECONDS (10), measurement
 # and ceiling alternating; BENCH_CLIENTS (8) clients.
 #
-#   BENCH_PART="usage guard webhooks outbox worker"   the parts to run (default: all)
+#   BENCH_PART="usage guard webhooks outbox meters worker"   the parts to run (default: all)
 #   BENCH_SAME_CLUSTER=1   every part on one cluster, one after the other
 #                          (how make bench ran before; for comparison)
 set -euo pipefail
@@ -283,6 +283,58 @@ for c in ${BENCH_OUTBOX_CONCURRENCY:-16 32 64}; do
          printf "worker_cpu_us_per_request=%d (%d..%d; target <= 300)", t / k, lo, hi }')"
 done
 settings qes_billing.max_concurrent_requests=16
+fi
+
+# ---- meters: meter events delivered per second, worker CPU per event -------------
+if wants meters; then
+fresh_cluster
+# Usage billed through meters (sql/install/94_meters.sql): N tenants on a
+# plan with a metered price, one usage row each, gathered by one pass into
+# N meter events (one per tenant and meter) and sent by the worker to the
+# 20 ms endpoint at 16 in flight; the ceiling is that endpoint driven at 16
+# by a plain client.  Events per second from the first claim to the last
+# answer recorded; the worker's CPU per event over the same run; the pass's
+# own time (one SQL statement over the unsent rows) beside it.
+N=${BENCH_METER_EVENTS:-3000}
+MPORT=$((EP_PORT + 2))
+start_endpoint "$MPORT"
+settings qes_billing.stripe_api_base="http://127.0.0.1:$MPORT" qes_billing.stripe_test_secret_key=sk_test_bench_meters \
+         qes_billing.max_concurrent_requests=16
+sql -c "INSERT INTO billing.meters VALUES ('signatures', 'qes_signatures', 'sum', 'mtr_bench')" \
+    -c "INSERT INTO billing.metered_prices (price_key, plan_id, metric, billing_interval, unit_amount_decimal, stripe_price_id)
+        VALUES ('bench_signatures', 'enterprise', 'signatures', 'month', 10, 'price_bench')" \
+    -c "UPDATE billing.meter_state SET next_pass_at = 'infinity', reconcile_interval = '0'" \
+    -c "SELECT count(billing.upsert_tenant('m' || i, 'Meter ' || i, 'm' || i || '@bench.example')) FROM generate_series(1, $N) i" \
+    -c "UPDATE billing.tenants SET stripe_customer_id = 'cus_bench' || tenant_id WHERE tenant_id ~ '^m[0-9]+$'" \
+    -c "INSERT INTO billing.subscriptions (tenant_id, plan_id, billing_interval, status, stripe_subscription_id,
+                                           current_period_start, current_period_end)
+        SELECT 'm' || i, 'enterprise', 'month', 'active', 'sub_benchm' || i, date_trunc('month', billing.now()),
+               date_trunc('month', billing.now()) + interval '1 month' FROM generate_series(1, $N) i" >/dev/null
+vs=""; cs=""; cpus=""; passes=""
+for r in $(seq 1 "$ROUNDS"); do
+  cs="$cs $(python3 "$src/test/bench/slow_endpoint.py" load "$MPORT" 16 5)"
+  settings qes_billing.worker_paused=on
+  sleep 1
+  sql -c "INSERT INTO billing.usage_events (tenant_id, idempotency_key, metric, quantity, period_start, occurred_at)
+          SELECT 'm' || i, 'r$r-' || i, 'signatures', 1 + i % 7, date_trunc('month', billing.now()), billing.now()
+            FROM generate_series(1, $N) i" -c "CHECKPOINT" >/dev/null
+  t0=$(date +%s%N)
+  sql -c "SELECT billing.meter_pass_now()" >/dev/null
+  passes="$passes $(( ($(date +%s%N) - t0) / 1000000 ))"
+  pid=$(worker_pid); cpu0=$(cpu_us "$pid")
+  settings qes_billing.worker_paused=off
+  until [ "$(sql -c "SELECT count(*) FROM billing.meter_events WHERE state = 'queued'")" = 0 ]; do sleep 0.05; done
+  cpu1=$(cpu_us "$pid")
+  # (the requests of this round only: the table is emptied after each)
+  vs="$vs $(sql -c "SELECT round($N / extract(epoch FROM max(updated_at) - min(claimed_at))) FROM billing.stripe_requests
+                     WHERE kind = 'meter.event'")"
+  cpus="$cpus $(( (cpu1 - cpu0) / N ))"
+  sql -c "TRUNCATE billing.stripe_requests" >/dev/null
+done
+report meter_events rps endpoint_20ms_c16 "$vs" "$cs" \
+  "$(awk -v v="$cpus" -v p="$passes" -v n="$N" 'BEGIN { k = split(v, a, " "); split(p, q, " "); t = 0; tp = 0; lo = 1e9; hi = 0
+       for (i = 1; i <= k; i++) { t += a[i]; tp += q[i]; if (a[i] < lo) lo = a[i]; if (a[i] > hi) hi = a[i] }
+       printf "worker_cpu_us_per_event=%d (%d..%d; target <= 300) pass_ms=%d for %d events (%d usage rows each)", t / k, lo, hi, tp / k, n, 1 }')"
 fi
 
 # ---- worker: idle, commit -> request on the wire ----------------------------------
