@@ -54,6 +54,18 @@ static int	qes_reconcile_pages = 20;
 /* the audit trail's retention (sql/install/72_audit_export.sql reads it with current_setting) */
 static int	qes_audit_retention_s = 0;
 
+/* disputes (sql/install/94_disputes.sql reads them with current_setting) */
+static bool qes_dispute_auto_submit = false;
+static int	qes_dispute_auto_submit_before_s = 24 * 3600;
+static int	qes_dispute_lost_action = 0;
+
+static const struct config_enum_entry dispute_lost_action_options[] = {
+	{"none", 0, false},
+	{"cancel_at_period_end", 1, false},
+	{"cancel_now", 2, false},
+	{NULL, 0, false}
+};
+
 /* notifications (src/notify.c) */
 char	   *qes_smtp_url = NULL;
 int			qes_smtp_starttls = QES_STARTTLS_REQUIRE;
@@ -780,6 +792,19 @@ qes_define_gucs(void)
 							"billing.audit_archive() exports, then removes, only rows older than this.",
 							&qes_audit_retention_s, 0, 0, PG_INT32_MAX,
 							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomBoolVariable("qes_billing.dispute_auto_submit",
+							 "Submit the evidence staged for a dispute automatically before its deadline (off: an operator submits it).",
+							 NULL, &qes_dispute_auto_submit, false,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.dispute_auto_submit_before",
+							"How long before a dispute's deadline its evidence is submitted automatically.",
+							NULL, &qes_dispute_auto_submit_before_s, 24 * 3600, 3600, 30 * 24 * 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomEnumVariable("qes_billing.dispute_lost_action",
+							 "What a lost dispute does to the tenant's paid subscription: none, cancel_at_period_end or cancel_now.",
+							 NULL, &qes_dispute_lost_action, 0, dispute_lost_action_options,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+
 
 	DefineCustomIntVariable("qes_billing.max_counters",
 							"Usage counters (tenant, metric, period) kept in shared memory.",

@@ -288,9 +288,54 @@ CREATE TABLE billing.disputes (
   status            text NOT NULL,
   stripe_created    timestamptz NOT NULL,
   recorded_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  -- the newest state Stripe told of (sql/install/94_disputes.sql): the
+  -- response's deadline (NULL: none possible), whether evidence was given,
+  -- and the Stripe times of the funds' movements and of the decision
+  stripe_payment_intent_id text,
+  evidence_due_by   timestamptz,
+  has_evidence      boolean NOT NULL DEFAULT false,
+  past_due          boolean NOT NULL DEFAULT false,
+  submission_count  integer NOT NULL DEFAULT 0 CHECK (submission_count >= 0),
+  funds_withdrawn_at  timestamptz,
+  funds_reinstated_at timestamptz,
+  closed_at         timestamptz,
+  stripe_state_at   timestamptz,
+  updated_at        timestamptz NOT NULL DEFAULT pg_catalog.now(),
   PRIMARY KEY (tenant_id, stripe_dispute_id)
 );
-COMMENT ON TABLE billing.disputes IS 'Card disputes (chargebacks) reported by Stripe.';
+COMMENT ON TABLE billing.disputes IS
+  'Card disputes (chargebacks) mirrored from Stripe: status, the deadline for evidence, funds withdrawn and reinstated, the decision.';
+-- the disputes still to be answered, by deadline (the alert, automatic submission)
+CREATE INDEX disputes_due ON billing.disputes (evidence_due_by)
+  WHERE status IN ('needs_response', 'warning_needs_response');
+
+-- The platform's answer to one dispute (sql/install/94_disputes.sql): the
+-- evidence assembled from the tenant's own rows when the dispute arrived,
+-- in Stripe's evidence fields; state: staged (sent with submit=false, for
+-- an operator to review) -> submitting -> submitted, or failed (the
+-- request failed for good; an operator may retry it).  stage_request and
+-- submit_request are the outbox rows.
+CREATE TABLE billing.dispute_responses (
+  tenant_id         text NOT NULL,
+  stripe_dispute_id text NOT NULL,
+  evidence          jsonb NOT NULL CHECK (jsonb_typeof(evidence) = 'object'),
+  period_start      timestamptz NOT NULL,
+  period_end        timestamptz NOT NULL,
+  state             text NOT NULL DEFAULT 'staging'
+                      CHECK (state IN ('staging', 'staged', 'submitting', 'submitted', 'failed')),
+  stage_request     bigint,
+  submit_request    bigint,
+  assembled_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  submitted_at      timestamptz,
+  submitted_by      text,
+  auto_submitted    boolean NOT NULL DEFAULT false,
+  last_error        jsonb,
+  PRIMARY KEY (tenant_id, stripe_dispute_id),
+  FOREIGN KEY (tenant_id, stripe_dispute_id) REFERENCES billing.disputes (tenant_id, stripe_dispute_id),
+  CHECK (period_end >= period_start)
+);
+COMMENT ON TABLE billing.dispute_responses IS
+  'The evidence answering each dispute, assembled from the tenant''s own usage, subscription, invoices and payments, and where its submission to Stripe stands.';
 
 -- Notifications, delivered by the worker (sql/install/89_notify.sql,
 -- src/notify.c).  state: pending -> in_flight -> sent | pending (retry) |

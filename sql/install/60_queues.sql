@@ -87,6 +87,8 @@ BEGIN
   PERFORM billing.outbox_reclaim_stale(v_timeout);
   -- cached usage counters of periods that ended more than a day ago
   PERFORM billing.usage_cache_sweep(billing.now() - interval '1 day');
+  -- dispute evidence submitted before its deadline, when a setting says so
+  PERFORM billing.dispute_timers();
   outbox_due_s := billing.outbox_next_due();
 
   IF applied >= p_events THEN

@@ -965,7 +965,8 @@ DECLARE
   v_ref  text[];
 BEGIN
   out_state := 'applied';
-  IF v_type = 'charge.dispute.created' THEN
+  IF v_type LIKE 'charge.dispute.%' THEN
+    -- a dispute names no customer: its tenant is its charge's (94_disputes.sql)
     SELECT p.tenant_id INTO v_t FROM billing.payments p
      WHERE p.stripe_charge_id = billing.stripe_ref(o -> 'charge')
         OR p.stripe_payment_intent_id = billing.stripe_ref(o -> 'payment_intent')
@@ -1023,8 +1024,10 @@ BEGIN
     PERFORM billing.apply_payment(v_t, o, v_at, 'succeeded');
   WHEN v_type IN ('payment_intent.payment_failed', 'charge.failed') THEN
     PERFORM billing.apply_payment(v_t, o, v_at, 'failed');
-  WHEN v_type = 'charge.dispute.created' THEN
+  WHEN v_type IN ('charge.dispute.created', 'charge.dispute.updated', 'charge.dispute.closed',
+                  'charge.dispute.funds_withdrawn', 'charge.dispute.funds_reinstated') THEN
     PERFORM billing.apply_dispute(v_t, o);
+    PERFORM billing.sync_dispute(v_t, o, v_at, v_type);
   ELSE
     out_tenant := NULL;   -- a type we do not handle
     out_state := 'ignored';

@@ -123,6 +123,7 @@ BEGIN
       PERFORM billing.apply_payment(p_tenant, o, p_at, CASE WHEN o ->> 'status' = 'failed' THEN 'failed' END);
     WHEN 'dispute' THEN
       PERFORM billing.apply_dispute(p_tenant, o);
+      PERFORM billing.sync_dispute(p_tenant, o, p_at);
     ELSE
       RETURN false;
     END CASE;
@@ -203,7 +204,8 @@ RETURN '["customer.created", "customer.updated", "customer.deleted", "customer.s
          "customer.subscription.updated", "customer.subscription.deleted", "customer.subscription.trial_will_end",
          "invoice.created", "invoice.finalized", "invoice.paid", "invoice.payment_failed",
          "payment_intent.succeeded", "payment_intent.payment_failed", "charge.succeeded", "charge.failed",
-         "charge.dispute.created"]'::jsonb;
+         "charge.dispute.created", "charge.dispute.updated", "charge.dispute.closed",
+         "charge.dispute.funds_withdrawn", "charge.dispute.funds_reinstated"]'::jsonb;
 
 -- Queue the next page of the pass's listing, due at p_due.
 CREATE FUNCTION billing.reconcile_list_events(p_run text, p_after text, p_due timestamptz) RETURNS bigint

@@ -457,6 +457,8 @@ BEGIN
                                              'payment_intent', o ->> 'id', 'status', o ->> 'status'));
   WHEN r.kind LIKE 'setup.%' THEN
     PERFORM billing.setup_apply(r);
+  WHEN r.kind LIKE 'dispute.%' THEN
+    PERFORM billing.dispute_apply_answer(r);   -- evidence staged or submitted (94_disputes.sql)
   WHEN r.kind LIKE 'meter.%' THEN
     PERFORM billing.meter_apply(r);    -- usage billed through meters (94_meters.sql)
   ELSE
@@ -488,6 +490,8 @@ BEGIN
        SET status = 'failed', failure_code = coalesce(r.error ->> 'decline_code', r.error ->> 'code', r.error ->> 'category'),
            failure_message = r.error ->> 'message', updated_at = now()
      WHERE tenant_id = r.tenant_id AND payment_id = (r.subject ->> 'payment_id')::bigint;
+  WHEN r.kind LIKE 'dispute.%' THEN
+    PERFORM billing.dispute_apply_failure(r);
   WHEN r.kind LIKE 'meter.%' THEN
     PERFORM billing.meter_apply_failure(r);    -- 94_meters.sql
   ELSE

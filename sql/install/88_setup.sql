@@ -12,8 +12,10 @@ RETURN ARRAY['customer.created', 'customer.updated', 'customer.deleted',
              'customer.subscription.deleted', 'customer.subscription.trial_will_end',
              'invoice.created', 'invoice.finalized', 'invoice.paid', 'invoice.payment_failed',
              'payment_intent.succeeded', 'payment_intent.payment_failed',
-             'charge.succeeded', 'charge.failed', 'charge.dispute.created'];
-COMMENT ON FUNCTION billing.webhook_event_types() IS 'The 16 Stripe events the webhook endpoint subscribes to (all handled).';
+             'charge.succeeded', 'charge.failed', 'charge.dispute.created',
+             'charge.dispute.updated', 'charge.dispute.closed',
+             'charge.dispute.funds_withdrawn', 'charge.dispute.funds_reinstated'];
+COMMENT ON FUNCTION billing.webhook_event_types() IS 'The 20 Stripe events the webhook endpoint subscribes to (all handled).';
 
 CREATE FUNCTION billing.webhook_endpoint_url() RETURNS text
   LANGUAGE sql STABLE SET search_path = pg_catalog, billing

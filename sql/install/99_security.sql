@@ -103,6 +103,9 @@ GRANT EXECUTE ON FUNCTION billing.webhook_rejections_pending(), billing.rate_lim
 GRANT SELECT ON billing.audit_head TO qes_admin;
 -- ... and where the kept chain starts (audit rows archived: ids, hashes, the export's digest)
 GRANT SELECT ON billing.audit_archives TO qes_admin;
+-- disputes (sql/install/94_disputes.sql): the evidence to review, its submission, the alert's view
+GRANT SELECT ON billing.dispute_evidence, billing.prometheus_disputes TO qes_admin;
+GRANT EXECUTE ON FUNCTION billing.submit_dispute_evidence(text), api.submit_dispute_evidence(text) TO qes_admin;
 
 -- Shared memory outlives DROP EXTENSION: forget what an earlier
 -- incarnation cached, and let the worker find the new extension (and

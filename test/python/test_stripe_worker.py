@@ -111,6 +111,26 @@ def test_every_request_kind_is_valid_for_stripe(stripe_mock):
         pg.sql("SELECT billing.reconcile_tenant('sm')")
         pg.sql("SELECT billing.outbox_enqueue('sm', 'reconcile.disputes.list', 'GET', '/v1/disputes', "
                "'{\"charge\": \"ch_sm1\", \"limit\": 100}')")
+        # a dispute's evidence staged (submit=false), then submitted; a lost
+        # dispute's cancellation now (sql/install/94_disputes.sql); once the
+        # answers above are in, on a subscription as stripe-mock knows it
+        assert pg.wait_until("SELECT NOT EXISTS (SELECT 1 FROM billing.stripe_requests WHERE http_status IS NULL)", 30)
+        pg.sql("UPDATE billing.subscriptions SET status = 'active', stripe_subscription_id = 'sub_sm1' "
+               "WHERE tenant_id = 'sm' AND subscription_id = (SELECT max(subscription_id) FROM billing.subscriptions "
+               "WHERE tenant_id = 'sm')")
+        pg.sql("INSERT INTO billing.disputes (tenant_id, stripe_dispute_id, stripe_charge_id, amount, currency, "
+               "reason, status, stripe_created, evidence_due_by) VALUES ('sm', 'dp_sm1', 'ch_sm1', 2900, 'usd', "
+               "'fraudulent', 'needs_response', now(), now() + interval '7 days')")
+        # (in one transaction: the submission waits for the staging request)
+        pg.sql("DO $$ BEGIN PERFORM billing.dispute_stage(d) FROM billing.disputes d WHERE stripe_dispute_id = 'dp_sm1'; "
+               "PERFORM billing.submit_dispute_evidence('dp_sm1'); END $$")
+        pg.sql("UPDATE billing.disputes SET status = 'lost' WHERE stripe_dispute_id = 'dp_sm1'")
+        pg.sql("ALTER SYSTEM SET qes_billing.dispute_lost_action = 'cancel_now'")
+        pg.sql("SELECT pg_reload_conf()")
+        assert pg.wait_until("SELECT current_setting('qes_billing.dispute_lost_action') = 'cancel_now'")
+        pg.sql("SELECT billing.dispute_closed(d) FROM billing.disputes d WHERE stripe_dispute_id = 'dp_sm1'")
+        assert pg.sql("SELECT method, path FROM billing.stripe_requests WHERE method = 'DELETE'") == \
+            [("DELETE", "/v1/subscriptions/sub_sm1")]
         # the lookups that resolve an unknown outcome (sql/install/93_resolve.sql)
         for kind, (path, params) in {"resolve.customer.list": ("/v1/customers", {"email": "billing@sm.example", "limit": 100}),
                                      "resolve.subscription.list": ("/v1/subscriptions", {"customer": "cus_sm1", "status": "all", "limit": 100})}.items():
@@ -141,7 +161,8 @@ def test_every_request_kind_is_valid_for_stripe(stripe_mock):
                          "mirror.customer.lookup", "mirror.charge.lookup", "mirror.payment_intent.lookup",
                          "reconcile.events.list", "reconcile.customer.lookup", "reconcile.subscriptions.list",
                          "reconcile.invoices.list", "reconcile.payment_intents.list", "reconcile.charges.list",
-                         "reconcile.disputes.list", "resolve.customer.list", "resolve.subscription.list"}, kinds
+                         "reconcile.disputes.list", "resolve.customer.list", "resolve.subscription.list",
+                         "dispute.stage", "dispute.submit"}, kinds
         # and that is every kind the SQL code can queue
         src = os.path.join(os.path.dirname(__file__), "..", "..", "sql", "install")
         queued = set()
