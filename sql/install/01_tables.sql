@@ -650,6 +650,28 @@ COMMENT ON TABLE billing.meter_event_usage IS
   'Each billable usage row and the meter event that carried it to Stripe (a row is sent in one event, once).';
 CREATE INDEX meter_event_usage_event ON billing.meter_event_usage (tenant_id, meter_event_id);
 
+-- The lines of the invoices Stripe billed, as its invoice events last
+-- showed them (newest event wins): metered lines are the usage Stripe
+-- billed, shown with GET /invoices.
+CREATE TABLE billing.invoice_lines (
+  tenant_id         text NOT NULL REFERENCES billing.tenants,
+  stripe_invoice_id text NOT NULL,
+  line_id           text NOT NULL,
+  stripe_price_id   text,
+  metered           boolean NOT NULL DEFAULT false,
+  metric            text,
+  description       text,
+  quantity          bigint,
+  amount            bigint NOT NULL DEFAULT 0,
+  currency          text NOT NULL CHECK (currency ~ '^[a-z]{3}$'),
+  period_start      timestamptz,
+  period_end        timestamptz,
+  stripe_state_at   timestamptz NOT NULL,
+  PRIMARY KEY (tenant_id, stripe_invoice_id, line_id)
+);
+COMMENT ON TABLE billing.invoice_lines IS
+  'The lines of tenants'' invoices as Stripe''s newest invoice event showed them; metered lines are usage Stripe billed (GET /invoices, usage_lines).';
+
 -- The sending passes' schedule (one row, made by the first tick).
 CREATE TABLE billing.meter_state (
   singleton     boolean PRIMARY KEY DEFAULT true CHECK (singleton),

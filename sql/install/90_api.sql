@@ -30,18 +30,26 @@ SELECT t.tenant_id,
 COMMENT ON VIEW api.tenant IS 'The calling tenant (row-level security on the JWT''s tenant_id claim).';
 
 CREATE VIEW api.usage WITH (security_invoker = true) AS
-SELECT u.period_start, u.period_end, u.is_current, u.metric, u.used, u.usage_limit, u.percent, u.status
-  FROM billing.my_usage() u;
+SELECT u.period_start, u.period_end, u.is_current, u.metric, u.used, u.usage_limit, u.percent, u.status,
+       b.included AS billed_beyond, b.billable, b.amount AS billable_amount, b.currency AS billable_currency,
+       b.sent AS sent_to_stripe
+  FROM billing.my_usage() u
+  LEFT JOIN billing.my_usage_billable() b ON u.is_current AND b.metric = u.metric;
 COMMENT ON VIEW api.usage IS
-  'The calling tenant''s usage: the current billing period per metric (used, usage_limit (null = unlimited), percent, status: ok, warning, over_soft_limit, blocked) and the totals of earlier periods (is_current = false).';
+  'The calling tenant''s usage: the current billing period per metric (used, usage_limit (null = unlimited), percent, status: ok, warning, over_soft_limit, blocked) and the totals of earlier periods (is_current = false). A metric billed by usage (Stripe Billing Meters) also shows what will be billed so far this period: the units included (billed_beyond), the billable units, their amount (smallest currency unit, billable_currency) and how many Stripe has been sent; null when not billed by usage.';
 
 CREATE VIEW api.invoices WITH (security_invoker = true) AS
 SELECT i.stripe_invoice_id AS invoice_id, i.number, i.status, i.amount_due, i.amount_paid, i.amount_remaining,
-       i.currency, i.period_start, i.period_end, i.hosted_invoice_url, i.invoice_pdf, i.stripe_created AS created
+       i.currency, i.period_start, i.period_end, i.hosted_invoice_url, i.invoice_pdf, i.stripe_created AS created,
+       (SELECT jsonb_agg(jsonb_build_object('metric', l.metric, 'description', l.description, 'quantity', l.quantity,
+                                            'amount', l.amount, 'period_start', l.period_start, 'period_end', l.period_end)
+                         ORDER BY l.period_start, l.line_id)
+          FROM billing.invoice_lines l
+         WHERE l.tenant_id = i.tenant_id AND l.stripe_invoice_id = i.stripe_invoice_id AND l.metered) AS usage_lines
   FROM billing.invoices i
  ORDER BY i.stripe_created DESC, i.stripe_invoice_id DESC;
 COMMENT ON VIEW api.invoices IS
-  'The calling tenant''s invoices, mirrored from Stripe, newest first (amounts in the smallest currency unit). Page with limit and offset.';
+  'The calling tenant''s invoices, mirrored from Stripe, newest first (amounts in the smallest currency unit). usage_lines: the usage Stripe billed on it through meters (metric, quantity, amount, period), as its newest event showed. Page with limit and offset.';
 
 CREATE FUNCTION api.config() RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing

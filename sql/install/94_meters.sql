@@ -599,47 +599,47 @@ BEGIN
 END
 $$;
 
--- ---- what the tenant sees -----------------------------------------------------------
+-- ---- what Stripe billed: the invoices' lines -------------------------------------------
 
--- What will be billed so far this period, per billable metric: used, the
--- included quantity, the billable units and their amount at the price.
-CREATE FUNCTION billing.usage_billable(p_tenant text)
-  RETURNS TABLE (metric text, period_start timestamptz, used bigint, included bigint, billable bigint,
-                 unit_amount_decimal numeric, amount numeric, currency text, sent bigint)
-  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+-- An invoice event that was applied: keep its lines (the newest event's).
+CREATE FUNCTION billing.keep_invoice_lines() RETURNS trigger
+  LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, billing
 AS $$
-  SELECT c.metric, c.period_start, c.used, mp.included, greatest(c.used - mp.included, 0),
-         mp.unit_amount_decimal, round(greatest(c.used - mp.included, 0) * mp.unit_amount_decimal, 6), mp.currency,
-         (SELECT CASE WHEN m.kind = 'gauge'
-                      THEN (SELECT e.value FROM billing.meter_events e
-                             WHERE e.tenant_id = p_tenant AND e.metric = c.metric AND e.period_start = c.period_start
-                               AND e.state = 'delivered' ORDER BY e.event_at DESC LIMIT 1)
-                      ELSE (SELECT sum(e.value)::bigint FROM billing.meter_events e
-                             WHERE e.tenant_id = p_tenant AND e.metric = c.metric AND e.period_start = c.period_start
-                               AND e.state = 'delivered') END
-            FROM billing.metrics m WHERE m.metric = c.metric)
-    FROM billing.usage_current(p_tenant) c
-    JOIN billing.subscriptions s ON s.tenant_id = p_tenant AND s.stripe_subscription_id IS NOT NULL
-                                AND s.status IN ('trialing', 'active', 'past_due')
-    JOIN billing.metered_prices mp ON mp.plan_id = s.plan_id AND mp.billing_interval = s.billing_interval
-                                  AND mp.metric = c.metric AND mp.active
-   ORDER BY c.metric
+DECLARE
+  o     jsonb := (NEW.payload -> 'data' -> 'object')::jsonb;
+  v_at  timestamptz := NEW.stripe_created;
+  v_old timestamptz;
+BEGIN
+  IF NEW.tenant_id IS NULL OR o ->> 'id' IS NULL OR jsonb_typeof(o -> 'lines' -> 'data') IS DISTINCT FROM 'array' THEN
+    RETURN NULL;
+  END IF;
+  SELECT max(l.stripe_state_at) INTO v_old FROM billing.invoice_lines l
+   WHERE l.tenant_id = NEW.tenant_id AND l.stripe_invoice_id = o ->> 'id';
+  IF v_old > v_at THEN
+    RETURN NULL;   -- an older state of the invoice: the newer lines stay
+  END IF;
+  DELETE FROM billing.invoice_lines WHERE tenant_id = NEW.tenant_id AND stripe_invoice_id = o ->> 'id';
+  INSERT INTO billing.invoice_lines (tenant_id, stripe_invoice_id, line_id, stripe_price_id, metered, metric,
+                                     description, quantity, amount, currency, period_start, period_end, stripe_state_at)
+  SELECT NEW.tenant_id, o ->> 'id', l ->> 'id', x.price,
+         mp.price_key IS NOT NULL OR l -> 'price' -> 'recurring' ->> 'usage_type' = 'metered', mp.metric,
+         l ->> 'description', (l ->> 'quantity')::bigint, coalesce((l ->> 'amount')::bigint, 0),
+         coalesce(l ->> 'currency', o ->> 'currency'),
+         to_timestamp((l -> 'period' ->> 'start')::bigint), to_timestamp((l -> 'period' ->> 'end')::bigint), v_at
+    FROM jsonb_array_elements(o -> 'lines' -> 'data') l
+    CROSS JOIN LATERAL (SELECT coalesce(l -> 'price' ->> 'id', l ->> 'price',
+                                        l -> 'pricing' -> 'price_details' ->> 'price') AS price) x
+    LEFT JOIN billing.metered_prices mp ON mp.stripe_price_id = x.price
+   WHERE l ->> 'id' IS NOT NULL
+  ON CONFLICT DO NOTHING;
+  RETURN NULL;
+END
 $$;
-COMMENT ON FUNCTION billing.usage_billable(text) IS
-  'What will be billed through meters so far this period, per billable metric: used, included, billable units, their amount (smallest currency unit) and what Stripe has been sent.';
-
-CREATE FUNCTION billing.my_usage_billable()
-  RETURNS TABLE (metric text, period_start timestamptz, used bigint, included bigint, billable bigint,
-                 unit_amount_decimal numeric, amount numeric, currency text, sent bigint)
-  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
-AS $$ SELECT * FROM billing.usage_billable(billing.jwt_tenant_id()) $$;
-COMMENT ON FUNCTION billing.my_usage_billable() IS 'usage_billable() for the tenant named by the request''s JWT.';
-
-CREATE VIEW api.usage_billable WITH (security_invoker = true) AS
-SELECT b.metric, b.period_start, b.used, b.included, b.billable, b.unit_amount_decimal, b.amount, b.currency, b.sent
-  FROM billing.my_usage_billable() b;
-COMMENT ON VIEW api.usage_billable IS
-  'The calling tenant''s usage billed through meters this period, per metric: used, included, billable units, their amount so far (smallest currency unit; Stripe invoices it at the period''s end) and what Stripe has been sent. Empty when nothing is billed by usage.';
+COMMENT ON FUNCTION billing.keep_invoice_lines() IS
+  'Trigger: when an invoice event is applied, keep the invoice''s lines as that event shows them (unless a newer event''s are kept).';
+CREATE TRIGGER keep_invoice_lines AFTER UPDATE OF state ON billing.webhook_events
+  FOR EACH ROW WHEN (NEW.state = 'applied' AND NEW.event_type LIKE 'invoice.%')
+  EXECUTE FUNCTION billing.keep_invoice_lines();
 
 CREATE VIEW billing.meter_metrics AS
 SELECT (SELECT count(*) FROM billing.meter_events WHERE state = 'queued') AS queued,

@@ -67,7 +67,12 @@ GRANT SELECT ON billing.webhook_endpoints TO qes_admin;
 
 -- usage billed through meters (sql/install/94_meters.sql)
 GRANT EXECUTE ON FUNCTION billing.my_usage_billable() TO qes_tenant;
-GRANT SELECT ON api.usage_billable TO qes_tenant;
+-- the invoices' lines, behind row-level security like the invoices
+ALTER TABLE billing.invoice_lines ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant_own_rows ON billing.invoice_lines FOR SELECT TO qes_tenant
+  USING (tenant_id = billing.jwt_tenant_id());
+CREATE POLICY staff_all_rows ON billing.invoice_lines TO qes_admin, qes_app USING (true) WITH CHECK (true);
+GRANT SELECT ON billing.invoice_lines TO qes_tenant, qes_admin;
 GRANT EXECUTE ON FUNCTION billing.usage_billable(text) TO qes_app, qes_admin;
 GRANT EXECUTE ON FUNCTION billing.meter_reconcile(text), billing.void_usage(text, text, text) TO qes_admin;
 GRANT SELECT ON billing.meter_metrics, billing.meter_events, billing.metered_prices, billing.meters TO qes_admin;

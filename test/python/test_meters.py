@@ -449,3 +449,58 @@ def test_subscriptions_get_and_move_their_metered_items():
         api.close()
         f.stop()
         amcheck_and_stop(pg)
+
+
+def test_the_tenant_sees_what_will_be_and_what_was_billed(billed, fake):
+    """GET /usage: what will be billed so far this period; GET /invoices: the
+    usage lines Stripe billed (from the invoice's event, delivered signed)."""
+    import json as _json
+    from conftest import tenant_claims
+    from fake_stripe import signed
+    from postgrest import PostgREST
+    pg = billed
+    customer = subscribe(pg, fake, "pro_i", "professional")
+    for i in range(3):
+        pg.sql("SELECT billing.record_usage('pro_i', 'signatures', 50, %s)", (f"i{i}",))
+    pass_and_drain(pg)
+    api = PostgREST(pg.dsn(user="authenticator"))
+    try:
+        claims = tenant_claims("pro_i")
+        rows = {r["metric"]: r for r in api.get("/usage", claims=claims).body if r["is_current"]}
+        s = rows["signatures"]
+        assert (s["used"], s["billed_beyond"], s["billable"], s["billable_amount"], s["sent_to_stripe"]) == \
+            (150, 100, 50, 2500, 150), s
+        assert rows["documents"]["billable"] is None          # not billed by usage
+        # the invoice Stripe made at the period's end, with its metered line
+        price = pg.sql("SELECT stripe_price_id FROM billing.metered_prices "
+                       "WHERE price_key = 'professional_signatures_overage_monthly'")[0][0]
+        at = int(AT.timestamp())
+        p0, p1 = int(PERIOD[0].timestamp()), int(PERIOD[1].timestamp())
+        inv = {"id": "in_meters1", "object": "invoice", "customer": customer, "subscription": "sub_pro_i",
+               "status": "open", "amount_due": 5400, "amount_paid": 0, "amount_remaining": 5400, "currency": "usd",
+               "created": at, "period_start": p0, "period_end": p1, "attempt_count": 0, "billing_reason":
+               "subscription_cycle", "status_transitions": {"finalized_at": at}, "livemode": False,
+               "lines": {"object": "list", "has_more": False, "data": [
+                   {"id": "il_base", "object": "line_item", "amount": 2900, "currency": "usd", "quantity": 1,
+                    "description": "Professional", "period": {"start": p1, "end": p1 + 30 * 86400},
+                    "price": {"id": "price_base", "recurring": {"usage_type": "licensed"}}},
+                   {"id": "il_usage", "object": "line_item", "amount": 2500, "currency": "usd", "quantity": 150,
+                    "description": "Signatures beyond 100", "period": {"start": p0, "end": p1},
+                    "price": {"id": price, "recurring": {"usage_type": "metered"}}}]}}
+        ev = {"id": "evt_meters_inv1", "object": "event", "type": "invoice.finalized", "api_version": "2024-06-20",
+              "created": at, "livemode": False, "data": {"object": inv}}
+        body, header = signed(ev, TEST_KEYS["STRIPE_TEST_WEBHOOK_SECRET"], at=time.time())
+        r = api.post("/rpc/stripe_webhook", body=body,
+                     headers={"Content-Type": "application/json", "Stripe-Signature": header})
+        assert r.status == 200, r.body
+        assert pg.wait_until("SELECT state = 'applied' FROM billing.webhook_events "
+                             "WHERE stripe_event_id = 'evt_meters_inv1'"), \
+            pg.sql("SELECT state, last_error FROM billing.webhook_events WHERE stripe_event_id = 'evt_meters_inv1'")
+        [invoice] = [i for i in api.get("/invoices", claims=claims).body if i["invoice_id"] == "in_meters1"]
+        assert [(l["metric"], l["quantity"], l["amount"]) for l in invoice["usage_lines"]] == \
+            [("signatures", 150, 2500)], invoice
+        # another tenant sees none of it
+        assert [i for i in api.get("/invoices", claims=tenant_claims("pro_a")).body
+                if i["invoice_id"] == "in_meters1"] == []
+    finally:
+        api.close()
