@@ -618,6 +618,9 @@ BEGIN
   IF v_old > v_at THEN
     RETURN NULL;   -- an older state of the invoice: the newer lines stay
   END IF;
+  -- (the lines are shown, never decided on: a line that cannot be kept
+  -- must not keep the invoice event from being applied)
+  BEGIN
   DELETE FROM billing.invoice_lines WHERE tenant_id = NEW.tenant_id AND stripe_invoice_id = o ->> 'id';
   INSERT INTO billing.invoice_lines (tenant_id, stripe_invoice_id, line_id, stripe_price_id, metered, metric,
                                      description, quantity, amount, currency, period_start, period_end, stripe_state_at)
@@ -632,6 +635,9 @@ BEGIN
     LEFT JOIN billing.metered_prices mp ON mp.stripe_price_id = x.price
    WHERE l ->> 'id' IS NOT NULL
   ON CONFLICT DO NOTHING;
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'qes_billing: the lines of invoice % were not kept: %', o ->> 'id', SQLERRM;
+  END;
   RETURN NULL;
 END
 $$;

@@ -127,3 +127,11 @@ BEGIN
   -- (secrets stay out of dumps) are not dumped.
 END
 $dump$;
+
+-- Usage billed through meters (94_meters.sql): the operator's metered
+-- prices, the meters setup made, which usage rows went to Stripe in which
+-- meter event (what makes a restore send nothing twice) and the invoices'
+-- lines: every row.
+SELECT pg_catalog.pg_extension_config_dump(format('billing.%I', t)::regclass, '')
+  FROM unnest(ARRAY['metered_prices', 'meters', 'meter_events', 'meter_event_usage', 'meter_state',
+                    'invoice_lines']) t;
