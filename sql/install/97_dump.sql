@@ -132,6 +132,14 @@ $dump$;
 -- prices, the meters setup made, which usage rows went to Stripe in which
 -- meter event (what makes a restore send nothing twice) and the invoices'
 -- lines: every row.
-SELECT pg_catalog.pg_extension_config_dump(format('billing.%I', t)::regclass, '')
-  FROM unnest(ARRAY['metered_prices', 'meters', 'meter_events', 'meter_event_usage', 'meter_state',
-                    'invoice_lines']) t;
+-- (one call per statement: each updates the extension's catalog row)
+DO $meters$
+DECLARE
+  t text;
+BEGIN
+  FOREACH t IN ARRAY ARRAY['metered_prices', 'meters', 'meter_events', 'meter_event_usage', 'meter_state',
+                           'invoice_lines'] LOOP
+    PERFORM pg_catalog.pg_extension_config_dump(format('billing.%I', t)::regclass, '');
+  END LOOP;
+END
+$meters$;
