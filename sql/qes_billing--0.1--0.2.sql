@@ -27,8 +27,10 @@ DROP VIEW api.subscription;
 DROP VIEW billing.subscription_health;
 DROP VIEW billing.webhook_metrics;
 DROP VIEW billing.worker_status;
+DROP FUNCTION billing.apply_event(jsonb);
 DROP FUNCTION billing.apply_invoice(text,jsonb,timestamp with time zone);
 DROP FUNCTION billing.current_subscription(text);
+DROP FUNCTION billing.refresh_subscription(text,text);
 DROP FUNCTION billing.usage_cache_stats();
 DROP FUNCTION billing.webhook_reject(text,text,text);
 DROP FUNCTION billing.worker_state();
@@ -548,13 +550,6 @@ $$;
 
 COMMENT ON FUNCTION billing.fetch_object(text, text, text, boolean) IS
   'Queue a GET of a Stripe object (subscription, invoice, customer, charge, payment_intent), once at a time; its answer is mirrored like an event (a 404 mirrors nothing). With p_next_second it is sent in the next second at the earliest.';
-
--- Kept for callers of the first version: a GET of the subscription.
-CREATE OR REPLACE FUNCTION billing.refresh_subscription(p_tenant text, p_stripe_subscription_id text) RETURNS bigint
-  LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
-AS $$
-  SELECT billing.fetch_object(p_tenant, 'subscription', p_stripe_subscription_id)
-$$;
 
 -- ---- customers --------------------------------------------------------------
 
@@ -1225,10 +1220,6 @@ $$;
 
 COMMENT ON FUNCTION billing.apply_event_ex(jsonb) IS
   'Apply one Stripe event to local state: the tenant it concerned, its state (applied, ignored, waiting) and the Stripe ids it waits for. Idempotent and independent of delivery order.';
-
-CREATE OR REPLACE FUNCTION billing.apply_event(e jsonb) RETURNS text
-  LANGUAGE sql SET search_path = pg_catalog, billing
-AS $$ SELECT (billing.apply_event_ex(e)).out_tenant $$;
 
 -- The worker's step: apply due events, oldest first.
 CREATE OR REPLACE FUNCTION billing.process_inbox(p_limit integer DEFAULT 200) RETURNS integer

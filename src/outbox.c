@@ -955,12 +955,6 @@ qes_outbox_claim_wait_ms(void)
 	return claim_at <= now ? 0 : TimestampDifferenceMilliseconds(now, claim_at);
 }
 
-int
-qes_outbox_in_flight(void)
-{
-	return n_in_flight;
-}
-
 /*
  * When the worker's tick must run for the outbox (0: no need): an answer it
  * could not record leaves its row in flight, to be reclaimed once stale and

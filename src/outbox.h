@@ -13,7 +13,6 @@
 extern bool qes_outbox_pump(bool *progress);
 extern void qes_outbox_set_due(double due_s);
 extern long qes_outbox_claim_wait_ms(void);
-extern int	qes_outbox_in_flight(void);
 extern long qes_outbox_busy_wait_ms(void);
 extern TimestampTz qes_outbox_tick_wanted(bool take);
 

@@ -150,15 +150,6 @@ $$;
 COMMENT ON FUNCTION billing.fetch_object(text, text, text, boolean) IS
   'Queue a GET of a Stripe object (subscription, invoice, customer, charge, payment_intent), once at a time; its answer is mirrored like an event (a 404 mirrors nothing). With p_next_second it is sent in the next second at the earliest.';
 
--- Kept for callers of the first version: a GET of the subscription.
-CREATE FUNCTION billing.refresh_subscription(p_tenant text, p_stripe_subscription_id text) RETURNS bigint
-  LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
-AS $$
-  SELECT billing.fetch_object(p_tenant, 'subscription', p_stripe_subscription_id)
-$$;
-COMMENT ON FUNCTION billing.refresh_subscription(text, text) IS
-  'Queue a GET of the subscription from Stripe (once at a time); its answer is mirrored like an event.';
-
 -- ---- customers --------------------------------------------------------------
 
 -- tenants.stripe_customer_id: the tenant's newest customer that is not
@@ -1036,12 +1027,6 @@ END
 $$;
 COMMENT ON FUNCTION billing.apply_event_ex(jsonb) IS
   'Apply one Stripe event to local state: the tenant it concerned, its state (applied, ignored, waiting) and the Stripe ids it waits for. Idempotent and independent of delivery order.';
-
-CREATE FUNCTION billing.apply_event(e jsonb) RETURNS text
-  LANGUAGE sql SET search_path = pg_catalog, billing
-AS $$ SELECT (billing.apply_event_ex(e)).out_tenant $$;
-COMMENT ON FUNCTION billing.apply_event(jsonb) IS
-  'Apply one Stripe event to local state. Idempotent; an older event never overwrites newer state. Returns the tenant, '''' when not ours, NULL for a type not handled.';
 
 -- The worker's step: apply due events, oldest first.
 CREATE FUNCTION billing.process_inbox(p_limit integer DEFAULT 200) RETURNS integer

@@ -181,7 +181,7 @@ def test_every_kind_says_what_happened_and_what_to_do(pg, sinks):
                 amount_remaining, currency, hosted_invoice_url, stripe_created)
               VALUES ('k1', 'in_k1', %s, 'QES-0042', 'open', 4900, 4900, 'eur',
                       'https://invoice.stripe.com/i/acct_1/test_k1', billing.now())""", (sub,))
-    # as billing.apply_event queues it (85_events.sql)
+    # as billing.apply_event_ex queues it (85_events.sql)
     pg.sql("""INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)
               VALUES ('k1', 'payment.failed', 'payment_failed:in_k1', '{"invoice": "in_k1", "amount_due": 4900}')""")
     wait_state(pg, "k1", "sent")
