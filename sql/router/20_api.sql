@@ -194,6 +194,26 @@ $$;
 COMMENT ON FUNCTION api.has_feature(text) IS
   'May the calling tenant use the feature now? Same rules as billing.has_feature; an unknown feature is an error (22023).';
 
+-- An operator's call about one dispute: on the shard that has it (every
+-- shard is asked; one that has none answers as one database does).
+CREATE FUNCTION api.submit_dispute_evidence(dispute text) RETURNS json
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, router
+AS $$
+DECLARE
+  v_targets integer[];
+BEGIN
+  IF dispute ~ '^(dp|du)_[A-Za-z0-9_]+$' THEN
+    v_targets := router.event_targets(jsonb_build_object('object', 'dispute', 'id', dispute));
+  END IF;
+  IF cardinality(v_targets) = 1 THEN
+    RETURN router.invoke(v_targets[1], 'submit_dispute_evidence', json_build_object('dispute', dispute))::json;
+  END IF;
+  RETURN router.invoke_any('submit_dispute_evidence', json_build_object('dispute', dispute))::json;
+END
+$$;
+COMMENT ON FUNCTION api.submit_dispute_evidence(text) IS
+  'Operators (qes_admin): submit the staged evidence of a dispute to Stripe after review. Stripe takes it once. Audited.';
+
 -- Inbound rate limiting, as on one database: qes_billing's token buckets in
 -- this cluster's shared memory (the library is preloaded here too).
 CREATE FUNCTION api.pre_request() RETURNS void
@@ -225,23 +245,25 @@ SELECT x.tenant_id, x.name, x.billing_email, x.has_stripe_customer, x.disputed, 
 COMMENT ON VIEW api.tenant IS 'The calling tenant (row-level security on the JWT''s tenant_id claim).';
 
 CREATE VIEW api.usage WITH (security_invoker = true) AS
-SELECT x.period_start, x.period_end, x.is_current, x.metric, x.used, x.usage_limit, x.percent, x.status
+SELECT x.period_start, x.period_end, x.is_current, x.metric, x.used, x.usage_limit, x.percent, x.status,
+       x.billed_beyond, x.billable, x.billable_amount, x.billable_currency, x.sent_to_stripe
   FROM json_to_recordset(router.api_rows('usage'))
        AS x(period_start timestamptz, period_end timestamptz, is_current boolean, metric text, used bigint,
-            usage_limit bigint, percent double precision, status text);
+            usage_limit bigint, percent double precision, status text, billed_beyond bigint, billable bigint,
+            billable_amount numeric, billable_currency text, sent_to_stripe bigint);
 COMMENT ON VIEW api.usage IS
-  'The calling tenant''s usage: the current billing period per metric (used, usage_limit (null = unlimited), percent, status: ok, warning, over_soft_limit, blocked) and the totals of earlier periods (is_current = false).';
+  'The calling tenant''s usage: the current billing period per metric (used, usage_limit (null = unlimited), percent, status: ok, warning, over_soft_limit, blocked) and the totals of earlier periods (is_current = false). A metric billed by usage (Stripe Billing Meters) also shows what will be billed so far this period: the units included (billed_beyond), the billable units, their amount (smallest currency unit, billable_currency) and how many Stripe has been sent; null when not billed by usage.';
 
 CREATE VIEW api.invoices WITH (security_invoker = true) AS
 SELECT x.invoice_id, x.number, x.status, x.amount_due, x.amount_paid, x.amount_remaining, x.currency,
-       x.period_start, x.period_end, x.hosted_invoice_url, x.invoice_pdf, x.created
+       x.period_start, x.period_end, x.hosted_invoice_url, x.invoice_pdf, x.created, x.usage_lines
   FROM json_to_recordset(router.api_rows('invoices'))
        AS x(invoice_id text, number text, status text, amount_due bigint, amount_paid bigint, amount_remaining bigint,
             currency text, period_start timestamptz, period_end timestamptz, hosted_invoice_url text,
-            invoice_pdf text, created timestamptz)
+            invoice_pdf text, created timestamptz, usage_lines jsonb)
  ORDER BY x.created DESC, x.invoice_id DESC;
 COMMENT ON VIEW api.invoices IS
-  'The calling tenant''s invoices, mirrored from Stripe, newest first (amounts in the smallest currency unit). Page with limit and offset.';
+  'The calling tenant''s invoices, mirrored from Stripe, newest first (amounts in the smallest currency unit). usage_lines: the usage Stripe billed on it through meters (metric, quantity, amount, period), as its newest event showed. Page with limit and offset.';
 
 CREATE VIEW api.subscription WITH (security_invoker = true) AS
 SELECT x.subscription_id, x.plan, x."interval", x.status, x.limits_plan, x.client_secret, x.current_period_start,

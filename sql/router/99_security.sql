@@ -27,6 +27,7 @@ GRANT SELECT ON api.subscription, api.payments TO qes_tenant, qes_admin;
 GRANT SELECT ON api.usage TO qes_tenant;
 GRANT EXECUTE ON FUNCTION api.has_feature(text) TO qes_tenant;
 GRANT SELECT ON api.features TO qes_tenant;
+GRANT EXECUTE ON FUNCTION api.submit_dispute_evidence(text) TO qes_admin;
 GRANT EXECUTE ON FUNCTION api.pre_request() TO qes_anon, qes_tenant, qes_admin, qes_app;
 
 -- the views read their rows through this (security_invoker views call it as the caller)

@@ -56,6 +56,8 @@ BEGIN
         body := api.has_feature(feature => p_args ->> 'feature')::text;
       WHEN 'features' THEN
         body := (SELECT coalesce(json_agg(v), '[]')::text FROM api.features v);
+      WHEN 'submit_dispute_evidence' THEN
+        body := api.submit_dispute_evidence(dispute => p_args ->> 'dispute')::text;
       WHEN 'plans' THEN
         body := (SELECT coalesce(json_agg(v), '[]')::text FROM api.plans v);
       WHEN 'tenant' THEN

@@ -41,7 +41,9 @@ BEGIN
                                              CASE WHEN v_kind = 'invoice' THEN v_id END)),
       (SELECT s.tenant_id FROM billing.subscriptions s
         WHERE s.stripe_subscription_id = coalesce(billing_shard.stripe_ref(p_object -> 'subscription'),
-                                                  CASE WHEN v_kind = 'subscription' THEN v_id END)));
+                                                  CASE WHEN v_kind = 'subscription' THEN v_id END)),
+      (SELECT d.tenant_id FROM billing.disputes d
+        WHERE v_kind = 'dispute' AND d.stripe_dispute_id = v_id));
   END IF;
   IF v IS NOT NULL THEN
     RETURN NEXT v;

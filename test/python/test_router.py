@@ -421,3 +421,224 @@ def test_rate_limiting_on_the_router(world):
     r = world["sharded"].limited.get("/rpc/config", claims=tenant_claims(t))
     assert r.status == 429 and r.body["code"] == "QB429" and r.headers["Retry-After"]
     assert world["shards"].router.sql("SELECT limited > 0 FROM router.rate_limit_stats()")[0][0]
+
+
+# ---- webhooks whose owner no shard knows yet; reconciliation's hand-over --
+
+def deliver_event(system, ev):
+    body, header = signed(ev, SECRET)
+    return system.api.post("/rpc/stripe_webhook", body=body,
+                           headers={"Content-Type": "application/json", "Stripe-Signature": header})
+
+
+def event_states(world, event_id):
+    return {f"s{i}": (c.sql("SELECT state FROM billing.webhook_events WHERE stripe_event_id = %s", (event_id,))
+                      or [(None,)])[0][0]
+            for i, c in enumerate(world["shards"].shards)}
+
+
+def test_webhook_of_a_customer_no_shard_knows_yet(world):
+    """Stored by every shard, applied by the one whose tenant the customer
+    turns out to be, when it learns of it -- never by two, never lost."""
+    sharded = world["sharded"]
+    fake = sharded.fake
+    t = world["shards"].tenants_per_shard("late", 1)["s2"][0]
+    sharded.platform_call("upsert_tenant", t, "Late AG", "billing@late.example")
+    with fake.lock:
+        cus = fake.handle("POST", "/v1/customers", {"email": "billing@late.example", "metadata": {"tenant_id": t}})
+        pi = fake._payment_intent(4900, "usd", cus["id"], "pack", {}, None)
+        fake._charge(pi, "pm_card_visa")
+    events = {ev["type"]: ev for ev in fake.events if ev["data"]["object"].get("customer") == cus["id"]
+              or ev["data"]["object"].get("id") == cus["id"]}
+    charge_ev = events["charge.succeeded"]
+    # the charge first: no shard knows its customer, so every shard stores it
+    r = deliver_event(sharded, charge_ev)
+    assert r.status == 200 and r.body["duplicate"] is False, r.body
+    sharded.settle()
+    assert set(event_states(world, charge_ev["id"]).values()) == {"ignored"}
+    # delivered again: a duplicate everywhere
+    r = deliver_event(sharded, charge_ev)
+    assert r.status == 200 and r.body["duplicate"] is True, r.body
+    # the customer's own event names the tenant: its shard links it and applies what waited
+    r = deliver_event(sharded, events["customer.created"])
+    assert r.status == 200 and r.body["duplicate"] is False
+    sharded.settle()
+    states = event_states(world, charge_ev["id"])
+    assert states.pop("s2") == "applied", event_states(world, charge_ev["id"])
+    assert set(states.values()) == {"ignored"}
+    # the next event of that customer goes to s2 only, and the router keeps its tenant
+    r = deliver_event(sharded, events["payment_intent.succeeded"])
+    assert r.status == 200
+    states = event_states(world, events["payment_intent.succeeded"]["id"])
+    assert states["s2"] is not None and [v for k, v in states.items() if k != "s2"] == [None] * (SHARDS - 1)
+    assert world["shards"].router.sql("SELECT tenant_id FROM router.customer_tenants WHERE stripe_customer_id = %s",
+                                      (cus["id"],)) == [(t,)]
+    # a forged delivery is refused as one database refuses it, and counted on a shard
+    r = sharded.api.post("/rpc/stripe_webhook", body=json.dumps(charge_ev),
+                         headers={"Content-Type": "application/json", "Stripe-Signature": "t=1,v1=00"})
+    r1 = world["single"].api.post("/rpc/stripe_webhook", body=json.dumps(charge_ev),
+                                  headers={"Content-Type": "application/json", "Stripe-Signature": "t=1,v1=00"})
+    assert (r.status, r.body) == (r1.status, r1.body) and r.status == 400
+
+
+def test_reconciliation_hands_events_to_their_shard(world):
+    """One shard lists Stripe's events for the account; what it finds for
+    another shard's tenant is handed over once."""
+    shards = world["shards"]
+    t = shards.tenants_per_shard("recon", 1)["s3"][0]
+    world["sharded"].platform_call("upsert_tenant", t, "Recon AG", "billing@recon.example")
+    ev = {"id": "evt_reconcile0000001", "object": "event", "api_version": "2024-06-20", "created": int(time.time()),
+          "livemode": False, "type": "customer.created",
+          "data": {"object": {"id": "cus_recon000001", "object": "customer", "email": "billing@recon.example",
+                              "metadata": {"tenant_id": t}, "created": int(time.time()), "livemode": False}}}
+    s0 = shards.shards[0]
+    s0.sql("INSERT INTO billing.webhook_events (stripe_event_id, event_type, livemode, api_version, stripe_created, "
+           "payload, source) VALUES (%s, %s, false, %s, to_timestamp(%s), %s::json, 'reconcile')",
+           (ev["id"], ev["type"], ev["api_version"], ev["created"], json.dumps(ev)))
+    world["sharded"].settle()
+    assert event_states(world, ev["id"])["s0"] == "ignored"
+    assert shards.router.sql("SELECT router.reconcile_forward()")[0][0] == 1
+    assert shards.router.sql("SELECT router.reconcile_forward()")[0][0] == 0     # once
+    world["sharded"].settle()
+    states = event_states(world, ev["id"])
+    assert states == {"s0": "ignored", "s1": None, "s2": None, "s3": "applied"}, states
+    assert shards.shards[3].sql("SELECT stripe_customer_id FROM billing.tenants WHERE tenant_id = %s", (t,)) == \
+        [("cus_recon000001",)]
+    assert s0.sql("SELECT shards FROM billing_shard.forwarded_events WHERE stripe_event_id = %s", (ev["id"],)) == \
+        [(["s3"],)]
+
+
+# ---- operators see one system ---------------------------------------------
+
+def test_operators_see_every_shard(world):
+    shards = world["shards"]
+    router = shards.router
+    rows = router.sql("SELECT shard_name, up, health, worker_alive FROM router.shard_status")
+    assert rows == [(f"s{i}", True, "ok", True) for i in range(SHARDS)], rows
+    assert router.sql("SELECT count(*), bool_and(alive) FROM router.worker_status WHERE up") == [(SHARDS, True)]
+    # a parked event on one shard shows with its shard
+    shards.shards[1].sql("INSERT INTO billing.webhook_events (stripe_event_id, event_type, livemode, stripe_created, "
+                         "payload, state, attempts, last_error) VALUES ('evt_parked00000001', 'invoice.paid', false, "
+                         "now(), '{}', 'needs_review', 5, 'boom')")
+    assert router.sql("SELECT shard, stripe_event_id, last_error FROM router.failed_webhooks") == \
+        [("s1", "evt_parked00000001", "boom")]
+    api = world["sharded"].api
+    h = api.get("/rpc/health", claims=ADMIN)
+    assert h.status == 200 and h.body["webhooks_parked"] == 1 and h.body["status"] == "ok", h.body
+    shards.shards[1].sql("DELETE FROM billing.webhook_events WHERE stripe_event_id = 'evt_parked00000001'")
+    # health has the single database's keys, added up, and each shard
+    h, h1 = api.get("/rpc/health"), world["single"].api.get("/rpc/health")
+    assert h.status == h1.status == 200 and set(h.body) - {"shards"} == set(h1.body)
+    assert [s["shard"] for s in h.body["shards"]] == [f"s{i}" for i in range(SHARDS)]
+    # each shard's audit chain, verified from the router
+    v = router.sql("SELECT shard, up, verification FROM router.audit_verification ORDER BY 1")
+    assert [x[:2] for x in v] == [(f"s{i}", True) for i in range(SHARDS)] and all(x[2] for x in v), v
+    # the operators' views are for operators only
+    with router.connect(user="authenticator", autocommit=True) as c:
+        c.execute("SET ROLE qes_tenant")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT * FROM router.shard_status")
+
+
+# ---- a shard stops under load ---------------------------------------------
+
+def test_a_shard_down_under_load(world):
+    """Only the down shard's tenants get errors -- 503 with Retry-After,
+    naming the shard -- the others none; nothing is lost when it returns."""
+    shards = world["shards"]
+    sharded = world["sharded"]
+    per = shards.tenants_per_shard("load", 2)
+    for ts in per.values():
+        for t in ts:
+            sharded.platform_call("upsert_tenant", t, f"Load {t}", f"billing@{t}.example")
+    down = shards.shards[1]
+    stop = threading.Event()
+    results = {t: [] for ts in per.values() for t in ts}     # (phase, key, outcome)
+    phase = {"now": "before"}
+
+    def load(tenant_list):
+        api = PostgREST(shards.router.dsn(user="authenticator"))
+        conn = psycopg.connect(shards.router.dsn(user="authenticator"), autocommit=True)
+        conn.execute("SET ROLE qes_app")
+        k = 0
+        try:
+            while not stop.is_set():
+                for t in tenant_list:
+                    key = f"load-{k}"
+                    ph = phase["now"]
+                    try:
+                        conn.execute("SELECT * FROM router.record_usage(%s, 'api_calls', 1, %s)", (t, key))
+                        out = "ok"
+                    except psycopg.Error as e:
+                        out = ("sql", e.diag.sqlstate, e.diag.message_primary)
+                    r = api.get("/usage", claims=tenant_claims(t))
+                    results[t].append((ph, key, out, r.status, r.headers.get("Retry-After"),
+                                       (r.body or {}).get("code") if r.status != 200 else None))
+                k += 1
+        finally:
+            api.close()
+            conn.close()
+
+    threads = [threading.Thread(target=load, args=(ts,)) for ts in per.values()]
+    for th in threads:
+        th.start()
+    time.sleep(1.5)
+    phase["now"] = "down"
+    down._run("pg_ctl", "-D", down.datadir, "-m", "fast", "-w", "stop")
+    time.sleep(3)
+    # while it is down: health says so, the others answer
+    h = sharded.api.get("/rpc/health")
+    assert h.status == 503 and {s["shard"]: s["status"] for s in h.body["shards"]} == \
+        {"s0": "ok", "s1": "down", "s2": "ok", "s3": "ok"}, h.body
+    assert shards.router.sql("SELECT shard_name, up FROM router.shard_status") == \
+        [("s0", True), ("s1", False), ("s2", True), ("s3", True)]
+    # a webhook for a tenant of the down shard: 503, so Stripe delivers it again
+    t1 = per["s1"][0]
+    ev = {"id": "evt_whiledown000001", "object": "event", "api_version": "2024-06-20", "created": int(time.time()),
+          "livemode": False, "type": "customer.created",
+          "data": {"object": {"id": "cus_whiledown0001", "object": "customer", "email": f"billing@{t1}.example",
+                              "metadata": {"tenant_id": t1}, "created": int(time.time()), "livemode": False}}}
+    r = deliver_event(sharded, ev)
+    assert r.status == 503 and r.headers.get("Retry-After") == "5" and "s1" in r.body["message"], (r.status, r.body)
+    phase["now"] = "back"
+    down._run("pg_ctl", "-D", down.datadir, "-l", down.logfile, "-w", "start")
+    time.sleep(2.5)
+    stop.set()
+    for th in threads:
+        th.join(30)
+
+    on_down = set(per["s1"])
+    for t, rows in results.items():
+        failures = [x for x in rows if x[2] != "ok" or x[3] != 200]
+        if t not in on_down:
+            assert failures == [], (t, failures[:5])
+            continue
+        # its tenants: answered before and after, refused while down with a clear status
+        assert [x for x in failures if x[0] == "before"] == [], failures[:5]
+        down_rows = [x for x in rows if x[0] == "down"]
+        assert down_rows and all(x[2] != "ok" and x[3] == 503 for x in down_rows[1:]), down_rows[:5]
+        for x in failures:
+            assert x[2] == "ok" or (x[2][1] == "PGRST" and "billing shard s1 is not available" in x[2][2]), x
+            assert x[3] == 200 or (x[3] == 503 and x[4] == "5" and x[5] == "QB503"), x
+        assert any(x[2] == "ok" and x[3] == 200 for x in rows if x[0] == "back"), rows[-5:]
+    # nothing lost: every usage answered ok is there once; the refused ones are
+    # recorded once when the platform retries them with their keys
+    for t, rows in results.items():
+        shard = shards.shard_of(t)
+        ok_keys = {x[1] for x in rows if x[2] == "ok"}
+        refused = {x[1] for x in rows if x[2] != "ok"} - ok_keys
+        got = {r[0] for r in shard.sql("SELECT idempotency_key FROM billing.usage_events WHERE tenant_id = %s", (t,))}
+        assert ok_keys <= got, (t, ok_keys - got)
+        for key in refused:
+            res = sharded.platform_call("record_usage", t, "api_calls", 1, key)
+            assert isinstance(res, list), res
+        total = shard.sql("SELECT count(*), count(DISTINCT idempotency_key) FROM billing.usage_events "
+                          "WHERE tenant_id = %s", (t,))[0]
+        assert total[0] == total[1] == len(ok_keys | refused)
+    # Stripe delivers the webhook again: stored and applied now
+    r = deliver_event(sharded, ev)
+    assert r.status == 200 and r.body["duplicate"] is False, r.body
+    sharded.settle()
+    assert down.sql("SELECT state FROM billing.webhook_events WHERE stripe_event_id = %s", (ev["id"],)) == [("applied",)]
+    assert down.wait_until("SELECT alive FROM billing.worker_status")
+    assert sharded.api.get("/rpc/health").status == 200
