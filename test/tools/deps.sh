@@ -5,7 +5,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 
 DEBS=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libcurl4-openssl-dev libssl-dev
-      libipc-run-perl make gcc python3 python3-pip ca-certificates valgrind)
+      libipc-run-perl make gcc python3 python3-pip ca-certificates valgrind
+      postgresql-15-plproxy pgbouncer)
 
 missing=()
 for p in "${DEBS[@]}"; do
