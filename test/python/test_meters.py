@@ -27,6 +27,12 @@ AT = datetime(2027, 6, 15, 19, 0, tzinfo=timezone.utc)
 PERIOD = (datetime(2027, 6, 1, tzinfo=timezone.utc), datetime(2027, 7, 1, tzinfo=timezone.utc))
 OPEN = "state IN ('waiting', 'pending', 'in_flight')"
 
+# the request kinds of usage billed through meters, every one sent to
+# stripe-mock by test_every_meter_request_is_valid_for_stripe (and counted by
+# test_stripe_worker's check that every kind the SQL code queues is proven)
+METER_KINDS = {"meter.setup.list", "meter.setup.create", "meter.setup.prices.list", "meter.setup.price.create",
+               "meter.event", "meter.cancel", "meter.summary"}
+
 METERED = """
 INSERT INTO billing.metered_prices (price_key, plan_id, metric, billing_interval, included, unit_amount_decimal)
 VALUES ('professional_signatures_overage_monthly', 'professional', 'signatures', 'month', 100, 50),
@@ -109,8 +115,7 @@ def test_every_meter_request_is_valid_for_stripe(stripe_mock):
         pg.sql("SELECT billing.meter_reconcile()")
         drain(pg)
         kinds = {k for (k,) in pg.sql("SELECT DISTINCT kind FROM billing.stripe_requests WHERE state = 'succeeded'")}
-        assert kinds == {"meter.setup.list", "meter.setup.create", "meter.setup.prices.list",
-                         "meter.setup.price.create", "meter.event", "meter.cancel", "meter.summary"}, kinds
+        assert kinds == METER_KINDS, kinds
         failed = pg.sql("SELECT kind, error FROM billing.stripe_requests WHERE state = 'failed'")
         assert failed == [], failed
         # the form of a tiered metered price, as stripe-mock accepted it
