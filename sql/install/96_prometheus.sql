@@ -171,7 +171,8 @@ SELECT count(*) FILTER (WHERE a.action = 'webhook.parked') AS webhook_events_par
        count(*) FILTER (WHERE a.action = 'webhook.replayed') AS webhook_replays_total,
        count(*) FILTER (WHERE a.action = 'stripe.request_retried') AS outbox_requests_retried_total,
        count(*) FILTER (WHERE a.action = 'dunning.started') AS dunning_started_total,
-       count(*) FILTER (WHERE a.action = 'dunning.recovered') AS dunning_recovered_total,
+       -- paid again, whether the tenant had been told of the failure or not
+       count(*) FILTER (WHERE a.action IN ('dunning.recovered', 'dunning.recovered_before_known')) AS dunning_recovered_total,
        count(*) FILTER (WHERE a.action = 'dispute.created') AS disputes_total,
        count(*) FILTER (WHERE a.action = 'drift.repaired') AS drift_repairs_total,
        count(*) AS audit_events_total

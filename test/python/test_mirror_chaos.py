@@ -246,19 +246,20 @@ def get_bound(world, copy_):
     invoice that contradicts the mirrored status, a failure learnt too late to
     know whether it still holds (once per invoice), a grace period or trial
     whose end the mirror cannot vouch for (once per subscription and end).  In
-    this world that is about one GET per subscription and invoice over its
-    life (an answer that must wait for another subscription's end is asked
-    for again until it can be applied), so the bound is twice the number of
-    subscriptions and invoices of the copy.  A mirror that asked for the
-    object of every event would send about one GET per event (6,000 per
-    copy, for about 1,100 subscriptions and invoices)."""
+    this world that is fewer than one GET per subscription and invoice over
+    its life on average (measured: 0.5 in order, 0.65 shuffled; an answer
+    that must wait for another subscription's end is asked for again until
+    it can be applied, up to about ten times), so the bound is one and a half
+    times the number of subscriptions and invoices of the copy.  A mirror
+    that asked for the object of every event would send about one GET per
+    event: 6,000 per copy, for about 1,100 subscriptions and invoices."""
     gets = world.gets_of(copy_)
     objects = world.objects_of(copy_)
     by_type = collections.Counter()
     for oid, n in gets.items():
         by_type[oid.split("_")[0]] += n
     return {"gets": sum(gets.values()), "objects_asked": len(gets), "max_per_object": max(gets.values(), default=0),
-            "budget": 2 * (objects["subscription"] + objects["invoice"]), "by_type": dict(by_type),
+            "budget": 3 * (objects["subscription"] + objects["invoice"]) // 2, "by_type": dict(by_type),
             "most_asked": collections.Counter(gets).most_common(3)}
 
 
@@ -449,7 +450,7 @@ def test_dropped_events_are_found_and_repaired(pgw, world):
           f"{took:.1f} s; 0 rows differ after")
 
 
-GATE_TENANTS = 40
+GATE_TENANTS = 24
 
 
 def test_the_gate_fails(world, hook):
