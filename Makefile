@@ -55,7 +55,7 @@ SHLIB_LINK = -lcurl -lcrypto
 REGRESS = install catalog settings tenants audit api usage webhook outbox metrics operations redact features zz_amcheck
 REGRESS_OPTS = --temp-instance=./tmp_check_regress \
 	--temp-config=test/regress.conf --dbname=contrib_regression
-ISOLATION = wake audit_chain usage outbox webhook_intake caches usage_side_effects zz_amcheck
+ISOLATION = wake audit_chain usage outbox webhook_intake caches usage_side_effects meters zz_amcheck
 ISOLATION_OPTS = --temp-instance=./tmp_check_iso \
 	--temp-config=test/regress.conf --load-extension=qes_billing \
 	--inputdir=test/isolation --outputdir=test/isolation/output \

@@ -143,7 +143,7 @@ RETURN 'qes_' || encode(sha256(convert_to(p_tenant || chr(1) || p_metric || chr(
 -- tenant and metric (none while one is under way for them: Stripe takes one
 -- concurrent call per customer and meter), at most p_limit.  Returns how
 -- many were queued.
-CREATE FUNCTION billing.meter_queue(p_limit integer) RETURNS integer
+CREATE FUNCTION billing.meter_queue(p_limit integer, p_wait boolean DEFAULT true) RETURNS integer
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
 DECLARE
@@ -151,6 +151,13 @@ DECLARE
   v_ev  text[];
   x     text;
 BEGIN
+  -- one pass at a time: a second one waits (or, the worker's, skips) and
+  -- then, in a statement of its own, sees what the first committed
+  IF p_wait THEN
+    PERFORM pg_advisory_xact_lock(hashtext('qes_billing.meter_queue'));
+  ELSIF NOT pg_try_advisory_xact_lock(hashtext('qes_billing.meter_queue')) THEN
+    RETURN 0;
+  END IF;
   WITH live AS (
     SELECT s.tenant_id, s.current_period_start, t.stripe_customer_id, mp.metric, m.event_name, m.aggregation
       FROM billing.metered_prices mp
@@ -202,8 +209,8 @@ BEGIN
   RETURN coalesce(cardinality(v_ev), 0);
 END
 $$;
-COMMENT ON FUNCTION billing.meter_queue(integer) IS
-  'Gather the committed billable usage rows no meter event carries yet into one meter event per tenant and metric (none while one is under way) and queue them; at most p_limit. Returns how many.';
+COMMENT ON FUNCTION billing.meter_queue(integer, boolean) IS
+  'Gather the committed billable usage rows no meter event carries yet into one meter event per tenant and metric (none while one is under way) and queue them; at most p_limit. One pass at a time (p_wait false: skip when another runs). Returns how many.';
 
 -- Queue the request that sends one meter event.  The Idempotency-Key and
 -- the identifier are the event's own: a retry of the request (lost answer,
@@ -250,14 +257,21 @@ BEGIN
   IF NOT FOUND THEN
     INSERT INTO billing.meter_state DEFAULT VALUES ON CONFLICT DO NOTHING RETURNING * INTO st;
   END IF;
-  IF st.next_pass_at <= now() THEN
-    PERFORM billing.meter_queue(st.max_events);
+  -- in a subtransaction: whatever goes wrong here must not hold up the
+  -- rest of the tick (the inbox); it is logged and tried at the next pass
+  BEGIN
+    IF st.next_pass_at <= now() THEN
+      PERFORM billing.meter_queue(st.max_events, false);
+      UPDATE billing.meter_state SET next_pass_at = now() + pass_interval RETURNING * INTO st;
+    END IF;
+    IF st.reconcile_interval > interval '0' AND st.next_reconcile_at <= now() THEN
+      PERFORM billing.meter_reconcile(NULL);
+      UPDATE billing.meter_state SET next_reconcile_at = now() + reconcile_interval RETURNING * INTO st;
+    END IF;
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'qes_billing: the meter pass failed: %', SQLERRM;
     UPDATE billing.meter_state SET next_pass_at = now() + pass_interval RETURNING * INTO st;
-  END IF;
-  IF st.reconcile_interval > interval '0' AND st.next_reconcile_at <= now() THEN
-    PERFORM billing.meter_reconcile(NULL);
-    UPDATE billing.meter_state SET next_reconcile_at = now() + reconcile_interval RETURNING * INTO st;
-  END IF;
+  END;
   RETURN extract(epoch FROM least(st.next_pass_at,
                                   CASE WHEN st.reconcile_interval > interval '0' THEN st.next_reconcile_at END) - now());
 END
