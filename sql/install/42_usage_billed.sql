@@ -6,8 +6,19 @@
 CREATE FUNCTION billing.usage_billable(p_tenant text)
   RETURNS TABLE (metric text, period_start timestamptz, used bigint, included bigint, billable bigint,
                  unit_amount_decimal numeric, amount numeric, currency text, sent bigint)
-  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+  LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
 AS $$
+BEGIN
+  -- most tenants are billed by usage for nothing: answer without the
+  -- usage_current call (GET /usage asks for every tenant)
+  IF NOT EXISTS (SELECT 1 FROM billing.subscriptions s
+                   JOIN billing.metered_prices mp ON mp.plan_id = s.plan_id AND mp.billing_interval = s.billing_interval
+                                                 AND mp.active
+                  WHERE s.tenant_id = p_tenant AND s.stripe_subscription_id IS NOT NULL
+                    AND s.status IN ('trialing', 'active', 'past_due')) THEN
+    RETURN;
+  END IF;
+  RETURN QUERY
   SELECT c.metric, c.period_start, c.used, mp.included, greatest(c.used - mp.included, 0),
          mp.unit_amount_decimal, round(greatest(c.used - mp.included, 0) * mp.unit_amount_decimal, 6), mp.currency,
          (SELECT CASE WHEN m.kind = 'gauge'
@@ -23,7 +34,8 @@ AS $$
                                 AND s.status IN ('trialing', 'active', 'past_due')
     JOIN billing.metered_prices mp ON mp.plan_id = s.plan_id AND mp.billing_interval = s.billing_interval
                                   AND mp.metric = c.metric AND mp.active
-   ORDER BY c.metric
+   ORDER BY c.metric;
+END
 $$;
 COMMENT ON FUNCTION billing.usage_billable(text) IS
   'What will be billed through meters so far this period, per billable metric: used, included, billable units, their amount (smallest currency unit) and what Stripe has been sent.';
