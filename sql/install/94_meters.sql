@@ -159,7 +159,8 @@ BEGIN
     RETURN 0;
   END IF;
   WITH live AS (
-    SELECT s.tenant_id, s.current_period_start, t.stripe_customer_id, mp.metric, m.event_name, m.aggregation
+    SELECT s.tenant_id, s.current_period_start, s.billing_interval, t.stripe_customer_id, mp.metric, m.event_name,
+           m.aggregation
       FROM billing.metered_prices mp
       JOIN billing.meters m ON m.metric = mp.metric AND m.stripe_meter_id IS NOT NULL
       JOIN billing.subscriptions s ON s.plan_id = mp.plan_id AND s.billing_interval = mp.billing_interval
@@ -170,24 +171,36 @@ BEGIN
        AND NOT EXISTS (SELECT 1 FROM billing.meter_events e
                         WHERE e.tenant_id = s.tenant_id AND e.metric = mp.metric
                           AND e.state IN ('queued', 'cancel_queued'))),
+  -- the current period's rows, and the previous period's not sent yet (usage
+  -- recorded just before a renewal was mirrored, or reported late: Stripe
+  -- bills it on that period's invoice while the invoice is still a draft)
   fresh AS (
-    SELECT l.tenant_id, l.metric, l.event_name, l.aggregation, l.stripe_customer_id, l.current_period_start,
+    SELECT l.tenant_id, l.metric, l.event_name, l.aggregation, l.stripe_customer_id, u.period_start,
            u.idempotency_key, u.quantity, u.occurred_at, u.recorded_at
       FROM live l
       JOIN billing.usage_events u ON u.tenant_id = l.tenant_id AND u.metric = l.metric
-                                 AND u.period_start = l.current_period_start
-     WHERE NOT EXISTS (SELECT 1 FROM billing.meter_event_usage x
+                                 AND u.period_start >= l.current_period_start
+                                      - CASE l.billing_interval WHEN 'year' THEN interval '1 year' ELSE interval '1 month' END
+     WHERE u.occurred_at > v_now - interval '34 days'
+       AND NOT EXISTS (SELECT 1 FROM billing.meter_event_usage x
                         WHERE x.tenant_id = u.tenant_id AND x.idempotency_key = u.idempotency_key)),
+  -- one period per tenant and metric and pass (the oldest): one call per
+  -- customer and meter at a time
+  oldest AS (
+    SELECT f.* FROM fresh f
+     WHERE f.period_start = (SELECT min(g.period_start) FROM fresh g
+                              WHERE g.tenant_id = f.tenant_id AND g.metric = f.metric)),
   grouped AS (
-    SELECT f.tenant_id, f.metric, f.event_name, f.stripe_customer_id, f.current_period_start,
+    SELECT f.tenant_id, f.metric, f.event_name, f.stripe_customer_id, f.period_start AS current_period_start,
            CASE WHEN f.aggregation = 'sum' THEN least(sum(f.quantity), 9223372036854775807)::bigint
                 ELSE (array_agg(f.quantity ORDER BY f.occurred_at DESC, f.recorded_at DESC, f.idempotency_key))[1] END
              AS value,
-           -- Stripe takes timestamps of the last 35 days, at most 5 minutes ahead
-           least(greatest(max(f.occurred_at), v_now - interval '34 days', f.current_period_start), v_now) AS event_at,
+           -- in the rows' period; Stripe takes timestamps of the last 35
+           -- days, at most 5 minutes ahead
+           least(greatest(max(f.occurred_at), v_now - interval '34 days', f.period_start), v_now) AS event_at,
            array_agg(f.idempotency_key ORDER BY f.idempotency_key) AS keys
-      FROM fresh f
-     GROUP BY f.tenant_id, f.metric, f.event_name, f.stripe_customer_id, f.current_period_start, f.aggregation
+      FROM oldest f
+     GROUP BY f.tenant_id, f.metric, f.event_name, f.stripe_customer_id, f.period_start, f.aggregation
      ORDER BY min(f.recorded_at)
      LIMIT p_limit),
   ev AS (

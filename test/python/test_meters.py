@@ -509,3 +509,37 @@ def test_the_tenant_sees_what_will_be_and_what_was_billed(billed, fake):
                 if i["invoice_id"] == "in_meters1"] == []
     finally:
         api.close()
+
+
+def test_usage_of_the_previous_period_after_the_renewal(billed, fake):
+    """Usage that occurred just before a renewal and was recorded (or sent)
+    after Stripe's renewal was mirrored goes to Stripe with its own time, in
+    the period it occurred in (the invoice of that period is still a draft
+    for an hour); the new period's usage in a meter event of its own."""
+    pg = billed
+    july = PERIOD[1]
+    subscribe(pg, fake, "ent_late", "enterprise")
+    pg.sql("SELECT billing.record_usage('ent_late', 'signatures', 4, 'june-1')")
+    pg.set_clock(july + timedelta(minutes=20))
+    fake.set_clock(july + timedelta(minutes=20))
+    try:
+        # the renewal is mirrored; then June's last usage is reported late
+        pg.sql("UPDATE billing.subscriptions SET current_period_start = %s, current_period_end = %s "
+               "WHERE tenant_id = 'ent_late'", (july, datetime(2027, 8, 1, tzinfo=timezone.utc)))
+        pg.sql("SELECT billing.record_usage('ent_late', 'signatures', 5, 'june-late', NULL, %s)",
+               (july - timedelta(minutes=3),))
+        pg.sql("SELECT billing.record_usage('ent_late', 'signatures', 7, 'july-1')")
+        assert pg.sql("SELECT period_start FROM billing.usage_events WHERE tenant_id = 'ent_late' ORDER BY 1") == \
+            [(PERIOD[0],), (PERIOD[0],), (july,)]
+        pass_and_drain(pg)          # June's (the oldest period first)
+        pass_and_drain(pg)          # then July's
+        customer, meter = pg.sql("SELECT t.stripe_customer_id, m.stripe_meter_id FROM billing.tenants t, "
+                                 "billing.meters m WHERE t.tenant_id = 'ent_late' AND m.metric = 'signatures'")[0]
+        june_value = fake.meter_value(meter, customer, int(PERIOD[0].timestamp()), int(july.timestamp()))
+        july_value = fake.meter_value(meter, customer, int(july.timestamp()), int(july.timestamp()) + 31 * 86400)
+        assert (june_value, july_value) == (9, 7)
+        assert pg.sql("SELECT period_start, value, state FROM billing.meter_events WHERE tenant_id = 'ent_late' "
+                      "ORDER BY meter_event_id") == [(PERIOD[0], 9, "delivered"), (july, 7, "delivered")]
+    finally:
+        pg.set_clock(AT)
+        fake.set_clock(AT)
