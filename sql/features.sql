@@ -72,3 +72,10 @@ RESET ROLE;
 SELECT set_config('request.jwt.claims', '', false) IS NOT NULL AS claims_cleared;
 
 SELECT billing.set_clock('0') IS NOT NULL AS clock_reset;
+
+-- GET /features without a registered tenant in the JWT: no rows (as GET /usage)
+SET ROLE qes_tenant;
+SELECT set_config('request.jwt.claims', '{"tenant_id": "nobody", "role": "qes_tenant"}', false) IS NOT NULL AS claims;
+SELECT count(*) AS features_of_nobody FROM api.features;
+RESET ROLE;
+SELECT set_config('request.jwt.claims', '', false) IS NOT NULL AS claims_cleared;

@@ -16,9 +16,19 @@ COMMENT ON FUNCTION billing.features_current(text) IS
 
 CREATE FUNCTION billing.my_features()
   RETURNS TABLE (feature text, enabled boolean, plan_id text, reason text, available_in text)
-  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
-AS $$ SELECT * FROM billing.features_current(billing.jwt_tenant_id()) $$;
-COMMENT ON FUNCTION billing.my_features() IS 'features_current() for the tenant named by the request''s JWT.';
+  LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_tenant text := billing.jwt_tenant_id();
+BEGIN
+  -- like GET /usage: no tenant in the JWT, no rows
+  IF v_tenant IS NOT NULL AND EXISTS (SELECT 1 FROM billing.tenants t WHERE t.tenant_id = v_tenant) THEN
+    RETURN QUERY SELECT * FROM billing.features_current(v_tenant);
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION billing.my_features() IS
+  'features_current() for the tenant named by the request''s JWT (no rows without a registered tenant, like GET /usage).';
 
 CREATE VIEW api.features WITH (security_invoker = true) AS
 SELECT f.feature, f.enabled, f.plan_id, f.reason, f.available_in
