@@ -59,6 +59,17 @@ static bool qes_dispute_auto_submit = false;
 static int	qes_dispute_auto_submit_before_s = 24 * 3600;
 static int	qes_dispute_lost_action = 0;
 
+/* tax (sql/install/91_tax.sql, 88_setup.sql, 92_subscriptions.sql read them with current_setting) */
+static char *qes_tax_origin_country = NULL;
+static bool qes_automatic_tax = false;
+static int	qes_tax_behavior = 0;
+
+static const struct config_enum_entry tax_behavior_options[] = {
+	{"exclusive", 0, false},
+	{"inclusive", 1, false},
+	{NULL, 0, false}
+};
+
 static const struct config_enum_entry dispute_lost_action_options[] = {
 	{"none", 0, false},
 	{"cancel_at_period_end", 1, false},
@@ -800,6 +811,16 @@ qes_define_gucs(void)
 							"How long before a dispute's deadline its evidence is submitted automatically.",
 							NULL, &qes_dispute_auto_submit_before_s, 24 * 3600, 3600, 30 * 24 * 3600,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomStringVariable("qes_billing.tax_origin_country",
+							   "The platform's own EU member state (ISO code): a verified EU business of another one is billed by reverse charge.",
+							   "Empty: reverse charge is never decided.",
+							   &qes_tax_origin_country, "", PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomBoolVariable("qes_billing.automatic_tax",
+							 "Create subscriptions and one-time payments with Stripe Tax's automatic tax.",
+							 NULL, &qes_automatic_tax, false, PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomEnumVariable("qes_billing.tax_behavior",
+							 "Whether the catalog's prices include tax (inclusive) or have it added (exclusive); set on the prices setup creates.",
+							 NULL, &qes_tax_behavior, 0, tax_behavior_options, PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomEnumVariable("qes_billing.dispute_lost_action",
 							 "What a lost dispute does to the tenant's paid subscription: none, cancel_at_period_end or cancel_now.",
 							 NULL, &qes_dispute_lost_action, 0, dispute_lost_action_options,

@@ -83,6 +83,59 @@ CREATE TABLE billing.tenants (
 );
 COMMENT ON TABLE billing.tenants IS 'Tenants of the QES platform, registered by the platform with billing.upsert_tenant().';
 
+-- A tenant's billing details for tax (sql/install/91_tax.sql): what the
+-- tenant gave, checked here, then by Stripe (state: pending -> valid |
+-- refused, refusal naming the field); version counts the times they were
+-- given, so an answer about older details changes nothing.  The VAT number's
+-- tax ID and its verification as Stripe reports it; reverse_charge: the
+-- decision taken from it (audited as tax.reverse_charge).
+CREATE TABLE billing.billing_details (
+  tenant_id      text PRIMARY KEY REFERENCES billing.tenants,
+  legal_name     text NOT NULL CHECK (length(legal_name) BETWEEN 1 AND 200),
+  country        text NOT NULL CHECK (country ~ '^[A-Z]{2}$'),
+  postal_code    text NOT NULL CHECK (length(postal_code) BETWEEN 1 AND 12),
+  line1          text CHECK (length(line1) <= 200),
+  city           text CHECK (length(city) <= 100),
+  vat_number     text CHECK (vat_number ~ '^[A-Z]{2}[A-Z0-9+*]{2,13}$'),
+  state          text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'valid', 'refused')),
+  refusal        jsonb,
+  version        integer NOT NULL DEFAULT 1,
+  stripe_request bigint,
+  stripe_tax_id  text CHECK (stripe_tax_id ~ '^txi_'),
+  tax_id_status  text CHECK (tax_id_status IN ('pending', 'verified', 'unverified', 'unavailable', 'deleted')),
+  reverse_charge boolean NOT NULL DEFAULT false,
+  validated_at   timestamptz,
+  updated_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  CHECK ((state = 'refused') = (refusal IS NOT NULL))
+);
+COMMENT ON TABLE billing.billing_details IS
+  'Each tenant''s billing details for tax: legal name, address, EU VAT number; Stripe''s validation of the location, the VAT number''s verification and the reverse-charge decision.';
+
+-- The tax of each invoice as Stripe's newest invoice event shows it
+-- (sql/install/91_tax.sql): subtotal, tax, total; automatic tax's status
+-- (complete, failed, requires_location_inputs) and, when it was switched
+-- off, why (finalization_requires_location_inputs: finalized without tax
+-- because the location was missing); per line, the tax amounts with the
+-- rate or the taxability reason where Stripe gives them.
+CREATE TABLE billing.invoice_taxes (
+  tenant_id              text NOT NULL REFERENCES billing.tenants,
+  stripe_invoice_id      text NOT NULL CHECK (stripe_invoice_id ~ '^in_'),
+  currency               text NOT NULL CHECK (currency ~ '^[a-z]{3}$'),
+  subtotal               bigint,
+  tax                    bigint,
+  total                  bigint,
+  automatic_tax_enabled  boolean,
+  automatic_tax_status   text,
+  automatic_tax_disabled_reason text,
+  finalized_without_tax  boolean NOT NULL DEFAULT false,
+  tax_lines              jsonb NOT NULL DEFAULT '[]' CHECK (jsonb_typeof(tax_lines) = 'array'),
+  stripe_state_at        timestamptz NOT NULL,
+  PRIMARY KEY (tenant_id, stripe_invoice_id)
+);
+COMMENT ON TABLE billing.invoice_taxes IS
+  'Each invoice''s tax as Stripe''s newest invoice event showed it: subtotal, tax, total, automatic tax''s status and why it was off, and per line the tax amounts with their rate or taxability reason.';
+CREATE INDEX invoice_taxes_without_tax ON billing.invoice_taxes (stripe_state_at) WHERE finalized_without_tax;
+
 CREATE TABLE billing.subscriptions (
   tenant_id              text NOT NULL REFERENCES billing.tenants,
   subscription_id        bigint GENERATED ALWAYS AS IDENTITY,
@@ -277,6 +330,26 @@ CREATE TABLE billing.invoice_payments (
 COMMENT ON TABLE billing.invoice_payments IS
   'Links between payment intents and the invoices they pay, by Stripe id (from either side, in any API version).';
 COMMENT ON TABLE billing.payments IS 'Payments (one-time payment intents and subscription charges) mirrored from Stripe.';
+
+-- The tax of a one-time payment (sql/install/91_tax.sql): Stripe Tax's
+-- calculation before the payment intent (its amount is the calculation's
+-- total), and the tax transaction recorded once the payment succeeded.
+CREATE TABLE billing.payment_taxes (
+  tenant_id            text NOT NULL,
+  payment_id           bigint NOT NULL,
+  amount_subtotal      bigint NOT NULL CHECK (amount_subtotal > 0),
+  calculation_request  bigint NOT NULL,
+  calculation_id       text CHECK (calculation_id ~ '^taxcalc_'),
+  tax                  bigint,
+  amount_total         bigint,
+  tax_breakdown        jsonb,
+  transaction_request  bigint,
+  transaction_id       text,
+  PRIMARY KEY (tenant_id, payment_id),
+  FOREIGN KEY (tenant_id, payment_id) REFERENCES billing.payments
+);
+COMMENT ON TABLE billing.payment_taxes IS
+  'Tax of one-time payments: Stripe Tax''s calculation (tax, total charged, breakdown) and the tax transaction recorded when the payment succeeded.';
 
 CREATE TABLE billing.disputes (
   tenant_id         text NOT NULL REFERENCES billing.tenants,

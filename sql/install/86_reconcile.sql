@@ -205,7 +205,8 @@ RETURN '["customer.created", "customer.updated", "customer.deleted", "customer.s
          "invoice.created", "invoice.finalized", "invoice.paid", "invoice.payment_failed",
          "payment_intent.succeeded", "payment_intent.payment_failed", "charge.succeeded", "charge.failed",
          "charge.dispute.created", "charge.dispute.updated", "charge.dispute.closed",
-         "charge.dispute.funds_withdrawn", "charge.dispute.funds_reinstated"]'::jsonb;
+         "charge.dispute.funds_withdrawn", "charge.dispute.funds_reinstated",
+         "customer.tax_id.created", "customer.tax_id.updated", "customer.tax_id.deleted"]'::jsonb;
 
 -- Queue the next page of the pass's listing, due at p_due.
 CREATE FUNCTION billing.reconcile_list_events(p_run text, p_after text, p_due timestamptz) RETURNS bigint

@@ -423,6 +423,7 @@ BEGIN
     UPDATE billing.tenants SET stripe_customer_id = o ->> 'id', updated_at = now()
      WHERE tenant_id = r.tenant_id AND stripe_customer_id IS NULL;
     PERFORM billing.audit('customer.created', r.tenant_id, jsonb_build_object('customer', o ->> 'id'));
+    PERFORM billing.billing_details_send(r.tenant_id);   -- details given before the customer (91_tax.sql)
   WHEN r.kind IN ('subscription.create', 'subscription.update', 'subscription.refresh') THEN
     IF v_sub IS NOT NULL THEN
       UPDATE billing.subscriptions SET stripe_subscription_id = o ->> 'id'
@@ -459,6 +460,10 @@ BEGIN
     PERFORM billing.setup_apply(r);
   WHEN r.kind LIKE 'dispute.%' THEN
     PERFORM billing.dispute_apply_answer(r);   -- evidence staged or submitted (94_disputes.sql)
+  WHEN r.kind IN ('billing_details.update', 'tax_id.create') THEN
+    PERFORM billing.billing_details_apply(r);  -- tax (91_tax.sql)
+  WHEN r.kind IN ('tax.calculation', 'tax.transaction') THEN
+    PERFORM billing.tax_calculation_apply(r);
   WHEN r.kind LIKE 'meter.%' THEN
     PERFORM billing.meter_apply(r);    -- usage billed through meters (94_meters.sql)
   ELSE
@@ -492,6 +497,8 @@ BEGIN
      WHERE tenant_id = r.tenant_id AND payment_id = (r.subject ->> 'payment_id')::bigint;
   WHEN r.kind LIKE 'dispute.%' THEN
     PERFORM billing.dispute_apply_failure(r);
+  WHEN r.kind IN ('billing_details.update', 'tax_id.create') THEN
+    PERFORM billing.billing_details_failure(r);
   WHEN r.kind LIKE 'meter.%' THEN
     PERFORM billing.meter_apply_failure(r);    -- 94_meters.sql
   ELSE

@@ -14,8 +14,9 @@ RETURN ARRAY['customer.created', 'customer.updated', 'customer.deleted',
              'payment_intent.succeeded', 'payment_intent.payment_failed',
              'charge.succeeded', 'charge.failed', 'charge.dispute.created',
              'charge.dispute.updated', 'charge.dispute.closed',
-             'charge.dispute.funds_withdrawn', 'charge.dispute.funds_reinstated'];
-COMMENT ON FUNCTION billing.webhook_event_types() IS 'The 20 Stripe events the webhook endpoint subscribes to (all handled).';
+             'charge.dispute.funds_withdrawn', 'charge.dispute.funds_reinstated',
+             'customer.tax_id.created', 'customer.tax_id.updated', 'customer.tax_id.deleted'];
+COMMENT ON FUNCTION billing.webhook_event_types() IS 'The 23 Stripe events the webhook endpoint subscribes to (all handled).';
 
 CREATE FUNCTION billing.webhook_endpoint_url() RETURNS text
   LANGUAGE sql STABLE SET search_path = pg_catalog, billing
@@ -175,7 +176,9 @@ BEGIN
        WHERE x ->> 'lookup_key' = pr.price_key LIMIT 1;
       IF v_found IS NOT NULL AND (v_found ->> 'unit_amount')::bigint = pr.unit_amount
          AND v_found ->> 'currency' = pr.currency AND v_found -> 'recurring' ->> 'interval' = pr.billing_interval
-         AND coalesce((v_found ->> 'active')::boolean, true) THEN
+         AND coalesce((v_found ->> 'active')::boolean, true)
+         -- a price's tax_behavior is fixed once set: another one takes the lookup key over
+         AND coalesce(v_found ->> 'tax_behavior', 'unspecified') = current_setting('qes_billing.tax_behavior') THEN
         UPDATE billing.prices SET stripe_price_id = v_found ->> 'id' WHERE price_key = pr.price_key;
       ELSE
         -- missing, or the catalog's amount changed: a new price takes the lookup key over
@@ -183,6 +186,7 @@ BEGIN
                   jsonb_build_object('product', coalesce(pl.stripe_product_id, 'qes_' || v_plan),
                                      'unit_amount', pr.unit_amount, 'currency', pr.currency,
                                      'recurring', jsonb_build_object('interval', pr.billing_interval),
+                                     'tax_behavior', current_setting('qes_billing.tax_behavior'),
                                      'lookup_key', pr.price_key, 'transfer_lookup_key', v_found IS NOT NULL,
                                      'metadata', jsonb_build_object('qes_plan', v_plan, 'qes_price', pr.price_key)),
                   jsonb_build_object('plan', v_plan, 'price_key', pr.price_key), p_run_id => r.run_id);

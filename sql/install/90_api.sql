@@ -45,11 +45,15 @@ SELECT i.stripe_invoice_id AS invoice_id, i.number, i.status, i.amount_due, i.am
                                             'amount', l.amount, 'period_start', l.period_start, 'period_end', l.period_end)
                          ORDER BY l.period_start, l.line_id)
           FROM billing.invoice_lines l
-         WHERE l.tenant_id = i.tenant_id AND l.stripe_invoice_id = i.stripe_invoice_id AND l.metered) AS usage_lines
+         WHERE l.tenant_id = i.tenant_id AND l.stripe_invoice_id = i.stripe_invoice_id AND l.metered) AS usage_lines,
+       x.subtotal, x.tax, x.total, x.automatic_tax_status,
+       CASE WHEN x.finalized_without_tax THEN x.automatic_tax_disabled_reason END AS tax_missing_reason,
+       x.tax_lines
   FROM billing.invoices i
+  LEFT JOIN billing.invoice_taxes x ON x.tenant_id = i.tenant_id AND x.stripe_invoice_id = i.stripe_invoice_id
  ORDER BY i.stripe_created DESC, i.stripe_invoice_id DESC;
 COMMENT ON VIEW api.invoices IS
-  'The calling tenant''s invoices, mirrored from Stripe, newest first (amounts in the smallest currency unit). usage_lines: the usage Stripe billed on it through meters (metric, quantity, amount, period), as its newest event showed. Page with limit and offset.';
+  'The calling tenant''s invoices, mirrored from Stripe, newest first (amounts in the smallest currency unit). usage_lines: the usage Stripe billed on it through meters (metric, quantity, amount, period), as its newest event showed. subtotal, tax, total and per line the tax amounts with their rate or taxability reason (tax_lines); automatic_tax_status (complete, failed, requires_location_inputs); tax_missing_reason when Stripe finalized it without tax (finalization_requires_location_inputs: the billing address was missing). Page with limit and offset.';
 
 CREATE FUNCTION api.config() RETURNS json
   LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing

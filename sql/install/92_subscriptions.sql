@@ -116,6 +116,9 @@ BEGIN
                                   'expand', jsonb_build_array('latest_invoice.payment_intent'),
                                   'metadata', jsonb_build_object('tenant_id', t.tenant_id,
                                                                  'subscription_id', v_sub.subscription_id))
+               -- VAT through Stripe Tax (sql/install/91_tax.sql)
+               || CASE WHEN current_setting('qes_billing.automatic_tax')::boolean
+                       THEN '{"automatic_tax": {"enabled": true}}'::jsonb ELSE '{}' END
                || CASE WHEN v_cust IS NULL THEN jsonb_build_object('customer', t.stripe_customer_id) ELSE '{}' END,
                jsonb_build_object('subscription_id', v_sub.subscription_id),
                p_after => v_cust, p_inherit => CASE WHEN v_cust IS NOT NULL THEN 'customer' END);
@@ -234,6 +237,7 @@ DECLARE
   v_cur text := lower(currency);
   p     billing.payments;
   v_req bigint;
+  v_calc bigint;
 BEGIN
   IF amount IS NULL OR amount < 50 OR amount > 99999999 THEN
     RAISE EXCEPTION 'invalid amount: %', coalesce(amount::text, 'NULL')
@@ -254,12 +258,16 @@ BEGIN
   END IF;
   INSERT INTO billing.payments (tenant_id, kind, amount, currency, description, status)
   VALUES (t.tenant_id, 'one_time', amount, v_cur, description, 'pending') RETURNING * INTO p;
+  -- VAT through Stripe Tax: the payment intent charges the calculation's total (91_tax.sql)
+  IF current_setting('qes_billing.automatic_tax')::boolean THEN
+    v_calc := billing.tax_calculation_request(t.tenant_id, t.stripe_customer_id, p.payment_id, amount, v_cur);
+  END IF;
   v_req := billing.outbox_enqueue(t.tenant_id, 'payment_intent.create', 'POST', '/v1/payment_intents',
              jsonb_strip_nulls(jsonb_build_object(
                'amount', amount, 'currency', v_cur, 'customer', t.stripe_customer_id, 'description', description,
                'automatic_payment_methods', jsonb_build_object('enabled', true),
                'metadata', jsonb_build_object('tenant_id', t.tenant_id, 'payment_id', p.payment_id))),
-             jsonb_build_object('payment_id', p.payment_id));
+             jsonb_build_object('payment_id', p.payment_id), p_after => v_calc);
   PERFORM billing.audit('payment_intent.requested', t.tenant_id,
                         jsonb_build_object('payment_id', p.payment_id, 'amount', amount, 'currency', v_cur,
                                            'request_id', v_req));

@@ -111,6 +111,16 @@ GRANT SELECT ON billing.audit_archives TO qes_admin;
 -- disputes (sql/install/94_disputes.sql): the evidence to review, its submission, the alert's view
 GRANT SELECT ON billing.dispute_evidence, billing.prometheus_disputes TO qes_admin;
 GRANT EXECUTE ON FUNCTION billing.submit_dispute_evidence(text), api.submit_dispute_evidence(text) TO qes_admin;
+-- tax (sql/install/91_tax.sql): a tenant's own billing details; the
+-- invoices' tax behind row-level security like the invoices
+ALTER TABLE billing.invoice_taxes ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant_own_rows ON billing.invoice_taxes FOR SELECT TO qes_tenant
+  USING (tenant_id = billing.jwt_tenant_id());
+CREATE POLICY staff_all_rows ON billing.invoice_taxes TO qes_admin, qes_app USING (true) WITH CHECK (true);
+GRANT SELECT ON billing.invoice_taxes TO qes_tenant, qes_admin;
+GRANT SELECT ON billing.prometheus_tax TO qes_admin;
+GRANT EXECUTE ON FUNCTION api.set_billing_details(text, text, text, text, text, text), api.billing_details()
+  TO qes_tenant;
 
 -- Shared memory outlives DROP EXTENSION: forget what an earlier
 -- incarnation cached, and let the worker find the new extension (and

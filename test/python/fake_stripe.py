@@ -189,6 +189,10 @@ class FakeStripe:
                 return self.get(parts[1], "customer")
             if method == "GET" and len(parts) == 1:
                 return self._list("customer", params, email=params.get("email"))
+            if method == "POST" and len(parts) == 2:
+                return self._update_customer(self.get(parts[1], "customer"), params)
+            if method == "POST" and len(parts) == 3 and parts[2] == "tax_ids":
+                return self._create_tax_id(self.get(parts[1], "customer"), params)
         if name == "products":
             if method == "GET" and len(parts) == 2:
                 return self.get(parts[1], "product")
@@ -233,6 +237,7 @@ class FakeStripe:
                                   "usage_type": rec.get("usage_type", "licensed"),
                                   "meter": rec.get("meter")} if rec else None,
                     "type": "recurring" if rec else "one_time", "metadata": params.get("metadata", {}),
+                    "tax_behavior": params.get("tax_behavior", "unspecified"),
                     "created": self.now() * 1000 + len(self.objects)})
         if name == "webhook_endpoints":
             if method == "GET" and len(parts) == 1:
@@ -275,12 +280,80 @@ class FakeStripe:
                 return self.get(parts[1], "payment_intent")
             if method == "POST" and len(parts) == 3 and parts[2] == "confirm":
                 return self.confirm(parts[1], params.get("payment_method", "pm_card_visa"))
+        if name == "tax" and method == "POST" and parts[1:] == ["calculations"]:
+            return self._tax_calculation(params)
+        if name == "tax" and method == "POST" and parts[1:] == ["transactions", "create_from_calculation"]:
+            calc = self.get(params["calculation"], "tax.calculation")
+            return self._created({"id": new_id("tax"), "object": "tax.transaction", "reference": params["reference"],
+                                  "customer": calc["customer"], "amount_total": calc["amount_total"],
+                                  "created": self.now(), "livemode": False})
         if name == "disputes":
             if method == "GET" and len(parts) == 2:
                 return self.get(parts[1], "dispute")
             if method == "POST" and len(parts) == 2:
                 return self._update_dispute(self.get(parts[1], "dispute"), params)
         raise StripeError(404, "invalid_request_error", f"Unrecognized request URL ({method}: {path}).")
+
+    # ---- tax ------------------------------------------------------------
+
+    # postal codes Stripe Tax cannot place (the fake's rule: all zeros)
+    def _update_customer(self, c, p):
+        """POST /v1/customers/{id}: name, address, tax_exempt; with
+        tax[validate_location]=immediately a location that cannot be taxed is
+        refused at once (customer_tax_location_invalid)."""
+        addr = p.get("address")
+        if addr is not None:
+            if p.get("tax", {}).get("validate_location") == "immediately" and \
+                    (not addr.get("postal_code") or set(addr["postal_code"]) <= {"0"} or not addr.get("country")):
+                raise StripeError(400, "invalid_request_error",
+                                  "The customer's location isn't recognized. Provide a valid address.",
+                                  code="customer_tax_location_invalid", param="address[postal_code]")
+            c["address"] = addr
+            c["tax"] = {"automatic_tax": "supported", "ip_address": None,
+                        "location": {"country": addr.get("country"), "source": "billing_address"}}
+        for key in ("name", "tax_exempt"):
+            if key in p:
+                c[key] = p[key]
+        self._event("customer.updated", c)
+        return c
+
+    def _create_tax_id(self, c, p):
+        if p.get("type") != "eu_vat":
+            raise StripeError(400, "invalid_request_error", "Invalid tax id type.", param="type")
+        t = self._created({"id": new_id("txi"), "object": "tax_id", "customer": c["id"], "type": "eu_vat",
+                           "value": p["value"], "country": p["value"][:2].replace("EL", "GR"),
+                           "created": self.now(), "livemode": False,
+                           "verification": {"status": "pending", "verified_name": None, "verified_address": None}})
+        self._event("customer.tax_id.created", t)
+        return t
+
+    def _tax_calculation(self, p):
+        """POST /v1/tax/calculations for one customer: exclusive tax at its
+        country's rate, none under reverse charge; no location: refused."""
+        cust = self.get(p["customer"], "customer")
+        country = (cust.get("address") or {}).get("country")
+        if not country:
+            raise StripeError(400, "invalid_request_error", "The customer's location isn't recognized.",
+                              code="customer_tax_location_invalid", param="customer")
+        amount = sum(int(li["amount"]) for li in p["line_items"])
+        reverse = cust.get("tax_exempt") == "reverse"
+        rate = 0 if reverse else self.VAT.get(country, 0)
+        tax = amount * rate // 100
+        return self._created({
+            "id": new_id("taxcalc"), "object": "tax.calculation", "customer": cust["id"], "currency": p["currency"],
+            "amount_total": amount + tax, "tax_amount_exclusive": tax, "tax_amount_inclusive": 0,
+            "tax_breakdown": [{"amount": tax, "inclusive": False, "taxable_amount": amount,
+                               "taxability_reason": "reverse_charge" if reverse else "standard_rated",
+                               "tax_rate_details": {"country": country, "percentage_decimal": f"{rate}.0"}}],
+            "livemode": False})
+
+    def verify_tax_id(self, tax_id, status, name=None):
+        """The tax authority's answer arrives (VIES): customer.tax_id.updated."""
+        with self.lock:
+            t = self.get(tax_id, "tax_id")
+            t["verification"] = {"status": status, "verified_name": name, "verified_address": None}
+            self._event("customer.tax_id.updated", t)
+            return t
 
     # ---- disputes -----------------------------------------------------
 
@@ -445,9 +518,40 @@ class FakeStripe:
             "hosted_invoice_url": "https://invoice.stripe.test/i/" + secrets.token_hex(6),
             "invoice_pdf": "https://pay.stripe.test/invoice/" + secrets.token_hex(6) + "/pdf",
             "payment_intent": None, "metadata": {}, "livemode": False})
+        if sub.get("automatic_tax", {}).get("enabled"):
+            self._tax_invoice(inv, self.get(customer, "customer"), amount)
         self._event("invoice.created", inv)
         self._event("invoice.finalized", inv)
         return inv
+
+    # VAT rates the fake's Stripe Tax knows (standard rates)
+    VAT = {"DE": 19, "FR": 20, "NL": 21, "AT": 20, "IT": 22, "ES": 21, "BE": 21, "IE": 23, "PL": 23, "SE": 25}
+
+    def _tax_invoice(self, inv, cust, amount):
+        """Automatic tax on an invoice: exclusive tax at the customer's
+        country's rate; reverse charge for tax_exempt=reverse; no location:
+        finalized without tax and automatic tax switched off."""
+        line = {"id": new_id("il"), "object": "line_item", "amount": amount, "description": "Subscription",
+                "currency": "usd", "tax_amounts": []}
+        country = (cust.get("address") or {}).get("country")
+        if not country:
+            inv["automatic_tax"] = {"enabled": False, "status": "requires_location_inputs",
+                                    "disabled_reason": "finalization_requires_location_inputs", "liability": None}
+            tax = 0
+        else:
+            inv["automatic_tax"] = {"enabled": True, "status": "complete", "disabled_reason": None, "liability": None}
+            if cust.get("tax_exempt") == "reverse":
+                tax = 0
+                line["tax_amounts"] = [{"amount": 0, "inclusive": False, "tax_rate": "txr_reverse",
+                                        "taxability_reason": "reverse_charge", "taxable_amount": amount}]
+            else:
+                rate = self.VAT.get(country, 0)
+                tax = amount * rate // 100
+                line["tax_amounts"] = [{"amount": tax, "inclusive": False, "tax_rate": f"txr_{country.lower()}_{rate}",
+                                        "taxability_reason": "standard_rated", "taxable_amount": amount}]
+        inv.update({"subtotal": amount, "tax": tax, "total": amount + tax, "total_excluding_tax": amount,
+                    "amount_due": amount + tax, "amount_remaining": amount + tax,
+                    "lines": {"object": "list", "data": [line], "has_more": False}})
 
     def _create_subscription(self, p):
         cust = self.get(p["customer"], "customer")
@@ -460,11 +564,12 @@ class FakeStripe:
             "trial_end": None, "metadata": p.get("metadata", {}), "livemode": False, "created": now,
             "items": {"object": "list", "data": [{"id": new_id("si"), "object": "subscription_item",
                                                   "price": price, "quantity": 1}]},
-            "latest_invoice": None, "pending_update": None})
+            "latest_invoice": None, "pending_update": None,
+            "automatic_tax": {"enabled": p.get("automatic_tax", {}).get("enabled") == "true"}})
         for it in p["items"][1:]:          # metered items: no quantity
             sub["items"]["data"].append(self._metered_item(it))
         inv = self._invoice(sub, cust["id"], price["unit_amount"])
-        pi = self._payment_intent(price["unit_amount"], "usd", cust["id"], None, {}, inv["id"])
+        pi = self._payment_intent(inv["amount_due"], "usd", cust["id"], None, {}, inv["id"])
         inv["payment_intent"] = pi["id"]
         sub["latest_invoice"] = inv["id"]
         self._event("customer.subscription.created", sub)

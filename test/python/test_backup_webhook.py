@@ -75,7 +75,7 @@ def test_setup_makes_both_endpoints_once(pg, fake):
     endpoints = {w["url"]: w for w in fake.of_type("webhook_endpoint")}
     assert set(endpoints) == {PRIMARY, BACKUP}
     assert sorted(endpoints[PRIMARY]["enabled_events"]) == sorted(endpoints[BACKUP]["enabled_events"])
-    assert len(endpoints[BACKUP]["enabled_events"]) == 20
+    assert len(endpoints[BACKUP]["enabled_events"]) == 23
     kept = secrets(pg)
     assert set(kept) == {PRIMARY, BACKUP} and kept[PRIMARY] != kept[BACKUP]
     assert pg.sql("SELECT url, is_primary FROM billing.webhook_endpoints ORDER BY url") == \

@@ -124,11 +124,29 @@ def test_every_request_kind_is_valid_for_stripe(stripe_mock):
         # (in one transaction: the submission waits for the staging request)
         pg.sql("DO $$ BEGIN PERFORM billing.dispute_stage(d) FROM billing.disputes d WHERE stripe_dispute_id = 'dp_sm1'; "
                "PERFORM billing.submit_dispute_evidence('dp_sm1'); END $$")
+        # (lost once Stripe's answers about it are in: an answer mirrors the dispute)
+        assert pg.wait_until("SELECT NOT EXISTS (SELECT 1 FROM billing.stripe_requests WHERE http_status IS NULL)", 30)
         pg.sql("UPDATE billing.disputes SET status = 'lost' WHERE stripe_dispute_id = 'dp_sm1'")
         pg.sql("ALTER SYSTEM SET qes_billing.dispute_lost_action = 'cancel_now'")
         pg.sql("SELECT pg_reload_conf()")
         assert pg.wait_until("SELECT current_setting('qes_billing.dispute_lost_action') = 'cancel_now'")
         pg.sql("SELECT billing.dispute_closed(d) FROM billing.disputes d WHERE stripe_dispute_id = 'dp_sm1'")
+        # tax (sql/install/91_tax.sql): billing details, the VAT number's tax ID,
+        # reverse charge, a one-time payment's calculation and transaction
+        pg.sql("ALTER SYSTEM SET qes_billing.automatic_tax = on")
+        pg.sql("ALTER SYSTEM SET qes_billing.tax_origin_country = 'DE'")
+        pg.sql("SELECT pg_reload_conf()")
+        assert pg.wait_until("SELECT current_setting('qes_billing.automatic_tax')::boolean")
+        assert api.post("/rpc/set_billing_details", body={"legal_name": "Stripe Mock AG", "country": "AT",
+                                                          "postal_code": "1010", "vat_number": "ATU12345678"},
+                        claims=tenant_claims("sm")).status == 200
+        pg.sql("SELECT billing.sync_tax_id('sm', '{\"id\": \"txi_sm1\", \"value\": \"ATU12345678\", "
+               "\"verification\": {\"status\": \"verified\"}}', false)")
+        assert api.post("/rpc/create_payment_intent", body={"amount": 990, "currency": "eur"},
+                        claims=tenant_claims("sm")).status == 200
+        assert pg.wait_until("SELECT NOT EXISTS (SELECT 1 FROM billing.stripe_requests WHERE http_status IS NULL)", 30)
+        pg.sql("UPDATE billing.payments SET status = 'succeeded' WHERE tenant_id = 'sm' AND payment_id = "
+               "(SELECT max(payment_id) FROM billing.payments WHERE tenant_id = 'sm')")
         assert pg.sql("SELECT method, path FROM billing.stripe_requests WHERE method = 'DELETE'") == \
             [("DELETE", "/v1/subscriptions/sub_sm1")]
         # the lookups that resolve an unknown outcome (sql/install/93_resolve.sql)
@@ -162,7 +180,8 @@ def test_every_request_kind_is_valid_for_stripe(stripe_mock):
                          "reconcile.events.list", "reconcile.customer.lookup", "reconcile.subscriptions.list",
                          "reconcile.invoices.list", "reconcile.payment_intents.list", "reconcile.charges.list",
                          "reconcile.disputes.list", "resolve.customer.list", "resolve.subscription.list",
-                         "dispute.stage", "dispute.submit"}, kinds
+                         "dispute.stage", "dispute.submit", "billing_details.update", "tax_id.create",
+                         "tax_exempt.update", "tax.calculation", "tax.transaction"}, kinds
         # and that is every kind the SQL code can queue
         src = os.path.join(os.path.dirname(__file__), "..", "..", "sql", "install")
         queued = set()
@@ -248,7 +267,7 @@ def test_setup_all_twice_creates_nothing_the_second_time(pgf, fake):
     assert pgf.sql("SELECT has_table_privilege('qes_admin', 'billing.stripe_secrets', 'SELECT')")[0][0] is False
     endpoint = fake.of_type("webhook_endpoint")[0]
     assert endpoint["url"] == "https://sign.example.test/api/v1/billing/webhooks/stripe"
-    assert len(endpoint["enabled_events"]) == 20
+    assert len(endpoint["enabled_events"]) == 23
 
     r = setup_command(pgf, "--all")
     assert r.returncode == 0, r.stdout + r.stderr
