@@ -217,6 +217,13 @@ def test_request_shapes_are_valid_for_stripe(stripe_mock):
         assert rows == [("tax.calculation", "/v1/tax/calculations", 200),
                         ("payment_intent.create", "/v1/payment_intents", 200),
                         ("tax.transaction", "/v1/tax/transactions/create_from_calculation", 200)], rows
+        # a subscription with automatic tax (stripe-mock's fixtures: a price of its own)
+        pg.sql("UPDATE billing.prices SET stripe_price_id = 'price_' || price_key WHERE unit_amount > 0")
+        r = api.post("/rpc/create_subscription", body={"plan": "professional"}, claims=tenant_claims("sm"))
+        assert r.status == 200, r.body
+        assert pg.wait_until("SELECT NOT EXISTS (SELECT 1 FROM billing.stripe_requests WHERE http_status IS NULL)", 30)
+        [(params, status)] = pg.sql("SELECT params, http_status FROM billing.stripe_requests WHERE kind = 'subscription.create'")
+        assert params["automatic_tax"] == {"enabled": True} and status == 200, (params, status)
         api.close()
     finally:
         amcheck_and_stop(pg)
