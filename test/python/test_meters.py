@@ -384,7 +384,11 @@ def test_chaos_crashes_lost_answers_repeats(billed, fake):
                 differences.append((t, metric, s, l))
     faults = {k: v - faults_before.get(k, 0) for k, v in fake.faults.items()}
     sent = sum(1 for r in fake.requests if r[1] == "/v1/billing/meter_events") - replays_before
-    found = pg.sql("SELECT count(*) FROM billing.drift_repairs WHERE run_id = %s", (run,))[0][0]
+    repairs = pg.sql("SELECT after ->> 'repair', count(*) FROM billing.drift_repairs WHERE run_id = %s GROUP BY 1",
+                     (run,))
+    found = sum(n for _, n in repairs)
+    failed = pg.sql("SELECT count(*) FROM billing.stripe_requests WHERE kind = 'meter.event' AND state = 'failed' "
+                    "AND tenant_id LIKE 'chaos_%'")[0][0]
     events = pg.sql("SELECT count(*), coalesce(sum(usage_rows), 0) FROM billing.meter_events "
                     "WHERE tenant_id LIKE 'chaos_%'")[0]
     print(f"\nchaos: {recorded} usage rows recorded, {repeated} repeats refused or deduplicated, "
@@ -392,7 +396,9 @@ def test_chaos_crashes_lost_answers_repeats(billed, fake):
           f"{sent} meter-event requests, faults {faults}; "
           f"lost answers (acted, answer lost) {faults.get('500_after', 0) + faults.get('drop_after', 0)}; "
           f"identifier repeats refused by Stripe {fake.meter_repeats - repeats_before}; {crashes} crashes; "
-          f"differences found by the comparison {found}; differences after it {len(differences)}")
+          f"{failed} meter-event requests failed for good (each resolved: Stripe's identifier refusal, or the "
+          f"comparison); differences found by the comparison {found} {repairs}; differences after it "
+          f"{len(differences)}")
     assert differences == [], differences
     assert events[1] == pg.sql("""SELECT count(*) FROM billing.usage_events u JOIN billing.subscriptions s USING (tenant_id)
                                     JOIN billing.metered_prices mp ON mp.plan_id = s.plan_id AND mp.metric = u.metric
