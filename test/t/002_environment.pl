@@ -89,6 +89,10 @@ my $test_key = 'sk_test_51AnotherSecretThatMustNeverShow';
 	like($err, qr/qes_billing must be loaded via shared_preload_libraries/, 'with a clear message');
 	like($err, qr/HINT:  Add qes_billing to shared_preload_libraries/, 'and a hint');
 	is($node->safe_psql('postgres', 'SELECT 1'), '1', 'the server is still up');
+	# the one cluster without amcheck_all: the extension could not be
+	# created, so it has no billing index and no billing row
+	is($node->safe_psql('postgres', "SELECT count(*) FROM pg_namespace WHERE nspname IN ('billing', 'api')"),
+		'0', 'nothing of the extension exists');
 	$node->stop;
 }
 

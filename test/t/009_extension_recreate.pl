@@ -62,6 +62,9 @@ my $n = 8;
 my $log_offset = -s $node->logfile;
 for my $round (1 .. 3)
 {
+	# the incarnation the recreate below drops, checked while its rows are there
+	amcheck_all($node, 'postgres', "round $round, before the recreate");
+
 	# the old incarnation: requests claimed and on the wire
 	$node->safe_psql('postgres', enqueue_sql("Old$round", $n));
 	ok(defined wait_for(sub { in_flight() == $n }, 20), "round $round: $n requests in flight");
@@ -117,15 +120,20 @@ for my $round (1 .. 3)
 # fresh catalog snapshot while its caches still name the dropped schema.
 # The window is microseconds wide; gdb holds it open: the creating backend
 # stops in AtEOXact_Inval (after its commit became visible and woke the
-# worker, before its invalidations are sent) for 3 s, while the worker is
-# kept outside any transaction (in curl_multi_poll or WaitLatch) until it has been
-# woken.  Skipped without gdb (or where it may not attach).
+# worker, before its invalidations are sent and its locks released) for 3 s,
+# while the worker is kept outside any transaction (stopped in
+# curl_multi_poll or WaitLatch) until the creator is held there: only then
+# is it let go, woken by the commit, inside the window.  The README promises
+# this reproduction: without gdb (test/tools/deps.sh installs it), or where
+# gdb may not attach, the test fails; and the window must have been hit --
+# the worker, let go inside it, waits for the dropped extension's lock --
+# or the test fails too.
 my $gdb = `command -v gdb 2>/dev/null`;
 chomp $gdb;
-SKIP:
+ok($gdb ne '', 'gdb is installed to hold the commit window open (test/tools/deps.sh)');
+if ($gdb ne '')
 {
-	skip 'gdb is not available to hold the commit window open', 4 unless $gdb;
-
+	amcheck_all($node, 'postgres', 'before the held recreate');
 	$node->safe_psql('postgres', enqueue_sql('Held', $n));
 	ok(defined wait_for(sub { in_flight() == $n }, 20), "held window: $n requests in flight");
 	my $creator = $node->background_psql('postgres');
@@ -135,10 +143,11 @@ SKIP:
 	my $signals = "set pagination off\nhandle SIGUSR1 nostop noprint pass\nhandle SIGUSR2 nostop noprint pass\n";
 	open my $fh, '>', "$dir/creator.gdb" or die;
 	print $fh $signals, "break AtEOXact_Inval\ndisable 1\nbreak XactLogCommitRecord\ncommands 2\nsilent\nenable 1\ncontinue\nend\n",
-		"continue\necho HELD\\n\nshell sleep 3\ndetach\n";
+		"continue\necho HELD\\n\nshell touch '$dir/held'\nshell sleep 3\ndetach\n";
 	close $fh;
 	open $fh, '>', "$dir/worker.gdb" or die;
-	print $fh $signals, "break curl_multi_poll\nbreak WaitLatch\ncontinue\ndelete\necho FROZEN\\n\nshell sleep 2\ndetach\n";
+	print $fh $signals, "break curl_multi_poll\nbreak WaitLatch\ncontinue\ndelete\necho FROZEN\\n\n",
+		"shell for i in \$(seq 600); do [ -e '$dir/held' ] && break; sleep 0.05; done\necho THAWED\\n\ndetach\n";
 	close $fh;
 	my ($c_out, $w_out) = ('', '');
 	my $c_gdb = IPC::Run::start([$gdb, '-p', $creator_pid, '-batch', '-x', "$dir/creator.gdb"],
@@ -150,19 +159,24 @@ SKIP:
 	$creator->query_until(qr/committing/, join(";\n", 'BEGIN', 'DROP EXTENSION qes_billing',
 		'CREATE EXTENSION qes_billing', enqueue_sql('HeldNew', $n), "\\echo committing\nCOMMIT;\n\\echo recreated\n"));
 	my $held = wait_for(sub { $c_gdb->pump_nb; $c_out =~ /HELD/ }, 10);
-	# the worker is thawed about 2 s after it froze, woken by the commit
-	# while the creator is still held: it waits for the dropped extension's
-	# lock instead of using caches that still name the dropped schema
-	usleep(2_300_000);
-	my $waits = $node->safe_psql('template1', qq{
-		SELECT count(*) FROM pg_locks WHERE pid = $worker AND locktype = 'object' AND NOT granted});
+	# the worker is let go once the creator is held, woken by the commit
+	# while the creator still holds its locks (3 s): it waits for the
+	# dropped extension's lock instead of using caches that still name the
+	# dropped schema
+	my $waited = (defined $held && defined $frozen) ? wait_for(sub {
+		$node->safe_psql('template1', qq{
+			SELECT count(*) FROM pg_locks WHERE pid = $worker AND locktype = 'object' AND NOT granted}) > 0 }, 2.8)
+		: undef;
 	$creator->query_until(qr/recreated/, '');
 	$c_gdb->finish;
 	$w_gdb->finish;
 	$creator->quit;
-	skip "gdb could not hold the window (attached: creator " . ($held ? 'yes' : 'no') . ', worker '
-		. ($frozen ? 'yes' : 'no') . ')', 3 unless $held && defined $frozen;
-	note("held window: the worker " . ($waits ? 'waited for the dropped extension\'s lock' : 'did not wait (it ran after the window)'));
+	ok(defined $held && defined $frozen,
+		'held window: gdb held the creator after its commit became visible, and froze the worker outside any transaction')
+		or diag("gdb could not hold the window (creator held: " . ($held ? 'yes' : 'no') . ', worker frozen: '
+			. ($frozen ? 'yes' : 'no') . ")\ncreator's gdb: $c_out\nworker's gdb: $w_out");
+	ok(defined $waited, 'held window: the worker, woken inside the window, waited for the dropped extension\'s lock');
+	note(sprintf('held window: the worker waited for the lock %.2f s into the hold', $waited)) if defined $waited;
 	ok(defined wait_for(sub {
 		$node->safe_psql('postgres', "SELECT count(*) FROM billing.stripe_requests WHERE state = 'succeeded'") == $n }, 30),
 		'held window: the new incarnation is served');

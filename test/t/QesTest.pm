@@ -9,7 +9,7 @@ use Test::More;
 use Time::HiRes qw(time usleep);
 use Exporter 'import';
 
-our @EXPORT = qw(qes_node worker_state wait_for worker_pid amcheck_all billing_indexes);
+our @EXPORT = qw(qes_node worker_state wait_for worker_pid amcheck_all amcheck_failures billing_indexes);
 
 # A started node with the library preloaded; extra postgresql.conf lines
 # may be given, and allows_streaming => 1 for a primary with standbys.
@@ -80,17 +80,15 @@ sub billing_indexes
 
 # amcheck every billing index of one node and database:
 # bt_index_check(index, heapallindexed => true), so an index entry missing
-# for a heap row (a direct write that skipped an index) or a broken page
-# fails the test.  One test per call, failing with every index's error;
-# an index that is not valid/ready is skipped with a note.  On a standby
-# the amcheck extension must have been created on the primary (the helper
-# creates it where it can write).  An optional label names the moment in
-# the test name.  Returns the number of indexes checked.
-sub amcheck_all
+# for a heap row (a direct write that skipped an index) or a broken page is
+# found.  Returns (checked, skipped, [ "index: error", ... ]); an index that
+# is not valid/ready is skipped with a note.  On a standby the amcheck
+# extension must have been created on the primary (the helper creates it
+# where it can write).
+sub amcheck_failures
 {
-	my ($node, $db, $label) = @_;
+	my ($node, $db) = @_;
 	$db //= 'postgres';
-	my $name = $node->name . "/$db" . (defined $label ? " ($label)" : '');
 	my $standby = $node->safe_psql($db, 'SELECT pg_is_in_recovery()') eq 't';
 	$node->safe_psql($db, 'CREATE EXTENSION IF NOT EXISTS amcheck') unless $standby;
 	my @failures;
@@ -100,7 +98,7 @@ sub amcheck_all
 		my ($oid, $index, $checkable) = @$idx;
 		if ($checkable ne 't')
 		{
-			note("amcheck $name: skipping $index (not valid or not ready)");
+			note("amcheck " . $node->name . "/$db: skipping $index (not valid or not ready)");
 			$skipped++;
 			next;
 		}
@@ -112,10 +110,23 @@ sub amcheck_all
 		}
 		$checked++;
 	}
-	my $ok = ok(@failures == 0 && $checked > 0,
+	return ($checked, $skipped, \@failures);
+}
+
+# amcheck_failures as one test, failing with every index's error (the end
+# of every TAP script, on every node with the extension).  An optional
+# label names the moment in the test name.  Returns the number of indexes
+# checked.
+sub amcheck_all
+{
+	my ($node, $db, $label) = @_;
+	$db //= 'postgres';
+	my $name = $node->name . "/$db" . (defined $label ? " ($label)" : '');
+	my ($checked, $skipped, $failures) = amcheck_failures($node, $db);
+	ok(@$failures == 0 && $checked > 0,
 		"amcheck $name: $checked billing indexes with heapallindexed"
 		. ($skipped ? ", $skipped not valid/ready skipped" : ''));
-	diag("amcheck $name: $_") for @failures;
+	diag("amcheck $name: $_") for @$failures;
 	diag("amcheck $name: no billing index found (is the extension created in $db?)") if $checked == 0;
 	return $checked;
 }

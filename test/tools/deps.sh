@@ -4,8 +4,9 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 
+# gdb: TAP 009 holds the extension-recreate commit window open with it
 DEBS=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libcurl4-openssl-dev libssl-dev
-      libipc-run-perl make gcc python3 python3-pip ca-certificates valgrind
+      libipc-run-perl make gcc python3 python3-pip ca-certificates valgrind gdb
       postgresql-15-plproxy pgbouncer)
 
 missing=()

@@ -93,6 +93,10 @@ then
         -c "SET qes_billing.debug_fault = 'invalid_read'" -c 'SELECT billing.environment()' \
         -c "SET qes_billing.debug_fault = 'uninitialised'" -c 'SELECT billing.environment()' >/dev/null \
     && selftest_ok=1
+  # this cluster ends with amcheck too, like every cluster a test starts
+  if ! spsql < "$src/test/tools/amcheck.sql"; then
+    echo "valgrind self-test: amcheck found a billing index that fails bt_index_check"; status=1
+  fi
   stop_server "$sdir"
 fi
 if [ $selftest_ok = 1 ] && classify "$sdir/logs" --label "valgrind self-test" --planted; then
