@@ -85,6 +85,10 @@ CREATE FUNCTION billing.outbox_claim(p_limit integer)
   RETURNS TABLE (request_id bigint, attempt integer, method text, path text, params jsonb, idempotency_key text)
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing SET plan_cache_mode = force_generic_plan
 AS $$
+DECLARE
+  -- this database's share of the Stripe account's rate (87_outbox_budget.sql)
+  v_room integer := billing.stripe_budget_take(p_limit);
+  v_n    integer;
 BEGIN
   RETURN QUERY
   UPDATE billing.stripe_requests r
@@ -93,9 +97,13 @@ BEGIN
            SELECT d.request_id FROM billing.stripe_requests d
             WHERE d.state = 'pending' AND d.next_attempt_at <= now()
             ORDER BY d.next_attempt_at, d.request_id
-            LIMIT p_limit
+            LIMIT v_room
               FOR UPDATE SKIP LOCKED))
   RETURNING r.request_id, r.attempts, r.method, r.path, r.params, r.idempotency_key;
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  IF v_n < v_room THEN
+    PERFORM billing.stripe_budget_give_back(v_room - v_n);
+  END IF;
 END
 $$;
 COMMENT ON FUNCTION billing.outbox_claim(integer) IS
@@ -108,7 +116,8 @@ CREATE FUNCTION billing.outbox_next_due() RETURNS double precision
   LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing
 AS $$
 BEGIN
-  RETURN (SELECT greatest(0, extract(epoch FROM d.at - now()))::double precision
+  -- and not before this database's share of the account's rate allows one
+  RETURN (SELECT greatest(0, extract(epoch FROM d.at - now()), billing.stripe_budget_wait())::double precision
             FROM (SELECT min(r.next_attempt_at) AS at FROM billing.stripe_requests r WHERE r.state = 'pending') d
            WHERE d.at IS NOT NULL);
 END
