@@ -13,20 +13,10 @@ REVOKE USAGE ON FOREIGN SERVER qes_billing FROM PUBLIC;
 GRANT USAGE ON SCHEMA api TO qes_anon, qes_tenant, qes_admin, qes_app;
 GRANT USAGE ON SCHEMA router TO qes_anon, qes_tenant, qes_admin, qes_app;
 
--- the api schema: what sql/install/99_security.sql grants
+-- the api schema: what sql/install/99_security.sql grants (the views' and the
+-- tenant functions' grants are in 25_api_generated.sql)
 GRANT EXECUTE ON FUNCTION api.stripe_webhook(json) TO qes_anon;
-GRANT SELECT ON api.plans TO qes_anon, qes_tenant, qes_admin, qes_app;
 GRANT EXECUTE ON FUNCTION api.config(), api.health() TO qes_anon, qes_tenant, qes_admin, qes_app;
-GRANT SELECT ON api.tenant TO qes_tenant, qes_admin;
-GRANT SELECT ON api.invoices TO qes_tenant, qes_admin;
-GRANT EXECUTE ON FUNCTION api.create_subscription(text, text),
-                          api.update_subscription(text, text, boolean, text),
-                          api.create_payment_intent(bigint, text, text)
-  TO qes_tenant;
-GRANT SELECT ON api.subscription, api.payments TO qes_tenant, qes_admin;
-GRANT SELECT ON api.usage TO qes_tenant;
-GRANT EXECUTE ON FUNCTION api.has_feature(text) TO qes_tenant;
-GRANT SELECT ON api.features TO qes_tenant;
 GRANT EXECUTE ON FUNCTION api.submit_dispute_evidence(text) TO qes_admin;
 GRANT EXECUTE ON FUNCTION api.pre_request() TO qes_anon, qes_tenant, qes_admin, qes_app;
 
@@ -52,3 +42,8 @@ GRANT SELECT ON router.shard_status, router.worker_status, router.failed_webhook
                 router.notification_metrics, router.drift_report, router.outbox_metrics, router.webhook_metrics,
                 router.audit_verification, router.shards
   TO qes_admin;
+
+-- Stripe's account limits (60_stripe.sql): operators see the shares
+GRANT SELECT ON router.stripe_shares TO qes_admin;
+-- ALL FUNCTIONS above leaves procedures out
+REVOKE ALL ON PROCEDURE router.stripe_coordinator(integer, integer, double precision) FROM PUBLIC;

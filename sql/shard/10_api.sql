@@ -71,9 +71,10 @@ BEGIN
       WHEN 'payments' THEN
         body := (SELECT coalesce(json_agg(v), '[]')::text FROM api.payments v);
       ELSE
-        RAISE EXCEPTION 'the router asked for an unknown api call: %', coalesce(quote_literal(p_call), 'NULL')
-          USING ERRCODE = 'undefined_function',
-                HINT = 'The router and the shard run different versions of qes_billing_router / qes_billing_shard.';
+        -- any other api function or view, by name: a function with the
+        -- arguments the router sent (named, each cast to its parameter's
+        -- type; one left out takes its default), a view's rows as JSON
+        body := billing_shard.api_dynamic(p_call, p_args);
     END CASE;
     ok := true;
     status := nullif(current_setting('response.status', true), '');
@@ -86,6 +87,35 @@ BEGIN
   END;
 END
 $$;
+CREATE FUNCTION billing_shard.api_dynamic(p_call text, p_args json) RETURNS text
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog
+AS $$
+DECLARE
+  v_fn   oid;
+  v_args text;
+  v_out  text;
+BEGIN
+  IF p_call IS NOT NULL AND to_regclass('api.' || quote_ident(p_call)) IS NOT NULL THEN
+    EXECUTE format('SELECT coalesce(json_agg(v), ''[]'')::text FROM api.%I v', p_call) INTO v_out;
+    RETURN v_out;
+  END IF;
+  SELECT p.oid INTO v_fn FROM pg_proc p WHERE p.pronamespace = 'api'::regnamespace AND p.proname = p_call;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'the router asked for an unknown api call: %', coalesce(quote_literal(p_call), 'NULL')
+      USING ERRCODE = 'undefined_function',
+            HINT = 'The router and the shard run different versions of the api schema (test/tools/router_api.py).';
+  END IF;
+  SELECT string_agg(format('%I => ($1 ->> %L)::%s', a.name, a.name, format_type(a.type, NULL)), ', ' ORDER BY a.n)
+    INTO v_args
+    FROM pg_proc p, unnest(p.proargnames, p.proargtypes::oid[]) WITH ORDINALITY AS a(name, type, n)
+   WHERE p.oid = v_fn AND p_args::jsonb ? a.name;
+  EXECUTE format('SELECT api.%I(%s)::text', p_call, coalesce(v_args, '')) INTO v_out USING p_args;
+  RETURN v_out;
+END
+$$;
+COMMENT ON FUNCTION billing_shard.api_dynamic(text, json) IS
+  'An api function called by name with the router''s arguments (named, cast to the parameters'' types; absent ones take their defaults), or an api view''s rows as JSON.';
+
 COMMENT ON FUNCTION billing_shard.api(text, text, text, text, text, boolean, text, json, text) IS
   'One routed API request: run an api function or read an api view as the given role, with the request''s claims, method, path and headers set as PostgREST sets them; answers the JSON body with response.status and response.headers, or the error (SQLSTATE, message, detail, hint) as a value.';
 

@@ -10,6 +10,7 @@ GRANT EXECUTE ON FUNCTION
     billing_shard.upsert_tenant(text, text, text, text),
     billing_shard.usage_report(text, text),
     billing_shard.act_as(text),
+    billing_shard.api_dynamic(text, json),
     billing_shard.register(text),
     billing_shard.shard_name(),
     billing_shard.stripe_ref(jsonb),
@@ -20,4 +21,4 @@ GRANT EXECUTE ON FUNCTION
     billing_shard.operator_rows(text)
   TO qes_router;
 -- a routed call switches to a request role before it calls on
-GRANT EXECUTE ON FUNCTION billing_shard.act_as(text), billing_shard.shard_name() TO qes_anon, qes_tenant, qes_admin, qes_app;
+GRANT EXECUTE ON FUNCTION billing_shard.act_as(text), billing_shard.shard_name(), billing_shard.api_dynamic(text, json) TO qes_anon, qes_tenant, qes_admin, qes_app;
