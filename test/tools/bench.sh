@@ -13,7 +13,7 @@
 # are the mean of BENCH_ROUNDS (3) runs of BENCH_SECONDS (10), measurement
 # and ceiling alternating; BENCH_CLIENTS (8) clients.
 #
-#   BENCH_PART="usage guard webhooks outbox meters worker"   the parts to run (default: all)
+#   BENCH_PART="usage guard webhooks outbox meters worker router"   the parts to run (default: all)
 #   BENCH_SAME_CLUSTER=1   every part on one cluster, one after the other
 #                          (how make bench ran before; for comparison)
 set -euo pipefail
@@ -370,4 +370,10 @@ read -r p50 p99 max n < <(awk 'FILENAME == ARGV[1] { k[$1] = $2; next } FILENAME
                             "$DIR/keys.txt" "$DIR/committed.txt" "$DIR/arrivals.log" | percentiles)
 awk -v a="$p50" -v b="$p99" -v m="$max" -v n="$n" -v q="$(wc -l <"$DIR/committed.txt")" 'BEGIN {
   printf "commit_to_wire p50_ms=%.2f p99_ms=%.2f max_ms=%.2f requests=%d/%d target=p99_ms<=5 ratio=%.2f (20 requests/s, Poisson, each its own transaction, to the 20 ms endpoint)\n", a, b, m, n, q, (b > 0 ? 5 / b : 0) }'
+fi
+
+# the sharded setup (docs/scaleout.md, "Capacity"): a router and shards of
+# their own (test/bench/router_bench.py), routed calls beside direct ones
+if wants router; then
+  BENCH_ROUNDS=$ROUNDS BENCH_SECONDS=$SECONDS_EACH BENCH_CLIENTS=$CLIENTS python3 "$src/test/bench/router_bench.py"
 fi
