@@ -85,6 +85,7 @@
 #include "utils/timestamp.h"
 
 #include "counters.h"
+#include "guc.h"
 
 #define QES_COUNTER_PARTITIONS	16
 #define QES_SNAP_XIP			32
@@ -133,7 +134,6 @@ typedef struct CounterShared
 	pg_atomic_flag evicting;
 } CounterShared;
 
-int			qes_max_counters = 10000;
 
 static CounterShared *shared = NULL;
 static HTAB *counters = NULL;

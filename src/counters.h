@@ -31,7 +31,6 @@ typedef enum
 	UNKNOWN						/* cannot tell: drop the entry */
 } Seen;
 
-extern int	qes_max_counters;
 
 extern Seen qes_counter_seen(FullTransactionId xmin, FullTransactionId xmax, int xcnt,
 							 const FullTransactionId *xip, FullTransactionId xid);

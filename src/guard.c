@@ -70,6 +70,7 @@
 
 #include "catalog_cache.h"
 #include "guard.h"
+#include "guc.h"
 #include "postgrest.h"
 
 #define QES_GUARD_PARTITIONS	16
@@ -77,10 +78,6 @@
 #define QES_GUARD_KEY_LEN		72
 #define QES_GUARD_TRANCHE		"qes_billing guard"
 
-int			qes_rate_limit_address = 50;
-int			qes_rate_limit_tenant = 20;
-int			qes_rate_limit_staff = 0;
-int			qes_rate_limit_slots = 16384;
 
 typedef struct Bucket
 {

@@ -27,10 +27,6 @@ typedef enum QesRejectReason
 	QES_REJECT_NREASONS
 } QesRejectReason;
 
-extern int	qes_rate_limit_address;
-extern int	qes_rate_limit_tenant;
-extern int	qes_rate_limit_staff;
-extern int	qes_rate_limit_slots;
 
 extern void qes_guard_request(void);
 extern void qes_guard_startup(void);

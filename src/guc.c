@@ -25,8 +25,6 @@
 #include "utils/builtins.h"
 #include "utils/guc.h"
 
-#include "counters.h"
-#include "guard.h"
 #include "guc.h"
 
 /* plain settings */
@@ -34,6 +32,11 @@ char	   *qes_database = NULL;
 char	   *qes_stripe_api_base = NULL;
 char	   *qes_stripe_api_version = NULL;
 int			qes_worker_naptime_ms = 10000;
+int			qes_max_counters = 10000;	/* the counter hash's size (counters.c) */
+int			qes_rate_limit_address = 50;	/* inbound rate limits (guard.c) */
+int			qes_rate_limit_tenant = 20;
+int			qes_rate_limit_staff = 0;
+int			qes_rate_limit_slots = 16384;
 int			qes_grace_period_s = 7 * 24 * 3600;
 int			qes_max_attempts = 8;
 int			qes_idempotency_window_s = 23 * 3600;
@@ -825,7 +828,6 @@ qes_define_gucs(void)
 							 "What a lost dispute does to the tenant's paid subscription: none, cancel_at_period_end or cancel_now.",
 							 NULL, &qes_dispute_lost_action, 0, dispute_lost_action_options,
 							 PGC_SIGHUP, 0, NULL, NULL, NULL);
-
 
 	DefineCustomIntVariable("qes_billing.max_counters",
 							"Usage counters (tenant, metric, period) kept in shared memory.",
