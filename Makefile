@@ -36,11 +36,11 @@ OBJS = \
 
 # the current version's install script, built from sql/install/*.sql;
 # released versions' install and upgrade scripts are frozen files in sql/
-# that are never edited (README.md, "Upgrading")
+# that are never edited (docs/operations.md, "Upgrades")
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 DATA = sql/$(EXTENSION)--0.1.sql sql/$(EXTENSION)--0.1--0.2.sql
 SCRIPTS = src/qes_billing_setup src/qes_billing_audit src/qes_billing_audit_verify
-# for operators, installed into $(docdir)/extension (README.md, "Monitoring")
+# for operators, installed into $(docdir)/extension (docs/operations.md, "Monitoring")
 DOCS = docs/monitoring/qes_billing_queries.yaml docs/monitoring/qes_billing_alerts.yml
 INSTALL_SQL = $(sort $(wildcard sql/install/*.sql))
 

@@ -604,7 +604,7 @@ SECRET_SHOW_HOOK(show_notify_webhook_secret, notify_webhook_secret_setting)
 /* ---- test-only: a planted memory error --------------------------------- */
 
 /*
- * qes_billing.debug_fault (test-only; README.md, "Two commands"): when set
+ * qes_billing.debug_fault (test-only; CONTRIBUTING.md, "Tests"): when set
  * by a superuser outside production, billing.environment() commits a
  * deliberate memory error, so that the valgrind layer can show that its
  * classifier catches an error in our code (test/tools/valgrind.sh, its

@@ -22,8 +22,8 @@
  * error in a loop is logged, kept for the worker_state() view, and the loop
  * goes on.
  *
- * The library and the extension's SQL are updated apart (README.md,
- * "Upgrading"): after the new library is installed and the server
+ * The library and the extension's SQL are updated apart (docs/operations.md,
+ * "Upgrades"): after the new library is installed and the server
  * restarted, the database keeps the old version's SQL until ALTER
  * EXTENSION qes_billing UPDATE, and the worker's calls would not match it.
  * Until the versions agree the worker only keeps its heartbeat (and looks

@@ -1,5 +1,5 @@
 -- Metrics in Prometheus's shapes, for prometheus-postgres-exporter
--- (docs/monitoring/qes_billing_queries.yaml reads these views; README,
+-- (docs/monitoring/qes_billing_queries.yaml reads these views; docs/operations.md,
 -- "Monitoring").  The operator views of sql/install/95_metrics.sql and the
 -- queue views look at the last hour or the last 30 days; Prometheus wants
 -- counters that only ever grow (it computes rates and windows itself),
@@ -24,7 +24,7 @@
 --
 -- A view scans a table at most once; the queue gauges read the queues'
 -- partial indexes.  Nothing here is granted beyond qes_admin: the exporter
--- logs in as a member of it (README, "Monitoring").
+-- logs in as a member of it (docs/operations.md, "Monitoring").
 
 -- Upper bounds (seconds) of the webhook latency histogram's buckets.
 CREATE FUNCTION billing.prometheus_latency_buckets() RETURNS double precision[]

@@ -14,7 +14,7 @@
 --     doubled;
 --   * the identity sequences are dumped, so ids go on after the restored rows;
 --   * billing.stripe_secrets is never dumped (rule 13): after a restore the
---     webhook secret is configured again (README, "Backup and restore").
+--     webhook secret is configured again (docs/operations.md, "Backup and restore").
 --
 -- A seed row that was deleted comes back on restore (CREATE EXTENSION makes
 -- it): retire a plan or price with active = false, lift a limit with

@@ -152,7 +152,7 @@ $$;
 COMMENT ON FUNCTION api.stripe_webhook(json) IS
   'Stripe webhook endpoint (POST /rpc/stripe_webhook, the raw event as the body). Verifies the Stripe-Signature header and the mode, stores a new event in the inbox for the worker and answers 200 at once; a repeated event id answers 200 and stores nothing. Refusals answer 400 with the reason (500 when no secret is configured) and are counted, then written and audited once a minute per reason.';
 
--- Reconciliation (README, "Reconciliation"): one shard per Stripe account
+-- Reconciliation (docs/operations.md, "Reconciliation: drift found and healed"): one shard per Stripe account
 -- runs the periodic pass (the others have qes_billing.reconcile_interval =
 -- 0); the events it finds for other shards' tenants are handed to them
 -- here.  Run it after each pass, e.g. every minute from cron or a timer:

@@ -1,4 +1,4 @@
-"""The test gates can fail (README.md, "Two commands").
+"""The test gates can fail (CONTRIBUTING.md, "Tests").
 
 amcheck: a billing index that lacks a row is found by every form of the
 check the layers run -- Cluster.amcheck and conftest.amcheck_and_stop

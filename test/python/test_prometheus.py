@@ -1,4 +1,4 @@
-"""Metrics for Prometheus (README, "Monitoring").
+"""Metrics for Prometheus (docs/operations.md, "Monitoring").
 
 Debian's prometheus-postgres-exporter runs docs/monitoring/qes_billing_queries.yaml
 against a cluster with activity (tenants, usage, subscriptions, payments,

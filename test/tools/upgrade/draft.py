@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Draft an upgrade script qes_billing--A--B.sql (README.md, "Upgrading").
+"""Draft an upgrade script qes_billing--A--B.sql (docs/operations.md, "Upgrades").
 
     draft.py A B PARTS_DIR  (stdout: the script; stderr: what it found)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Draft the upgrade script sql/qes_billing--A--B.sql (README.md,
-# "Upgrading"): builds and installs the tree, starts a throwaway cluster,
+# Draft the upgrade script sql/qes_billing--A--B.sql (docs/operations.md,
+# "Upgrades"): builds and installs the tree, starts a throwaway cluster,
 # creates the extension at A in one database and at B in another, and runs
 # draft.py with the hand-written parts in test/tools/upgrade/A--B/.  The
 # draft replaces sql/qes_billing--A--B.sql and is installed; then

@@ -1,6 +1,6 @@
 -- qes_billing 0.1 -> 0.2: ALTER EXTENSION qes_billing UPDATE.
 --
--- Released with 0.2 and never edited afterwards (README.md, "Upgrading");
+-- Released with 0.2 and never edited afterwards (docs/operations.md, "Upgrades");
 -- until then it follows sql/install: test/tools/upgrade/draft.sh 0.1 0.2
 -- writes it from the two install scripts and the hand-written parts in
 -- test/tools/upgrade/0.1--0.2/.
@@ -13,7 +13,7 @@
 -- extension's members, its config marks) and checks the data.
 --
 -- The library must be the 0.2 one when this runs: the functions it creates
--- name C symbols only the 0.2 library has (README.md, "Upgrading").
+-- name C symbols only the 0.2 library has (docs/operations.md, "Upgrades").
 --
 --   1. what 0.2 drops, or creates anew because it cannot be changed in place
 --   2. the 0.2 install script (sql/install/*.sql) where it differs from 0.1,
