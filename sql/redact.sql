@@ -1,4 +1,4 @@
--- Redaction (DESIGN.md rule 13): what is masked before anything is stored or logged.
+-- Redaction (docs/architecture.md, rule 13): what is masked before anything is stored or logged.
 
 -- keys and secrets, at the start of a word; the scheme name of a credential stays
 SELECT billing.redact_text(t) FROM (VALUES

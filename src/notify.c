@@ -6,7 +6,7 @@
  *	  loop (src/worker_http.c).
  *
  * The protocol with SQL (sql/install/89_notify.sql) is the outbox's
- * (DESIGN.md rule 3, docs/architecture.md "One notification"):
+ * (docs/architecture.md, rule 3, docs/architecture.md "One notification"):
  *
  *	1. claim: in a short transaction billing.notify_claim() skips what no
  *	   longer applies, marks due rows in_flight (FOR UPDATE SKIP LOCKED) and
@@ -31,7 +31,7 @@
  * receivers can deduplicate.  Rows left in_flight by a crash are reclaimed
  * before this process claims for the first time (billing.notify_reclaim).
  *
- * Idle is free (DESIGN.md rule 14): a claim transaction runs only when a
+ * Idle is free (docs/architecture.md, rule 14): a claim transaction runs only when a
  * commit woke the worker since the last claim (qes_worker_state's
  * wake_requests moved: notifications, a changed grace period or billing
  * clock wake it), when the due time billing.notify_next_due() gave has

@@ -4,7 +4,7 @@
  *	  The worker's Stripe client: the outbox, sent through the worker's
  *	  libcurl multi loop (src/worker_http.c).
  *
- * The protocol with SQL (sql/install/87_outbox.sql), DESIGN.md rules 3 and 4:
+ * The protocol with SQL (sql/install/87_outbox.sql), docs/architecture.md, rules 3 and 4:
  *
  *	1. claim: in a short transaction, billing.outbox_claim(n) marks up to n
  *	   due rows in_flight (FOR UPDATE SKIP LOCKED) and returns them; COMMIT.

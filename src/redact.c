@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * redact.c
- *	  Masking secrets before anything is stored or logged (DESIGN.md rule 13).
+ *	  Masking secrets before anything is stored or logged (docs/architecture.md, rule 13).
  *
  * Secrets live only in the environment, superuser-only settings and
  * billing.stripe_secrets.  Everything else that may carry one -- Stripe's

@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * redact.h
- *	  Masking secrets before anything is stored or logged (DESIGN.md rule 13).
+ *	  Masking secrets before anything is stored or logged (docs/architecture.md, rule 13).
  *
  *-------------------------------------------------------------------------
  */

@@ -7,14 +7,14 @@
  * its latch; backends that queue work set the latch when their transaction
  * COMMITs (qes_wake_at_commit), never before and never on abort.
  *
- * Idle is free (DESIGN.md rule 14): the worker runs a transaction only when
+ * Idle is free (docs/architecture.md, rule 14): the worker runs a transaction only when
  * it has something to do -- it was woken by a commit, or the time has come
  * that its last tick said the next work is due (an event or a request
  * retried with backoff, a request in flight too long, a prepared
  * transaction that may hold queued work, the hourly housekeeping).  Other
  * naptime wake-ups only publish a heartbeat.
  *
- * A tick runs in its own short transaction (DESIGN.md rule 3): it finds the
+ * A tick runs in its own short transaction (docs/architecture.md, rule 3): it finds the
  * extension (it may not exist yet, or may be dropped and created again while
  * we run; a share lock on the extension object keeps DROP EXTENSION from
  * deadlocking with us), reclaims work left in flight by a crash once per

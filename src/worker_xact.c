@@ -9,7 +9,7 @@
  * src/notify.c) use these; nothing here calls back into them.
  *
  * Every transaction of the worker is short and never spans an HTTP call
- * (DESIGN.md rule 3).  qes_worker_begin_xact() starts one, locks the
+ * (docs/architecture.md, rule 3).  qes_worker_begin_xact() starts one, locks the
  * extension against DROP EXTENSION and connects SPI; qes_worker_end_xact()
  * commits it, counts it (and the subtransaction xids it cached) in the
  * worker's shared state, and returns to the memory context that was current
@@ -230,7 +230,7 @@ qes_worker_subxact(QesSubxactStep step, void *arg, const char *failure)
 
 /*
  * Keep message as the worker's last error, shown by worker_status and
- * api.health: never a secret (DESIGN.md rule 13).
+ * api.health: never a secret (docs/architecture.md, rule 13).
  */
 void
 qes_worker_note_error(const char *message)

@@ -460,7 +460,7 @@ CREATE INDEX notifications_failed ON billing.notifications (updated_at) WHERE st
 -- may concern no tenant (setup) or one not yet known (a new event).
 -- Inserting into either, or updating it, wakes the worker when the
 -- transaction commits: an idle worker runs no transaction of its own
--- (DESIGN.md rule 14), so whatever makes a row due must say so.
+-- (docs/architecture.md, rule 14), so whatever makes a row due must say so.
 
 CREATE TABLE billing.stripe_requests (
   request_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

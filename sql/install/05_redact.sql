@@ -1,4 +1,4 @@
--- Masking secrets before anything is stored or logged (DESIGN.md rule 13;
+-- Masking secrets before anything is stored or logged (docs/architecture.md, rule 13;
 -- src/redact.c).  Secrets live only in the environment, superuser-only
 -- settings and billing.stripe_secrets; Stripe's answers, the errors made of
 -- them and audit details pass through these before they are written.

@@ -1,5 +1,5 @@
 -- Configuration as seen from SQL (src/config.c), the JWT claims, and the
--- billing clock (DESIGN.md rule 9).
+-- billing clock (docs/architecture.md, rule 9).
 
 CREATE FUNCTION billing.environment() RETURNS text
   LANGUAGE c STABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'qes_environment_fn';

@@ -63,7 +63,7 @@ COMMENT ON FUNCTION billing.worker_reclaim() IS
 -- was a full batch of p_events), the seconds until the next outbox request
 -- is due (NULL: none waits), and the seconds until the tick has work again
 -- (NULL: nothing is scheduled; the worker then runs no transaction until a
--- commit wakes it, DESIGN.md rule 14).
+-- commit wakes it, docs/architecture.md, rule 14).
 --
 -- Each event is applied in a subtransaction with an xid of its own, and a
 -- backend caches 64 of them: p_events stays below that (the worker passes

@@ -26,7 +26,7 @@ BEGIN
     RAISE EXCEPTION 'invalid audit action: %', coalesce(quote_literal(p_action), 'NULL')
       USING ERRCODE = 'invalid_parameter_value', HINT = 'Actions look like "subscription.created".';
   END IF;
-  -- no audit row ever holds a secret (DESIGN.md rule 13)
+  -- no audit row ever holds a secret (docs/architecture.md, rule 13)
   p_details := billing.redact(coalesce(p_details, '{}'));
 
   SELECT * INTO v_head FROM billing.audit_head FOR UPDATE;

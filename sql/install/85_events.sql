@@ -4,7 +4,7 @@
 -- leaves it to be applied again, never half-applied.
 --
 -- The mirror converges to Stripe's truth whatever the order of delivery
--- (DESIGN.md rule 12; docs/architecture.md, "Mirroring Stripe"):
+-- (docs/architecture.md, rule 12; docs/architecture.md, "Mirroring Stripe"):
 --
 --   * each mirrored object keeps the Stripe time of the state it holds
 --     (stripe_state_at); an older state never overwrites a newer one, an
@@ -44,7 +44,7 @@ RETURN CASE WHEN o ->> 'object' = 'customer' THEN o ->> 'id' ELSE billing.stripe
 -- on the subscription an invoice is for), else any customer the tenant ever
 -- had (a deleted one too).
 -- (PL/pgSQL: its plan is kept; a SQL function with SET is planned at every
--- call, 220 us of the ~540 us an event took to apply, issue 13)
+-- call, 220 us of the ~540 us an event took to apply)
 CREATE FUNCTION billing.event_tenant(obj jsonb) RETURNS text
   LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing
 AS $$

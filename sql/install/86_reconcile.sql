@@ -1,5 +1,5 @@
 -- Reconciliation: finding and healing drift between the mirror and Stripe
--- (issue 10; docs/architecture.md, "Reconciliation").  Webhooks can be lost
+-- (docs/architecture.md, "Reconciliation").  Webhooks can be lost
 -- -- an endpoint down for longer than Stripe retries, a wrong secret for a
 -- while -- so the mirror is compared with Stripe now and then:
 --

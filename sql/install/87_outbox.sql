@@ -9,7 +9,7 @@
 --   billing.outbox_record_batch()  the same for a batch of answers in one
 --                             call (the worker's common path)
 --
--- Retry policy (DESIGN.md rule 4): network errors, timeouts, 409, 429 and
+-- Retry policy (docs/architecture.md, rule 4): network errors, timeouts, 409, 429 and
 -- 5xx are retried, unless Stripe-Should-Retry says otherwise (it overrides
 -- the default either way); Retry-After is a lower bound on the delay; the
 -- delay doubles per attempt from qes_billing.retry_base_delay up to
@@ -220,7 +220,7 @@ BEGIN
          updated_at = now()
    WHERE request_id = r.request_id
    RETURNING * INTO r;
-  -- the row keeps the answer redacted (DESIGN.md rule 13); applying it
+  -- the row keeps the answer redacted (docs/architecture.md, rule 13); applying it
   -- sees all of it (setup stores an endpoint's signing secret in
   -- billing.stripe_secrets, the one place a secret is kept)
   r.response := p_body;

@@ -1,4 +1,4 @@
--- Unknown outcomes (issue 10, item 7): a request that creates a customer or
+-- Unknown outcomes (docs/architecture.md, "Unknown outcomes"): a request that creates a customer or
 -- a subscription in Stripe and failed
 -- without a definite answer (timeouts and dropped connections after Stripe
 -- may have acted, 5xx, 409, 429, or an answer that could not be applied)

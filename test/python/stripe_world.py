@@ -1,4 +1,4 @@
-"""A Stripe world for the chaos test (issue 10): tenants' lifecycles as Stripe
+"""A Stripe world for the chaos test: tenants' lifecycles as Stripe
 produces them, their events, and Stripe's final state, served over HTTP.
 
 Objects start from stripe-mock's fixtures (the newest API shapes, fetched at

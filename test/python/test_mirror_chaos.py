@@ -1,4 +1,4 @@
-"""Chaos (issue 10, Proof): 200 tenants' lifecycles built on stripe-mock's
+"""Chaos: 200 tenants' lifecycles built on stripe-mock's
 objects, in the pinned 2024-06-20 shapes and the newer ones -- subscribe,
 trial, upgrade, downgrade, monthly -> yearly, renewals, failed renewals and
 recovery, unpaid at the end, cancellation and resubscription, customer

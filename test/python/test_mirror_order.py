@@ -1,5 +1,5 @@
 """The mirror converges to Stripe's truth whatever the order of delivery
-(issue 10; DESIGN.md rule 12).
+(docs/architecture.md, rule 12).
 
 Each case runs once per delivery order, every order for its own tenant
 (so all orders run side by side): the k-th event of every order is

@@ -1,4 +1,4 @@
-"""Usage periods follow Stripe's periods exactly (issue 10, item 6).
+"""Usage periods follow Stripe's periods exactly (docs/architecture.md, "Billing periods").
 
 `stripe_boundary` below is how Stripe bills: every boundary is the billing
 cycle anchor plus k intervals, the anchor's day clamped to the month's

@@ -1,4 +1,4 @@
-"""Secrets stay secret (DESIGN.md rule 13, issue 12).
+"""Secrets stay secret (docs/architecture.md, rule 13).
 
 A secret -- an sk_/rk_ key, a whsec_ signing secret, the `secret` field of
 a webhook endpoint -- is stored only in billing.stripe_secrets; responses,

@@ -1,4 +1,4 @@
-"""Unknown outcomes (issue 10, item 7): Stripe acted but its answer never
+"""Unknown outcomes (docs/architecture.md, "Unknown outcomes"): Stripe acted but its answer never
 arrived (the connection dropped after it, every attempt).  The request is
 retried with its Idempotency-Key beyond qes_billing.max_attempts for as long
 as Stripe keeps the key's result (qes_billing.idempotency_window; 2 s here),

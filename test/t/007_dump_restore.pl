@@ -1,4 +1,4 @@
-# pg_dump and restore of a live billing database (DESIGN.md rule 11).
+# pg_dump and restore of a live billing database (docs/architecture.md, rule 11).
 #
 # After real activity -- setup against the (fake) Stripe, tenants,
 # subscriptions through the API and through webhooks, invoices, payments, a

@@ -1,5 +1,5 @@
 # DROP EXTENSION and CREATE EXTENSION in one transaction while Stripe
-# requests are in flight (issue 9, item 7).  The worker must serve the new
+# requests are in flight.  The worker must serve the new
 # incarnation at once, with no error (its caches and answers belong to the
 # incarnation that was dropped), and the late answers to the old
 # incarnation's requests must be dropped: their request ids start again at

@@ -1,4 +1,4 @@
-# Idle is free (DESIGN.md rule 14, issue 13 items 1 and 2): with nothing
+# Idle is free (docs/architecture.md, rule 14): with nothing
 # due the worker sleeps for its naptime and runs no transaction; a commit
 # that queues work still has it picked up within milliseconds; and its
 # transactions never overflow the 64-entry subtransaction xid cache of its

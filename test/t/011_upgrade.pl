@@ -1,5 +1,5 @@
 # ALTER EXTENSION qes_billing UPDATE from 0.1 to 0.2 (docs/operations.md,
-# "Upgrades"; issue 11, "Upgrades").
+# "Upgrades").
 #
 # The 0.1 library is not built here (its sources are history), so the test
 # starts where a real upgrade stands after its restart: the 0.2 library is
