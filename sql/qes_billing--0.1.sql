@@ -25,7 +25,7 @@ BEGIN
 END
 $roles$;
 -- Configuration as seen from SQL (src/config.c), the JWT claims, and the
--- billing clock (DESIGN.md rule 9).
+-- billing clock (docs/architecture.md, rule 9).
 
 CREATE FUNCTION billing.environment() RETURNS text
   LANGUAGE c STABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'qes_environment_fn';
@@ -187,7 +187,7 @@ INSERT INTO billing.prices (price_key, plan_id, billing_interval, unit_amount) V
   ('enterprise_monthly', 'enterprise', 'month', 9900),
   ('enterprise_yearly', 'enterprise', 'year', 99000);
 -- Tenants and their subscriptions.  Tenant-owned tables lead their primary
--- key with tenant_id (DESIGN.md rule 2).
+-- key with tenant_id (docs/architecture.md, rule 2).
 
 CREATE TABLE billing.tenants (
   tenant_id          text PRIMARY KEY CHECK (tenant_id ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$'),
@@ -1272,7 +1272,7 @@ COMMENT ON VIEW billing.webhook_metrics IS
 --                             a retryable failure goes back to the queue with
 --                             backoff; anything else is a final failure
 --
--- Retry policy (DESIGN.md rule 4): network errors, timeouts, 409, 429 and
+-- Retry policy (docs/architecture.md, rule 4): network errors, timeouts, 409, 429 and
 -- 5xx are retried, unless Stripe-Should-Retry says otherwise (it overrides
 -- the default either way); Retry-After is a lower bound on the delay; the
 -- delay doubles per attempt from qes_billing.retry_base_delay up to
