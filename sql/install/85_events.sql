@@ -474,8 +474,13 @@ END
 $$;
 COMMENT ON FUNCTION billing.invoice_failure_changed() IS
   'Trigger: a failed (or paid) invoice that changed has its dunning facts decided (billing.sync_invoice_failure).';
-CREATE TRIGGER invoice_failure AFTER INSERT OR UPDATE ON billing.invoices
-  FOR EACH ROW WHEN (NEW.first_failed_at IS NOT NULL OR NEW.status = 'paid')
+-- (an invoice that never failed costs nothing: only one that failed, or
+-- becomes paid -- a notice queued without its facts -- is looked at)
+CREATE TRIGGER invoice_failure AFTER INSERT ON billing.invoices
+  FOR EACH ROW WHEN (NEW.first_failed_at IS NOT NULL)
+  EXECUTE FUNCTION billing.invoice_failure_changed();
+CREATE TRIGGER invoice_failure_changed AFTER UPDATE ON billing.invoices
+  FOR EACH ROW WHEN (NEW.first_failed_at IS NOT NULL OR (NEW.status = 'paid' AND OLD.status IS DISTINCT FROM 'paid'))
   EXECUTE FUNCTION billing.invoice_failure_changed();
 
 -- The answer (or the end) of a lookup a failure waited for: its facts are
