@@ -1,6 +1,6 @@
 -- qes_billing 0.1 -> 0.2: ALTER EXTENSION qes_billing UPDATE.
 --
--- Released with 0.2 and never edited afterwards (README.md, "Upgrading");
+-- Released with 0.2 and never edited afterwards (docs/operations.md, "Upgrades");
 -- until then it follows sql/install: test/tools/upgrade/draft.sh 0.1 0.2
 -- writes it from the two install scripts and the hand-written parts in
 -- test/tools/upgrade/0.1--0.2/.
@@ -13,7 +13,7 @@
 -- extension's members, its config marks) and checks the data.
 --
 -- The library must be the 0.2 one when this runs: the functions it creates
--- name C symbols only the 0.2 library has (README.md, "Upgrading").
+-- name C symbols only the 0.2 library has (docs/operations.md, "Upgrades").
 --
 --   1. what 0.2 drops, or creates anew because it cannot be changed in place
 --   2. the 0.2 install script (sql/install/*.sql) where it differs from 0.1,
@@ -23,7 +23,9 @@
 \echo Use "ALTER EXTENSION qes_billing UPDATE TO '0.2'" to load this file. \quit
 
 -- ---- 1. what 0.2 no longer has, or creates again ------------------------------
+DROP VIEW api.invoices;
 DROP VIEW api.subscription;
+DROP VIEW api.usage;
 DROP VIEW billing.subscription_health;
 DROP VIEW billing.webhook_metrics;
 DROP VIEW billing.worker_status;
@@ -31,6 +33,7 @@ DROP FUNCTION billing.apply_event(jsonb);
 DROP FUNCTION billing.apply_invoice(text,jsonb,timestamp with time zone);
 DROP FUNCTION billing.current_subscription(text);
 DROP FUNCTION billing.refresh_subscription(text,text);
+DROP FUNCTION billing.setup_webhook(text);
 DROP FUNCTION billing.usage_cache_stats();
 DROP FUNCTION billing.webhook_reject(text,text,text);
 DROP FUNCTION billing.worker_state();
@@ -48,24 +51,77 @@ ALTER TABLE billing.invoices DROP CONSTRAINT invoices_tenant_id_subscription_id_
 ALTER TABLE billing.subscriptions SET SCHEMA qes_billing_0_1;
 ALTER TABLE billing.webhook_rejections SET SCHEMA qes_billing_0_1;
 
+-- Two tables keep their shape but gain states, and one index goes: the
+-- state checks of billing.notifications (in_flight, skipped) and
+-- billing.webhook_events (waiting) are made again with their 0.2 states
+-- (same names), and notifications_pending gives way to the claim indexes
+-- section 2 creates (notifications_due and others).
+ALTER TABLE billing.notifications
+  DROP CONSTRAINT notifications_state_check,
+  ADD CONSTRAINT notifications_state_check CHECK (state IN ('pending', 'in_flight', 'sent', 'failed', 'skipped'));
+DROP INDEX billing.notifications_pending;
+ALTER TABLE billing.webhook_events
+  DROP CONSTRAINT webhook_events_state_check,
+  ADD CONSTRAINT webhook_events_state_check
+    CHECK (state IN ('received', 'processing', 'applied', 'ignored', 'waiting', 'needs_review'));
+
 -- ---- 2. the 0.2 install script where it differs from 0.1, in its order ----------
 
--- Masking secrets before anything is stored or logged (DESIGN.md rule 13;
--- src/redact.c).  Secrets live only in the environment, superuser-only
--- settings and billing.stripe_secrets; Stripe's answers, the errors made of
--- them and audit details pass through these before they are written.
+-- A tenant's billing details for tax (sql/install/91_tax.sql): what the
+-- tenant gave, checked here, then by Stripe (state: pending -> valid |
+-- refused, refusal naming the field); version counts the times they were
+-- given, so an answer about older details changes nothing.  The VAT number's
+-- tax ID and its verification as Stripe reports it; reverse_charge: the
+-- decision taken from it (audited as tax.reverse_charge).
+CREATE TABLE billing.billing_details (
+  tenant_id      text PRIMARY KEY REFERENCES billing.tenants,
+  legal_name     text NOT NULL CHECK (length(legal_name) BETWEEN 1 AND 200),
+  country        text NOT NULL CHECK (country ~ '^[A-Z]{2}$'),
+  postal_code    text NOT NULL CHECK (length(postal_code) BETWEEN 1 AND 12),
+  line1          text CHECK (length(line1) <= 200),
+  city           text CHECK (length(city) <= 100),
+  vat_number     text CHECK (vat_number ~ '^[A-Z]{2}[A-Z0-9+*]{2,13}$'),
+  state          text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'valid', 'refused')),
+  refusal        jsonb,
+  version        integer NOT NULL DEFAULT 1,
+  stripe_request bigint,
+  stripe_tax_id  text CHECK (stripe_tax_id ~ '^txi_'),
+  tax_id_status  text CHECK (tax_id_status IN ('pending', 'verified', 'unverified', 'unavailable', 'deleted')),
+  reverse_charge boolean NOT NULL DEFAULT false,
+  validated_at   timestamptz,
+  updated_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  CHECK ((state = 'refused') = (refusal IS NOT NULL))
+);
 
-CREATE OR REPLACE FUNCTION billing.redact_text(text) RETURNS text
-  LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'qes_redact_text_fn';
+COMMENT ON TABLE billing.billing_details IS
+  'Each tenant''s billing details for tax: legal name, address, EU VAT number; Stripe''s validation of the location, the VAT number''s verification and the reverse-charge decision.';
 
-COMMENT ON FUNCTION billing.redact_text(text) IS
-  'The text with every Stripe secret or restricted key (sk_/rk_ live or test), webhook signing secret (whsec_) and Authorization credential (Bearer ..., Basic ...; the scheme name stays) replaced by [redacted].';
+-- The tax of each invoice as Stripe's newest invoice event shows it
+-- (sql/install/91_tax.sql): subtotal, tax, total; automatic tax's status
+-- (complete, failed, requires_location_inputs) and, when it was switched
+-- off, why (finalization_requires_location_inputs: finalized without tax
+-- because the location was missing); per line, the tax amounts with the
+-- rate or the taxability reason where Stripe gives them.
+CREATE TABLE billing.invoice_taxes (
+  tenant_id              text NOT NULL REFERENCES billing.tenants,
+  stripe_invoice_id      text NOT NULL CHECK (stripe_invoice_id ~ '^in_'),
+  currency               text NOT NULL CHECK (currency ~ '^[a-z]{3}$'),
+  subtotal               bigint,
+  tax                    bigint,
+  total                  bigint,
+  automatic_tax_enabled  boolean,
+  automatic_tax_status   text,
+  automatic_tax_disabled_reason text,
+  finalized_without_tax  boolean NOT NULL DEFAULT false,
+  tax_lines              jsonb NOT NULL DEFAULT '[]' CHECK (jsonb_typeof(tax_lines) = 'array'),
+  stripe_state_at        timestamptz NOT NULL,
+  PRIMARY KEY (tenant_id, stripe_invoice_id)
+);
 
-CREATE OR REPLACE FUNCTION billing.redact(jsonb) RETURNS jsonb
-  LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'qes_redact_jsonb_fn';
+COMMENT ON TABLE billing.invoice_taxes IS
+  'Each invoice''s tax as Stripe''s newest invoice event showed it: subtotal, tax, total, automatic tax''s status and why it was off, and per line the tax amounts with their rate or taxability reason.';
 
-COMMENT ON FUNCTION billing.redact(jsonb) IS
-  'The document with the value of every "secret" and "authorization" key (at any depth, any case) replaced by [redacted] and every string (keys too) masked as billing.redact_text does. A client_secret is the tenant''s and stays.';
+CREATE INDEX invoice_taxes_without_tax ON billing.invoice_taxes (stripe_state_at) WHERE finalized_without_tax;
 
 CREATE TABLE billing.subscriptions (
   tenant_id              text NOT NULL REFERENCES billing.tenants,
@@ -94,6 +150,14 @@ CREATE TABLE billing.subscriptions (
   stripe_state_source    text CHECK (stripe_state_source IN ('event', 'answer')),
   created_at             timestamptz NOT NULL DEFAULT pg_catalog.now(),
   updated_at             timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  -- what the outbox needs: the subscription item upgrades and downgrades
+  -- change, a change asked for and not answered yet, the last failure
+  stripe_item_id         text,
+  pending_change         jsonb,
+  last_error             jsonb,
+  -- the metered items (usage billed through meters, 94_meters.sql) as
+  -- Stripe last answered: [{"id": "si_...", "price": "price_..."}]
+  metered_items          jsonb NOT NULL DEFAULT '[]' CHECK (jsonb_typeof(metered_items) = 'array'),
   PRIMARY KEY (tenant_id, subscription_id),
   CHECK (current_period_end IS NULL OR current_period_start IS NULL
          OR current_period_end > current_period_start)
@@ -104,6 +168,10 @@ COMMENT ON TABLE billing.subscriptions IS
 
 CREATE UNIQUE INDEX subscriptions_one_current ON billing.subscriptions (tenant_id)
   WHERE status NOT IN ('canceled', 'incomplete_expired');
+
+-- the grace periods the notification timers watch
+CREATE INDEX subscriptions_grace ON billing.subscriptions (grace_until)
+  WHERE status IN ('past_due', 'unpaid') AND grace_until IS NOT NULL;
 
 -- Every Stripe customer of a tenant that Stripe told about, kept by Stripe
 -- id: events about any of them (a deleted one too) belong to the tenant, and
@@ -120,6 +188,485 @@ CREATE TABLE billing.stripe_customers (
 
 COMMENT ON TABLE billing.stripe_customers IS
   'Every Stripe customer of each tenant that Stripe told about (customer events). deleted_at is the Stripe time of customer.deleted: a deleted customer is never revived by an older event.';
+
+-- (upgrade) the new columns of billing.invoices; attempt_count becomes NOT
+-- NULL DEFAULT 0 in section 3, once filled
+ALTER TABLE billing.invoices
+  ADD COLUMN stripe_subscription_id text,
+  ADD COLUMN first_failed_at timestamptz,
+  ADD COLUMN attempt_count integer,
+  ADD COLUMN finalized_at timestamptz,
+  ADD COLUMN paid_at timestamptz,
+  ADD COLUMN billing_reason text;
+
+CREATE INDEX invoices_subscription ON billing.invoices (stripe_subscription_id) WHERE stripe_subscription_id IS NOT NULL;
+
+-- One row per invoice whose payment failed: what was decided and audited
+-- about it, each fact once whatever the order events arrive in
+-- (billing.sync_invoice_failure, 85_events.sql).  told: NULL until decided,
+-- then whether the tenant was told (payment.failed); lookup_request: the one
+-- GET that checks a failure learnt late (0: none could be sent); the Stripe
+-- times audited as dunning.started, dunning.recovered (or
+-- .recovered_before_known) and dunning.ended; learnt_at: when the mirror
+-- learnt of the failure (ours).
+CREATE TABLE billing.invoice_failures (
+  tenant_id              text NOT NULL REFERENCES billing.tenants,
+  stripe_invoice_id      text NOT NULL,
+  stripe_subscription_id text,
+  told                   boolean,
+  lookup_request         bigint,
+  started_at             timestamptz,
+  recovered_at           timestamptz,
+  ended_at               timestamptz,
+  learnt_at              timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  decided_at             timestamptz,
+  PRIMARY KEY (tenant_id, stripe_invoice_id)
+);
+
+COMMENT ON TABLE billing.invoice_failures IS
+  'One row per invoice whose payment failed: whether the tenant was told, and which dunning facts were audited (each once, whatever the order events arrive in).';
+
+CREATE INDEX invoice_failures_open ON billing.invoice_failures (stripe_subscription_id)
+  WHERE recovered_at IS NULL AND ended_at IS NULL;
+
+CREATE INDEX invoice_failures_lookup ON billing.invoice_failures (lookup_request) WHERE lookup_request IS NOT NULL;
+
+-- (upgrade) what 0.2 adds to billing.payments
+ALTER TABLE billing.payments ADD COLUMN stripe_invoice_id text;
+
+CREATE INDEX payments_charge ON billing.payments (stripe_charge_id) WHERE stripe_charge_id IS NOT NULL;
+
+-- Which payment intent pays which invoice, by Stripe id, from whichever side
+-- says so: the payment intent's `invoice` and the invoice's `payment_intent`
+-- (API versions before 2025-03-31), or the invoice's payments
+-- (InvoicePayment objects, since).  A payment is kind 'subscription' when a
+-- link names it, whichever arrived first.
+CREATE TABLE billing.invoice_payments (
+  tenant_id                text NOT NULL REFERENCES billing.tenants,
+  stripe_payment_intent_id text NOT NULL CHECK (stripe_payment_intent_id ~ '^pi_'),
+  stripe_invoice_id        text NOT NULL CHECK (stripe_invoice_id ~ '^in_'),
+  PRIMARY KEY (tenant_id, stripe_payment_intent_id, stripe_invoice_id)
+);
+
+COMMENT ON TABLE billing.invoice_payments IS
+  'Links between payment intents and the invoices they pay, by Stripe id (from either side, in any API version).';
+
+-- The tax of a one-time payment (sql/install/91_tax.sql): Stripe Tax's
+-- calculation before the payment intent (its amount is the calculation's
+-- total), and the tax transaction recorded once the payment succeeded.
+CREATE TABLE billing.payment_taxes (
+  tenant_id            text NOT NULL,
+  payment_id           bigint NOT NULL,
+  amount_subtotal      bigint NOT NULL CHECK (amount_subtotal > 0),
+  calculation_request  bigint NOT NULL,
+  calculation_id       text CHECK (calculation_id ~ '^taxcalc_'),
+  tax                  bigint,
+  amount_total         bigint,
+  tax_breakdown        jsonb,
+  transaction_request  bigint,
+  transaction_id       text,
+  PRIMARY KEY (tenant_id, payment_id),
+  FOREIGN KEY (tenant_id, payment_id) REFERENCES billing.payments
+);
+
+COMMENT ON TABLE billing.payment_taxes IS
+  'Tax of one-time payments: Stripe Tax''s calculation (tax, total charged, breakdown) and the tax transaction recorded when the payment succeeded.';
+
+-- (upgrade) what 0.2 adds to billing.disputes
+ALTER TABLE billing.disputes ADD COLUMN stripe_payment_intent_id text;
+ALTER TABLE billing.disputes ADD COLUMN evidence_due_by timestamp with time zone;
+ALTER TABLE billing.disputes ADD COLUMN has_evidence boolean;
+ALTER TABLE billing.disputes ADD COLUMN past_due boolean;
+ALTER TABLE billing.disputes ADD COLUMN submission_count integer;
+ALTER TABLE billing.disputes ADD COLUMN funds_withdrawn_at timestamp with time zone;
+ALTER TABLE billing.disputes ADD COLUMN funds_reinstated_at timestamp with time zone;
+ALTER TABLE billing.disputes ADD COLUMN closed_at timestamp with time zone;
+ALTER TABLE billing.disputes ADD COLUMN stripe_state_at timestamp with time zone;
+ALTER TABLE billing.disputes ADD COLUMN updated_at timestamp with time zone;
+UPDATE billing.disputes SET has_evidence = false;
+ALTER TABLE billing.disputes ALTER COLUMN has_evidence SET DEFAULT false;
+ALTER TABLE billing.disputes ALTER COLUMN has_evidence SET NOT NULL;
+UPDATE billing.disputes SET past_due = false;
+ALTER TABLE billing.disputes ALTER COLUMN past_due SET DEFAULT false;
+ALTER TABLE billing.disputes ALTER COLUMN past_due SET NOT NULL;
+UPDATE billing.disputes SET submission_count = 0;
+ALTER TABLE billing.disputes ALTER COLUMN submission_count SET DEFAULT 0;
+ALTER TABLE billing.disputes ALTER COLUMN submission_count SET NOT NULL;
+UPDATE billing.disputes SET updated_at = now();
+ALTER TABLE billing.disputes ALTER COLUMN updated_at SET DEFAULT now();
+ALTER TABLE billing.disputes ALTER COLUMN updated_at SET NOT NULL;
+ALTER TABLE billing.disputes ADD CONSTRAINT disputes_submission_count_check CHECK ((submission_count >= 0));
+
+COMMENT ON TABLE billing.disputes IS
+  'Card disputes (chargebacks) mirrored from Stripe: status, the deadline for evidence, funds withdrawn and reinstated, the decision.';
+
+-- the disputes still to be answered, by deadline (the alert, automatic submission)
+CREATE INDEX disputes_due ON billing.disputes (evidence_due_by)
+  WHERE status IN ('needs_response', 'warning_needs_response');
+
+-- The platform's answer to one dispute (sql/install/94_disputes.sql): the
+-- evidence assembled from the tenant's own rows when the dispute arrived,
+-- in Stripe's evidence fields; state: staged (sent with submit=false, for
+-- an operator to review) -> submitting -> submitted, or failed (the
+-- request failed for good; an operator may retry it).  stage_request and
+-- submit_request are the outbox rows.
+CREATE TABLE billing.dispute_responses (
+  tenant_id         text NOT NULL,
+  stripe_dispute_id text NOT NULL,
+  evidence          jsonb NOT NULL CHECK (jsonb_typeof(evidence) = 'object'),
+  period_start      timestamptz NOT NULL,
+  period_end        timestamptz NOT NULL,
+  state             text NOT NULL DEFAULT 'staging'
+                      CHECK (state IN ('staging', 'staged', 'submitting', 'submitted', 'failed')),
+  stage_request     bigint,
+  submit_request    bigint,
+  assembled_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  submitted_at      timestamptz,
+  submitted_by      text,
+  auto_submitted    boolean NOT NULL DEFAULT false,
+  last_error        jsonb,
+  PRIMARY KEY (tenant_id, stripe_dispute_id),
+  FOREIGN KEY (tenant_id, stripe_dispute_id) REFERENCES billing.disputes (tenant_id, stripe_dispute_id),
+  CHECK (period_end >= period_start)
+);
+
+COMMENT ON TABLE billing.dispute_responses IS
+  'The evidence answering each dispute, assembled from the tenant''s own usage, subscription, invoices and payments, and where its submission to Stripe stands.';
+
+-- (upgrade) what 0.2 adds to billing.notifications
+ALTER TABLE billing.notifications ADD COLUMN event_id text;
+ALTER TABLE billing.notifications ADD COLUMN attempts integer;
+ALTER TABLE billing.notifications ADD COLUMN next_attempt_at timestamp with time zone;
+ALTER TABLE billing.notifications ADD COLUMN claimed_at timestamp with time zone;
+ALTER TABLE billing.notifications ADD COLUMN channels_due text[];
+ALTER TABLE billing.notifications ADD COLUMN delivered jsonb;
+ALTER TABLE billing.notifications ADD COLUMN attempt_errors jsonb;
+ALTER TABLE billing.notifications ADD COLUMN last_error text;
+ALTER TABLE billing.notifications ADD COLUMN skip_reason text;
+ALTER TABLE billing.notifications ADD COLUMN updated_at timestamp with time zone;
+ALTER TABLE billing.notifications ADD COLUMN verify_requests bigint[];
+UPDATE billing.notifications SET event_id = ('ntf_'::text || replace((gen_random_uuid())::text, '-'::text, ''::text));
+ALTER TABLE billing.notifications ALTER COLUMN event_id SET DEFAULT ('ntf_'::text || replace((gen_random_uuid())::text, '-'::text, ''::text));
+ALTER TABLE billing.notifications ALTER COLUMN event_id SET NOT NULL;
+UPDATE billing.notifications SET attempts = 0;
+ALTER TABLE billing.notifications ALTER COLUMN attempts SET DEFAULT 0;
+ALTER TABLE billing.notifications ALTER COLUMN attempts SET NOT NULL;
+UPDATE billing.notifications SET next_attempt_at = now();
+ALTER TABLE billing.notifications ALTER COLUMN next_attempt_at SET DEFAULT now();
+ALTER TABLE billing.notifications ALTER COLUMN next_attempt_at SET NOT NULL;
+UPDATE billing.notifications SET channels_due = '{}'::text[];
+ALTER TABLE billing.notifications ALTER COLUMN channels_due SET DEFAULT '{}'::text[];
+ALTER TABLE billing.notifications ALTER COLUMN channels_due SET NOT NULL;
+UPDATE billing.notifications SET delivered = '{}'::jsonb;
+ALTER TABLE billing.notifications ALTER COLUMN delivered SET DEFAULT '{}'::jsonb;
+ALTER TABLE billing.notifications ALTER COLUMN delivered SET NOT NULL;
+UPDATE billing.notifications SET attempt_errors = '{}'::jsonb;
+ALTER TABLE billing.notifications ALTER COLUMN attempt_errors SET DEFAULT '{}'::jsonb;
+ALTER TABLE billing.notifications ALTER COLUMN attempt_errors SET NOT NULL;
+UPDATE billing.notifications SET updated_at = now();
+ALTER TABLE billing.notifications ALTER COLUMN updated_at SET DEFAULT now();
+ALTER TABLE billing.notifications ALTER COLUMN updated_at SET NOT NULL;
+UPDATE billing.notifications SET verify_requests = '{}'::bigint[];
+ALTER TABLE billing.notifications ALTER COLUMN verify_requests SET DEFAULT '{}'::bigint[];
+ALTER TABLE billing.notifications ALTER COLUMN verify_requests SET NOT NULL;
+ALTER TABLE billing.notifications ADD CONSTRAINT notifications_attempt_errors_check CHECK ((jsonb_typeof(attempt_errors) = 'object'::text));
+ALTER TABLE billing.notifications ADD CONSTRAINT notifications_attempts_check CHECK ((attempts >= 0));
+ALTER TABLE billing.notifications ADD CONSTRAINT notifications_delivered_check CHECK ((jsonb_typeof(delivered) = 'object'::text));
+ALTER TABLE billing.notifications ADD CONSTRAINT notifications_event_id_check CHECK ((event_id ~ '^ntf_[0-9a-f]{32}$'::text));
+
+COMMENT ON COLUMN billing.notifications.event_id IS
+  'The id of the notification on every channel and attempt (webhook "id" and QES-Event-Id, email Message-ID and X-QES-Event-Id): receivers deduplicate by it.';
+
+-- the worker claims by due time
+CREATE INDEX notifications_due ON billing.notifications (next_attempt_at) WHERE state = 'pending';
+
+CREATE INDEX notifications_in_flight ON billing.notifications (claimed_at) WHERE state = 'in_flight';
+
+CREATE INDEX notifications_failed ON billing.notifications (updated_at) WHERE state = 'failed';
+
+DROP INDEX billing.stripe_requests_due;
+-- in the order the worker claims requests (billing.outbox_claim), so a claim needs no sort
+CREATE INDEX stripe_requests_due ON billing.stripe_requests (next_attempt_at, request_id) WHERE state = 'pending';
+
+-- (upgrade) what 0.2 adds to billing.webhook_events
+ALTER TABLE billing.webhook_events ADD COLUMN waits_for text[];
+ALTER TABLE billing.webhook_events ADD COLUMN source text;
+UPDATE billing.webhook_events SET source = 'webhook'::text;
+ALTER TABLE billing.webhook_events ALTER COLUMN source SET DEFAULT 'webhook'::text;
+ALTER TABLE billing.webhook_events ALTER COLUMN source SET NOT NULL;
+ALTER TABLE billing.webhook_events ADD CONSTRAINT webhook_events_source_check CHECK ((source = ANY (ARRAY['webhook'::text, 'reconcile'::text])));
+
+COMMENT ON COLUMN billing.webhook_events.waits_for IS
+  'The Stripe ids an event waits for (a waiting or ignored event is applied again when one of them is mirrored).';
+
+COMMENT ON COLUMN billing.webhook_events.source IS
+  'How the event came: delivered by Stripe (webhook) or found missing by a reconciliation pass (reconcile).';
+
+-- The events waiting for objects, as rows to look up by Stripe id (global
+-- like the inbox: an event may not be known to belong to any tenant yet).
+CREATE TABLE billing.webhook_waits (
+  stripe_id       text NOT NULL,
+  stripe_event_id text NOT NULL REFERENCES billing.webhook_events ON DELETE CASCADE,
+  PRIMARY KEY (stripe_id, stripe_event_id)
+);
+
+COMMENT ON TABLE billing.webhook_waits IS
+  'Which waiting or ignored inbox event waits for which Stripe id (applied again when that object is mirrored).';
+
+CREATE INDEX webhook_waits_event ON billing.webhook_waits (stripe_event_id);
+
+-- One row per archival (sql/install/72_audit_export.sql): the audit rows
+-- first_id..last_id were exported to a file and removed; last_hash is the
+-- hash of row last_id, from which the chain left in audit_log goes on.
+CREATE TABLE billing.audit_archives (
+  archive_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  first_id      bigint NOT NULL CHECK (first_id >= 1),
+  last_id       bigint NOT NULL UNIQUE,
+  last_hash     bytea NOT NULL CHECK (octet_length(last_hash) = 32),
+  rows_removed  bigint NOT NULL CHECK (rows_removed = last_id - first_id + 1),
+  export_sha256 bytea NOT NULL CHECK (octet_length(export_sha256) = 32),
+  archived_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  archived_by   text NOT NULL,
+  CHECK (last_id >= first_id)
+);
+
+COMMENT ON TABLE billing.audit_archives IS
+  'Audit rows exported and removed: which ids, the hash of the last one (the chain in audit_log goes on from it) and the SHA-256 of the export file that holds them.';
+
+-- ---- webhook refusals ----------------------------------------------------------
+
+CREATE TABLE billing.webhook_rejections (
+  rejection_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  rejected_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  reason          text NOT NULL,
+  deliveries      bigint NOT NULL DEFAULT 1 CHECK (deliveries > 0),
+  stripe_event_id text,
+  event_type      text
+);
+
+COMMENT ON TABLE billing.webhook_rejections IS
+  'Webhook deliveries refused at intake (bad or missing signature, stale, wrong mode, not an event, implausible): an attack or a wrong secret shows here. Refusals are counted in shared memory and written here about once a minute, one row per reason with the number of deliveries (billing.webhook_rejections_pending() shows what is not written yet).';
+
+CREATE INDEX webhook_rejections_recent ON billing.webhook_rejections (rejected_at);
+
+-- ---- reconciliation ------------------------------------------------------------
+
+-- One run: a pass over Stripe's events, or one tenant's objects.  Global
+-- like the queues (a pass concerns no one tenant).
+CREATE TABLE billing.reconcile_runs (
+  run_id        text PRIMARY KEY,
+  kind          text NOT NULL CHECK (kind IN ('pass', 'tenant', 'meters')),
+  tenant_id     text REFERENCES billing.tenants,
+  started_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  finished_at   timestamptz,
+  requests      integer NOT NULL DEFAULT 0,   -- Stripe requests answered
+  listed        integer NOT NULL DEFAULT 0,   -- events or objects Stripe listed
+  missed_events integer NOT NULL DEFAULT 0,   -- events the inbox never received
+  repairs       integer NOT NULL DEFAULT 0,
+  errors        integer NOT NULL DEFAULT 0
+);
+
+COMMENT ON TABLE billing.reconcile_runs IS
+  'Reconciliation runs: a periodic pass over Stripe''s events or one tenant''s objects; what Stripe listed, the events the inbox had missed, the repairs made, the Stripe requests spent.';
+
+CREATE INDEX reconcile_runs_started ON billing.reconcile_runs (started_at);
+
+CREATE TABLE billing.drift_repairs (
+  tenant_id       text NOT NULL REFERENCES billing.tenants,
+  repair_id       bigint GENERATED ALWAYS AS IDENTITY,
+  repaired_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  run_id          text,
+  source          text NOT NULL CHECK (source IN ('events', 'objects', 'meters')),
+  object          text NOT NULL,
+  stripe_id       text NOT NULL,
+  stripe_event_id text,
+  before          jsonb,
+  after           jsonb,
+  PRIMARY KEY (tenant_id, repair_id)
+);
+
+COMMENT ON TABLE billing.drift_repairs IS
+  'Each repair of the mirror by reconciliation: the object, the mirror''s state of it before and after, the run, and the missed event that repaired it (source events) or Stripe''s object as listed (source objects).';
+
+-- The pass's progress (one row, made by the worker's first loop).
+CREATE TABLE billing.reconcile_state (
+  singleton       boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+  events_cursor   timestamptz,   -- the next listing asks for events created at or after it
+  listing_newest  timestamptz,   -- the newest event the listing under way saw
+  pass_run_id     text,
+  pass_pages      integer NOT NULL DEFAULT 0,
+  next_pass_at    timestamptz NOT NULL
+);
+
+COMMENT ON TABLE billing.reconcile_state IS
+  'Where the periodic reconciliation pass stands: its cursor in Stripe''s event list, the listing under way, when the next pass is due.';
+
+-- ---- usage billed through Stripe Billing Meters --------------------------------
+-- (sql/install/94_meters.sql; docs/architecture.md, "Usage billed through
+-- meters").  Off by default: nothing is billed until an operator adds an
+-- active metered price and runs qes_billing_setup --setup-meters.
+
+-- What an operator makes billable, per plan, metric and interval: every
+-- unit beyond `included` per period at unit_amount_decimal (the smallest
+-- currency unit, fractions allowed); included = 0 bills every unit.  A
+-- Stripe price with recurring[meter] (graduated tiers when included > 0).
+CREATE TABLE billing.metered_prices (
+  price_key           text PRIMARY KEY CHECK (price_key ~ '^[a-z][a-z0-9_]{0,63}$'),
+  plan_id             text NOT NULL REFERENCES billing.plans ON UPDATE CASCADE,
+  metric              text NOT NULL REFERENCES billing.metrics ON UPDATE CASCADE,
+  billing_interval    text NOT NULL CHECK (billing_interval IN ('month', 'year')),
+  included            bigint NOT NULL DEFAULT 0 CHECK (included >= 0),
+  unit_amount_decimal numeric(20, 6) NOT NULL CHECK (unit_amount_decimal > 0),
+  currency            text NOT NULL DEFAULT 'usd' CHECK (currency ~ '^[a-z]{3}$'),
+  stripe_price_id     text UNIQUE CHECK (stripe_price_id ~ '^price_'),
+  active              boolean NOT NULL DEFAULT true
+);
+
+COMMENT ON TABLE billing.metered_prices IS
+  'Usage billed through Stripe Billing Meters, per plan, metric and interval: units beyond `included` per period at unit_amount_decimal (smallest currency unit per unit). None by default (limits stay soft and unbilled). price_key is the Stripe lookup_key.';
+
+CREATE UNIQUE INDEX metered_prices_one_active ON billing.metered_prices (plan_id, metric, billing_interval, currency)
+  WHERE active;
+
+-- One Stripe meter per billable metric (made by setup): counters are summed,
+-- a gauge (storage) bills its last value.
+CREATE TABLE billing.meters (
+  metric          text PRIMARY KEY REFERENCES billing.metrics ON UPDATE CASCADE,
+  event_name      text NOT NULL UNIQUE CHECK (event_name ~ '^[a-z][a-z0-9_]{0,99}$'),
+  aggregation     text NOT NULL CHECK (aggregation IN ('sum', 'last')),
+  stripe_meter_id text UNIQUE CHECK (stripe_meter_id ~ '^(mtr|meter)_')
+);
+
+COMMENT ON TABLE billing.meters IS
+  'The Stripe meter of each billable metric (event_name qes_<metric>; sum for counters, last for the storage gauge).';
+
+-- The meter events: each one aggregates the billable usage rows of one
+-- tenant and metric that a pass found unsent, and is sent once, with an
+-- identifier derived from those rows (so a retry, a lost answer or a
+-- repeated pass sends the same identifier).  state: queued -> delivered |
+-- failed; delivered -> cancel_queued -> cancelled (an adjustment).
+CREATE TABLE billing.meter_events (
+  tenant_id          text NOT NULL REFERENCES billing.tenants,
+  meter_event_id     bigint GENERATED ALWAYS AS IDENTITY,
+  identifier         text NOT NULL UNIQUE CHECK (identifier ~ '^qes_[0-9a-f]{64}$'),
+  metric             text NOT NULL,
+  event_name         text NOT NULL,
+  stripe_customer_id text NOT NULL,
+  value              bigint NOT NULL CHECK (value >= 0),
+  event_at           timestamptz NOT NULL,
+  period_start       timestamptz NOT NULL,
+  usage_rows         integer NOT NULL CHECK (usage_rows > 0),
+  state              text NOT NULL DEFAULT 'queued'
+                       CHECK (state IN ('queued', 'delivered', 'failed', 'cancel_queued', 'cancelled')),
+  request_id         bigint,
+  cancel_request_id  bigint,
+  created_at         timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  delivered_at       timestamptz,
+  last_error         jsonb,
+  PRIMARY KEY (tenant_id, meter_event_id)
+);
+
+COMMENT ON TABLE billing.meter_events IS
+  'Meter events sent to Stripe: one per tenant, metric and pass, aggregating the usage rows not sent yet; the identifier (derived from those rows) is Stripe''s dedup key on every attempt.';
+
+-- a tenant and metric with an event under way gets no second one (Stripe:
+-- one concurrent call per customer and meter)
+CREATE INDEX meter_events_open ON billing.meter_events (tenant_id, metric) WHERE state IN ('queued', 'cancel_queued');
+
+CREATE INDEX meter_events_period ON billing.meter_events (tenant_id, metric, period_start);
+
+CREATE INDEX meter_events_request ON billing.meter_events (request_id) WHERE request_id IS NOT NULL;
+
+-- Which usage row went into which meter event: each row once, forever.
+CREATE TABLE billing.meter_event_usage (
+  tenant_id       text NOT NULL,
+  idempotency_key text NOT NULL,
+  meter_event_id  bigint NOT NULL,
+  PRIMARY KEY (tenant_id, idempotency_key),
+  FOREIGN KEY (tenant_id, meter_event_id) REFERENCES billing.meter_events ON DELETE CASCADE
+);
+
+COMMENT ON TABLE billing.meter_event_usage IS
+  'Each billable usage row and the meter event that carried it to Stripe (a row is sent in one event, once).';
+
+CREATE INDEX meter_event_usage_event ON billing.meter_event_usage (tenant_id, meter_event_id);
+
+-- The lines of the invoices Stripe billed, as its invoice events last
+-- showed them (newest event wins): metered lines are the usage Stripe
+-- billed, shown with GET /invoices.
+CREATE TABLE billing.invoice_lines (
+  tenant_id         text NOT NULL REFERENCES billing.tenants,
+  stripe_invoice_id text NOT NULL,
+  line_id           text NOT NULL,
+  stripe_price_id   text,
+  metered           boolean NOT NULL DEFAULT false,
+  metric            text,
+  description       text,
+  quantity          bigint,
+  amount            bigint NOT NULL DEFAULT 0,
+  currency          text NOT NULL CHECK (currency ~ '^[a-z]{3}$'),
+  period_start      timestamptz,
+  period_end        timestamptz,
+  stripe_state_at   timestamptz NOT NULL,
+  PRIMARY KEY (tenant_id, stripe_invoice_id, line_id)
+);
+
+COMMENT ON TABLE billing.invoice_lines IS
+  'The lines of tenants'' invoices as Stripe''s newest invoice event showed them; metered lines are usage Stripe billed (GET /invoices, usage_lines).';
+
+-- The sending passes' schedule (one row, made by the first tick).
+CREATE TABLE billing.meter_state (
+  singleton     boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+  pass_interval interval NOT NULL DEFAULT '1 minute' CHECK (pass_interval >= interval '1 second'),
+  max_events    integer NOT NULL DEFAULT 1000 CHECK (max_events > 0),
+  next_pass_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  -- the comparison of Stripe's event summaries with the local sums
+  reconcile_interval interval NOT NULL DEFAULT '1 hour' CHECK (reconcile_interval >= interval '0'),
+  next_reconcile_at  timestamptz NOT NULL DEFAULT pg_catalog.now() + interval '1 hour'
+);
+
+COMMENT ON TABLE billing.meter_state IS
+  'When the next meter pass queues what was recorded since (pass_interval: the aggregation window) and at most how many meter events one pass queues.';
+
+-- (upgrade) what 0.2 adds to billing.stripe_secrets
+ALTER TABLE billing.stripe_secrets ADD COLUMN url text;
+
+-- ---- dump and restore ----------------------------------------------------------
+-- The seed rows as this script made them; never dumped (each CREATE
+-- EXTENSION makes them again).  An upgrade script that changes a seed row
+-- changes it here too.
+CREATE TABLE billing.seed_rows (
+  relname text NOT NULL CHECK (relname IN ('metrics', 'plans', 'plan_limits', 'prices', 'clock', 'audit_head')),
+  "row"   jsonb NOT NULL,
+  PRIMARY KEY (relname, "row")
+);
+
+COMMENT ON TABLE billing.seed_rows IS
+  'The rows CREATE EXTENSION seeds (catalog, clock, audit chain head), as it made them: pg_dump leaves out a row still equal to its seed, and restoring a changed one replaces the seed.';
+
+-- Masking secrets before anything is stored or logged (docs/architecture.md, rule 13;
+-- src/redact.c).  Secrets live only in the environment, superuser-only
+-- settings and billing.stripe_secrets; Stripe's answers, the errors made of
+-- them and audit details pass through these before they are written.
+
+CREATE OR REPLACE FUNCTION billing.redact_text(text) RETURNS text
+  LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'qes_redact_text_fn';
+
+COMMENT ON FUNCTION billing.redact_text(text) IS
+  'The text with every Stripe secret or restricted key (sk_/rk_ live or test), webhook signing secret (whsec_) and Authorization credential (Bearer ..., Basic ...; the scheme name stays) replaced by [redacted].';
+
+CREATE OR REPLACE FUNCTION billing.redact(jsonb) RETURNS jsonb
+  LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'qes_redact_jsonb_fn';
+
+COMMENT ON FUNCTION billing.redact(jsonb) IS
+  'The document with the value of every "secret" and "authorization" key (at any depth, any case) replaced by [redacted] and every string (keys too) masked as billing.redact_text does. A client_secret is the tenant''s and stays.';
+
+CREATE OR REPLACE FUNCTION billing.usage_period(tenant_id text, at timestamptz,
+                                     OUT period_start timestamptz, OUT period_end timestamptz, OUT plan_id text)
+  LANGUAGE c STABLE AS 'MODULE_PATHNAME', 'qes_usage_period';
+
+COMMENT ON FUNCTION billing.usage_period(text, timestamptz) IS
+  'The billing period that usage occurring at `at` is counted in, and the plan whose limits apply then, as the mirror of Stripe stands now.';
 
 CREATE OR REPLACE FUNCTION billing.usage_cache_stats(
   OUT capacity integer, OUT entries integer, OUT hits bigint, OUT loads bigint,
@@ -179,40 +726,181 @@ CREATE OR REPLACE FUNCTION billing.counter_delta_seen(snap_xmin bigint, snap_xma
 COMMENT ON FUNCTION billing.counter_delta_seen(bigint, bigint, bigint[], bigint) IS
   'The rule a cached counter uses to decide whether a committed delta was already in its build (seen, not_seen, unknown), in 64-bit transaction ids; for tests (src/counters.c).';
 
--- (upgrade) the new columns of billing.invoices; attempt_count becomes NOT
--- NULL DEFAULT 0 in section 3, once filled
-ALTER TABLE billing.invoices
-  ADD COLUMN stripe_subscription_id text,
-  ADD COLUMN first_failed_at timestamptz,
-  ADD COLUMN attempt_count integer,
-  ADD COLUMN finalized_at timestamptz,
-  ADD COLUMN paid_at timestamptz;
+-- Plan features as entitlements (src/features.c): "may this tenant use API
+-- access now?" answered from the same mirrored state, clock and rules as
+-- check_limit (docs/architecture.md, "Plan features").  A feature is a name
+-- some plan lists in billing.plans.features.
 
-CREATE INDEX invoices_subscription ON billing.invoices (stripe_subscription_id) WHERE stripe_subscription_id IS NOT NULL;
+CREATE OR REPLACE FUNCTION billing.has_feature(tenant_id text, feature text) RETURNS boolean
+  LANGUAGE c STABLE AS 'MODULE_PATHNAME', 'qes_has_feature';
 
--- (upgrade) what 0.2 adds to billing.payments
-ALTER TABLE billing.payments ADD COLUMN stripe_invoice_id text;
+COMMENT ON FUNCTION billing.has_feature(text, text) IS
+  'May the tenant use the feature now? The plan whose limits check_limit applies (trials and grace periods keep the plan; a first payment still due, an ended grace period, unpaid, paused or cancelled fall back to Free) decides. An unknown feature is an error (22023) naming the features.';
 
-CREATE INDEX payments_charge ON billing.payments (stripe_charge_id) WHERE stripe_charge_id IS NOT NULL;
+CREATE OR REPLACE FUNCTION billing.features_current(tenant_id text)
+  RETURNS TABLE (feature text, enabled boolean, plan_id text, reason text, available_in text)
+  LANGUAGE c STABLE AS 'MODULE_PATHNAME', 'qes_features_current';
 
--- Which payment intent pays which invoice, by Stripe id, from whichever side
--- says so: the payment intent's `invoice` and the invoice's `payment_intent`
--- (API versions before 2025-03-31), or the invoice's payments
--- (InvoicePayment objects, since).  A payment is kind 'subscription' when a
--- link names it, whichever arrived first.
-CREATE TABLE billing.invoice_payments (
-  tenant_id                text NOT NULL REFERENCES billing.tenants,
-  stripe_payment_intent_id text NOT NULL CHECK (stripe_payment_intent_id ~ '^pi_'),
-  stripe_invoice_id        text NOT NULL CHECK (stripe_invoice_id ~ '^in_'),
-  PRIMARY KEY (tenant_id, stripe_payment_intent_id, stripe_invoice_id)
-);
+COMMENT ON FUNCTION billing.features_current(text) IS
+  'Every feature of the catalog for the tenant now: enabled, the plan whose features apply, why it is not the subscribed plan (as check_limit''s reason), and the lowest active plan that has the feature.';
 
-COMMENT ON TABLE billing.invoice_payments IS
-  'Links between payment intents and the invoices they pay, by Stripe id (from either side, in any API version).';
+CREATE OR REPLACE FUNCTION billing.my_features()
+  RETURNS TABLE (feature text, enabled boolean, plan_id text, reason text, available_in text)
+  LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_tenant text := billing.jwt_tenant_id();
+BEGIN
+  -- like GET /usage: no tenant in the JWT, no rows
+  IF v_tenant IS NOT NULL AND EXISTS (SELECT 1 FROM billing.tenants t WHERE t.tenant_id = v_tenant) THEN
+    RETURN QUERY SELECT * FROM billing.features_current(v_tenant);
+  END IF;
+END
+$$;
 
-DROP INDEX billing.stripe_requests_due;
--- in the order the worker claims requests (billing.outbox_claim), so a claim needs no sort
-CREATE INDEX stripe_requests_due ON billing.stripe_requests (next_attempt_at, request_id) WHERE state = 'pending';
+COMMENT ON FUNCTION billing.my_features() IS
+  'features_current() for the tenant named by the request''s JWT (no rows without a registered tenant, like GET /usage).';
+
+CREATE VIEW api.features WITH (security_invoker = true) AS
+SELECT f.feature, f.enabled, f.plan_id, f.reason, f.available_in
+  FROM billing.my_features() f;
+
+COMMENT ON VIEW api.features IS
+  'The calling tenant''s features now: enabled, the plan whose features apply (the one Stripe''s state implies: trials and grace periods keep the plan), why it is not the subscribed plan, and the lowest plan that has the feature.';
+
+CREATE OR REPLACE FUNCTION api.has_feature(feature text) RETURNS boolean
+  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$ SELECT billing.has_feature(billing.jwt_tenant_id(), feature) $$;
+
+COMMENT ON FUNCTION api.has_feature(text) IS
+  'May the calling tenant use the feature now? Same rules as billing.has_feature; an unknown feature is an error (22023).';
+
+-- The features a subscription row entitles to by its own state (the grace
+-- period's end is a moment, not a change of the row: dunning.grace_ended
+-- audits it).
+CREATE OR REPLACE FUNCTION billing.features_of(p_plan text, p_status text) RETURNS text[]
+  LANGUAGE sql STABLE SET search_path = pg_catalog, billing
+AS $$
+  SELECT coalesce(p.features, '{}')
+    FROM billing.plans p
+   WHERE p.plan_id = CASE WHEN p_status IN ('active', 'trialing', 'past_due') THEN p_plan ELSE 'free' END
+$$;
+
+COMMENT ON FUNCTION billing.features_of(text, text) IS
+  'The features a subscription of this plan and status entitles to (Free''s outside trialing, active and past_due).';
+
+-- A plan change (Stripe's state mirrored) that changes features writes one
+-- audit row with what was gained and lost, beside the subscription's own.
+-- Called by the trigger below for an UPDATE, and by the two places that
+-- INSERT a subscription (billing.apply_subscription_state, billing.
+-- create_subscription) for a new one: a trigger on INSERT would also fire
+-- when pg_restore loads the rows, and write audit rows the source never had.
+CREATE OR REPLACE FUNCTION billing.audit_features(p_tenant text, p_subscription_id bigint, p_plan_before text,
+                                       p_status_before text, p_plan text, p_status text) RETURNS void
+  LANGUAGE plpgsql SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_before text[] := billing.features_of(coalesce(p_plan_before, 'free'), coalesce(p_status_before, 'active'));
+  v_after  text[] := billing.features_of(p_plan, p_status);
+  v_gained text[] := ARRAY(SELECT unnest(v_after) EXCEPT SELECT unnest(v_before) ORDER BY 1);
+  v_lost   text[] := ARRAY(SELECT unnest(v_before) EXCEPT SELECT unnest(v_after) ORDER BY 1);
+BEGIN
+  IF cardinality(v_gained) > 0 OR cardinality(v_lost) > 0 THEN
+    PERFORM billing.audit('features.changed', p_tenant,
+                          jsonb_build_object('subscription_id', p_subscription_id,
+                                             'plan_before', p_plan_before, 'status_before', p_status_before,
+                                             'plan', p_plan, 'status', p_status,
+                                             'gained', to_jsonb(v_gained), 'lost', to_jsonb(v_lost)));
+  END IF;
+END
+$$;
+
+COMMENT ON FUNCTION billing.audit_features(text, bigint, text, text, text, text) IS
+  'Audit features.changed (gained, lost) when a subscription''s plan or status changes what it entitles to (before NULL: a new subscription, from Free).';
+
+CREATE OR REPLACE FUNCTION billing.audit_feature_change() RETURNS trigger
+  LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  PERFORM billing.audit_features(NEW.tenant_id, NEW.subscription_id, OLD.plan_id, OLD.status, NEW.plan_id, NEW.status);
+  RETURN NULL;
+END
+$$;
+
+COMMENT ON FUNCTION billing.audit_feature_change() IS
+  'Trigger: audit features.changed (gained, lost) when an update of a subscription''s plan or status changes what it entitles to.';
+
+CREATE OR REPLACE TRIGGER audit_feature_change AFTER UPDATE OF plan_id, status ON billing.subscriptions
+  FOR EACH ROW EXECUTE FUNCTION billing.audit_feature_change();
+
+-- What will be billed through Stripe Billing Meters so far this period (the
+-- sending: 94_meters.sql); GET /usage shows it beside the limits.
+
+-- What will be billed so far this period, per billable metric: used, the
+-- included quantity, the billable units and their amount at the price.
+CREATE OR REPLACE FUNCTION billing.usage_billable(p_tenant text)
+  RETURNS TABLE (metric text, period_start timestamptz, used bigint, included bigint, billable bigint,
+                 unit_amount_decimal numeric, amount numeric, currency text, sent bigint)
+  LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  -- most tenants are billed by usage for nothing: answer without the
+  -- usage_current call (GET /usage asks for every tenant)
+  IF NOT EXISTS (SELECT 1 FROM billing.subscriptions s
+                   JOIN billing.metered_prices mp ON mp.plan_id = s.plan_id AND mp.billing_interval = s.billing_interval
+                                                 AND mp.active
+                  WHERE s.tenant_id = p_tenant AND s.stripe_subscription_id IS NOT NULL
+                    AND s.status IN ('trialing', 'active', 'past_due')) THEN
+    RETURN;
+  END IF;
+  RETURN QUERY
+  SELECT c.metric, c.period_start, c.used, mp.included, greatest(c.used - mp.included, 0),
+         mp.unit_amount_decimal, round(greatest(c.used - mp.included, 0) * mp.unit_amount_decimal, 6), mp.currency,
+         (SELECT CASE WHEN m.kind = 'gauge'
+                      THEN (SELECT e.value FROM billing.meter_events e
+                             WHERE e.tenant_id = p_tenant AND e.metric = c.metric AND e.period_start = c.period_start
+                               AND e.state = 'delivered' ORDER BY e.event_at DESC LIMIT 1)
+                      ELSE (SELECT sum(e.value)::bigint FROM billing.meter_events e
+                             WHERE e.tenant_id = p_tenant AND e.metric = c.metric AND e.period_start = c.period_start
+                               AND e.state = 'delivered') END
+            FROM billing.metrics m WHERE m.metric = c.metric)
+    FROM billing.usage_current(p_tenant) c
+    JOIN billing.subscriptions s ON s.tenant_id = p_tenant AND s.stripe_subscription_id IS NOT NULL
+                                AND s.status IN ('trialing', 'active', 'past_due')
+    JOIN billing.metered_prices mp ON mp.plan_id = s.plan_id AND mp.billing_interval = s.billing_interval
+                                  AND mp.metric = c.metric AND mp.active
+   ORDER BY c.metric;
+END
+$$;
+
+COMMENT ON FUNCTION billing.usage_billable(text) IS
+  'What will be billed through meters so far this period, per billable metric: used, included, billable units, their amount (smallest currency unit) and what Stripe has been sent.';
+
+CREATE OR REPLACE FUNCTION billing.my_usage_billable()
+  RETURNS TABLE (metric text, period_start timestamptz, used bigint, included bigint, billable bigint,
+                 unit_amount_decimal numeric, amount numeric, currency text, sent bigint)
+  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$ SELECT * FROM billing.usage_billable(billing.jwt_tenant_id()) $$;
+
+COMMENT ON FUNCTION billing.my_usage_billable() IS 'usage_billable() for the tenant named by the request''s JWT.';
+
+-- The worker's queues, the outbox and the inbox (the tables: 01_tables.sql):
+-- waking the worker at commit, reclaiming what a crashed worker left in
+-- flight, and the worker's status.
+
+-- The delay before attempt n+1 of anything the worker retries (an outbox
+-- request, an inbox event, a notification): doubling from base per attempt
+-- up to cap, with jitter (50-100 % of it) so that retries of many rows that
+-- failed together spread out.  The exponent is capped, so a large attempt
+-- count cannot overflow.
+CREATE OR REPLACE FUNCTION billing.backoff(p_attempts integer, p_base interval, p_cap interval) RETURNS interval
+  LANGUAGE sql VOLATILE PARALLEL SAFE
+RETURN pg_catalog.make_interval(secs => least(extract(epoch FROM p_cap),
+                                              extract(epoch FROM p_base) * 2 ^ least(greatest(p_attempts - 1, 0), 30))
+                                        * (0.5 + pg_catalog.random() / 2));
+
+COMMENT ON FUNCTION billing.backoff(integer, interval, interval) IS
+  'The delay before the next attempt after p_attempts attempts: p_base doubled per attempt up to p_cap, with 50-100 % jitter.';
 
 COMMENT ON FUNCTION billing.wake_worker_on_commit() IS
   'Trigger: wake the worker when the inserting (or updating) transaction commits (not before, not on rollback).';
@@ -228,7 +916,7 @@ CREATE OR REPLACE TRIGGER wake_worker AFTER INSERT OR UPDATE ON billing.webhook_
 -- was a full batch of p_events), the seconds until the next outbox request
 -- is due (NULL: none waits), and the seconds until the tick has work again
 -- (NULL: nothing is scheduled; the worker then runs no transaction until a
--- commit wakes it, DESIGN.md rule 14).
+-- commit wakes it, docs/architecture.md, rule 14).
 --
 -- Each event is applied in a subtransaction with an xid of its own, and a
 -- backend caches 64 of them: p_events stays below that (the worker passes
@@ -243,12 +931,17 @@ DECLARE
   v_naptime double precision := extract(epoch FROM current_setting('qes_billing.worker_naptime')::interval);
   v_events  double precision;
   v_stale   double precision;
+  v_meters  double precision;
 BEGIN
   applied := billing.process_inbox(p_events);
+  -- usage billed through meters: the pass when due (NULL: none billed)
+  v_meters := billing.meter_tick();
   -- outbox requests whose answer this worker lost
   PERFORM billing.outbox_reclaim_stale(v_timeout);
   -- cached usage counters of periods that ended more than a day ago
   PERFORM billing.usage_cache_sweep(billing.now() - interval '1 day');
+  -- dispute evidence submitted before its deadline, when a setting says so
+  PERFORM billing.dispute_timers();
   outbox_due_s := billing.outbox_next_due();
 
   IF applied >= p_events THEN
@@ -261,7 +954,7 @@ BEGIN
          CASE WHEN bool_or(e.next_attempt_at <= now()) THEN v_naptime END
     INTO v_events, v_stale
     FROM billing.webhook_events e WHERE e.state = 'received';
-  next_due_s := least(v_events, v_stale);
+  next_due_s := least(v_events, v_stale, v_meters);
   -- a request in flight whose answer may be lost: stale after twice the timeout
   SELECT extract(epoch FROM min(r.claimed_at) + 2 * v_timeout - now()) INTO v_stale
     FROM billing.stripe_requests r WHERE r.state = 'in_flight';
@@ -321,7 +1014,7 @@ AS $$
 DECLARE
   v_head   billing.audit_head;
   v_id     bigint;
-  v_at     timestamptz := clock_timestamp();
+  v_at     timestamptz;
   v_role   text := billing.outer_role();
   v_claims jsonb := billing.jwt_claims();
   v_hash   bytea;
@@ -330,10 +1023,13 @@ BEGIN
     RAISE EXCEPTION 'invalid audit action: %', coalesce(quote_literal(p_action), 'NULL')
       USING ERRCODE = 'invalid_parameter_value', HINT = 'Actions look like "subscription.created".';
   END IF;
-  -- no audit row ever holds a secret (DESIGN.md rule 13)
+  -- no audit row ever holds a secret (docs/architecture.md, rule 13)
   p_details := billing.redact(coalesce(p_details, '{}'));
 
   SELECT * INTO v_head FROM billing.audit_head FOR UPDATE;
+  -- stamped once the chain is ours: times never go back along the chain,
+  -- so a period of time is a run of consecutive rows (72_audit_export.sql)
+  v_at := clock_timestamp();
   v_id := v_head.last_id + 1;
   v_hash := billing.audit_hash(v_head.last_hash, v_id, v_at, v_role, v_claims ->> 'sub',
                                v_claims ->> 'tenant_id', p_tenant_id, p_action, p_details);
@@ -345,19 +1041,305 @@ BEGIN
 END
 $$;
 
-CREATE TABLE billing.webhook_rejections (
-  rejection_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-  rejected_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
-  reason          text NOT NULL,
-  deliveries      bigint NOT NULL DEFAULT 1 CHECK (deliveries > 0),
-  stripe_event_id text,
-  event_type      text
-);
+CREATE OR REPLACE FUNCTION billing.audit_guard() RETURNS trigger
+  LANGUAGE plpgsql SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  -- a row covered by a recorded archive may be removed (billing.audit_archive)
+  IF TG_OP = 'DELETE' AND TG_TABLE_NAME = 'audit_log'
+     AND EXISTS (SELECT FROM billing.audit_archives a
+                  WHERE a.last_id >= OLD.audit_id AND a.first_id <= OLD.audit_id) THEN
+    RETURN OLD;
+  END IF;
+  IF current_setting('qes_billing.audit_guard')::boolean THEN
+    RAISE EXCEPTION 'the audit log is append-only: % is not allowed', TG_OP
+      USING ERRCODE = 'insufficient_privilege',
+            HINT = 'Audit rows are never changed or removed.';
+  END IF;
+  RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END
+$$;
 
-COMMENT ON TABLE billing.webhook_rejections IS
-  'Webhook deliveries refused at intake (bad or missing signature, stale, wrong mode, not an event, implausible): an attack or a wrong secret shows here. Refusals are counted in shared memory and written here about once a minute, one row per reason with the number of deliveries (billing.webhook_rejections_pending() shows what is not written yet).';
+COMMENT ON FUNCTION billing.audit_guard() IS
+  'Trigger: refuse UPDATE, DELETE and TRUNCATE of the audit log (but the DELETE of rows an archive covers) and of its archives.';
 
-CREATE INDEX webhook_rejections_recent ON billing.webhook_rejections (rejected_at);
+CREATE OR REPLACE TRIGGER append_only BEFORE UPDATE OR DELETE ON billing.audit_archives
+  FOR EACH ROW EXECUTE FUNCTION billing.audit_guard();
+
+CREATE OR REPLACE TRIGGER append_only_truncate BEFORE TRUNCATE ON billing.audit_archives
+  FOR EACH STATEMENT EXECUTE FUNCTION billing.audit_guard();
+
+CREATE OR REPLACE FUNCTION billing.verify_audit_chain(
+  OUT ok boolean, OUT rows_checked bigint, OUT first_bad_id bigint, OUT problem text)
+  LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_head billing.audit_head;
+  v_last billing.audit_log;
+  -- where the chain in audit_log starts: after the newest archive, or at 1
+  v_base_id   bigint := 0;
+  v_base_hash bytea := '\x0000000000000000000000000000000000000000000000000000000000000000';
+BEGIN
+  SELECT a.last_id, a.last_hash INTO v_base_id, v_base_hash
+    FROM billing.audit_archives a ORDER BY a.last_id DESC LIMIT 1;
+  IF NOT FOUND THEN
+    v_base_id := 0;
+    v_base_hash := '\x0000000000000000000000000000000000000000000000000000000000000000';
+  END IF;
+  SELECT count(*) INTO rows_checked FROM billing.audit_log;
+
+  SELECT c.audit_id,
+         CASE
+           WHEN c.prev_id IS NULL AND c.audit_id <> v_base_id + 1 THEN 'rows before this one are missing'
+           WHEN c.prev_id IS NOT NULL AND c.audit_id <> c.prev_id + 1 THEN 'rows before this one are missing'
+           WHEN c.prev_hash <> coalesce(c.chain_prev, v_base_hash)
+             THEN 'prev_hash does not match the previous row'
+           ELSE 'content does not match its hash'
+         END
+    INTO first_bad_id, problem
+    FROM (SELECT a.*,
+                 lag(a.hash) OVER w AS chain_prev,
+                 lag(a.audit_id) OVER w AS prev_id
+            FROM billing.audit_log a
+          WINDOW w AS (ORDER BY a.audit_id)) c
+   WHERE (c.prev_id IS NULL AND c.audit_id <> v_base_id + 1)
+      OR (c.prev_id IS NOT NULL AND c.audit_id <> c.prev_id + 1)
+      OR c.prev_hash <> coalesce(c.chain_prev, v_base_hash)
+      OR c.hash <> billing.audit_hash(c.prev_hash, c.audit_id, c.occurred_at, c.actor_role, c.actor_sub,
+                                      c.actor_tenant, c.tenant_id, c.action, c.details)
+   ORDER BY c.audit_id
+   LIMIT 1;
+
+  IF first_bad_id IS NULL THEN
+    SELECT * INTO v_head FROM billing.audit_head;
+    SELECT * INTO v_last FROM billing.audit_log ORDER BY audit_id DESC LIMIT 1;
+    IF v_head.last_id <> coalesce(v_last.audit_id, v_base_id)
+       OR v_head.last_hash <> coalesce(v_last.hash, v_head.last_hash) THEN
+      first_bad_id := coalesce(v_last.audit_id, v_base_id) + 1;
+      problem := 'the newest rows are missing (the chain head is at ' || v_head.last_id || ')';
+    END IF;
+  END IF;
+  ok := first_bad_id IS NULL;
+END
+$$;
+
+COMMENT ON FUNCTION billing.verify_audit_chain() IS
+  'Walk the audit chain from the newest archive''s last hash (or from the start); report the first row whose link or hash does not match, or that newest rows are missing.';
+
+-- The audit trail leaves the database: an export of a period that can be
+-- verified without PostgreSQL (src/qes_billing_audit_verify), and archival
+-- of the rows older than qes_billing.audit_retention (exported, then
+-- removed, the chain going on from the archive's last hash).
+--
+-- A period [from, to) is a run of consecutive rows of the chain: the rows
+-- after the boundary of `from` up to the boundary of `to`, the boundary of
+-- a time being the newest row stamped before it (billing.audit_boundary).
+-- billing.audit() stamps a row once it holds the chain head, so times never
+-- go back along the chain; and consecutive periods [a, b), [b, c) are
+-- consecutive runs, so their exports chain together: the second's
+-- prev_hash is the first's last_hash.
+--
+-- An export is JSON Lines (docs/architecture.md, "Audit exports"):
+--   {"format": "qes_billing.audit_export", "version": 1, "from", "to",
+--    "first_id", "last_id", "rows", "prev_hash", "exported_at"}
+--   one line per row: audit_id, occurred_at (UTC, microseconds), actor_role,
+--    actor_sub, actor_tenant, tenant_id, action, details (jsonb's canonical
+--    text, exactly what was hashed), prev_hash, hash
+--   {"end": true, "rows", "last_id", "last_hash"}
+-- Hashes are lower-case hex.
+
+SELECT pg_catalog.pg_extension_config_dump('billing.audit_archives', '');
+
+CREATE OR REPLACE FUNCTION billing.audit_chain_base(OUT base_id bigint, OUT base_hash bytea)
+  LANGUAGE sql STABLE SET search_path = pg_catalog, billing
+BEGIN ATOMIC
+  SELECT coalesce(max(a.last_id), 0),
+         coalesce((SELECT b.last_hash FROM billing.audit_archives b ORDER BY b.last_id DESC LIMIT 1),
+                  '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea)
+    FROM billing.audit_archives a;
+
+END;
+
+COMMENT ON FUNCTION billing.audit_chain_base() IS
+  'Where the chain kept in audit_log starts: the last id and hash of the newest archive, or 0 and 32 zero bytes.';
+
+CREATE OR REPLACE FUNCTION billing.audit_boundary(p_at timestamptz) RETURNS bigint
+  LANGUAGE sql STABLE SET search_path = pg_catalog, billing
+BEGIN ATOMIC
+  SELECT greatest(coalesce((SELECT max(l.audit_id) FROM billing.audit_log l WHERE l.occurred_at < p_at), 0),
+                  (SELECT b.base_id FROM billing.audit_chain_base() b));
+
+END;
+
+COMMENT ON FUNCTION billing.audit_boundary(timestamptz) IS
+  'The id of the newest audit row stamped before this time (or where the kept chain starts): periods of audit exports end at it.';
+
+CREATE OR REPLACE FUNCTION billing.audit_export(p_from timestamptz, p_to timestamptz) RETURNS SETOF text
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_first bigint;
+  v_last  bigint;
+  v_prev  bytea;
+  v_end   bytea;
+  v_base  record;
+  v_rows  bigint;
+BEGIN
+  IF p_from IS NULL OR p_to IS NULL THEN
+    RAISE EXCEPTION 'audit export: the period needs both ends (from %, to %)',
+                    coalesce(p_from::text, 'NULL'), coalesce(p_to::text, 'NULL')
+      USING ERRCODE = 'null_value_not_allowed',
+            HINT = 'Give a start and an end; ''-infinity'' starts at the oldest row kept.';
+  END IF;
+  IF p_from > p_to THEN
+    RAISE EXCEPTION 'audit export: the period ends (%) before it starts (%)', p_to, p_from
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Swap from and to.';
+  END IF;
+  IF p_to > clock_timestamp() THEN
+    RAISE EXCEPTION 'audit export: the period ends in the future (%)', p_to
+      USING ERRCODE = 'invalid_parameter_value',
+            DETAIL = 'Rows may still be added to a period that has not ended, and its export would not chain with the next one.',
+            HINT = 'Export periods that have ended; now() is the latest end.';
+  END IF;
+
+  -- Wait for a writer that holds the chain head (it may be stamping a row
+  -- before p_to) to finish, without keeping writers out while the rows are
+  -- read: the share lock is taken in a subtransaction that is rolled back,
+  -- which releases it.  Any writer after this stamps its row after p_to.
+  BEGIN
+    PERFORM FROM billing.audit_head FOR SHARE;
+    RAISE EXCEPTION USING ERRCODE = 'QB001';
+  EXCEPTION WHEN SQLSTATE 'QB001' THEN
+    NULL;
+  END;
+
+  SELECT * INTO v_base FROM billing.audit_chain_base();
+  v_first := billing.audit_boundary(p_from) + 1;
+  v_last := greatest(billing.audit_boundary(p_to), v_first - 1);
+  v_prev := CASE WHEN v_first - 1 = v_base.base_id THEN v_base.base_hash
+                 ELSE (SELECT l.hash FROM billing.audit_log l WHERE l.audit_id = v_first - 1) END;
+  v_end := CASE WHEN v_last = v_first - 1 THEN v_prev
+                ELSE (SELECT l.hash FROM billing.audit_log l WHERE l.audit_id = v_last) END;
+  SELECT count(*) INTO v_rows FROM billing.audit_log l WHERE l.audit_id BETWEEN v_first AND v_last;
+
+  RETURN NEXT json_build_object(
+    'format', 'qes_billing.audit_export', 'version', 1,
+    'from', CASE WHEN isfinite(p_from) THEN to_char(p_from AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') END,
+    'to', CASE WHEN isfinite(p_to) THEN to_char(p_to AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') END,
+    'first_id', v_first, 'last_id', v_last, 'rows', v_rows,
+    'prev_hash', encode(v_prev, 'hex'),
+    'exported_at', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))::text;
+
+  RETURN QUERY
+    SELECT json_build_object(
+             'audit_id', l.audit_id,
+             'occurred_at', to_char(l.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+             'actor_role', l.actor_role, 'actor_sub', l.actor_sub, 'actor_tenant', l.actor_tenant,
+             'tenant_id', l.tenant_id, 'action', l.action,
+             'details', l.details::text,
+             'prev_hash', encode(l.prev_hash, 'hex'), 'hash', encode(l.hash, 'hex'))::text
+      FROM billing.audit_log l
+     WHERE l.audit_id BETWEEN v_first AND v_last
+     ORDER BY l.audit_id;
+
+  RETURN NEXT json_build_object('end', true, 'rows', v_rows, 'last_id', v_last,
+                                'last_hash', encode(v_end, 'hex'))::text;
+END
+$$;
+
+COMMENT ON FUNCTION billing.audit_export(timestamptz, timestamptz) IS
+  'The audit rows of the period [from, to) as JSON Lines: a header with the hash of the row before the period, the rows with everything their hashes cover, a trailer with the last hash. src/qes_billing_audit_verify checks it offline; consecutive periods chain.';
+
+CREATE OR REPLACE FUNCTION billing.audit_archive_cutoff() RETURNS timestamptz
+  LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_retention interval := current_setting('qes_billing.audit_retention')::interval;
+BEGIN
+  IF v_retention = interval '0' THEN
+    RETURN NULL;
+  END IF;
+  RETURN least(billing.now() - v_retention, now());
+END
+$$;
+
+COMMENT ON FUNCTION billing.audit_archive_cutoff() IS
+  'Audit rows stamped before this time are past qes_billing.audit_retention and may be archived; NULL when rows are kept for ever.';
+
+CREATE OR REPLACE FUNCTION billing.audit_archive(p_first_id bigint, p_last_id bigint, p_last_hash bytea,
+                                      p_export_sha256 bytea)
+  RETURNS billing.audit_archives
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_cutoff timestamptz := billing.audit_archive_cutoff();
+  v_base   record;
+  v_hash   bytea;
+  v_row    billing.audit_archives;
+  v_gone   bigint;
+BEGIN
+  IF v_cutoff IS NULL THEN
+    RAISE EXCEPTION 'audit archive: qes_billing.audit_retention is 0, audit rows are kept for ever'
+      USING ERRCODE = 'object_not_in_prerequisite_state',
+            HINT = 'Set qes_billing.audit_retention (e.g. 3650d) to archive older rows.';
+  END IF;
+  IF p_first_id IS NULL OR p_last_id IS NULL OR p_last_hash IS NULL OR p_export_sha256 IS NULL THEN
+    RAISE EXCEPTION 'audit archive: first_id, last_id, last_hash and export_sha256 are all needed'
+      USING ERRCODE = 'null_value_not_allowed',
+            HINT = 'Archive with the command qes_billing_audit archive, which fills them from the export it wrote.';
+  END IF;
+  IF octet_length(p_last_hash) <> 32 OR octet_length(p_export_sha256) <> 32 THEN
+    RAISE EXCEPTION 'audit archive: last_hash and export_sha256 must be SHA-256 digests (32 bytes)'
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass them as decode(<64 hex digits>, ''hex'').';
+  END IF;
+
+  LOCK TABLE billing.audit_archives IN SHARE ROW EXCLUSIVE MODE;
+  SELECT * INTO v_base FROM billing.audit_chain_base();
+  IF p_first_id <> v_base.base_id + 1 THEN
+    RAISE EXCEPTION 'audit archive: the export starts at row %, but the rows kept start at row %',
+                    p_first_id, v_base.base_id + 1
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Archives follow one another without a gap: export from ''-infinity''.';
+  END IF;
+  IF p_last_id < p_first_id THEN
+    RAISE EXCEPTION 'audit archive: no rows to archive (rows % to %)', p_first_id, p_last_id
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Nothing is older than the retention yet.';
+  END IF;
+  IF p_last_id > billing.audit_boundary(v_cutoff) THEN
+    RAISE EXCEPTION 'audit archive: row % is not older than the retention (rows stamped before % may go)',
+                    p_last_id, v_cutoff
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Export up to billing.audit_archive_cutoff() and archive that.';
+  END IF;
+  SELECT l.hash INTO v_hash FROM billing.audit_log l WHERE l.audit_id = p_last_id;
+  IF v_hash IS DISTINCT FROM p_last_hash THEN
+    RAISE EXCEPTION 'audit archive: the export''s last hash does not match row % in the database', p_last_id
+      USING ERRCODE = 'data_exception',
+            HINT = 'The export is not of this database''s chain, or a row changed: verify both before removing anything.';
+  END IF;
+
+  INSERT INTO billing.audit_archives (first_id, last_id, last_hash, rows_removed, export_sha256, archived_by)
+  VALUES (p_first_id, p_last_id, p_last_hash, p_last_id - p_first_id + 1, p_export_sha256, billing.outer_role())
+  RETURNING * INTO v_row;
+  DELETE FROM billing.audit_log l WHERE l.audit_id BETWEEN p_first_id AND p_last_id;
+  GET DIAGNOSTICS v_gone = ROW_COUNT;
+  IF v_gone <> v_row.rows_removed THEN
+    RAISE EXCEPTION 'audit archive: % rows were to be removed, % were found', v_row.rows_removed, v_gone
+      USING ERRCODE = 'data_exception',
+            HINT = 'Rows are missing from the chain: SELECT * FROM billing.verify_audit_chain();';
+  END IF;
+  PERFORM billing.audit('audit.archived', NULL,
+    jsonb_build_object('first_id', p_first_id, 'last_id', p_last_id, 'rows', v_gone,
+                       'last_hash', encode(p_last_hash, 'hex'),
+                       'export_sha256', encode(p_export_sha256, 'hex'),
+                       'retention', current_setting('qes_billing.audit_retention'),
+                       'cutoff', v_cutoff));
+  RETURN v_row;
+END
+$$;
+
+COMMENT ON FUNCTION billing.audit_archive(bigint, bigint, bytea, bytea) IS
+  'Remove the audit rows first_id..last_id, past the retention and held by a verified export (its last hash and SHA-256 given), and record the archive; the chain in audit_log goes on from its last hash. Audited as audit.archived.';
 
 -- Refused deliveries are counted in shared memory without a write or the
 -- audit chain's lock (src/guard.c); the worker writes the counts here and
@@ -398,7 +1380,7 @@ COMMENT ON FUNCTION billing.rate_limit_stats() IS
 -- leaves it to be applied again, never half-applied.
 --
 -- The mirror converges to Stripe's truth whatever the order of delivery
--- (DESIGN.md rule 12; docs/architecture.md, "Mirroring Stripe"):
+-- (docs/architecture.md, rule 12; docs/architecture.md, "Mirroring Stripe"):
 --
 --   * each mirrored object keeps the Stripe time of the state it holds
 --     (stripe_state_at); an older state never overwrites a newer one, an
@@ -414,32 +1396,14 @@ COMMENT ON FUNCTION billing.rate_limit_stats() IS
 --     subscription runs from the first failed attempt of its oldest unpaid
 --     invoice (Stripe's time), never from when an event happened to arrive
 --     (billing.sync_dunning);
+--   * side effects are facts of Stripe's timeline too: each failed invoice's
+--     notifications and dunning audit rows are decided once, from Stripe's
+--     times, and a failure learnt too late to know whether it still holds
+--     is checked with Stripe before the tenant is told of it
+--     (billing.sync_invoice_failure);
 --   * an event that names what is not mirrored yet waits for it (state
 --     'waiting', or 'ignored' for a customer that is not known to be ours)
 --     and is applied again as soon as it arrives (billing.inbox_requeue).
-
-ALTER TABLE billing.webhook_events ADD COLUMN waits_for text[];
-
-COMMENT ON COLUMN billing.webhook_events.waits_for IS
-  'The Stripe ids an event waits for (a waiting or ignored event is applied again when one of them is mirrored).';
-
-ALTER TABLE billing.webhook_events DROP CONSTRAINT webhook_events_state_check;
-
-ALTER TABLE billing.webhook_events ADD CONSTRAINT webhook_events_state_check
-  CHECK (state IN ('received', 'processing', 'applied', 'ignored', 'waiting', 'needs_review'));
-
--- The same, as rows to look up by Stripe id (global like the inbox: an event
--- may not be known to belong to any tenant yet).
-CREATE TABLE billing.webhook_waits (
-  stripe_id       text NOT NULL,
-  stripe_event_id text NOT NULL REFERENCES billing.webhook_events ON DELETE CASCADE,
-  PRIMARY KEY (stripe_id, stripe_event_id)
-);
-
-COMMENT ON TABLE billing.webhook_waits IS
-  'Which waiting or ignored inbox event waits for which Stripe id (applied again when that object is mirrored).';
-
-CREATE INDEX webhook_waits_event ON billing.webhook_waits (stripe_event_id);
 
 -- A Stripe reference: an id, or an expanded object's id.
 CREATE OR REPLACE FUNCTION billing.stripe_ref(v jsonb) RETURNS text
@@ -457,7 +1421,7 @@ RETURN CASE WHEN o ->> 'object' = 'customer' THEN o ->> 'id' ELSE billing.stripe
 -- on the subscription an invoice is for), else any customer the tenant ever
 -- had (a deleted one too).
 -- (PL/pgSQL: its plan is kept; a SQL function with SET is planned at every
--- call, 220 us of the ~540 us an event took to apply, issue 13)
+-- call, 220 us of the ~540 us an event took to apply)
 CREATE OR REPLACE FUNCTION billing.event_tenant(obj jsonb) RETURNS text
   LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing
 AS $$
@@ -646,7 +1610,10 @@ COMMENT ON FUNCTION billing.dunning_since(billing.subscriptions) IS
   'When a past_due subscription''s dunning began, in Stripe''s time: the first failed attempt of its oldest unpaid invoice (else the invoice''s finalization, else its period''s start).';
 
 -- grace_until, derived from the mirrored subscription and its invoices
--- (never from when an event was applied); audited when it changes.
+-- (never from when an event was applied).  It is the entitlement, not a
+-- fact: what the tenant is told and what is audited about dunning are the
+-- facts of each failed invoice (billing.sync_invoice_failure, below), the
+-- same in every delivery order.
 CREATE OR REPLACE FUNCTION billing.sync_dunning(p_tenant text, p_subscription_id bigint) RETURNS void
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
@@ -675,60 +1642,282 @@ BEGIN
   IF v_grace IS DISTINCT FROM s.grace_until THEN
     UPDATE billing.subscriptions SET grace_until = v_grace, updated_at = now()
      WHERE tenant_id = s.tenant_id AND subscription_id = s.subscription_id;
-    PERFORM billing.audit(CASE WHEN s.grace_until IS NULL THEN 'dunning.started'
-                               WHEN v_grace IS NULL AND s.status IN ('active', 'trialing', 'past_due') THEN 'dunning.recovered'
-                               WHEN v_grace IS NULL THEN 'dunning.ended'
-                               ELSE 'dunning.updated' END,
-                          p_tenant,
-                          jsonb_build_object('subscription', s.stripe_subscription_id, 'status', s.status,
-                                             'since', v_since, 'grace_until', v_grace,
-                                             'previous_grace_until', s.grace_until));
+  END IF;
+  IF s.status IN ('canceled', 'incomplete_expired') THEN
+    -- ended: a failed invoice still unpaid ended with it (dunning.ended)
+    PERFORM billing.sync_invoice_failure(f.tenant_id, f.stripe_invoice_id)
+       FROM billing.invoice_failures f
+      WHERE f.tenant_id = s.tenant_id AND f.stripe_subscription_id = s.stripe_subscription_id
+        AND f.recovered_at IS NULL AND f.ended_at IS NULL;
   END IF;
 END
 $$;
 
 COMMENT ON FUNCTION billing.sync_dunning(text, bigint) IS
-  'Derive a subscription''s grace period from Stripe''s facts (past_due status, the first failed attempt of its oldest unpaid invoice); audited as dunning.started, dunning.updated, dunning.recovered or dunning.ended.';
+  'Derive a subscription''s grace period from Stripe''s facts (past_due status, the first failed attempt of its oldest unpaid invoice). The dunning facts are billing.sync_invoice_failure''s.';
 
--- Usage that occurred in Stripe's current period of a subscription but
--- was recorded under another period -- the mirror learnt of the period
--- late: a first payment, a renewal or an interval switch whose events came
--- after the usage -- moves to that period, so that it counts there and
--- nowhere else (docs/architecture.md, "Billing periods").  Rows of other
--- tenants and periods are not touched; the usage counters are rebuilt from
--- the table after the commit (the usage_changed trigger).  Audited.
-CREATE OR REPLACE FUNCTION billing.rekey_usage(p_tenant text, p_start timestamptz, p_end timestamptz) RETURNS bigint
+-- ---- dunning facts: what the tenant is told, what is audited ---------------
+--
+-- Side effects follow Stripe's timeline, not the order events arrive in
+-- (docs/architecture.md, "Mirroring Stripe"): each is a fact about one
+-- failed invoice, decided once and kept here, so every delivery order --
+-- repeated, shuffled, days late -- tells and audits the same facts:
+--
+--   dunning.started    the invoice of a running subscription (any invoice
+--                      but its first, subscription_create) failed: since =
+--                      its first failed attempt, grace_until = since +
+--                      qes_billing.grace_period (Stripe's times)
+--   told / not told    whether the tenant is told (payment.failed): only a
+--                      failure that still holds when the mirror learns it.
+--                      The mirror vouches for that when its view of the
+--                      invoice is fresh (billing.fresh_within: Stripe
+--                      delivers within seconds); a failure learnt later --
+--                      a late or replayed event -- is checked with one GET
+--                      of the invoice first.  Paid (or voided) by then: not
+--                      told, whatever order the mirror learnt things in.
+--   dunning.recovered  the invoice was paid after the tenant was told of
+--                      its failure: payment.recovered, about that invoice
+--   dunning.recovered_before_known
+--                      it was paid before the mirror could tell the tenant
+--                      (since, grace_until, recovered_at: Stripe's times;
+--                      learnt_at: ours): audited, nobody told
+--   dunning.ended      the subscription ended while it was unpaid
+--
+-- Grace periods that end unpaid are told by a timer (billing.notify_timers,
+-- 89_notify.sql), checked the same way before they are.
+
+-- How fresh the mirror's view of an object must be to decide, without
+-- asking Stripe, that something still holds.  Stripe delivers an event
+-- within seconds; one applied later than this may have been overtaken by
+-- events not delivered yet.
+CREATE OR REPLACE FUNCTION billing.fresh_within() RETURNS interval
+  LANGUAGE sql IMMUTABLE
+RETURN interval '5 minutes';
+
+COMMENT ON FUNCTION billing.fresh_within() IS
+  'How old (in Stripe''s time) the mirror''s view of an object may be for a notification to rely on it; an older view is checked with Stripe first.';
+
+CREATE OR REPLACE FUNCTION billing.sync_invoice_failure(p_tenant text, p_invoice text) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  i        billing.invoices;
+  f        billing.invoice_failures;
+  s        billing.subscriptions;
+  r        billing.stripe_requests;
+  v_sub    text;
+  v_dun    boolean;
+  v_since  timestamptz;
+  v_paid   timestamptz;
+  v_told   boolean;
+  v_asked  boolean;
+  v_facts  jsonb;
+BEGIN
+  SELECT * INTO i FROM billing.invoices x WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice;
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  SELECT * INTO f FROM billing.invoice_failures x
+   WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice FOR UPDATE;
+  IF NOT FOUND THEN
+    IF i.first_failed_at IS NOT NULL THEN
+      INSERT INTO billing.invoice_failures (tenant_id, stripe_invoice_id) VALUES (p_tenant, p_invoice)
+      RETURNING * INTO f;
+    ELSIF EXISTS (SELECT FROM billing.notifications n
+                   WHERE n.tenant_id = p_tenant AND n.dedup_key = 'payment_failed:' || p_invoice) THEN
+      -- a failure notice queued without its facts (by hand, or by 0.1): told
+      INSERT INTO billing.invoice_failures (tenant_id, stripe_invoice_id, told, decided_at)
+      VALUES (p_tenant, p_invoice, true, now())
+      RETURNING * INTO f;
+    ELSE
+      RETURN;   -- nothing failed
+    END IF;
+  END IF;
+
+  v_sub := coalesce(i.stripe_subscription_id,
+                    (SELECT x.stripe_subscription_id FROM billing.subscriptions x
+                      WHERE x.tenant_id = i.tenant_id AND x.subscription_id = i.subscription_id));
+  v_dun := v_sub IS NOT NULL AND i.billing_reason IS DISTINCT FROM 'subscription_create';
+  v_since := coalesce(i.first_failed_at, i.finalized_at, i.stripe_created);
+  v_paid := CASE WHEN i.status = 'paid' THEN coalesce(i.paid_at, i.stripe_state_at, i.updated_at) END;
+  v_facts := jsonb_build_object('subscription', v_sub, 'invoice', p_invoice, 'since', v_since,
+                                'grace_until', v_since + current_setting('qes_billing.grace_period')::interval);
+  IF f.stripe_subscription_id IS DISTINCT FROM v_sub THEN
+    UPDATE billing.invoice_failures x SET stripe_subscription_id = v_sub
+     WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice;
+  END IF;
+
+  -- the episode began: a fact of Stripe's timeline, whatever else is known
+  IF v_dun AND f.started_at IS NULL THEN
+    UPDATE billing.invoice_failures x SET started_at = v_since
+     WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice;
+    PERFORM billing.audit('dunning.started', p_tenant, v_facts);
+  END IF;
+
+  -- the lookup that checks it, when one was sent and is over (an answer
+  -- once it is mirrored: a batch of answers is marked succeeded before each
+  -- is applied)
+  IF f.lookup_request IS NOT NULL THEN
+    SELECT * INTO r FROM billing.stripe_requests x WHERE x.request_id = f.lookup_request;
+    v_asked := NOT FOUND OR r.state = 'failed'
+               OR (r.state = 'succeeded' AND (r.http_status <> 200 OR i.stripe_state_at >= billing.outbox_state_at(r)));
+  END IF;
+
+  -- tell the tenant?  Only what still holds when the mirror learns it
+  IF f.told IS NULL THEN
+    IF i.status IN ('paid', 'void') THEN
+      v_told := false;
+    ELSIF i.stripe_state_at >= now() - billing.fresh_within() THEN
+      v_told := true;
+    ELSIF v_asked THEN
+      -- asked: the answer, mirrored, said unpaid; Stripe has no such
+      -- invoice (404): nothing to tell; no answer at all: tell
+      v_told := NOT coalesce(r.state = 'succeeded' AND r.http_status = 404, false);
+    ELSIF f.lookup_request IS NULL THEN
+      UPDATE billing.invoice_failures x SET lookup_request = coalesce(billing.fetch_object(p_tenant, 'invoice', p_invoice), 0)
+       WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice;
+    END IF;
+    IF v_told IS NOT NULL THEN
+      UPDATE billing.invoice_failures x SET told = v_told, decided_at = now()
+       WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice;
+      f.told := v_told;
+      IF v_told THEN
+        INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)
+        VALUES (p_tenant, 'payment.failed', 'payment_failed:' || p_invoice,
+                jsonb_build_object('invoice', p_invoice, 'subscription', v_sub, 'amount_due', i.amount_due,
+                                   'hosted_invoice_url', i.hosted_invoice_url))
+        ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
+      END IF;
+    END IF;
+  END IF;
+
+  IF NOT v_dun OR f.told IS NULL THEN
+    RETURN;
+  END IF;
+
+  -- paid: recovered (told) or recovered before it was known (not told)
+  IF v_paid IS NOT NULL AND f.recovered_at IS NULL THEN
+    UPDATE billing.invoice_failures x SET recovered_at = v_paid
+     WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice;
+    IF f.told THEN
+      PERFORM billing.audit('dunning.recovered', p_tenant, v_facts || jsonb_build_object('recovered_at', v_paid));
+      INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)
+      VALUES (p_tenant, 'payment.recovered', 'payment_recovered:' || p_invoice,
+              jsonb_build_object('invoice', p_invoice, 'subscription', v_sub, 'subscription_id', i.subscription_id,
+                                 'since', v_since, 'recovered_at', v_paid))
+      ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
+    ELSE
+      PERFORM billing.audit('dunning.recovered_before_known', p_tenant,
+                            v_facts || jsonb_build_object('recovered_at', v_paid, 'learnt_at', f.learnt_at));
+    END IF;
+  END IF;
+
+  -- the subscription ended while the invoice was unpaid (as Stripe had it
+  -- when it ended: the mirror's view of the invoice is as of then, or the
+  -- invoice was looked up)
+  IF f.ended_at IS NULL AND v_paid IS NULL THEN
+    SELECT * INTO s FROM billing.subscriptions x WHERE x.stripe_subscription_id = v_sub;
+    IF s.status IN ('canceled', 'incomplete_expired') AND s.ended_at IS NOT NULL THEN
+      IF i.stripe_state_at >= least(s.ended_at, now() - billing.fresh_within()) OR v_asked THEN
+        UPDATE billing.invoice_failures x SET ended_at = s.ended_at
+         WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice;
+        PERFORM billing.audit('dunning.ended', p_tenant, v_facts || jsonb_build_object('ended_at', s.ended_at));
+      ELSIF f.lookup_request IS NULL THEN
+        UPDATE billing.invoice_failures x SET lookup_request = coalesce(billing.fetch_object(p_tenant, 'invoice', p_invoice), 0)
+         WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice;
+      END IF;
+    END IF;
+  END IF;
+END
+$$;
+
+COMMENT ON FUNCTION billing.sync_invoice_failure(text, text) IS
+  'Decide and record the facts of a failed invoice, once each and from Stripe''s times: dunning.started, whether the tenant is told (payment.failed; a failure learnt late is checked with Stripe first), dunning.recovered (with payment.recovered) or dunning.recovered_before_known, dunning.ended.';
+
+-- Whatever changes an invoice (an event, a GET's answer, reconciliation,
+-- an upgrade), its failure's facts follow.
+CREATE OR REPLACE FUNCTION billing.invoice_failure_changed() RETURNS trigger
+  LANGUAGE plpgsql SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  PERFORM billing.sync_invoice_failure(NEW.tenant_id, NEW.stripe_invoice_id);
+  RETURN NULL;
+END
+$$;
+
+COMMENT ON FUNCTION billing.invoice_failure_changed() IS
+  'Trigger: a failed (or paid) invoice that changed has its dunning facts decided (billing.sync_invoice_failure).';
+
+-- (an invoice that never failed costs nothing: only one that failed, or
+-- becomes paid -- a notice queued without its facts -- is looked at)
+CREATE OR REPLACE TRIGGER invoice_failure AFTER INSERT ON billing.invoices
+  FOR EACH ROW WHEN (NEW.first_failed_at IS NOT NULL)
+  EXECUTE FUNCTION billing.invoice_failure_changed();
+
+CREATE OR REPLACE TRIGGER invoice_failure_changed AFTER UPDATE ON billing.invoices
+  FOR EACH ROW WHEN (NEW.first_failed_at IS NOT NULL OR (NEW.status = 'paid' AND OLD.status IS DISTINCT FROM 'paid'))
+  EXECUTE FUNCTION billing.invoice_failure_changed();
+
+-- The answer (or the end) of a lookup a failure waited for: its facts are
+-- decided.  (An answer of 200 is mirrored by billing.mirror_fetched, whose
+-- change of the invoice decides them.)
+CREATE OR REPLACE FUNCTION billing.invoice_lookup_done() RETURNS trigger
+  LANGUAGE plpgsql SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  PERFORM billing.sync_invoice_failure(f.tenant_id, f.stripe_invoice_id)
+     FROM billing.invoice_failures f WHERE f.lookup_request = NEW.request_id;
+  RETURN NULL;
+END
+$$;
+
+COMMENT ON FUNCTION billing.invoice_lookup_done() IS
+  'Trigger: a lookup of a failed invoice ended without an answer to mirror (404, or failed for good): the failure''s facts are decided with what the mirror has.';
+
+CREATE OR REPLACE TRIGGER invoice_lookup_done AFTER UPDATE OF state ON billing.stripe_requests
+  FOR EACH ROW WHEN (NEW.kind = 'mirror.invoice.lookup' AND OLD.state <> NEW.state
+                     AND (NEW.state = 'failed' OR (NEW.state = 'succeeded' AND NEW.http_status <> 200)))
+  EXECUTE FUNCTION billing.invoice_lookup_done();
+
+-- Usage is filed under the period it occurred in as the mirror stood when
+-- it was recorded.  When the mirror learns of a period late -- a first
+-- payment, a renewal, an interval switch, an end or a cancellation whose
+-- event came after the usage -- the usage that occurred from p_from on is
+-- moved to the period it occurred in as the mirror stands now
+-- (billing.usage_period), so that it counts there and nowhere else
+-- (docs/architecture.md, "Billing periods").  Usage before p_from keeps its
+-- period.  Rows of other tenants are not touched; the usage counters are
+-- rebuilt from the table after the commit (the usage_changed trigger).
+-- Audited when anything moved.
+CREATE OR REPLACE FUNCTION billing.rekey_usage_from(p_tenant text, p_from timestamptz) RETURNS bigint
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
 DECLARE
   v_n bigint;
 BEGIN
-  IF p_start IS NULL OR p_end IS NULL OR p_end <= p_start THEN
+  IF p_from IS NULL THEN
     RETURN 0;
   END IF;
-  -- per metric, through the usage_events_period index: a row of the period
-  -- carries a key no older than a year (the longest period) before it
-  IF NOT EXISTS (SELECT 1 FROM billing.metrics m
-                  CROSS JOIN LATERAL (SELECT 1 FROM billing.usage_events u
-                                       WHERE u.tenant_id = p_tenant AND u.metric = m.metric
-                                         AND u.period_start >= p_start - interval '13 months' AND u.period_start < p_end
-                                         AND u.period_start <> p_start
-                                         AND u.occurred_at >= p_start AND u.occurred_at < p_end
-                                       LIMIT 1) x) THEN
-    RETURN 0;
-  END IF;
-  UPDATE billing.usage_events u SET period_start = p_start
-   WHERE u.tenant_id = p_tenant AND u.period_start >= p_start - interval '13 months' AND u.period_start < p_end
-     AND u.period_start <> p_start AND u.occurred_at >= p_start AND u.occurred_at < p_end;
+  -- a row that occurred from p_from on carries a key no more than a year
+  -- (the longest period) before it: the usage_events_period index bounds it
+  UPDATE billing.usage_events u SET period_start = p.period_start
+    FROM (SELECT x.idempotency_key, (billing.usage_period(p_tenant, x.occurred_at)).period_start
+            FROM billing.usage_events x
+           WHERE x.tenant_id = p_tenant AND x.period_start >= p_from - interval '13 months'
+             AND x.occurred_at >= p_from) p
+   WHERE u.tenant_id = p_tenant AND u.idempotency_key = p.idempotency_key
+     AND u.period_start <> p.period_start;
   GET DIAGNOSTICS v_n = ROW_COUNT;
-  PERFORM billing.audit('usage.rekeyed', p_tenant,
-                        jsonb_build_object('period_start', p_start, 'period_end', p_end, 'events', v_n));
+  IF v_n > 0 THEN
+    PERFORM billing.audit('usage.rekeyed', p_tenant,
+                          jsonb_build_object('from', p_from, 'events', v_n));
+  END IF;
   RETURN v_n;
 END
 $$;
 
-COMMENT ON FUNCTION billing.rekey_usage(text, timestamptz, timestamptz) IS
-  'Move the tenant''s usage that occurred in [p_start, p_end) but was recorded under another period into that period (the mirror learnt of the period after the usage). Audited as usage.rekeyed.';
+COMMENT ON FUNCTION billing.rekey_usage_from(text, timestamptz) IS
+  'Move the tenant''s usage that occurred from p_from on into the period it occurred in as the mirror stands now (the mirror learnt of a period, an end or a cancellation after the usage). Audited as usage.rekeyed.';
 
 -- One subscription state.  Returns the Stripe ids it waits for when it
 -- cannot be applied yet (the tenant has another current subscription whose
@@ -853,14 +2042,21 @@ BEGIN
             v_cancel, v_trial, p_at, v_anchor, to_timestamp((o ->> 'created')::bigint),
             CASE WHEN v_terminal THEN v_ended END, p_source)
     RETURNING subscription_id INTO v_id;
+    PERFORM billing.audit_features(p_tenant, v_id, NULL, NULL, v_plan, v_status);
   END IF;
 
-  -- a period the usage was not recorded under yet (renewed, switched, or
-  -- paid for the first time): what occurred in it counts in it
-  IF v_status IN ('trialing', 'active', 'past_due', 'unpaid', 'paused')
-     AND (v_sub.subscription_id IS NULL OR v_sub.current_period_start IS DISTINCT FROM v_pstart
-          OR v_sub.status NOT IN ('trialing', 'active', 'past_due', 'unpaid', 'paused')) THEN
-    PERFORM billing.rekey_usage(p_tenant, v_pstart, v_pend);
+  -- periods the usage was not filed under (renewed, switched, paid for the
+  -- first time, ended or cancelled after the usage was recorded): what
+  -- occurred from the start of this state's period on moves to the period
+  -- it occurred in; what occurred before keeps its period
+  IF v_sub.subscription_id IS NULL
+     OR (v_sub.current_period_start, v_sub.current_period_end, v_sub.billing_interval,
+         v_sub.status IN ('trialing', 'active', 'past_due', 'unpaid', 'paused'),
+         v_sub.status IN ('canceled', 'incomplete_expired'))
+        IS DISTINCT FROM
+        (v_pstart, v_pend, v_int, v_status IN ('trialing', 'active', 'past_due', 'unpaid', 'paused'), v_terminal)
+     OR (v_anchor IS NOT NULL AND v_sub.billing_cycle_anchor IS DISTINCT FROM v_anchor) THEN
+    PERFORM billing.rekey_usage_from(p_tenant, v_pstart);
   END IF;
 
   -- its invoices, whichever arrived first
@@ -945,14 +2141,16 @@ BEGIN
     INSERT INTO billing.invoices (tenant_id, stripe_invoice_id, subscription_id, stripe_subscription_id, number, status,
                                   amount_due, amount_paid, amount_remaining, currency, period_start, period_end,
                                   hosted_invoice_url, invoice_pdf, stripe_created, stripe_state_at, first_failed_at,
-                                  attempt_count, finalized_at, paid_at)
+                                  attempt_count, finalized_at, paid_at, billing_reason)
     VALUES (p_tenant, o ->> 'id', v_sub.subscription_id, v_subid, o ->> 'number', o ->> 'status',
             coalesce((o ->> 'amount_due')::bigint, 0), coalesce((o ->> 'amount_paid')::bigint, 0),
             coalesce((o ->> 'amount_remaining')::bigint, 0), o ->> 'currency',
             to_timestamp((o ->> 'period_start')::bigint), to_timestamp((o ->> 'period_end')::bigint),
             o ->> 'hosted_invoice_url', o ->> 'invoice_pdf', to_timestamp((o ->> 'created')::bigint), p_at,
             CASE WHEN p_failed THEN p_at END, coalesce((o ->> 'attempt_count')::integer, 0),
-            to_timestamp((v_st ->> 'finalized_at')::bigint), to_timestamp((v_st ->> 'paid_at')::bigint));
+            to_timestamp((v_st ->> 'finalized_at')::bigint),
+            least(to_timestamp((v_st ->> 'paid_at')::bigint), CASE WHEN o ->> 'status' = 'paid' THEN p_at END),
+            o ->> 'billing_reason');
     PERFORM billing.inbox_requeue(ARRAY[o ->> 'id']);
   ELSE
     v_newer := v_old.stripe_state_at IS NULL OR v_old.stripe_state_at < p_at
@@ -978,7 +2176,10 @@ BEGIN
       first_failed_at = least(i.first_failed_at, CASE WHEN p_failed THEN p_at END),
       attempt_count = greatest(i.attempt_count, coalesce((o ->> 'attempt_count')::integer, 0)),
       finalized_at = coalesce(i.finalized_at, to_timestamp((v_st ->> 'finalized_at')::bigint)),
-      paid_at = coalesce(i.paid_at, to_timestamp((v_st ->> 'paid_at')::bigint)),
+      -- paid: status_transitions.paid_at, else the earliest state that says paid
+      paid_at = least(i.paid_at, to_timestamp((v_st ->> 'paid_at')::bigint),
+                      CASE WHEN o ->> 'status' = 'paid' THEN p_at END),
+      billing_reason = coalesce(i.billing_reason, o ->> 'billing_reason'),
       updated_at = now()
      WHERE tenant_id = v_old.tenant_id AND stripe_invoice_id = v_old.stripe_invoice_id;
   END IF;
@@ -1144,7 +2345,8 @@ DECLARE
   v_ref  text[];
 BEGIN
   out_state := 'applied';
-  IF v_type = 'charge.dispute.created' THEN
+  IF v_type LIKE 'charge.dispute.%' THEN
+    -- a dispute names no customer: its tenant is its charge's (94_disputes.sql)
     SELECT p.tenant_id INTO v_t FROM billing.payments p
      WHERE p.stripe_charge_id = billing.stripe_ref(o -> 'charge')
         OR p.stripe_payment_intent_id = billing.stripe_ref(o -> 'payment_intent')
@@ -1192,16 +2394,9 @@ BEGIN
     ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
   WHEN v_type IN ('invoice.created', 'invoice.finalized', 'invoice.updated', 'invoice.paid', 'invoice.payment_failed',
                   'invoice.voided', 'invoice.marked_uncollectible') THEN
+    -- (a failure's notification and audit: billing.sync_invoice_failure,
+    -- once per invoice, decided from Stripe's times whatever the order)
     PERFORM billing.apply_invoice(v_t, o, v_at, v_type = 'invoice.payment_failed', false, e ->> 'api_version');
-    IF v_type = 'invoice.payment_failed' THEN
-      -- the fact, whatever order events arrive in (once per invoice); whoever
-      -- delivers notifications skips it if the invoice is paid by then
-      INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)
-      VALUES (v_t, 'payment.failed', 'payment_failed:' || (o ->> 'id'),
-              jsonb_build_object('invoice', o ->> 'id', 'amount_due', (o ->> 'amount_due')::bigint,
-                                 'hosted_invoice_url', o ->> 'hosted_invoice_url'))
-      ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
-    END IF;
   WHEN v_type = 'invoice_payment.paid' THEN
     PERFORM billing.link_invoice_payment(v_t, billing.stripe_ref(o -> 'invoice'),
                                          billing.stripe_ref(o -> 'payment' -> 'payment_intent'));
@@ -1209,8 +2404,12 @@ BEGIN
     PERFORM billing.apply_payment(v_t, o, v_at, 'succeeded');
   WHEN v_type IN ('payment_intent.payment_failed', 'charge.failed') THEN
     PERFORM billing.apply_payment(v_t, o, v_at, 'failed');
-  WHEN v_type = 'charge.dispute.created' THEN
+  WHEN v_type IN ('charge.dispute.created', 'charge.dispute.updated', 'charge.dispute.closed',
+                  'charge.dispute.funds_withdrawn', 'charge.dispute.funds_reinstated') THEN
     PERFORM billing.apply_dispute(v_t, o);
+    PERFORM billing.sync_dispute(v_t, o, v_at, v_type);
+  WHEN v_type IN ('customer.tax_id.created', 'customer.tax_id.updated', 'customer.tax_id.deleted') THEN
+    PERFORM billing.sync_tax_id(v_t, o, v_type = 'customer.tax_id.deleted');   -- 91_tax.sql
   ELSE
     out_tenant := NULL;   -- a type we do not handle
     out_state := 'ignored';
@@ -1231,8 +2430,6 @@ DECLARE
   v_err   text;
   v_n     integer := 0;
   v_max   integer := current_setting('qes_billing.webhook_max_attempts')::integer;
-  v_base  double precision := extract(epoch FROM current_setting('qes_billing.retry_base_delay')::interval);
-  v_cap   double precision := extract(epoch FROM current_setting('qes_billing.retry_max_delay')::interval);
 BEGIN
   FOR ev IN
     SELECT w.stripe_event_id, w.payload, w.attempts, w.source FROM billing.webhook_events w
@@ -1262,7 +2459,8 @@ BEGIN
       UPDATE billing.webhook_events
          SET attempts = attempts + 1, last_error = v_err,
              state = CASE WHEN attempts + 1 >= v_max THEN 'needs_review' ELSE 'received' END,
-             next_attempt_at = now() + make_interval(secs => least(v_cap, v_base * 2 ^ attempts) * (0.5 + random() / 2))
+             next_attempt_at = now() + billing.backoff(attempts + 1, current_setting('qes_billing.retry_base_delay')::interval,
+                                                       current_setting('qes_billing.retry_max_delay')::interval)
        WHERE stripe_event_id = ev.stripe_event_id;
       IF ev.attempts + 1 >= v_max THEN
         PERFORM billing.audit('webhook.parked', NULL, jsonb_build_object('event_id', ev.stripe_event_id, 'error', v_err));
@@ -1297,7 +2495,7 @@ COMMENT ON VIEW billing.webhook_metrics IS
   'Webhook processing: latency received -> applied (p50, p95, p99 over the last hour), throughput, retries, parked and rejected deliveries, events waiting for an object not mirrored yet.';
 
 -- Reconciliation: finding and healing drift between the mirror and Stripe
--- (issue 10; docs/architecture.md, "Reconciliation").  Webhooks can be lost
+-- (docs/architecture.md, "Reconciliation").  Webhooks can be lost
 -- -- an endpoint down for longer than Stripe retries, a wrong secret for a
 -- while -- so the mirror is compared with Stripe now and then:
 --
@@ -1320,62 +2518,6 @@ COMMENT ON VIEW billing.webhook_metrics IS
 -- qes_billing.reconcile_pages pages (it goes on at the next pass).  The
 -- pass after a finished one is queued due at its time, so an idle worker
 -- wakes for it (rule 14: nothing else runs while nothing is due).
-
-ALTER TABLE billing.webhook_events ADD COLUMN source text NOT NULL DEFAULT 'webhook'
-  CHECK (source IN ('webhook', 'reconcile'));
-
-COMMENT ON COLUMN billing.webhook_events.source IS
-  'How the event came: delivered by Stripe (webhook) or found missing by a reconciliation pass (reconcile).';
-
--- One run: a pass over Stripe's events, or one tenant's objects.  Global
--- like the queues (a pass concerns no one tenant).
-CREATE TABLE billing.reconcile_runs (
-  run_id        text PRIMARY KEY,
-  kind          text NOT NULL CHECK (kind IN ('pass', 'tenant')),
-  tenant_id     text REFERENCES billing.tenants,
-  started_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
-  finished_at   timestamptz,
-  requests      integer NOT NULL DEFAULT 0,   -- Stripe requests answered
-  listed        integer NOT NULL DEFAULT 0,   -- events or objects Stripe listed
-  missed_events integer NOT NULL DEFAULT 0,   -- events the inbox never received
-  repairs       integer NOT NULL DEFAULT 0,
-  errors        integer NOT NULL DEFAULT 0
-);
-
-COMMENT ON TABLE billing.reconcile_runs IS
-  'Reconciliation runs: a periodic pass over Stripe''s events or one tenant''s objects; what Stripe listed, the events the inbox had missed, the repairs made, the Stripe requests spent.';
-
-CREATE INDEX reconcile_runs_started ON billing.reconcile_runs (started_at);
-
-CREATE TABLE billing.drift_repairs (
-  tenant_id       text NOT NULL REFERENCES billing.tenants,
-  repair_id       bigint GENERATED ALWAYS AS IDENTITY,
-  repaired_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
-  run_id          text,
-  source          text NOT NULL CHECK (source IN ('events', 'objects')),
-  object          text NOT NULL,
-  stripe_id       text NOT NULL,
-  stripe_event_id text,
-  before          jsonb,
-  after           jsonb,
-  PRIMARY KEY (tenant_id, repair_id)
-);
-
-COMMENT ON TABLE billing.drift_repairs IS
-  'Each repair of the mirror by reconciliation: the object, the mirror''s state of it before and after, the run, and the missed event that repaired it (source events) or Stripe''s object as listed (source objects).';
-
--- The pass's progress (one row, made by the worker's first loop).
-CREATE TABLE billing.reconcile_state (
-  singleton       boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-  events_cursor   timestamptz,   -- the next listing asks for events created at or after it
-  listing_newest  timestamptz,   -- the newest event the listing under way saw
-  pass_run_id     text,
-  pass_pages      integer NOT NULL DEFAULT 0,
-  next_pass_at    timestamptz NOT NULL
-);
-
-COMMENT ON TABLE billing.reconcile_state IS
-  'Where the periodic reconciliation pass stands: its cursor in Stripe''s event list, the listing under way, when the next pass is due.';
 
 -- The mirror's state of one Stripe object (what a repair changes).
 CREATE OR REPLACE FUNCTION billing.mirror_row(p_object text, p_id text) RETURNS jsonb
@@ -1479,6 +2621,7 @@ BEGIN
       PERFORM billing.apply_payment(p_tenant, o, p_at, CASE WHEN o ->> 'status' = 'failed' THEN 'failed' END);
     WHEN 'dispute' THEN
       PERFORM billing.apply_dispute(p_tenant, o);
+      PERFORM billing.sync_dispute(p_tenant, o, p_at);
     ELSE
       RETURN false;
     END CASE;
@@ -1561,7 +2704,9 @@ RETURN '["customer.created", "customer.updated", "customer.deleted", "customer.s
          "customer.subscription.updated", "customer.subscription.deleted", "customer.subscription.trial_will_end",
          "invoice.created", "invoice.finalized", "invoice.paid", "invoice.payment_failed",
          "payment_intent.succeeded", "payment_intent.payment_failed", "charge.succeeded", "charge.failed",
-         "charge.dispute.created"]'::jsonb;
+         "charge.dispute.created", "charge.dispute.updated", "charge.dispute.closed",
+         "charge.dispute.funds_withdrawn", "charge.dispute.funds_reinstated",
+         "customer.tax_id.created", "customer.tax_id.updated", "customer.tax_id.deleted"]'::jsonb;
 
 -- Queue the next page of the pass's listing, due at p_due.
 CREATE OR REPLACE FUNCTION billing.reconcile_list_events(p_run text, p_after text, p_due timestamptz) RETURNS bigint
@@ -1764,11 +2909,6 @@ SELECT d.repaired_at, d.tenant_id, d.object, d.stripe_id, d.source, d.stripe_eve
 COMMENT ON VIEW billing.drift_report IS
   'What reconciliation found and fixed: each repaired object with the mirror''s state before and after, what changed, the run (pass or tenant) and the missed event that repaired it.';
 
-ALTER TABLE billing.subscriptions
-  ADD COLUMN stripe_item_id text,
-  ADD COLUMN pending_change jsonb,
-  ADD COLUMN last_error jsonb;
-
 -- Claim due requests for sending: the worker commits this before any byte
 -- goes out.  Rows are taken with SKIP LOCKED, so a backend busy with a
 -- row (replaying it, say) never blocks the worker.  PL/pgSQL keeps the plan
@@ -1816,109 +2956,21 @@ BEGIN
 END
 $$;
 
--- The Stripe account's rate, shared (docs/scaleout.md, "Stripe's account
--- limits").  Stripe limits requests per account (about 100/s live, 25/s in
--- test mode).  One database alone keeps under it with the worker's token
--- bucket (qes_billing.max_requests_per_second, src/outbox.c).  When several
--- databases send for one account -- the shards of a sharded qes_billing --
--- a coordinator (the router's router.stripe_rebalance) gives each its share
--- of the account's rate, here, and the claim takes no more than the share
--- allows: a token bucket in this row, refilled at `rate` per second, a
--- tenth of a second's worth at most.  No row: no share, the worker's own
--- limit alone.  A share that is not renewed by expires_at falls back to
--- fallback_rate (the share the coordinator would give if every database
--- were busy), so a coordinator that stops never lets the sum pass the
--- account's rate.  slow_until: a 429 seen by any database holds every one
--- back until then.
-
-CREATE TABLE billing.stripe_rate_budget (
-  one_row       boolean PRIMARY KEY DEFAULT true CHECK (one_row),
-  rate          double precision NOT NULL CHECK (rate >= 0),
-  fallback_rate double precision NOT NULL CHECK (fallback_rate >= 0),
-  expires_at    timestamptz NOT NULL,
-  slow_until    timestamptz,
-  tokens        double precision NOT NULL DEFAULT 0,
-  refilled_at   timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
-  set_by        text,
-  updated_at    timestamptz NOT NULL DEFAULT pg_catalog.now()
-);
-COMMENT ON TABLE billing.stripe_rate_budget IS
-  'This database''s share of the Stripe account''s request rate, set by a coordinator when several databases send for one account (the shards of a sharded qes_billing): requests per second, until expires_at (then fallback_rate), held back until slow_until after a 429. No row: the worker''s own qes_billing.max_requests_per_second alone.';
-
--- The rate in force now, or NULL (no share set).
-CREATE FUNCTION billing.stripe_budget_rate(b billing.stripe_rate_budget) RETURNS double precision
-  LANGUAGE sql STABLE
-  RETURN CASE WHEN b.one_row IS NULL THEN NULL
-              WHEN pg_catalog.clock_timestamp() > b.expires_at THEN b.fallback_rate ELSE b.rate END;
-COMMENT ON FUNCTION billing.stripe_budget_rate(billing.stripe_rate_budget) IS
-  'The share in force: rate, or fallback_rate once expires_at has passed; NULL without a share.';
-
--- Take up to p_want tokens for a claim (the claim gives back what it did
--- not use).  Without a share, p_want: the row is only read, never locked.
-CREATE FUNCTION billing.stripe_budget_take(p_want integer) RETURNS integer
+-- The delay before attempt n+1.
+CREATE OR REPLACE FUNCTION billing.outbox_backoff(p_attempts integer, p_retry_after text DEFAULT NULL) RETURNS interval
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
 DECLARE
-  b      billing.stripe_rate_budget;
-  v_rate double precision;
-  v_now  timestamptz := clock_timestamp();
-  v_tok  double precision;
-  v_n    integer;
+  v_delay double precision := extract(epoch FROM billing.backoff(p_attempts,
+                                                                 current_setting('qes_billing.retry_base_delay')::interval,
+                                                                 current_setting('qes_billing.retry_max_delay')::interval));
 BEGIN
-  IF NOT EXISTS (SELECT FROM billing.stripe_rate_budget) THEN
-    RETURN p_want;
+  IF p_retry_after ~ '^\s*[0-9]{1,6}\s*$' THEN
+    v_delay := greatest(v_delay, btrim(p_retry_after)::double precision);
   END IF;
-  SELECT * INTO b FROM billing.stripe_rate_budget FOR UPDATE;
-  v_rate := billing.stripe_budget_rate(b);
-  v_tok := least(greatest(1, v_rate / 10),
-                 b.tokens + greatest(extract(epoch FROM v_now - b.refilled_at), 0) * v_rate);
-  v_n := CASE WHEN b.slow_until > v_now THEN 0 ELSE least(p_want, floor(v_tok)::integer) END;
-  UPDATE billing.stripe_rate_budget SET tokens = v_tok - v_n, refilled_at = v_now;
-  RETURN v_n;
+  RETURN make_interval(secs => v_delay);
 END
 $$;
-COMMENT ON FUNCTION billing.stripe_budget_take(integer) IS
-  'Run by the claim: how many of p_want requests this database''s share of the Stripe account''s rate lets it send now (all of them without a share).';
-
-CREATE FUNCTION billing.stripe_budget_give_back(p_unused integer) RETURNS void
-  LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
-AS $$
-  UPDATE billing.stripe_rate_budget SET tokens = tokens + p_unused WHERE p_unused > 0
-$$;
-COMMENT ON FUNCTION billing.stripe_budget_give_back(integer) IS
-  'Return the tokens a claim took and did not use.';
-
--- Seconds until the share lets one more request go (0: now or no share).
-CREATE FUNCTION billing.stripe_budget_wait() RETURNS double precision
-  LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing
-AS $$
-DECLARE
-  b      billing.stripe_rate_budget;
-  v_rate double precision;
-  v_now  timestamptz := clock_timestamp();
-  v_tok  double precision;
-BEGIN
-  SELECT * INTO b FROM billing.stripe_rate_budget;
-  IF NOT FOUND THEN
-    RETURN 0;
-  END IF;
-  v_rate := billing.stripe_budget_rate(b);
-  IF b.slow_until > v_now THEN
-    RETURN extract(epoch FROM b.slow_until - v_now);
-  END IF;
-  v_tok := b.tokens + greatest(extract(epoch FROM v_now - b.refilled_at), 0) * v_rate;
-  IF v_tok >= 1 THEN
-    RETURN 0;
-  END IF;
-  -- a share of 0 (a coordinator gave it nothing): look again at its renewal
-  RETURN CASE WHEN v_rate > 0 THEN (1 - v_tok) / v_rate
-              ELSE greatest(extract(epoch FROM b.expires_at - v_now), 0.1) END;
-END
-$$;
-COMMENT ON FUNCTION billing.stripe_budget_wait() IS
-  'Seconds until this database''s share of the Stripe account''s rate lets one more request go (0: now, or no share).';
-
-SELECT pg_catalog.pg_extension_config_dump('billing.stripe_rate_budget', '');
 
 -- Recording an answer.  billing.outbox_record guards each step: a body
 -- that is not JSON is kept as text, and an answer Stripe gave that cannot be
@@ -1938,7 +2990,7 @@ BEGIN
          updated_at = now()
    WHERE request_id = r.request_id
    RETURNING * INTO r;
-  -- the row keeps the answer redacted (DESIGN.md rule 13); applying it
+  -- the row keeps the answer redacted (docs/architecture.md, rule 13); applying it
   -- sees all of it (setup stores an endpoint's signing secret in
   -- billing.stripe_secrets, the one place a secret is kept)
   r.response := p_body;
@@ -2128,6 +3180,102 @@ BEGIN
 END
 $$;
 
+-- Success: what the answer means for local state.
+CREATE OR REPLACE FUNCTION billing.outbox_apply(r billing.stripe_requests) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  o      jsonb := r.response;
+  v_sub  bigint := (r.subject ->> 'subscription_id')::bigint;
+  v_secret text;
+BEGIN
+  CASE
+  WHEN r.kind = 'customer.create' THEN
+    UPDATE billing.tenants SET stripe_customer_id = o ->> 'id', updated_at = now()
+     WHERE tenant_id = r.tenant_id AND stripe_customer_id IS NULL;
+    PERFORM billing.audit('customer.created', r.tenant_id, jsonb_build_object('customer', o ->> 'id'));
+    PERFORM billing.billing_details_send(r.tenant_id);   -- details given before the customer (91_tax.sql)
+  WHEN r.kind IN ('subscription.create', 'subscription.update', 'subscription.refresh') THEN
+    IF v_sub IS NOT NULL THEN
+      UPDATE billing.subscriptions SET stripe_subscription_id = o ->> 'id'
+       WHERE tenant_id = r.tenant_id AND subscription_id = v_sub AND stripe_subscription_id IS NULL;
+    END IF;
+    PERFORM billing.apply_subscription(r.tenant_id, o, billing.outbox_state_at(r), o ->> 'status' = 'canceled');
+    UPDATE billing.subscriptions s
+       SET stripe_item_id = coalesce(billing.base_item_of(o), s.stripe_item_id),
+           metered_items = billing.metered_items_of(o),
+           client_secret = CASE WHEN s.status = 'incomplete'
+                                THEN coalesce(o -> 'latest_invoice' -> 'payment_intent' ->> 'client_secret',
+                                              o -> 'latest_invoice' -> 'confirmation_secret' ->> 'client_secret',
+                                              s.client_secret) END,
+           pending_change = CASE WHEN r.kind = 'subscription.update' THEN NULL ELSE s.pending_change END,
+           last_error = CASE WHEN r.kind = 'subscription.refresh' THEN s.last_error END,
+           updated_at = now()
+     WHERE s.stripe_subscription_id = o ->> 'id';
+    IF r.kind <> 'subscription.refresh' THEN
+      PERFORM billing.audit(CASE r.kind WHEN 'subscription.create' THEN 'subscription.created'
+                                        ELSE 'subscription.changed' END, r.tenant_id,
+                            jsonb_build_object('subscription', o ->> 'id', 'status', o ->> 'status',
+                                               'price', o -> 'items' -> 'data' -> 0 -> 'price' ->> 'id',
+                                               'cancel_at_period_end', o -> 'cancel_at_period_end'));
+    END IF;
+  WHEN r.kind = 'payment_intent.create' THEN
+    -- link the row, then mirror the answer as an event would (newer state wins)
+    UPDATE billing.payments p SET stripe_payment_intent_id = o ->> 'id', client_secret = o ->> 'client_secret'
+     WHERE p.tenant_id = r.tenant_id AND p.payment_id = (r.subject ->> 'payment_id')::bigint;
+    PERFORM billing.apply_payment(r.tenant_id, o, billing.outbox_state_at(r), o ->> 'status');
+    PERFORM billing.audit('payment_intent.created', r.tenant_id,
+                          jsonb_build_object('payment_id', (r.subject ->> 'payment_id')::bigint,
+                                             'payment_intent', o ->> 'id', 'status', o ->> 'status'));
+  WHEN r.kind LIKE 'setup.%' THEN
+    PERFORM billing.setup_apply(r);
+  WHEN r.kind LIKE 'dispute.%' THEN
+    PERFORM billing.dispute_apply_answer(r);   -- evidence staged or submitted (94_disputes.sql)
+  WHEN r.kind IN ('billing_details.update', 'tax_id.create') THEN
+    PERFORM billing.billing_details_apply(r);  -- tax (91_tax.sql)
+  WHEN r.kind IN ('tax.calculation', 'tax.transaction') THEN
+    PERFORM billing.tax_calculation_apply(r);
+  WHEN r.kind LIKE 'meter.%' THEN
+    PERFORM billing.meter_apply(r);    -- usage billed through meters (94_meters.sql)
+  ELSE
+    NULL;   -- a request whose answer changes nothing local (it is kept on the row)
+  END CASE;
+END
+$$;
+
+-- Final failure: undo what the caller started, and say why where the tenant sees it.
+CREATE OR REPLACE FUNCTION billing.outbox_apply_failure(r billing.stripe_requests) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_sub bigint := (r.subject ->> 'subscription_id')::bigint;
+BEGIN
+  CASE
+  WHEN r.kind = 'subscription.create' THEN
+    UPDATE billing.subscriptions SET status = 'incomplete_expired', last_error = r.error, client_secret = NULL,
+                                     updated_at = now()
+     WHERE tenant_id = r.tenant_id AND subscription_id = v_sub AND stripe_subscription_id IS NULL;
+  WHEN r.kind = 'subscription.update' THEN
+    -- the plan and its limits stay where they were
+    UPDATE billing.subscriptions SET pending_change = NULL, last_error = r.error, updated_at = now()
+     WHERE tenant_id = r.tenant_id AND subscription_id = v_sub;
+  WHEN r.kind = 'payment_intent.create' THEN
+    UPDATE billing.payments
+       SET status = 'failed', failure_code = coalesce(r.error ->> 'decline_code', r.error ->> 'code', r.error ->> 'category'),
+           failure_message = r.error ->> 'message', updated_at = now()
+     WHERE tenant_id = r.tenant_id AND payment_id = (r.subject ->> 'payment_id')::bigint;
+  WHEN r.kind LIKE 'dispute.%' THEN
+    PERFORM billing.dispute_apply_failure(r);
+  WHEN r.kind IN ('billing_details.update', 'tax_id.create') THEN
+    PERFORM billing.billing_details_failure(r);
+  WHEN r.kind LIKE 'meter.%' THEN
+    PERFORM billing.meter_apply_failure(r);    -- 94_meters.sql
+  ELSE
+    NULL;
+  END CASE;
+END
+$$;
+
 -- An operator may send a failed request again.  A request whose outcome was
 -- unknown keeps its Idempotency-Key (Stripe replays what it did); one that
 -- Stripe refused (a card decline, an invalid request) gets a new key, since
@@ -2158,6 +3306,316 @@ $$;
 COMMENT ON FUNCTION billing.retry_request(bigint) IS
   'Send a failed outbox request again: with its original Idempotency-Key when its outcome was unknown, with a new one when Stripe refused it (Stripe would replay the refusal). Audited.';
 
+-- The Stripe account's rate, shared (docs/scaleout.md, "Stripe's account
+-- limits").  Stripe limits requests per account (about 100/s live, 25/s in
+-- test mode).  One database alone keeps under it with the worker's token
+-- bucket (qes_billing.max_requests_per_second, src/outbox.c).  When several
+-- databases send for one account -- the shards of a sharded qes_billing --
+-- a coordinator (the router's router.stripe_rebalance) gives each its share
+-- of the account's rate, here, and the claim takes no more than the share
+-- allows: a token bucket in this row, refilled at `rate` per second, a
+-- tenth of a second's worth at most.  No row: no share, the worker's own
+-- limit alone.  A share that is not renewed by expires_at falls back to
+-- fallback_rate (the share the coordinator would give if every database
+-- were busy), so a coordinator that stops never lets the sum pass the
+-- account's rate.  slow_until: a 429 seen by any database holds every one
+-- back until then.
+
+CREATE TABLE billing.stripe_rate_budget (
+  one_row       boolean PRIMARY KEY DEFAULT true CHECK (one_row),
+  rate          double precision NOT NULL CHECK (rate >= 0),
+  fallback_rate double precision NOT NULL CHECK (fallback_rate >= 0),
+  expires_at    timestamptz NOT NULL,
+  slow_until    timestamptz,
+  tokens        double precision NOT NULL DEFAULT 0,
+  refilled_at   timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+  set_by        text,
+  updated_at    timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+COMMENT ON TABLE billing.stripe_rate_budget IS
+  'This database''s share of the Stripe account''s request rate, set by a coordinator when several databases send for one account (the shards of a sharded qes_billing): requests per second, until expires_at (then fallback_rate), held back until slow_until after a 429. No row: the worker''s own qes_billing.max_requests_per_second alone.';
+
+-- The rate in force now, or NULL (no share set).
+CREATE OR REPLACE FUNCTION billing.stripe_budget_rate(b billing.stripe_rate_budget) RETURNS double precision
+  LANGUAGE sql STABLE
+  RETURN CASE WHEN b.one_row IS NULL THEN NULL
+              WHEN pg_catalog.clock_timestamp() > b.expires_at THEN b.fallback_rate ELSE b.rate END;
+
+COMMENT ON FUNCTION billing.stripe_budget_rate(billing.stripe_rate_budget) IS
+  'The share in force: rate, or fallback_rate once expires_at has passed; NULL without a share.';
+
+-- Take up to p_want tokens for a claim (the claim gives back what it did
+-- not use).  Without a share, p_want: the row is only read, never locked.
+CREATE OR REPLACE FUNCTION billing.stripe_budget_take(p_want integer) RETURNS integer
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  b      billing.stripe_rate_budget;
+  v_rate double precision;
+  v_now  timestamptz := clock_timestamp();
+  v_tok  double precision;
+  v_n    integer;
+BEGIN
+  IF NOT EXISTS (SELECT FROM billing.stripe_rate_budget) THEN
+    RETURN p_want;
+  END IF;
+  SELECT * INTO b FROM billing.stripe_rate_budget FOR UPDATE;
+  v_rate := billing.stripe_budget_rate(b);
+  v_tok := least(greatest(1, v_rate / 10),
+                 b.tokens + greatest(extract(epoch FROM v_now - b.refilled_at), 0) * v_rate);
+  v_n := CASE WHEN b.slow_until > v_now THEN 0 ELSE least(p_want, floor(v_tok)::integer) END;
+  UPDATE billing.stripe_rate_budget SET tokens = v_tok - v_n, refilled_at = v_now;
+  RETURN v_n;
+END
+$$;
+
+COMMENT ON FUNCTION billing.stripe_budget_take(integer) IS
+  'Run by the claim: how many of p_want requests this database''s share of the Stripe account''s rate lets it send now (all of them without a share).';
+
+CREATE OR REPLACE FUNCTION billing.stripe_budget_give_back(p_unused integer) RETURNS void
+  LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+  UPDATE billing.stripe_rate_budget SET tokens = tokens + p_unused WHERE p_unused > 0
+$$;
+
+COMMENT ON FUNCTION billing.stripe_budget_give_back(integer) IS
+  'Return the tokens a claim took and did not use.';
+
+-- Seconds until the share lets one more request go (0: now or no share).
+CREATE OR REPLACE FUNCTION billing.stripe_budget_wait() RETURNS double precision
+  LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  b      billing.stripe_rate_budget;
+  v_rate double precision;
+  v_now  timestamptz := clock_timestamp();
+  v_tok  double precision;
+BEGIN
+  SELECT * INTO b FROM billing.stripe_rate_budget;
+  IF NOT FOUND THEN
+    RETURN 0;
+  END IF;
+  v_rate := billing.stripe_budget_rate(b);
+  IF b.slow_until > v_now THEN
+    RETURN extract(epoch FROM b.slow_until - v_now);
+  END IF;
+  v_tok := b.tokens + greatest(extract(epoch FROM v_now - b.refilled_at), 0) * v_rate;
+  IF v_tok >= 1 THEN
+    RETURN 0;
+  END IF;
+  -- a share of 0 (a coordinator gave it nothing): look again at its renewal
+  RETURN CASE WHEN v_rate > 0 THEN (1 - v_tok) / v_rate
+              ELSE greatest(extract(epoch FROM b.expires_at - v_now), 0.1) END;
+END
+$$;
+
+COMMENT ON FUNCTION billing.stripe_budget_wait() IS
+  'Seconds until this database''s share of the Stripe account''s rate lets one more request go (0: now, or no share).';
+
+SELECT pg_catalog.pg_extension_config_dump('billing.stripe_rate_budget', '');
+
+-- Setup of the Stripe account through the outbox: the products and prices
+-- of the paid plans, and the webhook endpoint.  The qes_billing_setup
+-- command (src/qes_billing_setup) calls billing.setup_*() and waits for the
+-- run's requests.  Everything is found again before it is created (stable
+-- product ids qes_<plan>, price lookup_keys, the endpoint's URL), so a
+-- second run creates nothing.
+
+CREATE OR REPLACE FUNCTION billing.webhook_event_types() RETURNS text[]
+  LANGUAGE sql IMMUTABLE
+RETURN ARRAY['customer.created', 'customer.updated', 'customer.deleted',
+             'customer.subscription.created', 'customer.subscription.updated',
+             'customer.subscription.deleted', 'customer.subscription.trial_will_end',
+             'invoice.created', 'invoice.finalized', 'invoice.paid', 'invoice.payment_failed',
+             'payment_intent.succeeded', 'payment_intent.payment_failed',
+             'charge.succeeded', 'charge.failed', 'charge.dispute.created',
+             'charge.dispute.updated', 'charge.dispute.closed',
+             'charge.dispute.funds_withdrawn', 'charge.dispute.funds_reinstated',
+             'customer.tax_id.created', 'customer.tax_id.updated', 'customer.tax_id.deleted'];
+
+COMMENT ON FUNCTION billing.webhook_event_types() IS 'The 23 Stripe events the webhook endpoint subscribes to (all handled).';
+
+-- --setup-webhook, and --setup-backup-webhook URL: a second endpoint (for
+-- instance a second PostgREST in another zone) subscribed to the same
+-- events, with its own signing secret kept beside the first's.  Stripe
+-- delivers every event to both; the inbox stores it once (its Stripe id).
+CREATE OR REPLACE FUNCTION billing.setup_webhook(p_run text, p_url text DEFAULT NULL) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_url text := coalesce(p_url, billing.webhook_endpoint_url());
+BEGIN
+  PERFORM billing.require_secret_key();
+  IF p_url IS NULL AND billing.base_url() !~ '^https?://[^/]+' THEN
+    RAISE EXCEPTION 'QES_BASE_URL is not an http(s) URL: %', billing.base_url()
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Set QES_BASE_URL (or qes_billing.base_url) to the public URL of the platform.';
+  END IF;
+  IF p_url IS NOT NULL AND (p_url !~ '^https://[^/[:space:]]+/[^[:space:]]*$' OR length(p_url) > 2048) THEN
+    RAISE EXCEPTION 'the backup webhook endpoint''s URL is not an https URL: %', p_url
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Give the full https URL Stripe is to deliver to, e.g. https://zone-b.example.com/api/v1/billing/webhooks/stripe.';
+  END IF;
+  IF p_url IS NOT NULL AND p_url = billing.webhook_endpoint_url() THEN
+    RAISE EXCEPTION 'the backup webhook endpoint''s URL is the primary''s: %', p_url
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'A backup endpoint has another URL (another PostgREST); the primary is made by --setup-webhook.';
+  END IF;
+  PERFORM billing.audit('setup.requested', NULL,
+                        jsonb_build_object('run', p_run, 'step', CASE WHEN p_url IS NULL THEN 'webhook' ELSE 'backup-webhook' END,
+                                           'url', v_url));
+  RETURN billing.outbox_enqueue(NULL, 'setup.webhook.list', 'GET', '/v1/webhook_endpoints',
+                                jsonb_build_object('limit', 100), jsonb_build_object('url', v_url), p_run_id => p_run);
+END
+$$;
+
+COMMENT ON FUNCTION billing.setup_webhook(text, text) IS
+  'Queue the lookup that finds, updates or creates a webhook endpoint for the events handled: at QES_BASE_URL/api/v1/billing/webhooks/stripe, or at p_url (a backup endpoint, https). Each endpoint''s signing secret is kept in billing.stripe_secrets.';
+
+-- The answers of setup requests: each finds what exists and queues only what is missing.
+CREATE OR REPLACE FUNCTION billing.setup_apply(r billing.stripe_requests) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  o       jsonb := r.response;
+  v_plan  text := r.subject ->> 'plan';
+  pl      billing.plans;
+  pr      billing.prices;
+  v_found jsonb;
+  v_req   bigint;
+  v_mode  text := billing.stripe_mode();
+BEGIN
+  CASE r.kind
+  WHEN 'setup.product.lookup' THEN
+    SELECT * INTO pl FROM billing.plans WHERE plan_id = v_plan;
+    IF r.http_status = 404 THEN
+      v_req := billing.outbox_enqueue(NULL, 'setup.product.create', 'POST', '/v1/products',
+                 jsonb_build_object('id', 'qes_' || v_plan, 'name', 'QES ' || pl.name,
+                                    'description', nullif(pl.description, ''),
+                                    'metadata', jsonb_build_object('qes_plan', v_plan)),
+                 r.subject, p_run_id => r.run_id);
+    ELSE
+      UPDATE billing.plans SET stripe_product_id = o ->> 'id' WHERE plan_id = v_plan;
+      v_req := NULL;
+    END IF;
+    PERFORM billing.outbox_enqueue(NULL, 'setup.prices.list', 'GET', '/v1/prices',
+              jsonb_build_object('lookup_keys', (SELECT jsonb_agg(p.price_key ORDER BY p.price_key) FROM billing.prices p
+                                                  WHERE p.plan_id = v_plan AND p.active AND p.unit_amount > 0),
+                                 'limit', 100),
+              r.subject, p_after => v_req, p_run_id => r.run_id);
+  WHEN 'setup.product.create' THEN
+    UPDATE billing.plans SET stripe_product_id = o ->> 'id' WHERE plan_id = v_plan;
+    PERFORM billing.audit('setup.product_created', NULL, jsonb_build_object('plan', v_plan, 'product', o ->> 'id'));
+  WHEN 'setup.prices.list' THEN
+    SELECT * INTO pl FROM billing.plans WHERE plan_id = v_plan;
+    FOR pr IN SELECT * FROM billing.prices p WHERE p.plan_id = v_plan AND p.active AND p.unit_amount > 0
+               ORDER BY p.price_key LOOP
+      SELECT x INTO v_found FROM jsonb_array_elements(o -> 'data') x
+       WHERE x ->> 'lookup_key' = pr.price_key LIMIT 1;
+      IF v_found IS NOT NULL AND (v_found ->> 'unit_amount')::bigint = pr.unit_amount
+         AND v_found ->> 'currency' = pr.currency AND v_found -> 'recurring' ->> 'interval' = pr.billing_interval
+         AND coalesce((v_found ->> 'active')::boolean, true)
+         -- a price's tax_behavior is fixed once set: another one takes the lookup key over
+         AND coalesce(v_found ->> 'tax_behavior', 'unspecified') = current_setting('qes_billing.tax_behavior') THEN
+        UPDATE billing.prices SET stripe_price_id = v_found ->> 'id' WHERE price_key = pr.price_key;
+      ELSE
+        -- missing, or the catalog's amount changed: a new price takes the lookup key over
+        PERFORM billing.outbox_enqueue(NULL, 'setup.price.create', 'POST', '/v1/prices',
+                  jsonb_build_object('product', coalesce(pl.stripe_product_id, 'qes_' || v_plan),
+                                     'unit_amount', pr.unit_amount, 'currency', pr.currency,
+                                     'recurring', jsonb_build_object('interval', pr.billing_interval),
+                                     'tax_behavior', current_setting('qes_billing.tax_behavior'),
+                                     'lookup_key', pr.price_key, 'transfer_lookup_key', v_found IS NOT NULL,
+                                     'metadata', jsonb_build_object('qes_plan', v_plan, 'qes_price', pr.price_key)),
+                  jsonb_build_object('plan', v_plan, 'price_key', pr.price_key), p_run_id => r.run_id);
+      END IF;
+    END LOOP;
+  WHEN 'setup.price.create' THEN
+    UPDATE billing.prices SET stripe_price_id = o ->> 'id' WHERE price_key = r.subject ->> 'price_key';
+    PERFORM billing.audit('setup.price_created', NULL,
+                          jsonb_build_object('price_key', r.subject ->> 'price_key', 'price', o ->> 'id'));
+  WHEN 'setup.webhook.list' THEN
+    SELECT x INTO v_found FROM jsonb_array_elements(o -> 'data') x
+     WHERE x ->> 'url' = coalesce(r.subject ->> 'url', billing.webhook_endpoint_url()) LIMIT 1;
+    IF v_found IS NOT NULL THEN
+      IF v_found ->> 'status' IS DISTINCT FROM 'enabled'
+         OR NOT (SELECT array_agg(e ORDER BY e) FROM jsonb_array_elements_text(v_found -> 'enabled_events') e)
+                IS NOT DISTINCT FROM (SELECT array_agg(e ORDER BY e) FROM unnest(billing.webhook_event_types()) e) THEN
+        PERFORM billing.outbox_enqueue(NULL, 'setup.webhook.update', 'POST', '/v1/webhook_endpoints/' || (v_found ->> 'id'),
+                  jsonb_build_object('enabled_events', to_jsonb(billing.webhook_event_types()), 'disabled', false),
+                  r.subject || jsonb_build_object('endpoint', v_found ->> 'id'), p_run_id => r.run_id);
+      END IF;
+    ELSIF (o ->> 'has_more')::boolean THEN
+      PERFORM billing.outbox_enqueue(NULL, 'setup.webhook.list', 'GET', '/v1/webhook_endpoints',
+                jsonb_build_object('limit', 100, 'starting_after', o -> 'data' -> -1 ->> 'id'), r.subject,
+                p_run_id => r.run_id);
+    ELSE
+      PERFORM billing.outbox_enqueue(NULL, 'setup.webhook.create', 'POST', '/v1/webhook_endpoints',
+                jsonb_build_object('url', coalesce(r.subject ->> 'url', billing.webhook_endpoint_url()),
+                                   'enabled_events', to_jsonb(billing.webhook_event_types()),
+                                   'api_version', current_setting('qes_billing.stripe_api_version'),
+                                   'description', 'qes_billing (' || billing.environment() || ')',
+                                   'metadata', jsonb_build_object('qes_environment', billing.environment())),
+                r.subject, p_run_id => r.run_id);
+    END IF;
+  WHEN 'setup.webhook.create' THEN
+    IF o ->> 'secret' ~ '^whsec_' THEN
+      INSERT INTO billing.stripe_secrets (mode, kind, endpoint, secret, url)
+      VALUES (v_mode, 'webhook', o ->> 'id', o ->> 'secret', o ->> 'url')
+      ON CONFLICT (mode, kind, endpoint) DO UPDATE SET secret = EXCLUDED.secret, url = EXCLUDED.url, created_at = now();
+    END IF;
+    PERFORM billing.audit('setup.webhook_created', NULL, jsonb_build_object('endpoint', o ->> 'id', 'url', o ->> 'url'));
+  ELSE
+    NULL;   -- setup.check, setup.webhook.update: the answer is the result
+  END CASE;
+END
+$$;
+
+-- Several webhook endpoints (a primary and a backup, e.g. a second
+-- PostgREST in another zone): each endpoint's signing secret is kept in
+-- billing.stripe_secrets under its Stripe id, and a delivery is accepted when
+-- it is signed with any of them (billing.stored_webhook_secrets).  Stripe
+-- sends every event to every endpoint; the inbox keeps one row per event id
+-- whichever endpoint delivered it first.  Rotating one endpoint's secret
+-- replaces that endpoint's row only.
+
+CREATE VIEW billing.webhook_endpoints AS
+SELECT s.mode, s.endpoint, s.url, s.created_at AS secret_since,
+       s.url IS NOT DISTINCT FROM billing.webhook_endpoint_url() AS is_primary
+  FROM billing.stripe_secrets s
+ WHERE s.kind = 'webhook';
+
+COMMENT ON VIEW billing.webhook_endpoints IS
+  'The webhook endpoints whose signing secrets are kept (never the secret): mode, Stripe id, URL, since when the secret is in use, and whether it is the primary (QES_BASE_URL''s).';
+
+-- An endpoint's secret was rolled (Stripe's Dashboard shows the new one;
+-- while the old one has not expired Stripe signs with both, so the new one
+-- alone verifies every delivery).  Superusers only, like the table.
+CREATE OR REPLACE FUNCTION billing.set_webhook_secret(p_endpoint text, p_secret text) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_mode text := billing.stripe_mode();
+BEGIN
+  IF p_secret IS NULL OR p_secret !~ '^whsec_[A-Za-z0-9]{8,}$' THEN
+    RAISE EXCEPTION 'not a webhook signing secret'
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'A signing secret starts with whsec_ (Stripe''s Dashboard, the endpoint''s "Signing secret").';
+  END IF;
+  UPDATE billing.stripe_secrets SET secret = p_secret, created_at = now()
+   WHERE mode = v_mode AND kind = 'webhook' AND endpoint = p_endpoint;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'no webhook endpoint % is kept in % mode', coalesce(p_endpoint, 'NULL'), v_mode
+      USING ERRCODE = 'no_data_found',
+            HINT = 'List them with SELECT * FROM billing.webhook_endpoints; qes_billing_setup --setup-webhook or --setup-backup-webhook URL makes one.';
+  END IF;
+  PERFORM billing.audit('webhook.secret_rotated', NULL, jsonb_build_object('endpoint', p_endpoint, 'mode', v_mode));
+END
+$$;
+
+COMMENT ON FUNCTION billing.set_webhook_secret(text, text) IS
+  'Replace one webhook endpoint''s signing secret (after rolling it in Stripe); the other endpoints'' secrets stay. Audited without the secret. Superusers only.';
+
 -- Delivering billing.notifications: email over SMTP and a signed webhook to
 -- the platform, sent by the worker through libcurl (src/notify.c).  The
 -- protocol is the outbox's (docs/architecture.md, "One notification"):
@@ -2177,48 +3635,19 @@ COMMENT ON FUNCTION billing.retry_request(bigint) IS
 -- email's Message-ID and X-QES-Event-Id), so receivers can deduplicate.  A
 -- channel that delivered is never sent again for the notification.
 --
--- Where notifications are queued: usage thresholds (src/usage.c), payment
--- failed, trial ending and the operator's dispute alert (85_events.sql),
--- grace ended (billing.notify_timers, below), payment recovered (trigger on
--- subscriptions, below).
-
--- The delivery state of a notification (the table: 50_documents.sql):
--- pending -> in_flight -> sent | pending (retry) | failed; or skipped when
--- it no longer applies by its turn.  event_id is what receivers deduplicate
--- by, the same on every attempt.  channels_due: the channels of the attempt
--- in flight not yet recorded; delivered: channel -> when it delivered (a
--- channel that delivered is not sent again); attempt_errors: what failed in
--- this attempt, per channel.
-ALTER TABLE billing.notifications
-  DROP CONSTRAINT notifications_state_check,
-  ADD CONSTRAINT notifications_state_check CHECK (state IN ('pending', 'in_flight', 'sent', 'failed', 'skipped')),
-  ADD COLUMN event_id text NOT NULL
-    DEFAULT 'ntf_' || pg_catalog.replace(pg_catalog.gen_random_uuid()::text, '-', '')
-    CHECK (event_id ~ '^ntf_[0-9a-f]{32}$'),
-  ADD COLUMN attempts integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
-  ADD COLUMN next_attempt_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
-  ADD COLUMN claimed_at timestamptz,
-  ADD COLUMN channels_due text[] NOT NULL DEFAULT '{}',
-  ADD COLUMN delivered jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(delivered) = 'object'),
-  ADD COLUMN attempt_errors jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(attempt_errors) = 'object'),
-  ADD COLUMN last_error text,
-  ADD COLUMN skip_reason text,
-  ADD COLUMN updated_at timestamptz NOT NULL DEFAULT pg_catalog.now();
-
-COMMENT ON COLUMN billing.notifications.event_id IS
-  'The id of the notification on every channel and attempt (webhook "id" and QES-Event-Id, email Message-ID and X-QES-Event-Id): receivers deduplicate by it.';
-
--- the worker claims by due time
-DROP INDEX billing.notifications_pending;
-
-CREATE INDEX notifications_due ON billing.notifications (next_attempt_at) WHERE state = 'pending';
-
-CREATE INDEX notifications_in_flight ON billing.notifications (claimed_at) WHERE state = 'in_flight';
-
-CREATE INDEX notifications_failed ON billing.notifications (updated_at) WHERE state = 'failed';
-
-CREATE INDEX subscriptions_grace ON billing.subscriptions (grace_until)
-  WHERE status IN ('past_due', 'unpaid') AND grace_until IS NOT NULL;
+-- Where notifications are queued: usage thresholds (src/usage.c), trial
+-- ending and the operator's dispute alert (85_events.sql), payment failed
+-- and payment recovered (billing.sync_invoice_failure, 85_events.sql: once
+-- per invoice, decided from Stripe's times), grace ended
+-- (billing.notify_timers, below).
+--
+-- What a notification says must hold as Stripe has it when it goes out,
+-- not only as the mirror has it (docs/architecture.md, "Mirroring Stripe"):
+-- one about a subscription whose mirrored state is older than the moment it
+-- is about -- a grace period's end, a trial about to end, learnt from late
+-- or replayed events -- waits for one GET of the subscription first
+-- (billing.notify_checked, verify_requests), so that events the mirror has
+-- not had yet cannot make what the tenant is told depend on their order.
 
 -- ---- formatting ----------------------------------------------------------
 
@@ -2349,8 +3778,46 @@ $$;
 
 -- ---- what a notification says, and whether it still applies -------------
 
+-- Does the mirror vouch for an object's state (a subscription, an invoice)
+-- as of p_as_of?  NULL: yes -- its state is as of then, or fresh, or Stripe
+-- was asked for it (once per notification and object): what the answer
+-- mirrored, or the mirror's own when there was none.  {"verify": {object,
+-- id}}: ask Stripe first; {"defer": reason}: the answer is on its way;
+-- {"skip": reason}: Stripe has no such object.
+CREATE OR REPLACE FUNCTION billing.notify_checked(n billing.notifications, p_object text, p_id text,
+                                       p_state_at timestamptz, p_as_of timestamptz) RETURNS jsonb
+  LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  r billing.stripe_requests;
+BEGIN
+  IF p_state_at >= least(p_as_of, now() - billing.fresh_within())
+     OR p_id IS NULL OR p_id !~ '^[a-z]{2,4}_[A-Za-z0-9_]+$' THEN
+    RETURN NULL;   -- vouched for, or nothing Stripe could be asked about
+  END IF;
+  SELECT * INTO r FROM billing.stripe_requests x
+   WHERE x.request_id = ANY (n.verify_requests)
+     AND x.path = CASE p_object WHEN 'subscription' THEN '/v1/subscriptions/' ELSE '/v1/invoices/' END || p_id
+   ORDER BY x.request_id DESC LIMIT 1;
+  IF NOT FOUND THEN
+    RETURN jsonb_build_object('verify', jsonb_build_object('object', p_object, 'id', p_id));
+  END IF;
+  IF r.state NOT IN ('succeeded', 'failed') THEN
+    RETURN jsonb_build_object('defer', format('waiting for Stripe''s answer about %s', p_id));
+  END IF;
+  IF r.state = 'succeeded' AND r.http_status = 404 THEN
+    RETURN jsonb_build_object('skip', format('Stripe has no %s %s', p_object, p_id));
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+COMMENT ON FUNCTION billing.notify_checked(billing.notifications, text, text, timestamptz, timestamptz) IS
+  'Whether the mirror vouches for an object''s state as of a moment (NULL), or Stripe must be asked first (verify), is being asked (defer), or has no such object (skip).';
+
 -- The values a notification's template needs, read as things are now; or
--- {"skip": reason} when it no longer applies.
+-- {"skip": reason} when it no longer applies; {"verify": ...} or
+-- {"defer": reason} when Stripe must be asked first (billing.notify_checked).
 CREATE OR REPLACE FUNCTION billing.notify_vars(n billing.notifications) RETURNS jsonb
   LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing
 AS $$
@@ -2366,6 +3833,8 @@ DECLARE
   v_hard  integer;
   v_base  text := rtrim(billing.base_url(), '/');
   v_billing_url text;
+  v_chk   jsonb;
+  v_told  billing.notifications;
 BEGIN
   SELECT * INTO t FROM billing.tenants WHERE tenant_id = n.tenant_id;
   v_billing_url := CASE WHEN v_base ~ '^https?://' THEN v_base || '/billing' END;
@@ -2464,6 +3933,23 @@ BEGIN
     IF s.grace_until IS DISTINCT FROM (p ->> 'grace_until')::timestamptz OR s.grace_until > billing.now() THEN
       RETURN jsonb_build_object('skip', 'the grace period was changed: a newer one applies');
     END IF;
+    -- still unpaid when it ended, as Stripe has it: the invoice it runs
+    -- from (billing.dunning_since) and the subscription, each as of then
+    SELECT * INTO i FROM billing.invoices x
+     WHERE x.tenant_id = n.tenant_id AND x.stripe_subscription_id = s.stripe_subscription_id
+       AND x.status IN ('open', 'uncollectible')
+     ORDER BY x.first_failed_at IS NULL AND x.attempt_count = 0, coalesce(x.first_failed_at, x.finalized_at, x.stripe_created)
+     LIMIT 1;
+    IF FOUND THEN
+      v_chk := billing.notify_checked(n, 'invoice', i.stripe_invoice_id, i.stripe_state_at, s.grace_until);
+      IF v_chk IS NOT NULL THEN
+        RETURN v_chk;
+      END IF;
+    END IF;
+    v_chk := billing.notify_checked(n, 'subscription', s.stripe_subscription_id, s.stripe_state_at, s.grace_until);
+    IF v_chk IS NOT NULL THEN
+      RETURN v_chk;
+    END IF;
     SELECT * INTO i FROM billing.invoices x
      WHERE x.tenant_id = n.tenant_id AND x.subscription_id = s.subscription_id AND x.status IN ('open', 'uncollectible')
      ORDER BY x.stripe_created DESC LIMIT 1;
@@ -2475,14 +3961,32 @@ BEGIN
       'action_url', CASE WHEN i.hosted_invoice_url ~ '^https://' THEN i.hosted_invoice_url ELSE v_billing_url END);
 
   WHEN 'payment.recovered' THEN
-    SELECT * INTO s FROM billing.subscriptions x
-     WHERE x.tenant_id = n.tenant_id AND x.subscription_id = (p ->> 'subscription_id')::bigint;
-    IF NOT FOUND OR s.status NOT IN ('active', 'trialing') THEN
-      RETURN jsonb_build_object('skip', format('the subscription is %s now', coalesce(s.status, 'gone')));
+    IF p ? 'invoice' THEN
+      -- the invoice it recovers (billing.sync_invoice_failure): told only
+      -- after its failure was
+      SELECT * INTO v_told FROM billing.notifications x
+       WHERE x.tenant_id = n.tenant_id AND x.dedup_key = 'payment_failed:' || (p ->> 'invoice');
+      IF v_told.state IN ('pending', 'in_flight') THEN
+        RETURN jsonb_build_object('defer', 'the failure it recovers from is being told first',
+                                  'until', v_told.next_attempt_at);
+      END IF;
+      IF v_told.notification_id IS NULL OR v_told.delivered = '{}' THEN
+        RETURN jsonb_build_object('skip', format('the tenant was not told that invoice %s failed', p ->> 'invoice'));
+      END IF;
+      SELECT * INTO i FROM billing.invoices x WHERE x.tenant_id = n.tenant_id AND x.stripe_invoice_id = p ->> 'invoice';
+      SELECT * INTO s FROM billing.subscriptions x
+       WHERE x.tenant_id = n.tenant_id AND x.stripe_subscription_id = p ->> 'subscription';
+    ELSE
+      -- queued before recoveries were facts of an invoice: as it was then
+      SELECT * INTO s FROM billing.subscriptions x
+       WHERE x.tenant_id = n.tenant_id AND x.subscription_id = (p ->> 'subscription_id')::bigint;
+      IF NOT FOUND OR s.status NOT IN ('active', 'trialing') THEN
+        RETURN jsonb_build_object('skip', format('the subscription is %s now', coalesce(s.status, 'gone')));
+      END IF;
+      SELECT * INTO i FROM billing.invoices x
+       WHERE x.tenant_id = n.tenant_id AND x.subscription_id = s.subscription_id AND x.status = 'paid'
+       ORDER BY x.stripe_state_at DESC NULLS LAST, x.stripe_created DESC LIMIT 1;
     END IF;
-    SELECT * INTO i FROM billing.invoices x
-     WHERE x.tenant_id = n.tenant_id AND x.subscription_id = s.subscription_id AND x.status = 'paid'
-     ORDER BY x.stripe_state_at DESC NULLS LAST, x.stripe_created DESC LIMIT 1;
     SELECT * INTO v_plan FROM billing.plans WHERE plan_id = s.plan_id;
     v := v || jsonb_build_object(
       'plan_name', v_plan.name, 'plan_limits', billing.notify_plan_limits(s.plan_id),
@@ -2491,11 +3995,18 @@ BEGIN
 
   WHEN 'subscription.trial_will_end' THEN
     SELECT * INTO s FROM billing.subscriptions x WHERE x.stripe_subscription_id = p ->> 'subscription';
+    IF FOUND AND s.trial_end <= billing.now() THEN
+      RETURN jsonb_build_object('skip', 'the trial has ended already');
+    END IF;
+    IF FOUND THEN
+      -- still in its trial now, as Stripe has it
+      v_chk := billing.notify_checked(n, 'subscription', s.stripe_subscription_id, s.stripe_state_at, now());
+      IF v_chk IS NOT NULL THEN
+        RETURN v_chk;
+      END IF;
+    END IF;
     IF NOT FOUND OR s.status <> 'trialing' THEN
       RETURN jsonb_build_object('skip', format('the subscription is %s, no longer in its trial', coalesce(s.status, 'gone')));
-    END IF;
-    IF s.trial_end <= billing.now() THEN
-      RETURN jsonb_build_object('skip', 'the trial has ended already');
     END IF;
     SELECT * INTO v_plan FROM billing.plans WHERE plan_id = s.plan_id;
     v := v || jsonb_build_object(
@@ -2574,8 +4085,10 @@ COMMENT ON FUNCTION billing.notify_render(billing.notifications, jsonb, text) IS
 -- ---- timers --------------------------------------------------------------
 
 -- Grace periods that have ended: limits are lowered to Free's (check_limit
--- does that by itself from grace_until); queue the notice and audit it,
--- once per subscription and grace period.
+-- does that by itself from grace_until); queue the notice, once per
+-- subscription and grace period.  Whether it goes out (and is audited as
+-- dunning.grace_ended) is decided when it is claimed, once the mirror
+-- vouches that the subscription was still unpaid then (billing.notify_vars).
 CREATE OR REPLACE FUNCTION billing.notify_timers() RETURNS integer
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
@@ -2606,30 +4119,23 @@ BEGIN
       FROM due d
      WHERE NOT EXISTS (SELECT FROM billing.notifications x WHERE x.tenant_id = d.tenant_id AND x.dedup_key = d.dedup_key)
     ON CONFLICT (tenant_id, dedup_key) DO NOTHING
-    RETURNING tenant_id, payload)
-  SELECT count(billing.audit('dunning.grace_ended', ins.tenant_id, ins.payload)) INTO v_n FROM ins;
+    RETURNING tenant_id)
+  SELECT count(*) INTO v_n FROM ins;
   RETURN v_n;
 END
 $$;
 
 COMMENT ON FUNCTION billing.notify_timers() IS
-  'Queue (and audit) a grace.ended notification for each subscription whose grace period ended unpaid, once per grace period.';
+  'Queue a grace.ended notification for each subscription whose grace period ended unpaid, once per grace period (audited as dunning.grace_ended when it is claimed and still holds).';
 
--- Payment recovered: a subscription leaves past_due/unpaid for active.  A
--- changed grace period wakes the worker, whose next due time includes it.
+-- A changed grace period wakes the worker, whose next due time includes it.
+-- (A recovery is no transition the mirror passed through, which depends on
+-- the order it saw states in: it is a fact of the invoice that was paid,
+-- billing.sync_invoice_failure.)
 CREATE OR REPLACE FUNCTION billing.notify_subscription_changed() RETURNS trigger
   LANGUAGE plpgsql SET search_path = pg_catalog, billing
 AS $$
 BEGIN
-  IF OLD.status IN ('past_due', 'unpaid') AND NEW.status IN ('active', 'trialing') THEN
-    INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)
-    VALUES (NEW.tenant_id, 'payment.recovered',
-            'payment_recovered:' || NEW.subscription_id || ':'
-              || extract(epoch FROM coalesce(OLD.grace_until, NEW.stripe_state_at, now()))::bigint,
-            jsonb_build_object('subscription', NEW.stripe_subscription_id, 'subscription_id', NEW.subscription_id,
-                               'grace_until', OLD.grace_until))
-    ON CONFLICT (tenant_id, dedup_key) DO NOTHING;
-  END IF;
   IF NEW.grace_until IS DISTINCT FROM OLD.grace_until THEN
     PERFORM billing.wake_worker();
   END IF;
@@ -2691,7 +4197,7 @@ BEGIN
       IF p_webhook AND NOT n.delivered ? 'webhook' THEN
         v_chan := v_chan || 'webhook'::text;
       END IF;
-      IF NOT v ? 'skip' AND cardinality(v_chan) > 0 THEN
+      IF NOT (v ?| ARRAY['skip', 'verify', 'defer']) AND cardinality(v_chan) > 0 THEN
         r := billing.notify_render(n, v, v_to);   -- the same text on every channel and attempt
       END IF;
     EXCEPTION WHEN OTHERS THEN
@@ -2705,10 +4211,29 @@ BEGIN
                                                'event_id', n.event_id, 'error', 'render: ' || v_err));
       CONTINUE;
     END;
+    IF v ? 'verify' THEN
+      -- ask Stripe first (once per object); the answer wakes the worker
+      UPDATE billing.notifications x
+         SET verify_requests = x.verify_requests
+                               || billing.fetch_object(n.tenant_id, v -> 'verify' ->> 'object', v -> 'verify' ->> 'id'),
+             next_attempt_at = now() + interval '1 second', updated_at = now()
+       WHERE x.tenant_id = n.tenant_id AND x.notification_id = n.notification_id;
+      CONTINUE;
+    END IF;
+    IF v ? 'defer' THEN
+      UPDATE billing.notifications x
+         SET next_attempt_at = greatest(now() + interval '1 second', (v ->> 'until')::timestamptz), updated_at = now()
+       WHERE x.tenant_id = n.tenant_id AND x.notification_id = n.notification_id;
+      CONTINUE;
+    END IF;
     IF v ? 'skip' THEN
       UPDATE billing.notifications x SET state = 'skipped', skip_reason = v ->> 'skip', updated_at = now()
        WHERE x.tenant_id = n.tenant_id AND x.notification_id = n.notification_id;
       CONTINUE;
+    END IF;
+    IF n.kind = 'grace.ended' AND n.attempts = 0 AND n.delivered = '{}' THEN
+      -- the grace period ended unpaid, as Stripe has it: audited once, when decided
+      PERFORM billing.audit('dunning.grace_ended', n.tenant_id, n.payload);
     END IF;
     IF cardinality(v_chan) = 0 THEN
       -- nothing left that a configured channel can deliver
@@ -2766,13 +4291,11 @@ $$;
 COMMENT ON FUNCTION billing.notify_next_due() IS
   'Seconds until the next notification is due (retry, grace period end); NULL when none.';
 
--- The delay before attempt n+1: exponential with jitter (50-100 %).
+-- The delay before attempt n+1 (billing.backoff with the notification settings).
 CREATE OR REPLACE FUNCTION billing.notify_backoff(p_attempts integer) RETURNS interval
   LANGUAGE sql VOLATILE
-RETURN make_interval(secs => least(extract(epoch FROM current_setting('qes_billing.notify_retry_max_delay')::interval),
-                                   extract(epoch FROM current_setting('qes_billing.notify_retry_base_delay')::interval)
-                                     * 2 ^ least(greatest(p_attempts - 1, 0), 30))
-                             * (0.5 + random() / 2));
+RETURN billing.backoff(p_attempts, current_setting('qes_billing.notify_retry_base_delay')::interval,
+                       current_setting('qes_billing.notify_retry_max_delay')::interval);
 
 -- One channel's outcome.  Returns the notification's state, NULL when the
 -- row was reclaimed meanwhile (a later attempt owns it).  p_error is
@@ -2914,6 +4437,510 @@ GRANT SELECT ON billing.notification_failures, billing.notification_metrics TO q
 
 GRANT EXECUTE ON FUNCTION billing.replay_notification(text, bigint), billing.notify_channels() TO qes_admin;
 
+CREATE VIEW api.usage WITH (security_invoker = true) AS
+SELECT u.period_start, u.period_end, u.is_current, u.metric, u.used, u.usage_limit, u.percent, u.status,
+       b.included AS billed_beyond, b.billable, b.amount AS billable_amount, b.currency AS billable_currency,
+       b.sent AS sent_to_stripe
+  FROM billing.my_usage() u
+  LEFT JOIN billing.my_usage_billable() b ON u.is_current AND b.metric = u.metric;
+
+COMMENT ON VIEW api.usage IS
+  'The calling tenant''s usage: the current billing period per metric (used, usage_limit (null = unlimited), percent, status: ok, warning, over_soft_limit, blocked) and the totals of earlier periods (is_current = false). A metric billed by usage (Stripe Billing Meters) also shows what will be billed so far this period: the units included (billed_beyond), the billable units, their amount (smallest currency unit, billable_currency) and how many Stripe has been sent; null when not billed by usage.';
+
+CREATE VIEW api.invoices WITH (security_invoker = true) AS
+SELECT i.stripe_invoice_id AS invoice_id, i.number, i.status, i.amount_due, i.amount_paid, i.amount_remaining,
+       i.currency, i.period_start, i.period_end, i.hosted_invoice_url, i.invoice_pdf, i.stripe_created AS created,
+       (SELECT jsonb_agg(jsonb_build_object('metric', l.metric, 'description', l.description, 'quantity', l.quantity,
+                                            'amount', l.amount, 'period_start', l.period_start, 'period_end', l.period_end)
+                         ORDER BY l.period_start, l.line_id)
+          FROM billing.invoice_lines l
+         WHERE l.tenant_id = i.tenant_id AND l.stripe_invoice_id = i.stripe_invoice_id AND l.metered) AS usage_lines,
+       x.subtotal, x.tax, x.total, x.automatic_tax_status,
+       CASE WHEN x.finalized_without_tax THEN x.automatic_tax_disabled_reason END AS tax_missing_reason,
+       x.tax_lines
+  FROM billing.invoices i
+  LEFT JOIN billing.invoice_taxes x ON x.tenant_id = i.tenant_id AND x.stripe_invoice_id = i.stripe_invoice_id
+ ORDER BY i.stripe_created DESC, i.stripe_invoice_id DESC;
+
+COMMENT ON VIEW api.invoices IS
+  'The calling tenant''s invoices, mirrored from Stripe, newest first (amounts in the smallest currency unit). usage_lines: the usage Stripe billed on it through meters (metric, quantity, amount, period), as its newest event showed. subtotal, tax, total and per line the tax amounts with their rate or taxability reason (tax_lines); automatic_tax_status (complete, failed, requires_location_inputs); tax_missing_reason when Stripe finalized it without tax (finalization_requires_location_inputs: the billing address was missing). Page with limit and offset.';
+
+-- VAT through Stripe Tax: a tenant's billing details (legal name, address,
+-- an EU VAT number), validated here (country code, the VAT number's shape
+-- for its country) and then by Stripe (tax[validate_location]=immediately on
+-- the customer: a location Stripe cannot tax is refused at once).  Stripe's
+-- answer comes back through the outbox; the tenant sees it in GET
+-- /rpc/billing_details -- a refusal as 422 naming the field.  The VAT number
+-- becomes a customer tax ID (eu_vat) whose verification Stripe reports in
+-- customer.tax_id.* events (mirrored here); a verified business in another
+-- EU member state than qes_billing.tax_origin_country is marked for reverse
+-- charge (customer tax_exempt=reverse), and the decision is audited with its
+-- basis.
+
+-- ISO 3166-1 alpha-2 codes (officially assigned).
+CREATE OR REPLACE FUNCTION billing.iso_countries() RETURNS text[]
+  LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN string_to_array(
+  'AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR BS BT BV BW BY BZ '
+  'CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM DO DZ EC EE EG EH ER ES ET FI FJ FK FM FO FR '
+  'GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS GT GU GW GY HK HM HN HR HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO '
+  'JP KE KG KH KI KM KN KP KR KW KY KZ LA LB LC LI LK LR LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR '
+  'MS MT MU MV MW MX MY MZ NA NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA RE RO '
+  'RS RU RW SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO TR TT TV '
+  'TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW', ' ');
+
+COMMENT ON FUNCTION billing.iso_countries() IS 'The officially assigned ISO 3166-1 alpha-2 country codes.';
+
+-- The shape of an EU VAT number per member state, after its prefix (the
+-- country code; EL for Greece), spaces, dots and dashes removed.
+CREATE OR REPLACE FUNCTION billing.eu_vat_pattern(p_country text) RETURNS text
+  LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE p_country
+  WHEN 'AT' THEN '^U[0-9]{8}$'           WHEN 'BE' THEN '^[01][0-9]{9}$'
+  WHEN 'BG' THEN '^[0-9]{9,10}$'         WHEN 'CY' THEN '^[0-9]{8}[A-Z]$'
+  WHEN 'CZ' THEN '^[0-9]{8,10}$'         WHEN 'DE' THEN '^[0-9]{9}$'
+  WHEN 'DK' THEN '^[0-9]{8}$'            WHEN 'EE' THEN '^[0-9]{9}$'
+  WHEN 'GR' THEN '^[0-9]{9}$'            WHEN 'ES' THEN '^[A-Z0-9][0-9]{7}[A-Z0-9]$'
+  WHEN 'FI' THEN '^[0-9]{8}$'            WHEN 'FR' THEN '^[A-HJ-NP-Z0-9]{2}[0-9]{9}$'
+  WHEN 'HR' THEN '^[0-9]{11}$'           WHEN 'HU' THEN '^[0-9]{8}$'
+  WHEN 'IE' THEN '^([0-9]{7}[A-W][A-I]?|[0-9][A-Z+*][0-9]{5}[A-W])$'
+  WHEN 'IT' THEN '^[0-9]{11}$'           WHEN 'LT' THEN '^([0-9]{9}|[0-9]{12})$'
+  WHEN 'LU' THEN '^[0-9]{8}$'            WHEN 'LV' THEN '^[0-9]{11}$'
+  WHEN 'MT' THEN '^[0-9]{8}$'            WHEN 'NL' THEN '^[0-9]{9}B[0-9]{2}$'
+  WHEN 'PL' THEN '^[0-9]{10}$'           WHEN 'PT' THEN '^[0-9]{9}$'
+  WHEN 'RO' THEN '^[0-9]{2,10}$'         WHEN 'SE' THEN '^[0-9]{10}01$'
+  WHEN 'SI' THEN '^[0-9]{8}$'            WHEN 'SK' THEN '^[0-9]{10}$'
+END;
+
+COMMENT ON FUNCTION billing.eu_vat_pattern(text) IS
+  'The shape of an EU VAT number of this member state after its prefix (NULL: not an EU member state).';
+
+CREATE OR REPLACE FUNCTION billing.eu_vat_prefix(p_country text) RETURNS text
+  LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN p_country = 'GR' THEN 'EL' ELSE p_country END;
+
+-- The tenant's details as Stripe's customer parameters.
+CREATE OR REPLACE FUNCTION billing.billing_details_params(d billing.billing_details) RETURNS jsonb
+  LANGUAGE sql STABLE
+RETURN jsonb_build_object(
+  'name', d.legal_name,
+  'address', jsonb_strip_nulls(jsonb_build_object('country', d.country, 'postal_code', d.postal_code,
+                                                  'line1', d.line1, 'city', d.city)),
+  'tax', jsonb_build_object('validate_location', 'immediately'),
+  'expand', jsonb_build_array('tax'));
+
+-- Send the details (and then the VAT number) to Stripe: on the customer if
+-- there is one, else once customer.create has answered (billing_details_send
+-- is called again then, from billing.outbox_apply).
+CREATE OR REPLACE FUNCTION billing.billing_details_send(p_tenant text) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  t     billing.tenants;
+  d     billing.billing_details;
+  v_req bigint;
+BEGIN
+  SELECT * INTO t FROM billing.tenants x WHERE x.tenant_id = p_tenant;
+  SELECT * INTO d FROM billing.billing_details x WHERE x.tenant_id = p_tenant FOR UPDATE;
+  IF NOT FOUND OR d.state <> 'pending' THEN
+    RETURN NULL;
+  END IF;
+  IF t.stripe_customer_id IS NULL THEN
+    PERFORM billing.customer_request(t);   -- the details follow its answer
+    RETURN NULL;
+  END IF;
+  v_req := billing.outbox_enqueue(p_tenant, 'billing_details.update', 'POST', '/v1/customers/' || t.stripe_customer_id,
+                                  billing.billing_details_params(d), jsonb_build_object('version', d.version));
+  UPDATE billing.billing_details x SET stripe_request = v_req WHERE x.tenant_id = p_tenant;
+  RETURN v_req;
+END
+$$;
+
+COMMENT ON FUNCTION billing.billing_details_send(text) IS
+  'Queue the tenant''s pending billing details to its Stripe customer with tax[validate_location]=immediately (after the customer is created, when it is not yet).';
+
+CREATE OR REPLACE FUNCTION api.set_billing_details(legal_name text, country text, postal_code text,
+                                        line1 text DEFAULT NULL, city text DEFAULT NULL,
+                                        vat_number text DEFAULT NULL)
+  RETURNS json
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  t       billing.tenants := billing.calling_tenant();
+  v_cc    text := upper(btrim(country));
+  v_vat   text := nullif(upper(regexp_replace(coalesce(vat_number, ''), '[[:space:].-]', '', 'g')), '');
+  v_name  text := btrim(legal_name);
+  v_pc    text := btrim(postal_code);
+  d       billing.billing_details;
+BEGIN
+  IF v_name IS NULL OR length(v_name) NOT BETWEEN 1 AND 200 THEN
+    RAISE EXCEPTION 'legal_name must have 1 to 200 characters'
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Give the company''s registered name.';
+  END IF;
+  IF v_cc IS NULL OR NOT v_cc = ANY (billing.iso_countries()) THEN
+    RAISE EXCEPTION 'country: % is not an ISO 3166-1 country code', coalesce(quote_literal(country), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Give two letters, e.g. DE, FR, NL (GB, not UK).';
+  END IF;
+  IF v_pc IS NULL OR v_pc !~ '^[A-Za-z0-9][A-Za-z0-9 -]{1,11}$' THEN
+    RAISE EXCEPTION 'postal_code: % is not a postal code', coalesce(quote_literal(postal_code), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Give the postal code of the billing address (Stripe Tax needs it).';
+  END IF;
+  IF length(line1) > 200 OR length(city) > 100 THEN
+    RAISE EXCEPTION 'line1 (at most 200 characters) or city (at most 100) is too long'
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Shorten the address.';
+  END IF;
+  IF v_vat IS NOT NULL THEN
+    IF billing.eu_vat_pattern(v_cc) IS NULL THEN
+      RAISE EXCEPTION 'vat_number: % is not in the EU; only EU VAT numbers are taken', v_cc
+        USING ERRCODE = 'invalid_parameter_value', HINT = 'Leave vat_number out for a business outside the EU.';
+    END IF;
+    IF left(v_vat, 2) <> billing.eu_vat_prefix(v_cc)
+       OR substr(v_vat, 3) !~ billing.eu_vat_pattern(v_cc) THEN
+      RAISE EXCEPTION 'vat_number: % is not a VAT number of %', quote_literal(vat_number), v_cc
+        USING ERRCODE = 'invalid_parameter_value',
+              HINT = format('A VAT number of %s starts with %s; the rest matches %s.', v_cc,
+                            billing.eu_vat_prefix(v_cc), billing.eu_vat_pattern(v_cc));
+    END IF;
+  END IF;
+
+  INSERT INTO billing.billing_details AS x (tenant_id, legal_name, country, postal_code, line1, city, vat_number)
+  VALUES (t.tenant_id, v_name, v_cc, v_pc, line1, city, v_vat)
+  ON CONFLICT (tenant_id) DO UPDATE
+     SET legal_name = EXCLUDED.legal_name, country = EXCLUDED.country, postal_code = EXCLUDED.postal_code,
+         line1 = EXCLUDED.line1, city = EXCLUDED.city, vat_number = EXCLUDED.vat_number,
+         state = 'pending', refusal = NULL, stripe_request = NULL, version = x.version + 1,
+         tax_id_status = CASE WHEN x.vat_number IS NOT DISTINCT FROM EXCLUDED.vat_number THEN x.tax_id_status END,
+         updated_at = now()
+  RETURNING * INTO d;
+  PERFORM billing.billing_details_send(t.tenant_id);
+  PERFORM billing.audit('billing_details.set', t.tenant_id,
+                        jsonb_build_object('country', v_cc, 'postal_code', v_pc, 'vat_number', v_vat,
+                                           'version', d.version));
+  RETURN json_build_object('state', 'pending', 'country', v_cc, 'postal_code', v_pc, 'vat_number', v_vat,
+                           'version', d.version);
+END
+$$;
+
+COMMENT ON FUNCTION api.set_billing_details(text, text, text, text, text, text) IS
+  'The calling tenant''s billing details: legal name, address (country and postal code required) and optionally an EU VAT number (checked against its country''s shape). Stripe then validates the location; GET /rpc/billing_details shows the outcome (422 naming the field when Stripe refuses). Audited.';
+
+CREATE OR REPLACE FUNCTION api.billing_details() RETURNS json
+  LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_t text := billing.jwt_tenant_id();
+  d   billing.billing_details;
+BEGIN
+  SELECT * INTO d FROM billing.billing_details x WHERE x.tenant_id = v_t;
+  IF NOT FOUND THEN
+    PERFORM set_config('response.status', '404', true);
+    RETURN json_build_object('state', 'none', 'hint', 'Give them with POST /rpc/set_billing_details.');
+  END IF;
+  IF d.state = 'refused' THEN
+    PERFORM set_config('response.status', '422', true);
+  END IF;
+  RETURN json_build_object('state', d.state, 'legal_name', d.legal_name, 'country', d.country,
+                           'postal_code', d.postal_code, 'line1', d.line1, 'city', d.city,
+                           'vat_number', d.vat_number, 'vat_verification', d.tax_id_status,
+                           'reverse_charge', d.reverse_charge, 'error', d.refusal, 'version', d.version);
+END
+$$;
+
+COMMENT ON FUNCTION api.billing_details() IS
+  'The calling tenant''s billing details and where Stripe''s validation stands: pending, valid, or refused (HTTP 422, error names the field and Stripe''s message); the VAT number''s verification (pending, verified, unverified, unavailable) and whether reverse charge applies.';
+
+-- Stripe's answer to the details (billing.outbox_apply).
+CREATE OR REPLACE FUNCTION billing.billing_details_apply(r billing.stripe_requests) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  d     billing.billing_details;
+  v_req bigint;
+BEGIN
+  SELECT * INTO d FROM billing.billing_details x WHERE x.tenant_id = r.tenant_id FOR UPDATE;
+  IF NOT FOUND OR d.version <> (r.subject ->> 'version')::integer THEN
+    RETURN;    -- details given again since: their own request decides
+  END IF;
+  IF r.kind = 'billing_details.update' THEN
+    UPDATE billing.billing_details x SET state = 'valid', refusal = NULL, validated_at = now()
+     WHERE x.tenant_id = r.tenant_id;
+    PERFORM billing.audit('billing_details.valid', r.tenant_id,
+                          jsonb_build_object('country', d.country, 'automatic_tax', r.response -> 'tax' ->> 'automatic_tax'));
+    IF d.vat_number IS NOT NULL AND d.tax_id_status IS NULL THEN
+      v_req := billing.outbox_enqueue(r.tenant_id, 'tax_id.create', 'POST',
+                                      '/v1/customers/' || (r.response ->> 'id') || '/tax_ids',
+                                      jsonb_build_object('type', 'eu_vat', 'value', d.vat_number),
+                                      jsonb_build_object('version', d.version));
+    END IF;
+  ELSIF r.kind = 'tax_id.create' THEN
+    PERFORM billing.sync_tax_id(r.tenant_id, r.response, false);
+  END IF;
+END
+$$;
+
+COMMENT ON FUNCTION billing.billing_details_apply(billing.stripe_requests) IS
+  'Stripe accepted the billing details (valid; the VAT number then sent as a tax ID) or created the tax ID.';
+
+-- A refusal: the field Stripe names, shown to the tenant.
+CREATE OR REPLACE FUNCTION billing.billing_details_failure(r billing.stripe_requests) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_param text := coalesce(r.error ->> 'param', r.response -> 'error' ->> 'param');
+  v_field text;
+BEGIN
+  v_field := CASE
+    WHEN v_param LIKE 'address[postal_code]%' THEN 'postal_code'
+    WHEN v_param LIKE 'address[country]%' THEN 'country'
+    WHEN v_param LIKE 'address%' THEN 'address'
+    WHEN v_param LIKE 'value%' OR r.kind = 'tax_id.create' THEN 'vat_number'
+    WHEN coalesce(r.error ->> 'code', '') = 'customer_tax_location_invalid' THEN 'postal_code'
+    ELSE coalesce(v_param, 'billing_details') END;
+  UPDATE billing.billing_details x
+     SET state = 'refused',
+         refusal = jsonb_build_object('field', v_field, 'code', r.error ->> 'code',
+                                      'message', coalesce(r.error ->> 'message', 'Stripe refused the billing details.'))
+   WHERE x.tenant_id = r.tenant_id AND x.version = (r.subject ->> 'version')::integer;
+  PERFORM billing.audit('billing_details.refused', r.tenant_id,
+                        jsonb_build_object('field', v_field, 'code', r.error ->> 'code', 'kind', r.kind));
+END
+$$;
+
+COMMENT ON FUNCTION billing.billing_details_failure(billing.stripe_requests) IS
+  'Stripe refused the billing details (e.g. customer_tax_location_invalid) or the VAT number: refused, with the field, shown by GET /rpc/billing_details as 422.';
+
+-- A tax ID as Stripe tells of it (the answer, or customer.tax_id.* events):
+-- its verification mirrored; reverse charge decided and audited.
+CREATE OR REPLACE FUNCTION billing.sync_tax_id(p_tenant text, o jsonb, p_deleted boolean) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  d        billing.billing_details;
+  v_status text := CASE WHEN p_deleted THEN 'deleted' ELSE coalesce(o -> 'verification' ->> 'status', 'pending') END;
+  v_origin text := nullif(current_setting('qes_billing.tax_origin_country'), '');
+  v_rc     boolean;
+  v_cust   text := (SELECT t.stripe_customer_id FROM billing.tenants t WHERE t.tenant_id = p_tenant);
+BEGIN
+  SELECT * INTO d FROM billing.billing_details x WHERE x.tenant_id = p_tenant FOR UPDATE;
+  IF NOT FOUND OR (o ->> 'value') IS DISTINCT FROM d.vat_number THEN
+    RETURN;    -- a tax ID of a VAT number the tenant no longer gives
+  END IF;
+  -- reverse charge: a verified EU VAT number of another member state than ours
+  v_rc := v_status = 'verified' AND billing.eu_vat_pattern(d.country) IS NOT NULL
+          AND v_origin IS NOT NULL AND d.country <> v_origin;
+  UPDATE billing.billing_details x
+     SET stripe_tax_id = o ->> 'id', tax_id_status = v_status, reverse_charge = v_rc
+   WHERE x.tenant_id = p_tenant;
+  IF d.tax_id_status IS DISTINCT FROM v_status THEN
+    PERFORM billing.audit('tax_id.' || v_status, p_tenant,
+                          jsonb_build_object('tax_id', o ->> 'id', 'vat_number', d.vat_number));
+  END IF;
+  IF d.reverse_charge IS DISTINCT FROM v_rc AND v_cust IS NOT NULL THEN
+    PERFORM billing.outbox_enqueue(p_tenant, 'tax_exempt.update', 'POST', '/v1/customers/' || v_cust,
+                                   jsonb_build_object('tax_exempt', CASE WHEN v_rc THEN 'reverse' ELSE 'none' END));
+    PERFORM billing.audit('tax.reverse_charge', p_tenant, jsonb_build_object(
+      'reverse_charge', v_rc,
+      'basis', jsonb_build_object('vat_number', d.vat_number, 'verification', v_status,
+                                  'customer_country', d.country, 'origin_country', v_origin,
+                                  'eu_member', billing.eu_vat_pattern(d.country) IS NOT NULL),
+      'tax_exempt', CASE WHEN v_rc THEN 'reverse' ELSE 'none' END));
+  END IF;
+END
+$$;
+
+COMMENT ON FUNCTION billing.sync_tax_id(text, jsonb, boolean) IS
+  'Mirror a tenant''s tax ID (verification status) and decide reverse charge: a verified EU VAT number of another member state than qes_billing.tax_origin_country; the customer''s tax_exempt follows in Stripe; audited with its basis.';
+
+-- ---- the invoices' tax --------------------------------------------------------
+
+-- A line's taxes, in either API shape (tax_amounts before 2025-03-31,
+-- taxes since): amount, inclusive or not, the rate (its id, or its
+-- percentage when expanded) or the taxability reason.
+CREATE OR REPLACE FUNCTION billing.invoice_line_taxes(l jsonb) RETURNS jsonb
+  LANGUAGE sql IMMUTABLE
+RETURN coalesce((SELECT jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
+          'amount', (x ->> 'amount')::bigint,
+          'inclusive', coalesce((x ->> 'inclusive')::boolean, x ->> 'tax_behavior' = 'inclusive'),
+          'taxable_amount', (x ->> 'taxable_amount')::bigint,
+          'rate', coalesce(x -> 'tax_rate' ->> 'percentage', x -> 'tax_rate_details' -> 'tax_rate' ->> 'percentage'),
+          'tax_rate', coalesce(CASE WHEN jsonb_typeof(x -> 'tax_rate') = 'string' THEN x ->> 'tax_rate' END,
+                               x -> 'tax_rate' ->> 'id',
+                               CASE WHEN jsonb_typeof(x -> 'tax_rate_details' -> 'tax_rate') = 'string'
+                                    THEN x -> 'tax_rate_details' ->> 'tax_rate' END),
+          'taxability_reason', x ->> 'taxability_reason')))
+          FROM jsonb_array_elements(coalesce(l -> 'tax_amounts', l -> 'taxes', '[]'::jsonb)) x), '[]'::jsonb);
+
+-- An invoice event that was applied: keep the invoice's tax (the newest event's).
+CREATE OR REPLACE FUNCTION billing.keep_invoice_tax() RETURNS trigger
+  LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  o       jsonb := (NEW.payload -> 'data' -> 'object')::jsonb;
+  v_at    timestamptz := NEW.stripe_created;
+  v_tax   bigint;
+  v_no    boolean;
+  v_old   billing.invoice_taxes;
+BEGIN
+  IF NEW.tenant_id IS NULL OR NEW.tenant_id = '' OR o ->> 'id' IS NULL
+     OR NOT EXISTS (SELECT FROM billing.tenants t WHERE t.tenant_id = NEW.tenant_id) THEN
+    RETURN NULL;
+  END IF;
+  SELECT * INTO v_old FROM billing.invoice_taxes x WHERE x.tenant_id = NEW.tenant_id AND x.stripe_invoice_id = o ->> 'id';
+  IF v_old.stripe_state_at > v_at THEN
+    RETURN NULL;   -- an older state of the invoice
+  END IF;
+  v_tax := coalesce((o ->> 'tax')::bigint,
+                    (SELECT sum((x ->> 'amount')::bigint) FROM jsonb_array_elements(
+                       coalesce(o -> 'total_tax_amounts', o -> 'total_taxes', '[]'::jsonb)) x),
+                    (o ->> 'total')::bigint - (o ->> 'total_excluding_tax')::bigint);
+  -- finalized (not a draft) while Stripe could not locate the customer
+  v_no := coalesce(o ->> 'status', 'draft') <> 'draft'
+          AND coalesce(o -> 'automatic_tax' ->> 'disabled_reason' = 'finalization_requires_location_inputs'
+                       OR o -> 'automatic_tax' ->> 'status' = 'requires_location_inputs', false);
+  INSERT INTO billing.invoice_taxes AS x (tenant_id, stripe_invoice_id, currency, subtotal, tax, total,
+                                          automatic_tax_enabled, automatic_tax_status, automatic_tax_disabled_reason,
+                                          finalized_without_tax, tax_lines, stripe_state_at)
+  VALUES (NEW.tenant_id, o ->> 'id', coalesce(o ->> 'currency', 'usd'), (o ->> 'subtotal')::bigint, v_tax,
+          (o ->> 'total')::bigint, (o -> 'automatic_tax' ->> 'enabled')::boolean, o -> 'automatic_tax' ->> 'status',
+          o -> 'automatic_tax' ->> 'disabled_reason', v_no,
+          coalesce((SELECT jsonb_agg(jsonb_build_object('line', l ->> 'id', 'description', l ->> 'description',
+                                                        'amount', (l ->> 'amount')::bigint,
+                                                        'taxes', billing.invoice_line_taxes(l)) ORDER BY n)
+                      FROM jsonb_array_elements(coalesce(o -> 'lines' -> 'data', '[]'::jsonb)) WITH ORDINALITY AS e(l, n)),
+                   '[]'::jsonb),
+          v_at)
+  ON CONFLICT (tenant_id, stripe_invoice_id) DO UPDATE
+     SET currency = EXCLUDED.currency, subtotal = EXCLUDED.subtotal, tax = EXCLUDED.tax, total = EXCLUDED.total,
+         automatic_tax_enabled = EXCLUDED.automatic_tax_enabled, automatic_tax_status = EXCLUDED.automatic_tax_status,
+         automatic_tax_disabled_reason = EXCLUDED.automatic_tax_disabled_reason,
+         finalized_without_tax = x.finalized_without_tax OR EXCLUDED.finalized_without_tax,
+         tax_lines = EXCLUDED.tax_lines, stripe_state_at = EXCLUDED.stripe_state_at;
+  IF v_no AND NOT coalesce(v_old.finalized_without_tax, false) THEN
+    PERFORM billing.audit('invoice.finalized_without_tax', NEW.tenant_id,
+                          jsonb_build_object('invoice', o ->> 'id', 'number', o ->> 'number',
+                                             'automatic_tax', o -> 'automatic_tax'));
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+COMMENT ON FUNCTION billing.keep_invoice_tax() IS
+  'Trigger: when an invoice event is applied, keep the invoice''s tax as that event shows it (unless a newer event''s is kept); an invoice finalized without tax because the location was missing is marked and audited once.';
+
+CREATE OR REPLACE TRIGGER keep_invoice_tax AFTER UPDATE OF state ON billing.webhook_events
+  FOR EACH ROW WHEN (NEW.state = 'applied' AND NEW.event_type LIKE 'invoice.%')
+  EXECUTE FUNCTION billing.keep_invoice_tax();
+
+-- Prometheus: invoices finalized without tax because the location was
+-- missing (the alert QesBillingInvoiceWithoutTax), and tax IDs by status.
+CREATE VIEW billing.prometheus_tax AS
+SELECT (SELECT count(*) FROM billing.invoice_taxes x WHERE x.finalized_without_tax) AS invoices_without_tax_total,
+       (SELECT count(*) FROM billing.billing_details d WHERE d.state = 'refused') AS billing_details_refused,
+       (SELECT count(*) FROM billing.billing_details d WHERE d.tax_id_status = 'pending') AS tax_ids_pending,
+       (SELECT count(*) FROM billing.billing_details d WHERE d.reverse_charge) AS reverse_charge_customers;
+
+COMMENT ON VIEW billing.prometheus_tax IS
+  'Prometheus: invoices Stripe finalized without tax because the customer''s location was missing (a counter: the mark is never removed), billing details Stripe refused, VAT numbers awaiting verification, customers billed by reverse charge.';
+
+-- ---- one-time payments: Stripe Tax's calculation, then a tax transaction ---------
+--
+-- A payment intent carries no tax of its own.  With qes_billing.automatic_tax
+-- on, api.create_payment_intent first asks Stripe Tax for a calculation
+-- (the tenant's address, the price's tax_behavior) and the payment intent
+-- waits for it; the calculation's answer sets the payment intent's amount
+-- to the calculation's total (billing.tax_calculation_apply).  When the
+-- payment succeeds, the calculation is recorded as a tax transaction (what
+-- Stripe's tax reports count).  Chosen over an invoice per payment: one
+-- request more instead of three (invoice item, invoice, finalize), and the
+-- payment flow the front end knows stays as it is.
+
+CREATE OR REPLACE FUNCTION billing.tax_calculation_request(p_tenant text, p_customer text, p_payment bigint,
+                                                p_amount bigint, p_currency text) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_req bigint;
+BEGIN
+  v_req := billing.outbox_enqueue(p_tenant, 'tax.calculation', 'POST', '/v1/tax/calculations',
+             jsonb_build_object('currency', p_currency, 'customer', p_customer,
+                                'line_items', jsonb_build_array(jsonb_build_object(
+                                   'amount', p_amount, 'reference', 'payment_' || p_payment,
+                                   'tax_behavior', current_setting('qes_billing.tax_behavior'))),
+                                'expand', jsonb_build_array('line_items')),
+             jsonb_build_object('payment_id', p_payment));
+  INSERT INTO billing.payment_taxes (tenant_id, payment_id, amount_subtotal, calculation_request)
+  VALUES (p_tenant, p_payment, p_amount, v_req);
+  RETURN v_req;
+END
+$$;
+
+COMMENT ON FUNCTION billing.tax_calculation_request(text, text, bigint, bigint, text) IS
+  'Queue Stripe Tax''s calculation for a one-time payment (the payment intent waits for it).';
+
+CREATE OR REPLACE FUNCTION billing.tax_calculation_apply(r billing.stripe_requests) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  o       jsonb := r.response;
+  v_pay   bigint := (r.subject ->> 'payment_id')::bigint;
+  v_total bigint := (o ->> 'amount_total')::bigint;
+  v_tax   bigint := coalesce((o ->> 'tax_amount_exclusive')::bigint, 0) + coalesce((o ->> 'tax_amount_inclusive')::bigint, 0);
+BEGIN
+  IF r.kind = 'tax.transaction' THEN
+    UPDATE billing.payment_taxes x SET transaction_id = o ->> 'id'
+     WHERE x.tenant_id = r.tenant_id AND x.payment_id = v_pay;
+    RETURN;
+  END IF;
+  UPDATE billing.payment_taxes x
+     SET calculation_id = o ->> 'id', tax = v_tax, amount_total = v_total, tax_breakdown = o -> 'tax_breakdown'
+   WHERE x.tenant_id = r.tenant_id AND x.payment_id = v_pay;
+  -- the payment intent waiting for this calculation charges its total
+  UPDATE billing.stripe_requests c
+     SET params = c.params || jsonb_build_object('amount', v_total,
+                                                 'metadata', coalesce(c.params -> 'metadata', '{}'::jsonb)
+                                                             || jsonb_build_object('tax_calculation', o ->> 'id'))
+   WHERE c.after_request = r.request_id AND c.state = 'waiting' AND c.kind = 'payment_intent.create';
+  UPDATE billing.payments p SET amount = v_total, updated_at = now()
+   WHERE p.tenant_id = r.tenant_id AND p.payment_id = v_pay AND v_total > 0;
+  PERFORM billing.audit('tax.calculated', r.tenant_id,
+                        jsonb_build_object('payment_id', v_pay, 'calculation', o ->> 'id', 'tax', v_tax,
+                                           'amount_total', v_total,
+                                           'taxability_reason', o -> 'tax_breakdown' -> 0 ->> 'taxability_reason'));
+END
+$$;
+
+COMMENT ON FUNCTION billing.tax_calculation_apply(billing.stripe_requests) IS
+  'Stripe Tax''s calculation for a one-time payment: kept, and the waiting payment intent charges its total; or the tax transaction recorded.';
+
+-- A one-time payment that succeeded: its calculation becomes a tax transaction.
+CREATE OR REPLACE FUNCTION billing.record_tax_transaction() RETURNS trigger
+  LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  x billing.payment_taxes;
+BEGIN
+  SELECT * INTO x FROM billing.payment_taxes t
+   WHERE t.tenant_id = NEW.tenant_id AND t.payment_id = NEW.payment_id FOR UPDATE;
+  IF FOUND AND x.calculation_id IS NOT NULL AND x.transaction_request IS NULL THEN
+    UPDATE billing.payment_taxes t
+       SET transaction_request = billing.outbox_enqueue(NEW.tenant_id, 'tax.transaction', 'POST',
+                                   '/v1/tax/transactions/create_from_calculation',
+                                   jsonb_build_object('calculation', x.calculation_id,
+                                                      'reference', 'payment_' || NEW.payment_id),
+                                   jsonb_build_object('payment_id', NEW.payment_id))
+     WHERE t.tenant_id = NEW.tenant_id AND t.payment_id = NEW.payment_id;
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+COMMENT ON FUNCTION billing.record_tax_transaction() IS
+  'Trigger: a one-time payment with a tax calculation succeeded: record it as a Stripe Tax transaction, once.';
+
+CREATE OR REPLACE TRIGGER record_tax_transaction AFTER UPDATE OF status ON billing.payments
+  FOR EACH ROW WHEN (NEW.status = 'succeeded' AND OLD.status IS DISTINCT FROM 'succeeded' AND NEW.kind = 'one_time')
+  EXECUTE FUNCTION billing.record_tax_transaction();
+
 CREATE OR REPLACE FUNCTION billing.current_subscription(p_tenant text) RETURNS billing.subscriptions
   LANGUAGE sql STABLE SET search_path = pg_catalog, billing
 AS $$
@@ -2946,6 +4973,7 @@ BEGIN
     END IF;
     INSERT INTO billing.subscriptions (tenant_id, plan_id, billing_interval, status)
     VALUES (t.tenant_id, pr.plan_id, pr.billing_interval, 'active') RETURNING * INTO v_sub;
+    PERFORM billing.audit_features(t.tenant_id, v_sub.subscription_id, NULL, NULL, v_sub.plan_id, v_sub.status);
     PERFORM billing.audit('subscription.created', t.tenant_id,
                           jsonb_build_object('subscription_id', v_sub.subscription_id, 'plan', pr.plan_id,
                                              'interval', pr.billing_interval, 'local', true));
@@ -2955,14 +4983,19 @@ BEGIN
      WHERE tenant_id = t.tenant_id AND subscription_id = cur.subscription_id;
     INSERT INTO billing.subscriptions (tenant_id, plan_id, billing_interval, status)
     VALUES (t.tenant_id, pr.plan_id, pr.billing_interval, 'incomplete') RETURNING * INTO v_sub;
+    PERFORM billing.audit_features(t.tenant_id, v_sub.subscription_id, NULL, NULL, v_sub.plan_id, v_sub.status);
     v_cust := billing.customer_request(t);
     v_req := billing.outbox_enqueue(t.tenant_id, 'subscription.create', 'POST', '/v1/subscriptions',
-               jsonb_build_object('items', jsonb_build_array(jsonb_build_object('price', pr.stripe_price_id)),
+               jsonb_build_object('items', jsonb_build_array(jsonb_build_object('price', pr.stripe_price_id))
+                                           || billing.metered_items_for(pr.plan_id, pr.billing_interval),
                                   'payment_behavior', 'default_incomplete',
                                   'payment_settings', jsonb_build_object('save_default_payment_method', 'on_subscription'),
                                   'expand', jsonb_build_array('latest_invoice.payment_intent'),
                                   'metadata', jsonb_build_object('tenant_id', t.tenant_id,
                                                                  'subscription_id', v_sub.subscription_id))
+               -- VAT through Stripe Tax (sql/install/91_tax.sql)
+               || CASE WHEN current_setting('qes_billing.automatic_tax')::boolean
+                       THEN '{"automatic_tax": {"enabled": true}}'::jsonb ELSE '{}' END
                || CASE WHEN v_cust IS NULL THEN jsonb_build_object('customer', t.stripe_customer_id) ELSE '{}' END,
                jsonb_build_object('subscription_id', v_sub.subscription_id),
                p_after => v_cust, p_inherit => CASE WHEN v_cust IS NOT NULL THEN 'customer' END);
@@ -2973,6 +5006,145 @@ BEGIN
   END IF;
   RETURN json_build_object('subscription_id', v_sub.subscription_id, 'plan', v_sub.plan_id,
                            'interval', v_sub.billing_interval, 'status', v_sub.status);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION api.update_subscription(plan text DEFAULT NULL, "interval" text DEFAULT NULL,
+                                        cancel_at_period_end boolean DEFAULT NULL, proration text DEFAULT NULL)
+  RETURNS json
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  t        billing.tenants := billing.calling_tenant();
+  cur      billing.subscriptions := billing.current_subscription(t.tenant_id);
+  v_plan   text := coalesce(plan, cur.plan_id);
+  v_int    text := coalesce("interval", cur.billing_interval);
+  v_cancel boolean := cancel_at_period_end;
+  pr       billing.prices;
+  v_params jsonb := '{}';
+  v_change jsonb;
+  v_up     boolean;
+  v_req    bigint;
+BEGIN
+  IF plan IS NULL AND "interval" IS NULL AND cancel_at_period_end IS NULL THEN
+    RAISE EXCEPTION 'nothing to change'
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Give plan, interval or cancel_at_period_end.';
+  END IF;
+  IF proration IS NOT NULL AND proration NOT IN ('create_prorations', 'always_invoice', 'none') THEN
+    RAISE EXCEPTION 'unknown proration behaviour: %', quote_literal(proration)
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Use create_prorations, always_invoice or none.';
+  END IF;
+  IF cur.subscription_id IS NULL OR cur.stripe_subscription_id IS NULL
+     OR cur.status NOT IN ('active', 'trialing', 'past_due') OR cur.stripe_item_id IS NULL THEN
+    RAISE EXCEPTION 'tenant % has no active paid subscription to change', t.tenant_id
+      USING ERRCODE = 'invalid_parameter_value',
+            DETAIL = CASE WHEN cur.subscription_id IS NULL THEN 'The tenant is on Free.'
+                          ELSE format('The subscription is %s (plan %s).', cur.status, cur.plan_id) END,
+            HINT = 'Subscribe with POST /rpc/create_subscription; a new subscription can be changed once its first payment succeeded.';
+  END IF;
+  IF cur.pending_change IS NOT NULL THEN
+    RAISE EXCEPTION 'a change of this subscription is already in progress'
+      USING ERRCODE = 'unique_violation', DETAIL = cur.pending_change::text,
+            HINT = 'Wait until GET /subscription shows no pending_change.';
+  END IF;
+
+  IF v_plan = 'free' THEN
+    -- to Free: the paid subscription ends with its period
+    IF v_cancel IS FALSE THEN
+      RAISE EXCEPTION 'moving to Free cancels the subscription at period end'
+        USING ERRCODE = 'invalid_parameter_value', HINT = 'Omit cancel_at_period_end.';
+    END IF;
+    v_plan := cur.plan_id;
+    v_int := cur.billing_interval;
+    v_cancel := true;
+  END IF;
+  pr := billing.check_plan_interval(v_plan, v_int);
+  IF v_plan = cur.plan_id AND v_int = cur.billing_interval
+     AND (v_cancel IS NULL OR v_cancel = cur.cancel_at_period_end) THEN
+    RAISE EXCEPTION 'the subscription is already on plan % (%)%', v_plan, v_int,
+                    CASE WHEN v_cancel THEN ', cancelling at period end' WHEN v_cancel IS FALSE THEN ', renewing' ELSE '' END
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+
+  IF v_plan <> cur.plan_id OR v_int <> cur.billing_interval THEN
+    -- an upgrade (higher tier, or monthly to yearly) is charged at once and
+    -- refused by Stripe if the payment fails, so a decline changes nothing
+    v_up := (SELECT tier FROM billing.plans WHERE plan_id = v_plan) > (SELECT tier FROM billing.plans WHERE plan_id = cur.plan_id)
+            OR (v_plan = cur.plan_id AND v_int = 'year');
+    proration := coalesce(proration, CASE WHEN v_up THEN 'always_invoice' ELSE 'create_prorations' END);
+    v_params := jsonb_build_object(
+      'items', jsonb_build_array(jsonb_build_object('id', cur.stripe_item_id, 'price', pr.stripe_price_id))
+               || billing.metered_items_change(cur, pr.plan_id, pr.billing_interval),   -- 94_meters.sql
+      'proration_behavior', proration,
+      'payment_behavior', 'error_if_incomplete',
+      'metadata', jsonb_build_object('tenant_id', t.tenant_id, 'subscription_id', cur.subscription_id));
+    -- a plan change keeps the subscription renewing unless told otherwise
+    v_cancel := coalesce(v_cancel, false);
+  END IF;
+  IF v_cancel IS NOT NULL THEN
+    v_params := v_params || jsonb_build_object('cancel_at_period_end', v_cancel);
+  END IF;
+
+  v_req := billing.outbox_enqueue(t.tenant_id, 'subscription.update', 'POST',
+                                  '/v1/subscriptions/' || cur.stripe_subscription_id, v_params,
+                                  jsonb_build_object('subscription_id', cur.subscription_id));
+  v_change := jsonb_strip_nulls(jsonb_build_object('plan', v_plan, 'interval', v_int,
+                                                   'cancel_at_period_end', v_cancel, 'proration', proration,
+                                                   'request_id', v_req));
+  UPDATE billing.subscriptions SET pending_change = v_change, last_error = NULL, updated_at = now()
+   WHERE tenant_id = t.tenant_id AND subscription_id = cur.subscription_id;
+  PERFORM billing.audit('subscription.change_requested', t.tenant_id,
+                        v_change || jsonb_build_object('subscription_id', cur.subscription_id,
+                                                       'from_plan', cur.plan_id, 'from_interval', cur.billing_interval));
+  RETURN json_build_object('subscription_id', cur.subscription_id, 'plan', cur.plan_id,
+                           'interval', cur.billing_interval, 'status', cur.status, 'pending_change', v_change);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION api.create_payment_intent(amount bigint, currency text DEFAULT 'usd', description text DEFAULT NULL)
+  RETURNS json
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  t     billing.tenants := billing.calling_tenant();
+  v_cur text := lower(currency);
+  p     billing.payments;
+  v_req bigint;
+  v_calc bigint;
+BEGIN
+  IF amount IS NULL OR amount < 50 OR amount > 99999999 THEN
+    RAISE EXCEPTION 'invalid amount: %', coalesce(amount::text, 'NULL')
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'The amount is in the smallest currency unit (cents), from 50 to 99999999.';
+  END IF;
+  IF v_cur IS NULL OR v_cur NOT IN ('usd', 'eur', 'gbp', 'chf') THEN
+    RAISE EXCEPTION 'unsupported currency: %', coalesce(quote_literal(currency), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Supported currencies: usd, eur, gbp, chf.';
+  END IF;
+  IF length(description) > 1000 THEN
+    RAISE EXCEPTION 'description is longer than 1000 characters' USING ERRCODE = 'string_data_right_truncation';
+  END IF;
+  IF t.stripe_customer_id IS NULL THEN
+    RAISE EXCEPTION 'tenant % has no Stripe customer yet', t.tenant_id
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'A Stripe customer is created with the first paid subscription (POST /rpc/create_subscription).';
+  END IF;
+  INSERT INTO billing.payments (tenant_id, kind, amount, currency, description, status)
+  VALUES (t.tenant_id, 'one_time', amount, v_cur, description, 'pending') RETURNING * INTO p;
+  -- VAT through Stripe Tax: the payment intent charges the calculation's total (91_tax.sql)
+  IF current_setting('qes_billing.automatic_tax')::boolean THEN
+    v_calc := billing.tax_calculation_request(t.tenant_id, t.stripe_customer_id, p.payment_id, amount, v_cur);
+  END IF;
+  v_req := billing.outbox_enqueue(t.tenant_id, 'payment_intent.create', 'POST', '/v1/payment_intents',
+             jsonb_strip_nulls(jsonb_build_object(
+               'amount', amount, 'currency', v_cur, 'customer', t.stripe_customer_id, 'description', description,
+               'automatic_payment_methods', jsonb_build_object('enabled', true),
+               'metadata', jsonb_build_object('tenant_id', t.tenant_id, 'payment_id', p.payment_id))),
+             jsonb_build_object('payment_id', p.payment_id), p_after => v_calc);
+  PERFORM billing.audit('payment_intent.requested', t.tenant_id,
+                        jsonb_build_object('payment_id', p.payment_id, 'amount', amount, 'currency', v_cur,
+                                           'request_id', v_req));
+  RETURN json_build_object('payment_id', p.payment_id, 'amount', p.amount, 'currency', p.currency, 'status', p.status);
 END
 $$;
 
@@ -3001,7 +5173,7 @@ SELECT s.subscription_id,
 COMMENT ON VIEW api.subscription IS
   'The calling tenant''s subscription (the latest): plan, interval, Stripe status, limits_plan (whose limits apply now), client_secret while the first payment is awaited, current period, cancel_at_period_end, a change in progress and the last error. No row: the tenant is on Free.';
 
--- Unknown outcomes (issue 10, item 7): a request that creates a customer or
+-- Unknown outcomes (docs/architecture.md, "Unknown outcomes"): a request that creates a customer or
 -- a subscription in Stripe and failed
 -- without a definite answer (timeouts and dropped connections after Stripe
 -- may have acted, 5xx, 409, 429, or an answer that could not be applied)
@@ -3162,6 +5334,1289 @@ $$;
 COMMENT ON FUNCTION billing.check_no_unknown_outcome(text, text) IS
   'Refuse (409) to start a subscription while the outcome of an earlier customer or subscription request is being checked with Stripe.';
 
+-- Disputes answered with the platform's own evidence.
+--
+-- When Stripe reports a dispute that needs a response, the evidence the
+-- platform holds about the tenant is assembled from the tenant's own rows
+-- -- what it used in the disputed period (usage_events, with times), its
+-- subscription and the changes to it (audit_log), its invoices and payments,
+-- its name and billing email, the plan's description -- into Stripe's
+-- evidence fields, each within Stripe's length limit, and staged in Stripe
+-- with submit=false (billing.dispute_responses, shown by the view
+-- billing.dispute_evidence).  An operator submits it
+-- (billing.submit_dispute_evidence, api.submit_dispute_evidence), or the
+-- worker does before evidence_details.due_by when
+-- qes_billing.dispute_auto_submit is on.  Every dispute event is mirrored
+-- (billing.sync_dispute); what a lost dispute does to the tenant's
+-- subscription is qes_billing.dispute_lost_action, audited.
+--
+-- Nothing of another tenant is read: every query below is keyed on the
+-- dispute's tenant.  No secret is read: no metadata, client secret or
+-- request body; the evidence is run through billing.redact as well.
+
+SELECT pg_catalog.pg_extension_config_dump('billing.dispute_responses', '');
+
+-- Stripe's limits on the text evidence fields used here (characters), and
+-- on all of them together.
+CREATE OR REPLACE FUNCTION billing.dispute_evidence_limits() RETURNS jsonb
+  LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN '{"access_activity_log": 20000, "uncategorized_text": 20000, "product_description": 5000,
+         "service_date": 5000, "customer_name": 5000, "customer_email_address": 5000,
+         "_total": 150000}'::jsonb;
+
+COMMENT ON FUNCTION billing.dispute_evidence_limits() IS
+  'The most characters Stripe takes in each evidence field qes_billing fills, and in all of them together (_total).';
+
+-- A text cut to fit a limit, saying so.
+CREATE OR REPLACE FUNCTION billing.dispute_fit(p_text text, p_limit integer) RETURNS text
+  LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN length(p_text) <= p_limit THEN p_text
+            ELSE left(p_text, p_limit - 40) || E'\n[... shortened to fit Stripe''s limit]' END;
+
+CREATE OR REPLACE FUNCTION billing.dispute_money(p_amount bigint, p_currency text) RETURNS text
+  LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN to_char(p_amount / 100.0, 'FM999999999990.00') || ' ' || upper(p_currency);
+
+CREATE OR REPLACE FUNCTION billing.dispute_utc(p_at timestamptz) RETURNS text
+  LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN to_char(p_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"');
+
+-- The evidence for one dispute, from the tenant's own rows.
+CREATE OR REPLACE FUNCTION billing.dispute_assemble(p_tenant text, p_dispute text,
+                                         OUT evidence jsonb, OUT period_start timestamptz, OUT period_end timestamptz)
+  LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  lim      jsonb := billing.dispute_evidence_limits();
+  d        billing.disputes;
+  t        billing.tenants;
+  p        billing.payments;
+  i        billing.invoices;
+  s        billing.subscriptions;
+  pl       billing.plans;
+  v_price  billing.prices;
+  v_log    text;
+  v_text   text;
+  v_lines  text[];
+  v_total  bigint;
+  v_shown  integer;
+  r        record;
+  v_from   timestamptz;
+  v_to     timestamptz;
+BEGIN
+  SELECT * INTO d FROM billing.disputes x WHERE x.tenant_id = p_tenant AND x.stripe_dispute_id = p_dispute;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'dispute % of tenant % is not mirrored', p_dispute, p_tenant
+      USING ERRCODE = 'no_data_found', HINT = 'Disputes are mirrored from Stripe''s charge.dispute.* events.';
+  END IF;
+  SELECT * INTO t FROM billing.tenants x WHERE x.tenant_id = p_tenant;
+  SELECT * INTO p FROM billing.payments x
+   WHERE x.tenant_id = p_tenant
+     AND (x.stripe_charge_id = d.stripe_charge_id OR x.stripe_payment_intent_id = d.stripe_payment_intent_id)
+   ORDER BY x.stripe_charge_id = d.stripe_charge_id DESC NULLS LAST LIMIT 1;
+  SELECT * INTO i FROM billing.invoices x
+   WHERE x.tenant_id = p_tenant
+     AND x.stripe_invoice_id = coalesce(p.stripe_invoice_id,
+                                        (SELECT l.stripe_invoice_id FROM billing.invoice_payments l
+                                          WHERE l.tenant_id = p_tenant
+                                            AND l.stripe_payment_intent_id = p.stripe_payment_intent_id
+                                          ORDER BY 1 LIMIT 1));
+  SELECT * INTO s FROM billing.subscriptions x
+   WHERE x.tenant_id = p_tenant
+     AND (x.stripe_subscription_id = i.stripe_subscription_id OR i.stripe_subscription_id IS NULL)
+   ORDER BY x.stripe_subscription_id = i.stripe_subscription_id DESC NULLS LAST,
+            x.status NOT IN ('canceled', 'incomplete_expired') DESC, x.subscription_id DESC
+   LIMIT 1;
+  SELECT * INTO pl FROM billing.plans x WHERE x.plan_id = coalesce(s.plan_id, 'free');
+  SELECT * INTO v_price FROM billing.prices x
+   WHERE x.plan_id = pl.plan_id AND x.billing_interval = coalesce(s.billing_interval, 'month')
+     AND (x.stripe_price_id = s.stripe_price_id OR x.active)
+   ORDER BY x.stripe_price_id = s.stripe_price_id DESC NULLS LAST LIMIT 1;
+
+  -- The disputed period: from the start of what the charge paid for (the
+  -- invoice's period, or the charge itself) to the dispute.  With neither
+  -- invoice nor charge known, the month before the dispute.
+  v_to := d.stripe_created;
+  v_from := least(i.period_start, p.created_at, s.current_period_start, v_to);
+  IF i.stripe_invoice_id IS NULL AND p.payment_id IS NULL THEN
+    v_from := v_to - interval '1 month';
+  END IF;
+
+  -- access_activity_log: totals, then day by day, then the events themselves
+  v_lines := ARRAY[format('Use of the QES signing platform by %s (account %s), %s to %s.',
+                          t.name, t.tenant_id, billing.dispute_utc(v_from), billing.dispute_utc(v_to)),
+                   'Every use is recorded by the platform when it happens (time of use in UTC, what was used, quantity).'];
+  SELECT string_agg(format('%s %s', x.total, m.description), ', ' ORDER BY m.metric)
+    INTO v_text
+    FROM (SELECT u.metric, CASE WHEN min(mm.kind) = 'gauge' THEN max(u.quantity) ELSE sum(u.quantity) END AS total
+            FROM billing.usage_events u JOIN billing.metrics mm ON mm.metric = u.metric
+           WHERE u.tenant_id = p_tenant AND u.occurred_at >= v_from AND u.occurred_at < v_to
+           GROUP BY u.metric) x
+    JOIN billing.metrics m ON m.metric = x.metric;
+  v_lines := v_lines || ('Totals in the period: ' || coalesce(v_text, 'no recorded use') || '.');
+  SELECT count(*) INTO v_total FROM billing.usage_events u
+   WHERE u.tenant_id = p_tenant AND u.occurred_at >= v_from AND u.occurred_at < v_to;
+  IF v_total > 0 THEN
+    v_lines := v_lines || 'By day (UTC):'::text;
+    FOR r IN
+      SELECT to_char(x.d, 'YYYY-MM-DD') AS day,
+             string_agg(format('%s %s', x.q, x.metric), ', ' ORDER BY x.metric) AS what,
+             min(x.first_at) AS first_at, max(x.last_at) AS last_at
+        FROM (SELECT date_trunc('day', u.occurred_at AT TIME ZONE 'UTC') AS d, u.metric,
+                     sum(u.quantity) AS q, min(u.occurred_at) AS first_at, max(u.occurred_at) AS last_at
+                FROM billing.usage_events u
+               WHERE u.tenant_id = p_tenant AND u.occurred_at >= v_from AND u.occurred_at < v_to
+               GROUP BY 1, 2) x
+       GROUP BY x.d ORDER BY x.d
+    LOOP
+      v_lines := v_lines || format('  %s: %s (first %s, last %s)', r.day, r.what,
+                                   to_char(r.first_at AT TIME ZONE 'UTC', 'HH24:MI:SS'),
+                                   to_char(r.last_at AT TIME ZONE 'UTC', 'HH24:MI:SS'));
+    END LOOP;
+    v_lines := v_lines || format('Each recorded use (%s in all; the newest %s):', v_total, least(v_total, 200));
+    FOR r IN
+      SELECT u.occurred_at, u.metric, u.quantity FROM billing.usage_events u
+       WHERE u.tenant_id = p_tenant AND u.occurred_at >= v_from AND u.occurred_at < v_to
+       ORDER BY u.occurred_at DESC, u.idempotency_key DESC LIMIT 200
+    LOOP
+      v_lines := v_lines || format('  %s  %s x %s', billing.dispute_utc(r.occurred_at), r.metric, r.quantity);
+    END LOOP;
+  END IF;
+  v_log := array_to_string(v_lines, E'\n');
+
+  -- uncategorized_text: the charge, the subscription and its changes, invoices, payments
+  v_lines := ARRAY[format('Disputed charge: %s on %s%s.', billing.dispute_money(d.amount, d.currency),
+                          coalesce(billing.dispute_utc(p.created_at), 'a date Stripe holds'),
+                          CASE WHEN i.number IS NOT NULL THEN ', paying invoice ' || i.number ELSE '' END)];
+  IF s.subscription_id IS NOT NULL THEN
+    v_lines := v_lines || format('Subscription: plan %s, billed %s, status %s; started %s; current period %s to %s%s.',
+                                 pl.name, CASE s.billing_interval WHEN 'year' THEN 'yearly' ELSE 'monthly' END,
+                                 s.status, coalesce(billing.dispute_utc(coalesce(s.stripe_created, s.created_at)), '-'),
+                                 coalesce(billing.dispute_utc(s.current_period_start), '-'),
+                                 coalesce(billing.dispute_utc(s.current_period_end), '-'),
+                                 CASE WHEN s.cancel_at_period_end THEN ', cancelling at period end (not cancelled before the charge)'
+                                      ELSE ', not cancelled by the customer' END);
+  END IF;
+  v_shown := 0;
+  FOR r IN
+    SELECT a.occurred_at, a.action, a.actor_sub,
+           concat_ws(', ',
+             'plan ' || coalesce(a.details ->> 'plan', a.details ->> 'from_plan'),
+             'interval ' || (a.details ->> 'interval'),
+             'status ' || (a.details ->> 'status'),
+             'cancel at period end ' || (a.details ->> 'cancel_at_period_end')) AS what
+      FROM billing.audit_log a
+     WHERE a.tenant_id = p_tenant
+       AND (a.action LIKE 'subscription.%' OR a.action LIKE 'dunning.%' OR a.action IN ('tenant.created', 'tenant.updated'))
+       AND a.occurred_at < v_to
+     ORDER BY a.audit_id DESC LIMIT 40
+  LOOP
+    IF v_shown = 0 THEN
+      v_lines := v_lines || 'Subscription history (newest first; the platform''s audit trail):'::text;
+    END IF;
+    v_lines := v_lines || format('  %s  %s%s%s', billing.dispute_utc(r.occurred_at), r.action,
+                                 CASE WHEN r.what <> '' THEN ' (' || r.what || ')' ELSE '' END,
+                                 CASE WHEN r.actor_sub IS NOT NULL THEN ' by ' || r.actor_sub ELSE '' END);
+    v_shown := v_shown + 1;
+  END LOOP;
+  v_shown := 0;
+  FOR r IN
+    SELECT x.number, x.status, x.amount_due, x.amount_paid, x.currency, x.period_start, x.period_end, x.paid_at,
+           x.stripe_created
+      FROM billing.invoices x
+     WHERE x.tenant_id = p_tenant AND x.stripe_created <= v_to
+     ORDER BY x.stripe_created DESC LIMIT 24
+  LOOP
+    IF v_shown = 0 THEN
+      v_lines := v_lines || 'Invoices (newest first):'::text;
+    END IF;
+    v_lines := v_lines || format('  %s  %s, %s due, %s paid%s, period %s to %s',
+                                 coalesce(r.number, '(draft)'), r.status,
+                                 billing.dispute_money(r.amount_due, r.currency),
+                                 billing.dispute_money(r.amount_paid, r.currency),
+                                 CASE WHEN r.paid_at IS NOT NULL THEN ' on ' || billing.dispute_utc(r.paid_at) ELSE '' END,
+                                 coalesce(to_char(r.period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD'), '-'),
+                                 coalesce(to_char(r.period_end AT TIME ZONE 'UTC', 'YYYY-MM-DD'), '-'));
+    v_shown := v_shown + 1;
+  END LOOP;
+  v_shown := 0;
+  FOR r IN
+    SELECT x.kind, x.amount, x.currency, x.status, x.created_at
+      FROM billing.payments x
+     WHERE x.tenant_id = p_tenant AND x.created_at <= v_to
+     ORDER BY x.created_at DESC LIMIT 24
+  LOOP
+    IF v_shown = 0 THEN
+      v_lines := v_lines || 'Payments (newest first):'::text;
+    END IF;
+    v_lines := v_lines || format('  %s  %s payment of %s, %s', billing.dispute_utc(r.created_at),
+                                 replace(r.kind, '_', '-'), billing.dispute_money(r.amount, r.currency), r.status);
+    v_shown := v_shown + 1;
+  END LOOP;
+
+  evidence := jsonb_build_object(
+    'customer_name', billing.dispute_fit(t.name, (lim ->> 'customer_name')::integer),
+    'customer_email_address', billing.dispute_fit(t.billing_email, (lim ->> 'customer_email_address')::integer),
+    'product_description', billing.dispute_fit(
+       format('%s plan of the QES platform (qualified electronic signatures, online service): %s.%s%s%s',
+              pl.name, nullif(pl.description, ''),
+              CASE WHEN v_price.price_key IS NOT NULL
+                   THEN format(' Billed %s at %s.', CASE v_price.billing_interval WHEN 'year' THEN 'yearly' ELSE 'monthly' END,
+                               billing.dispute_money(v_price.unit_amount, v_price.currency)) ELSE '' END,
+              (SELECT ' Included per billing period: ' || string_agg(
+                        CASE WHEN l.soft_limit IS NULL THEN 'unlimited ' || m.description
+                             ELSE l.soft_limit || ' ' || m.unit || 's (' || m.description || ')' END, '; ' ORDER BY l.metric) || '.'
+                 FROM billing.plan_limits l JOIN billing.metrics m ON m.metric = l.metric
+                WHERE l.plan_id = pl.plan_id),
+              CASE WHEN cardinality(pl.features) > 0
+                   THEN ' Features: ' || array_to_string(pl.features, ', ') || '.' ELSE '' END),
+       (lim ->> 'product_description')::integer),
+    'service_date', billing.dispute_fit(
+       format('%s to %s (the service was provided throughout; see access_activity_log)',
+              to_char(v_from AT TIME ZONE 'UTC', 'YYYY-MM-DD'), to_char(v_to AT TIME ZONE 'UTC', 'YYYY-MM-DD')),
+       (lim ->> 'service_date')::integer),
+    'access_activity_log', billing.dispute_fit(v_log, (lim ->> 'access_activity_log')::integer),
+    'uncategorized_text', billing.dispute_fit(array_to_string(v_lines, E'\n'), (lim ->> 'uncategorized_text')::integer));
+  evidence := billing.redact(jsonb_strip_nulls(evidence));
+  period_start := v_from;
+  period_end := v_to;
+END
+$$;
+
+COMMENT ON FUNCTION billing.dispute_assemble(text, text) IS
+  'The evidence for one dispute, from the disputing tenant''s own rows only, as Stripe''s evidence fields within their limits; and the disputed period.';
+
+-- Mirror a dispute as Stripe tells of it (an event of type p_type, or an
+-- answer; newer state wins), stage its evidence when it needs one, and act
+-- on its close.
+CREATE OR REPLACE FUNCTION billing.sync_dispute(p_tenant text, o jsonb, p_at timestamptz, p_type text DEFAULT NULL)
+  RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  d        billing.disputes;
+  v_due    timestamptz := to_timestamp(nullif((o -> 'evidence_details' ->> 'due_by')::bigint, 0));
+  v_closed boolean := o ->> 'status' IN ('won', 'lost', 'warning_closed', 'prevented');
+BEGIN
+  SELECT * INTO d FROM billing.disputes x WHERE x.tenant_id = p_tenant AND x.stripe_dispute_id = o ->> 'id' FOR UPDATE;
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  -- facts that accumulate, whatever the order events arrive in
+  UPDATE billing.disputes x
+     SET funds_withdrawn_at = CASE WHEN p_type = 'charge.dispute.funds_withdrawn'
+                                   THEN least(x.funds_withdrawn_at, p_at) ELSE x.funds_withdrawn_at END,
+         funds_reinstated_at = CASE WHEN p_type = 'charge.dispute.funds_reinstated'
+                                    THEN least(x.funds_reinstated_at, p_at) ELSE x.funds_reinstated_at END,
+         stripe_payment_intent_id = coalesce(x.stripe_payment_intent_id, billing.stripe_ref(o -> 'payment_intent')),
+         updated_at = now()
+   WHERE x.tenant_id = d.tenant_id AND x.stripe_dispute_id = d.stripe_dispute_id;
+  -- the state: a newer one wins; within the same second (Stripe's times
+  -- are whole seconds), the one further along: closed, then submitted more
+  -- often, then holding evidence
+  IF d.stripe_state_at IS NULL OR d.stripe_state_at < p_at
+     OR (d.stripe_state_at = p_at
+         AND ROW(v_closed, coalesce((o -> 'evidence_details' ->> 'submission_count')::integer, 0),
+                 coalesce((o -> 'evidence_details' ->> 'has_evidence')::boolean, false))
+             >= ROW(d.status IN ('won', 'lost', 'warning_closed', 'prevented'), d.submission_count, d.has_evidence)) THEN
+    UPDATE billing.disputes x
+       SET status = coalesce(o ->> 'status', x.status),
+           reason = coalesce(o ->> 'reason', x.reason),
+           amount = coalesce((o ->> 'amount')::bigint, x.amount),
+           evidence_due_by = v_due,
+           has_evidence = coalesce((o -> 'evidence_details' ->> 'has_evidence')::boolean, x.has_evidence),
+           past_due = coalesce((o -> 'evidence_details' ->> 'past_due')::boolean, x.past_due),
+           submission_count = greatest(x.submission_count,
+                                       coalesce((o -> 'evidence_details' ->> 'submission_count')::integer, 0)),
+           closed_at = CASE WHEN v_closed THEN coalesce(x.closed_at, p_at) ELSE x.closed_at END,
+           stripe_state_at = p_at
+     WHERE x.tenant_id = d.tenant_id AND x.stripe_dispute_id = d.stripe_dispute_id;
+  END IF;
+  IF d.funds_withdrawn_at IS NULL AND p_type = 'charge.dispute.funds_withdrawn' THEN
+    PERFORM billing.audit('dispute.funds_withdrawn', p_tenant,
+                          jsonb_build_object('dispute', o ->> 'id', 'amount', (o ->> 'amount')::bigint));
+  ELSIF d.funds_reinstated_at IS NULL AND p_type = 'charge.dispute.funds_reinstated' THEN
+    PERFORM billing.audit('dispute.funds_reinstated', p_tenant,
+                          jsonb_build_object('dispute', o ->> 'id', 'amount', (o ->> 'amount')::bigint));
+  END IF;
+  SELECT * INTO d FROM billing.disputes x WHERE x.tenant_id = p_tenant AND x.stripe_dispute_id = o ->> 'id';
+  IF d.closed_at IS NOT NULL AND d.status IN ('won', 'lost', 'warning_closed', 'prevented')
+     AND NOT EXISTS (SELECT FROM billing.audit_log a
+                      WHERE a.tenant_id = p_tenant AND a.action = 'dispute.closed'
+                        AND a.details ->> 'dispute' = d.stripe_dispute_id) THEN
+    PERFORM billing.dispute_closed(d);
+  ELSIF d.status IN ('needs_response', 'warning_needs_response') THEN
+    PERFORM billing.dispute_stage(d);
+  END IF;
+END
+$$;
+
+COMMENT ON FUNCTION billing.sync_dispute(text, jsonb, timestamptz, text) IS
+  'Mirror a dispute from an event or answer (the newer state wins; funds movements and the close accumulate), stage its evidence when it needs a response, act on its close once.';
+
+-- Assemble the evidence and stage it in Stripe (submit=false), once.
+CREATE OR REPLACE FUNCTION billing.dispute_stage(d billing.disputes) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v   record;
+  v_req bigint;
+BEGIN
+  IF EXISTS (SELECT FROM billing.dispute_responses x
+              WHERE x.tenant_id = d.tenant_id AND x.stripe_dispute_id = d.stripe_dispute_id)
+     OR (d.evidence_due_by IS NOT NULL AND d.evidence_due_by <= billing.now()) THEN
+    RETURN;
+  END IF;
+  SELECT * INTO v FROM billing.dispute_assemble(d.tenant_id, d.stripe_dispute_id);
+  v_req := billing.outbox_enqueue(d.tenant_id, 'dispute.stage', 'POST', '/v1/disputes/' || d.stripe_dispute_id,
+                                  jsonb_build_object('evidence', v.evidence, 'submit', false,
+                                                     'metadata', jsonb_build_object('tenant_id', d.tenant_id)),
+                                  jsonb_build_object('dispute', d.stripe_dispute_id));
+  INSERT INTO billing.dispute_responses (tenant_id, stripe_dispute_id, evidence, period_start, period_end, stage_request)
+  VALUES (d.tenant_id, d.stripe_dispute_id, v.evidence, v.period_start, v.period_end, v_req);
+  PERFORM billing.audit('dispute.evidence_staged', d.tenant_id,
+    jsonb_build_object('dispute', d.stripe_dispute_id, 'request_id', v_req,
+                       'period_start', v.period_start, 'period_end', v.period_end,
+                       'fields', (SELECT jsonb_object_agg(k, length(val)) FROM jsonb_each_text(v.evidence) AS e(k, val))));
+END
+$$;
+
+COMMENT ON FUNCTION billing.dispute_stage(billing.disputes) IS
+  'Assemble a dispute''s evidence and send it to Stripe with submit=false, once per dispute (not when its deadline has passed). Audited with the fields'' sizes.';
+
+-- Queue the submission (submit=true) of a dispute's staged evidence.
+CREATE OR REPLACE FUNCTION billing.dispute_submit(p_tenant text, p_dispute text, p_auto boolean) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  d     billing.disputes;
+  x     billing.dispute_responses;
+  v_req bigint;
+  v_by  text := coalesce(billing.jwt_claims() ->> 'sub', billing.outer_role());
+BEGIN
+  SELECT * INTO d FROM billing.disputes z WHERE z.tenant_id = p_tenant AND z.stripe_dispute_id = p_dispute;
+  SELECT * INTO x FROM billing.dispute_responses z
+   WHERE z.tenant_id = p_tenant AND z.stripe_dispute_id = p_dispute FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'dispute % has no evidence staged', p_dispute
+      USING ERRCODE = 'object_not_in_prerequisite_state',
+            DETAIL = format('The dispute is %s.', coalesce(d.status, 'unknown')),
+            HINT = 'Evidence is staged when a dispute needs a response: see billing.dispute_evidence.';
+  END IF;
+  IF x.state IN ('submitting', 'submitted') THEN
+    RAISE EXCEPTION 'the evidence of dispute % is already %', p_dispute, x.state
+      USING ERRCODE = 'object_not_in_prerequisite_state',
+            HINT = 'Stripe takes evidence once; see billing.dispute_evidence for its state.';
+  END IF;
+  IF d.status NOT IN ('needs_response', 'warning_needs_response') THEN
+    RAISE EXCEPTION 'dispute % is %, it takes no evidence now', p_dispute, d.status
+      USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Only a dispute that needs a response takes evidence.';
+  END IF;
+  IF d.evidence_due_by IS NOT NULL AND d.evidence_due_by <= billing.now() THEN
+    RAISE EXCEPTION 'the deadline of dispute % passed at %', p_dispute, d.evidence_due_by
+      USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Stripe no longer takes evidence for it.';
+  END IF;
+  v_req := billing.outbox_enqueue(p_tenant, 'dispute.submit', 'POST', '/v1/disputes/' || p_dispute,
+                                  jsonb_build_object('evidence', x.evidence, 'submit', true),
+                                  jsonb_build_object('dispute', p_dispute),
+                                  CASE WHEN x.state = 'staging' THEN x.stage_request END);
+  UPDATE billing.dispute_responses z
+     SET state = 'submitting', submit_request = v_req, submitted_by = v_by, auto_submitted = p_auto, last_error = NULL
+   WHERE z.tenant_id = p_tenant AND z.stripe_dispute_id = p_dispute;
+  PERFORM billing.audit('dispute.evidence_submit_requested', p_tenant,
+                        jsonb_build_object('dispute', p_dispute, 'request_id', v_req, 'auto', p_auto,
+                                           'due_by', d.evidence_due_by));
+  RETURN v_req;
+END
+$$;
+
+COMMENT ON FUNCTION billing.dispute_submit(text, text, boolean) IS
+  'Queue the submission of a dispute''s staged evidence to Stripe (submit=true), by an operator or automatically. Audited.';
+
+CREATE OR REPLACE FUNCTION billing.submit_dispute_evidence(p_dispute text) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_tenant text;
+BEGIN
+  IF p_dispute IS NULL OR p_dispute !~ '^(dp|du)_[A-Za-z0-9_]+$' THEN
+    RAISE EXCEPTION 'not a Stripe dispute id: %', coalesce(quote_literal(p_dispute), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Dispute ids look like dp_1Q...; see billing.dispute_evidence.';
+  END IF;
+  SELECT d.tenant_id INTO v_tenant FROM billing.disputes d WHERE d.stripe_dispute_id = p_dispute;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'dispute % is not known', p_dispute
+      USING ERRCODE = 'no_data_found', HINT = 'See billing.dispute_evidence for the disputes mirrored.';
+  END IF;
+  RETURN billing.dispute_submit(v_tenant, p_dispute, false);
+END
+$$;
+
+COMMENT ON FUNCTION billing.submit_dispute_evidence(text) IS
+  'An operator submits the staged evidence of a dispute to Stripe (after reviewing billing.dispute_evidence). Returns the outbox request. Audited.';
+
+CREATE OR REPLACE FUNCTION api.submit_dispute_evidence(dispute text) RETURNS json
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_req bigint := billing.submit_dispute_evidence(dispute);
+BEGIN
+  RETURN json_build_object('dispute', dispute, 'state', 'submitting', 'request_id', v_req);
+END
+$$;
+
+COMMENT ON FUNCTION api.submit_dispute_evidence(text) IS
+  'Operators (qes_admin): submit the staged evidence of a dispute to Stripe after review. Stripe takes it once. Audited.';
+
+-- The answers of dispute.stage and dispute.submit (billing.outbox_apply).
+CREATE OR REPLACE FUNCTION billing.dispute_apply_answer(r billing.stripe_requests) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_dispute text := r.subject ->> 'dispute';
+BEGIN
+  IF r.response ->> 'object' = 'dispute' THEN
+    PERFORM billing.sync_dispute(r.tenant_id, r.response, billing.outbox_state_at(r), NULL);
+  END IF;
+  IF r.kind = 'dispute.stage' THEN
+    UPDATE billing.dispute_responses x SET state = 'staged'
+     WHERE x.tenant_id = r.tenant_id AND x.stripe_dispute_id = v_dispute AND x.state IN ('staging', 'failed')
+       AND x.stage_request = r.request_id;
+  ELSIF r.kind = 'dispute.submit' THEN
+    UPDATE billing.dispute_responses x SET state = 'submitted', submitted_at = now()
+     WHERE x.tenant_id = r.tenant_id AND x.stripe_dispute_id = v_dispute AND x.submit_request = r.request_id;
+    PERFORM billing.audit('dispute.evidence_submitted', r.tenant_id,
+                          jsonb_build_object('dispute', v_dispute, 'request_id', r.request_id,
+                                             'status', r.response ->> 'status'));
+  END IF;
+END
+$$;
+
+COMMENT ON FUNCTION billing.dispute_apply_answer(billing.stripe_requests) IS
+  'Stripe''s answer to staging or submitting evidence: the dispute mirrored from it, the response''s state moved on (submission audited).';
+
+CREATE OR REPLACE FUNCTION billing.dispute_apply_failure(r billing.stripe_requests) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  UPDATE billing.dispute_responses x SET state = 'failed', last_error = r.error
+   WHERE x.tenant_id = r.tenant_id AND x.stripe_dispute_id = r.subject ->> 'dispute'
+     AND (x.stage_request = r.request_id OR x.submit_request = r.request_id);
+  PERFORM billing.audit('dispute.evidence_failed', r.tenant_id,
+                        jsonb_build_object('dispute', r.subject ->> 'dispute', 'request_id', r.request_id,
+                                           'kind', r.kind, 'error', r.error));
+END
+$$;
+
+COMMENT ON FUNCTION billing.dispute_apply_failure(billing.stripe_requests) IS
+  'A request staging or submitting evidence failed for good: the response is failed (an operator may submit again), audited.';
+
+-- What a closed dispute does: audited once; a lost one acts on the tenant's
+-- subscription as qes_billing.dispute_lost_action says.
+CREATE OR REPLACE FUNCTION billing.dispute_closed(d billing.disputes) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_action text := current_setting('qes_billing.dispute_lost_action');
+  cur      billing.subscriptions := billing.current_subscription(d.tenant_id);
+  v_req    bigint;
+  v_done   text := 'none';
+BEGIN
+  IF d.status = 'lost' AND v_action <> 'none' THEN
+    IF cur.stripe_subscription_id IS NULL OR cur.status NOT IN ('active', 'trialing', 'past_due', 'unpaid') THEN
+      v_done := 'none: no paid subscription';
+    ELSIF v_action = 'cancel_at_period_end' THEN
+      v_req := billing.outbox_enqueue(d.tenant_id, 'subscription.update', 'POST',
+                                      '/v1/subscriptions/' || cur.stripe_subscription_id,
+                                      jsonb_build_object('cancel_at_period_end', true),
+                                      jsonb_build_object('subscription_id', cur.subscription_id));
+      v_done := 'cancel_at_period_end';
+    ELSE   -- cancel_now
+      v_req := billing.outbox_enqueue(d.tenant_id, 'subscription.update', 'DELETE',
+                                      '/v1/subscriptions/' || cur.stripe_subscription_id, '{}'::jsonb,
+                                      jsonb_build_object('subscription_id', cur.subscription_id));
+      v_done := 'cancel_now';
+    END IF;
+  END IF;
+  PERFORM billing.audit('dispute.closed', d.tenant_id,
+    jsonb_strip_nulls(jsonb_build_object(
+      'dispute', d.stripe_dispute_id, 'status', d.status, 'amount', d.amount, 'currency', d.currency,
+      'lost_action_setting', CASE WHEN d.status = 'lost' THEN v_action END,
+      'entitlements', CASE WHEN d.status = 'lost' THEN v_done END,
+      'subscription', CASE WHEN v_req IS NOT NULL THEN cur.stripe_subscription_id END,
+      'request_id', v_req)));
+END
+$$;
+
+COMMENT ON FUNCTION billing.dispute_closed(billing.disputes) IS
+  'A dispute closed (won, lost, warning closed): audited once; when lost, qes_billing.dispute_lost_action (none, cancel_at_period_end, cancel_now) is applied to the tenant''s paid subscription through Stripe and the decision audited.';
+
+-- The worker's timer: submit staged evidence automatically before the deadline.
+CREATE OR REPLACE FUNCTION billing.dispute_timers() RETURNS integer
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  r   record;
+  v_n integer := 0;
+BEGIN
+  IF NOT current_setting('qes_billing.dispute_auto_submit')::boolean THEN
+    RETURN 0;
+  END IF;
+  FOR r IN
+    SELECT x.tenant_id, x.stripe_dispute_id
+      FROM billing.disputes d
+      JOIN billing.dispute_responses x ON x.tenant_id = d.tenant_id AND x.stripe_dispute_id = d.stripe_dispute_id
+     WHERE d.status IN ('needs_response', 'warning_needs_response')
+       AND d.evidence_due_by > billing.now()
+       AND d.evidence_due_by <= billing.now() + current_setting('qes_billing.dispute_auto_submit_before')::interval
+       AND x.state IN ('staging', 'staged')
+     ORDER BY d.evidence_due_by
+       FOR UPDATE OF x SKIP LOCKED
+  LOOP
+    PERFORM billing.dispute_submit(r.tenant_id, r.stripe_dispute_id, true);
+    v_n := v_n + 1;
+  END LOOP;
+  RETURN v_n;
+END
+$$;
+
+COMMENT ON FUNCTION billing.dispute_timers() IS
+  'Run by the worker''s tick: with qes_billing.dispute_auto_submit on, submit the staged evidence of every dispute whose deadline is within qes_billing.dispute_auto_submit_before.';
+
+-- For operators: each dispute with its evidence, sizes and state.
+CREATE VIEW billing.dispute_evidence AS
+SELECT d.tenant_id, d.stripe_dispute_id, d.stripe_charge_id, d.amount, d.currency, d.reason, d.status,
+       d.evidence_due_by, d.evidence_due_by - billing.now() AS time_left,
+       d.has_evidence, d.submission_count, d.funds_withdrawn_at, d.funds_reinstated_at, d.closed_at,
+       x.state AS evidence_state, x.period_start, x.period_end,
+       x.evidence,
+       (SELECT jsonb_object_agg(k, length(v)) FROM jsonb_each_text(x.evidence) AS e(k, v)) AS field_lengths,
+       (SELECT sum(length(v)) FROM jsonb_each_text(x.evidence) AS e(k, v))::integer AS total_length,
+       x.assembled_at, x.submitted_at, x.submitted_by, x.auto_submitted, x.last_error,
+       x.stage_request, x.submit_request
+  FROM billing.disputes d
+  LEFT JOIN billing.dispute_responses x ON x.tenant_id = d.tenant_id AND x.stripe_dispute_id = d.stripe_dispute_id;
+
+COMMENT ON VIEW billing.dispute_evidence IS
+  'Operators: every dispute with the evidence assembled for it (Stripe''s fields), the length of each field and of all, its state (staging, staged, submitting, submitted, failed), the deadline and time left.';
+
+-- Prometheus: disputes that need a response, and those due within 72 hours
+-- whose evidence is not submitted (the alert QesBillingDisputeDueSoon):
+-- evidence staged is not an answer, and a dispute answered in Stripe's
+-- Dashboard leaves needs_response.
+CREATE VIEW billing.prometheus_disputes AS
+SELECT count(*) FILTER (WHERE d.status IN ('needs_response', 'warning_needs_response')) AS needs_response,
+       count(*) FILTER (WHERE d.status IN ('needs_response', 'warning_needs_response')
+                          AND d.evidence_due_by <= billing.now() + interval '72 hours'
+                          AND d.evidence_due_by > billing.now()
+                          AND coalesce(x.state, 'none') NOT IN ('submitting', 'submitted')) AS due_soon_unsubmitted,
+       coalesce(extract(epoch FROM min(d.evidence_due_by) FILTER (
+         WHERE d.status IN ('needs_response', 'warning_needs_response') AND d.evidence_due_by > billing.now()
+           AND coalesce(x.state, 'none') NOT IN ('submitting', 'submitted'))), 0)::double precision
+         AS next_due_timestamp_seconds
+  FROM billing.disputes d
+  LEFT JOIN billing.dispute_responses x ON x.tenant_id = d.tenant_id AND x.stripe_dispute_id = d.stripe_dispute_id;
+
+COMMENT ON VIEW billing.prometheus_disputes IS
+  'Prometheus: disputes that need a response; those due within 72 hours whose evidence is not submitted; the earliest deadline of those not submitted (0: none).';
+
+-- Usage billed through Stripe Billing Meters (docs/architecture.md, "Usage
+-- billed through meters").  The tables: 01_tables.sql (metered_prices,
+-- meters, meter_events, meter_event_usage, meter_state).
+--
+--   setup     billing.setup_meters(run): a meter per billable metric and a
+--             metered price (recurring[meter]) per active metered price,
+--             found again by event_name and lookup_key (re-runnable)
+--   pass      billing.meter_tick(), from the worker's tick: every
+--             pass_interval, billing.meter_queue() gathers the billable
+--             usage rows no meter event carries yet -- committed rows only,
+--             so usage whose transaction rolled back is never seen -- into
+--             one meter event per tenant and metric, and queues it in the
+--             outbox (kind meter.event) with Idempotency-Key and identifier
+--             derived from those rows.  record_usage is unchanged: it only
+--             writes locally.
+--   answers   billing.meter_apply / billing.meter_apply_failure, from
+--             billing.outbox_apply and outbox_apply_failure: delivered;
+--             Stripe's "an event already exists with identifier" is
+--             delivered too (a lost answer's retry after the key expired)
+--   check     billing.meter_reconcile(): Stripe's event summaries per
+--             customer and meter against the local sums; differences in
+--             billing.drift_report (source meters), failed events re-sent
+--             with their identifier where that is safe
+--   correct   billing.void_usage(): a voided row's meter event is cancelled
+--             (meter_event_adjustments) inside Stripe's window and the
+--             event's other rows sent again; after it, a credit by hand
+
+-- ---- setup ------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION billing.setup_meters(p_run text) RETURNS integer
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  n integer;
+BEGIN
+  PERFORM billing.require_secret_key();
+  INSERT INTO billing.meters (metric, event_name, aggregation)
+  SELECT DISTINCT mp.metric, 'qes_' || mp.metric, CASE m.kind WHEN 'gauge' THEN 'last' ELSE 'sum' END
+    FROM billing.metered_prices mp JOIN billing.metrics m USING (metric)
+   WHERE mp.active
+  ON CONFLICT (metric) DO NOTHING;
+  SELECT count(*) INTO n FROM billing.metered_prices WHERE active;
+  IF n = 0 THEN
+    RETURN 0;   -- nothing is billed: no meter is needed
+  END IF;
+  PERFORM billing.audit('setup.requested', NULL, jsonb_build_object('run', p_run, 'step', 'meters'));
+  PERFORM billing.outbox_enqueue(NULL, 'meter.setup.list', 'GET', '/v1/billing/meters',
+                                 jsonb_build_object('limit', 100, 'status', 'active'), p_run_id => p_run);
+  RETURN n;
+END
+$$;
+
+COMMENT ON FUNCTION billing.setup_meters(text) IS
+  'Queue the lookups that find or create a Stripe meter per billable metric (event_name qes_<metric>; sum, or last for the storage gauge) and a metered price per active billing.metered_prices row. Re-runnable.';
+
+-- The metered prices, once every meter has its Stripe id.
+CREATE OR REPLACE FUNCTION billing.meter_setup_prices(p_run text) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM billing.meters m JOIN billing.metered_prices mp USING (metric)
+              WHERE mp.active AND m.stripe_meter_id IS NULL) THEN
+    RETURN;   -- a meter is still being made: its answer calls this again
+  END IF;
+  PERFORM billing.outbox_enqueue(NULL, 'meter.setup.prices.list', 'GET', '/v1/prices',
+            jsonb_build_object('lookup_keys', (SELECT jsonb_agg(p.price_key ORDER BY p.price_key)
+                                                 FROM billing.metered_prices p WHERE p.active),
+                               'limit', 100),
+            p_run_id => p_run);
+END
+$$;
+
+-- The form of a metered price: graduated tiers when some units are included.
+CREATE OR REPLACE FUNCTION billing.meter_price_params(mp billing.metered_prices) RETURNS jsonb
+  LANGUAGE sql STABLE SET search_path = pg_catalog, billing
+AS $$
+  SELECT jsonb_build_object(
+           'product', coalesce(pl.stripe_product_id, 'qes_' || mp.plan_id),
+           'currency', mp.currency,
+           'recurring', jsonb_build_object('interval', mp.billing_interval, 'usage_type', 'metered',
+                                           'meter', m.stripe_meter_id),
+           'lookup_key', mp.price_key, 'transfer_lookup_key', true,
+           'nickname', format('%s %s beyond %s', pl.name, mp.metric, mp.included),
+           'metadata', jsonb_build_object('qes_plan', mp.plan_id, 'qes_metric', mp.metric,
+                                          'qes_price', mp.price_key, 'qes_included', mp.included))
+         || CASE WHEN mp.included > 0 THEN
+              jsonb_build_object('billing_scheme', 'tiered', 'tiers_mode', 'graduated',
+                                 'tiers', jsonb_build_array(
+                                   jsonb_build_object('up_to', mp.included, 'unit_amount', 0),
+                                   jsonb_build_object('up_to', 'inf', 'unit_amount_decimal', mp.unit_amount_decimal::text)))
+            ELSE jsonb_build_object('billing_scheme', 'per_unit', 'unit_amount_decimal', mp.unit_amount_decimal::text) END
+    FROM billing.plans pl, billing.meters m
+   WHERE pl.plan_id = mp.plan_id AND m.metric = mp.metric
+$$;
+
+-- ---- subscriptions' metered items ----------------------------------------------------
+
+-- The metered items a new subscription of this plan and interval gets.
+CREATE OR REPLACE FUNCTION billing.metered_items_for(p_plan text, p_interval text) RETURNS jsonb
+  LANGUAGE sql STABLE SET search_path = pg_catalog, billing
+AS $$
+  SELECT coalesce(jsonb_agg(jsonb_build_object('price', mp.stripe_price_id) ORDER BY mp.price_key), '[]')
+    FROM billing.metered_prices mp
+   WHERE mp.plan_id = p_plan AND mp.billing_interval = p_interval AND mp.active AND mp.stripe_price_id IS NOT NULL
+$$;
+
+COMMENT ON FUNCTION billing.metered_items_for(text, text) IS
+  'The subscription items (metered prices) a subscription of the plan and interval carries: [{"price": ...}].';
+
+-- What a plan change does to the metered items: the current ones deleted,
+-- the new plan's added (none when neither has any).
+CREATE OR REPLACE FUNCTION billing.metered_items_change(s billing.subscriptions, p_plan text, p_interval text) RETURNS jsonb
+  LANGUAGE sql STABLE SET search_path = pg_catalog, billing
+AS $$
+  SELECT coalesce((SELECT jsonb_agg(jsonb_build_object('id', i ->> 'id', 'deleted', true))
+                     FROM jsonb_array_elements(s.metered_items) i), '[]')
+         || billing.metered_items_for(p_plan, p_interval)
+$$;
+
+-- A Stripe subscription's licensed item (the plan's price) and its metered items.
+CREATE OR REPLACE FUNCTION billing.base_item_of(o jsonb) RETURNS text
+  LANGUAGE sql IMMUTABLE
+RETURN coalesce((SELECT i ->> 'id' FROM jsonb_array_elements(o -> 'items' -> 'data') WITH ORDINALITY x(i, n)
+                  WHERE coalesce(i -> 'price' -> 'recurring' ->> 'usage_type', 'licensed') <> 'metered'
+                  ORDER BY n LIMIT 1),
+                o -> 'items' -> 'data' -> 0 ->> 'id');
+
+CREATE OR REPLACE FUNCTION billing.metered_items_of(o jsonb) RETURNS jsonb
+  LANGUAGE sql IMMUTABLE
+RETURN coalesce((SELECT jsonb_agg(jsonb_build_object('id', i ->> 'id', 'price', i -> 'price' ->> 'id') ORDER BY n)
+                   FROM jsonb_array_elements(o -> 'items' -> 'data') WITH ORDINALITY x(i, n)
+                  WHERE i -> 'price' -> 'recurring' ->> 'usage_type' = 'metered'), '[]');
+
+-- ---- the pass -----------------------------------------------------------------------
+
+-- Stripe's dedup identifier of a meter event: derived from the usage rows
+-- it carries (tenant, metric and their idempotency keys, as record_usage
+-- stored them), so the same rows always give the same identifier.
+CREATE OR REPLACE FUNCTION billing.meter_identifier(p_tenant text, p_metric text, p_keys text[]) RETURNS text
+  LANGUAGE sql IMMUTABLE
+RETURN 'qes_' || encode(sha256(convert_to(p_tenant || chr(1) || p_metric || chr(1)
+                                         || array_to_string(p_keys, chr(1)), 'UTF8')), 'hex');
+
+-- Queue the billable usage no meter event carries yet: one meter event per
+-- tenant and metric (none while one is under way for them: Stripe takes one
+-- concurrent call per customer and meter), at most p_limit.  Returns how
+-- many were queued.
+CREATE OR REPLACE FUNCTION billing.meter_queue(p_limit integer, p_wait boolean DEFAULT true) RETURNS integer
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_now timestamptz := billing.now();
+  v_ev  text[];
+  x     text;
+BEGIN
+  -- one pass at a time: a second one waits (or, the worker's, skips) and
+  -- then, in a statement of its own, sees what the first committed
+  IF p_wait THEN
+    PERFORM pg_advisory_xact_lock(hashtext('qes_billing.meter_queue'));
+  ELSIF NOT pg_try_advisory_xact_lock(hashtext('qes_billing.meter_queue')) THEN
+    RETURN 0;
+  END IF;
+  WITH live AS (
+    SELECT s.tenant_id, s.current_period_start, s.billing_interval, t.stripe_customer_id, mp.metric, m.event_name,
+           m.aggregation
+      FROM billing.metered_prices mp
+      JOIN billing.meters m ON m.metric = mp.metric AND m.stripe_meter_id IS NOT NULL
+      JOIN billing.subscriptions s ON s.plan_id = mp.plan_id AND s.billing_interval = mp.billing_interval
+      JOIN billing.tenants t ON t.tenant_id = s.tenant_id
+     WHERE mp.active AND mp.stripe_price_id IS NOT NULL
+       AND s.stripe_subscription_id IS NOT NULL AND s.status IN ('trialing', 'active', 'past_due')
+       AND s.current_period_start IS NOT NULL AND t.stripe_customer_id IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM billing.meter_events e
+                        WHERE e.tenant_id = s.tenant_id AND e.metric = mp.metric
+                          AND e.state IN ('queued', 'cancel_queued'))),
+  -- the current period's rows, and the previous period's not sent yet (usage
+  -- recorded just before a renewal was mirrored, or reported late: Stripe
+  -- bills it on that period's invoice while the invoice is still a draft)
+  fresh AS (
+    SELECT l.tenant_id, l.metric, l.event_name, l.aggregation, l.stripe_customer_id, u.period_start,
+           u.idempotency_key, u.quantity, u.occurred_at, u.recorded_at
+      FROM live l
+      JOIN billing.usage_events u ON u.tenant_id = l.tenant_id AND u.metric = l.metric
+                                 AND u.period_start >= l.current_period_start
+                                      - CASE l.billing_interval WHEN 'year' THEN interval '1 year' ELSE interval '1 month' END
+     WHERE u.occurred_at > v_now - interval '34 days'
+       AND NOT EXISTS (SELECT 1 FROM billing.meter_event_usage x
+                        WHERE x.tenant_id = u.tenant_id AND x.idempotency_key = u.idempotency_key)),
+  -- one period per tenant and metric and pass (the oldest): one call per
+  -- customer and meter at a time
+  oldest AS (
+    SELECT f.* FROM fresh f
+     WHERE f.period_start = (SELECT min(g.period_start) FROM fresh g
+                              WHERE g.tenant_id = f.tenant_id AND g.metric = f.metric)),
+  grouped AS (
+    SELECT f.tenant_id, f.metric, f.event_name, f.stripe_customer_id, f.period_start AS current_period_start,
+           CASE WHEN f.aggregation = 'sum' THEN least(sum(f.quantity), 9223372036854775807)::bigint
+                ELSE (array_agg(f.quantity ORDER BY f.occurred_at DESC, f.recorded_at DESC, f.idempotency_key))[1] END
+             AS value,
+           -- in the rows' period; Stripe takes timestamps of the last 35
+           -- days, at most 5 minutes ahead
+           least(greatest(max(f.occurred_at), v_now - interval '34 days', f.period_start), v_now) AS event_at,
+           array_agg(f.idempotency_key ORDER BY f.idempotency_key) AS keys
+      FROM oldest f
+     GROUP BY f.tenant_id, f.metric, f.event_name, f.stripe_customer_id, f.period_start, f.aggregation
+     ORDER BY min(f.recorded_at)
+     LIMIT p_limit),
+  ev AS (
+    INSERT INTO billing.meter_events (tenant_id, identifier, metric, event_name, stripe_customer_id, value,
+                                      event_at, period_start, usage_rows)
+    SELECT g.tenant_id, billing.meter_identifier(g.tenant_id, g.metric, g.keys), g.metric, g.event_name,
+           g.stripe_customer_id, g.value, g.event_at, g.current_period_start, cardinality(g.keys)
+      FROM grouped g
+    RETURNING tenant_id, meter_event_id, metric),
+  used AS (
+    INSERT INTO billing.meter_event_usage (tenant_id, idempotency_key, meter_event_id)
+    SELECT e.tenant_id, k, e.meter_event_id
+      FROM ev e JOIN grouped g ON g.tenant_id = e.tenant_id AND g.metric = e.metric, unnest(g.keys) k)
+  SELECT array_agg(e.meter_event_id::text || ' ' || e.tenant_id) INTO v_ev FROM ev e;
+  -- the requests, in a statement of their own (they read the rows just made)
+  FOREACH x IN ARRAY coalesce(v_ev, '{}') LOOP
+    PERFORM billing.meter_send(substr(x, strpos(x, ' ') + 1), split_part(x, ' ', 1)::bigint);
+  END LOOP;
+  RETURN coalesce(cardinality(v_ev), 0);
+END
+$$;
+
+COMMENT ON FUNCTION billing.meter_queue(integer, boolean) IS
+  'Gather the committed billable usage rows no meter event carries yet into one meter event per tenant and metric (none while one is under way) and queue them; at most p_limit. One pass at a time (p_wait false: skip when another runs). Returns how many.';
+
+-- Queue the request that sends one meter event.  The Idempotency-Key and
+-- the identifier are the event's own: a retry of the request (lost answer,
+-- crash, 429) replays; a send after the key expired is refused by Stripe
+-- as a repeat of the identifier, which counts as delivered.
+CREATE OR REPLACE FUNCTION billing.meter_send(p_tenant text, p_meter_event_id bigint, p_attempt integer DEFAULT 0)
+  RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  e    billing.meter_events;
+  v_id bigint;
+BEGIN
+  SELECT * INTO STRICT e FROM billing.meter_events WHERE tenant_id = p_tenant AND meter_event_id = p_meter_event_id;
+  INSERT INTO billing.stripe_requests (tenant_id, kind, method, path, params, subject, idempotency_key)
+  VALUES (e.tenant_id, 'meter.event', 'POST', '/v1/billing/meter_events',
+          jsonb_build_object('event_name', e.event_name, 'identifier', e.identifier,
+                             'timestamp', extract(epoch FROM e.event_at)::bigint,
+                             'payload', jsonb_build_object('stripe_customer_id', e.stripe_customer_id,
+                                                           'value', e.value::text)),
+          jsonb_build_object('meter_event_id', e.meter_event_id),
+          'qes-' || e.identifier || CASE WHEN p_attempt > 0 THEN '-' || p_attempt ELSE '' END)
+  RETURNING request_id INTO v_id;
+  UPDATE billing.meter_events SET request_id = v_id, state = 'queued', last_error = NULL
+   WHERE tenant_id = e.tenant_id AND meter_event_id = e.meter_event_id;
+  RETURN v_id;
+END
+$$;
+
+-- From billing.worker_tick: run the pass when it is due.  Returns the
+-- seconds until the next one, NULL when nothing is billed through meters
+-- (then nothing is scheduled: idle is free).
+CREATE OR REPLACE FUNCTION billing.meter_tick() RETURNS double precision
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  st billing.meter_state;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM billing.metered_prices mp JOIN billing.meters m USING (metric)
+                  WHERE mp.active AND mp.stripe_price_id IS NOT NULL AND m.stripe_meter_id IS NOT NULL) THEN
+    RETURN NULL;
+  END IF;
+  SELECT * INTO st FROM billing.meter_state;
+  IF NOT FOUND THEN
+    INSERT INTO billing.meter_state DEFAULT VALUES ON CONFLICT DO NOTHING RETURNING * INTO st;
+  END IF;
+  -- in a subtransaction: whatever goes wrong here must not hold up the
+  -- rest of the tick (the inbox); it is logged and tried at the next pass
+  BEGIN
+    IF st.next_pass_at <= now() THEN
+      PERFORM billing.meter_queue(st.max_events, false);
+      UPDATE billing.meter_state SET next_pass_at = now() + pass_interval RETURNING * INTO st;
+    END IF;
+    IF st.reconcile_interval > interval '0' AND st.next_reconcile_at <= now() THEN
+      PERFORM billing.meter_reconcile(NULL);
+      UPDATE billing.meter_state SET next_reconcile_at = now() + reconcile_interval RETURNING * INTO st;
+    END IF;
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'qes_billing: the meter pass failed: %', SQLERRM;
+    UPDATE billing.meter_state SET next_pass_at = now() + pass_interval RETURNING * INTO st;
+  END;
+  RETURN extract(epoch FROM least(st.next_pass_at,
+                                  CASE WHEN st.reconcile_interval > interval '0' THEN st.next_reconcile_at END) - now());
+END
+$$;
+
+COMMENT ON FUNCTION billing.meter_tick() IS
+  'Run by the worker''s tick: the meter pass every meter_state.pass_interval, the comparison with Stripe every reconcile_interval. Returns the seconds until the next is due; NULL when no usage is billed through meters.';
+
+-- An operator's pass, now (tests, and after a change of the catalog).
+CREATE OR REPLACE FUNCTION billing.meter_pass_now() RETURNS integer
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  n integer;
+BEGIN
+  INSERT INTO billing.meter_state DEFAULT VALUES ON CONFLICT DO NOTHING;
+  n := billing.meter_queue((SELECT max_events FROM billing.meter_state));
+  UPDATE billing.meter_state SET next_pass_at = now() + pass_interval;
+  RETURN n;
+END
+$$;
+
+COMMENT ON FUNCTION billing.meter_pass_now() IS
+  'Queue the billable usage not sent yet now, instead of at the next pass. Returns the meter events queued.';
+
+-- ---- answers ------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION billing.meter_apply(r billing.stripe_requests) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  o       jsonb := r.response;
+  v_found jsonb;
+  m       billing.meters;
+  mp      billing.metered_prices;
+BEGIN
+  CASE r.kind
+  WHEN 'meter.event' THEN
+    UPDATE billing.meter_events SET state = 'delivered', delivered_at = now(), last_error = NULL
+     WHERE request_id = r.request_id AND state = 'queued';
+  WHEN 'meter.cancel' THEN
+    PERFORM billing.meter_cancelled(r);
+  WHEN 'meter.summary' THEN
+    PERFORM billing.meter_compare(r);
+  WHEN 'meter.setup.list' THEN
+    FOR m IN SELECT * FROM billing.meters x
+              WHERE x.stripe_meter_id IS NULL
+                AND EXISTS (SELECT 1 FROM billing.metered_prices p WHERE p.metric = x.metric AND p.active)
+              ORDER BY x.metric LOOP
+      SELECT x INTO v_found FROM jsonb_array_elements(o -> 'data') x WHERE x ->> 'event_name' = m.event_name LIMIT 1;
+      IF v_found IS NOT NULL THEN
+        UPDATE billing.meters SET stripe_meter_id = v_found ->> 'id' WHERE metric = m.metric;
+      ELSIF (o ->> 'has_more')::boolean THEN
+        NULL;   -- the next page may have it
+      ELSE
+        PERFORM billing.outbox_enqueue(NULL, 'meter.setup.create', 'POST', '/v1/billing/meters',
+                  jsonb_build_object('display_name', 'QES ' || m.metric, 'event_name', m.event_name,
+                                     'default_aggregation', jsonb_build_object('formula', m.aggregation),
+                                     'customer_mapping', jsonb_build_object('type', 'by_id',
+                                                                            'event_payload_key', 'stripe_customer_id'),
+                                     'value_settings', jsonb_build_object('event_payload_key', 'value')),
+                  jsonb_build_object('metric', m.metric), p_run_id => r.run_id);
+      END IF;
+    END LOOP;
+    IF (o ->> 'has_more')::boolean THEN
+      PERFORM billing.outbox_enqueue(NULL, 'meter.setup.list', 'GET', '/v1/billing/meters',
+                jsonb_build_object('limit', 100, 'status', 'active', 'starting_after', o -> 'data' -> -1 ->> 'id'),
+                p_run_id => r.run_id);
+    ELSE
+      PERFORM billing.meter_setup_prices(r.run_id);
+    END IF;
+  WHEN 'meter.setup.create' THEN
+    UPDATE billing.meters SET stripe_meter_id = o ->> 'id' WHERE metric = r.subject ->> 'metric';
+    PERFORM billing.audit('setup.meter_created', NULL, jsonb_build_object('metric', r.subject ->> 'metric',
+                                                                          'meter', o ->> 'id'));
+    PERFORM billing.meter_setup_prices(r.run_id);
+  WHEN 'meter.setup.prices.list' THEN
+    FOR mp IN SELECT * FROM billing.metered_prices p WHERE p.active ORDER BY p.price_key LOOP
+      SELECT x INTO v_found FROM jsonb_array_elements(o -> 'data') x WHERE x ->> 'lookup_key' = mp.price_key LIMIT 1;
+      IF v_found IS NOT NULL AND coalesce((v_found ->> 'active')::boolean, true)
+         AND v_found -> 'recurring' ->> 'meter' = (SELECT stripe_meter_id FROM billing.meters WHERE metric = mp.metric)
+         AND v_found -> 'recurring' ->> 'interval' = mp.billing_interval AND v_found ->> 'currency' = mp.currency
+         AND coalesce(v_found -> 'metadata' ->> 'qes_included', '0') = mp.included::text
+         AND coalesce(v_found ->> 'unit_amount_decimal', v_found -> 'tiers' -> -1 ->> 'unit_amount_decimal')::numeric
+             = mp.unit_amount_decimal THEN
+        UPDATE billing.metered_prices SET stripe_price_id = v_found ->> 'id' WHERE price_key = mp.price_key;
+      ELSE
+        -- missing, or the catalog changed: a new price takes the lookup key over
+        PERFORM billing.outbox_enqueue(NULL, 'meter.setup.price.create', 'POST', '/v1/prices',
+                  billing.meter_price_params(mp), jsonb_build_object('price_key', mp.price_key),
+                  p_run_id => r.run_id);
+      END IF;
+    END LOOP;
+  WHEN 'meter.setup.price.create' THEN
+    UPDATE billing.metered_prices SET stripe_price_id = o ->> 'id' WHERE price_key = r.subject ->> 'price_key';
+    PERFORM billing.audit('setup.price_created', NULL,
+                          jsonb_build_object('price_key', r.subject ->> 'price_key', 'price', o ->> 'id', 'metered', true));
+  ELSE
+    NULL;
+  END CASE;
+END
+$$;
+
+COMMENT ON FUNCTION billing.meter_apply(billing.stripe_requests) IS
+  'Apply a successful answer of a meter request (billing.outbox_apply): a meter event delivered or cancelled, a summary compared, setup''s meters and prices recorded.';
+
+CREATE OR REPLACE FUNCTION billing.meter_apply_failure(r billing.stripe_requests) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  CASE r.kind
+  WHEN 'meter.event' THEN
+    IF r.error ->> 'message' ILIKE '%already exists with identifier%' THEN
+      -- Stripe has this identifier: an earlier attempt was delivered
+      UPDATE billing.meter_events SET state = 'delivered', delivered_at = now(), last_error = NULL
+       WHERE request_id = r.request_id AND state = 'queued';
+    ELSE
+      UPDATE billing.meter_events SET state = 'failed', last_error = r.error
+       WHERE request_id = r.request_id AND state = 'queued';
+    END IF;
+  WHEN 'meter.cancel' THEN
+    -- not cancelled (e.g. past Stripe's window): it stays billed
+    UPDATE billing.meter_events SET state = 'delivered', last_error = r.error
+     WHERE cancel_request_id = r.request_id AND state = 'cancel_queued';
+    PERFORM billing.audit('meter.cancel_failed', r.tenant_id,
+                          jsonb_build_object('meter_event_id', (r.subject ->> 'meter_event_id')::bigint,
+                                             'error', r.error ->> 'message',
+                                             'to_do', 'credit the tenant by hand (a credit note on the invoice)'));
+  ELSE
+    NULL;
+  END CASE;
+END
+$$;
+
+COMMENT ON FUNCTION billing.meter_apply_failure(billing.stripe_requests) IS
+  'A meter request failed for good: a meter event Stripe already has (its identifier) is delivered, any other failed (reconciliation finds what Stripe lacks); a cancellation that failed leaves the event billed, audited.';
+
+-- ---- reconciliation -----------------------------------------------------------------
+
+-- Compare Stripe's event summaries with the local sums for every live
+-- tenant and meter (or one tenant's), through the outbox.  Returns the run.
+CREATE OR REPLACE FUNCTION billing.meter_reconcile(p_tenant text DEFAULT NULL) RETURNS text
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_run  text := 'rm_' || replace(gen_random_uuid()::text, '-', '');
+  v_end  timestamptz := date_trunc('minute', billing.now()) + interval '1 minute';
+  x      record;
+  n      integer := 0;
+BEGIN
+  IF p_tenant IS NOT NULL AND NOT EXISTS (SELECT 1 FROM billing.tenants WHERE tenant_id = p_tenant) THEN
+    RAISE EXCEPTION 'tenant "%" is not registered', p_tenant
+      USING ERRCODE = 'foreign_key_violation', HINT = 'List tenants with SELECT tenant_id FROM billing.tenants.';
+  END IF;
+  INSERT INTO billing.reconcile_runs (run_id, kind, tenant_id) VALUES (v_run, 'meters', p_tenant);
+  FOR x IN SELECT DISTINCT e.tenant_id, e.metric, e.stripe_customer_id, e.period_start, m.stripe_meter_id
+             FROM billing.meter_events e JOIN billing.meters m USING (metric)
+             JOIN billing.subscriptions s ON s.tenant_id = e.tenant_id AND s.current_period_start = e.period_start
+                                         AND s.status IN ('trialing', 'active', 'past_due')
+            WHERE m.stripe_meter_id IS NOT NULL AND (p_tenant IS NULL OR e.tenant_id = p_tenant)
+            ORDER BY 1, 2 LOOP
+    PERFORM billing.outbox_enqueue(x.tenant_id, 'meter.summary', 'GET',
+              '/v1/billing/meters/' || x.stripe_meter_id || '/event_summaries',
+              jsonb_build_object('customer', x.stripe_customer_id,
+                                 'start_time', extract(epoch FROM date_trunc('minute', x.period_start))::bigint,
+                                 'end_time', extract(epoch FROM greatest(v_end, date_trunc('minute', x.period_start)
+                                                                                 + interval '1 minute'))::bigint,
+                                 'limit', 100),
+              jsonb_build_object('run_id', v_run, 'metric', x.metric, 'period_start', x.period_start,
+                                 'customer', x.stripe_customer_id, 'meter', x.stripe_meter_id),
+              p_run_id => v_run);
+    n := n + 1;
+  END LOOP;
+  IF n = 0 THEN
+    UPDATE billing.reconcile_runs SET finished_at = now() WHERE run_id = v_run;
+  END IF;
+  PERFORM billing.audit('reconcile.requested', p_tenant, jsonb_build_object('run', v_run, 'meters', n));
+  RETURN v_run;
+END
+$$;
+
+COMMENT ON FUNCTION billing.meter_reconcile(text) IS
+  'Compare Stripe''s meter event summaries of the current period with the local sums, per tenant and meter (all, or one tenant''s), through the outbox. Differences go to billing.drift_report (source meters); meter events whose sending failed are sent again with their identifier when exactly they are missing. Returns the run id. Audited.';
+
+-- The local figure Stripe's summary should show: the sum of the period's
+-- meter events not cancelled (counters), or the newest one's value (gauge).
+CREATE OR REPLACE FUNCTION billing.meter_local_value(p_tenant text, p_metric text, p_period timestamptz) RETURNS numeric
+  LANGUAGE sql STABLE SET search_path = pg_catalog, billing
+AS $$
+  SELECT CASE WHEN m.aggregation = 'sum'
+              THEN (SELECT coalesce(sum(e.value), 0) FROM billing.meter_events e
+                     WHERE e.tenant_id = p_tenant AND e.metric = p_metric AND e.period_start = p_period
+                       AND e.state NOT IN ('cancelled'))
+              ELSE (SELECT e.value FROM billing.meter_events e
+                     WHERE e.tenant_id = p_tenant AND e.metric = p_metric AND e.period_start = p_period
+                       AND e.state NOT IN ('cancelled')
+                     ORDER BY e.event_at DESC, e.meter_event_id DESC LIMIT 1) END
+    FROM billing.meters m WHERE m.metric = p_metric
+$$;
+
+CREATE OR REPLACE FUNCTION billing.meter_compare(r billing.stripe_requests) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_metric text := r.subject ->> 'metric';
+  v_period timestamptz := (r.subject ->> 'period_start')::timestamptz;
+  v_run    text := r.subject ->> 'run_id';
+  v_agg    text := (SELECT aggregation FROM billing.meters WHERE metric = v_metric);
+  v_stripe numeric;
+  v_local  numeric;
+  v_failed numeric;
+  v_repair text := 'none';
+  e        billing.meter_events;
+BEGIN
+  SELECT CASE WHEN v_agg = 'sum' THEN coalesce(sum((s ->> 'aggregated_value')::numeric), 0)
+              ELSE (array_agg((s ->> 'aggregated_value')::numeric ORDER BY (s ->> 'end_time')::bigint DESC))[1] END
+    INTO v_stripe FROM jsonb_array_elements(r.response -> 'data') s;
+  UPDATE billing.reconcile_runs SET requests = requests + 1, listed = listed + 1 WHERE run_id = v_run;
+  IF EXISTS (SELECT 1 FROM billing.meter_events x
+              WHERE x.tenant_id = r.tenant_id AND x.metric = v_metric AND x.period_start = v_period
+                AND x.state IN ('queued', 'cancel_queued')) THEN
+    NULL;   -- an event under way: compared at the next run
+  ELSE
+    v_local := billing.meter_local_value(r.tenant_id, v_metric, v_period);
+    IF v_local IS DISTINCT FROM v_stripe AND NOT (v_local IS NULL AND v_stripe = 0) THEN
+      -- safe to repair: Stripe lacks exactly what failed to be sent (its
+      -- identifier makes a second copy impossible within Stripe's window)
+      SELECT coalesce(sum(x.value), 0) INTO v_failed FROM billing.meter_events x
+       WHERE x.tenant_id = r.tenant_id AND x.metric = v_metric AND x.period_start = v_period AND x.state = 'failed';
+      IF v_agg = 'sum' AND v_failed > 0 AND v_local - coalesce(v_stripe, 0) = v_failed THEN
+        FOR e IN SELECT * FROM billing.meter_events x
+                  WHERE x.tenant_id = r.tenant_id AND x.metric = v_metric AND x.period_start = v_period
+                    AND x.state = 'failed' LOOP
+          PERFORM billing.meter_send(e.tenant_id, e.meter_event_id, (SELECT count(*)::integer FROM billing.stripe_requests q
+                                          WHERE q.kind = 'meter.event'
+                                            AND (q.subject ->> 'meter_event_id')::bigint = e.meter_event_id));
+        END LOOP;
+        v_repair := 'failed meter events sent again with their identifiers';
+      ELSIF coalesce(v_stripe, 0) > coalesce(v_local, 0) THEN
+        v_repair := 'none: Stripe has more than was sent; cancel the events within 24 hours or credit the tenant';
+      ELSE
+        v_repair := 'none: compare billing.meter_events with Stripe''s events by identifier';
+      END IF;
+      INSERT INTO billing.drift_repairs (tenant_id, run_id, source, object, stripe_id, before, after)
+      VALUES (r.tenant_id, v_run, 'meters', 'meter_usage', (r.subject ->> 'meter') || ':' || (r.subject ->> 'customer'),
+              jsonb_build_object('metric', v_metric, 'period_start', v_period, 'stripe_value', v_stripe),
+              jsonb_build_object('metric', v_metric, 'period_start', v_period, 'local_value', v_local,
+                                 'difference', coalesce(v_local, 0) - coalesce(v_stripe, 0), 'repair', v_repair));
+      UPDATE billing.reconcile_runs SET repairs = repairs + 1 WHERE run_id = v_run;
+      PERFORM billing.audit('meter.drift', r.tenant_id,
+                            jsonb_build_object('run', v_run, 'metric', v_metric, 'period_start', v_period,
+                                               'stripe_value', v_stripe, 'local_value', v_local, 'repair', v_repair));
+    END IF;
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM billing.stripe_requests q
+                  WHERE q.run_id = v_run AND q.request_id <> r.request_id
+                    AND q.state IN ('waiting', 'pending', 'in_flight')) THEN
+    UPDATE billing.reconcile_runs SET finished_at = now() WHERE run_id = v_run;
+  END IF;
+END
+$$;
+
+-- ---- corrections --------------------------------------------------------------------
+
+-- Void one usage row (an operator's correction): the row is removed (the
+-- counters are rebuilt at commit) and audited with what it was.  If a meter
+-- event carried it to Stripe, that event is cancelled with a meter event
+-- adjustment while Stripe's window (24 hours from receipt) is open, and its
+-- other rows are sent again in a new event once the cancellation is
+-- confirmed; after the window, the usage stays billed and the audit row says
+-- to credit the tenant by hand.  Returns what was done.
+CREATE OR REPLACE FUNCTION billing.void_usage(p_tenant text, p_key text, p_reason text) RETURNS text
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  u      billing.usage_events;
+  e      billing.meter_events;
+  v_req  bigint;
+  v_done text;
+BEGIN
+  IF p_reason IS NULL OR length(btrim(p_reason)) = 0 THEN
+    RAISE EXCEPTION 'a reason is required to void usage'
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Say why, e.g. ''signature failed, not the tenant''''s fault''.';
+  END IF;
+  SELECT * INTO u FROM billing.usage_events WHERE tenant_id = p_tenant AND idempotency_key = p_key FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'no usage of tenant "%" with idempotency key "%"', p_tenant, p_key
+      USING ERRCODE = 'no_data_found', HINT = 'Find it in billing.usage_events.';
+  END IF;
+  SELECT e2.* INTO e FROM billing.meter_event_usage x
+    JOIN billing.meter_events e2 ON e2.tenant_id = x.tenant_id AND e2.meter_event_id = x.meter_event_id
+   WHERE x.tenant_id = p_tenant AND x.idempotency_key = p_key FOR UPDATE OF e2;
+  IF e.meter_event_id IS NULL THEN
+    v_done := 'voided; never sent to Stripe';
+  ELSIF e.state = 'queued' THEN
+    RAISE EXCEPTION 'the usage is being sent to Stripe right now (meter event %)', e.meter_event_id
+      USING ERRCODE = 'object_in_use', HINT = 'Try again in a minute, when Stripe has answered.';
+  ELSIF e.state IN ('cancel_queued', 'cancelled') THEN
+    v_done := 'voided; its meter event is cancelled already';
+  ELSIF e.state = 'delivered' AND e.delivered_at > now() - interval '23 hours' THEN
+    v_req := billing.outbox_enqueue(p_tenant, 'meter.cancel', 'POST', '/v1/billing/meter_event_adjustments',
+               jsonb_build_object('event_name', e.event_name, 'type', 'cancel',
+                                  'cancel', jsonb_build_object('identifier', e.identifier)),
+               jsonb_build_object('meter_event_id', e.meter_event_id));
+    UPDATE billing.meter_events SET state = 'cancel_queued', cancel_request_id = v_req
+     WHERE tenant_id = e.tenant_id AND meter_event_id = e.meter_event_id;
+    v_done := format('voided; meter event %s is being cancelled in Stripe, its other %s row(s) will be sent again',
+                     e.meter_event_id, e.usage_rows - 1);
+  ELSIF e.state = 'failed' THEN
+    v_done := format('voided; its meter event %s had failed (not billed unless reconciliation finds it)', e.meter_event_id);
+  ELSE
+    v_done := format('voided locally; meter event %s was delivered more than 23 hours ago and stays billed: '
+                     'credit the tenant by hand (a credit note on the invoice)', e.meter_event_id);
+  END IF;
+  DELETE FROM billing.meter_event_usage WHERE tenant_id = p_tenant AND idempotency_key = p_key;
+  DELETE FROM billing.usage_events WHERE tenant_id = p_tenant AND idempotency_key = p_key;
+  PERFORM billing.audit('usage.voided', p_tenant,
+                        jsonb_build_object('idempotency_key', p_key, 'metric', u.metric, 'quantity', u.quantity,
+                                           'occurred_at', u.occurred_at, 'reason', p_reason,
+                                           'meter_event_id', e.meter_event_id, 'done', v_done));
+  RETURN v_done;
+END
+$$;
+
+COMMENT ON FUNCTION billing.void_usage(text, text, text) IS
+  'Void one usage row (with a reason; audited): removed locally; a meter event that carried it is cancelled in Stripe within its 24-hour window and the event''s other rows sent again; after the window it stays billed and the tenant is to be credited by hand. Returns what was done.';
+
+-- The cancellation was confirmed: the event no longer counts, and the rows
+-- it carried that were not voided become unsent (the next pass sends them).
+CREATE OR REPLACE FUNCTION billing.meter_cancelled(r billing.stripe_requests) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  e billing.meter_events;
+BEGIN
+  UPDATE billing.meter_events SET state = 'cancelled'
+   WHERE cancel_request_id = r.request_id AND state = 'cancel_queued'
+  RETURNING * INTO e;
+  IF FOUND THEN
+    DELETE FROM billing.meter_event_usage WHERE tenant_id = e.tenant_id AND meter_event_id = e.meter_event_id;
+    PERFORM billing.audit('meter.cancelled', e.tenant_id,
+                          jsonb_build_object('meter_event_id', e.meter_event_id, 'identifier', e.identifier,
+                                             'value', e.value));
+  END IF;
+END
+$$;
+
+-- ---- what Stripe billed: the invoices' lines -------------------------------------------
+
+-- An invoice event that was applied: keep its lines (the newest event's).
+CREATE OR REPLACE FUNCTION billing.keep_invoice_lines() RETURNS trigger
+  LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  o     jsonb := (NEW.payload -> 'data' -> 'object')::jsonb;
+  v_at  timestamptz := NEW.stripe_created;
+  v_old timestamptz;
+BEGIN
+  IF NEW.tenant_id IS NULL OR o ->> 'id' IS NULL OR jsonb_typeof(o -> 'lines' -> 'data') IS DISTINCT FROM 'array' THEN
+    RETURN NULL;
+  END IF;
+  SELECT max(l.stripe_state_at) INTO v_old FROM billing.invoice_lines l
+   WHERE l.tenant_id = NEW.tenant_id AND l.stripe_invoice_id = o ->> 'id';
+  IF v_old > v_at THEN
+    RETURN NULL;   -- an older state of the invoice: the newer lines stay
+  END IF;
+  -- (the lines are shown, never decided on: a line that cannot be kept
+  -- must not keep the invoice event from being applied)
+  BEGIN
+  DELETE FROM billing.invoice_lines WHERE tenant_id = NEW.tenant_id AND stripe_invoice_id = o ->> 'id';
+  INSERT INTO billing.invoice_lines (tenant_id, stripe_invoice_id, line_id, stripe_price_id, metered, metric,
+                                     description, quantity, amount, currency, period_start, period_end, stripe_state_at)
+  SELECT NEW.tenant_id, o ->> 'id', l ->> 'id', x.price,
+         mp.price_key IS NOT NULL OR l -> 'price' -> 'recurring' ->> 'usage_type' = 'metered', mp.metric,
+         l ->> 'description', (l ->> 'quantity')::bigint, coalesce((l ->> 'amount')::bigint, 0),
+         coalesce(l ->> 'currency', o ->> 'currency'),
+         to_timestamp((l -> 'period' ->> 'start')::bigint), to_timestamp((l -> 'period' ->> 'end')::bigint), v_at
+    FROM jsonb_array_elements(o -> 'lines' -> 'data') l
+    CROSS JOIN LATERAL (SELECT coalesce(l -> 'price' ->> 'id', l ->> 'price',
+                                        l -> 'pricing' -> 'price_details' ->> 'price') AS price) x
+    LEFT JOIN billing.metered_prices mp ON mp.stripe_price_id = x.price
+   WHERE l ->> 'id' IS NOT NULL
+  ON CONFLICT DO NOTHING;
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'qes_billing: the lines of invoice % were not kept: %', o ->> 'id', SQLERRM;
+  END;
+  RETURN NULL;
+END
+$$;
+
+COMMENT ON FUNCTION billing.keep_invoice_lines() IS
+  'Trigger: when an invoice event is applied, keep the invoice''s lines as that event shows them (unless a newer event''s are kept).';
+
+CREATE OR REPLACE TRIGGER keep_invoice_lines AFTER UPDATE OF state ON billing.webhook_events
+  FOR EACH ROW WHEN (NEW.state = 'applied' AND NEW.event_type LIKE 'invoice.%')
+  EXECUTE FUNCTION billing.keep_invoice_lines();
+
+CREATE VIEW billing.meter_metrics AS
+SELECT (SELECT count(*) FROM billing.meter_events WHERE state = 'queued') AS queued,
+       (SELECT count(*) FROM billing.meter_events WHERE state = 'delivered') AS delivered,
+       (SELECT count(*) FROM billing.meter_events WHERE state = 'failed') AS failed,
+       (SELECT count(*) FROM billing.meter_events WHERE state IN ('cancel_queued', 'cancelled')) AS cancelled,
+       (SELECT count(*) FROM billing.meter_event_usage) AS usage_rows_sent;
+
+COMMENT ON VIEW billing.meter_metrics IS
+  'Meter events queued, delivered, failed and cancelled, and the usage rows they carried.';
+
 -- Operator metrics: subscription health, payment success and usage
 -- patterns (webhook and outbox metrics are next to their queues:
 -- billing.webhook_metrics, billing.outbox_metrics).  Views over the
@@ -3188,7 +6643,7 @@ COMMENT ON VIEW billing.subscription_health IS
   'Current subscriptions by plan, interval and Stripe status: how many, cancelling at period end, past due within and after the grace period, and monthly recurring revenue (cents; yearly prices / 12).';
 
 -- Metrics in Prometheus's shapes, for prometheus-postgres-exporter
--- (docs/monitoring/qes_billing_queries.yaml reads these views; README,
+-- (docs/monitoring/qes_billing_queries.yaml reads these views; docs/operations.md,
 -- "Monitoring").  The operator views of sql/install/95_metrics.sql and the
 -- queue views look at the last hour or the last 30 days; Prometheus wants
 -- counters that only ever grow (it computes rates and windows itself),
@@ -3213,7 +6668,7 @@ COMMENT ON VIEW billing.subscription_health IS
 --
 -- A view scans a table at most once; the queue gauges read the queues'
 -- partial indexes.  Nothing here is granted beyond qes_admin: the exporter
--- logs in as a member of it (README, "Monitoring").
+-- logs in as a member of it (docs/operations.md, "Monitoring").
 
 -- Upper bounds (seconds) of the webhook latency histogram's buckets.
 CREATE OR REPLACE FUNCTION billing.prometheus_latency_buckets() RETURNS double precision[]
@@ -3366,7 +6821,8 @@ SELECT count(*) FILTER (WHERE a.action = 'webhook.parked') AS webhook_events_par
        count(*) FILTER (WHERE a.action = 'webhook.replayed') AS webhook_replays_total,
        count(*) FILTER (WHERE a.action = 'stripe.request_retried') AS outbox_requests_retried_total,
        count(*) FILTER (WHERE a.action = 'dunning.started') AS dunning_started_total,
-       count(*) FILTER (WHERE a.action = 'dunning.recovered') AS dunning_recovered_total,
+       -- paid again, whether the tenant had been told of the failure or not
+       count(*) FILTER (WHERE a.action IN ('dunning.recovered', 'dunning.recovered_before_known')) AS dunning_recovered_total,
        count(*) FILTER (WHERE a.action = 'dispute.created') AS disputes_total,
        count(*) FILTER (WHERE a.action = 'drift.repaired') AS drift_repairs_total,
        count(*) AS audit_events_total
@@ -3462,40 +6918,6 @@ GRANT SELECT ON billing.prometheus_webhook_events, billing.prometheus_webhook_in
                 billing.prometheus_worker, billing.prometheus_subscriptions, billing.prometheus_payments,
                 billing.prometheus_usage, billing.prometheus_usage_cache, billing.prometheus_rate_limit
   TO qes_admin;
-
--- What pg_dump keeps (docs/architecture.md, rule 11: a pg_dump restores into a
--- working system).  pg_dump leaves out the rows of tables an extension created
--- unless they are marked with pg_extension_config_dump(); on restore, CREATE
--- EXTENSION runs this script again and then the dumped rows are loaded into
--- the tables it made.  So:
---
---   * tenant data, the queues and the audit log are dumped whole;
---   * the seeded tables (metrics, plans, plan_limits, prices, clock,
---     audit_head) are dumped without the rows that are still exactly as
---     CREATE EXTENSION made them (it makes them again), and a row loaded with
---     the key of a seed row that is still as installed replaces it (trigger
---     replace_seed): an operator's limit change, the Stripe ids written by
---     setup, the clock and the audit chain head survive, and no seed row is
---     doubled;
---   * the identity sequences are dumped, so ids go on after the restored rows;
---   * billing.stripe_secrets is never dumped (rule 13): after a restore the
---     webhook secret is configured again (README, "Backup and restore").
---
--- A seed row that was deleted comes back on restore (CREATE EXTENSION makes
--- it): retire a plan or price with active = false, lift a limit with
--- soft_limit = NULL, and keep the seed keys.
-
--- The seed rows as this script made them; never dumped (each CREATE
--- EXTENSION makes them again).  An upgrade script that changes a seed row
--- changes it here too.
-CREATE TABLE billing.seed_rows (
-  relname text NOT NULL CHECK (relname IN ('metrics', 'plans', 'plan_limits', 'prices', 'clock', 'audit_head')),
-  "row"   jsonb NOT NULL,
-  PRIMARY KEY (relname, "row")
-);
-
-COMMENT ON TABLE billing.seed_rows IS
-  'The rows CREATE EXTENSION seeds (catalog, clock, audit chain head), as it made them: pg_dump leaves out a row still equal to its seed, and restoring a changed one replaces the seed.';
 
 -- (upgrade) billing.seed_rows holds the rows as CREATE EXTENSION made them
 -- (in 0.1), not as they are now: a row an operator changed since is no
@@ -3625,7 +7047,7 @@ BEGIN
   FOREACH t IN ARRAY ARRAY['tenants', 'subscriptions', 'usage_events', 'invoices', 'payments', 'disputes',
                            'notifications', 'stripe_requests', 'webhook_events', 'webhook_rejections',
                            'audit_log', 'stripe_customers', 'invoice_payments', 'webhook_waits',
-                           'reconcile_runs', 'drift_repairs', 'reconcile_state'] LOOP
+                           'reconcile_runs', 'drift_repairs', 'reconcile_state', 'invoice_failures'] LOOP
     PERFORM pg_catalog.pg_extension_config_dump(format('billing.%I', t)::regclass, '');
   END LOOP;
 
@@ -3643,6 +7065,34 @@ BEGIN
   -- (secrets stay out of dumps) are not dumped.
 END
 $dump$;
+
+-- Usage billed through meters (94_meters.sql): the operator's metered
+-- prices, the meters setup made, which usage rows went to Stripe in which
+-- meter event (what makes a restore send nothing twice) and the invoices'
+-- lines: every row.
+-- (one call per statement: each updates the extension's catalog row)
+DO $meters$
+DECLARE
+  t text;
+BEGIN
+  FOREACH t IN ARRAY ARRAY['metered_prices', 'meters', 'meter_events', 'meter_event_usage', 'meter_state',
+                           'invoice_lines'] LOOP
+    PERFORM pg_catalog.pg_extension_config_dump(format('billing.%I', t)::regclass, '');
+  END LOOP;
+END
+$meters$;
+
+-- Tax (91_tax.sql): the tenants' billing details, the invoices' and
+-- one-time payments' tax as Stripe computed it: every row.
+DO $tax$
+DECLARE
+  t text;
+BEGIN
+  FOREACH t IN ARRAY ARRAY['billing_details', 'invoice_taxes', 'payment_taxes'] LOOP
+    PERFORM pg_catalog.pg_extension_config_dump(format('billing.%I', t)::regclass, '');
+  END LOOP;
+END
+$tax$;
 
 -- Privileges and row-level security.  Runs last, over everything above.
 --   qes_anon    anonymous PostgREST requests (and Stripe's webhooks)
@@ -3703,12 +7153,44 @@ GRANT EXECUTE ON FUNCTION billing.my_usage() TO qes_tenant;
 
 GRANT SELECT ON api.usage TO qes_tenant;
 
+-- features, for the tenant through api.features and api.has_feature
+-- (sql/install/41_features.sql)
+GRANT EXECUTE ON FUNCTION billing.my_features(), api.has_feature(text) TO qes_tenant;
+
+GRANT SELECT ON api.features TO qes_tenant;
+
+GRANT EXECUTE ON FUNCTION billing.has_feature(text, text), billing.features_current(text) TO qes_app, qes_admin;
+
+-- the webhook endpoints whose secrets are kept, never the secrets
+-- (sql/install/88_webhook_endpoints.sql; set_webhook_secret: superusers only)
+GRANT SELECT ON billing.webhook_endpoints TO qes_admin;
+
+-- usage billed through meters (sql/install/94_meters.sql)
+GRANT EXECUTE ON FUNCTION billing.my_usage_billable() TO qes_tenant;
+
+-- the invoices' lines, behind row-level security like the invoices
+ALTER TABLE billing.invoice_lines ENABLE ROW LEVEL SECURITY;
+
+CREATE POLICY tenant_own_rows ON billing.invoice_lines FOR SELECT TO qes_tenant
+  USING (tenant_id = billing.jwt_tenant_id());
+
+CREATE POLICY staff_all_rows ON billing.invoice_lines TO qes_admin, qes_app USING (true) WITH CHECK (true);
+
+GRANT SELECT ON billing.invoice_lines TO qes_tenant, qes_admin;
+
+GRANT EXECUTE ON FUNCTION billing.usage_billable(text) TO qes_app, qes_admin;
+
+GRANT EXECUTE ON FUNCTION billing.meter_reconcile(text), billing.void_usage(text, text, text) TO qes_admin;
+
+GRANT SELECT ON billing.meter_metrics, billing.meter_events, billing.metered_prices, billing.meters TO qes_admin;
+
 -- the platform
 GRANT EXECUTE ON FUNCTION billing.upsert_tenant(text, text, text),
                           billing.record_usage(text, text, bigint, text, jsonb, timestamptz),
                           billing.record_usage_batch(text, jsonb),
                           billing.check_limit(text, text, bigint),
                           billing.usage_current(text),
+                          billing.usage_period(text, timestamptz),
                           billing.usage_report(text)
   TO qes_app, qes_admin;
 
@@ -3737,6 +7219,30 @@ GRANT EXECUTE ON FUNCTION billing.webhook_rejections_pending(), billing.rate_lim
 
 -- verify_audit_chain() reads the chain head (not a secret: the last row's hash)
 GRANT SELECT ON billing.audit_head TO qes_admin;
+
+-- ... and where the kept chain starts (audit rows archived: ids, hashes, the export's digest)
+GRANT SELECT ON billing.audit_archives TO qes_admin;
+
+-- disputes (sql/install/94_disputes.sql): the evidence to review, its submission, the alert's view
+GRANT SELECT ON billing.dispute_evidence, billing.prometheus_disputes TO qes_admin;
+
+GRANT EXECUTE ON FUNCTION billing.submit_dispute_evidence(text), api.submit_dispute_evidence(text) TO qes_admin;
+
+-- tax (sql/install/91_tax.sql): a tenant's own billing details; the
+-- invoices' tax behind row-level security like the invoices
+ALTER TABLE billing.invoice_taxes ENABLE ROW LEVEL SECURITY;
+
+CREATE POLICY tenant_own_rows ON billing.invoice_taxes FOR SELECT TO qes_tenant
+  USING (tenant_id = billing.jwt_tenant_id());
+
+CREATE POLICY staff_all_rows ON billing.invoice_taxes TO qes_admin, qes_app USING (true) WITH CHECK (true);
+
+GRANT SELECT ON billing.invoice_taxes TO qes_tenant, qes_admin;
+
+GRANT SELECT ON billing.prometheus_tax TO qes_admin;
+
+GRANT EXECUTE ON FUNCTION api.set_billing_details(text, text, text, text, text, text), api.billing_details()
+  TO qes_tenant;
 
 -- Shared memory outlives DROP EXTENSION: forget what an earlier
 -- incarnation cached, and let the worker find the new extension (and
@@ -3833,12 +7339,28 @@ SELECT DISTINCT ON (c.id) c.tenant_id, c.id, c.created, c.deleted_at
  WHERE EXISTS (SELECT 1 FROM billing.tenants t WHERE t.tenant_id = c.tenant_id)
  ORDER BY c.id, c.created IS NULL, c.tenant_id;
 
+-- The failures 0.1 knew of were decided by 0.1: the tenant was told when it
+-- queued a payment.failed notice.  Recorded before the invoices get their
+-- first failed attempt below, so that the upgrade neither tells anyone
+-- again nor asks Stripe about them (billing.sync_invoice_failure).
+INSERT INTO billing.invoice_failures (tenant_id, stripe_invoice_id, told, decided_at)
+SELECT i.tenant_id, i.stripe_invoice_id,
+       EXISTS (SELECT FROM billing.notifications n
+                WHERE n.tenant_id = i.tenant_id AND n.dedup_key = 'payment_failed:' || i.stripe_invoice_id),
+       now()
+  FROM billing.invoices i
+ WHERE EXISTS (SELECT FROM qes_billing_0_1.objects x
+                WHERE x.object = 'invoice' AND x.id = i.stripe_invoice_id AND x.source = 'invoice.payment_failed')
+    OR EXISTS (SELECT FROM billing.notifications n
+                WHERE n.tenant_id = i.tenant_id AND n.dedup_key = 'payment_failed:' || i.stripe_invoice_id)
+ON CONFLICT DO NOTHING;
+
 -- Invoices: their subscription by Stripe id, the first failed attempt (the
 -- earliest invoice.payment_failed), the attempt count, status transitions.
 UPDATE billing.invoices i
    SET stripe_subscription_id = coalesce(f.subscription, s.stripe_subscription_id),
        first_failed_at = f.first_failed_at, attempt_count = coalesce(f.attempt_count, 0),
-       finalized_at = f.finalized_at, paid_at = f.paid_at
+       finalized_at = f.finalized_at, paid_at = f.paid_at, billing_reason = f.billing_reason
   FROM billing.invoices i2
   LEFT JOIN billing.subscriptions s ON s.tenant_id = i2.tenant_id AND s.subscription_id = i2.subscription_id
   LEFT JOIN (SELECT x.id,
@@ -3846,7 +7368,8 @@ UPDATE billing.invoices i
                     min(x.at) FILTER (WHERE x.source = 'invoice.payment_failed') AS first_failed_at,
                     max(qes_billing_0_1.int(x.o ->> 'attempt_count')) AS attempt_count,
                     min(qes_billing_0_1.ts(x.o -> 'status_transitions' ->> 'finalized_at')) AS finalized_at,
-                    min(qes_billing_0_1.ts(x.o -> 'status_transitions' ->> 'paid_at')) AS paid_at
+                    min(qes_billing_0_1.ts(x.o -> 'status_transitions' ->> 'paid_at')) AS paid_at,
+                    max(x.o ->> 'billing_reason') AS billing_reason
                FROM qes_billing_0_1.objects x
               WHERE x.object = 'invoice'
               GROUP BY 1) f ON f.id = i2.stripe_invoice_id

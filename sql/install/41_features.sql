@@ -57,28 +57,41 @@ COMMENT ON FUNCTION billing.features_of(text, text) IS
 
 -- A plan change (Stripe's state mirrored) that changes features writes one
 -- audit row with what was gained and lost, beside the subscription's own.
-CREATE FUNCTION billing.audit_feature_change() RETURNS trigger
-  LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, billing
+-- Called by the trigger below for an UPDATE, and by the two places that
+-- INSERT a subscription (billing.apply_subscription_state, billing.
+-- create_subscription) for a new one: a trigger on INSERT would also fire
+-- when pg_restore loads the rows, and write audit rows the source never had.
+CREATE FUNCTION billing.audit_features(p_tenant text, p_subscription_id bigint, p_plan_before text,
+                                       p_status_before text, p_plan text, p_status text) RETURNS void
+  LANGUAGE plpgsql SET search_path = pg_catalog, billing
 AS $$
 DECLARE
-  v_before text[] := CASE WHEN TG_OP = 'INSERT' THEN billing.features_of('free', 'active')
-                          ELSE billing.features_of(OLD.plan_id, OLD.status) END;
-  v_after  text[] := billing.features_of(NEW.plan_id, NEW.status);
+  v_before text[] := billing.features_of(coalesce(p_plan_before, 'free'), coalesce(p_status_before, 'active'));
+  v_after  text[] := billing.features_of(p_plan, p_status);
   v_gained text[] := ARRAY(SELECT unnest(v_after) EXCEPT SELECT unnest(v_before) ORDER BY 1);
   v_lost   text[] := ARRAY(SELECT unnest(v_before) EXCEPT SELECT unnest(v_after) ORDER BY 1);
 BEGIN
   IF cardinality(v_gained) > 0 OR cardinality(v_lost) > 0 THEN
-    PERFORM billing.audit('features.changed', NEW.tenant_id,
-                          jsonb_build_object('subscription_id', NEW.subscription_id,
-                                             'plan_before', CASE WHEN TG_OP = 'UPDATE' THEN OLD.plan_id END,
-                                             'status_before', CASE WHEN TG_OP = 'UPDATE' THEN OLD.status END,
-                                             'plan', NEW.plan_id, 'status', NEW.status,
+    PERFORM billing.audit('features.changed', p_tenant,
+                          jsonb_build_object('subscription_id', p_subscription_id,
+                                             'plan_before', p_plan_before, 'status_before', p_status_before,
+                                             'plan', p_plan, 'status', p_status,
                                              'gained', to_jsonb(v_gained), 'lost', to_jsonb(v_lost)));
   END IF;
+END
+$$;
+COMMENT ON FUNCTION billing.audit_features(text, bigint, text, text, text, text) IS
+  'Audit features.changed (gained, lost) when a subscription''s plan or status changes what it entitles to (before NULL: a new subscription, from Free).';
+
+CREATE FUNCTION billing.audit_feature_change() RETURNS trigger
+  LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  PERFORM billing.audit_features(NEW.tenant_id, NEW.subscription_id, OLD.plan_id, OLD.status, NEW.plan_id, NEW.status);
   RETURN NULL;
 END
 $$;
 COMMENT ON FUNCTION billing.audit_feature_change() IS
-  'Trigger: audit features.changed (gained, lost) when a subscription''s plan or status changes what it entitles to.';
-CREATE TRIGGER audit_feature_change AFTER INSERT OR UPDATE OF plan_id, status ON billing.subscriptions
+  'Trigger: audit features.changed (gained, lost) when an update of a subscription''s plan or status changes what it entitles to.';
+CREATE TRIGGER audit_feature_change AFTER UPDATE OF plan_id, status ON billing.subscriptions
   FOR EACH ROW EXECUTE FUNCTION billing.audit_feature_change();

@@ -664,6 +664,7 @@ BEGIN
             v_cancel, v_trial, p_at, v_anchor, to_timestamp((o ->> 'created')::bigint),
             CASE WHEN v_terminal THEN v_ended END, p_source)
     RETURNING subscription_id INTO v_id;
+    PERFORM billing.audit_features(p_tenant, v_id, NULL, NULL, v_plan, v_status);
   END IF;
 
   -- periods the usage was not filed under (renewed, switched, paid for the

@@ -98,6 +98,7 @@ BEGIN
     END IF;
     INSERT INTO billing.subscriptions (tenant_id, plan_id, billing_interval, status)
     VALUES (t.tenant_id, pr.plan_id, pr.billing_interval, 'active') RETURNING * INTO v_sub;
+    PERFORM billing.audit_features(t.tenant_id, v_sub.subscription_id, NULL, NULL, v_sub.plan_id, v_sub.status);
     PERFORM billing.audit('subscription.created', t.tenant_id,
                           jsonb_build_object('subscription_id', v_sub.subscription_id, 'plan', pr.plan_id,
                                              'interval', pr.billing_interval, 'local', true));
@@ -107,6 +108,7 @@ BEGIN
      WHERE tenant_id = t.tenant_id AND subscription_id = cur.subscription_id;
     INSERT INTO billing.subscriptions (tenant_id, plan_id, billing_interval, status)
     VALUES (t.tenant_id, pr.plan_id, pr.billing_interval, 'incomplete') RETURNING * INTO v_sub;
+    PERFORM billing.audit_features(t.tenant_id, v_sub.subscription_id, NULL, NULL, v_sub.plan_id, v_sub.status);
     v_cust := billing.customer_request(t);
     v_req := billing.outbox_enqueue(t.tenant_id, 'subscription.create', 'POST', '/v1/subscriptions',
                jsonb_build_object('items', jsonb_build_array(jsonb_build_object('price', pr.stripe_price_id))

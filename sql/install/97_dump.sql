@@ -143,3 +143,15 @@ BEGIN
   END LOOP;
 END
 $meters$;
+
+-- Tax (91_tax.sql): the tenants' billing details, the invoices' and
+-- one-time payments' tax as Stripe computed it: every row.
+DO $tax$
+DECLARE
+  t text;
+BEGIN
+  FOREACH t IN ARRAY ARRAY['billing_details', 'invoice_taxes', 'payment_taxes'] LOOP
+    PERFORM pg_catalog.pg_extension_config_dump(format('billing.%I', t)::regclass, '');
+  END LOOP;
+END
+$tax$;

@@ -86,12 +86,28 @@ SELECT DISTINCT ON (c.id) c.tenant_id, c.id, c.created, c.deleted_at
  WHERE EXISTS (SELECT 1 FROM billing.tenants t WHERE t.tenant_id = c.tenant_id)
  ORDER BY c.id, c.created IS NULL, c.tenant_id;
 
+-- The failures 0.1 knew of were decided by 0.1: the tenant was told when it
+-- queued a payment.failed notice.  Recorded before the invoices get their
+-- first failed attempt below, so that the upgrade neither tells anyone
+-- again nor asks Stripe about them (billing.sync_invoice_failure).
+INSERT INTO billing.invoice_failures (tenant_id, stripe_invoice_id, told, decided_at)
+SELECT i.tenant_id, i.stripe_invoice_id,
+       EXISTS (SELECT FROM billing.notifications n
+                WHERE n.tenant_id = i.tenant_id AND n.dedup_key = 'payment_failed:' || i.stripe_invoice_id),
+       now()
+  FROM billing.invoices i
+ WHERE EXISTS (SELECT FROM qes_billing_0_1.objects x
+                WHERE x.object = 'invoice' AND x.id = i.stripe_invoice_id AND x.source = 'invoice.payment_failed')
+    OR EXISTS (SELECT FROM billing.notifications n
+                WHERE n.tenant_id = i.tenant_id AND n.dedup_key = 'payment_failed:' || i.stripe_invoice_id)
+ON CONFLICT DO NOTHING;
+
 -- Invoices: their subscription by Stripe id, the first failed attempt (the
 -- earliest invoice.payment_failed), the attempt count, status transitions.
 UPDATE billing.invoices i
    SET stripe_subscription_id = coalesce(f.subscription, s.stripe_subscription_id),
        first_failed_at = f.first_failed_at, attempt_count = coalesce(f.attempt_count, 0),
-       finalized_at = f.finalized_at, paid_at = f.paid_at
+       finalized_at = f.finalized_at, paid_at = f.paid_at, billing_reason = f.billing_reason
   FROM billing.invoices i2
   LEFT JOIN billing.subscriptions s ON s.tenant_id = i2.tenant_id AND s.subscription_id = i2.subscription_id
   LEFT JOIN (SELECT x.id,
@@ -99,7 +115,8 @@ UPDATE billing.invoices i
                     min(x.at) FILTER (WHERE x.source = 'invoice.payment_failed') AS first_failed_at,
                     max(qes_billing_0_1.int(x.o ->> 'attempt_count')) AS attempt_count,
                     min(qes_billing_0_1.ts(x.o -> 'status_transitions' ->> 'finalized_at')) AS finalized_at,
-                    min(qes_billing_0_1.ts(x.o -> 'status_transitions' ->> 'paid_at')) AS paid_at
+                    min(qes_billing_0_1.ts(x.o -> 'status_transitions' ->> 'paid_at')) AS paid_at,
+                    max(x.o ->> 'billing_reason') AS billing_reason
                FROM qes_billing_0_1.objects x
               WHERE x.object = 'invoice'
               GROUP BY 1) f ON f.id = i2.stripe_invoice_id

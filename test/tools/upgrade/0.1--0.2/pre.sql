@@ -9,3 +9,17 @@ CREATE SCHEMA qes_billing_0_1;
 ALTER TABLE billing.invoices DROP CONSTRAINT invoices_tenant_id_subscription_id_fkey;
 ALTER TABLE billing.subscriptions SET SCHEMA qes_billing_0_1;
 ALTER TABLE billing.webhook_rejections SET SCHEMA qes_billing_0_1;
+
+-- Two tables keep their shape but gain states, and one index goes: the
+-- state checks of billing.notifications (in_flight, skipped) and
+-- billing.webhook_events (waiting) are made again with their 0.2 states
+-- (same names), and notifications_pending gives way to the claim indexes
+-- section 2 creates (notifications_due and others).
+ALTER TABLE billing.notifications
+  DROP CONSTRAINT notifications_state_check,
+  ADD CONSTRAINT notifications_state_check CHECK (state IN ('pending', 'in_flight', 'sent', 'failed', 'skipped'));
+DROP INDEX billing.notifications_pending;
+ALTER TABLE billing.webhook_events
+  DROP CONSTRAINT webhook_events_state_check,
+  ADD CONSTRAINT webhook_events_state_check
+    CHECK (state IN ('received', 'processing', 'applied', 'ignored', 'waiting', 'needs_review'));

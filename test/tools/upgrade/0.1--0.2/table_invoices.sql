@@ -5,4 +5,5 @@ ALTER TABLE billing.invoices
   ADD COLUMN first_failed_at timestamptz,
   ADD COLUMN attempt_count integer,
   ADD COLUMN finalized_at timestamptz,
-  ADD COLUMN paid_at timestamptz;
+  ADD COLUMN paid_at timestamptz,
+  ADD COLUMN billing_reason text;
