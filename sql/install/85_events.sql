@@ -669,8 +669,8 @@ BEGIN
 
   -- periods the usage was not filed under (renewed, switched, paid for the
   -- first time, ended or cancelled after the usage was recorded): what
-  -- occurred from the earlier of the old and the new period's start on
-  -- moves to the period it occurred in
+  -- occurred from the start of this state's period on moves to the period
+  -- it occurred in; what occurred before keeps its period
   IF v_sub.subscription_id IS NULL
      OR (v_sub.current_period_start, v_sub.current_period_end, v_sub.billing_interval,
          v_sub.status IN ('trialing', 'active', 'past_due', 'unpaid', 'paused'),
@@ -678,7 +678,7 @@ BEGIN
         IS DISTINCT FROM
         (v_pstart, v_pend, v_int, v_status IN ('trialing', 'active', 'past_due', 'unpaid', 'paused'), v_terminal)
      OR (v_anchor IS NOT NULL AND v_sub.billing_cycle_anchor IS DISTINCT FROM v_anchor) THEN
-    PERFORM billing.rekey_usage_from(p_tenant, least(v_sub.current_period_start, v_pstart));
+    PERFORM billing.rekey_usage_from(p_tenant, v_pstart);
   END IF;
 
   -- its invoices, whichever arrived first
