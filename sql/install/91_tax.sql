@@ -278,6 +278,16 @@ COMMENT ON FUNCTION billing.sync_tax_id(text, jsonb, boolean) IS
 
 -- ---- the invoices' tax --------------------------------------------------------
 
+-- The first of its arguments that is a JSON array, else [] (Stripe sends
+-- null for a list it has nothing in, and older or newer API versions name
+-- the same list differently).
+CREATE FUNCTION billing.json_array(VARIADIC v jsonb[]) RETURNS jsonb
+  LANGUAGE sql IMMUTABLE
+RETURN coalesce((SELECT x FROM unnest(v) WITH ORDINALITY AS u(x, n) WHERE jsonb_typeof(x) = 'array' ORDER BY n LIMIT 1),
+                '[]'::jsonb);
+COMMENT ON FUNCTION billing.json_array(jsonb[]) IS
+  'The first argument that is a JSON array, else an empty array (Stripe sends null for an empty list).';
+
 -- A line's taxes, in either API shape (tax_amounts before 2025-03-31,
 -- taxes since): amount, inclusive or not, the rate (its id, or its
 -- percentage when expanded) or the taxability reason.
@@ -293,7 +303,7 @@ RETURN coalesce((SELECT jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
                                CASE WHEN jsonb_typeof(x -> 'tax_rate_details' -> 'tax_rate') = 'string'
                                     THEN x -> 'tax_rate_details' ->> 'tax_rate' END),
           'taxability_reason', x ->> 'taxability_reason')))
-          FROM jsonb_array_elements(coalesce(l -> 'tax_amounts', l -> 'taxes', '[]'::jsonb)) x), '[]'::jsonb);
+          FROM jsonb_array_elements(billing.json_array(l -> 'tax_amounts', l -> 'taxes')) x), '[]'::jsonb);
 
 -- An invoice event that was applied: keep the invoice's tax (the newest event's).
 CREATE FUNCTION billing.keep_invoice_tax() RETURNS trigger
@@ -316,7 +326,7 @@ BEGIN
   END IF;
   v_tax := coalesce((o ->> 'tax')::bigint,
                     (SELECT sum((x ->> 'amount')::bigint) FROM jsonb_array_elements(
-                       coalesce(o -> 'total_tax_amounts', o -> 'total_taxes', '[]'::jsonb)) x),
+                       billing.json_array(o -> 'total_tax_amounts', o -> 'total_taxes')) x),
                     (o ->> 'total')::bigint - (o ->> 'total_excluding_tax')::bigint);
   -- finalized (not a draft) while Stripe could not locate the customer
   v_no := coalesce(o ->> 'status', 'draft') <> 'draft'
@@ -331,7 +341,7 @@ BEGIN
           coalesce((SELECT jsonb_agg(jsonb_build_object('line', l ->> 'id', 'description', l ->> 'description',
                                                         'amount', (l ->> 'amount')::bigint,
                                                         'taxes', billing.invoice_line_taxes(l)) ORDER BY n)
-                      FROM jsonb_array_elements(coalesce(o -> 'lines' -> 'data', '[]'::jsonb)) WITH ORDINALITY AS e(l, n)),
+                      FROM jsonb_array_elements(billing.json_array(o -> 'lines' -> 'data')) WITH ORDINALITY AS e(l, n)),
                    '[]'::jsonb),
           v_at)
   ON CONFLICT (tenant_id, stripe_invoice_id) DO UPDATE

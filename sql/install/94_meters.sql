@@ -656,7 +656,7 @@ BEGIN
          l ->> 'description', (l ->> 'quantity')::bigint, coalesce((l ->> 'amount')::bigint, 0),
          coalesce(l ->> 'currency', o ->> 'currency'),
          to_timestamp((l -> 'period' ->> 'start')::bigint), to_timestamp((l -> 'period' ->> 'end')::bigint), v_at
-    FROM jsonb_array_elements(o -> 'lines' -> 'data') l
+    FROM jsonb_array_elements(billing.json_array(o -> 'lines' -> 'data')) l
     CROSS JOIN LATERAL (SELECT coalesce(l -> 'price' ->> 'id', l ->> 'price',
                                         l -> 'pricing' -> 'price_details' ->> 'price') AS price) x
     LEFT JOIN billing.metered_prices mp ON mp.stripe_price_id = x.price
