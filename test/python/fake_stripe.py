@@ -791,6 +791,13 @@ class FakeStripe:
                                               "faults": fake.faults})
                 if path == "/_fake/events":
                     return self._answer(200, {"data": fake.events})
+                if path == "/_fake/objects":
+                    # an object as Stripe has it, for a test that hands the
+                    # worker events about objects it did not make here
+                    o = json.loads(body)
+                    with fake.lock:
+                        fake.objects[o["id"]] = o
+                    return self._answer(200, o)
                 if path == "/_fake/clock":
                     at = json.loads(body or "{}").get("at")     # Unix seconds; null: the real clock
                     if at is None:

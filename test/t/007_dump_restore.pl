@@ -278,6 +278,13 @@ my @events = (
 		{ id => 'in_acme_dump_2', object => 'invoice', %acme_cust, subscription => 'sub_acme_dump',
 		  status => 'open', amount_due => 2900, amount_paid => 0, amount_remaining => 2900, currency => 'usd',
 		  created => $base + 5, period_start => $base, period_end => $base + 30 * 86400 }));
+# the disputed charge's dispute as Stripe has it (the worker stages evidence on it)
+is(HTTP::Tiny->new->post("http://127.0.0.1:$fake_port/_fake/objects",
+	{ content => JSON::PP::encode_json({ %{ $events[4]{data}{object} }, livemode => JSON::PP::false,
+		metadata => {}, evidence => {},
+		evidence_details => { due_by => $at + 7 * 86400, has_evidence => JSON::PP::false,
+							  past_due => JSON::PP::false, submission_count => 0 } }) })->{status},
+	200, 'the fake Stripe knows the dispute');
 is(deliver($src, 'postgres', $_), '200', "webhook $_->{id} accepted") for @events;
 is(deliver($src, 'postgres', event('evt_dump_forged', 'invoice.paid', $base, {}), 'whsec_wrong'), '400',
 	'a forged webhook is refused');
