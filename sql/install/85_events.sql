@@ -29,6 +29,24 @@
 --     'waiting', or 'ignored' for a customer that is not known to be ours)
 --     and is applied again as soon as it arrives (billing.inbox_requeue).
 
+CREATE FUNCTION billing.json_items(o jsonb) RETURNS jsonb
+  LANGUAGE sql IMMUTABLE
+RETURN CASE WHEN jsonb_typeof(o -> 'items' -> 'data') = 'array' THEN o -> 'items' -> 'data' ELSE '[]' END;
+COMMENT ON FUNCTION billing.json_items(jsonb) IS 'A Stripe subscription''s items as a JSON array (empty when absent).';
+
+-- A subscription's licensed item, the one whose price is the plan: the
+-- first item that is not metered (usage billed through meters adds metered
+-- items beside it, in any order), else the first.
+CREATE FUNCTION billing.base_item(o jsonb) RETURNS jsonb
+  LANGUAGE sql IMMUTABLE
+RETURN coalesce((SELECT i FROM jsonb_array_elements(billing.json_items(o)) WITH ORDINALITY x(i, n)
+                  WHERE coalesce(i -> 'price' -> 'recurring' ->> 'usage_type', 'licensed') <> 'metered'
+                  ORDER BY n LIMIT 1),
+                o -> 'items' -> 'data' -> 0);
+COMMENT ON FUNCTION billing.base_item(jsonb) IS
+  'A Stripe subscription''s licensed item (its price is the plan''s): the first item that is not metered.';
+
+
 -- A Stripe reference: an id, or an expanded object's id.
 CREATE FUNCTION billing.stripe_ref(v jsonb) RETURNS text
   LANGUAGE sql IMMUTABLE
@@ -549,7 +567,7 @@ CREATE FUNCTION billing.apply_subscription_state(p_tenant text, o jsonb, p_at ti
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
 DECLARE
-  v_price    jsonb := o -> 'items' -> 'data' -> 0 -> 'price';
+  v_price    jsonb := billing.base_item(o) -> 'price';
   v_plan     text;
   v_int      text;
   v_status   text := CASE WHEN p_deleted THEN 'canceled' ELSE o ->> 'status' END;
@@ -558,9 +576,9 @@ DECLARE
   v_other    billing.subscriptions;
   v_id       bigint;
   v_pstart   timestamptz := to_timestamp((coalesce(o ->> 'current_period_start',
-                                                   o -> 'items' -> 'data' -> 0 ->> 'current_period_start'))::bigint);
+                                                   billing.base_item(o) ->> 'current_period_start'))::bigint);
   v_pend     timestamptz := to_timestamp((coalesce(o ->> 'current_period_end',
-                                                   o -> 'items' -> 'data' -> 0 ->> 'current_period_end'))::bigint);
+                                                   billing.base_item(o) ->> 'current_period_end'))::bigint);
   v_cancel   boolean := coalesce((o ->> 'cancel_at_period_end')::boolean, false);
   v_trial    timestamptz := to_timestamp((o ->> 'trial_end')::bigint);
   v_anchor   timestamptz := to_timestamp((o ->> 'billing_cycle_anchor')::bigint);

@@ -454,7 +454,7 @@ BEGIN
       PERFORM billing.audit(CASE r.kind WHEN 'subscription.create' THEN 'subscription.created'
                                         ELSE 'subscription.changed' END, r.tenant_id,
                             jsonb_build_object('subscription', o ->> 'id', 'status', o ->> 'status',
-                                               'price', o -> 'items' -> 'data' -> 0 -> 'price' ->> 'id',
+                                               'price', billing.base_item(o) -> 'price' ->> 'id',
                                                'cancel_at_period_end', o -> 'cancel_at_period_end'));
     END IF;
   WHEN r.kind = 'payment_intent.create' THEN

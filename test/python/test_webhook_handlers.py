@@ -137,6 +137,17 @@ def test_subscription_lifecycle_and_limits(pg, wh, fx):
     send(pg, wh, "customer.subscription.updated", up, created=t0 + 20)
     assert sub_row(pg) == [("enterprise", "year", "active", False, False)]
     assert limit(pg)[:2] == ("enterprise", None)
+    # a metered item (usage billed through meters) listed before the plan's
+    # licensed one: the plan is the licensed item's, whatever the order
+    both = copy.deepcopy(up)
+    metered = copy.deepcopy(both["items"]["data"][0])
+    metered["id"] = "si_" + uuid.uuid4().hex[:14]
+    metered["price"] = dict(metered["price"], id="price_meter_signatures", lookup_key=None,
+                            recurring=dict(metered["price"]["recurring"], usage_type="metered"))
+    both["items"]["data"].insert(0, metered)
+    _, (state, err) = send(pg, wh, "customer.subscription.updated", both, created=t0 + 25)
+    assert state == "applied", err
+    assert sub_row(pg) == [("enterprise", "year", "active", False, False)]
 
 
 def test_invoices_mirror_and_list(pg, wh, fx):
