@@ -41,7 +41,11 @@
  */
 #include "qes_billing.h"
 
+#include "executor/executor.h"
 #include "parser/analyze.h"
+#include "tcop/pquery.h"
+#include "tcop/utility.h"
+#include "utils/portal.h"
 #include "utils/backend_status.h"
 
 #include "fmgr.h"
@@ -470,6 +474,48 @@ qes_post_parse_analyze(ParseState *pstate, Query *query, JumbleState *jstate)
 		pgstat_report_activity(STATE_RUNNING, qes_redact_cstring(pstate->p_sourcetext));
 }
 
+/*
+ * The extended query protocol reports the statement's text again, raw, when
+ * it is executed (the Execute message, after Bind started the executor),
+ * after parse analysis masked it: mask it again when the executor runs or a
+ * utility command starts.  What the session shows while idle afterwards is
+ * the masked text.
+ */
+static ExecutorRun_hook_type prev_ExecutorRun_hook = NULL;
+static ProcessUtility_hook_type prev_ProcessUtility_hook = NULL;
+
+static void
+mask_activity(const char *text)
+{
+	if (pgstat_track_activities && text != NULL && qes_redact_needed(text, strlen(text)))
+		pgstat_report_activity(STATE_RUNNING, qes_redact_cstring(text));
+}
+
+static void
+qes_executor_run(QueryDesc *queryDesc, ScanDirection direction, uint64 count, bool execute_once)
+{
+	/* the top-level statement only (not what SPI runs inside it) */
+	if (ActivePortal != NULL && queryDesc->sourceText == ActivePortal->sourceText)
+		mask_activity(queryDesc->sourceText);
+	if (prev_ExecutorRun_hook)
+		prev_ExecutorRun_hook(queryDesc, direction, count, execute_once);
+	else
+		standard_ExecutorRun(queryDesc, direction, count, execute_once);
+}
+
+static void
+qes_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
+					ProcessUtilityContext context, ParamListInfo params,
+					QueryEnvironment *queryEnv, DestReceiver *dest, QueryCompletion *qc)
+{
+	if (context == PROCESS_UTILITY_TOPLEVEL)
+		mask_activity(queryString);
+	if (prev_ProcessUtility_hook)
+		prev_ProcessUtility_hook(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
+	else
+		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
+}
+
 void
 qes_redact_install_log_hook(void)
 {
@@ -477,4 +523,8 @@ qes_redact_install_log_hook(void)
 	emit_log_hook = qes_emit_log_hook;
 	prev_post_parse_analyze_hook = post_parse_analyze_hook;
 	post_parse_analyze_hook = qes_post_parse_analyze;
+	prev_ExecutorRun_hook = ExecutorRun_hook;
+	ExecutorRun_hook = qes_executor_run;
+	prev_ProcessUtility_hook = ProcessUtility_hook;
+	ProcessUtility_hook = qes_process_utility;
 }

@@ -162,8 +162,10 @@ class Running:
     """Statements kept running in their own sessions: each waits for a
     share of the advisory lock HELD (pg_advisory_lock_shared, in its
     executor, after parse analysis) until release(); the sessions then stay
-    open, idle, until close().  Statements go by the simple query protocol,
-    as psql sends them."""
+    open, idle, until close().  A statement goes by the simple query
+    protocol, as psql sends it; a (statement, parameters) pair by the
+    extended protocol (Parse, Bind, Execute), as PostgREST, JDBC and
+    asyncpg send theirs."""
 
     def __init__(self, pg, statements):
         self.holder = pg.connect(autocommit=True)
@@ -181,7 +183,10 @@ class Running:
 
     def _run(self, name, query):
         try:
-            psycopg.ClientCursor(self.conns[name]).execute(query)
+            if isinstance(query, tuple):
+                self.conns[name].execute(*query)
+            else:
+                psycopg.ClientCursor(self.conns[name]).execute(query)
         except psycopg.Error as e:        # pragma: no cover - shown by the test
             self.errors[name] = str(e)
 
@@ -348,6 +353,7 @@ def test_a_running_statement_shows_its_secret_masked(pg):
         "set_config": f"SELECT set_config('qes_billing.stripe_test_webhook_secret', '{whsec}', false)"
                       f" FROM pg_advisory_lock_shared({HELD})",
         "control": f"SELECT pg_advisory_lock_shared({HELD}), '{control}' AS control",
+        "extended": (f"SELECT pg_advisory_lock_shared(%s), '{KEY}' AS key, 'Bearer {whsec}' AS header", (HELD,)),
     })
     try:
         pids = running.pids
@@ -356,10 +362,10 @@ def test_a_running_statement_shows_its_secret_masked(pg):
                 for who, conn in (("postgres", su), (MONITOR, mon)):
                     seen = activity(conn, pids.values())
                     assert {s for s, _ in seen.values()} == {state}, (who, seen)
-                    for name in ("literal", "set_config"):
+                    for name in ("literal", "set_config", "extended"):
                         query = seen[pids[name]][1]
-                        assert "[redacted]" in query and not leaks(query, (KEY, whsec)), (who, state, query)
-                        assert "pg_advisory_lock_shared" in query, (who, state, query)
+                        assert "[redacted]" in query and not leaks(query, (KEY, whsec)), (who, state, name, query)
+                        assert "pg_advisory_lock_shared" in query, (who, state, name, query)
                     assert seen[pids["control"]][1].count(control) == 1, (who, state, seen[pids["control"]])
                     assert leaks("\n".join(q for _, q in seen.values()), (KEY, whsec)) == {control[1:]}
                 # a role without pg_read_all_stats sees no other session's statement at all
