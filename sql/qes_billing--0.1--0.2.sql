@@ -1405,6 +1405,25 @@ COMMENT ON FUNCTION billing.rate_limit_stats() IS
 --     'waiting', or 'ignored' for a customer that is not known to be ours)
 --     and is applied again as soon as it arrives (billing.inbox_requeue).
 
+CREATE OR REPLACE FUNCTION billing.json_items(o jsonb) RETURNS jsonb
+  LANGUAGE sql IMMUTABLE
+RETURN CASE WHEN jsonb_typeof(o -> 'items' -> 'data') = 'array' THEN o -> 'items' -> 'data' ELSE '[]' END;
+
+COMMENT ON FUNCTION billing.json_items(jsonb) IS 'A Stripe subscription''s items as a JSON array (empty when absent).';
+
+-- A subscription's licensed item, the one whose price is the plan: the
+-- first item that is not metered (usage billed through meters adds metered
+-- items beside it, in any order), else the first.
+CREATE OR REPLACE FUNCTION billing.base_item(o jsonb) RETURNS jsonb
+  LANGUAGE sql IMMUTABLE
+RETURN coalesce((SELECT i FROM jsonb_array_elements(billing.json_items(o)) WITH ORDINALITY x(i, n)
+                  WHERE coalesce(i -> 'price' -> 'recurring' ->> 'usage_type', 'licensed') <> 'metered'
+                  ORDER BY n LIMIT 1),
+                o -> 'items' -> 'data' -> 0);
+
+COMMENT ON FUNCTION billing.base_item(jsonb) IS
+  'A Stripe subscription''s licensed item (its price is the plan''s): the first item that is not metered.';
+
 -- A Stripe reference: an id, or an expanded object's id.
 CREATE OR REPLACE FUNCTION billing.stripe_ref(v jsonb) RETURNS text
   LANGUAGE sql IMMUTABLE
@@ -1927,7 +1946,7 @@ CREATE OR REPLACE FUNCTION billing.apply_subscription_state(p_tenant text, o jso
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
 DECLARE
-  v_price    jsonb := o -> 'items' -> 'data' -> 0 -> 'price';
+  v_price    jsonb := billing.base_item(o) -> 'price';
   v_plan     text;
   v_int      text;
   v_status   text := CASE WHEN p_deleted THEN 'canceled' ELSE o ->> 'status' END;
@@ -1936,9 +1955,9 @@ DECLARE
   v_other    billing.subscriptions;
   v_id       bigint;
   v_pstart   timestamptz := to_timestamp((coalesce(o ->> 'current_period_start',
-                                                   o -> 'items' -> 'data' -> 0 ->> 'current_period_start'))::bigint);
+                                                   billing.base_item(o) ->> 'current_period_start'))::bigint);
   v_pend     timestamptz := to_timestamp((coalesce(o ->> 'current_period_end',
-                                                   o -> 'items' -> 'data' -> 0 ->> 'current_period_end'))::bigint);
+                                                   billing.base_item(o) ->> 'current_period_end'))::bigint);
   v_cancel   boolean := coalesce((o ->> 'cancel_at_period_end')::boolean, false);
   v_trial    timestamptz := to_timestamp((o ->> 'trial_end')::bigint);
   v_anchor   timestamptz := to_timestamp((o ->> 'billing_cycle_anchor')::bigint);
@@ -3216,7 +3235,7 @@ BEGIN
       PERFORM billing.audit(CASE r.kind WHEN 'subscription.create' THEN 'subscription.created'
                                         ELSE 'subscription.changed' END, r.tenant_id,
                             jsonb_build_object('subscription', o ->> 'id', 'status', o ->> 'status',
-                                               'price', o -> 'items' -> 'data' -> 0 -> 'price' ->> 'id',
+                                               'price', billing.base_item(o) -> 'price' ->> 'id',
                                                'cancel_at_period_end', o -> 'cancel_at_period_end'));
     END IF;
   WHEN r.kind = 'payment_intent.create' THEN
@@ -4753,6 +4772,17 @@ COMMENT ON FUNCTION billing.sync_tax_id(text, jsonb, boolean) IS
 
 -- ---- the invoices' tax --------------------------------------------------------
 
+-- The first of its arguments that is a JSON array, else [] (Stripe sends
+-- null for a list it has nothing in, and older or newer API versions name
+-- the same list differently).
+CREATE OR REPLACE FUNCTION billing.json_array(VARIADIC v jsonb[]) RETURNS jsonb
+  LANGUAGE sql IMMUTABLE
+RETURN coalesce((SELECT x FROM unnest(v) WITH ORDINALITY AS u(x, n) WHERE jsonb_typeof(x) = 'array' ORDER BY n LIMIT 1),
+                '[]'::jsonb);
+
+COMMENT ON FUNCTION billing.json_array(jsonb[]) IS
+  'The first argument that is a JSON array, else an empty array (Stripe sends null for an empty list).';
+
 -- A line's taxes, in either API shape (tax_amounts before 2025-03-31,
 -- taxes since): amount, inclusive or not, the rate (its id, or its
 -- percentage when expanded) or the taxability reason.
@@ -4768,7 +4798,7 @@ RETURN coalesce((SELECT jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
                                CASE WHEN jsonb_typeof(x -> 'tax_rate_details' -> 'tax_rate') = 'string'
                                     THEN x -> 'tax_rate_details' ->> 'tax_rate' END),
           'taxability_reason', x ->> 'taxability_reason')))
-          FROM jsonb_array_elements(coalesce(l -> 'tax_amounts', l -> 'taxes', '[]'::jsonb)) x), '[]'::jsonb);
+          FROM jsonb_array_elements(billing.json_array(l -> 'tax_amounts', l -> 'taxes')) x), '[]'::jsonb);
 
 -- An invoice event that was applied: keep the invoice's tax (the newest event's).
 CREATE OR REPLACE FUNCTION billing.keep_invoice_tax() RETURNS trigger
@@ -4791,7 +4821,7 @@ BEGIN
   END IF;
   v_tax := coalesce((o ->> 'tax')::bigint,
                     (SELECT sum((x ->> 'amount')::bigint) FROM jsonb_array_elements(
-                       coalesce(o -> 'total_tax_amounts', o -> 'total_taxes', '[]'::jsonb)) x),
+                       billing.json_array(o -> 'total_tax_amounts', o -> 'total_taxes')) x),
                     (o ->> 'total')::bigint - (o ->> 'total_excluding_tax')::bigint);
   -- finalized (not a draft) while Stripe could not locate the customer
   v_no := coalesce(o ->> 'status', 'draft') <> 'draft'
@@ -4806,7 +4836,7 @@ BEGIN
           coalesce((SELECT jsonb_agg(jsonb_build_object('line', l ->> 'id', 'description', l ->> 'description',
                                                         'amount', (l ->> 'amount')::bigint,
                                                         'taxes', billing.invoice_line_taxes(l)) ORDER BY n)
-                      FROM jsonb_array_elements(coalesce(o -> 'lines' -> 'data', '[]'::jsonb)) WITH ORDINALITY AS e(l, n)),
+                      FROM jsonb_array_elements(billing.json_array(o -> 'lines' -> 'data')) WITH ORDINALITY AS e(l, n)),
                    '[]'::jsonb),
           v_at)
   ON CONFLICT (tenant_id, stripe_invoice_id) DO UPDATE
@@ -6587,7 +6617,7 @@ BEGIN
          l ->> 'description', (l ->> 'quantity')::bigint, coalesce((l ->> 'amount')::bigint, 0),
          coalesce(l ->> 'currency', o ->> 'currency'),
          to_timestamp((l -> 'period' ->> 'start')::bigint), to_timestamp((l -> 'period' ->> 'end')::bigint), v_at
-    FROM jsonb_array_elements(o -> 'lines' -> 'data') l
+    FROM jsonb_array_elements(billing.json_array(o -> 'lines' -> 'data')) l
     CROSS JOIN LATERAL (SELECT coalesce(l -> 'price' ->> 'id', l ->> 'price',
                                         l -> 'pricing' -> 'price_details' ->> 'price') AS price) x
     LEFT JOIN billing.metered_prices mp ON mp.stripe_price_id = x.price
