@@ -23,10 +23,17 @@ SELECT billing.has_feature(NULL, 'api_access');
 \set VERBOSITY terse
 
 -- Professional, trialing: its features, like its limits
-INSERT INTO billing.subscriptions (tenant_id, plan_id, billing_interval, status, billing_cycle_anchor,
-                                   current_period_start, current_period_end, trial_end)
-VALUES ('f_pro', 'professional', 'month', 'trialing', '2028-05-01 00:00+00', '2028-05-01 00:00+00',
-        '2028-06-01 00:00+00', '2028-06-01 00:00+00');
+-- (mirrored as an event of Stripe's would be)
+SELECT billing.apply_subscription_state('f_pro', jsonb_build_object(
+         'id', 'sub_f_pro', 'object', 'subscription', 'status', 'trialing', 'cancel_at_period_end', false,
+         'billing_cycle_anchor', extract(epoch FROM timestamptz '2028-05-01 00:00+00')::bigint,
+         'current_period_start', extract(epoch FROM timestamptz '2028-05-01 00:00+00')::bigint,
+         'current_period_end', extract(epoch FROM timestamptz '2028-06-01 00:00+00')::bigint,
+         'trial_end', extract(epoch FROM timestamptz '2028-06-01 00:00+00')::bigint,
+         'items', jsonb_build_object('data', jsonb_build_array(jsonb_build_object('price', jsonb_build_object(
+           'id', 'price_professional_monthly', 'lookup_key', 'professional_monthly',
+           'recurring', jsonb_build_object('interval', 'month')))))),
+       '2028-05-01 00:00+00', false) IS NULL AS applied;
 SELECT billing.has_feature('f_pro', 'api_access') AS api, billing.has_feature('f_pro', 'compliance_tools') AS compliance,
        (billing.check_limit('f_pro', 'signatures')).plan_id AS limits_of;
 SELECT feature, enabled, plan_id, reason, available_in FROM billing.features_current('f_pro');
