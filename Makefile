@@ -52,7 +52,7 @@ SHLIB_LINK = -lcurl -lcrypto
 
 # pg_regress: explicit list, so the install script pieces under sql/install
 # are never mistaken for tests.
-REGRESS = install catalog settings tenants audit api usage webhook outbox metrics operations redact features zz_amcheck
+REGRESS = create_extension catalog settings tenants audit api usage webhook outbox metrics operations redact features zz_amcheck
 REGRESS_OPTS = --temp-instance=./tmp_check_regress \
 	--temp-config=test/regress.conf --dbname=contrib_regression
 ISOLATION = wake audit_chain usage outbox webhook_intake caches usage_side_effects meters zz_amcheck

@@ -1,4 +1,4 @@
--- Installation: CREATE EXTENSION, what it creates, DROP EXTENSION removes it
+-- CREATE EXTENSION, what it creates, DROP EXTENSION removes it
 -- all, CREATE again works, and the worker runs in this database.
 CREATE EXTENSION qes_billing;
 SELECT extversion, extrelocatable FROM pg_extension WHERE extname = 'qes_billing';
