@@ -414,7 +414,7 @@ BEGIN
   IF f.told IS NULL THEN
     IF i.status IN ('paid', 'void') THEN
       v_told := false;
-    ELSIF i.stripe_state_at >= now() - billing.fresh_within() THEN
+    ELSIF i.stripe_state_at >= billing.now() - billing.fresh_within() THEN
       v_told := true;
     ELSIF v_asked THEN
       -- asked: the answer, mirrored, said unpaid; Stripe has no such
@@ -465,7 +465,7 @@ BEGIN
   IF f.ended_at IS NULL AND v_paid IS NULL THEN
     SELECT * INTO s FROM billing.subscriptions x WHERE x.stripe_subscription_id = v_sub;
     IF s.status IN ('canceled', 'incomplete_expired') AND s.ended_at IS NOT NULL THEN
-      IF i.stripe_state_at >= least(s.ended_at, now() - billing.fresh_within()) OR v_asked THEN
+      IF i.stripe_state_at >= least(s.ended_at, billing.now() - billing.fresh_within()) OR v_asked THEN
         UPDATE billing.invoice_failures x SET ended_at = s.ended_at
          WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice;
         PERFORM billing.audit('dunning.ended', p_tenant, v_facts || jsonb_build_object('ended_at', s.ended_at));

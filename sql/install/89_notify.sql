@@ -169,7 +169,7 @@ AS $$
 DECLARE
   r billing.stripe_requests;
 BEGIN
-  IF p_state_at >= least(p_as_of, now() - billing.fresh_within())
+  IF p_state_at >= least(p_as_of, billing.now() - billing.fresh_within())
      OR p_id IS NULL OR p_id !~ '^[a-z]{2,4}_[A-Za-z0-9_]+$' THEN
     RETURN NULL;   -- vouched for, or nothing Stripe could be asked about
   END IF;
