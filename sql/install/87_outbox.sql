@@ -411,12 +411,13 @@ BEGIN
 END
 $$;
 
--- The Stripe time a response speaks for: when we sent the request.  A
--- webhook event created later (a later state) still wins; one created
--- before does not.
+-- The Stripe time a response speaks for: when we sent the request, on the
+-- billing clock (the real clock in production; moved with it in a test or
+-- demo, as Stripe's times are there).  A webhook event created later (a
+-- later state) still wins; one created before does not.
 CREATE FUNCTION billing.outbox_state_at(r billing.stripe_requests) RETURNS timestamptz
   LANGUAGE sql STABLE
-RETURN date_trunc('second', coalesce(r.claimed_at, r.updated_at));
+RETURN date_trunc('second', coalesce(r.claimed_at, r.updated_at) + (billing.now() - pg_catalog.now()));
 
 -- Success: what the answer means for local state.
 CREATE FUNCTION billing.outbox_apply(r billing.stripe_requests) RETURNS void
