@@ -1786,7 +1786,7 @@ BEGIN
   IF f.told IS NULL THEN
     IF i.status IN ('paid', 'void') THEN
       v_told := false;
-    ELSIF i.stripe_state_at >= now() - billing.fresh_within() THEN
+    ELSIF i.stripe_state_at >= billing.now() - billing.fresh_within() THEN
       v_told := true;
     ELSIF v_asked THEN
       -- asked: the answer, mirrored, said unpaid; Stripe has no such
@@ -1837,7 +1837,7 @@ BEGIN
   IF f.ended_at IS NULL AND v_paid IS NULL THEN
     SELECT * INTO s FROM billing.subscriptions x WHERE x.stripe_subscription_id = v_sub;
     IF s.status IN ('canceled', 'incomplete_expired') AND s.ended_at IS NOT NULL THEN
-      IF i.stripe_state_at >= least(s.ended_at, now() - billing.fresh_within()) OR v_asked THEN
+      IF i.stripe_state_at >= least(s.ended_at, billing.now() - billing.fresh_within()) OR v_asked THEN
         UPDATE billing.invoice_failures x SET ended_at = s.ended_at
          WHERE x.tenant_id = p_tenant AND x.stripe_invoice_id = p_invoice;
         PERFORM billing.audit('dunning.ended', p_tenant, v_facts || jsonb_build_object('ended_at', s.ended_at));
@@ -3199,6 +3199,14 @@ BEGIN
 END
 $$;
 
+-- The Stripe time a response speaks for: when we sent the request, on the
+-- billing clock (the real clock in production; moved with it in a test or
+-- demo, as Stripe's times are there).  A webhook event created later (a
+-- later state) still wins; one created before does not.
+CREATE OR REPLACE FUNCTION billing.outbox_state_at(r billing.stripe_requests) RETURNS timestamptz
+  LANGUAGE sql STABLE
+RETURN date_trunc('second', coalesce(r.claimed_at, r.updated_at) + (billing.now() - pg_catalog.now()));
+
 -- Success: what the answer means for local state.
 CREATE OR REPLACE FUNCTION billing.outbox_apply(r billing.stripe_requests) RETURNS void
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
@@ -3810,7 +3818,7 @@ AS $$
 DECLARE
   r billing.stripe_requests;
 BEGIN
-  IF p_state_at >= least(p_as_of, now() - billing.fresh_within())
+  IF p_state_at >= least(p_as_of, billing.now() - billing.fresh_within())
      OR p_id IS NULL OR p_id !~ '^[a-z]{2,4}_[A-Za-z0-9_]+$' THEN
     RETURN NULL;   -- vouched for, or nothing Stripe could be asked about
   END IF;
