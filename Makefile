@@ -67,7 +67,22 @@ PROVE_FLAGS = -I ./test/t
 EXTRA_CLEAN = tmp_check_regress tmp_check_iso test/isolation/output \
 	results regression.diffs regression.out
 
-include router.mk
+# The scale-out extensions (docs/scaleout.md): qes_billing_router for the
+# router database and qes_billing_shard for each shard database, their
+# install scripts assembled from sql/router/*.sql and sql/shard/*.sql; their
+# versions are their control files' default_version.
+ROUTER_VERSION := $(shell sed -n "s/^default_version *= *'\([^']*\)'.*/\1/p" qes_billing_router.control)
+SHARD_VERSION := $(shell sed -n "s/^default_version *= *'\([^']*\)'.*/\1/p" qes_billing_shard.control)
+DATA_built += qes_billing_router--$(ROUTER_VERSION).sql qes_billing_shard--$(SHARD_VERSION).sql
+DATA += qes_billing_router.control qes_billing_shard.control
+.DEFAULT_GOAL := all
+
+qes_billing_router--$(ROUTER_VERSION).sql: $(sort $(wildcard sql/router/*.sql))
+	cat $^ > $@
+
+qes_billing_shard--$(SHARD_VERSION).sql: $(sort $(wildcard sql/shard/*.sql))
+	cat $^ > $@
+
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
