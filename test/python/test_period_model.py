@@ -150,6 +150,8 @@ def build(life, fx, tenant):  # noqa: F811
                                     at if status == "paid" else None, at)))
         return at
 
+    invoices = [0]
+
     def one(sid, anchor, interval, step, steps, step_days, trial_days, pending_hours):
         """A subscription from its start; returns when (and whether) it ended."""
         plan_now = plan
@@ -196,7 +198,8 @@ def build(life, fx, tenant):  # noqa: F811
             cps, cpe = b, add_months(anchor, (k + 1) * step)
             sub_state(sid, "active", cps, cpe, anchor, b + timedelta(seconds=10), plan_now, interval)
             if action in ("fail_recover", "fail_end"):
-                iid = f"in_{sid[4:]}_{k}"
+                invoices[0] += 1      # unique per lifecycle (k starts again after a switch)
+                iid = f"in_{sid[4:]}_{invoices[0]}"
                 failed = inv_state(iid, sid, "open", b + timedelta(hours=1))
                 sub_state(sid, "past_due", cps, cpe, anchor, failed + timedelta(seconds=60), plan_now, interval)
                 length = (cpe - cps).total_seconds()
