@@ -41,7 +41,8 @@ DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 DATA = sql/$(EXTENSION)--0.1.sql sql/$(EXTENSION)--0.1--0.2.sql
 SCRIPTS = src/qes_billing_setup src/qes_billing_audit src/qes_billing_audit_verify
 # for operators, installed into $(docdir)/extension (docs/operations.md, "Monitoring")
-DOCS = docs/monitoring/qes_billing_queries.yaml docs/monitoring/qes_billing_alerts.yml
+DOCS = docs/monitoring/qes_billing_queries.yaml docs/monitoring/qes_billing_alerts.yml \
+	docs/monitoring/qes_billing_router_queries.yaml
 INSTALL_SQL = $(sort $(wildcard sql/install/*.sql))
 
 PG_CONFIG ?= pg_config

@@ -270,6 +270,9 @@ class FakeStripe:
                 return self._list("subscription", params, customer=params.get("customer"))
             if method == "POST" and len(parts) == 2:
                 return self._update_subscription(self.get(parts[1], "subscription"), params)
+        if name == "invoices":
+            if method == "GET" and len(parts) == 2:
+                return self.get(parts[1], "invoice")
         if name == "payment_intents":
             if method == "POST" and len(parts) == 1:
                 self.get(params["customer"], "customer")

@@ -71,13 +71,13 @@ class Exporter:
     """prometheus-postgres-exporter run directly (not as a service) on a free
     loopback port with our queries file."""
 
-    def __init__(self, dsn, *flags):
+    def __init__(self, dsn, *flags, queries=QUERIES):
         self.port = free_port()
         self.logfile = tempfile.NamedTemporaryFile(prefix="qes-exporter-", suffix=".log", delete=False)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "DATA_SOURCE_NAME": dsn}
         self.proc = subprocess.Popen(
             [binary("prometheus-postgres-exporter"), f"--web.listen-address=127.0.0.1:{self.port}",
-             f"--extend.query-path={QUERIES}", *flags],
+             f"--extend.query-path={queries}", *flags],
             env=env, stdout=self.logfile, stderr=subprocess.STDOUT)
         # up when its web server answers (the landing page runs no query, so
         # the first scrape is a cold one)

@@ -31,6 +31,21 @@ from fake_stripe import FakeStripe, signed
 from pgcluster import Cluster
 from postgrest import PostgREST
 from shards import PARTITIONS, Sharded
+from test_prometheus import MONITORING, Exporter, parse, value
+
+ROUTER_QUERIES = MONITORING + "/qes_billing_router_queries.yaml"
+
+
+def shard_metrics(router):
+    """The router's exporter (docs/monitoring/qes_billing_router_queries.yaml),
+    scraped once: {(name, labels): value} of the qes_billing_shard series."""
+    exporter = Exporter(f"host=127.0.0.1 port={router.port} dbname={router.database} user=postgres sslmode=disable",
+                        queries=ROUTER_QUERIES)
+    try:
+        text, _ = exporter.scrape()
+    finally:
+        exporter.stop()
+    return parse(text)[1]
 
 SECRET = TEST_KEYS["STRIPE_TEST_WEBHOOK_SECRET"]
 SHARDS = 4
@@ -522,6 +537,11 @@ def test_operators_see_every_shard(world):
                          "now(), '{}', 'needs_review', 5, 'boom')")
     assert router.sql("SELECT shard, stripe_event_id, last_error FROM router.failed_webhooks") == \
         [("s1", "evt_parked00000001", "boom")]
+    # the same from Prometheus: one exporter on the router, a series per shard
+    m = shard_metrics(router)
+    assert [value(m, "qes_billing_shard_up", shard=f"s{i}") for i in range(SHARDS)] == [1] * SHARDS
+    assert [value(m, "qes_billing_shard_webhooks_parked", shard=f"s{i}") for i in range(SHARDS)] == [0, 1, 0, 0]
+    assert sum(value(m, "qes_billing_shard_partitions", shard=f"s{i}") for i in range(SHARDS)) == PARTITIONS
     api = world["sharded"].api
     h = api.get("/rpc/health", claims=ADMIN)
     assert h.status == 200 and h.body["webhooks_parked"] == 1 and h.body["status"] == "ok", h.body
@@ -595,6 +615,10 @@ def test_a_shard_down_under_load(world):
         {"s0": "ok", "s1": "down", "s2": "ok", "s3": "ok"}, h.body
     assert shards.router.sql("SELECT shard_name, up FROM router.shard_status") == \
         [("s0", True), ("s1", False), ("s2", True), ("s3", True)]
+    # and to Prometheus: the down shard's series say so, the others' go on
+    m = shard_metrics(shards.router)
+    assert [value(m, "qes_billing_shard_up", shard=f"s{i}") for i in range(SHARDS)] == [1, 0, 1, 1]
+    assert [value(m, "qes_billing_shard_healthy", shard=f"s{i}") for i in range(SHARDS)] == [1, 0, 1, 1]
     # a webhook for a tenant of the down shard: 503, so Stripe delivers it again
     t1 = per["s1"][0]
     ev = {"id": "evt_whiledown000001", "object": "event", "api_version": "2024-06-20", "created": int(time.time()),

@@ -140,6 +140,9 @@ def test_every_request_kind_is_valid_for_stripe(stripe_mock):
         assert api.post("/rpc/set_billing_details", body={"legal_name": "Stripe Mock AG", "country": "AT",
                                                           "postal_code": "1010", "vat_number": "ATU12345678"},
                         claims=tenant_claims("sm")).status == 200
+        # the tax ID is asked for once Stripe took the details: wait for that
+        # before its verification arrives (which would make asking moot)
+        assert pg.wait_until("SELECT EXISTS (SELECT 1 FROM billing.stripe_requests WHERE kind = 'tax_id.create')", 30)
         pg.sql("SELECT billing.sync_tax_id('sm', '{\"id\": \"txi_sm1\", \"value\": \"ATU12345678\", "
                "\"verification\": {\"status\": \"verified\"}}', false)")
         assert api.post("/rpc/create_payment_intent", body={"amount": 990, "currency": "eur"},

@@ -316,10 +316,14 @@ as_tenant($src, 'postgres', 'delta', "SELECT api.create_subscription('profession
 $src->safe_psql('postgres', q{
 	UPDATE billing.stripe_requests SET state = 'in_flight', claimed_at = now(), attempts = attempts + 1
 	 WHERE tenant_id = 'delta' AND kind = 'customer.create'});
-is(deliver($src, 'postgres', event('evt_dump_7', 'invoice.payment_failed', $base + 6,
-		{ id => 'in_acme_dump_3', object => 'invoice', %acme_cust, subscription => 'sub_acme_dump',
-		  status => 'open', amount_due => 2900, amount_paid => 0, amount_remaining => 2900, currency => 'usd',
-		  created => $base + 6, period_start => $base, period_end => $base + 30 * 86400 })),
+my $late_invoice = { id => 'in_acme_dump_3', object => 'invoice', %acme_cust, subscription => 'sub_acme_dump',
+	status => 'open', amount_due => 2900, amount_paid => 0, amount_remaining => 2900, currency => 'usd',
+	created => $base + 6, period_start => $base, period_end => $base + 30 * 86400, livemode => JSON::PP::false };
+# Stripe still has it unpaid: a failure learnt late is looked up before the
+# tenant is told of it (docs/architecture.md, "Mirroring Stripe")
+is(HTTP::Tiny->new->post("http://127.0.0.1:$fake_port/_fake/objects",
+	{ content => JSON::PP::encode_json($late_invoice) })->{status}, 200, 'the fake Stripe knows the unpaid invoice');
+is(deliver($src, 'postgres', event('evt_dump_7', 'invoice.payment_failed', $base + 6, $late_invoice)),
 	'200', 'an event arrives while the worker is paused');
 
 # the activity reached every table it should
@@ -422,8 +426,11 @@ ok(defined wait_for(sub {
 ok(defined wait_for(sub {
 	q1($dst, 'postgres', "SELECT state FROM billing.webhook_events WHERE stripe_event_id = 'evt_dump_7'") eq 'applied' }, 60),
 	'the restored worker applied the event received before the dump');
-is(q1($dst, 'postgres', "SELECT count(*) FROM billing.notifications WHERE dedup_key = 'payment_failed:in_acme_dump_3'"),
-	'1', 'its notification is queued');
+ok(defined wait_for(sub {
+	q1($dst, 'postgres', "SELECT count(*) FROM billing.notifications WHERE dedup_key = 'payment_failed:in_acme_dump_3'") eq '1' }, 60),
+	'its notification is queued (once Stripe said the invoice is still unpaid)')
+	or diag(q1($dst, 'postgres', "SELECT string_agg(row(f.*)::text, ' ') FROM billing.invoice_failures f")
+		. "\n" . q1($dst, 'postgres', "SELECT string_agg(row(r.request_id, r.kind, r.state, r.http_status, r.error)::text, ' ') FROM billing.stripe_requests r WHERE r.kind LIKE 'mirror.%'"));
 ok(defined wait_for(sub { queue_idle($dst, 'postgres') }, 60), 'and everything queued after the restore');
 is(q1($dst, 'postgres', "SELECT count(*) FROM billing.stripe_requests WHERE state = 'failed'"), '0',
 	'no request failed');
