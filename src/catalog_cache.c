@@ -287,6 +287,7 @@ load_catalog(void *arg)
 	/* features: what some plan lists; which plan lists which */
 	if (SPI_execute(/* result: text, text */ "SELECT f.feature, p.plan_id"
 					"  FROM billing.plans p, pg_catalog.unnest(p.features) f(feature)"
+					" WHERE f.feature IS NOT NULL"
 					" ORDER BY f.feature COLLATE \"C\", p.plan_id COLLATE \"C\"",
 					true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "qes_billing: could not read billing.plans.features");

@@ -220,7 +220,7 @@ qes_worker_subxact(QesSubxactStep step, void *arg, const char *failure)
 			ereport(LOG,
 					(errmsg("qes_billing worker: could not %s: %s",
 							failure, qes_redact_secrets(edata->message))));
-			qes_worker_note_error(edata->message);
+			qes_worker_note_error(edata->message ? edata->message : "an error without a message");
 		}
 		FreeErrorData(edata);
 	}

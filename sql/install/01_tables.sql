@@ -36,7 +36,7 @@ CREATE TABLE billing.plans (
   name              text NOT NULL CHECK (length(name) BETWEEN 1 AND 100),
   tier              integer NOT NULL UNIQUE CHECK (tier >= 0),
   description       text NOT NULL DEFAULT '',
-  features          text[] NOT NULL DEFAULT '{}',
+  features          text[] NOT NULL DEFAULT '{}' CHECK (array_position(features, NULL) IS NULL),
   stripe_product_id text UNIQUE,
   active            boolean NOT NULL DEFAULT true
 );

@@ -102,6 +102,7 @@ DECLARE
   v_name  text := btrim(legal_name);
   v_pc    text := btrim(postal_code);
   d       billing.billing_details;
+  v_old   billing.billing_details;
 BEGIN
   IF v_name IS NULL OR length(v_name) NOT BETWEEN 1 AND 200 THEN
     RAISE EXCEPTION 'legal_name must have 1 to 200 characters'
@@ -133,6 +134,7 @@ BEGIN
     END IF;
   END IF;
 
+  SELECT * INTO v_old FROM billing.billing_details x WHERE x.tenant_id = t.tenant_id FOR UPDATE;
   INSERT INTO billing.billing_details AS x (tenant_id, legal_name, country, postal_code, line1, city, vat_number)
   VALUES (t.tenant_id, v_name, v_cc, v_pc, line1, city, v_vat)
   ON CONFLICT (tenant_id) DO UPDATE
@@ -140,8 +142,22 @@ BEGIN
          line1 = EXCLUDED.line1, city = EXCLUDED.city, vat_number = EXCLUDED.vat_number,
          state = 'pending', refusal = NULL, stripe_request = NULL, version = x.version + 1,
          tax_id_status = CASE WHEN x.vat_number IS NOT DISTINCT FROM EXCLUDED.vat_number THEN x.tax_id_status END,
+         reverse_charge = x.reverse_charge AND x.vat_number IS NOT DISTINCT FROM EXCLUDED.vat_number
+                          AND x.country = EXCLUDED.country,
          updated_at = now()
   RETURNING * INTO d;
+  -- reverse charge rests on a verified VAT number of that country: another
+  -- number, none, or another country ends it until the new one is verified
+  IF v_old.reverse_charge AND NOT d.reverse_charge AND t.stripe_customer_id IS NOT NULL THEN
+    PERFORM billing.outbox_enqueue(t.tenant_id, 'tax_exempt.update', 'POST', '/v1/customers/' || t.stripe_customer_id,
+                                   jsonb_build_object('tax_exempt', 'none'));
+    PERFORM billing.audit('tax.reverse_charge', t.tenant_id, jsonb_build_object(
+      'reverse_charge', false,
+      'basis', jsonb_build_object('vat_number', d.vat_number, 'vat_number_before', v_old.vat_number,
+                                  'customer_country', d.country, 'country_before', v_old.country,
+                                  'reason', 'the verified VAT number no longer stands'),
+      'tax_exempt', 'none'));
+  END IF;
   PERFORM billing.billing_details_send(t.tenant_id);
   PERFORM billing.audit('billing_details.set', t.tenant_id,
                         jsonb_build_object('country', v_cc, 'postal_code', v_pc, 'vat_number', v_vat,
@@ -243,13 +259,16 @@ AS $$
 DECLARE
   d        billing.billing_details;
   v_status text := CASE WHEN p_deleted THEN 'deleted' ELSE coalesce(o -> 'verification' ->> 'status', 'pending') END;
-  v_origin text := nullif(current_setting('qes_billing.tax_origin_country'), '');
+  v_origin text := upper(nullif(btrim(current_setting('qes_billing.tax_origin_country')), ''));
   v_rc     boolean;
   v_cust   text := (SELECT t.stripe_customer_id FROM billing.tenants t WHERE t.tenant_id = p_tenant);
 BEGIN
   SELECT * INTO d FROM billing.billing_details x WHERE x.tenant_id = p_tenant FOR UPDATE;
   IF NOT FOUND OR (o ->> 'value') IS DISTINCT FROM d.vat_number THEN
     RETURN;    -- a tax ID of a VAT number the tenant no longer gives
+  END IF;
+  IF billing.eu_vat_pattern(v_origin) IS NULL THEN
+    v_origin := NULL;    -- not an EU member state's code (GR, not EL): reverse charge is never decided
   END IF;
   -- reverse charge: a verified EU VAT number of another member state than ours
   v_rc := v_status = 'verified' AND billing.eu_vat_pattern(d.country) IS NOT NULL

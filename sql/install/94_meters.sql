@@ -564,6 +564,9 @@ BEGIN
     RAISE EXCEPTION 'a reason is required to void usage'
       USING ERRCODE = 'invalid_parameter_value', HINT = 'Say why, e.g. ''signature failed, not the tenant''''s fault''.';
   END IF;
+  -- a meter pass under way may be about to send this row: wait for it, so
+  -- what follows sees whether it was sent (passes take the same lock)
+  PERFORM pg_advisory_xact_lock(hashtext('qes_billing.meter_queue'));
   SELECT * INTO u FROM billing.usage_events WHERE tenant_id = p_tenant AND idempotency_key = p_key FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'no usage of tenant "%" with idempotency key "%"', p_tenant, p_key

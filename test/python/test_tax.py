@@ -167,6 +167,30 @@ def test_a_verified_eu_business_abroad_is_reverse_charged_audited(pg, api, fake)
     assert pg.sql("SELECT count(*) FROM billing.audit_log WHERE action = 'tax.reverse_charge' AND tenant_id = 'nlbv'")[0][0] == 2
 
 
+def test_reverse_charge_ends_when_the_vat_number_goes(pg, api, fake):
+    """A reverse-charged business that drops its VAT number (or gives
+    another, or moves) pays VAT again at once: the decision rests on the
+    verified number, not on the tenant's word after it."""
+    pg.sql("SELECT billing.upsert_tenant('atgo', 'Signatur Wien GmbH', 'billing@wien.example')")
+    assert put(api, "atgo", legal_name="Signatur Wien GmbH", country="AT", postal_code="1010",
+               vat_number="ATU12345678").status == 200
+    settle(pg, api, fake)
+    [txi] = [t for t in fake.of_type("tax_id") if t["value"] == "ATU12345678"]
+    fake.verify_tax_id(txi["id"], "verified")
+    settle(pg, api, fake)
+    assert details(api, "atgo").body["reverse_charge"] is True
+    assert fake.get(txi["customer"])["tax_exempt"] == "reverse"
+    # the number withdrawn by the tenant
+    assert put(api, "atgo", legal_name="Signatur Wien GmbH", country="AT", postal_code="1010").status == 200
+    settle(pg, api, fake)
+    r = details(api, "atgo").body
+    assert (r["reverse_charge"], r["vat_number"]) == (False, None), r
+    assert fake.get(txi["customer"])["tax_exempt"] == "none"
+    [(d,)] = pg.sql("SELECT details FROM billing.audit_log WHERE action = 'tax.reverse_charge' AND tenant_id = 'atgo' "
+                    "ORDER BY audit_id DESC LIMIT 1")
+    assert d["reverse_charge"] is False and d["basis"]["vat_number_before"] == "ATU12345678", d
+
+
 def test_a_verified_business_at_home_is_not_reverse_charged(pg, api, fake):
     pg.sql("SELECT billing.upsert_tenant('debv', 'Signatur GmbH', 'billing@signatur.example')")
     r = put(api, "debv", legal_name="Signatur GmbH", country="DE", postal_code="80331", vat_number="DE123456789")
