@@ -162,7 +162,7 @@ BEGIN
   END IF;
   v_shown := 0;
   FOR r IN
-    SELECT a.occurred_at, a.action, a.actor_sub,
+    SELECT a.occurred_at, a.action, a.actor_tenant,
            concat_ws(', ',
              'plan ' || coalesce(a.details ->> 'plan', a.details ->> 'from_plan'),
              'interval ' || (a.details ->> 'interval'),
@@ -179,7 +179,10 @@ BEGIN
     END IF;
     v_lines := v_lines || format('  %s  %s%s%s', billing.dispute_utc(r.occurred_at), r.action,
                                  CASE WHEN r.what <> '' THEN ' (' || r.what || ')' ELSE '' END,
-                                 CASE WHEN r.actor_sub IS NOT NULL THEN ' by ' || r.actor_sub ELSE '' END);
+                                 -- who, without naming anyone: the evidence goes to the card
+                                 -- network, and staff identities are not the customer's business
+                                 CASE WHEN r.actor_tenant = p_tenant THEN ' by the customer'
+                                      ELSE ' by the platform' END);
     v_shown := v_shown + 1;
   END LOOP;
   v_shown := 0;
