@@ -424,11 +424,18 @@ qes_redact_jsonb_fn(PG_FUNCTION_ARGS)
 
 static emit_log_hook_type prev_emit_log_hook = NULL;
 
+/*
+ * A message that also goes to the client is masked by form only: masking
+ * the current value of a secret that has no form (the SMTP password, the
+ * platform webhook's signing secret) in a message the client wrote itself
+ * would tell it which of its guesses is the secret.  Such a message still
+ * never carries a secret the client did not send.
+ */
 static void
-redact_field(char **field)
+redact_field(char **field, bool to_client)
 {
 	if (*field != NULL)
-		*field = qes_redact_secrets(*field);
+		*field = to_client ? qes_redact_cstring(*field) : qes_redact_secrets(*field);
 }
 
 /*
@@ -441,12 +448,14 @@ redact_field(char **field)
 static void
 qes_emit_log_hook(ErrorData *edata)
 {
-	redact_field(&edata->message);
-	redact_field(&edata->detail);
-	redact_field(&edata->detail_log);
-	redact_field(&edata->hint);
-	redact_field(&edata->context);
-	redact_field(&edata->internalquery);
+	bool		to_client = edata->output_to_client;
+
+	redact_field(&edata->message, to_client);
+	redact_field(&edata->detail, to_client);
+	redact_field(&edata->detail_log, to_client);
+	redact_field(&edata->hint, to_client);
+	redact_field(&edata->context, to_client);
+	redact_field(&edata->internalquery, to_client);
 	if (!edata->hide_stmt && debug_query_string != NULL && holds_secret(debug_query_string))
 		edata->hide_stmt = true;
 	if (prev_emit_log_hook)

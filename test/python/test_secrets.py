@@ -409,3 +409,27 @@ def test_the_search_finds_planted_secrets(pg):
         if running:
             running.close()
         pg.sql("DROP TABLE billing.zz_secret_plant")
+
+
+def test_masking_is_no_oracle_for_a_secret_without_a_form(pg):
+    """The SMTP password has no form to be recognised by; masking its value
+    in a message that goes back to the client would tell an ordinary login
+    which of its guesses is the password.  A client's own error comes back
+    as it wrote it; the server log still gets the value masked."""
+    password = "Oracle-Probe-Password-77"
+    with pg.connect(autocommit=True) as su:
+        su.execute(f"ALTER SYSTEM SET qes_billing.smtp_password = '{password}'")
+        su.execute("SELECT pg_reload_conf()")
+        su.execute("CREATE ROLE oracle_probe LOGIN")
+    try:
+        assert pg.wait_until("SELECT current_setting('qes_billing.smtp_password') <> ''")
+        with pg.connect(user="oracle_probe", autocommit=True) as probe:
+            with pytest.raises(psycopg.Error) as e:
+                probe.execute(f"SELECT 'guess-one {password} guess-three'::int")
+        message = str(e.value)
+        assert password in message and "[redacted]" not in message, message
+    finally:
+        with pg.connect(autocommit=True) as su:
+            su.execute("ALTER SYSTEM RESET qes_billing.smtp_password")
+            su.execute("SELECT pg_reload_conf()")
+            su.execute("DROP ROLE oracle_probe")
