@@ -106,7 +106,10 @@ BEGIN
     INSERT INTO router.stripe_throttle VALUES (true, v_now + interval '2 seconds')
     ON CONFLICT (one_row) DO UPDATE SET halved_until = EXCLUDED.halved_until;
   END IF;
-  v_avail := v_rate;
+  -- a twentieth held back: each shard's token bucket may send a request
+  -- ahead of its rate at a second's edge, and the sum must stay within the
+  -- account's rate in every second, not only on average
+  v_avail := v_rate * 0.95;
   IF EXISTS (SELECT FROM router.stripe_throttle WHERE halved_until > v_now) THEN
     v_avail := v_rate / 2;
   END IF;
