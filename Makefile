@@ -23,6 +23,7 @@ OBJS = \
 	src/counters.o \
 	src/usage.o \
 	src/usage_store.o \
+	src/insert_once.o \
 	src/features.o \
 	src/webhook_signature.o \
 	src/stripe_form.o \

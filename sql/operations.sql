@@ -90,6 +90,54 @@ DROP INDEX billing.usage_events_ops_extra;
 DROP INDEX billing.webhook_events_ops_extra;
 SELECT recorded FROM billing.record_usage('ops', 'signatures', 1, 'ddl-4');
 
+-- ---- a DBA's triggers and constraints reach record_usage's write -------------
+-- (src/insert_once.c: row triggers, statement triggers other than the
+-- extension's own, CHECK constraints, as for an INSERT)
+CREATE TABLE ops_trigger_log (what text, key text);
+CREATE FUNCTION ops_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.metadata := coalesce(NEW.metadata, '{}') || '{"stamped": true}'; RETURN NEW; END $$;
+CREATE FUNCTION ops_row_log() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO ops_trigger_log VALUES (TG_WHEN || ' ' || TG_LEVEL, NEW.idempotency_key); RETURN NULL; END $$;
+CREATE FUNCTION ops_stmt_log() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO ops_trigger_log VALUES (TG_WHEN || ' ' || TG_LEVEL, NULL); RETURN NULL; END $$;
+CREATE TRIGGER ops_stamp BEFORE INSERT ON billing.usage_events FOR EACH ROW EXECUTE FUNCTION ops_stamp();
+CREATE TRIGGER ops_row_log AFTER INSERT ON billing.usage_events FOR EACH ROW EXECUTE FUNCTION ops_row_log();
+CREATE TRIGGER ops_stmt_log BEFORE INSERT ON billing.usage_events FOR EACH STATEMENT EXECUTE FUNCTION ops_stmt_log();
+SELECT current AS before_triggers FROM billing.check_limit('ops', 'signatures', 0);
+SELECT recorded, total FROM billing.record_usage('ops', 'signatures', 1, 'trg-1');
+SELECT recorded, duplicate, total FROM billing.record_usage('ops', 'signatures', 1, 'trg-1');
+SELECT metadata FROM billing.usage_events WHERE tenant_id = 'ops' AND idempotency_key = 'trg-1';
+-- the AFTER ROW trigger saw the new row once; the statement trigger fired per call
+SELECT what, key FROM ops_trigger_log ORDER BY what, key;
+-- record_usage's own row did not reset the counters (usage_changed knows it)
+SELECT current AS after_triggers FROM billing.check_limit('ops', 'signatures', 0);
+-- a CHECK constraint refuses the row: nothing is written, nothing counted
+ALTER TABLE billing.usage_events ADD CONSTRAINT ops_small CHECK (quantity < 1000) NOT VALID;
+\set VERBOSITY terse
+SELECT * FROM billing.record_usage('ops', 'api_calls', 5000, 'trg-big');
+\set VERBOSITY default
+\echo :LAST_ERROR_SQLSTATE
+SELECT count(*) AS big_rows FROM billing.usage_events WHERE idempotency_key = 'trg-big';
+ALTER TABLE billing.usage_events DROP CONSTRAINT ops_small;
+-- a BEFORE trigger that skips the row is an error, not a silent loss
+CREATE OR REPLACE FUNCTION ops_stamp() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
+SELECT * FROM billing.record_usage('ops', 'signatures', 1, 'trg-skipped');
+\echo :LAST_ERROR_SQLSTATE
+DROP TRIGGER ops_stamp ON billing.usage_events;
+DROP TRIGGER ops_row_log ON billing.usage_events;
+DROP TRIGGER ops_stmt_log ON billing.usage_events;
+DROP FUNCTION ops_stamp(), ops_row_log(), ops_stmt_log();
+DROP TABLE ops_trigger_log;
+-- one key twice in one statement: the second is the first's duplicate
+SELECT g, r.recorded, r.duplicate FROM generate_series(1, 2) g,
+       LATERAL billing.record_usage('ops', 'signatures', 1, 'trg-twice' || repeat('x', g * 0)) r ORDER BY g;
+-- and the same at REPEATABLE READ
+BEGIN ISOLATION LEVEL REPEATABLE READ;
+SELECT recorded FROM billing.record_usage('ops', 'signatures', 1, 'trg-rr');
+SELECT recorded, duplicate FROM billing.record_usage('ops', 'signatures', 1, 'trg-rr');
+COMMIT;
+SELECT current AS after_all FROM billing.check_limit('ops', 'signatures', 0);
+
 -- ---- totals never wrap -------------------------------------------------------
 SELECT (billing.upsert_tenant('ops_big', 'Big', 'big@t.example')).tenant_id;
 SELECT recorded, total, status FROM billing.record_usage('ops_big', 'api_calls', 9223372036854775806, 'big-1');

@@ -21,8 +21,10 @@
 #include "counters.h"
 #include "guard.h"
 #include "guc.h"
+#include "insert_once.h"
 #include "redact.h"
 #include "shmem.h"
+#include "usage.h"
 #include "usage_store.h"
 #include "worker.h"
 
@@ -51,10 +53,13 @@ qes_xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_PARALLEL_COMMIT:
 			qes_counters_at_commit();
 			qes_guard_at_commit();
+			qes_usage_at_xact_end();
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 			qes_usage_inserting = false;
+			qes_insert_once_at_abort();
+			qes_usage_at_xact_end();
 			qes_counters_at_abort();
 			qes_guard_at_abort();
 			break;
@@ -147,4 +152,6 @@ _PG_init(void)
 	RegisterXactCallback(qes_xact_callback, NULL);
 	RegisterSubXactCallback(qes_subxact_callback, NULL);
 	qes_catalog_register_callback();
+	qes_insert_once_init();
+	qes_usage_init();
 }

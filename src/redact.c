@@ -145,15 +145,27 @@ secret_at(const char *s, int len, int i, int *keep)
 	return 0;
 }
 
-/* Does s (len bytes) hold anything to mask? */
+/*
+ * Does s (len bytes) hold anything to mask?  Run on every statement's text
+ * (the ExecutorRun hook below), so it looks closely only where a secret can
+ * begin: at a word's first letter, and only at the letters secret_at()
+ * knows (s, r, w for keys; b, B for credentials).
+ */
 bool
 qes_redact_needed(const char *s, int len)
 {
 	int			keep;
+	bool		after_alnum = false;
 
 	for (int i = 0; i < len; i++)
-		if (secret_at(s, len, i, &keep) > 0)
+	{
+		char		c = s[i];
+
+		if (!after_alnum && (c == 's' || c == 'r' || c == 'w' || c == 'b' || c == 'B') &&
+			secret_at(s, len, i, &keep) > 0)
 			return true;
+		after_alnum = is_alnum(c);
+	}
 	return false;
 }
 

@@ -3,23 +3,18 @@
  * usage_store.c
  *	  Writing and reading billing.usage_events for record_usage.
  *
- * Every row is written through PostgreSQL's own INSERT (a kept SPI plan),
- * so it goes to the relation as it is now: every index it has at this
- * moment (including ones a DBA created CONCURRENTLY, or rebuilt with
- * REINDEX CONCURRENTLY), its constraints and triggers, the defaults of
- * columns a later version adds, TOAST, and the read-only checks of a hot
- * standby or a fenced primary.  The plan cache re-plans the statement when
- * the relation changes, so nothing about the relation's shape is kept
- * across transactions by this file (docs/architecture.md, "Direct writes").
+ * Every row is written by src/insert_once.c: the executor's own index
+ * inserts, constraints and triggers, against the relation as it is now
+ * (every index it has at this moment, including ones a DBA created
+ * CONCURRENTLY or rebuilt with REINDEX CONCURRENTLY), the defaults of
+ * columns a later version adds, TOAST; record_usage itself refuses
+ * read-only transactions, hot standbys and a fenced primary first
+ * (docs/architecture.md, "Direct writes").
  *
- * The statement is INSERT ... ON CONFLICT DO NOTHING: a key recorded
- * before (or by a concurrent transaction that commits while we wait for
- * it) inserts nothing, and the caller then reads the original row.
- *
- * The earlier direct heap and index insert saved one executor start-up per
- * call but skipped indexes created after the backend first resolved the
- * table, and failed after REINDEX CONCURRENTLY; the measured cost of doing
- * it right is in the README's benchmark section.
+ * It has the meaning of INSERT ... ON CONFLICT (tenant_id,
+ * idempotency_key) DO NOTHING: a key recorded before (or by a concurrent
+ * transaction that commits while we wait for it) inserts nothing, and the
+ * caller then reads the original row.
  *
  *-------------------------------------------------------------------------
  */
@@ -40,50 +35,39 @@
 #include "utils/snapmgr.h"
 
 #include "catalog_cache.h"
+#include "insert_once.h"
 #include "usage_store.h"
-
-static SPIPlanPtr insert_plan = NULL;
 
 /*
  * True while record_usage's own INSERT runs: the usage_changed trigger
- * then knows the counters get this row's delta at commit, and any other
- * INSERT into the table (a backfill, a restore) resets them instead.
+ * (fired only when a DBA's statement trigger on the table makes the insert
+ * fire statement triggers) then knows the counters get this row's delta at
+ * commit; any other INSERT into the table (a backfill, a restore) resets
+ * them instead.
  */
 bool		qes_usage_inserting = false;
 
-typedef struct InsertArgs
-{
-	const UsageRow *row;
-	bool		inserted;
-} InsertArgs;
+static const char *const usage_columns[] = {
+	"tenant_id", "idempotency_key", "metric", "quantity", "period_start",
+	"occurred_at", "metadata", "total_after"
+};
 
-static void
-insert_cb(void *arg)
+static QesInsertTarget usage_target = {
+	"billing", "usage_events", lengthof(usage_columns), usage_columns,
+	"usage_changed", "usage_changed", NULL
+};
+
+/*
+ * Insert the row unless its (tenant_id, idempotency_key) exists; returns
+ * whether it was inserted (src/insert_once.c).
+ */
+bool
+qes_usage_insert(const UsageRow *row)
 {
-	InsertArgs *a = (InsertArgs *) arg;
-	const UsageRow *row = a->row;
 	Datum		values[8];
-	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
-	int			rc;
+	bool		nulls[8] = {0};
+	QesInsertResult r;
 
-	if (insert_plan == NULL)
-	{
-		Oid			types[8] = {TEXTOID, TEXTOID, TEXTOID, INT8OID, TIMESTAMPTZOID,
-		TIMESTAMPTZOID, JSONBOID, INT8OID};
-		SPIPlanPtr	plan;
-
-		plan = SPI_prepare(/* result: none */ "INSERT INTO billing.usage_events"
-						   " (tenant_id, idempotency_key, metric, quantity, period_start,"
-						   "  occurred_at, metadata, total_after)"
-						   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-						   " ON CONFLICT (tenant_id, idempotency_key) DO NOTHING",
-						   8, types);
-		if (plan == NULL)
-			elog(ERROR, "qes_billing: could not prepare the usage insert: %s",
-				 SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		insert_plan = plan;
-	}
 	values[0] = CStringGetTextDatum(row->tenant_id);
 	values[1] = CStringGetTextDatum(row->idempotency_key);
 	values[2] = CStringGetTextDatum(row->metric);
@@ -91,29 +75,14 @@ insert_cb(void *arg)
 	values[4] = TimestampTzGetDatum(row->period_start);
 	values[5] = TimestampTzGetDatum(row->occurred_at);
 	values[6] = PointerGetDatum(row->metadata);
-	nulls[6] = (row->metadata == NULL) ? 'n' : ' ';
+	nulls[6] = (row->metadata == NULL);
 	values[7] = Int64GetDatum(row->total_after);
-	rc = SPI_execute_plan(insert_plan, values, nulls, false, 0);
-	if (rc != SPI_OK_INSERT)
-		elog(ERROR, "qes_billing: usage insert failed: %s", SPI_result_code_string(rc));
-	a->inserted = (SPI_processed == 1);
-}
-
-/*
- * Insert the row unless its (tenant_id, idempotency_key) exists; returns
- * whether it was inserted.  Runs as the table owner (qes_run_as_owner), so
- * the caller needs no privilege on the table.
- */
-bool
-qes_usage_insert(const UsageRow *row)
-{
-	InsertArgs	a = {row, false};
 
 	/* an error aborts the transaction; the flag is cleared at its end */
 	qes_usage_inserting = true;
-	qes_run_as_owner(insert_cb, &a);
+	r = qes_insert_once(&usage_target, values, nulls);
 	qes_usage_inserting = false;
-	return a.inserted;
+	return r == QES_INSERTED;
 }
 
 /*

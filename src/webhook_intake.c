@@ -17,9 +17,9 @@
  * Stripe never escapes them.  A repeated key counts with its last value, as
  * in jsonb (which is how the worker reads the payload).
  *
- * A new event is inserted into billing.webhook_events through a kept INSERT
- * plan (the insert's trigger wakes the worker at commit); a known one
- * answers 200 and stores nothing.
+ * A new event is inserted into billing.webhook_events (src/insert_once.c)
+ * and wakes the worker at commit; a known one answers 200 and stores
+ * nothing.
  * A refused delivery is handed to billing.webhook_reject(), which records and
  * audits it and sets the HTTP status.
  *
@@ -40,10 +40,12 @@
 
 #include "catalog_cache.h"
 #include "guard.h"
+#include "insert_once.h"
 #include "guc.h"
 #include "json_scan.h"
 #include "postgrest.h"
 #include "webhook_signature.h"
+#include "worker.h"
 
 /* 2011-01-01T00:00:00Z: no Stripe event is older */
 #define QES_EARLIEST_EVENT	INT64CONST(1293840000)
@@ -88,74 +90,44 @@ valid_event_type(const char *type)
 
 /* ---- the inbox row ------------------------------------------------------- */
 
-static SPIPlanPtr store_plan = NULL;
+static const char *const inbox_columns[] = {
+	"stripe_event_id", "event_type", "livemode", "api_version", "stripe_created", "payload"
+};
 
-typedef struct StoreArgs
-{
-	const char *id;
-	const char *type;
-	bool		live;
-	const char *api_version;
-	TimestampTz created;
-	text	   *payload;
-	bool		stored;
-} StoreArgs;
-
-static void
-store_cb(void *arg)
-{
-	StoreArgs  *a = (StoreArgs *) arg;
-	Datum		values[6];
-	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
-	int			rc;
-
-	if (store_plan == NULL)
-	{
-		Oid			types[6] = {TEXTOID, TEXTOID, BOOLOID, TEXTOID, TIMESTAMPTZOID, JSONOID};
-		SPIPlanPtr	plan;
-
-		plan = SPI_prepare(/* result: none */ "INSERT INTO billing.webhook_events"
-						   " (stripe_event_id, event_type, livemode, api_version, stripe_created, payload)"
-						   " VALUES ($1, $2, $3, $4, $5, $6)"
-						   " ON CONFLICT (stripe_event_id) DO NOTHING",
-						   6, types);
-		if (plan == NULL)
-			elog(ERROR, "qes_billing: could not prepare the inbox insert: %s",
-				 SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		store_plan = plan;
-	}
-	values[0] = CStringGetTextDatum(a->id);
-	values[1] = CStringGetTextDatum(a->type);
-	values[2] = BoolGetDatum(a->live);
-	values[3] = a->api_version ? CStringGetTextDatum(a->api_version) : (Datum) 0;
-	nulls[3] = a->api_version ? ' ' : 'n';
-	values[4] = TimestampTzGetDatum(a->created);
-	values[5] = PointerGetDatum(a->payload);	/* json is text inside */
-	rc = SPI_execute_plan(store_plan, values, nulls, false, 0);
-	if (rc != SPI_OK_INSERT)
-		elog(ERROR, "qes_billing: inbox insert failed: %s", SPI_result_code_string(rc));
-	a->stored = (SPI_processed == 1);
-}
+static QesInsertTarget inbox_target = {
+	"billing", "webhook_events", lengthof(inbox_columns), inbox_columns,
+	"wake_worker", "wake_worker_on_commit", NULL
+};
 
 /*
  * Store the event in billing.webhook_events unless its id is there already;
- * returns whether it was new.  Through PostgreSQL's INSERT (a kept SPI
- * plan, as the table owner), so the row reaches every index the table has
- * now, its constraints, defaults and triggers (the insert trigger wakes the
- * worker at commit), and a read-only transaction or a standby refuses it
- * (docs/architecture.md, "Direct writes").  ON CONFLICT DO NOTHING: two
- * deliveries of one new event at once, the second waits for the first and
- * answers "duplicate" if it commits, or stores the event if it rolls back.
+ * returns whether it was new.  Written by src/insert_once.c, so the row
+ * reaches every index the table has now, its constraints, defaults and
+ * triggers, with the meaning of INSERT ... ON CONFLICT (stripe_event_id)
+ * DO NOTHING: two deliveries of one new event at once, the second waits
+ * for the first and answers "duplicate" if it commits, or stores the event
+ * if it rolls back.  The caller refused read-only transactions and
+ * standbys first.  The table's own wake_worker trigger is not fired: a new
+ * event wakes the worker at commit from here.
  */
 static bool
 store_event(const char *id, const char *type, bool live, const char *api_version,
 			TimestampTz created, text *payload)
 {
-	StoreArgs	a = {id, type, live, api_version, created, payload, false};
+	Datum		values[6];
+	bool		nulls[6] = {0};
 
-	qes_run_as_owner(store_cb, &a);
-	return a.stored;
+	values[0] = CStringGetTextDatum(id);
+	values[1] = CStringGetTextDatum(type);
+	values[2] = BoolGetDatum(live);
+	values[3] = api_version ? CStringGetTextDatum(api_version) : (Datum) 0;
+	nulls[3] = (api_version == NULL);
+	values[4] = TimestampTzGetDatum(created);
+	values[5] = PointerGetDatum(payload);	/* json is text inside */
+	if (qes_insert_once(&inbox_target, values, nulls) != QES_INSERTED)
+		return false;
+	qes_wake_at_commit();
+	return true;
 }
 
 /* ---- the endpoint ------------------------------------------------------- */
