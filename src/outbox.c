@@ -896,7 +896,11 @@ qes_outbox_pump(bool *progress)
 		return false;			/* idle: no transaction, no curl */
 	outbox_init();
 	forget_finished();
-	if (claim_more && n_in_flight < qes_max_inflight)
+	/*
+	 * Answers to record: claim in the same transaction (a retry scheduled
+	 * or a waiting request released may be due), not in a turn of its own.
+	 */
+	if ((claim_more || n_answered > 0) && n_in_flight < qes_max_inflight)
 		room = take_tokens(qes_max_inflight - n_in_flight);
 	if (room > 0 || n_answered > 0)
 	{

@@ -94,6 +94,8 @@ PG_FUNCTION_INFO_V1(qes_wake_worker);
 static bool wake_pending = false;
 /* ... and the transaction queued a Stripe request (src/outbox.c claims it first) */
 static bool wake_outbox_pending = false;
+/* ... and work other than Stripe requests (the tick looks for it) */
+static bool wake_other_pending = false;
 /* true in the worker process itself */
 static bool am_worker = false;
 
@@ -110,7 +112,11 @@ qes_wake_xact_event(XactEvent event)
 				wake_pending = false;
 				if (wake_outbox_pending)
 					pg_atomic_fetch_add_u64(&qes_worker_state->outbox_wakes, 1);
+				/* (counted before wake_requests: see wake_for_outbox_only) */
+				if (wake_outbox_pending && !wake_other_pending)
+					pg_atomic_fetch_add_u64(&qes_worker_state->outbox_only_wakes, 1);
 				wake_outbox_pending = false;
+				wake_other_pending = false;
 				qes_set_worker_latch();
 			}
 			break;
@@ -124,6 +130,7 @@ qes_wake_xact_event(XactEvent event)
 			{
 				wake_pending = false;
 				wake_outbox_pending = false;
+				wake_other_pending = false;
 				qes_set_worker_latch();
 			}
 			break;
@@ -131,6 +138,7 @@ qes_wake_xact_event(XactEvent event)
 		case XACT_EVENT_PARALLEL_ABORT:
 			wake_pending = false;
 			wake_outbox_pending = false;
+			wake_other_pending = false;
 			break;
 		default:
 			break;
@@ -144,6 +152,7 @@ void
 qes_wake_at_commit(void)
 {
 	wake_pending = true;
+	wake_other_pending = true;
 }
 
 /*
@@ -163,11 +172,15 @@ qes_wake_worker_trigger(PG_FUNCTION_ARGS)
 				 errmsg("wake_worker_on_commit() must be called as a trigger")));
 	if (!am_worker || TRIGGER_FIRED_BY_INSERT(((TriggerData *) fcinfo->context)->tg_event))
 	{
-		qes_wake_at_commit();
 		/* a Stripe request: the worker claims it before anything else */
 		if (strcmp(RelationGetRelationName(((TriggerData *) fcinfo->context)->tg_relation),
 				   "stripe_requests") == 0)
+		{
+			wake_pending = true;
 			wake_outbox_pending = true;
+		}
+		else
+			qes_wake_at_commit();
 	}
 	return PointerGetDatum(NULL);
 }
@@ -530,6 +543,29 @@ run_pumps(long budget_ms, long *notify_due_ms)
 	}
 }
 
+/*
+ * Did only commits that queued Stripe requests (and nothing else) wake us
+ * since the last loop?  Then the outbox's fast path claims them and the
+ * tick (inbox, timers, meters: a transaction of a dozen statements) has
+ * nothing new to look at: at low load that tick was most of the worker's
+ * CPU per request.  Conservative: a latch set by anything else, or counts
+ * read while a commit was between its two increments, say no.
+ */
+static uint64 wakes_seen = 0;
+static uint64 outbox_only_seen = 0;
+
+static bool
+wake_for_outbox_only(uint64 wakes)
+{
+	uint64		only = pg_atomic_read_u64(&qes_worker_state->outbox_only_wakes);
+	bool		result;
+
+	result = wakes != wakes_seen && wakes - wakes_seen == only - outbox_only_seen;
+	wakes_seen = wakes;
+	outbox_only_seen = only;
+	return result;
+}
+
 static long
 ms_until(TimestampTz t, TimestampTz now)
 {
@@ -584,6 +620,7 @@ qes_worker_main(Datum main_arg)
 		long		timeout;
 		long		stats_ms;
 		TimestampTz loop_started = GetCurrentTimestamp();
+		volatile bool outbox_only;
 
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -594,7 +631,8 @@ qes_worker_main(Datum main_arg)
 		}
 		/* a commit woke us, or work falls due: otherwise no transaction */
 		tick_at = earliest_tick(tick_at, true);
-		if ((wake_reason & WL_LATCH_SET) || loop_started >= tick_at)
+		outbox_only = (wake_reason & WL_LATCH_SET) && wake_for_outbox_only(wakes);
+		if (((wake_reason & WL_LATCH_SET) && !outbox_only) || loop_started >= tick_at)
 			tick_now = true;
 
 		oldcontext = MemoryContextSwitchTo(loop_context);
@@ -607,6 +645,9 @@ qes_worker_main(Datum main_arg)
 			 */
 			if (active && !qes_worker_paused && (wake_reason & WL_LATCH_SET))
 				(void) run_pumps(0, NULL);
+			/* woken for requests that were not claimed (the rate, say): the tick decides */
+			if (outbox_only && (!active || qes_worker_paused || qes_http_in_flight() == 0))
+				tick_now = true;
 			if (tick_now)
 			{
 				TickResult	r;

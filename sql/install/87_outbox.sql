@@ -86,9 +86,11 @@ CREATE FUNCTION billing.outbox_claim(p_limit integer)
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
-  -- this database's share of the Stripe account's rate (87_outbox_budget.sql)
-  v_room integer := billing.stripe_budget_take(p_limit);
-  v_n    integer;
+  -- this database's share of the Stripe account's rate (87_outbox_budget.sql),
+  -- when a coordinator gave it one (a sharded deployment); else p_limit
+  v_budget boolean := EXISTS (SELECT FROM billing.stripe_rate_budget);
+  v_room   integer := CASE WHEN v_budget THEN billing.stripe_budget_take(p_limit) ELSE p_limit END;
+  v_n      integer;
 BEGIN
   RETURN QUERY
   UPDATE billing.stripe_requests r
@@ -101,7 +103,7 @@ BEGIN
               FOR UPDATE SKIP LOCKED))
   RETURNING r.request_id, r.attempts, r.method, r.path, r.params, r.idempotency_key;
   GET DIAGNOSTICS v_n = ROW_COUNT;
-  IF v_n < v_room THEN
+  IF v_budget AND v_n < v_room THEN
     PERFORM billing.stripe_budget_give_back(v_room - v_n);
   END IF;
 END
@@ -117,7 +119,10 @@ CREATE FUNCTION billing.outbox_next_due() RETURNS double precision
 AS $$
 BEGIN
   -- and not before this database's share of the account's rate allows one
-  RETURN (SELECT greatest(0, extract(epoch FROM d.at - now()), billing.stripe_budget_wait())::double precision
+  -- (a sharded deployment's; none without a coordinator)
+  RETURN (SELECT greatest(0, extract(epoch FROM d.at - now()),
+                          CASE WHEN EXISTS (SELECT FROM billing.stripe_rate_budget) THEN billing.stripe_budget_wait() END
+                         )::double precision
             FROM (SELECT min(r.next_attempt_at) AS at FROM billing.stripe_requests r WHERE r.state = 'pending') d
            WHERE d.at IS NOT NULL);
 END

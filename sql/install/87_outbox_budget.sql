@@ -62,10 +62,14 @@ $$;
 COMMENT ON FUNCTION billing.stripe_budget_take(integer) IS
   'Run by the claim: how many of p_want requests this database''s share of the Stripe account''s rate lets it send now (all of them without a share).';
 
+-- (PL/pgSQL: its plan is kept for the worker's session; a SQL function
+-- with SET clauses is planned again at every call)
 CREATE FUNCTION billing.stripe_budget_give_back(p_unused integer) RETURNS void
-  LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
-  UPDATE billing.stripe_rate_budget SET tokens = tokens + p_unused WHERE p_unused > 0
+BEGIN
+  UPDATE billing.stripe_rate_budget SET tokens = tokens + p_unused WHERE p_unused > 0;
+END
 $$;
 COMMENT ON FUNCTION billing.stripe_budget_give_back(integer) IS
   'Return the tokens a claim took and did not use.';

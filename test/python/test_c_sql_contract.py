@@ -134,7 +134,7 @@ STATEMENTS = statements()
 
 def test_the_extraction_finds_the_hot_paths():
     files = {s.source for s in STATEMENTS}
-    assert {"usage_store.c", "webhook_intake.c", "counters.c", "catalog_cache.c", "worker.c",
+    assert {"webhook_intake.c", "counters.c", "catalog_cache.c", "worker.c",
             "outbox.c", "notify.c"} <= files
     assert len(STATEMENTS) >= 15
     # the reads are found where they are (a check that the check looks)
@@ -192,3 +192,57 @@ def test_statement_matches_the_schema(pg, stmt):
             for i, (d, s) in enumerate(zip(declared, described), 1):
                 assert d in ("-", s), f"{stmt}: result column {i} is {s}, the C reads it as {d}"
         conn.rollback()
+
+
+# ---- the tables the hot paths write without SQL (src/insert_once.c) ---------------
+# A QesInsertTarget names its table, the columns it fills (an array of
+# names just before it) and the extension's own statement trigger whose work
+# the caller does itself.  The values are passed in the C's order with
+# Datums of the C's types: the columns must exist with those types, the
+# table must have its primary key (the arbiter), and the trigger must be
+# there with that function (or it would be fired, or missed, silently).
+COLUMNS = re.compile(r"static const char \*const (\w+)\[\]\s*=\s*\{([^}]*)\};")
+TARGET = re.compile(r"static QesInsertTarget \w+\s*=\s*\{\s*\"(\w+)\",\s*\"(\w+)\",\s*lengthof\((\w+)\),\s*\w+,\s*"
+                    r"\"(\w+)\",\s*\"(\w+)\"")
+# the Datum each target's values are made with, column by column (the C)
+VALUE_TYPES = {"usage_store.c": ["text", "text", "text", "bigint", "timestamp with time zone",
+                                 "timestamp with time zone", "jsonb", "bigint"],
+               "webhook_intake.c": ["text", "text", "boolean", "text", "timestamp with time zone", "json"]}
+
+
+def insert_targets():
+    found = []
+    for path in sorted(glob.glob(os.path.join(SRC, "*.c"))):
+        text = open(path).read()
+        arrays = {m.group(1): re.findall(r'"(\w+)"', m.group(2)) for m in COLUMNS.finditer(text)}
+        for m in TARGET.finditer(text):
+            found.append((os.path.basename(path), m.group(1), m.group(2), arrays[m.group(3)], m.group(4), m.group(5)))
+    return found
+
+
+TARGETS = insert_targets()
+
+
+def test_the_extraction_finds_the_insert_targets():
+    assert {(t[0], t[2]) for t in TARGETS} == {("usage_store.c", "usage_events"),
+                                               ("webhook_intake.c", "webhook_events")}, TARGETS
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=[t[0] for t in TARGETS])
+def test_insert_target_matches_the_schema(pg, target):
+    source, nsp, rel, columns, trigger, function = target
+    with pg.connect() as conn:
+        types = [conn.execute(
+            "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+            " WHERE a.attrelid = %s::regclass AND a.attname = %s AND NOT a.attisdropped AND a.attgenerated = ''",
+            (f"{nsp}.{rel}", c)).fetchone() for c in columns]
+        missing = [c for c, t in zip(columns, types) if t is None]
+        assert not missing, f"{source}: {nsp}.{rel} has no column(s) {missing}"
+        assert [t[0] for t in types] == VALUE_TYPES[source], f"{source}: {nsp}.{rel} column types"
+        assert conn.execute("SELECT count(*) FROM pg_index WHERE indrelid = %s::regclass AND indisprimary",
+                            (f"{nsp}.{rel}",)).fetchone()[0] == 1, f"{source}: {nsp}.{rel} has no primary key"
+        assert conn.execute(
+            "SELECT p.proname FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid"
+            " WHERE t.tgrelid = %s::regclass AND t.tgname = %s AND p.pronamespace = %s::regnamespace",
+            (f"{nsp}.{rel}", trigger, nsp)).fetchone() == (function,), \
+            f"{source}: {nsp}.{rel} has no trigger {trigger} running {nsp}.{function}()"
