@@ -763,11 +763,14 @@ forget_finished(void)
  * due requests (if the extension is the incarnation the tick reconciled and
  * a key is set), COMMIT, and only then start the claimed requests.  After a
  * turn that failed, recording and claiming commit apart, so that an error
- * in claiming cannot keep answers from being recorded.  Returns how many
- * requests were claimed; *n_recorded says how many answers were recorded.
+ * in claiming cannot keep answers from being recorded.  only_if_due: the
+ * turn claims because answers came in (a retry scheduled, a waiting request
+ * released), not because requests are known to be due: it claims only if
+ * one is.  Returns how many requests were claimed; *n_recorded says how
+ * many answers were recorded.
  */
 static int
-turn(int room, int *n_recorded)
+turn(int room, bool only_if_due, int *n_recorded)
 {
 	const char *key = NULL;
 	char	   *problem;
@@ -775,6 +778,7 @@ turn(int room, int *n_recorded)
 	OutboxCall **recorded;
 	ClaimedRow *rows = NULL;
 	int			claimed = 0;
+	double		due_s;
 	bool		apart = last_turn_failed;
 	MemoryContext old;
 
@@ -823,10 +827,20 @@ turn(int room, int *n_recorded)
 				if (qes_worker_begin_xact("qes_billing worker: Stripe requests") != extoid)
 					extoid = InvalidOid;
 			}
-			if (OidIsValid(extoid))
-				claimed = claim(room, &rows);
-			else
+			if (!OidIsValid(extoid))
 				claim_more = false;
+			else if (only_if_due && (due_s = next_due()) != 0)
+			{
+				/*
+				 * Only answers brought us here, and nothing is due: a claim
+				 * (an UPDATE of the queue, a hundred or more microseconds even
+				 * when it finds nothing) would find nothing.
+				 */
+				claim_more = false;
+				qes_outbox_set_due(due_s);
+			}
+			else
+				claimed = claim(room, &rows);
 		}
 	}
 	else if (*n_recorded > 0)
@@ -905,7 +919,7 @@ qes_outbox_pump(bool *progress)
 	if (room > 0 || n_answered > 0)
 	{
 		int			recorded;
-		int			claimed = turn(room, &recorded);
+		int			claimed = turn(room, !claim_more, &recorded);
 
 		tokens += room - claimed;	/* unused tokens go back */
 		*progress = claimed > 0 || recorded > 0;
