@@ -118,7 +118,28 @@ SELECT * FROM billing.record_usage('ops', 'api_calls', 5000, 'trg-big');
 \set VERBOSITY default
 \echo :LAST_ERROR_SQLSTATE
 SELECT count(*) AS big_rows FROM billing.usage_events WHERE idempotency_key = 'trg-big';
+-- caught in a subtransaction, the error leaves nothing behind
+DO $$
+BEGIN
+  PERFORM billing.record_usage('ops', 'api_calls', 5000, 'trg-big');
+EXCEPTION WHEN check_violation THEN
+  RAISE NOTICE 'caught %', SQLSTATE;
+END $$;
 ALTER TABLE billing.usage_events DROP CONSTRAINT ops_small;
+-- the dropped constraint is not kept by the backend
+SELECT recorded FROM billing.record_usage('ops', 'api_calls', 5000, 'trg-big');
+-- another unique index that a repeated key would violate: the key is looked
+-- for first, and the repeat is a duplicate, not 23505
+CREATE UNIQUE INDEX ops_unique_keys ON billing.usage_events (idempotency_key) WHERE tenant_id = 'ops';
+SELECT recorded, duplicate FROM billing.record_usage('ops', 'api_calls', 5000, 'trg-big');
+SELECT recorded FROM billing.record_usage('ops', 'api_calls', 1, 'trg-unique-new');
+DROP INDEX billing.ops_unique_keys;
+-- a column whose type a DBA changed: a clear error, never a misread value
+ALTER TABLE billing.usage_events ALTER COLUMN quantity TYPE numeric;
+SELECT * FROM billing.record_usage('ops', 'api_calls', 1, 'trg-numeric');
+\echo :LAST_ERROR_SQLSTATE
+ALTER TABLE billing.usage_events ALTER COLUMN quantity TYPE bigint;
+SELECT recorded FROM billing.record_usage('ops', 'api_calls', 1, 'trg-numeric');
 -- a BEFORE trigger that skips the row is an error, not a silent loss
 CREATE OR REPLACE FUNCTION ops_stamp() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
 SELECT * FROM billing.record_usage('ops', 'signatures', 1, 'trg-skipped');

@@ -36,22 +36,36 @@
  * new defaults or constraints) and on any pg_proc change (a function a
  * default or CHECK calls was replaced); relcache invalidations are
  * accepted when the table's lock is taken, before the shape is looked at.
- * A shape in use by a call that is still running (a trigger recording
- * usage from inside the insert) is freed only when no call runs.
+ * A shape replaced while a call may still use it (a trigger recording
+ * usage from inside the insert) is freed at the end of the transaction.
+ * Types (ALTER DOMAIN) and schemas (a rename) invalidate every shape.
  *
  * Order.  ON CONFLICT first probes the primary key for the row and inserts
- * only if it is absent: two descents of the index for every new row.  Here
- * the row is inserted speculatively at once (the probe happens inside the
- * index insert, which reports a possible duplicate instead of failing);
- * only on a possible duplicate is the inserted row version killed and the
- * full check (which waits for an in-progress inserter) made.  New rows,
- * the common case, take one descent; a repeated key leaves one dead row
- * version for VACUUM, as an aborted INSERT does.
+ * only if it is absent: two descents of the index for every new row.  Here,
+ * for a target whose repeats are rare (record_usage: a retry), the row is
+ * inserted speculatively at once (the probe happens inside the index
+ * insert, which reports a possible duplicate instead of failing); only on a
+ * possible duplicate is the inserted row version killed and the full check
+ * (which waits for an in-progress inserter) made.  New rows, the common
+ * case, take one descent; a repeated key costs a transaction id and leaves
+ * one dead row version for VACUUM, as an aborted INSERT does.  The probe
+ * comes first, as in ON CONFLICT, for a target whose repeats are common
+ * (webhook intake: Stripe redelivers, and a repeat must stay a read), and
+ * whenever the table has a unique or exclusion index that is not an
+ * arbiter (a DBA's, or the copy REINDEX CONCURRENTLY builds): a repeated
+ * key must be found before it reaches that index, which would refuse it.
+ *
+ * Arbiters are inferred as ON CONFLICT (key columns) infers them: every
+ * valid, immediate, non-partial unique index on exactly the key columns.
+ * The shape checks that the primary key is on those columns and that each
+ * column the caller fills has the type of its values (a DBA who changed
+ * one gets an error, never a misread Datum).
  *
  *-------------------------------------------------------------------------
  */
 #include "qes_billing.h"
 
+#include "access/genam.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
@@ -61,10 +75,12 @@
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "executor/nodeModifyTable.h"
+#include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
 #include "rewrite/rewriteHandler.h"
 #include "storage/lmgr.h"
+#include "utils/builtins.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -84,7 +100,7 @@ typedef struct InsertShape
 	ExprState **defaults;		/* per attribute: its default, or NULL */
 	ExprState **checks;			/* per CHECK constraint (NULL: none) */
 	EState	   *estate;			/* owns the expression states above */
-	Oid			arbiter;		/* the primary key */
+	AttrNumber *key;			/* the key columns' attribute numbers */
 	bool		fire_statement; /* statement triggers other than our own */
 	struct InsertShape *next_retired;
 } InsertShape;
@@ -94,8 +110,7 @@ typedef struct InsertShape
 static QesInsertTarget *targets[QES_MAX_INSERT_TARGETS];
 static int	ntargets = 0;
 
-/* calls running now, and the shapes invalidated while they ran */
-static int	active_calls = 0;
+/* shapes replaced in this transaction (a running call may still use one) */
 static InsertShape *retired = NULL;
 
 /* counts invalidations: one during a shape's build makes it stale at once */
@@ -117,8 +132,9 @@ relcache_callback(Datum arg, Oid relid)
 	invalidate(relid);
 }
 
+/* a function, type (domain) or schema changed: every shape */
 static void
-proc_callback(Datum arg, int cacheid, uint32 hashvalue)
+syscache_callback(Datum arg, int cacheid, uint32 hashvalue)
 {
 	invalidate(InvalidOid);
 }
@@ -127,7 +143,9 @@ void
 qes_insert_once_init(void)
 {
 	CacheRegisterRelcacheCallback(relcache_callback, (Datum) 0);
-	CacheRegisterSyscacheCallback(PROCOID, proc_callback, (Datum) 0);
+	CacheRegisterSyscacheCallback(PROCOID, syscache_callback, (Datum) 0);
+	CacheRegisterSyscacheCallback(TYPEOID, syscache_callback, (Datum) 0);
+	CacheRegisterSyscacheCallback(NAMESPACEOID, syscache_callback, (Datum) 0);
 }
 
 static void
@@ -142,12 +160,12 @@ free_retired(void)
 	}
 }
 
-/* An error ended every call: nothing is in use any more. */
+/* At the end of a transaction no call is running: free what was replaced. */
 void
-qes_insert_once_at_abort(void)
+qes_insert_once_at_xact_end(void)
 {
-	active_calls = 0;
-	free_retired();
+	if (retired != NULL)
+		free_retired();
 }
 
 /* Is trig the extension's own statement trigger named by the target? */
@@ -165,6 +183,35 @@ is_own_trigger(const QesInsertTarget *t, Relation rel, const Trigger *trig)
 	return own;
 }
 
+/* Is an index with this pg_index row on exactly the key columns? */
+static bool
+key_matches(const InsertShape *s, int nkey, Form_pg_index index)
+{
+	if (index->indnkeyatts != nkey)
+		return false;
+	for (int k = 0; k < nkey; k++)
+	{
+		bool		found = false;
+
+		for (int j = 0; j < nkey; j++)
+			found |= (index->indkey.values[j] == s->key[k]);
+		if (!found)
+			return false;
+	}
+	return true;
+}
+
+static char *
+key_names(const QesInsertTarget *t)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	for (int k = 0; k < t->nkey; k++)
+		appendStringInfo(&buf, "%s%s", k ? ", " : "", t->columns[k]);
+	return buf.data;
+}
+
 static InsertShape *
 build_shape(QesInsertTarget *t, Relation rel)
 {
@@ -174,7 +221,8 @@ build_shape(QesInsertTarget *t, Relation rel)
 	TupleDesc	desc = RelationGetDescr(rel);
 	TupleConstr *constr = desc->constr;
 
-	cxt = AllocSetContextCreate(TopMemoryContext, "qes_billing insert shape",
+	/* under the caller's context until it is complete: an error frees it */
+	cxt = AllocSetContextCreate(CurrentMemoryContext, "qes_billing insert shape",
 								ALLOCSET_SMALL_SIZES);
 	old = MemoryContextSwitchTo(cxt);
 	s = palloc0(sizeof(InsertShape));
@@ -204,6 +252,17 @@ build_shape(QesInsertTarget *t, Relation rel)
 					 errmsg("%s.%s does not have the column \"%s\" qes_billing created",
 							t->nspname, t->relname, t->columns[c]),
 					 errhint("Do not drop or change the extension's columns; recreate the extension.")));
+		/* the values are Datums of these types: nothing else may receive them */
+		if (TupleDescAttr(desc, found)->atttypid != t->types[c] ||
+			TupleDescAttr(desc, found)->atttypmod != -1)
+			ereport(ERROR,
+					(errcode(ERRCODE_DATATYPE_MISMATCH),
+					 errmsg("column \"%s\" of %s.%s is of type %s, but qes_billing writes %s",
+							t->columns[c], t->nspname, t->relname,
+							format_type_with_typemod(TupleDescAttr(desc, found)->atttypid,
+													 TupleDescAttr(desc, found)->atttypmod),
+							format_type_be(t->types[c])),
+					 errhint("Do not change the types of the extension's columns; change it back.")));
 		s->source[found] = c;
 	}
 
@@ -231,12 +290,31 @@ build_shape(QesInsertTarget *t, Relation rel)
 		MemoryContextSwitchTo(q);
 	}
 
-	s->arbiter = RelationGetPrimaryKeyIndex(rel);
-	if (!OidIsValid(s->arbiter))
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("%s.%s does not have the primary key qes_billing created", t->nspname, t->relname),
-				 errhint("Do not drop the extension's keys; recreate the extension.")));
+	/* the primary key is on the key columns, and only on them */
+	s->key = palloc(sizeof(AttrNumber) * t->nkey);
+	for (int k = 0; k < t->nkey; k++)
+		for (int i = 0; i < desc->natts; i++)
+			if (s->source[i] == k)
+				s->key[k] = i + 1;
+	{
+		Oid			pkey = RelationGetPrimaryKeyIndex(rel);
+		bool		matches = false;
+
+		if (OidIsValid(pkey))
+		{
+			Relation	idx = index_open(pkey, AccessShareLock);
+
+			matches = key_matches(s, t->nkey, idx->rd_index);
+			index_close(idx, AccessShareLock);
+		}
+		if (!matches)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("%s.%s does not have the primary key qes_billing created", t->nspname, t->relname),
+					 errdetail("qes_billing needs a primary key on exactly (%s).",
+							   key_names(t)),
+					 errhint("Do not drop or change the extension's keys; recreate the extension.")));
+	}
 
 	if (rel->trigdesc != NULL)
 		for (int i = 0; i < rel->trigdesc->numtriggers; i++)
@@ -249,6 +327,7 @@ build_shape(QesInsertTarget *t, Relation rel)
 		}
 
 	MemoryContextSwitchTo(old);
+	MemoryContextSetParent(cxt, TopMemoryContext);
 	s->valid = true;
 	return s;
 }
@@ -314,7 +393,8 @@ check_conflict_visible(EState *estate, Relation rel, ItemPointer tid)
 }
 
 static QesInsertResult
-insert_row(InsertShape *shape, Relation rel, const Datum *values, const bool *nulls)
+insert_row(const QesInsertTarget *target, InsertShape *shape, Relation rel,
+		   const Datum *values, const bool *nulls)
 {
 	EState	   *estate;
 	ResultRelInfo *rri;
@@ -326,7 +406,7 @@ insert_row(InsertShape *shape, Relation rel, const Datum *values, const bool *nu
 	List	   *arbiters;
 	List	   *recheck = NIL;
 	QesInsertResult result = QES_INSERT_EXISTS;
-	bool		probe = false;
+	bool		probe = target->probe_first;
 
 	estate = CreateExecutorState();
 	estate->es_output_cid = GetCurrentCommandId(true);
@@ -338,9 +418,35 @@ insert_row(InsertShape *shape, Relation rel, const Datum *values, const bool *nu
 	ExecOpenIndices(rri, true);
 	rri->ri_ConstraintExprs = shape->checks;
 
+	/*
+	 * The arbiters, as ON CONFLICT (key columns) infers them; any other
+	 * unique or exclusion index (a DBA's, the new copy of REINDEX
+	 * CONCURRENTLY) would refuse a repeated key that reached it: look first.
+	 */
+	arbiters = NIL;
+	for (int i = 0; i < rri->ri_NumIndices; i++)
+	{
+		Form_pg_index index = rri->ri_IndexRelationDescs[i]->rd_index;
+		IndexInfo  *info = rri->ri_IndexRelationInfo[i];
+
+		if (index->indisunique && index->indimmediate && index->indisvalid &&
+			info->ii_Predicate == NIL && info->ii_Expressions == NIL &&
+			key_matches(shape, target->nkey, index))
+			arbiters = lappend_oid(arbiters, RelationGetRelid(rri->ri_IndexRelationDescs[i]));
+		else if (info->ii_Unique || info->ii_ExclusionOps != NULL)
+			probe = true;
+	}
+	if (arbiters == NIL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("%s.%s has no valid unique index on its key", target->nspname, target->relname),
+				 errhint("Rebuild the primary key (REINDEX INDEX CONCURRENTLY).")));
+
 	slot = ExecInitExtraTupleSlot(estate, RelationGetDescr(rel), &TTSOpsVirtual);
 	econtext = GetPerTupleExprContext(estate);
 	ExecClearTuple(slot);
+	/* (a CHECK or a generated column may read tableoid) */
+	slot->tts_tableOid = RelationGetRelid(rel);
 	for (int i = 0; i < shape->natts; i++)
 	{
 		int			c = shape->source[i];
@@ -385,7 +491,6 @@ insert_row(InsertShape *shape, Relation rel, const Datum *values, const bool *nu
 	if (rel->rd_rel->relispartition)
 		ExecPartitionCheck(rri, slot, estate, true);
 
-	arbiters = list_make1_oid(shape->arbiter);
 	for (;;)
 	{
 		ItemPointerData conflict;
@@ -393,7 +498,7 @@ insert_row(InsertShape *shape, Relation rel, const Datum *values, const bool *nu
 		uint32		token;
 
 		CHECK_FOR_INTERRUPTS();
-		/* after a possible duplicate: the full check, waiting for its inserter */
+		/* first or after a possible duplicate: the full check, waiting for its inserter */
 		if (probe && !ExecCheckIndexConstraints(rri, slot, estate, &conflict, arbiters))
 		{
 			check_conflict_visible(estate, rel, &conflict);
@@ -469,11 +574,8 @@ qes_insert_once(QesInsertTarget *target, const Datum *values, const bool *nulls)
 
 	GetUserIdAndSecContext(&save_userid, &save_sec_context);
 	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID, save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
-	active_calls++;
 	shape = shape_for(target, rel);
-	result = insert_row(shape, rel, values, nulls);
-	if (--active_calls == 0)
-		free_retired();
+	result = insert_row(target, shape, rel, values, nulls);
 	SetUserIdAndSecContext(save_userid, save_sec_context);
 	table_close(rel, NoLock);
 	return result;

@@ -11,8 +11,10 @@
 
 /*
  * What a caller inserts into: the table, the columns it fills (in the order
- * of its values), and the name of the extension's own statement trigger on
- * that table whose work the caller does itself (NULL for none).
+ * of its values) and their types, how many of them are the primary key,
+ * whether to look for the key before inserting, and the name of the
+ * extension's own statement trigger on that table whose work the caller
+ * does itself (NULL for none).
  */
 typedef struct QesInsertTarget
 {
@@ -20,6 +22,9 @@ typedef struct QesInsertTarget
 	const char *relname;
 	int			ncolumns;
 	const char *const *columns;
+	const Oid  *types;			/* the type of each value, as the caller makes it */
+	int			nkey;			/* the first nkey columns are the primary key */
+	bool		probe_first;	/* repeats are common: look before inserting */
 	const char *own_trigger;
 	const char *own_trigger_function;
 	/* kept by insert_once.c: the table's shape as of its last invalidation */
@@ -35,6 +40,6 @@ typedef enum QesInsertResult
 
 extern QesInsertResult qes_insert_once(QesInsertTarget *target, const Datum *values, const bool *nulls);
 extern void qes_insert_once_init(void);
-extern void qes_insert_once_at_abort(void);
+extern void qes_insert_once_at_xact_end(void);
 
 #endif							/* QES_INSERT_ONCE_H */

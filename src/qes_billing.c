@@ -53,12 +53,13 @@ qes_xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_PARALLEL_COMMIT:
 			qes_counters_at_commit();
 			qes_guard_at_commit();
+			qes_insert_once_at_xact_end();
 			qes_usage_at_xact_end();
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 			qes_usage_inserting = false;
-			qes_insert_once_at_abort();
+			qes_insert_once_at_xact_end();
 			qes_usage_at_xact_end();
 			qes_counters_at_abort();
 			qes_guard_at_abort();

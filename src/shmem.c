@@ -14,8 +14,8 @@
  *   function, backends waking the worker) take it SHARED.
  * - The lock is held only to copy a few fields: never across I/O, SPI, an
  *   ereport, or another LWLock.  Nothing is allocated while it is held.
- * - wake_requests, outbox_wakes and outbox_only_wakes are atomics and need
- *   no lock.
+ * - wake_requests, outbox_wakes and other_wakes are atomics and need no
+ *   lock; a commit counts other_wakes before wake_requests.
  * - The usage counters have locks of their own: see counters.c; so do the
  *   rejection counters and rate-limit buckets: see guard.c.
  * - Waking the worker reads the latch pointer under the SHARED lock and sets
@@ -74,7 +74,7 @@ qes_shmem_startup(void)
 		memset(qes_worker_state, 0, sizeof(QesWorkerState));
 		pg_atomic_init_u64(&qes_worker_state->wake_requests, 0);
 		pg_atomic_init_u64(&qes_worker_state->outbox_wakes, 0);
-		pg_atomic_init_u64(&qes_worker_state->outbox_only_wakes, 0);
+		pg_atomic_init_u64(&qes_worker_state->other_wakes, 0);
 		qes_worker_state->lock = &(GetNamedLWLockTranche(QES_TRANCHE))[0].lock;
 	}
 	qes_counters_startup();

@@ -19,7 +19,8 @@ typedef struct QesWorkerState
 {
 	pg_atomic_uint64 wake_requests; /* commits that woke the worker (atomic) */
 	pg_atomic_uint64 outbox_wakes;	/* those of them that queued Stripe requests (atomic) */
-	pg_atomic_uint64 outbox_only_wakes; /* those that queued nothing else (atomic) */
+	pg_atomic_uint64 other_wakes;	/* those that queued other work than Stripe requests,
+									 * counted before wake_requests (atomic) */
 	LWLock	   *lock;			/* protects every field below */
 	pid_t		pid;			/* 0 when no worker runs */
 	Latch	   *latch;			/* the worker's MyLatch, NULL when none */

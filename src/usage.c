@@ -35,6 +35,7 @@
 #include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/inval.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
@@ -79,46 +80,69 @@ status_for(int64 amount, const QesLimit *l)
 
 /*
  * The functions' result descriptors, kept per backend: looking one up
- * (pg_proc, a descriptor built from its OUT parameters, blessed) cost
- * check_limit about 1.5 % of its time when done per call.  A pg_proc
- * change (a function replaced) or any relcache invalidation (ALTER TYPE of
- * a result type is one) makes them stale; a stale one is freed at the end
- * of the transaction (a call may still be using it until then).
+ * (pg_proc, a descriptor built from its OUT parameters or its composite
+ * type, blessed) cost check_limit about 1.5 % of its time when done per
+ * call.  A pg_proc change (a function replaced), or a relcache
+ * invalidation of a result's composite type (ALTER TYPE), makes them
+ * stale; a stale one is freed at the end of the transaction (a call may
+ * still be using it until then).
  */
 #define QES_RESULT_DESCS 8
 
 typedef struct ResultDesc
 {
 	Oid			fn_oid;
+	Oid			typrelid;		/* the composite result type's relation, or 0 */
 	TupleDesc	desc;
 } ResultDesc;
 
 static ResultDesc result_descs[QES_RESULT_DESCS];
 static int	n_result_descs = 0;
 static List *stale_result_descs = NIL;
+static uint64 result_desc_invals = 0;
 
 static void
-result_desc_callback(Datum arg, int cacheid, uint32 hashvalue)
+forget_result_descs(Oid relid)
 {
 	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+	int			kept = 0;
 
+	result_desc_invals++;
 	for (int i = 0; i < n_result_descs; i++)
-		stale_result_descs = lappend(stale_result_descs, result_descs[i].desc);
-	n_result_descs = 0;
+	{
+		if (!OidIsValid(relid) || result_descs[i].typrelid == relid)
+			stale_result_descs = lappend(stale_result_descs, result_descs[i].desc);
+		else
+			result_descs[kept++] = result_descs[i];
+	}
+	n_result_descs = kept;
 	MemoryContextSwitchTo(old);
+}
+
+static void
+result_desc_proc_callback(Datum arg, int cacheid, uint32 hashvalue)
+{
+	forget_result_descs(InvalidOid);
 }
 
 static void
 result_desc_relcache_callback(Datum arg, Oid relid)
 {
-	/* a composite result type's attributes changed (ALTER TYPE), or anything */
-	result_desc_callback(arg, 0, 0);
+	if (n_result_descs > 0)
+	{
+		bool		ours = !OidIsValid(relid);
+
+		for (int i = 0; i < n_result_descs && !ours; i++)
+			ours = (result_descs[i].typrelid == relid);
+		if (ours)
+			forget_result_descs(relid);
+	}
 }
 
 void
 qes_usage_init(void)
 {
-	CacheRegisterSyscacheCallback(PROCOID, result_desc_callback, (Datum) 0);
+	CacheRegisterSyscacheCallback(PROCOID, result_desc_proc_callback, (Datum) 0);
 	CacheRegisterRelcacheCallback(result_desc_relcache_callback, (Datum) 0);
 }
 
@@ -142,28 +166,29 @@ result_desc(FunctionCallInfo fcinfo)
 	Oid			fn = fcinfo->flinfo->fn_oid;
 	TupleDesc	tupdesc;
 	MemoryContext old;
+	uint64		seen = result_desc_invals;
+	Oid			typrelid;
 
 	for (int i = 0; i < n_result_descs; i++)
 		if (result_descs[i].fn_oid == fn)
 			return result_descs[i].desc;
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
+	typrelid = get_typ_typrelid(get_func_rettype(fn));
 	old = MemoryContextSwitchTo(TopMemoryContext);
 	tupdesc = CreateTupleDescCopy(tupdesc);
 	BlessTupleDesc(tupdesc);
-	MemoryContextSwitchTo(old);
-	if (n_result_descs < QES_RESULT_DESCS)
+	/* kept, unless it may already be stale (an invalidation while we looked) */
+	if (n_result_descs < QES_RESULT_DESCS && result_desc_invals == seen)
 	{
 		result_descs[n_result_descs].fn_oid = fn;
+		result_descs[n_result_descs].typrelid = typrelid;
 		result_descs[n_result_descs].desc = tupdesc;
 		n_result_descs++;
 	}
 	else
-	{
-		old = MemoryContextSwitchTo(TopMemoryContext);
 		stale_result_descs = lappend(stale_result_descs, tupdesc);
-		MemoryContextSwitchTo(old);
-	}
+	MemoryContextSwitchTo(old);
 	return tupdesc;
 }
 

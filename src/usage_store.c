@@ -52,8 +52,13 @@ static const char *const usage_columns[] = {
 	"occurred_at", "metadata", "total_after"
 };
 
+static const Oid usage_types[] = {
+	TEXTOID, TEXTOID, TEXTOID, INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, JSONBOID, INT8OID
+};
+
+/* repeats are retries, rare: inserted first, looked for only on a conflict */
 static QesInsertTarget usage_target = {
-	"billing", "usage_events", lengthof(usage_columns), usage_columns,
+	"billing", "usage_events", lengthof(usage_columns), usage_columns, usage_types, 2, false,
 	"usage_changed", "usage_changed", NULL
 };
 

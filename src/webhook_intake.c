@@ -94,8 +94,13 @@ static const char *const inbox_columns[] = {
 	"stripe_event_id", "event_type", "livemode", "api_version", "stripe_created", "payload"
 };
 
+static const Oid inbox_types[] = {
+	TEXTOID, TEXTOID, BOOLOID, TEXTOID, TIMESTAMPTZOID, JSONOID
+};
+
+/* Stripe redelivers: a repeat is looked for first, and stays a read */
 static QesInsertTarget inbox_target = {
-	"billing", "webhook_events", lengthof(inbox_columns), inbox_columns,
+	"billing", "webhook_events", lengthof(inbox_columns), inbox_columns, inbox_types, 1, true,
 	"wake_worker", "wake_worker_on_commit", NULL
 };
 

@@ -113,8 +113,8 @@ qes_wake_xact_event(XactEvent event)
 				if (wake_outbox_pending)
 					pg_atomic_fetch_add_u64(&qes_worker_state->outbox_wakes, 1);
 				/* (counted before wake_requests: see wake_for_outbox_only) */
-				if (wake_outbox_pending && !wake_other_pending)
-					pg_atomic_fetch_add_u64(&qes_worker_state->outbox_only_wakes, 1);
+				if (wake_other_pending)
+					pg_atomic_fetch_add_u64(&qes_worker_state->other_wakes, 1);
 				wake_outbox_pending = false;
 				wake_other_pending = false;
 				qes_set_worker_latch();
@@ -131,6 +131,7 @@ qes_wake_xact_event(XactEvent event)
 				wake_pending = false;
 				wake_outbox_pending = false;
 				wake_other_pending = false;
+				pg_atomic_fetch_add_u64(&qes_worker_state->other_wakes, 1);
 				qes_set_worker_latch();
 			}
 			break;
@@ -548,21 +549,26 @@ run_pumps(long budget_ms, long *notify_due_ms)
  * since the last loop?  Then the outbox's fast path claims them and the
  * tick (inbox, timers, meters: a transaction of a dozen statements) has
  * nothing new to look at: at low load that tick was most of the worker's
- * CPU per request.  Conservative: a latch set by anything else, or counts
- * read while a commit was between its two increments, say no.
+ * CPU per request.  A commit that queued anything else counts other_wakes
+ * before wake_requests, and wakes was read before other_wakes here: a
+ * commit whose wake_requests is in wakes has its other_wakes counted by
+ * the time we read it.  A latch set without a new wake-up (a signal) is
+ * not "only the outbox" either.
  */
 static uint64 wakes_seen = 0;
-static uint64 outbox_only_seen = 0;
+static uint64 other_seen = 0;
 
 static bool
 wake_for_outbox_only(uint64 wakes)
 {
-	uint64		only = pg_atomic_read_u64(&qes_worker_state->outbox_only_wakes);
+	uint64		other;
 	bool		result;
 
-	result = wakes != wakes_seen && wakes - wakes_seen == only - outbox_only_seen;
+	pg_read_barrier();
+	other = pg_atomic_read_u64(&qes_worker_state->other_wakes);
+	result = wakes != wakes_seen && other == other_seen;
 	wakes_seen = wakes;
-	outbox_only_seen = only;
+	other_seen = other;
 	return result;
 }
 

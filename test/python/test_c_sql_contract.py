@@ -202,12 +202,12 @@ def test_statement_matches_the_schema(pg, stmt):
 # table must have its primary key (the arbiter), and the trigger must be
 # there with that function (or it would be fired, or missed, silently).
 COLUMNS = re.compile(r"static const char \*const (\w+)\[\]\s*=\s*\{([^}]*)\};")
+TYPES = re.compile(r"static const Oid (\w+)\[\]\s*=\s*\{([^}]*)\};")
 TARGET = re.compile(r"static QesInsertTarget \w+\s*=\s*\{\s*\"(\w+)\",\s*\"(\w+)\",\s*lengthof\((\w+)\),\s*\w+,\s*"
-                    r"\"(\w+)\",\s*\"(\w+)\"")
-# the Datum each target's values are made with, column by column (the C)
-VALUE_TYPES = {"usage_store.c": ["text", "text", "text", "bigint", "timestamp with time zone",
-                                 "timestamp with time zone", "jsonb", "bigint"],
-               "webhook_intake.c": ["text", "text", "boolean", "text", "timestamp with time zone", "json"]}
+                    r"(\w+),\s*(\d+),\s*(?:true|false),\s*\"(\w+)\",\s*\"(\w+)\"")
+# the type OID macros the C makes its Datums with
+OID_MACROS = {"TEXTOID": "text", "INT8OID": "bigint", "INT4OID": "integer", "BOOLOID": "boolean",
+              "TIMESTAMPTZOID": "timestamp with time zone", "JSONBOID": "jsonb", "JSONOID": "json"}
 
 
 def insert_targets():
@@ -215,8 +215,10 @@ def insert_targets():
     for path in sorted(glob.glob(os.path.join(SRC, "*.c"))):
         text = open(path).read()
         arrays = {m.group(1): re.findall(r'"(\w+)"', m.group(2)) for m in COLUMNS.finditer(text)}
+        types = {m.group(1): [OID_MACROS[t] for t in re.findall(r"\w+", m.group(2))] for m in TYPES.finditer(text)}
         for m in TARGET.finditer(text):
-            found.append((os.path.basename(path), m.group(1), m.group(2), arrays[m.group(3)], m.group(4), m.group(5)))
+            found.append((os.path.basename(path), m.group(1), m.group(2), arrays[m.group(3)], types[m.group(4)],
+                          int(m.group(5)), m.group(6), m.group(7)))
     return found
 
 
@@ -230,7 +232,7 @@ def test_the_extraction_finds_the_insert_targets():
 
 @pytest.mark.parametrize("target", TARGETS, ids=[t[0] for t in TARGETS])
 def test_insert_target_matches_the_schema(pg, target):
-    source, nsp, rel, columns, trigger, function = target
+    source, nsp, rel, columns, value_types, nkey, trigger, function = target
     with pg.connect() as conn:
         types = [conn.execute(
             "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
@@ -238,9 +240,13 @@ def test_insert_target_matches_the_schema(pg, target):
             (f"{nsp}.{rel}", c)).fetchone() for c in columns]
         missing = [c for c, t in zip(columns, types) if t is None]
         assert not missing, f"{source}: {nsp}.{rel} has no column(s) {missing}"
-        assert [t[0] for t in types] == VALUE_TYPES[source], f"{source}: {nsp}.{rel} column types"
-        assert conn.execute("SELECT count(*) FROM pg_index WHERE indrelid = %s::regclass AND indisprimary",
-                            (f"{nsp}.{rel}",)).fetchone()[0] == 1, f"{source}: {nsp}.{rel} has no primary key"
+        assert len(value_types) == len(columns), f"{source}: a type per column"
+        assert [t[0] for t in types] == value_types, f"{source}: {nsp}.{rel} column types"
+        key = conn.execute(
+            "SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_index i"
+            " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)"
+            " WHERE i.indrelid = %s::regclass AND i.indisprimary", (f"{nsp}.{rel}",)).fetchone()[0]
+        assert key == sorted(columns[:nkey]), f"{source}: {nsp}.{rel}'s primary key is {key}"
         assert conn.execute(
             "SELECT p.proname FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid"
             " WHERE t.tgrelid = %s::regclass AND t.tgname = %s AND p.pronamespace = %s::regnamespace",
