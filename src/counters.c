@@ -9,18 +9,39 @@
  * restart, or once evicted) and a committed record_usage adds its delta at
  * COMMIT (an xact callback), never before and never on abort.
  *
+ * Wording
+ *
+ *	fingerprint	the 128-bit keyed SipHash of (database, tenant, metric,
+ *				period start) that identifies a counter in shared memory
+ *				(siphash.c): 16 bytes instead of the 112 the strings take.
+ *				The SipHash key is drawn at server start.
+ *	slot		one 48-byte place in a partition's open-addressing table:
+ *				empty (fingerprint zero) or one counter.
+ *	young		a counter whose build's snapshot is still needed, kept
+ *				beside it in a YoungState (one of QES_YOUNG); a counter
+ *				that no longer needs it is mature and costs its slot only.
+ *	window		the span of a transaction that recorded usage from just
+ *				before its commit record until its deltas are applied,
+ *				published as the epoch it began in (windows[], by pgprocno).
+ *
  * Building an entry races with transactions that commit meanwhile.  The
  * builder sums the table under an MVCC snapshot S of its own (own rows made
- * invisible) and keeps S's xmin, xmax and in-progress xids in the entry.  A
- * committing transaction X then adds its delta only if S did not see X's
- * rows, i.e. only if X was still in progress at S: X >= S.xmax, or X in
- * S.xip.  Deltas that commit while the sum is running are parked in the
- * entry and judged the same way when the build finishes.  When S had more
- * in-progress xids than an entry can keep, a commit that cannot be judged
- * drops the entry, which is rebuilt later.  No delta is lost or counted
- * twice.  The snapshot's xids are kept as 64-bit FullTransactionIds and
- * committers are judged by their FullTransactionId, so an entry that lives
- * for a whole yearly period compares right however many xids pass.
+ * invisible).  A committing transaction X then adds its delta only if S did
+ * not see X's rows, i.e. only if X was still in progress at S: X >= S.xmax,
+ * or X in S.xip.  Deltas that commit while the sum is running are parked
+ * beside the entry and judged the same way when the build finishes.  When S
+ * had more in-progress xids than can be kept, a commit that cannot be
+ * judged drops the entry, which is rebuilt later.  xids are 64-bit
+ * FullTransactionIds, so judgements stay right however many xids pass.
+ *
+ * S is needed only while a transaction that S saw may still apply its
+ * delta.  Such a transaction committed before S was taken, so it opened its
+ * window before the builder advanced the epoch after S: once no window
+ * opened at or before that epoch is still open, every later delta comes
+ * from a transaction S did not see, S is forgotten, and the counter adds
+ * every delta (mature).  Windows are read without locks; the store that
+ * opens one precedes its commit, and the builder reads them after taking S
+ * under ProcArrayLock, so a window S depends on is always seen.
  *
  * Keys carry the database OID: the same tenant in two databases of one
  * cluster (a restore beside the original) are two counters.
@@ -31,43 +52,47 @@
  * none survives a promotion.  Totals saturate at the int8 maximum instead
  * of wrapping (record_usage refuses a quantity that would pass it).
  *
- * The table is bounded by qes_billing.max_counters.  When it is full, the
- * least recently used sixteenth of the entries is evicted (each entry keeps
- * the start time of the last transaction that used it), so the busiest
- * tenants stay cached whatever order they arrive in.  Only one backend
- * evicts at a time; others that find the table full meanwhile compute their
- * total from the table (correct, slower, counted as "uncached").  An
- * evicted entry is simply rebuilt from the table when next used: a delta
- * that commits while it is absent is in the table by then.  Entries of
- * ended periods are also swept by the worker.
+ * Capacity is qes_billing.max_counters, split evenly over up to 128
+ * partitions (at least 64 counters each).  A partition is an open-addressing
+ * table with linear probing, at most three quarters full, where removal
+ * shifts the following entries back (no tombstones).  When a partition is
+ * full, a clock sweep over its slots evicts the first counter not used
+ * since the hand last passed (each hit sets the counter's reference bit),
+ * so counters in steady use stay whatever order others arrive in.  An
+ * evicted counter is rebuilt from the table when next used: a delta that
+ * commits while it is absent is in the table by then.  Entries of ended
+ * periods are also swept by the worker.
  *
  * LOCKING RULES
  *
- * - The hash table is partitioned; QES_COUNTER_PARTITIONS LWLocks of the
- *   tranche "qes_billing counters" protect it, partition chosen by the
- *   key's hash.  An entry is read or written only under its partition's
- *   lock: SHARED to read a ready entry, EXCLUSIVE to create, change or
- *   remove one.
- * - At most one partition lock is held at a time, except by the sweeper
- *   and the evictor, which take all of them in ascending order (and only
- *   one backend evicts at a time: the "evicting" flag).  The evictor's
- *   scratch array is allocated before it takes the locks.
+ * - Each partition has an LWLock of the tranche "qes_billing counters".
+ *   Its slots, its live count's changes and its clock hand, and the
+ *   YoungState of any of its counters, are read under that lock SHARED
+ *   and changed under it EXCLUSIVE.  A hit sets the reference bit (an
+ *   atomic) under the SHARED lock.
+ * - A backend holds at most one partition lock at a time.  Eviction works
+ *   inside the partition it inserts into; sweeping and resetting take the
+ *   partitions one after another.  Nothing ever holds every partition lock.
+ * - young_mutex (a spinlock) protects only the YoungState free list and
+ *   each state's in_use/partition/fingerprint; it may be taken while a
+ *   partition lock is held, never the other way round.
  * - No lock is held across SPI, I/O, memory allocation or ereport(ERROR).
- *   The sum is computed with no lock held; the entry is marked "loading"
+ *   The sum is computed with no lock held; the entry is marked loading
  *   meanwhile, and other backends compute their own total uncached rather
  *   than wait.
- * - nentries, the statistics and an entry's last_used are atomics and need
- *   no lock (last_used is written under the SHARED lock of a hit: a
- *   monotonic hint, never used for correctness).
+ * - The epoch, windows[], live counts read for statistics and the
+ *   statistics themselves are atomics and need no lock.
  *
  *-------------------------------------------------------------------------
  */
 #include "qes_billing.h"
 
 #include "access/transam.h"
+#include "access/twophase.h"
 #include "access/xlog.h"
-#include "common/int.h"
 #include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "common/int.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -75,22 +100,42 @@
 #include "port/atomics.h"
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
+#include "storage/proc.h"
 #include "storage/shmem.h"
-#include "catalog/pg_type.h"
+#include "storage/spin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
-#include "utils/hsearch.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "counters.h"
 #include "guc.h"
+#include "siphash.h"
 
-#define QES_COUNTER_PARTITIONS	16
+#define QES_MAX_PARTITIONS		128
+#define QES_PARTITION_MIN		64	/* counters per partition, at least */
+#define QES_YOUNG				128
 #define QES_SNAP_XIP			32
 #define QES_PARKED				16
 #define QES_COUNTER_TRANCHE		"qes_billing counters"
+
+#define CE_LOADING				0x01
+#define CE_GAUGE				0x02
+
+typedef struct CounterEntry
+{
+	uint64		fp[2];			/* fingerprint; both zero: an empty slot */
+	int64		value;			/* counter: period total; gauge: latest */
+	TimestampTz gauge_at;		/* occurred_at of the gauge value */
+	TimestampTz period_end;
+	int16		young;			/* 1 + its YoungState's index; 0: mature */
+	uint8		flags;			/* CE_* */
+	uint8		notified;		/* QES_NOTIFIED_* thresholds queued */
+	pg_atomic_uint32 referenced;	/* clock bit: used since the hand passed */
+} CounterEntry;
+
+StaticAssertDecl(sizeof(CounterEntry) <= 48, "a counter's slot must stay 48 bytes");
 
 typedef struct ParkedDelta
 {
@@ -99,50 +144,62 @@ typedef struct ParkedDelta
 	TimestampTz at;
 } ParkedDelta;
 
-typedef struct CounterEntry
+typedef struct YoungState
 {
-	CounterKey	key;			/* hash key: must be first */
-	bool		loading;		/* being built; other readers go uncached */
+	/* under young_mutex */
+	bool		in_use;
+	int			next_free;
+	int			part;
+	uint64		fp[2];
+	/* under the partition's lock */
 	int			builder_pid;	/* who builds it, with ... */
 	uint64		build_seq;		/* ... which build of theirs */
 	bool		load_failed;	/* too many deltas parked: build again */
-	bool		is_gauge;
-	uint8		notified;		/* QES_NOTIFIED_* thresholds queued */
-	pg_atomic_uint64 last_used; /* start of the last transaction using it */
-	int64		value;			/* counter: period total; gauge: latest */
-	TimestampTz gauge_at;		/* occurred_at of the gauge value */
-	TimestampTz period_end;
-	/* the build's snapshot, in 64-bit xids: never wraps however long it lives */
-	FullTransactionId snap_xmin;
+	uint64		epoch;			/* mature once no window opened at or before it is open */
+	FullTransactionId snap_xmin;	/* the build's snapshot */
 	FullTransactionId snap_xmax;
 	int			snap_xcnt;		/* -1: more than QES_SNAP_XIP */
 	FullTransactionId snap_xip[QES_SNAP_XIP];
 	int			nparked;
 	ParkedDelta parked[QES_PARKED];
-} CounterEntry;
+} YoungState;
+
+typedef struct CounterPartition
+{
+	pg_atomic_uint32 nlive;		/* changed under the lock, read anywhere */
+	uint32		hand;			/* clock hand, under the lock */
+} CounterPartition;
 
 typedef struct CounterShared
 {
-	LWLockPadded *locks;		/* QES_COUNTER_PARTITIONS of them */
-	pg_atomic_uint32 nentries;
+	int			nparts;
+	uint32		part_limit;		/* counters a partition holds */
+	uint32		part_slots;		/* its slots: a third more */
+	int			nwindows;
+	uint64		sipkey[2];
+	LWLockPadded *locks;
+	pg_atomic_uint64 epoch;
+	slock_t		young_mutex;
+	int			young_free;		/* head of the free list, -1: none */
 	pg_atomic_uint64 hits;
 	pg_atomic_uint64 loads;
 	pg_atomic_uint64 uncached;
 	pg_atomic_uint64 dropped;
 	pg_atomic_uint64 swept;
 	pg_atomic_uint64 evicted;
-	pg_atomic_flag evicting;
+	CounterPartition parts[QES_MAX_PARTITIONS];
 } CounterShared;
 
 
 static CounterShared *shared = NULL;
-static HTAB *counters = NULL;
+static YoungState *young = NULL;	/* QES_YOUNG */
+static pg_atomic_uint64 *windows = NULL;	/* nwindows, by pgprocno */
+static CounterEntry *slots = NULL;	/* nparts * part_slots */
 
 /* A delta (or threshold mark) of this backend's transaction, applied at commit. */
 typedef struct PendingItem
 {
-	CounterKey	key;
-	uint32		hash;
+	uint64		fp[2];
 	bool		is_gauge;
 	uint8		notify_bit;		/* nonzero: mark a threshold, no delta */
 	int64		value;
@@ -152,6 +209,7 @@ typedef struct PendingItem
 } PendingItem;
 
 static bool reset_at_commit = false;
+static bool window_open = false;
 
 static PendingItem *pending = NULL;
 static int	npending = 0;
@@ -159,18 +217,13 @@ static int	maxpending = 0;
 
 /*
  * The entry this backend is building, removed again if the build fails.
- * (pid, seq) identify the build: a reset may remove the entry meanwhile and
- * another backend start building the same key, whose entry is not ours.
+ * (young state, pid, seq) identify the build: a reset may remove the entry
+ * meanwhile and another backend start building the same key.
  */
 static bool building = false;
-static CounterKey building_key;
+static uint64 building_fp[2];
+static int	building_young = -1;
 static uint64 build_seq = 0;
-
-static inline bool
-is_our_build(CounterEntry *e)
-{
-	return e->loading && e->builder_pid == MyProcPid && e->build_seq == build_seq;
-}
 
 PG_FUNCTION_INFO_V1(qes_usage_cache_stats);
 PG_FUNCTION_INFO_V1(qes_counter_seen_fn);
@@ -178,18 +231,44 @@ PG_FUNCTION_INFO_V1(qes_usage_cache_sweep);
 
 /* ---- shared memory ------------------------------------------------------ */
 
+static void
+layout(int *nparts, uint32 *limit, uint32 *nslots, int *nwindows)
+{
+	*nparts = Max(1, Min(QES_MAX_PARTITIONS, qes_max_counters / QES_PARTITION_MIN));
+	*limit = (uint32) ((qes_max_counters + *nparts - 1) / *nparts);
+	*nslots = *limit + *limit / 3 + 1;
+	*nwindows = MaxBackends + NUM_AUXILIARY_PROCS + max_prepared_xacts;
+}
+
 static Size
 counters_size(void)
 {
-	return add_size(MAXALIGN(sizeof(CounterShared)),
-					hash_estimate_size(qes_max_counters, sizeof(CounterEntry)));
+	int			nparts,
+				nwindows;
+	uint32		limit,
+				nslots;
+	Size		size;
+
+	layout(&nparts, &limit, &nslots, &nwindows);
+	size = MAXALIGN(sizeof(CounterShared));
+	size = add_size(size, MAXALIGN(mul_size(sizeof(YoungState), QES_YOUNG)));
+	size = add_size(size, MAXALIGN(mul_size(sizeof(pg_atomic_uint64), nwindows)));
+	size = add_size(size, PG_CACHE_LINE_SIZE);
+	size = add_size(size, mul_size(sizeof(CounterEntry), mul_size(nparts, nslots)));
+	return size;
 }
 
 void
 qes_counters_request(void)
 {
+	int			nparts,
+				nwindows;
+	uint32		limit,
+				nslots;
+
+	layout(&nparts, &limit, &nslots, &nwindows);
 	RequestAddinShmemSpace(counters_size());
-	RequestNamedLWLockTranche(QES_COUNTER_TRANCHE, QES_COUNTER_PARTITIONS);
+	RequestNamedLWLockTranche(QES_COUNTER_TRANCHE, nparts);
 }
 
 /* called with AddinShmemInitLock held */
@@ -197,52 +276,342 @@ void
 qes_counters_startup(void)
 {
 	bool		found;
-	HASHCTL		info;
+	char	   *base;
+	int			nparts,
+				nwindows;
+	uint32		limit,
+				nslots;
 
-	shared = ShmemInitStruct("qes_billing counters", sizeof(CounterShared), &found);
-	if (!found)
-	{
-		shared->locks = GetNamedLWLockTranche(QES_COUNTER_TRANCHE);
-		pg_atomic_init_u32(&shared->nentries, 0);
-		pg_atomic_init_u64(&shared->hits, 0);
-		pg_atomic_init_u64(&shared->loads, 0);
-		pg_atomic_init_u64(&shared->uncached, 0);
-		pg_atomic_init_u64(&shared->dropped, 0);
-		pg_atomic_init_u64(&shared->swept, 0);
-		pg_atomic_init_u64(&shared->evicted, 0);
-		pg_atomic_init_flag(&shared->evicting);
-	}
-	memset(&info, 0, sizeof(info));
-	info.keysize = sizeof(CounterKey);
-	info.entrysize = sizeof(CounterEntry);
-	info.num_partitions = QES_COUNTER_PARTITIONS;
-	counters = ShmemInitHash("qes_billing counter hash", qes_max_counters, qes_max_counters,
-							 &info, HASH_ELEM | HASH_BLOBS | HASH_PARTITION);
-}
+	layout(&nparts, &limit, &nslots, &nwindows);
+	base = ShmemInitStruct("qes_billing counters", counters_size(), &found);
+	shared = (CounterShared *) base;
+	base += MAXALIGN(sizeof(CounterShared));
+	young = (YoungState *) base;
+	base += MAXALIGN(mul_size(sizeof(YoungState), QES_YOUNG));
+	windows = (pg_atomic_uint64 *) base;
+	base += MAXALIGN(mul_size(sizeof(pg_atomic_uint64), nwindows));
+	slots = (CounterEntry *) TYPEALIGN(PG_CACHE_LINE_SIZE, base);
+	if (found)
+		return;
 
-static inline LWLock *
-partition_lock(uint32 hash)
-{
-	return &shared->locks[hash % QES_COUNTER_PARTITIONS].lock;
+	memset(shared, 0, sizeof(CounterShared));
+	shared->nparts = nparts;
+	shared->part_limit = limit;
+	shared->part_slots = nslots;
+	shared->nwindows = nwindows;
+	if (!pg_strong_random(shared->sipkey, sizeof(shared->sipkey)))
+		elog(FATAL, "qes_billing: could not draw the usage counters' hash key");
+	shared->locks = GetNamedLWLockTranche(QES_COUNTER_TRANCHE);
+	pg_atomic_init_u64(&shared->epoch, 1);
+	SpinLockInit(&shared->young_mutex);
+	pg_atomic_init_u64(&shared->hits, 0);
+	pg_atomic_init_u64(&shared->loads, 0);
+	pg_atomic_init_u64(&shared->uncached, 0);
+	pg_atomic_init_u64(&shared->dropped, 0);
+	pg_atomic_init_u64(&shared->swept, 0);
+	pg_atomic_init_u64(&shared->evicted, 0);
+	for (int i = 0; i < nparts; i++)
+		pg_atomic_init_u32(&shared->parts[i].nlive, 0);
+	memset(young, 0, sizeof(YoungState) * QES_YOUNG);
+	for (int i = 0; i < QES_YOUNG; i++)
+		young[i].next_free = i + 1 < QES_YOUNG ? i + 1 : -1;
+	shared->young_free = 0;
+	for (int i = 0; i < nwindows; i++)
+		pg_atomic_init_u64(&windows[i], 0);
+	memset(slots, 0, sizeof(CounterEntry) * (Size) nparts * nslots);
+	for (Size i = 0; i < (Size) nparts * nslots; i++)
+		pg_atomic_init_u32(&slots[i].referenced, 0);
 }
 
 void
 qes_counter_key(CounterKey *key, const char *tenant_id, const char *metric,
 				TimestampTz period_start)
 {
+	char		msg[sizeof(Oid) + sizeof(TimestampTz) + QES_METRIC_LEN + QES_TENANT_ID_LEN];
+	size_t		len = 0;
+	size_t		n;
+
 	memset(key, 0, sizeof(CounterKey));
-	key->dbid = MyDatabaseId;
 	strlcpy(key->tenant_id, tenant_id, QES_TENANT_ID_LEN);
 	strlcpy(key->metric, metric, QES_METRIC_LEN);
 	key->period_start = period_start;
+
+	/* database, period, then both strings with their NULs: unambiguous */
+	memcpy(msg, &MyDatabaseId, sizeof(Oid));
+	len += sizeof(Oid);
+	memcpy(msg + len, &period_start, sizeof(TimestampTz));
+	len += sizeof(TimestampTz);
+	n = strlen(key->metric) + 1;
+	memcpy(msg + len, key->metric, n);
+	len += n;
+	n = strlen(key->tenant_id) + 1;
+	memcpy(msg + len, key->tenant_id, n);
+	len += n;
+	qes_siphash128(shared->sipkey, msg, len, key->fp);
+	if (key->fp[0] == 0 && key->fp[1] == 0)
+		key->fp[1] = 1;			/* zero marks an empty slot */
+}
+
+/* ---- a partition's open-addressing table (its lock held) ---------------- */
+
+static inline int
+partition_of(const uint64 fp[2])
+{
+	return (int) ((fp[0] >> 32) % (uint64) shared->nparts);
+}
+
+static inline LWLock *
+partition_lock(int part)
+{
+	return &shared->locks[part].lock;
+}
+
+static inline CounterEntry *
+partition_slots(int part)
+{
+	return slots + (Size) part * shared->part_slots;
+}
+
+static inline uint32
+home_of(const uint64 fp[2])
+{
+	return (uint32) (fp[1] % shared->part_slots);
+}
+
+static inline bool
+slot_empty(const CounterEntry *e)
+{
+	return e->fp[0] == 0 && e->fp[1] == 0;
+}
+
+/* the counter's slot, or NULL */
+static CounterEntry *
+find_entry(int part, const uint64 fp[2])
+{
+	CounterEntry *s = partition_slots(part);
+	uint32		n = shared->part_slots;
+	uint32		i = home_of(fp);
+
+	for (uint32 probes = 0; probes < n; probes++)
+	{
+		CounterEntry *e = &s[i];
+
+		if (slot_empty(e))
+			return NULL;
+		if (e->fp[0] == fp[0] && e->fp[1] == fp[1])
+			return e;
+		if (++i == n)
+			i = 0;
+	}
+	return NULL;
+}
+
+/* a new counter's slot; the partition has room (nlive < part_limit) */
+static CounterEntry *
+insert_entry(int part, const uint64 fp[2])
+{
+	CounterEntry *s = partition_slots(part);
+	uint32		n = shared->part_slots;
+	uint32		i = home_of(fp);
+
+	while (!slot_empty(&s[i]))
+		if (++i == n)
+			i = 0;
+	s[i].fp[0] = fp[0];
+	s[i].fp[1] = fp[1];
+	pg_atomic_fetch_add_u32(&shared->parts[part].nlive, 1);
+	return &s[i];
+}
+
+static void
+young_release(int y)
+{
+	SpinLockAcquire(&shared->young_mutex);
+	young[y].in_use = false;
+	young[y].next_free = shared->young_free;
+	shared->young_free = y;
+	SpinLockRelease(&shared->young_mutex);
+}
+
+static int
+young_take(int part, const uint64 fp[2])
+{
+	int			y;
+
+	SpinLockAcquire(&shared->young_mutex);
+	y = shared->young_free;
+	if (y >= 0)
+	{
+		shared->young_free = young[y].next_free;
+		young[y].in_use = true;
+		young[y].part = part;
+		young[y].fp[0] = fp[0];
+		young[y].fp[1] = fp[1];
+	}
+	SpinLockRelease(&shared->young_mutex);
+	return y;
+}
+
+static inline void
+copy_entry(CounterEntry *to, CounterEntry *from)
+{
+	uint32		ref = pg_atomic_read_u32(&from->referenced);
+
+	to->fp[0] = from->fp[0];
+	to->fp[1] = from->fp[1];
+	to->value = from->value;
+	to->gauge_at = from->gauge_at;
+	to->period_end = from->period_end;
+	to->young = from->young;
+	to->flags = from->flags;
+	to->notified = from->notified;
+	pg_atomic_write_u32(&to->referenced, ref);
+}
+
+static inline void
+clear_entry(CounterEntry *e)
+{
+	e->fp[0] = 0;
+	e->fp[1] = 0;
+	e->value = 0;
+	e->gauge_at = 0;
+	e->period_end = 0;
+	e->young = 0;
+	e->flags = 0;
+	e->notified = 0;
+	pg_atomic_write_u32(&e->referenced, 0);
+}
+
+/*
+ * Remove a counter, shifting the entries that follow it back so that every
+ * probe sequence stays unbroken.  Entries may move: a caller re-finds any
+ * slot it still needs.
+ */
+static void
+remove_entry(int part, CounterEntry *e)
+{
+	CounterEntry *s = partition_slots(part);
+	uint32		n = shared->part_slots;
+	uint32		hole = (uint32) (e - s);
+	uint32		j = hole;
+
+	if (e->young)
+		young_release(e->young - 1);
+	for (;;)
+	{
+		uint32		h;
+
+		if (++j == n)
+			j = 0;
+		if (slot_empty(&s[j]))
+			break;
+		h = home_of(s[j].fp);
+		/* s[j] stays if its home lies cyclically in (hole, j] */
+		if (hole <= j ? (hole < h && h <= j) : (hole < h || h <= j))
+			continue;
+		copy_entry(&s[hole], &s[j]);
+		hole = j;
+	}
+	clear_entry(&s[hole]);
+	pg_atomic_fetch_sub_u32(&shared->parts[part].nlive, 1);
+}
+
+/*
+ * The partition is full: move its clock hand to the first counter not used
+ * since the hand last passed and evict it.  Counters being built are
+ * skipped.  false: every counter is being built (no room now).
+ */
+static bool
+evict_one(int part)
+{
+	CounterEntry *s = partition_slots(part);
+	CounterPartition *cp = &shared->parts[part];
+	uint32		n = shared->part_slots;
+
+	for (uint32 steps = 0; steps < 3 * n; steps++)
+	{
+		CounterEntry *e = &s[cp->hand];
+
+		if (!slot_empty(e) && !(e->flags & CE_LOADING))
+		{
+			if (pg_atomic_read_u32(&e->referenced) == 0)
+			{
+				/* the hand stays: an entry shifted back into it is looked at next */
+				remove_entry(part, e);
+				pg_atomic_fetch_add_u64(&shared->evicted, 1);
+				return true;
+			}
+			pg_atomic_write_u32(&e->referenced, 0);
+		}
+		if (++cp->hand == n)
+			cp->hand = 0;
+	}
+	return false;
+}
+
+/* ---- young counters: the build's snapshot, kept until no longer needed -- */
+
+/* Is every window opened at or before epoch closed? */
+static bool
+grace_over(uint64 epoch)
+{
+	for (int i = 0; i < shared->nwindows; i++)
+	{
+		uint64		w = pg_atomic_read_u64(&windows[i]);
+
+		if (w != 0 && w <= epoch)
+			return false;
+	}
+	return true;
+}
+
+/* the partition's lock held EXCLUSIVE */
+static void
+try_mature(CounterEntry *e)
+{
+	if (e->young && !(e->flags & CE_LOADING) && grace_over(young[e->young - 1].epoch))
+	{
+		young_release(e->young - 1);
+		e->young = 0;
+	}
+}
+
+/*
+ * No YoungState is free: mature the counters that no longer need theirs.
+ * Takes one partition lock at a time; holds none when called.
+ */
+static void
+mature_all(void)
+{
+	for (int y = 0; y < QES_YOUNG; y++)
+	{
+		bool		in_use;
+		int			part;
+		uint64		fp[2];
+		CounterEntry *e;
+
+		SpinLockAcquire(&shared->young_mutex);
+		in_use = young[y].in_use;
+		part = young[y].part;
+		fp[0] = young[y].fp[0];
+		fp[1] = young[y].fp[1];
+		SpinLockRelease(&shared->young_mutex);
+		if (!in_use)
+			continue;
+		LWLockAcquire(partition_lock(part), LW_EXCLUSIVE);
+		e = find_entry(part, fp);
+		if (e != NULL && e->young == y + 1)
+			try_mature(e);
+		LWLockRelease(partition_lock(part));
+	}
 }
 
 /* ---- visibility of a committer to the builder's snapshot ---------------- */
 
 static Seen
-seen_by_build(CounterEntry *e, FullTransactionId xid)
+seen_by_build(YoungState *ys, FullTransactionId xid)
 {
-	return qes_counter_seen(e->snap_xmin, e->snap_xmax, e->snap_xcnt, e->snap_xip, xid);
+	return qes_counter_seen(ys->snap_xmin, ys->snap_xmax, ys->snap_xcnt, ys->snap_xip, xid);
 }
 
 /*
@@ -283,7 +652,7 @@ widen_xid(FullTransactionId next, TransactionId xid)
 static void
 apply_value(CounterEntry *e, int64 value, TimestampTz at)
 {
-	if (!e->is_gauge)
+	if (!(e->flags & CE_GAUGE))
 	{
 		/* saturate: concurrent records can together pass the int8 range */
 		if (pg_add_s64_overflow(e->value, value, &e->value))
@@ -294,13 +663,6 @@ apply_value(CounterEntry *e, int64 value, TimestampTz at)
 		e->value = value;
 		e->gauge_at = at;
 	}
-}
-
-static void
-remove_entry(const CounterKey *key, uint32 hash)
-{
-	if (hash_search_with_hash_value(counters, key, hash, HASH_REMOVE, NULL) != NULL)
-		pg_atomic_fetch_sub_u32(&shared->nentries, 1);
 }
 
 /* ---- building an entry from the table ----------------------------------- */
@@ -390,99 +752,23 @@ build_snapshot(void)
 	return snap;
 }
 
-/* Mark an entry used by this transaction (a hint for eviction). */
+
+/* Count a hit: set the counter's reference bit for the clock. */
 static inline void
 touch(CounterEntry *e)
 {
-	uint64		now = (uint64) GetCurrentTransactionStartTimestamp();
-
-	if (pg_atomic_read_u64(&e->last_used) < now)
-		pg_atomic_write_u64(&e->last_used, now);
+	if (pg_atomic_read_u32(&e->referenced) == 0)
+		pg_atomic_write_u32(&e->referenced, 1);
 }
 
-/* the k-th smallest of a[0..n-1] (0-based), reordering a */
-static uint64
-select_kth(uint64 *a, int n, int k)
+static int64
+uncached(const CounterKey *key, bool is_gauge, Snapshot snap)
 {
-	int			lo = 0,
-				hi = n - 1;
+	BuildResult r = compute_from_table(key, is_gauge, snap);
 
-	while (lo < hi)
-	{
-		uint64		pivot = a[(lo + hi) / 2];
-		int			i = lo,
-					j = hi;
-
-		while (i <= j)
-		{
-			while (a[i] < pivot)
-				i++;
-			while (a[j] > pivot)
-				j--;
-			if (i <= j)
-			{
-				uint64		t = a[i];
-
-				a[i] = a[j];
-				a[j] = t;
-				i++;
-				j--;
-			}
-		}
-		if (k <= j)
-			hi = j;
-		else if (k >= i)
-			lo = i;
-		else
-			break;
-	}
-	return a[k];
-}
-
-/*
- * The table is full: evict the least recently used sixteenth of it.  Only
- * one backend at a time; the others go uncached meanwhile.
- */
-static void
-evict_some(void)
-{
-	static uint64 *scratch = NULL;
-	HASH_SEQ_STATUS status;
-	CounterEntry *e;
-	int			n = 0;
-	int			k;
-	int			removed = 0;
-	uint64		threshold;
-
-	if (scratch == NULL)
-		scratch = MemoryContextAlloc(TopMemoryContext, sizeof(uint64) * (qes_max_counters + 1));
-	if (!pg_atomic_test_set_flag(&shared->evicting))
-		return;
-	for (int i = 0; i < QES_COUNTER_PARTITIONS; i++)
-		LWLockAcquire(&shared->locks[i].lock, LW_EXCLUSIVE);
-	hash_seq_init(&status, counters);
-	while ((e = hash_seq_search(&status)) != NULL)
-		if (!e->loading && n < qes_max_counters)
-			scratch[n++] = pg_atomic_read_u64(&e->last_used);
-	if (n > 0)
-	{
-		k = Max(n / 16, 1);
-		threshold = select_kth(scratch, n, k - 1);
-		hash_seq_init(&status, counters);
-		while ((e = hash_seq_search(&status)) != NULL)
-		{
-			if (!e->loading && removed < k && pg_atomic_read_u64(&e->last_used) <= threshold)
-			{
-				hash_search(counters, &e->key, HASH_REMOVE, NULL);
-				pg_atomic_fetch_sub_u32(&shared->nentries, 1);
-				removed++;
-			}
-		}
-	}
-	for (int i = QES_COUNTER_PARTITIONS - 1; i >= 0; i--)
-		LWLockRelease(&shared->locks[i].lock);
-	pg_atomic_clear_flag(&shared->evicting);
-	pg_atomic_fetch_add_u64(&shared->evicted, removed);
+	UnregisterSnapshot(snap);
+	pg_atomic_fetch_add_u64(&shared->uncached, 1);
+	return r.value;
 }
 
 /*
@@ -492,14 +778,16 @@ evict_some(void)
 int64
 qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 *notified)
 {
-	uint32		hash = get_hash_value(counters, key);
-	LWLock	   *lock = partition_lock(hash);
+	int			part = partition_of(key->fp);
+	LWLock	   *lock = partition_lock(part);
 	CounterEntry *e;
-	bool		found;
+	YoungState *ys;
 	Snapshot	snap;
 	BuildResult r;
 	FullTransactionId own = GetTopFullTransactionIdIfAny();
 	FullTransactionId next;
+	uint64		epoch;
+	int			y;
 	int64		value;
 
 	*notified = 0;
@@ -510,17 +798,11 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 	 * never build an entry that would outlive a promotion.
 	 */
 	if (RecoveryInProgress())
-	{
-		snap = build_snapshot();
-		r = compute_from_table(key, is_gauge, snap);
-		UnregisterSnapshot(snap);
-		pg_atomic_fetch_add_u64(&shared->uncached, 1);
-		return r.value;
-	}
+		return uncached(key, is_gauge, build_snapshot());
 
 	LWLockAcquire(lock, LW_SHARED);
-	e = hash_search_with_hash_value(counters, key, hash, HASH_FIND, NULL);
-	if (e != NULL && !e->loading)
+	e = find_entry(part, key->fp);
+	if (e != NULL && !(e->flags & CE_LOADING))
 	{
 		value = e->value;
 		*notified = e->notified;
@@ -531,64 +813,69 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 	}
 	LWLockRelease(lock);
 
-	e = NULL;
-	if (pg_atomic_read_u32(&shared->nentries) >= (uint32) qes_max_counters)
-		evict_some();
-	if (pg_atomic_read_u32(&shared->nentries) < (uint32) qes_max_counters)
+	/* a build keeps its snapshot beside the counter until no longer needed */
+	y = young_take(part, key->fp);
+	if (y < 0)
 	{
-		LWLockAcquire(lock, LW_EXCLUSIVE);
-		e = hash_search_with_hash_value(counters, key, hash, HASH_ENTER_NULL, &found);
-		if (e != NULL && found)
-		{
-			if (!e->loading)
-			{
-				value = e->value;
-				*notified = e->notified;
-				touch(e);
-				LWLockRelease(lock);
-				pg_atomic_fetch_add_u64(&shared->hits, 1);
-				return value;
-			}
-			e = NULL;			/* someone else builds it */
-		}
-		else if (e != NULL)
-		{
-			pg_atomic_fetch_add_u32(&shared->nentries, 1);
-			e->loading = true;
-			e->builder_pid = MyProcPid;
-			e->build_seq = ++build_seq;
-			e->load_failed = false;
-			e->is_gauge = is_gauge;
-			e->notified = 0;
-			pg_atomic_init_u64(&e->last_used, (uint64) GetCurrentTransactionStartTimestamp());
-			e->value = 0;
-			e->gauge_at = DT_NOBEGIN;
-			e->period_end = period_end;
-			e->nparked = 0;
-			e->snap_xcnt = 0;
-		}
-		LWLockRelease(lock);
+		mature_all();
+		y = young_take(part, key->fp);
 	}
 
-	snap = build_snapshot();
-	if (e == NULL)
+	LWLockAcquire(lock, LW_EXCLUSIVE);
+	e = find_entry(part, key->fp);
+	if (e != NULL && !(e->flags & CE_LOADING))
 	{
-		/* full, or being built by another backend: compute, do not cache */
-		r = compute_from_table(key, is_gauge, snap);
-		UnregisterSnapshot(snap);
-		pg_atomic_fetch_add_u64(&shared->uncached, 1);
-		return r.value;
+		value = e->value;
+		*notified = e->notified;
+		touch(e);
+		LWLockRelease(lock);
+		if (y >= 0)
+			young_release(y);
+		pg_atomic_fetch_add_u64(&shared->hits, 1);
+		return value;
 	}
+	if (e != NULL || y < 0 ||
+		(pg_atomic_read_u32(&shared->parts[part].nlive) >= shared->part_limit && !evict_one(part)))
+	{
+		/* being built by another backend, or no room: compute, do not cache */
+		LWLockRelease(lock);
+		if (y >= 0)
+			young_release(y);
+		return uncached(key, is_gauge, build_snapshot());
+	}
+	e = insert_entry(part, key->fp);
+	e->flags = CE_LOADING | (is_gauge ? CE_GAUGE : 0);
+	e->young = (int16) (y + 1);
+	e->value = 0;
+	e->gauge_at = DT_NOBEGIN;
+	e->period_end = period_end;
+	e->notified = 0;
+	pg_atomic_write_u32(&e->referenced, 1);
+	ys = &young[y];
+	ys->builder_pid = MyProcPid;
+	ys->build_seq = ++build_seq;
+	ys->load_failed = false;
+	ys->epoch = 0;
+	ys->nparked = 0;
+	ys->snap_xcnt = 0;
+	LWLockRelease(lock);
 
 	building = true;
-	building_key = *key;
+	building_fp[0] = key->fp[0];
+	building_fp[1] = key->fp[1];
+	building_young = y;
+	snap = build_snapshot();
 	r = compute_from_table(key, is_gauge, snap);
 	/* every xid of snap precedes this; read without a partition lock held */
 	next = ReadNextFullTransactionId();
+	/* windows opened from now on belong to transactions snap did not see */
+	epoch = pg_atomic_fetch_add_u64(&shared->epoch, 1);
 
 	LWLockAcquire(lock, LW_EXCLUSIVE);
-	e = hash_search_with_hash_value(counters, key, hash, HASH_FIND, NULL);
-	if (e == NULL || !is_our_build(e))
+	e = find_entry(part, key->fp);
+	ys = &young[y];
+	if (e == NULL || !(e->flags & CE_LOADING) || e->young != y + 1 ||
+		ys->builder_pid != MyProcPid || ys->build_seq != build_seq)
 	{
 		/* the cache was reset meanwhile: answer, do not cache */
 		LWLockRelease(lock);
@@ -597,58 +884,46 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 		pg_atomic_fetch_add_u64(&shared->uncached, 1);
 		return r.value;
 	}
-	if (e->load_failed)
-	{
-		remove_entry(key, hash);
-		LWLockRelease(lock);
-		pg_atomic_fetch_add_u64(&shared->dropped, 1);
-		building = false;
-		UnregisterSnapshot(snap);
-		return r.value;
-	}
 	e->value = r.value;
 	e->gauge_at = r.at;
-	e->snap_xmin = widen_xid(next, snap->xmin);
-	e->snap_xmax = widen_xid(next, snap->xmax);
+	ys->epoch = epoch;
+	ys->snap_xmin = widen_xid(next, snap->xmin);
+	ys->snap_xmax = widen_xid(next, snap->xmax);
 	if (snap->xcnt + (FullTransactionIdIsValid(own) ? 1 : 0) > QES_SNAP_XIP)
-		e->snap_xcnt = -1;
+		ys->snap_xcnt = -1;
 	else
 	{
-		e->snap_xcnt = 0;
+		ys->snap_xcnt = 0;
 		for (uint32 i = 0; i < snap->xcnt; i++)
-			e->snap_xip[e->snap_xcnt++] = widen_xid(next, snap->xip[i]);
+			ys->snap_xip[ys->snap_xcnt++] = widen_xid(next, snap->xip[i]);
 		/* our own rows were hidden from the sum: our delta must be added */
 		if (FullTransactionIdIsValid(own))
-			e->snap_xip[e->snap_xcnt++] = own;
+			ys->snap_xip[ys->snap_xcnt++] = own;
 	}
-	for (int i = 0; i < e->nparked; i++)
+	for (int i = 0; i < ys->nparked && !ys->load_failed; i++)
 	{
-		Seen		s = seen_by_build(e, e->parked[i].xid);
+		Seen		s = seen_by_build(ys, ys->parked[i].xid);
 
 		if (s == UNKNOWN)
-		{
-			e->load_failed = true;
-			break;
-		}
-		if (s == NOT_SEEN)
-			apply_value(e, e->parked[i].value, e->parked[i].at);
+			ys->load_failed = true;
+		else if (s == NOT_SEEN)
+			apply_value(e, ys->parked[i].value, ys->parked[i].at);
 	}
-	e->nparked = 0;
-	if (e->load_failed)
+	ys->nparked = 0;
+	building = false;
+	UnregisterSnapshot(snap);
+	if (ys->load_failed)
 	{
-		remove_entry(key, hash);
-		pg_atomic_fetch_add_u64(&shared->dropped, 1);
+		remove_entry(part, e);
 		LWLockRelease(lock);
-		building = false;
-		UnregisterSnapshot(snap);
+		pg_atomic_fetch_add_u64(&shared->dropped, 1);
 		return r.value;
 	}
-	e->loading = false;
+	e->flags &= ~CE_LOADING;
+	try_mature(e);
 	value = e->value;
 	*notified = e->notified;
 	LWLockRelease(lock);
-	building = false;
-	UnregisterSnapshot(snap);
 	pg_atomic_fetch_add_u64(&shared->loads, 1);
 	return value;
 }
@@ -672,8 +947,8 @@ new_pending(const CounterKey *key)
 	}
 	p = &pending[npending++];
 	memset(p, 0, sizeof(PendingItem));
-	p->key = *key;
-	p->hash = get_hash_value(counters, key);
+	p->fp[0] = key->fp[0];
+	p->fp[1] = key->fp[1];
 	p->subid = GetCurrentSubTransactionId();
 	p->xid = GetTopFullTransactionId();
 	return p;
@@ -707,7 +982,7 @@ qes_counter_own_pending(const CounterKey *key, bool is_gauge, bool *has_gauge)
 	{
 		PendingItem *p = &pending[i];
 
-		if (p->notify_bit || memcmp(&p->key, key, sizeof(CounterKey)) != 0)
+		if (p->notify_bit || p->fp[0] != key->fp[0] || p->fp[1] != key->fp[1])
 			continue;
 		if (!is_gauge)
 			sum += p->value;
@@ -732,22 +1007,58 @@ qes_counters_reset_at_commit(void)
 	reset_at_commit = true;
 }
 
+/*
+ * One partition after another.  A build that began before our commit holds
+ * a loading entry, which goes too: its builder then answers uncached.  A
+ * counter built after a partition was emptied read the table after our
+ * commit.
+ */
 static void
 reset_all(void)
 {
-	HASH_SEQ_STATUS status;
-	CounterEntry *e;
-
-	for (int i = 0; i < QES_COUNTER_PARTITIONS; i++)
-		LWLockAcquire(&shared->locks[i].lock, LW_EXCLUSIVE);
-	hash_seq_init(&status, counters);
-	while ((e = hash_seq_search(&status)) != NULL)
+	for (int part = 0; part < shared->nparts; part++)
 	{
-		hash_search(counters, &e->key, HASH_REMOVE, NULL);
-		pg_atomic_fetch_sub_u32(&shared->nentries, 1);
+		CounterEntry *s = partition_slots(part);
+
+		LWLockAcquire(partition_lock(part), LW_EXCLUSIVE);
+		for (uint32 i = 0; i < shared->part_slots; i++)
+		{
+			if (slot_empty(&s[i]))
+				continue;
+			if (s[i].young)
+				young_release(s[i].young - 1);
+			clear_entry(&s[i]);
+		}
+		pg_atomic_write_u32(&shared->parts[part].nlive, 0);
+		shared->parts[part].hand = 0;
+		LWLockRelease(partition_lock(part));
 	}
-	for (int i = QES_COUNTER_PARTITIONS - 1; i >= 0; i--)
-		LWLockRelease(&shared->locks[i].lock);
+}
+
+/*
+ * XACT_EVENT_PRE_COMMIT: open this transaction's window before its commit
+ * record, so that a build whose snapshot sees our rows keeps that snapshot
+ * until our deltas are applied.
+ */
+void
+qes_counters_pre_commit(void)
+{
+	if (npending == 0 || MyProc == NULL || MyProc->pgprocno >= shared->nwindows)
+		return;
+	pg_atomic_write_u64(&windows[MyProc->pgprocno], pg_atomic_read_u64(&shared->epoch));
+	window_open = true;
+	pg_memory_barrier();
+}
+
+static void
+close_window(void)
+{
+	if (window_open)
+	{
+		pg_memory_barrier();
+		pg_atomic_write_u64(&windows[MyProc->pgprocno], 0);
+		window_open = false;
+	}
 }
 
 /* XACT_EVENT_COMMIT: our rows are visible now; add their deltas. */
@@ -759,47 +1070,58 @@ qes_counters_at_commit(void)
 		reset_at_commit = false;
 		npending = 0;
 		reset_all();
+		close_window();
 		return;
 	}
+	if (npending > 0)
+		qes_debug_counter_commit_delay();
 	for (int i = 0; i < npending; i++)
 	{
 		PendingItem *p = &pending[i];
-		LWLock	   *lock = partition_lock(p->hash);
+		int			part = partition_of(p->fp);
+		LWLock	   *lock = partition_lock(part);
 		CounterEntry *e;
 
 		LWLockAcquire(lock, LW_EXCLUSIVE);
-		e = hash_search_with_hash_value(counters, &p->key, p->hash, HASH_FIND, NULL);
+		e = find_entry(part, p->fp);
 		if (e == NULL)
 			;					/* not cached: the next build reads our rows */
 		else if (p->notify_bit)
 			e->notified |= p->notify_bit;
-		else if (e->loading)
+		else if (e->flags & CE_LOADING)
 		{
-			if (e->nparked < QES_PARKED)
+			YoungState *ys = &young[e->young - 1];
+
+			if (ys->nparked < QES_PARKED)
 			{
-				e->parked[e->nparked].xid = p->xid;
-				e->parked[e->nparked].value = p->value;
-				e->parked[e->nparked].at = p->at;
-				e->nparked++;
+				ys->parked[ys->nparked].xid = p->xid;
+				ys->parked[ys->nparked].value = p->value;
+				ys->parked[ys->nparked].at = p->at;
+				ys->nparked++;
 			}
 			else
-				e->load_failed = true;
+				ys->load_failed = true;
 		}
-		else
+		else if (e->young)
 		{
-			Seen		s = seen_by_build(e, p->xid);
+			Seen		s = seen_by_build(&young[e->young - 1], p->xid);
 
 			if (s == NOT_SEEN)
 				apply_value(e, p->value, p->at);
-			else if (s == UNKNOWN)
+			if (s == UNKNOWN)
 			{
-				remove_entry(&p->key, p->hash);
+				remove_entry(part, e);
 				pg_atomic_fetch_add_u64(&shared->dropped, 1);
 			}
+			else
+				try_mature(e);
 		}
+		else
+			apply_value(e, p->value, p->at);
 		LWLockRelease(lock);
 	}
 	npending = 0;
+	close_window();
 }
 
 static void
@@ -807,14 +1129,16 @@ forget_build(void)
 {
 	if (building)
 	{
-		uint32		hash = get_hash_value(counters, &building_key);
-		LWLock	   *lock = partition_lock(hash);
+		int			part = partition_of(building_fp);
+		LWLock	   *lock = partition_lock(part);
 		CounterEntry *e;
+		YoungState *ys = &young[building_young];
 
 		LWLockAcquire(lock, LW_EXCLUSIVE);
-		e = hash_search_with_hash_value(counters, &building_key, hash, HASH_FIND, NULL);
-		if (e != NULL && is_our_build(e))
-			remove_entry(&building_key, hash);
+		e = find_entry(part, building_fp);
+		if (e != NULL && (e->flags & CE_LOADING) && e->young == building_young + 1 &&
+			ys->builder_pid == MyProcPid && ys->build_seq == build_seq)
+			remove_entry(part, e);
 		LWLockRelease(lock);
 		building = false;
 	}
@@ -845,6 +1169,7 @@ qes_counters_at_abort(void)
 {
 	reset_at_commit = false;
 	npending = 0;
+	close_window();
 	forget_build();
 }
 
@@ -880,12 +1205,16 @@ qes_usage_cache_stats(PG_FUNCTION_ARGS)
 	bool		nulls[10] = {0};
 	uint64		hits = pg_atomic_read_u64(&shared->hits);
 	uint64		misses = pg_atomic_read_u64(&shared->loads) + pg_atomic_read_u64(&shared->uncached);
+	uint64		capacity = (uint64) shared->nparts * shared->part_limit;
+	uint64		entries = 0;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
-	values[0] = Int32GetDatum(qes_max_counters);
-	values[1] = Int32GetDatum((int32) pg_atomic_read_u32(&shared->nentries));
-	values[2] = Int64GetDatum((int64) pg_atomic_read_u64(&shared->hits));
+	for (int part = 0; part < shared->nparts; part++)
+		entries += pg_atomic_read_u32(&shared->parts[part].nlive);
+	values[0] = Int32GetDatum((int32) capacity);
+	values[1] = Int32GetDatum((int32) entries);
+	values[2] = Int64GetDatum((int64) hits);
 	values[3] = Int64GetDatum((int64) pg_atomic_read_u64(&shared->loads));
 	values[4] = Int64GetDatum((int64) pg_atomic_read_u64(&shared->uncached));
 	values[5] = Int64GetDatum((int64) pg_atomic_read_u64(&shared->dropped));
@@ -893,44 +1222,47 @@ qes_usage_cache_stats(PG_FUNCTION_ARGS)
 	values[7] = Int64GetDatum((int64) pg_atomic_read_u64(&shared->evicted));
 	values[8] = Float8GetDatum(hits + misses > 0 ? (double) hits / (double) (hits + misses) : 0.0);
 	nulls[8] = (hits + misses == 0);
-	/* shared memory per counter: the entry and its share of the hash */
-	values[9] = Int32GetDatum((int32) (hash_estimate_size(1000, sizeof(CounterEntry)) / 1000));
+	/* all the shared memory the counters take, per counter they can hold */
+	values[9] = Int32GetDatum((int32) ((counters_size() + capacity - 1) / capacity));
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 
 /*
  * billing.usage_cache_sweep(before timestamptz): drop entries whose period
- * ended before `before`.  Takes every partition lock, in order.
+ * ended before `before`.  One partition lock at a time.
  */
 Datum
 qes_usage_cache_sweep(PG_FUNCTION_ARGS)
 {
 	TimestampTz before = PG_GETARG_TIMESTAMPTZ(0);
-	HASH_SEQ_STATUS status;
-	CounterEntry *e;
 	int64		removed = 0;
 	static TimestampTz last_sweep = 0;
 	TimestampTz now = GetCurrentTimestamp();
 
-	/* at most once a minute per process: it takes every partition lock */
+	/* at most once a minute per process: it visits every slot */
 	if (last_sweep != 0 && now - last_sweep < 60 * USECS_PER_SEC)
 		PG_RETURN_INT64(0);
 	last_sweep = now;
 
-	for (int i = 0; i < QES_COUNTER_PARTITIONS; i++)
-		LWLockAcquire(&shared->locks[i].lock, LW_EXCLUSIVE);
-	hash_seq_init(&status, counters);
-	while ((e = hash_seq_search(&status)) != NULL)
+	for (int part = 0; part < shared->nparts; part++)
 	{
-		if (!e->loading && e->period_end < before)
+		CounterEntry *s = partition_slots(part);
+		uint32		i = 0;
+
+		LWLockAcquire(partition_lock(part), LW_EXCLUSIVE);
+		while (i < shared->part_slots)
 		{
-			hash_search(counters, &e->key, HASH_REMOVE, NULL);
-			pg_atomic_fetch_sub_u32(&shared->nentries, 1);
-			removed++;
+			/* a removal shifts a later entry back into i: look at i again */
+			if (!slot_empty(&s[i]) && !(s[i].flags & CE_LOADING) && s[i].period_end < before)
+			{
+				remove_entry(part, &s[i]);
+				removed++;
+			}
+			else
+				i++;
 		}
+		LWLockRelease(partition_lock(part));
 	}
-	for (int i = QES_COUNTER_PARTITIONS - 1; i >= 0; i--)
-		LWLockRelease(&shared->locks[i].lock);
 	pg_atomic_fetch_add_u64(&shared->swept, removed);
 	PG_RETURN_INT64(removed);
 }

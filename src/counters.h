@@ -13,12 +13,13 @@
 
 #include "catalog_cache.h"
 
+/* A counter's key as its caller holds it; shared memory keeps only fp. */
 typedef struct CounterKey
 {
-	Oid			dbid;			/* the database whose table it sums */
 	char		tenant_id[QES_TENANT_ID_LEN];
 	char		metric[QES_METRIC_LEN];
 	TimestampTz period_start;
+	uint64		fp[2];			/* with this database: the fingerprint */
 } CounterKey;
 
 #define QES_NOTIFIED_80		0x01
@@ -45,6 +46,7 @@ extern int64 qes_counter_own_pending(const CounterKey *key, bool is_gauge, bool 
 extern void qes_counter_add_at_commit(const CounterKey *key, bool is_gauge, int64 value,
 									  TimestampTz at);
 extern void qes_counter_notified_at_commit(const CounterKey *key, uint8 bit);
+extern void qes_counters_pre_commit(void);
 extern void qes_counters_at_commit(void);
 extern void qes_counters_reset_at_commit(void);
 extern void qes_counters_at_abort(void);

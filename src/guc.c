@@ -615,7 +615,8 @@ typedef enum QesDebugFault
 {
 	QES_FAULT_NONE,
 	QES_FAULT_INVALID_READ,
-	QES_FAULT_UNINITIALISED
+	QES_FAULT_UNINITIALISED,
+	QES_FAULT_COUNTER_COMMIT_DELAY
 } QesDebugFault;
 
 static int	qes_debug_fault = QES_FAULT_NONE;
@@ -624,6 +625,7 @@ static const struct config_enum_entry debug_fault_options[] = {
 	{"none", QES_FAULT_NONE, false},
 	{"invalid_read", QES_FAULT_INVALID_READ, false},
 	{"uninitialised", QES_FAULT_UNINITIALISED, false},
+	{"counter_commit_delay", QES_FAULT_COUNTER_COMMIT_DELAY, false},
 	{NULL, 0, false}
 };
 
@@ -662,7 +664,7 @@ qes_debug_fault_point(void)
 	volatile char *chunk;
 	volatile char sink;
 
-	if (qes_debug_fault == QES_FAULT_NONE)
+	if (qes_debug_fault == QES_FAULT_NONE || qes_debug_fault == QES_FAULT_COUNTER_COMMIT_DELAY)
 		return;
 	if (production_quietly())
 	{
@@ -684,6 +686,18 @@ qes_debug_fault_point(void)
 	ereport(NOTICE,
 			(errmsg("qes_billing.debug_fault: planted \"%s\"",
 					debug_fault_options[qes_debug_fault].name)));
+}
+
+/*
+ * counter_commit_delay: a transaction that recorded usage waits a second
+ * after its commit became visible and before its counter deltas are applied
+ * (counters.c), so that a test can build the counter in that gap.
+ */
+void
+qes_debug_counter_commit_delay(void)
+{
+	if (qes_debug_fault == QES_FAULT_COUNTER_COMMIT_DELAY && !production_quietly())
+		pg_usleep(1000000L);
 }
 
 static void
@@ -907,8 +921,8 @@ qes_define_gucs(void)
 
 	/* test-only (see qes_debug_fault_point); hidden like the secrets */
 	DefineCustomEnumVariable("qes_billing.debug_fault",
-							 "Test-only: billing.environment() commits a deliberate memory error (none, invalid_read, uninitialised).",
-							 "For the valgrind layer's self-test; refused in production.",
+							 "Test-only: billing.environment() commits a deliberate memory error (invalid_read, uninitialised), or usage counters apply their deltas a second after commit (counter_commit_delay).",
+							 "For the valgrind layer's self-test and the counter build race test; refused in production.",
 							 &qes_debug_fault, QES_FAULT_NONE, debug_fault_options,
 							 PGC_SUSET, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
 							 check_debug_fault, NULL, NULL);

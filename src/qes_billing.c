@@ -49,6 +49,9 @@ qes_xact_callback(XactEvent event, void *arg)
 			qes_counters_refuse_prepare();
 			qes_guard_refuse_prepare();
 			break;
+		case XACT_EVENT_PRE_COMMIT:
+			qes_counters_pre_commit();
+			break;
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
 			qes_counters_at_commit();

@@ -3,6 +3,8 @@
 The module runs at a fixed date through the billing clock (AT, the 1st of a
 month in the evening): a Free tenant's period is that calendar month, and no
 test depends on the day it runs."""
+import threading
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -137,6 +139,98 @@ def test_busiest_tenant_stays_cached(small_cache):
     assert evicted > 0
     # 60 other tenants were built once each; busy never again
     assert loads - loads_before <= 60, (loads_before, loads)
+
+
+def test_build_between_commit_and_delta_counts_once(small_cache):
+    """The race a build must survive: a transaction's usage is visible in the
+    table but its delta not yet applied (counter_commit_delay holds it for a
+    second) when another session builds the counter from the table.  The
+    delta, applied afterwards, must not be added again: the build's snapshot
+    is kept until the committer's window closes (counters.c, "young")."""
+    pg = small_cache
+    pg.sql("SELECT billing.upsert_tenant('race', 'Race', 'race@t.example')")
+    with pg.connect(autocommit=True) as a, pg.connect(autocommit=True) as b:
+        a.execute("SET qes_billing.debug_fault = 'counter_commit_delay'")
+        a.execute("BEGIN")
+        a.execute("SELECT billing.record_usage('race', 'api_calls', 5, 'race-1')")
+        # forget every counter (a fresh process may sweep): the next read builds
+        with pg.connect(autocommit=True) as c:
+            c.execute("SELECT billing.usage_cache_sweep('infinity')")
+        done = threading.Event()
+
+        def commit():
+            a.execute("COMMIT")
+            done.set()
+
+        t = threading.Thread(target=commit)
+        t.start()
+        try:
+            # wait until a's row is visible while its delta is still held back
+            deadline = time.time() + 5
+            while time.time() < deadline and not b.execute(
+                    "SELECT count(*) FROM billing.usage_events WHERE idempotency_key = 'race-1'").fetchone()[0]:
+                time.sleep(0.02)
+            loads = b.execute("SELECT loads FROM billing.usage_cache_stats()").fetchone()[0]
+            during = b.execute("SELECT (billing.check_limit('race', 'api_calls', 0)).current").fetchone()[0]
+            built = b.execute("SELECT loads FROM billing.usage_cache_stats()").fetchone()[0] - loads
+            assert not done.is_set(), "the commit finished before the build: the race was not reproduced"
+        finally:
+            t.join()
+        after = b.execute("SELECT (billing.check_limit('race', 'api_calls', 0)).current").fetchone()[0]
+        table = b.execute("SELECT sum(quantity) FROM billing.usage_events WHERE tenant_id = 'race'").fetchone()[0]
+    assert built == 1           # the counter was built while the delta was held back
+    assert (during, after, table) == (5, 5, 5)
+
+
+@pytest.fixture(scope="module")
+def partitioned_cache():
+    # 2,000 counters: 31 partitions of 65, each evicting on its own
+    cluster = Cluster("partcache", conf={"qes_billing.max_counters": "2000"}).start()
+    cluster.set_clock(AT)
+    yield cluster
+    amcheck_and_stop(cluster)
+
+
+def test_partitioned_counters_exact_under_churn(partitioned_cache):
+    """5,000 tenant periods through room for 2,000, from four sessions at
+    once, some tenants hot: every total equals the table, the hot tenants
+    stay cached, and a counter costs at most 128 bytes of shared memory."""
+    pg = partitioned_cache
+    pg.sql("SELECT count(billing.upsert_tenant('p' || i, 'P', 'p@t.example')) FROM generate_series(0, 4999) i")
+    errors = []
+
+    def writer(w):
+        try:
+            with pg.connect(autocommit=True) as c:
+                for i in range(w, 5000, 4):
+                    c.execute("SELECT billing.record_usage(%s, 'api_calls', %s, %s)", (f"p{i}", i % 7 + 1, f"w-{i}"))
+                    # tenants p0..p9 are used by every writer all along
+                    c.execute("SELECT billing.record_usage(%s, 'documents', 1, %s)", (f"p{i % 10}", f"d-{i}"))
+        except Exception as e:     # reported below, with the others
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with pg.connect(autocommit=True) as c:
+        hits_before = c.execute("SELECT hits FROM billing.usage_cache_stats()").fetchone()[0]
+        hot = c.execute("SELECT sum((billing.check_limit('p' || i, 'documents', 0)).current)"
+                        " FROM generate_series(0, 9) i").fetchone()[0]
+        hits_after = c.execute("SELECT hits FROM billing.usage_cache_stats()").fetchone()[0]
+        off = c.execute(
+            "SELECT count(*) FROM (SELECT u.tenant_id, u.metric, sum(u.quantity) AS s FROM billing.usage_events u"
+            " GROUP BY 1, 2) t WHERE (billing.check_limit(t.tenant_id, t.metric, 0)).current <> t.s").fetchone()[0]
+        capacity, entries, evicted, per_counter = c.execute(
+            "SELECT capacity, entries, evicted, bytes_per_counter FROM billing.usage_cache_stats()").fetchone()
+    assert hot == 5000
+    assert hits_after - hits_before == 10     # the hot tenants were still cached
+    assert off == 0
+    assert 2000 <= capacity < 2000 + 31 and 0 < entries <= capacity
+    assert evicted > 3000
+    assert per_counter <= 128, per_counter
 
 
 def test_idempotency_key_is_forever(pg, usage_tenants):
