@@ -13,7 +13,7 @@
 # are the mean of BENCH_ROUNDS (3) runs of BENCH_SECONDS (10), measurement
 # and ceiling alternating; BENCH_CLIENTS (8) clients.
 #
-#   BENCH_PART="usage guard webhooks outbox meters worker router"   the parts to run (default: all)
+#   BENCH_PART="usage counters guard webhooks outbox meters worker router"   the parts to run (default: all)
 #   BENCH_SAME_CLUSTER=1   every part on one cluster, one after the other
 #                          (how make bench ran before; for comparison)
 set -euo pipefail
@@ -57,6 +57,7 @@ fresh_cluster() {
   init_cluster "$DIR" "$PORT" "$DB" '' <<CONF
 shared_buffers = '512MB'
 max_wal_size = '4GB'
+${EXTRA_CONF:-}
 CONF
   as_pg pg_ctl -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
   as_pg createdb -h "$DIR" -p "$PORT" "$DB"
@@ -182,6 +183,36 @@ settings synchronous_commit=off
 pair record_usage_async_commit record_usage plain_insert_async_commit plain_insert
 settings synchronous_commit=on
 sql -c "SELECT 'counter cache: ' || entries || ' entries, ' || hits || ' hits, ' || loads || ' builds, ' || uncached || ' uncached' FROM billing.usage_cache_stats()"
+fi
+
+# ---- counters: a million tenants' counters in shared memory -------------------
+if wants counters; then
+# room for 4.2 M counters; 1,000,000 tenants on Free, each with its 4 metrics'
+# counters built (usage_current reads all four), then check_limit and
+# record_usage for tenants drawn at random from all of them
+same_was=$same; same=0
+EXTRA_CONF="qes_billing.max_counters = 4200000" fresh_cluster
+same=$same_was
+sql -c "INSERT INTO billing.tenants (tenant_id, name, billing_email)
+        SELECT 'c' || i, 'C', 'c@bench.example' FROM generate_series(1, 1000000) i" >/dev/null
+t0=$(date +%s)
+for half in 0 1; do   # two sessions, one per core
+  sql -c "SELECT count(*) FROM generate_series(1, 1000000) i, LATERAL billing.usage_current('c' || i)
+          WHERE i % 2 = $half" >/dev/null &
+done
+wait
+echo "counters: 4,000,000 built in $(( $(date +%s) - t0 )) s; $(sql -c "SELECT entries || '/' || capacity || ' entries, ' || bytes_per_counter || ' bytes per counter, ' || pg_size_pretty(bytes_per_counter::bigint * capacity) || ' for all, ' || evicted || ' evicted' FROM billing.usage_cache_stats()")"
+stats() { sql -c "SELECT hits || ' ' || (loads + uncached) || ' ' || evicted FROM billing.usage_cache_stats()"; }
+before=$(stats)
+pair check_limit_1m_tenants check_limit_many select_1 select_1
+pair record_usage_1m_tenants record_usage_many plain_insert plain_insert
+after=$(stats)
+# the same check for 100 tenants (whose plans each backend keeps): what the
+# million costs beyond the counters is each backend's tenant-plan lookups
+pair check_limit_1m_vs_100_tenants check_limit_many check_limit_100 check_limit
+awk -v b="$before" -v a="$after" 'BEGIN { split(b, x, " "); split(a, y, " ");
+  h = y[1] - x[1]; m = y[2] - x[2];
+  printf "counters during the 1 M tenant lines: hit rate %.4f (%d hits, %d misses), %d evicted\n", (h + m > 0 ? h / (h + m) : 0), h, m, y[3] - x[3] }'
 fi
 
 # ---- guard: inbound rate limiting ------------------------------------------------
