@@ -101,6 +101,13 @@
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
 #include "storage/proc.h"
+#include "storage/procarray.h"
+#include "access/rmgr.h"
+#include "access/xlog_internal.h"
+#include "access/xloginsert.h"
+#include "access/xlogutils.h"
+#include "access/xlogreader.h"
+#include "lib/stringinfo.h"
 #include "storage/shmem.h"
 #include "storage/spin.h"
 #include "utils/array.h"
@@ -115,13 +122,35 @@
 
 #define QES_MAX_PARTITIONS		128
 #define QES_PARTITION_MIN		64	/* counters per partition, at least */
-#define QES_YOUNG				128
+#define QES_YOUNG_MIN			128	/* YoungStates, at least; else 1 per 64 counters */
+#define QES_RING				4096	/* deltas replayed on a standby, kept for builds */
 #define QES_SNAP_XIP			32
 #define QES_PARKED				16
 #define QES_COUNTER_TRANCHE		"qes_billing counters"
 
 #define CE_LOADING				0x01
 #define CE_GAUGE				0x02
+#define CE_STANDBY				0x04	/* built during recovery: parked deltas fold in on read */
+
+/* the custom WAL resource manager of the standby counters (docs/operations.md) */
+#define QES_RMGR_ID				RM_EXPERIMENTAL_ID
+#define XLOG_QES_USAGE_DELTA	0x10
+#define XLOG_QES_COUNTERS_RESET	0x20
+
+/*
+ * One committing transaction's delta to one counter, logged just before its
+ * commit record (wal_level replica or higher): a hot standby's counters add
+ * it when the commit is replayed.  The transaction is the record's xid.
+ */
+typedef struct xl_qes_usage_delta
+{
+	Oid			dbid;
+	bool		is_gauge;
+	TimestampTz period_start;
+	int64		value;
+	TimestampTz at;
+	/* followed by the metric and the tenant id, each with its NUL */
+} xl_qes_usage_delta;
 
 typedef struct CounterEntry
 {
@@ -164,6 +193,15 @@ typedef struct YoungState
 	ParkedDelta parked[QES_PARKED];
 } YoungState;
 
+/* a delta replayed on a standby (the ring; under ring_lock) */
+typedef struct RingDelta
+{
+	uint64		fp[2];
+	FullTransactionId xid;
+	int64		value;
+	TimestampTz at;
+} RingDelta;
+
 typedef struct CounterPartition
 {
 	pg_atomic_uint32 nlive;		/* changed under the lock, read anywhere */
@@ -176,8 +214,12 @@ typedef struct CounterShared
 	uint32		part_limit;		/* counters a partition holds */
 	uint32		part_slots;		/* its slots: a third more */
 	int			nwindows;
+	int			nyoung;
 	uint64		sipkey[2];
-	LWLockPadded *locks;
+	LWLockPadded *locks;		/* nparts of them, then the ring's */
+	uint64		ring_next;		/* deltas ever put in the ring (under ring_lock) */
+	FullTransactionId ring_lost;	/* newest xid whose delta left the ring unapplied */
+	int			fold_cursor;	/* the startup process's round over YoungStates */
 	pg_atomic_uint64 epoch;
 	slock_t		young_mutex;
 	int			young_free;		/* head of the free list, -1: none */
@@ -192,7 +234,8 @@ typedef struct CounterShared
 
 
 static CounterShared *shared = NULL;
-static YoungState *young = NULL;	/* QES_YOUNG */
+static YoungState *young = NULL;	/* nyoung */
+static RingDelta *ring = NULL;	/* QES_RING */
 static pg_atomic_uint64 *windows = NULL;	/* nwindows, by pgprocno */
 static CounterEntry *slots = NULL;	/* nparts * part_slots */
 
@@ -200,6 +243,10 @@ static CounterEntry *slots = NULL;	/* nparts * part_slots */
 typedef struct PendingItem
 {
 	uint64		fp[2];
+	char		tenant_id[QES_TENANT_ID_LEN];	/* for the standby's WAL record */
+	char		metric[QES_METRIC_LEN];
+	TimestampTz period_start;
+	int			order;			/* position in the transaction, for sorting */
 	bool		is_gauge;
 	uint8		notify_bit;		/* nonzero: mark a threshold, no delta */
 	int64		value;
@@ -207,6 +254,9 @@ typedef struct PendingItem
 	FullTransactionId xid;
 	SubTransactionId subid;
 } PendingItem;
+
+static void apply_value(CounterEntry *e, int64 value, TimestampTz at);
+static void reset_all(void);
 
 static bool reset_at_commit = false;
 static bool window_open = false;
@@ -232,26 +282,29 @@ PG_FUNCTION_INFO_V1(qes_usage_cache_sweep);
 /* ---- shared memory ------------------------------------------------------ */
 
 static void
-layout(int *nparts, uint32 *limit, uint32 *nslots, int *nwindows)
+layout(int *nparts, uint32 *limit, uint32 *nslots, int *nwindows, int *nyoung)
 {
 	*nparts = Max(1, Min(QES_MAX_PARTITIONS, qes_max_counters / QES_PARTITION_MIN));
 	*limit = (uint32) ((qes_max_counters + *nparts - 1) / *nparts);
 	*nslots = *limit + *limit / 3 + 1;
 	*nwindows = MaxBackends + NUM_AUXILIARY_PROCS + max_prepared_xacts;
+	*nyoung = Max(QES_YOUNG_MIN, qes_max_counters / 64);
 }
 
 static Size
 counters_size(void)
 {
 	int			nparts,
-				nwindows;
+				nwindows,
+				nyoung;
 	uint32		limit,
 				nslots;
 	Size		size;
 
-	layout(&nparts, &limit, &nslots, &nwindows);
+	layout(&nparts, &limit, &nslots, &nwindows, &nyoung);
 	size = MAXALIGN(sizeof(CounterShared));
-	size = add_size(size, MAXALIGN(mul_size(sizeof(YoungState), QES_YOUNG)));
+	size = add_size(size, MAXALIGN(mul_size(sizeof(YoungState), nyoung)));
+	size = add_size(size, MAXALIGN(mul_size(sizeof(RingDelta), QES_RING)));
 	size = add_size(size, MAXALIGN(mul_size(sizeof(pg_atomic_uint64), nwindows)));
 	size = add_size(size, PG_CACHE_LINE_SIZE);
 	size = add_size(size, mul_size(sizeof(CounterEntry), mul_size(nparts, nslots)));
@@ -262,13 +315,14 @@ void
 qes_counters_request(void)
 {
 	int			nparts,
-				nwindows;
+				nwindows,
+				nyoung;
 	uint32		limit,
 				nslots;
 
-	layout(&nparts, &limit, &nslots, &nwindows);
+	layout(&nparts, &limit, &nslots, &nwindows, &nyoung);
 	RequestAddinShmemSpace(counters_size());
-	RequestNamedLWLockTranche(QES_COUNTER_TRANCHE, nparts);
+	RequestNamedLWLockTranche(QES_COUNTER_TRANCHE, nparts + 1);
 }
 
 /* called with AddinShmemInitLock held */
@@ -278,16 +332,19 @@ qes_counters_startup(void)
 	bool		found;
 	char	   *base;
 	int			nparts,
-				nwindows;
+				nwindows,
+				nyoung;
 	uint32		limit,
 				nslots;
 
-	layout(&nparts, &limit, &nslots, &nwindows);
+	layout(&nparts, &limit, &nslots, &nwindows, &nyoung);
 	base = ShmemInitStruct("qes_billing counters", counters_size(), &found);
 	shared = (CounterShared *) base;
 	base += MAXALIGN(sizeof(CounterShared));
 	young = (YoungState *) base;
-	base += MAXALIGN(mul_size(sizeof(YoungState), QES_YOUNG));
+	base += MAXALIGN(mul_size(sizeof(YoungState), nyoung));
+	ring = (RingDelta *) base;
+	base += MAXALIGN(mul_size(sizeof(RingDelta), QES_RING));
 	windows = (pg_atomic_uint64 *) base;
 	base += MAXALIGN(mul_size(sizeof(pg_atomic_uint64), nwindows));
 	slots = (CounterEntry *) TYPEALIGN(PG_CACHE_LINE_SIZE, base);
@@ -299,6 +356,10 @@ qes_counters_startup(void)
 	shared->part_limit = limit;
 	shared->part_slots = nslots;
 	shared->nwindows = nwindows;
+	shared->nyoung = nyoung;
+	shared->ring_next = 0;
+	shared->ring_lost = InvalidFullTransactionId;
+	shared->fold_cursor = 0;
 	if (!pg_strong_random(shared->sipkey, sizeof(shared->sipkey)))
 		elog(FATAL, "qes_billing: could not draw the usage counters' hash key");
 	shared->locks = GetNamedLWLockTranche(QES_COUNTER_TRANCHE);
@@ -312,9 +373,10 @@ qes_counters_startup(void)
 	pg_atomic_init_u64(&shared->evicted, 0);
 	for (int i = 0; i < nparts; i++)
 		pg_atomic_init_u32(&shared->parts[i].nlive, 0);
-	memset(young, 0, sizeof(YoungState) * QES_YOUNG);
-	for (int i = 0; i < QES_YOUNG; i++)
-		young[i].next_free = i + 1 < QES_YOUNG ? i + 1 : -1;
+	memset(young, 0, sizeof(YoungState) * nyoung);
+	for (int i = 0; i < nyoung; i++)
+		young[i].next_free = i + 1 < nyoung ? i + 1 : -1;
+	memset(ring, 0, sizeof(RingDelta) * QES_RING);
 	shared->young_free = 0;
 	for (int i = 0; i < nwindows; i++)
 		pg_atomic_init_u64(&windows[i], 0);
@@ -323,33 +385,42 @@ qes_counters_startup(void)
 		pg_atomic_init_u32(&slots[i].referenced, 0);
 }
 
-void
-qes_counter_key(CounterKey *key, const char *tenant_id, const char *metric,
-				TimestampTz period_start)
+/* the fingerprint of (database, tenant, metric, period) under this server's key */
+static void
+fingerprint(Oid dbid, const char *tenant_id, const char *metric, TimestampTz period_start,
+			uint64 fp[2])
 {
 	char		msg[sizeof(Oid) + sizeof(TimestampTz) + QES_METRIC_LEN + QES_TENANT_ID_LEN];
 	size_t		len = 0;
 	size_t		n;
 
+	/* database, period, then both strings with their NULs: unambiguous */
+	memcpy(msg, &dbid, sizeof(Oid));
+	len += sizeof(Oid);
+	memcpy(msg + len, &period_start, sizeof(TimestampTz));
+	len += sizeof(TimestampTz);
+	n = strnlen(metric, QES_METRIC_LEN - 1);
+	memcpy(msg + len, metric, n);
+	msg[len + n] = '\0';
+	len += n + 1;
+	n = strnlen(tenant_id, QES_TENANT_ID_LEN - 1);
+	memcpy(msg + len, tenant_id, n);
+	msg[len + n] = '\0';
+	len += n + 1;
+	qes_siphash128(shared->sipkey, msg, len, fp);
+	if (fp[0] == 0 && fp[1] == 0)
+		fp[1] = 1;				/* zero marks an empty slot */
+}
+
+void
+qes_counter_key(CounterKey *key, const char *tenant_id, const char *metric,
+				TimestampTz period_start)
+{
 	memset(key, 0, sizeof(CounterKey));
 	strlcpy(key->tenant_id, tenant_id, QES_TENANT_ID_LEN);
 	strlcpy(key->metric, metric, QES_METRIC_LEN);
 	key->period_start = period_start;
-
-	/* database, period, then both strings with their NULs: unambiguous */
-	memcpy(msg, &MyDatabaseId, sizeof(Oid));
-	len += sizeof(Oid);
-	memcpy(msg + len, &period_start, sizeof(TimestampTz));
-	len += sizeof(TimestampTz);
-	n = strlen(key->metric) + 1;
-	memcpy(msg + len, key->metric, n);
-	len += n;
-	n = strlen(key->tenant_id) + 1;
-	memcpy(msg + len, key->tenant_id, n);
-	len += n;
-	qes_siphash128(shared->sipkey, msg, len, key->fp);
-	if (key->fp[0] == 0 && key->fp[1] == 0)
-		key->fp[1] = 1;			/* zero marks an empty slot */
+	fingerprint(MyDatabaseId, key->tenant_id, key->metric, period_start, key->fp);
 }
 
 /* ---- a partition's open-addressing table (its lock held) ---------------- */
@@ -569,7 +640,40 @@ grace_over(uint64 epoch)
 static void
 try_mature(CounterEntry *e)
 {
-	if (e->young && !(e->flags & CE_LOADING) && grace_over(young[e->young - 1].epoch))
+	if (e->young && !(e->flags & (CE_LOADING | CE_STANDBY)) && grace_over(young[e->young - 1].epoch))
+	{
+		young_release(e->young - 1);
+		e->young = 0;
+	}
+}
+
+/*
+ * A standby counter's parked deltas: those of transactions whose commit has
+ * been replayed are added, those of aborted ones dropped; those still in
+ * progress stay (no snapshot sees them yet).  Every parked delta is of a
+ * transaction the build's snapshot did not see.  A counter left with none
+ * gives its YoungState back.  The partition's lock held EXCLUSIVE.
+ */
+static void
+standby_fold(CounterEntry *e)
+{
+	YoungState *ys;
+	int			keep = 0;
+
+	if (e->young == 0)
+		return;
+	ys = &young[e->young - 1];
+	for (int i = 0; i < ys->nparked; i++)
+	{
+		TransactionId xid = XidFromFullTransactionId(ys->parked[i].xid);
+
+		if (TransactionIdIsInProgress(xid))
+			ys->parked[keep++] = ys->parked[i];
+		else if (TransactionIdDidCommit(xid))
+			apply_value(e, ys->parked[i].value, ys->parked[i].at);
+	}
+	ys->nparked = keep;
+	if (keep == 0 && !(e->flags & CE_LOADING))
 	{
 		young_release(e->young - 1);
 		e->young = 0;
@@ -583,7 +687,7 @@ try_mature(CounterEntry *e)
 static void
 mature_all(void)
 {
-	for (int y = 0; y < QES_YOUNG; y++)
+	for (int y = 0; y < shared->nyoung; y++)
 	{
 		bool		in_use;
 		int			part;
@@ -600,8 +704,15 @@ mature_all(void)
 			continue;
 		LWLockAcquire(partition_lock(part), LW_EXCLUSIVE);
 		e = find_entry(part, fp);
-		if (e != NULL && e->young == y + 1)
-			try_mature(e);
+		if (e != NULL && e->young == y + 1 && !(e->flags & CE_LOADING))
+		{
+			if (!(e->flags & CE_STANDBY))
+				try_mature(e);
+			else if (RecoveryInProgress())
+				standby_fold(e);
+			else
+				remove_entry(part, e);	/* left from before a promotion */
+		}
 		LWLockRelease(partition_lock(part));
 	}
 }
@@ -771,6 +882,391 @@ uncached(const CounterKey *key, bool is_gauge, Snapshot snap)
 	return r.value;
 }
 
+/* ---- hot standbys: counters that follow replay --------------------------- */
+
+/*
+ * On a hot standby the table changes by replay, where no commit callback
+ * runs.  The primary logs each committing transaction's delta per counter
+ * (log_deltas) just before its commit record.  Replaying it, the startup
+ * process puts it in a ring of recent deltas and parks it beside the
+ * counter, if cached; a reader adds a parked delta once its transaction's
+ * commit has been replayed (standby_fold), so the answer is what a
+ * snapshot taken at that moment sums from the table.
+ *
+ * A build sums the table under its snapshot S.  A delta replayed while it
+ * sums is parked beside the loading counter; one replayed before it began,
+ * of a transaction S saw as in progress, is found in the ring.  Both are
+ * kept only if S did not see the transaction (XidInMVCCSnapshot).  The ring
+ * holds QES_RING deltas; one overwritten while its transaction was still in
+ * progress is remembered (ring_lost), and a build whose snapshot may have
+ * that transaction in progress gives up (answers from the table, uncached).
+ */
+
+/* the partition's lock held EXCLUSIVE; false: no room, the caller drops e */
+static bool
+park_standby(CounterEntry *e, int part, FullTransactionId xid, int64 value, TimestampTz at)
+{
+	YoungState *ys;
+
+	if (e->young == 0)
+	{
+		int			y = young_take(part, e->fp);
+
+		if (y < 0)
+			return false;
+		ys = &young[y];
+		ys->builder_pid = 0;
+		ys->build_seq = 0;
+		ys->load_failed = false;
+		ys->epoch = 0;
+		ys->nparked = 0;
+		ys->snap_xcnt = 0;
+		e->young = (int16) (y + 1);
+	}
+	ys = &young[e->young - 1];
+	for (int i = 0; i < ys->nparked; i++)
+		if (FullTransactionIdEquals(ys->parked[i].xid, xid))
+			return true;		/* one delta per transaction and counter */
+	if (ys->nparked >= QES_PARKED && !(e->flags & CE_LOADING))
+		standby_fold(e);
+	if (e->young == 0)
+		return park_standby(e, part, xid, value, at);
+	if (ys->nparked >= QES_PARKED)
+		return false;
+	ys->parked[ys->nparked].xid = xid;
+	ys->parked[ys->nparked].value = value;
+	ys->parked[ys->nparked].at = at;
+	ys->nparked++;
+	return true;
+}
+
+/* the startup process, replaying a delta */
+static void
+standby_receive(const uint64 fp[2], FullTransactionId xid, int64 value, TimestampTz at)
+{
+	LWLock	   *ring_lock = &shared->locks[shared->nparts].lock;
+	RingDelta  *r;
+	int			part = partition_of(fp);
+	CounterEntry *e;
+
+	/* the ring first: a build that begins after this finds it there */
+	LWLockAcquire(ring_lock, LW_EXCLUSIVE);
+	r = &ring[shared->ring_next % QES_RING];
+	/* before the standby knows every running xid, assume it in progress */
+	if (shared->ring_next >= QES_RING &&
+		(standbyState < STANDBY_SNAPSHOT_READY ||
+		 TransactionIdIsInProgress(XidFromFullTransactionId(r->xid))) &&
+		(!FullTransactionIdIsValid(shared->ring_lost) ||
+		 FullTransactionIdPrecedes(shared->ring_lost, r->xid)))
+		shared->ring_lost = r->xid;
+	r->fp[0] = fp[0];
+	r->fp[1] = fp[1];
+	r->xid = xid;
+	r->value = value;
+	r->at = at;
+	shared->ring_next++;
+	LWLockRelease(ring_lock);
+
+	LWLockAcquire(partition_lock(part), LW_EXCLUSIVE);
+	e = find_entry(part, fp);
+	if (e != NULL && !park_standby(e, part, xid, value, at))
+	{
+		if (e->flags & CE_LOADING)
+			young[e->young - 1].load_failed = true;
+		else
+		{
+			remove_entry(part, e);
+			pg_atomic_fetch_add_u64(&shared->dropped, 1);
+		}
+	}
+	LWLockRelease(partition_lock(part));
+
+	/* fold one other counter's deltas, so that YoungStates come back */
+	{
+		int			y = shared->fold_cursor++ % shared->nyoung;
+		bool		in_use;
+		uint64		yfp[2];
+
+		SpinLockAcquire(&shared->young_mutex);
+		in_use = young[y].in_use;
+		part = young[y].part;
+		yfp[0] = young[y].fp[0];
+		yfp[1] = young[y].fp[1];
+		SpinLockRelease(&shared->young_mutex);
+		if (in_use)
+		{
+			LWLockAcquire(partition_lock(part), LW_EXCLUSIVE);
+			e = find_entry(part, yfp);
+			if (e != NULL && e->young == y + 1 && (e->flags & CE_STANDBY) && !(e->flags & CE_LOADING))
+				standby_fold(e);
+			LWLockRelease(partition_lock(part));
+		}
+	}
+}
+
+/*
+ * check_limit and record_usage's reads on a hot standby: the committed
+ * total as of the replay position, from a counter that follows replay.
+ */
+static int64
+standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 *notified)
+{
+	int			part = partition_of(key->fp);
+	LWLock	   *lock = partition_lock(part);
+	LWLock	   *ring_lock = &shared->locks[shared->nparts].lock;
+	CounterEntry *e;
+	YoungState *ys;
+	Snapshot	snap;
+	BuildResult r;
+	FullTransactionId next;
+	bool		failed = false;
+	int			y;
+	int64		value;
+
+	LWLockAcquire(lock, LW_SHARED);
+	e = find_entry(part, key->fp);
+	if (e != NULL && !(e->flags & CE_LOADING) && e->young == 0)
+	{
+		value = e->value;
+		touch(e);
+		LWLockRelease(lock);
+		pg_atomic_fetch_add_u64(&shared->hits, 1);
+		return value;
+	}
+	LWLockRelease(lock);
+
+	y = young_take(part, key->fp);
+	if (y < 0)
+	{
+		mature_all();
+		y = young_take(part, key->fp);
+	}
+	LWLockAcquire(lock, LW_EXCLUSIVE);
+	e = find_entry(part, key->fp);
+	if (e != NULL && !(e->flags & CE_LOADING))
+	{
+		/* cached, with deltas parked: add those whose commit was replayed */
+		standby_fold(e);
+		value = e->value;
+		touch(e);
+		LWLockRelease(lock);
+		if (y >= 0)
+			young_release(y);
+		pg_atomic_fetch_add_u64(&shared->hits, 1);
+		return value;
+	}
+	if (e != NULL || y < 0 ||
+		(pg_atomic_read_u32(&shared->parts[part].nlive) >= shared->part_limit && !evict_one(part)))
+	{
+		LWLockRelease(lock);
+		if (y >= 0)
+			young_release(y);
+		return uncached(key, is_gauge, build_snapshot());
+	}
+	e = insert_entry(part, key->fp);
+	e->flags = CE_LOADING | CE_STANDBY | (is_gauge ? CE_GAUGE : 0);
+	e->young = (int16) (y + 1);
+	e->value = 0;
+	e->gauge_at = DT_NOBEGIN;
+	e->period_end = period_end;
+	e->notified = 0;
+	pg_atomic_write_u32(&e->referenced, 1);
+	ys = &young[y];
+	ys->builder_pid = MyProcPid;
+	ys->build_seq = ++build_seq;
+	ys->load_failed = false;
+	ys->epoch = 0;
+	ys->nparked = 0;
+	ys->snap_xcnt = 0;
+	LWLockRelease(lock);
+
+	building = true;
+	building_fp[0] = key->fp[0];
+	building_fp[1] = key->fp[1];
+	building_young = y;
+	snap = build_snapshot();
+	r = compute_from_table(key, is_gauge, snap);
+	next = ReadNextFullTransactionId();
+
+	LWLockAcquire(lock, LW_EXCLUSIVE);
+	e = find_entry(part, key->fp);
+	ys = &young[y];
+	building = false;
+	if (e == NULL || !(e->flags & CE_LOADING) || e->young != y + 1 ||
+		ys->builder_pid != MyProcPid || ys->build_seq != build_seq)
+	{
+		LWLockRelease(lock);
+		UnregisterSnapshot(snap);
+		pg_atomic_fetch_add_u64(&shared->uncached, 1);
+		return r.value;
+	}
+	e->value = r.value;
+	e->gauge_at = r.at;
+	/* deltas parked meanwhile: keep those of transactions snap did not see */
+	{
+		int			keep = 0;
+
+		for (int i = 0; i < ys->nparked; i++)
+			if (XidInMVCCSnapshot(XidFromFullTransactionId(ys->parked[i].xid), snap))
+				ys->parked[keep++] = ys->parked[i];
+		ys->nparked = keep;
+	}
+	/* and those replayed before we began, of transactions still in progress to snap */
+	LWLockAcquire(ring_lock, LW_SHARED);
+	if (FullTransactionIdIsValid(shared->ring_lost) &&
+		!FullTransactionIdPrecedes(shared->ring_lost, widen_xid(next, snap->xmin)))
+		failed = true;
+	for (uint64 i = 0; !failed && i < Min(shared->ring_next, (uint64) QES_RING); i++)
+	{
+		RingDelta  *rd = &ring[i];
+		bool		parked = false;
+
+		if (rd->fp[0] != key->fp[0] || rd->fp[1] != key->fp[1] ||
+			!XidInMVCCSnapshot(XidFromFullTransactionId(rd->xid), snap))
+			continue;
+		for (int j = 0; j < ys->nparked && !parked; j++)
+			parked = FullTransactionIdEquals(ys->parked[j].xid, rd->xid);
+		if (parked)
+			continue;
+		if (ys->nparked >= QES_PARKED)
+			failed = true;
+		else
+		{
+			ys->parked[ys->nparked].xid = rd->xid;
+			ys->parked[ys->nparked].value = rd->value;
+			ys->parked[ys->nparked].at = rd->at;
+			ys->nparked++;
+		}
+	}
+	LWLockRelease(ring_lock);
+	UnregisterSnapshot(snap);
+	if (failed || ys->load_failed)
+	{
+		remove_entry(part, e);
+		LWLockRelease(lock);
+		pg_atomic_fetch_add_u64(&shared->dropped, 1);
+		return r.value;
+	}
+	e->flags &= ~CE_LOADING;
+	/* commits replayed since snap was taken */
+	standby_fold(e);
+	value = e->value;
+	*notified = 0;
+	LWLockRelease(lock);
+	pg_atomic_fetch_add_u64(&shared->loads, 1);
+	return value;
+}
+
+/* ---- the custom WAL resource manager ------------------------------------- */
+
+static bool
+parse_delta(XLogReaderState *record, xl_qes_usage_delta *rec, const char **metric,
+			const char **tenant_id)
+{
+	char	   *data = XLogRecGetData(record);
+	Size		len = XLogRecGetDataLen(record);
+	Size		mlen,
+				tlen;
+
+	if (len < sizeof(xl_qes_usage_delta) + 2)
+		return false;
+	memcpy(rec, data, sizeof(xl_qes_usage_delta));
+	*metric = data + sizeof(xl_qes_usage_delta);
+	mlen = strnlen(*metric, len - sizeof(xl_qes_usage_delta));
+	if (sizeof(xl_qes_usage_delta) + mlen + 1 >= len)
+		return false;
+	*tenant_id = *metric + mlen + 1;
+	tlen = strnlen(*tenant_id, len - sizeof(xl_qes_usage_delta) - mlen - 1);
+	return sizeof(xl_qes_usage_delta) + mlen + 1 + tlen + 1 == len;
+}
+
+static void
+qes_rmgr_redo(XLogReaderState *record)
+{
+	uint8		info = XLogRecGetInfo(record) & ~XLR_INFO_MASK;
+	TransactionId xid = XLogRecGetXid(record);
+	xl_qes_usage_delta rec;
+	const char *metric;
+	const char *tenant_id;
+	uint64		fp[2];
+
+	if (info == XLOG_QES_COUNTERS_RESET)
+	{
+		LWLock	   *ring_lock = &shared->locks[shared->nparts].lock;
+
+		if (!TransactionIdIsValid(xid) || standbyState == STANDBY_DISABLED)
+			return;
+
+		/*
+		 * Forget every counter, and build none whose snapshot may have this
+		 * transaction in progress (as for a delta lost from the ring): a
+		 * counter built before its commit is replayed would miss its change.
+		 */
+		LWLockAcquire(ring_lock, LW_EXCLUSIVE);
+		{
+			FullTransactionId fxid = widen_xid(ReadNextFullTransactionId(), xid);
+
+			if (!FullTransactionIdIsValid(shared->ring_lost) ||
+				FullTransactionIdPrecedes(shared->ring_lost, fxid))
+				shared->ring_lost = fxid;
+		}
+		LWLockRelease(ring_lock);
+		reset_all();
+		return;
+	}
+	if (info != XLOG_QES_USAGE_DELTA)
+		elog(PANIC, "qes_billing redo: unknown op code %u", info);
+	if (!parse_delta(record, &rec, &metric, &tenant_id))
+		elog(PANIC, "qes_billing redo: malformed usage delta record");
+	/* crash recovery or archive recovery without readers: nothing is cached */
+	if (!TransactionIdIsValid(xid) || standbyState == STANDBY_DISABLED)
+		return;
+	fingerprint(rec.dbid, tenant_id, metric, rec.period_start, fp);
+	standby_receive(fp, widen_xid(ReadNextFullTransactionId(), xid), rec.value, rec.at);
+}
+
+static void
+qes_rmgr_desc(StringInfo buf, XLogReaderState *record)
+{
+	xl_qes_usage_delta rec;
+	const char *metric;
+	const char *tenant_id;
+
+	if ((XLogRecGetInfo(record) & ~XLR_INFO_MASK) == XLOG_QES_COUNTERS_RESET)
+		appendStringInfoString(buf, "every counter");
+	else if ((XLogRecGetInfo(record) & ~XLR_INFO_MASK) == XLOG_QES_USAGE_DELTA &&
+			 parse_delta(record, &rec, &metric, &tenant_id))
+		appendStringInfo(buf, "db %u tenant %s metric %s %s " INT64_FORMAT,
+						 rec.dbid, tenant_id, metric, rec.is_gauge ? "gauge" : "delta", rec.value);
+}
+
+static const char *
+qes_rmgr_identify(uint8 info)
+{
+	switch (info & ~XLR_INFO_MASK)
+	{
+		case XLOG_QES_USAGE_DELTA:
+			return "USAGE_DELTA";
+		case XLOG_QES_COUNTERS_RESET:
+			return "COUNTERS_RESET";
+	}
+	return NULL;
+}
+
+static RmgrData qes_rmgr = {
+	.rm_name = "qes_billing",
+	.rm_redo = qes_rmgr_redo,
+	.rm_desc = qes_rmgr_desc,
+	.rm_identify = qes_rmgr_identify,
+};
+
+/* _PG_init, while shared_preload_libraries load */
+void
+qes_counters_register_rmgr(void)
+{
+	RegisterCustomRmgr(QES_RMGR_ID, &qes_rmgr);
+}
+
 /*
  * The committed value of a counter: from shared memory, building the entry
  * from the table when it is missing.
@@ -792,17 +1288,13 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 
 	*notified = 0;
 
-	/*
-	 * A hot standby's table changes by WAL replay, which no commit callback
-	 * sees: answer from the table itself, exactly what it holds now, and
-	 * never build an entry that would outlive a promotion.
-	 */
+	/* a hot standby's counters follow replay (standby_get) */
 	if (RecoveryInProgress())
-		return uncached(key, is_gauge, build_snapshot());
+		return standby_get(key, is_gauge, period_end, notified);
 
 	LWLockAcquire(lock, LW_SHARED);
 	e = find_entry(part, key->fp);
-	if (e != NULL && !(e->flags & CE_LOADING))
+	if (e != NULL && !(e->flags & (CE_LOADING | CE_STANDBY)))
 	{
 		value = e->value;
 		*notified = e->notified;
@@ -823,6 +1315,12 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 
 	LWLockAcquire(lock, LW_EXCLUSIVE);
 	e = find_entry(part, key->fp);
+	if (e != NULL && (e->flags & CE_STANDBY) && !(e->flags & CE_LOADING))
+	{
+		/* built before a promotion: commits since then were not added */
+		remove_entry(part, e);
+		e = NULL;
+	}
 	if (e != NULL && !(e->flags & CE_LOADING))
 	{
 		value = e->value;
@@ -949,6 +1447,10 @@ new_pending(const CounterKey *key)
 	memset(p, 0, sizeof(PendingItem));
 	p->fp[0] = key->fp[0];
 	p->fp[1] = key->fp[1];
+	memcpy(p->tenant_id, key->tenant_id, QES_TENANT_ID_LEN);
+	memcpy(p->metric, key->metric, QES_METRIC_LEN);
+	p->period_start = key->period_start;
+	p->order = npending - 1;
 	p->subid = GetCurrentSubTransactionId();
 	p->xid = GetTopFullTransactionId();
 	return p;
@@ -1040,9 +1542,86 @@ reset_all(void)
  * record, so that a build whose snapshot sees our rows keeps that snapshot
  * until our deltas are applied.
  */
+static int
+pending_cmp(const void *a, const void *b)
+{
+	const PendingItem *x = *(PendingItem *const *) a;
+	const PendingItem *y = *(PendingItem *const *) b;
+
+	if (x->fp[0] != y->fp[0])
+		return x->fp[0] < y->fp[0] ? -1 : 1;
+	if (x->fp[1] != y->fp[1])
+		return x->fp[1] < y->fp[1] ? -1 : 1;
+	return x->order - y->order;
+}
+
+/*
+ * Log this transaction's delta to each counter, one record per counter, for
+ * hot standbys (wal_level replica or higher): they add it when our commit
+ * record is replayed.
+ */
+static void
+log_deltas(void)
+{
+	PendingItem **sorted;
+	int			n = 0;
+
+	if (!XLogStandbyInfoActive())
+		return;
+	if (reset_at_commit)
+	{
+		/* the table changed other than by record_usage: standbys start over */
+		Oid			dbid = MyDatabaseId;
+
+		XLogBeginInsert();
+		XLogRegisterData((char *) &dbid, sizeof(dbid));
+		(void) XLogInsert(QES_RMGR_ID, XLOG_QES_COUNTERS_RESET);
+		return;
+	}
+	if (npending == 0)
+		return;
+	sorted = palloc(sizeof(PendingItem *) * npending);
+	for (int i = 0; i < npending; i++)
+		if (!pending[i].notify_bit)
+			sorted[n++] = &pending[i];
+	qsort(sorted, n, sizeof(PendingItem *), pending_cmp);
+	for (int i = 0; i < n;)
+	{
+		PendingItem *first = sorted[i];
+		xl_qes_usage_delta rec;
+
+		memset(&rec, 0, sizeof(rec));
+		rec.dbid = MyDatabaseId;
+		rec.is_gauge = first->is_gauge;
+		rec.period_start = first->period_start;
+		rec.at = DT_NOBEGIN;
+		for (; i < n && sorted[i]->fp[0] == first->fp[0] && sorted[i]->fp[1] == first->fp[1]; i++)
+		{
+			if (!rec.is_gauge)
+			{
+				if (pg_add_s64_overflow(rec.value, sorted[i]->value, &rec.value))
+					rec.value = PG_INT64_MAX;
+			}
+			else if (sorted[i]->at >= rec.at)
+			{
+				rec.value = sorted[i]->value;
+				rec.at = sorted[i]->at;
+			}
+		}
+		XLogBeginInsert();
+		XLogRegisterData((char *) &rec, sizeof(rec));
+		XLogRegisterData(first->metric, strlen(first->metric) + 1);
+		XLogRegisterData(first->tenant_id, strlen(first->tenant_id) + 1);
+		(void) XLogInsert(QES_RMGR_ID, XLOG_QES_USAGE_DELTA);
+	}
+	pfree(sorted);
+	qes_debug_counter_delay(true);
+}
+
 void
 qes_counters_pre_commit(void)
 {
+	log_deltas();
 	if (npending == 0 || MyProc == NULL || MyProc->pgprocno >= shared->nwindows)
 		return;
 	pg_atomic_write_u64(&windows[MyProc->pgprocno], pg_atomic_read_u64(&shared->epoch));
@@ -1074,7 +1653,7 @@ qes_counters_at_commit(void)
 		return;
 	}
 	if (npending > 0)
-		qes_debug_counter_commit_delay();
+		qes_debug_counter_delay(false);
 	for (int i = 0; i < npending; i++)
 	{
 		PendingItem *p = &pending[i];
@@ -1086,6 +1665,17 @@ qes_counters_at_commit(void)
 		e = find_entry(part, p->fp);
 		if (e == NULL)
 			;					/* not cached: the next build reads our rows */
+		else if (e->flags & CE_STANDBY)
+		{
+			/* built before a promotion: cannot judge our delta, rebuild */
+			if (e->flags & CE_LOADING)
+				young[e->young - 1].load_failed = true;
+			else
+			{
+				remove_entry(part, e);
+				pg_atomic_fetch_add_u64(&shared->dropped, 1);
+			}
+		}
 		else if (p->notify_bit)
 			e->notified |= p->notify_bit;
 		else if (e->flags & CE_LOADING)

@@ -38,6 +38,7 @@ extern Seen qes_counter_seen(FullTransactionId xmin, FullTransactionId xmax, int
 
 extern void qes_counters_request(void);
 extern void qes_counters_startup(void);
+extern void qes_counters_register_rmgr(void);
 extern void qes_counter_key(CounterKey *key, const char *tenant_id, const char *metric,
 							TimestampTz period_start);
 extern int64 qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end,

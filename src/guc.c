@@ -616,7 +616,8 @@ typedef enum QesDebugFault
 	QES_FAULT_NONE,
 	QES_FAULT_INVALID_READ,
 	QES_FAULT_UNINITIALISED,
-	QES_FAULT_COUNTER_COMMIT_DELAY
+	QES_FAULT_COUNTER_COMMIT_DELAY,
+	QES_FAULT_COUNTER_PRE_COMMIT_DELAY
 } QesDebugFault;
 
 static int	qes_debug_fault = QES_FAULT_NONE;
@@ -626,6 +627,7 @@ static const struct config_enum_entry debug_fault_options[] = {
 	{"invalid_read", QES_FAULT_INVALID_READ, false},
 	{"uninitialised", QES_FAULT_UNINITIALISED, false},
 	{"counter_commit_delay", QES_FAULT_COUNTER_COMMIT_DELAY, false},
+	{"counter_pre_commit_delay", QES_FAULT_COUNTER_PRE_COMMIT_DELAY, false},
 	{NULL, 0, false}
 };
 
@@ -664,7 +666,7 @@ qes_debug_fault_point(void)
 	volatile char *chunk;
 	volatile char sink;
 
-	if (qes_debug_fault == QES_FAULT_NONE || qes_debug_fault == QES_FAULT_COUNTER_COMMIT_DELAY)
+	if (qes_debug_fault != QES_FAULT_INVALID_READ && qes_debug_fault != QES_FAULT_UNINITIALISED)
 		return;
 	if (production_quietly())
 	{
@@ -692,12 +694,16 @@ qes_debug_fault_point(void)
  * counter_commit_delay: a transaction that recorded usage waits a second
  * after its commit became visible and before its counter deltas are applied
  * (counters.c), so that a test can build the counter in that gap.
+ * counter_pre_commit_delay: it waits three seconds after logging its deltas
+ * for standbys and before its commit record, so that a standby can replay
+ * the one and not the other.
  */
 void
-qes_debug_counter_commit_delay(void)
+qes_debug_counter_delay(bool pre_commit)
 {
-	if (qes_debug_fault == QES_FAULT_COUNTER_COMMIT_DELAY && !production_quietly())
-		pg_usleep(1000000L);
+	if (qes_debug_fault == (pre_commit ? QES_FAULT_COUNTER_PRE_COMMIT_DELAY : QES_FAULT_COUNTER_COMMIT_DELAY) &&
+		!production_quietly())
+		pg_usleep(pre_commit ? 3000000L : 1000000L);
 }
 
 static void
@@ -921,7 +927,7 @@ qes_define_gucs(void)
 
 	/* test-only (see qes_debug_fault_point); hidden like the secrets */
 	DefineCustomEnumVariable("qes_billing.debug_fault",
-							 "Test-only: billing.environment() commits a deliberate memory error (invalid_read, uninitialised), or usage counters apply their deltas a second after commit (counter_commit_delay).",
+							 "Test-only: billing.environment() commits a deliberate memory error (invalid_read, uninitialised), or usage counters wait in a commit (counter_commit_delay, counter_pre_commit_delay).",
 							 "For the valgrind layer's self-test and the counter build race test; refused in production.",
 							 &qes_debug_fault, QES_FAULT_NONE, debug_fault_options,
 							 PGC_SUSET, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,

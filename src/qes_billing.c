@@ -152,6 +152,7 @@ _PG_init(void)
 	qes_define_gucs();
 	qes_redact_install_log_hook();
 	qes_shmem_init();
+	qes_counters_register_rmgr();
 	qes_register_worker();
 	RegisterXactCallback(qes_xact_callback, NULL);
 	RegisterSubXactCallback(qes_subxact_callback, NULL);

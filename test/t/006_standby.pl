@@ -270,9 +270,11 @@ $long->quit;
 amcheck_all($standby);
 $standby->stop;
 
-# the old primary, after crash recovery, without the worker (it must not
-# send anything more to the fake): its indexes too
-$primary->append_conf('postgresql.conf', "shared_preload_libraries = ''\nsynchronous_standby_names = ''\n");
+# the old primary, after crash recovery (which replays the library's own
+# WAL records: it stays loaded), with its worker paused and pointed nowhere
+# (it must not send anything more to the fake): its indexes too
+$primary->append_conf('postgresql.conf', "qes_billing.worker_paused = on\n"
+	. "qes_billing.stripe_api_base = 'http://127.0.0.1:9'\nsynchronous_standby_names = ''\n");
 $primary->start;
 amcheck_all($primary);
 $primary->stop;
