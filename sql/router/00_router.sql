@@ -55,6 +55,14 @@ CREATE SERVER qes_billing FOREIGN DATA WRAPPER plproxy
   OPTIONS (connection_lifetime '1800', p0 'dbname=qes_billing_no_shard');
 ALTER EXTENSION qes_billing_router DROP SERVER qes_billing;
 
+-- The same map with each shard's hot standby in its place (the shard itself
+-- where it has none), kept by router.sync_standby_map: the cluster that
+-- read-only calls use when qes_billing_router.read_from_standbys is on.
+-- Its user mapping is the DBA's, as for qes_billing.
+CREATE SERVER qes_billing_standby FOREIGN DATA WRAPPER plproxy
+  OPTIONS (connection_lifetime '1800', p0 'dbname=qes_billing_no_shard');
+ALTER EXTENSION qes_billing_router DROP SERVER qes_billing_standby;
+
 CREATE FUNCTION router.partition_count() RETURNS integer
   LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog
   RETURN (SELECT count(*)::integer
@@ -73,10 +81,11 @@ CREATE TABLE router.shards (
   shard_name text PRIMARY KEY CHECK (shard_name ~ '^[a-z0-9][a-z0-9_-]{0,62}$'),
   connstr    text NOT NULL UNIQUE,
   pool_name  text,
-  added_at   timestamptz NOT NULL DEFAULT pg_catalog.now()
+  added_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  standby_connstr text UNIQUE CHECK (standby_connstr !~ '(^|\s)(user|password)=')
 );
 COMMENT ON TABLE router.shards IS
-  'The shards: name, the connect string the router uses (without user and password, which come from the user mapping of server qes_billing), and the database name an application uses on the shared PgBouncer (pool_name).';
+  'The shards: name, the connect string the router uses (without user and password, which come from the user mapping of server qes_billing), the database name an application uses on the shared PgBouncer (pool_name), and the connect string of its hot standby for read-only calls (router.set_standby).';
 SELECT pg_catalog.pg_extension_config_dump('router.shards', '');
 
 -- The map as PL/Proxy sees it: partition, its connect string, the shard

@@ -38,6 +38,43 @@ $$;
 COMMENT ON FUNCTION router.login_connstr(text) IS
   'A shard''s connect string with the user and password of server qes_billing''s user mapping (for the router''s own one-off connections).';
 
+-- Rewrite server qes_billing_standby from server qes_billing: each
+-- partition's connect string replaced by its shard's standby's, if any.
+CREATE FUNCTION router.sync_standby_map() RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, router
+AS $$
+DECLARE
+  v_set text;
+BEGIN
+  SELECT string_agg(CASE WHEN m.option_name IS NULL THEN format('DROP %I', o.option_name)
+                         WHEN o.option_name IS NULL THEN format('ADD %I %L', m.option_name, m.target)
+                         ELSE format('SET %I %L', m.option_name, m.target) END, ', ')
+    INTO v_set
+    FROM (SELECT po.option_name, coalesce(sh.standby_connstr, po.option_value) AS target
+            FROM pg_foreign_server s
+           CROSS JOIN LATERAL pg_options_to_table(s.srvoptions) po
+            LEFT JOIN router.shards sh ON sh.connstr = po.option_value
+           WHERE s.srvname = 'qes_billing' AND po.option_name ~ '^p[0-9]+$') m
+    FULL JOIN (SELECT so.option_name FROM pg_foreign_server s, pg_options_to_table(s.srvoptions) so
+                WHERE s.srvname = 'qes_billing_standby' AND so.option_name ~ '^p[0-9]+$') o
+      ON o.option_name = m.option_name;
+  IF v_set IS NOT NULL THEN
+    EXECUTE 'ALTER SERVER qes_billing_standby OPTIONS (' || v_set || ')';
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION router.sync_standby_map() IS
+  'Write server qes_billing_standby (the cluster read-only calls use with qes_billing_router.read_from_standbys on): the partition map of qes_billing with each shard''s hot standby in its place.';
+
+CREATE FUNCTION router.remote_standby_name(p_connstr text) RETURNS text
+  LANGUAGE plproxy
+AS $$
+  CONNECT p_connstr;
+  SELECT billing_shard.shard_name() AS remote_standby_name;
+$$;
+COMMENT ON FUNCTION router.remote_standby_name(text) IS
+  'PL/Proxy: the shard name a database (a shard''s hot standby) knows itself by.';
+
 CREATE FUNCTION router.add_shard(p_shard_name text, p_connstr text, p_pool_name text DEFAULT NULL) RETURNS text
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, router
 AS $$
@@ -58,6 +95,7 @@ BEGIN
   END;
   INSERT INTO router.shards (shard_name, connstr, pool_name) VALUES (p_shard_name, p_connstr, p_pool_name)
   ON CONFLICT (shard_name) DO UPDATE SET connstr = EXCLUDED.connstr, pool_name = EXCLUDED.pool_name;
+  PERFORM router.sync_standby_map();
   RETURN v_db;
 END
 $$;
@@ -96,6 +134,7 @@ BEGIN
     FULL JOIN (SELECT o.option_name FROM pg_foreign_server s, pg_options_to_table(s.srvoptions) o
                 WHERE s.srvname = 'qes_billing' AND o.option_name ~ '^p[0-9]+$') o ON o.option_name = 'p' || c.i;
   EXECUTE 'ALTER SERVER qes_billing OPTIONS (' || v_add || ')';
+  PERFORM router.sync_standby_map();
   RETURN p_count;
 END
 $$;
@@ -118,7 +157,54 @@ BEGIN
             HINT = format('Partitions are 0 to %s.', router.partition_count() - 1);
   END IF;
   EXECUTE format('ALTER SERVER qes_billing OPTIONS (SET %I %L)', 'p' || p_partition, v_connstr);
+  PERFORM router.sync_standby_map();
 END
 $$;
 COMMENT ON FUNCTION router.move_partition(integer, text) IS
   'Point a partition at another shard (PL/Proxy picks it up at each backend''s next call). The partition''s tenants'' rows must have been moved to that shard first.';
+
+CREATE FUNCTION router.set_standby(p_shard_name text, p_connstr text) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, router
+AS $$
+DECLARE
+  v_name text;
+BEGIN
+  IF NOT EXISTS (SELECT FROM router.shards WHERE shard_name = p_shard_name) THEN
+    RAISE EXCEPTION 'unknown shard: %', coalesce(quote_literal(p_shard_name), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Register it with router.add_shard first.';
+  END IF;
+  IF p_connstr ~ '(^|\s)(user|password)=' THEN
+    RAISE EXCEPTION 'a standby''s connect string names host, port and dbname, not user or password'
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Credentials go into the user mapping: CREATE USER MAPPING FOR PUBLIC SERVER qes_billing_standby OPTIONS (user ''qes_router'', password ''...'').';
+  END IF;
+  IF p_connstr IS NOT NULL THEN
+    BEGIN
+      v_name := router.remote_standby_name(router.login_connstr(p_connstr));
+    EXCEPTION WHEN OTHERS THEN
+      RAISE EXCEPTION 'the standby of shard % does not answer', p_shard_name
+        USING ERRCODE = 'connection_failure', DETAIL = SQLERRM,
+              HINT = 'It must be a hot standby of the shard (hot_standby = on), reachable with the user mapping''s role.';
+    END;
+    IF v_name IS DISTINCT FROM p_shard_name THEN
+      RAISE EXCEPTION 'the database at that connect string is shard %, not %', coalesce(v_name, 'unnamed'), p_shard_name
+        USING ERRCODE = 'invalid_parameter_value', HINT = 'Give the connect string of a hot standby of this shard.';
+    END IF;
+  END IF;
+  UPDATE router.shards SET standby_connstr = p_connstr WHERE shard_name = p_shard_name;
+  PERFORM router.sync_standby_map();
+END
+$$;
+COMMENT ON FUNCTION router.set_standby(text, text) IS
+  'Register a shard''s hot standby (its connect string: host, port, dbname; NULL removes it). Read-only calls go to it when qes_billing_router.read_from_standbys is on; it must answer as a copy of that shard.';
+
+-- Which calls may be answered by a standby: the read-only ones that show a
+-- tenant's limits, usage, plans, subscription and invoices, and only when
+-- the setting is on and the transaction is read-only (PostgREST's GET).
+CREATE FUNCTION router.reads_from_standby(p_call text, p_read_only boolean) RETURNS boolean
+  LANGUAGE sql STABLE SET search_path = pg_catalog
+  RETURN coalesce(p_read_only, false)
+     AND p_call IN ('check_limit', 'usage', 'plans', 'subscription', 'invoices')
+     AND coalesce(nullif(current_setting('qes_billing_router.read_from_standbys', true), '')::boolean, false);
+COMMENT ON FUNCTION router.reads_from_standby(text, boolean) IS
+  'Whether a call goes to the tenant''s shard''s hot standby: qes_billing_router.read_from_standbys is on, the call is check_limit or GET /usage, /plans, /subscription or /invoices, and the transaction is read-only.';

@@ -17,6 +17,20 @@ $$;
 COMMENT ON FUNCTION router.remote_api(integer, text, text, text, text, text, boolean, text, json, text) IS
   'PL/Proxy: one API request on a partition''s shard (billing_shard.api).';
 
+CREATE FUNCTION router.remote_api_standby(
+  p_partition integer, p_role text, p_claims text, p_headers text, p_method text, p_path text,
+  p_read_only boolean, p_call text, p_args json, p_body text,
+  OUT ok boolean, OUT body text, OUT status text, OUT headers text,
+  OUT err_state text, OUT err_message text, OUT err_detail text, OUT err_hint text)
+  LANGUAGE plproxy
+AS $$
+  CLUSTER 'qes_billing_standby';
+  RUN ON p_partition;
+  SELECT * FROM billing_shard.api(p_role, p_claims, p_headers, p_method, p_path, p_read_only, p_call, p_args, p_body);
+$$;
+COMMENT ON FUNCTION router.remote_api_standby(integer, text, text, text, text, text, boolean, text, json, text) IS
+  'PL/Proxy: one read-only API request on the hot standby of a partition''s shard (billing_shard.api).';
+
 CREATE TYPE router.limit_check AS (
   allowed      boolean,
   status       text,
@@ -53,6 +67,18 @@ AS $$
 $$;
 COMMENT ON FUNCTION router.remote_check_limit(integer, text, text, text, bigint) IS
   'PL/Proxy: billing.check_limit on a partition''s shard.';
+
+CREATE FUNCTION router.remote_check_limit_standby(p_partition integer, p_role text, tenant_id text, metric text,
+                                                  quantity bigint)
+  RETURNS router.limit_check
+  LANGUAGE plproxy
+AS $$
+  CLUSTER 'qes_billing_standby';
+  RUN ON p_partition;
+  SELECT * FROM billing_shard.check_limit(p_role, tenant_id, metric, quantity);
+$$;
+COMMENT ON FUNCTION router.remote_check_limit_standby(integer, text, text, text, bigint) IS
+  'PL/Proxy: billing.check_limit on the hot standby of a partition''s shard.';
 
 CREATE FUNCTION router.remote_record_usage(p_partition integer, p_role text, tenant_id text, metric text, quantity bigint,
                                            idempotency_key text, metadata jsonb, occurred_at timestamptz)

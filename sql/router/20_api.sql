@@ -17,17 +17,35 @@ AS $$
 DECLARE
   v_role   text := router.caller_role();
   r        record;
+  v_answered boolean := false;
   v_state  text;
   v_msg    text;
   v_detail text;
   v_hint   text;
 BEGIN
+  IF router.reads_from_standby(p_call, current_setting('transaction_read_only')::boolean) THEN
+    BEGIN
+      SELECT * INTO r
+        FROM router.remote_api_standby(p_partition, v_role, current_setting('request.jwt.claims', true),
+                                       current_setting('request.headers', true), current_setting('request.method', true),
+                                       current_setting('request.path', true), true, p_call, p_args, p_body);
+      -- a standby that cannot answer a read (25006: it would write) leaves it to the shard
+      v_answered := r.ok OR r.err_state IS DISTINCT FROM '25006';
+    EXCEPTION WHEN OTHERS THEN
+      GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
+      -- a standby that does not answer: the shard itself does
+      RAISE LOG 'qes_billing_router: standby of shard % (partition %) failed, reading from the shard: % %',
+        router.partition_shard(p_partition), p_partition, v_state, v_msg;
+    END;
+  END IF;
   BEGIN
-    SELECT * INTO r
-      FROM router.remote_api(p_partition, v_role, current_setting('request.jwt.claims', true),
-                             current_setting('request.headers', true), current_setting('request.method', true),
-                             current_setting('request.path', true), current_setting('transaction_read_only')::boolean,
-                             p_call, p_args, p_body);
+    IF NOT v_answered THEN
+      SELECT * INTO r
+        FROM router.remote_api(p_partition, v_role, current_setting('request.jwt.claims', true),
+                               current_setting('request.headers', true), current_setting('request.method', true),
+                               current_setting('request.path', true), current_setting('transaction_read_only')::boolean,
+                               p_call, p_args, p_body);
+    END IF;
   EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT,
                             v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT;

@@ -15,6 +15,18 @@ DECLARE
   v_role  text := router.caller_role();
   v_state text; v_msg text; v_detail text; v_hint text;
 BEGIN
+  IF router.reads_from_standby('check_limit', true) THEN
+    BEGIN
+      RETURN router.remote_check_limit_standby(v_hash, v_role, tenant_id, metric, quantity);
+    EXCEPTION WHEN OTHERS THEN
+      GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
+      IF NOT router.is_unavailable(v_state) THEN
+        RAISE;
+      END IF;
+      RAISE LOG 'qes_billing_router: standby of shard % failed, checking on the shard: % %',
+        router.partition_shard(v_hash), v_state, v_msg;
+    END;
+  END IF;
   RETURN router.remote_check_limit(v_hash, v_role, tenant_id, metric, quantity);
 EXCEPTION WHEN OTHERS THEN
   GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT,
@@ -24,7 +36,7 @@ EXCEPTION WHEN OTHERS THEN
 END
 $$;
 COMMENT ON FUNCTION router.check_limit(text, text, bigint) IS
-  'billing.check_limit on the tenant''s shard.';
+  'billing.check_limit on the tenant''s shard, or on its hot standby when qes_billing_router.read_from_standbys is on (the shard when the standby does not answer).';
 
 CREATE FUNCTION router.record_usage(tenant_id text, metric text, quantity bigint, idempotency_key text,
                                     metadata jsonb DEFAULT NULL, occurred_at timestamptz DEFAULT NULL)

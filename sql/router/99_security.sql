@@ -9,6 +9,7 @@ REVOKE ALL ON SCHEMA api FROM PUBLIC;
 REVOKE ALL ON SCHEMA router FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA router FROM PUBLIC;
 REVOKE USAGE ON FOREIGN SERVER qes_billing FROM PUBLIC;
+REVOKE USAGE ON FOREIGN SERVER qes_billing_standby FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA api TO qes_anon, qes_tenant, qes_admin, qes_app;
 GRANT USAGE ON SCHEMA router TO qes_anon, qes_tenant, qes_admin, qes_app;

@@ -120,7 +120,8 @@ class Cluster:
         or running CREATE INDEX CONCURRENTLY), which amcheck cannot check."""
         failures, skipped, checked = [], [], 0
         with self.connect(dbname, autocommit=True) as c:
-            c.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+            if not c.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                c.execute("CREATE EXTENSION IF NOT EXISTS amcheck")     # a standby has its primary's
             rows = c.execute(
                 "SELECT c.oid::regclass::text, i.indisvalid AND i.indisready"
                 "  FROM pg_index i"
@@ -157,3 +158,38 @@ class Cluster:
         if not self.amchecked and amcheck_skipped is None:
             raise AssertionError(f"cluster {self.name} was stopped without amcheck: "
                                  "end it with conftest.amcheck_and_stop")
+
+
+class StandbyCluster(Cluster):
+    """A streaming hot standby of `primary` (pg_basebackup -R), with the
+    primary's settings and its own port."""
+
+    def __init__(self, name, primary):
+        super().__init__(name, env=primary.env, conf=primary.conf, database=primary.database)
+        self.primary = primary
+
+    def start(self):
+        self._run("pg_basebackup", "-h", "127.0.0.1", "-p", str(self.primary.port), "-U", "postgres",
+                  "-D", self.datadir, "-R", "-X", "stream", "-c", "fast")
+        extra = (f"port = {self.port}\nunix_socket_directories = '{self.dir}'\nhot_standby = on\n")
+        conf = os.path.join(self.datadir, "postgresql.conf")
+        if self.as_root:
+            subprocess.run(["runuser", "-u", "postgres", "--", "sh", "-c", f"cat >> '{conf}'"],
+                           input=extra, text=True, check=True)
+        else:
+            with open(conf, "a") as f:
+                f.write(extra)
+        self._run("pg_ctl", "-D", self.datadir, "-l", self.logfile, "-w", "start")
+        return self
+
+    def pause_replay(self):
+        self.sql("SELECT pg_wal_replay_pause()")
+        assert self.wait_until("SELECT pg_get_wal_replay_pause_state() = 'paused'"), "replay did not pause"
+
+    def resume_replay(self):
+        self.sql("SELECT pg_wal_replay_resume()")
+
+    def catch_up(self, timeout=20.0):
+        """Wait until the standby has replayed everything the primary has written."""
+        lsn = self.primary.sql("SELECT pg_current_wal_lsn()::text")[0][0]
+        assert self.wait_until(f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn", timeout), "standby behind"

@@ -13,7 +13,7 @@
 # are the mean of BENCH_ROUNDS (3) runs of BENCH_SECONDS (10), measurement
 # and ceiling alternating; BENCH_CLIENTS (8) clients.
 #
-#   BENCH_PART="usage counters guard webhooks outbox meters worker router"   the parts to run (default: all)
+#   BENCH_PART="usage counters standby guard webhooks outbox meters worker router"   the parts to run (default: all)
 #   BENCH_SAME_CLUSTER=1   every part on one cluster, one after the other
 #                          (how make bench ran before; for comparison)
 set -euo pipefail
@@ -213,6 +213,50 @@ pair check_limit_1m_vs_100_tenants check_limit_many check_limit_100 check_limit
 awk -v b="$before" -v a="$after" 'BEGIN { split(b, x, " "); split(a, y, " ");
   h = y[1] - x[1]; m = y[2] - x[2];
   printf "counters during the 1 M tenant lines: hit rate %.4f (%d hits, %d misses), %d evicted\n", (h + m > 0 ? h / (h + m) : 0), h, m, y[3] - x[3] }'
+fi
+
+# ---- standby: check_limit on a hot standby -----------------------------------
+if wants standby; then
+# the heavy tenant (100,000 rows this period) on the primary, cached, beside
+# the same check on its streaming hot standby (counters that follow replay);
+# then again while the primary records usage for that tenant (200/s)
+same_was=$same; same=0
+fresh_cluster
+same=$same_was
+SPORT=$((PORT + 1))
+sql -c "SELECT billing.upsert_tenant('heavy', 'Heavy', 'h@bench.example')" \
+    -c "SELECT count(billing.record_usage('heavy', 'api_calls', 1, 'h' || i)) FROM generate_series(1, 100000) i" >/dev/null
+as_pg pg_ctl -D "$DIR/standby" -m immediate stop >/dev/null 2>&1 || true
+rm -rf "$DIR/standby"
+as_pg pg_basebackup -h "$DIR" -p "$PORT" -D "$DIR/standby" -R -c fast -X stream
+printf "port = %s\nhot_standby = on\n" "$SPORT" | as_pg sh -c "cat >> '$DIR/standby/postgresql.conf'"
+as_pg pg_ctl -D "$DIR/standby" -l "$DIR/standby.log" -w start >/dev/null
+cleanup_standby() { as_pg pg_ctl -D "$DIR/standby" -m fast -w stop >/dev/null 2>&1 || true; }
+trap 'cleanup_standby; cleanup' EXIT
+ssql() { as_pg psql -X -qAt -h "$DIR" -p "$SPORT" -d "$DB" -v ON_ERROR_STOP=1 "$@"; }
+lsn=$(sql -c "SELECT pg_current_wal_lsn()")
+until [ "$(ssql -c "SELECT pg_last_wal_replay_lsn() >= '$lsn'")" = t ]; do sleep 0.2; done
+tps_on() {   # tps_on PORT SCRIPT
+  as_pg pgbench -n -M prepared -h "$DIR" -p "$1" -c "$CLIENTS" -j 2 -T "$SECONDS_EACH" \
+    -f "$DIR/$2.sql" "$DB" 2>&1 | awk '/^tps = / { printf "%d", $3 }'
+}
+echo "standby: heavy used=$(ssql -c "SELECT current FROM billing.check_limit('heavy', 'api_calls', 0)") (primary $(sql -c "SELECT current FROM billing.check_limit('heavy', 'api_calls', 0)"))"
+vs=""; cs=""
+for _ in $(seq 1 "$ROUNDS"); do cs="$cs $(tps_on "$PORT" check_limit_heavy)"; vs="$vs $(tps_on "$SPORT" check_limit_heavy)"; done
+report standby_check_limit_heavy tps primary_check_limit_heavy_cached "$vs" "$cs" \
+  "($(ssql -c "SELECT 'standby counters: ' || hits || ' hits, ' || loads || ' builds, ' || uncached || ' uncached'  FROM billing.usage_cache_stats()"))"
+vs=""
+for _ in $(seq 1 "$ROUNDS"); do
+  as_pg pgbench -n -h "$DIR" -p "$PORT" -c 1 -T "$SECONDS_EACH" -R 200 -f "$DIR/record_usage_heavy.sql" "$DB" >/dev/null 2>&1 &
+  w=$!
+  vs="$vs $(tps_on "$SPORT" check_limit_heavy)"
+  wait "$w"
+done
+lsn=$(sql -c "SELECT pg_current_wal_lsn()")
+until [ "$(ssql -c "SELECT pg_last_wal_replay_lsn() >= '$lsn'")" = t ]; do sleep 0.2; done
+report standby_check_limit_heavy_primary_writing tps primary_check_limit_heavy_cached "$vs" "$cs" \
+  "(after catch-up: standby $(ssql -c "SELECT current FROM billing.check_limit('heavy', 'api_calls', 0)"), primary $(sql -c "SELECT current FROM billing.check_limit('heavy', 'api_calls', 0)"), table $(ssql -c "SELECT sum(quantity) FROM billing.usage_events WHERE tenant_id = 'heavy'"))"
+cleanup_standby
 fi
 
 # ---- guard: inbound rate limiting ------------------------------------------------
