@@ -46,11 +46,11 @@
  * Keys carry the database OID: the same tenant in two databases of one
  * cluster (a restore beside the original) are two counters.
  *
- * On a hot standby nothing is cached: the table changes by WAL replay, which
- * no commit callback sees, so every answer is summed from the replicated
- * table (exactly what it holds).  No entry is built during recovery, so
- * none survives a promotion.  Totals saturate at the int8 maximum instead
- * of wrapping (record_usage refuses a quantity that would pass it).
+ * On a hot standby the table changes by WAL replay, which no commit
+ * callback sees: counters there follow the deltas the primary logs (see
+ * "hot standbys" below), and those built during recovery are dropped at
+ * their first use after a promotion.  Totals saturate at the int8 maximum
+ * instead of wrapping (record_usage refuses a quantity that would pass it).
  *
  * Capacity is qes_billing.max_counters, split evenly over up to 128
  * partitions (at least 64 counters each).  A partition is an open-addressing
@@ -122,7 +122,8 @@
 
 #define QES_MAX_PARTITIONS		128
 #define QES_PARTITION_MIN		64	/* counters per partition, at least */
-#define QES_YOUNG_MIN			128	/* YoungStates, at least; else 1 per 64 counters */
+#define QES_YOUNG_MIN			128	/* YoungStates, at least; else 1 per 64 counters ... */
+#define QES_YOUNG_MAX			PG_UINT16_MAX	/* ... up to what CounterEntry.young indexes */
 #define QES_RING				4096	/* deltas replayed on a standby, kept for builds */
 #define QES_SNAP_XIP			32
 #define QES_PARKED				16
@@ -158,7 +159,7 @@ typedef struct CounterEntry
 	int64		value;			/* counter: period total; gauge: latest */
 	TimestampTz gauge_at;		/* occurred_at of the gauge value */
 	TimestampTz period_end;
-	int16		young;			/* 1 + its YoungState's index; 0: mature */
+	uint16		young;			/* 1 + its YoungState's index; 0: mature */
 	uint8		flags;			/* CE_* */
 	uint8		notified;		/* QES_NOTIFIED_* thresholds queued */
 	pg_atomic_uint32 referenced;	/* clock bit: used since the hand passed */
@@ -219,7 +220,9 @@ typedef struct CounterShared
 	LWLockPadded *locks;		/* nparts of them, then the ring's */
 	uint64		ring_next;		/* deltas ever put in the ring (under ring_lock) */
 	FullTransactionId ring_lost;	/* newest xid whose delta left the ring unapplied */
-	int			fold_cursor;	/* the startup process's round over YoungStates */
+	FullTransactionId ring_overwritten;	/* newest xid whose delta left the ring */
+	bool		ring_armed;		/* ring_lost covers what replay began without */
+	uint64		fold_cursor;	/* the startup process's round over YoungStates */
 	pg_atomic_uint64 epoch;
 	slock_t		young_mutex;
 	int			young_free;		/* head of the free list, -1: none */
@@ -288,7 +291,7 @@ layout(int *nparts, uint32 *limit, uint32 *nslots, int *nwindows, int *nyoung)
 	*limit = (uint32) ((qes_max_counters + *nparts - 1) / *nparts);
 	*nslots = *limit + *limit / 3 + 1;
 	*nwindows = MaxBackends + NUM_AUXILIARY_PROCS + max_prepared_xacts;
-	*nyoung = Max(QES_YOUNG_MIN, qes_max_counters / 64);
+	*nyoung = Min(QES_YOUNG_MAX, Max(QES_YOUNG_MIN, qes_max_counters / 64));
 }
 
 static Size
@@ -359,6 +362,8 @@ qes_counters_startup(void)
 	shared->nyoung = nyoung;
 	shared->ring_next = 0;
 	shared->ring_lost = InvalidFullTransactionId;
+	shared->ring_overwritten = InvalidFullTransactionId;
+	shared->ring_armed = false;
 	shared->fold_cursor = 0;
 	if (!pg_strong_random(shared->sipkey, sizeof(shared->sipkey)))
 		elog(FATAL, "qes_billing: could not draw the usage counters' hash key");
@@ -622,6 +627,22 @@ evict_one(int part)
 
 /* ---- young counters: the build's snapshot, kept until no longer needed -- */
 
+/* The epoch of the oldest open window (PG_UINT64_MAX: none is open). */
+static uint64
+oldest_window(void)
+{
+	uint64		oldest = PG_UINT64_MAX;
+
+	for (int i = 0; i < shared->nwindows; i++)
+	{
+		uint64		w = pg_atomic_read_u64(&windows[i]);
+
+		if (w != 0 && w < oldest)
+			oldest = w;
+	}
+	return oldest;
+}
+
 /* Is every window opened at or before epoch closed? */
 static bool
 grace_over(uint64 epoch)
@@ -658,22 +679,30 @@ static void
 standby_fold(CounterEntry *e)
 {
 	YoungState *ys;
-	int			keep = 0;
 
 	if (e->young == 0)
 		return;
 	ys = &young[e->young - 1];
-	for (int i = 0; i < ys->nparked; i++)
+
+	/*
+	 * From the end, each delta applied and removed together, so that an
+	 * error in the status lookups (clog I/O) leaves no delta both added and
+	 * still parked.
+	 */
+	for (int i = ys->nparked - 1; i >= 0; i--)
 	{
 		TransactionId xid = XidFromFullTransactionId(ys->parked[i].xid);
+		bool		committed;
 
 		if (TransactionIdIsInProgress(xid))
-			ys->parked[keep++] = ys->parked[i];
-		else if (TransactionIdDidCommit(xid))
+			continue;
+		committed = TransactionIdDidCommit(xid);
+		if (committed)
 			apply_value(e, ys->parked[i].value, ys->parked[i].at);
+		ys->parked[i] = ys->parked[ys->nparked - 1];
+		ys->nparked--;
 	}
-	ys->nparked = keep;
-	if (keep == 0 && !(e->flags & CE_LOADING))
+	if (ys->nparked == 0 && !(e->flags & CE_LOADING))
 	{
 		young_release(e->young - 1);
 		e->young = 0;
@@ -687,8 +716,22 @@ standby_fold(CounterEntry *e)
 static void
 mature_all(void)
 {
-	for (int y = 0; y < shared->nyoung; y++)
+	uint64		cur = pg_atomic_read_u64(&shared->epoch);
+	uint64		oldest;
+	int			start = (int) (pg_atomic_fetch_add_u64(&shared->hits, 0) % (uint64) shared->nyoung);
+	int			freed = 0;
+
+	/*
+	 * Counters finalized before cur was read: the windows they wait for were
+	 * opened before that, so they show in this scan.
+	 */
+	pg_memory_barrier();
+	oldest = oldest_window();
+
+	/* from a varying start, until a few are free: bounded work per miss */
+	for (int k = 0; k < shared->nyoung && freed < 16; k++)
 	{
+		int			y = (start + k) % shared->nyoung;
 		bool		in_use;
 		int			part;
 		uint64		fp[2];
@@ -707,11 +750,20 @@ mature_all(void)
 		if (e != NULL && e->young == y + 1 && !(e->flags & CE_LOADING))
 		{
 			if (!(e->flags & CE_STANDBY))
-				try_mature(e);
+			{
+				/* mature once no window opened at or before its epoch is open */
+				if (young[y].epoch < cur && young[y].epoch < oldest)
+				{
+					young_release(y);
+					e->young = 0;
+				}
+			}
 			else if (RecoveryInProgress())
 				standby_fold(e);
 			else
 				remove_entry(part, e);	/* left from before a promotion */
+			if (e->young == 0 || find_entry(part, fp) == NULL)
+				freed++;
 		}
 		LWLockRelease(partition_lock(part));
 	}
@@ -921,7 +973,7 @@ park_standby(CounterEntry *e, int part, FullTransactionId xid, int64 value, Time
 		ys->epoch = 0;
 		ys->nparked = 0;
 		ys->snap_xcnt = 0;
-		e->young = (int16) (y + 1);
+		e->young = (uint16) (y + 1);
 	}
 	ys = &young[e->young - 1];
 	for (int i = 0; i < ys->nparked; i++)
@@ -959,6 +1011,10 @@ standby_receive(const uint64 fp[2], FullTransactionId xid, int64 value, Timestam
 		(!FullTransactionIdIsValid(shared->ring_lost) ||
 		 FullTransactionIdPrecedes(shared->ring_lost, r->xid)))
 		shared->ring_lost = r->xid;
+	if (shared->ring_next >= QES_RING &&
+		(!FullTransactionIdIsValid(shared->ring_overwritten) ||
+		 FullTransactionIdPrecedes(shared->ring_overwritten, r->xid)))
+		shared->ring_overwritten = r->xid;
 	r->fp[0] = fp[0];
 	r->fp[1] = fp[1];
 	r->xid = xid;
@@ -983,7 +1039,7 @@ standby_receive(const uint64 fp[2], FullTransactionId xid, int64 value, Timestam
 
 	/* fold one other counter's deltas, so that YoungStates come back */
 	{
-		int			y = shared->fold_cursor++ % shared->nyoung;
+		int			y = (int) (shared->fold_cursor++ % (uint64) shared->nyoung);
 		bool		in_use;
 		uint64		yfp[2];
 
@@ -1019,6 +1075,8 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 	Snapshot	snap;
 	BuildResult r;
 	FullTransactionId next;
+	FullTransactionId snap_xmin;
+	uint64		ring_start;
 	bool		failed = false;
 	int			y;
 	int64		value;
@@ -1065,7 +1123,7 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 	}
 	e = insert_entry(part, key->fp);
 	e->flags = CE_LOADING | CE_STANDBY | (is_gauge ? CE_GAUGE : 0);
-	e->young = (int16) (y + 1);
+	e->young = (uint16) (y + 1);
 	e->value = 0;
 	e->gauge_at = DT_NOBEGIN;
 	e->period_end = period_end;
@@ -1085,36 +1143,65 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 	building_fp[1] = key->fp[1];
 	building_young = y;
 	snap = build_snapshot();
+	LWLockAcquire(ring_lock, LW_EXCLUSIVE);
+	if (!shared->ring_armed)
+	{
+		/*
+		 * Replay began at a checkpoint: deltas logged before it, of
+		 * transactions that may still be in progress, never reached the
+		 * ring.  Build nothing whose snapshot may have one in progress.
+		 */
+		FullTransactionId newest = FullTransactionIdFromU64(U64FromFullTransactionId(ReadNextFullTransactionId()) - 1);
+
+		if (!FullTransactionIdIsValid(shared->ring_lost) ||
+			FullTransactionIdPrecedes(shared->ring_lost, newest))
+			shared->ring_lost = newest;
+		shared->ring_armed = true;
+	}
+	ring_start = shared->ring_next;
+	LWLockRelease(ring_lock);
+	qes_debug_counter_build_delay();
 	r = compute_from_table(key, is_gauge, snap);
 	next = ReadNextFullTransactionId();
 
 	LWLockAcquire(lock, LW_EXCLUSIVE);
 	e = find_entry(part, key->fp);
 	ys = &young[y];
-	building = false;
 	if (e == NULL || !(e->flags & CE_LOADING) || e->young != y + 1 ||
 		ys->builder_pid != MyProcPid || ys->build_seq != build_seq)
 	{
 		LWLockRelease(lock);
+		building = false;
 		UnregisterSnapshot(snap);
 		pg_atomic_fetch_add_u64(&shared->uncached, 1);
 		return r.value;
 	}
 	e->value = r.value;
 	e->gauge_at = r.at;
+	snap_xmin = widen_xid(next, snap->xmin);
 	/* deltas parked meanwhile: keep those of transactions snap did not see */
 	{
 		int			keep = 0;
 
 		for (int i = 0; i < ys->nparked; i++)
-			if (XidInMVCCSnapshot(XidFromFullTransactionId(ys->parked[i].xid), snap))
+			if (!FullTransactionIdPrecedes(ys->parked[i].xid, snap_xmin) &&
+				XidInMVCCSnapshot(XidFromFullTransactionId(ys->parked[i].xid), snap))
 				ys->parked[keep++] = ys->parked[i];
 		ys->nparked = keep;
 	}
-	/* and those replayed before we began, of transactions still in progress to snap */
+
+	/*
+	 * And those replayed before we began, of transactions still in progress
+	 * to snap: from the ring, unless one may have left it unapplied (lost
+	 * while in progress, or overwritten since snap was taken).
+	 */
 	LWLockAcquire(ring_lock, LW_SHARED);
 	if (FullTransactionIdIsValid(shared->ring_lost) &&
-		!FullTransactionIdPrecedes(shared->ring_lost, widen_xid(next, snap->xmin)))
+		!FullTransactionIdPrecedes(shared->ring_lost, snap_xmin))
+		failed = true;
+	if (shared->ring_next > Max(ring_start, (uint64) QES_RING) &&
+		FullTransactionIdIsValid(shared->ring_overwritten) &&
+		!FullTransactionIdPrecedes(shared->ring_overwritten, snap_xmin))
 		failed = true;
 	for (uint64 i = 0; !failed && i < Min(shared->ring_next, (uint64) QES_RING); i++)
 	{
@@ -1122,6 +1209,7 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 		bool		parked = false;
 
 		if (rd->fp[0] != key->fp[0] || rd->fp[1] != key->fp[1] ||
+			FullTransactionIdPrecedes(rd->xid, snap_xmin) ||
 			!XidInMVCCSnapshot(XidFromFullTransactionId(rd->xid), snap))
 			continue;
 		for (int j = 0; j < ys->nparked && !parked; j++)
@@ -1139,6 +1227,7 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 		}
 	}
 	LWLockRelease(ring_lock);
+	building = false;
 	UnregisterSnapshot(snap);
 	if (failed || ys->load_failed)
 	{
@@ -1343,7 +1432,7 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 	}
 	e = insert_entry(part, key->fp);
 	e->flags = CE_LOADING | (is_gauge ? CE_GAUGE : 0);
-	e->young = (int16) (y + 1);
+	e->young = (uint16) (y + 1);
 	e->value = 0;
 	e->gauge_at = DT_NOBEGIN;
 	e->period_end = period_end;
@@ -1622,8 +1711,10 @@ void
 qes_counters_pre_commit(void)
 {
 	log_deltas();
-	if (npending == 0 || MyProc == NULL || MyProc->pgprocno >= shared->nwindows)
+	if (npending == 0)
 		return;
+	if (MyProc == NULL || MyProc->pgprocno >= shared->nwindows)
+		elog(ERROR, "qes_billing: no commit window for this process");
 	pg_atomic_write_u64(&windows[MyProc->pgprocno], pg_atomic_read_u64(&shared->epoch));
 	window_open = true;
 	pg_memory_barrier();

@@ -617,7 +617,8 @@ typedef enum QesDebugFault
 	QES_FAULT_INVALID_READ,
 	QES_FAULT_UNINITIALISED,
 	QES_FAULT_COUNTER_COMMIT_DELAY,
-	QES_FAULT_COUNTER_PRE_COMMIT_DELAY
+	QES_FAULT_COUNTER_PRE_COMMIT_DELAY,
+	QES_FAULT_COUNTER_BUILD_DELAY
 } QesDebugFault;
 
 static int	qes_debug_fault = QES_FAULT_NONE;
@@ -628,6 +629,7 @@ static const struct config_enum_entry debug_fault_options[] = {
 	{"uninitialised", QES_FAULT_UNINITIALISED, false},
 	{"counter_commit_delay", QES_FAULT_COUNTER_COMMIT_DELAY, false},
 	{"counter_pre_commit_delay", QES_FAULT_COUNTER_PRE_COMMIT_DELAY, false},
+	{"counter_build_delay", QES_FAULT_COUNTER_BUILD_DELAY, false},
 	{NULL, 0, false}
 };
 
@@ -696,8 +698,16 @@ qes_debug_fault_point(void)
  * (counters.c), so that a test can build the counter in that gap.
  * counter_pre_commit_delay: it waits three seconds after logging its deltas
  * for standbys and before its commit record, so that a standby can replay
- * the one and not the other.
+ * the one and not the other.  counter_build_delay: a standby's counter
+ * build waits six seconds after taking its snapshot.
  */
+void
+qes_debug_counter_build_delay(void)
+{
+	if (qes_debug_fault == QES_FAULT_COUNTER_BUILD_DELAY && !production_quietly())
+		pg_usleep(6000000L);
+}
+
 void
 qes_debug_counter_delay(bool pre_commit)
 {
@@ -927,7 +937,7 @@ qes_define_gucs(void)
 
 	/* test-only (see qes_debug_fault_point); hidden like the secrets */
 	DefineCustomEnumVariable("qes_billing.debug_fault",
-							 "Test-only: billing.environment() commits a deliberate memory error (invalid_read, uninitialised), or usage counters wait in a commit (counter_commit_delay, counter_pre_commit_delay).",
+							 "Test-only: billing.environment() commits a deliberate memory error (invalid_read, uninitialised), or usage counters wait in a commit or a build (counter_commit_delay, counter_pre_commit_delay, counter_build_delay).",
 							 "For the valgrind layer's self-test and the counter build race test; refused in production.",
 							 &qes_debug_fault, QES_FAULT_NONE, debug_fault_options,
 							 PGC_SUSET, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,

@@ -75,5 +75,6 @@ extern const char *qes_stripe_key(QesKeyKind kind, bool missing_ok);
 extern bool qes_stripe_key_problem(QesKeyKind kind, char **problem);
 extern void qes_debug_fault_point(void);
 extern void qes_debug_counter_delay(bool pre_commit);
+extern void qes_debug_counter_build_delay(void);
 
 #endif							/* QES_GUC_H */

@@ -70,10 +70,11 @@ CREATE FUNCTION router.remote_standby_name(p_connstr text) RETURNS text
   LANGUAGE plproxy
 AS $$
   CONNECT p_connstr;
-  SELECT billing_shard.shard_name() AS remote_standby_name;
+  SELECT billing_shard.shard_name() || CASE WHEN pg_catalog.pg_is_in_recovery() THEN '' ELSE ' (not in recovery)' END
+         AS remote_standby_name;
 $$;
 COMMENT ON FUNCTION router.remote_standby_name(text) IS
-  'PL/Proxy: the shard name a database (a shard''s hot standby) knows itself by.';
+  'PL/Proxy: the shard name a database (a shard''s hot standby) knows itself by, marked when it is not in recovery.';
 
 CREATE FUNCTION router.add_shard(p_shard_name text, p_connstr text, p_pool_name text DEFAULT NULL) RETURNS text
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, router
@@ -81,7 +82,7 @@ AS $$
 DECLARE
   v_db text;
 BEGIN
-  IF p_connstr IS NULL OR p_connstr ~ '(^|\s)(user|password)=' THEN
+  IF p_connstr IS NULL OR p_connstr ~* '(^|\s)(user|password|passfile|sslpassword|service)\s*=|://' THEN
     RAISE EXCEPTION 'a shard''s connect string names host, port and dbname, not user or password'
       USING ERRCODE = 'invalid_parameter_value',
             HINT = 'Credentials go into the user mapping: CREATE USER MAPPING FOR PUBLIC SERVER qes_billing OPTIONS (user ''qes_router'', password ''...'').';
@@ -173,8 +174,8 @@ BEGIN
     RAISE EXCEPTION 'unknown shard: %', coalesce(quote_literal(p_shard_name), 'NULL')
       USING ERRCODE = 'invalid_parameter_value', HINT = 'Register it with router.add_shard first.';
   END IF;
-  IF p_connstr ~ '(^|\s)(user|password)=' THEN
-    RAISE EXCEPTION 'a standby''s connect string names host, port and dbname, not user or password'
+  IF p_connstr ~* '(^|\s)(user|password|passfile|sslpassword|service)\s*=|://' THEN
+    RAISE EXCEPTION 'a standby''s connect string names host, port and dbname (key=value), not user, password or a service'
       USING ERRCODE = 'invalid_parameter_value',
             HINT = 'Credentials go into the user mapping: CREATE USER MAPPING FOR PUBLIC SERVER qes_billing_standby OPTIONS (user ''qes_router'', password ''...'').';
   END IF;
@@ -187,7 +188,7 @@ BEGIN
               HINT = 'It must be a hot standby of the shard (hot_standby = on), reachable with the user mapping''s role.';
     END;
     IF v_name IS DISTINCT FROM p_shard_name THEN
-      RAISE EXCEPTION 'the database at that connect string is shard %, not %', coalesce(v_name, 'unnamed'), p_shard_name
+      RAISE EXCEPTION 'the database at that connect string is shard %, not a hot standby of %', coalesce(v_name, 'unnamed'), p_shard_name
         USING ERRCODE = 'invalid_parameter_value', HINT = 'Give the connect string of a hot standby of this shard.';
     END IF;
   END IF;

@@ -29,8 +29,9 @@ BEGIN
         FROM router.remote_api_standby(p_partition, v_role, current_setting('request.jwt.claims', true),
                                        current_setting('request.headers', true), current_setting('request.method', true),
                                        current_setting('request.path', true), true, p_call, p_args, p_body);
-      -- a standby that cannot answer a read (25006: it would write) leaves it to the shard
-      v_answered := r.ok OR r.err_state IS DISTINCT FROM '25006';
+      -- what a standby cannot answer (25006: it would write; 40001: a
+      -- recovery conflict cancelled it; 57014: cancelled) goes to the shard
+      v_answered := r.ok OR r.err_state NOT IN ('25006', '40001', '57014');
     EXCEPTION WHEN OTHERS THEN
       GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
       -- a standby that does not answer: the shard itself does

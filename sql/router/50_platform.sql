@@ -19,10 +19,9 @@ BEGIN
     BEGIN
       RETURN router.remote_check_limit_standby(v_hash, v_role, tenant_id, metric, quantity);
     EXCEPTION WHEN OTHERS THEN
+      -- any failure on the standby (down, a recovery conflict): the shard
+      -- answers, and raises what is the caller's own error itself
       GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
-      IF NOT router.is_unavailable(v_state) THEN
-        RAISE;
-      END IF;
       RAISE LOG 'qes_billing_router: standby of shard % failed, checking on the shard: % %',
         router.partition_shard(v_hash), v_state, v_msg;
     END;

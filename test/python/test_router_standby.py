@@ -134,10 +134,17 @@ def test_set_standby_refuses_a_stranger(world):
         with pytest.raises(Exception) as e:
             c.execute("SELECT router.set_standby('s1', %s)",
                       (f"host=127.0.0.1 port={standby.port} dbname={standby.database} connect_timeout=2",))
-        assert e.value.sqlstate == "22023" and "is shard s0, not s1" in str(e.value)
+        assert e.value.sqlstate == "22023" and "is shard s0, not a hot standby of s1" in str(e.value)
+        # the shard itself is no standby of itself
         with pytest.raises(Exception) as e:
-            c.execute("SELECT router.set_standby('s1', 'host=127.0.0.1 user=x dbname=qes')")
-        assert e.value.sqlstate == "22023"
+            c.execute("SELECT router.set_standby('s1', %s)",
+                      (f"host=127.0.0.1 port={sh.shards[1].port} dbname={sh.shards[1].database} connect_timeout=2",))
+        assert e.value.sqlstate == "22023" and "(not in recovery)" in str(e.value)
+        for bad in ("host=127.0.0.1 password = x dbname=qes", "postgresql://u:p@127.0.0.1/qes",
+                    "service=shard1"):
+            with pytest.raises(Exception) as e:
+                c.execute("SELECT router.set_standby('s1', %s)", (bad,))
+            assert e.value.sqlstate == "22023", bad
         with pytest.raises(Exception) as e:
             c.execute("SELECT router.set_standby('nope', NULL)")
         assert e.value.sqlstate == "22023"

@@ -194,7 +194,7 @@ def partitioned_cache():
 def test_partitioned_counters_exact_under_churn(partitioned_cache):
     """5,000 tenant periods through room for 2,000, from four sessions at
     once, some tenants hot: every total equals the table, the hot tenants
-    stay cached, and a counter costs at most 128 bytes of shared memory."""
+    stay cached."""
     pg = partitioned_cache
     pg.sql("SELECT count(billing.upsert_tenant('p' || i, 'P', 'p@t.example')) FROM generate_series(0, 4999) i")
     errors = []
@@ -230,7 +230,24 @@ def test_partitioned_counters_exact_under_churn(partitioned_cache):
     assert off == 0
     assert 2000 <= capacity < 2000 + 31 and 0 < entries <= capacity
     assert evicted > 3000
+    # at this small size the fixed parts (build states, the standby ring) weigh
+    assert per_counter <= 256, per_counter
+
+
+def test_counter_memory_at_scale():
+    """Room for a million counters: each costs at most 128 bytes of shared
+    memory, everything included (slots, partitions, build states, the ring)."""
+    cluster = Cluster("bigcache", conf={"qes_billing.max_counters": "1000000"}).start()
+    try:
+        capacity, per_counter = cluster.sql(
+            "SELECT capacity, bytes_per_counter FROM billing.usage_cache_stats()")[0]
+        [(shmem,)] = cluster.sql("SELECT sum(allocated_size) FROM pg_shmem_allocations"
+                                 " WHERE name = 'qes_billing counters'")
+    finally:
+        amcheck_and_stop(cluster)
+    assert 1000000 <= capacity < 1000000 + 128
     assert per_counter <= 128, per_counter
+    assert shmem <= 128 * capacity, shmem
 
 
 def test_idempotency_key_is_forever(pg, usage_tenants):

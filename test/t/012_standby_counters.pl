@@ -133,6 +133,38 @@ $primary->wait_for_catchup($standby);
 is($standby->safe_psql('postgres', "SELECT (billing.check_limit('ring2', 'api_calls', 0)).current"), '5',
 	'ring overrun: counted once its commit is replayed');
 
+# A build whose snapshot had the transaction in progress, still summing
+# when that transaction's commit and 4,200 more deltas are replayed (its
+# delta overwritten in the ring after it committed, so never marked lost):
+# the build must not cache (counter_build_delay holds the build for 6 s
+# after its snapshot).
+$primary->safe_psql('postgres', "SELECT billing.upsert_tenant('ring3', 'ring3', 'r\@t.example')");
+$primary->wait_for_catchup($standby);
+($h, $o, $e) = held_commit('ring3');
+$primary->safe_psql('postgres', "SELECT billing.record_usage('t0', 'api_calls', 1, 'flush-3')");
+$primary->wait_for_catchup($standby);
+$dropped = cache_stat('dropped');
+my ($bo, $be) = ('', '');
+my $builder = IPC::Run::start(['psql', '-X', '-qAt', '-h', $standby->host, '-p', $standby->port, '-d', 'postgres',
+	'-c', "SET qes_billing.debug_fault = 'counter_build_delay'",
+	'-c', "SELECT (billing.check_limit('ring3', 'api_calls', 0)).current"], '>', \$bo, '2>', \$be);
+usleep(800_000);
+$h->finish;
+is($$e, '', 'slow build: the held transaction committed');
+# three transactions of 1,400: none overwrites its own deltas while in progress
+for my $b (0 .. 2)
+{
+	$primary->safe_psql('postgres',
+		"SELECT count(billing.record_usage('m' || i, 'api_calls', 1, 'flood2-' || i))"
+		. " FROM generate_series($b * 1400 + 1, $b * 1400 + 1400) i");
+}
+$primary->wait_for_catchup($standby);
+$builder->finish;
+is($bo, "0\n", 'slow build: its snapshot did not see the transaction') or diag($be);
+is(cache_stat('dropped'), $dropped + 1, 'slow build: it gave up (the delta left the ring meanwhile)');
+is($standby->safe_psql('postgres', "SELECT (billing.check_limit('ring3', 'api_calls', 0)).current"), '5',
+	'slow build: the next check counts the transaction');
+
 # ---------------------------------------------------------------------------
 # The primary records usage from two clients while replay is paused and
 # resumed on the standby.
