@@ -220,7 +220,6 @@ typedef struct CounterShared
 	LWLockPadded *locks;		/* nparts of them, then the ring's */
 	uint64		ring_next;		/* deltas ever put in the ring (under ring_lock) */
 	FullTransactionId ring_lost;	/* newest xid whose delta left the ring unapplied */
-	FullTransactionId ring_overwritten;	/* newest xid whose delta left the ring */
 	bool		ring_armed;		/* ring_lost covers what replay began without */
 	uint64		fold_cursor;	/* the startup process's round over YoungStates */
 	pg_atomic_uint64 epoch;
@@ -362,7 +361,6 @@ qes_counters_startup(void)
 	shared->nyoung = nyoung;
 	shared->ring_next = 0;
 	shared->ring_lost = InvalidFullTransactionId;
-	shared->ring_overwritten = InvalidFullTransactionId;
 	shared->ring_armed = false;
 	shared->fold_cursor = 0;
 	if (!pg_strong_random(shared->sipkey, sizeof(shared->sipkey)))
@@ -1011,10 +1009,7 @@ standby_receive(const uint64 fp[2], FullTransactionId xid, int64 value, Timestam
 		(!FullTransactionIdIsValid(shared->ring_lost) ||
 		 FullTransactionIdPrecedes(shared->ring_lost, r->xid)))
 		shared->ring_lost = r->xid;
-	if (shared->ring_next >= QES_RING &&
-		(!FullTransactionIdIsValid(shared->ring_overwritten) ||
-		 FullTransactionIdPrecedes(shared->ring_overwritten, r->xid)))
-		shared->ring_overwritten = r->xid;
+
 	r->fp[0] = fp[0];
 	r->fp[1] = fp[1];
 	r->xid = xid;
@@ -1076,7 +1071,8 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 	BuildResult r;
 	FullTransactionId next;
 	FullTransactionId snap_xmin;
-	uint64		ring_start;
+	RingDelta	from_ring[QES_PARKED];
+	int			nfrom_ring = 0;
 	bool		failed = false;
 	int			y;
 	int64		value;
@@ -1104,12 +1100,12 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 	if (e != NULL && !(e->flags & CE_LOADING))
 	{
 		/* cached, with deltas parked: add those whose commit was replayed */
+		if (y >= 0)
+			young_release(y);
 		standby_fold(e);
 		value = e->value;
 		touch(e);
 		LWLockRelease(lock);
-		if (y >= 0)
-			young_release(y);
 		pg_atomic_fetch_add_u64(&shared->hits, 1);
 		return value;
 	}
@@ -1142,7 +1138,14 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 	building_fp[0] = key->fp[0];
 	building_fp[1] = key->fp[1];
 	building_young = y;
-	snap = build_snapshot();
+
+	/*
+	 * The snapshot and the ring's deltas for this counter together, under
+	 * the ring's lock, so that no delta is replayed in between: one replayed
+	 * before, of a transaction the snapshot has in progress, is in the copy
+	 * (or was lost while in progress: ring_lost); one replayed after is
+	 * parked beside our loading entry.
+	 */
 	LWLockAcquire(ring_lock, LW_EXCLUSIVE);
 	if (!shared->ring_armed)
 	{
@@ -1158,11 +1161,27 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 			shared->ring_lost = newest;
 		shared->ring_armed = true;
 	}
-	ring_start = shared->ring_next;
+	snap = build_snapshot();
+	next = ReadNextFullTransactionId();
+	snap_xmin = widen_xid(next, snap->xmin);
+	if (FullTransactionIdIsValid(shared->ring_lost) &&
+		!FullTransactionIdPrecedes(shared->ring_lost, snap_xmin))
+		failed = true;
+	for (uint64 i = 0; !failed && i < Min(shared->ring_next, (uint64) QES_RING); i++)
+	{
+		RingDelta  *rd = &ring[i];
+
+		if (rd->fp[0] != key->fp[0] || rd->fp[1] != key->fp[1] ||
+			FullTransactionIdPrecedes(rd->xid, snap_xmin))
+			continue;
+		if (nfrom_ring >= QES_PARKED)
+			failed = true;
+		else
+			from_ring[nfrom_ring++] = *rd;
+	}
 	LWLockRelease(ring_lock);
 	qes_debug_counter_build_delay();
 	r = compute_from_table(key, is_gauge, snap);
-	next = ReadNextFullTransactionId();
 
 	LWLockAcquire(lock, LW_EXCLUSIVE);
 	e = find_entry(part, key->fp);
@@ -1178,7 +1197,6 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 	}
 	e->value = r.value;
 	e->gauge_at = r.at;
-	snap_xmin = widen_xid(next, snap->xmin);
 	/* deltas parked meanwhile: keep those of transactions snap did not see */
 	{
 		int			keep = 0;
@@ -1189,28 +1207,13 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 				ys->parked[keep++] = ys->parked[i];
 		ys->nparked = keep;
 	}
-
-	/*
-	 * And those replayed before we began, of transactions still in progress
-	 * to snap: from the ring, unless one may have left it unapplied (lost
-	 * while in progress, or overwritten since snap was taken).
-	 */
-	LWLockAcquire(ring_lock, LW_SHARED);
-	if (FullTransactionIdIsValid(shared->ring_lost) &&
-		!FullTransactionIdPrecedes(shared->ring_lost, snap_xmin))
-		failed = true;
-	if (shared->ring_next > Max(ring_start, (uint64) QES_RING) &&
-		FullTransactionIdIsValid(shared->ring_overwritten) &&
-		!FullTransactionIdPrecedes(shared->ring_overwritten, snap_xmin))
-		failed = true;
-	for (uint64 i = 0; !failed && i < Min(shared->ring_next, (uint64) QES_RING); i++)
+	/* and those from the ring, of transactions still in progress to snap */
+	for (int i = 0; !failed && i < nfrom_ring; i++)
 	{
-		RingDelta  *rd = &ring[i];
+		RingDelta  *rd = &from_ring[i];
 		bool		parked = false;
 
-		if (rd->fp[0] != key->fp[0] || rd->fp[1] != key->fp[1] ||
-			FullTransactionIdPrecedes(rd->xid, snap_xmin) ||
-			!XidInMVCCSnapshot(XidFromFullTransactionId(rd->xid), snap))
+		if (!XidInMVCCSnapshot(XidFromFullTransactionId(rd->xid), snap))
 			continue;
 		for (int j = 0; j < ys->nparked && !parked; j++)
 			parked = FullTransactionIdEquals(ys->parked[j].xid, rd->xid);
@@ -1226,7 +1229,6 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 			ys->nparked++;
 		}
 	}
-	LWLockRelease(ring_lock);
 	building = false;
 	UnregisterSnapshot(snap);
 	if (failed || ys->load_failed)

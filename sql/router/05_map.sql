@@ -82,7 +82,7 @@ AS $$
 DECLARE
   v_db text;
 BEGIN
-  IF p_connstr IS NULL OR p_connstr ~* '(^|\s)(user|password|passfile|sslpassword|service)\s*=|://' THEN
+  IF p_connstr IS NULL OR p_connstr ~* '(^|[\s''])(user|password|passfile|sslpassword|service)\s*=|://' THEN
     RAISE EXCEPTION 'a shard''s connect string names host, port and dbname, not user or password'
       USING ERRCODE = 'invalid_parameter_value',
             HINT = 'Credentials go into the user mapping: CREATE USER MAPPING FOR PUBLIC SERVER qes_billing OPTIONS (user ''qes_router'', password ''...'').';
@@ -174,7 +174,7 @@ BEGIN
     RAISE EXCEPTION 'unknown shard: %', coalesce(quote_literal(p_shard_name), 'NULL')
       USING ERRCODE = 'invalid_parameter_value', HINT = 'Register it with router.add_shard first.';
   END IF;
-  IF p_connstr ~* '(^|\s)(user|password|passfile|sslpassword|service)\s*=|://' THEN
+  IF p_connstr ~* '(^|[\s''])(user|password|passfile|sslpassword|service)\s*=|://' THEN
     RAISE EXCEPTION 'a standby''s connect string names host, port and dbname (key=value), not user, password or a service'
       USING ERRCODE = 'invalid_parameter_value',
             HINT = 'Credentials go into the user mapping: CREATE USER MAPPING FOR PUBLIC SERVER qes_billing_standby OPTIONS (user ''qes_router'', password ''...'').';

@@ -30,8 +30,8 @@ BEGIN
                                        current_setting('request.headers', true), current_setting('request.method', true),
                                        current_setting('request.path', true), true, p_call, p_args, p_body);
       -- what a standby cannot answer (25006: it would write; 40001: a
-      -- recovery conflict cancelled it; 57014: cancelled) goes to the shard
-      v_answered := r.ok OR r.err_state NOT IN ('25006', '40001', '57014');
+      -- recovery conflict cancelled it) goes to the shard
+      v_answered := r.ok OR coalesce(r.err_state NOT IN ('25006', '40001'), true);
     EXCEPTION WHEN OTHERS THEN
       GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
       -- a standby that does not answer: the shard itself does

@@ -141,7 +141,7 @@ def test_set_standby_refuses_a_stranger(world):
                       (f"host=127.0.0.1 port={sh.shards[1].port} dbname={sh.shards[1].database} connect_timeout=2",))
         assert e.value.sqlstate == "22023" and "(not in recovery)" in str(e.value)
         for bad in ("host=127.0.0.1 password = x dbname=qes", "postgresql://u:p@127.0.0.1/qes",
-                    "service=shard1"):
+                    "service=shard1", "dbname='qes'password=x", "host=127.0.0.1 passfile=/tmp/p dbname=qes"):
             with pytest.raises(Exception) as e:
                 c.execute("SELECT router.set_standby('s1', %s)", (bad,))
             assert e.value.sqlstate == "22023", bad
