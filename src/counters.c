@@ -943,13 +943,18 @@ uncached(const CounterKey *key, bool is_gauge, Snapshot snap)
  * commit has been replayed (standby_fold), so the answer is what a
  * snapshot taken at that moment sums from the table.
  *
- * A build sums the table under its snapshot S.  A delta replayed while it
- * sums is parked beside the loading counter; one replayed before it began,
- * of a transaction S saw as in progress, is found in the ring.  Both are
- * kept only if S did not see the transaction (XidInMVCCSnapshot).  The ring
- * holds QES_RING deltas; one overwritten while its transaction was still in
- * progress is remembered (ring_lost), and a build whose snapshot may have
- * that transaction in progress gives up (answers from the table, uncached).
+ * A build sums the table under its snapshot S, taken under the ring's lock
+ * together with a copy of the ring's deltas for its counter, so that no
+ * delta is replayed in between.  A delta replayed after that is parked
+ * beside the loading counter; one replayed before, of a transaction S saw
+ * as in progress, is in the copy.  Both are kept only if S did not see the
+ * transaction (XidInMVCCSnapshot).  The ring holds QES_RING deltas; one
+ * overwritten while its transaction was still in progress is remembered
+ * (ring_lost), and a build whose snapshot may have that transaction in
+ * progress gives up (answers from the table, uncached).  So does a build
+ * while a transaction that was running when the first build began is still
+ * in progress: replay started at a checkpoint, and deltas logged before it
+ * never reached the ring.
  */
 
 /* the partition's lock held EXCLUSIVE; false: no room, the caller drops e */
