@@ -922,6 +922,19 @@ touch(CounterEntry *e)
 		pg_atomic_write_u32(&e->referenced, 1);
 }
 
+/* A cached answer: its value, marked used; the partition's lock released. */
+static inline int64
+hit(CounterEntry *e, LWLock *lock, uint8 *notified)
+{
+	int64		value = e->value;
+
+	*notified = e->notified;
+	touch(e);
+	LWLockRelease(lock);
+	pg_atomic_fetch_add_u64(&shared->hits, 1);
+	return value;
+}
+
 static int64
 uncached(const CounterKey *key, bool is_gauge, Snapshot snap)
 {
@@ -930,6 +943,110 @@ uncached(const CounterKey *key, bool is_gauge, Snapshot snap)
 	UnregisterSnapshot(snap);
 	pg_atomic_fetch_add_u64(&shared->uncached, 1);
 	return r.value;
+}
+
+/* ---- building a counter (both kinds) ------------------------------------ */
+
+/* A YoungState for a build, maturing counters to free one if need be. */
+static int
+take_young(int part, const uint64 fp[2])
+{
+	int			y = young_take(part, fp);
+
+	if (y < 0)
+	{
+		mature_all();
+		y = young_take(part, fp);
+	}
+	return y;
+}
+
+/* Room for one more counter in the partition (its lock held EXCLUSIVE). */
+static bool
+make_room(int part)
+{
+	return pg_atomic_read_u32(&shared->parts[part].nlive) < shared->part_limit || evict_one(part);
+}
+
+/*
+ * Insert a loading counter with YoungState y, ours to build (the
+ * partition's lock held EXCLUSIVE); forget_build removes it if we fail.
+ */
+static void
+start_build(int part, const uint64 fp[2], int y, uint8 flags, TimestampTz period_end)
+{
+	CounterEntry *e = insert_entry(part, fp);
+	YoungState *ys = &young[y];
+
+	e->flags = CE_LOADING | flags;
+	e->young = (uint16) (y + 1);
+	e->value = 0;
+	e->gauge_at = DT_NOBEGIN;
+	e->period_end = period_end;
+	e->notified = 0;
+	pg_atomic_write_u32(&e->referenced, 1);
+	ys->builder_pid = MyProcPid;
+	ys->build_seq = ++build_seq;
+	ys->load_failed = false;
+	ys->epoch = 0;
+	ys->nparked = 0;
+	ys->snap_xcnt = 0;
+	building = true;
+	building_fp[0] = fp[0];
+	building_fp[1] = fp[1];
+	building_young = y;
+}
+
+/*
+ * Being built by another backend, or no room: give the YoungState back,
+ * release the partition's lock, and compute the total without caching it.
+ */
+static int64
+no_build(LWLock *lock, int y, const CounterKey *key, bool is_gauge)
+{
+	LWLockRelease(lock);
+	if (y >= 0)
+		young_release(y);
+	return uncached(key, is_gauge, build_snapshot());
+}
+
+/*
+ * The build's counter was removed meanwhile (a reset): answer with what
+ * was summed, without caching it.  The partition's lock is released.
+ */
+static int64
+build_lost(LWLock *lock, Snapshot snap, int64 value)
+{
+	LWLockRelease(lock);
+	building = false;
+	UnregisterSnapshot(snap);
+	pg_atomic_fetch_add_u64(&shared->uncached, 1);
+	return value;
+}
+
+/*
+ * The build cannot be cached (a delta it cannot judge): remove its counter,
+ * release the partition's lock, answer with what was summed.
+ */
+static int64
+build_dropped(int part, CounterEntry *e, LWLock *lock, int64 value)
+{
+	remove_entry(part, e);
+	LWLockRelease(lock);
+	pg_atomic_fetch_add_u64(&shared->dropped, 1);
+	return value;
+}
+
+/*
+ * Is e still the loading counter this backend's current build inserted
+ * with YoungState y?  A reset may have removed it meanwhile and another
+ * backend begun building the same key.
+ */
+static bool
+is_our_build(CounterEntry *e, int y)
+{
+	return e != NULL && (e->flags & CE_LOADING) && e->young == y + 1 &&
+		young[y].builder_pid == MyProcPid && young[y].build_seq == build_seq;
 }
 
 /* ---- hot standbys: counters that follow replay --------------------------- */
@@ -1086,20 +1203,11 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 	e = find_entry(part, key->fp);
 	if (e != NULL && !(e->flags & CE_LOADING) && e->young == 0)
 	{
-		value = e->value;
-		touch(e);
-		LWLockRelease(lock);
-		pg_atomic_fetch_add_u64(&shared->hits, 1);
-		return value;
+		return hit(e, lock, notified);
 	}
 	LWLockRelease(lock);
 
-	y = young_take(part, key->fp);
-	if (y < 0)
-	{
-		mature_all();
-		y = young_take(part, key->fp);
-	}
+	y = take_young(part, key->fp);
 	LWLockAcquire(lock, LW_EXCLUSIVE);
 	e = find_entry(part, key->fp);
 	if (e != NULL && !(e->flags & CE_LOADING))
@@ -1108,41 +1216,12 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 		if (y >= 0)
 			young_release(y);
 		standby_fold(e);
-		value = e->value;
-		touch(e);
-		LWLockRelease(lock);
-		pg_atomic_fetch_add_u64(&shared->hits, 1);
-		return value;
+		return hit(e, lock, notified);
 	}
-	if (e != NULL || y < 0 ||
-		(pg_atomic_read_u32(&shared->parts[part].nlive) >= shared->part_limit && !evict_one(part)))
-	{
-		LWLockRelease(lock);
-		if (y >= 0)
-			young_release(y);
-		return uncached(key, is_gauge, build_snapshot());
-	}
-	e = insert_entry(part, key->fp);
-	e->flags = CE_LOADING | CE_STANDBY | (is_gauge ? CE_GAUGE : 0);
-	e->young = (uint16) (y + 1);
-	e->value = 0;
-	e->gauge_at = DT_NOBEGIN;
-	e->period_end = period_end;
-	e->notified = 0;
-	pg_atomic_write_u32(&e->referenced, 1);
-	ys = &young[y];
-	ys->builder_pid = MyProcPid;
-	ys->build_seq = ++build_seq;
-	ys->load_failed = false;
-	ys->epoch = 0;
-	ys->nparked = 0;
-	ys->snap_xcnt = 0;
+	if (e != NULL || y < 0 || !make_room(part))
+		return no_build(lock, y, key, is_gauge);
+	start_build(part, key->fp, y, CE_STANDBY | (is_gauge ? CE_GAUGE : 0), period_end);
 	LWLockRelease(lock);
-
-	building = true;
-	building_fp[0] = key->fp[0];
-	building_fp[1] = key->fp[1];
-	building_young = y;
 
 	/*
 	 * The snapshot and the ring's deltas for this counter together, under
@@ -1191,15 +1270,8 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 	LWLockAcquire(lock, LW_EXCLUSIVE);
 	e = find_entry(part, key->fp);
 	ys = &young[y];
-	if (e == NULL || !(e->flags & CE_LOADING) || e->young != y + 1 ||
-		ys->builder_pid != MyProcPid || ys->build_seq != build_seq)
-	{
-		LWLockRelease(lock);
-		building = false;
-		UnregisterSnapshot(snap);
-		pg_atomic_fetch_add_u64(&shared->uncached, 1);
-		return r.value;
-	}
+	if (!is_our_build(e, y))
+		return build_lost(lock, snap, r.value);
 	e->value = r.value;
 	e->gauge_at = r.at;
 	/* deltas parked meanwhile: keep those of transactions snap did not see */
@@ -1237,12 +1309,7 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 	building = false;
 	UnregisterSnapshot(snap);
 	if (failed || ys->load_failed)
-	{
-		remove_entry(part, e);
-		LWLockRelease(lock);
-		pg_atomic_fetch_add_u64(&shared->dropped, 1);
-		return r.value;
-	}
+		return build_dropped(part, e, lock, r.value);
 	e->flags &= ~CE_LOADING;
 	/* commits replayed since snap was taken */
 	standby_fold(e);
@@ -1392,22 +1459,12 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 	e = find_entry(part, key->fp);
 	if (e != NULL && !(e->flags & (CE_LOADING | CE_STANDBY)))
 	{
-		value = e->value;
-		*notified = e->notified;
-		touch(e);
-		LWLockRelease(lock);
-		pg_atomic_fetch_add_u64(&shared->hits, 1);
-		return value;
+		return hit(e, lock, notified);
 	}
 	LWLockRelease(lock);
 
 	/* a build keeps its snapshot beside the counter until no longer needed */
-	y = young_take(part, key->fp);
-	if (y < 0)
-	{
-		mature_all();
-		y = young_take(part, key->fp);
-	}
+	y = take_young(part, key->fp);
 
 	LWLockAcquire(lock, LW_EXCLUSIVE);
 	e = find_entry(part, key->fp);
@@ -1419,45 +1476,14 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 	}
 	if (e != NULL && !(e->flags & CE_LOADING))
 	{
-		value = e->value;
-		*notified = e->notified;
-		touch(e);
-		LWLockRelease(lock);
 		if (y >= 0)
 			young_release(y);
-		pg_atomic_fetch_add_u64(&shared->hits, 1);
-		return value;
+		return hit(e, lock, notified);
 	}
-	if (e != NULL || y < 0 ||
-		(pg_atomic_read_u32(&shared->parts[part].nlive) >= shared->part_limit && !evict_one(part)))
-	{
-		/* being built by another backend, or no room: compute, do not cache */
-		LWLockRelease(lock);
-		if (y >= 0)
-			young_release(y);
-		return uncached(key, is_gauge, build_snapshot());
-	}
-	e = insert_entry(part, key->fp);
-	e->flags = CE_LOADING | (is_gauge ? CE_GAUGE : 0);
-	e->young = (uint16) (y + 1);
-	e->value = 0;
-	e->gauge_at = DT_NOBEGIN;
-	e->period_end = period_end;
-	e->notified = 0;
-	pg_atomic_write_u32(&e->referenced, 1);
-	ys = &young[y];
-	ys->builder_pid = MyProcPid;
-	ys->build_seq = ++build_seq;
-	ys->load_failed = false;
-	ys->epoch = 0;
-	ys->nparked = 0;
-	ys->snap_xcnt = 0;
+	if (e != NULL || y < 0 || !make_room(part))
+		return no_build(lock, y, key, is_gauge);
+	start_build(part, key->fp, y, is_gauge ? CE_GAUGE : 0, period_end);
 	LWLockRelease(lock);
-
-	building = true;
-	building_fp[0] = key->fp[0];
-	building_fp[1] = key->fp[1];
-	building_young = y;
 	snap = build_snapshot();
 	r = compute_from_table(key, is_gauge, snap);
 	/* every xid of snap precedes this; read without a partition lock held */
@@ -1468,16 +1494,8 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 	LWLockAcquire(lock, LW_EXCLUSIVE);
 	e = find_entry(part, key->fp);
 	ys = &young[y];
-	if (e == NULL || !(e->flags & CE_LOADING) || e->young != y + 1 ||
-		ys->builder_pid != MyProcPid || ys->build_seq != build_seq)
-	{
-		/* the cache was reset meanwhile: answer, do not cache */
-		LWLockRelease(lock);
-		building = false;
-		UnregisterSnapshot(snap);
-		pg_atomic_fetch_add_u64(&shared->uncached, 1);
-		return r.value;
-	}
+	if (!is_our_build(e, y))
+		return build_lost(lock, snap, r.value);
 	e->value = r.value;
 	e->gauge_at = r.at;
 	ys->epoch = epoch;
@@ -1507,12 +1525,7 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 	building = false;
 	UnregisterSnapshot(snap);
 	if (ys->load_failed)
-	{
-		remove_entry(part, e);
-		LWLockRelease(lock);
-		pg_atomic_fetch_add_u64(&shared->dropped, 1);
-		return r.value;
-	}
+		return build_dropped(part, e, lock, r.value);
 	e->flags &= ~CE_LOADING;
 	try_mature(e);
 	value = e->value;
@@ -1820,12 +1833,10 @@ forget_build(void)
 		int			part = partition_of(building_fp);
 		LWLock	   *lock = partition_lock(part);
 		CounterEntry *e;
-		YoungState *ys = &young[building_young];
 
 		LWLockAcquire(lock, LW_EXCLUSIVE);
 		e = find_entry(part, building_fp);
-		if (e != NULL && (e->flags & CE_LOADING) && e->young == building_young + 1 &&
-			ys->builder_pid == MyProcPid && ys->build_seq == build_seq)
+		if (is_our_build(e, building_young))
 			remove_entry(part, e);
 		LWLockRelease(lock);
 		building = false;

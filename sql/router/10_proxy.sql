@@ -3,33 +3,27 @@
 -- distinct connect string).  Not granted to anyone: the functions below
 -- call them and turn their failures into clear answers.
 
-CREATE FUNCTION router.remote_api(
-  p_partition integer, p_role text, p_claims text, p_headers text, p_method text, p_path text,
-  p_read_only boolean, p_call text, p_args json, p_body text,
-  OUT ok boolean, OUT body text, OUT status text, OUT headers text,
-  OUT err_state text, OUT err_message text, OUT err_detail text, OUT err_hint text)
-  LANGUAGE plproxy
-AS $$
-  CLUSTER 'qes_billing';
-  RUN ON p_partition;
-  SELECT * FROM billing_shard.api(p_role, p_claims, p_headers, p_method, p_path, p_read_only, p_call, p_args, p_body);
-$$;
-COMMENT ON FUNCTION router.remote_api(integer, text, text, text, text, text, boolean, text, json, text) IS
-  'PL/Proxy: one API request on a partition''s shard (billing_shard.api).';
+-- The cluster a call runs on: the shards (qes_billing), or their hot
+-- standbys where they have one (qes_billing_standby, router.set_standby).
+CREATE FUNCTION router.cluster_name(p_standby boolean) RETURNS text
+  LANGUAGE sql IMMUTABLE
+  RETURN CASE WHEN p_standby THEN 'qes_billing_standby' ELSE 'qes_billing' END;
+COMMENT ON FUNCTION router.cluster_name(boolean) IS
+  'The PL/Proxy cluster of the shards (qes_billing) or of their hot standbys (qes_billing_standby).';
 
-CREATE FUNCTION router.remote_api_standby(
-  p_partition integer, p_role text, p_claims text, p_headers text, p_method text, p_path text,
+CREATE FUNCTION router.remote_api(
+  p_standby boolean, p_partition integer, p_role text, p_claims text, p_headers text, p_method text, p_path text,
   p_read_only boolean, p_call text, p_args json, p_body text,
   OUT ok boolean, OUT body text, OUT status text, OUT headers text,
   OUT err_state text, OUT err_message text, OUT err_detail text, OUT err_hint text)
   LANGUAGE plproxy
 AS $$
-  CLUSTER 'qes_billing_standby';
+  CLUSTER router.cluster_name(p_standby);
   RUN ON p_partition;
   SELECT * FROM billing_shard.api(p_role, p_claims, p_headers, p_method, p_path, p_read_only, p_call, p_args, p_body);
 $$;
-COMMENT ON FUNCTION router.remote_api_standby(integer, text, text, text, text, text, boolean, text, json, text) IS
-  'PL/Proxy: one read-only API request on the hot standby of a partition''s shard (billing_shard.api).';
+COMMENT ON FUNCTION router.remote_api(boolean, integer, text, text, text, text, text, boolean, text, json, text) IS
+  'PL/Proxy: one API request on a partition''s shard, or on its hot standby (billing_shard.api).';
 
 CREATE TYPE router.limit_check AS (
   allowed      boolean,
@@ -57,28 +51,17 @@ CREATE TYPE router.usage_result AS (
 );
 COMMENT ON TYPE router.usage_result IS 'billing.usage_result as the shard answers it.';
 
-CREATE FUNCTION router.remote_check_limit(p_partition integer, p_role text, tenant_id text, metric text, quantity bigint)
+CREATE FUNCTION router.remote_check_limit(p_standby boolean, p_partition integer, p_role text, tenant_id text,
+                                          metric text, quantity bigint)
   RETURNS router.limit_check
   LANGUAGE plproxy
 AS $$
-  CLUSTER 'qes_billing';
+  CLUSTER router.cluster_name(p_standby);
   RUN ON p_partition;
   SELECT * FROM billing_shard.check_limit(p_role, tenant_id, metric, quantity);
 $$;
-COMMENT ON FUNCTION router.remote_check_limit(integer, text, text, text, bigint) IS
-  'PL/Proxy: billing.check_limit on a partition''s shard.';
-
-CREATE FUNCTION router.remote_check_limit_standby(p_partition integer, p_role text, tenant_id text, metric text,
-                                                  quantity bigint)
-  RETURNS router.limit_check
-  LANGUAGE plproxy
-AS $$
-  CLUSTER 'qes_billing_standby';
-  RUN ON p_partition;
-  SELECT * FROM billing_shard.check_limit(p_role, tenant_id, metric, quantity);
-$$;
-COMMENT ON FUNCTION router.remote_check_limit_standby(integer, text, text, text, bigint) IS
-  'PL/Proxy: billing.check_limit on the hot standby of a partition''s shard.';
+COMMENT ON FUNCTION router.remote_check_limit(boolean, integer, text, text, text, bigint) IS
+  'PL/Proxy: billing.check_limit on a partition''s shard, or on its hot standby.';
 
 CREATE FUNCTION router.remote_record_usage(p_partition integer, p_role text, tenant_id text, metric text, quantity bigint,
                                            idempotency_key text, metadata jsonb, occurred_at timestamptz)

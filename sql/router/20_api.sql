@@ -26,9 +26,9 @@ BEGIN
   IF router.reads_from_standby(p_call, current_setting('transaction_read_only')::boolean) THEN
     BEGIN
       SELECT * INTO r
-        FROM router.remote_api_standby(p_partition, v_role, current_setting('request.jwt.claims', true),
-                                       current_setting('request.headers', true), current_setting('request.method', true),
-                                       current_setting('request.path', true), true, p_call, p_args, p_body);
+        FROM router.remote_api(true, p_partition, v_role, current_setting('request.jwt.claims', true),
+                               current_setting('request.headers', true), current_setting('request.method', true),
+                               current_setting('request.path', true), true, p_call, p_args, p_body);
       -- what a standby cannot answer (25006: it would write; 40001: a
       -- recovery conflict cancelled it) goes to the shard
       v_answered := r.ok OR coalesce(r.err_state NOT IN ('25006', '40001'), true);
@@ -42,7 +42,7 @@ BEGIN
   BEGIN
     IF NOT v_answered THEN
       SELECT * INTO r
-        FROM router.remote_api(p_partition, v_role, current_setting('request.jwt.claims', true),
+        FROM router.remote_api(false, p_partition, v_role, current_setting('request.jwt.claims', true),
                                current_setting('request.headers', true), current_setting('request.method', true),
                                current_setting('request.path', true), current_setting('transaction_read_only')::boolean,
                                p_call, p_args, p_body);

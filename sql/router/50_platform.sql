@@ -17,7 +17,7 @@ DECLARE
 BEGIN
   IF router.reads_from_standby('check_limit', true) THEN
     BEGIN
-      RETURN router.remote_check_limit_standby(v_hash, v_role, tenant_id, metric, quantity);
+      RETURN router.remote_check_limit(true, v_hash, v_role, tenant_id, metric, quantity);
     EXCEPTION WHEN OTHERS THEN
       -- any failure on the standby (down, a recovery conflict): the shard
       -- answers, and raises what is the caller's own error itself
@@ -26,7 +26,7 @@ BEGIN
         router.partition_shard(v_hash), v_state, v_msg;
     END;
   END IF;
-  RETURN router.remote_check_limit(v_hash, v_role, tenant_id, metric, quantity);
+  RETURN router.remote_check_limit(false, v_hash, v_role, tenant_id, metric, quantity);
 EXCEPTION WHEN OTHERS THEN
   GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT,
                           v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT;

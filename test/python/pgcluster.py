@@ -64,14 +64,7 @@ class Cluster:
             "fsync": "off",
         }
         settings.update(self.conf)
-        extra = "".join(f"{k} = {v}\n" for k, v in settings.items())
-        conf = os.path.join(self.datadir, "postgresql.conf")
-        if self.as_root:   # the file belongs to postgres
-            subprocess.run(["runuser", "-u", "postgres", "--", "sh", "-c", f"cat >> '{conf}'"],
-                           input=extra, text=True, check=True)
-        else:
-            with open(conf, "a") as f:
-                f.write(extra)
+        self.append_conf(settings)
         self._run("pg_ctl", "-D", self.datadir, "-l", self.logfile, "-w", "start")
         with self.connect("postgres", autocommit=True) as c:
             c.execute(f'CREATE DATABASE "{self.database}"')
@@ -80,6 +73,17 @@ class Cluster:
             c.execute("CREATE ROLE authenticator LOGIN NOINHERIT")
             c.execute("GRANT qes_anon, qes_tenant, qes_admin, qes_app TO authenticator")
         return self
+
+    def append_conf(self, settings):
+        """Add settings (a dict) at the end of postgresql.conf."""
+        extra = "".join(f"{k} = {v}\n" for k, v in settings.items())
+        conf = os.path.join(self.datadir, "postgresql.conf")
+        if self.as_root:   # the file belongs to postgres
+            subprocess.run(["runuser", "-u", "postgres", "--", "sh", "-c", f"cat >> '{conf}'"],
+                           input=extra, text=True, check=True)
+        else:
+            with open(conf, "a") as f:
+                f.write(extra)
 
     def dsn(self, dbname=None, user="postgres"):
         return f"host=127.0.0.1 port={self.port} dbname={dbname or self.database} user={user}"
@@ -171,14 +175,7 @@ class StandbyCluster(Cluster):
     def start(self):
         self._run("pg_basebackup", "-h", "127.0.0.1", "-p", str(self.primary.port), "-U", "postgres",
                   "-D", self.datadir, "-R", "-X", "stream", "-c", "fast")
-        extra = (f"port = {self.port}\nunix_socket_directories = '{self.dir}'\nhot_standby = on\n")
-        conf = os.path.join(self.datadir, "postgresql.conf")
-        if self.as_root:
-            subprocess.run(["runuser", "-u", "postgres", "--", "sh", "-c", f"cat >> '{conf}'"],
-                           input=extra, text=True, check=True)
-        else:
-            with open(conf, "a") as f:
-                f.write(extra)
+        self.append_conf({"port": str(self.port), "unix_socket_directories": f"'{self.dir}'", "hot_standby": "on"})
         self._run("pg_ctl", "-D", self.datadir, "-l", self.logfile, "-w", "start")
         return self
 

@@ -38,14 +38,7 @@ class RouterCluster(Cluster):
             "max_connections": "200",
         }
         settings.update(self.conf)
-        extra = "".join(f"{k} = {v}\n" for k, v in settings.items())
-        conf = os.path.join(self.datadir, "postgresql.conf")
-        if self.as_root:
-            subprocess.run(["runuser", "-u", "postgres", "--", "sh", "-c", f"cat >> '{conf}'"],
-                           input=extra, text=True, check=True)
-        else:
-            with open(conf, "a") as f:
-                f.write(extra)
+        self.append_conf(settings)
         self._run("pg_ctl", "-D", self.datadir, "-l", self.logfile, "-w", "start")
         with self.connect("postgres", autocommit=True) as c:
             c.execute(f'CREATE DATABASE "{self.database}"')
