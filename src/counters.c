@@ -283,48 +283,49 @@ PG_FUNCTION_INFO_V1(qes_usage_cache_sweep);
 
 /* ---- shared memory ------------------------------------------------------ */
 
-static void
-layout(int *nparts, uint32 *limit, uint32 *nslots, int *nwindows, int *nyoung)
+/* How the counters' shared memory is laid out, from the settings. */
+typedef struct CounterLayout
 {
-	*nparts = Max(1, Min(QES_MAX_PARTITIONS, qes_max_counters / QES_PARTITION_MIN));
-	*limit = (uint32) ((qes_max_counters + *nparts - 1) / *nparts);
-	*nslots = *limit + *limit / 3 + 1;
-	*nwindows = MaxBackends + NUM_AUXILIARY_PROCS + max_prepared_xacts;
-	*nyoung = Min(QES_YOUNG_MAX, Max(QES_YOUNG_MIN, qes_max_counters / 64));
+	int			nparts;			/* partitions */
+	uint32		limit;			/* counters a partition holds */
+	uint32		nslots;			/* its slots */
+	int			nwindows;		/* commit windows, one per PGPROC */
+	int			nyoung;			/* YoungStates */
+} CounterLayout;
+
+static CounterLayout
+layout(void)
+{
+	CounterLayout l;
+
+	l.nparts = Max(1, Min(QES_MAX_PARTITIONS, qes_max_counters / QES_PARTITION_MIN));
+	l.limit = (uint32) ((qes_max_counters + l.nparts - 1) / l.nparts);
+	l.nslots = l.limit + l.limit / 3 + 1;
+	l.nwindows = MaxBackends + NUM_AUXILIARY_PROCS + max_prepared_xacts;
+	l.nyoung = Min(QES_YOUNG_MAX, Max(QES_YOUNG_MIN, qes_max_counters / 64));
+	return l;
 }
 
 static Size
 counters_size(void)
 {
-	int			nparts,
-				nwindows,
-				nyoung;
-	uint32		limit,
-				nslots;
+	CounterLayout l = layout();
 	Size		size;
 
-	layout(&nparts, &limit, &nslots, &nwindows, &nyoung);
 	size = MAXALIGN(sizeof(CounterShared));
-	size = add_size(size, MAXALIGN(mul_size(sizeof(YoungState), nyoung)));
+	size = add_size(size, MAXALIGN(mul_size(sizeof(YoungState), l.nyoung)));
 	size = add_size(size, MAXALIGN(mul_size(sizeof(RingDelta), QES_RING)));
-	size = add_size(size, MAXALIGN(mul_size(sizeof(pg_atomic_uint64), nwindows)));
+	size = add_size(size, MAXALIGN(mul_size(sizeof(pg_atomic_uint64), l.nwindows)));
 	size = add_size(size, PG_CACHE_LINE_SIZE);
-	size = add_size(size, mul_size(sizeof(CounterEntry), mul_size(nparts, nslots)));
+	size = add_size(size, mul_size(sizeof(CounterEntry), mul_size(l.nparts, l.nslots)));
 	return size;
 }
 
 void
 qes_counters_request(void)
 {
-	int			nparts,
-				nwindows,
-				nyoung;
-	uint32		limit,
-				nslots;
-
-	layout(&nparts, &limit, &nslots, &nwindows, &nyoung);
 	RequestAddinShmemSpace(counters_size());
-	RequestNamedLWLockTranche(QES_COUNTER_TRANCHE, nparts + 1);
+	RequestNamedLWLockTranche(QES_COUNTER_TRANCHE, layout().nparts + 1);
 }
 
 /* called with AddinShmemInitLock held */
@@ -333,13 +334,12 @@ qes_counters_startup(void)
 {
 	bool		found;
 	char	   *base;
-	int			nparts,
-				nwindows,
-				nyoung;
-	uint32		limit,
-				nslots;
-
-	layout(&nparts, &limit, &nslots, &nwindows, &nyoung);
+	CounterLayout l = layout();
+	int			nparts = l.nparts,
+				nwindows = l.nwindows,
+				nyoung = l.nyoung;
+	uint32		limit = l.limit,
+				nslots = l.nslots;
 	base = ShmemInitStruct("qes_billing counters", counters_size(), &found);
 	shared = (CounterShared *) base;
 	base += MAXALIGN(sizeof(CounterShared));
@@ -664,6 +664,19 @@ try_mature(CounterEntry *e)
 		young_release(e->young - 1);
 		e->young = 0;
 	}
+}
+
+/* Park a delta beside a counter; false when its YoungState is full. */
+static bool
+park(YoungState *ys, FullTransactionId xid, int64 value, TimestampTz at)
+{
+	if (ys->nparked >= QES_PARKED)
+		return false;
+	ys->parked[ys->nparked].xid = xid;
+	ys->parked[ys->nparked].value = value;
+	ys->parked[ys->nparked].at = at;
+	ys->nparked++;
+	return true;
 }
 
 /*
@@ -1037,6 +1050,18 @@ build_dropped(int part, CounterEntry *e, LWLock *lock, int64 value)
 	return value;
 }
 
+/* A build cached: its value; the partition's lock released. */
+static int64
+build_done(CounterEntry *e, LWLock *lock, uint8 *notified)
+{
+	int64		value = e->value;
+
+	*notified = e->notified;
+	LWLockRelease(lock);
+	pg_atomic_fetch_add_u64(&shared->loads, 1);
+	return value;
+}
+
 /*
  * Is e still the loading counter this backend's current build inserted
  * with YoungState y?  A reset may have removed it meanwhile and another
@@ -1103,13 +1128,7 @@ park_standby(CounterEntry *e, int part, FullTransactionId xid, int64 value, Time
 		standby_fold(e);
 	if (e->young == 0)
 		return park_standby(e, part, xid, value, at);
-	if (ys->nparked >= QES_PARKED)
-		return false;
-	ys->parked[ys->nparked].xid = xid;
-	ys->parked[ys->nparked].value = value;
-	ys->parked[ys->nparked].at = at;
-	ys->nparked++;
-	return true;
+	return park(ys, xid, value, at);
 }
 
 /* the startup process, replaying a delta */
@@ -1197,7 +1216,6 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 	int			nfrom_ring = 0;
 	bool		failed = false;
 	int			y;
-	int64		value;
 
 	LWLockAcquire(lock, LW_SHARED);
 	e = find_entry(part, key->fp);
@@ -1294,17 +1312,8 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 			continue;
 		for (int j = 0; j < ys->nparked && !parked; j++)
 			parked = FullTransactionIdEquals(ys->parked[j].xid, rd->xid);
-		if (parked)
-			continue;
-		if (ys->nparked >= QES_PARKED)
+		if (!parked && !park(ys, rd->xid, rd->value, rd->at))
 			failed = true;
-		else
-		{
-			ys->parked[ys->nparked].xid = rd->xid;
-			ys->parked[ys->nparked].value = rd->value;
-			ys->parked[ys->nparked].at = rd->at;
-			ys->nparked++;
-		}
 	}
 	building = false;
 	UnregisterSnapshot(snap);
@@ -1313,11 +1322,7 @@ standby_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, uint8 
 	e->flags &= ~CE_LOADING;
 	/* commits replayed since snap was taken */
 	standby_fold(e);
-	value = e->value;
-	*notified = 0;
-	LWLockRelease(lock);
-	pg_atomic_fetch_add_u64(&shared->loads, 1);
-	return value;
+	return build_done(e, lock, notified);
 }
 
 /* ---- the custom WAL resource manager ------------------------------------- */
@@ -1447,7 +1452,6 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 	FullTransactionId next;
 	uint64		epoch;
 	int			y;
-	int64		value;
 
 	*notified = 0;
 
@@ -1528,11 +1532,7 @@ qes_counter_get(const CounterKey *key, bool is_gauge, TimestampTz period_end, ui
 		return build_dropped(part, e, lock, r.value);
 	e->flags &= ~CE_LOADING;
 	try_mature(e);
-	value = e->value;
-	*notified = e->notified;
-	LWLockRelease(lock);
-	pg_atomic_fetch_add_u64(&shared->loads, 1);
-	return value;
+	return build_done(e, lock, notified);
 }
 
 /* ---- this transaction's deltas ------------------------------------------ */
@@ -1672,6 +1672,7 @@ pending_cmp(const void *a, const void *b)
 static void
 log_deltas(void)
 {
+	PendingItem *few[8];
 	PendingItem **sorted;
 	int			n = 0;
 
@@ -1689,11 +1690,13 @@ log_deltas(void)
 	}
 	if (npending == 0)
 		return;
-	sorted = palloc(sizeof(PendingItem *) * npending);
+	/* record_usage's usual commit has one delta: no allocation, no sort */
+	sorted = npending <= lengthof(few) ? few : palloc(sizeof(PendingItem *) * npending);
 	for (int i = 0; i < npending; i++)
 		if (!pending[i].notify_bit)
 			sorted[n++] = &pending[i];
-	qsort(sorted, n, sizeof(PendingItem *), pending_cmp);
+	if (n > 1)
+		qsort(sorted, n, sizeof(PendingItem *), pending_cmp);
 	for (int i = 0; i < n;)
 	{
 		PendingItem *first = sorted[i];
@@ -1723,7 +1726,8 @@ log_deltas(void)
 		XLogRegisterData(first->tenant_id, strlen(first->tenant_id) + 1);
 		(void) XLogInsert(QES_RMGR_ID, XLOG_QES_USAGE_DELTA);
 	}
-	pfree(sorted);
+	if (sorted != few)
+		pfree(sorted);
 	qes_debug_counter_delay(true);
 }
 
@@ -1793,14 +1797,7 @@ qes_counters_at_commit(void)
 		{
 			YoungState *ys = &young[e->young - 1];
 
-			if (ys->nparked < QES_PARKED)
-			{
-				ys->parked[ys->nparked].xid = p->xid;
-				ys->parked[ys->nparked].value = p->value;
-				ys->parked[ys->nparked].at = p->at;
-				ys->nparked++;
-			}
-			else
+			if (!park(ys, p->xid, p->value, p->at))
 				ys->load_failed = true;
 		}
 		else if (e->young)
