@@ -55,6 +55,9 @@ RESET ROLE;
 DROP ROLE regress_qes_user;
 
 -- the billing clock moves outside production only, and the move is audited
+-- (offsets shown in UTC: 30 days across a daylight-saving change elsewhere
+-- would read 29 days 23 hours)
+SET TimeZone = 'UTC';
 SELECT billing.now() - now() AS offset_before;
 SELECT billing.set_clock('30 days') - now() AS offset_after;
 SELECT billing.now() - now() AS offset_now;
@@ -64,6 +67,7 @@ SELECT billing.set_clock('1 day');
 RESET qes_billing.environment;
 SELECT billing.set_clock(NULL);
 SELECT billing.set_clock('0') - now() AS offset_reset;
+RESET TimeZone;
 SELECT action, details FROM billing.audit_log WHERE action = 'clock.set' ORDER BY audit_id;
 
 -- key settings are never stored per database or role (pg_db_role_setting is readable by every role)
