@@ -21,6 +21,7 @@ OBJS = \
 	src/config.o \
 	src/catalog_cache.o \
 	src/counters.o \
+	src/fence.o \
 	src/siphash.o \
 	src/usage.o \
 	src/usage_store.o \

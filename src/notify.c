@@ -69,6 +69,7 @@
 
 #include "guc.h"
 #include "notify.h"
+#include "fence.h"
 #include "redact.h"
 #include "shmem.h"
 #include "worker_http.h"
@@ -758,7 +759,7 @@ transfer_error(Transfer *t, bool *permanent)
 
 /* one channel's outcome, by billing.notify_record (a step of qes_worker_subxact) */
 static void
-record_one(void *arg)
+record_one_now(void *arg)
 {
 	Transfer   *t = (Transfer *) arg;
 	Oid			argtypes[7] = {TEXTOID, INT8OID, INT4OID, TEXTOID, BOOLOID, BOOLOID, TEXTOID};
@@ -778,6 +779,13 @@ record_one(void *arg)
 	if (SPI_execute_with_args(/* result: - */ "SELECT billing.notify_record($1, $2, $3, $4, $5, $6, $7)",
 							  7, argtypes, args, nulls, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "qes_billing worker: billing.notify_record failed");
+}
+
+/* an attempt made before any fence: recorded whatever fence came since (fence.c) */
+static void
+record_one(void *arg)
+{
+	qes_fence_exempt_call(record_one_now, arg);
 }
 
 /* Record one outcome in a subtransaction; false (logged) when it could not be. */

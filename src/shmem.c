@@ -17,7 +17,8 @@
  * - wake_requests, outbox_wakes and other_wakes are atomics and need no
  *   lock; a commit counts other_wakes before wake_requests.
  * - The usage counters have locks of their own: see counters.c; so do the
- *   rejection counters and rate-limit buckets: see guard.c.
+ *   partition fences (fence.c), the rejection counters and rate-limit
+ *   buckets (guard.c).
  * - Waking the worker reads the latch pointer under the SHARED lock and sets
  *   it after releasing the lock.  Setting a stale latch (worker gone, PGPROC
  *   reused) is harmless: at worst a spurious wake-up of some process.
@@ -31,6 +32,7 @@
 #include "storage/shmem.h"
 
 #include "counters.h"
+#include "fence.h"
 #include "guard.h"
 #include "shmem.h"
 
@@ -55,6 +57,7 @@ qes_shmem_request(void)
 	RequestAddinShmemSpace(qes_shmem_size());
 	RequestNamedLWLockTranche(QES_TRANCHE, 1);
 	qes_counters_request();
+	qes_fence_request();
 	qes_guard_request();
 }
 
@@ -78,6 +81,7 @@ qes_shmem_startup(void)
 		qes_worker_state->lock = &(GetNamedLWLockTranche(QES_TRANCHE))[0].lock;
 	}
 	qes_counters_startup();
+	qes_fence_startup();
 	qes_guard_startup();
 	LWLockRelease(AddinShmemInitLock);
 }

@@ -42,6 +42,7 @@
 
 #include "catalog_cache.h"
 #include "counters.h"
+#include "fence.h"
 #include "usage.h"
 #include "usage_store.h"
 
@@ -395,6 +396,8 @@ record_one(const char *tenant_id, const char *metric_name, int64 quantity,
 	UsageRow	existing;
 	bool		overflow;
 
+	/* a tenant whose partition is moving or has moved is not written here */
+	qes_fence_check_tenant(tenant_id);
 	/* the caller refreshed the catalog cache */
 	metric = lookup_metric_or_error(metric_name);
 	is_gauge = qes_metric(metric)->is_gauge;

@@ -522,6 +522,8 @@ COMMENT ON TABLE billing.webhook_events IS
 -- in the order the worker claims events, so a batch needs no sort
 CREATE INDEX webhook_events_due ON billing.webhook_events (stripe_created, received_at) WHERE state = 'received';
 CREATE INDEX webhook_events_busy ON billing.webhook_events (received_at) WHERE state IN ('processing', 'needs_review');
+-- a tenant's events, for moving its partition to another shard
+CREATE INDEX webhook_events_tenant ON billing.webhook_events (tenant_id) WHERE tenant_id IS NOT NULL;
 COMMENT ON COLUMN billing.webhook_events.waits_for IS
   'The Stripe ids an event waits for (a waiting or ignored event is applied again when one of them is mirrored).';
 COMMENT ON COLUMN billing.webhook_events.source IS
@@ -773,6 +775,29 @@ CREATE TABLE billing.stripe_secrets (
 COMMENT ON TABLE billing.stripe_secrets IS
   'Secrets learnt from Stripe (the webhook endpoint''s signing secret, returned once at creation). Superusers only: nothing is granted on it.';
 
+
+-- ---- partition fences ----------------------------------------------------------
+-- A sharded deployment moves a partition's tenants from one shard to another
+-- (docs/scaleout.md, "Moving a partition"; sql/install/45_fences.sql,
+-- src/fence.c).  One row per partition fenced on this shard: 'moving'
+-- while its rows are copied (out of this shard or into it), 'moved' once it
+-- lives on another shard.  Writes for a fenced partition's tenants are
+-- refused.  partition_count is the router's; partition is
+-- billing.tenant_partition(tenant_id, partition_count).
+CREATE TABLE billing.partition_fences (
+  partition_count integer NOT NULL CHECK (partition_count BETWEEN 1 AND 65536
+                                          AND partition_count & (partition_count - 1) = 0),
+  partition       integer NOT NULL CHECK (partition >= 0 AND partition < partition_count),
+  state           text NOT NULL CHECK (state IN ('moving', 'moved')),
+  direction       text NOT NULL CHECK (direction IN ('out', 'in')),
+  move_id         bigint NOT NULL,
+  peer_shard      text NOT NULL,
+  set_at          timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  PRIMARY KEY (partition_count, partition),
+  CHECK (state = 'moving' OR direction = 'out')
+);
+COMMENT ON TABLE billing.partition_fences IS
+  'Partitions whose tenants this shard does not write for: moving (rows being copied out of or into this shard) or moved (the partition lives on peer_shard now). Written by the router''s partition moves.';
 
 -- ---- dump and restore ----------------------------------------------------------
 -- The seed rows as this script made them; never dumped (each CREATE

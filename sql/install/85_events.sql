@@ -1087,7 +1087,20 @@ BEGIN
          SET state = r.out_state, waits_for = r.out_waits,
              tenant_id = nullif(r.out_tenant, ''), attempts = attempts + 1, applied_at = clock_timestamp(), last_error = NULL
        WHERE stripe_event_id = ev.stripe_event_id;
-    EXCEPTION WHEN OTHERS THEN
+    EXCEPTION
+      WHEN SQLSTATE 'QBMOV' THEN
+        -- its tenant's partition is being moved (src/fence.c): not an
+        -- attempt; the event moves with the partition's rows, or is
+        -- applied here once the move is undone
+        UPDATE billing.webhook_events SET next_attempt_at = now() + interval '1 second'
+         WHERE stripe_event_id = ev.stripe_event_id;
+      WHEN SQLSTATE 'QBMVD' THEN
+        -- its tenant's partition lives on another shard now: the router
+        -- hands it over there (router.forward_moved_events)
+        GET STACKED DIAGNOSTICS v_err = MESSAGE_TEXT;
+        UPDATE billing.webhook_events SET state = 'ignored', last_error = 'moved: ' || v_err
+         WHERE stripe_event_id = ev.stripe_event_id;
+      WHEN OTHERS THEN
       GET STACKED DIAGNOSTICS v_err = MESSAGE_TEXT;
       v_err := billing.redact_text(v_err);
       UPDATE billing.webhook_events

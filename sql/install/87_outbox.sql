@@ -98,6 +98,8 @@ BEGIN
    WHERE r.request_id = ANY (ARRAY(
            SELECT d.request_id FROM billing.stripe_requests d
             WHERE d.state = 'pending' AND d.next_attempt_at <= now()
+              -- not for a tenant whose partition is moving (src/fence.c)
+              AND NOT billing.tenant_fenced(d.tenant_id)
             ORDER BY d.next_attempt_at, d.request_id
             LIMIT v_room
               FOR UPDATE SKIP LOCKED))

@@ -559,6 +559,9 @@ BEGIN
      LIMIT p_limit
        FOR UPDATE SKIP LOCKED
   LOOP
+    IF billing.tenant_fenced(n.tenant_id) THEN
+      CONTINUE;   -- its partition is moving (src/fence.c): it goes with its rows
+    END IF;
     BEGIN
       v := billing.notify_vars(n);
       v_to := CASE WHEN n.audience = 'tenant' THEN v ->> 'billing_email' ELSE nullif(p_operator_email, '') END;

@@ -109,7 +109,8 @@ BEGIN
   FOREACH t IN ARRAY ARRAY['tenants', 'subscriptions', 'usage_events', 'invoices', 'payments', 'disputes',
                            'notifications', 'stripe_requests', 'webhook_events', 'webhook_rejections',
                            'audit_log', 'stripe_customers', 'invoice_payments', 'webhook_waits',
-                           'reconcile_runs', 'drift_repairs', 'reconcile_state', 'invoice_failures'] LOOP
+                           'reconcile_runs', 'drift_repairs', 'reconcile_state', 'invoice_failures',
+                           'partition_fences'] LOOP
     PERFORM pg_catalog.pg_extension_config_dump(format('billing.%I', t)::regclass, '');
   END LOOP;
 

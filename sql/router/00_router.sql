@@ -82,7 +82,10 @@ CREATE TABLE router.shards (
   connstr    text NOT NULL UNIQUE,
   pool_name  text,
   added_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
-  standby_connstr text UNIQUE CHECK (standby_connstr !~* '(^|[\s''])(user|password|passfile|sslpassword|service)\s*=|://')
+  standby_connstr text UNIQUE CHECK (standby_connstr !~* '(^|[\s''])(user|password|passfile|sslpassword|service)\s*=|://'),
+  -- the shard's ids (subscriptions, payments, requests, ...) start at
+  -- shard_no * 2^40, so rows keep their ids when a partition moves
+  shard_no   integer NOT NULL UNIQUE CHECK (shard_no BETWEEN 0 AND 8388606)
 );
 COMMENT ON TABLE router.shards IS
   'The shards: name, the connect string the router uses (without user and password, which come from the user mapping of server qes_billing), the database name an application uses on the shared PgBouncer (pool_name), and the connect string of its hot standby for read-only calls (router.set_standby).';

@@ -94,8 +94,12 @@ BEGIN
       USING ERRCODE = 'connection_failure', DETAIL = SQLERRM,
             HINT = 'The shard database needs CREATE EXTENSION qes_billing_shard, and the role qes_router LOGIN with the user mapping''s password.';
   END;
-  INSERT INTO router.shards (shard_name, connstr, pool_name) VALUES (p_shard_name, p_connstr, p_pool_name)
+  INSERT INTO router.shards (shard_name, connstr, pool_name, shard_no)
+  VALUES (p_shard_name, p_connstr, p_pool_name, (SELECT coalesce(max(shard_no) + 1, 0) FROM router.shards))
   ON CONFLICT (shard_name) DO UPDATE SET connstr = EXCLUDED.connstr, pool_name = EXCLUDED.pool_name;
+  -- its own range of ids, so that moved rows never collide (70_move.sql)
+  PERFORM router.remote_reserve_ids(router.login_connstr(p_connstr),
+                                    (SELECT shard_no FROM router.shards WHERE shard_name = p_shard_name)::bigint << 40);
   PERFORM router.sync_standby_map();
   RETURN v_db;
 END

@@ -59,6 +59,9 @@ BEGIN
     PERFORM set_config('response.headers', r.headers, true);
   END IF;
   IF NOT r.ok THEN
+    IF r.err_state IN ('QBMOV', 'QBMVD') THEN
+      PERFORM router.partition_moving_answer(p_partition, r.err_message);
+    END IF;
     PERFORM router.reraise(r.err_state, r.err_message, nullif(r.err_detail, ''), nullif(r.err_hint, ''));
   END IF;
   RETURN r.body;

@@ -133,6 +133,11 @@ BEGIN
   END IF;
   v_targets := router.event_targets(v_event -> 'data' -> 'object');
   FOR i IN 1 .. cardinality(v_targets) LOOP
+    IF router.partition_moving(v_targets[i]) THEN
+      -- its tenant's partition is between fence and switch (70_move.sql):
+      -- Stripe delivers it again, to the shard that owns it then
+      PERFORM router.partition_moving_answer(v_targets[i], 'A Stripe event for a tenant whose partition is being moved.');
+    END IF;
     v_answer := router.invoke(v_targets[i], 'stripe_webhook', '{}', v_body);
     IF i = 1 THEN
       v_first := v_answer;

@@ -48,3 +48,8 @@ GRANT SELECT ON router.shard_status, router.worker_status, router.failed_webhook
 GRANT SELECT ON router.stripe_shares TO qes_admin;
 -- ALL FUNCTIONS above leaves procedures out
 REVOKE ALL ON PROCEDURE router.stripe_coordinator(integer, integer, double precision) FROM PUBLIC;
+
+-- partition moves (70_move.sql): superusers run them; operators see them
+REVOKE ALL ON PROCEDURE router.move_partition_online(integer, text) FROM PUBLIC;
+GRANT SELECT ON router.partition_moves, router.partition_move_pauses TO qes_admin;
+GRANT EXECUTE ON FUNCTION router.forward_moved_events(integer) TO qes_admin;

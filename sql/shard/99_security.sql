@@ -18,7 +18,19 @@ GRANT EXECUTE ON FUNCTION
     billing_shard.take_event(text, text),
     billing_shard.unowned_reconciled(integer),
     billing_shard.mark_forwarded(text, text[]),
-    billing_shard.operator_rows(text)
+    billing_shard.operator_rows(text),
+    billing_shard.move_tables(),
+    billing_shard.move_tenants(integer, integer),
+    billing_shard.move_fence(bigint, integer, integer, text, text, text),
+    billing_shard.move_wait(integer, integer, integer),
+    billing_shard.move_horizon(),
+    billing_shard.move_export(text[], text, bigint, text[], integer),
+    billing_shard.move_import(text, text, boolean),
+    billing_shard.move_clear(text[], boolean),
+    billing_shard.move_digest(text[]),
+    billing_shard.move_audit(text, jsonb),
+    billing_shard.moved_events(integer),
+    billing_shard.reserve_ids(bigint)
   TO qes_router;
 -- a routed call switches to a request role before it calls on
 GRANT EXECUTE ON FUNCTION billing_shard.act_as(text), billing_shard.shard_name(), billing_shard.api_dynamic(text, json) TO qes_anon, qes_tenant, qes_admin, qes_app;

@@ -1,0 +1,420 @@
+-- Moving a partition to another shard while the platform runs
+-- (docs/scaleout.md, "Moving a partition").  Superusers only.
+--
+--   CALL router.move_partition_online(17, 's4');
+--
+-- Steps, each committed and recorded in router.partition_moves, so that a
+-- move that stops (an error, a lost session, a restart) goes on from where
+-- it stopped when the same CALL runs again, or is undone
+-- (router.undo_partition_move) until the map has switched:
+--
+--   started    the target fences the partition (incoming: its worker leaves
+--              the rows alone) and receives the usage history, in pages,
+--              while the source serves;
+--   precopied  the source fences the partition: its writes are refused
+--              (QBMOV, retried by the platform) and the mover waits for the
+--              transactions that passed the fence's check before it and for
+--              Stripe requests and notifications in flight (the pause begins);
+--   fenced     the target's rows of the tenants are cleared and every table
+--              is copied, usage written since the history's horizon again;
+--              both shards' digests must be equal;
+--   copied     both audit chains record the move with the digests; the
+--              target lifts its fence, the map points at the target, the
+--              source marks the partition moved (QBMVD: look it up again)
+--              (the pause ends);
+--   switched   the source deletes the tenants' rows; events it could not
+--              apply are handed to the target;
+--   done.
+
+CREATE TABLE router.partition_moves (
+  move_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  partition    integer NOT NULL CHECK (partition >= 0),
+  partitions   integer NOT NULL,
+  from_shard   text NOT NULL REFERENCES router.shards,
+  to_shard     text NOT NULL REFERENCES router.shards,
+  step         text NOT NULL DEFAULT 'started'
+                 CHECK (step IN ('started', 'precopied', 'fenced', 'copied', 'switched', 'done', 'undone')),
+  horizon      bigint,
+  tenants      text[],
+  digest       jsonb,
+  copied_rows  jsonb,
+  wait         jsonb,
+  started_at   timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+  fenced_at    timestamptz,
+  switched_at  timestamptz,
+  finished_at  timestamptz,
+  last_error   text,
+  CHECK (from_shard <> to_shard)
+);
+COMMENT ON TABLE router.partition_moves IS
+  'Partition moves between shards, one row per move, with the step it has reached (docs/scaleout.md, "Moving a partition"); fenced_at .. switched_at is the time the partition''s writes paused.';
+CREATE UNIQUE INDEX partition_moves_open ON router.partition_moves (partition) WHERE step NOT IN ('done', 'undone');
+SELECT pg_catalog.pg_extension_config_dump('router.partition_moves', '');
+
+CREATE VIEW router.partition_move_pauses AS
+  SELECT m.move_id, m.partition, m.from_shard, m.to_shard, m.step,
+         round((extract(epoch FROM m.switched_at - m.fenced_at) * 1000)::numeric, 1) AS pause_ms,
+         m.started_at, m.finished_at
+    FROM router.partition_moves m;
+COMMENT ON VIEW router.partition_move_pauses IS
+  'Each move''s pause: the milliseconds between fencing the partition on its source and switching the map (the time its writes were refused).';
+
+-- ---- the shards' side, by connect string ---------------------------------
+
+CREATE FUNCTION router.remote_move_tenants(p_connstr text, p_partitions integer, p_partition integer) RETURNS text[]
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_tenants(p_partitions, p_partition); $$;
+COMMENT ON FUNCTION router.remote_move_tenants(text, integer, integer) IS 'PL/Proxy: billing_shard.move_tenants on a shard.';
+
+CREATE FUNCTION router.remote_move_fence(p_connstr text, p_move_id bigint, p_partitions integer, p_partition integer,
+                                         p_state text, p_direction text, p_peer text) RETURNS void
+  LANGUAGE plproxy
+AS $$
+  CONNECT p_connstr;
+  SELECT billing_shard.move_fence(p_move_id, p_partitions, p_partition, p_state, p_direction, p_peer);
+$$;
+COMMENT ON FUNCTION router.remote_move_fence(text, bigint, integer, integer, text, text, text) IS
+  'PL/Proxy: billing_shard.move_fence on a shard.';
+
+CREATE FUNCTION router.remote_move_wait(p_connstr text, p_partitions integer, p_partition integer, p_timeout_ms integer)
+  RETURNS jsonb
+  LANGUAGE plproxy
+AS $$ CONNECT p_connstr; SELECT billing_shard.move_wait(p_partitions, p_partition, p_timeout_ms); $$;
+COMMENT ON FUNCTION router.remote_move_wait(text, integer, integer, integer) IS 'PL/Proxy: billing_shard.move_wait on a shard.';
+
+CREATE FUNCTION router.remote_move_horizon(p_connstr text) RETURNS bigint
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_horizon(); $$;
+COMMENT ON FUNCTION router.remote_move_horizon(text) IS 'PL/Proxy: billing_shard.move_horizon on a shard.';
+
+CREATE FUNCTION router.remote_move_export(p_connstr text, p_tenants text[], p_table text, p_horizon bigint,
+                                          p_after text[], p_limit integer) RETURNS text
+  LANGUAGE plproxy
+AS $$ CONNECT p_connstr; SELECT billing_shard.move_export(p_tenants, p_table, p_horizon, p_after, p_limit); $$;
+COMMENT ON FUNCTION router.remote_move_export(text, text[], text, bigint, text[], integer) IS
+  'PL/Proxy: billing_shard.move_export on a shard.';
+
+CREATE FUNCTION router.remote_move_import(p_connstr text, p_table text, p_rows text, p_merge boolean) RETURNS integer
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_import(p_table, p_rows, p_merge); $$;
+COMMENT ON FUNCTION router.remote_move_import(text, text, text, boolean) IS 'PL/Proxy: billing_shard.move_import on a shard.';
+
+CREATE FUNCTION router.remote_move_clear(p_connstr text, p_tenants text[], p_usage boolean) RETURNS jsonb
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_clear(p_tenants, p_usage); $$;
+COMMENT ON FUNCTION router.remote_move_clear(text, text[], boolean) IS 'PL/Proxy: billing_shard.move_clear on a shard.';
+
+CREATE FUNCTION router.remote_move_digest(p_connstr text, p_tenants text[]) RETURNS jsonb
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_digest(p_tenants); $$;
+COMMENT ON FUNCTION router.remote_move_digest(text, text[]) IS 'PL/Proxy: billing_shard.move_digest on a shard.';
+
+CREATE FUNCTION router.remote_move_audit(p_connstr text, p_action text, p_details jsonb) RETURNS bigint
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_audit(p_action, p_details); $$;
+COMMENT ON FUNCTION router.remote_move_audit(text, text, jsonb) IS 'PL/Proxy: billing_shard.move_audit on a shard.';
+
+CREATE FUNCTION router.remote_reserve_ids(p_connstr text, p_base bigint) RETURNS integer
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.reserve_ids(p_base); $$;
+COMMENT ON FUNCTION router.remote_reserve_ids(text, bigint) IS 'PL/Proxy: billing_shard.reserve_ids on a shard.';
+
+CREATE FUNCTION router.remote_moved_events(p_partition integer, p_limit integer)
+  RETURNS TABLE (stripe_event_id text, payload text)
+  LANGUAGE plproxy
+AS $$ CLUSTER 'qes_billing'; RUN ON p_partition; SELECT * FROM billing_shard.moved_events(p_limit); $$;
+COMMENT ON FUNCTION router.remote_moved_events(integer, integer) IS 'PL/Proxy: billing_shard.moved_events on a partition''s shard.';
+
+-- A shard's connect string with the user mapping's credentials.
+CREATE FUNCTION router.shard_login(p_shard_name text) RETURNS text
+  LANGUAGE sql STABLE SET search_path = pg_catalog, router
+  RETURN router.login_connstr((SELECT s.connstr FROM router.shards s WHERE s.shard_name = p_shard_name));
+COMMENT ON FUNCTION router.shard_login(text) IS
+  'A registered shard''s connect string with the credentials of server qes_billing''s user mapping.';
+
+-- ---- the steps -------------------------------------------------------------
+
+-- Copy one table (usage_events in pages) from one shard to another;
+-- returns the rows stored.
+CREATE FUNCTION router.move_copy_table(p_from text, p_to text, p_tenants text[], p_table text, p_horizon bigint,
+                                       p_merge boolean) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, router
+AS $$
+DECLARE
+  v_rows  text;
+  v_after text[];
+  v_last  jsonb;
+  v_n     bigint := 0;
+BEGIN
+  LOOP
+    v_rows := router.remote_move_export(p_from, p_tenants, p_table, p_horizon, v_after, 5000);
+    EXIT WHEN v_rows = '[]';
+    v_n := v_n + router.remote_move_import(p_to, p_table, v_rows, p_merge);
+    EXIT WHEN p_table <> 'usage_events';
+    v_last := v_rows::jsonb -> -1;
+    v_after := ARRAY[v_last ->> 'tenant_id', v_last ->> 'idempotency_key'];
+  END LOOP;
+  RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION router.move_copy_table(text, text, text[], text, bigint, boolean) IS
+  'A partition move''s copy of one table from one shard to another (usage_events in pages of 5,000); the rows stored.';
+
+CREATE FUNCTION router.move_step(p_move_id bigint) RETURNS text
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, router
+AS $$
+DECLARE
+  m        router.partition_moves;
+  v_src    text;
+  v_dst    text;
+  v_tables text[];
+  v_copied jsonb := '{}';
+  v_ds     jsonb;
+  v_dt     jsonb;
+  v_t      text;
+BEGIN
+  SELECT * INTO m FROM router.partition_moves WHERE move_id = p_move_id FOR UPDATE;
+  v_src := router.shard_login(m.from_shard);
+  v_dst := router.shard_login(m.to_shard);
+  CASE m.step
+  WHEN 'started' THEN
+    PERFORM router.remote_move_fence(v_dst, m.move_id, m.partitions, m.partition, 'moving', 'in', m.from_shard);
+    m.horizon := router.remote_move_horizon(v_src);
+    m.tenants := router.remote_move_tenants(v_src, m.partitions, m.partition);
+    v_copied := jsonb_build_object('usage_events_before_fence',
+                  router.move_copy_table(v_src, v_dst, m.tenants, 'usage_events', NULL, true));
+    UPDATE router.partition_moves
+       SET step = 'precopied', horizon = m.horizon, tenants = m.tenants, copied_rows = v_copied, last_error = NULL
+     WHERE move_id = m.move_id;
+  WHEN 'precopied' THEN
+    PERFORM router.remote_move_fence(v_src, m.move_id, m.partitions, m.partition, 'moving', 'out', m.to_shard);
+    UPDATE router.partition_moves SET fenced_at = coalesce(fenced_at, clock_timestamp()) WHERE move_id = m.move_id;
+    UPDATE router.partition_moves
+       SET step = 'fenced', last_error = NULL,
+           wait = router.remote_move_wait(v_src, m.partitions, m.partition,
+                    coalesce(nullif(current_setting('qes_billing_router.move_wait_ms', true), '')::integer, 30000))
+     WHERE move_id = m.move_id;
+  WHEN 'fenced' THEN
+    -- under the fence no tenant of the partition appears or changes on the source
+    m.tenants := router.remote_move_tenants(v_src, m.partitions, m.partition);
+    PERFORM router.remote_move_clear(v_dst, m.tenants, false);
+    SELECT array_agg(t.table_name ORDER BY t.ord) INTO v_tables
+      FROM router.remote_move_tables(v_src) t WHERE t.table_name <> 'usage_events';
+    FOREACH v_t IN ARRAY v_tables LOOP
+      v_copied := v_copied || jsonb_build_object(v_t, router.move_copy_table(v_src, v_dst, m.tenants, v_t, NULL, false));
+    END LOOP;
+    v_copied := v_copied || jsonb_build_object('usage_events',
+                  router.move_copy_table(v_src, v_dst, m.tenants, 'usage_events', m.horizon, true));
+    v_ds := router.remote_move_digest(v_src, m.tenants);
+    v_dt := router.remote_move_digest(v_dst, m.tenants);
+    IF v_ds -> 'usage_events' IS DISTINCT FROM v_dt -> 'usage_events' THEN
+      -- usage rows changed on the source in a way the horizon cannot see
+      -- (a DBA's delete, a frozen row): copy the tenants' usage again, whole
+      PERFORM router.remote_move_clear(v_dst, m.tenants, true);
+      FOREACH v_t IN ARRAY v_tables LOOP
+        PERFORM router.move_copy_table(v_src, v_dst, m.tenants, v_t, NULL, false);
+      END LOOP;
+      v_copied := v_copied || jsonb_build_object('usage_events_again',
+                    router.move_copy_table(v_src, v_dst, m.tenants, 'usage_events', NULL, true));
+      v_dt := router.remote_move_digest(v_dst, m.tenants);
+    END IF;
+    IF v_ds IS DISTINCT FROM v_dt THEN
+      RAISE EXCEPTION 'partition % copied to shard % differs from shard %', m.partition, m.to_shard, m.from_shard
+        USING ERRCODE = 'data_corrupted',
+              DETAIL = format('source %s, target %s', v_ds, v_dt),
+              HINT = 'Nothing was switched. Run the move again (it copies again) or undo it with router.undo_partition_move.';
+    END IF;
+    UPDATE router.partition_moves
+       SET step = 'copied', tenants = m.tenants, digest = v_ds,
+           copied_rows = coalesce(copied_rows, '{}') || v_copied, last_error = NULL
+     WHERE move_id = m.move_id;
+  WHEN 'copied' THEN
+    PERFORM router.remote_move_audit(v_src, 'partition.moved_out',
+              jsonb_build_object('move_id', m.move_id, 'partition', m.partition, 'partitions', m.partitions,
+                                 'to_shard', m.to_shard, 'tenants', cardinality(m.tenants), 'rows', m.digest));
+    PERFORM router.remote_move_audit(v_dst, 'partition.moved_in',
+              jsonb_build_object('move_id', m.move_id, 'partition', m.partition, 'partitions', m.partitions,
+                                 'from_shard', m.from_shard, 'tenants', cardinality(m.tenants), 'rows', m.digest));
+    PERFORM router.remote_move_fence(v_dst, m.move_id, m.partitions, m.partition, NULL, NULL, NULL);
+    PERFORM router.move_partition(m.partition, m.to_shard);
+    PERFORM router.remote_move_fence(v_src, m.move_id, m.partitions, m.partition, 'moved', 'out', m.to_shard);
+    UPDATE router.partition_moves SET step = 'switched', switched_at = clock_timestamp(), last_error = NULL
+     WHERE move_id = m.move_id;
+  WHEN 'switched' THEN
+    PERFORM router.remote_move_clear(v_src, m.tenants, true);
+    UPDATE router.partition_moves SET step = 'done', finished_at = clock_timestamp(), last_error = NULL
+     WHERE move_id = m.move_id;
+  ELSE
+    RETURN m.step;
+  END CASE;
+  RETURN (SELECT step FROM router.partition_moves WHERE move_id = m.move_id);
+END
+$$;
+COMMENT ON FUNCTION router.move_step(bigint) IS
+  'Take a partition move one step further (see router.move_partition_online); returns the step reached.';
+
+CREATE FUNCTION router.remote_move_tables(p_connstr text)
+  RETURNS TABLE (ord integer, table_name text, key_columns text)
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT * FROM billing_shard.move_tables(); $$;
+COMMENT ON FUNCTION router.remote_move_tables(text) IS 'PL/Proxy: billing_shard.move_tables on a shard.';
+
+-- Record why a step failed, in its own transaction's row (the step's own
+-- changes were rolled back).
+CREATE FUNCTION router.move_failed(p_move_id bigint, p_error text) RETURNS void
+  LANGUAGE sql VOLATILE SET search_path = pg_catalog, router
+AS $$
+  UPDATE router.partition_moves SET last_error = p_error WHERE move_id = p_move_id
+$$;
+COMMENT ON FUNCTION router.move_failed(bigint, text) IS 'Record the error that stopped a partition move.';
+
+-- Begin a move or go on with the open one.  A procedure, so that each step
+-- commits (no SET clause: that would forbid COMMIT; names are qualified).
+CREATE PROCEDURE router.move_partition_online(p_partition integer, p_to_shard text)
+  LANGUAGE plpgsql
+AS $$
+DECLARE
+  m        router.partition_moves;
+  v_from   text;
+  v_step   text;
+  v_stop   text := nullif(pg_catalog.current_setting('qes_billing_router.move_stop_after', true), '');
+  v_err    text;
+BEGIN
+  SELECT * INTO m FROM router.partition_moves x
+   WHERE x.partition = p_partition AND x.step OPERATOR(pg_catalog.<>) ALL (ARRAY['done', 'undone']);
+  IF NOT FOUND THEN
+    IF NOT EXISTS (SELECT FROM router.shards s WHERE s.shard_name = p_to_shard) THEN
+      RAISE EXCEPTION 'unknown shard: %', coalesce(pg_catalog.quote_literal(p_to_shard), 'NULL')
+        USING ERRCODE = 'invalid_parameter_value', HINT = 'Register it with router.add_shard first.';
+    END IF;
+    IF p_partition IS NULL OR p_partition < 0 OR p_partition >= router.partition_count() THEN
+      RAISE EXCEPTION 'no partition %', coalesce(p_partition::text, 'NULL')
+        USING ERRCODE = 'invalid_parameter_value',
+              HINT = pg_catalog.format('Partitions are 0 to %s.', router.partition_count() - 1);
+    END IF;
+    v_from := router.partition_shard(p_partition);
+    IF v_from IS NOT DISTINCT FROM p_to_shard THEN
+      RAISE NOTICE 'partition % is on shard % already', p_partition, p_to_shard;
+      RETURN;
+    END IF;
+    INSERT INTO router.partition_moves (partition, partitions, from_shard, to_shard)
+    VALUES (p_partition, router.partition_count(), v_from, p_to_shard)
+    RETURNING * INTO m;
+    COMMIT;
+  ELSIF m.to_shard IS DISTINCT FROM p_to_shard THEN
+    RAISE EXCEPTION 'partition % is being moved to shard % already', p_partition, m.to_shard
+      USING ERRCODE = 'object_in_use',
+            HINT = pg_catalog.format('Go on with it: CALL router.move_partition_online(%s, %L), or undo it: SELECT router.undo_partition_move(%s).',
+                                     p_partition, m.to_shard, m.move_id);
+  END IF;
+  v_step := m.step;
+  WHILE v_step OPERATOR(pg_catalog.<>) ALL (ARRAY['done', 'undone']) LOOP
+    v_err := NULL;
+    BEGIN
+      v_step := router.move_step(m.move_id);
+    EXCEPTION WHEN OTHERS THEN
+      GET STACKED DIAGNOSTICS v_err = MESSAGE_TEXT;
+    END;
+    IF v_err IS NOT NULL THEN
+      -- (no COMMIT inside a block with an exception handler)
+      PERFORM router.move_failed(m.move_id, v_err);
+      COMMIT;
+      RAISE EXCEPTION 'moving partition % to shard % stopped at step %: %', p_partition, p_to_shard, v_step, v_err
+        USING ERRCODE = 'object_not_in_prerequisite_state',
+              HINT = pg_catalog.format('Run CALL router.move_partition_online(%s, %L) again to go on, or undo it: SELECT router.undo_partition_move(%s) (possible until the map switched).',
+                                       p_partition, p_to_shard, m.move_id);
+    END IF;
+    COMMIT;
+    EXIT WHEN v_step = v_stop;
+  END LOOP;
+END
+$$;
+COMMENT ON PROCEDURE router.move_partition_online(integer, text) IS
+  'Move a partition''s tenants and all their rows to another shard while the platform runs (writes for the partition pause between fence and switch), or go on with the partition''s open move. Each step commits; run it again after an interruption.';
+
+-- Undo a move that has not switched the map: the target's copies are
+-- deleted, both fences lifted; the partition stays where it was.
+CREATE FUNCTION router.undo_partition_move(p_move_id bigint) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, router
+AS $$
+DECLARE
+  m     router.partition_moves;
+  v_src text;
+  v_dst text;
+BEGIN
+  SELECT * INTO m FROM router.partition_moves WHERE move_id = p_move_id FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'no partition move %', coalesce(p_move_id::text, 'NULL') USING ERRCODE = 'no_data_found';
+  END IF;
+  IF m.step IN ('switched', 'done') THEN
+    RAISE EXCEPTION 'partition move % has switched the map already', p_move_id
+      USING ERRCODE = 'object_not_in_prerequisite_state',
+            HINT = pg_catalog.format('Finish it (CALL router.move_partition_online(%s, %L)), then move the partition back the same way.',
+                                     m.partition, m.to_shard);
+  END IF;
+  IF m.step = 'undone' THEN
+    RETURN;
+  END IF;
+  v_src := router.shard_login(m.from_shard);
+  v_dst := router.shard_login(m.to_shard);
+  PERFORM router.remote_move_clear(v_dst, coalesce(router.remote_move_tenants(v_dst, m.partitions, m.partition), '{}')
+                                          || coalesce(m.tenants, '{}'), true);
+  PERFORM router.remote_move_fence(v_dst, m.move_id, m.partitions, m.partition, NULL, NULL, NULL);
+  PERFORM router.remote_move_fence(v_src, m.move_id, m.partitions, m.partition, NULL, NULL, NULL);
+  UPDATE router.partition_moves SET step = 'undone', finished_at = clock_timestamp() WHERE move_id = p_move_id;
+END
+$$;
+COMMENT ON FUNCTION router.undo_partition_move(bigint) IS
+  'Undo a partition move that has not switched the map yet: delete what the target received, lift both fences.';
+
+-- Whether a partition (or a tenant hash) is between fence and switch: its
+-- webhooks are answered 503 then (Stripe delivers them again).
+CREATE FUNCTION router.partition_moving(p_hash integer) RETURNS boolean
+  LANGUAGE sql STABLE SET search_path = pg_catalog, router
+  RETURN EXISTS (SELECT FROM router.partition_moves m
+                  WHERE m.partition = p_hash & (m.partitions - 1) AND m.step IN ('precopied', 'fenced', 'copied'));
+COMMENT ON FUNCTION router.partition_moving(integer) IS
+  'Whether the partition of a tenant hash is being moved (from its fence to the switch of the map).';
+
+-- Events a shard could not apply because their tenant moved away: hand
+-- each to the shard that owns it now (once), as reconcile_forward does.
+CREATE FUNCTION router.forward_moved_events(p_limit integer DEFAULT 1000) RETURNS integer
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, router
+AS $$
+DECLARE
+  s         record;
+  e         record;
+  v_targets integer[];
+  v_names   text[];
+  v_n       integer := 0;
+BEGIN
+  FOR s IN SELECT * FROM router.shard_partitions LOOP
+    FOR e IN SELECT * FROM router.remote_moved_events(s.partition, p_limit) LOOP
+      v_targets := router.event_targets(e.payload::jsonb -> 'data' -> 'object');
+      v_names := ARRAY[]::text[];
+      FOR i IN 1 .. cardinality(v_targets) LOOP
+        IF router.partition_shard(v_targets[i]) IS DISTINCT FROM s.shard_name THEN
+          PERFORM router.remote_take_event(v_targets[i], e.payload, 'webhook');
+          v_names := v_names || router.partition_shard(v_targets[i]);
+        END IF;
+      END LOOP;
+      PERFORM router.remote_mark_forwarded(s.partition, e.stripe_event_id, v_names);
+      v_n := v_n + 1;
+    END LOOP;
+  END LOOP;
+  RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION router.forward_moved_events(integer) IS
+  'Hand the events a shard could not apply because their tenant''s partition moved away to the shard that owns it now (once per event); returns how many were handed over.';
+
+-- A write refused by a fence, through the API: 503 with Retry-After, as
+-- for a shard that is down, naming the move.
+CREATE FUNCTION router.partition_moving_answer(p_partition integer, p_message text) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, router
+AS $$
+BEGIN
+  RAISE EXCEPTION USING
+    ERRCODE = 'PGRST',
+    MESSAGE = json_build_object(
+      'code', 'QB503',
+      'message', 'this tenant''s billing data is being moved to another shard',
+      'details', p_message,
+      'hint', 'Retry in a second; the move pauses this tenant''s writes for a few seconds at most.')::text,
+    DETAIL = '{"status": 503, "headers": {"Retry-After": "1"}}';
+END
+$$;
+COMMENT ON FUNCTION router.partition_moving_answer(integer, text) IS
+  'Answer 503 (Retry-After: 1) for a write refused because the tenant''s partition is being moved.';

@@ -1,0 +1,320 @@
+-- Moving a partition between shards (docs/scaleout.md, "Moving a
+-- partition").  The router's mover (router.move_partition_online) calls
+-- these on the shard the partition leaves (the source) and on the shard it
+-- goes to (the target); each call is one autocommitted statement.  The
+-- partition's rows are found by its tenants (billing.tenants), and every
+-- tenant-owned table leads with tenant_id, so each is read by its index.
+
+-- The tables a partition's rows live in, in the order their references
+-- need (a row before the rows that name it), with the columns their rows
+-- are ordered by.  usage_events is copied in pages; the audit log is the
+-- shard's chain and stays (both chains record the move).
+CREATE FUNCTION billing_shard.move_tables()
+  RETURNS TABLE (ord integer, table_name text, key_columns text)
+  LANGUAGE sql IMMUTABLE SET search_path = pg_catalog
+AS $$
+  SELECT * FROM (VALUES
+    (1, 'tenants', 'tenant_id'),
+    (2, 'billing_details', 'tenant_id'),
+    (3, 'stripe_customers', 'tenant_id, stripe_customer_id'),
+    (4, 'subscriptions', 'tenant_id, subscription_id'),
+    (5, 'invoices', 'tenant_id, stripe_invoice_id'),
+    (6, 'invoice_taxes', 'tenant_id, stripe_invoice_id'),
+    (7, 'invoice_lines', 'tenant_id, stripe_invoice_id, line_id'),
+    (8, 'invoice_failures', 'tenant_id, stripe_invoice_id'),
+    (9, 'payments', 'tenant_id, payment_id'),
+    (10, 'invoice_payments', 'tenant_id, stripe_payment_intent_id, stripe_invoice_id'),
+    (11, 'payment_taxes', 'tenant_id, payment_id'),
+    (12, 'disputes', 'tenant_id, stripe_dispute_id'),
+    (13, 'dispute_responses', 'tenant_id, stripe_dispute_id'),
+    (14, 'notifications', 'tenant_id, notification_id'),
+    (15, 'stripe_requests', 'request_id'),
+    (16, 'webhook_events', 'stripe_event_id'),
+    (17, 'webhook_waits', 'stripe_id, stripe_event_id'),
+    (18, 'reconcile_runs', 'run_id'),
+    (19, 'drift_repairs', 'tenant_id, repair_id'),
+    (20, 'meter_events', 'tenant_id, meter_event_id'),
+    (21, 'meter_event_usage', 'tenant_id, idempotency_key'),
+    (22, 'usage_events', 'tenant_id, idempotency_key')) AS x (ord, table_name, key_columns)
+$$;
+COMMENT ON FUNCTION billing_shard.move_tables() IS
+  'The tables a partition move copies, in the order references need, with the columns their rows are ordered by.';
+
+-- Which rows of a table are the tenants' ($1: their ids).  Inbox events are
+-- the tenants' once applied (tenant_id), or, while still to be applied,
+-- when the event names one of them (metadata or customer).
+CREATE FUNCTION billing_shard.move_where(p_table text) RETURNS text
+  LANGUAGE sql IMMUTABLE SET search_path = pg_catalog
+  RETURN CASE p_table
+    WHEN 'webhook_events' THEN
+      '(t.tenant_id = ANY ($1) OR (t.tenant_id IS NULL AND t.state = ''received''
+        AND billing.event_tenant(t.payload::jsonb -> ''data'' -> ''object'') = ANY ($1)))'
+    WHEN 'webhook_waits' THEN
+      't.stripe_event_id IN (SELECT e.stripe_event_id FROM billing.webhook_events e WHERE e.tenant_id = ANY ($1)
+                             OR (e.tenant_id IS NULL AND e.state = ''received''
+                                 AND billing.event_tenant(e.payload::jsonb -> ''data'' -> ''object'') = ANY ($1)))'
+    ELSE 't.tenant_id = ANY ($1)' END;
+COMMENT ON FUNCTION billing_shard.move_where(text) IS
+  'The condition that picks a table''s rows of the tenants given as $1.';
+
+CREATE FUNCTION billing_shard.move_check_table(p_table text) RETURNS text
+  LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog
+AS $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM billing_shard.move_tables() m WHERE m.table_name = p_table) THEN
+    RAISE EXCEPTION 'a partition move does not copy table %', coalesce(quote_literal(p_table), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'The tables are listed by billing_shard.move_tables().';
+  END IF;
+  RETURN (SELECT m.key_columns FROM billing_shard.move_tables() m WHERE m.table_name = p_table);
+END
+$$;
+COMMENT ON FUNCTION billing_shard.move_check_table(text) IS
+  'The key columns of a table a partition move copies; raises for any other table.';
+
+-- The partition's tenants on this shard.
+CREATE FUNCTION billing_shard.move_tenants(p_partitions integer, p_partition integer) RETURNS text[]
+  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+  SELECT coalesce(array_agg(t.tenant_id ORDER BY t.tenant_id), '{}')
+    FROM billing.tenants t
+   WHERE billing.tenant_partition(t.tenant_id, p_partitions) = p_partition
+$$;
+COMMENT ON FUNCTION billing_shard.move_tenants(integer, integer) IS
+  'The tenants of a partition on this shard.';
+
+-- Fence a partition here, or lift its fence (p_state NULL).  In force at
+-- once (billing.partition_fences' trigger).  Lifting a fence wakes the
+-- worker: what the partition brought may be due.
+CREATE FUNCTION billing_shard.move_fence(p_move_id bigint, p_partitions integer, p_partition integer,
+                                         p_state text, p_direction text, p_peer text) RETURNS void
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  IF p_state IS NULL THEN
+    DELETE FROM billing.partition_fences WHERE partition_count = p_partitions AND partition = p_partition;
+    UPDATE billing.stripe_requests SET state = state WHERE false;    -- wakes the worker at commit
+    UPDATE billing.webhook_events SET state = state WHERE false;
+    RETURN;
+  END IF;
+  -- one partition count per shard: fences of another count are stale
+  DELETE FROM billing.partition_fences WHERE partition_count <> p_partitions;
+  INSERT INTO billing.partition_fences (partition_count, partition, state, direction, move_id, peer_shard)
+  VALUES (p_partitions, p_partition, p_state, p_direction, p_move_id, p_peer)
+  ON CONFLICT (partition_count, partition) DO UPDATE
+    SET state = EXCLUDED.state, direction = EXCLUDED.direction, move_id = EXCLUDED.move_id,
+        peer_shard = EXCLUDED.peer_shard, set_at = now();
+END
+$$;
+COMMENT ON FUNCTION billing_shard.move_fence(bigint, integer, integer, text, text, text) IS
+  'Fence a partition on this shard (moving, in or out; moved) or lift its fence (state NULL).';
+
+-- After a fence: wait until no transaction that passed a check before it
+-- can still commit, and until the partition's Stripe requests and
+-- notifications in flight have been answered and recorded.
+CREATE FUNCTION billing_shard.move_wait(p_partitions integer, p_partition integer, p_timeout_ms integer)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_start    timestamptz := clock_timestamp();
+  v_deadline timestamptz := clock_timestamp() + make_interval(secs => p_timeout_ms / 1000.0);
+  v_tenants  text[] := billing_shard.move_tenants(p_partitions, p_partition);
+  v_xacts    integer;
+  v_polls    integer := 0;
+BEGIN
+  PERFORM set_config('lock_timeout', p_timeout_ms || 'ms', true);
+  v_xacts := billing.partition_fence_wait();
+  WHILE EXISTS (SELECT FROM billing.stripe_requests r WHERE r.tenant_id = ANY (v_tenants) AND r.state = 'in_flight')
+     OR EXISTS (SELECT FROM billing.notifications n WHERE n.tenant_id = ANY (v_tenants) AND n.state = 'in_flight') LOOP
+    IF clock_timestamp() > v_deadline THEN
+      RAISE EXCEPTION 'partition % still has Stripe requests or notifications in flight after % ms', p_partition, p_timeout_ms
+        USING ERRCODE = 'lock_not_available',
+              HINT = 'Resume the move later (router.move_partition_online again) or undo it (router.undo_partition_move).';
+    END IF;
+    v_polls := v_polls + 1;
+    PERFORM pg_sleep(0.01);
+  END LOOP;
+  RETURN jsonb_build_object('transactions', v_xacts, 'polls', v_polls,
+                            'ms', round(extract(epoch FROM clock_timestamp() - v_start) * 1000, 1));
+END
+$$;
+COMMENT ON FUNCTION billing_shard.move_wait(integer, integer, integer) IS
+  'Wait, after a fence, for the transactions that may still write the partition and for its Stripe requests and notifications in flight.';
+
+-- Where usage copied before the fence stops: the oldest transaction still
+-- running now.  Rows written by it or later are copied again under the
+-- fence (their xmin is at or past this horizon).
+CREATE FUNCTION billing_shard.move_horizon() RETURNS bigint
+  LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog
+  RETURN pg_snapshot_xmin(pg_current_snapshot())::text::bigint;
+COMMENT ON FUNCTION billing_shard.move_horizon() IS
+  'The oldest transaction still running (as xid8): usage rows written at or after it are copied again under the fence.';
+
+-- One page of a table's rows of the tenants, as a JSON array in key order.
+-- p_after: the last key of the previous page (usage_events only, which is
+-- read in pages of p_limit); p_horizon: only rows written at or after it.
+CREATE FUNCTION billing_shard.move_export(p_tenants text[], p_table text, p_horizon bigint, p_after text[],
+                                          p_limit integer)
+  RETURNS text
+  LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing SET TimeZone = 'UTC'
+AS $$
+DECLARE
+  v_key text := billing_shard.move_check_table(p_table);
+  v_sql text;
+  v     text;
+BEGIN
+  v_sql := format('SELECT * FROM billing.%I t WHERE %s', p_table, billing_shard.move_where(p_table));
+  IF p_table = 'usage_events' THEN
+    IF p_after IS NOT NULL THEN
+      v_sql := v_sql || ' AND (t.tenant_id, t.idempotency_key) > ($2[1], $2[2])';
+    END IF;
+    IF p_horizon IS NOT NULL THEN
+      -- written by the horizon's transaction or a later one (32-bit xids,
+      -- compared by age in this transaction's frame)
+      v_sql := v_sql || ' AND age(t.xmin) <= age((($3 % 4294967296))::text::xid)';
+    END IF;
+    v_sql := v_sql || format(' ORDER BY %s LIMIT %s', v_key, coalesce(p_limit, 5000));
+  END IF;
+  EXECUTE format('SELECT coalesce(json_agg(row_to_json(x) ORDER BY %s), ''[]'')::text FROM (%s) x', v_key, v_sql)
+    INTO v USING p_tenants, p_after, p_horizon;
+  RETURN v;
+END
+$$;
+COMMENT ON FUNCTION billing_shard.move_export(text[], text, bigint, text[], integer) IS
+  'A partition move''s read: the tenants'' rows of one table as a JSON array in key order (usage_events in pages, optionally only rows written since a horizon).';
+
+-- Store rows another shard exported.  Triggers do not fire (the rows are
+-- as the other shard made them: no audit, notification or fence), so the
+-- usage counters are reset here.  p_merge: rows already here are kept
+-- (usage copied again); else a row already here is an error.
+CREATE FUNCTION billing_shard.move_import(p_table text, p_rows text, p_merge boolean) RETURNS integer
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, billing SET TimeZone = 'UTC' SET session_replication_role = replica
+AS $$
+DECLARE
+  v_n integer;
+BEGIN
+  PERFORM billing_shard.move_check_table(p_table);
+  EXECUTE format('INSERT INTO billing.%I OVERRIDING SYSTEM VALUE SELECT * FROM json_populate_recordset(NULL::billing.%I, $1::json) %s',
+                 p_table, p_table, CASE WHEN p_merge THEN 'ON CONFLICT DO NOTHING' ELSE '' END)
+    USING p_rows;
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  IF p_table = 'usage_events' THEN
+    PERFORM billing.reset_caches();
+  END IF;
+  RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION billing_shard.move_import(text, text, boolean) IS
+  'A partition move''s write: store rows another shard exported (without firing triggers); p_merge keeps rows already here.';
+
+-- Remove the tenants' rows (every table; usage_events too when p_usage):
+-- on the target before a copy, on the source once the map has switched.
+CREATE FUNCTION billing_shard.move_clear(p_tenants text[], p_usage boolean) RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+  SET search_path = pg_catalog, billing SET session_replication_role = replica
+AS $$
+DECLARE
+  m   record;
+  v_n bigint;
+  v   jsonb := '{}';
+BEGIN
+  FOR m IN SELECT * FROM billing_shard.move_tables() ORDER BY ord DESC LOOP
+    CONTINUE WHEN m.table_name = 'usage_events' AND NOT p_usage;
+    EXECUTE format('DELETE FROM billing.%I t WHERE %s', m.table_name, billing_shard.move_where(m.table_name))
+      USING p_tenants;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    IF v_n > 0 THEN
+      v := v || jsonb_build_object(m.table_name, v_n);
+    END IF;
+  END LOOP;
+  PERFORM billing.reset_caches();
+  RETURN v;
+END
+$$;
+COMMENT ON FUNCTION billing_shard.move_clear(text[], boolean) IS
+  'Delete the tenants'' rows from every table a move copies (usage_events only when asked), without firing triggers; returns the rows deleted per table.';
+
+-- What a move compares on both shards and records in both audit chains:
+-- per table, the number of the tenants' rows and the sum of each row's
+-- MD5 (its first 60 bits; the rows as JSON in UTC).
+CREATE FUNCTION billing_shard.move_digest(p_tenants text[]) RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing SET TimeZone = 'UTC'
+AS $$
+DECLARE
+  m   record;
+  v_n bigint;
+  v_s numeric;
+  v   jsonb := '{}';
+BEGIN
+  FOR m IN SELECT * FROM billing_shard.move_tables() ORDER BY ord LOOP
+    EXECUTE format('SELECT count(*), coalesce(sum((''x'' || substr(md5(to_jsonb(t)::text), 1, 15))::bit(60)::bigint::numeric), 0)
+                      FROM billing.%I t WHERE %s', m.table_name, billing_shard.move_where(m.table_name))
+      INTO v_n, v_s USING p_tenants;
+    v := v || jsonb_build_object(m.table_name, jsonb_build_object('rows', v_n, 'digest', v_s::text));
+  END LOOP;
+  RETURN v;
+END
+$$;
+COMMENT ON FUNCTION billing_shard.move_digest(text[]) IS
+  'Per table a move copies: how many rows the tenants have here and a digest of them (the sum of each row''s MD5, first 60 bits).';
+
+CREATE FUNCTION billing_shard.move_audit(p_action text, p_details jsonb) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  IF p_action NOT IN ('partition.moved_out', 'partition.moved_in') THEN
+    RAISE EXCEPTION 'not a partition move''s audit action: %', coalesce(quote_literal(p_action), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  RETURN billing.audit(p_action, NULL, p_details);
+END
+$$;
+COMMENT ON FUNCTION billing_shard.move_audit(text, jsonb) IS
+  'Record a partition move in this shard''s audit chain (partition.moved_out on the source, partition.moved_in on the target).';
+
+-- Inbox events about a tenant that has moved away (the worker found its
+-- partition moved when it came to apply them): the router hands them to
+-- the tenant's shard (router.forward_moved_events), then marks them.
+CREATE FUNCTION billing_shard.moved_events(p_limit integer)
+  RETURNS TABLE (stripe_event_id text, payload text)
+  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+  SELECT e.stripe_event_id, e.payload::text
+    FROM billing.webhook_events e
+   WHERE e.state = 'ignored' AND e.last_error LIKE 'moved: %'
+     AND NOT EXISTS (SELECT FROM billing_shard.forwarded_events f WHERE f.stripe_event_id = e.stripe_event_id)
+   ORDER BY e.stripe_created, e.stripe_event_id
+   LIMIT p_limit
+$$;
+COMMENT ON FUNCTION billing_shard.moved_events(integer) IS
+  'Inbox events this shard could not apply because their tenant''s partition moved away, not yet handed to its shard.';
+
+-- Ids made by sequences (subscriptions, payments, requests, ...) must not
+-- collide when rows move between shards: each shard draws from its own
+-- range, from p_base (router.add_shard gives shard n the base n * 2^40).
+CREATE FUNCTION billing_shard.reserve_ids(p_base bigint) RETURNS integer
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  s   regclass;
+  v_n integer := 0;
+BEGIN
+  IF p_base IS NULL OR p_base < 0 THEN
+    RAISE EXCEPTION 'invalid id base: %', coalesce(p_base::text, 'NULL') USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  FOR s IN SELECT pg_get_serial_sequence(format('billing.%I', c.relname), a.attname)::regclass
+             FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+            WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'r'
+              AND a.attidentity <> '' AND NOT a.attisdropped LOOP
+    IF (SELECT coalesce(q.last_value, 0) FROM pg_sequences q
+         WHERE format('%I.%I', q.schemaname, q.sequencename)::regclass = s) < p_base THEN
+      PERFORM setval(s, p_base + 1, false);
+      v_n := v_n + 1;
+    END IF;
+  END LOOP;
+  RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION billing_shard.reserve_ids(bigint) IS
+  'Move this shard''s id sequences to at least p_base, so that its ids never collide with another shard''s when a partition moves; returns how many moved.';
