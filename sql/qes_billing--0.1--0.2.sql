@@ -399,6 +399,9 @@ ALTER TABLE billing.webhook_events ALTER COLUMN source SET DEFAULT 'webhook'::te
 ALTER TABLE billing.webhook_events ALTER COLUMN source SET NOT NULL;
 ALTER TABLE billing.webhook_events ADD CONSTRAINT webhook_events_source_check CHECK ((source = ANY (ARRAY['webhook'::text, 'reconcile'::text])));
 
+-- a tenant's events, for moving its partition to another shard
+CREATE INDEX webhook_events_tenant ON billing.webhook_events (tenant_id) WHERE tenant_id IS NOT NULL;
+
 COMMENT ON COLUMN billing.webhook_events.waits_for IS
   'The Stripe ids an event waits for (a waiting or ignored event is applied again when one of them is mirrored).';
 
@@ -633,6 +636,30 @@ COMMENT ON TABLE billing.meter_state IS
 
 -- (upgrade) what 0.2 adds to billing.stripe_secrets
 ALTER TABLE billing.stripe_secrets ADD COLUMN url text;
+
+-- ---- partition fences ----------------------------------------------------------
+-- A sharded deployment moves a partition's tenants from one shard to another
+-- (docs/scaleout.md, "Moving a partition"; sql/install/45_fences.sql,
+-- src/fence.c).  One row per partition fenced on this shard: 'moving'
+-- while its rows are copied (out of this shard or into it), 'moved' once it
+-- lives on another shard.  Writes for a fenced partition's tenants are
+-- refused.  partition_count is the router's; partition is
+-- billing.tenant_partition(tenant_id, partition_count).
+CREATE TABLE billing.partition_fences (
+  partition_count integer NOT NULL CHECK (partition_count BETWEEN 1 AND 65536
+                                          AND partition_count & (partition_count - 1) = 0),
+  partition       integer NOT NULL CHECK (partition >= 0 AND partition < partition_count),
+  state           text NOT NULL CHECK (state IN ('moving', 'moved')),
+  direction       text NOT NULL CHECK (direction IN ('out', 'in')),
+  move_id         bigint NOT NULL,
+  peer_shard      text NOT NULL,
+  set_at          timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  PRIMARY KEY (partition_count, partition),
+  CHECK (state = 'moving' OR direction = 'out')
+);
+
+COMMENT ON TABLE billing.partition_fences IS
+  'Partitions whose tenants this shard does not write for: moving (rows being copied out of or into this shard) or moved (the partition lives on peer_shard now). Written by the router''s partition moves.';
 
 -- ---- dump and restore ----------------------------------------------------------
 -- The seed rows as this script made them; never dumped (each CREATE
@@ -886,6 +913,76 @@ CREATE OR REPLACE FUNCTION billing.my_usage_billable()
 AS $$ SELECT * FROM billing.usage_billable(billing.jwt_tenant_id()) $$;
 
 COMMENT ON FUNCTION billing.my_usage_billable() IS 'usage_billable() for the tenant named by the request''s JWT.';
+
+-- Partition fences (src/fence.c; docs/scaleout.md, "Moving a partition").
+-- While a partition's tenants move to another shard, and after they have,
+-- this shard writes nothing for them: record_usage checks in C, every
+-- tenant-owned table has the row trigger below, and the worker's claims
+-- skip them.  billing.partition_fences is the truth; the library keeps a
+-- copy in shared memory that every write checks.
+
+CREATE OR REPLACE FUNCTION billing.tenant_partition(p_tenant_id text, p_partitions integer) RETURNS integer
+  LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'qes_tenant_partition';
+
+COMMENT ON FUNCTION billing.tenant_partition(text, integer) IS
+  'The partition of a tenant in a router with p_partitions partitions: the first 32 bits of MD5(tenant_id) & (p_partitions - 1), as router.tenant_partition computes it.';
+
+CREATE OR REPLACE FUNCTION billing.tenant_fenced(p_tenant_id text) RETURNS boolean
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_tenant_fenced';
+
+COMMENT ON FUNCTION billing.tenant_fenced(text) IS
+  'Whether writes for this tenant are refused here: its partition is moving or has moved (billing.partition_fences). The worker''s claims skip such tenants.';
+
+CREATE OR REPLACE FUNCTION billing.partition_fences_reload() RETURNS integer
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_partition_fences_reload';
+
+COMMENT ON FUNCTION billing.partition_fences_reload() IS
+  'Copy billing.partition_fences, as this transaction sees it, into shared memory, where writes check it; returns the number of fenced partitions. Runs by itself whenever the table changes.';
+
+CREATE OR REPLACE FUNCTION billing.partition_fence_wait() RETURNS integer
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_partition_fence_wait';
+
+COMMENT ON FUNCTION billing.partition_fence_wait() IS
+  'Wait until every other transaction that checked a fence before now has ended (after a fence was set, no write it refuses can still commit); returns how many were still running. lock_timeout applies.';
+
+CREATE OR REPLACE FUNCTION billing.partition_fence_guard() RETURNS trigger
+  LANGUAGE c AS 'MODULE_PATHNAME', 'qes_partition_fence_guard';
+
+COMMENT ON FUNCTION billing.partition_fence_guard() IS
+  'Row trigger of the tenant-owned tables: refuses a write for a tenant whose partition is moving (SQLSTATE QBMOV) or has moved (QBMVD).';
+
+CREATE OR REPLACE FUNCTION billing.partition_fences_changed() RETURNS trigger
+  LANGUAGE plpgsql SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  PERFORM billing.partition_fences_reload();
+  RETURN NULL;
+END
+$$;
+
+COMMENT ON FUNCTION billing.partition_fences_changed() IS
+  'Statement trigger of billing.partition_fences: a change is in force at once (before its commit: a fence is never late).';
+
+CREATE OR REPLACE TRIGGER reload AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON billing.partition_fences
+  FOR EACH STATEMENT EXECUTE FUNCTION billing.partition_fences_changed();
+
+-- Every table with a tenant_id except usage_events (record_usage checks in
+-- C; a row trigger there would cost the hot path) and the audit log (the
+-- chain is the shard's, not the tenant's).
+DO $fences$
+DECLARE
+  t text;
+BEGIN
+  FOREACH t IN ARRAY ARRAY['tenants', 'billing_details', 'invoice_taxes', 'subscriptions', 'stripe_customers',
+                           'invoices', 'invoice_failures', 'payments', 'invoice_payments', 'payment_taxes',
+                           'disputes', 'dispute_responses', 'notifications', 'stripe_requests',
+                           'webhook_events', 'drift_repairs', 'reconcile_runs', 'meter_events',
+                           'meter_event_usage', 'invoice_lines'] LOOP
+    EXECUTE format('CREATE TRIGGER partition_fence BEFORE INSERT OR UPDATE OR DELETE ON billing.%I
+                      FOR EACH ROW EXECUTE FUNCTION billing.partition_fence_guard()', t);
+  END LOOP;
+END
+$fences$;
 
 -- The worker's queues, the outbox and the inbox (the tables: 01_tables.sql):
 -- waking the worker at commit, reclaiming what a crashed worker left in
@@ -2475,7 +2572,20 @@ BEGIN
          SET state = r.out_state, waits_for = r.out_waits,
              tenant_id = nullif(r.out_tenant, ''), attempts = attempts + 1, applied_at = clock_timestamp(), last_error = NULL
        WHERE stripe_event_id = ev.stripe_event_id;
-    EXCEPTION WHEN OTHERS THEN
+    EXCEPTION
+      WHEN SQLSTATE 'QBMOV' THEN
+        -- its tenant's partition is being moved (src/fence.c): not an
+        -- attempt; the event moves with the partition's rows, or is
+        -- applied here once the move is undone
+        UPDATE billing.webhook_events SET next_attempt_at = now() + interval '1 second'
+         WHERE stripe_event_id = ev.stripe_event_id;
+      WHEN SQLSTATE 'QBMVD' THEN
+        -- its tenant's partition lives on another shard now: the router
+        -- hands it over there (router.forward_moved_events)
+        GET STACKED DIAGNOSTICS v_err = MESSAGE_TEXT;
+        UPDATE billing.webhook_events SET state = 'ignored', last_error = 'moved: ' || v_err
+         WHERE stripe_event_id = ev.stripe_event_id;
+      WHEN OTHERS THEN
       GET STACKED DIAGNOSTICS v_err = MESSAGE_TEXT;
       v_err := billing.redact_text(v_err);
       UPDATE billing.webhook_events
@@ -2955,6 +3065,8 @@ BEGIN
    WHERE r.request_id = ANY (ARRAY(
            SELECT d.request_id FROM billing.stripe_requests d
             WHERE d.state = 'pending' AND d.next_attempt_at <= now()
+              -- not for a tenant whose partition is moving (src/fence.c)
+              AND NOT billing.tenant_fenced(d.tenant_id)
             ORDER BY d.next_attempt_at, d.request_id
             LIMIT v_room
               FOR UPDATE SKIP LOCKED))
@@ -4226,6 +4338,9 @@ BEGIN
      LIMIT p_limit
        FOR UPDATE SKIP LOCKED
   LOOP
+    IF billing.tenant_fenced(n.tenant_id) THEN
+      CONTINUE;   -- its partition is moving (src/fence.c): it goes with its rows
+    END IF;
     BEGIN
       v := billing.notify_vars(n);
       v_to := CASE WHEN n.audience = 'tenant' THEN v ->> 'billing_email' ELSE nullif(p_operator_email, '') END;
@@ -7122,7 +7237,8 @@ BEGIN
   FOREACH t IN ARRAY ARRAY['tenants', 'subscriptions', 'usage_events', 'invoices', 'payments', 'disputes',
                            'notifications', 'stripe_requests', 'webhook_events', 'webhook_rejections',
                            'audit_log', 'stripe_customers', 'invoice_payments', 'webhook_waits',
-                           'reconcile_runs', 'drift_repairs', 'reconcile_state', 'invoice_failures'] LOOP
+                           'reconcile_runs', 'drift_repairs', 'reconcile_state', 'invoice_failures',
+                           'partition_fences'] LOOP
     PERFORM pg_catalog.pg_extension_config_dump(format('billing.%I', t)::regclass, '');
   END LOOP;
 
