@@ -56,10 +56,10 @@ SHLIB_LINK = -lcurl -lcrypto
 
 # pg_regress: explicit list, so the install script pieces under sql/install
 # are never mistaken for tests.
-REGRESS = create_extension catalog settings tenants audit api usage webhook outbox metrics operations redact features zz_amcheck
+REGRESS = create_extension catalog settings tenants audit api usage webhook outbox metrics operations fences redact features zz_amcheck
 REGRESS_OPTS = --temp-instance=./tmp_check_regress \
 	--temp-config=test/regress.conf --dbname=contrib_regression
-ISOLATION = wake audit_chain usage outbox webhook_intake caches usage_side_effects meters zz_amcheck
+ISOLATION = wake audit_chain usage outbox webhook_intake caches usage_side_effects meters partition_fence zz_amcheck
 ISOLATION_OPTS = --temp-instance=./tmp_check_iso \
 	--temp-config=test/regress.conf --load-extension=qes_billing \
 	--inputdir=test/isolation --outputdir=test/isolation/output \

@@ -51,7 +51,13 @@
  * - Loading from the table at the first check after a start: a loader
  *	 notes the generation, reads the table, and installs what it read only
  *	 if nothing was installed meanwhile (generation unchanged, not loaded).
- *	 The mover's reload always installs and bumps the generation.
+ *	 The mover's reload always installs (its own changes, before they
+ *	 commit: a fence is never late) and bumps the generation; if its
+ *	 transaction aborts, the abort clears `loaded` and bumps the generation
+ *	 (atomics, no lock), so the next check loads the committed table; so
+ *	 does the end of any transaction that installed.
+ *	 Changes to the table are serialized (billing_shard.move_fence locks
+ *	 it), so one transaction's install never hides another's fence.
  *
  *-------------------------------------------------------------------------
  */
@@ -87,8 +93,8 @@
 typedef struct FenceShared
 {
 	LWLock	   *lock;
-	bool		loaded;			/* state[] reflects the table (since start) */
-	uint32		generation;		/* bumped at every install */
+	pg_atomic_uint32 loaded;	/* state[] reflects the table (since start) */
+	pg_atomic_uint32 generation;	/* bumped at every install and forget */
 	Oid			dboid;			/* the database whose table was installed */
 	int32		partition_count;	/* 0: no fence */
 	int			nslots;
@@ -101,6 +107,9 @@ static pg_atomic_uint64 *slots = NULL;
 
 /* set around a call that finishes work begun before any fence */
 static bool exempt = false;
+
+/* this transaction installed the table as it sees it (undone at abort) */
+static bool installed_in_xact = false;
 
 PG_FUNCTION_INFO_V1(qes_partition_fences_reload);
 PG_FUNCTION_INFO_V1(qes_partition_fence_wait);
@@ -144,6 +153,8 @@ qes_fence_startup(void)
 		fence->lock = &(GetNamedLWLockTranche("qes_billing fences"))[0].lock;
 		fence->nslots = fence_nslots();
 		pg_atomic_init_u32(&fence->nfenced, 0);
+		pg_atomic_init_u32(&fence->loaded, 0);
+		pg_atomic_init_u32(&fence->generation, 0);
 		for (int i = 0; i < fence->nslots; i++)
 			pg_atomic_init_u64(&slots[i], 0);
 	}
@@ -229,9 +240,7 @@ load_fences(bool force)
 	uint32		gen;
 	int			fenced = 0;
 
-	LWLockAcquire(fence->lock, LW_SHARED);
-	gen = fence->generation;
-	LWLockRelease(fence->lock);
+	gen = pg_atomic_read_u32(&fence->generation);
 
 	qes_run_as_owner(read_fences_cb, &rows);
 	if (!rows.present)
@@ -243,7 +252,7 @@ load_fences(bool force)
 				 errhint("The router's partition count is a power of two up to %d.", QES_MAX_PARTITIONS)));
 
 	LWLockAcquire(fence->lock, LW_EXCLUSIVE);
-	if (force || (!fence->loaded && fence->generation == gen))
+	if (force || (pg_atomic_read_u32(&fence->loaded) == 0 && pg_atomic_read_u32(&fence->generation) == gen))
 	{
 		memset(fence->state, 0, sizeof(fence->state));
 		for (int i = 0; i < rows.n; i++)
@@ -255,11 +264,13 @@ load_fences(bool force)
 		}
 		fence->partition_count = rows.n > 0 ? rows.count : 0;
 		fence->dboid = MyDatabaseId;
-		fence->generation++;
-		fence->loaded = true;
+		pg_atomic_fetch_add_u32(&fence->generation, 1);
+		pg_atomic_write_u32(&fence->loaded, 1);
 		pg_atomic_write_u32(&fence->nfenced, fenced);
 	}
 	LWLockRelease(fence->lock);
+	if (force)
+		installed_in_xact = true;
 	/* the mover's side of the handshake: the states before the slots */
 	pg_memory_barrier();
 	return fenced;
@@ -285,8 +296,17 @@ fence_state_of(const char *tenant_id, uint32 *partition, int32 *count)
 			pg_atomic_write_u64(&slots[MyProc->pgprocno], v);
 	}
 	pg_memory_barrier();
-	if (!fence->loaded)
+	/* a load that lost a race with an install or a forget tries again */
+	for (int tries = 0; pg_atomic_read_u32(&fence->loaded) == 0; tries++)
+	{
+		if (tries == 100)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("could not load the partition fences"),
+					 errdetail("billing.partition_fences changed 100 times while it was read."),
+					 errhint("Retry the transaction.")));
 		load_fences(false);
+	}
 	if (pg_atomic_read_u32(&fence->nfenced) == 0 || fence->dboid != MyDatabaseId || tenant_id == NULL)
 		return FENCE_NONE;
 	if (exempt)
@@ -346,6 +366,24 @@ qes_fence_exempt_call(void (*fn) (void *), void *arg)
 		exempt = save;
 	}
 	PG_END_TRY();
+}
+
+/*
+ * At the end of a transaction that installed the table as it saw it, the
+ * states are forgotten and the next check loads the committed table: after
+ * an abort (or a rolled-back savepoint) what it installed was never true,
+ * and after a commit the table is the truth anyway.  Atomics only: no lock
+ * is taken while a transaction ends.
+ */
+void
+qes_fence_at_xact_end(void)
+{
+	if (!installed_in_xact || fence == NULL)
+		return;
+	installed_in_xact = false;
+	pg_atomic_fetch_add_u32(&fence->generation, 1);
+	pg_atomic_write_u32(&fence->loaded, 0);
+	pg_memory_barrier();
 }
 
 /* ---- SQL ----------------------------------------------------------------- */

@@ -18,5 +18,6 @@ extern void qes_fence_request(void);
 extern void qes_fence_startup(void);
 extern void qes_fence_check_tenant(const char *tenant_id);
 extern void qes_fence_exempt_call(void (*fn) (void *), void *arg);
+extern void qes_fence_at_xact_end(void);
 
 #endif							/* QES_FENCE_H */

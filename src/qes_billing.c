@@ -19,6 +19,7 @@
 
 #include "catalog_cache.h"
 #include "counters.h"
+#include "fence.h"
 #include "guard.h"
 #include "guc.h"
 #include "insert_once.h"
@@ -55,6 +56,7 @@ qes_xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
 			qes_counters_at_commit();
+			qes_fence_at_xact_end();
 			qes_guard_at_commit();
 			qes_insert_once_at_xact_end();
 			qes_usage_at_xact_end();
@@ -65,6 +67,7 @@ qes_xact_callback(XactEvent event, void *arg)
 			qes_insert_once_at_xact_end();
 			qes_usage_at_xact_end();
 			qes_counters_at_abort();
+			qes_fence_at_xact_end();
 			qes_guard_at_abort();
 			break;
 		default:
@@ -82,6 +85,7 @@ qes_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 		case SUBXACT_EVENT_ABORT_SUB:
 			qes_usage_inserting = false;
 			qes_counters_at_subabort(mySubid);
+			qes_fence_at_xact_end();
 			qes_guard_at_subabort(mySubid);
 			break;
 		case SUBXACT_EVENT_COMMIT_SUB:

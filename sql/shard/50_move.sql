@@ -90,6 +90,9 @@ CREATE FUNCTION billing_shard.move_fence(p_move_id bigint, p_partitions integer,
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
 AS $$
 BEGIN
+  -- one change of the fences at a time: each installs the table as its
+  -- transaction sees it (src/fence.c)
+  LOCK TABLE billing.partition_fences IN SHARE ROW EXCLUSIVE MODE;
   IF p_state IS NULL THEN
     DELETE FROM billing.partition_fences WHERE partition_count = p_partitions AND partition = p_partition;
     UPDATE billing.stripe_requests SET state = state WHERE false;    -- wakes the worker at commit

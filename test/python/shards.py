@@ -153,6 +153,7 @@ class Sharded:
         self.partitions = partitions
         self.use_bouncer = bouncer
         self.shards = []
+        self.names = {}             # shard name -> cluster
         self.router = None
         self.bouncer = None
 
@@ -175,6 +176,7 @@ class Sharded:
                 conn.execute("CREATE EXTENSION qes_billing_shard")
                 conn.execute("ALTER ROLE qes_router LOGIN")
         names = [(f"s{i}", c) for i, c in enumerate(self.shards)]
+        self.names = dict(names)
         if self.use_bouncer:
             self.bouncer = PgBouncer(names).start()
         self.router = RouterCluster("router", env=self.env, conf=dict(self.router_conf), database="router").start()
@@ -185,6 +187,21 @@ class Sharded:
             conn.execute("SELECT router.set_partitions(%s)", (self.partitions,))
         return self
 
+    def add_shard(self, name):
+        """A new shard cluster registered with the router under `name`
+        (connected directly, not through PgBouncer), holding no partition
+        yet (docs/scaleout.md, "Adding a shard")."""
+        c = Cluster(f"shard{len(self.shards)}", env=self.env, conf=dict(self.shard_conf)).start()
+        self.shards.append(c)
+        self.names[name] = c
+        with c.connect(autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION qes_billing_shard")
+            conn.execute("ALTER ROLE qes_router LOGIN")
+        with self.router.connect(autocommit=True) as conn:
+            conn.execute("SELECT router.add_shard(%s, %s, NULL)",
+                         (name, f"host=127.0.0.1 port={c.port} dbname={c.database} connect_timeout=2"))
+        return c
+
     def connstr(self, name, cluster):
         if self.use_bouncer:
             return f"host=127.0.0.1 port={self.bouncer.port} dbname={name} connect_timeout=2"
@@ -192,8 +209,7 @@ class Sharded:
 
     def shard_of(self, tenant_id):
         """The shard cluster that owns a tenant, as the router places it."""
-        name = self.router.sql("SELECT shard_name FROM router.tenant_shard(%s)", (tenant_id,))[0][0]
-        return self.shards[int(name[1:])]
+        return self.names[self.shard_name_of(tenant_id)]
 
     def shard_name_of(self, tenant_id):
         return self.router.sql("SELECT shard_name FROM router.tenant_shard(%s)", (tenant_id,))[0][0]
