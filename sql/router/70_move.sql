@@ -349,6 +349,9 @@ BEGIN
   END IF;
   v_src := router.shard_login(m.from_shard);
   v_dst := router.shard_login(m.to_shard);
+  -- the target's copies go (under its fence, set again in case the move
+  -- stopped before it was), then both fences
+  PERFORM router.remote_move_fence(v_dst, m.move_id, m.partitions, m.partition, 'moving', 'in', m.from_shard);
   PERFORM router.remote_move_clear(v_dst, coalesce(router.remote_move_tenants(v_dst, m.partitions, m.partition), '{}')
                                           || coalesce(m.tenants, '{}'), true);
   PERFORM router.remote_move_fence(v_dst, m.move_id, m.partitions, m.partition, NULL, NULL, NULL);

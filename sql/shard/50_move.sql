@@ -82,6 +82,34 @@ $$;
 COMMENT ON FUNCTION billing_shard.move_tenants(integer, integer) IS
   'The tenants of a partition on this shard.';
 
+-- Moves write only the rows of partitions fenced here for a move: what the
+-- router's login may import or delete is bounded by fences, and every
+-- fence is in the audit chain.  p_fences: which fences allow it
+-- ('moving in', 'moved out', ...).
+CREATE FUNCTION billing_shard.move_require_fence(p_tenants text[], p_fences text[]) RETURNS void
+  LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_bad text;
+BEGIN
+  SELECT t INTO v_bad
+    FROM unnest(p_tenants) t
+   WHERE t IS NOT NULL
+     AND NOT EXISTS (SELECT FROM billing.partition_fences f
+                      WHERE f.partition = billing.tenant_partition(t, f.partition_count)
+                        AND f.state || ' ' || f.direction = ANY (p_fences))
+   LIMIT 1;
+  IF v_bad IS NOT NULL THEN
+    RAISE EXCEPTION 'tenant % is not in a partition fenced here for a move', quote_literal(v_bad)
+      USING ERRCODE = 'object_not_in_prerequisite_state',
+            DETAIL = format('Needed: a fence %s.', array_to_string(p_fences, ' or ')),
+            HINT = 'Rows are copied and removed only by router.move_partition_online, under its fences.';
+  END IF;
+END
+$$;
+COMMENT ON FUNCTION billing_shard.move_require_fence(text[], text[]) IS
+  'Raise unless every tenant given is in a partition fenced here in one of the given ways (e.g. ''moving in'').';
+
 -- Fence a partition here, or lift its fence (p_state NULL).  In force at
 -- once (billing.partition_fences' trigger).  Lifting a fence wakes the
 -- worker: what the partition brought may be due.
@@ -95,6 +123,11 @@ BEGIN
   LOCK TABLE billing.partition_fences IN SHARE ROW EXCLUSIVE MODE;
   IF p_state IS NULL THEN
     DELETE FROM billing.partition_fences WHERE partition_count = p_partitions AND partition = p_partition;
+    IF FOUND THEN
+      PERFORM billing.audit('partition.fence', NULL,
+                            jsonb_build_object('move_id', p_move_id, 'partition', p_partition,
+                                               'partitions', p_partitions, 'state', 'lifted'));
+    END IF;
     UPDATE billing.stripe_requests SET state = state WHERE false;    -- wakes the worker at commit
     UPDATE billing.webhook_events SET state = state WHERE false;
     RETURN;
@@ -106,6 +139,9 @@ BEGIN
   ON CONFLICT (partition_count, partition) DO UPDATE
     SET state = EXCLUDED.state, direction = EXCLUDED.direction, move_id = EXCLUDED.move_id,
         peer_shard = EXCLUDED.peer_shard, set_at = now();
+  PERFORM billing.audit('partition.fence', NULL,
+                        jsonb_build_object('move_id', p_move_id, 'partition', p_partition, 'partitions', p_partitions,
+                                           'state', p_state, 'direction', p_direction, 'peer_shard', p_peer));
 END
 $$;
 COMMENT ON FUNCTION billing_shard.move_fence(bigint, integer, integer, text, text, text) IS
@@ -198,6 +234,10 @@ DECLARE
   v_n integer;
 BEGIN
   PERFORM billing_shard.move_check_table(p_table);
+  IF p_table <> 'webhook_waits' THEN
+    PERFORM billing_shard.move_require_fence(ARRAY(SELECT DISTINCT r ->> 'tenant_id' FROM json_array_elements(p_rows::json) r),
+                                             ARRAY['moving in']);
+  END IF;
   EXECUTE format('INSERT INTO billing.%I OVERRIDING SYSTEM VALUE SELECT * FROM json_populate_recordset(NULL::billing.%I, $1::json) %s',
                  p_table, p_table, CASE WHEN p_merge THEN 'ON CONFLICT DO NOTHING' ELSE '' END)
     USING p_rows;
@@ -222,6 +262,9 @@ DECLARE
   v_n bigint;
   v   jsonb := '{}';
 BEGIN
+  -- the target before a copy (its fence: moving in), the source once the
+  -- partition has moved (moved out)
+  PERFORM billing_shard.move_require_fence(p_tenants, ARRAY['moving in', 'moved out']);
   FOR m IN SELECT * FROM billing_shard.move_tables() ORDER BY ord DESC LOOP
     CONTINUE WHEN m.table_name = 'usage_events' AND NOT p_usage;
     EXECUTE format('DELETE FROM billing.%I t WHERE %s', m.table_name, billing_shard.move_where(m.table_name))

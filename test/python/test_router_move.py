@@ -443,6 +443,19 @@ def test_interrupted_moves(world):
         with pytest.raises(psycopg.Error) as e:
             router_call(world, "SELECT router.undo_partition_move(%s)", (move_id - 1,))
         assert e.value.sqlstate == "55000"    # that one had switched already
+        # 4. the router's login cannot write rows outside a move: no fence, no import, no delete
+        some = tenants[0]
+        shard = sharded.names[sharded.shard_name_of(some)]
+        other = next(c for n, c in sharded.names.items() if c is not shard)
+        rows = shard.sql("SELECT billing_shard.move_export(%s, 'tenants', NULL, NULL, NULL)", ([some],))[0][0]
+        for c, call, args in ((other, "billing_shard.move_import('tenants', %s, false)", (rows,)),
+                              (shard, "billing_shard.move_clear(%s, true)", ([some],))):
+            with pytest.raises(psycopg.Error) as e:
+                with psycopg.connect(c.dsn(user="qes_router"), autocommit=True) as conn:
+                    conn.execute("SELECT " + call, args)
+            assert e.value.sqlstate == "55000" and "not in a partition fenced here" in e.value.diag.message_primary
+        # every fence, set and lifted, is in the audit chain
+        assert shard.sql("SELECT count(*) FROM billing.audit_log WHERE action = 'partition.fence'")[0][0] > 0
     finally:
         platform.finish()
     check_exactly_once(world, platform)
