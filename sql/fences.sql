@@ -195,6 +195,22 @@ SELECT billing.partition_fences_reload();
 \echo :LAST_ERROR_SQLSTATE
 RESET ROLE;
 
+-- ---- copying: not a fence; new usage is logged for the copy under the fence
+DELETE FROM billing.partition_fences;
+INSERT INTO billing.partition_fences (partition_count, partition, state, direction, move_id, peer_shard)
+VALUES (64, billing.tenant_partition('fence_a', 64), 'copying', 'out', 3, 's9');
+SELECT billing.tenant_fenced('fence_a') AS a_fenced_while_copying;
+SELECT recorded, duplicate FROM billing.record_usage('fence_a', 'signatures', 1, 'fa-copying-1');
+SELECT recorded, duplicate FROM billing.record_usage('fence_a', 'signatures', 1, 'fa-copying-1');
+SELECT recorded FROM billing.record_usage('fence_b', 'signatures', 1, 'fb-copying-1');
+-- a key rolled back is not logged
+BEGIN;
+SELECT recorded FROM billing.record_usage('fence_a', 'signatures', 1, 'fa-copying-rolled-back');
+ROLLBACK;
+SELECT tenant_id, idempotency_key FROM billing.partition_move_log ORDER BY 1, 2;
+DELETE FROM billing.partition_move_log;
+DELETE FROM billing.partition_fences;
+
 -- ---- nothing left behind ------------------------------------------------------
 DELETE FROM billing.partition_fences;
 SELECT count(*) AS fences FROM billing.partition_fences;

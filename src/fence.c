@@ -12,7 +12,10 @@
  *	  fence		the state of one partition on this shard, kept in
  *				billing.partition_fences (the truth) and mirrored here:
  *				'moving' (its rows are being copied, out of this shard or
- *				into it) or 'moved' (it lives on another shard now).  Writes
+ *				into it) or 'moved' (it lives on another shard now); and
+ *				'copying', no fence: the history is being copied while the
+ *				partition serves, and record_usage logs each new key in
+ *				billing.partition_move_log for the copy under the fence.  Writes
  *				for a fenced partition's tenants are refused: 'moving' with
  *				SQLSTATE QBMOV (retry in a moment), 'moved' with QBMVD (look
  *				the tenant up again).
@@ -66,6 +69,7 @@
 #include "access/htup_details.h"
 #include "access/twophase.h"
 #include "access/xact.h"
+#include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "common/md5.h"
 #include "executor/spi.h"
@@ -89,6 +93,7 @@
 #define FENCE_NONE		0
 #define FENCE_MOVING	1
 #define FENCE_MOVED		2
+#define FENCE_COPYING	3		/* not a fence: writes pass, new usage is logged */
 
 typedef struct FenceShared
 {
@@ -203,7 +208,8 @@ read_fences_cb(void *arg)
 	}
 	if (!rows->present)
 		return;
-	if (SPI_execute(/* result: int4, int4, bool */ "SELECT f.partition_count, f.partition, f.state OPERATOR(pg_catalog.=) 'moved'"
+	if (SPI_execute(/* result: int4, int4, int4 */ "SELECT f.partition_count, f.partition,"
+					"       CASE f.state WHEN 'moved' THEN 2 WHEN 'copying' THEN 3 ELSE 1 END"
 					"  FROM billing.partition_fences f",
 					true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "qes_billing: could not read billing.partition_fences");
@@ -224,7 +230,7 @@ read_fences_cb(void *arg)
 					 errhint("Every fence of a shard is for the router's one partition count; delete the stale rows.")));
 		rows->count = count;
 		rows->partition[i] = DatumGetInt32(SPI_getbinval(t, d, 2, &isnull));
-		rows->state[i] = DatumGetBool(SPI_getbinval(t, d, 3, &isnull)) ? FENCE_MOVED : FENCE_MOVING;
+		rows->state[i] = (uint8) DatumGetInt32(SPI_getbinval(t, d, 3, &isnull));
 	}
 }
 
@@ -335,16 +341,57 @@ refuse(const char *tenant_id, uint32 partition, int32 count, uint8 state)
 			 errhint("Retry the transaction in a moment, on the shard router.tenant_shard names then.")));
 }
 
-/* Refuse a write for a tenant whose partition is fenced here. */
-void
+/*
+ * Refuse a write for a tenant whose partition is fenced here.  Returns true
+ * when the partition is being copied while it serves ('copying'): the
+ * caller logs the usage it records (qes_fence_log_usage).
+ */
+bool
 qes_fence_check_tenant(const char *tenant_id)
 {
 	uint32		partition = 0;
 	int32		count = 0;
 	uint8		state = fence_state_of(tenant_id, &partition, &count);
 
+	if (state == FENCE_COPYING)
+		return true;
 	if (state != FENCE_NONE)
 		refuse(tenant_id, partition, count, state);
+	return false;
+}
+
+typedef struct LoggedUsage
+{
+	const char *tenant_id;
+	const char *idempotency_key;
+} LoggedUsage;
+
+static void
+log_usage_cb(void *arg)
+{
+	LoggedUsage *u = (LoggedUsage *) arg;
+	Oid			types[2] = {TEXTOID, TEXTOID};
+	Datum		values[2];
+
+	values[0] = CStringGetTextDatum(u->tenant_id);
+	values[1] = CStringGetTextDatum(u->idempotency_key);
+	if (SPI_execute_with_args(/* result: none */ "INSERT INTO billing.partition_move_log (tenant_id, idempotency_key)"
+							  " VALUES ($1, $2) ON CONFLICT DO NOTHING",
+							  2, types, values, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "qes_billing: could not log usage of a partition being copied");
+}
+
+/*
+ * Usage recorded for a tenant whose partition is being copied: its key goes
+ * into billing.partition_move_log in the same transaction, so that the copy
+ * under the fence takes exactly what came since (not the whole history).
+ */
+void
+qes_fence_log_usage(const char *tenant_id, const char *idempotency_key)
+{
+	LoggedUsage u = {tenant_id, idempotency_key};
+
+	qes_run_as_owner(log_usage_cb, &u);
 }
 
 /*
@@ -449,7 +496,11 @@ qes_tenant_fenced(PG_FUNCTION_ARGS)
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_BOOL(false);
-	PG_RETURN_BOOL(fence_state_of(text_to_cstring(PG_GETARG_TEXT_PP(0)), &partition, &count) != FENCE_NONE);
+	{
+		uint8		state = fence_state_of(text_to_cstring(PG_GETARG_TEXT_PP(0)), &partition, &count);
+
+		PG_RETURN_BOOL(state == FENCE_MOVING || state == FENCE_MOVED);
+	}
 }
 
 /* billing.tenant_partition(tenant_id, partitions): router.tenant_partition's answer */
@@ -475,7 +526,7 @@ guard_tuple(Relation rel, HeapTuple tuple, int attnum)
 		return;
 	d = heap_getattr(tuple, attnum, RelationGetDescr(rel), &isnull);
 	if (!isnull)
-		qes_fence_check_tenant(TextDatumGetCString(d));
+		(void) qes_fence_check_tenant(TextDatumGetCString(d));
 }
 
 /*

@@ -16,7 +16,8 @@
 
 extern void qes_fence_request(void);
 extern void qes_fence_startup(void);
-extern void qes_fence_check_tenant(const char *tenant_id);
+extern bool qes_fence_check_tenant(const char *tenant_id);
+extern void qes_fence_log_usage(const char *tenant_id, const char *idempotency_key);
 extern void qes_fence_exempt_call(void (*fn) (void *), void *arg);
 extern void qes_fence_at_xact_end(void);
 

@@ -395,9 +395,10 @@ record_one(const char *tenant_id, const char *metric_name, int64 quantity,
 	UsageRow	row;
 	UsageRow	existing;
 	bool		overflow;
+	bool		log_for_move;
 
 	/* a tenant whose partition is moving or has moved is not written here */
-	qes_fence_check_tenant(tenant_id);
+	log_for_move = qes_fence_check_tenant(tenant_id);
 	/* the caller refreshed the catalog cache */
 	metric = lookup_metric_or_error(metric_name);
 	is_gauge = qes_metric(metric)->is_gauge;
@@ -489,6 +490,8 @@ record_one(const char *tenant_id, const char *metric_name, int64 quantity,
 		return;
 	}
 
+	if (log_for_move)
+		qes_fence_log_usage(tenant_id, idem_key);
 	res->recorded = true;
 	res->quantity = quantity;
 	res->period_start = tp.period_start;

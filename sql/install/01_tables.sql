@@ -788,7 +788,7 @@ CREATE TABLE billing.partition_fences (
   partition_count integer NOT NULL CHECK (partition_count BETWEEN 1 AND 65536
                                           AND partition_count & (partition_count - 1) = 0),
   partition       integer NOT NULL CHECK (partition >= 0 AND partition < partition_count),
-  state           text NOT NULL CHECK (state IN ('moving', 'moved')),
+  state           text NOT NULL CHECK (state IN ('copying', 'moving', 'moved')),
   direction       text NOT NULL CHECK (direction IN ('out', 'in')),
   move_id         bigint NOT NULL,
   peer_shard      text NOT NULL,
@@ -797,7 +797,20 @@ CREATE TABLE billing.partition_fences (
   CHECK (state = 'moving' OR direction = 'out')
 );
 COMMENT ON TABLE billing.partition_fences IS
-  'Partitions whose tenants this shard does not write for: moving (rows being copied out of or into this shard) or moved (the partition lives on peer_shard now). Written by the router''s partition moves.';
+  'Partitions whose tenants this shard does not write for: moving (rows being copied out of or into this shard) or moved (the partition lives on peer_shard now); copying: not fenced yet, the history is being copied and new usage is logged (billing.partition_move_log). Written by the router''s partition moves.';
+
+-- The usage recorded for the tenants of a partition whose history is being
+-- copied to another shard while it serves (fence state 'copying'): written
+-- by record_usage in the same transaction, so that the copy under the fence
+-- takes only what came since.  Emptied when the move ends.
+CREATE TABLE billing.partition_move_log (
+  tenant_id       text NOT NULL,
+  idempotency_key text NOT NULL,
+  logged_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  PRIMARY KEY (tenant_id, idempotency_key)
+);
+COMMENT ON TABLE billing.partition_move_log IS
+  'Usage keys recorded while their tenant''s partition was being copied to another shard (fence state copying): what the copy under the fence takes.';
 
 -- ---- dump and restore ----------------------------------------------------------
 -- The seed rows as this script made them; never dumped (each CREATE

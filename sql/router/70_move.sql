@@ -9,21 +9,25 @@
 -- (router.undo_partition_move) until the map has switched:
 --
 --   started    the target fences the partition (incoming: its worker leaves
---              the rows alone) and receives the usage history, in pages,
---              while the source serves;
+--              the rows alone); the source marks it 'copying' (record_usage
+--              logs each new key) and, once no transaction that checked
+--              before can still write unlogged, sends the usage history to
+--              the target in pages while it serves;
 --   precopied  the source fences the partition: its writes are refused
 --              (QBMOV, retried by the platform) and the mover waits for the
 --              transactions that passed the fence's check before it and for
 --              Stripe requests and notifications in flight (the pause begins);
 --   fenced     the target's rows of the tenants are cleared and every table
---              is copied, usage written since the history's horizon again;
---              both shards' digests must be equal;
---   copied     both audit chains record the move with the digests; the
---              target lifts its fence, the map points at the target, the
+--              is copied, of usage only what was logged since 'copying';
+--              both shards must count the same (digests of every table,
+--              rows and quantity of usage);
+--   copied     the target lifts its fence, the map points at the target, the
 --              source marks the partition moved (QBMVD: look it up again)
 --              (the pause ends);
---   switched   the source deletes the tenants' rows; events it could not
---              apply are handed to the target;
+--   switched   the usage rows' digests are compared (the source's no longer
+--              change; the target's written before the switch), both audit
+--              chains record the move, the source deletes the tenants' rows
+--              and events it could not apply are handed to the target;
 --   done.
 
 CREATE TABLE router.partition_moves (
@@ -34,11 +38,12 @@ CREATE TABLE router.partition_moves (
   to_shard     text NOT NULL REFERENCES router.shards,
   step         text NOT NULL DEFAULT 'started'
                  CHECK (step IN ('started', 'precopied', 'fenced', 'copied', 'switched', 'done', 'undone')),
-  horizon      bigint,
+  target_xid   bigint,
   tenants      text[],
   digest       jsonb,
   copied_rows  jsonb,
   wait         jsonb,
+  timings      jsonb NOT NULL DEFAULT '{}',
   started_at   timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
   fenced_at    timestamptz,
   switched_at  timestamptz,
@@ -47,7 +52,7 @@ CREATE TABLE router.partition_moves (
   CHECK (from_shard <> to_shard)
 );
 COMMENT ON TABLE router.partition_moves IS
-  'Partition moves between shards, one row per move, with the step it has reached (docs/scaleout.md, "Moving a partition"); fenced_at .. switched_at is the time the partition''s writes paused.';
+  'Partition moves between shards, one row per move, with the step it has reached (docs/scaleout.md, "Moving a partition"); fenced_at .. switched_at is the time the partition''s writes paused; timings: milliseconds per step and, under the fence, per part of the copy.';
 CREATE UNIQUE INDEX partition_moves_open ON router.partition_moves (partition) WHERE step NOT IN ('done', 'undone');
 SELECT pg_catalog.pg_extension_config_dump('router.partition_moves', '');
 
@@ -75,26 +80,36 @@ $$;
 COMMENT ON FUNCTION router.remote_move_fence(text, bigint, integer, integer, text, text, text) IS
   'PL/Proxy: billing_shard.move_fence on a shard.';
 
-CREATE FUNCTION router.remote_move_wait(p_connstr text, p_partitions integer, p_partition integer, p_timeout_ms integer)
+CREATE FUNCTION router.remote_move_wait(p_connstr text, p_partitions integer, p_partition integer, p_timeout_ms integer,
+                                        p_in_flight boolean)
   RETURNS jsonb
   LANGUAGE plproxy
-AS $$ CONNECT p_connstr; SELECT billing_shard.move_wait(p_partitions, p_partition, p_timeout_ms); $$;
-COMMENT ON FUNCTION router.remote_move_wait(text, integer, integer, integer) IS 'PL/Proxy: billing_shard.move_wait on a shard.';
+AS $$ CONNECT p_connstr; SELECT billing_shard.move_wait(p_partitions, p_partition, p_timeout_ms, p_in_flight); $$;
+COMMENT ON FUNCTION router.remote_move_wait(text, integer, integer, integer, boolean) IS
+  'PL/Proxy: billing_shard.move_wait on a shard.';
 
-CREATE FUNCTION router.remote_move_horizon(p_connstr text) RETURNS bigint
-  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_horizon(); $$;
-COMMENT ON FUNCTION router.remote_move_horizon(text) IS 'PL/Proxy: billing_shard.move_horizon on a shard.';
+CREATE FUNCTION router.remote_move_next_xid(p_connstr text) RETURNS bigint
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_next_xid(); $$;
+COMMENT ON FUNCTION router.remote_move_next_xid(text) IS 'PL/Proxy: billing_shard.move_next_xid on a shard.';
 
-CREATE FUNCTION router.remote_move_export(p_connstr text, p_tenants text[], p_table text, p_horizon bigint,
+CREATE FUNCTION router.remote_move_export(p_connstr text, p_tenants text[], p_table text, p_logged boolean,
                                           p_after text[], p_limit integer) RETURNS text
   LANGUAGE plproxy
-AS $$ CONNECT p_connstr; SELECT billing_shard.move_export(p_tenants, p_table, p_horizon, p_after, p_limit); $$;
-COMMENT ON FUNCTION router.remote_move_export(text, text[], text, bigint, text[], integer) IS
+AS $$ CONNECT p_connstr; SELECT billing_shard.move_export(p_tenants, p_table, p_logged, p_after, p_limit); $$;
+COMMENT ON FUNCTION router.remote_move_export(text, text[], text, boolean, text[], integer) IS
   'PL/Proxy: billing_shard.move_export on a shard.';
 
 CREATE FUNCTION router.remote_move_import(p_connstr text, p_table text, p_rows text, p_merge boolean) RETURNS integer
   LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_import(p_table, p_rows, p_merge); $$;
 COMMENT ON FUNCTION router.remote_move_import(text, text, text, boolean) IS 'PL/Proxy: billing_shard.move_import on a shard.';
+
+CREATE FUNCTION router.remote_move_export_mirror(p_connstr text, p_tenants text[]) RETURNS text
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_export_mirror(p_tenants); $$;
+COMMENT ON FUNCTION router.remote_move_export_mirror(text, text[]) IS 'PL/Proxy: billing_shard.move_export_mirror on a shard.';
+
+CREATE FUNCTION router.remote_move_import_mirror(p_connstr text, p_tables text) RETURNS jsonb
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_import_mirror(p_tables); $$;
+COMMENT ON FUNCTION router.remote_move_import_mirror(text, text) IS 'PL/Proxy: billing_shard.move_import_mirror on a shard.';
 
 CREATE FUNCTION router.remote_move_clear(p_connstr text, p_tenants text[], p_usage boolean) RETURNS jsonb
   LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_clear(p_tenants, p_usage); $$;
@@ -103,6 +118,11 @@ COMMENT ON FUNCTION router.remote_move_clear(text, text[], boolean) IS 'PL/Proxy
 CREATE FUNCTION router.remote_move_digest(p_connstr text, p_tenants text[]) RETURNS jsonb
   LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_digest(p_tenants); $$;
 COMMENT ON FUNCTION router.remote_move_digest(text, text[]) IS 'PL/Proxy: billing_shard.move_digest on a shard.';
+
+CREATE FUNCTION router.remote_move_usage_digest(p_connstr text, p_tenants text[], p_before bigint) RETURNS jsonb
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_usage_digest(p_tenants, p_before); $$;
+COMMENT ON FUNCTION router.remote_move_usage_digest(text, text[], bigint) IS
+  'PL/Proxy: billing_shard.move_usage_digest on a shard.';
 
 CREATE FUNCTION router.remote_move_audit(p_connstr text, p_action text, p_details jsonb) RETURNS bigint
   LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_audit(p_action, p_details); $$;
@@ -127,9 +147,20 @@ COMMENT ON FUNCTION router.shard_login(text) IS
 
 -- ---- the steps -------------------------------------------------------------
 
+CREATE FUNCTION router.move_wait_ms() RETURNS integer
+  LANGUAGE sql STABLE SET search_path = pg_catalog
+  RETURN coalesce(nullif(current_setting('qes_billing_router.move_wait_ms', true), '')::integer, 30000);
+COMMENT ON FUNCTION router.move_wait_ms() IS
+  'How long a move waits for the transactions and the Stripe requests in flight of a partition it fenced (qes_billing_router.move_wait_ms, default 30 s).';
+
+CREATE FUNCTION router.ms_since(p_at timestamptz) RETURNS numeric
+  LANGUAGE sql VOLATILE SET search_path = pg_catalog
+  RETURN round((extract(epoch FROM clock_timestamp() - p_at) * 1000)::numeric, 1);
+COMMENT ON FUNCTION router.ms_since(timestamptz) IS 'Milliseconds since a time, to a tenth.';
+
 -- Copy one table (usage_events in pages) from one shard to another;
 -- returns the rows stored.
-CREATE FUNCTION router.move_copy_table(p_from text, p_to text, p_tenants text[], p_table text, p_horizon bigint,
+CREATE FUNCTION router.move_copy_table(p_from text, p_to text, p_tenants text[], p_table text, p_logged boolean,
                                        p_merge boolean) RETURNS bigint
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, router
 AS $$
@@ -140,7 +171,7 @@ DECLARE
   v_n     bigint := 0;
 BEGIN
   LOOP
-    v_rows := router.remote_move_export(p_from, p_tenants, p_table, p_horizon, v_after, 5000);
+    v_rows := router.remote_move_export(p_from, p_tenants, p_table, p_logged, v_after, 5000);
     EXIT WHEN v_rows = '[]';
     v_n := v_n + router.remote_move_import(p_to, p_table, v_rows, p_merge);
     EXIT WHEN p_table <> 'usage_events';
@@ -150,8 +181,8 @@ BEGIN
   RETURN v_n;
 END
 $$;
-COMMENT ON FUNCTION router.move_copy_table(text, text, text[], text, bigint, boolean) IS
-  'A partition move''s copy of one table from one shard to another (usage_events in pages of 5,000); the rows stored.';
+COMMENT ON FUNCTION router.move_copy_table(text, text, text[], text, boolean, boolean) IS
+  'A partition move''s copy of one table from one shard to another (usage_events in pages of 5,000, all or only what was logged while copying); the rows stored.';
 
 CREATE FUNCTION router.move_step(p_move_id bigint) RETURNS text
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, router
@@ -160,11 +191,12 @@ DECLARE
   m        router.partition_moves;
   v_src    text;
   v_dst    text;
-  v_tables text[];
   v_copied jsonb := '{}';
   v_ds     jsonb;
   v_dt     jsonb;
-  v_t      text;
+  v_start  timestamptz := clock_timestamp();
+  v_at     timestamptz := clock_timestamp();
+  v_ms     jsonb := '{}';
 BEGIN
   SELECT * INTO m FROM router.partition_moves WHERE move_id = p_move_id FOR UPDATE;
   v_src := router.shard_login(m.from_shard);
@@ -172,43 +204,42 @@ BEGIN
   CASE m.step
   WHEN 'started' THEN
     PERFORM router.remote_move_fence(v_dst, m.move_id, m.partitions, m.partition, 'moving', 'in', m.from_shard);
-    m.horizon := router.remote_move_horizon(v_src);
+    PERFORM router.remote_move_fence(v_src, m.move_id, m.partitions, m.partition, 'copying', 'out', m.to_shard);
+    -- from here every new usage row of the partition is logged on the source
+    PERFORM router.remote_move_wait(v_src, m.partitions, m.partition, router.move_wait_ms(), false);
     m.tenants := router.remote_move_tenants(v_src, m.partitions, m.partition);
     v_copied := jsonb_build_object('usage_events_before_fence',
-                  router.move_copy_table(v_src, v_dst, m.tenants, 'usage_events', NULL, true));
+                  router.move_copy_table(v_src, v_dst, m.tenants, 'usage_events', false, true));
     UPDATE router.partition_moves
-       SET step = 'precopied', horizon = m.horizon, tenants = m.tenants, copied_rows = v_copied, last_error = NULL
+       SET step = 'precopied', tenants = m.tenants, copied_rows = v_copied, last_error = NULL
      WHERE move_id = m.move_id;
   WHEN 'precopied' THEN
     PERFORM router.remote_move_fence(v_src, m.move_id, m.partitions, m.partition, 'moving', 'out', m.to_shard);
     UPDATE router.partition_moves SET fenced_at = coalesce(fenced_at, clock_timestamp()) WHERE move_id = m.move_id;
     UPDATE router.partition_moves
        SET step = 'fenced', last_error = NULL,
-           wait = router.remote_move_wait(v_src, m.partitions, m.partition,
-                    coalesce(nullif(current_setting('qes_billing_router.move_wait_ms', true), '')::integer, 30000))
+           wait = router.remote_move_wait(v_src, m.partitions, m.partition, router.move_wait_ms(), true)
      WHERE move_id = m.move_id;
   WHEN 'fenced' THEN
     -- under the fence no tenant of the partition appears or changes on the source
     m.tenants := router.remote_move_tenants(v_src, m.partitions, m.partition);
     PERFORM router.remote_move_clear(v_dst, m.tenants, false);
-    SELECT array_agg(t.table_name ORDER BY t.ord) INTO v_tables
-      FROM router.remote_move_tables(v_src) t WHERE t.table_name <> 'usage_events';
-    FOREACH v_t IN ARRAY v_tables LOOP
-      v_copied := v_copied || jsonb_build_object(v_t, router.move_copy_table(v_src, v_dst, m.tenants, v_t, NULL, false));
-    END LOOP;
-    v_copied := v_copied || jsonb_build_object('usage_events',
-                  router.move_copy_table(v_src, v_dst, m.tenants, 'usage_events', m.horizon, true));
+    v_ms := v_ms || jsonb_build_object('clear', router.ms_since(v_at)); v_at := clock_timestamp();
+    v_copied := v_copied || router.remote_move_import_mirror(v_dst, router.remote_move_export_mirror(v_src, m.tenants));
+    v_ms := v_ms || jsonb_build_object('tables', router.ms_since(v_at)); v_at := clock_timestamp();
+    v_copied := v_copied || jsonb_build_object('usage_events_logged',
+                  router.move_copy_table(v_src, v_dst, m.tenants, 'usage_events', true, true));
+    v_ms := v_ms || jsonb_build_object('usage_logged', router.ms_since(v_at)); v_at := clock_timestamp();
     v_ds := router.remote_move_digest(v_src, m.tenants);
     v_dt := router.remote_move_digest(v_dst, m.tenants);
+    v_ms := v_ms || jsonb_build_object('digests', router.ms_since(v_at)); v_at := clock_timestamp();
     IF v_ds -> 'usage_events' IS DISTINCT FROM v_dt -> 'usage_events' THEN
-      -- usage rows changed on the source in a way the horizon cannot see
-      -- (a DBA's delete, a frozen row): copy the tenants' usage again, whole
+      -- usage changed on the source in a way the log does not show (a
+      -- DBA's insert or delete): the tenants' usage again, whole
       PERFORM router.remote_move_clear(v_dst, m.tenants, true);
-      FOREACH v_t IN ARRAY v_tables LOOP
-        PERFORM router.move_copy_table(v_src, v_dst, m.tenants, v_t, NULL, false);
-      END LOOP;
+      PERFORM router.remote_move_import_mirror(v_dst, router.remote_move_export_mirror(v_src, m.tenants));
       v_copied := v_copied || jsonb_build_object('usage_events_again',
-                    router.move_copy_table(v_src, v_dst, m.tenants, 'usage_events', NULL, true));
+                    router.move_copy_table(v_src, v_dst, m.tenants, 'usage_events', false, true));
       v_dt := router.remote_move_digest(v_dst, m.tenants);
     END IF;
     IF v_ds IS DISTINCT FROM v_dt THEN
@@ -219,37 +250,54 @@ BEGIN
     END IF;
     UPDATE router.partition_moves
        SET step = 'copied', tenants = m.tenants, digest = v_ds,
-           copied_rows = coalesce(copied_rows, '{}') || v_copied, last_error = NULL
+           copied_rows = coalesce(copied_rows, '{}') || v_copied, last_error = NULL,
+           timings = timings || jsonb_build_object('fenced', v_ms)
      WHERE move_id = m.move_id;
   WHEN 'copied' THEN
-    PERFORM router.remote_move_audit(v_src, 'partition.moved_out',
-              jsonb_build_object('move_id', m.move_id, 'partition', m.partition, 'partitions', m.partitions,
-                                 'to_shard', m.to_shard, 'tenants', cardinality(m.tenants), 'rows', m.digest));
-    PERFORM router.remote_move_audit(v_dst, 'partition.moved_in',
-              jsonb_build_object('move_id', m.move_id, 'partition', m.partition, 'partitions', m.partitions,
-                                 'from_shard', m.from_shard, 'tenants', cardinality(m.tenants), 'rows', m.digest));
+    -- what the target holds of the tenants' usage now arrived with the move
+    m.target_xid := coalesce(m.target_xid, router.remote_move_next_xid(v_dst));
+    UPDATE router.partition_moves SET target_xid = m.target_xid WHERE move_id = m.move_id;
     PERFORM router.remote_move_fence(v_dst, m.move_id, m.partitions, m.partition, NULL, NULL, NULL);
     PERFORM router.move_partition(m.partition, m.to_shard);
     PERFORM router.remote_move_fence(v_src, m.move_id, m.partitions, m.partition, 'moved', 'out', m.to_shard);
     UPDATE router.partition_moves SET step = 'switched', switched_at = clock_timestamp(), last_error = NULL
      WHERE move_id = m.move_id;
   WHEN 'switched' THEN
+    -- the usage rows, row by row: the source's (no longer written) against
+    -- what the target held at the switch; then both audit chains
+    v_ds := router.remote_move_usage_digest(v_src, m.tenants, NULL);
+    v_dt := router.remote_move_usage_digest(v_dst, m.tenants, m.target_xid);
+    IF (v_ds ->> 'rows')::bigint = 0 AND (m.digest -> 'usage_events' ->> 'rows')::bigint > 0 THEN
+      v_ds := v_dt;    -- this step ran before and cleared the source: what arrived stands
+    END IF;
+    IF v_ds IS DISTINCT FROM v_dt THEN
+      RAISE EXCEPTION 'the usage rows of partition % on shard % differ from shard %''s', m.partition, m.to_shard, m.from_shard
+        USING ERRCODE = 'data_corrupted',
+              DETAIL = format('source %s, target %s', v_ds, v_dt),
+              HINT = 'The partition is served by the target already; the source keeps its rows until this is resolved. Compare the tenants'' usage_events on both shards.';
+    END IF;
+    m.digest := m.digest || jsonb_build_object('usage_events', (m.digest -> 'usage_events') || v_ds);
+    UPDATE router.partition_moves SET digest = m.digest WHERE move_id = m.move_id;
+    PERFORM router.remote_move_audit(v_src, 'partition.moved_out',
+              jsonb_build_object('move_id', m.move_id, 'partition', m.partition, 'partitions', m.partitions,
+                                 'to_shard', m.to_shard, 'tenants', cardinality(m.tenants), 'rows', m.digest));
+    PERFORM router.remote_move_audit(v_dst, 'partition.moved_in',
+              jsonb_build_object('move_id', m.move_id, 'partition', m.partition, 'partitions', m.partitions,
+                                 'from_shard', m.from_shard, 'tenants', cardinality(m.tenants), 'rows', m.digest));
     PERFORM router.remote_move_clear(v_src, m.tenants, true);
     UPDATE router.partition_moves SET step = 'done', finished_at = clock_timestamp(), last_error = NULL
      WHERE move_id = m.move_id;
   ELSE
     RETURN m.step;
   END CASE;
+  UPDATE router.partition_moves
+     SET timings = timings || jsonb_build_object(m.step || '_ms', router.ms_since(v_start))
+   WHERE move_id = m.move_id;
   RETURN (SELECT step FROM router.partition_moves WHERE move_id = m.move_id);
 END
 $$;
 COMMENT ON FUNCTION router.move_step(bigint) IS
   'Take a partition move one step further (see router.move_partition_online); returns the step reached.';
-
-CREATE FUNCTION router.remote_move_tables(p_connstr text)
-  RETURNS TABLE (ord integer, table_name text, key_columns text)
-  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT * FROM billing_shard.move_tables(); $$;
-COMMENT ON FUNCTION router.remote_move_tables(text) IS 'PL/Proxy: billing_shard.move_tables on a shard.';
 
 -- Record why a step failed, in its own transaction's row (the step's own
 -- changes were rolled back).
@@ -271,6 +319,7 @@ DECLARE
   v_step   text;
   v_stop   text := nullif(pg_catalog.current_setting('qes_billing_router.move_stop_after', true), '');
   v_err    text;
+  v_detail text;
 BEGIN
   SELECT * INTO m FROM router.partition_moves x
    WHERE x.partition = p_partition AND x.step OPERATOR(pg_catalog.<>) ALL (ARRAY['done', 'undone']);
@@ -305,11 +354,11 @@ BEGIN
     BEGIN
       v_step := router.move_step(m.move_id);
     EXCEPTION WHEN OTHERS THEN
-      GET STACKED DIAGNOSTICS v_err = MESSAGE_TEXT;
+      GET STACKED DIAGNOSTICS v_err = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL;
     END;
     IF v_err IS NOT NULL THEN
       -- (no COMMIT inside a block with an exception handler)
-      PERFORM router.move_failed(m.move_id, v_err);
+      PERFORM router.move_failed(m.move_id, v_err || coalesce(E'\n' || nullif(v_detail, ''), ''));
       COMMIT;
       RAISE EXCEPTION 'moving partition % to shard % stopped at step %: %', p_partition, p_to_shard, v_step, v_err
         USING ERRCODE = 'object_not_in_prerequisite_state',

@@ -145,12 +145,15 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing_shard.move_fence(bigint, integer, integer, text, text, text) IS
-  'Fence a partition on this shard (moving, in or out; moved) or lift its fence (state NULL).';
+  'Fence a partition on this shard (copying: log new usage; moving, in or out; moved) or lift its fence (state NULL).';
 
--- After a fence: wait until no transaction that passed a check before it
--- can still commit, and until the partition's Stripe requests and
--- notifications in flight have been answered and recorded.
-CREATE FUNCTION billing_shard.move_wait(p_partitions integer, p_partition integer, p_timeout_ms integer)
+-- After a fence changed: wait until no transaction that passed a check
+-- before it can still commit (after 'copying': until every new usage row
+-- of the partition is logged), and, p_in_flight, until the partition's
+-- Stripe requests and notifications in flight have been answered and
+-- recorded.
+CREATE FUNCTION billing_shard.move_wait(p_partitions integer, p_partition integer, p_timeout_ms integer,
+                                        p_in_flight boolean)
   RETURNS jsonb
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
 AS $$
@@ -163,7 +166,7 @@ DECLARE
 BEGIN
   PERFORM set_config('lock_timeout', p_timeout_ms || 'ms', true);
   v_xacts := billing.partition_fence_wait();
-  WHILE EXISTS (SELECT FROM billing.stripe_requests r WHERE r.tenant_id = ANY (v_tenants) AND r.state = 'in_flight')
+  WHILE p_in_flight AND EXISTS (SELECT FROM billing.stripe_requests r WHERE r.tenant_id = ANY (v_tenants) AND r.state = 'in_flight')
      OR EXISTS (SELECT FROM billing.notifications n WHERE n.tenant_id = ANY (v_tenants) AND n.state = 'in_flight') LOOP
     IF clock_timestamp() > v_deadline THEN
       RAISE EXCEPTION 'partition % still has Stripe requests or notifications in flight after % ms', p_partition, p_timeout_ms
@@ -177,50 +180,65 @@ BEGIN
                             'ms', round(extract(epoch FROM clock_timestamp() - v_start) * 1000, 1));
 END
 $$;
-COMMENT ON FUNCTION billing_shard.move_wait(integer, integer, integer) IS
-  'Wait, after a fence, for the transactions that may still write the partition and for its Stripe requests and notifications in flight.';
+COMMENT ON FUNCTION billing_shard.move_wait(integer, integer, integer, boolean) IS
+  'Wait, after a fence changed, for the transactions that checked the partition''s fence before (and, p_in_flight, for its Stripe requests and notifications in flight).';
 
--- Where usage copied before the fence stops: the oldest transaction still
--- running now.  Rows written by it or later are copied again under the
--- fence (their xmin is at or past this horizon).
-CREATE FUNCTION billing_shard.move_horizon() RETURNS bigint
+-- The next transaction id (as xid8): rows a shard writes later have
+-- newer ones.  Taken on the target before it lifts its fence, it tells the
+-- rows that arrived with a move from those written since.
+CREATE FUNCTION billing_shard.move_next_xid() RETURNS bigint
   LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog
-  RETURN pg_snapshot_xmin(pg_current_snapshot())::text::bigint;
-COMMENT ON FUNCTION billing_shard.move_horizon() IS
-  'The oldest transaction still running (as xid8): usage rows written at or after it are copied again under the fence.';
+  RETURN pg_snapshot_xmax(pg_current_snapshot())::text::bigint;
+COMMENT ON FUNCTION billing_shard.move_next_xid() IS
+  'The next transaction id (as xid8): usage rows written before it arrived with a move, later ones did not.';
 
 -- One page of a table's rows of the tenants, as a JSON array in key order.
--- p_after: the last key of the previous page (usage_events only, which is
--- read in pages of p_limit); p_horizon: only rows written at or after it.
-CREATE FUNCTION billing_shard.move_export(p_tenants text[], p_table text, p_horizon bigint, p_after text[],
+-- usage_events is read in pages of p_limit after p_after (the last key of
+-- the previous page); p_logged: only the usage logged while the partition
+-- was being copied (billing.partition_move_log), which the copy under the
+-- fence takes.
+CREATE FUNCTION billing_shard.move_export(p_tenants text[], p_table text, p_logged boolean, p_after text[],
                                           p_limit integer)
   RETURNS text
   LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing SET TimeZone = 'UTC'
 AS $$
 DECLARE
   v_key text := billing_shard.move_check_table(p_table);
-  v_sql text;
   v     text;
 BEGIN
-  v_sql := format('SELECT * FROM billing.%I t WHERE %s', p_table, billing_shard.move_where(p_table));
-  IF p_table = 'usage_events' THEN
-    IF p_after IS NOT NULL THEN
-      v_sql := v_sql || ' AND (t.tenant_id, t.idempotency_key) > ($2[1], $2[2])';
-    END IF;
-    IF p_horizon IS NOT NULL THEN
-      -- written by the horizon's transaction or a later one (32-bit xids,
-      -- compared by age in this transaction's frame)
-      v_sql := v_sql || ' AND age(t.xmin) <= age((($3 % 4294967296))::text::xid)';
-    END IF;
-    v_sql := v_sql || format(' ORDER BY %s LIMIT %s', v_key, coalesce(p_limit, 5000));
+  IF p_table <> 'usage_events' THEN
+    EXECUTE format('SELECT coalesce(json_agg(row_to_json(t) ORDER BY %s), ''[]'')::text FROM billing.%I t WHERE %s',
+                   v_key, p_table, billing_shard.move_where(p_table))
+      INTO v USING p_tenants;
+    RETURN v;
   END IF;
-  EXECUTE format('SELECT coalesce(json_agg(row_to_json(x) ORDER BY %s), ''[]'')::text FROM (%s) x', v_key, v_sql)
-    INTO v USING p_tenants, p_after, p_horizon;
+  -- tenant by tenant, each an index range scan in key order (a plan that
+  -- walked the whole table in key order to fill the page would read every
+  -- tenant's history)
+  SELECT coalesce(json_agg(row_to_json(x) ORDER BY x.tenant_id, x.idempotency_key), '[]')::text INTO v
+    FROM (SELECT r.*
+            FROM unnest(p_tenants) AS tt (tenant)
+           CROSS JOIN LATERAL (
+                 SELECT u.*
+                   FROM billing.usage_events u
+                  WHERE NOT p_logged AND u.tenant_id = tt.tenant
+                    AND (p_after IS NULL OR tt.tenant > p_after[1] OR u.idempotency_key > p_after[2])
+                  UNION ALL
+                 SELECT u.*
+                   FROM billing.partition_move_log l
+                   JOIN billing.usage_events u ON u.tenant_id = l.tenant_id AND u.idempotency_key = l.idempotency_key
+                  WHERE p_logged AND l.tenant_id = tt.tenant
+                    AND (p_after IS NULL OR tt.tenant > p_after[1] OR l.idempotency_key > p_after[2])
+                  ORDER BY 2
+                  LIMIT coalesce(p_limit, 5000)) r
+           WHERE p_after IS NULL OR tt.tenant >= p_after[1]
+           ORDER BY r.tenant_id, r.idempotency_key
+           LIMIT coalesce(p_limit, 5000)) x;
   RETURN v;
 END
 $$;
-COMMENT ON FUNCTION billing_shard.move_export(text[], text, bigint, text[], integer) IS
-  'A partition move''s read: the tenants'' rows of one table as a JSON array in key order (usage_events in pages, optionally only rows written since a horizon).';
+COMMENT ON FUNCTION billing_shard.move_export(text[], text, boolean, text[], integer) IS
+  'A partition move''s read: the tenants'' rows of one table as a JSON array in key order (usage_events in pages; p_logged: only the usage logged while the partition was being copied).';
 
 -- Store rows another shard exported.  Triggers do not fire (the rows are
 -- as the other shard made them: no audit, notification or fence), so the
@@ -251,6 +269,42 @@ $$;
 COMMENT ON FUNCTION billing_shard.move_import(text, text, boolean) IS
   'A partition move''s write: store rows another shard exported (without firing triggers); p_merge keeps rows already here.';
 
+-- Every table but usage_events at once (one round trip each way under the
+-- fence): a JSON object, table name -> its rows as move_export gives them.
+CREATE FUNCTION billing_shard.move_export_mirror(p_tenants text[]) RETURNS text
+  LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing SET TimeZone = 'UTC'
+AS $$
+DECLARE
+  m record;
+  v text := '';
+BEGIN
+  FOR m IN SELECT * FROM billing_shard.move_tables() WHERE table_name <> 'usage_events' ORDER BY ord LOOP
+    v := v || CASE WHEN v = '' THEN '' ELSE ', ' END || to_json(m.table_name)::text || ': '
+           || billing_shard.move_export(p_tenants, m.table_name, false, NULL, NULL);
+  END LOOP;
+  RETURN '{' || v || '}';
+END
+$$;
+COMMENT ON FUNCTION billing_shard.move_export_mirror(text[]) IS
+  'A partition move''s read of every table but usage_events: a JSON object of table name -> the tenants'' rows.';
+
+CREATE FUNCTION billing_shard.move_import_mirror(p_tables text) RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  m record;
+  v jsonb := '{}';
+BEGIN
+  FOR m IN SELECT * FROM billing_shard.move_tables() WHERE table_name <> 'usage_events' ORDER BY ord LOOP
+    v := v || jsonb_build_object(m.table_name,
+                billing_shard.move_import(m.table_name, coalesce(p_tables::json -> m.table_name, '[]')::text, false));
+  END LOOP;
+  RETURN v;
+END
+$$;
+COMMENT ON FUNCTION billing_shard.move_import_mirror(text) IS
+  'A partition move''s write of what billing_shard.move_export_mirror read on the other shard; the rows stored per table.';
+
 -- Remove the tenants' rows (every table; usage_events too when p_usage):
 -- on the target before a copy, on the source once the map has switched.
 CREATE FUNCTION billing_shard.move_clear(p_tenants text[], p_usage boolean) RETURNS jsonb
@@ -274,6 +328,7 @@ BEGIN
       v := v || jsonb_build_object(m.table_name, v_n);
     END IF;
   END LOOP;
+  DELETE FROM billing.partition_move_log WHERE tenant_id = ANY (p_tenants);
   PERFORM billing.reset_caches();
   RETURN v;
 END
@@ -281,11 +336,16 @@ $$;
 COMMENT ON FUNCTION billing_shard.move_clear(text[], boolean) IS
   'Delete the tenants'' rows from every table a move copies (usage_events only when asked), without firing triggers; returns the rows deleted per table.';
 
--- What a move compares on both shards and records in both audit chains:
--- per table, the number of the tenants' rows and the sum of each row's
--- MD5 (its first 60 bits; the rows as JSON in UTC).
+-- What a move compares on both shards under the fence and records in both
+-- audit chains: per table, the number of the tenants' rows and a digest,
+-- the sum of each row's MD5 (its first 60 bits; the row as text in UTC).
+-- usage_events, the one table whose size is the tenants' whole history,
+-- gets its number of rows and the sum of their quantities here (an index
+-- scan, to keep the pause short); its digest is compared after the switch
+-- (billing_shard.move_usage_digest), when the source's rows no longer change.
 CREATE FUNCTION billing_shard.move_digest(p_tenants text[]) RETURNS jsonb
-  LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing SET TimeZone = 'UTC'
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, billing SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD'
 AS $$
 DECLARE
   m   record;
@@ -293,17 +353,40 @@ DECLARE
   v_s numeric;
   v   jsonb := '{}';
 BEGIN
-  FOR m IN SELECT * FROM billing_shard.move_tables() ORDER BY ord LOOP
-    EXECUTE format('SELECT count(*), coalesce(sum((''x'' || substr(md5(to_jsonb(t)::text), 1, 15))::bit(60)::bigint::numeric), 0)
+  FOR m IN SELECT * FROM billing_shard.move_tables() WHERE table_name <> 'usage_events' ORDER BY ord LOOP
+    EXECUTE format('SELECT count(*), coalesce(sum((''x'' || substr(md5(t::text), 1, 15))::bit(60)::bigint::numeric), 0)
                       FROM billing.%I t WHERE %s', m.table_name, billing_shard.move_where(m.table_name))
       INTO v_n, v_s USING p_tenants;
     v := v || jsonb_build_object(m.table_name, jsonb_build_object('rows', v_n, 'digest', v_s::text));
   END LOOP;
-  RETURN v;
+  SELECT count(*), coalesce(sum(u.quantity), 0) INTO v_n, v_s
+    FROM billing.usage_events u WHERE u.tenant_id = ANY (p_tenants);
+  RETURN v || jsonb_build_object('usage_events', jsonb_build_object('rows', v_n, 'quantity', v_s::text));
 END
 $$;
 COMMENT ON FUNCTION billing_shard.move_digest(text[]) IS
-  'Per table a move copies: how many rows the tenants have here and a digest of them (the sum of each row''s MD5, first 60 bits).';
+  'Per table a move copies: how many rows the tenants have here and a digest of them (the sum of each row''s MD5, first 60 bits); usage_events: rows and the sum of their quantities.';
+
+-- The digest of the tenants' usage rows (as move_digest computes one), of
+-- those written before p_before (a transaction id as xid8) when given.
+CREATE FUNCTION billing_shard.move_usage_digest(p_tenants text[], p_before bigint) RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, billing SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD'
+AS $$
+DECLARE
+  v_n bigint;
+  v_s numeric;
+BEGIN
+  SELECT count(*), coalesce(sum(('x' || substr(md5(t::text), 1, 15))::bit(60)::bigint::numeric), 0)
+    INTO v_n, v_s
+    FROM billing.usage_events t
+   WHERE t.tenant_id = ANY (p_tenants)
+     AND (p_before IS NULL OR age(t.xmin) > age(((p_before % 4294967296))::text::xid));
+  RETURN jsonb_build_object('rows', v_n, 'digest', v_s::text);
+END
+$$;
+COMMENT ON FUNCTION billing_shard.move_usage_digest(text[], bigint) IS
+  'The number and digest of the tenants'' usage rows here (only those written before a transaction id, when given).';
 
 CREATE FUNCTION billing_shard.move_audit(p_action text, p_details jsonb) RETURNS bigint
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
@@ -312,6 +395,11 @@ BEGIN
   IF p_action NOT IN ('partition.moved_out', 'partition.moved_in') THEN
     RAISE EXCEPTION 'not a partition move''s audit action: %', coalesce(quote_literal(p_action), 'NULL')
       USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  -- once per move and action (a step that runs again records nothing more)
+  IF EXISTS (SELECT FROM billing.audit_log a
+              WHERE a.action = p_action AND a.details ->> 'move_id' = p_details ->> 'move_id') THEN
+    RETURN NULL;
   END IF;
   RETURN billing.audit(p_action, NULL, p_details);
 END

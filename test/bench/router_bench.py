@@ -2,7 +2,8 @@
 """make bench, part router (docs/scaleout.md, "Capacity"): the cost of going
 through the router (PL/Proxy, PgBouncer in transaction mode) beside the same
 call made directly on the shard, routed throughput with 1, 2 and 4 shards on
-this machine, and the webhook path through the router.
+this machine, the webhook path through the router, and the pause of
+the partition moves (docs/scaleout.md, "Moving a partition").
 
 Each line is a ratio beside its ceiling, with the microseconds per call
 (clients / tps).  pgbench runs BENCH_ROUNDS alternating rounds of
@@ -10,15 +11,19 @@ BENCH_SECONDS per figure, CLIENTS clients.
 """
 import json
 import os
+import random
 import re
+import statistics
 import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 
 from conftest import TEST_KEYS, amcheck_and_stop  # noqa: E402
 from fake_stripe import signed  # noqa: E402
+import psycopg  # noqa: E402
 from postgrest import PostgREST  # noqa: E402
 from shards import Sharded  # noqa: E402
 
@@ -146,7 +151,95 @@ def scaling():
             s.stop(amcheck_and_stop)
 
 
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
+
+
+def moves(n_moves=8, history=2000):
+    """Partitions moved from two shards to a third while CLIENTS clients
+    record usage for 100 tenants (each with `history` usage rows), each write
+    its own transaction on the tenant's shard, retried (looked up again)
+    when refused by a fence.  The pause of each move (fence to switch, as
+    router.partition_move_pauses has it), the stall of the writes that met
+    a fence, beside the latency of the writes that did not."""
+    s = Sharded(2, env=TEST_KEYS, shard_conf=CONF, router_conf=CONF, partitions=16).start()
+    try:
+        s.add_shard("s2")
+        register(s)
+        for name, c in s.names.items():
+            if name != "s2":
+                c.sql("INSERT INTO billing.usage_events (tenant_id, idempotency_key, metric, quantity, period_start, "
+                      "occurred_at) SELECT t.tenant_id, 'old-' || i, 'documents', 1, "
+                      "date_trunc('month', billing.now()) - interval '1 month', "
+                      "date_trunc('month', billing.now()) - interval '1 month' "
+                      "FROM billing.tenants t, generate_series(1, %s) i", (history,))
+        where, lock = {}, threading.Lock()
+        normal, stalls, refused_tenants, stop = [], [], set(), threading.Event()
+
+        def dsn(t, fresh=False):
+            if fresh or t not in where:
+                row = s.router.sql("SELECT connstr, pool_name FROM router.tenant_shard(%s)", (t,))[0]
+                where[t] = (f"host=127.0.0.1 port={s.bouncer.port} dbname={row[1]} user=postgres" if row[1]
+                            else row[0] + " user=postgres")
+            return where[t]
+
+        def client(seed):
+            rnd, conns = random.Random(seed), {}
+            while not stop.is_set():
+                t = f"t{rnd.randrange(TENANTS)}"
+                start, refused, fresh = time.monotonic(), False, False
+                while True:
+                    d = dsn(t, fresh)
+                    try:
+                        if d not in conns:
+                            conns[d] = psycopg.connect(d, autocommit=True, prepare_threshold=None)
+                        conns[d].execute("SELECT billing.record_usage(%s, 'signatures', 1, gen_random_uuid()::text)",
+                                         (t,))
+                        break
+                    except psycopg.Error as e:
+                        if e.sqlstate not in ("QBMOV", "QBMVD"):
+                            raise
+                        refused, fresh = True, True
+                        time.sleep(0.005)
+                ms = (time.monotonic() - start) * 1000
+                with lock:
+                    (stalls if refused else normal).append(ms)
+                    if refused:
+                        refused_tenants.add(t)
+            for c in conns.values():
+                c.close()
+
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(CLIENTS)]
+        for th in threads:
+            th.start()
+        time.sleep(2)
+        parts = [p for (p,) in s.router.sql("SELECT partition FROM router.partition_map ORDER BY partition")][:n_moves]
+        moved_tenants = set()
+        with s.router.connect(autocommit=True) as c:
+            for p in parts:
+                moved_tenants |= {f"t{i}" for i in range(TENANTS)
+                                  if s.router.sql("SELECT router.tenant_partition(%s)", (f"t{i}",))[0][0] == p}
+                c.execute("CALL router.move_partition_online(%s, 's2')", (p,))
+                time.sleep(0.5)
+        stop.set()
+        for th in threads:
+            th.join()
+        pauses = [float(x) for (x,) in s.router.sql("SELECT pause_ms FROM router.partition_move_pauses")]
+        print(f"router_move_pause moves={len(pauses)} pause_p50_ms={pct(pauses, 0.5):.0f} "
+              f"pause_p99_ms={pct(pauses, 0.99):.0f} stalled_writes={len(stalls)} "
+              f"stall_p50_ms={pct(stalls, 0.5):.0f} stall_p99_ms={pct(stalls, 0.99):.0f} "
+              f"ceiling=write_latency_without_fence ceiling_p50_ms={pct(normal, 0.5):.1f} "
+              f"ceiling_p99_ms={pct(normal, 0.99):.1f} writes={len(normal) + len(stalls)} "
+              f"refused_outside_moved_partitions={len(refused_tenants - moved_tenants)} "
+              f"({n_moves} of 16 partitions from 2 shards to a third, {TENANTS} tenants with {history} usage rows "
+              f"each, {CLIENTS} clients writing throughout)", flush=True)
+    finally:
+        s.stop(amcheck_and_stop)
+
+
 if __name__ == "__main__":
     print(f"router benchmark: {CLIENTS} clients, {ROUNDS} x {SECONDS}s per figure, {os.cpu_count()} cores", flush=True)
     routed_vs_direct()
     scaling()
+    moves()
