@@ -668,12 +668,15 @@ COMMENT ON TABLE billing.partition_fences IS
 CREATE TABLE billing.partition_move_log (
   tenant_id       text NOT NULL,
   idempotency_key text NOT NULL,
+  -- written: recorded (or changed) here while copying, or, on the target,
+  -- arrived as such; history: arrived with the history
+  kind            text NOT NULL DEFAULT 'written' CHECK (kind IN ('written', 'history')),
   logged_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
   PRIMARY KEY (tenant_id, idempotency_key)
 );
 
 COMMENT ON TABLE billing.partition_move_log IS
-  'Usage keys recorded while their tenant''s partition was being copied to another shard (fence state copying): what the copy under the fence takes.';
+  'Usage keys of a partition move: on the source, recorded or changed while the partition was being copied (fence state copying), what the copy under the fence takes; on the target, what arrived, until the move has compared it.';
 
 -- ---- dump and restore ----------------------------------------------------------
 -- The seed rows as this script made them; never dumped (each CREATE
@@ -959,11 +962,26 @@ CREATE OR REPLACE FUNCTION billing.partition_fence_wait() RETURNS integer
 COMMENT ON FUNCTION billing.partition_fence_wait() IS
   'Wait until every other transaction that checked a fence before now has ended (after a fence was set, no write it refuses can still commit); returns how many were still running. lock_timeout applies.';
 
+CREATE OR REPLACE FUNCTION billing.partition_untracked_writes() RETURNS bigint
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_partition_untracked_writes';
+
+COMMENT ON FUNCTION billing.partition_untracked_writes() IS
+  'How many statements wrote usage_events otherwise than record_usage while a partition was fenced or copied here (since the server started): a move that sees it change copies all of the usage again.';
+
 CREATE OR REPLACE FUNCTION billing.partition_fence_guard() RETURNS trigger
   LANGUAGE c AS 'MODULE_PATHNAME', 'qes_partition_fence_guard';
 
 COMMENT ON FUNCTION billing.partition_fence_guard() IS
   'Row trigger of the tenant-owned tables: refuses a write for a tenant whose partition is moving (SQLSTATE QBMOV) or has moved (QBMVD).';
+
+CREATE OR REPLACE FUNCTION billing.partition_fence_usage() RETURNS trigger
+  LANGUAGE c AS 'MODULE_PATHNAME', 'qes_partition_fence_usage';
+
+COMMENT ON FUNCTION billing.partition_fence_usage() IS
+  'Row trigger of usage_events for updates and deletes (record_usage''s inserts check in C): refused for a fenced tenant; while its partition is copied, an update is logged for the copy and a delete makes the move copy all of the usage again.';
+
+CREATE OR REPLACE TRIGGER partition_fence BEFORE UPDATE OR DELETE ON billing.usage_events
+  FOR EACH ROW EXECUTE FUNCTION billing.partition_fence_usage();
 
 CREATE OR REPLACE FUNCTION billing.partition_fences_changed() RETURNS trigger
   LANGUAGE plpgsql SET search_path = pg_catalog, billing
@@ -981,8 +999,10 @@ CREATE OR REPLACE TRIGGER reload AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON
   FOR EACH STATEMENT EXECUTE FUNCTION billing.partition_fences_changed();
 
 -- Every table with a tenant_id except usage_events (record_usage checks in
--- C; a row trigger there would cost the hot path) and the audit log (the
--- chain is the shard's, not the tenant's).
+-- C; a row trigger there would cost the hot path), the audit log (the
+-- chain is the shard's, not the tenant's) and the inbox (an event is the
+-- tenant's only once applied, and applying it writes guarded tables; the
+-- worker's bookkeeping of an event it could not apply must not fail).
 DO $fences$
 DECLARE
   t text;
@@ -990,7 +1010,7 @@ BEGIN
   FOREACH t IN ARRAY ARRAY['tenants', 'billing_details', 'invoice_taxes', 'subscriptions', 'stripe_customers',
                            'invoices', 'invoice_failures', 'payments', 'invoice_payments', 'payment_taxes',
                            'disputes', 'dispute_responses', 'notifications', 'stripe_requests',
-                           'webhook_events', 'drift_repairs', 'reconcile_runs', 'meter_events',
+                           'drift_repairs', 'reconcile_runs', 'meter_events',
                            'meter_event_usage', 'invoice_lines'] LOOP
     EXECUTE format('CREATE TRIGGER partition_fence BEFORE INSERT OR UPDATE OR DELETE ON billing.%I
                       FOR EACH ROW EXECUTE FUNCTION billing.partition_fence_guard()', t);
@@ -3109,6 +3129,27 @@ BEGIN
 END
 $$;
 
+-- A request in flight whose answer can no longer come (the worker lost it:
+-- an error while recording, a restart without a crash) goes back to the
+-- queue after twice the request timeout.
+CREATE OR REPLACE FUNCTION billing.outbox_reclaim_stale(p_timeout interval) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_n bigint;
+BEGIN
+  UPDATE billing.stripe_requests
+     SET state = 'pending', claimed_at = NULL, next_attempt_at = now(), updated_at = now()
+   WHERE state = 'in_flight' AND claimed_at < now() - 2 * p_timeout
+     AND NOT billing.tenant_fenced(tenant_id);   -- its partition is moving: the target reclaims it
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  IF v_n > 0 THEN
+    PERFORM billing.audit('worker.reclaimed', NULL, jsonb_build_object('stripe_requests', v_n, 'stale', true));
+  END IF;
+  RETURN v_n;
+END
+$$;
+
 -- The delay before attempt n+1.
 CREATE OR REPLACE FUNCTION billing.outbox_backoff(p_attempts integer, p_retry_after text DEFAULT NULL) RETURNS interval
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
@@ -4264,7 +4305,7 @@ BEGIN
   -- would wake itself and claim again, forever)
   IF NOT EXISTS (SELECT FROM billing.subscriptions s
                   WHERE s.status IN ('past_due', 'unpaid') AND s.grace_until IS NOT NULL
-                    AND s.grace_until <= billing.now()
+                    AND s.grace_until <= billing.now() AND NOT billing.tenant_fenced(s.tenant_id)
                     AND NOT EXISTS (SELECT FROM billing.notifications x
                                      WHERE x.tenant_id = s.tenant_id
                                        AND x.dedup_key = 'grace_ended:' || s.subscription_id || ':'
@@ -4275,7 +4316,8 @@ BEGIN
     SELECT s.tenant_id, s.subscription_id, s.stripe_subscription_id, s.plan_id, s.grace_until,
            'grace_ended:' || s.subscription_id || ':' || extract(epoch FROM s.grace_until)::bigint AS dedup_key
       FROM billing.subscriptions s
-     WHERE s.status IN ('past_due', 'unpaid') AND s.grace_until IS NOT NULL AND s.grace_until <= billing.now()),
+     WHERE s.status IN ('past_due', 'unpaid') AND s.grace_until IS NOT NULL AND s.grace_until <= billing.now()
+       AND NOT billing.tenant_fenced(s.tenant_id)),   -- its partition is moving (src/fence.c)
   ins AS (
     INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)
     SELECT d.tenant_id, 'grace.ended', d.dedup_key,
@@ -4343,7 +4385,8 @@ BEGIN
   UPDATE billing.notifications x
      SET state = 'pending', claimed_at = NULL, channels_due = '{}', next_attempt_at = now(), updated_at = now()
    WHERE x.state = 'in_flight'
-     AND x.claimed_at < now() - 2 * current_setting('qes_billing.notify_timeout')::interval;
+     AND x.claimed_at < now() - 2 * current_setting('qes_billing.notify_timeout')::interval
+     AND NOT billing.tenant_fenced(x.tenant_id);
 
   FOR n IN
     SELECT * FROM billing.notifications x
@@ -4529,7 +4572,8 @@ DECLARE
 BEGIN
   UPDATE billing.notifications
      SET state = 'pending', claimed_at = NULL, channels_due = '{}', next_attempt_at = now(), updated_at = now()
-   WHERE state = 'in_flight';
+   WHERE state = 'in_flight'
+     AND NOT billing.tenant_fenced(tenant_id);   -- its partition is moving: the target reclaims it
   GET DIAGNOSTICS v_n = ROW_COUNT;
   IF v_n > 0 THEN
     PERFORM billing.audit('worker.reclaimed', NULL, jsonb_build_object('notifications', v_n));
@@ -6293,6 +6337,7 @@ BEGIN
      WHERE mp.active AND mp.stripe_price_id IS NOT NULL
        AND s.stripe_subscription_id IS NOT NULL AND s.status IN ('trialing', 'active', 'past_due')
        AND s.current_period_start IS NOT NULL AND t.stripe_customer_id IS NOT NULL
+       AND NOT billing.tenant_fenced(s.tenant_id)   -- its partition is moving (src/fence.c)
        AND NOT EXISTS (SELECT 1 FROM billing.meter_events e
                         WHERE e.tenant_id = s.tenant_id AND e.metric = mp.metric
                           AND e.state IN ('queued', 'cancel_queued'))),

@@ -69,6 +69,7 @@
 #include "access/htup_details.h"
 #include "access/twophase.h"
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "common/md5.h"
@@ -83,6 +84,7 @@
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
+#include "utils/snapmgr.h"
 
 #include "catalog_cache.h"
 #include "fence.h"
@@ -104,6 +106,7 @@ typedef struct FenceShared
 	int32		partition_count;	/* 0: no fence */
 	int			nslots;
 	pg_atomic_uint32 nfenced;	/* partitions with a fence */
+	pg_atomic_uint64 untracked;	/* usage writes not by record_usage, while fenced */
 	uint8		state[QES_MAX_PARTITIONS];
 } FenceShared;
 
@@ -116,11 +119,16 @@ static bool exempt = false;
 /* this transaction installed the table as it sees it (undone at abort) */
 static bool installed_in_xact = false;
 
+/* the local transaction that last checked a tenant while fences existed */
+static LocalTransactionId checked_lxid = InvalidLocalTransactionId;
+
 PG_FUNCTION_INFO_V1(qes_partition_fences_reload);
 PG_FUNCTION_INFO_V1(qes_partition_fence_wait);
 PG_FUNCTION_INFO_V1(qes_tenant_fenced);
 PG_FUNCTION_INFO_V1(qes_partition_fence_guard);
+PG_FUNCTION_INFO_V1(qes_partition_fence_usage);
 PG_FUNCTION_INFO_V1(qes_tenant_partition);
+PG_FUNCTION_INFO_V1(qes_partition_untracked_writes);
 
 static int
 fence_nslots(void)
@@ -158,6 +166,7 @@ qes_fence_startup(void)
 		fence->lock = &(GetNamedLWLockTranche("qes_billing fences"))[0].lock;
 		fence->nslots = fence_nslots();
 		pg_atomic_init_u32(&fence->nfenced, 0);
+		pg_atomic_init_u64(&fence->untracked, 0);
 		pg_atomic_init_u32(&fence->loaded, 0);
 		pg_atomic_init_u32(&fence->generation, 0);
 		for (int i = 0; i < fence->nslots; i++)
@@ -209,7 +218,8 @@ read_fences_cb(void *arg)
 	if (!rows->present)
 		return;
 	if (SPI_execute(/* result: int4, int4, int4 */ "SELECT f.partition_count, f.partition,"
-					"       CASE f.state WHEN 'moved' THEN 2 WHEN 'copying' THEN 3 ELSE 1 END"
+					"       CASE WHEN f.state OPERATOR(pg_catalog.=) 'moved' THEN 2"
+					"            WHEN f.state OPERATOR(pg_catalog.=) 'copying' THEN 3 ELSE 1 END"
 					"  FROM billing.partition_fences f",
 					true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "qes_billing: could not read billing.partition_fences");
@@ -245,10 +255,20 @@ load_fences(bool force)
 	FenceRows	rows = {0};
 	uint32		gen;
 	int			fenced = 0;
+	uint8	   *newstate;
 
 	gen = pg_atomic_read_u32(&fence->generation);
 
-	qes_run_as_owner(read_fences_cb, &rows);
+	/*
+	 * A first check reads the newest committed table, not its statement's
+	 * snapshot (which may predate a fence, and in REPEATABLE READ the whole
+	 * transaction's); the mover's reload reads its own changes.
+	 */
+	if (!force)
+		PushActiveSnapshot(GetLatestSnapshot());
+	qes_run_as_owner(read_fences_cb, &rows);	/* (an error pops it at abort) */
+	if (!force)
+		PopActiveSnapshot();
 	if (!rows.present)
 		return 0;
 	if (rows.n > 0 && (rows.count < 1 || rows.count > QES_MAX_PARTITIONS || (rows.count & (rows.count - 1)) != 0))
@@ -257,24 +277,41 @@ load_fences(bool force)
 				 errmsg("billing.partition_fences has partition count %d", rows.count),
 				 errhint("The router's partition count is a power of two up to %d.", QES_MAX_PARTITIONS)));
 
+	newstate = palloc0(QES_MAX_PARTITIONS);
+	for (int i = 0; i < rows.n; i++)
+		if (rows.partition[i] >= 0 && rows.partition[i] < rows.count)
+			newstate[rows.partition[i]] = rows.state[i];
+	for (int i = 0; i < QES_MAX_PARTITIONS; i++)
+		if (newstate[i] != FENCE_NONE)
+			fenced++;
+
 	LWLockAcquire(fence->lock, LW_EXCLUSIVE);
-	if (force || (pg_atomic_read_u32(&fence->loaded) == 0 && pg_atomic_read_u32(&fence->generation) == gen))
+	if (force || (pg_atomic_read_u32(&fence->loaded) == 0 && pg_atomic_read_u32(&fence->generation) == gen &&
+				  (fence->dboid == InvalidOid || fence->dboid == MyDatabaseId)))
 	{
-		memset(fence->state, 0, sizeof(fence->state));
-		for (int i = 0; i < rows.n; i++)
-		{
-			if (rows.partition[i] >= 0 && rows.partition[i] < rows.count && fence->state[rows.partition[i]] == FENCE_NONE)
-				fenced++;
-			if (rows.partition[i] >= 0 && rows.partition[i] < rows.count)
-				fence->state[rows.partition[i]] = rows.state[i];
-		}
-		fence->partition_count = rows.n > 0 ? rows.count : 0;
-		fence->dboid = MyDatabaseId;
+		/*
+		 * Checks read state[] without the lock: a fence that stays must
+		 * never read as lifted meanwhile.  So the count goes up first (the
+		 * fast path looks), then only the bytes that change are written,
+		 * then the count is set.
+		 */
+		pg_atomic_write_u32(&fence->nfenced, Max(fenced, (int) pg_atomic_read_u32(&fence->nfenced)));
+		pg_write_barrier();
+		if (rows.n > 0)
+			fence->partition_count = rows.count;
+		for (int i = 0; i < QES_MAX_PARTITIONS; i++)
+			if (fence->state[i] != newstate[i])
+				fence->state[i] = newstate[i];
+		pg_write_barrier();
+		/* a database with fences is the shard's; one without claims nothing */
+		if (force || rows.n > 0)
+			fence->dboid = MyDatabaseId;
 		pg_atomic_fetch_add_u32(&fence->generation, 1);
 		pg_atomic_write_u32(&fence->loaded, 1);
 		pg_atomic_write_u32(&fence->nfenced, fenced);
 	}
 	LWLockRelease(fence->lock);
+	pfree(newstate);
 	if (force)
 		installed_in_xact = true;
 	/* the mover's side of the handshake: the states before the slots */
@@ -302,12 +339,17 @@ fence_state_of(const char *tenant_id, uint32 *partition, int32 *count)
 			pg_atomic_write_u64(&slots[MyProc->pgprocno], v);
 	}
 	pg_memory_barrier();
+	/* a standby writes nothing; another database than the shard's has no fences */
+	if (RecoveryInProgress())
+		return FENCE_NONE;
+	if (fence->dboid != InvalidOid && fence->dboid != MyDatabaseId)
+		return FENCE_NONE;
 	/* a load that lost a race with an install or a forget tries again */
 	for (int tries = 0; pg_atomic_read_u32(&fence->loaded) == 0; tries++)
 	{
 		if (tries == 100)
 			ereport(ERROR,
-					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
 					 errmsg("could not load the partition fences"),
 					 errdetail("billing.partition_fences changed 100 times while it was read."),
 					 errhint("Retry the transaction.")));
@@ -315,6 +357,7 @@ fence_state_of(const char *tenant_id, uint32 *partition, int32 *count)
 	}
 	if (pg_atomic_read_u32(&fence->nfenced) == 0 || fence->dboid != MyDatabaseId || tenant_id == NULL)
 		return FENCE_NONE;
+	checked_lxid = MyProc->lxid;
 	if (exempt)
 		return FENCE_NONE;
 	*count = fence->partition_count;
@@ -423,14 +466,53 @@ qes_fence_exempt_call(void (*fn) (void *), void *arg)
  * is taken while a transaction ends.
  */
 void
-qes_fence_at_xact_end(void)
+qes_fence_at_xact_end(bool top)
 {
 	if (!installed_in_xact || fence == NULL)
 		return;
-	installed_in_xact = false;
+	if (top)
+		installed_in_xact = false;	/* a rolled-back savepoint: again at the end */
 	pg_atomic_fetch_add_u32(&fence->generation, 1);
 	pg_atomic_write_u32(&fence->loaded, 0);
 	pg_memory_barrier();
+}
+
+/*
+ * PREPARE TRANSACTION ends the backend's virtual transaction: a prepared
+ * transaction that wrote a tenant's rows would not be waited for by a
+ * partition move.  Refused while any partition is fenced or copied here.
+ */
+void
+qes_fence_refuse_prepare(void)
+{
+	if (fence == NULL || MyProc == NULL || checked_lxid != MyProc->lxid ||
+		pg_atomic_read_u32(&fence->nfenced) == 0)
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+			 errmsg("cannot PREPARE a transaction that wrote tenants' billing rows while a partition is being moved"),
+			 errdetail("A partition move waits for the transactions that write its tenants' rows; a prepared transaction escapes that wait."),
+			 errhint("Commit it without two-phase commit, or after the move.")));
+}
+
+/*
+ * usage_events written otherwise than by record_usage (a DBA, a restore):
+ * such rows are not logged while a partition is copied, so a move compares
+ * this count before it copies and under its fence, and copies all of the
+ * usage again when it changed.  The write publishes its transaction first,
+ * so a move that began copying after the count was read waits for it.
+ */
+void
+qes_fence_note_untracked_usage_write(void)
+{
+	uint32		partition;
+	int32		count;
+
+	if (fence == NULL)
+		return;
+	(void) fence_state_of(NULL, &partition, &count);
+	if (pg_atomic_read_u32(&fence->nfenced) > 0)
+		pg_atomic_fetch_add_u64(&fence->untracked, 1);
 }
 
 /* ---- SQL ----------------------------------------------------------------- */
@@ -487,6 +569,13 @@ qes_partition_fence_wait(PG_FUNCTION_ARGS)
 	PG_RETURN_INT32(waited);
 }
 
+/* billing.partition_untracked_writes(): see qes_fence_note_untracked_usage_write */
+Datum
+qes_partition_untracked_writes(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_INT64(fence == NULL ? 0 : (int64) pg_atomic_read_u64(&fence->untracked));
+}
+
 /* billing.tenant_fenced(tenant_id): whether its writes are refused here */
 Datum
 qes_tenant_fenced(PG_FUNCTION_ARGS)
@@ -527,6 +616,50 @@ guard_tuple(Relation rel, HeapTuple tuple, int attnum)
 	d = heap_getattr(tuple, attnum, RelationGetDescr(rel), &isnull);
 	if (!isnull)
 		(void) qes_fence_check_tenant(TextDatumGetCString(d));
+}
+
+/*
+ * The row trigger on usage_events, BEFORE UPDATE OR DELETE (record_usage's
+ * inserts check in C): refused for a fenced tenant; while its partition is
+ * copied, an update is logged (the copy under the fence takes the row
+ * again) and a delete counted (the move copies all of the usage again).
+ */
+Datum
+qes_partition_fence_usage(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	TupleDesc	desc;
+	bool		isnull;
+	Datum		tenant;
+	Datum		key;
+	uint32		partition = 0;
+	int32		count = 0;
+	uint8		state;
+	char	   *tenant_id;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_FOR_ROW(td->tg_event) || !TRIGGER_FIRED_BEFORE(td->tg_event) ||
+		TRIGGER_FIRED_BY_INSERT(td->tg_event))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("billing.partition_fence_usage() must be a BEFORE UPDATE OR DELETE row trigger")));
+	desc = RelationGetDescr(td->tg_relation);
+	tenant = heap_getattr(td->tg_trigtuple, SPI_fnumber(desc, "tenant_id"), desc, &isnull);
+	if (!isnull)
+	{
+		tenant_id = TextDatumGetCString(tenant);
+		state = fence_state_of(tenant_id, &partition, &count);
+		if (state == FENCE_MOVING || state == FENCE_MOVED)
+			refuse(tenant_id, partition, count, state);
+		if (state == FENCE_COPYING && TRIGGER_FIRED_BY_UPDATE(td->tg_event))
+		{
+			key = heap_getattr(td->tg_trigtuple, SPI_fnumber(desc, "idempotency_key"), desc, &isnull);
+			if (!isnull)
+				qes_fence_log_usage(tenant_id, TextDatumGetCString(key));
+		}
+		else if (state == FENCE_COPYING)
+			pg_atomic_fetch_add_u64(&fence->untracked, 1);
+	}
+	return PointerGetDatum(TRIGGER_FIRED_BY_UPDATE(td->tg_event) ? td->tg_newtuple : td->tg_trigtuple);
 }
 
 /*

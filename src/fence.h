@@ -19,6 +19,8 @@ extern void qes_fence_startup(void);
 extern bool qes_fence_check_tenant(const char *tenant_id);
 extern void qes_fence_log_usage(const char *tenant_id, const char *idempotency_key);
 extern void qes_fence_exempt_call(void (*fn) (void *), void *arg);
-extern void qes_fence_at_xact_end(void);
+extern void qes_fence_at_xact_end(bool top);
+extern void qes_fence_refuse_prepare(void);
+extern void qes_fence_note_untracked_usage_write(void);
 
 #endif							/* QES_FENCE_H */

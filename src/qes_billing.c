@@ -48,6 +48,7 @@ qes_xact_callback(XactEvent event, void *arg)
 	{
 		case XACT_EVENT_PRE_PREPARE:
 			qes_counters_refuse_prepare();
+			qes_fence_refuse_prepare();
 			qes_guard_refuse_prepare();
 			break;
 		case XACT_EVENT_PRE_COMMIT:
@@ -56,7 +57,7 @@ qes_xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
 			qes_counters_at_commit();
-			qes_fence_at_xact_end();
+			qes_fence_at_xact_end(true);
 			qes_guard_at_commit();
 			qes_insert_once_at_xact_end();
 			qes_usage_at_xact_end();
@@ -67,7 +68,7 @@ qes_xact_callback(XactEvent event, void *arg)
 			qes_insert_once_at_xact_end();
 			qes_usage_at_xact_end();
 			qes_counters_at_abort();
-			qes_fence_at_xact_end();
+			qes_fence_at_xact_end(true);
 			qes_guard_at_abort();
 			break;
 		default:
@@ -85,7 +86,7 @@ qes_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 		case SUBXACT_EVENT_ABORT_SUB:
 			qes_usage_inserting = false;
 			qes_counters_at_subabort(mySubid);
-			qes_fence_at_xact_end();
+			qes_fence_at_xact_end(false);
 			qes_guard_at_subabort(mySubid);
 			break;
 		case SUBXACT_EVENT_COMMIT_SUB:
@@ -127,7 +128,16 @@ qes_usage_changed_trigger(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("usage_changed() must be called as a trigger")));
 	if (!(TRIGGER_FIRED_BY_INSERT(((TriggerData *) fcinfo->context)->tg_event) && qes_usage_inserting))
+	{
 		qes_counters_reset_at_commit();
+		/*
+		 * usage inserted or truncated by hand: a partition move must copy
+		 * all of it (updates and deletes are seen row by row: fence.c)
+		 */
+		if (TRIGGER_FIRED_BY_INSERT(((TriggerData *) fcinfo->context)->tg_event) ||
+			TRIGGER_FIRED_BY_TRUNCATE(((TriggerData *) fcinfo->context)->tg_event))
+			qes_fence_note_untracked_usage_write();
+	}
 	return PointerGetDatum(NULL);
 }
 

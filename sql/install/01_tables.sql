@@ -806,11 +806,14 @@ COMMENT ON TABLE billing.partition_fences IS
 CREATE TABLE billing.partition_move_log (
   tenant_id       text NOT NULL,
   idempotency_key text NOT NULL,
+  -- written: recorded (or changed) here while copying, or, on the target,
+  -- arrived as such; history: arrived with the history
+  kind            text NOT NULL DEFAULT 'written' CHECK (kind IN ('written', 'history')),
   logged_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
   PRIMARY KEY (tenant_id, idempotency_key)
 );
 COMMENT ON TABLE billing.partition_move_log IS
-  'Usage keys recorded while their tenant''s partition was being copied to another shard (fence state copying): what the copy under the fence takes.';
+  'Usage keys of a partition move: on the source, recorded or changed while the partition was being copied (fence state copying), what the copy under the fence takes; on the target, what arrived, until the move has compared it.';
 
 -- ---- dump and restore ----------------------------------------------------------
 -- The seed rows as this script made them; never dumped (each CREATE

@@ -25,10 +25,22 @@ CREATE FUNCTION billing.partition_fence_wait() RETURNS integer
 COMMENT ON FUNCTION billing.partition_fence_wait() IS
   'Wait until every other transaction that checked a fence before now has ended (after a fence was set, no write it refuses can still commit); returns how many were still running. lock_timeout applies.';
 
+CREATE FUNCTION billing.partition_untracked_writes() RETURNS bigint
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_partition_untracked_writes';
+COMMENT ON FUNCTION billing.partition_untracked_writes() IS
+  'How many statements wrote usage_events otherwise than record_usage while a partition was fenced or copied here (since the server started): a move that sees it change copies all of the usage again.';
+
 CREATE FUNCTION billing.partition_fence_guard() RETURNS trigger
   LANGUAGE c AS 'MODULE_PATHNAME', 'qes_partition_fence_guard';
 COMMENT ON FUNCTION billing.partition_fence_guard() IS
   'Row trigger of the tenant-owned tables: refuses a write for a tenant whose partition is moving (SQLSTATE QBMOV) or has moved (QBMVD).';
+
+CREATE FUNCTION billing.partition_fence_usage() RETURNS trigger
+  LANGUAGE c AS 'MODULE_PATHNAME', 'qes_partition_fence_usage';
+COMMENT ON FUNCTION billing.partition_fence_usage() IS
+  'Row trigger of usage_events for updates and deletes (record_usage''s inserts check in C): refused for a fenced tenant; while its partition is copied, an update is logged for the copy and a delete makes the move copy all of the usage again.';
+CREATE TRIGGER partition_fence BEFORE UPDATE OR DELETE ON billing.usage_events
+  FOR EACH ROW EXECUTE FUNCTION billing.partition_fence_usage();
 
 CREATE FUNCTION billing.partition_fences_changed() RETURNS trigger
   LANGUAGE plpgsql SET search_path = pg_catalog, billing
@@ -44,8 +56,10 @@ CREATE TRIGGER reload AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON billing.pa
   FOR EACH STATEMENT EXECUTE FUNCTION billing.partition_fences_changed();
 
 -- Every table with a tenant_id except usage_events (record_usage checks in
--- C; a row trigger there would cost the hot path) and the audit log (the
--- chain is the shard's, not the tenant's).
+-- C; a row trigger there would cost the hot path), the audit log (the
+-- chain is the shard's, not the tenant's) and the inbox (an event is the
+-- tenant's only once applied, and applying it writes guarded tables; the
+-- worker's bookkeeping of an event it could not apply must not fail).
 DO $fences$
 DECLARE
   t text;
@@ -53,7 +67,7 @@ BEGIN
   FOREACH t IN ARRAY ARRAY['tenants', 'billing_details', 'invoice_taxes', 'subscriptions', 'stripe_customers',
                            'invoices', 'invoice_failures', 'payments', 'invoice_payments', 'payment_taxes',
                            'disputes', 'dispute_responses', 'notifications', 'stripe_requests',
-                           'webhook_events', 'drift_repairs', 'reconcile_runs', 'meter_events',
+                           'drift_repairs', 'reconcile_runs', 'meter_events',
                            'meter_event_usage', 'invoice_lines'] LOOP
     EXECUTE format('CREATE TRIGGER partition_fence BEFORE INSERT OR UPDATE OR DELETE ON billing.%I
                       FOR EACH ROW EXECUTE FUNCTION billing.partition_fence_guard()', t);

@@ -142,7 +142,8 @@ DECLARE
 BEGIN
   UPDATE billing.stripe_requests
      SET state = 'pending', claimed_at = NULL, next_attempt_at = now(), updated_at = now()
-   WHERE state = 'in_flight' AND claimed_at < now() - 2 * p_timeout;
+   WHERE state = 'in_flight' AND claimed_at < now() - 2 * p_timeout
+     AND NOT billing.tenant_fenced(tenant_id);   -- its partition is moving: the target reclaims it
   GET DIAGNOSTICS v_n = ROW_COUNT;
   IF v_n > 0 THEN
     PERFORM billing.audit('worker.reclaimed', NULL, jsonb_build_object('stripe_requests', v_n, 'stale', true));

@@ -474,7 +474,7 @@ BEGIN
   -- would wake itself and claim again, forever)
   IF NOT EXISTS (SELECT FROM billing.subscriptions s
                   WHERE s.status IN ('past_due', 'unpaid') AND s.grace_until IS NOT NULL
-                    AND s.grace_until <= billing.now()
+                    AND s.grace_until <= billing.now() AND NOT billing.tenant_fenced(s.tenant_id)
                     AND NOT EXISTS (SELECT FROM billing.notifications x
                                      WHERE x.tenant_id = s.tenant_id
                                        AND x.dedup_key = 'grace_ended:' || s.subscription_id || ':'
@@ -485,7 +485,8 @@ BEGIN
     SELECT s.tenant_id, s.subscription_id, s.stripe_subscription_id, s.plan_id, s.grace_until,
            'grace_ended:' || s.subscription_id || ':' || extract(epoch FROM s.grace_until)::bigint AS dedup_key
       FROM billing.subscriptions s
-     WHERE s.status IN ('past_due', 'unpaid') AND s.grace_until IS NOT NULL AND s.grace_until <= billing.now()),
+     WHERE s.status IN ('past_due', 'unpaid') AND s.grace_until IS NOT NULL AND s.grace_until <= billing.now()
+       AND NOT billing.tenant_fenced(s.tenant_id)),   -- its partition is moving (src/fence.c)
   ins AS (
     INSERT INTO billing.notifications (tenant_id, kind, dedup_key, payload)
     SELECT d.tenant_id, 'grace.ended', d.dedup_key,
@@ -550,7 +551,8 @@ BEGIN
   UPDATE billing.notifications x
      SET state = 'pending', claimed_at = NULL, channels_due = '{}', next_attempt_at = now(), updated_at = now()
    WHERE x.state = 'in_flight'
-     AND x.claimed_at < now() - 2 * current_setting('qes_billing.notify_timeout')::interval;
+     AND x.claimed_at < now() - 2 * current_setting('qes_billing.notify_timeout')::interval
+     AND NOT billing.tenant_fenced(x.tenant_id);
 
   FOR n IN
     SELECT * FROM billing.notifications x
@@ -733,7 +735,8 @@ DECLARE
 BEGIN
   UPDATE billing.notifications
      SET state = 'pending', claimed_at = NULL, channels_due = '{}', next_attempt_at = now(), updated_at = now()
-   WHERE state = 'in_flight';
+   WHERE state = 'in_flight'
+     AND NOT billing.tenant_fenced(tenant_id);   -- its partition is moving: the target reclaims it
   GET DIAGNOSTICS v_n = ROW_COUNT;
   IF v_n > 0 THEN
     PERFORM billing.audit('worker.reclaimed', NULL, jsonb_build_object('notifications', v_n));

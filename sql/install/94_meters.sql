@@ -168,6 +168,7 @@ BEGIN
      WHERE mp.active AND mp.stripe_price_id IS NOT NULL
        AND s.stripe_subscription_id IS NOT NULL AND s.status IN ('trialing', 'active', 'past_due')
        AND s.current_period_start IS NOT NULL AND t.stripe_customer_id IS NOT NULL
+       AND NOT billing.tenant_fenced(s.tenant_id)   -- its partition is moving (src/fence.c)
        AND NOT EXISTS (SELECT 1 FROM billing.meter_events e
                         WHERE e.tenant_id = s.tenant_id AND e.metric = mp.metric
                           AND e.state IN ('queued', 'cancel_queued'))),

@@ -37,8 +37,8 @@ CREATE TABLE router.partition_moves (
   from_shard   text NOT NULL REFERENCES router.shards,
   to_shard     text NOT NULL REFERENCES router.shards,
   step         text NOT NULL DEFAULT 'started'
-                 CHECK (step IN ('started', 'precopied', 'fenced', 'copied', 'switched', 'done', 'undone')),
-  target_xid   bigint,
+                 CHECK (step IN ('started', 'precopied', 'fenced', 'copied', 'switched', 'done', 'undoing', 'undone')),
+  untracked    bigint,
   tenants      text[],
   digest       jsonb,
   copied_rows  jsonb,
@@ -88,9 +88,9 @@ AS $$ CONNECT p_connstr; SELECT billing_shard.move_wait(p_partitions, p_partitio
 COMMENT ON FUNCTION router.remote_move_wait(text, integer, integer, integer, boolean) IS
   'PL/Proxy: billing_shard.move_wait on a shard.';
 
-CREATE FUNCTION router.remote_move_next_xid(p_connstr text) RETURNS bigint
-  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_next_xid(); $$;
-COMMENT ON FUNCTION router.remote_move_next_xid(text) IS 'PL/Proxy: billing_shard.move_next_xid on a shard.';
+CREATE FUNCTION router.remote_move_untracked_writes(p_connstr text) RETURNS bigint
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_untracked_writes(); $$;
+COMMENT ON FUNCTION router.remote_move_untracked_writes(text) IS 'PL/Proxy: billing_shard.move_untracked_writes on a shard.';
 
 CREATE FUNCTION router.remote_move_export(p_connstr text, p_tenants text[], p_table text, p_logged boolean,
                                           p_after text[], p_limit integer) RETURNS text
@@ -99,9 +99,14 @@ AS $$ CONNECT p_connstr; SELECT billing_shard.move_export(p_tenants, p_table, p_
 COMMENT ON FUNCTION router.remote_move_export(text, text[], text, boolean, text[], integer) IS
   'PL/Proxy: billing_shard.move_export on a shard.';
 
-CREATE FUNCTION router.remote_move_import(p_connstr text, p_table text, p_rows text, p_merge boolean) RETURNS integer
-  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_import(p_table, p_rows, p_merge); $$;
-COMMENT ON FUNCTION router.remote_move_import(text, text, text, boolean) IS 'PL/Proxy: billing_shard.move_import on a shard.';
+CREATE FUNCTION router.remote_move_import(p_connstr text, p_table text, p_rows text, p_merge boolean, p_log text)
+  RETURNS integer
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_import(p_table, p_rows, p_merge, p_log); $$;
+COMMENT ON FUNCTION router.remote_move_import(text, text, text, boolean, text) IS 'PL/Proxy: billing_shard.move_import on a shard.';
+
+CREATE FUNCTION router.remote_move_usage_count(p_connstr text, p_tenants text[], p_logged boolean) RETURNS jsonb
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_usage_count(p_tenants, p_logged); $$;
+COMMENT ON FUNCTION router.remote_move_usage_count(text, text[], boolean) IS 'PL/Proxy: billing_shard.move_usage_count on a shard.';
 
 CREATE FUNCTION router.remote_move_export_mirror(p_connstr text, p_tenants text[]) RETURNS text
   LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_export_mirror(p_tenants); $$;
@@ -119,10 +124,14 @@ CREATE FUNCTION router.remote_move_digest(p_connstr text, p_tenants text[]) RETU
   LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_digest(p_tenants); $$;
 COMMENT ON FUNCTION router.remote_move_digest(text, text[]) IS 'PL/Proxy: billing_shard.move_digest on a shard.';
 
-CREATE FUNCTION router.remote_move_usage_digest(p_connstr text, p_tenants text[], p_before bigint) RETURNS jsonb
-  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_usage_digest(p_tenants, p_before); $$;
-COMMENT ON FUNCTION router.remote_move_usage_digest(text, text[], bigint) IS
+CREATE FUNCTION router.remote_move_usage_digest(p_connstr text, p_tenants text[], p_arrived boolean) RETURNS jsonb
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_usage_digest(p_tenants, p_arrived); $$;
+COMMENT ON FUNCTION router.remote_move_usage_digest(text, text[], boolean) IS
   'PL/Proxy: billing_shard.move_usage_digest on a shard.';
+
+CREATE FUNCTION router.remote_move_forget_log(p_connstr text, p_tenants text[]) RETURNS bigint
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_forget_log(p_tenants); $$;
+COMMENT ON FUNCTION router.remote_move_forget_log(text, text[]) IS 'PL/Proxy: billing_shard.move_forget_log on a shard.';
 
 CREATE FUNCTION router.remote_move_audit(p_connstr text, p_action text, p_details jsonb) RETURNS bigint
   LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_audit(p_action, p_details); $$;
@@ -173,7 +182,9 @@ BEGIN
   LOOP
     v_rows := router.remote_move_export(p_from, p_tenants, p_table, p_logged, v_after, 5000);
     EXIT WHEN v_rows = '[]';
-    v_n := v_n + router.remote_move_import(p_to, p_table, v_rows, p_merge);
+    v_n := v_n + router.remote_move_import(p_to, p_table, v_rows, p_merge,
+                                           CASE WHEN p_table <> 'usage_events' THEN NULL
+                                                WHEN p_logged THEN 'written' ELSE 'history' END);
     EXIT WHEN p_table <> 'usage_events';
     v_last := v_rows::jsonb -> -1;
     v_after := ARRAY[v_last ->> 'tenant_id', v_last ->> 'idempotency_key'];
@@ -182,7 +193,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION router.move_copy_table(text, text, text[], text, boolean, boolean) IS
-  'A partition move''s copy of one table from one shard to another (usage_events in pages of 5,000, all or only what was logged while copying); the rows stored.';
+  'A partition move''s copy of one table from one shard to another (usage_events in pages of 5,000: what was logged while copying (logged there too), the rest, or all); the rows stored.';
 
 CREATE FUNCTION router.move_step(p_move_id bigint) RETURNS text
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, router
@@ -203,15 +214,29 @@ BEGIN
   v_dst := router.shard_login(m.to_shard);
   CASE m.step
   WHEN 'started' THEN
+    -- usage written by hand from now on is not logged: counted instead
+    m.untracked := router.remote_move_untracked_writes(v_src);
     PERFORM router.remote_move_fence(v_dst, m.move_id, m.partitions, m.partition, 'moving', 'in', m.from_shard);
     PERFORM router.remote_move_fence(v_src, m.move_id, m.partitions, m.partition, 'copying', 'out', m.to_shard);
     -- from here every new usage row of the partition is logged on the source
     PERFORM router.remote_move_wait(v_src, m.partitions, m.partition, router.move_wait_ms(), false);
     m.tenants := router.remote_move_tenants(v_src, m.partitions, m.partition);
-    v_copied := jsonb_build_object('usage_events_before_fence',
+    -- the history: what was not logged (a step run again starts over)
+    PERFORM router.remote_move_clear(v_dst, coalesce(router.remote_move_tenants(v_dst, m.partitions, m.partition), '{}')
+                                            || m.tenants, true);
+    v_copied := jsonb_build_object('usage_events_history',
                   router.move_copy_table(v_src, v_dst, m.tenants, 'usage_events', false, true));
+    v_ds := router.remote_move_usage_count(v_src, m.tenants, false);
+    v_dt := router.remote_move_usage_count(v_dst, m.tenants, NULL);
+    IF v_ds IS DISTINCT FROM v_dt THEN
+      RAISE EXCEPTION 'the usage history of partition % copied to shard % differs from shard %', m.partition, m.to_shard, m.from_shard
+        USING ERRCODE = 'object_not_in_prerequisite_state',
+              DETAIL = format('source %s, target %s', v_ds, v_dt),
+              HINT = 'Usage rows changed on the source while they were copied (not by record_usage). Run the move again.';
+    END IF;
     UPDATE router.partition_moves
-       SET step = 'precopied', tenants = m.tenants, copied_rows = v_copied, last_error = NULL
+       SET step = 'precopied', tenants = m.tenants, copied_rows = v_copied, last_error = NULL, untracked = m.untracked,
+           digest = jsonb_build_object('usage_history', v_ds)
      WHERE move_id = m.move_id;
   WHEN 'precopied' THEN
     PERFORM router.remote_move_fence(v_src, m.move_id, m.partitions, m.partition, 'moving', 'out', m.to_shard);
@@ -232,51 +257,58 @@ BEGIN
     v_ms := v_ms || jsonb_build_object('usage_logged', router.ms_since(v_at)); v_at := clock_timestamp();
     v_ds := router.remote_move_digest(v_src, m.tenants);
     v_dt := router.remote_move_digest(v_dst, m.tenants);
+    -- usage: what was logged since the history was copied, on both
+    v_ds := v_ds || jsonb_build_object('usage_logged', router.remote_move_usage_count(v_src, m.tenants, true));
+    v_dt := v_dt || jsonb_build_object('usage_logged', router.remote_move_usage_count(v_dst, m.tenants, true));
     v_ms := v_ms || jsonb_build_object('digests', router.ms_since(v_at)); v_at := clock_timestamp();
-    IF v_ds -> 'usage_events' IS DISTINCT FROM v_dt -> 'usage_events' THEN
+    IF v_ds -> 'usage_logged' IS DISTINCT FROM v_dt -> 'usage_logged'
+       OR router.remote_move_untracked_writes(v_src) IS DISTINCT FROM m.untracked THEN
       -- usage changed on the source in a way the log does not show (a
-      -- DBA's insert or delete): the tenants' usage again, whole
+      -- DBA's insert or delete, or the source restarted): all of the
+      -- tenants' usage again, whole
       PERFORM router.remote_move_clear(v_dst, m.tenants, true);
       PERFORM router.remote_move_import_mirror(v_dst, router.remote_move_export_mirror(v_src, m.tenants));
       v_copied := v_copied || jsonb_build_object('usage_events_again',
-                    router.move_copy_table(v_src, v_dst, m.tenants, 'usage_events', false, true));
-      v_dt := router.remote_move_digest(v_dst, m.tenants);
+                    router.move_copy_table(v_src, v_dst, m.tenants, 'usage_events', NULL, true));
+      v_ds := v_ds || jsonb_build_object('usage_logged', router.remote_move_usage_count(v_src, m.tenants, NULL));
+      v_dt := router.remote_move_digest(v_dst, m.tenants)
+              || jsonb_build_object('usage_logged', router.remote_move_usage_count(v_dst, m.tenants, NULL));
     END IF;
     IF v_ds IS DISTINCT FROM v_dt THEN
       RAISE EXCEPTION 'partition % copied to shard % differs from shard %', m.partition, m.to_shard, m.from_shard
-        USING ERRCODE = 'data_corrupted',
+        USING ERRCODE = 'object_not_in_prerequisite_state',
               DETAIL = format('source %s, target %s', v_ds, v_dt),
-              HINT = 'Nothing was switched. Run the move again (it copies again) or undo it with router.undo_partition_move.';
+              HINT = 'Nothing was switched. Run the move again (it copies again) or undo it with CALL router.undo_partition_move.';
     END IF;
+    v_ds := (m.digest || v_ds) - 'usage_logged' || jsonb_build_object('usage_since_history', v_ds -> 'usage_logged');
     UPDATE router.partition_moves
        SET step = 'copied', tenants = m.tenants, digest = v_ds,
            copied_rows = coalesce(copied_rows, '{}') || v_copied, last_error = NULL,
            timings = timings || jsonb_build_object('fenced', v_ms)
      WHERE move_id = m.move_id;
   WHEN 'copied' THEN
-    -- what the target holds of the tenants' usage now arrived with the move
-    m.target_xid := coalesce(m.target_xid, router.remote_move_next_xid(v_dst));
-    UPDATE router.partition_moves SET target_xid = m.target_xid WHERE move_id = m.move_id;
-    PERFORM router.remote_move_fence(v_dst, m.move_id, m.partitions, m.partition, NULL, NULL, NULL);
-    PERFORM router.move_partition(m.partition, m.to_shard);
+    -- the source first (refusing for good), then the map, then the target
     PERFORM router.remote_move_fence(v_src, m.move_id, m.partitions, m.partition, 'moved', 'out', m.to_shard);
+    PERFORM router.move_partition(m.partition, m.to_shard);
+    PERFORM router.remote_move_fence(v_dst, m.move_id, m.partitions, m.partition, NULL, NULL, NULL);
     UPDATE router.partition_moves SET step = 'switched', switched_at = clock_timestamp(), last_error = NULL
      WHERE move_id = m.move_id;
   WHEN 'switched' THEN
     -- the usage rows, row by row: the source's (no longer written) against
-    -- what the target held at the switch; then both audit chains
-    v_ds := router.remote_move_usage_digest(v_src, m.tenants, NULL);
-    v_dt := router.remote_move_usage_digest(v_dst, m.tenants, m.target_xid);
-    IF (v_ds ->> 'rows')::bigint = 0 AND (m.digest -> 'usage_events' ->> 'rows')::bigint > 0 THEN
+    -- what arrived on the target; then both audit chains
+    v_ds := router.remote_move_usage_digest(v_src, m.tenants, false);
+    v_dt := router.remote_move_usage_digest(v_dst, m.tenants, true);
+    IF (v_ds ->> 'rows')::bigint = 0 AND (v_dt ->> 'rows')::bigint > 0
+       AND cardinality(router.remote_move_tenants(v_src, m.partitions, m.partition)) = 0 THEN
       v_ds := v_dt;    -- this step ran before and cleared the source: what arrived stands
     END IF;
     IF v_ds IS DISTINCT FROM v_dt THEN
       RAISE EXCEPTION 'the usage rows of partition % on shard % differ from shard %''s', m.partition, m.to_shard, m.from_shard
-        USING ERRCODE = 'data_corrupted',
+        USING ERRCODE = 'object_not_in_prerequisite_state',
               DETAIL = format('source %s, target %s', v_ds, v_dt),
               HINT = 'The partition is served by the target already; the source keeps its rows until this is resolved. Compare the tenants'' usage_events on both shards.';
     END IF;
-    m.digest := m.digest || jsonb_build_object('usage_events', (m.digest -> 'usage_events') || v_ds);
+    m.digest := m.digest || jsonb_build_object('usage_events', v_ds);
     UPDATE router.partition_moves SET digest = m.digest WHERE move_id = m.move_id;
     PERFORM router.remote_move_audit(v_src, 'partition.moved_out',
               jsonb_build_object('move_id', m.move_id, 'partition', m.partition, 'partitions', m.partitions,
@@ -285,6 +317,9 @@ BEGIN
               jsonb_build_object('move_id', m.move_id, 'partition', m.partition, 'partitions', m.partitions,
                                  'from_shard', m.from_shard, 'tenants', cardinality(m.tenants), 'rows', m.digest));
     PERFORM router.remote_move_clear(v_src, m.tenants, true);
+    PERFORM router.remote_move_forget_log(v_dst, m.tenants);
+    -- events the source could not apply (or received after the copy) go to the target
+    PERFORM router.forward_moved_events();
     UPDATE router.partition_moves SET step = 'done', finished_at = clock_timestamp(), last_error = NULL
      WHERE move_id = m.move_id;
   ELSE
@@ -345,8 +380,13 @@ BEGIN
   ELSIF m.to_shard IS DISTINCT FROM p_to_shard THEN
     RAISE EXCEPTION 'partition % is being moved to shard % already', p_partition, m.to_shard
       USING ERRCODE = 'object_in_use',
-            HINT = pg_catalog.format('Go on with it: CALL router.move_partition_online(%s, %L), or undo it: SELECT router.undo_partition_move(%s).',
+            HINT = pg_catalog.format('Go on with it: CALL router.move_partition_online(%s, %L), or undo it: CALL router.undo_partition_move(%s).',
                                      p_partition, m.to_shard, m.move_id);
+  END IF;
+  IF m.step = 'undoing' THEN
+    RAISE EXCEPTION 'partition move % is being undone', m.move_id
+      USING ERRCODE = 'object_not_in_prerequisite_state',
+            HINT = pg_catalog.format('Finish the undo: CALL router.undo_partition_move(%s).', m.move_id);
   END IF;
   v_step := m.step;
   WHILE v_step OPERATOR(pg_catalog.<>) ALL (ARRAY['done', 'undone']) LOOP
@@ -362,7 +402,7 @@ BEGIN
       COMMIT;
       RAISE EXCEPTION 'moving partition % to shard % stopped at step %: %', p_partition, p_to_shard, v_step, v_err
         USING ERRCODE = 'object_not_in_prerequisite_state',
-              HINT = pg_catalog.format('Run CALL router.move_partition_online(%s, %L) again to go on, or undo it: SELECT router.undo_partition_move(%s) (possible until the map switched).',
+              HINT = pg_catalog.format('Run CALL router.move_partition_online(%s, %L) again to go on, or undo it: CALL router.undo_partition_move(%s) (possible until the map switched).',
                                        p_partition, p_to_shard, m.move_id);
     END IF;
     COMMIT;
@@ -374,49 +414,54 @@ COMMENT ON PROCEDURE router.move_partition_online(integer, text) IS
   'Move a partition''s tenants and all their rows to another shard while the platform runs (writes for the partition pause between fence and switch), or go on with the partition''s open move. Each step commits; run it again after an interruption.';
 
 -- Undo a move that has not switched the map: the target's copies are
--- deleted, both fences lifted; the partition stays where it was.
-CREATE FUNCTION router.undo_partition_move(p_move_id bigint) RETURNS void
-  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, router
+-- deleted, both fences lifted; the partition stays where it was.  A
+-- procedure: 'undoing' is committed first, so that a move half undone is
+-- never resumed (only undone again).
+CREATE PROCEDURE router.undo_partition_move(p_move_id bigint)
+  LANGUAGE plpgsql
 AS $$
 DECLARE
   m     router.partition_moves;
   v_src text;
   v_dst text;
 BEGIN
-  SELECT * INTO m FROM router.partition_moves WHERE move_id = p_move_id FOR UPDATE;
+  SELECT * INTO m FROM router.partition_moves x WHERE x.move_id = p_move_id FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'no partition move %', coalesce(p_move_id::text, 'NULL') USING ERRCODE = 'no_data_found';
   END IF;
-  IF m.step IN ('switched', 'done') THEN
+  IF m.step = 'undone' THEN
+    RETURN;
+  END IF;
+  IF m.step IN ('switched', 'done') OR router.partition_shard(m.partition) IS NOT DISTINCT FROM m.to_shard THEN
     RAISE EXCEPTION 'partition move % has switched the map already', p_move_id
       USING ERRCODE = 'object_not_in_prerequisite_state',
             HINT = pg_catalog.format('Finish it (CALL router.move_partition_online(%s, %L)), then move the partition back the same way.',
                                      m.partition, m.to_shard);
   END IF;
-  IF m.step = 'undone' THEN
-    RETURN;
-  END IF;
+  UPDATE router.partition_moves x SET step = 'undoing' WHERE x.move_id = p_move_id;
+  COMMIT;
   v_src := router.shard_login(m.from_shard);
   v_dst := router.shard_login(m.to_shard);
   -- the target's copies go (under its fence, set again in case the move
-  -- stopped before it was), then both fences
+  -- stopped before it was), then the target's fence, then the source's
   PERFORM router.remote_move_fence(v_dst, m.move_id, m.partitions, m.partition, 'moving', 'in', m.from_shard);
   PERFORM router.remote_move_clear(v_dst, coalesce(router.remote_move_tenants(v_dst, m.partitions, m.partition), '{}')
                                           || coalesce(m.tenants, '{}'), true);
   PERFORM router.remote_move_fence(v_dst, m.move_id, m.partitions, m.partition, NULL, NULL, NULL);
   PERFORM router.remote_move_fence(v_src, m.move_id, m.partitions, m.partition, NULL, NULL, NULL);
-  UPDATE router.partition_moves SET step = 'undone', finished_at = clock_timestamp() WHERE move_id = p_move_id;
+  UPDATE router.partition_moves x SET step = 'undone', finished_at = pg_catalog.clock_timestamp() WHERE x.move_id = p_move_id;
+  COMMIT;
 END
 $$;
-COMMENT ON FUNCTION router.undo_partition_move(bigint) IS
-  'Undo a partition move that has not switched the map yet: delete what the target received, lift both fences.';
+COMMENT ON PROCEDURE router.undo_partition_move(bigint) IS
+  'Undo a partition move that has not switched the map yet: delete what the target received, lift both fences. Run it again if it stops.';
 
 -- Whether a partition (or a tenant hash) is between fence and switch: its
 -- webhooks are answered 503 then (Stripe delivers them again).
 CREATE FUNCTION router.partition_moving(p_hash integer) RETURNS boolean
   LANGUAGE sql STABLE SET search_path = pg_catalog, router
   RETURN EXISTS (SELECT FROM router.partition_moves m
-                  WHERE m.partition = p_hash & (m.partitions - 1) AND m.step IN ('precopied', 'fenced', 'copied'));
+                  WHERE m.partition = p_hash & (m.partitions - 1) AND m.step IN ('precopied', 'fenced', 'copied', 'undoing'));
 COMMENT ON FUNCTION router.partition_moving(integer) IS
   'Whether the partition of a tenant hash is being moved (from its fence to the switch of the map).';
 

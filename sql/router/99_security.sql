@@ -50,6 +50,6 @@ GRANT SELECT ON router.stripe_shares TO qes_admin;
 REVOKE ALL ON PROCEDURE router.stripe_coordinator(integer, integer, double precision) FROM PUBLIC;
 
 -- partition moves (70_move.sql): superusers run them; operators see them
-REVOKE ALL ON PROCEDURE router.move_partition_online(integer, text) FROM PUBLIC;
+REVOKE ALL ON PROCEDURE router.move_partition_online(integer, text), router.undo_partition_move(bigint) FROM PUBLIC;
 GRANT SELECT ON router.partition_moves, router.partition_move_pauses TO qes_admin;
 GRANT EXECUTE ON FUNCTION router.forward_moved_events(integer) TO qes_admin;

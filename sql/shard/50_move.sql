@@ -92,10 +92,10 @@ AS $$
 DECLARE
   v_bad text;
 BEGIN
-  SELECT t INTO v_bad
+  SELECT coalesce(t, '(none)') INTO v_bad
     FROM unnest(p_tenants) t
-   WHERE t IS NOT NULL
-     AND NOT EXISTS (SELECT FROM billing.partition_fences f
+   WHERE t IS NULL
+      OR NOT EXISTS (SELECT FROM billing.partition_fences f
                       WHERE f.partition = billing.tenant_partition(t, f.partition_count)
                         AND f.state || ' ' || f.direction = ANY (p_fences))
    LIMIT 1;
@@ -117,13 +117,21 @@ CREATE FUNCTION billing_shard.move_fence(p_move_id bigint, p_partitions integer,
                                          p_state text, p_direction text, p_peer text) RETURNS void
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
 AS $$
+DECLARE
+  v_dir text;
 BEGIN
   -- one change of the fences at a time: each installs the table as its
   -- transaction sees it (src/fence.c)
   LOCK TABLE billing.partition_fences IN SHARE ROW EXCLUSIVE MODE;
   IF p_state IS NULL THEN
-    DELETE FROM billing.partition_fences WHERE partition_count = p_partitions AND partition = p_partition;
-    IF FOUND THEN
+    DELETE FROM billing.partition_fences WHERE partition_count = p_partitions AND partition = p_partition
+    RETURNING direction INTO v_dir;
+    IF v_dir = 'out' THEN
+      -- the source's keys logged while it was copied are of no more use
+      -- (the target keeps what arrived until the move has compared it)
+      DELETE FROM billing.partition_move_log l WHERE billing.tenant_partition(l.tenant_id, p_partitions) = p_partition;
+    END IF;
+    IF v_dir IS NOT NULL THEN
       PERFORM billing.audit('partition.fence', NULL,
                             jsonb_build_object('move_id', p_move_id, 'partition', p_partition,
                                                'partitions', p_partitions, 'state', 'lifted'));
@@ -134,6 +142,9 @@ BEGIN
   END IF;
   -- one partition count per shard: fences of another count are stale
   DELETE FROM billing.partition_fences WHERE partition_count <> p_partitions;
+  IF p_state = 'moved' THEN
+    DELETE FROM billing.partition_move_log l WHERE billing.tenant_partition(l.tenant_id, p_partitions) = p_partition;
+  END IF;
   INSERT INTO billing.partition_fences (partition_count, partition, state, direction, move_id, peer_shard)
   VALUES (p_partitions, p_partition, p_state, p_direction, p_move_id, p_peer)
   ON CONFLICT (partition_count, partition) DO UPDATE
@@ -166,8 +177,9 @@ DECLARE
 BEGIN
   PERFORM set_config('lock_timeout', p_timeout_ms || 'ms', true);
   v_xacts := billing.partition_fence_wait();
-  WHILE p_in_flight AND EXISTS (SELECT FROM billing.stripe_requests r WHERE r.tenant_id = ANY (v_tenants) AND r.state = 'in_flight')
-     OR EXISTS (SELECT FROM billing.notifications n WHERE n.tenant_id = ANY (v_tenants) AND n.state = 'in_flight') LOOP
+  WHILE p_in_flight
+        AND (EXISTS (SELECT FROM billing.stripe_requests r WHERE r.tenant_id = ANY (v_tenants) AND r.state = 'in_flight')
+             OR EXISTS (SELECT FROM billing.notifications n WHERE n.tenant_id = ANY (v_tenants) AND n.state = 'in_flight')) LOOP
     IF clock_timestamp() > v_deadline THEN
       RAISE EXCEPTION 'partition % still has Stripe requests or notifications in flight after % ms', p_partition, p_timeout_ms
         USING ERRCODE = 'lock_not_available',
@@ -183,20 +195,18 @@ $$;
 COMMENT ON FUNCTION billing_shard.move_wait(integer, integer, integer, boolean) IS
   'Wait, after a fence changed, for the transactions that checked the partition''s fence before (and, p_in_flight, for its Stripe requests and notifications in flight).';
 
--- The next transaction id (as xid8): rows a shard writes later have
--- newer ones.  Taken on the target before it lifts its fence, it tells the
--- rows that arrived with a move from those written since.
-CREATE FUNCTION billing_shard.move_next_xid() RETURNS bigint
+CREATE FUNCTION billing_shard.move_untracked_writes() RETURNS bigint
   LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog
-  RETURN pg_snapshot_xmax(pg_current_snapshot())::text::bigint;
-COMMENT ON FUNCTION billing_shard.move_next_xid() IS
-  'The next transaction id (as xid8): usage rows written before it arrived with a move, later ones did not.';
+  RETURN billing.partition_untracked_writes();
+COMMENT ON FUNCTION billing_shard.move_untracked_writes() IS
+  'billing.partition_untracked_writes() for the router: usage written otherwise than by record_usage while partitions were fenced or copied.';
 
 -- One page of a table's rows of the tenants, as a JSON array in key order.
 -- usage_events is read in pages of p_limit after p_after (the last key of
--- the previous page); p_logged: only the usage logged while the partition
--- was being copied (billing.partition_move_log), which the copy under the
--- fence takes.
+-- the previous page): p_logged true, only the usage logged while the
+-- partition was being copied (billing.partition_move_log), which the copy
+-- under the fence takes; false, the history (what was not logged); NULL,
+-- all of it.
 CREATE FUNCTION billing_shard.move_export(p_tenants text[], p_table text, p_logged boolean, p_after text[],
                                           p_limit integer)
   RETURNS text
@@ -221,13 +231,17 @@ BEGIN
            CROSS JOIN LATERAL (
                  SELECT u.*
                    FROM billing.usage_events u
-                  WHERE NOT p_logged AND u.tenant_id = tt.tenant
+                  WHERE NOT coalesce(p_logged, false) AND u.tenant_id = tt.tenant
                     AND (p_after IS NULL OR tt.tenant > p_after[1] OR u.idempotency_key > p_after[2])
+                    -- the history (p_logged false): what no one logged
+                    AND (p_logged IS NULL
+                         OR NOT EXISTS (SELECT FROM billing.partition_move_log k
+                                         WHERE k.tenant_id = u.tenant_id AND k.idempotency_key = u.idempotency_key))
                   UNION ALL
                  SELECT u.*
                    FROM billing.partition_move_log l
                    JOIN billing.usage_events u ON u.tenant_id = l.tenant_id AND u.idempotency_key = l.idempotency_key
-                  WHERE p_logged AND l.tenant_id = tt.tenant
+                  WHERE coalesce(p_logged, false) AND l.tenant_id = tt.tenant
                     AND (p_after IS NULL OR tt.tenant > p_after[1] OR l.idempotency_key > p_after[2])
                   ORDER BY 2
                   LIMIT coalesce(p_limit, 5000)) r
@@ -238,36 +252,72 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing_shard.move_export(text[], text, boolean, text[], integer) IS
-  'A partition move''s read: the tenants'' rows of one table as a JSON array in key order (usage_events in pages; p_logged: only the usage logged while the partition was being copied).';
+  'A partition move''s read: the tenants'' rows of one table as a JSON array in key order (usage_events in pages; p_logged: only the usage logged while the partition was being copied, false: the rest, NULL: all).';
 
 -- Store rows another shard exported.  Triggers do not fire (the rows are
 -- as the other shard made them: no audit, notification or fence), so the
 -- usage counters are reset here.  p_merge: rows already here are kept
 -- (usage copied again); else a row already here is an error.
-CREATE FUNCTION billing_shard.move_import(p_table text, p_rows text, p_merge boolean) RETURNS integer
+CREATE FUNCTION billing_shard.move_import(p_table text, p_rows text, p_merge boolean, p_log text DEFAULT NULL)
+  RETURNS integer
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER
   SET search_path = pg_catalog, billing SET TimeZone = 'UTC' SET session_replication_role = replica
 AS $$
 DECLARE
-  v_n integer;
+  v_n        integer;
+  v_conflict text := '';
+  v_set      text;
 BEGIN
   PERFORM billing_shard.move_check_table(p_table);
-  IF p_table <> 'webhook_waits' THEN
-    PERFORM billing_shard.move_require_fence(ARRAY(SELECT DISTINCT r ->> 'tenant_id' FROM json_array_elements(p_rows::json) r),
-                                             ARRAY['moving in']);
+  IF p_log IS NOT NULL AND (p_table <> 'usage_events' OR p_log NOT IN ('written', 'history')) THEN
+    RAISE EXCEPTION 'invalid log kind % for table %', quote_literal(p_log), p_table
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Usage arrives as written or history.';
+  END IF;
+  -- every row must be of a tenant whose partition is fenced here for a move
+  -- in; a row that names no tenant is refused (an inbox event by the tenant
+  -- it names, a wait by its event)
+  PERFORM billing_shard.move_require_fence(
+    CASE p_table
+      WHEN 'webhook_waits' THEN
+        ARRAY(SELECT coalesce(e.tenant_id, billing.event_tenant(e.payload::jsonb -> 'data' -> 'object'))
+                FROM json_array_elements(p_rows::json) r
+                LEFT JOIN billing.webhook_events e ON e.stripe_event_id = r ->> 'stripe_event_id')
+      WHEN 'webhook_events' THEN
+        ARRAY(SELECT coalesce(r ->> 'tenant_id', billing.event_tenant((r -> 'payload')::jsonb -> 'data' -> 'object'))
+                FROM json_array_elements(p_rows::json) r)
+      ELSE ARRAY(SELECT r ->> 'tenant_id' FROM json_array_elements(p_rows::json) r) END,
+    ARRAY['moving in']);
+  SELECT string_agg(format('%I = EXCLUDED.%I', a.attname, a.attname), ', ' ORDER BY a.attnum) INTO v_set
+    FROM pg_attribute a
+   WHERE a.attrelid = format('billing.%I', p_table)::regclass AND a.attnum > 0 AND NOT a.attisdropped;
+  IF p_table = 'usage_events' AND p_log = 'written' THEN
+    -- written (or changed) on the source since the history was copied
+    v_conflict := 'ON CONFLICT (tenant_id, idempotency_key) DO UPDATE SET ' || v_set;
+  ELSIF p_table = 'webhook_events' THEN
+    -- an event every shard stored (its owner was unknown then): the source's is the tenant's
+    v_conflict := 'ON CONFLICT (stripe_event_id) DO UPDATE SET ' || v_set;
+  ELSIF p_merge OR p_table = 'webhook_waits' THEN
+    v_conflict := 'ON CONFLICT DO NOTHING';
   END IF;
   EXECUTE format('INSERT INTO billing.%I OVERRIDING SYSTEM VALUE SELECT * FROM json_populate_recordset(NULL::billing.%I, $1::json) %s',
-                 p_table, p_table, CASE WHEN p_merge THEN 'ON CONFLICT DO NOTHING' ELSE '' END)
+                 p_table, p_table, v_conflict)
     USING p_rows;
   GET DIAGNOSTICS v_n = ROW_COUNT;
   IF p_table = 'usage_events' THEN
+    IF p_log IS NOT NULL THEN
+      -- what arrived, logged here too: the counts under the fence and the
+      -- digest after the switch compare it
+      INSERT INTO billing.partition_move_log (tenant_id, idempotency_key, kind)
+      SELECT r.tenant_id, r.idempotency_key, p_log FROM json_populate_recordset(NULL::billing.usage_events, p_rows::json) r
+      ON CONFLICT (tenant_id, idempotency_key) DO UPDATE SET kind = EXCLUDED.kind;
+    END IF;
     PERFORM billing.reset_caches();
   END IF;
   RETURN v_n;
 END
 $$;
-COMMENT ON FUNCTION billing_shard.move_import(text, text, boolean) IS
-  'A partition move''s write: store rows another shard exported (without firing triggers); p_merge keeps rows already here.';
+COMMENT ON FUNCTION billing_shard.move_import(text, text, boolean, text) IS
+  'A partition move''s write: store rows another shard exported (without firing triggers) for tenants whose partition is fenced here moving in; p_merge keeps rows already here; p_log (usage) logs their keys as written or history.';
 
 -- Every table but usage_events at once (one round trip each way under the
 -- fence): a JSON object, table name -> its rows as move_export gives them.
@@ -297,7 +347,7 @@ DECLARE
 BEGIN
   FOR m IN SELECT * FROM billing_shard.move_tables() WHERE table_name <> 'usage_events' ORDER BY ord LOOP
     v := v || jsonb_build_object(m.table_name,
-                billing_shard.move_import(m.table_name, coalesce(p_tables::json -> m.table_name, '[]')::text, false));
+                billing_shard.move_import(m.table_name, coalesce(p_tables::json -> m.table_name, '[]')::text, false, NULL));
   END LOOP;
   RETURN v;
 END
@@ -319,6 +369,17 @@ BEGIN
   -- the target before a copy (its fence: moving in), the source once the
   -- partition has moved (moved out)
   PERFORM billing_shard.move_require_fence(p_tenants, ARRAY['moving in', 'moved out']);
+  -- on the source, once moved: an inbox event still to be applied that
+  -- names one of the tenants may have come after the copy; it is marked for
+  -- the router to hand over (router.forward_moved_events), not deleted
+  UPDATE billing.webhook_events e
+     SET state = 'ignored', last_error = 'moved: its tenant''s partition moved to another shard'
+   WHERE e.tenant_id IS NULL AND e.state = 'received'
+     AND billing.event_tenant(e.payload::jsonb -> 'data' -> 'object') = ANY (p_tenants)
+     AND EXISTS (SELECT FROM billing.partition_fences f
+                  WHERE f.state = 'moved'
+                    AND f.partition = billing.tenant_partition(billing.event_tenant(e.payload::jsonb -> 'data' -> 'object'),
+                                                               f.partition_count));
   FOR m IN SELECT * FROM billing_shard.move_tables() ORDER BY ord DESC LOOP
     CONTINUE WHEN m.table_name = 'usage_events' AND NOT p_usage;
     EXECUTE format('DELETE FROM billing.%I t WHERE %s', m.table_name, billing_shard.move_where(m.table_name))
@@ -328,7 +389,9 @@ BEGIN
       v := v || jsonb_build_object(m.table_name, v_n);
     END IF;
   END LOOP;
-  DELETE FROM billing.partition_move_log WHERE tenant_id = ANY (p_tenants);
+  IF p_usage THEN
+    DELETE FROM billing.partition_move_log WHERE tenant_id = ANY (p_tenants);
+  END IF;
   PERFORM billing.reset_caches();
   RETURN v;
 END
@@ -339,10 +402,11 @@ COMMENT ON FUNCTION billing_shard.move_clear(text[], boolean) IS
 -- What a move compares on both shards under the fence and records in both
 -- audit chains: per table, the number of the tenants' rows and a digest,
 -- the sum of each row's MD5 (its first 60 bits; the row as text in UTC).
--- usage_events, the one table whose size is the tenants' whole history,
--- gets its number of rows and the sum of their quantities here (an index
--- scan, to keep the pause short); its digest is compared after the switch
--- (billing_shard.move_usage_digest), when the source's rows no longer change.
+-- Not usage_events, the one table whose size is the tenants' whole
+-- history: its rows are counted (billing_shard.move_usage_count) before the
+-- fence (the history) and under it (what was logged), and its digest is
+-- compared after the switch (billing_shard.move_usage_digest), when the
+-- source's rows no longer change.
 CREATE FUNCTION billing_shard.move_digest(p_tenants text[]) RETURNS jsonb
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, billing SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD'
@@ -359,17 +423,35 @@ BEGIN
       INTO v_n, v_s USING p_tenants;
     v := v || jsonb_build_object(m.table_name, jsonb_build_object('rows', v_n, 'digest', v_s::text));
   END LOOP;
-  SELECT count(*), coalesce(sum(u.quantity), 0) INTO v_n, v_s
-    FROM billing.usage_events u WHERE u.tenant_id = ANY (p_tenants);
-  RETURN v || jsonb_build_object('usage_events', jsonb_build_object('rows', v_n, 'quantity', v_s::text));
+  RETURN v;
 END
 $$;
 COMMENT ON FUNCTION billing_shard.move_digest(text[]) IS
-  'Per table a move copies: how many rows the tenants have here and a digest of them (the sum of each row''s MD5, first 60 bits); usage_events: rows and the sum of their quantities.';
+  'Per table a move copies, but usage_events: how many rows the tenants have here and a digest of them (the sum of each row''s MD5, first 60 bits).';
 
--- The digest of the tenants' usage rows (as move_digest computes one), of
--- those written before p_before (a transaction id as xid8) when given.
-CREATE FUNCTION billing_shard.move_usage_digest(p_tenants text[], p_before bigint) RETURNS jsonb
+-- The tenants' usage rows and the sum of their quantities: p_logged true,
+-- of the keys logged (billing.partition_move_log: what came while the
+-- partition was copied; on the target, what arrived of it); false, of the
+-- rest (the history); NULL, all.  Under the fence only the logged ones are
+-- counted, so the pause does not grow with the history.
+CREATE FUNCTION billing_shard.move_usage_count(p_tenants text[], p_logged boolean) RETURNS jsonb
+  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+  SELECT jsonb_build_object('rows', count(*), 'quantity', coalesce(sum(u.quantity), 0)::text)
+    FROM billing.usage_events u
+   WHERE u.tenant_id = ANY (p_tenants)
+     AND (p_logged IS NULL
+          OR p_logged = EXISTS (SELECT FROM billing.partition_move_log l
+                                 WHERE l.tenant_id = u.tenant_id AND l.idempotency_key = u.idempotency_key
+                                   AND l.kind = 'written'))
+$$;
+COMMENT ON FUNCTION billing_shard.move_usage_count(text[], boolean) IS
+  'The tenants'' usage rows and quantity here: of the keys logged for a move (true), of the others (false), or all (NULL).';
+
+-- The digest of the tenants' usage rows (as move_digest computes one, over
+-- the columns nothing changes later: not period_start, which a plan change
+-- re-keys): all of them, or (p_arrived) those that arrived with the move.
+CREATE FUNCTION billing_shard.move_usage_digest(p_tenants text[], p_arrived boolean) RETURNS jsonb
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   SET search_path = pg_catalog, billing SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD'
 AS $$
@@ -377,16 +459,34 @@ DECLARE
   v_n bigint;
   v_s numeric;
 BEGIN
-  SELECT count(*), coalesce(sum(('x' || substr(md5(t::text), 1, 15))::bit(60)::bigint::numeric), 0)
+  SELECT count(*),
+         coalesce(sum(('x' || substr(md5(row(t.tenant_id, t.idempotency_key, t.metric, t.quantity, t.occurred_at,
+                                             t.recorded_at, t.metadata, t.total_after)::text), 1, 15))::bit(60)::bigint::numeric), 0)
     INTO v_n, v_s
     FROM billing.usage_events t
    WHERE t.tenant_id = ANY (p_tenants)
-     AND (p_before IS NULL OR age(t.xmin) > age(((p_before % 4294967296))::text::xid));
+     AND (NOT p_arrived OR EXISTS (SELECT FROM billing.partition_move_log l
+                                    WHERE l.tenant_id = t.tenant_id AND l.idempotency_key = t.idempotency_key));
   RETURN jsonb_build_object('rows', v_n, 'digest', v_s::text);
 END
 $$;
-COMMENT ON FUNCTION billing_shard.move_usage_digest(text[], bigint) IS
-  'The number and digest of the tenants'' usage rows here (only those written before a transaction id, when given).';
+COMMENT ON FUNCTION billing_shard.move_usage_digest(text[], boolean) IS
+  'The number and digest of the tenants'' usage rows here: all, or those that arrived with a move (logged as they arrived).';
+
+-- The move has compared what arrived: its keys are forgotten.
+CREATE FUNCTION billing_shard.move_forget_log(p_tenants text[]) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_n bigint;
+BEGIN
+  DELETE FROM billing.partition_move_log WHERE tenant_id = ANY (p_tenants);
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION billing_shard.move_forget_log(text[]) IS
+  'Forget the usage keys a move logged for these tenants (once it has compared them).';
 
 CREATE FUNCTION billing_shard.move_audit(p_action text, p_details jsonb) RETURNS bigint
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing

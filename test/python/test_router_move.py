@@ -209,7 +209,8 @@ def world():
 
 def router_call(world, sql, params=()):
     with world["sharded"].router.connect(autocommit=True) as c:
-        return c.execute(sql, params).fetchall()
+        cur = c.execute(sql, params)
+        return cur.fetchall() if cur.description else []
 
 
 def partition_of(world, tenant):
@@ -376,6 +377,15 @@ def test_interrupted_moves(world):
         t = next(x for x in tenants if partition_of(world, x) == p)
         src = router_call(world, "SELECT router.partition_shard(%s)", (p,))[0][0]
         dst = next(n for n in ("s0", "s1", "s2", "s3") if n != src)
+        _, step, _ = move(world, p, dst, move_stop_after="precopied")
+        assert step == "precopied"
+        # a DBA's usage row, not logged for the move (not by record_usage): the
+        # copy under the fence sees the counts differ and copies all usage again
+        dba = next(f"dba{i}" for i in range(10000) if partition_of(world, f"dba{i}") == p)
+        router_call(world, "SELECT router.upsert_tenant(%s, 'dba', 'dba@example.com')", (dba,))
+        sharded.names[src].sql(
+            "INSERT INTO billing.usage_events (tenant_id, idempotency_key, metric, quantity, period_start, occurred_at) "
+            "VALUES (%s, 'by-hand', 'documents', 3, date_trunc('month', billing.now()), billing.now())", (dba,))
         _, step, _ = move(world, p, dst, move_stop_after="fenced")
         assert step == "fenced"
         with pytest.raises(psycopg.Error) as e:
@@ -387,6 +397,10 @@ def test_interrupted_moves(world):
         move_id, step, _ = move(world, p, dst)
         assert step == "done"
         check_audit(world, move_id)
+        # registered after the history was copied, its usage not logged: copied whole under the fence
+        assert "usage_events_again" in router_call(world, "SELECT copied_rows FROM router.partition_moves "
+                                                          "WHERE move_id = %s", (move_id,))[0][0]
+        assert sharded.names[dst].sql("SELECT quantity FROM billing.usage_events WHERE tenant_id = %s", (dba,)) == [(3,)]
 
         # 2. the mover's session killed while it copies the usage history
         #    (100,000 rows of one more tenant of the partition): run again, it goes on
@@ -430,7 +444,7 @@ def test_interrupted_moves(world):
         move_id, step, _ = move(world, p, dst, move_stop_after="copied")
         assert step == "copied"
         assert sharded.names[dst].sql("SELECT count(*) FROM billing.tenants WHERE tenant_id = %s", (t,))[0][0] == 1
-        router_call(world, "SELECT router.undo_partition_move(%s)", (move_id,))
+        router_call(world, "CALL router.undo_partition_move(%s)", (move_id,))
         assert router_call(world, "SELECT router.partition_shard(%s)", (p,))[0][0] == src
         assert sharded.names[dst].sql("SELECT count(*) FROM billing.tenants WHERE tenant_id = %s", (t,))[0][0] == 0
         assert sharded.names[dst].sql("SELECT count(*) FROM billing.usage_events WHERE tenant_id = %s", (t,))[0][0] == 0
@@ -441,7 +455,7 @@ def test_interrupted_moves(world):
         after = sharded.names[src].sql("SELECT billing_shard.move_digest(%s)", ([t],))[0][0]
         assert after["tenants"] == before["tenants"]
         with pytest.raises(psycopg.Error) as e:
-            router_call(world, "SELECT router.undo_partition_move(%s)", (move_id - 1,))
+            router_call(world, "CALL router.undo_partition_move(%s)", (move_id - 1,))
         assert e.value.sqlstate == "55000"    # that one had switched already
         # 4. the router's login cannot write rows outside a move: no fence, no import, no delete
         some = tenants[0]
