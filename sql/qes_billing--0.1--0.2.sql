@@ -668,9 +668,11 @@ COMMENT ON TABLE billing.partition_fences IS
 CREATE TABLE billing.partition_move_log (
   tenant_id       text NOT NULL,
   idempotency_key text NOT NULL,
-  -- written: recorded (or changed) here while copying, or, on the target,
-  -- arrived as such; history: arrived with the history
-  kind            text NOT NULL DEFAULT 'written' CHECK (kind IN ('written', 'history')),
+  -- written: recorded (or changed) here while copying, to be copied, or,
+  -- on the target, arrived as such; copied: copied while the partition
+  -- served (a change makes it written again); history: arrived with the
+  -- history
+  kind            text NOT NULL DEFAULT 'written' CHECK (kind IN ('written', 'copied', 'history')),
   logged_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
   PRIMARY KEY (tenant_id, idempotency_key)
 );

@@ -419,7 +419,8 @@ log_usage_cb(void *arg)
 	values[0] = CStringGetTextDatum(u->tenant_id);
 	values[1] = CStringGetTextDatum(u->idempotency_key);
 	if (SPI_execute_with_args(/* result: none */ "INSERT INTO billing.partition_move_log (tenant_id, idempotency_key)"
-							  " VALUES ($1, $2) ON CONFLICT DO NOTHING",
+							  " VALUES ($1, $2) ON CONFLICT (tenant_id, idempotency_key)"
+							  " DO UPDATE SET kind = 'written', logged_at = pg_catalog.now()",
 							  2, types, values, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "qes_billing: could not log usage of a partition being copied");
 }

@@ -13,7 +13,9 @@
 --              logs each new key) and, once no transaction that checked
 --              before can still write unlogged, sends the usage history to
 --              the target in pages while it serves;
---   precopied  the source fences the partition: its writes are refused
+--   precopied  what was logged meanwhile is copied in catch-up rounds while
+--              the partition serves; then the source fences the partition:
+--              its writes are refused
 --              (QBMOV, retried by the platform) and the mover waits for the
 --              transactions that passed the fence's check before it and for
 --              Stripe requests and notifications in flight (the pause begins);
@@ -107,6 +109,10 @@ COMMENT ON FUNCTION router.remote_move_import(text, text, text, boolean, text) I
 CREATE FUNCTION router.remote_move_usage_count(p_connstr text, p_tenants text[], p_logged boolean) RETURNS jsonb
   LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_usage_count(p_tenants, p_logged); $$;
 COMMENT ON FUNCTION router.remote_move_usage_count(text, text[], boolean) IS 'PL/Proxy: billing_shard.move_usage_count on a shard.';
+
+CREATE FUNCTION router.remote_move_export_catchup(p_connstr text, p_tenants text[], p_limit integer) RETURNS text
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_export_catchup(p_tenants, p_limit); $$;
+COMMENT ON FUNCTION router.remote_move_export_catchup(text, text[], integer) IS 'PL/Proxy: billing_shard.move_export_catchup on a shard.';
 
 CREATE FUNCTION router.remote_move_export_mirror(p_connstr text, p_tenants text[]) RETURNS text
   LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_export_mirror(p_tenants); $$;
@@ -206,6 +212,7 @@ DECLARE
   v_ds     jsonb;
   v_dt     jsonb;
   v_start  timestamptz := clock_timestamp();
+  v_rows   text;
   v_at     timestamptz := clock_timestamp();
   v_ms     jsonb := '{}';
 BEGIN
@@ -239,6 +246,13 @@ BEGIN
            digest = jsonb_build_object('usage_history', v_ds)
      WHERE move_id = m.move_id;
   WHEN 'precopied' THEN
+    -- catch up with what was written while the history was copied, still
+    -- serving, so that the copy under the fence is short
+    FOR i IN 1 .. 20 LOOP
+      v_rows := router.remote_move_export_catchup(v_src, m.tenants, 5000);
+      EXIT WHEN v_rows = '[]';
+      PERFORM router.remote_move_import(v_dst, 'usage_events', v_rows, true, 'written');
+    END LOOP;
     PERFORM router.remote_move_fence(v_src, m.move_id, m.partitions, m.partition, 'moving', 'out', m.to_shard);
     UPDATE router.partition_moves SET fenced_at = coalesce(fenced_at, clock_timestamp()) WHERE move_id = m.move_id;
     UPDATE router.partition_moves

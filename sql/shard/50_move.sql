@@ -241,7 +241,7 @@ BEGIN
                  SELECT u.*
                    FROM billing.partition_move_log l
                    JOIN billing.usage_events u ON u.tenant_id = l.tenant_id AND u.idempotency_key = l.idempotency_key
-                  WHERE coalesce(p_logged, false) AND l.tenant_id = tt.tenant
+                  WHERE coalesce(p_logged, false) AND l.tenant_id = tt.tenant AND l.kind = 'written'
                     AND (p_after IS NULL OR tt.tenant > p_after[1] OR l.idempotency_key > p_after[2])
                   ORDER BY 2
                   LIMIT coalesce(p_limit, 5000)) r
@@ -253,6 +253,35 @@ END
 $$;
 COMMENT ON FUNCTION billing_shard.move_export(text[], text, boolean, text[], integer) IS
   'A partition move''s read: the tenants'' rows of one table as a JSON array in key order (usage_events in pages; p_logged: only the usage logged while the partition was being copied, false: the rest, NULL: all).';
+
+-- A catch-up round while the partition still serves: a page of the usage
+-- logged since the history was copied and not copied yet, marked copied in
+-- the same transaction (a change meanwhile waits for it, then marks the key
+-- written again), so that the copy under the fence takes only what comes
+-- after the last round.
+CREATE FUNCTION billing_shard.move_export_catchup(p_tenants text[], p_limit integer) RETURNS text
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing SET TimeZone = 'UTC'
+AS $$
+DECLARE
+  v text;
+BEGIN
+  WITH page AS (
+    SELECT l.tenant_id, l.idempotency_key FROM billing.partition_move_log l
+     WHERE l.tenant_id = ANY (p_tenants) AND l.kind = 'written'
+     ORDER BY l.tenant_id, l.idempotency_key
+     LIMIT coalesce(p_limit, 5000)
+       FOR UPDATE),
+  marked AS (
+    UPDATE billing.partition_move_log l SET kind = 'copied'
+      FROM page p WHERE l.tenant_id = p.tenant_id AND l.idempotency_key = p.idempotency_key
+    RETURNING l.tenant_id, l.idempotency_key)
+  SELECT coalesce(json_agg(row_to_json(u) ORDER BY u.tenant_id, u.idempotency_key), '[]')::text INTO v
+    FROM marked m JOIN billing.usage_events u ON u.tenant_id = m.tenant_id AND u.idempotency_key = m.idempotency_key;
+  RETURN v;
+END
+$$;
+COMMENT ON FUNCTION billing_shard.move_export_catchup(text[], integer) IS
+  'A partition move''s catch-up round before its fence: a page of the usage logged and not copied yet, marked copied.';
 
 -- Store rows another shard exported.  Triggers do not fire (the rows are
 -- as the other shard made them: no audit, notification or fence), so the
@@ -435,15 +464,28 @@ COMMENT ON FUNCTION billing_shard.move_digest(text[]) IS
 -- rest (the history); NULL, all.  Under the fence only the logged ones are
 -- counted, so the pause does not grow with the history.
 CREATE FUNCTION billing_shard.move_usage_count(p_tenants text[], p_logged boolean) RETURNS jsonb
-  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+  LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
 AS $$
-  SELECT jsonb_build_object('rows', count(*), 'quantity', coalesce(sum(u.quantity), 0)::text)
-    FROM billing.usage_events u
-   WHERE u.tenant_id = ANY (p_tenants)
-     AND (p_logged IS NULL
-          OR p_logged = EXISTS (SELECT FROM billing.partition_move_log l
-                                 WHERE l.tenant_id = u.tenant_id AND l.idempotency_key = u.idempotency_key
-                                   AND l.kind = 'written'))
+DECLARE
+  v jsonb;
+BEGIN
+  IF p_logged THEN
+    -- from the log (under the fence: as long as what was logged, not the history)
+    SELECT jsonb_build_object('rows', count(*), 'quantity', coalesce(sum(u.quantity), 0)::text) INTO v
+      FROM billing.partition_move_log l
+      JOIN billing.usage_events u ON u.tenant_id = l.tenant_id AND u.idempotency_key = l.idempotency_key
+     WHERE l.tenant_id = ANY (p_tenants) AND l.kind <> 'history';
+  ELSE
+    SELECT jsonb_build_object('rows', count(*), 'quantity', coalesce(sum(u.quantity), 0)::text) INTO v
+      FROM billing.usage_events u
+     WHERE u.tenant_id = ANY (p_tenants)
+       AND (p_logged IS NULL
+            OR NOT EXISTS (SELECT FROM billing.partition_move_log l
+                            WHERE l.tenant_id = u.tenant_id AND l.idempotency_key = u.idempotency_key
+                              AND l.kind <> 'history'));
+  END IF;
+  RETURN v;
+END
 $$;
 COMMENT ON FUNCTION billing_shard.move_usage_count(text[], boolean) IS
   'The tenants'' usage rows and quantity here: of the keys logged for a move (true), of the others (false), or all (NULL).';

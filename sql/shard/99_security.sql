@@ -27,6 +27,7 @@ GRANT EXECUTE ON FUNCTION
     billing_shard.move_export(text[], text, boolean, text[], integer),
     billing_shard.move_import(text, text, boolean, text),
     billing_shard.move_export_mirror(text[]),
+    billing_shard.move_export_catchup(text[], integer),
     billing_shard.move_import_mirror(text),
     billing_shard.move_clear(text[], boolean),
     billing_shard.move_digest(text[]),
