@@ -122,6 +122,9 @@ static bool installed_in_xact = false;
 /* the local transaction that last checked a tenant while fences existed */
 static LocalTransactionId checked_lxid = InvalidLocalTransactionId;
 
+/* the generation at which this backend found no fences in its database */
+static uint32 local_empty_generation = PG_UINT32_MAX;
+
 PG_FUNCTION_INFO_V1(qes_partition_fences_reload);
 PG_FUNCTION_INFO_V1(qes_partition_fence_wait);
 PG_FUNCTION_INFO_V1(qes_tenant_fenced);
@@ -269,6 +272,12 @@ load_fences(bool force)
 	qes_run_as_owner(read_fences_cb, &rows);	/* (an error pops it at abort) */
 	if (!force)
 		PopActiveSnapshot();
+	if (!force && (!rows.present || rows.n == 0) && fence->dboid != MyDatabaseId)
+	{
+		/* nothing to claim: this backend knows its database has no fences */
+		local_empty_generation = gen;
+		return 0;
+	}
 	if (!rows.present)
 		return 0;
 	if (rows.n > 0 && (rows.count < 1 || rows.count > QES_MAX_PARTITIONS || (rows.count & (rows.count - 1)) != 0))
@@ -286,7 +295,8 @@ load_fences(bool force)
 			fenced++;
 
 	LWLockAcquire(fence->lock, LW_EXCLUSIVE);
-	if (force || (pg_atomic_read_u32(&fence->loaded) == 0 && pg_atomic_read_u32(&fence->generation) == gen &&
+	if (force || ((pg_atomic_read_u32(&fence->loaded) == 0 || fence->dboid == InvalidOid) &&
+				  pg_atomic_read_u32(&fence->generation) == gen &&
 				  (fence->dboid == InvalidOid || fence->dboid == MyDatabaseId)))
 	{
 		/*
@@ -303,9 +313,8 @@ load_fences(bool force)
 			if (fence->state[i] != newstate[i])
 				fence->state[i] = newstate[i];
 		pg_write_barrier();
-		/* a database with fences is the shard's; one without claims nothing */
-		if (force || rows.n > 0)
-			fence->dboid = MyDatabaseId;
+		/* a database with fences is the shard's (lazy loads without rows return early) */
+		fence->dboid = MyDatabaseId;
 		pg_atomic_fetch_add_u32(&fence->generation, 1);
 		pg_atomic_write_u32(&fence->loaded, 1);
 		pg_atomic_write_u32(&fence->nfenced, fenced);
@@ -342,11 +351,21 @@ fence_state_of(const char *tenant_id, uint32 *partition, int32 *count)
 	/* a standby writes nothing; another database than the shard's has no fences */
 	if (RecoveryInProgress())
 		return FENCE_NONE;
-	if (fence->dboid != InvalidOid && fence->dboid != MyDatabaseId)
-		return FENCE_NONE;
-	/* a load that lost a race with an install or a forget tries again */
-	for (int tries = 0; pg_atomic_read_u32(&fence->loaded) == 0; tries++)
+	/*
+	 * Until a database with fences claims the shared copy, each backend
+	 * looks at its own database's table once per generation; a load that
+	 * lost a race with an install or a forget tries again.
+	 */
+	for (int tries = 0;; tries++)
 	{
+		Oid			owner = fence->dboid;
+
+		if (owner != InvalidOid && owner != MyDatabaseId)
+			return FENCE_NONE;	/* another database is the shard's */
+		if (owner == MyDatabaseId && pg_atomic_read_u32(&fence->loaded) != 0)
+			break;
+		if (owner == InvalidOid && local_empty_generation == pg_atomic_read_u32(&fence->generation))
+			return FENCE_NONE;	/* no fences here, as of this generation */
 		if (tries == 100)
 			ereport(ERROR,
 					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
@@ -355,7 +374,7 @@ fence_state_of(const char *tenant_id, uint32 *partition, int32 *count)
 					 errhint("Retry the transaction.")));
 		load_fences(false);
 	}
-	if (pg_atomic_read_u32(&fence->nfenced) == 0 || fence->dboid != MyDatabaseId || tenant_id == NULL)
+	if (pg_atomic_read_u32(&fence->nfenced) == 0 || tenant_id == NULL)
 		return FENCE_NONE;
 	checked_lxid = MyProc->lxid;
 	if (exempt)

@@ -157,13 +157,13 @@ $$;
 COMMENT ON FUNCTION api.stripe_webhook(json) IS
   'Stripe webhook endpoint (POST /rpc/stripe_webhook, the raw event as the body). Verifies the Stripe-Signature header and the mode, stores a new event in the inbox for the worker and answers 200 at once; a repeated event id answers 200 and stores nothing. Refusals answer 400 with the reason (500 when no secret is configured) and are counted, then written and audited once a minute per reason.';
 
--- Reconciliation (docs/operations.md, "Reconciliation: drift found and healed"): one shard per Stripe account
--- runs the periodic pass (the others have qes_billing.reconcile_interval =
--- 0); the events it finds for other shards' tenants are handed to them
--- here.  Run it after each pass, e.g. every minute from cron or a timer:
---   psql -d router -c 'SELECT router.reconcile_forward()'
-CREATE FUNCTION router.reconcile_forward(p_limit integer DEFAULT 1000) RETURNS integer
-  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, router
+-- Hand events a shard holds but does not own to the shards that own them,
+-- once per event: what a reconciling shard found for other shards' tenants
+-- (p_moved false: handed over as reconciled), or what a shard could not
+-- apply because its tenant's partition had moved away (p_moved true,
+-- 70_move.sql: handed over as webhooks).
+CREATE FUNCTION router.hand_over_events(p_moved boolean, p_limit integer) RETURNS integer
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, router
 AS $$
 DECLARE
   s         record;
@@ -173,12 +173,14 @@ DECLARE
   v_n       integer := 0;
 BEGIN
   FOR s IN SELECT * FROM router.shard_partitions LOOP
-    FOR e IN SELECT * FROM router.remote_unowned_reconciled(s.partition, p_limit) LOOP
+    FOR e IN SELECT * FROM router.remote_unowned_reconciled(s.partition, p_limit) WHERE NOT p_moved
+             UNION ALL
+             SELECT * FROM router.remote_moved_events(s.partition, p_limit) WHERE p_moved LOOP
       v_targets := router.event_targets(e.payload::jsonb -> 'data' -> 'object');
       v_names := ARRAY[]::text[];
       FOR i IN 1 .. cardinality(v_targets) LOOP
         IF router.partition_shard(v_targets[i]) IS DISTINCT FROM s.shard_name THEN
-          PERFORM router.remote_take_event(v_targets[i], e.payload, 'reconcile');
+          PERFORM router.remote_take_event(v_targets[i], e.payload, CASE WHEN p_moved THEN 'webhook' ELSE 'reconcile' END);
           v_names := v_names || router.partition_shard(v_targets[i]);
         END IF;
       END LOOP;
@@ -189,5 +191,16 @@ BEGIN
   RETURN v_n;
 END
 $$;
+COMMENT ON FUNCTION router.hand_over_events(boolean, integer) IS
+  'Hand events a shard holds but does not own to their owners'' shards, once each: found by reconciliation (false) or left by a partition move (true); returns how many.';
+
+-- Reconciliation (docs/operations.md, "Reconciliation: drift found and healed"): one shard per Stripe account
+-- runs the periodic pass (the others have qes_billing.reconcile_interval =
+-- 0); the events it finds for other shards' tenants are handed to them
+-- here.  Run it after each pass, e.g. every minute from cron or a timer:
+--   psql -d router -c 'SELECT router.reconcile_forward()'
+CREATE FUNCTION router.reconcile_forward(p_limit integer DEFAULT 1000) RETURNS integer
+  LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, router
+  RETURN router.hand_over_events(false, p_limit);
 COMMENT ON FUNCTION router.reconcile_forward(integer) IS
   'Hand the events a shard''s reconciliation pass found for other shards'' tenants to those shards (once per event); returns how many were handed over.';

@@ -40,7 +40,7 @@ CREATE TABLE router.partition_moves (
   to_shard     text NOT NULL REFERENCES router.shards,
   step         text NOT NULL DEFAULT 'started'
                  CHECK (step IN ('started', 'precopied', 'fenced', 'copied', 'switched', 'done', 'undoing', 'undone')),
-  untracked    bigint,
+  untracked    text,
   tenants      text[],
   digest       jsonb,
   copied_rows  jsonb,
@@ -90,7 +90,7 @@ AS $$ CONNECT p_connstr; SELECT billing_shard.move_wait(p_partitions, p_partitio
 COMMENT ON FUNCTION router.remote_move_wait(text, integer, integer, integer, boolean) IS
   'PL/Proxy: billing_shard.move_wait on a shard.';
 
-CREATE FUNCTION router.remote_move_untracked_writes(p_connstr text) RETURNS bigint
+CREATE FUNCTION router.remote_move_untracked_writes(p_connstr text) RETURNS text
   LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_untracked_writes(); $$;
 COMMENT ON FUNCTION router.remote_move_untracked_writes(text) IS 'PL/Proxy: billing_shard.move_untracked_writes on a shard.';
 
@@ -113,6 +113,14 @@ COMMENT ON FUNCTION router.remote_move_usage_count(text, text[], boolean) IS 'PL
 CREATE FUNCTION router.remote_move_export_catchup(p_connstr text, p_tenants text[], p_limit integer) RETURNS text
   LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_export_catchup(p_tenants, p_limit); $$;
 COMMENT ON FUNCTION router.remote_move_export_catchup(text, text[], integer) IS 'PL/Proxy: billing_shard.move_export_catchup on a shard.';
+
+CREATE FUNCTION router.remote_move_reset_copied(p_connstr text, p_tenants text[]) RETURNS bigint
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_reset_copied(p_tenants); $$;
+COMMENT ON FUNCTION router.remote_move_reset_copied(text, text[]) IS 'PL/Proxy: billing_shard.move_reset_copied on a shard.';
+
+CREATE FUNCTION router.remote_move_unmark_moved(p_connstr text, p_partitions integer, p_partition integer) RETURNS bigint
+  LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_unmark_moved(p_partitions, p_partition); $$;
+COMMENT ON FUNCTION router.remote_move_unmark_moved(text, integer, integer) IS 'PL/Proxy: billing_shard.move_unmark_moved on a shard.';
 
 CREATE FUNCTION router.remote_move_export_mirror(p_connstr text, p_tenants text[]) RETURNS text
   LANGUAGE plproxy AS $$ CONNECT p_connstr; SELECT billing_shard.move_export_mirror(p_tenants); $$;
@@ -247,7 +255,9 @@ BEGIN
      WHERE move_id = m.move_id;
   WHEN 'precopied' THEN
     -- catch up with what was written while the history was copied, still
-    -- serving, so that the copy under the fence is short
+    -- serving, so that the copy under the fence is short (what an earlier
+    -- run of this step marked copied is due again: it may not have arrived)
+    PERFORM router.remote_move_reset_copied(v_src, m.tenants);
     FOR i IN 1 .. 20 LOOP
       v_rows := router.remote_move_export_catchup(v_src, m.tenants, 5000);
       EXIT WHEN v_rows = '[]';
@@ -301,13 +311,14 @@ BEGIN
            timings = timings || jsonb_build_object('fenced', v_ms)
      WHERE move_id = m.move_id;
   WHEN 'copied' THEN
-    -- the source first (refusing for good), then the map, then the target
+    -- the source refuses for good, then the map points at the target (the
+    -- target lifts its fence in the next step, once both are committed)
     PERFORM router.remote_move_fence(v_src, m.move_id, m.partitions, m.partition, 'moved', 'out', m.to_shard);
     PERFORM router.move_partition(m.partition, m.to_shard);
-    PERFORM router.remote_move_fence(v_dst, m.move_id, m.partitions, m.partition, NULL, NULL, NULL);
-    UPDATE router.partition_moves SET step = 'switched', switched_at = clock_timestamp(), last_error = NULL
-     WHERE move_id = m.move_id;
+    UPDATE router.partition_moves SET step = 'switched', last_error = NULL WHERE move_id = m.move_id;
   WHEN 'switched' THEN
+    PERFORM router.remote_move_fence(v_dst, m.move_id, m.partitions, m.partition, NULL, NULL, NULL);
+    UPDATE router.partition_moves SET switched_at = coalesce(switched_at, clock_timestamp()) WHERE move_id = m.move_id;
     -- the usage rows, row by row: the source's (no longer written) against
     -- what arrived on the target; then both audit chains
     v_ds := router.remote_move_usage_digest(v_src, m.tenants, false);
@@ -420,6 +431,11 @@ BEGIN
                                        p_partition, p_to_shard, m.move_id);
     END IF;
     COMMIT;
+    IF v_step = 'undoing' THEN
+      RAISE EXCEPTION 'partition move % is being undone', m.move_id
+        USING ERRCODE = 'object_not_in_prerequisite_state',
+              HINT = pg_catalog.format('Finish the undo: CALL router.undo_partition_move(%s).', m.move_id);
+    END IF;
     EXIT WHEN v_step = v_stop;
   END LOOP;
 END
@@ -463,6 +479,7 @@ BEGIN
                                           || coalesce(m.tenants, '{}'), true);
   PERFORM router.remote_move_fence(v_dst, m.move_id, m.partitions, m.partition, NULL, NULL, NULL);
   PERFORM router.remote_move_fence(v_src, m.move_id, m.partitions, m.partition, NULL, NULL, NULL);
+  PERFORM router.remote_move_unmark_moved(v_src, m.partitions, m.partition);
   UPDATE router.partition_moves x SET step = 'undone', finished_at = pg_catalog.clock_timestamp() WHERE x.move_id = p_move_id;
   COMMIT;
 END
@@ -482,32 +499,8 @@ COMMENT ON FUNCTION router.partition_moving(integer) IS
 -- Events a shard could not apply because their tenant moved away: hand
 -- each to the shard that owns it now (once), as reconcile_forward does.
 CREATE FUNCTION router.forward_moved_events(p_limit integer DEFAULT 1000) RETURNS integer
-  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, router
-AS $$
-DECLARE
-  s         record;
-  e         record;
-  v_targets integer[];
-  v_names   text[];
-  v_n       integer := 0;
-BEGIN
-  FOR s IN SELECT * FROM router.shard_partitions LOOP
-    FOR e IN SELECT * FROM router.remote_moved_events(s.partition, p_limit) LOOP
-      v_targets := router.event_targets(e.payload::jsonb -> 'data' -> 'object');
-      v_names := ARRAY[]::text[];
-      FOR i IN 1 .. cardinality(v_targets) LOOP
-        IF router.partition_shard(v_targets[i]) IS DISTINCT FROM s.shard_name THEN
-          PERFORM router.remote_take_event(v_targets[i], e.payload, 'webhook');
-          v_names := v_names || router.partition_shard(v_targets[i]);
-        END IF;
-      END LOOP;
-      PERFORM router.remote_mark_forwarded(s.partition, e.stripe_event_id, v_names);
-      v_n := v_n + 1;
-    END LOOP;
-  END LOOP;
-  RETURN v_n;
-END
-$$;
+  LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, router
+  RETURN router.hand_over_events(true, p_limit);
 COMMENT ON FUNCTION router.forward_moved_events(integer) IS
   'Hand the events a shard could not apply because their tenant''s partition moved away to the shard that owns it now (once per event); returns how many were handed over.';
 

@@ -195,9 +195,10 @@ $$;
 COMMENT ON FUNCTION billing_shard.move_wait(integer, integer, integer, boolean) IS
   'Wait, after a fence changed, for the transactions that checked the partition''s fence before (and, p_in_flight, for its Stripe requests and notifications in flight).';
 
-CREATE FUNCTION billing_shard.move_untracked_writes() RETURNS bigint
+CREATE FUNCTION billing_shard.move_untracked_writes() RETURNS text
   LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog
-  RETURN billing.partition_untracked_writes();
+  -- with the server's start: the count restarts at 0 with it
+  RETURN pg_postmaster_start_time()::text || ' ' || billing.partition_untracked_writes();
 COMMENT ON FUNCTION billing_shard.move_untracked_writes() IS
   'billing.partition_untracked_writes() for the router: usage written otherwise than by record_usage while partitions were fenced or copied.';
 
@@ -263,7 +264,9 @@ CREATE FUNCTION billing_shard.move_export_catchup(p_tenants text[], p_limit inte
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing SET TimeZone = 'UTC'
 AS $$
 DECLARE
-  v text;
+  v_tenants text[];
+  v_keys    text[];
+  v        text;
 BEGIN
   WITH page AS (
     SELECT l.tenant_id, l.idempotency_key FROM billing.partition_move_log l
@@ -275,13 +278,54 @@ BEGIN
     UPDATE billing.partition_move_log l SET kind = 'copied'
       FROM page p WHERE l.tenant_id = p.tenant_id AND l.idempotency_key = p.idempotency_key
     RETURNING l.tenant_id, l.idempotency_key)
+  SELECT array_agg(m.tenant_id), array_agg(m.idempotency_key) INTO v_tenants, v_keys FROM marked m;
+  -- read in a statement of its own: its snapshot sees a change that
+  -- committed while this one waited for the log row it locks
   SELECT coalesce(json_agg(row_to_json(u) ORDER BY u.tenant_id, u.idempotency_key), '[]')::text INTO v
-    FROM marked m JOIN billing.usage_events u ON u.tenant_id = m.tenant_id AND u.idempotency_key = m.idempotency_key;
+    FROM unnest(v_tenants, v_keys) AS k (tenant_id, idempotency_key)
+    JOIN billing.usage_events u ON u.tenant_id = k.tenant_id AND u.idempotency_key = k.idempotency_key;
   RETURN v;
 END
 $$;
 COMMENT ON FUNCTION billing_shard.move_export_catchup(text[], integer) IS
   'A partition move''s catch-up round before its fence: a page of the usage logged and not copied yet, marked copied.';
+
+-- Before the catch-up rounds of a step that runs again: what an earlier
+-- round marked copied may not have arrived (the router failed between the
+-- two calls); it is due again.
+CREATE FUNCTION billing_shard.move_reset_copied(p_tenants text[]) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_n bigint;
+BEGIN
+  UPDATE billing.partition_move_log SET kind = 'written' WHERE tenant_id = ANY (p_tenants) AND kind = 'copied';
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION billing_shard.move_reset_copied(text[]) IS
+  'Mark the usage a move''s catch-up rounds copied as due again (before the rounds of a step that runs again).';
+
+-- A move undone after the source marked the partition moved: the events
+-- its worker set aside for the target are its own again.
+CREATE FUNCTION billing_shard.move_unmark_moved(p_partitions integer, p_partition integer) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_n bigint;
+BEGIN
+  UPDATE billing.webhook_events e SET state = 'received', last_error = NULL, next_attempt_at = now()
+   WHERE e.state = 'ignored' AND e.last_error LIKE 'moved: %'
+     AND NOT EXISTS (SELECT FROM billing_shard.forwarded_events f WHERE f.stripe_event_id = e.stripe_event_id)
+     AND billing.tenant_partition(coalesce(e.tenant_id, billing.event_tenant(e.payload::jsonb -> 'data' -> 'object'), ''),
+                                  p_partitions) = p_partition;
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION billing_shard.move_unmark_moved(integer, integer) IS
+  'After an undone move: inbox events set aside because the partition had moved are to be applied here again.';
 
 -- Store rows another shard exported.  Triggers do not fire (the rows are
 -- as the other shard made them: no audit, notification or fence), so the
@@ -464,14 +508,17 @@ COMMENT ON FUNCTION billing_shard.move_digest(text[]) IS
 -- rest (the history); NULL, all.  Under the fence only the logged ones are
 -- counted, so the pause does not grow with the history.
 CREATE FUNCTION billing_shard.move_usage_count(p_tenants text[], p_logged boolean) RETURNS jsonb
-  LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, billing SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD'
 AS $$
 DECLARE
   v jsonb;
 BEGIN
   IF p_logged THEN
     -- from the log (under the fence: as long as what was logged, not the history)
-    SELECT jsonb_build_object('rows', count(*), 'quantity', coalesce(sum(u.quantity), 0)::text) INTO v
+    SELECT jsonb_build_object('rows', count(*), 'quantity', coalesce(sum(u.quantity), 0)::text,
+                              'digest', coalesce(sum(('x' || substr(md5(u::text), 1, 15))::bit(60)::bigint::numeric), 0)::text)
+      INTO v
       FROM billing.partition_move_log l
       JOIN billing.usage_events u ON u.tenant_id = l.tenant_id AND u.idempotency_key = l.idempotency_key
      WHERE l.tenant_id = ANY (p_tenants) AND l.kind <> 'history';

@@ -28,6 +28,8 @@ GRANT EXECUTE ON FUNCTION
     billing_shard.move_import(text, text, boolean, text),
     billing_shard.move_export_mirror(text[]),
     billing_shard.move_export_catchup(text[], integer),
+    billing_shard.move_reset_copied(text[]),
+    billing_shard.move_unmark_moved(integer, integer),
     billing_shard.move_import_mirror(text),
     billing_shard.move_clear(text[], boolean),
     billing_shard.move_digest(text[]),
