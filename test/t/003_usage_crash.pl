@@ -88,15 +88,22 @@ ok(defined wait_for(sub { acknowledged(1) > 20 && acknowledged($clients) > 20 },
 # The victim: a backend in the middle of a transaction that recorded usage
 # and has not committed.  SIGKILL on it makes the postmaster reinitialise.
 my $victim_session = $node->background_psql('postgres', on_error_stop => 0);
-$victim_session->query_until(qr/victim ready/, q{
+# the session names its own backend (a lookup by query text raced with psql
+# sending the next statement on a loaded machine)
+my $ready = $victim_session->query_until(qr/victim ready \d+/, q{
 BEGIN;
 SELECT billing.record_usage('crash_victim', 'api_calls', 1, 'never-committed');
-\echo victim ready
+SELECT pg_backend_pid() AS victim_pid \gset
+\echo victim ready :victim_pid
 SELECT pg_sleep(600);
 });
-my $victim = $node->safe_psql('postgres',
-	"SELECT pid FROM pg_stat_activity WHERE query LIKE '%pg_sleep(600)%' AND pid <> pg_backend_pid()");
-ok($victim ne '', 'a backend is in the middle of recording usage');
+my ($victim) = $ready =~ /victim ready (\d+)/;
+ok(defined $victim && defined wait_for(sub {
+		$node->safe_psql('postgres', qq{
+			SELECT count(*) FROM pg_stat_activity
+			 WHERE pid = $victim AND state = 'active' AND backend_xid IS NOT NULL}) eq '1' }, 30),
+	'a backend is in the middle of recording usage');
+die "no victim backend to kill" unless $victim;	# kill 0 would hit our own process group
 note("killing backend $victim with SIGKILL");
 kill 'KILL', $victim;
 waitpid($_, 0) for @pids;
