@@ -860,6 +860,22 @@ turn(int room, bool only_if_due, int *n_recorded)
 	}
 	else if (*n_recorded > 0)
 		claim_more = true;		/* a retry scheduled, or a waiting request released */
+
+	/*
+	 * A transaction that only claimed commits without waiting for its WAL
+	 * flush (docs/architecture.md, "One Stripe request"): the claim is
+	 * visible at once, so nothing else takes the rows, but it need not
+	 * survive a crash.  One lost in a crash leaves its rows pending, and they
+	 * go out again under their Idempotency-Keys, which Stripe answers with
+	 * its first answer: the outcome a durable claim leads to as well (a
+	 * reclaim at start-up and the same resend), with one attempt fewer
+	 * counted.  The recording of the answers waits for its flush, and that
+	 * flush carries the claim's WAL with it: one flush per request, not two
+	 * (a sixth of the worker's CPU at low load).
+	 */
+	if (claimed > 0 && *n_recorded == 0)
+		(void) set_config_option("synchronous_commit", "off", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_LOCAL, true, 0, false);
 	qes_worker_end_xact();		/* COMMIT: the rows are in_flight before a byte leaves */
 	MemoryContextSwitchTo(old);
 	last_turn_failed = false;

@@ -524,6 +524,17 @@ CREATE INDEX webhook_events_due ON billing.webhook_events (stripe_created, recei
 CREATE INDEX webhook_events_busy ON billing.webhook_events (received_at) WHERE state IN ('processing', 'needs_review');
 -- a tenant's events, for moving its partition to another shard
 CREATE INDEX webhook_events_tenant ON billing.webhook_events (tenant_id) WHERE tenant_id IS NOT NULL;
+-- The payload (a few kilobytes of JSON, stored compressed) is compressed
+-- with lz4 where the server was built with it: pglz, the default, took a
+-- tenth of the intake's CPU; lz4 a fraction of that (docs/benchmarks.md).
+-- A server without lz4 keeps pglz.
+DO $$
+BEGIN
+  ALTER TABLE billing.webhook_events ALTER COLUMN payload SET COMPRESSION lz4;
+EXCEPTION WHEN feature_not_supported THEN
+  NULL;
+END
+$$;
 COMMENT ON COLUMN billing.webhook_events.waits_for IS
   'The Stripe ids an event waits for (a waiting or ignored event is applied again when one of them is mirrored).';
 COMMENT ON COLUMN billing.webhook_events.source IS

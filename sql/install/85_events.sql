@@ -504,21 +504,17 @@ CREATE TRIGGER invoice_failure_changed AFTER UPDATE ON billing.invoices
 -- The answer (or the end) of a lookup a failure waited for: its facts are
 -- decided.  (An answer of 200 is mirrored by billing.mirror_fetched, whose
 -- change of the invoice decides them.)
-CREATE FUNCTION billing.invoice_lookup_done() RETURNS trigger
+CREATE FUNCTION billing.invoice_lookup_done(p_req billing.stripe_requests) RETURNS void
   LANGUAGE plpgsql SET search_path = pg_catalog, billing
 AS $$
 BEGIN
   PERFORM billing.sync_invoice_failure(f.tenant_id, f.stripe_invoice_id)
-     FROM billing.invoice_failures f WHERE f.lookup_request = NEW.request_id;
-  RETURN NULL;
+     FROM billing.invoice_failures f WHERE f.lookup_request = p_req.request_id;
+  RETURN;
 END
 $$;
-COMMENT ON FUNCTION billing.invoice_lookup_done() IS
-  'Trigger: a lookup of a failed invoice ended without an answer to mirror (404, or failed for good): the failure''s facts are decided with what the mirror has.';
-CREATE TRIGGER invoice_lookup_done AFTER UPDATE OF state ON billing.stripe_requests
-  FOR EACH ROW WHEN (NEW.kind = 'mirror.invoice.lookup' AND OLD.state <> NEW.state
-                     AND (NEW.state = 'failed' OR (NEW.state = 'succeeded' AND NEW.http_status <> 200)))
-  EXECUTE FUNCTION billing.invoice_lookup_done();
+COMMENT ON FUNCTION billing.invoice_lookup_done(billing.stripe_requests) IS
+  'Run by billing.request_recorded: a lookup of a failed invoice ended without an answer to mirror (404, or failed for good): the failure''s facts are decided with what the mirror has.';
 
 -- Usage is filed under the period it occurred in as the mirror stood when
 -- it was recorded.  When the mirror learns of a period late -- a first
@@ -932,16 +928,16 @@ $$;
 
 -- ---- answers of the GETs above (billing.fetch_object) -------------------------
 
-CREATE FUNCTION billing.mirror_fetched() RETURNS trigger
+CREATE FUNCTION billing.mirror_fetched(p_req billing.stripe_requests) RETURNS void
   LANGUAGE plpgsql SET search_path = pg_catalog, billing
 AS $$
 DECLARE
-  o     jsonb := NEW.response;
-  v_t   text := coalesce(billing.event_tenant(NEW.response), NEW.tenant_id);
-  v_at  timestamptz := billing.outbox_state_at(NEW);
+  o     jsonb := p_req.response;
+  v_t   text := coalesce(billing.event_tenant(p_req.response), p_req.tenant_id);
+  v_at  timestamptz := billing.outbox_state_at(p_req);
 BEGIN
-  IF NEW.http_status <> 200 OR v_t IS NULL OR NOT EXISTS (SELECT 1 FROM billing.tenants t WHERE t.tenant_id = v_t) THEN
-    RETURN NULL;   -- Stripe has no such object (404), or it is not ours
+  IF p_req.http_status <> 200 OR v_t IS NULL OR NOT EXISTS (SELECT 1 FROM billing.tenants t WHERE t.tenant_id = v_t) THEN
+    RETURN;   -- Stripe has no such object (404), or it is not ours
   END IF;
   CASE o ->> 'object'
   WHEN 'subscription' THEN
@@ -955,14 +951,11 @@ BEGIN
   ELSE
     NULL;
   END CASE;
-  RETURN NULL;
+  RETURN;
 END
 $$;
-COMMENT ON FUNCTION billing.mirror_fetched() IS
-  'Trigger: the answer of a GET the mirror asked for (billing.fetch_object) is applied like an event, in the transaction that records it; an error there makes the worker ask again.';
-CREATE TRIGGER mirror_fetched AFTER UPDATE OF state ON billing.stripe_requests
-  FOR EACH ROW WHEN (NEW.state = 'succeeded' AND OLD.state <> 'succeeded' AND NEW.kind LIKE 'mirror.%')
-  EXECUTE FUNCTION billing.mirror_fetched();
+COMMENT ON FUNCTION billing.mirror_fetched(billing.stripe_requests) IS
+  'Run by billing.request_recorded: the answer of a GET the mirror asked for (billing.fetch_object) is applied like an event, in the transaction that records it; an error there makes the worker ask again.';
 
 -- ---- one event ----------------------------------------------------------------
 

@@ -298,19 +298,19 @@ COMMENT ON FUNCTION billing.reconcile_now() IS
 
 -- ---- the answers --------------------------------------------------------------------
 
-CREATE FUNCTION billing.reconcile_fetched() RETURNS trigger
+CREATE FUNCTION billing.reconcile_fetched(p_req billing.stripe_requests) RETURNS void
   LANGUAGE plpgsql SET search_path = pg_catalog, billing
 AS $$
 DECLARE
-  o       jsonb := NEW.response;
-  v_run   text := NEW.subject ->> 'run_id';
-  v_at    timestamptz := billing.outbox_state_at(NEW);
+  o       jsonb := p_req.response;
+  v_run   text := p_req.subject ->> 'run_id';
+  v_at    timestamptz := billing.outbox_state_at(p_req);
   v_live  boolean := billing.environment() = 'production';
-  v_data  jsonb := CASE WHEN jsonb_typeof(NEW.response -> 'data') = 'array' THEN NEW.response -> 'data' ELSE '[]' END;
-  v_last  text := NEW.response -> 'data' -> -1 ->> 'id';
-  v_more  boolean := coalesce((NEW.response ->> 'has_more')::boolean, false);
-  v_n     integer := jsonb_array_length(CASE WHEN jsonb_typeof(NEW.response -> 'data') = 'array'
-                                             THEN NEW.response -> 'data' ELSE '[]' END);
+  v_data  jsonb := CASE WHEN jsonb_typeof(p_req.response -> 'data') = 'array' THEN p_req.response -> 'data' ELSE '[]' END;
+  v_last  text := p_req.response -> 'data' -> -1 ->> 'id';
+  v_more  boolean := coalesce((p_req.response ->> 'has_more')::boolean, false);
+  v_n     integer := jsonb_array_length(CASE WHEN jsonb_typeof(p_req.response -> 'data') = 'array'
+                                             THEN p_req.response -> 'data' ELSE '[]' END);
   v_missed integer := 0;
   v_newest timestamptz;
   e       jsonb;
@@ -319,9 +319,9 @@ DECLARE
   v_int   interval := current_setting('qes_billing.reconcile_interval')::interval;
 BEGIN
   UPDATE billing.reconcile_runs SET requests = requests + 1, listed = listed + v_n WHERE run_id = v_run;
-  IF NEW.http_status <> 200 THEN
+  IF p_req.http_status <> 200 THEN
     NULL;   -- a customer Stripe does not have (404): nothing to mirror
-  ELSIF NEW.kind = 'reconcile.events.list' THEN
+  ELSIF p_req.kind = 'reconcile.events.list' THEN
     -- events the inbox never received go into it, to be applied as repairs
     FOR e IN SELECT * FROM jsonb_array_elements(v_data) LOOP
       CONTINUE WHEN e ->> 'object' <> 'event' OR e ->> 'id' !~ '^evt_' OR (e ->> 'livemode')::boolean IS DISTINCT FROM v_live;
@@ -358,39 +358,36 @@ BEGIN
     END IF;
   ELSE
     -- one tenant's objects as Stripe has them now
-    FOR e IN SELECT * FROM jsonb_array_elements(CASE WHEN NEW.kind = 'reconcile.customer.lookup'
+    FOR e IN SELECT * FROM jsonb_array_elements(CASE WHEN p_req.kind = 'reconcile.customer.lookup'
                                                      THEN jsonb_build_array(o) ELSE v_data END) LOOP
-      PERFORM billing.reconcile_object(NEW.tenant_id, e, v_at, v_run);
+      PERFORM billing.reconcile_object(p_req.tenant_id, e, v_at, v_run);
       -- a disputed charge: its disputes
       IF e ->> 'object' = 'charge' AND coalesce((e ->> 'disputed')::boolean, false) AND e ->> 'id' ~ '^ch_[A-Za-z0-9_]+$' THEN
-        PERFORM billing.outbox_enqueue(NEW.tenant_id, 'reconcile.disputes.list', 'GET', '/v1/disputes',
+        PERFORM billing.outbox_enqueue(p_req.tenant_id, 'reconcile.disputes.list', 'GET', '/v1/disputes',
                                        jsonb_build_object('charge', e ->> 'id', 'limit', 100),
                                        jsonb_build_object('run_id', v_run), p_run_id => v_run);
       END IF;
     END LOOP;
     IF v_more AND v_last IS NOT NULL THEN
-      PERFORM billing.outbox_enqueue(NEW.tenant_id, NEW.kind, 'GET', NEW.path,
-                                     NEW.params || jsonb_build_object('starting_after', v_last),
-                                     NEW.subject, p_run_id => v_run);
+      PERFORM billing.outbox_enqueue(p_req.tenant_id, p_req.kind, 'GET', p_req.path,
+                                     p_req.params || jsonb_build_object('starting_after', v_last),
+                                     p_req.subject, p_run_id => v_run);
     END IF;
     IF NOT EXISTS (SELECT 1 FROM billing.stripe_requests r
-                    WHERE r.run_id = v_run AND r.request_id <> NEW.request_id
+                    WHERE r.run_id = v_run AND r.request_id <> p_req.request_id
                       AND r.state IN ('waiting', 'pending', 'in_flight')) THEN
       UPDATE billing.reconcile_runs SET finished_at = now() WHERE run_id = v_run;
-      PERFORM billing.audit('reconcile.finished', NEW.tenant_id,
+      PERFORM billing.audit('reconcile.finished', p_req.tenant_id,
                             (SELECT jsonb_build_object('run', r.run_id, 'requests', r.requests, 'listed', r.listed,
                                                        'repairs', r.repairs, 'errors', r.errors)
                                FROM billing.reconcile_runs r WHERE r.run_id = v_run));
     END IF;
   END IF;
-  RETURN NULL;
+  RETURN;
 END
 $$;
-COMMENT ON FUNCTION billing.reconcile_fetched() IS
-  'Trigger: a reconciliation answer (reconcile.*) is applied when the worker records it: missed events into the inbox, listed objects mirrored as repairs, the next page or pass queued.';
-CREATE TRIGGER reconcile_fetched AFTER UPDATE OF state ON billing.stripe_requests
-  FOR EACH ROW WHEN (NEW.state = 'succeeded' AND OLD.state <> 'succeeded' AND NEW.kind LIKE 'reconcile.%')
-  EXECUTE FUNCTION billing.reconcile_fetched();
+COMMENT ON FUNCTION billing.reconcile_fetched(billing.stripe_requests) IS
+  'Run by billing.request_recorded: a reconciliation answer (reconcile.*) is applied when the worker records it: missed events into the inbox, listed objects mirrored as repairs, the next page or pass queued.';
 
 CREATE VIEW billing.drift_report AS
 SELECT d.repaired_at, d.tenant_id, d.object, d.stripe_id, d.source, d.stripe_event_id, d.run_id,

@@ -104,6 +104,7 @@ class FakeStripe:
     def __init__(self, fault_rate=0.0, seed=None, timeout_s=3.0, delay_s=0.0):
         self.lock = threading.RLock()
         self.delay_s = delay_s     # every answer waits this long (a slow Stripe)
+        self.delay_after_s = 0.0   # ... and this long after the request was carried out
         self.rand = random.Random(seed)
         self.fault_rate = fault_rate
         self.timeout_s = timeout_s
@@ -748,6 +749,8 @@ class FakeStripe:
                 key = self.headers.get("Idempotency-Key") if method == "POST" else None
                 status, out, extra = fake.process(method, url.path, params, key, body)
                 fake.requests.append((method, url.path, key, status, time.time()))
+                if fake.delay_after_s:
+                    time.sleep(fake.delay_after_s)
                 if status == "timeout":
                     time.sleep(fake.timeout_s)
                     return self._drop()
@@ -789,6 +792,10 @@ class FakeStripe:
                 if path == "/_fake/faults":
                     fake.fault_rate = float(json.loads(body)["rate"])
                     return self._answer(200, {"rate": fake.fault_rate})
+                if path == "/_fake/delay":
+                    # {"after_ms": n}: carry requests out, then wait n ms before answering
+                    fake.delay_after_s = float(json.loads(body).get("after_ms", 0)) / 1000.0
+                    return self._answer(200, {"after_ms": fake.delay_after_s * 1000.0})
                 if path == "/_fake/stats":
                     return self._answer(200, {"creates": fake.creates, "requests": fake.requests,
                                               "faults": fake.faults})

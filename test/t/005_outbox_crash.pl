@@ -37,7 +37,14 @@ my $node = qes_node('outbox_crash', conf => [
 	"qes_billing.max_concurrent_requests = 8",
 	"qes_billing.request_timeout = '5s'",
 	"qes_billing.retry_base_delay = '50ms'",
-	"qes_billing.retry_max_delay = '500ms'"]);
+	"qes_billing.retry_max_delay = '500ms'",
+	# WAL of an asynchronous commit (a claim's) stays in the WAL buffers
+	# until something flushes it: a later synchronous commit, not the WAL
+	# writer or the background writer (the lost claim below)
+	"wal_writer_delay = '10s'",
+	"wal_writer_flush_after = '1GB'",
+	"bgwriter_lru_maxpages = 0",
+	"checkpoint_timeout = '1h'"]);
 $node->safe_psql('postgres', 'CREATE EXTENSION qes_billing');
 
 my $n = 300;
@@ -53,7 +60,13 @@ ok(defined wait_for(sub {
 		"SELECT count(*) FILTER (WHERE state = 'succeeded') > 20 AND count(*) FILTER (WHERE state = 'in_flight') > 0
 		   FROM billing.stripe_requests") eq 't' }, 60),
 	'requests are being sent');
-my $in_flight = $node->safe_psql('postgres', "SELECT string_agg(request_id::text, ',') FROM billing.stripe_requests WHERE state = 'in_flight'");
+# (read in a transaction that commits synchronously: the claims it sees are
+# flushed with its commit, whereas a claim's own commit does not wait)
+my $in_flight = $node->safe_psql('postgres', q{
+	BEGIN;
+	SELECT txid_current() \g /dev/null
+	SELECT string_agg(request_id::text, ',') FROM billing.stripe_requests WHERE state = 'in_flight';
+	COMMIT;});
 my $done_before = $node->safe_psql('postgres', "SELECT count(*) FROM billing.stripe_requests WHERE state = 'succeeded'");
 note("crash with requests $in_flight in flight, $done_before of $n done");
 $node->stop('immediate');
@@ -86,6 +99,43 @@ my $second = $node->safe_psql('postgres', "SELECT string_agg(request_id::text, '
 is_deeply([sort { $a <=> $b } split /,/, $second], [sort { $a <=> $b } @in_flight],
 	'exactly the rows in flight at the crash were sent again');
 cmp_ok(scalar(@resent), '<=', scalar(@in_flight), 'and only they reached Stripe twice');
+
+# A claim lost in a crash.  A transaction that only claims commits without
+# waiting for its WAL flush (src/outbox.c): Stripe carries the request out,
+# the server crashes before the answer is recorded and before anything
+# flushed the claim, so after recovery the row is pending again as if never
+# claimed.  It is sent again with its key, Stripe replays its first answer,
+# and there is still one customer.
+sub fake_control
+{
+	my ($path, $body) = @_;
+	my $r = HTTP::Tiny->new->post("http://127.0.0.1:$fake_port/_fake/$path",
+		{ content => encode_json($body), headers => { 'Content-Type' => 'application/json' } });
+	die "fake Stripe: $r->{status}" unless $r->{success};
+}
+fake_control('delay', { after_ms => 8000 });	# carried out at once, answered 8 s later
+my $lost = $node->safe_psql('postgres', q{
+	SELECT billing.outbox_enqueue(NULL, 'test.customer', 'POST', '/v1/customers',
+	                              jsonb_build_object('name', 'Lost claim', 'metadata', jsonb_build_object('n', 'lost')))});
+ok(defined wait_for(sub { (fake_stats()->{creates}{customer} // 0) == $n + 1 }, 30),
+	'Stripe carried the request out (its answer held back)');
+is($node->safe_psql('postgres', "SELECT state || '/' || attempts FROM billing.stripe_requests WHERE request_id = $lost"),
+	'in_flight/1', 'the row is claimed and in flight');
+$node->stop('immediate');
+fake_control('delay', { after_ms => 0 });
+$node->start;
+ok(defined wait_for(sub {
+	my ($rc, $o) = $node->psql('postgres', "SELECT state FROM billing.stripe_requests WHERE request_id = $lost");
+	$rc == 0 && $o eq 'succeeded' }, 60), 'after the crash the request is sent again and succeeds');
+is($node->safe_psql('postgres', "SELECT attempts FROM billing.stripe_requests WHERE request_id = $lost"),
+	'1', 'the claim did not survive the crash: the resend is the first attempt the row counts');
+$stats = fake_stats();
+is($stats->{creates}{customer}, $n + 1, 'Stripe replayed its first answer: still one customer for the request');
+my $lost_key = $node->safe_psql('postgres', "SELECT idempotency_key FROM billing.stripe_requests WHERE request_id = $lost");
+is(scalar(grep { $_->[1] eq '/v1/customers' && $_->[2] eq $lost_key } @{ $stats->{requests} }), 2,
+	'the key went out twice, before and after the crash');
+is($node->safe_psql('postgres', "SELECT response->>'name' FROM billing.stripe_requests WHERE request_id = $lost"),
+	'Lost claim', 'and the row recorded the customer Stripe created the first time');
 
 unlike(slurp_file($node->logfile), qr/sk_test_tap_outbox_crash/, 'the secret key never reaches the log');
 is($node->safe_psql('postgres', "SELECT count(*) FROM billing.stripe_requests WHERE params::text LIKE '%sk_test%' OR response::text LIKE '%sk_test%'"),
