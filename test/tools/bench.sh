@@ -137,6 +137,10 @@ tps check_limit >/dev/null       # warm caches and counters
 pair record_usage record_usage plain_insert plain_insert
 pair check_limit check_limit select_1 select_1
 pair check_limit_over_limit check_limit_over select_1 select_1
+# the same answer as a constant: what returning that row costs by itself
+# (record_out and jsonb_out of the upgrade offer), the most the line above can reach
+pair check_limit_over_limit_vs_its_answer check_limit_over check_limit_answer check_limit_answer
+pair check_limit_answer_alone check_limit_answer select_1 select_1
 # plan features: the same state and rules as check_limit, at its cost (ceiling
 # SELECT 1; the target is ratio >= 0.8)
 pair has_feature has_feature select_1 select_1
