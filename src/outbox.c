@@ -77,6 +77,7 @@
 #include "executor/spi.h"
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
+#include "replication/syncrep.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
@@ -867,13 +868,17 @@ turn(int room, bool only_if_due, int *n_recorded)
 	 * visible at once, so nothing else takes the rows, but it need not
 	 * survive a crash.  One lost in a crash leaves its rows pending, and they
 	 * go out again under their Idempotency-Keys, which Stripe answers with
-	 * its first answer: the outcome a durable claim leads to as well (a
-	 * reclaim at start-up and the same resend), with one attempt fewer
-	 * counted.  The recording of the answers waits for its flush, and that
-	 * flush carries the claim's WAL with it: one flush per request, not two
-	 * (a sixth of the worker's CPU at low load).
+	 * its first answer -- the outcome of a durable claim reclaimed at
+	 * start-up too, but with no reclaim audited and one attempt fewer
+	 * counted.  The recording of the answers waits for its flush, which
+	 * carries the claim's WAL with it: one flush per request instead of two
+	 * when Stripe answers within wal_writer_delay.  Not where the DBA asked
+	 * for synchronous standbys: there a claim reaches the standby before any
+	 * byte leaves, so that after a failover a row the new primary finds
+	 * pending was never sent.
 	 */
-	if (claimed > 0 && *n_recorded == 0)
+	if (claimed > 0 && *n_recorded == 0 &&
+		(SyncRepStandbyNames == NULL || SyncRepStandbyNames[0] == '\0'))
 		(void) set_config_option("synchronous_commit", "off", PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_LOCAL, true, 0, false);
 	qes_worker_end_xact();		/* COMMIT: the rows are in_flight before a byte leaves */

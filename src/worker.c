@@ -614,9 +614,13 @@ qes_worker_main(Datum main_arg)
 	 * trim threshold each turn shrank the heap and grew it again: nine
 	 * brk() calls per Stripe request at low load, each followed by page
 	 * faults and TLB flushes when the memory was touched again, about a
-	 * tenth of the worker's CPU (docs/benchmarks.md).  The worker's heap
-	 * stays at its high-water mark plus 16 MB at most.
+	 * tenth of the worker's CPU (docs/benchmarks.md).  Up to 16 MB free at
+	 * the top of the heap stay there.  Fixing these turns off glibc's
+	 * sliding mmap threshold, so it is fixed too, at 4 MB: a block below
+	 * that (a large answer, a context's bigger blocks) comes from the heap
+	 * and is kept for reuse, not mapped and unmapped each time.
 	 */
+	mallopt(M_MMAP_THRESHOLD, 4 * 1024 * 1024);
 	mallopt(M_TOP_PAD, 4 * 1024 * 1024);
 	mallopt(M_TRIM_THRESHOLD, 16 * 1024 * 1024);
 #endif

@@ -527,14 +527,15 @@ CREATE INDEX webhook_events_tenant ON billing.webhook_events (tenant_id) WHERE t
 -- The payload (a few kilobytes of JSON, stored compressed) is compressed
 -- with lz4 where the server was built with it: pglz, the default, took a
 -- tenth of the intake's CPU; lz4 a fraction of that (docs/benchmarks.md).
--- A server without lz4 keeps pglz.
-DO $$
+-- A server without lz4 keeps pglz.  (Standbys and pg_upgrade targets need
+-- lz4 too: docs/operations.md, "Installing".)
+DO $lz4$
 BEGIN
   ALTER TABLE billing.webhook_events ALTER COLUMN payload SET COMPRESSION lz4;
 EXCEPTION WHEN feature_not_supported THEN
   NULL;
 END
-$$;
+$lz4$;
 COMMENT ON COLUMN billing.webhook_events.waits_for IS
   'The Stripe ids an event waits for (a waiting or ignored event is applied again when one of them is mirrored).';
 COMMENT ON COLUMN billing.webhook_events.source IS

@@ -138,7 +138,10 @@ pair record_usage record_usage plain_insert plain_insert
 pair check_limit check_limit select_1 select_1
 pair check_limit_over_limit check_limit_over select_1 select_1
 # the same answer as a constant: what returning that row costs by itself
-# (record_out and jsonb_out of the upgrade offer), the most the line above can reach
+# (record_out and jsonb_out of the upgrade offer), the most the line above can
+# reach (checked to be the answer check_limit gives, so it stays a ceiling of it)
+[ "$(sql -c "SELECT billing.check_limit('bench_over', 'api_calls', 1) IS NOT DISTINCT FROM ($(grep -v '^--' "$DIR/check_limit_answer.sql" | tr -d ';'))")" = t ] \
+  || { echo "test/bench/check_limit_answer.sql is not what check_limit answers for bench_over" >&2; exit 1; }
 pair check_limit_over_limit_vs_its_answer check_limit_over check_limit_answer check_limit_answer
 pair check_limit_answer_alone check_limit_answer select_1 select_1
 # plan features: the same state and rules as check_limit, at its cost (ceiling
@@ -482,6 +485,7 @@ for r in $(seq 1 "$ROUNDS"); do
   python3 "$src/test/bench/latency_client.py" outbox "host=$DIR port=$PORT dbname=$DB user=postgres" 20 20 >"$DIR/round.txt"
   until [ "$(sql -c "SELECT count(*) FROM billing.stripe_requests WHERE kind = 'bench.latency' AND state <> 'succeeded'")" = 0 ]; do sleep 0.1; done
   cpu1=$(cpu_us "$pid")
+  [ -s "$DIR/round.txt" ] || { echo "worker_cpu_low_load: round $r queued no request" >&2; exit 1; }
   cpus="$cpus $(( (cpu1 - cpu0) / $(wc -l <"$DIR/round.txt") ))"
   cat "$DIR/round.txt" >>"$DIR/committed.txt"
 done
@@ -498,7 +502,7 @@ awk -v a="$p50" -v b="$p99" -v m="$max" -v n="$n" -v q="$(wc -l <"$DIR/committed
 awk -v v="$cpus" -v q="$(wc -l <"$DIR/committed.txt")" 'BEGIN { k = split(v, a, " "); t = 0; lo = 1e9; hi = 0
   for (i = 1; i <= k; i++) { t += a[i]; if (a[i] < lo) lo = a[i]; if (a[i] > hi) hi = a[i] }
   printf "worker_cpu_low_load us_per_request=%d target=pg_net_698 ratio=%.2f spread=%.2f..%.2f (%d rounds, %d requests at 20/s)\n",
-         t / k, 698 / (t / k), 698 / hi, 698 / lo, k, q }'
+         t / k, 698 / (t / k), 698 / hi, 698 / (lo > 0 ? lo : 1), k, q }'
 fi
 
 # the sharded setup (docs/scaleout.md, "Capacity"): a router and shards of
