@@ -613,8 +613,8 @@ qes_worker_main(Datum main_arg)
 	 * contexts (a transaction's, a statement's), and with glibc's default
 	 * trim threshold each turn shrank the heap and grew it again: nine
 	 * brk() calls per Stripe request at low load, each followed by page
-	 * faults and TLB flushes when the memory was touched again, about a
-	 * tenth of the worker's CPU (docs/benchmarks.md).  Up to 16 MB free at
+	 * faults and TLB flushes when the memory was touched again, 7 % of the
+	 * worker's CPU samples (README.md, "Performance").  Up to 16 MB free at
 	 * the top of the heap stay there.  Fixing these turns off glibc's
 	 * sliding mmap threshold, so it is fixed too, at 4 MB: a block below
 	 * that (a large answer, a context's bigger blocks) comes from the heap

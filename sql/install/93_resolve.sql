@@ -124,8 +124,8 @@ COMMENT ON FUNCTION billing.resolve_fetched(billing.stripe_requests) IS
 -- PostgreSQL prepares each row trigger's WHEN clause once per statement, and
 -- the worker's claims and recordings are one statement each, so five
 -- triggers cost five clause preparations per claim and per recording (a
--- twelfth of the worker's CPU per request at low load).  The calls keep the
--- order the separate triggers fired in (by name).
+-- tenth of the worker's CPU at low load: README.md, "Performance").  The
+-- calls keep the order the separate triggers fired in (by name).
 CREATE FUNCTION billing.request_recorded() RETURNS trigger
   LANGUAGE plpgsql SET search_path = pg_catalog, billing
 AS $$
