@@ -24,13 +24,6 @@ my $fake = IPC::Run::start(['python3', $fake_py, '--port', $fake_port, '--delay-
 ok(defined wait_for(sub { $fake->pump_nb; $out =~ /http:/ }, 20), 'the fake Stripe is listening')
 	or diag($err);
 
-sub fake_stats
-{
-	my $r = HTTP::Tiny->new->get("http://127.0.0.1:$fake_port/_fake/stats");
-	die "fake Stripe: $r->{status}" unless $r->{success};
-	return decode_json($r->{content});
-}
-
 my $node = qes_node('outbox_crash', conf => [
 	"qes_billing.stripe_api_base = 'http://127.0.0.1:$fake_port'",
 	"qes_billing.stripe_test_secret_key = 'sk_test_tap_outbox_crash'",
@@ -80,7 +73,7 @@ ok(defined wait_for(sub {
 like(slurp_file($node->logfile), qr/qes_billing worker reclaimed \d+ queue rows left in flight/,
 	'the rows left in flight were reclaimed at start-up');
 
-my $stats = fake_stats();
+my $stats = fake_stats($fake_port);
 is($stats->{creates}{customer}, $n, "exactly $n customers exist in Stripe: none lost, none doubled");
 
 # the requests in flight at the crash were sent again with their own key
@@ -106,16 +99,9 @@ cmp_ok(scalar(@resent), '<=', scalar(@in_flight), 'and only they reached Stripe 
 # waiting for its WAL flush (src/outbox.c): Stripe carries the request out,
 # the server crashes before the answer is recorded and before anything
 # wrote the claim out of the WAL buffers, so after recovery the row is
-# pending again as if never claimed.  It is sent again with its key, Stripe replays its first answer,
-# and there is still one customer.
-sub fake_control
-{
-	my ($path, $body) = @_;
-	my $r = HTTP::Tiny->new->post("http://127.0.0.1:$fake_port/_fake/$path",
-		{ content => encode_json($body), headers => { 'Content-Type' => 'application/json' } });
-	die "fake Stripe: $r->{status}" unless $r->{success};
-}
-fake_control('delay', { after_ms => 8000 });	# carried out at once, answered 8 s later
+# pending again as if never claimed.  It is sent again with its key,
+# Stripe replays its first answer, and there is still one customer.
+fake_control($fake_port, 'delay', { after_ms => 8000 });	# carried out at once, answered 8 s later
 # The WAL writer's round may write the claim out before the crash (then it
 # survives, as any claim did before): a request whose claim is still in
 # the WAL buffers just before the crash is what this part needs, so it
@@ -126,7 +112,7 @@ for my $try (1 .. 3)
 	$lost = $node->safe_psql('postgres', qq{
 		SELECT billing.outbox_enqueue(NULL, 'test.customer', 'POST', '/v1/customers',
 		                              jsonb_build_object('name', 'Lost claim', 'metadata', jsonb_build_object('n', 'lost$try')))});
-	ok(defined wait_for(sub { (fake_stats()->{creates}{customer} // 0) == $n + $try }, 30),
+	ok(defined wait_for(sub { (fake_stats($fake_port)->{creates}{customer} // 0) == $n + $try }, 30),
 		"request $try: Stripe carried it out (its answer held back)");
 	is($node->safe_psql('postgres', "SELECT state || '/' || attempts FROM billing.stripe_requests WHERE request_id = $lost"),
 		'in_flight/1', "request $try: the row is claimed and in flight");
@@ -140,14 +126,14 @@ for my $try (1 .. 3)
 }
 is($unwritten, 't', 'a claim is still in the WAL buffers at the crash');
 $node->stop('immediate');
-fake_control('delay', { after_ms => 0 });
+fake_control($fake_port, 'delay', { after_ms => 0 });
 $node->start;
 ok(defined wait_for(sub {
 	my ($rc, $o) = $node->psql('postgres', "SELECT state FROM billing.stripe_requests WHERE request_id = $lost");
 	$rc == 0 && $o eq 'succeeded' }, 60), 'after the crash the request is sent again and succeeds');
 is($node->safe_psql('postgres', "SELECT attempts FROM billing.stripe_requests WHERE request_id = $lost"),
 	'1', 'the claim did not survive the crash: the resend is the first attempt the row counts');
-$stats = fake_stats();
+$stats = fake_stats($fake_port);
 my $lost_n = $stats->{creates}{customer} - $n;
 is($node->safe_psql('postgres', "SELECT count(*) FROM billing.stripe_requests WHERE params->>'name' = 'Lost claim'"),
 	$lost_n, 'Stripe replayed its first answer: one customer for each request');

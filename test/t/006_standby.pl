@@ -42,13 +42,6 @@ my $fake = IPC::Run::start(['python3', $fake_py, '--port', $fake_port, '--delay-
 ok(defined wait_for(sub { $fake->pump_nb; $fake_out =~ /http:/ }, 20), 'the fake Stripe is listening')
 	or diag($fake_err);
 
-sub fake_stats
-{
-	my $r = HTTP::Tiny->new->get("http://127.0.0.1:$fake_port/_fake/stats");
-	die "fake Stripe: $r->{status}" unless $r->{success};
-	return decode_json($r->{content});
-}
-
 # ---------------------------------------------------------------------------
 # Primary and standby.  The backup is taken before the synchronous settings
 # are made, so the standby (promoted later, alone) does not wait for a
@@ -237,7 +230,7 @@ like(slurp_file($standby->logfile), qr/qes_billing worker reclaimed \d+ queue ro
 	'the rows left in flight were reclaimed when the worker started');
 sleep 2;		# answers of the old primary's last requests reach the fake's log
 
-my $stats = fake_stats();
+my $stats = fake_stats($fake_port);
 my %sent;
 $sent{$_->[2]}++ for grep { $_->[1] eq '/v1/customers' } @{ $stats->{requests} };
 is($stats->{creates}{customer}, $n, "exactly $n customers exist in Stripe: none lost, none doubled");

@@ -29,12 +29,7 @@ my $fake = IPC::Run::start(['python3', $fake_py, '--port', $fake_port, '--delay-
 ok(defined wait_for(sub { $fake->pump_nb; $out =~ /http:/ }, 20), 'the fake Stripe is listening')
 	or diag($err);
 
-sub fake_requests
-{
-	my $r = HTTP::Tiny->new->get("http://127.0.0.1:$fake_port/_fake/stats");
-	die "fake Stripe: $r->{status}" unless $r->{success};
-	return decode_json($r->{content})->{requests};
-}
+sub fake_requests { return fake_stats($fake_port)->{requests}; }
 
 my $node = qes_node('extension_recreate', conf => [
 	"qes_billing.stripe_api_base = 'http://127.0.0.1:$fake_port'",

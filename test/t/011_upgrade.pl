@@ -59,12 +59,7 @@ sub stripe_post
 	return decode_json($r->{content});
 }
 
-sub fake_requests
-{
-	my $r = HTTP::Tiny->new->get("http://127.0.0.1:$fake_port/_fake/stats");
-	die "fake Stripe: $r->{status}" unless $r->{success};
-	return decode_json($r->{content})->{requests};
-}
+sub fake_requests { return fake_stats($fake_port)->{requests}; }
 
 my $node = qes_node('upgrade', conf => [
 	"qes_billing.environment = 'development'",

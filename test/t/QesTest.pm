@@ -8,8 +8,11 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(time usleep);
 use Exporter 'import';
+use HTTP::Tiny;
+use JSON::PP;
 
-our @EXPORT = qw(qes_node worker_state wait_for worker_pid amcheck_all amcheck_failures billing_indexes);
+our @EXPORT = qw(qes_node worker_state wait_for worker_pid amcheck_all amcheck_failures billing_indexes
+				 fake_stats fake_control);
 
 # A started node with the library preloaded; extra postgresql.conf lines
 # may be given, and allows_streaming => 1 for a primary with standbys.
@@ -44,6 +47,26 @@ sub worker_pid
 	my ($node) = @_;
 	return $node->safe_psql('postgres',
 		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'qes_billing worker'");
+}
+
+# What the fake Stripe (test/python/fake_stripe.py) listening on $port has
+# seen: {creates => {...}, requests => [[method, path, key, status, time]], ...}
+sub fake_stats
+{
+	my ($port) = @_;
+	my $r = HTTP::Tiny->new->get("http://127.0.0.1:$port/_fake/stats");
+	die "fake Stripe: $r->{status}" unless $r->{success};
+	return decode_json($r->{content});
+}
+
+# POST a control request to the fake Stripe: fake_control($port, 'delay', { after_ms => 8000 })
+sub fake_control
+{
+	my ($port, $path, $body) = @_;
+	my $r = HTTP::Tiny->new->post("http://127.0.0.1:$port/_fake/$path",
+		{ content => encode_json($body), headers => { 'Content-Type' => 'application/json' } });
+	die "fake Stripe: $r->{status}" unless $r->{success};
+	return decode_json($r->{content});
 }
 
 # Poll a Perl condition for up to $timeout seconds; returns the seconds it
