@@ -165,6 +165,27 @@ SELECT request_id, attempt FROM billing.outbox_claim(1);
 SELECT billing.worker_reclaim() > 0 AS reclaimed;
 SELECT request_id, state, attempts FROM billing.stripe_requests WHERE request_id = 10;
 
+-- ... but only while Stripe keeps the key's result: a request that went out
+-- (attempts > 0) and is older than qes_billing.idempotency_window is not
+-- sent again blind; it fails as expired, and a customer is looked up
+UPDATE billing.stripe_requests SET created_at = now() - interval '23 hours 1 minute' WHERE request_id = 10;
+-- a request never sent goes out whatever its age, and so does a GET
+SELECT billing.outbox_enqueue('beta', 'payment_intent.create', 'POST', '/v1/payment_intents',
+                              '{"amount": 100, "currency": "eur"}') AS never_sent;
+SELECT billing.outbox_enqueue('beta', 'subscription.refresh', 'GET', '/v1/subscriptions/sub_X') AS a_get;
+UPDATE billing.stripe_requests SET created_at = now() - interval '2 days', attempts = 3
+ WHERE request_id = (SELECT max(request_id) FROM billing.stripe_requests);
+UPDATE billing.stripe_requests SET created_at = now() - interval '2 days'
+ WHERE request_id = (SELECT max(request_id) - 1 FROM billing.stripe_requests);
+SELECT request_id, attempt, method FROM billing.outbox_claim(10) ORDER BY request_id;
+SELECT request_id, kind, state, attempts, error ->> 'category' AS category, error ->> 'retryable' AS retryable,
+       error ->> 'attempts' AS error_attempts, error ->> 'message' ~ '^not sent again' AS says_why
+  FROM billing.stripe_requests WHERE request_id = 10;
+SELECT kind, method, subject ->> 'request_id' AS resolves FROM billing.stripe_requests
+ WHERE kind LIKE 'resolve.%' AND (subject ->> 'request_id')::bigint = 10;
+SELECT details -> 'error' ->> 'category' AS audited FROM billing.audit_log
+ WHERE action = 'stripe.request_failed' AND (details ->> 'request_id')::bigint = 10;
+
 -- every step above is in the audit trail
 SELECT action, tenant_id FROM billing.audit_log
  WHERE action ~ '^(subscription|customer|payment_intent|stripe)\.' ORDER BY audit_id;

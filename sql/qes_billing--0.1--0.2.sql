@@ -3093,26 +3093,56 @@ DECLARE
   -- when a coordinator gave it one (a sharded deployment); else p_limit
   v_budget boolean := EXISTS (SELECT FROM billing.stripe_rate_budget);
   v_room   integer := CASE WHEN v_budget THEN billing.stripe_budget_take(p_limit) ELSE p_limit END;
-  v_n      integer;
+  -- a request that changes something in Stripe and went out before
+  -- (attempts > 0: an answer that left its outcome unknown, or a claim
+  -- reclaimed after a crash) is sent again only while Stripe still keeps
+  -- its Idempotency-Key's result; after that a resend could act twice
+  v_expiry timestamptz := now() - current_setting('qes_billing.idempotency_window')::interval;
+  v_n      integer := 0;
+  c        record;
 BEGIN
-  RETURN QUERY
-  UPDATE billing.stripe_requests r
-     SET state = 'in_flight', attempts = r.attempts + 1, claimed_at = now(), updated_at = now()
-   WHERE r.request_id = ANY (ARRAY(
-           SELECT d.request_id FROM billing.stripe_requests d
-            WHERE d.state = 'pending' AND d.next_attempt_at <= now()
-              -- not for a tenant whose partition is moving (src/fence.c)
-              AND NOT billing.tenant_fenced(d.tenant_id)
-            ORDER BY d.next_attempt_at, d.request_id
-            LIMIT v_room
-              FOR UPDATE SKIP LOCKED))
-  RETURNING r.request_id, r.attempts, r.method, r.path, r.params, r.idempotency_key;
-  GET DIAGNOSTICS v_n = ROW_COUNT;
+  -- One statement claims the due rows; a row past its window is taken in
+  -- the same statement (its attempt not counted, claimed_at left NULL to
+  -- mark it) and failed below instead of being returned for sending.
+  FOR c IN
+    UPDATE billing.stripe_requests r
+       SET state = 'in_flight', updated_at = now(),
+           attempts = r.attempts + (NOT (r.method <> 'GET' AND r.attempts > 0 AND r.created_at <= v_expiry))::integer,
+           claimed_at = CASE WHEN r.method <> 'GET' AND r.attempts > 0 AND r.created_at <= v_expiry THEN NULL
+                             ELSE now() END
+     WHERE r.request_id = ANY (ARRAY(
+             SELECT d.request_id FROM billing.stripe_requests d
+              WHERE d.state = 'pending' AND d.next_attempt_at <= now()
+                -- not for a tenant whose partition is moving (src/fence.c)
+                AND NOT billing.tenant_fenced(d.tenant_id)
+              ORDER BY d.next_attempt_at, d.request_id
+              LIMIT v_room
+                FOR UPDATE SKIP LOCKED))
+    RETURNING r.request_id, r.attempts, r.method, r.path, r.params, r.idempotency_key, r.claimed_at, r.created_at,
+              r.http_status, r.error
+  LOOP
+    IF c.claimed_at IS NULL THEN
+      PERFORM billing.outbox_fail(c.request_id, c.http_status, NULL,
+        jsonb_build_object('category', 'expired', 'retryable', false, 'previous_error', c.error,
+                           'message', format('not sent again: it went out %s time(s) without a definite answer, and '
+                                             'Stripe no longer keeps the result of its Idempotency-Key (created %s, '
+                                             'qes_billing.idempotency_window %s), so a resend could act twice',
+                                             c.attempts, c.created_at, current_setting('qes_billing.idempotency_window'))));
+      CONTINUE;
+    END IF;
+    request_id := c.request_id; attempt := c.attempts; method := c.method; path := c.path;
+    params := c.params; idempotency_key := c.idempotency_key;
+    v_n := v_n + 1;
+    RETURN NEXT;
+  END LOOP;
   IF v_budget AND v_n < v_room THEN
     PERFORM billing.stripe_budget_give_back(v_room - v_n);
   END IF;
 END
 $$;
+
+COMMENT ON FUNCTION billing.outbox_claim(integer) IS
+  'Run by the worker: mark up to p_limit due requests in flight and return them for sending. A request that changes something in Stripe, went out before and is older than qes_billing.idempotency_window is failed instead (category expired: its outcome is unknown and a resend could act twice).';
 
 -- Seconds until the next request is due (0: now; NULL: none waits), so the
 -- worker sleeps exactly as long as it may.  (greatest(0, NULL) is 0, not
@@ -3492,6 +3522,7 @@ DECLARE
 BEGIN
   UPDATE billing.stripe_requests
      SET state = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now(),
+         -- (expired: Stripe no longer keeps the old key, a new one is as blind)
          idempotency_key = CASE WHEN coalesce(error ->> 'category', 'network') IN ('network', 'server', 'conflict', 'apply', 'rate_limited')
                                 THEN idempotency_key ELSE 'qes-' || gen_random_uuid() END
    WHERE request_id = p_request_id AND state = 'failed'
@@ -5436,10 +5467,10 @@ COMMENT ON VIEW api.subscription IS
 CREATE OR REPLACE FUNCTION billing.outcome_unknown(r billing.stripe_requests) RETURNS boolean
   LANGUAGE sql IMMUTABLE
 RETURN r.kind IN ('customer.create', 'subscription.create')
-   AND r.error ->> 'category' IN ('network', 'server', 'conflict', 'rate_limited', 'apply');
+   AND r.error ->> 'category' IN ('network', 'server', 'conflict', 'rate_limited', 'apply', 'expired');
 
 COMMENT ON FUNCTION billing.outcome_unknown(billing.stripe_requests) IS
-  'Whether a failed customer or subscription request may still have created its object in Stripe (no definite answer: network, 5xx, 409, 429, or an answer that could not be applied).';
+  'Whether a failed customer or subscription request may still have created its object in Stripe (no definite answer: network, 5xx, 409, 429, an answer that could not be applied, or a retry refused because Stripe no longer keeps its Idempotency-Key).';
 
 -- Queue the lookup of a failed request's object.
 CREATE OR REPLACE FUNCTION billing.resolve_request(r billing.stripe_requests) RETURNS bigint
@@ -7070,11 +7101,12 @@ COMMENT ON VIEW billing.prometheus_outbox IS
   'Prometheus: Stripe requests queued (all time) and succeeded (counters); now waiting for another request, pending (of which retrying), in flight, failed and not retried; and for how long the longest-waiting due request has been due (0 when none is).';
 
 -- Final failures by category, from the audit log (stripe.request_failed):
--- the categories of billing.outbox_classify() plus apply and dependency.
+-- the categories of billing.outbox_classify() plus apply, dependency and
+-- expired (billing.outbox_claim).
 CREATE VIEW billing.prometheus_outbox_failures AS
 WITH known(category) AS (
   VALUES ('network'), ('conflict'), ('rate_limited'), ('server'), ('card'), ('authentication'), ('permission'),
-         ('not_found'), ('invalid_request'), ('apply'), ('dependency')
+         ('not_found'), ('invalid_request'), ('apply'), ('dependency'), ('expired')
 ), seen AS (
   SELECT coalesce(a.details -> 'error' ->> 'category', 'unknown') AS category, count(*) AS n
     FROM billing.audit_log a

@@ -17,9 +17,9 @@
 CREATE FUNCTION billing.outcome_unknown(r billing.stripe_requests) RETURNS boolean
   LANGUAGE sql IMMUTABLE
 RETURN r.kind IN ('customer.create', 'subscription.create')
-   AND r.error ->> 'category' IN ('network', 'server', 'conflict', 'rate_limited', 'apply');
+   AND r.error ->> 'category' IN ('network', 'server', 'conflict', 'rate_limited', 'apply', 'expired');
 COMMENT ON FUNCTION billing.outcome_unknown(billing.stripe_requests) IS
-  'Whether a failed customer or subscription request may still have created its object in Stripe (no definite answer: network, 5xx, 409, 429, or an answer that could not be applied).';
+  'Whether a failed customer or subscription request may still have created its object in Stripe (no definite answer: network, 5xx, 409, 429, an answer that could not be applied, or a retry refused because Stripe no longer keeps its Idempotency-Key).';
 
 -- Queue the lookup of a failed request's object.
 CREATE FUNCTION billing.resolve_request(r billing.stripe_requests) RETURNS bigint

@@ -147,11 +147,12 @@ COMMENT ON VIEW billing.prometheus_outbox IS
   'Prometheus: Stripe requests queued (all time) and succeeded (counters); now waiting for another request, pending (of which retrying), in flight, failed and not retried; and for how long the longest-waiting due request has been due (0 when none is).';
 
 -- Final failures by category, from the audit log (stripe.request_failed):
--- the categories of billing.outbox_classify() plus apply and dependency.
+-- the categories of billing.outbox_classify() plus apply, dependency and
+-- expired (billing.outbox_claim).
 CREATE VIEW billing.prometheus_outbox_failures AS
 WITH known(category) AS (
   VALUES ('network'), ('conflict'), ('rate_limited'), ('server'), ('card'), ('authentication'), ('permission'),
-         ('not_found'), ('invalid_request'), ('apply'), ('dependency')
+         ('not_found'), ('invalid_request'), ('apply'), ('dependency'), ('expired')
 ), seen AS (
   SELECT coalesce(a.details -> 'error' ->> 'category', 'unknown') AS category, count(*) AS n
     FROM billing.audit_log a

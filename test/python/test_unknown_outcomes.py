@@ -80,10 +80,12 @@ def test_a_subscription_created_whose_answer_was_lost_is_found(pgu, api, fake):
         drain(pg)
     finally:
         fake.lost.clear()
-    # every attempt failed without an answer, past max_attempts (3) while the key was honoured ...
+    # every attempt failed without an answer, past max_attempts (3) while the key was honoured;
+    # then it failed: on an answer after the window (network), or, when a retry fell due after
+    # it, at the claim, never sent again (expired) ...
     state, attempts, category = pg.sql("SELECT state, attempts, error ->> 'category' FROM billing.stripe_requests "
                                        "WHERE tenant_id = 'lost_sub' AND kind = 'subscription.create'")[0]
-    assert (state, category) == ("failed", "network") and attempts > 3, attempts
+    assert state == "failed" and category in ("network", "expired") and attempts > 3, (category, attempts)
     # ... but Stripe had made it (once: the same key each time), and the lookup found it
     made = subscriptions_in_stripe(fake, "lost_sub")
     assert len(made) == 1

@@ -3,6 +3,8 @@
 # so after crash recovery the rows left in flight are sent again with the
 # same key: the (stateful, fake) Stripe replays its first answer, and every
 # logical request creates exactly one object -- none lost, none doubled.
+# After an outage longer than Stripe keeps a key, a row that went out is not
+# sent again but looked up.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -55,11 +57,13 @@ ok(defined wait_for(sub {
 		"SELECT count(*) FILTER (WHERE state = 'succeeded') > 20 AND count(*) FILTER (WHERE state = 'in_flight') > 0
 		   FROM billing.stripe_requests") eq 't' }, 60),
 	'requests are being sent');
-# (read in a transaction that commits synchronously: the claims it sees are
-# flushed with its commit, whereas a claim's own commit does not wait)
+# (read in a transaction that writes WAL and commits synchronously, so its
+# commit flushes the claims it sees, whereas a claim's own commit does not
+# wait; a transaction that only took an xid writes no WAL but its commit
+# record, and PostgreSQL does not wait for that one)
 my $in_flight = $node->safe_psql('postgres', q{
 	BEGIN;
-	SELECT txid_current() \g /dev/null
+	SELECT pg_logical_emit_message(true, 'qes_tap', 'flush') \g /dev/null
 	SELECT string_agg(request_id::text, ',') FROM billing.stripe_requests WHERE state = 'in_flight';
 	COMMIT;});
 my $done_before = $node->safe_psql('postgres', "SELECT count(*) FROM billing.stripe_requests WHERE state = 'succeeded'");
@@ -142,6 +146,52 @@ is(scalar(grep { $_->[1] eq '/v1/customers' && $_->[2] eq $lost_key } @{ $stats-
 	'the key went out twice, before and after the crash');
 is($node->safe_psql('postgres', "SELECT response->>'name' FROM billing.stripe_requests WHERE request_id = $lost"),
 	'Lost claim', 'and the row recorded the customer Stripe created the first time');
+
+# A long outage.  Stripe keeps an Idempotency-Key's result for 24 hours:
+# a request that went out before the crash and is resent after that would
+# act twice.  A tenant's customer is created in Stripe, the server crashes
+# before the answer is recorded, and comes back "a day later" (here the
+# window, qes_billing.idempotency_window, is cut to 1 s, past which the row
+# is kept waiting).  The row is not sent again: it fails as expired, the
+# customer is looked up by the tenant's email and metadata, found, and
+# linked -- one customer, its key sent once.
+$node->safe_psql('postgres', "SELECT billing.upsert_tenant('outage', 'Outage Ltd', 'billing\@outage.example')");
+fake_control($fake_port, 'delay', { after_ms => 8000 });
+my $cus_req = $node->safe_psql('postgres', q{
+	SELECT billing.customer_request(t) FROM billing.tenants t WHERE tenant_id = 'outage'});
+my $creates = $stats->{creates}{customer};
+ok(defined wait_for(sub { (fake_stats($fake_port)->{creates}{customer} // 0) == $creates + 1 }, 30),
+	'long outage: Stripe created the customer (its answer held back)');
+# (a synchronous commit that wrote WAL flushes the claim with it: the row is
+# durably in flight)
+is($node->safe_psql('postgres', qq{
+	BEGIN;
+	SELECT pg_logical_emit_message(true, 'qes_tap', 'flush') \\g /dev/null
+	SELECT state || '/' || attempts FROM billing.stripe_requests WHERE request_id = $cus_req;
+	COMMIT;}), 'in_flight/1', 'long outage: the request is in flight at the crash');
+$node->stop('immediate');
+fake_control($fake_port, 'delay', { after_ms => 0 });
+$node->append_conf('postgresql.conf', "qes_billing.idempotency_window = '1s'");
+sleep(2);
+$node->start;
+ok(defined wait_for(sub {
+	my ($rc, $o) = $node->psql('postgres', "SELECT stripe_customer_id IS NOT NULL FROM billing.tenants WHERE tenant_id = 'outage'");
+	$rc == 0 && $o eq 't' }, 60), 'long outage: the tenant is linked to a customer');
+is($node->safe_psql('postgres', "SELECT state || '/' || (error ->> 'category') FROM billing.stripe_requests WHERE request_id = $cus_req"),
+	'failed/expired', 'the request was not sent again: failed as expired');
+$stats = fake_stats($fake_port);
+my $cus_key = $node->safe_psql('postgres', "SELECT idempotency_key FROM billing.stripe_requests WHERE request_id = $cus_req");
+is(scalar(grep { $_->[1] eq '/v1/customers' && $_->[2] eq $cus_key } @{ $stats->{requests} }), 1,
+	'its key went out once, before the crash');
+is($stats->{creates}{customer}, $creates + 1, 'Stripe has one customer for the tenant');
+is($node->safe_psql('postgres', q{
+	SELECT t.stripe_customer_id = (SELECT r.response -> 'data' -> 0 ->> 'id' FROM billing.stripe_requests r
+	                                WHERE r.kind = 'resolve.customer.list' AND r.state = 'succeeded')
+	  FROM billing.tenants t WHERE t.tenant_id = 'outage'}), 't', 'the one the lookup found');
+is($node->safe_psql('postgres', qq{
+	SELECT string_agg(details ->> 'found', ',') FROM billing.audit_log
+	 WHERE action = 'stripe.request_resolved' AND (details ->> 'request_id')::bigint = $cus_req}), 'true',
+	'the resolution is audited');
 
 unlike(slurp_file($node->logfile), qr/sk_test_tap_outbox_crash/, 'the secret key never reaches the log');
 is($node->safe_psql('postgres', "SELECT count(*) FROM billing.stripe_requests WHERE params::text LIKE '%sk_test%' OR response::text LIKE '%sk_test%'"),
