@@ -185,6 +185,21 @@ SELECT kind, method, subject ->> 'request_id' AS resolves FROM billing.stripe_re
  WHERE kind LIKE 'resolve.%' AND (subject ->> 'request_id')::bigint = 10;
 SELECT details -> 'error' ->> 'category' AS audited FROM billing.audit_log
  WHERE action = 'stripe.request_failed' AND (details ->> 'request_id')::bigint = 10;
+-- a failure whose undoing raises still fails the row (a claim that raised
+-- would hold up every other request), and says so
+BEGIN; SELECT as_tenant('acme'); SELECT api.create_payment_intent(300) ->> 'status' AS status; COMMIT;
+UPDATE billing.stripe_requests SET attempts = 1, created_at = now() - interval '2 days'
+ WHERE request_id = (SELECT max(request_id) FROM billing.stripe_requests WHERE kind = 'payment_intent.create');
+CREATE FUNCTION public.payments_frozen() RETURNS trigger LANGUAGE plpgsql
+AS $$ BEGIN RAISE EXCEPTION 'billing.payments is frozen for an audit'; END $$;
+CREATE TRIGGER payments_frozen BEFORE UPDATE ON billing.payments FOR EACH ROW EXECUTE FUNCTION public.payments_frozen();
+SELECT count(*) AS sent FROM billing.outbox_claim(10);
+SELECT state, error ->> 'category' AS category, error ->> 'not_undone' AS not_undone
+  FROM billing.stripe_requests WHERE request_id = (SELECT max(request_id) FROM billing.stripe_requests WHERE kind = 'payment_intent.create');
+SELECT details ->> 'not_undone' AS audited FROM billing.audit_log
+ WHERE action = 'stripe.request_failed' ORDER BY audit_id DESC LIMIT 1;
+DROP TRIGGER payments_frozen ON billing.payments;
+DROP FUNCTION public.payments_frozen();
 
 -- every step above is in the audit trail
 SELECT action, tenant_id FROM billing.audit_log

@@ -96,6 +96,8 @@ DECLARE
   -- its Idempotency-Key's result; after that a resend could act twice
   v_expiry timestamptz := now() - current_setting('qes_billing.idempotency_window')::interval;
   v_n      integer := 0;
+  v_err    jsonb;
+  v_msg    text;
   c        record;
 BEGIN
   -- One statement claims the due rows; a row past its window is taken in
@@ -116,15 +118,27 @@ BEGIN
               LIMIT v_room
                 FOR UPDATE SKIP LOCKED))
     RETURNING r.request_id, r.attempts, r.method, r.path, r.params, r.idempotency_key, r.claimed_at, r.created_at,
-              r.http_status, r.error
+              r.http_status, r.error, r.tenant_id
   LOOP
     IF c.claimed_at IS NULL THEN
-      PERFORM billing.outbox_fail(c.request_id, c.http_status, NULL,
-        jsonb_build_object('category', 'expired', 'retryable', false, 'previous_error', c.error,
-                           'message', format('not sent again: it went out %s time(s) without a definite answer, and '
-                                             'Stripe no longer keeps the result of its Idempotency-Key (created %s, '
-                                             'qes_billing.idempotency_window %s), so a resend could act twice',
-                                             c.attempts, c.created_at, current_setting('qes_billing.idempotency_window'))));
+      v_err := jsonb_build_object('category', 'expired', 'retryable', false, 'previous_error', c.error,
+                 'message', format('not sent again: it went out %s time(s) without a definite answer, and '
+                                   'Stripe no longer keeps the result of its Idempotency-Key (created %s, '
+                                   'qes_billing.idempotency_window %s), so a resend could act twice',
+                                   c.attempts, c.created_at, current_setting('qes_billing.idempotency_window')));
+      BEGIN
+        PERFORM billing.outbox_fail(c.request_id, c.http_status, NULL, v_err);
+      EXCEPTION WHEN OTHERS THEN
+        -- what its failure undoes could not be undone: the row still fails
+        -- (a claim that raised would stop every other request), audited
+        GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
+        UPDATE billing.stripe_requests
+           SET state = 'failed', claimed_at = NULL, updated_at = now(),
+               error = billing.redact(v_err || jsonb_build_object('attempts', attempts, 'not_undone', v_msg))
+         WHERE stripe_requests.request_id = c.request_id;
+        PERFORM billing.audit('stripe.request_failed', c.tenant_id,
+                              jsonb_build_object('request_id', c.request_id, 'error', v_err, 'not_undone', v_msg));
+      END;
       CONTINUE;
     END IF;
     request_id := c.request_id; attempt := c.attempts; method := c.method; path := c.path;

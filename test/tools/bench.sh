@@ -135,6 +135,12 @@ if wants usage; then
 fresh_cluster
 tps check_limit >/dev/null       # warm caches and counters
 pair record_usage record_usage plain_insert plain_insert
+# the same row into a copy of usage_events with both its indexes (the line
+# above's ceiling has the primary key only)
+same_indexes() { sql -c "TRUNCATE bench_same_usage" -c "INSERT INTO bench_same_usage SELECT * FROM billing.usage_events" \
+                     -c "VACUUM ANALYZE bench_same_usage" -c "CHECKPOINT" >/dev/null; }
+same_indexes
+pair record_usage_vs_same_indexes record_usage same_indexes_insert same_indexes_insert
 pair check_limit check_limit select_1 select_1
 pair check_limit_over_limit check_limit_over select_1 select_1
 # the same answer as a constant: what returning that row costs by itself
@@ -188,6 +194,8 @@ report check_limit_heavy_table_full tps check_limit_heavy_cached "$full" "$cache
 
 settings synchronous_commit=off
 pair record_usage_async_commit record_usage plain_insert_async_commit plain_insert
+same_indexes
+pair record_usage_async_commit_vs_same_indexes record_usage same_indexes_insert_async_commit same_indexes_insert
 settings synchronous_commit=on
 sql -c "SELECT 'counter cache: ' || entries || ' entries, ' || hits || ' hits, ' || loads || ' builds, ' || uncached || ' uncached' FROM billing.usage_cache_stats()"
 fi
