@@ -165,15 +165,18 @@ SELECT request_id, attempt FROM billing.outbox_claim(1);
 SELECT billing.worker_reclaim() > 0 AS reclaimed;
 SELECT request_id, state, attempts FROM billing.stripe_requests WHERE request_id = 10;
 
--- ... but only while Stripe keeps the key's result: a request that went out
--- (attempts > 0) and is older than qes_billing.idempotency_window is not
--- sent again blind; it fails as expired, and a customer is looked up
-UPDATE billing.stripe_requests SET created_at = now() - interval '23 hours 1 minute' WHERE request_id = 10;
+-- ... but only while Stripe keeps the key's result: a request that may have
+-- reached Stripe (first_sent_at: the reclaim above set it) longer ago than
+-- qes_billing.idempotency_window is not sent again blind; it fails as
+-- expired, and a customer is looked up
+SELECT first_sent_at IS NOT NULL AS may_have_reached_stripe FROM billing.stripe_requests WHERE request_id = 10;
+UPDATE billing.stripe_requests SET first_sent_at = now() - interval '23 hours 1 minute' WHERE request_id = 10;
 -- a request never sent goes out whatever its age, and so does a GET
 SELECT billing.outbox_enqueue('beta', 'payment_intent.create', 'POST', '/v1/payment_intents',
                               '{"amount": 100, "currency": "eur"}') AS never_sent;
 SELECT billing.outbox_enqueue('beta', 'subscription.refresh', 'GET', '/v1/subscriptions/sub_X') AS a_get;
-UPDATE billing.stripe_requests SET created_at = now() - interval '2 days', attempts = 3
+UPDATE billing.stripe_requests SET created_at = now() - interval '2 days', first_sent_at = now() - interval '2 days',
+                                   attempts = 3
  WHERE request_id = (SELECT max(request_id) FROM billing.stripe_requests);
 UPDATE billing.stripe_requests SET created_at = now() - interval '2 days'
  WHERE request_id = (SELECT max(request_id) - 1 FROM billing.stripe_requests);
@@ -181,25 +184,56 @@ SELECT request_id, attempt, method FROM billing.outbox_claim(10) ORDER BY reques
 SELECT request_id, kind, state, attempts, error ->> 'category' AS category, error ->> 'retryable' AS retryable,
        error ->> 'attempts' AS error_attempts, error ->> 'message' ~ '^not sent again' AS says_why
   FROM billing.stripe_requests WHERE request_id = 10;
-SELECT kind, method, subject ->> 'request_id' AS resolves FROM billing.stripe_requests
+SELECT request_id AS lookup, kind, method, subject ->> 'request_id' AS resolves FROM billing.stripe_requests
  WHERE kind LIKE 'resolve.%' AND (subject ->> 'request_id')::bigint = 10;
 SELECT details -> 'error' ->> 'category' AS audited FROM billing.audit_log
  WHERE action = 'stripe.request_failed' AND (details ->> 'request_id')::bigint = 10;
--- a failure whose undoing raises still fails the row (a claim that raised
--- would hold up every other request), and says so
+-- an operator's retry would be as blind: refused while the lookup runs ...
+SELECT billing.retry_request(10);
+-- ... and once the lookup (claimed above) found the customer, nothing is left to retry
+SELECT billing.outbox_record(r.request_id, 1, 200,
+         '{"object":"list","data":[{"id":"cus_B7","object":"customer","email":"billing@beta.test","metadata":{"tenant_id":"beta"},"created":1767225600}]}')
+  FROM billing.stripe_requests r WHERE r.kind = 'resolve.customer.list';
+SELECT stripe_customer_id, (SELECT error -> 'resolved' FROM billing.stripe_requests WHERE request_id = 10) AS resolved
+  FROM billing.tenants WHERE tenant_id = 'beta';
+SELECT billing.retry_request(10);
+-- the never-sent payment intent fails on a connection refused: it did not
+-- reach Stripe, its key's time has not started
+SELECT billing.outbox_record(12, 1, NULL, NULL, NULL, NULL, 'not sent: Couldn''t connect to server: Connection refused');
+SELECT state, attempts, first_sent_at IS NULL AS never_reached_stripe FROM billing.stripe_requests WHERE request_id = 12;
+-- an expired request Stripe may have acted on is retried only when forced
+UPDATE billing.stripe_requests SET state = 'failed', first_sent_at = now() - interval '2 days',
+                                   error = '{"category": "expired"}' WHERE request_id = 12;
+SELECT billing.retry_request(12);
+SELECT billing.retry_request(12, force => true);
+SELECT state, attempts, first_sent_at IS NULL AS new_key_not_sent, idempotency_key <> 'x' AS has_key
+  FROM billing.stripe_requests WHERE request_id = 12;
+SELECT details FROM billing.audit_log WHERE action = 'stripe.request_retried' ORDER BY audit_id DESC LIMIT 1;
+-- a failure whose undoing raises does not hold up the claim: the request is
+-- parked (pending, never due) and said so; made due again once the cause is
+-- fixed, the next claim fails it
 BEGIN; SELECT as_tenant('acme'); SELECT api.create_payment_intent(300) ->> 'status' AS status; COMMIT;
-UPDATE billing.stripe_requests SET attempts = 1, created_at = now() - interval '2 days'
+UPDATE billing.stripe_requests SET attempts = 1, first_sent_at = now() - interval '2 days'
  WHERE request_id = (SELECT max(request_id) FROM billing.stripe_requests WHERE kind = 'payment_intent.create');
 CREATE FUNCTION public.payments_frozen() RETURNS trigger LANGUAGE plpgsql
 AS $$ BEGIN RAISE EXCEPTION 'billing.payments is frozen for an audit'; END $$;
 CREATE TRIGGER payments_frozen BEFORE UPDATE ON billing.payments FOR EACH ROW EXECUTE FUNCTION public.payments_frozen();
+SET client_min_messages = error;
 SELECT count(*) AS sent FROM billing.outbox_claim(10);
-SELECT state, error ->> 'category' AS category, error ->> 'not_undone' AS not_undone
+RESET client_min_messages;
+SELECT state, next_attempt_at = 'infinity' AS never_due, error ->> 'category' AS category, error ->> 'parked' AS parked
   FROM billing.stripe_requests WHERE request_id = (SELECT max(request_id) FROM billing.stripe_requests WHERE kind = 'payment_intent.create');
-SELECT details ->> 'not_undone' AS audited FROM billing.audit_log
- WHERE action = 'stripe.request_failed' ORDER BY audit_id DESC LIMIT 1;
+SELECT details ->> 'parked' AS parked, details ->> 'kind' AS kind, details ->> 'to_do' ~ 'next_attempt_at = now\(\)' AS says_what_to_do
+  FROM billing.audit_log WHERE action = 'stripe.request_parked';
+SELECT billing.outbox_next_due() IS NULL OR billing.outbox_next_due() < 1e9 AS not_waited_for;
 DROP TRIGGER payments_frozen ON billing.payments;
 DROP FUNCTION public.payments_frozen();
+UPDATE billing.stripe_requests SET next_attempt_at = now()
+ WHERE request_id = (SELECT max(request_id) FROM billing.stripe_requests WHERE kind = 'payment_intent.create');
+SELECT count(*) AS sent FROM billing.outbox_claim(10);
+SELECT state, error ->> 'category' AS category FROM billing.stripe_requests
+ WHERE request_id = (SELECT max(request_id) FROM billing.stripe_requests WHERE kind = 'payment_intent.create');
+BEGIN; SELECT as_tenant('acme'); SELECT status, failure_code FROM api.payments WHERE amount = 300; COMMIT;
 
 -- every step above is in the audit trail
 SELECT action, tenant_id FROM billing.audit_log

@@ -33,6 +33,7 @@ DROP FUNCTION billing.apply_event(jsonb);
 DROP FUNCTION billing.apply_invoice(text,jsonb,timestamp with time zone);
 DROP FUNCTION billing.current_subscription(text);
 DROP FUNCTION billing.refresh_subscription(text,text);
+DROP FUNCTION billing.retry_request(bigint);
 DROP FUNCTION billing.setup_webhook(text);
 DROP FUNCTION billing.usage_cache_stats();
 DROP FUNCTION billing.webhook_reject(text,text,text);
@@ -386,6 +387,9 @@ CREATE INDEX notifications_due ON billing.notifications (next_attempt_at) WHERE 
 CREATE INDEX notifications_in_flight ON billing.notifications (claimed_at) WHERE state = 'in_flight';
 
 CREATE INDEX notifications_failed ON billing.notifications (updated_at) WHERE state = 'failed';
+
+-- (upgrade) what 0.2 adds to billing.stripe_requests
+ALTER TABLE billing.stripe_requests ADD COLUMN first_sent_at timestamp with time zone;
 
 DROP INDEX billing.stripe_requests_due;
 -- in the order the worker claims requests (billing.outbox_claim), so a claim needs no sort
@@ -1059,6 +1063,35 @@ CREATE OR REPLACE TRIGGER wake_worker AFTER INSERT OR UPDATE ON billing.stripe_r
 
 CREATE OR REPLACE TRIGGER wake_worker AFTER INSERT OR UPDATE ON billing.webhook_events
   FOR EACH STATEMENT EXECUTE FUNCTION billing.wake_worker_on_commit();
+
+-- Crash reconciliation: a row still in flight when the worker starts was
+-- left by a crash (there is one worker).  Put it back in the queue; an
+-- outbox row keeps its idempotency key, so Stripe replays instead of
+-- creating twice.
+CREATE OR REPLACE FUNCTION billing.worker_reclaim() RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_requests bigint;
+  v_events bigint;
+BEGIN
+  -- (an attempt in flight at a crash may have reached Stripe)
+  UPDATE billing.stripe_requests
+     SET state = 'pending', first_sent_at = coalesce(first_sent_at, claimed_at), claimed_at = NULL,
+         next_attempt_at = now(), updated_at = now()
+   WHERE state = 'in_flight';
+  GET DIAGNOSTICS v_requests = ROW_COUNT;
+  UPDATE billing.webhook_events
+     SET state = 'received', next_attempt_at = now()
+   WHERE state = 'processing';
+  GET DIAGNOSTICS v_events = ROW_COUNT;
+  IF v_requests + v_events > 0 THEN
+    PERFORM billing.audit('worker.reclaimed', NULL,
+                          jsonb_build_object('stripe_requests', v_requests, 'webhook_events', v_events));
+  END IF;
+  RETURN v_requests + v_events;
+END
+$$;
 
 -- The worker's tick: apply due webhook events, then timers.  Returns the
 -- number of events applied (the worker runs the next tick at once when it
@@ -3091,63 +3124,89 @@ AS $$
 DECLARE
   -- this database's share of the Stripe account's rate (87_outbox_budget.sql),
   -- when a coordinator gave it one (a sharded deployment); else p_limit
-  v_budget boolean := EXISTS (SELECT FROM billing.stripe_rate_budget);
-  v_room   integer := CASE WHEN v_budget THEN billing.stripe_budget_take(p_limit) ELSE p_limit END;
-  -- a request that changes something in Stripe and went out before
-  -- (attempts > 0: an answer that left its outcome unknown, or a claim
-  -- reclaimed after a crash) is sent again only while Stripe still keeps
-  -- its Idempotency-Key's result; after that a resend could act twice
-  v_expiry timestamptz := now() - current_setting('qes_billing.idempotency_window')::interval;
-  v_n      integer := 0;
-  v_err    jsonb;
-  v_msg    text;
-  c        record;
+  v_budget  boolean := EXISTS (SELECT FROM billing.stripe_rate_budget);
+  v_room    integer := CASE WHEN v_budget THEN billing.stripe_budget_take(p_limit) ELSE p_limit END;
+  -- A request that changes something in Stripe and may have reached it
+  -- (first_sent_at: an attempt that got an answer, or ended without one
+  -- after connecting, or was in flight at a crash) is sent again only while
+  -- Stripe still keeps its Idempotency-Key's result; after that a resend
+  -- could act twice, so it fails instead, as an unknown outcome ("expired").
+  v_expiry  timestamptz := now() - current_setting('qes_billing.idempotency_window')::interval;
+  v_n       integer := 0;
+  v_expired jsonb[];
+  v_msg     text;
+  c         record;
+  x         jsonb;
 BEGIN
-  -- One statement claims the due rows; a row past its window is taken in
-  -- the same statement (its attempt not counted, claimed_at left NULL to
-  -- mark it) and failed below instead of being returned for sending.
-  FOR c IN
-    UPDATE billing.stripe_requests r
-       SET state = 'in_flight', updated_at = now(),
-           attempts = r.attempts + (NOT (r.method <> 'GET' AND r.attempts > 0 AND r.created_at <= v_expiry))::integer,
-           claimed_at = CASE WHEN r.method <> 'GET' AND r.attempts > 0 AND r.created_at <= v_expiry THEN NULL
-                             ELSE now() END
-     WHERE r.request_id = ANY (ARRAY(
-             SELECT d.request_id FROM billing.stripe_requests d
-              WHERE d.state = 'pending' AND d.next_attempt_at <= now()
-                -- not for a tenant whose partition is moving (src/fence.c)
-                AND NOT billing.tenant_fenced(d.tenant_id)
-              ORDER BY d.next_attempt_at, d.request_id
-              LIMIT v_room
-                FOR UPDATE SKIP LOCKED))
-    RETURNING r.request_id, r.attempts, r.method, r.path, r.params, r.idempotency_key, r.claimed_at, r.created_at,
-              r.http_status, r.error, r.tenant_id
+  -- One statement claims the due rows.  An expired row is taken in the same
+  -- statement (its attempt not counted, claimed_at left NULL to mark it) and
+  -- failed below instead of being returned; the room it took is claimed
+  -- again, so that a backlog of them (after an outage) does not make the
+  -- worker wait a naptime per batch.
   LOOP
-    IF c.claimed_at IS NULL THEN
-      v_err := jsonb_build_object('category', 'expired', 'retryable', false, 'previous_error', c.error,
-                 'message', format('not sent again: it went out %s time(s) without a definite answer, and '
-                                   'Stripe no longer keeps the result of its Idempotency-Key (created %s, '
-                                   'qes_billing.idempotency_window %s), so a resend could act twice',
-                                   c.attempts, c.created_at, current_setting('qes_billing.idempotency_window')));
-      BEGIN
-        PERFORM billing.outbox_fail(c.request_id, c.http_status, NULL, v_err);
-      EXCEPTION WHEN OTHERS THEN
-        -- what its failure undoes could not be undone: the row still fails
-        -- (a claim that raised would stop every other request), audited
-        GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
-        UPDATE billing.stripe_requests
-           SET state = 'failed', claimed_at = NULL, updated_at = now(),
-               error = billing.redact(v_err || jsonb_build_object('attempts', attempts, 'not_undone', v_msg))
-         WHERE stripe_requests.request_id = c.request_id;
-        PERFORM billing.audit('stripe.request_failed', c.tenant_id,
-                              jsonb_build_object('request_id', c.request_id, 'error', v_err, 'not_undone', v_msg));
-      END;
-      CONTINUE;
-    END IF;
-    request_id := c.request_id; attempt := c.attempts; method := c.method; path := c.path;
-    params := c.params; idempotency_key := c.idempotency_key;
-    v_n := v_n + 1;
-    RETURN NEXT;
+    v_expired := NULL;
+    FOR c IN
+      UPDATE billing.stripe_requests r
+         SET state = 'in_flight', updated_at = now(),
+             attempts = r.attempts + (NOT coalesce(r.method <> 'GET' AND r.first_sent_at <= v_expiry, false))::integer,
+             claimed_at = CASE WHEN r.method <> 'GET' AND r.first_sent_at <= v_expiry THEN NULL ELSE now() END
+       WHERE r.request_id = ANY (ARRAY(
+               SELECT d.request_id FROM billing.stripe_requests d
+                WHERE d.state = 'pending' AND d.next_attempt_at <= now()
+                  -- not for a tenant whose partition is moving (src/fence.c)
+                  AND NOT billing.tenant_fenced(d.tenant_id)
+                ORDER BY d.next_attempt_at, d.request_id
+                LIMIT v_room - v_n
+                  FOR UPDATE SKIP LOCKED))
+      RETURNING r.request_id, r.attempts, r.method, r.path, r.params, r.idempotency_key, r.claimed_at,
+                r.first_sent_at, r.http_status, r.error, r.tenant_id, r.kind
+    LOOP
+      IF c.claimed_at IS NULL THEN
+        v_expired := v_expired || jsonb_build_object(
+          'request_id', c.request_id, 'tenant_id', c.tenant_id, 'kind', c.kind, 'http_status', c.http_status,
+          'error', jsonb_build_object('category', 'expired', 'retryable', false, 'previous_error', c.error,
+            'message', format('not sent again: it may have reached Stripe (first at %s, %s attempt(s)) and '
+                              'Stripe no longer keeps the result of its Idempotency-Key '
+                              '(qes_billing.idempotency_window %s), so a resend could act twice',
+                              c.first_sent_at, c.attempts, current_setting('qes_billing.idempotency_window'))));
+        CONTINUE;
+      END IF;
+      request_id := c.request_id; attempt := c.attempts; method := c.method; path := c.path;
+      params := c.params; idempotency_key := c.idempotency_key;
+      v_n := v_n + 1;
+      RETURN NEXT;
+    END LOOP;
+    EXIT WHEN v_expired IS NULL;
+    -- all of them at once, in one subtransaction
+    BEGIN
+      FOREACH x IN ARRAY v_expired LOOP
+        PERFORM billing.outbox_fail((x ->> 'request_id')::bigint, (x ->> 'http_status')::integer, NULL, x -> 'error');
+      END LOOP;
+    EXCEPTION WHEN OTHERS THEN
+      -- what a failure sets off raised: one by one, and one that raises
+      -- again is parked (pending, never due), so that the claim goes on
+      -- and nothing sends it; an operator makes it due once the cause is
+      -- fixed, and the next claim fails it as above
+      FOREACH x IN ARRAY v_expired LOOP
+        BEGIN
+          PERFORM billing.outbox_fail((x ->> 'request_id')::bigint, (x ->> 'http_status')::integer, NULL, x -> 'error');
+        EXCEPTION WHEN OTHERS THEN
+          GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT;
+          UPDATE billing.stripe_requests s
+             SET state = 'pending', claimed_at = NULL, next_attempt_at = 'infinity', updated_at = now(),
+                 error = billing.redact(x -> 'error' || jsonb_build_object('parked', v_msg))
+           WHERE s.request_id = (x ->> 'request_id')::bigint;
+          PERFORM billing.audit('stripe.request_parked', x ->> 'tenant_id',
+            jsonb_build_object('request_id', (x ->> 'request_id')::bigint, 'kind', x ->> 'kind',
+                               'error', x -> 'error', 'parked', v_msg,
+                               'to_do', format('fix the cause, then UPDATE billing.stripe_requests SET next_attempt_at = now() '
+                                               'WHERE request_id = %s (the next claim fails it)', x ->> 'request_id')));
+          RAISE WARNING 'qes_billing: Stripe request % parked: its failure could not be recorded: %',
+            x ->> 'request_id', v_msg;
+        END;
+      END LOOP;
+    END;
+    EXIT WHEN v_n >= v_room;
   END LOOP;
   IF v_budget AND v_n < v_room THEN
     PERFORM billing.stripe_budget_give_back(v_room - v_n);
@@ -3156,7 +3215,7 @@ END
 $$;
 
 COMMENT ON FUNCTION billing.outbox_claim(integer) IS
-  'Run by the worker: mark up to p_limit due requests in flight and return them for sending. A request that changes something in Stripe, went out before and is older than qes_billing.idempotency_window is failed instead (category expired: its outcome is unknown and a resend could act twice).';
+  'Run by the worker: mark up to p_limit due requests in flight and return them for sending. A request that changes something in Stripe and may have reached it more than qes_billing.idempotency_window ago (first_sent_at) is failed instead (category expired: its outcome is unknown and a resend could act twice).';
 
 -- Seconds until the next request is due (0: now; NULL: none waits), so the
 -- worker sleeps exactly as long as it may.  (greatest(0, NULL) is 0, not
@@ -3170,7 +3229,9 @@ BEGIN
   RETURN (SELECT greatest(0, extract(epoch FROM d.at - now()),
                           CASE WHEN EXISTS (SELECT FROM billing.stripe_rate_budget) THEN billing.stripe_budget_wait() END
                          )::double precision
-            FROM (SELECT min(r.next_attempt_at) AS at FROM billing.stripe_requests r WHERE r.state = 'pending') d
+            -- (a request parked by billing.outbox_claim is never due)
+            FROM (SELECT min(r.next_attempt_at) AS at FROM billing.stripe_requests r
+                   WHERE r.state = 'pending' AND r.next_attempt_at < 'infinity') d
            WHERE d.at IS NOT NULL);
 END
 $$;
@@ -3185,7 +3246,8 @@ DECLARE
   v_n bigint;
 BEGIN
   UPDATE billing.stripe_requests
-     SET state = 'pending', claimed_at = NULL, next_attempt_at = now(), updated_at = now()
+     SET state = 'pending', first_sent_at = coalesce(first_sent_at, claimed_at), claimed_at = NULL,
+         next_attempt_at = now(), updated_at = now()
    WHERE state = 'in_flight' AND claimed_at < now() - 2 * p_timeout
      AND NOT billing.tenant_fenced(tenant_id);   -- its partition is moving: the target reclaims it
   GET DIAGNOSTICS v_n = ROW_COUNT;
@@ -3259,6 +3321,12 @@ BEGIN
   IF NOT FOUND OR r.state <> 'in_flight' OR r.attempts <> p_attempt THEN
     RETURN NULL;   -- reclaimed meanwhile: a later attempt owns the row
   END IF;
+  -- this attempt may have reached Stripe unless the worker says it never
+  -- connected (src/outbox.c, QES_NOT_SENT): the key's 24 hours run from the first
+  IF r.first_sent_at IS NULL AND (p_transport_error IS NULL OR p_transport_error NOT LIKE 'not sent: %') THEN
+    r.first_sent_at := r.claimed_at;
+    UPDATE billing.stripe_requests SET first_sent_at = r.claimed_at WHERE request_id = r.request_id;
+  END IF;
   IF NOT p_guarded THEN
     v_body := p_body::jsonb;   -- not JSON: raises, and the worker records it guarded
   ELSE
@@ -3296,7 +3364,7 @@ BEGIN
   IF (v_err ->> 'retryable')::boolean
      AND (r.attempts < current_setting('qes_billing.max_attempts')::integer
           OR (v_err ->> 'category' IN ('network', 'server', 'conflict', 'apply')
-              AND now() < r.created_at + current_setting('qes_billing.idempotency_window')::interval)) THEN
+              AND now() < coalesce(r.first_sent_at, r.created_at) + current_setting('qes_billing.idempotency_window')::interval)) THEN
     UPDATE billing.stripe_requests
        SET state = 'pending', http_status = p_http_status, error = v_err, claimed_at = NULL,
            next_attempt_at = now() + billing.outbox_backoff(r.attempts, p_retry_after), updated_at = now()
@@ -3346,7 +3414,7 @@ BEGIN
   FOR v IN
     UPDATE billing.stripe_requests s
        SET state = 'succeeded', http_status = a.http_status, response = billing.redact(a.body), error = NULL,
-           updated_at = now()
+           first_sent_at = coalesce(s.first_sent_at, s.claimed_at), updated_at = now()
       FROM (SELECT x.request_id, x.attempt, x.http_status, x.body::jsonb AS body, x.ord
               FROM unnest(p_request_ids, p_attempts, p_http_status, p_bodies, p_transport_errors)
                      WITH ORDINALITY AS x(request_id, attempt, http_status, body, transport_error, ord)
@@ -3527,33 +3595,60 @@ $$;
 -- An operator may send a failed request again.  A request whose outcome was
 -- unknown keeps its Idempotency-Key (Stripe replays what it did); one that
 -- Stripe refused (a card decline, an invalid request) gets a new key, since
--- Stripe would replay the stored refusal for 24 hours.
-CREATE OR REPLACE FUNCTION billing.retry_request(p_request_id bigint) RETURNS void
+-- Stripe would replay the stored refusal for 24 hours.  A request that may
+-- have reached Stripe longer ago than Stripe keeps its key could act twice
+-- if sent again (a second customer, subscription or charge): refused unless
+-- the lookup found that Stripe never made its object, or the operator, who
+-- checked in Stripe, says force; then it goes with a new key.  One whose
+-- object the lookup found needs nothing.
+CREATE OR REPLACE FUNCTION billing.retry_request(p_request_id bigint, force boolean DEFAULT false) RETURNS void
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, billing
 AS $$
 DECLARE
+  r         billing.stripe_requests;
+  v_unknown boolean;
+  v_stale   boolean;
   v_new_key boolean;
 BEGIN
-  UPDATE billing.stripe_requests
-     SET state = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now(),
-         -- (expired: Stripe no longer keeps the old key, a new one is as blind)
-         idempotency_key = CASE WHEN coalesce(error ->> 'category', 'network') IN ('network', 'server', 'conflict', 'apply', 'rate_limited')
-                                THEN idempotency_key ELSE 'qes-' || gen_random_uuid() END
-   WHERE request_id = p_request_id AND state = 'failed'
-  RETURNING coalesce(error ->> 'category', 'network') NOT IN ('network', 'server', 'conflict', 'apply', 'rate_limited')
-    INTO v_new_key;
+  SELECT * INTO r FROM billing.stripe_requests WHERE request_id = p_request_id AND state = 'failed' FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'no failed outbox request %', p_request_id
       USING ERRCODE = 'invalid_parameter_value',
             HINT = 'List them with: SELECT request_id, kind, error FROM billing.stripe_requests WHERE state = ''failed''.';
   END IF;
-  PERFORM billing.audit('stripe.request_retried', NULL,
-                        jsonb_build_object('request_id', p_request_id, 'new_idempotency_key', v_new_key));
+  IF r.error -> 'resolved' ->> 'found' = 'true' THEN
+    RAISE EXCEPTION 'outbox request % needs no retry: Stripe made its object (%)', p_request_id,
+                    r.error -> 'resolved' ->> 'object'
+      USING ERRCODE = 'object_not_in_prerequisite_state',
+            DETAIL = 'The lookup after its unknown outcome found the object and linked it (audited as stripe.request_resolved).';
+  END IF;
+  v_unknown := coalesce(r.error ->> 'category', 'network') IN ('network', 'server', 'conflict', 'apply', 'rate_limited', 'expired');
+  v_stale := coalesce(r.method <> 'GET'
+                      AND r.first_sent_at <= now() - current_setting('qes_billing.idempotency_window')::interval, false);
+  IF v_unknown AND v_stale AND NOT force AND r.error -> 'resolved' ->> 'found' IS DISTINCT FROM 'false' THEN
+    RAISE EXCEPTION 'outbox request % may have reached Stripe longer ago than Stripe keeps its Idempotency-Key (qes_billing.idempotency_window %)',
+                    p_request_id, current_setting('qes_billing.idempotency_window')
+      USING ERRCODE = 'object_not_in_prerequisite_state',
+            DETAIL = format('Its %s may have happened in Stripe (the request''s first_sent_at says when it first went out); sent again now, it could happen twice: a second customer, subscription or charge.',
+                            r.kind),
+            HINT = format('Check in Stripe that it did not happen, then: SELECT billing.retry_request(%s, force => true).',
+                          p_request_id);
+  END IF;
+  -- the same key while Stripe keeps its result; else a new one (first_sent_at starts again)
+  v_new_key := NOT v_unknown OR v_stale;
+  UPDATE billing.stripe_requests
+     SET state = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now(),
+         idempotency_key = CASE WHEN v_new_key THEN 'qes-' || gen_random_uuid() ELSE idempotency_key END,
+         first_sent_at = CASE WHEN v_new_key THEN NULL ELSE first_sent_at END
+   WHERE request_id = p_request_id;
+  PERFORM billing.audit('stripe.request_retried', r.tenant_id,
+                        jsonb_build_object('request_id', p_request_id, 'new_idempotency_key', v_new_key,
+                                           'forced', force AND v_unknown AND v_stale));
 END
 $$;
 
-COMMENT ON FUNCTION billing.retry_request(bigint) IS
-  'Send a failed outbox request again: with its original Idempotency-Key when its outcome was unknown, with a new one when Stripe refused it (Stripe would replay the refusal). Audited.';
+COMMENT ON FUNCTION billing.retry_request(bigint, boolean) IS
+  'Send a failed outbox request again: with its original Idempotency-Key when its outcome was unknown, with a new one when Stripe refused it (Stripe would replay the refusal). One that may have reached Stripe longer ago than Stripe keeps its key is refused unless the lookup found Stripe never made its object or force is given (the operator checked in Stripe); one whose object was found needs no retry. Audited.';
 
 -- The Stripe account's rate, shared (docs/scaleout.md, "Stripe's account
 -- limits").  Stripe limits requests per account (about 100/s live, 25/s in
@@ -5540,6 +5635,10 @@ BEGIN
                 AND x -> 'metadata' ->> 'tenant_id' = r.tenant_id
          END
    ORDER BY (x ->> 'created')::bigint LIMIT 1;
+  -- the request says what the lookup found (billing.retry_request reads it)
+  UPDATE billing.stripe_requests
+     SET error = error || jsonb_build_object('resolved', jsonb_build_object('found', o IS NOT NULL, 'object', o ->> 'id'))
+   WHERE request_id = r.request_id;
   IF o IS NULL THEN
     PERFORM billing.audit('stripe.request_resolved', r.tenant_id,
                           jsonb_build_object('request_id', r.request_id, 'kind', r.kind, 'found', false));
@@ -7521,7 +7620,7 @@ GRANT SELECT ON billing.worker_status, billing.audit_log, billing.stripe_request
                 billing.outbox_metrics, billing.subscription_health, billing.payment_metrics,
                 billing.usage_patterns TO qes_admin;
 
-GRANT EXECUTE ON FUNCTION billing.replay_webhook(text), billing.retry_request(bigint) TO qes_admin;
+GRANT EXECUTE ON FUNCTION billing.replay_webhook(text), billing.retry_request(bigint, boolean) TO qes_admin;
 
 -- reconciliation (sql/install/86_reconcile.sql)
 GRANT SELECT ON billing.drift_report, billing.reconcile_runs TO qes_admin;
@@ -7755,6 +7854,12 @@ UPDATE billing.subscriptions SET last_error = billing.redact(last_error)
  WHERE last_error IS DISTINCT FROM billing.redact(last_error);
 UPDATE billing.webhook_events SET last_error = billing.redact_text(last_error)
  WHERE last_error IS DISTINCT FROM billing.redact_text(last_error);
+
+-- When a request may first have reached Stripe (0.2 keeps it to know how
+-- long Stripe keeps its key): 0.1 did not record it, so a request it sent is
+-- taken as sent when it was made, the earliest it can have been (a retry of
+-- it is then refused sooner, never later, than Stripe forgets the key).
+UPDATE billing.stripe_requests SET first_sent_at = created_at WHERE attempts > 0 AND first_sent_at IS NULL;
 
 -- The 0.1 tables made again: out of the extension's pg_dump marks, then gone
 -- with the scratch schema.

@@ -120,10 +120,12 @@ qes_worker_begin_xact(const char *activity)
 	 * its messages (for the schema and relations it drops) before it
 	 * releases its lock on the extension object, StartTransactionCommand()
 	 * has accepted whatever was queued, and LockDatabaseObject() accepts
-	 * whatever we waited for.  Any catalog change anywhere in the database
-	 * (an ANALYZE's statistics too) sends us the long way, below, which reads
-	 * pg_extension twice: 4 % of the worker's CPU per lone request when
-	 * every transaction took it.
+	 * whatever we waited for.  (pg_extension has no catalog cache: it is
+	 * the extension's members, its schema and relations, whose messages
+	 * tell.)  Any invalidation anywhere in the cluster (another database's
+	 * DDL, an ANALYZE's or VACUUM's statistics) sends us the long way,
+	 * below, which reads pg_extension twice: 4 % of the worker's CPU per
+	 * lone request when every transaction took it.
 	 */
 	if (extoid_current && SharedInvalidMessageCounter == extoid_checked_at)
 	{

@@ -485,7 +485,12 @@ CREATE TABLE billing.stripe_requests (
   response        jsonb,
   error           jsonb,
   created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
-  updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
+  updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  -- when the request under its current Idempotency-Key may first have
+  -- reached Stripe (an attempt that got an answer, or ended without one
+  -- after connecting, or was in flight at a crash); NULL: never.  Stripe
+  -- keeps a key's result for 24 hours from then (billing.outbox_claim).
+  first_sent_at   timestamptz
 );
 COMMENT ON TABLE billing.stripe_requests IS
   'Outbox of Stripe API requests. idempotency_key is fixed at insert and sent on every attempt.';

@@ -40,8 +40,10 @@ DECLARE
   v_requests bigint;
   v_events bigint;
 BEGIN
+  -- (an attempt in flight at a crash may have reached Stripe)
   UPDATE billing.stripe_requests
-     SET state = 'pending', claimed_at = NULL, next_attempt_at = now(), updated_at = now()
+     SET state = 'pending', first_sent_at = coalesce(first_sent_at, claimed_at), claimed_at = NULL,
+         next_attempt_at = now(), updated_at = now()
    WHERE state = 'in_flight';
   GET DIAGNOSTICS v_requests = ROW_COUNT;
   UPDATE billing.webhook_events

@@ -74,6 +74,10 @@ BEGIN
                 AND x -> 'metadata' ->> 'tenant_id' = r.tenant_id
          END
    ORDER BY (x ->> 'created')::bigint LIMIT 1;
+  -- the request says what the lookup found (billing.retry_request reads it)
+  UPDATE billing.stripe_requests
+     SET error = error || jsonb_build_object('resolved', jsonb_build_object('found', o IS NOT NULL, 'object', o ->> 'id'))
+   WHERE request_id = r.request_id;
   IF o IS NULL THEN
     PERFORM billing.audit('stripe.request_resolved', r.tenant_id,
                           jsonb_build_object('request_id', r.request_id, 'kind', r.kind, 'found', false));

@@ -92,7 +92,7 @@ GRANT SELECT ON billing.worker_status, billing.audit_log, billing.stripe_request
                 billing.webhook_events, billing.webhook_rejections, billing.webhook_metrics,
                 billing.outbox_metrics, billing.subscription_health, billing.payment_metrics,
                 billing.usage_patterns TO qes_admin;
-GRANT EXECUTE ON FUNCTION billing.replay_webhook(text), billing.retry_request(bigint) TO qes_admin;
+GRANT EXECUTE ON FUNCTION billing.replay_webhook(text), billing.retry_request(bigint, boolean) TO qes_admin;
 -- reconciliation (sql/install/86_reconcile.sql)
 GRANT SELECT ON billing.drift_report, billing.reconcile_runs TO qes_admin;
 GRANT EXECUTE ON FUNCTION billing.reconcile_tenant(text), billing.reconcile_now() TO qes_admin;

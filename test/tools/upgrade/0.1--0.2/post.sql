@@ -182,6 +182,12 @@ UPDATE billing.subscriptions SET last_error = billing.redact(last_error)
 UPDATE billing.webhook_events SET last_error = billing.redact_text(last_error)
  WHERE last_error IS DISTINCT FROM billing.redact_text(last_error);
 
+-- When a request may first have reached Stripe (0.2 keeps it to know how
+-- long Stripe keeps its key): 0.1 did not record it, so a request it sent is
+-- taken as sent when it was made, the earliest it can have been (a retry of
+-- it is then refused sooner, never later, than Stripe forgets the key).
+UPDATE billing.stripe_requests SET first_sent_at = created_at WHERE attempts > 0 AND first_sent_at IS NULL;
+
 -- The 0.1 tables made again: out of the extension's pg_dump marks, then gone
 -- with the scratch schema.
 ALTER EXTENSION qes_billing DROP TABLE qes_billing_0_1.subscriptions;
