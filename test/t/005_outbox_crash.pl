@@ -193,6 +193,37 @@ is($node->safe_psql('postgres', qq{
 	 WHERE action = 'stripe.request_resolved' AND (details ->> 'request_id')::bigint = $cus_req}), 'true',
 	'the resolution is audited');
 
+# A request whose connection was never made (Stripe unreachable: here a
+# port nothing listens on) did not reach Stripe: the worker says "not sent",
+# its key's time does not start, and past the window (still 1 s) it is sent
+# once Stripe is back, not failed as expired.
+my $closed = PostgreSQL::Test::Cluster::get_free_port();
+$node->safe_psql('postgres', qq{
+	ALTER SYSTEM SET qes_billing.stripe_api_base = 'http://127.0.0.1:$closed';
+	ALTER SYSTEM SET qes_billing.max_attempts = 100;
+	SELECT pg_reload_conf();});
+my $unreached = $node->safe_psql('postgres', q{
+	SELECT billing.outbox_enqueue(NULL, 'test.customer', 'POST', '/v1/customers',
+	                              jsonb_build_object('name', 'Unreachable', 'metadata', jsonb_build_object('n', 'unreachable')))});
+ok(defined wait_for(sub {
+	$node->safe_psql('postgres', qq{
+		SELECT attempts >= 2 AND now() > created_at + interval '1.5 s'
+		  FROM billing.stripe_requests WHERE request_id = $unreached}) eq 't' }, 30),
+	'unreachable: attempted again and again, past the window');
+is($node->safe_psql('postgres', qq{
+	SELECT state || '/' || (first_sent_at IS NULL) || '/' || (error ->> 'message' LIKE 'not sent: %')
+	  FROM billing.stripe_requests WHERE request_id = $unreached}), 'pending/true/true',
+	'unreachable: not sent, so still pending, its key never used');
+$node->safe_psql('postgres', qq{
+	ALTER SYSTEM SET qes_billing.stripe_api_base = 'http://127.0.0.1:$fake_port';
+	ALTER SYSTEM RESET qes_billing.max_attempts;
+	SELECT pg_reload_conf();});
+ok(defined wait_for(sub {
+	$node->safe_psql('postgres', "SELECT state FROM billing.stripe_requests WHERE request_id = $unreached") eq 'succeeded' }, 30),
+	'unreachable: sent once Stripe is back, not failed as expired');
+my $unreached_key = $node->safe_psql('postgres', "SELECT idempotency_key FROM billing.stripe_requests WHERE request_id = $unreached");
+is(scalar(grep { $_->[2] eq $unreached_key } @{ fake_stats($fake_port)->{requests} }), 1, 'unreachable: Stripe saw it once');
+
 unlike(slurp_file($node->logfile), qr/sk_test_tap_outbox_crash/, 'the secret key never reaches the log');
 is($node->safe_psql('postgres', "SELECT count(*) FROM billing.stripe_requests WHERE params::text LIKE '%sk_test%' OR response::text LIKE '%sk_test%'"),
 	'0', 'nor any stored row');
