@@ -209,6 +209,11 @@ SELECT billing.retry_request(12, force => true);
 SELECT state, attempts, first_sent_at IS NULL AS new_key_not_sent, idempotency_key <> 'x' AS has_key
   FROM billing.stripe_requests WHERE request_id = 12;
 SELECT details FROM billing.audit_log WHERE action = 'stripe.request_retried' ORDER BY audit_id DESC LIMIT 1;
+-- a 401 after an attempt that may have acted proves nothing (Stripe checks
+-- the API key before the Idempotency-Key): refused too, and force => NULL is not force
+UPDATE billing.stripe_requests SET state = 'failed', first_sent_at = now() - interval '2 days',
+                                   error = '{"category": "authentication"}' WHERE request_id = 12;
+SELECT billing.retry_request(12, force => NULL);
 -- a failure whose undoing raises does not hold up the claim: the request is
 -- parked (pending, never due) and said so; made due again once the cause is
 -- fixed, the next claim fails it
@@ -223,13 +228,12 @@ SELECT count(*) AS sent FROM billing.outbox_claim(10);
 RESET client_min_messages;
 SELECT state, next_attempt_at = 'infinity' AS never_due, error ->> 'category' AS category, error ->> 'parked' AS parked
   FROM billing.stripe_requests WHERE request_id = (SELECT max(request_id) FROM billing.stripe_requests WHERE kind = 'payment_intent.create');
-SELECT details ->> 'parked' AS parked, details ->> 'kind' AS kind, details ->> 'to_do' ~ 'next_attempt_at = now\(\)' AS says_what_to_do
-  FROM billing.audit_log WHERE action = 'stripe.request_parked';
+SELECT details ->> 'parked' AS parked, details ->> 'kind' AS kind, details ->> 'to_do' ~ 'retry_request' AS says_what_to_do
+  FROM billing.audit_log WHERE action = 'stripe.request_failed' AND details ? 'parked';
 SELECT billing.outbox_next_due() IS NULL OR billing.outbox_next_due() < 1e9 AS not_waited_for;
 DROP TRIGGER payments_frozen ON billing.payments;
 DROP FUNCTION public.payments_frozen();
-UPDATE billing.stripe_requests SET next_attempt_at = now()
- WHERE request_id = (SELECT max(request_id) FROM billing.stripe_requests WHERE kind = 'payment_intent.create');
+SELECT billing.retry_request(max(request_id)) FROM billing.stripe_requests WHERE kind = 'payment_intent.create';
 SELECT count(*) AS sent FROM billing.outbox_claim(10);
 SELECT state, error ->> 'category' AS category FROM billing.stripe_requests
  WHERE request_id = (SELECT max(request_id) FROM billing.stripe_requests WHERE kind = 'payment_intent.create');

@@ -3133,6 +3133,7 @@ DECLARE
   -- could act twice, so it fails instead, as an unknown outcome ("expired").
   v_expiry  timestamptz := now() - current_setting('qes_billing.idempotency_window')::interval;
   v_n       integer := 0;
+  v_passes  integer := 0;
   v_expired jsonb[];
   v_msg     text;
   c         record;
@@ -3185,8 +3186,8 @@ BEGIN
     EXCEPTION WHEN OTHERS THEN
       -- what a failure sets off raised: one by one, and one that raises
       -- again is parked (pending, never due), so that the claim goes on
-      -- and nothing sends it; an operator makes it due once the cause is
-      -- fixed, and the next claim fails it as above
+      -- and nothing sends it; once the cause is fixed an operator's
+      -- billing.retry_request makes it due, and the next claim fails it
       FOREACH x IN ARRAY v_expired LOOP
         BEGIN
           PERFORM billing.outbox_fail((x ->> 'request_id')::bigint, (x ->> 'http_status')::integer, NULL, x -> 'error');
@@ -3196,17 +3197,21 @@ BEGIN
              SET state = 'pending', claimed_at = NULL, next_attempt_at = 'infinity', updated_at = now(),
                  error = billing.redact(x -> 'error' || jsonb_build_object('parked', v_msg))
            WHERE s.request_id = (x ->> 'request_id')::bigint;
-          PERFORM billing.audit('stripe.request_parked', x ->> 'tenant_id',
+          -- (audited as a failure, so that the failing-requests alert fires)
+          PERFORM billing.audit('stripe.request_failed', x ->> 'tenant_id',
             jsonb_build_object('request_id', (x ->> 'request_id')::bigint, 'kind', x ->> 'kind',
                                'error', x -> 'error', 'parked', v_msg,
-                               'to_do', format('fix the cause, then UPDATE billing.stripe_requests SET next_attempt_at = now() '
-                                               'WHERE request_id = %s (the next claim fails it)', x ->> 'request_id')));
+                               'to_do', format('fix the cause, then SELECT billing.retry_request(%s) (the next claim fails it)',
+                                               x ->> 'request_id')));
           RAISE WARNING 'qes_billing: Stripe request % parked: its failure could not be recorded: %',
             x ->> 'request_id', v_msg;
         END;
       END LOOP;
     END;
-    EXIT WHEN v_n >= v_room;
+    -- (a few passes per claim: each takes a subtransaction id, and the
+    -- rows already claimed wait for this transaction's commit)
+    v_passes := v_passes + 1;
+    EXIT WHEN v_n >= v_room OR v_passes >= 4;
   END LOOP;
   IF v_budget AND v_n < v_room THEN
     PERFORM billing.stripe_budget_give_back(v_room - v_n);
@@ -3606,12 +3611,21 @@ CREATE OR REPLACE FUNCTION billing.retry_request(p_request_id bigint, force bool
 AS $$
 DECLARE
   r         billing.stripe_requests;
-  v_unknown boolean;
+  v_force   boolean := coalesce(force, false);
+  v_refused boolean;
   v_stale   boolean;
   v_new_key boolean;
 BEGIN
-  SELECT * INTO r FROM billing.stripe_requests WHERE request_id = p_request_id AND state = 'failed' FOR UPDATE;
-  IF NOT FOUND THEN
+  SELECT * INTO r FROM billing.stripe_requests WHERE request_id = p_request_id FOR UPDATE;
+  -- parked by billing.outbox_claim (its failure could not be recorded):
+  -- made due, so that the next claim fails it now that the cause is fixed
+  IF FOUND AND r.state = 'pending' AND r.next_attempt_at = 'infinity' THEN
+    UPDATE billing.stripe_requests SET next_attempt_at = now(), updated_at = now() WHERE request_id = p_request_id;
+    PERFORM billing.audit('stripe.request_retried', r.tenant_id,
+                          jsonb_build_object('request_id', p_request_id, 'parked', true));
+    RETURN;
+  END IF;
+  IF NOT FOUND OR r.state <> 'failed' THEN
     RAISE EXCEPTION 'no failed outbox request %', p_request_id
       USING ERRCODE = 'invalid_parameter_value',
             HINT = 'List them with: SELECT request_id, kind, error FROM billing.stripe_requests WHERE state = ''failed''.';
@@ -3622,10 +3636,13 @@ BEGIN
       USING ERRCODE = 'object_not_in_prerequisite_state',
             DETAIL = 'The lookup after its unknown outcome found the object and linked it (audited as stripe.request_resolved).';
   END IF;
-  v_unknown := coalesce(r.error ->> 'category', 'network') IN ('network', 'server', 'conflict', 'apply', 'rate_limited', 'expired');
+  -- a definite refusal (Stripe did nothing; a 401 or 403 is not one: Stripe
+  -- checks the API key before the Idempotency-Key, so an earlier attempt may
+  -- have acted) gets a new key; any other outcome may have happened
+  v_refused := r.error ->> 'category' IN ('card', 'invalid_request', 'not_found', 'dependency');
   v_stale := coalesce(r.method <> 'GET'
                       AND r.first_sent_at <= now() - current_setting('qes_billing.idempotency_window')::interval, false);
-  IF v_unknown AND v_stale AND NOT force AND r.error -> 'resolved' ->> 'found' IS DISTINCT FROM 'false' THEN
+  IF NOT v_refused AND v_stale AND NOT v_force AND r.error -> 'resolved' ->> 'found' IS DISTINCT FROM 'false' THEN
     RAISE EXCEPTION 'outbox request % may have reached Stripe longer ago than Stripe keeps its Idempotency-Key (qes_billing.idempotency_window %)',
                     p_request_id, current_setting('qes_billing.idempotency_window')
       USING ERRCODE = 'object_not_in_prerequisite_state',
@@ -3635,7 +3652,7 @@ BEGIN
                           p_request_id);
   END IF;
   -- the same key while Stripe keeps its result; else a new one (first_sent_at starts again)
-  v_new_key := NOT v_unknown OR v_stale;
+  v_new_key := v_refused OR v_stale;
   UPDATE billing.stripe_requests
      SET state = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now(),
          idempotency_key = CASE WHEN v_new_key THEN 'qes-' || gen_random_uuid() ELSE idempotency_key END,
@@ -3643,12 +3660,12 @@ BEGIN
    WHERE request_id = p_request_id;
   PERFORM billing.audit('stripe.request_retried', r.tenant_id,
                         jsonb_build_object('request_id', p_request_id, 'new_idempotency_key', v_new_key,
-                                           'forced', force AND v_unknown AND v_stale));
+                                           'forced', v_force AND NOT v_refused AND v_stale));
 END
 $$;
 
 COMMENT ON FUNCTION billing.retry_request(bigint, boolean) IS
-  'Send a failed outbox request again: with its original Idempotency-Key when its outcome was unknown, with a new one when Stripe refused it (Stripe would replay the refusal). One that may have reached Stripe longer ago than Stripe keeps its key is refused unless the lookup found Stripe never made its object or force is given (the operator checked in Stripe); one whose object was found needs no retry. Audited.';
+  'Send a failed outbox request again: with its original Idempotency-Key unless Stripe definitely refused it (a card decline, an invalid request, not found, a failed dependency: a new key, since Stripe would replay the refusal). One that may have reached Stripe longer ago than Stripe keeps its key is refused unless the lookup found Stripe never made its object or force is given (the operator checked in Stripe), and then gets a new key; one whose object was found needs no retry. A request parked because its failure could not be recorded is made due (the next claim fails it). Audited.';
 
 -- The Stripe account's rate, shared (docs/scaleout.md, "Stripe's account
 -- limits").  Stripe limits requests per account (about 100/s live, 25/s in
@@ -5595,7 +5612,8 @@ BEGIN
   END IF;
   IF r.kind = 'customer.create' THEN
     RETURN billing.outbox_enqueue(r.tenant_id, 'resolve.customer.list', 'GET', '/v1/customers',
-                                  jsonb_build_object('email', t.billing_email, 'limit', 100),
+                                  -- (by the email the customer was created with)
+                                  jsonb_build_object('email', coalesce(r.params ->> 'email', t.billing_email), 'limit', 100),
                                   jsonb_build_object('request_id', r.request_id));
   END IF;
   v_cus := coalesce(r.params ->> 'customer', t.stripe_customer_id);
@@ -5635,9 +5653,15 @@ BEGIN
                 AND x -> 'metadata' ->> 'tenant_id' = r.tenant_id
          END
    ORDER BY (x ->> 'created')::bigint LIMIT 1;
-  -- the request says what the lookup found (billing.retry_request reads it)
+  -- the request says what the lookup found (billing.retry_request reads
+  -- it): "not found" only from a whole list (one page that says it has no
+  -- more); from anything less it found nothing either way
   UPDATE billing.stripe_requests
-     SET error = error || jsonb_build_object('resolved', jsonb_build_object('found', o IS NOT NULL, 'object', o ->> 'id'))
+     SET error = error || jsonb_build_object('resolved', jsonb_build_object(
+                   'found', CASE WHEN o IS NOT NULL THEN true
+                                 WHEN jsonb_typeof(p_req.response -> 'data') = 'array'
+                                      AND p_req.response -> 'has_more' = 'false'::jsonb THEN false END,
+                   'object', o ->> 'id'))
    WHERE request_id = r.request_id;
   IF o IS NULL THEN
     PERFORM billing.audit('stripe.request_resolved', r.tenant_id,
@@ -7859,7 +7883,9 @@ UPDATE billing.webhook_events SET last_error = billing.redact_text(last_error)
 -- long Stripe keeps its key): 0.1 did not record it, so a request it sent is
 -- taken as sent when it was made, the earliest it can have been (a retry of
 -- it is then refused sooner, never later, than Stripe forgets the key).
-UPDATE billing.stripe_requests SET first_sent_at = created_at WHERE attempts > 0 AND first_sent_at IS NULL;
+-- (0.1's retry_request reset attempts and kept the key: its error tells)
+UPDATE billing.stripe_requests SET first_sent_at = created_at
+ WHERE (attempts > 0 OR error IS NOT NULL) AND first_sent_at IS NULL;
 
 -- The 0.1 tables made again: out of the extension's pg_dump marks, then gone
 -- with the scratch schema.

@@ -515,9 +515,10 @@ claim(int room, ClaimedRow **rows_out)
 
 /*
  * The transport error of an answer, or NULL.  One that ended the request
- * before a connection to Stripe existed (its name not resolved, the
- * connection refused) starts with QES_NOT_SENT: nothing of the request
- * left us, so the attempt does not start the time Stripe keeps its
+ * before any connection to Stripe existed (its name not resolved, the
+ * connection refused, and curl never had a connection to send it on:
+ * src/worker_http.c, connected) starts with QES_NOT_SENT: nothing of the
+ * request left us, so the attempt does not start the time Stripe keeps its
  * Idempotency-Key (billing.outbox_record_answer reads the prefix).
  */
 #define QES_NOT_SENT "not sent: "
@@ -532,8 +533,9 @@ transport_error(OutboxCall *call)
 	if (call->too_large)
 		return psprintf("response larger than %d bytes", QES_MAX_RESPONSE_BYTES);
 	return psprintf("%s%s: %s",
-					(rc == CURLE_COULDNT_RESOLVE_HOST || rc == CURLE_COULDNT_RESOLVE_PROXY ||
-					 rc == CURLE_COULDNT_CONNECT) ? QES_NOT_SENT : "",
+					(!call->http.connected &&
+					 (rc == CURLE_COULDNT_RESOLVE_HOST || rc == CURLE_COULDNT_RESOLVE_PROXY ||
+					  rc == CURLE_COULDNT_CONNECT)) ? QES_NOT_SENT : "",
 					curl_easy_strerror(rc),
 					call->http.errbuf[0] ? call->http.errbuf : "no detail");
 }

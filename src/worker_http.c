@@ -141,6 +141,20 @@ http_init(void)
 	}
 }
 
+#if LIBCURL_VERSION_NUM >= 0x075000
+/* curl has a connection for the request and is about to send it */
+static int
+prereq_cb(void *clientp, char *primary_ip, char *local_ip, int primary_port, int local_port)
+{
+	(void) primary_ip;
+	(void) local_ip;
+	(void) primary_port;
+	(void) local_port;
+	((QesHttpTransfer *) clientp)->connected = true;
+	return CURL_PREREQFUNC_OK;
+}
+#endif
+
 /*
  * A new easy handle for xfer, with what every transfer of the worker has:
  * TLS verified, no signals, no redirects, curl's error text in xfer->errbuf,
@@ -164,6 +178,10 @@ qes_http_transfer_init(QesHttpTransfer *xfer, QesHttpDone done)
 	curl_easy_setopt(xfer->easy, CURLOPT_FOLLOWLOCATION, 0L);
 	curl_easy_setopt(xfer->easy, CURLOPT_ERRORBUFFER, xfer->errbuf);
 	curl_easy_setopt(xfer->easy, CURLOPT_PRIVATE, xfer);
+#if LIBCURL_VERSION_NUM >= 0x075000
+	curl_easy_setopt(xfer->easy, CURLOPT_PREREQFUNCTION, prereq_cb);
+	curl_easy_setopt(xfer->easy, CURLOPT_PREREQDATA, xfer);
+#endif
 	return true;
 }
 
@@ -222,6 +240,11 @@ qes_http_start(QesHttpTransfer *xfer)
 
 	http_init();
 	xfer->errbuf[0] = '\0';
+#if LIBCURL_VERSION_NUM >= 0x075000
+	xfer->connected = false;
+#else
+	xfer->connected = true;
+#endif
 	rc = curl_multi_add_handle(multi, xfer->easy);
 	if (rc != CURLM_OK)
 	{

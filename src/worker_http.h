@@ -28,6 +28,13 @@ struct QesHttpTransfer
 	bool		in_flight;		/* handed to curl, not finished yet */
 	CURLcode	result;			/* when finished */
 	long		response_code;	/* the HTTP status, or the last SMTP reply */
+	/*
+	 * A connection existed for the request, so that it may have been sent
+	 * (a curl built before 7.80 cannot tell: always true).  Stays true once
+	 * set: curl may retry a request that died on a reused connection on a
+	 * new one, and a refused retry does not unsend the first copy.
+	 */
+	bool		connected;
 	char		errbuf[CURL_ERROR_SIZE];
 };
 

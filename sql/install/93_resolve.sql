@@ -35,7 +35,8 @@ BEGIN
   END IF;
   IF r.kind = 'customer.create' THEN
     RETURN billing.outbox_enqueue(r.tenant_id, 'resolve.customer.list', 'GET', '/v1/customers',
-                                  jsonb_build_object('email', t.billing_email, 'limit', 100),
+                                  -- (by the email the customer was created with)
+                                  jsonb_build_object('email', coalesce(r.params ->> 'email', t.billing_email), 'limit', 100),
                                   jsonb_build_object('request_id', r.request_id));
   END IF;
   v_cus := coalesce(r.params ->> 'customer', t.stripe_customer_id);
@@ -74,9 +75,15 @@ BEGIN
                 AND x -> 'metadata' ->> 'tenant_id' = r.tenant_id
          END
    ORDER BY (x ->> 'created')::bigint LIMIT 1;
-  -- the request says what the lookup found (billing.retry_request reads it)
+  -- the request says what the lookup found (billing.retry_request reads
+  -- it): "not found" only from a whole list (one page that says it has no
+  -- more); from anything less it found nothing either way
   UPDATE billing.stripe_requests
-     SET error = error || jsonb_build_object('resolved', jsonb_build_object('found', o IS NOT NULL, 'object', o ->> 'id'))
+     SET error = error || jsonb_build_object('resolved', jsonb_build_object(
+                   'found', CASE WHEN o IS NOT NULL THEN true
+                                 WHEN jsonb_typeof(p_req.response -> 'data') = 'array'
+                                      AND p_req.response -> 'has_more' = 'false'::jsonb THEN false END,
+                   'object', o ->> 'id'))
    WHERE request_id = r.request_id;
   IF o IS NULL THEN
     PERFORM billing.audit('stripe.request_resolved', r.tenant_id,

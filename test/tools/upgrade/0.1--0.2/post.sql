@@ -186,7 +186,9 @@ UPDATE billing.webhook_events SET last_error = billing.redact_text(last_error)
 -- long Stripe keeps its key): 0.1 did not record it, so a request it sent is
 -- taken as sent when it was made, the earliest it can have been (a retry of
 -- it is then refused sooner, never later, than Stripe forgets the key).
-UPDATE billing.stripe_requests SET first_sent_at = created_at WHERE attempts > 0 AND first_sent_at IS NULL;
+-- (0.1's retry_request reset attempts and kept the key: its error tells)
+UPDATE billing.stripe_requests SET first_sent_at = created_at
+ WHERE (attempts > 0 OR error IS NOT NULL) AND first_sent_at IS NULL;
 
 -- The 0.1 tables made again: out of the extension's pg_dump marks, then gone
 -- with the scratch schema.
