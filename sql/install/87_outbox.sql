@@ -647,10 +647,20 @@ BEGIN
       USING ERRCODE = 'object_not_in_prerequisite_state',
             DETAIL = 'The lookup after its unknown outcome found the object and linked it (audited as stripe.request_resolved).';
   END IF;
+  -- a request that failed because the one it waited for failed is not sent
+  -- on its own (it would go without what it inherits, and its caller has
+  -- undone what it started: the tenant starts again once the first is fixed)
+  IF r.error ->> 'category' = 'dependency' THEN
+    RAISE EXCEPTION 'outbox request % is not retried on its own: it failed because request % failed',
+                    p_request_id, r.after_request
+      USING ERRCODE = 'object_not_in_prerequisite_state',
+            HINT = format('Retry request %s; what waited for it is started again by its caller (the tenant''s create_subscription).',
+                          r.after_request);
+  END IF;
   -- a definite refusal (Stripe did nothing; a 401 or 403 is not one: Stripe
   -- checks the API key before the Idempotency-Key, so an earlier attempt may
   -- have acted) gets a new key; any other outcome may have happened
-  v_refused := r.error ->> 'category' IN ('card', 'invalid_request', 'not_found', 'dependency');
+  v_refused := r.error ->> 'category' IN ('card', 'invalid_request', 'not_found');
   v_stale := coalesce(r.method <> 'GET'
                       AND r.first_sent_at <= now() - current_setting('qes_billing.idempotency_window')::interval, false);
   IF NOT v_refused AND v_stale AND NOT v_force AND r.error -> 'resolved' ->> 'found' IS DISTINCT FROM 'false' THEN
@@ -675,7 +685,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing.retry_request(bigint, boolean) IS
-  'Send a failed outbox request again: with its original Idempotency-Key unless Stripe definitely refused it (a card decline, an invalid request, not found, a failed dependency: a new key, since Stripe would replay the refusal). One that may have reached Stripe longer ago than Stripe keeps its key is refused unless the lookup found Stripe never made its object or force is given (the operator checked in Stripe), and then gets a new key; one whose object was found needs no retry. A request parked because its failure could not be recorded is made due (the next claim fails it). Audited.';
+  'Send a failed outbox request again: with its original Idempotency-Key unless Stripe definitely refused it (a card decline, an invalid request, not found: a new key, since Stripe would replay the refusal); one that failed because the request it waited for failed is not retried on its own. One that may have reached Stripe longer ago than Stripe keeps its key is refused unless the lookup found Stripe never made its object or force is given (the operator checked in Stripe), and then gets a new key; one whose object was found needs no retry. A request parked because its failure could not be recorded is made due (the next claim fails it). Audited.';
 
 CREATE VIEW billing.outbox_metrics AS
 SELECT (SELECT count(*) FROM billing.stripe_requests WHERE state IN ('pending', 'waiting')) AS pending,
