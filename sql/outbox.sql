@@ -246,3 +246,30 @@ BEGIN; SELECT as_tenant('acme'); SELECT status, failure_code FROM api.payments W
 SELECT action, tenant_id FROM billing.audit_log
  WHERE action ~ '^(subscription|customer|payment_intent|stripe)\.' ORDER BY audit_id;
 SELECT * FROM billing.outbox_metrics;
+
+-- A claim commits without waiting for its WAL flush: after a crash, a
+-- restore or a promotion (the worker passes true then) one may be lost
+-- whose request went out, its row pending again as if never sent.  The
+-- reclaim dates every due POST as possibly sent from when it fell due; a
+-- GET, a row not yet due and one already dated keep theirs.
+SELECT billing.outbox_enqueue(NULL, 'test.lost_claim', 'POST', '/v1/customers', '{"name": "due"}') AS due_post \gset
+SELECT billing.outbox_enqueue(NULL, 'test.lost_claim', 'GET', '/v1/customers/cus_X') AS due_get \gset
+SELECT billing.outbox_enqueue(NULL, 'test.lost_claim', 'POST', '/v1/customers', '{"name": "later"}') AS later_post \gset
+SELECT billing.outbox_enqueue(NULL, 'test.lost_claim', 'POST', '/v1/customers', '{"name": "dated"}') AS dated_post \gset
+UPDATE billing.stripe_requests SET created_at = now() - interval '3 days', next_attempt_at = now() - interval '2 days'
+ WHERE request_id IN (:due_post, :due_get);
+UPDATE billing.stripe_requests SET next_attempt_at = now() + interval '1 hour' WHERE request_id = :later_post;
+UPDATE billing.stripe_requests SET first_sent_at = now() - interval '1 hour' WHERE request_id = :dated_post;
+-- a clean start dates nothing
+SELECT billing.worker_reclaim(false) AS reclaimed;
+SELECT count(*) AS dated FROM billing.stripe_requests WHERE kind = 'test.lost_claim' AND first_sent_at IS NOT NULL;
+SELECT billing.worker_reclaim(true) AS reclaimed;
+SELECT params ->> 'name' AS name, method, first_sent_at = next_attempt_at AS from_when_due,
+       first_sent_at > now() - interval '2 hours' AS kept_its_own, first_sent_at IS NULL AS undated
+  FROM billing.stripe_requests WHERE kind = 'test.lost_claim' ORDER BY request_id;
+SELECT details FROM billing.audit_log WHERE action = 'worker.reclaimed' ORDER BY audit_id DESC LIMIT 1;
+-- past the window it is not sent blind: the claim fails it as expired
+SELECT r.method FROM billing.outbox_claim(10) c JOIN billing.stripe_requests r USING (request_id)
+ WHERE r.kind = 'test.lost_claim';
+SELECT params ->> 'name' AS name, state, error ->> 'category' AS category
+  FROM billing.stripe_requests WHERE kind = 'test.lost_claim' ORDER BY request_id;

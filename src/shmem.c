@@ -27,6 +27,8 @@
  */
 #include "qes_billing.h"
 
+#include "catalog/pg_control.h"
+#include "common/controldata_utils.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "storage/shmem.h"
@@ -42,6 +44,37 @@ QesWorkerState *qes_worker_state = NULL;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+/*
+ * Did this server start where every commit before it is on disk?  A claim
+ * of the outbox commits without waiting for its WAL flush (src/outbox.c),
+ * so a crash, a restore from a backup or a standby's promotion can lose
+ * one whose request went out; billing.worker_reclaim() then treats the due
+ * rows as possibly sent (docs/architecture.md, "One Stripe request").
+ * Known in the postmaster only: the state pg_control had before the
+ * startup process ran (a clean shutdown of a primary, or not), and how
+ * often shared memory was made (more than once: a crash and a restart of
+ * every process, which loses the WAL buffers).  The postmaster's memory
+ * outlives those restarts; shared memory does not.
+ */
+static bool started_clean = false;
+static int	shmem_inits = 0;
+
+static bool
+claims_may_be_lost(void)
+{
+	if (IsUnderPostmaster)
+		return true;			/* not the postmaster: not known, assume the worst */
+	if (shmem_inits++ == 0)
+	{
+		bool		crc_ok;
+		ControlFileData *cf = get_controlfile(DataDir, &crc_ok);
+
+		started_clean = crc_ok && cf->state == DB_SHUTDOWNED;
+		pfree(cf);
+	}
+	return !started_clean || shmem_inits > 1;
+}
 
 static Size
 qes_shmem_size(void)
@@ -79,6 +112,7 @@ qes_shmem_startup(void)
 		pg_atomic_init_u64(&qes_worker_state->outbox_wakes, 0);
 		pg_atomic_init_u64(&qes_worker_state->other_wakes, 0);
 		qes_worker_state->lock = &(GetNamedLWLockTranche(QES_TRANCHE))[0].lock;
+		qes_worker_state->claims_may_be_lost = claims_may_be_lost();
 	}
 	qes_counters_startup();
 	qes_fence_startup();

@@ -36,6 +36,9 @@ typedef struct QesWorkerState
 	int			max_subxids;	/* most subtransaction xids one of them cached */
 	uint64		subxid_overflows;	/* transactions that overflowed that cache */
 	bool		extension_present;
+	bool		claims_may_be_lost; /* this server did not start from a clean
+									 * shutdown of a primary: reclaim treats
+									 * due rows as possibly sent (shmem.c) */
 	TimestampTz last_error_at;
 	char		last_error[QES_LAST_ERROR_LEN];
 } QesWorkerState;

@@ -432,7 +432,17 @@ worker_tick(TickResult *r)
 		/* crash reconciliation, once per incarnation of the extension */
 		if (extoid != qes_worker_incarnation())
 		{
-			reclaimed = run_bigint(/* result: int8 */ "SELECT billing.worker_reclaim()");
+			Oid			lost_types[1] = {BOOLOID};
+			Datum		lost[1];
+
+			LWLockAcquire(qes_worker_state->lock, LW_SHARED);
+			lost[0] = BoolGetDatum(qes_worker_state->claims_may_be_lost);
+			LWLockRelease(qes_worker_state->lock);
+			if (SPI_execute_with_args(/* result: int8 */ "SELECT billing.worker_reclaim($1)",
+									  1, lost_types, lost, NULL, false, 1) != SPI_OK_SELECT ||
+				SPI_processed != 1)
+				elog(ERROR, "qes_billing worker: billing.worker_reclaim() did not return one row");
+			reclaimed = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 			did_reclaim = true;
 			if (reclaimed > 0)
 				ereport(LOG,
@@ -459,6 +469,9 @@ worker_tick(TickResult *r)
 	LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
 	qes_worker_state->extension_present = OidIsValid(extoid);
 	qes_worker_state->reclaimed += reclaimed;
+	/* committed: the rows it marked keep the mark */
+	if (did_reclaim)
+		qes_worker_state->claims_may_be_lost = false;
 	LWLockRelease(qes_worker_state->lock);
 }
 

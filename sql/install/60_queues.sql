@@ -33,12 +33,13 @@ COMMENT ON FUNCTION billing.wake_worker() IS 'Wake the worker when the calling t
 -- left by a crash (there is one worker).  Put it back in the queue; an
 -- outbox row keeps its idempotency key, so Stripe replays instead of
 -- creating twice.
-CREATE FUNCTION billing.worker_reclaim() RETURNS bigint
+CREATE FUNCTION billing.worker_reclaim(p_claims_may_be_lost boolean DEFAULT false) RETURNS bigint
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
 DECLARE
   v_requests bigint;
   v_events bigint;
+  v_possibly_sent bigint := 0;
 BEGIN
   -- (an attempt in flight at a crash may have reached Stripe)
   UPDATE billing.stripe_requests
@@ -46,19 +47,35 @@ BEGIN
          next_attempt_at = now(), updated_at = now()
    WHERE state = 'in_flight';
   GET DIAGNOSTICS v_requests = ROW_COUNT;
+  -- A claim commits without waiting for its WAL flush (src/outbox.c): after
+  -- a crash, a restore or a promotion one may be lost whose request went
+  -- out, its row pending again as if never claimed.  Any row that was due
+  -- may be such a one; it was claimed no earlier than it fell due, so its
+  -- key's time is taken to run from then: sent again within
+  -- qes_billing.idempotency_window, failed as expired (and looked up) after
+  -- it, never sent blind once Stripe has forgotten the key
+  -- (docs/architecture.md, "One Stripe request").
+  IF p_claims_may_be_lost THEN
+    UPDATE billing.stripe_requests
+       SET first_sent_at = greatest(created_at, next_attempt_at)
+     WHERE state = 'pending' AND method <> 'GET' AND first_sent_at IS NULL AND next_attempt_at <= now();
+    GET DIAGNOSTICS v_possibly_sent = ROW_COUNT;
+  END IF;
   UPDATE billing.webhook_events
      SET state = 'received', next_attempt_at = now()
    WHERE state = 'processing';
   GET DIAGNOSTICS v_events = ROW_COUNT;
-  IF v_requests + v_events > 0 THEN
+  -- (a start that was not clean is audited even when it found nothing)
+  IF v_requests + v_events > 0 OR p_claims_may_be_lost THEN
     PERFORM billing.audit('worker.reclaimed', NULL,
-                          jsonb_build_object('stripe_requests', v_requests, 'webhook_events', v_events));
+                          jsonb_build_object('stripe_requests', v_requests, 'webhook_events', v_events,
+                                             'unclean_start', p_claims_may_be_lost, 'possibly_sent', v_possibly_sent));
   END IF;
   RETURN v_requests + v_events;
 END
 $$;
-COMMENT ON FUNCTION billing.worker_reclaim() IS
-  'Run by the worker at start: put queue rows left in flight by a crash back in the queue.';
+COMMENT ON FUNCTION billing.worker_reclaim(boolean) IS
+  'Run by the worker at start: put queue rows left in flight by a crash back in the queue; after a start that was not from a clean shutdown of a primary (p_claims_may_be_lost), date the due requests as possibly sent, since a claim lost with its WAL may have sent them.';
 
 -- The worker's tick: apply due webhook events, then timers.  Returns the
 -- number of events applied (the worker runs the next tick at once when it

@@ -43,7 +43,6 @@ my $node = qes_node('outbox_crash', conf => [
 	"checkpoint_timeout = '1h'",
 	"autovacuum = off"]);
 $node->safe_psql('postgres', 'CREATE EXTENSION qes_billing');
-
 my $n = 300;
 $node->safe_psql('postgres', qq{
 	SELECT count(billing.outbox_enqueue(NULL, 'test.customer', 'POST', '/v1/customers',
@@ -105,36 +104,29 @@ cmp_ok(scalar(@resent), '<=', scalar(@in_flight), 'and only they reached Stripe 
 # wrote the claim out of the WAL buffers, so after recovery the row is
 # pending again as if never claimed.  It is sent again with its key,
 # Stripe replays its first answer, and there is still one customer.
-fake_control($fake_port, 'delay', { after_ms => 8000 });	# carried out at once, answered 8 s later
-# The WAL writer's round may write the claim out before the crash (then it
-# survives, as any claim did before): a request whose claim is still in
-# the WAL buffers just before the crash is what this part needs, so it
-# takes up to three requests to get one.
-my ($lost, $unwritten);
+# The server crashes as soon as Stripe has the request.  The claim may be
+# written out all the same (with a later page of WAL, by the WAL writer):
+# then the row was in flight at the crash, is sent again as in the part
+# above and shows a second attempt, and the part goes again with another
+# request, up to three times.
+my $lost;
 for my $try (1 .. 3)
 {
+	fake_control($fake_port, 'delay', { after_ms => 8000 });	# carried out at once, answered 8 s later
 	$lost = $node->safe_psql('postgres', qq{
 		SELECT billing.outbox_enqueue(NULL, 'test.customer', 'POST', '/v1/customers',
 		                              jsonb_build_object('name', 'Lost claim', 'metadata', jsonb_build_object('n', 'lost$try')))});
 	ok(defined wait_for(sub { (fake_stats($fake_port)->{creates}{customer} // 0) == $n + $try }, 30),
 		"request $try: Stripe carried it out (its answer held back)");
-	is($node->safe_psql('postgres', "SELECT state || '/' || attempts FROM billing.stripe_requests WHERE request_id = $lost"),
-		'in_flight/1', "request $try: the row is claimed and in flight");
-	# nothing but the claim was written since the last synchronous commit
-	$unwritten = $node->safe_psql('postgres', 'SELECT pg_current_wal_lsn() < pg_current_wal_insert_lsn()');
-	last if $unwritten eq 't';
-	note("request $try: its claim was written out before the crash; another one");
+	$node->stop('immediate');
+	fake_control($fake_port, 'delay', { after_ms => 0 });
+	$node->start;
 	ok(defined wait_for(sub {
-		$node->safe_psql('postgres', "SELECT state FROM billing.stripe_requests WHERE request_id = $lost") eq 'succeeded' }, 30),
-		"request $try is answered and recorded");
+		my ($rc, $o) = $node->psql('postgres', "SELECT state FROM billing.stripe_requests WHERE request_id = $lost");
+		$rc == 0 && $o eq 'succeeded' }, 60), "request $try: after the crash it is sent again and succeeds");
+	last if $node->safe_psql('postgres', "SELECT attempts FROM billing.stripe_requests WHERE request_id = $lost") eq '1';
+	note("request $try: its claim was written out before the crash; another one");
 }
-is($unwritten, 't', 'a claim is still in the WAL buffers at the crash');
-$node->stop('immediate');
-fake_control($fake_port, 'delay', { after_ms => 0 });
-$node->start;
-ok(defined wait_for(sub {
-	my ($rc, $o) = $node->psql('postgres', "SELECT state FROM billing.stripe_requests WHERE request_id = $lost");
-	$rc == 0 && $o eq 'succeeded' }, 60), 'after the crash the request is sent again and succeeds');
 is($node->safe_psql('postgres', "SELECT attempts FROM billing.stripe_requests WHERE request_id = $lost"),
 	'1', 'the claim did not survive the crash: the resend is the first attempt the row counts');
 $stats = fake_stats($fake_port);
@@ -193,6 +185,50 @@ is($node->safe_psql('postgres', qq{
 	 WHERE action = 'stripe.request_resolved' AND (details ->> 'request_id')::bigint = $cus_req}), 'true',
 	'the resolution is audited');
 
+# A claim lost in a crash, then a long outage.  The lost claim leaves its
+# row pending as if never sent, though Stripe carried it out, and the
+# server comes back past the window.  It did not start from a clean
+# shutdown, so the reclaim dates every due row as possibly sent from when
+# it fell due: the row is not sent blind after Stripe has forgotten its
+# key; it fails as expired and the customer is looked up and linked.
+# The server crashes as soon as Stripe has the request.  If the claim was
+# written out all the same (the reclaim then finds the row in flight: the
+# long outage above), the part goes again with another tenant, up to three
+# times.
+my ($lo_req, $lo_tenant, $lo_reclaim);
+for my $try (1 .. 3)
+{
+	$lo_tenant = "lost_outage_$try";
+	$node->safe_psql('postgres', "SELECT billing.upsert_tenant('$lo_tenant', 'Lost Outage $try', 'billing\@lost$try.example')");
+	my $audited = $node->safe_psql('postgres', "SELECT coalesce(max(audit_id), 0) FROM billing.audit_log");
+	$creates = fake_stats($fake_port)->{creates}{customer};
+	fake_control($fake_port, 'delay', { after_ms => 8000 });
+	$lo_req = $node->safe_psql('postgres', qq{
+		SELECT billing.customer_request(t) FROM billing.tenants t WHERE tenant_id = '$lo_tenant'});
+	ok(defined wait_for(sub { (fake_stats($fake_port)->{creates}{customer} // 0) == $creates + 1 }, 30),
+		"lost claim, long outage, try $try: Stripe created the customer (its answer held back)");
+	$node->stop('immediate');
+	fake_control($fake_port, 'delay', { after_ms => 0 });
+	sleep(2);	# (the window is still 1 s)
+	$node->start;
+	ok(defined wait_for(sub {
+		my ($rc, $o) = $node->psql('postgres', "SELECT stripe_customer_id IS NOT NULL FROM billing.tenants WHERE tenant_id = '$lo_tenant'");
+		$rc == 0 && $o eq 't' }, 60), "lost claim, long outage, try $try: the tenant is linked to a customer");
+	$lo_reclaim = $node->safe_psql('postgres', qq{
+		SELECT (details ->> 'stripe_requests') || '/' || (details ->> 'possibly_sent') FROM billing.audit_log
+		 WHERE action = 'worker.reclaimed' AND audit_id > $audited ORDER BY audit_id LIMIT 1});
+	last if $lo_reclaim =~ m{^0/};
+	note("lost claim, long outage, try $try: the claim was written out before the crash (reclaimed $lo_reclaim); again");
+}
+like($lo_reclaim, qr{^0/[1-9]}, 'lost claim, long outage: the claim was lost (nothing in flight), and the reclaim dated the row');
+is($node->safe_psql('postgres', "SELECT state || '/' || (error ->> 'category') FROM billing.stripe_requests WHERE request_id = $lo_req"),
+	'failed/expired', 'lost claim, long outage: the request was not sent again, failed as expired');
+$stats = fake_stats($fake_port);
+my $lo_key = $node->safe_psql('postgres', "SELECT idempotency_key FROM billing.stripe_requests WHERE request_id = $lo_req");
+is(scalar(grep { $_->[1] eq '/v1/customers' && $_->[2] eq $lo_key } @{ $stats->{requests} }), 1,
+	'lost claim, long outage: its key went out once, before the crash');
+is($stats->{creates}{customer}, $creates + 1, 'lost claim, long outage: Stripe has one customer for the tenant');
+
 # A request whose connection was never made (Stripe unreachable: here a
 # port nothing listens on) did not reach Stripe: the worker says "not sent",
 # its key's time does not start, and past the window (still 1 s) it is sent
@@ -210,6 +246,15 @@ ok(defined wait_for(sub {
 		SELECT attempts >= 2 AND now() > created_at + interval '1.5 s'
 		  FROM billing.stripe_requests WHERE request_id = $unreached}) eq 't' }, 30),
 	'unreachable: attempted again and again, past the window');
+# a clean restart (its shutdown checkpoint lost no claim) dates nothing
+my $audited = $node->safe_psql('postgres', "SELECT max(audit_id) FROM billing.audit_log");
+$node->restart;
+ok(defined wait_for(sub {
+	$node->safe_psql('postgres', "SELECT pid IS NOT NULL AND extension_present FROM billing.worker_state()") eq 't' }, 30),
+	'unreachable: the worker is back after a clean restart');
+is($node->safe_psql('postgres', qq{
+	SELECT count(*) FROM billing.audit_log WHERE audit_id > $audited AND action = 'worker.reclaimed'
+	   AND (details ->> 'unclean_start')::boolean}), '0', 'unreachable: a clean restart is not taken for a crash');
 is($node->safe_psql('postgres', qq{
 	SELECT state || '/' || (first_sent_at IS NULL) || '/' || (error ->> 'message' LIKE 'not sent: %')
 	  FROM billing.stripe_requests WHERE request_id = $unreached}), 'pending/true/true',

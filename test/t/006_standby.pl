@@ -228,6 +228,13 @@ ok(defined wait_for(sub {
 	$r == 0 && $o eq '0' }, 90), 'the promoted node\'s worker sends every request');
 like(slurp_file($standby->logfile), qr/qes_billing worker reclaimed \d+ queue rows left in flight/,
 	'the rows left in flight were reclaimed when the worker started');
+# a promoted standby did not start from a clean shutdown of a primary: the
+# old primary's last claims may be missing here, and the reclaim says so
+# (it dates the due requests as possibly sent, docs/architecture.md)
+is($standby->safe_psql('postgres', q{
+	SELECT details ->> 'unclean_start' FROM billing.audit_log WHERE action = 'worker.reclaimed'
+	 ORDER BY audit_id DESC LIMIT 1}),
+	'true', 'the promoted node\'s reclaim knows its start was not clean');
 sleep 2;		# answers of the old primary's last requests reach the fake's log
 
 my $stats = fake_stats($fake_port);
