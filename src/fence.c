@@ -61,6 +61,12 @@
  *	 does the end of any transaction that installed.
  *	 Changes to the table are serialized (billing_shard.move_fence locks
  *	 it), so one transaction's install never hides another's fence.
+ * - A prepared transaction has no backend, so its slot says nothing.  One
+ *	 that made a check takes, as it prepares, a ShareLock on the object
+ *	 (pg_extension, the extension's OID, sub-id QES_PREPARED_WRITERS); the
+ *	 lock passes to the prepared transaction and is recovered with it after
+ *	 a restart, and the mover waits for every holder of a conflicting
+ *	 lock.  Only preparing takes it: nothing on the checks' path.
  *
  *-------------------------------------------------------------------------
  */
@@ -70,7 +76,9 @@
 #include "access/twophase.h"
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "catalog/pg_extension.h"
 #include "catalog/pg_type.h"
+#include "commands/extension.h"
 #include "commands/trigger.h"
 #include "common/md5.h"
 #include "executor/spi.h"
@@ -88,6 +96,9 @@
 
 #include "catalog_cache.h"
 #include "fence.h"
+
+/* the sub-id of the lock prepared transactions that made a check hold */
+#define QES_PREPARED_WRITERS 1
 
 /* the router's partition counts are powers of two up to this */
 #define QES_MAX_PARTITIONS	65536
@@ -497,16 +508,38 @@ qes_fence_at_xact_end(bool top)
 	pg_memory_barrier();
 }
 
+/* the lock of prepared transactions that made a check (locking rules) */
+static bool
+prepared_writers_tag(LOCKTAG *tag)
+{
+	Oid			extoid = get_extension_oid("qes_billing", true);
+
+	if (!OidIsValid(extoid))
+		return false;
+	SET_LOCKTAG_OBJECT(*tag, MyDatabaseId, ExtensionRelationId, extoid, QES_PREPARED_WRITERS);
+	return true;
+}
+
 /*
  * PREPARE TRANSACTION ends the backend's virtual transaction: a prepared
- * transaction that wrote a tenant's rows would not be waited for by a
- * partition move.  Refused while any partition is fenced or copied here.
+ * transaction that wrote a tenant's rows is no longer found by its slot.
+ * Refused while any partition is fenced or copied here; otherwise, if the
+ * transaction made a check, it takes the lock a partition move waits for
+ * (locking rules), which the prepared transaction keeps until it ends.
  */
 void
 qes_fence_refuse_prepare(void)
 {
-	if (fence == NULL || MyProc == NULL || checked_lxid != MyProc->lxid ||
-		pg_atomic_read_u32(&fence->nfenced) == 0)
+	LOCKTAG		tag;
+
+	if (fence == NULL || MyProc == NULL)
+		return;
+	if (MyProc->pgprocno < fence->nslots &&
+		pg_atomic_read_u64(&slots[MyProc->pgprocno]) ==
+		(((uint64) (uint32) MyBackendId << 32) | (uint64) MyProc->lxid) &&
+		prepared_writers_tag(&tag))
+		(void) LockAcquire(&tag, ShareLock, false, false);
+	if (checked_lxid != MyProc->lxid || pg_atomic_read_u32(&fence->nfenced) == 0)
 		return;
 	ereport(ERROR,
 			(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
@@ -551,7 +584,8 @@ qes_partition_fences_reload(PG_FUNCTION_ARGS)
 
 /*
  * billing.partition_fence_wait(): wait until every other transaction that
- * made a check before now has ended; returns how many were still running.
+ * made a check before now has ended, prepared ones included; returns how
+ * many were still running.
  * Waits as a lock waiter does: lock_timeout and statement_timeout apply.
  */
 Datum
@@ -586,6 +620,26 @@ qes_partition_fence_wait(PG_FUNCTION_ARGS)
 		CHECK_FOR_INTERRUPTS();
 	}
 	pfree(seen);
+	/* and the prepared transactions that made a check (locking rules) */
+	{
+		LOCKTAG		tag;
+		VirtualTransactionId *holders;
+		int			nholders;
+
+		if (prepared_writers_tag(&tag))
+		{
+			holders = GetLockConflicts(&tag, ExclusiveLock, &nholders);
+			for (int i = 0; i < nholders; i++)
+			{
+				if (!VirtualXactLock(holders[i], false))
+				{
+					waited++;
+					VirtualXactLock(holders[i], true);
+				}
+				CHECK_FOR_INTERRUPTS();
+			}
+		}
+	}
 	PG_RETURN_INT32(waited);
 }
 

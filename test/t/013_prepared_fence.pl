@@ -1,0 +1,54 @@
+# A transaction that wrote a tenant's rows and was prepared (two-phase
+# commit) before a partition move's fence: the move waits for it to end,
+# also once its session has gone on to other work and after a restart
+# recovered it.  A prepared transaction has no backend, so the move cannot
+# find it by the slot its check left (src/fence.c); the lock it takes as it
+# prepares passes to the prepared transaction, is recovered with it, and
+# the move waits for every holder.  A prepared transaction that wrote no
+# tenant's rows is not waited for.
+use strict;
+use warnings;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use QesTest;
+
+my $node = qes_node('prepared_fence', conf => ['max_prepared_transactions = 4', 'qes_billing.worker_paused = on']);
+$node->safe_psql('postgres', 'CREATE EXTENSION qes_billing');
+$node->safe_psql('postgres', q{SELECT billing.upsert_tenant('prep_a', 'Prepared A', 'a@prep.example')});
+
+$node->safe_psql('postgres', q{
+	BEGIN;
+	UPDATE billing.tenants SET name = 'Prepared A, renamed' WHERE tenant_id = 'prep_a';
+	PREPARE TRANSACTION 'prep_writer';});
+$node->safe_psql('postgres', q{
+	BEGIN;
+	SELECT count(*) FROM billing.tenants;
+	PREPARE TRANSACTION 'prep_reader';});
+$node->restart;
+is($node->safe_psql('postgres', 'SELECT string_agg(gid, \',\' ORDER BY gid) FROM pg_prepared_xacts'),
+	'prep_reader,prep_writer', 'both prepared transactions were recovered by the restart');
+
+# the mover fences the tenant's partition, then waits
+$node->safe_psql('postgres', q{
+	INSERT INTO billing.partition_fences (partition_count, partition, state, direction, move_id, peer_shard)
+	VALUES (64, billing.tenant_partition('prep_a', 64), 'moving', 'out', 1, 's9')});
+my ($rc, $out, $err) = $node->psql('postgres', q{
+	SET lock_timeout = '1s';
+	SELECT billing.partition_fence_wait();});
+isnt($rc, 0, 'the move waits for the recovered prepared transaction that wrote the tenant\'s row');
+like($err, qr/lock timeout/, 'until its lock_timeout');
+
+$node->safe_psql('postgres', q{COMMIT PREPARED 'prep_writer'});
+is($node->safe_psql('postgres', q{SET lock_timeout = '5s'; SELECT billing.partition_fence_wait()}), '0',
+	'once it is committed the move goes on; the prepared transaction that wrote nothing is not waited for');
+is($node->safe_psql('postgres', q{SELECT name FROM billing.tenants WHERE tenant_id = 'prep_a'}),
+	'Prepared A, renamed', 'and the move sees its row');
+($rc, $out, $err) = $node->psql('postgres', q{UPDATE billing.tenants SET name = 'late' WHERE tenant_id = 'prep_a'});
+like($err, qr/is being moved to another shard/, 'a write after the fence is refused');
+
+$node->safe_psql('postgres', q{ROLLBACK PREPARED 'prep_reader'});
+$node->safe_psql('postgres', 'DELETE FROM billing.partition_fences');
+amcheck_all($node);
+$node->stop;
+done_testing();
