@@ -247,15 +247,18 @@ SELECT action, tenant_id FROM billing.audit_log
  WHERE action ~ '^(subscription|customer|payment_intent|stripe)\.' ORDER BY audit_id;
 SELECT * FROM billing.outbox_metrics;
 
--- A claim commits without waiting for its WAL flush: after a crash, a
--- restore or a promotion (the worker passes true then) one may be lost
--- whose request went out, its row pending again as if never sent.  The
--- reclaim dates every due POST as possibly sent from when it fell due; a
--- GET, a row not yet due and one already dated keep theirs.
+-- After a start that was not clean (a crash, a restored backup, a
+-- promotion: the worker passes true) commits may be missing: a request
+-- whose claim was lost may have gone out while its row looks never sent.
+-- The reclaim dates every pending or waiting request other than a GET as
+-- possibly sent since the last commit recovery replayed (none here: from
+-- its creation); a GET and one already dated keep theirs.
 SELECT billing.outbox_enqueue(NULL, 'test.lost_claim', 'POST', '/v1/customers', '{"name": "due"}') AS due_post \gset
 SELECT billing.outbox_enqueue(NULL, 'test.lost_claim', 'GET', '/v1/customers/cus_X') AS due_get \gset
 SELECT billing.outbox_enqueue(NULL, 'test.lost_claim', 'POST', '/v1/customers', '{"name": "later"}') AS later_post \gset
 SELECT billing.outbox_enqueue(NULL, 'test.lost_claim', 'POST', '/v1/customers', '{"name": "dated"}') AS dated_post \gset
+SELECT billing.outbox_enqueue(NULL, 'test.lost_claim', 'POST', '/v1/customers', '{"name": "waiting"}', '{}',
+                              :later_post) AS waiting_post \gset
 UPDATE billing.stripe_requests SET created_at = now() - interval '3 days', next_attempt_at = now() - interval '2 days'
  WHERE request_id IN (:due_post, :due_get);
 UPDATE billing.stripe_requests SET next_attempt_at = now() + interval '1 hour' WHERE request_id = :later_post;
@@ -264,8 +267,9 @@ UPDATE billing.stripe_requests SET first_sent_at = now() - interval '1 hour' WHE
 SELECT billing.worker_reclaim(false) AS reclaimed;
 SELECT count(*) AS dated FROM billing.stripe_requests WHERE kind = 'test.lost_claim' AND first_sent_at IS NOT NULL;
 SELECT billing.worker_reclaim(true) AS reclaimed;
-SELECT params ->> 'name' AS name, method, first_sent_at = next_attempt_at AS from_when_due,
-       first_sent_at > now() - interval '2 hours' AS kept_its_own, first_sent_at IS NULL AS undated
+SELECT params ->> 'name' AS name, method, state, first_sent_at = created_at AS from_creation,
+       first_sent_at > now() - interval '2 hours' AND first_sent_at <> created_at AS kept_its_own,
+       first_sent_at IS NULL AS undated
   FROM billing.stripe_requests WHERE kind = 'test.lost_claim' ORDER BY request_id;
 SELECT details FROM billing.audit_log WHERE action = 'worker.reclaimed' ORDER BY audit_id DESC LIMIT 1;
 -- past the window it is not sent blind: the claim fails it as expired

@@ -1076,6 +1076,7 @@ DECLARE
   v_requests bigint;
   v_events bigint;
   v_possibly_sent bigint := 0;
+  v_lost_after timestamptz;
 BEGIN
   -- (an attempt in flight at a crash may have reached Stripe)
   UPDATE billing.stripe_requests
@@ -1083,19 +1084,30 @@ BEGIN
          next_attempt_at = now(), updated_at = now()
    WHERE state = 'in_flight';
   GET DIAGNOSTICS v_requests = ROW_COUNT;
-  -- A claim commits without waiting for its WAL flush (src/outbox.c): after
-  -- a crash, a restore or a promotion one may be lost whose request went
-  -- out, its row pending again as if never claimed.  Any row that was due
-  -- may be such a one; it was claimed no earlier than it fell due, so its
-  -- key's time is taken to run from then: sent again within
-  -- qes_billing.idempotency_window, failed as expired (and looked up) after
-  -- it, never sent blind once Stripe has forgotten the key
-  -- (docs/architecture.md, "One Stripe request").
+  -- After a start that was not clean (a crash, a restored backup, a
+  -- promotion: src/shmem.c) commits may be missing: a claim never waits
+  -- for its WAL flush (src/outbox.c), and a promoted standby or a backup
+  -- may lack any.  A request whose claim (or release from waiting, or
+  -- retry) was lost may have gone out though its row shows no attempt.
+  -- Every lost commit came after the last one recovery replayed, whose
+  -- time it took before its WAL was written; so any such request went out
+  -- after that time (and after it was created): its key's time is taken to
+  -- run from then.  Sent again within qes_billing.idempotency_window, it
+  -- replays; past it, it fails as expired instead of going out blind.  Not
+  -- for a tenant whose partition is moving (its rows are refused here:
+  -- docs/scaleout.md, "Not done yet").
   IF p_claims_may_be_lost THEN
+    v_lost_after := coalesce(pg_catalog.pg_last_xact_replay_timestamp(), '-infinity');
     UPDATE billing.stripe_requests
-       SET first_sent_at = greatest(created_at, next_attempt_at)
-     WHERE state = 'pending' AND method <> 'GET' AND first_sent_at IS NULL AND next_attempt_at <= now();
+       SET first_sent_at = greatest(created_at, v_lost_after)
+     WHERE state IN ('pending', 'waiting') AND method <> 'GET' AND first_sent_at IS NULL
+       AND NOT billing.tenant_fenced(tenant_id);
     GET DIAGNOSTICS v_possibly_sent = ROW_COUNT;
+    IF v_possibly_sent > 0 THEN
+      RAISE WARNING 'qes_billing: % Stripe requests may have been sent by work this start lost', v_possibly_sent
+        USING DETAIL = 'The server did not start from a clean shutdown of a primary.',
+              HINT = 'Each is sent again within qes_billing.idempotency_window; past it, it fails as expired and customers and subscriptions are looked up.';
+    END IF;
   END IF;
   UPDATE billing.webhook_events
      SET state = 'received', next_attempt_at = now()
@@ -1112,7 +1124,7 @@ END
 $$;
 
 COMMENT ON FUNCTION billing.worker_reclaim(boolean) IS
-  'Run by the worker at start: put queue rows left in flight by a crash back in the queue; after a start that was not from a clean shutdown of a primary (p_claims_may_be_lost), date the due requests as possibly sent, since a claim lost with its WAL may have sent them.';
+  'Run by the worker at start: put queue rows left in flight by a crash back in the queue; after a start that was not from a clean shutdown of a primary (p_claims_may_be_lost), date the pending and waiting requests other than GETs as possibly sent since the last commit recovery replayed, since lost work may have sent them. Run it with true by hand after restoring a dump (docs/operations.md).';
 
 -- The worker's tick: apply due webhook events, then timers.  Returns the
 -- number of events applied (the worker runs the next tick at once when it
@@ -5705,7 +5717,9 @@ BEGIN
     UPDATE billing.tenants SET stripe_customer_id = o ->> 'id', updated_at = now()
      WHERE tenant_id = r.tenant_id AND stripe_customer_id IS NULL;
     PERFORM billing.apply_customer(r.tenant_id, o, v_at, false);
-    -- what waited for the customer never reached Stripe: send it now, with its own key
+    -- what waited for the customer never reached Stripe (unless lost WAL hid
+    -- that it did: billing.worker_reclaim then dated it, and the claim fails
+    -- it as expired past the window): send it now, with its own key
     FOR w IN SELECT * FROM billing.stripe_requests c
               WHERE c.after_request = r.request_id AND c.state = 'failed' AND c.error ->> 'category' = 'dependency'
                 FOR UPDATE LOOP

@@ -27,9 +27,16 @@
  */
 #include "qes_billing.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "access/xlog.h"
 #include "catalog/pg_control.h"
 #include "common/controldata_utils.h"
+#include "common/file_perm.h"
 #include "miscadmin.h"
+#include "storage/fd.h"
 #include "storage/ipc.h"
 #include "storage/shmem.h"
 
@@ -48,21 +55,58 @@ static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 /*
  * Did this server start where every commit before it is on disk?  A claim
  * of the outbox commits without waiting for its WAL flush (src/outbox.c),
- * so a crash, a restore from a backup or a standby's promotion can lose
- * one whose request went out; billing.worker_reclaim() then treats the due
- * rows as possibly sent (docs/architecture.md, "One Stripe request").
- * Known in the postmaster only: the state pg_control had before the
- * startup process ran (a clean shutdown of a primary, or not), and how
+ * and a promoted standby or a restored backup may lack any commit; so
+ * after such a start billing.worker_reclaim(true) dates the requests that
+ * may have gone out (docs/architecture.md, "One Stripe request").  Known
+ * in the postmaster only, from what it finds before the startup process
+ * runs: pg_control saying a primary was shut down cleanly, and no
+ * standby.signal, recovery.signal or backup_label (a standby, a recovery
+ * or a restored backup, even of a cleanly stopped server); and from how
  * often shared memory was made (more than once: a crash and a restart of
- * every process, which loses the WAL buffers).  The postmaster's memory
- * outlives those restarts; shared memory does not.
+ * every process, which loses the WAL buffers; the postmaster's memory
+ * outlives those restarts, shared memory does not).  A start that is not
+ * clean leaves QES_UNCLEAN_FILE in the data directory until the worker's
+ * reclaim has committed (qes_unclean_start_done), so that a clean restart
+ * before that, with the worker paused or the extension not yet updated,
+ * still counts as not clean.  This reads files: it runs before
+ * AddinShmemInitLock is taken.
  */
 static bool started_clean = false;
 static int	shmem_inits = 0;
 
 static bool
+file_exists(const char *path)
+{
+	struct stat st;
+
+	return stat(path, &st) == 0 || errno != ENOENT;
+}
+
+/* create QES_UNCLEAN_FILE, durably (a failure is logged: the flag still holds) */
+static void
+note_unclean_start(void)
+{
+	int			fd = open(QES_UNCLEAN_FILE, O_CREAT | O_WRONLY | PG_BINARY, pg_file_create_mode);
+
+	if (fd < 0 || pg_fsync(fd) != 0)
+		ereport(LOG,
+				(errcode_for_file_access(),
+				 errmsg("could not write file \"%s\": %m", QES_UNCLEAN_FILE)));
+	if (fd >= 0)
+		close(fd);
+	fd = open(".", O_RDONLY | PG_BINARY, 0);
+	if (fd >= 0)
+	{
+		(void) pg_fsync(fd);
+		close(fd);
+	}
+}
+
+static bool
 claims_may_be_lost(void)
 {
+	bool		lost;
+
 	if (IsUnderPostmaster)
 		return true;			/* not the postmaster: not known, assume the worst */
 	if (shmem_inits++ == 0)
@@ -70,10 +114,41 @@ claims_may_be_lost(void)
 		bool		crc_ok;
 		ControlFileData *cf = get_controlfile(DataDir, &crc_ok);
 
-		started_clean = crc_ok && cf->state == DB_SHUTDOWNED;
+		started_clean = crc_ok && cf->state == DB_SHUTDOWNED &&
+			!file_exists(STANDBY_SIGNAL_FILE) && !file_exists(RECOVERY_SIGNAL_FILE) &&
+			!file_exists(BACKUP_LABEL_FILE) && !file_exists(QES_UNCLEAN_FILE);
 		pfree(cf);
 	}
-	return !started_clean || shmem_inits > 1;
+	lost = !started_clean || shmem_inits > 1;
+	if (lost)
+		note_unclean_start();
+	return lost;
+}
+
+/*
+ * The worker's reclaim after a start that was not clean has committed:
+ * later starts are judged on their own.  (Run by the worker: its working
+ * directory is the data directory too.)
+ */
+void
+qes_unclean_start_done(void)
+{
+	int			fd;
+
+	if (unlink(QES_UNCLEAN_FILE) != 0)
+	{
+		if (errno != ENOENT)
+			ereport(LOG,
+					(errcode_for_file_access(),
+					 errmsg("could not remove file \"%s\": %m", QES_UNCLEAN_FILE)));
+		return;
+	}
+	fd = open(".", O_RDONLY | PG_BINARY, 0);
+	if (fd >= 0)
+	{
+		(void) pg_fsync(fd);
+		close(fd);
+	}
 }
 
 static Size
@@ -98,10 +173,13 @@ static void
 qes_shmem_startup(void)
 {
 	bool		found;
+	bool		lost;
 
 	if (prev_shmem_startup_hook)
 		prev_shmem_startup_hook();
 
+	/* (files: before the lock; used only when the segment is new) */
+	lost = claims_may_be_lost();
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
 	qes_worker_state = ShmemInitStruct("qes_billing worker state",
 									   sizeof(QesWorkerState), &found);
@@ -112,7 +190,7 @@ qes_shmem_startup(void)
 		pg_atomic_init_u64(&qes_worker_state->outbox_wakes, 0);
 		pg_atomic_init_u64(&qes_worker_state->other_wakes, 0);
 		qes_worker_state->lock = &(GetNamedLWLockTranche(QES_TRANCHE))[0].lock;
-		qes_worker_state->claims_may_be_lost = claims_may_be_lost();
+		qes_worker_state->claims_may_be_lost = lost;
 	}
 	qes_counters_startup();
 	qes_fence_startup();

@@ -45,7 +45,11 @@ typedef struct QesWorkerState
 
 extern QesWorkerState *qes_worker_state;
 
+/* in the data directory from a start that was not clean until the worker's reclaim (shmem.c) */
+#define QES_UNCLEAN_FILE "qes_billing.unclean_start"
+
 extern void qes_shmem_init(void);
+extern void qes_unclean_start_done(void);
 extern void qes_set_worker_latch(void);
 
 #endif							/* QES_SHMEM_H */

@@ -469,10 +469,12 @@ worker_tick(TickResult *r)
 	LWLockAcquire(qes_worker_state->lock, LW_EXCLUSIVE);
 	qes_worker_state->extension_present = OidIsValid(extoid);
 	qes_worker_state->reclaimed += reclaimed;
-	/* committed: the rows it marked keep the mark */
+	/* committed: the rows it dated keep their dates */
 	if (did_reclaim)
 		qes_worker_state->claims_may_be_lost = false;
 	LWLockRelease(qes_worker_state->lock);
+	if (did_reclaim)
+		qes_unclean_start_done();
 }
 
 /*

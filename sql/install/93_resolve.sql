@@ -96,7 +96,9 @@ BEGIN
     UPDATE billing.tenants SET stripe_customer_id = o ->> 'id', updated_at = now()
      WHERE tenant_id = r.tenant_id AND stripe_customer_id IS NULL;
     PERFORM billing.apply_customer(r.tenant_id, o, v_at, false);
-    -- what waited for the customer never reached Stripe: send it now, with its own key
+    -- what waited for the customer never reached Stripe (unless lost WAL hid
+    -- that it did: billing.worker_reclaim then dated it, and the claim fails
+    -- it as expired past the window): send it now, with its own key
     FOR w IN SELECT * FROM billing.stripe_requests c
               WHERE c.after_request = r.request_id AND c.state = 'failed' AND c.error ->> 'category' = 'dependency'
                 FOR UPDATE LOOP

@@ -93,7 +93,8 @@ like($node->safe_psql('postgres', "SELECT state FROM billing.webhook_events WHER
 	qr/^(received|ignored)$/, 'in-flight webhook event is back in the inbox (and then processed)');
 ok(defined wait_for(sub { worker_state($node)->{reclaimed} >= 2 }, 10), 'worker reports what it reclaimed');
 is($node->safe_psql('postgres', "SELECT details FROM billing.audit_log WHERE action = 'worker.reclaimed'"),
-	'{"webhook_events": 1, "stripe_requests": 1}', 'reclaim is audited');
+	'{"possibly_sent": 0, "unclean_start": true, "webhook_events": 1, "stripe_requests": 1}',
+	'reclaim is audited, and a worker killed by SIGKILL (every process restarted) is a start that was not clean');
 isnt(worker_pid($node), $pid, 'a new worker runs after the crash');
 
 amcheck_all($node);

@@ -228,6 +228,26 @@ my $lo_key = $node->safe_psql('postgres', "SELECT idempotency_key FROM billing.s
 is(scalar(grep { $_->[1] eq '/v1/customers' && $_->[2] eq $lo_key } @{ $stats->{requests} }), 1,
 	'lost claim, long outage: its key went out once, before the crash');
 is($stats->{creates}{customer}, $creates + 1, 'lost claim, long outage: Stripe has one customer for the tenant');
+is($node->safe_psql('postgres', "SELECT first_sent_at >= created_at FROM billing.stripe_requests WHERE request_id = $lo_req"),
+	't', 'lost claim, long outage: dated no earlier than its creation (the last commit recovery replayed)');
+ok(!-e $node->data_dir . '/qes_billing.unclean_start', 'lost claim, long outage: the mark of the start is gone once the reclaim committed');
+
+# A crash, then a clean restart before the worker reconciled (paused, as
+# for an upgrade): the start is still not clean when it does.
+$node->safe_psql('postgres', 'ALTER SYSTEM SET qes_billing.worker_paused = on');
+$node->stop('immediate');
+$node->start;
+ok(-e $node->data_dir . '/qes_billing.unclean_start', 'paused after a crash: the data directory keeps the mark');
+$node->restart;
+ok(-e $node->data_dir . '/qes_billing.unclean_start', 'and a clean restart keeps it');
+my $audited_before = $node->safe_psql('postgres', "SELECT max(audit_id) FROM billing.audit_log");
+$node->safe_psql('postgres', 'ALTER SYSTEM RESET qes_billing.worker_paused; SELECT pg_reload_conf();');
+ok(defined wait_for(sub {
+	$node->safe_psql('postgres', qq{
+		SELECT count(*) FROM billing.audit_log WHERE audit_id > $audited_before AND action = 'worker.reclaimed'
+		   AND (details ->> 'unclean_start')::boolean}) eq '1' }, 30),
+	'resumed: the reclaim still knows the start was not clean');
+ok(defined wait_for(sub { !-e $node->data_dir . '/qes_billing.unclean_start' }, 30), 'and then forgets it');
 
 # A request whose connection was never made (Stripe unreachable: here a
 # port nothing listens on) did not reach Stripe: the worker says "not sent",

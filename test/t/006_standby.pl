@@ -232,7 +232,7 @@ like(slurp_file($standby->logfile), qr/qes_billing worker reclaimed \d+ queue ro
 # old primary's last claims may be missing here, and the reclaim says so
 # (it dates the due requests as possibly sent, docs/architecture.md)
 is($standby->safe_psql('postgres', q{
-	SELECT details ->> 'unclean_start' FROM billing.audit_log WHERE action = 'worker.reclaimed'
+	SELECT details ->> 'unclean_start' FROM billing.audit_log WHERE action = 'worker.reclaimed' AND details ? 'unclean_start'
 	 ORDER BY audit_id DESC LIMIT 1}),
 	'true', 'the promoted node\'s reclaim knows its start was not clean');
 sleep 2;		# answers of the old primary's last requests reach the fake's log
