@@ -248,32 +248,38 @@ SELECT action, tenant_id FROM billing.audit_log
 SELECT * FROM billing.outbox_metrics;
 
 -- After a start that was not clean (a crash, a restored backup, a
--- promotion: the worker passes true) commits may be missing: a request
--- whose claim was lost may have gone out while its row looks never sent.
--- The reclaim dates every pending or waiting request other than a GET as
--- possibly sent since the last commit recovery replayed (none here: from
--- its creation); a GET and one already dated keep theirs.
+-- promotion) commits after the last checkpoint (p_lost_after) may be
+-- missing: a request whose claim was lost may have gone out while its row
+-- looks never sent.  The reclaim dates every pending or waiting request
+-- other than a GET, created before the start (p_started), as possibly
+-- sent since then (or since its creation, if later); a GET, one created
+-- after the start and one already dated keep theirs.
+SELECT now() - interval '1 day' AS lost_after \gset
 SELECT billing.outbox_enqueue(NULL, 'test.lost_claim', 'POST', '/v1/customers', '{"name": "due"}') AS due_post \gset
 SELECT billing.outbox_enqueue(NULL, 'test.lost_claim', 'GET', '/v1/customers/cus_X') AS due_get \gset
 SELECT billing.outbox_enqueue(NULL, 'test.lost_claim', 'POST', '/v1/customers', '{"name": "later"}') AS later_post \gset
 SELECT billing.outbox_enqueue(NULL, 'test.lost_claim', 'POST', '/v1/customers', '{"name": "dated"}') AS dated_post \gset
 SELECT billing.outbox_enqueue(NULL, 'test.lost_claim', 'POST', '/v1/customers', '{"name": "waiting"}', '{}',
                               :later_post) AS waiting_post \gset
+SELECT billing.outbox_enqueue(NULL, 'test.lost_claim', 'POST', '/v1/customers', '{"name": "after start"}') AS after_post \gset
 UPDATE billing.stripe_requests SET created_at = now() - interval '3 days', next_attempt_at = now() - interval '2 days'
  WHERE request_id IN (:due_post, :due_get);
 UPDATE billing.stripe_requests SET next_attempt_at = now() + interval '1 hour' WHERE request_id = :later_post;
 UPDATE billing.stripe_requests SET first_sent_at = now() - interval '1 hour' WHERE request_id = :dated_post;
+UPDATE billing.stripe_requests SET created_at = now() + interval '1 hour' WHERE request_id = :after_post;
 -- a clean start dates nothing
-SELECT billing.worker_reclaim(false) AS reclaimed;
+SELECT billing.worker_reclaim() AS reclaimed;
 SELECT count(*) AS dated FROM billing.stripe_requests WHERE kind = 'test.lost_claim' AND first_sent_at IS NOT NULL;
-SELECT billing.worker_reclaim(true) AS reclaimed;
-SELECT params ->> 'name' AS name, method, state, first_sent_at = created_at AS from_creation,
+SELECT billing.worker_reclaim(:'lost_after', now() + interval '1 minute') AS reclaimed;
+SELECT params ->> 'name' AS name, method, state, first_sent_at = :'lost_after' AS from_lost_after,
+       first_sent_at = created_at AS from_creation,
        first_sent_at > now() - interval '2 hours' AND first_sent_at <> created_at AS kept_its_own,
        first_sent_at IS NULL AS undated
   FROM billing.stripe_requests WHERE kind = 'test.lost_claim' ORDER BY request_id;
-SELECT details FROM billing.audit_log WHERE action = 'worker.reclaimed' ORDER BY audit_id DESC LIMIT 1;
+SELECT details - 'lost_after' AS details, (details ->> 'lost_after')::timestamptz = :'lost_after' AS lost_after
+  FROM billing.audit_log WHERE action = 'worker.reclaimed' ORDER BY audit_id DESC LIMIT 1;
 -- past the window it is not sent blind: the claim fails it as expired
-SELECT r.method FROM billing.outbox_claim(10) c JOIN billing.stripe_requests r USING (request_id)
- WHERE r.kind = 'test.lost_claim';
+SELECT r.method, r.params ->> 'name' AS name FROM billing.outbox_claim(10) c JOIN billing.stripe_requests r USING (request_id)
+ WHERE r.kind = 'test.lost_claim' ORDER BY r.request_id;
 SELECT params ->> 'name' AS name, state, error ->> 'category' AS category
   FROM billing.stripe_requests WHERE kind = 'test.lost_claim' ORDER BY request_id;

@@ -1069,14 +1069,14 @@ CREATE OR REPLACE TRIGGER wake_worker AFTER INSERT OR UPDATE ON billing.webhook_
 -- left by a crash (there is one worker).  Put it back in the queue; an
 -- outbox row keeps its idempotency key, so Stripe replays instead of
 -- creating twice.
-CREATE OR REPLACE FUNCTION billing.worker_reclaim(p_claims_may_be_lost boolean DEFAULT false) RETURNS bigint
+CREATE OR REPLACE FUNCTION billing.worker_reclaim(p_lost_after timestamptz DEFAULT NULL, p_started timestamptz DEFAULT NULL)
+  RETURNS bigint
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
 DECLARE
   v_requests bigint;
   v_events bigint;
   v_possibly_sent bigint := 0;
-  v_lost_after timestamptz;
 BEGIN
   -- (an attempt in flight at a crash may have reached Stripe)
   UPDATE billing.stripe_requests
@@ -1085,27 +1085,24 @@ BEGIN
    WHERE state = 'in_flight';
   GET DIAGNOSTICS v_requests = ROW_COUNT;
   -- After a start that was not clean (a crash, a restored backup, a
-  -- promotion: src/shmem.c) commits may be missing: a claim never waits
-  -- for its WAL flush (src/outbox.c), and a promoted standby or a backup
-  -- may lack any.  A request whose claim (or release from waiting, or
-  -- retry) was lost may have gone out though its row shows no attempt.
-  -- Every lost commit came after the last one recovery replayed, whose
-  -- time it took before its WAL was written; so any such request went out
-  -- after that time (and after it was created): its key's time is taken to
-  -- run from then.  Sent again within qes_billing.idempotency_window, it
-  -- replays; past it, it fails as expired instead of going out blind.  Not
-  -- for a tenant whose partition is moving (its rows are refused here:
-  -- docs/scaleout.md, "Not done yet").
-  IF p_claims_may_be_lost THEN
-    v_lost_after := coalesce(pg_catalog.pg_last_xact_replay_timestamp(), '-infinity');
+  -- promotion: src/shmem.c) commits made after p_lost_after may be
+  -- missing: a claim never waits for its WAL flush (src/outbox.c), and a
+  -- promoted standby or a backup may lack any.  A request whose claim (or
+  -- release from waiting, or retry) was lost may have gone out though its
+  -- row shows no attempt -- after p_lost_after, and after it was created;
+  -- one created after this start (p_started) never went out that way.  Its
+  -- key's time is taken to run from then: sent again within
+  -- qes_billing.idempotency_window, it replays; past it, it fails as
+  -- expired instead of going out blind.
+  IF p_lost_after IS NOT NULL THEN
     UPDATE billing.stripe_requests
-       SET first_sent_at = greatest(created_at, v_lost_after)
+       SET first_sent_at = greatest(created_at, p_lost_after)
      WHERE state IN ('pending', 'waiting') AND method <> 'GET' AND first_sent_at IS NULL
-       AND NOT billing.tenant_fenced(tenant_id);
+       AND created_at < coalesce(p_started, 'infinity');
     GET DIAGNOSTICS v_possibly_sent = ROW_COUNT;
     IF v_possibly_sent > 0 THEN
       RAISE WARNING 'qes_billing: % Stripe requests may have been sent by work this start lost', v_possibly_sent
-        USING DETAIL = 'The server did not start from a clean shutdown of a primary.',
+        USING DETAIL = 'The server did not start from a clean shutdown of a primary; commits after the last checkpoint before the start may be lost (the worker.reclaimed audit entry says when).',
               HINT = 'Each is sent again within qes_billing.idempotency_window; past it, it fails as expired and customers and subscriptions are looked up.';
     END IF;
   END IF;
@@ -1114,17 +1111,19 @@ BEGIN
    WHERE state = 'processing';
   GET DIAGNOSTICS v_events = ROW_COUNT;
   -- (a start that was not clean is audited even when it found nothing)
-  IF v_requests + v_events > 0 OR p_claims_may_be_lost THEN
+  IF v_requests + v_events > 0 OR p_lost_after IS NOT NULL THEN
     PERFORM billing.audit('worker.reclaimed', NULL,
-                          jsonb_build_object('stripe_requests', v_requests, 'webhook_events', v_events,
-                                             'unclean_start', p_claims_may_be_lost, 'possibly_sent', v_possibly_sent));
+                          jsonb_build_object('stripe_requests', v_requests, 'webhook_events', v_events)
+                          || CASE WHEN p_lost_after IS NULL THEN '{}'::jsonb
+                                  ELSE jsonb_build_object('unclean_start', true, 'lost_after', p_lost_after,
+                                                          'possibly_sent', v_possibly_sent) END);
   END IF;
   RETURN v_requests + v_events;
 END
 $$;
 
-COMMENT ON FUNCTION billing.worker_reclaim(boolean) IS
-  'Run by the worker at start: put queue rows left in flight by a crash back in the queue; after a start that was not from a clean shutdown of a primary (p_claims_may_be_lost), date the pending and waiting requests other than GETs as possibly sent since the last commit recovery replayed, since lost work may have sent them. Run it with true by hand after restoring a dump (docs/operations.md).';
+COMMENT ON FUNCTION billing.worker_reclaim(timestamptz, timestamptz) IS
+  'Run by the worker at start: put queue rows left in flight by a crash back in the queue; after a start that was not from a clean shutdown of a primary, date the pending and waiting requests other than GETs created before the start (p_started) as possibly sent since p_lost_after (the last checkpoint before it), since lost work may have sent them. After restoring a dump, run it by hand with the dump''s start time, or ''-infinity'' (docs/operations.md).';
 
 -- The worker's tick: apply due webhook events, then timers.  Returns the
 -- number of events applied (the worker runs the next tick at once when it

@@ -56,22 +56,27 @@ static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
  * Did this server start where every commit before it is on disk?  A claim
  * of the outbox commits without waiting for its WAL flush (src/outbox.c),
  * and a promoted standby or a restored backup may lack any commit; so
- * after such a start billing.worker_reclaim(true) dates the requests that
- * may have gone out (docs/architecture.md, "One Stripe request").  Known
- * in the postmaster only, from what it finds before the startup process
- * runs: pg_control saying a primary was shut down cleanly, and no
- * standby.signal, recovery.signal or backup_label (a standby, a recovery
- * or a restored backup, even of a cleanly stopped server); and from how
- * often shared memory was made (more than once: a crash and a restart of
- * every process, which loses the WAL buffers; the postmaster's memory
- * outlives those restarts, shared memory does not).  A start that is not
- * clean leaves QES_UNCLEAN_FILE in the data directory until the worker's
- * reclaim has committed (qes_unclean_start_done), so that a clean restart
- * before that, with the worker paused or the extension not yet updated,
- * still counts as not clean.  This reads files: it runs before
+ * after such a start billing.worker_reclaim() dates the requests that may
+ * have gone out (docs/architecture.md, "One Stripe request").  Known in the
+ * postmaster only, from what it finds before the startup process runs:
+ * pg_control saying a primary was shut down cleanly, and no standby.signal,
+ * recovery.signal or backup_label (a standby, a recovery or a restored
+ * backup, even of a cleanly stopped server); and from how often shared
+ * memory was made (more than once: a crash and a restart of every
+ * process, which loses the WAL buffers; the postmaster's memory outlives
+ * those restarts, shared memory does not).
+ *
+ * What may be lost came after the last checkpoint pg_control names: its
+ * record is on disk, and its time was taken before the record was
+ * written.  That time is the lower bound the reclaim dates from.  A start
+ * that is not clean writes it to QES_UNCLEAN_FILE in the data directory,
+ * which stays until the worker's reclaim has committed
+ * (qes_unclean_start_done): a clean restart before that (the worker
+ * paused, the extension not yet updated) is still not clean, and keeps
+ * the earliest bound.  (Nothing is sent while the file exists: the worker
+ * sends only after its reclaim.)  This reads files: it runs before
  * AddinShmemInitLock is taken.
  */
-static bool started_clean = false;
 static int	shmem_inits = 0;
 
 static bool
@@ -82,16 +87,40 @@ file_exists(const char *path)
 	return stat(path, &st) == 0 || errno != ENOENT;
 }
 
-/* create QES_UNCLEAN_FILE, durably (a failure is logged: the flag still holds) */
-static void
-note_unclean_start(void)
+/* what a QES_UNCLEAN_FILE holds (false: none, or not readable) */
+static bool
+read_unclean_file(TimestampTz *lost_after, TimestampTz *started_at)
 {
-	int			fd = open(QES_UNCLEAN_FILE, O_CREAT | O_WRONLY | PG_BINARY, pg_file_create_mode);
+	FILE	   *f = fopen(QES_UNCLEAN_FILE, "r");
+	long long	a;
+	long long	b;
+	bool		ok;
 
-	if (fd < 0 || pg_fsync(fd) != 0)
-		ereport(LOG,
+	if (f == NULL)
+		return false;
+	ok = fscanf(f, "%lld %lld", &a, &b) == 2;
+	fclose(f);
+	if (ok)
+	{
+		*lost_after = (TimestampTz) a;
+		*started_at = (TimestampTz) b;
+	}
+	return ok;
+}
+
+/* write QES_UNCLEAN_FILE, durably (a failure is a warning: the flag still holds) */
+static void
+write_unclean_file(TimestampTz lost_after, TimestampTz started_at)
+{
+	char		buf[64];
+	int			len = snprintf(buf, sizeof(buf), "%lld %lld\n", (long long) lost_after, (long long) started_at);
+	int			fd = open(QES_UNCLEAN_FILE, O_CREAT | O_TRUNC | O_WRONLY | PG_BINARY, pg_file_create_mode);
+
+	if (fd < 0 || write(fd, buf, len) != len || pg_fsync(fd) != 0)
+		ereport(WARNING,
 				(errcode_for_file_access(),
-				 errmsg("could not write file \"%s\": %m", QES_UNCLEAN_FILE)));
+				 errmsg("could not write file \"%s\": %m", QES_UNCLEAN_FILE),
+				 errdetail("A clean restart before the qes_billing worker has reconciled the outbox would forget that this start was not clean.")));
 	if (fd >= 0)
 		close(fd);
 	fd = open(".", O_RDONLY | PG_BINARY, 0);
@@ -102,27 +131,50 @@ note_unclean_start(void)
 	}
 }
 
+/*
+ * *lost_after: the earliest time a commit may have been lost (DT_NOBEGIN
+ * when pg_control cannot say); *started_at: the start after which
+ * requests were made, so never sent by lost work -- when the start is not
+ * clean.  A file left by an earlier start that was not clean keeps its
+ * start, and the earlier of the two bounds (nothing was sent since that
+ * start: the worker sends only after its reclaim, which removes the file).
+ */
 static bool
-claims_may_be_lost(void)
+claims_may_be_lost(TimestampTz *lost_after, TimestampTz *started_at)
 {
-	bool		lost;
+	bool		crc_ok;
+	ControlFileData *cf;
+	TimestampTz checkpoint_at;
+	TimestampTz kept_after;
+	TimestampTz kept_start;
+	bool		had_file;
+	bool		clean;
 
+	*lost_after = DT_NOBEGIN;
+	*started_at = GetCurrentTimestamp();
 	if (IsUnderPostmaster)
 		return true;			/* not the postmaster: not known, assume the worst */
-	if (shmem_inits++ == 0)
+	cf = get_controlfile(DataDir, &crc_ok);
+	checkpoint_at = crc_ok ? time_t_to_timestamptz(cf->checkPointCopy.time) : DT_NOBEGIN;
+	had_file = file_exists(QES_UNCLEAN_FILE);
+	clean = shmem_inits++ == 0 && crc_ok && cf->state == DB_SHUTDOWNED && !had_file &&
+		!file_exists(STANDBY_SIGNAL_FILE) && !file_exists(RECOVERY_SIGNAL_FILE) &&
+		!file_exists(BACKUP_LABEL_FILE);
+	pfree(cf);
+	if (clean)
+		return false;
+	*lost_after = checkpoint_at;
+	if (had_file)
 	{
-		bool		crc_ok;
-		ControlFileData *cf = get_controlfile(DataDir, &crc_ok);
-
-		started_clean = crc_ok && cf->state == DB_SHUTDOWNED &&
-			!file_exists(STANDBY_SIGNAL_FILE) && !file_exists(RECOVERY_SIGNAL_FILE) &&
-			!file_exists(BACKUP_LABEL_FILE) && !file_exists(QES_UNCLEAN_FILE);
-		pfree(cf);
+		/* none readable: the worst bound, and this start */
+		if (read_unclean_file(&kept_after, &kept_start))
+			*started_at = Min(*started_at, kept_start);
+		else
+			kept_after = DT_NOBEGIN;
+		*lost_after = Min(*lost_after, kept_after);
 	}
-	lost = !started_clean || shmem_inits > 1;
-	if (lost)
-		note_unclean_start();
-	return lost;
+	write_unclean_file(*lost_after, *started_at);
+	return true;
 }
 
 /*
@@ -174,12 +226,14 @@ qes_shmem_startup(void)
 {
 	bool		found;
 	bool		lost;
+	TimestampTz lost_after;
+	TimestampTz started_at;
 
 	if (prev_shmem_startup_hook)
 		prev_shmem_startup_hook();
 
 	/* (files: before the lock; used only when the segment is new) */
-	lost = claims_may_be_lost();
+	lost = claims_may_be_lost(&lost_after, &started_at);
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
 	qes_worker_state = ShmemInitStruct("qes_billing worker state",
 									   sizeof(QesWorkerState), &found);
@@ -191,6 +245,8 @@ qes_shmem_startup(void)
 		pg_atomic_init_u64(&qes_worker_state->other_wakes, 0);
 		qes_worker_state->lock = &(GetNamedLWLockTranche(QES_TRANCHE))[0].lock;
 		qes_worker_state->claims_may_be_lost = lost;
+		qes_worker_state->lost_after = lost_after;
+		qes_worker_state->unclean_started_at = started_at;
 	}
 	qes_counters_startup();
 	qes_fence_startup();

@@ -37,8 +37,9 @@ typedef struct QesWorkerState
 	uint64		subxid_overflows;	/* transactions that overflowed that cache */
 	bool		extension_present;
 	bool		claims_may_be_lost; /* this server did not start from a clean
-									 * shutdown of a primary: reclaim treats
-									 * due rows as possibly sent (shmem.c) */
+									 * shutdown of a primary (shmem.c) ... */
+	TimestampTz lost_after;		/* ... so commits after this may be lost */
+	TimestampTz unclean_started_at; /* when it started: later rows were never sent */
 	TimestampTz last_error_at;
 	char		last_error[QES_LAST_ERROR_LEN];
 } QesWorkerState;

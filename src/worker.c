@@ -63,6 +63,7 @@
 #include <limits.h>
 #include <math.h>
 
+#include "fence.h"
 #include "guc.h"
 #include "guard.h"
 #include "notify.h"
@@ -396,6 +397,30 @@ get_float8(int col, double if_null)
 	return isnull ? if_null : Max(0.0, DatumGetFloat8(d));
 }
 
+/* billing.worker_reclaim, with what shared memory says of this start */
+typedef struct ReclaimCall
+{
+	bool		lost;			/* not a clean start (shmem.c) */
+	TimestampTz lost_after;
+	TimestampTz started_at;
+	int64		reclaimed;		/* out */
+} ReclaimCall;
+
+static void
+reclaim_now(void *arg)
+{
+	ReclaimCall *rc = (ReclaimCall *) arg;
+	Oid			types[2] = {TIMESTAMPTZOID, TIMESTAMPTZOID};
+	Datum		args[2] = {TimestampTzGetDatum(rc->lost_after), TimestampTzGetDatum(rc->started_at)};
+	bool		isnull;
+
+	if (SPI_execute_with_args(/* result: int8 */ "SELECT billing.worker_reclaim($1, $2)",
+							  2, types, args, rc->lost ? NULL : "nn", false, 1) != SPI_OK_SELECT ||
+		SPI_processed != 1)
+		elog(ERROR, "qes_billing worker: billing.worker_reclaim() did not return one row");
+	rc->reclaimed = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+}
+
 /*
  * The tick, in its own transaction: reconcile a new incarnation, apply due
  * events (billing.worker_tick), and learn when there is work again.
@@ -432,17 +457,21 @@ worker_tick(TickResult *r)
 		/* crash reconciliation, once per incarnation of the extension */
 		if (extoid != qes_worker_incarnation())
 		{
-			Oid			lost_types[1] = {BOOLOID};
-			Datum		lost[1];
+			ReclaimCall rc;
 
 			LWLockAcquire(qes_worker_state->lock, LW_SHARED);
-			lost[0] = BoolGetDatum(qes_worker_state->claims_may_be_lost);
+			rc.lost = qes_worker_state->claims_may_be_lost;
+			rc.lost_after = qes_worker_state->lost_after;
+			rc.started_at = qes_worker_state->unclean_started_at;
 			LWLockRelease(qes_worker_state->lock);
-			if (SPI_execute_with_args(/* result: int8 */ "SELECT billing.worker_reclaim($1)",
-									  1, lost_types, lost, NULL, false, 1) != SPI_OK_SELECT ||
-				SPI_processed != 1)
-				elog(ERROR, "qes_billing worker: billing.worker_reclaim() did not return one row");
-			reclaimed = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+			/*
+			 * Exempt from partition fences: it finishes work begun before
+			 * any fence (rows left in flight, requests lost work may have
+			 * sent), and a tenant's moving partition must not stop the
+			 * worker for every other tenant (src/fence.c).
+			 */
+			qes_fence_exempt_call(reclaim_now, &rc);
+			reclaimed = rc.reclaimed;
 			did_reclaim = true;
 			if (reclaimed > 0)
 				ereport(LOG,

@@ -233,11 +233,25 @@ is($node->safe_psql('postgres', "SELECT first_sent_at >= created_at FROM billing
 ok(!-e $node->data_dir . '/qes_billing.unclean_start', 'lost claim, long outage: the mark of the start is gone once the reclaim committed');
 
 # A crash, then a clean restart before the worker reconciled (paused, as
-# for an upgrade): the start is still not clean when it does.
+# for an upgrade): the start is still not clean when it does.  A request
+# made days before the crash is dated from the last checkpoint before the
+# crash (after which commits may be lost), not from its creation and not
+# later than the crash; one made after the start is not dated.
 $node->safe_psql('postgres', 'ALTER SYSTEM SET qes_billing.worker_paused = on');
+$node->safe_psql('postgres', 'SELECT pg_reload_conf()');
+my $old_req = $node->safe_psql('postgres', q{
+	SELECT billing.outbox_enqueue(NULL, 'test.customer', 'POST', '/v1/customers', '{"name": "Old backlog"}')});
+$node->safe_psql('postgres', qq{
+	UPDATE billing.stripe_requests SET created_at = now() - interval '2 days', next_attempt_at = now() + interval '1 hour'
+	 WHERE request_id = $old_req});
+$node->safe_psql('postgres', 'CHECKPOINT');
+my $before_crash = $node->safe_psql('postgres', 'SELECT now()');
 $node->stop('immediate');
 $node->start;
 ok(-e $node->data_dir . '/qes_billing.unclean_start', 'paused after a crash: the data directory keeps the mark');
+my $new_req = $node->safe_psql('postgres', q{
+	SELECT billing.outbox_enqueue(NULL, 'test.customer', 'POST', '/v1/customers', '{"name": "After the start"}')});
+sleep(2);	# (older than the 1 s window when it is claimed: dated, it would fail as expired)
 $node->restart;
 ok(-e $node->data_dir . '/qes_billing.unclean_start', 'and a clean restart keeps it');
 my $audited_before = $node->safe_psql('postgres', "SELECT max(audit_id) FROM billing.audit_log");
@@ -248,6 +262,15 @@ ok(defined wait_for(sub {
 		   AND (details ->> 'unclean_start')::boolean}) eq '1' }, 30),
 	'resumed: the reclaim still knows the start was not clean');
 ok(defined wait_for(sub { !-e $node->data_dir . '/qes_billing.unclean_start' }, 30), 'and then forgets it');
+is($node->safe_psql('postgres', qq{
+	SELECT first_sent_at > created_at + interval '1 day' AND first_sent_at <= '$before_crash'
+	  FROM billing.stripe_requests WHERE request_id = $old_req}), 't',
+	'the old request is dated from the last checkpoint before the crash');
+ok(defined wait_for(sub {
+	$node->safe_psql('postgres', "SELECT state IN ('succeeded', 'failed') FROM billing.stripe_requests WHERE request_id = $new_req") eq 't' }, 30),
+	'the request made after the start is done');
+is($node->safe_psql('postgres', "SELECT state FROM billing.stripe_requests WHERE request_id = $new_req"), 'succeeded',
+	'it was not dated (past the 1 s window it would have failed as expired): sent');
 
 # A request whose connection was never made (Stripe unreachable: here a
 # port nothing listens on) did not reach Stripe: the worker says "not sent",
