@@ -5,7 +5,8 @@
 # find it by the slot its check left (src/fence.c); the lock it takes as it
 # prepares passes to the prepared transaction, is recovered with it, and
 # the move waits for every holder.  A prepared transaction that wrote no
-# tenant's rows is not waited for.
+# tenant's rows is not waited for.  And a crash while a partition is
+# fenced does not stop the worker: its reclaim runs exempt from fences.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -13,7 +14,9 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use QesTest;
 
-my $node = qes_node('prepared_fence', conf => ['max_prepared_transactions = 4', 'qes_billing.worker_paused = on']);
+my $node = qes_node('prepared_fence', conf => ['max_prepared_transactions = 4']);
+$node->safe_psql('postgres', 'ALTER SYSTEM SET qes_billing.worker_paused = on');
+$node->reload;
 $node->safe_psql('postgres', 'CREATE EXTENSION qes_billing');
 $node->safe_psql('postgres', q{SELECT billing.upsert_tenant('prep_a', 'Prepared A', 'a@prep.example')});
 
@@ -48,6 +51,32 @@ is($node->safe_psql('postgres', q{SELECT name FROM billing.tenants WHERE tenant_
 like($err, qr/is being moved to another shard/, 'a write after the fence is refused');
 
 $node->safe_psql('postgres', q{ROLLBACK PREPARED 'prep_reader'});
+
+# A crash while the partition is fenced, with one of its tenant's Stripe
+# requests in flight and one pending: the worker's reclaim at start-up
+# finishes work begun before the fence, so it runs exempt from it (puts the
+# one back in the queue, dates the other as possibly sent) instead of
+# failing on every tick and stopping the worker for every tenant.
+$node->safe_psql('postgres', 'DELETE FROM billing.partition_fences');
+my $in_flight = $node->safe_psql('postgres', q{
+	INSERT INTO billing.stripe_requests (tenant_id, kind, method, path, state, attempts, claimed_at)
+	VALUES ('prep_a', 'test.fenced', 'POST', '/v1/customers', 'in_flight', 1, now()) RETURNING request_id});
+my $pending = $node->safe_psql('postgres', q{
+	INSERT INTO billing.stripe_requests (tenant_id, kind, method, path, next_attempt_at)
+	VALUES ('prep_a', 'test.fenced', 'POST', '/v1/customers', now() + interval '1 day') RETURNING request_id});
+$node->safe_psql('postgres', q{
+	INSERT INTO billing.partition_fences (partition_count, partition, state, direction, move_id, peer_shard)
+	VALUES (64, billing.tenant_partition('prep_a', 64), 'moving', 'out', 2, 's9')});
+$node->safe_psql('postgres', 'ALTER SYSTEM RESET qes_billing.worker_paused');
+$node->stop('immediate');
+$node->start;
+ok(defined wait_for(sub {
+	my ($r, $o) = $node->psql('postgres', "SELECT state FROM billing.stripe_requests WHERE request_id = $in_flight");
+	$r == 0 && $o eq 'pending' }, 30), 'fenced, after a crash: the request left in flight is back in the queue');
+is($node->safe_psql('postgres', "SELECT first_sent_at IS NOT NULL FROM billing.stripe_requests WHERE request_id = $pending"),
+	't', 'and the pending one is dated as possibly sent');
+is($node->safe_psql('postgres', 'SELECT extension_present AND last_error IS NULL FROM billing.worker_state()'), 't',
+	'the worker runs, without an error');
 $node->safe_psql('postgres', 'DELETE FROM billing.partition_fences');
 amcheck_all($node);
 $node->stop;
