@@ -123,12 +123,7 @@ write_unclean_file(TimestampTz lost_after, TimestampTz started_at)
 				 errdetail("A clean restart before the qes_billing worker has reconciled the outbox would forget that this start was not clean.")));
 	if (fd >= 0)
 		close(fd);
-	fd = open(".", O_RDONLY | PG_BINARY, 0);
-	if (fd >= 0)
-	{
-		(void) pg_fsync(fd);
-		close(fd);
-	}
+	(void) fsync_fname_ext(".", true, false, WARNING);
 }
 
 /*
@@ -185,22 +180,7 @@ claims_may_be_lost(TimestampTz *lost_after, TimestampTz *started_at)
 void
 qes_unclean_start_done(void)
 {
-	int			fd;
-
-	if (unlink(QES_UNCLEAN_FILE) != 0)
-	{
-		if (errno != ENOENT)
-			ereport(LOG,
-					(errcode_for_file_access(),
-					 errmsg("could not remove file \"%s\": %m", QES_UNCLEAN_FILE)));
-		return;
-	}
-	fd = open(".", O_RDONLY | PG_BINARY, 0);
-	if (fd >= 0)
-	{
-		(void) pg_fsync(fd);
-		close(fd);
-	}
+	(void) durable_unlink(QES_UNCLEAN_FILE, LOG);
 }
 
 static Size

@@ -431,6 +431,7 @@ worker_tick(TickResult *r)
 	Oid			extoid;
 	int64		reclaimed = 0;
 	bool		did_reclaim = false;
+	bool		was_unclean = false;
 
 	r->active = false;
 	r->mismatch = false;
@@ -472,6 +473,7 @@ worker_tick(TickResult *r)
 			 */
 			qes_fence_exempt_call(reclaim_now, &rc);
 			reclaimed = rc.reclaimed;
+			was_unclean = rc.lost;
 			did_reclaim = true;
 			if (reclaimed > 0)
 				ereport(LOG,
@@ -502,7 +504,7 @@ worker_tick(TickResult *r)
 	if (did_reclaim)
 		qes_worker_state->claims_may_be_lost = false;
 	LWLockRelease(qes_worker_state->lock);
-	if (did_reclaim)
+	if (did_reclaim && was_unclean)
 		qes_unclean_start_done();
 }
 
