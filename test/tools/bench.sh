@@ -65,6 +65,26 @@ CONF
   have_cluster=1
 }
 
+# pg_net (not a dependency of the project: measured beside the worker when
+# it is installed in this PostgreSQL, docs/benchmarks.md, "The worker beside
+# pg_net").  fresh_cluster_pg_net: a fresh cluster that runs pg_net's worker
+# too; with_pg_net says whether it does (not when every part shares a cluster).
+with_pg_net=0
+fresh_cluster_pg_net() {
+  with_pg_net=0
+  if [ "$same" != 1 ] && [ -f "$(pg_config --pkglibdir)/pg_net.so" ] &&
+     [ -f "$(pg_config --sharedir)/extension/pg_net.control" ]; then
+    EXTRA_CONF="shared_preload_libraries = 'qes_billing,pg_net'
+pg_net.database_name = '$DB'" fresh_cluster
+    sql -c "CREATE EXTENSION pg_net" >/dev/null
+    with_pg_net=1
+  else
+    fresh_cluster
+  fi
+}
+pg_net_pid() { sql -c "SELECT pid FROM pg_stat_activity WHERE backend_type ILIKE '%pg_net%'"; }
+pg_net_version() { sql -c "SELECT extversion FROM pg_extension WHERE extname = 'pg_net'"; }
+
 # the worker's process and the CPU time it has used so far, in microseconds
 # (/proc/<pid>/schedstat: nanoseconds on a CPU; /proc/<pid>/stat counts
 # clock ticks of 10 ms)
@@ -367,7 +387,7 @@ fi
 
 # ---- outbox: requests per second and worker CPU per request ------------------------
 if wants outbox; then
-fresh_cluster
+fresh_cluster_pg_net
 # 6,000 queued Stripe requests sent by the worker through libcurl to a
 # local endpoint that answers after 20 ms, at 16, 32 and 64 in flight; the
 # ceiling is the same endpoint driven at the same concurrency by a plain
@@ -407,6 +427,34 @@ for c in ${BENCH_OUTBOX_CONCURRENCY:-16 32 64}; do
          printf "worker_cpu_us_per_request=%d (%d..%d; target <= 300)", t / k, lo, hi }')"
 done
 settings qes_billing.max_concurrent_requests=16
+# pg_net beside it: the same N requests to the same endpoint, queued with
+# net.http_post in one transaction, sent by pg_net's worker at its defaults
+# (it takes pg_net.batch_size, 200, at a time and rests up to a second
+# between batches); requests per second from the COMMIT to the last
+# response stored, its worker's CPU per request
+if [ "$with_pg_net" = 1 ]; then
+  settings qes_billing.worker_paused=on
+  vs=""; cpus=""
+  for _ in $(seq 1 "$ROUNDS"); do
+    sql -c "TRUNCATE net._http_response" -c "CHECKPOINT" >/dev/null
+    ppid=$(pg_net_pid); cpu0=$(cpu_us "$ppid"); t0=$(date +%s%N)
+    sql -c "SELECT count(net.http_post(url := 'http://127.0.0.1:$EP_PORT/v1/customers',
+                  body := jsonb_build_object('name', 'Bench', 'metadata', jsonb_build_object('n', i)),
+                  headers := '{\"Content-Type\": \"application/json\", \"Authorization\": \"Bearer sk_test_bench_outbox\"}'))
+              FROM generate_series(1, $N) i" >/dev/null
+    until [ "$(sql -c "SELECT count(*) FROM net._http_response")" -ge "$N" ]; do sleep 0.05; done
+    t1=$(date +%s%N); cpu1=$(cpu_us "$ppid")
+    bad=$(sql -c "SELECT count(*) FROM net._http_response WHERE status_code IS DISTINCT FROM 200")
+    [ "$bad" = 0 ] || { echo "pg_net_throughput: $bad of pg_net's requests did not succeed" >&2; exit 1; }
+    vs="$vs $(( N * 1000000000 / (t1 - t0) ))"
+    cpus="$cpus $(( (cpu1 - cpu0) / N ))"
+  done
+  awk -v v="$vs" -v c="$cpus" -v pv="$(pg_net_version)" -v n="$N" 'BEGIN { k = split(v, a, " "); split(c, b, " "); tv = 0; tc = 0; lo = 1e9; hi = 0
+    for (i = 1; i <= k; i++) { tv += a[i]; tc += b[i]; if (b[i] < lo) lo = b[i]; if (b[i] > hi) hi = b[i] }
+    printf "pg_net_throughput rps=%d pg_net_cpu_us_per_request=%d (%d..%d) (pg_net %s at its defaults, %d requests queued in one transaction, %d rounds; beside outbox_cN, for comparison)\n",
+           tv / k, tc / k, lo, hi, pv, n, k }'
+  settings qes_billing.worker_paused=off
+fi
 fi
 
 # ---- meters: meter events delivered per second, worker CPU per event -------------
@@ -462,8 +510,14 @@ report meter_events rps endpoint_20ms_c16 "$vs" "$cs" \
 fi
 
 # ---- worker: idle, commit -> request on the wire ----------------------------------
+# pg_net, when it is installed in this PostgreSQL, runs in the same cluster
+# and is measured beside the worker, round for round: its worker's CPU per
+# request at the same load is the ceiling of the worker's line.  pg_net is
+# not a dependency of the project (docs/benchmarks.md, "The worker beside
+# pg_net"); without it the line compares with the figure pg_net's worker
+# gave on the machine the goal was set on (698 us).
 if wants worker; then
-fresh_cluster
+fresh_cluster_pg_net
 pid=$(worker_pid)
 naptime_ms=$(sql -c "SELECT naptime_ms FROM billing.worker_state()")
 sleep 3          # the creation's wake-ups settle
@@ -485,8 +539,11 @@ awk -v a="$s0" -v b="$s1" -v c0="$c0" -v c1="$c1" -v t0="$t0" -v t1="$t1" -v nap
 start_endpoint $((EP_PORT + 1)) "$DIR/arrivals.log"
 settings qes_billing.stripe_api_base="http://127.0.0.1:$((EP_PORT + 1))" qes_billing.stripe_test_secret_key=sk_test_bench_outbox
 # ROUNDS rounds of 20 s each; the worker's CPU per request is taken per
-# round (spread printed), the latencies over all rounds
-: >"$DIR/committed.txt"; cpus=""
+# round (spread printed), the latencies over all rounds; with pg_net, each
+# round of the worker is followed by one of pg_net: the same requests at the
+# same rate to the same endpoint (net.http_post, each in its own
+# transaction), its worker's CPU per request taken the same way
+: >"$DIR/committed.txt"; : >"$DIR/committed_pg_net.txt"; cpus=""; pcpus=""
 for r in $(seq 1 "$ROUNDS"); do
   sql -c "CHECKPOINT" >/dev/null
   pid=$(worker_pid); cpu0=$(cpu_us "$pid")
@@ -496,6 +553,22 @@ for r in $(seq 1 "$ROUNDS"); do
   [ -s "$DIR/round.txt" ] || { echo "worker_cpu_low_load: round $r queued no request" >&2; exit 1; }
   cpus="$cpus $(( (cpu1 - cpu0) / $(wc -l <"$DIR/round.txt") ))"
   cat "$DIR/round.txt" >>"$DIR/committed.txt"
+  if [ "$with_pg_net" = 1 ]; then
+    sql -c "CHECKPOINT" >/dev/null
+    ppid=$(pg_net_pid)
+    [ -n "$ppid" ] || { echo "worker_cpu_low_load: pg_net's worker is not running" >&2; exit 1; }
+    before=$(sql -c "SELECT count(*) FROM net._http_response")
+    cpu0=$(cpu_us "$ppid")
+    python3 "$src/test/bench/latency_client.py" pg_net "host=$DIR port=$PORT dbname=$DB user=postgres" 20 20 \
+      "http://127.0.0.1:$((EP_PORT + 1))/v1/customers" >"$DIR/round.txt"
+    want=$(( before + $(wc -l <"$DIR/round.txt") ))
+    until [ "$(sql -c "SELECT count(*) FROM net._http_response")" -ge "$want" ]; do sleep 0.1; done
+    cpu1=$(cpu_us "$ppid")
+    bad=$(sql -c "SELECT count(*) FROM net._http_response WHERE status_code IS DISTINCT FROM 200")
+    [ "$bad" = 0 ] || { echo "worker_cpu_low_load: $bad of pg_net's requests did not succeed" >&2; exit 1; }
+    pcpus="$pcpus $(( (cpu1 - cpu0) / $(wc -l <"$DIR/round.txt") ))"
+    cat "$DIR/round.txt" >>"$DIR/committed_pg_net.txt"
+  fi
 done
 sleep 0.5
 sql -c "SELECT request_id || ' ' || idempotency_key FROM billing.stripe_requests WHERE kind = 'bench.latency'" >"$DIR/keys.txt"
@@ -504,13 +577,29 @@ read -r p50 p99 max n < <(awk 'FILENAME == ARGV[1] { k[$1] = $2; next } FILENAME
                             "$DIR/keys.txt" "$DIR/committed.txt" "$DIR/arrivals.log" | percentiles)
 awk -v a="$p50" -v b="$p99" -v m="$max" -v n="$n" -v q="$(wc -l <"$DIR/committed.txt")" 'BEGIN {
   printf "commit_to_wire p50_ms=%.2f p99_ms=%.2f max_ms=%.2f requests=%d/%d target=p99_ms<=5 ratio=%.2f (20 requests/s, Poisson, each its own transaction, to the 20 ms endpoint)\n", a, b, m, n, q, (b > 0 ? 5 / b : 0) }'
-# the worker's CPU per request over the same rounds (claim, send, record of
-# lone requests): the target is what pg_net's worker spent at this load,
-# measured beside it on this machine (698 us; pg_net is not installed here)
-awk -v v="$cpus" -v q="$(wc -l <"$DIR/committed.txt")" 'BEGIN { k = split(v, a, " "); t = 0; lo = 1e9; hi = 0
-  for (i = 1; i <= k; i++) { t += a[i]; if (a[i] < lo) lo = a[i]; if (a[i] > hi) hi = a[i] }
-  printf "worker_cpu_low_load us_per_request=%d target=pg_net_698 ratio=%.2f spread=%.2f..%.2f (%d rounds, %d requests at 20/s)\n",
-         t / k, 698 / (t / k), 698 / hi, 698 / (lo > 0 ? lo : 1), k, q }'
+if [ "$with_pg_net" = 1 ]; then
+  read -r p50 p99 max n < <(awk 'FILENAME == ARGV[1] { c[$1] = $2; next } ($1 in c) { printf "%.3f\n", ($2 - c[$1]) * 1000 }' \
+                              "$DIR/committed_pg_net.txt" "$DIR/arrivals.log" | percentiles)
+  awk -v a="$p50" -v b="$p99" -v m="$max" -v n="$n" -v q="$(wc -l <"$DIR/committed_pg_net.txt")" \
+      -v v="$(pg_net_version)" 'BEGIN {
+    printf "pg_net_commit_to_wire p50_ms=%.2f p99_ms=%.2f max_ms=%.2f requests=%d/%d (pg_net %s, the same load beside it; for comparison)\n", a, b, m, n, q, v }'
+  # the worker's CPU per request (claim, send, record of lone requests)
+  # beside pg_net's worker's at the same load, round for round
+  # (a cost: the ratio is pg_net's over the worker's, above 1 the worker
+  # spends less)
+  awk -v v="$cpus" -v c="$pcpus" -v q="$(wc -l <"$DIR/committed.txt")" -v pq="$(wc -l <"$DIR/committed_pg_net.txt")" 'BEGIN {
+    k = split(v, a, " "); split(c, b, " "); tv = 0; tc = 0; lo = 1e9; hi = 0
+    for (i = 1; i <= k; i++) { tv += a[i]; tc += b[i]; r = (a[i] > 0 ? b[i] / a[i] : 0); if (r < lo) lo = r; if (r > hi) hi = r }
+    printf "worker_cpu_low_load us_per_request=%d ceiling=pg_net ceiling_us_per_request=%d ratio=%.2f spread=%.2f..%.2f (%d rounds, %d and %d requests at 20/s; above 1: less CPU than pg_net)\n",
+           tv / k, tc / k, tc / tv, lo, hi, k, q, pq }'
+else
+  # without pg_net here: the figure its worker gave at this load on the
+  # machine the goal was set on (698 us), a reference rather than a ceiling
+  awk -v v="$cpus" -v q="$(wc -l <"$DIR/committed.txt")" 'BEGIN { k = split(v, a, " "); t = 0; lo = 1e9; hi = 0
+    for (i = 1; i <= k; i++) { t += a[i]; if (a[i] < lo) lo = a[i]; if (a[i] > hi) hi = a[i] }
+    printf "worker_cpu_low_load us_per_request=%d target=pg_net_698 ratio=%.2f spread=%.2f..%.2f (%d rounds, %d requests at 20/s; pg_net not installed here: a reference from another machine)\n",
+           t / k, 698 / (t / k), 698 / hi, 698 / (lo > 0 ? lo : 1), k, q }'
+fi
 fi
 
 # the sharded setup (docs/scaleout.md, "Capacity"): a router and shards of
