@@ -270,7 +270,12 @@ UPDATE billing.stripe_requests SET created_at = now() + interval '1 hour' WHERE 
 -- a clean start dates nothing
 SELECT billing.worker_reclaim() AS reclaimed;
 SELECT count(*) AS dated FROM billing.stripe_requests WHERE kind = 'test.lost_claim' AND first_sent_at IS NOT NULL;
+-- (in a session with synchronous_commit off: the dating commits durably all the same)
+BEGIN;
+SET LOCAL synchronous_commit = off;
 SELECT billing.worker_reclaim(:'lost_after', now() + interval '1 minute') AS reclaimed;
+SHOW synchronous_commit;
+COMMIT;
 SELECT params ->> 'name' AS name, method, state, first_sent_at = :'lost_after' AS from_lost_after,
        first_sent_at = created_at AS from_creation,
        first_sent_at > now() - interval '2 hours' AND first_sent_at <> created_at AS kept_its_own,

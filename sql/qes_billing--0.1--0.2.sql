@@ -1095,6 +1095,11 @@ BEGIN
   -- qes_billing.idempotency_window, it replays; past it, it fails as
   -- expired instead of going out blind.
   IF p_lost_after IS NOT NULL THEN
+    -- these dates must outlive a crash right after this commit: the worker
+    -- removes its record of the start once it is in (src/shmem.c), and a
+    -- server that runs with synchronous_commit off would otherwise lose
+    -- both (the next start's bound would be later than this one's)
+    PERFORM set_config('synchronous_commit', 'on', true);
     UPDATE billing.stripe_requests
        SET first_sent_at = greatest(created_at, p_lost_after)
      WHERE state IN ('pending', 'waiting') AND method <> 'GET' AND first_sent_at IS NULL
