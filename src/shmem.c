@@ -130,9 +130,13 @@ write_unclean_file(TimestampTz lost_after, TimestampTz started_at)
  * *lost_after: the earliest time a commit may have been lost (DT_NOBEGIN
  * when pg_control cannot say); *started_at: the start after which
  * requests were made, so never sent by lost work -- when the start is not
- * clean.  A file left by an earlier start that was not clean keeps its
- * start, and the earlier of the two bounds (nothing was sent since that
- * start: the worker sends only after its reclaim, which removes the file).
+ * clean.  DT_NOEND when the server starts in recovery (a standby, a
+ * recovery, a restored backup): rows made elsewhere keep arriving until
+ * recovery ends, so the worker's own start, which comes after that, is
+ * the bound (src/worker.c).  A file left by an earlier start that was not
+ * clean keeps its start (the earlier, or DT_NOEND if either is), and the
+ * earlier of the two bounds (nothing was sent since that start: the worker
+ * sends only after its reclaim, which removes the file).
  */
 static bool
 claims_may_be_lost(TimestampTz *lost_after, TimestampTz *started_at)
@@ -143,6 +147,7 @@ claims_may_be_lost(TimestampTz *lost_after, TimestampTz *started_at)
 	TimestampTz kept_after;
 	TimestampTz kept_start;
 	bool		had_file;
+	bool		in_recovery;
 	bool		clean;
 
 	*lost_after = DT_NOBEGIN;
@@ -152,18 +157,21 @@ claims_may_be_lost(TimestampTz *lost_after, TimestampTz *started_at)
 	cf = get_controlfile(DataDir, &crc_ok);
 	checkpoint_at = crc_ok ? time_t_to_timestamptz(cf->checkPointCopy.time) : DT_NOBEGIN;
 	had_file = file_exists(QES_UNCLEAN_FILE);
-	clean = shmem_inits++ == 0 && crc_ok && cf->state == DB_SHUTDOWNED && !had_file &&
-		!file_exists(STANDBY_SIGNAL_FILE) && !file_exists(RECOVERY_SIGNAL_FILE) &&
-		!file_exists(BACKUP_LABEL_FILE);
+	in_recovery = file_exists(STANDBY_SIGNAL_FILE) || file_exists(RECOVERY_SIGNAL_FILE) ||
+		file_exists(BACKUP_LABEL_FILE);
+	clean = shmem_inits++ == 0 && crc_ok && cf->state == DB_SHUTDOWNED && !had_file && !in_recovery;
 	pfree(cf);
 	if (clean)
 		return false;
 	*lost_after = checkpoint_at;
+	if (in_recovery)
+		*started_at = DT_NOEND;
 	if (had_file)
 	{
 		/* none readable: the worst bound, and this start */
 		if (read_unclean_file(&kept_after, &kept_start))
-			*started_at = Min(*started_at, kept_start);
+			*started_at = (*started_at == DT_NOEND || kept_start == DT_NOEND) ? DT_NOEND :
+				Min(*started_at, kept_start);
 		else
 			kept_after = DT_NOBEGIN;
 		*lost_after = Min(*lost_after, kept_after);

@@ -39,7 +39,9 @@ typedef struct QesWorkerState
 	bool		claims_may_be_lost; /* this server did not start from a clean
 									 * shutdown of a primary (shmem.c) ... */
 	TimestampTz lost_after;		/* ... so commits after this may be lost */
-	TimestampTz unclean_started_at; /* when it started: later rows were never sent */
+	TimestampTz unclean_started_at; /* when it started: later rows were never
+									 * sent (DT_NOEND: it started in recovery,
+									 * and the worker's start, after it, counts) */
 	TimestampTz last_error_at;
 	char		last_error[QES_LAST_ERROR_LEN];
 } QesWorkerState;

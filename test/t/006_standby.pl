@@ -235,6 +235,19 @@ is($standby->safe_psql('postgres', q{
 	SELECT details ->> 'unclean_start' FROM billing.audit_log WHERE action = 'worker.reclaimed' AND details ? 'unclean_start'
 	 ORDER BY audit_id DESC LIMIT 1}),
 	'true', 'the promoted node\'s reclaim knows its start was not clean');
+# each request queued at the failover was dated as possibly sent since the
+# bound (the checkpoint the standby started from) or its creation, if later;
+# the bound is before every request was made
+my $queued_keys = join(',', map { "'$_'" } @{ $class{pending} // [] });
+is($standby->safe_psql('postgres', qq{
+	SELECT count(*) FILTER (WHERE r.first_sent_at = greatest(r.created_at, (a.details ->> 'lost_after')::timestamptz))
+	       || ' ' || count(*) || ' ' || bool_and((a.details ->> 'lost_after')::timestamptz <= r.created_at)
+	  FROM billing.stripe_requests r,
+	       (SELECT details FROM billing.audit_log WHERE action = 'worker.reclaimed' AND details ? 'unclean_start'
+	         ORDER BY audit_id DESC LIMIT 1) a
+	 WHERE r.idempotency_key IN ($queued_keys)}),
+	scalar(@{ $class{pending} // [] }) . ' ' . scalar(@{ $class{pending} // [] }) . ' true',
+	'the requests queued at the failover were dated from their creation, after the bound');
 sleep 2;		# answers of the old primary's last requests reach the fake's log
 
 my $stats = fake_stats($fake_port);
