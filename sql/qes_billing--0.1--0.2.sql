@@ -439,6 +439,11 @@ COMMENT ON TABLE billing.webhook_waits IS
 
 CREATE INDEX webhook_waits_event ON billing.webhook_waits (stripe_event_id);
 
+-- a shard's record of partition moves (billing_shard.move_audit), which a
+-- tenant's history across shards passes through (router.tenant_audit)
+CREATE INDEX audit_log_moves ON billing.audit_log (audit_id)
+  WHERE action IN ('partition.moved_out', 'partition.moved_in');
+
 -- One row per archival (sql/install/72_audit_export.sql): the audit rows
 -- first_id..last_id were exported to a file and removed; last_hash is the
 -- hash of row last_id, from which the chain left in audit_log goes on.

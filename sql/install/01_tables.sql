@@ -574,6 +574,10 @@ CREATE TABLE billing.audit_log (
 COMMENT ON TABLE billing.audit_log IS
   'Every billing operation: who (database role, JWT subject and tenant), what, for which tenant. Append-only and hash-chained.';
 CREATE INDEX audit_log_tenant ON billing.audit_log (tenant_id, audit_id) WHERE tenant_id IS NOT NULL;
+-- a shard's record of partition moves (billing_shard.move_audit), which a
+-- tenant's history across shards passes through (router.tenant_audit)
+CREATE INDEX audit_log_moves ON billing.audit_log (audit_id)
+  WHERE action IN ('partition.moved_out', 'partition.moved_in');
 
 CREATE TABLE billing.audit_head (
   singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),

@@ -4,7 +4,7 @@
 -- by shard so that the down one shows as down and the others still answer
 -- -- and puts the shard's name beside each row.  Totals add these rows up.
 
-CREATE FUNCTION router.shard_rows(p_what text)
+CREATE FUNCTION router.shard_rows(p_what text, p_tenant text DEFAULT NULL)
   RETURNS TABLE (shard text, up boolean, row_data json)
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, router
 AS $$
@@ -14,7 +14,7 @@ DECLARE
   v_msg   text;
 BEGIN
   BEGIN
-    RETURN QUERY SELECT r.shard, true, r.row_data FROM router.remote_operator_rows_all(p_what) r;
+    RETURN QUERY SELECT r.shard, true, r.row_data FROM router.remote_operator_rows_all(p_what, p_tenant) r;
     RETURN;
   EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
@@ -25,7 +25,7 @@ BEGIN
   FOR s IN SELECT * FROM router.shard_partitions LOOP
     BEGIN
       RETURN QUERY SELECT coalesce(r.shard, s.shard_name), true, r.row_data
-                     FROM router.remote_operator_rows(s.partition, p_what) r;
+                     FROM router.remote_operator_rows(s.partition, p_what, p_tenant) r;
     EXCEPTION WHEN OTHERS THEN
       GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
       IF NOT router.is_unavailable(v_state) THEN
@@ -37,8 +37,8 @@ BEGIN
   END LOOP;
 END
 $$;
-COMMENT ON FUNCTION router.shard_rows(text) IS
-  'The rows of one operators'' view on every shard (RUN ON ALL; shard by shard when a shard is down), each with its shard; a shard that is down gives one row with up = false and no data.';
+COMMENT ON FUNCTION router.shard_rows(text, text) IS
+  'The rows of one operators'' view on every shard (p_tenant: the tenant of a per-tenant view) (RUN ON ALL; shard by shard when a shard is down), each with its shard; a shard that is down gives one row with up = false and no data.';
 
 CREATE VIEW router.shard_status AS
 SELECT sp.shard_name, sp.partition, sp.partitions,
@@ -152,6 +152,45 @@ SELECT r.shard, r.row_data AS metrics
   FROM router.shard_rows('webhook_metrics') r
  WHERE r.up;
 COMMENT ON VIEW router.webhook_metrics IS 'billing.webhook_metrics of every shard, with its shard.';
+
+-- A tenant's audit history across shards: after a partition move its
+-- older entries stay in the old shard's chain (each shard keeps its own),
+-- and the newer ones are in the new shard's.  Every shard's entries for the
+-- tenant, with the moves of its partition between them (partition.moved_out
+-- on the shard it left, partition.moved_in on the one it reached), in the
+-- order they happened; each entry with its shard, its place in that
+-- shard's chain (audit_id, prev_hash, hash: router.audit_verification
+-- checks the chains) and up = false for a shard that did not answer.
+CREATE FUNCTION router.tenant_audit(p_tenant_id text)
+  RETURNS TABLE (shard text, up boolean, audit_id bigint, occurred_at timestamptz, action text,
+                 tenant_id text, actor_role text, actor_sub text, actor_tenant text, details jsonb,
+                 prev_hash text, hash text)
+  LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, router
+AS $$
+DECLARE
+  v_hash integer;
+BEGIN
+  IF p_tenant_id IS NULL OR p_tenant_id = '' THEN
+    RAISE EXCEPTION 'router.tenant_audit needs a tenant id' USING ERRCODE = 'null_value_not_allowed';
+  END IF;
+  v_hash := router.tenant_hash(p_tenant_id);
+  RETURN QUERY
+    SELECT r.shard, r.up, (r.row_data ->> 'audit_id')::bigint, (r.row_data ->> 'occurred_at')::timestamptz,
+           r.row_data ->> 'action', r.row_data ->> 'tenant_id', r.row_data ->> 'actor_role',
+           r.row_data ->> 'actor_sub', r.row_data ->> 'actor_tenant', (r.row_data -> 'details')::jsonb,
+           r.row_data ->> 'prev_hash', r.row_data ->> 'hash'
+      FROM router.shard_rows('tenant_audit', p_tenant_id) r
+     WHERE NOT r.up
+        OR r.row_data ->> 'tenant_id' = p_tenant_id
+        -- a move of the tenant's partition (as the partition count was then)
+        OR (r.row_data ->> 'action' IN ('partition.moved_out', 'partition.moved_in')
+            AND (r.row_data -> 'details' ->> 'partition')::integer
+                = v_hash & ((r.row_data -> 'details' ->> 'partitions')::integer - 1))
+     ORDER BY (r.row_data ->> 'occurred_at')::timestamptz NULLS FIRST, r.shard, (r.row_data ->> 'audit_id')::bigint;
+END
+$$;
+COMMENT ON FUNCTION router.tenant_audit(text) IS
+  'A tenant''s audit entries on every shard (after a partition move the older ones stay in the old shard''s chain), with the moves of its partition, in the order they happened; each with its shard and its place in that shard''s chain. up = false: a shard that did not answer (its entries are missing).';
 
 CREATE VIEW router.audit_verification AS
 SELECT r.shard, r.up, r.row_data AS verification

@@ -5,7 +5,7 @@
 -- columns; the router puts the shard's name beside it.  Read as qes_admin,
 -- the role operators have on one database.
 
-CREATE FUNCTION billing_shard.operator_rows(p_what text)
+CREATE FUNCTION billing_shard.operator_rows(p_what text, p_tenant text DEFAULT NULL)
   RETURNS TABLE (shard text, row_data json)
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog
 AS $$
@@ -29,6 +29,19 @@ BEGIN
        ORDER BY e.received_at) v;
   ELSIF p_what = 'verify_audit_chain' THEN
     RETURN QUERY SELECT v_shard, row_to_json(v) FROM billing.verify_audit_chain() v;
+  ELSIF p_what = 'tenant_audit' THEN
+    -- the tenant's entries in this shard's chain, and the shard's records of
+    -- partition moves (the router keeps those of the tenant's partition)
+    IF p_tenant IS NULL THEN
+      RAISE EXCEPTION 'tenant_audit needs a tenant' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    RETURN QUERY SELECT v_shard, row_to_json(v) FROM (
+      SELECT a.audit_id, a.occurred_at, a.action, a.tenant_id, a.actor_role, a.actor_sub, a.actor_tenant, a.details,
+             encode(a.prev_hash, 'hex') AS prev_hash, encode(a.hash, 'hex') AS hash
+        FROM billing.audit_log a
+       WHERE a.tenant_id = p_tenant
+          OR (a.action IN ('partition.moved_out', 'partition.moved_in') AND a.tenant_id IS NULL)
+       ORDER BY a.audit_id) v;
   ELSIF p_what = 'health' THEN
     RETURN QUERY SELECT v_shard, api.health();
   ELSE
@@ -38,5 +51,5 @@ BEGIN
   END IF;
 END
 $$;
-COMMENT ON FUNCTION billing_shard.operator_rows(text) IS
-  'Rows of one operators'' view or check (worker_status, the metrics views, failed webhooks, notification failures, the drift report, the audit chain''s verification, health, the Prometheus views) as qes_admin, each with this shard''s name.';
+COMMENT ON FUNCTION billing_shard.operator_rows(text, text) IS
+  'Rows of one operators'' view or check (worker_status, the metrics views, failed webhooks, notification failures, the drift report, the audit chain''s verification, health, the Prometheus views; tenant_audit: p_tenant''s audit entries and the partition moves) as qes_admin, each with this shard''s name.';

@@ -18,7 +18,7 @@ GRANT EXECUTE ON FUNCTION
     billing_shard.take_event(text, text),
     billing_shard.unowned_reconciled(integer),
     billing_shard.mark_forwarded(text, text[]),
-    billing_shard.operator_rows(text),
+    billing_shard.operator_rows(text, text),
     billing_shard.move_tables(),
     billing_shard.move_tenants(integer, integer),
     billing_shard.move_fence(bigint, integer, integer, text, text, text),

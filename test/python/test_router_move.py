@@ -291,6 +291,43 @@ def check_audit(world, move_id):
         assert ok, c.sql("SELECT * FROM billing.verify_audit_chain()")
 
 
+def check_tenant_audit(world, move_id, tenant, other):
+    """router.tenant_audit: the tenant's entries of every shard's chain, the
+    old shard's from before the move and the new one's from after it, with
+    the move between them; nothing of another partition's moves."""
+    sharded = world["sharded"]
+    m = router_call(world, "SELECT from_shard, to_shard, partition, partitions FROM router.partition_moves "
+                           "WHERE move_id = %s", (move_id,))[0]
+    with sharded.router.connect(autocommit=True) as c:
+        c.execute("SET ROLE qes_admin")      # what operators have
+        got = c.execute("SELECT shard, up, audit_id, occurred_at, action, details, hash FROM router.tenant_audit(%s)",
+                        (tenant,)).fetchall()
+        other_rows = c.execute("SELECT action, details FROM router.tenant_audit(%s)", (other,)).fetchall()
+    assert got and all(r[1] for r in got), got
+    want = set()
+    for name, c in sharded.names.items():
+        for (aid,) in c.sql("SELECT audit_id FROM billing.audit_log WHERE tenant_id = %s", (tenant,)):
+            want.add((name, aid))
+    assert {(r[0], r[2]) for r in got if r[4] not in ("partition.moved_out", "partition.moved_in")} == want
+    shards_with_entries = {r[0] for r in got if r[4] not in ("partition.moved_out", "partition.moved_in")}
+    assert {m[0], m[1]} <= shards_with_entries, (m, shards_with_entries)
+    moves = [(r[0], r[4], r[5]["move_id"]) for r in got if r[4] in ("partition.moved_out", "partition.moved_in")]
+    assert (m[0], "partition.moved_out", move_id) in moves and (m[1], "partition.moved_in", move_id) in moves, moves
+    assert all(r[5]["partition"] == m[2] for r in got if r[4].startswith("partition.moved")), moves
+    # in the order they happened: on the old shard everything of the tenant before its move out
+    assert [r[3] for r in got] == sorted(r[3] for r in got)
+    out_at = next(r[3] for r in got if r[4] == "partition.moved_out" and r[5]["move_id"] == move_id)
+    assert all(r[3] <= out_at for r in got if r[0] == m[0] and r[4] not in ("partition.moved_out", "partition.moved_in"))
+    # the hashes are the chains' own
+    for r in got[:3]:
+        h = sharded.names[r[0]].sql("SELECT encode(hash, 'hex') FROM billing.audit_log WHERE audit_id = %s", (r[2],))
+        assert h == [(r[6],)], (r, h)
+    # a tenant of another partition: its own entries, none of this move
+    assert router_call(world, "SELECT router.tenant_partition(%s)", (other,))[0][0] != m[2]
+    assert other_rows and not any(d.get("move_id") == move_id for (a, d) in other_rows
+                                  if a.startswith("partition.moved")), other_rows
+
+
 def test_a_move_under_load(world):
     sharded, fake, tenants = world["sharded"], world["fake"], world["tenants"]
     # the partition with the most of our tenants, and the tenants' subscriptions under way when it moves
@@ -364,6 +401,7 @@ def test_a_move_under_load(world):
                                         (ev["id"],))
             assert st and st[0][0] in ("applied", "ignored"), (ev["id"], ev["type"], st)
     check_audit(world, move_id)
+    check_tenant_audit(world, move_id, movers[0], next(t for t in tenants if t not in movers))
 
 
 def test_interrupted_moves(world):
