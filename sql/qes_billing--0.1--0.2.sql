@@ -1103,8 +1103,12 @@ BEGIN
     -- these dates must outlive a crash right after this commit: the worker
     -- removes its record of the start once it is in (src/shmem.c), and a
     -- server that runs with synchronous_commit off would otherwise lose
-    -- both (the next start's bound would be later than this one's)
-    PERFORM set_config('synchronous_commit', 'on', true);
+    -- both (the next start's bound would be later than this one's).  The
+    -- local flush is what counts ('local', not 'on': a synchronous standby
+    -- that is gone, as after a failover, must not hold the worker).
+    IF current_setting('synchronous_commit') = 'off' THEN
+      PERFORM set_config('synchronous_commit', 'local', true);
+    END IF;
     UPDATE billing.stripe_requests
        SET first_sent_at = greatest(created_at, p_lost_after)
      WHERE state IN ('pending', 'waiting') AND method <> 'GET' AND first_sent_at IS NULL

@@ -131,9 +131,10 @@ write_unclean_file(TimestampTz lost_after, TimestampTz started_at)
  * when pg_control cannot say); *started_at: the start after which
  * requests were made, so never sent by lost work -- when the start is not
  * clean.  DT_NOEND when the server starts in recovery (a standby, a
- * recovery, a restored backup): rows made elsewhere keep arriving until
- * recovery ends, so the worker's own start, which comes after that, is
- * the bound (src/worker.c).  A file left by an earlier start that was not
+ * recovery, a restored backup): rows made elsewhere, by another server's
+ * clock, keep arriving until recovery ends, so every row made before the
+ * worker's reclaim counts (which is after recovery: nothing is claimed
+ * before it).  A file left by an earlier start that was not
  * clean keeps its start (the earlier, or DT_NOEND if either is), and the
  * earlier of the two bounds (nothing was sent since that start: the worker
  * sends only after its reclaim, which removes the file).

@@ -41,7 +41,7 @@ typedef struct QesWorkerState
 	TimestampTz lost_after;		/* ... so commits after this may be lost */
 	TimestampTz unclean_started_at; /* when it started: later rows were never
 									 * sent (DT_NOEND: it started in recovery,
-									 * and the worker's start, after it, counts) */
+									 * every row counts) */
 	TimestampTz last_error_at;
 	char		last_error[QES_LAST_ERROR_LEN];
 } QesWorkerState;

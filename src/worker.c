@@ -397,9 +397,6 @@ get_float8(int col, double if_null)
 	return isnull ? if_null : Max(0.0, DatumGetFloat8(d));
 }
 
-/* when this process started: after recovery ended, if there was one */
-static TimestampTz worker_started_at = 0;
-
 /* billing.worker_reclaim, with what shared memory says of this start */
 typedef struct ReclaimCall
 {
@@ -469,13 +466,11 @@ worker_tick(TickResult *r)
 			rc.started_at = qes_worker_state->unclean_started_at;
 			LWLockRelease(qes_worker_state->lock);
 			/*
-			 * A start in recovery (a standby, a restored backup): rows made
-			 * elsewhere arrived until it ended -- on a promoted standby, the
-			 * old primary's, whose last claims may be missing here.  Those
-			 * made before this process started (after recovery) are dated.
+			 * (After a start in recovery -- a standby, a restored backup --
+			 * started_at is infinity: rows made elsewhere arrived until it
+			 * ended, by another server's clock, so every row made before
+			 * this reclaim is taken as possibly sent; shmem.c.)
 			 */
-			if (TIMESTAMP_IS_NOEND(rc.started_at))
-				rc.started_at = worker_started_at;
 			/*
 			 * Exempt from partition fences: it finishes work begun before
 			 * any fence (rows left in flight, requests lost work may have
@@ -654,8 +649,6 @@ qes_worker_main(Datum main_arg)
 	volatile bool active = false;	/* the last tick found an extension to serve */
 	volatile TimestampTz tick_at = 0;	/* when the tick has work again */
 
-	/* (after any recovery: the worker starts once it has ended) */
-	worker_started_at = GetCurrentTimestamp();
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();

@@ -152,27 +152,26 @@ $$;
 COMMENT ON FUNCTION router.remote_mark_forwarded(integer, text, text[]) IS
   'PL/Proxy: record on the reconciling shard that an event was handed over.';
 
-CREATE FUNCTION router.remote_operator_rows(p_partition integer, p_what text, p_tenant text,
-                                            OUT shard text, OUT row_data json)
+CREATE FUNCTION router.remote_operator_rows(p_partition integer, p_what text, OUT shard text, OUT row_data json)
   RETURNS SETOF record
   LANGUAGE plproxy
 AS $$
   CLUSTER 'qes_billing';
   RUN ON p_partition;
-  SELECT * FROM billing_shard.operator_rows(p_what, p_tenant);
+  SELECT * FROM billing_shard.operator_rows(p_what);
 $$;
-COMMENT ON FUNCTION router.remote_operator_rows(integer, text, text) IS
+COMMENT ON FUNCTION router.remote_operator_rows(integer, text) IS
   'PL/Proxy: one operators'' view on one shard.';
 
-CREATE FUNCTION router.remote_operator_rows_all(p_what text, p_tenant text, OUT shard text, OUT row_data json)
+CREATE FUNCTION router.remote_operator_rows_all(p_what text, OUT shard text, OUT row_data json)
   RETURNS SETOF record
   LANGUAGE plproxy
 AS $$
   CLUSTER 'qes_billing';
   RUN ON ALL;
-  SELECT * FROM billing_shard.operator_rows(p_what, p_tenant);
+  SELECT * FROM billing_shard.operator_rows(p_what);
 $$;
-COMMENT ON FUNCTION router.remote_operator_rows_all(text, text) IS
+COMMENT ON FUNCTION router.remote_operator_rows_all(text) IS
   'PL/Proxy: one operators'' view on every shard at once (RUN ON ALL); fails when any shard does.';
 
 -- ---- failures -----------------------------------------------------------

@@ -4,7 +4,7 @@
 -- by shard so that the down one shows as down and the others still answer
 -- -- and puts the shard's name beside each row.  Totals add these rows up.
 
-CREATE FUNCTION router.shard_rows(p_what text, p_tenant text DEFAULT NULL)
+CREATE FUNCTION router.shard_rows(p_what text)
   RETURNS TABLE (shard text, up boolean, row_data json)
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, router
 AS $$
@@ -14,7 +14,7 @@ DECLARE
   v_msg   text;
 BEGIN
   BEGIN
-    RETURN QUERY SELECT r.shard, true, r.row_data FROM router.remote_operator_rows_all(p_what, p_tenant) r;
+    RETURN QUERY SELECT r.shard, true, r.row_data FROM router.remote_operator_rows_all(p_what) r;
     RETURN;
   EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
@@ -25,7 +25,7 @@ BEGIN
   FOR s IN SELECT * FROM router.shard_partitions LOOP
     BEGIN
       RETURN QUERY SELECT coalesce(r.shard, s.shard_name), true, r.row_data
-                     FROM router.remote_operator_rows(s.partition, p_what, p_tenant) r;
+                     FROM router.remote_operator_rows(s.partition, p_what) r;
     EXCEPTION WHEN OTHERS THEN
       GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
       IF NOT router.is_unavailable(v_state) THEN
@@ -37,8 +37,8 @@ BEGIN
   END LOOP;
 END
 $$;
-COMMENT ON FUNCTION router.shard_rows(text, text) IS
-  'The rows of one operators'' view on every shard (p_tenant: the tenant of a per-tenant view) (RUN ON ALL; shard by shard when a shard is down), each with its shard; a shard that is down gives one row with up = false and no data.';
+COMMENT ON FUNCTION router.shard_rows(text) IS
+  'The rows of one operators'' view on every shard (RUN ON ALL; shard by shard when a shard is down), each with its shard; a shard that is down gives one row with up = false and no data.';
 
 CREATE VIEW router.shard_status AS
 SELECT sp.shard_name, sp.partition, sp.partitions,
@@ -155,42 +155,66 @@ COMMENT ON VIEW router.webhook_metrics IS 'billing.webhook_metrics of every shar
 
 -- A tenant's audit history across shards: after a partition move its
 -- older entries stay in the old shard's chain (each shard keeps its own),
--- and the newer ones are in the new shard's.  Every shard's entries for the
--- tenant, with the moves of its partition between them (partition.moved_out
--- on the shard it left, partition.moved_in on the one it reached), in the
--- order they happened; each entry with its shard, its place in that
--- shard's chain (audit_id, prev_hash, hash: router.audit_verification
--- checks the chains) and up = false for a shard that did not answer.
+-- and the newer ones are in the new shard's.  Every registered shard is
+-- read, also one that no longer serves any partition (it keeps the
+-- entries of the tenants that left it), one after the other.  Each entry
+-- comes with its shard and its place in that shard's chain (audit_id,
+-- prev_hash, hash: router.audit_verification checks the chains); the moves
+-- of the tenant's partition are among them (partition.moved_out on the
+-- shard it left, partition.moved_in on the one it reached, both written
+-- as the move completes, so the first entries on the new shard can come a
+-- moment before its moved_in); a shard that did not answer gives one row
+-- with up = false.  In the order of occurred_at (each shard's clock).
+CREATE FUNCTION router.remote_tenant_audit(p_connstr text, p_tenant_id text, OUT shard text, OUT row_data json)
+  RETURNS SETOF record
+  LANGUAGE plproxy
+AS $$
+  CONNECT p_connstr;
+  SELECT * FROM billing_shard.operator_rows('tenant_audit', p_tenant_id);
+$$;
+COMMENT ON FUNCTION router.remote_tenant_audit(text, text) IS
+  'PL/Proxy: a tenant''s audit entries and partition moves on one shard, by its connect string.';
+
 CREATE FUNCTION router.tenant_audit(p_tenant_id text)
   RETURNS TABLE (shard text, up boolean, audit_id bigint, occurred_at timestamptz, action text,
                  tenant_id text, actor_role text, actor_sub text, actor_tenant text, details jsonb,
                  prev_hash text, hash text)
-  LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, router
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, router
 AS $$
 DECLARE
-  v_hash integer;
+  s       record;
+  v_all   jsonb := '[]';
+  v_state text;
+  v_msg   text;
 BEGIN
   IF p_tenant_id IS NULL OR p_tenant_id = '' THEN
     RAISE EXCEPTION 'router.tenant_audit needs a tenant id' USING ERRCODE = 'null_value_not_allowed';
   END IF;
-  v_hash := router.tenant_hash(p_tenant_id);
+  FOR s IN SELECT sh.shard_name FROM router.shards sh ORDER BY sh.shard_name LOOP
+    BEGIN
+      v_all := v_all || coalesce((SELECT jsonb_agg(jsonb_build_object('shard', s.shard_name, 'up', true, 'row', r.row_data))
+                                    FROM router.remote_tenant_audit(router.shard_login(s.shard_name), p_tenant_id) r),
+                                 '[]');
+    EXCEPTION WHEN OTHERS THEN
+      GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
+      IF NOT router.is_unavailable(v_state) THEN
+        RAISE;
+      END IF;
+      RAISE LOG 'qes_billing_router: shard % is down: % %', s.shard_name, v_state, v_msg;
+      v_all := v_all || jsonb_build_array(jsonb_build_object('shard', s.shard_name, 'up', false));
+    END;
+  END LOOP;
   RETURN QUERY
-    SELECT r.shard, r.up, (r.row_data ->> 'audit_id')::bigint, (r.row_data ->> 'occurred_at')::timestamptz,
-           r.row_data ->> 'action', r.row_data ->> 'tenant_id', r.row_data ->> 'actor_role',
-           r.row_data ->> 'actor_sub', r.row_data ->> 'actor_tenant', (r.row_data -> 'details')::jsonb,
-           r.row_data ->> 'prev_hash', r.row_data ->> 'hash'
-      FROM router.shard_rows('tenant_audit', p_tenant_id) r
-     WHERE NOT r.up
-        OR r.row_data ->> 'tenant_id' = p_tenant_id
-        -- a move of the tenant's partition (as the partition count was then)
-        OR (r.row_data ->> 'action' IN ('partition.moved_out', 'partition.moved_in')
-            AND (r.row_data -> 'details' ->> 'partition')::integer
-                = v_hash & ((r.row_data -> 'details' ->> 'partitions')::integer - 1))
-     ORDER BY (r.row_data ->> 'occurred_at')::timestamptz NULLS FIRST, r.shard, (r.row_data ->> 'audit_id')::bigint;
+    SELECT e ->> 'shard', (e ->> 'up')::boolean, (e #>> '{row,audit_id}')::bigint,
+           (e #>> '{row,occurred_at}')::timestamptz, e #>> '{row,action}', e #>> '{row,tenant_id}',
+           e #>> '{row,actor_role}', e #>> '{row,actor_sub}', e #>> '{row,actor_tenant}', e #> '{row,details}',
+           e #>> '{row,prev_hash}', e #>> '{row,hash}'
+      FROM jsonb_array_elements(v_all) e
+     ORDER BY (e #>> '{row,occurred_at}')::timestamptz NULLS FIRST, e ->> 'shard', (e #>> '{row,audit_id}')::bigint;
 END
 $$;
 COMMENT ON FUNCTION router.tenant_audit(text) IS
-  'A tenant''s audit entries on every shard (after a partition move the older ones stay in the old shard''s chain), with the moves of its partition, in the order they happened; each with its shard and its place in that shard''s chain. up = false: a shard that did not answer (its entries are missing).';
+  'A tenant''s audit entries on every registered shard (after a partition move the older ones stay in the old shard''s chain), with the moves of its partition, in the order they happened; each with its shard and its place in that shard''s chain. up = false: a shard that did not answer (its entries are missing).';
 
 CREATE VIEW router.audit_verification AS
 SELECT r.shard, r.up, r.row_data AS verification

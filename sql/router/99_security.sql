@@ -37,7 +37,7 @@ GRANT EXECUTE ON FUNCTION router.check_limit(text, text, bigint),
 GRANT SELECT ON router.partition_map, router.shard_partitions TO qes_app, qes_admin;
 
 -- operators
-GRANT EXECUTE ON FUNCTION router.shard_rows(text, text), router.tenant_audit(text), router.rate_limit_stats(),
+GRANT EXECUTE ON FUNCTION router.shard_rows(text), router.tenant_audit(text), router.rate_limit_stats(),
                           router.reconcile_forward(integer)
   TO qes_admin;
 GRANT SELECT ON router.shard_status, router.worker_status, router.failed_webhooks, router.notification_failures,

@@ -30,8 +30,9 @@ BEGIN
   ELSIF p_what = 'verify_audit_chain' THEN
     RETURN QUERY SELECT v_shard, row_to_json(v) FROM billing.verify_audit_chain() v;
   ELSIF p_what = 'tenant_audit' THEN
-    -- the tenant's entries in this shard's chain, and the shard's records of
-    -- partition moves (the router keeps those of the tenant's partition)
+    -- the tenant's entries in this shard's chain, and this shard's records
+    -- of the moves of the tenant's partition (as the partition count was
+    -- then: MD5's first 32 bits & (partitions - 1), billing.tenant_partition)
     IF p_tenant IS NULL THEN
       RAISE EXCEPTION 'tenant_audit needs a tenant' USING ERRCODE = 'null_value_not_allowed';
     END IF;
@@ -40,7 +41,10 @@ BEGIN
              encode(a.prev_hash, 'hex') AS prev_hash, encode(a.hash, 'hex') AS hash
         FROM billing.audit_log a
        WHERE a.tenant_id = p_tenant
-          OR (a.action IN ('partition.moved_out', 'partition.moved_in') AND a.tenant_id IS NULL)
+          OR (a.action IN ('partition.moved_out', 'partition.moved_in') AND a.tenant_id IS NULL
+              AND (a.details ->> 'partition')::integer
+                  = (('x' || substr(md5(p_tenant), 1, 8))::bit(32)::integer
+                     & ((a.details ->> 'partitions')::integer - 1)))
        ORDER BY a.audit_id) v;
   ELSIF p_what = 'health' THEN
     RETURN QUERY SELECT v_shard, api.health();

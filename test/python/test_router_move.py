@@ -314,8 +314,7 @@ def check_tenant_audit(world, move_id, tenant, other):
     moves = [(r[0], r[4], r[5]["move_id"]) for r in got if r[4] in ("partition.moved_out", "partition.moved_in")]
     assert (m[0], "partition.moved_out", move_id) in moves and (m[1], "partition.moved_in", move_id) in moves, moves
     assert all(r[5]["partition"] == m[2] for r in got if r[4].startswith("partition.moved")), moves
-    # in the order they happened: on the old shard everything of the tenant before its move out
-    assert [r[3] for r in got] == sorted(r[3] for r in got)
+    # on the old shard everything of the tenant happened before its move out
     out_at = next(r[3] for r in got if r[4] == "partition.moved_out" and r[5]["move_id"] == move_id)
     assert all(r[3] <= out_at for r in got if r[0] == m[0] and r[4] not in ("partition.moved_out", "partition.moved_in"))
     # the hashes are the chains' own

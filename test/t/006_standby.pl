@@ -204,6 +204,9 @@ ok(defined wait_for(sub {
 		   FROM billing.stripe_requests") eq 't' }, 60),
 	'the primary\'s worker is sending (seen on the standby)');
 $primary->stop('immediate');
+# (everything the standby received is replayed before it is read)
+$standby->poll_query_until('postgres', 'SELECT pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()')
+	or die 'the standby did not replay what it received';
 
 # what the standby holds at the failover: the promoted node starts from it
 my %at_failover;

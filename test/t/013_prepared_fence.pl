@@ -42,6 +42,10 @@ for my $how ('restart', 'crash')
 	}
 	else
 	{
+		# (no checkpoint since they prepared: they are only in the WAL)
+		opendir(my $dh, $node->data_dir . '/pg_twophase') or die "pg_twophase: $!";
+		is(scalar(grep { !/^\./ } readdir($dh)), 0, 'crash: the prepared transactions have no state files yet');
+		closedir($dh);
 		$node->stop('immediate');
 		$node->start;
 	}
