@@ -389,6 +389,28 @@ CREATE INDEX notifications_in_flight ON billing.notifications (claimed_at) WHERE
 
 CREATE INDEX notifications_failed ON billing.notifications (updated_at) WHERE state = 'failed';
 
+-- ---- the outbox and the inbox --------------------------------------------------
+-- The worker's queues: the outbox of Stripe requests and the inbox of
+-- webhook events.  Both are global (not tenant-owned): a request or an event
+-- may concern no tenant (setup) or one not yet known (a new event).
+-- Inserting into either, or updating it, wakes the worker when the
+-- transaction commits: an idle worker runs no transaction of its own
+-- (docs/architecture.md, rule 14), so whatever makes a row due must say so.
+
+-- The cluster whose data this is (pg_control's system identifier), as the
+-- worker's reclaim last saw it.  Data restored from a pg_dump into another
+-- cluster, or carried over by pg_upgrade, names another cluster: its queued
+-- requests may have been sent by work the dump does not show, so the
+-- reclaim dates them (billing.worker_reclaim).  Dumped with the data.
+CREATE TABLE billing.cluster_identity (
+  singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+  system_identifier bigint NOT NULL,
+  seen_at           timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+COMMENT ON TABLE billing.cluster_identity IS
+  'The system identifier of the cluster the worker last reconciled this data in; another one means the data was restored or upgraded into a new cluster.';
+
 -- (upgrade) what 0.2 adds to billing.stripe_requests
 ALTER TABLE billing.stripe_requests ADD COLUMN first_sent_at timestamp with time zone;
 
@@ -1082,7 +1104,26 @@ DECLARE
   v_requests bigint;
   v_events bigint;
   v_possibly_sent bigint := 0;
+  v_cluster bigint := (SELECT c.system_identifier FROM pg_control_system() c);
+  v_seen bigint;
+  v_restored boolean := false;
 BEGIN
+  -- Data from another cluster (restored from a pg_dump there, or carried
+  -- over by pg_upgrade): the cluster it came from may have sent any of its
+  -- queued requests after the dump was taken, so every one is taken as
+  -- possibly sent since it was made.  (Restored into the cluster it was
+  -- dumped from, it is not known: run this with '-infinity' by hand,
+  -- docs/operations.md.)
+  SELECT i.system_identifier INTO v_seen FROM billing.cluster_identity i;
+  IF v_seen IS DISTINCT FROM v_cluster THEN
+    IF v_seen IS NOT NULL THEN
+      v_restored := true;
+      p_lost_after := '-infinity';
+      p_started := NULL;
+    END IF;
+    INSERT INTO billing.cluster_identity AS i (system_identifier) VALUES (v_cluster)
+    ON CONFLICT (singleton) DO UPDATE SET system_identifier = excluded.system_identifier, seen_at = now();
+  END IF;
   -- (an attempt in flight at a crash may have reached Stripe)
   UPDATE billing.stripe_requests
      SET state = 'pending', first_sent_at = coalesce(first_sent_at, claimed_at), claimed_at = NULL,
@@ -1116,7 +1157,9 @@ BEGIN
     GET DIAGNOSTICS v_possibly_sent = ROW_COUNT;
     IF v_possibly_sent > 0 THEN
       RAISE WARNING 'qes_billing: % Stripe requests may have been sent by work this start lost', v_possibly_sent
-        USING DETAIL = 'The server did not start from a clean shutdown of a primary; commits after the last checkpoint before the start may be lost (the worker.reclaimed audit entry says when).',
+        USING DETAIL = CASE WHEN v_restored
+                            THEN 'The data comes from another cluster (a pg_dump restored here, or pg_upgrade); that cluster may have sent them after the dump (the worker.reclaimed audit entry says from which).'
+                            ELSE 'The server did not start from a clean shutdown of a primary; commits after the last checkpoint before the start may be lost (the worker.reclaimed audit entry says when).' END,
               HINT = 'Each is sent again within qes_billing.idempotency_window; past it, it fails as expired and customers and subscriptions are looked up.';
     END IF;
   END IF;
@@ -1130,14 +1173,18 @@ BEGIN
                           jsonb_build_object('stripe_requests', v_requests, 'webhook_events', v_events)
                           || CASE WHEN p_lost_after IS NULL THEN '{}'::jsonb
                                   ELSE jsonb_build_object('unclean_start', true, 'lost_after', p_lost_after,
-                                                          'possibly_sent', v_possibly_sent) END);
+                                                          'possibly_sent', v_possibly_sent) END
+                          || CASE WHEN v_restored
+                                  THEN jsonb_build_object('other_cluster', true, 'previous_system_identifier', v_seen::text,
+                                                          'system_identifier', v_cluster::text)
+                                  ELSE '{}'::jsonb END);
   END IF;
   RETURN v_requests + v_events;
 END
 $$;
 
 COMMENT ON FUNCTION billing.worker_reclaim(timestamptz, timestamptz) IS
-  'Run by the worker at start: put queue rows left in flight by a crash back in the queue; after a start that was not from a clean shutdown of a primary, date the pending and waiting requests other than GETs created before the start (p_started) as possibly sent since p_lost_after (the last checkpoint before it), since lost work may have sent them. After restoring a dump, run it by hand with the dump''s start time, or ''-infinity'' (docs/operations.md).';
+  'Run by the worker at start: put queue rows left in flight by a crash back in the queue; after a start that was not from a clean shutdown of a primary, date the pending and waiting requests other than GETs created before the start (p_started) as possibly sent since p_lost_after (the last checkpoint before it), since lost work may have sent them; data from another cluster (billing.cluster_identity: a pg_dump restored there, pg_upgrade) is dated likewise from each request''s creation. After restoring a dump into the cluster it came from, run it by hand with the dump''s start time, or ''-infinity'' (docs/operations.md).';
 
 -- The worker's tick: apply due webhook events, then timers.  Returns the
 -- number of events applied (the worker runs the next tick at once when it
@@ -7549,7 +7596,7 @@ BEGIN
                            'notifications', 'stripe_requests', 'webhook_events', 'webhook_rejections',
                            'audit_log', 'stripe_customers', 'invoice_payments', 'webhook_waits',
                            'reconcile_runs', 'drift_repairs', 'reconcile_state', 'invoice_failures',
-                           'partition_fences', 'partition_move_log'] LOOP
+                           'partition_fences', 'partition_move_log', 'cluster_identity'] LOOP
     PERFORM pg_catalog.pg_extension_config_dump(format('billing.%I', t)::regclass, '');
   END LOOP;
 

@@ -462,6 +462,19 @@ CREATE INDEX notifications_failed ON billing.notifications (updated_at) WHERE st
 -- transaction commits: an idle worker runs no transaction of its own
 -- (docs/architecture.md, rule 14), so whatever makes a row due must say so.
 
+-- The cluster whose data this is (pg_control's system identifier), as the
+-- worker's reclaim last saw it.  Data restored from a pg_dump into another
+-- cluster, or carried over by pg_upgrade, names another cluster: its queued
+-- requests may have been sent by work the dump does not show, so the
+-- reclaim dates them (billing.worker_reclaim).  Dumped with the data.
+CREATE TABLE billing.cluster_identity (
+  singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+  system_identifier bigint NOT NULL,
+  seen_at           timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE billing.cluster_identity IS
+  'The system identifier of the cluster the worker last reconciled this data in; another one means the data was restored or upgraded into a new cluster.';
+
 CREATE TABLE billing.stripe_requests (
   request_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
   tenant_id       text REFERENCES billing.tenants,

@@ -110,7 +110,7 @@ BEGIN
                            'notifications', 'stripe_requests', 'webhook_events', 'webhook_rejections',
                            'audit_log', 'stripe_customers', 'invoice_payments', 'webhook_waits',
                            'reconcile_runs', 'drift_repairs', 'reconcile_state', 'invoice_failures',
-                           'partition_fences', 'partition_move_log'] LOOP
+                           'partition_fences', 'partition_move_log', 'cluster_identity'] LOOP
     PERFORM pg_catalog.pg_extension_config_dump(format('billing.%I', t)::regclass, '');
   END LOOP;
 

@@ -419,6 +419,22 @@ for my $db ('postgres', 'restored_fc')
 set_paused($dst, 0);
 ok(defined wait_for(sub { q1($dst, 'postgres', 'SELECT reclaimed FROM billing.worker_state()') > 0 }, 30),
 	'the restored worker reclaimed the request in flight at the time of the dump');
+# the data came from another cluster, which may have sent what was queued
+# after the dump: the request waiting at the time of the dump is dated as
+# possibly sent (from its creation), so it goes out only under its key's
+# lifetime (billing.worker_reclaim, billing.cluster_identity)
+is(q1($dst, 'postgres', q{
+	SELECT (details ->> 'other_cluster') || ' ' || ((details ->> 'possibly_sent')::integer > 0)
+	  FROM billing.audit_log WHERE action = 'worker.reclaimed' AND details ? 'other_cluster'}),
+	'true true', 'the restored worker knew the data came from another cluster');
+# (dated: its first_sent_at is its creation; sent undated, it would be its claim)
+my $dumped_requests = q1($src, 'postgres', 'SELECT max(request_id) FROM billing.stripe_requests');
+is(q1($dst, 'postgres', qq{
+	SELECT count(*) > 0 AND bool_and(first_sent_at = created_at) FROM billing.stripe_requests
+	 WHERE tenant_id = 'delta' AND kind <> 'customer.create' AND method <> 'GET' AND request_id <= $dumped_requests}),
+	't', 'and dated the requests that waited at the time of the dump as possibly sent');
+is(q1($dst, 'postgres', 'SELECT system_identifier = (SELECT c.system_identifier FROM pg_control_system() c)
+                           FROM billing.cluster_identity'), 't', 'and now records this cluster');
 ok(defined wait_for(sub {
 	q1($dst, 'postgres', "SELECT stripe_subscription_id IS NOT NULL FROM billing.subscriptions
 	                        WHERE tenant_id = 'delta' AND status <> 'canceled'") eq 't' }, 60),
