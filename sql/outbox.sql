@@ -289,26 +289,38 @@ SELECT r.method, r.params ->> 'name' AS name FROM billing.outbox_claim(10) c JOI
 SELECT params ->> 'name' AS name, state, error ->> 'category' AS category
   FROM billing.stripe_requests WHERE kind = 'test.lost_claim' ORDER BY request_id;
 
--- Data from another cluster (a pg_dump restored there, or pg_upgrade):
--- billing.cluster_identity names another system identifier, and every
--- queued request other than a GET is dated from its creation, whatever
--- the start was (that cluster may have sent it after the dump).
-SELECT system_identifier = (SELECT c.system_identifier FROM pg_control_system() c) AS this_cluster
+-- Data from another cluster (a pg_dump restored here, or pg_upgrade):
+-- billing.cluster_identity holds another system identifier beside this
+-- cluster's (CREATE EXTENSION wrote this one, the dump brought the other),
+-- and every queued request other than a GET is dated from its creation,
+-- whatever the start was (that cluster may have sent it after the dump).
+SELECT count(*) AS identities, bool_and(system_identifier = (SELECT c.system_identifier FROM pg_control_system() c)) AS this_cluster
   FROM billing.cluster_identity;
 SELECT billing.outbox_enqueue(NULL, 'test.restored', 'POST', '/v1/customers', '{"name": "restored"}') AS restored_post \gset
 SELECT billing.outbox_enqueue(NULL, 'test.restored', 'GET', '/v1/customers/cus_R') AS restored_get \gset
 UPDATE billing.stripe_requests SET created_at = now() - interval '2 days' WHERE kind = 'test.restored';
-UPDATE billing.cluster_identity SET system_identifier = 42;
+INSERT INTO billing.cluster_identity (system_identifier) VALUES (42);
 SELECT billing.worker_reclaim() AS reclaimed;
 SELECT method, first_sent_at = created_at AS dated_from_creation, first_sent_at IS NULL AS undated
   FROM billing.stripe_requests WHERE kind = 'test.restored' ORDER BY request_id;
-SELECT details ->> 'other_cluster' AS other_cluster, details ->> 'previous_system_identifier' AS previous,
-       details ->> 'possibly_sent' AS possibly_sent,
+SELECT details ->> 'other_cluster' AS other_cluster, details -> 'previous_system_identifiers' AS previous,
+       details ->> 'possibly_sent' AS possibly_sent, details ? 'unclean_start' AS unclean_start,
        details ->> 'system_identifier' = (SELECT c.system_identifier::text FROM pg_control_system() c) AS now_this
   FROM billing.audit_log WHERE action = 'worker.reclaimed' ORDER BY audit_id DESC LIMIT 1;
-SELECT system_identifier = (SELECT c.system_identifier FROM pg_control_system() c) AS this_cluster_again
+SELECT count(*) AS identities, bool_and(system_identifier = (SELECT c.system_identifier FROM pg_control_system() c)) AS this_cluster
   FROM billing.cluster_identity;
 -- the next start in this cluster knows it: a clean one dates nothing, audits nothing
+UPDATE billing.stripe_requests SET first_sent_at = NULL WHERE kind = 'test.restored';
 SELECT billing.worker_reclaim() AS reclaimed;
+SELECT count(*) AS undated FROM billing.stripe_requests WHERE kind = 'test.restored' AND first_sent_at IS NULL;
+-- no identity at all (an update from 0.1, whose data may come from a dump):
+-- of unknown origin, dated the same way
+DELETE FROM billing.cluster_identity;
+SELECT billing.worker_reclaim() AS reclaimed;
+SELECT method, first_sent_at = created_at AS dated_from_creation
+  FROM billing.stripe_requests WHERE kind = 'test.restored' ORDER BY request_id;
+SELECT details -> 'previous_system_identifiers' AS previous FROM billing.audit_log
+ WHERE action = 'worker.reclaimed' ORDER BY audit_id DESC LIMIT 1;
+SELECT count(*) AS identities FROM billing.cluster_identity;
 SELECT count(*) AS reclaim_audits FROM billing.audit_log WHERE action = 'worker.reclaimed' AND details ? 'other_cluster';
 DELETE FROM billing.stripe_requests WHERE kind = 'test.restored';

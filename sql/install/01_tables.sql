@@ -462,18 +462,25 @@ CREATE INDEX notifications_failed ON billing.notifications (updated_at) WHERE st
 -- transaction commits: an idle worker runs no transaction of its own
 -- (docs/architecture.md, rule 14), so whatever makes a row due must say so.
 
--- The cluster whose data this is (pg_control's system identifier), as the
--- worker's reclaim last saw it.  Data restored from a pg_dump into another
--- cluster, or carried over by pg_upgrade, names another cluster: its queued
--- requests may have been sent by work the dump does not show, so the
--- reclaim dates them (billing.worker_reclaim).  Dumped with the data.
+-- The clusters this data has been in (pg_control's system identifiers):
+-- CREATE EXTENSION writes this cluster's, and the worker's reclaim keeps
+-- only this cluster's.  Dumped with the data, and with no key: a pg_dump
+-- restored into another cluster adds the cluster it came from to the one
+-- CREATE EXTENSION wrote, and a table with no row at all (an update from
+-- 0.1) is of unknown origin.  Either way the queued requests may have been
+-- sent by work the data does not show, and the reclaim dates them
+-- (billing.worker_reclaim).
 CREATE TABLE billing.cluster_identity (
-  singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
   system_identifier bigint NOT NULL,
   seen_at           timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
+-- (no key, so that a dump's row can join the one CREATE EXTENSION made;
+-- its rows are told apart whole, also by logical replication)
+ALTER TABLE billing.cluster_identity REPLICA IDENTITY FULL;
 COMMENT ON TABLE billing.cluster_identity IS
-  'The system identifier of the cluster the worker last reconciled this data in; another one means the data was restored or upgraded into a new cluster.';
+  'The system identifiers of the clusters this data has been in since the worker last reconciled it: one other than this cluster''s (a pg_dump restored here, pg_upgrade), or none, makes the reclaim date the queued requests.';
+INSERT INTO billing.cluster_identity (system_identifier)
+SELECT c.system_identifier FROM pg_catalog.pg_control_system() c;
 
 CREATE TABLE billing.stripe_requests (
   request_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

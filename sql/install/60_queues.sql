@@ -42,24 +42,26 @@ DECLARE
   v_events bigint;
   v_possibly_sent bigint := 0;
   v_cluster bigint := (SELECT c.system_identifier FROM pg_control_system() c);
-  v_seen bigint;
-  v_restored boolean := false;
+  v_others text[];
+  v_restored boolean;
+  v_unclean boolean := p_lost_after IS NOT NULL;
 BEGIN
-  -- Data from another cluster (restored from a pg_dump there, or carried
-  -- over by pg_upgrade): the cluster it came from may have sent any of its
-  -- queued requests after the dump was taken, so every one is taken as
-  -- possibly sent since it was made.  (Restored into the cluster it was
-  -- dumped from, it is not known: run this with '-infinity' by hand,
-  -- docs/operations.md.)
-  SELECT i.system_identifier INTO v_seen FROM billing.cluster_identity i;
-  IF v_seen IS DISTINCT FROM v_cluster THEN
-    IF v_seen IS NOT NULL THEN
-      v_restored := true;
-      p_lost_after := '-infinity';
-      p_started := NULL;
-    END IF;
-    INSERT INTO billing.cluster_identity AS i (system_identifier) VALUES (v_cluster)
-    ON CONFLICT (singleton) DO UPDATE SET system_identifier = excluded.system_identifier, seen_at = now();
+  -- Data from another cluster (a pg_dump restored here, pg_upgrade), or
+  -- of unknown origin (an update from 0.1): the cluster it came from may
+  -- have sent any of its queued requests after the dump was taken, so
+  -- every one is taken as possibly sent since it was made.  (Restored into
+  -- the cluster it was dumped from, it is not known: run this with
+  -- '-infinity' by hand, docs/operations.md.)
+  SELECT array_agg(DISTINCT i.system_identifier::text) FILTER (WHERE i.system_identifier <> v_cluster),
+         count(*) FILTER (WHERE i.system_identifier <> v_cluster) > 0 OR count(*) = 0
+    INTO v_others, v_restored
+    FROM billing.cluster_identity i;
+  IF v_restored THEN
+    p_lost_after := '-infinity';
+    p_started := NULL;
+    DELETE FROM billing.cluster_identity i WHERE i.system_identifier <> v_cluster;
+    INSERT INTO billing.cluster_identity (system_identifier)
+    SELECT v_cluster WHERE NOT EXISTS (SELECT FROM billing.cluster_identity i WHERE i.system_identifier = v_cluster);
   END IF;
   -- (an attempt in flight at a crash may have reached Stripe)
   UPDATE billing.stripe_requests
@@ -95,7 +97,7 @@ BEGIN
     IF v_possibly_sent > 0 THEN
       RAISE WARNING 'qes_billing: % Stripe requests may have been sent by work this start lost', v_possibly_sent
         USING DETAIL = CASE WHEN v_restored
-                            THEN 'The data comes from another cluster (a pg_dump restored here, or pg_upgrade); that cluster may have sent them after the dump (the worker.reclaimed audit entry says from which).'
+                            THEN 'The data comes from another cluster (a pg_dump restored here, pg_upgrade) or from before an update from 0.1; that cluster may have sent them after the dump (the worker.reclaimed audit entry says from which).'
                             ELSE 'The server did not start from a clean shutdown of a primary; commits after the last checkpoint before the start may be lost (the worker.reclaimed audit entry says when).' END,
               HINT = 'Each is sent again within qes_billing.idempotency_window; past it, it fails as expired and customers and subscriptions are looked up.';
     END IF;
@@ -109,10 +111,11 @@ BEGIN
     PERFORM billing.audit('worker.reclaimed', NULL,
                           jsonb_build_object('stripe_requests', v_requests, 'webhook_events', v_events)
                           || CASE WHEN p_lost_after IS NULL THEN '{}'::jsonb
-                                  ELSE jsonb_build_object('unclean_start', true, 'lost_after', p_lost_after,
-                                                          'possibly_sent', v_possibly_sent) END
+                                  ELSE jsonb_build_object('lost_after', p_lost_after, 'possibly_sent', v_possibly_sent) END
+                          || CASE WHEN v_unclean THEN jsonb_build_object('unclean_start', true) ELSE '{}'::jsonb END
                           || CASE WHEN v_restored
-                                  THEN jsonb_build_object('other_cluster', true, 'previous_system_identifier', v_seen::text,
+                                  THEN jsonb_build_object('other_cluster', true,
+                                                          'previous_system_identifiers', to_jsonb(coalesce(v_others, '{}')),
                                                           'system_identifier', v_cluster::text)
                                   ELSE '{}'::jsonb END);
   END IF;
@@ -120,7 +123,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing.worker_reclaim(timestamptz, timestamptz) IS
-  'Run by the worker at start: put queue rows left in flight by a crash back in the queue; after a start that was not from a clean shutdown of a primary, date the pending and waiting requests other than GETs created before the start (p_started) as possibly sent since p_lost_after (the last checkpoint before it), since lost work may have sent them; data from another cluster (billing.cluster_identity: a pg_dump restored there, pg_upgrade) is dated likewise from each request''s creation. After restoring a dump into the cluster it came from, run it by hand with the dump''s start time, or ''-infinity'' (docs/operations.md).';
+  'Run by the worker at start: put queue rows left in flight by a crash back in the queue; after a start that was not from a clean shutdown of a primary, date the pending and waiting requests other than GETs created before the start (p_started) as possibly sent since p_lost_after (the last checkpoint before it), since lost work may have sent them; data from another cluster or of unknown origin (billing.cluster_identity: a pg_dump restored here, pg_upgrade, an update from 0.1) is dated likewise from each request''s creation. After restoring a dump into the cluster it came from, run it by hand with the dump''s start time, or ''-infinity'' (docs/operations.md).';
 
 -- The worker's tick: apply due webhook events, then timers.  Returns the
 -- number of events applied (the worker runs the next tick at once when it

@@ -175,42 +175,50 @@ $$;
 COMMENT ON FUNCTION router.remote_tenant_audit(text, text) IS
   'PL/Proxy: a tenant''s audit entries and partition moves on one shard, by its connect string.';
 
+-- one shard's part (a shard that cannot be reached: one row, up = false)
+CREATE FUNCTION router.tenant_audit_shard(p_shard_name text, p_tenant_id text)
+  RETURNS TABLE (shard text, up boolean, row_data json)
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, router
+AS $$
+DECLARE
+  v_state text;
+  v_msg   text;
+BEGIN
+  BEGIN
+    RETURN QUERY SELECT p_shard_name, true, r.row_data
+                   FROM router.remote_tenant_audit(router.shard_login(p_shard_name), p_tenant_id) r;
+  EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
+    IF NOT router.is_unavailable(v_state) THEN
+      RAISE;
+    END IF;
+    RAISE LOG 'qes_billing_router: shard % is down: % %', p_shard_name, v_state, v_msg;
+    RETURN QUERY SELECT p_shard_name, false, NULL::json;
+  END;
+END
+$$;
+COMMENT ON FUNCTION router.tenant_audit_shard(text, text) IS
+  'One shard''s part of router.tenant_audit: the tenant''s entries and its partition''s moves there, or one row with up = false when the shard cannot be reached.';
+
 CREATE FUNCTION router.tenant_audit(p_tenant_id text)
   RETURNS TABLE (shard text, up boolean, audit_id bigint, occurred_at timestamptz, action text,
                  tenant_id text, actor_role text, actor_sub text, actor_tenant text, details jsonb,
                  prev_hash text, hash text)
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, router
 AS $$
-DECLARE
-  s       record;
-  v_all   jsonb := '[]';
-  v_state text;
-  v_msg   text;
 BEGIN
   IF p_tenant_id IS NULL OR p_tenant_id = '' THEN
     RAISE EXCEPTION 'router.tenant_audit needs a tenant id' USING ERRCODE = 'null_value_not_allowed';
   END IF;
-  FOR s IN SELECT sh.shard_name FROM router.shards sh ORDER BY sh.shard_name LOOP
-    BEGIN
-      v_all := v_all || coalesce((SELECT jsonb_agg(jsonb_build_object('shard', s.shard_name, 'up', true, 'row', r.row_data))
-                                    FROM router.remote_tenant_audit(router.shard_login(s.shard_name), p_tenant_id) r),
-                                 '[]');
-    EXCEPTION WHEN OTHERS THEN
-      GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
-      IF NOT router.is_unavailable(v_state) THEN
-        RAISE;
-      END IF;
-      RAISE LOG 'qes_billing_router: shard % is down: % %', s.shard_name, v_state, v_msg;
-      v_all := v_all || jsonb_build_array(jsonb_build_object('shard', s.shard_name, 'up', false));
-    END;
-  END LOOP;
+  -- (each shard's rows as they come: a long history is sorted, not held in one value)
   RETURN QUERY
-    SELECT e ->> 'shard', (e ->> 'up')::boolean, (e #>> '{row,audit_id}')::bigint,
-           (e #>> '{row,occurred_at}')::timestamptz, e #>> '{row,action}', e #>> '{row,tenant_id}',
-           e #>> '{row,actor_role}', e #>> '{row,actor_sub}', e #>> '{row,actor_tenant}', e #> '{row,details}',
-           e #>> '{row,prev_hash}', e #>> '{row,hash}'
-      FROM jsonb_array_elements(v_all) e
-     ORDER BY (e #>> '{row,occurred_at}')::timestamptz NULLS FIRST, e ->> 'shard', (e #>> '{row,audit_id}')::bigint;
+    SELECT r.shard, r.up, (r.row_data ->> 'audit_id')::bigint, (r.row_data ->> 'occurred_at')::timestamptz,
+           r.row_data ->> 'action', r.row_data ->> 'tenant_id', r.row_data ->> 'actor_role',
+           r.row_data ->> 'actor_sub', r.row_data ->> 'actor_tenant', (r.row_data -> 'details')::jsonb,
+           r.row_data ->> 'prev_hash', r.row_data ->> 'hash'
+      FROM router.shards s
+     CROSS JOIN LATERAL router.tenant_audit_shard(s.shard_name, p_tenant_id) r
+     ORDER BY (r.row_data ->> 'occurred_at')::timestamptz NULLS FIRST, r.shard, (r.row_data ->> 'audit_id')::bigint;
 END
 $$;
 COMMENT ON FUNCTION router.tenant_audit(text) IS

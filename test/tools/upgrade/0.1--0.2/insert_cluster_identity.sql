@@ -1,0 +1,3 @@
+-- An update from 0.1 leaves billing.cluster_identity empty: whether the
+-- data was made in this cluster is not known (it may come from a 0.1 dump
+-- restored here), so the worker's first reclaim dates the queued requests.
