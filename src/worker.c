@@ -467,12 +467,8 @@ worker_tick(TickResult *r)
 			LWLockRelease(qes_worker_state->lock);
 			/*
 			 * (After a start in recovery -- a standby, a restored backup --
-			 * started_at is infinity: rows made elsewhere arrived until it
-			 * ended, by another server's clock, so every row made before
-			 * this reclaim is taken as possibly sent; shmem.c.)
-			 */
-			/*
-			 * Exempt from partition fences: it finishes work begun before
+			 * started_at is infinity: every row made before this reclaim is
+			 * taken as possibly sent; shmem.c.)  Exempt from partition fences: it finishes work begun before
 			 * any fence (rows left in flight, requests lost work may have
 			 * sent), and a tenant's moving partition must not stop the
 			 * worker for every other tenant (src/fence.c).

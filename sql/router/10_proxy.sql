@@ -174,6 +174,18 @@ $$;
 COMMENT ON FUNCTION router.remote_operator_rows_all(text) IS
   'PL/Proxy: one operators'' view on every shard at once (RUN ON ALL); fails when any shard does.';
 
+-- a tenant's audit entries on one registered shard, by its connect string
+-- (router.tenant_audit reads every shard, also one that serves no partition)
+CREATE FUNCTION router.remote_tenant_audit(p_connstr text, p_tenant_id text, OUT shard text, OUT row_data json)
+  RETURNS SETOF record
+  LANGUAGE plproxy
+AS $$
+  CONNECT p_connstr;
+  SELECT * FROM billing_shard.operator_rows('tenant_audit', p_tenant_id);
+$$;
+COMMENT ON FUNCTION router.remote_tenant_audit(text, text) IS
+  'PL/Proxy: a tenant''s audit entries and partition moves on one shard, by its connect string.';
+
 -- ---- failures -----------------------------------------------------------
 
 -- Whether a failure of a PL/Proxy call means the shard could not be

@@ -165,16 +165,6 @@ COMMENT ON VIEW router.webhook_metrics IS 'billing.webhook_metrics of every shar
 -- as the move completes, so the first entries on the new shard can come a
 -- moment before its moved_in); a shard that did not answer gives one row
 -- with up = false.  In the order of occurred_at (each shard's clock).
-CREATE FUNCTION router.remote_tenant_audit(p_connstr text, p_tenant_id text, OUT shard text, OUT row_data json)
-  RETURNS SETOF record
-  LANGUAGE plproxy
-AS $$
-  CONNECT p_connstr;
-  SELECT * FROM billing_shard.operator_rows('tenant_audit', p_tenant_id);
-$$;
-COMMENT ON FUNCTION router.remote_tenant_audit(text, text) IS
-  'PL/Proxy: a tenant''s audit entries and partition moves on one shard, by its connect string.';
-
 -- one shard's part (a shard that cannot be reached: one row, up = false)
 CREATE FUNCTION router.tenant_audit_shard(p_shard_name text, p_tenant_id text)
   RETURNS TABLE (shard text, up boolean, row_data json)
