@@ -61,7 +61,8 @@
  *
  * qes_billing.max_requests_per_second bounds the rate of sending (a token
  * bucket of a tenth of a second's worth), below Stripe's own limits, so that a burst
- * of work does not turn into a burst of 429s.
+ * of work does not turn into a burst of 429s; while it holds a backlog back,
+ * the turns are paced to the bucket ("Paced sending" below).
  *
  * All state lives in this process (the worker); nothing here is shared.
  *
@@ -127,23 +128,30 @@ typedef struct OutboxCall
 static double tokens = 0;
 static TimestampTz tokens_at = 0;
 
-static int
-take_tokens(int want)
+/* fill the bucket for the time since it was last filled (rate > 0) */
+static void
+refill_tokens(int rate)
 {
 	TimestampTz now = GetCurrentTimestamp();
-	int			rate = qes_max_requests_per_second;
-	int			n;
-	double		cap;
-
-	if (rate <= 0)
-		return want;
 	/* a burst of at most a tenth of a second's worth: no second sees more than 1.1 x rate */
-	cap = Max(1.0, rate / 10.0);
+	double		cap = Max(1.0, rate / 10.0);
+
 	if (tokens_at == 0)
 		tokens = cap;
 	else
 		tokens = Min(cap, tokens + (double) (now - tokens_at) / USECS_PER_SEC * rate);
 	tokens_at = now;
+}
+
+static int
+take_tokens(int want)
+{
+	int			rate = qes_max_requests_per_second;
+	int			n;
+
+	if (rate <= 0)
+		return want;
+	refill_tokens(rate);
 	n = Min(want, (int) tokens);
 	tokens -= n;
 	return n;
@@ -159,6 +167,27 @@ token_wait_ms(void)
 		return 0;
 	return (long) ceil((1 - tokens) * 1000.0 / rate);
 }
+
+/*
+ * Paced sending.  While the rate limit holds a backlog back, tokens come
+ * one at a time, and so do the answers to what they let out: a turn per
+ * token claimed one request and recorded one answer in transactions of
+ * their own (at 196 requests a second, 430-450 us of the worker's CPU per
+ * request, 0.75 transactions; docs/benchmarks.md, "The worker beside
+ * pg_net").  So while paced a turn waits until the bucket is full again
+ * (QES_PACE_MS worth of tokens, its whole burst, or as many as fit the free
+ * slots) or the oldest answer has waited QES_PACE_MS; then it records the
+ * answers and claims what the tokens allow, in one transaction.  The rate
+ * stays what the bucket allows; a request of the backlog leaves at most
+ * QES_PACE_MS later, and an answer is recorded at most QES_PACE_MS after it
+ * came.  Paced means that the bucket cut the last claim short; a claim that
+ * finds fewer due rows than it could take ends it, and without a backlog
+ * the worker claims and records at once (a commit's request is on the wire
+ * within milliseconds).
+ */
+#define QES_PACE_MS 100
+static bool paced = false;
+static TimestampTz answered_at = 0; /* the oldest unrecorded answer came then (0: none waits) */
 
 static MemoryContext outbox_context = NULL;
 static MemoryContext turn_context = NULL;	/* one turn's claimed rows, reset per turn */
@@ -309,7 +338,8 @@ call_done(QesHttpTransfer *xfer)
 
 	call->done = true;
 	n_in_flight--;
-	n_answered++;
+	if (n_answered++ == 0)
+		answered_at = GetCurrentTimestamp();
 }
 
 /* a call and its curl handle: one kept for reuse, or a new one */
@@ -920,6 +950,49 @@ turn(int room, bool only_if_due, int *n_recorded)
 
 /* ---- the pump ------------------------------------------------------------- */
 
+/* requests a paced turn waits for: QES_PACE_MS worth, at most the free slots */
+static int
+pace_batch(int rate)
+{
+	return Max(1, Min(rate * QES_PACE_MS / 1000, qes_max_inflight - n_in_flight));
+}
+
+/*
+ * Milliseconds until a paced turn is due (0: it is now, or not paced).
+ * Answers that came in do not shorten it until QES_PACE_MS after the
+ * first.
+ */
+static long
+pace_wait_ms(void)
+{
+	int			rate = qes_max_requests_per_second;
+	TimestampTz now;
+	long		wait = QES_PACE_MS;
+	int			want;
+
+	if (!paced || rate <= 0)
+		return 0;
+	now = GetCurrentTimestamp();
+	if (n_answered > 0)
+	{
+		TimestampTz due = TimestampTzPlusMilliseconds(answered_at, QES_PACE_MS);
+
+		/* (the bucket is full again by then: the claim shares their turn) */
+		if (due <= now)
+			return 0;
+		wait = TimestampDifferenceMilliseconds(now, due);
+	}
+	if (n_in_flight < qes_max_inflight)
+	{
+		want = pace_batch(rate);
+		refill_tokens(rate);
+		if (tokens >= want)
+			return 0;
+		wait = Min(wait, (long) ceil((want - tokens) * 1000.0 / rate));
+	}
+	return Max(wait, 1);
+}
+
 /*
  * Has a commit queued a Stripe request since we last looked?  (The wake-up
  * trigger on billing.stripe_requests counts them, src/worker.c.)  Then one
@@ -961,12 +1034,22 @@ qes_outbox_pump(bool *progress)
 		return false;			/* idle: no transaction, no curl */
 	outbox_init();
 	forget_finished();
+	if (qes_max_requests_per_second <= 0)
+		paced = false;
+	else if (pace_wait_ms() > 0)
+		return true;			/* paced: the turn waits for a batch */
 	/*
 	 * Answers to record: claim in the same transaction (a retry scheduled
 	 * or a waiting request released may be due), not in a turn of its own.
 	 */
 	if ((claim_more || n_answered > 0) && n_in_flight < qes_max_inflight)
-		room = take_tokens(qes_max_inflight - n_in_flight);
+	{
+		int			want = qes_max_inflight - n_in_flight;
+
+		room = take_tokens(want);
+		/* the bucket, not the queue, cut the claim short */
+		paced = claim_more && room < want;
+	}
 	if (room > 0 || n_answered > 0)
 	{
 		int			recorded;
@@ -974,6 +1057,10 @@ qes_outbox_pump(bool *progress)
 
 		tokens += room - claimed;	/* unused tokens go back */
 		*progress = claimed > 0 || recorded > 0;
+		if (!claim_more)
+			paced = false;		/* the claim found the queue's end */
+		if (n_answered > 0)
+			answered_at = GetCurrentTimestamp();	/* (left unrecorded: tried again at once) */
 	}
 	return n_in_flight > 0 || claim_more || n_answered > 0;
 }
@@ -986,9 +1073,21 @@ qes_outbox_pump(bool *progress)
 long
 qes_outbox_busy_wait_ms(void)
 {
+	if (paced)
+		return pace_wait_ms();
 	if (n_in_flight > 0 || n_answered > 0 || !claim_more)
 		return 0;
 	return token_wait_ms();
+}
+
+/*
+ * How long the worker may wait on curl's sockets before the outbox wants a
+ * turn although no answer came (-1: until one comes): a paced turn's time.
+ */
+long
+qes_outbox_pace_wait_ms(void)
+{
+	return paced ? pace_wait_ms() : -1;
 }
 
 /*

@@ -592,6 +592,9 @@ run_pumps(long budget_ms, long *notify_due_ms)
 		left_ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
 		if (qes_http_in_flight() == 0 || left_ms <= 0 || MyLatch->is_set)
 			return busy;
+		/* (a paced outbox turn may be due before any answer comes) */
+		if (qes_outbox_pace_wait_ms() > 0)
+			left_ms = Min(left_ms, qes_outbox_pace_wait_ms());
 		qes_http_wait(left_ms);
 	}
 }

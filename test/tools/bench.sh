@@ -454,7 +454,47 @@ if [ "$with_pg_net" = 1 ]; then
     for (i = 1; i <= k; i++) { tv += a[i]; tc += b[i]; if (b[i] < lo) lo = b[i]; if (b[i] > hi) hi = b[i] }
     printf "pg_net_throughput rps=%d pg_net_cpu_us_per_request=%d (%d..%d) (pg_net %s at its defaults, %d requests queued in one transaction, %d rounds; beside outbox_cN, for comparison)\n",
            tv / k, tc / k, lo, hi, pv, n, k }'
+  pg_net_rps=$(awk -v v="$vs" 'BEGIN { k = split(v, a, " "); t = 0; for (i = 1; i <= k; i++) t += a[i]; print int(t / k) }')
+  pg_net_cpus=$cpus
   settings qes_billing.worker_paused=off
+fi
+# The worker at pg_net's rate: the same N requests, held to the rate pg_net
+# reached above by qes_billing.max_requests_per_second (200 without pg_net),
+# so that both send as many a second; the worker paces its turns to the
+# bucket (src/outbox.c, "Paced sending").  Its CPU per request beside
+# pg_net's, round for round.
+rate=${pg_net_rps:-200}
+settings qes_billing.max_requests_per_second="$rate" qes_billing.max_concurrent_requests=16
+vs=""; cpus=""
+for _ in $(seq 1 "$ROUNDS"); do
+  settings qes_billing.worker_paused=on
+  sleep 1
+  sql -c "TRUNCATE billing.stripe_requests" \
+      -c "SELECT count(billing.outbox_enqueue(NULL, 'bench.request', 'POST', '/v1/customers',
+                jsonb_build_object('name', 'Bench', 'metadata', jsonb_build_object('n', i)))) FROM generate_series(1, $N) i" \
+      -c "CHECKPOINT" >/dev/null
+  pid=$(worker_pid); cpu0=$(cpu_us "$pid")
+  settings qes_billing.worker_paused=off
+  until [ "$(sql -c "SELECT count(*) FROM billing.stripe_requests WHERE kind = 'bench.request' AND state <> 'succeeded'")" = 0 ]; do
+    sleep 0.05
+  done
+  cpu1=$(cpu_us "$pid")
+  vs="$vs $(sql -c "SELECT round($N / extract(epoch FROM max(updated_at) - min(claimed_at))) FROM billing.stripe_requests WHERE kind = 'bench.request'")"
+  cpus="$cpus $(( (cpu1 - cpu0) / N ))"
+done
+settings qes_billing.max_requests_per_second=0
+if [ -n "${pg_net_cpus:-}" ]; then
+  # (a cost: the ratio is pg_net's over the worker's, above 1 the worker spends less)
+  awk -v v="$cpus" -v c="$pg_net_cpus" -v r="$vs" -v rate="$rate" 'BEGIN { k = split(v, a, " "); split(c, b, " "); split(r, q, " ")
+    tv = 0; tc = 0; tr = 0; lo = 1e9; hi = 0
+    for (i = 1; i <= k; i++) { tv += a[i]; tc += b[i]; tr += q[i]; x = (a[i] > 0 ? b[i] / a[i] : 0); if (x < lo) lo = x; if (x > hi) hi = x }
+    printf "worker_cpu_at_pg_net_rate us_per_request=%d ceiling=pg_net ceiling_us_per_request=%d ratio=%.2f spread=%.2f..%.2f (%d rounds; the worker held to %d requests/s, sent %d/s; above 1: less CPU than pg_net)\n",
+           tv / k, tc / k, (tv > 0 ? tc / tv : 0), lo, hi, k, rate, tr / k }'
+else
+  awk -v v="$cpus" -v r="$vs" -v rate="$rate" 'BEGIN { k = split(v, a, " "); split(r, q, " "); tv = 0; tr = 0; lo = 1e9; hi = 0
+    for (i = 1; i <= k; i++) { tv += a[i]; tr += q[i]; if (a[i] < lo) lo = a[i]; if (a[i] > hi) hi = a[i] }
+    printf "worker_cpu_at_pg_net_rate us_per_request=%d (%d..%d) (%d rounds; held to %d requests/s, sent %d/s; pg_net not installed here: no ceiling)\n",
+           tv / k, lo, hi, k, rate, tr / k }'
 fi
 fi
 
