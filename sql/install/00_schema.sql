@@ -17,7 +17,7 @@ DO $roles$
 DECLARE
   r text;
 BEGIN
-  FOREACH r IN ARRAY ARRAY['qes_anon', 'qes_tenant', 'qes_admin', 'qes_app'] LOOP
+  FOREACH r IN ARRAY ARRAY['qes_anon', 'qes_tenant', 'qes_admin', 'qes_app', 'qes_monitor'] LOOP
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = r) THEN
       EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', r);
     END IF;

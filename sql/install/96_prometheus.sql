@@ -23,8 +23,9 @@
 --     rise that rate() and increase() see.
 --
 -- A view scans a table at most once; the queue gauges read the queues'
--- partial indexes.  Nothing here is granted beyond qes_admin: the exporter
--- logs in as a member of it (docs/operations.md, "Monitoring").
+-- partial indexes.  Operators (qes_admin) read them; the exporter logs in
+-- as a member of qes_monitor, which reads them and nothing else
+-- (99_security.sql; docs/operations.md, "Monitoring").
 
 -- Upper bounds (seconds) of the webhook latency histogram's buckets.
 CREATE FUNCTION billing.prometheus_latency_buckets() RETURNS double precision[]

@@ -3,6 +3,7 @@
 --   qes_tenant  a tenant's users; the JWT carries tenant_id
 --   qes_admin   operators
 --   qes_app     the QES platform itself (registers tenants, records usage)
+--   qes_monitor the Prometheus exporter: the metrics views, nothing else
 -- Nothing is granted to PUBLIC.
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA billing FROM PUBLIC;
@@ -121,6 +122,28 @@ GRANT SELECT ON billing.invoice_taxes TO qes_tenant, qes_admin;
 GRANT SELECT ON billing.prometheus_tax TO qes_admin;
 GRANT EXECUTE ON FUNCTION api.set_billing_details(text, text, text, text, text, text), api.billing_details()
   TO qes_tenant;
+
+-- The exporter's role (docs/operations.md, "Monitoring"): the metrics views
+-- and the functions they call, and nothing that acts or reads a tenant's
+-- rows.  (Not qes_admin: default_transaction_read_only is only a default,
+-- and an operator's role can force a retry, void usage or read payment
+-- secrets.)
+GRANT USAGE ON SCHEMA billing TO qes_monitor;
+GRANT SELECT ON billing.prometheus_webhook_events, billing.prometheus_webhook_inbox,
+                billing.prometheus_webhook_rejections, billing.prometheus_outbox,
+                billing.prometheus_outbox_failures, billing.prometheus_audit_counters,
+                billing.prometheus_worker, billing.prometheus_subscriptions, billing.prometheus_payments,
+                billing.prometheus_usage, billing.prometheus_usage_cache, billing.prometheus_rate_limit,
+                billing.prometheus_disputes, billing.prometheus_tax
+  TO qes_monitor;
+-- (a view's functions are called with the reader's rights; usage_current
+-- gives one tenant's usage counts, which prometheus_usage sums)
+GRANT EXECUTE ON FUNCTION billing.prometheus_latency_buckets(), billing.webhook_event_types(),
+                          billing.worker_state(), billing.rate_limit_stats(), billing.usage_cache_stats(),
+                          billing.webhook_rejections_pending(), billing.usage_current(text), billing.now(),
+                          billing.environment()
+  TO qes_monitor;
+GRANT SELECT ON billing.clock TO qes_monitor;   -- billing.now() reads it
 
 -- Shared memory outlives DROP EXTENSION: forget what an earlier
 -- incarnation cached, and let the worker find the new extension (and

@@ -46,7 +46,7 @@ TENANT_MARK = "zq7tenant"          # in every tenant id; must never reach /metri
 # The role the README tells operators to create.
 ROLE_SQL = f"""
 CREATE ROLE {EXPORTER_ROLE} LOGIN;
-GRANT pg_monitor, qes_admin TO {EXPORTER_ROLE};
+GRANT pg_monitor, qes_monitor TO {EXPORTER_ROLE};
 ALTER ROLE {EXPORTER_ROLE} SET default_transaction_read_only = on;
 ALTER ROLE {EXPORTER_ROLE} SET jit = off;
 ALTER ROLE {EXPORTER_ROLE} SET statement_timeout = '10s';
@@ -366,6 +366,27 @@ def test_refusal_reasons_match_the_c_list():
         sql = f.read()
     known = re.search(r"CREATE VIEW billing.prometheus_webhook_rejections AS.*?VALUES (.*?)\n\), written", sql, re.S)
     assert set(re.findall(r"\('([a-z_]+)'\)", known.group(1))) == in_c
+
+
+def test_exporter_role_reads_metrics_only(activity):
+    """The exporter's role (qes_monitor, docs/operations.md, "Monitoring")
+    reads the metrics views and can do nothing else: with its read-only
+    default turned off, it still can neither act (force a retry, reconcile)
+    nor read a tenant's rows or a payment's client secret."""
+    pg = activity
+    with pg.connect(user=EXPORTER_ROLE, autocommit=True) as conn:
+        c = conn.cursor()
+        c.execute("SET default_transaction_read_only = off")
+        c.execute("SELECT count(*) FROM billing.prometheus_worker")
+        assert c.fetchone()[0] == 1
+        for stmt in ("SELECT billing.retry_request(1, true)",
+                     "SELECT billing.reconcile_now()",
+                     "SELECT count(*) FROM billing.payments",
+                     "SELECT count(*) FROM billing.tenants",
+                     "SELECT count(*) FROM billing.stripe_requests"):
+            with pytest.raises(Exception) as e:
+                c.execute(stmt)
+            assert getattr(e.value, "sqlstate", None) == "42501", (stmt, e.value)
 
 
 def test_scrape_matches_sql(activity):
