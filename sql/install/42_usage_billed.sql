@@ -12,8 +12,9 @@ BEGIN
   -- most tenants are billed by usage for nothing: answer without the
   -- usage_current call (GET /usage asks for every tenant)
   IF NOT EXISTS (SELECT 1 FROM billing.subscriptions s
+                   LEFT JOIN billing.prices pr ON pr.stripe_price_id = s.stripe_price_id
                    JOIN billing.metered_prices mp ON mp.plan_id = s.plan_id AND mp.billing_interval = s.billing_interval
-                                                 AND mp.active
+                                                 AND mp.currency = coalesce(pr.currency, 'usd') AND mp.active
                   WHERE s.tenant_id = p_tenant AND s.stripe_subscription_id IS NOT NULL
                     AND s.status IN ('trialing', 'active', 'past_due')) THEN
     RETURN;
@@ -32,8 +33,12 @@ BEGIN
     FROM billing.usage_current(p_tenant) c
     JOIN billing.subscriptions s ON s.tenant_id = p_tenant AND s.stripe_subscription_id IS NOT NULL
                                 AND s.status IN ('trialing', 'active', 'past_due')
+    -- the metered price in the subscription's currency (that of its licensed
+    -- price; usd, the one subscriptions are made in, when it is not known
+    -- here), as the meter pass picks it (billing.meter_unsent, 94_meters.sql)
+    LEFT JOIN billing.prices pr ON pr.stripe_price_id = s.stripe_price_id
     JOIN billing.metered_prices mp ON mp.plan_id = s.plan_id AND mp.billing_interval = s.billing_interval
-                                  AND mp.metric = c.metric AND mp.active
+                                  AND mp.metric = c.metric AND mp.currency = coalesce(pr.currency, 'usd') AND mp.active
    ORDER BY c.metric;
 END
 $$;

@@ -94,16 +94,21 @@ $$;
 
 -- ---- subscriptions' metered items ----------------------------------------------------
 
--- The metered items a new subscription of this plan and interval gets.
+-- The metered items a new subscription of this plan and interval gets: the
+-- metered prices in the currency of its licensed price, which is usd
+-- (billing.check_plan_interval, 92_subscriptions.sql): a subscription's
+-- prices all share one currency, and one active metered price per metric
+-- is kept per currency.
 CREATE FUNCTION billing.metered_items_for(p_plan text, p_interval text) RETURNS jsonb
   LANGUAGE sql STABLE SET search_path = pg_catalog, billing
 AS $$
   SELECT coalesce(jsonb_agg(jsonb_build_object('price', mp.stripe_price_id) ORDER BY mp.price_key), '[]')
     FROM billing.metered_prices mp
    WHERE mp.plan_id = p_plan AND mp.billing_interval = p_interval AND mp.active AND mp.stripe_price_id IS NOT NULL
+     AND mp.currency = 'usd'
 $$;
 COMMENT ON FUNCTION billing.metered_items_for(text, text) IS
-  'The subscription items (metered prices) a subscription of the plan and interval carries: [{"price": ...}].';
+  'The subscription items (metered prices) a subscription of the plan and interval carries, in the currency of its licensed price (usd): [{"price": ...}].';
 
 -- What a plan change does to the metered items: the current ones deleted,
 -- the new plan's added (none when neither has any).
@@ -131,41 +136,53 @@ RETURN coalesce((SELECT jsonb_agg(jsonb_build_object('id', i ->> 'id', 'price', 
 
 -- ---- the pass -----------------------------------------------------------------------
 
--- Stripe's dedup identifier of a meter event: derived from the usage rows
--- it carries (tenant, metric and their idempotency keys, as record_usage
--- stored them), so the same rows always give the same identifier.
-CREATE FUNCTION billing.meter_identifier(p_tenant text, p_metric text, p_keys text[]) RETURNS text
+-- Stripe's dedup identifier of a meter event: the event's own (its tenant,
+-- metric and id, and the idempotency keys of the usage rows it carries),
+-- computed once when the event is made and stored, so every attempt, a
+-- stale reclaim and a re-send by reconciliation carry the same one, and no
+-- two events ever share one -- not even an event that carries again the
+-- same keys after another was cancelled, or a key voided and recorded anew
+-- (docs/architecture.md, "Usage billed through meters").  Every part is
+-- length-prefixed, so no key (whatever characters it holds) can be read as
+-- two, nor two as one.
+CREATE FUNCTION billing.meter_identifier(p_tenant text, p_metric text, p_meter_event_id bigint, p_keys text[])
+  RETURNS text
   LANGUAGE sql IMMUTABLE
-RETURN 'qes_' || encode(sha256(convert_to(p_tenant || chr(1) || p_metric || chr(1)
-                                         || array_to_string(p_keys, chr(1)), 'UTF8')), 'hex');
+RETURN 'qes_' || encode(sha256(convert_to(
+         'qes_meter_event:2:' || length(p_tenant) || ':' || p_tenant || length(p_metric) || ':' || p_metric
+         || length(p_meter_event_id::text) || ':' || p_meter_event_id::text
+         || coalesce(cardinality(p_keys), 0) || ':'
+         || coalesce((SELECT string_agg(length(k) || ':' || k, '' ORDER BY n)
+                        FROM unnest(p_keys) WITH ORDINALITY x(k, n)), ''),
+         'UTF8')), 'hex');
+COMMENT ON FUNCTION billing.meter_identifier(text, text, bigint, text[]) IS
+  'Stripe''s identifier of one meter event: a hash of its tenant, metric, meter_event_id and usage rows'' idempotency keys, each part length-prefixed (unambiguous whatever the keys hold). Unique per event; stored with it, so every retry carries the same.';
 
--- Queue the billable usage no meter event carries yet: one meter event per
--- tenant and metric (none while one is under way for them: Stripe takes one
--- concurrent call per customer and meter), at most p_limit.  Returns how
--- many were queued.
-CREATE FUNCTION billing.meter_queue(p_limit integer, p_wait boolean DEFAULT true) RETURNS integer
-  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+-- The billable usage rows no meter event carries yet, grouped as the next
+-- meter events would carry them: one per tenant and metric (none while one
+-- is under way for them: Stripe takes one concurrent call per customer and
+-- meter), of the oldest period with unsent rows; all tenants, or one.
+-- The metered price is the one in the subscription's currency: that of its
+-- licensed price (billing.prices, by Stripe price id), else usd, the only
+-- currency a subscription is created in (check_plan_interval,
+-- 92_subscriptions.sql) -- metered_prices keeps one active price per
+-- currency, and any other would count the same usage twice.
+CREATE FUNCTION billing.meter_unsent(p_now timestamptz, p_tenant text DEFAULT NULL)
+  RETURNS TABLE (tenant_id text, metric text, event_name text, stripe_customer_id text, period_start timestamptz,
+                 value bigint, event_at timestamptz, keys text[], first_recorded timestamptz)
+  LANGUAGE sql STABLE SET search_path = pg_catalog, billing
 AS $$
-DECLARE
-  v_now timestamptz := billing.now();
-  v_ev  text[];
-  x     text;
-BEGIN
-  -- one pass at a time: a second one waits (or, the worker's, skips) and
-  -- then, in a statement of its own, sees what the first committed
-  IF p_wait THEN
-    PERFORM pg_advisory_xact_lock(hashtext('qes_billing.meter_queue'));
-  ELSIF NOT pg_try_advisory_xact_lock(hashtext('qes_billing.meter_queue')) THEN
-    RETURN 0;
-  END IF;
   WITH live AS (
     SELECT s.tenant_id, s.current_period_start, s.billing_interval, t.stripe_customer_id, mp.metric, m.event_name,
            m.aggregation
-      FROM billing.metered_prices mp
+      FROM billing.subscriptions s
+      LEFT JOIN billing.prices pr ON pr.stripe_price_id = s.stripe_price_id
+      JOIN billing.metered_prices mp ON mp.plan_id = s.plan_id AND mp.billing_interval = s.billing_interval
+                                    AND mp.currency = coalesce(pr.currency, 'usd')
       JOIN billing.meters m ON m.metric = mp.metric AND m.stripe_meter_id IS NOT NULL
-      JOIN billing.subscriptions s ON s.plan_id = mp.plan_id AND s.billing_interval = mp.billing_interval
       JOIN billing.tenants t ON t.tenant_id = s.tenant_id
      WHERE mp.active AND mp.stripe_price_id IS NOT NULL
+       AND (p_tenant IS NULL OR s.tenant_id = p_tenant)
        AND s.stripe_subscription_id IS NOT NULL AND s.status IN ('trialing', 'active', 'past_due')
        AND s.current_period_start IS NOT NULL AND t.stripe_customer_id IS NOT NULL
        AND NOT billing.tenant_fenced(s.tenant_id)   -- its partition is moving (src/fence.c)
@@ -182,7 +199,7 @@ BEGIN
       JOIN billing.usage_events u ON u.tenant_id = l.tenant_id AND u.metric = l.metric
                                  AND u.period_start >= l.current_period_start
                                       - CASE l.billing_interval WHEN 'year' THEN interval '1 year' ELSE interval '1 month' END
-     WHERE u.occurred_at > v_now - interval '34 days'
+     WHERE u.occurred_at > p_now - interval '34 days'
        AND NOT EXISTS (SELECT 1 FROM billing.meter_event_usage x
                         WHERE x.tenant_id = u.tenant_id AND x.idempotency_key = u.idempotency_key)),
   -- one period per tenant and metric and pass (the oldest): one call per
@@ -190,31 +207,49 @@ BEGIN
   oldest AS (
     SELECT f.* FROM fresh f
      WHERE f.period_start = (SELECT min(g.period_start) FROM fresh g
-                              WHERE g.tenant_id = f.tenant_id AND g.metric = f.metric)),
-  grouped AS (
-    SELECT f.tenant_id, f.metric, f.event_name, f.stripe_customer_id, f.period_start AS current_period_start,
-           CASE WHEN f.aggregation = 'sum' THEN least(sum(f.quantity), 9223372036854775807)::bigint
-                ELSE (array_agg(f.quantity ORDER BY f.occurred_at DESC, f.recorded_at DESC, f.idempotency_key))[1] END
-             AS value,
-           -- in the rows' period; Stripe takes timestamps of the last 35
-           -- days, at most 5 minutes ahead
-           least(greatest(max(f.occurred_at), v_now - interval '34 days', f.period_start), v_now) AS event_at,
-           array_agg(f.idempotency_key ORDER BY f.idempotency_key) AS keys
-      FROM oldest f
-     GROUP BY f.tenant_id, f.metric, f.event_name, f.stripe_customer_id, f.period_start, f.aggregation
-     ORDER BY min(f.recorded_at)
-     LIMIT p_limit),
+                              WHERE g.tenant_id = f.tenant_id AND g.metric = f.metric))
+  SELECT f.tenant_id, f.metric, f.event_name, f.stripe_customer_id, f.period_start,
+         CASE WHEN f.aggregation = 'sum' THEN least(sum(f.quantity), 9223372036854775807)::bigint
+              ELSE (array_agg(f.quantity ORDER BY f.occurred_at DESC, f.recorded_at DESC, f.idempotency_key))[1] END,
+         -- in the rows' period; Stripe takes timestamps of the last 35
+         -- days, at most 5 minutes ahead
+         least(greatest(max(f.occurred_at), p_now - interval '34 days', f.period_start), p_now),
+         array_agg(f.idempotency_key ORDER BY f.idempotency_key),
+         min(f.recorded_at)
+    FROM oldest f
+   GROUP BY f.tenant_id, f.metric, f.event_name, f.stripe_customer_id, f.period_start, f.aggregation
+$$;
+COMMENT ON FUNCTION billing.meter_unsent(timestamptz, text) IS
+  'The billable usage rows no meter event carries yet, as the next meter events would carry them (one per tenant and metric, the oldest period first; none while one is under way), in the metered price of the subscription''s currency; every tenant''s, or one''s.';
+
+-- Make and queue the next meter events (of every tenant, or of one), at
+-- most p_limit: the events, the rows each carries, their requests.
+-- Returns how many.
+CREATE FUNCTION billing.meter_queue_some(p_now timestamptz, p_limit integer, p_tenant text DEFAULT NULL)
+  RETURNS integer
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_seq regclass := pg_get_serial_sequence('billing.meter_events', 'meter_event_id')::regclass;
+  v_ev  text[];
+  x     text;
+BEGIN
+  -- the event's id is drawn first: its identifier is made from it
+  WITH grouped AS (
+    SELECT g.*, nextval(v_seq) AS new_id
+      FROM (SELECT u.* FROM billing.meter_unsent(p_now, p_tenant) u ORDER BY u.first_recorded LIMIT p_limit) g),
   ev AS (
-    INSERT INTO billing.meter_events (tenant_id, identifier, metric, event_name, stripe_customer_id, value,
-                                      event_at, period_start, usage_rows)
-    SELECT g.tenant_id, billing.meter_identifier(g.tenant_id, g.metric, g.keys), g.metric, g.event_name,
-           g.stripe_customer_id, g.value, g.event_at, g.current_period_start, cardinality(g.keys)
+    INSERT INTO billing.meter_events (tenant_id, meter_event_id, identifier, metric, event_name, stripe_customer_id,
+                                      value, event_at, period_start, usage_rows)
+    OVERRIDING SYSTEM VALUE
+    SELECT g.tenant_id, g.new_id, billing.meter_identifier(g.tenant_id, g.metric, g.new_id, g.keys), g.metric,
+           g.event_name, g.stripe_customer_id, g.value, g.event_at, g.period_start, cardinality(g.keys)
       FROM grouped g
-    RETURNING tenant_id, meter_event_id, metric),
+    RETURNING meter_events.tenant_id, meter_events.meter_event_id),
   used AS (
     INSERT INTO billing.meter_event_usage (tenant_id, idempotency_key, meter_event_id)
     SELECT e.tenant_id, k, e.meter_event_id
-      FROM ev e JOIN grouped g ON g.tenant_id = e.tenant_id AND g.metric = e.metric, unnest(g.keys) k)
+      FROM ev e JOIN grouped g ON g.tenant_id = e.tenant_id AND g.new_id = e.meter_event_id, unnest(g.keys) k)
   SELECT array_agg(e.meter_event_id::text || ' ' || e.tenant_id) INTO v_ev FROM ev e;
   -- the requests, in a statement of their own (they read the rows just made)
   FOREACH x IN ARRAY coalesce(v_ev, '{}') LOOP
@@ -223,8 +258,79 @@ BEGIN
   RETURN coalesce(cardinality(v_ev), 0);
 END
 $$;
+COMMENT ON FUNCTION billing.meter_queue_some(timestamptz, integer, text) IS
+  'Part of the meter pass: make and queue the next meter events of every tenant (p_tenant NULL) or of one, at most p_limit. Returns how many.';
+
+-- A tenant whose meter events could not be made: the pass goes on without
+-- it.  Logged each time; audited (naming the tenant and the error) unless
+-- the tenant's newest audit row already says so within the hour.
+CREATE FUNCTION billing.meter_skipped(p_tenant text, p_sqlstate text, p_error text) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  a billing.audit_log;
+BEGIN
+  RAISE WARNING 'qes_billing: the meter pass skipped tenant "%": % (SQLSTATE %)', p_tenant, p_error, p_sqlstate
+    USING HINT = 'The tenant''s usage is not sent to Stripe until this is fixed; the other tenants'' is. '
+                 'See its rows in billing.usage_events and billing.meter_events, then run billing.meter_pass_now().';
+  SELECT * INTO a FROM billing.audit_log l WHERE l.tenant_id = p_tenant ORDER BY l.audit_id DESC LIMIT 1;
+  IF a.action = 'meter.pass_skipped' AND a.details ->> 'sqlstate' = p_sqlstate AND a.details ->> 'error' = p_error
+     AND a.occurred_at > clock_timestamp() - interval '1 hour' THEN
+    RETURN;
+  END IF;
+  PERFORM billing.audit('meter.pass_skipped', p_tenant,
+                        jsonb_build_object('sqlstate', p_sqlstate, 'error', p_error,
+                                           'to_do', 'the tenant''s usage is not sent to Stripe until the error is fixed'));
+END
+$$;
+COMMENT ON FUNCTION billing.meter_skipped(text, text, text) IS
+  'Part of the meter pass: a tenant whose meter events failed to be made is skipped; logged (WARNING) and audited as meter.pass_skipped (at most hourly for the same error).';
+
+-- Queue the billable usage no meter event carries yet: one meter event per
+-- tenant and metric, at most p_limit.  One pass at a time.  All tenants in
+-- one statement; if that fails, each tenant on its own (a subtransaction
+-- each), so that one tenant's failure skips only that tenant -- reported
+-- by billing.meter_skipped -- and never holds up the others' billing.
+-- Returns how many were queued.
+CREATE FUNCTION billing.meter_queue(p_limit integer, p_wait boolean DEFAULT true) RETURNS integer
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_now    timestamptz := billing.now();
+  v_tenant text;
+  v_state  text;
+  v_msg    text;
+  n        integer := 0;
+BEGIN
+  -- one pass at a time: a second one waits (or, the worker's, skips) and
+  -- then, in a statement of its own, sees what the first committed
+  IF p_wait THEN
+    PERFORM pg_advisory_xact_lock(hashtext('qes_billing.meter_queue'));
+  ELSIF NOT pg_try_advisory_xact_lock(hashtext('qes_billing.meter_queue')) THEN
+    RETURN 0;
+  END IF;
+  BEGIN
+    n := billing.meter_queue_some(v_now, p_limit);
+  EXCEPTION WHEN OTHERS THEN
+    -- (one subtransaction per tenant only now: many of them in one
+    -- transaction cost every backend's snapshots while it runs)
+    n := 0;
+    FOR v_tenant IN SELECT u.tenant_id FROM billing.meter_unsent(v_now) u
+                     GROUP BY u.tenant_id ORDER BY min(u.first_recorded), u.tenant_id LOOP
+      EXIT WHEN n >= p_limit;
+      BEGIN
+        n := n + billing.meter_queue_some(v_now, p_limit - n, v_tenant);
+      EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
+        PERFORM billing.meter_skipped(v_tenant, v_state, v_msg);
+      END;
+    END LOOP;
+  END;
+  RETURN n;
+END
+$$;
 COMMENT ON FUNCTION billing.meter_queue(integer, boolean) IS
-  'Gather the committed billable usage rows no meter event carries yet into one meter event per tenant and metric (none while one is under way) and queue them; at most p_limit. One pass at a time (p_wait false: skip when another runs). Returns how many.';
+  'Gather the committed billable usage rows no meter event carries yet into one meter event per tenant and metric (none while one is under way) and queue them; at most p_limit. A tenant whose events fail is skipped (WARNING, audited as meter.pass_skipped), the others go on. One pass at a time (p_wait false: skip when another runs). Returns how many.';
 
 -- Queue the request that sends one meter event.  The Idempotency-Key and
 -- the identifier are the event's own: a retry of the request (lost answer,
@@ -242,7 +348,8 @@ BEGIN
   INSERT INTO billing.stripe_requests (tenant_id, kind, method, path, params, subject, idempotency_key)
   VALUES (e.tenant_id, 'meter.event', 'POST', '/v1/billing/meter_events',
           jsonb_build_object('event_name', e.event_name, 'identifier', e.identifier,
-                             'timestamp', extract(epoch FROM e.event_at)::bigint,
+                             -- whole seconds, rounded down: usage of a period's last second stays in it
+                             'timestamp', floor(extract(epoch FROM e.event_at))::bigint,
                              'payload', jsonb_build_object('stripe_customer_id', e.stripe_customer_id,
                                                            'value', e.value::text)),
           jsonb_build_object('meter_event_id', e.meter_event_id),
@@ -392,6 +499,8 @@ COMMENT ON FUNCTION billing.meter_apply(billing.stripe_requests) IS
 CREATE FUNCTION billing.meter_apply_failure(r billing.stripe_requests) RETURNS void
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
+DECLARE
+  e billing.meter_events;
 BEGIN
   CASE r.kind
   WHEN 'meter.event' THEN
@@ -404,6 +513,30 @@ BEGIN
        WHERE request_id = r.request_id AND state = 'queued';
     END IF;
   WHEN 'meter.cancel' THEN
+    IF r.subject ->> 'was' = 'failed' THEN
+      SELECT * INTO e FROM billing.meter_events WHERE cancel_request_id = r.request_id AND state = 'cancel_queued'
+         FOR UPDATE;
+      IF NOT FOUND THEN
+        NULL;
+      ELSIF r.error ->> 'category' = 'not_found' OR r.error ->> 'code' = 'resource_missing'
+            OR r.error ->> 'message' ILIKE '%no meter event%' THEN
+        -- Stripe never had the failed event: nothing to cancel there
+        PERFORM billing.meter_cancel_here(e, 'a row was voided; Stripe never had the event');
+      ELSE
+        -- Stripe may have it (a failed send of unknown outcome): failed as
+        -- before (last_error stays the send's), never sent again:
+        -- reconciliation re-sends no event a voided row was part of
+        UPDATE billing.meter_events SET state = 'failed'
+         WHERE tenant_id = e.tenant_id AND meter_event_id = e.meter_event_id;
+        PERFORM billing.audit('meter.cancel_failed', r.tenant_id,
+                              jsonb_build_object('meter_event_id', e.meter_event_id, 'identifier', e.identifier,
+                                                 'error', r.error ->> 'message',
+                                                 'to_do', 'look the identifier up in Stripe: if Stripe has the event, '
+                                                          'credit the voided usage by hand; if not, its other rows '
+                                                          'were never billed'));
+      END IF;
+      RETURN;
+    END IF;
     -- not cancelled (e.g. past Stripe's window): it stays billed
     UPDATE billing.meter_events SET state = 'delivered', last_error = r.error
      WHERE cancel_request_id = r.request_id AND state = 'cancel_queued';
@@ -492,6 +625,7 @@ DECLARE
   v_stripe numeric;
   v_local  numeric;
   v_failed numeric;
+  v_short  bigint;
   v_repair text := 'none';
   e        billing.meter_events;
 BEGIN
@@ -510,7 +644,15 @@ BEGIN
       -- identifier makes a second copy impossible within Stripe's window)
       SELECT coalesce(sum(x.value), 0) INTO v_failed FROM billing.meter_events x
        WHERE x.tenant_id = r.tenant_id AND x.metric = v_metric AND x.period_start = v_period AND x.state = 'failed';
-      IF v_agg = 'sum' AND v_failed > 0 AND v_local - coalesce(v_stripe, 0) = v_failed THEN
+      -- an event whose rows are not all there (one was voided) is never
+      -- sent again: its value would bill the voided units
+      SELECT count(*) INTO v_short FROM billing.meter_events x
+       WHERE x.tenant_id = r.tenant_id AND x.metric = v_metric AND x.period_start = v_period AND x.state = 'failed'
+         AND x.usage_rows <> (SELECT count(*) FROM billing.meter_event_usage y
+                                JOIN billing.usage_events u ON u.tenant_id = y.tenant_id
+                                                           AND u.idempotency_key = y.idempotency_key
+                               WHERE y.tenant_id = x.tenant_id AND y.meter_event_id = x.meter_event_id);
+      IF v_agg = 'sum' AND v_failed > 0 AND v_short = 0 AND v_local - coalesce(v_stripe, 0) = v_failed THEN
         FOR e IN SELECT * FROM billing.meter_events x
                   WHERE x.tenant_id = r.tenant_id AND x.metric = v_metric AND x.period_start = v_period
                     AND x.state = 'failed' LOOP
@@ -583,17 +725,27 @@ BEGIN
       USING ERRCODE = 'object_in_use', HINT = 'Try again in a minute, when Stripe has answered.';
   ELSIF e.state IN ('cancel_queued', 'cancelled') THEN
     v_done := 'voided; its meter event is cancelled already';
-  ELSIF e.state = 'delivered' AND e.delivered_at > now() - interval '23 hours' THEN
+  ELSIF e.state = 'failed' AND e.last_error ->> 'category' IN ('invalid_request', 'card', 'authentication',
+                                                                  'permission', 'not_found')
+        AND e.last_error ->> 'type' IS DISTINCT FROM 'idempotency_error' THEN
+    -- Stripe refused the event: it bills none of it.  Cancelled here, so
+    -- that neither reconciliation nor anything else ever sends its value
+    -- (which counts the voided row) again; its other rows go out in a new
+    -- event, under a new identifier, at the next pass
+    PERFORM billing.meter_cancel_here(e, 'a row was voided after Stripe refused the event');
+    v_done := format('voided; meter event %s had been refused by Stripe and is cancelled, its other %s row(s) '
+                     'will be sent again', e.meter_event_id, e.usage_rows - 1);
+  ELSIF (e.state = 'delivered' AND e.delivered_at > now() - interval '23 hours') OR e.state = 'failed' THEN
+    -- delivered within Stripe's window, or failed with an outcome unknown
+    -- (Stripe may have it): cancelled in Stripe by its identifier
     v_req := billing.outbox_enqueue(p_tenant, 'meter.cancel', 'POST', '/v1/billing/meter_event_adjustments',
                jsonb_build_object('event_name', e.event_name, 'type', 'cancel',
                                   'cancel', jsonb_build_object('identifier', e.identifier)),
-               jsonb_build_object('meter_event_id', e.meter_event_id));
+               jsonb_build_object('meter_event_id', e.meter_event_id, 'was', e.state));
     UPDATE billing.meter_events SET state = 'cancel_queued', cancel_request_id = v_req
      WHERE tenant_id = e.tenant_id AND meter_event_id = e.meter_event_id;
     v_done := format('voided; meter event %s is being cancelled in Stripe, its other %s row(s) will be sent again',
                      e.meter_event_id, e.usage_rows - 1);
-  ELSIF e.state = 'failed' THEN
-    v_done := format('voided; its meter event %s had failed (not billed unless reconciliation finds it)', e.meter_event_id);
   ELSE
     v_done := format('voided locally; meter event %s was delivered more than 23 hours ago and stays billed: '
                      'credit the tenant by hand (a credit note on the invoice)', e.meter_event_id);
@@ -618,17 +770,31 @@ AS $$
 DECLARE
   e billing.meter_events;
 BEGIN
-  UPDATE billing.meter_events SET state = 'cancelled'
-   WHERE cancel_request_id = r.request_id AND state = 'cancel_queued'
-  RETURNING * INTO e;
+  SELECT * INTO e FROM billing.meter_events WHERE cancel_request_id = r.request_id AND state = 'cancel_queued'
+     FOR UPDATE;
   IF FOUND THEN
-    DELETE FROM billing.meter_event_usage WHERE tenant_id = e.tenant_id AND meter_event_id = e.meter_event_id;
-    PERFORM billing.audit('meter.cancelled', e.tenant_id,
-                          jsonb_build_object('meter_event_id', e.meter_event_id, 'identifier', e.identifier,
-                                             'value', e.value));
+    PERFORM billing.meter_cancel_here(e, 'cancelled in Stripe');
   END IF;
 END
 $$;
+
+-- A meter event that no longer counts: cancelled, and the rows it carried
+-- that were not voided become unsent (the next pass sends them in a new
+-- event, under a new identifier).  Audited.
+CREATE FUNCTION billing.meter_cancel_here(e billing.meter_events, p_why text) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  UPDATE billing.meter_events SET state = 'cancelled'
+   WHERE tenant_id = e.tenant_id AND meter_event_id = e.meter_event_id;
+  DELETE FROM billing.meter_event_usage WHERE tenant_id = e.tenant_id AND meter_event_id = e.meter_event_id;
+  PERFORM billing.audit('meter.cancelled', e.tenant_id,
+                        jsonb_build_object('meter_event_id', e.meter_event_id, 'identifier', e.identifier,
+                                           'value', e.value, 'was', e.state, 'why', p_why));
+END
+$$;
+COMMENT ON FUNCTION billing.meter_cancel_here(billing.meter_events, text) IS
+  'A meter event no longer counts (cancelled in Stripe, or refused by it and a row voided): cancelled, its rows not voided unsent again (the next pass sends them under a new identifier). Audited as meter.cancelled.';
 
 -- ---- what Stripe billed: the invoices' lines -------------------------------------------
 

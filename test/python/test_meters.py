@@ -550,3 +550,214 @@ def test_usage_of_the_previous_period_after_the_renewal(billed, fake):
     finally:
         pg.set_clock(AT)
         fake.set_clock(AT)
+
+
+# ---- money bugs found by review: each test was seen red with its fault planted ----------------
+
+def hold_passes(pg):
+    """No worker pass between a test's steps (the chaos test makes them run
+    every second): only the test's own billing.meter_pass_now()."""
+    pg.sql("UPDATE billing.meter_state SET pass_interval = '1 hour', next_pass_at = now() + interval '1 hour'")
+
+
+def test_a_key_recorded_again_after_a_void_goes_out_in_a_new_event(billed, fake):
+    """k4 and k5 went out in one event; k4 is voided (the event cancelled in
+    Stripe, k5 unsent again) and the application records k4 again under the
+    same key: the next event carries the same keys as the cancelled one and
+    still gets an identifier of its own (no unique violation, which stopped
+    every tenant's pass, and no refusal by Stripe as a repeat, which would
+    have been taken for delivered: 11 units lost)."""
+    pg = billed
+    hold_passes(pg)
+    subscribe(pg, fake, "ent_k", "enterprise")
+    subscribe(pg, fake, "ent_k2", "enterprise")
+    pg.sql("SELECT billing.record_usage('ent_k', 'signatures', 2, 'k4')")
+    pg.sql("SELECT billing.record_usage('ent_k', 'signatures', 9, 'k5')")
+    pass_and_drain(pg)
+    assert stripe_value(pg, fake, "ent_k", "signatures") == 11
+    assert "being cancelled" in pg.sql("SELECT billing.void_usage('ent_k', 'k4', 'recorded twice by the app')")[0][0]
+    drain(pg)
+    assert stripe_value(pg, fake, "ent_k", "signatures") == 0
+    pg.sql("SELECT billing.record_usage('ent_k', 'signatures', 2, 'k4')")
+    pg.sql("SELECT billing.record_usage('ent_k2', 'signatures', 6, 'o1')")      # another tenant, same pass
+    pass_and_drain(pg)
+    assert stripe_value(pg, fake, "ent_k", "signatures") == 11 == local_value(pg, "ent_k", "signatures")
+    assert stripe_value(pg, fake, "ent_k2", "signatures") == 6
+    rows = pg.sql("SELECT state, value, usage_rows, identifier FROM billing.meter_events WHERE tenant_id = 'ent_k' "
+                  "ORDER BY meter_event_id")
+    assert [r[:3] for r in rows] == [("cancelled", 11, 2), ("delivered", 11, 2)] and rows[0][3] != rows[1][3], rows
+
+
+def test_meter_identifiers_are_unambiguous_and_per_event(billed):
+    pg = billed
+
+    def ident(tenant, metric, event_id, keys):
+        return pg.sql("SELECT billing.meter_identifier(%s, %s, %s, %s)", (tenant, metric, event_id, keys))[0][0]
+
+    same = ident("t1", "signatures", 7, ["a", "b"])
+    assert same == ident("t1", "signatures", 7, ["a", "b"])          # stable: every retry carries it
+    assert len(same) <= 100 and same.startswith("qes_")
+    # keys may hold any character: no two lists of keys read alike
+    assert ident("t1", "signatures", 7, ["a\x01b"]) != ident("t1", "signatures", 7, ["a", "b"])
+    assert ident("t1", "signatures", 7, ["a\x01", "b"]) != ident("t1", "signatures", 7, ["a", "\x01b"])
+    assert ident("t1\x01signatures", "signatures", 7, []) != ident("t1", "signatures\x01signatures", 7, [])
+    # the same rows in another event: another identifier
+    assert ident("t1", "signatures", 8, ["a", "b"]) != same
+
+
+def test_one_tenants_failure_skips_only_that_tenant(billed, fake):
+    """Whatever makes one tenant's meter event fail (here a trigger planted
+    by the test), the pass sends the other tenants' usage, warns and audits
+    the tenant it skipped (once, not at every pass), and sends the skipped
+    tenant's usage once the cause is gone."""
+    pg = billed
+    hold_passes(pg)
+    subscribe(pg, fake, "ent_bad", "enterprise")
+    subscribe(pg, fake, "ent_good", "enterprise")
+    pg.sql("SELECT billing.record_usage('ent_bad', 'signatures', 3, 'b1')")
+    pg.sql("SELECT billing.record_usage('ent_good', 'signatures', 4, 'g1')")
+    pg.sql("""CREATE FUNCTION public.test_meter_boom() RETURNS trigger LANGUAGE plpgsql AS $$
+              BEGIN
+                IF NEW.tenant_id = 'ent_bad' THEN
+                  RAISE EXCEPTION 'planted failure' USING ERRCODE = 'data_exception';
+                END IF;
+                RETURN NEW;
+              END $$""")
+    pg.sql("CREATE TRIGGER test_meter_boom BEFORE INSERT ON billing.meter_events "
+           "FOR EACH ROW EXECUTE FUNCTION public.test_meter_boom()")
+    try:
+        warnings = []
+        for _ in range(2):
+            with pg.connect(autocommit=True) as c:
+                c.add_notice_handler(lambda d: warnings.append(d.message_primary))
+                c.execute("SELECT billing.meter_pass_now()")
+        drain(pg)
+        assert stripe_value(pg, fake, "ent_good", "signatures") == 4
+        assert stripe_value(pg, fake, "ent_bad", "signatures") == 0
+        assert pg.sql("SELECT count(*) FROM billing.meter_events WHERE tenant_id = 'ent_bad'") == [(0,)]
+        assert len(warnings) == 2 and all('skipped tenant "ent_bad"' in w and "planted failure" in w
+                                          for w in warnings), warnings
+        assert pg.sql("SELECT details ->> 'sqlstate', details ->> 'error' FROM billing.audit_log "
+                      "WHERE action = 'meter.pass_skipped' AND tenant_id = 'ent_bad'") == \
+            [("22000", "planted failure")]
+    finally:
+        pg.sql("DROP TRIGGER test_meter_boom ON billing.meter_events")
+        pg.sql("DROP FUNCTION public.test_meter_boom()")
+    pass_and_drain(pg)
+    assert stripe_value(pg, fake, "ent_bad", "signatures") == 3 == local_value(pg, "ent_bad", "signatures")
+
+
+def test_metered_prices_in_another_currency_are_not_counted(billed, fake):
+    """An active eur metered price beside the usd one (one active per
+    currency): a subscription's usage is billed once, at the price of its
+    own currency (its licensed price's; usd when unknown)."""
+    pg = billed
+    hold_passes(pg)
+    pg.sql("""INSERT INTO billing.metered_prices (price_key, plan_id, metric, billing_interval, included,
+                                                  unit_amount_decimal, currency, stripe_price_id)
+              VALUES ('professional_signatures_eur_monthly', 'professional', 'signatures', 'month', 50, 40, 'eur',
+                      'price_testSignaturesEur')""")
+    pg.sql("""INSERT INTO billing.prices (price_key, plan_id, billing_interval, unit_amount, currency, stripe_price_id)
+              VALUES ('professional_eur_monthly', 'professional', 'month', 2700, 'eur', 'price_testProfessionalEur')""")
+    try:
+        subscribe(pg, fake, "pro_usd", "professional")
+        subscribe(pg, fake, "pro_eur", "professional")
+        pg.sql("UPDATE billing.subscriptions SET stripe_price_id = 'price_testProfessionalEur' "
+               "WHERE tenant_id = 'pro_eur'")
+        for t in ("pro_usd", "pro_eur"):
+            pg.sql("SELECT billing.record_usage(%s, 'signatures', 130, 'c1')", (t,))
+        pass_and_drain(pg)
+        for t in ("pro_usd", "pro_eur"):
+            assert stripe_value(pg, fake, t, "signatures") == 130 == local_value(pg, t, "signatures")
+        assert pg.sql("SELECT tenant_id, value, state FROM billing.meter_events "
+                      "WHERE tenant_id IN ('pro_usd', 'pro_eur') ORDER BY 1") == \
+            [("pro_eur", 130, "delivered"), ("pro_usd", 130, "delivered")]
+        # what the tenant sees: one row, at its own currency's price
+        assert pg.sql("SELECT used, included, billable, amount, currency FROM billing.usage_billable('pro_usd') "
+                      "WHERE metric = 'signatures'") == [(130, 100, 30, 1500, "usd")]
+        assert pg.sql("SELECT used, included, billable, amount, currency FROM billing.usage_billable('pro_eur') "
+                      "WHERE metric = 'signatures'") == [(130, 50, 80, 3200, "eur")]
+        # a new subscription carries the metered prices of its licensed price's currency only
+        assert pg.sql("SELECT billing.metered_items_for('professional', 'month')")[0][0] == [
+            {"price": p} for (p,) in pg.sql("SELECT stripe_price_id FROM billing.metered_prices WHERE plan_id = "
+                                            "'professional' AND currency = 'usd' AND active ORDER BY price_key")]
+    finally:
+        pg.sql("DELETE FROM billing.metered_prices WHERE price_key = 'professional_signatures_eur_monthly'")
+        pg.sql("DELETE FROM billing.prices WHERE price_key = 'professional_eur_monthly'")
+
+
+def test_voiding_a_row_of_a_failed_event_never_bills_it(billed, fake):
+    """k6=5 and k7=3 go out in one event of value 8, which Stripe refuses;
+    k6 is voided: the event is cancelled, k7 goes out again in a new event
+    (new identifier) and reconciliation never sends the 8.  A failed event
+    Stripe may have (an unknown outcome) is cancelled in Stripe first; Stripe
+    never had it, so its other rows go out again too."""
+    pg = billed
+    hold_passes(pg)
+    customer = subscribe(pg, fake, "ent_f", "enterprise")
+    fake.meter_refuse.add(customer)
+    try:
+        for key, q in (("k6", 5), ("k7", 3), ("k8", 4), ("k9", 1)):
+            pg.sql("SELECT billing.record_usage('ent_f', 'signatures', %s, %s)", (q, key))
+        pass_and_drain(pg)
+    finally:
+        fake.meter_refuse.discard(customer)
+    assert pg.sql("SELECT state, value FROM billing.meter_events WHERE tenant_id = 'ent_f'") == [("failed", 13)]
+    done = pg.sql("SELECT billing.void_usage('ent_f', 'k6', 'not the tenant''s')")[0][0]
+    assert "refused by Stripe and is cancelled" in done, done
+    pass_and_drain(pg)
+    pg.sql("SELECT billing.meter_reconcile('ent_f')")
+    drain(pg)
+    drain(pg)
+    assert stripe_value(pg, fake, "ent_f", "signatures") == 8 == local_value(pg, "ent_f", "signatures")
+    assert pg.sql("SELECT state, value FROM billing.meter_events WHERE tenant_id = 'ent_f' ORDER BY meter_event_id") \
+        == [("cancelled", 13), ("delivered", 8)]
+    # the new event failed too, its outcome unknown (Stripe may have it)
+    pg.sql("SELECT billing.record_usage('ent_f', 'signatures', 2, 'k10')")
+    fake.meter_refuse.add(customer)
+    try:
+        pass_and_drain(pg)
+    finally:
+        fake.meter_refuse.discard(customer)
+    pg.sql("""UPDATE billing.meter_events SET last_error = '{"category": "expired", "retryable": false}'
+               WHERE tenant_id = 'ent_f' AND state = 'failed'""")
+    done = pg.sql("SELECT billing.void_usage('ent_f', 'k10', 'not the tenant''s')")[0][0]
+    assert "being cancelled" in done, done
+    drain(pg)
+    # reconciliation: the failed events are cancelled, nothing is sent again
+    pg.sql("SELECT billing.meter_reconcile('ent_f')")
+    drain(pg)
+    drain(pg)
+    pass_and_drain(pg)
+    assert stripe_value(pg, fake, "ent_f", "signatures") == 8 == local_value(pg, "ent_f", "signatures")
+    assert pg.sql("SELECT state, value FROM billing.meter_events WHERE tenant_id = 'ent_f' ORDER BY meter_event_id") \
+        == [("cancelled", 13), ("delivered", 8), ("cancelled", 2)]
+    sent = [e["payload"]["value"] for e in fake.meter_events.values()
+            if e["payload"].get("stripe_customer_id") == customer]
+    assert sorted(sent) == ["8"], sent
+
+
+def test_usage_of_a_periods_last_second_is_billed_in_it(billed, fake):
+    """Usage at 23:59:59.6 on the period's last day is dated 23:59:59 in
+    Stripe (rounded down), not at the next period's first second."""
+    pg = billed
+    hold_passes(pg)
+    july = PERIOD[1]
+    subscribe(pg, fake, "ent_sec", "enterprise")
+    pg.set_clock(july + timedelta(minutes=20))
+    fake.set_clock(july + timedelta(minutes=20))
+    try:
+        pg.sql("UPDATE billing.subscriptions SET current_period_start = %s, current_period_end = %s "
+               "WHERE tenant_id = 'ent_sec'", (july, datetime(2027, 8, 1, tzinfo=timezone.utc)))
+        pg.sql("SELECT billing.record_usage('ent_sec', 'signatures', 5, 'last-second', NULL, %s)",
+               (july - timedelta(milliseconds=400),))
+        assert pg.sql("SELECT period_start FROM billing.usage_events WHERE tenant_id = 'ent_sec'") == [(PERIOD[0],)]
+        pass_and_drain(pg)
+        customer, meter = pg.sql("SELECT t.stripe_customer_id, m.stripe_meter_id FROM billing.tenants t, "
+                                 "billing.meters m WHERE t.tenant_id = 'ent_sec' AND m.metric = 'signatures'")[0]
+        june_value = fake.meter_value(meter, customer, int(PERIOD[0].timestamp()), int(july.timestamp()))
+        july_value = fake.meter_value(meter, customer, int(july.timestamp()), int(july.timestamp()) + 31 * 86400)
+        assert (june_value, july_value) == (5, 0)
+    finally:
+        pg.set_clock(AT)
+        fake.set_clock(AT)
