@@ -429,8 +429,9 @@ DECLARE
 BEGIN
   CASE r.kind
   WHEN 'meter.event' THEN
+    -- (failed: an operator's billing.retry_request sent it again)
     UPDATE billing.meter_events SET state = 'delivered', delivered_at = now(), last_error = NULL
-     WHERE request_id = r.request_id AND state = 'queued';
+     WHERE request_id = r.request_id AND state IN ('queued', 'failed');
   WHEN 'meter.cancel' THEN
     PERFORM billing.meter_cancelled(r);
   WHEN 'meter.summary' THEN
@@ -507,7 +508,7 @@ BEGIN
     IF r.error ->> 'message' ILIKE '%already exists with identifier%' THEN
       -- Stripe has this identifier: an earlier attempt was delivered
       UPDATE billing.meter_events SET state = 'delivered', delivered_at = now(), last_error = NULL
-       WHERE request_id = r.request_id AND state = 'queued';
+       WHERE request_id = r.request_id AND state IN ('queued', 'failed');
     ELSE
       UPDATE billing.meter_events SET state = 'failed', last_error = r.error
        WHERE request_id = r.request_id AND state = 'queued';

@@ -737,6 +737,26 @@ def test_voiding_a_row_of_a_failed_event_never_bills_it(billed, fake):
     assert sorted(sent) == ["8"], sent
 
 
+def test_a_failed_event_retried_by_an_operator_is_delivered(billed, fake):
+    """A meter event Stripe refused, sent again by an operator's
+    billing.retry_request once the cause is fixed, is delivered: its state
+    follows the request (it stayed failed, out of what was sent)."""
+    pg = billed
+    hold_passes(pg)
+    customer = subscribe(pg, fake, "ent_r", "enterprise")
+    fake.meter_refuse.add(customer)
+    try:
+        pg.sql("SELECT billing.record_usage('ent_r', 'signatures', 6, 'r1')")
+        pass_and_drain(pg)
+    finally:
+        fake.meter_refuse.discard(customer)
+    assert pg.sql("SELECT state FROM billing.meter_events WHERE tenant_id = 'ent_r'") == [("failed",)]
+    pg.sql("SELECT billing.retry_request(request_id) FROM billing.meter_events WHERE tenant_id = 'ent_r'")
+    drain(pg)
+    assert pg.sql("SELECT state, value FROM billing.meter_events WHERE tenant_id = 'ent_r'") == [("delivered", 6)]
+    assert stripe_value(pg, fake, "ent_r", "signatures") == 6 == local_value(pg, "ent_r", "signatures")
+
+
 def test_usage_of_a_periods_last_second_is_billed_in_it(billed, fake):
     """Usage at 23:59:59.6 on the period's last day is dated 23:59:59 in
     Stripe (rounded down), not at the next period's first second."""
