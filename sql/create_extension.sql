@@ -42,7 +42,7 @@ SELECT p.oid::regprocedure AS definer_without_search_path
  WHERE p.pronamespace IN ('billing'::regnamespace, 'api'::regnamespace) AND p.prosecdef
    AND NOT EXISTS (SELECT FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%');
 
--- the roles PostgREST switches to
+-- the roles PostgREST switches to, and the exporter's
 SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname LIKE 'qes\_%' ORDER BY 1;
 
 -- the worker is up, connected to this database, under a clear name
