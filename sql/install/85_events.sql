@@ -1037,7 +1037,7 @@ BEGIN
     PERFORM billing.apply_dispute(v_t, o);
     PERFORM billing.sync_dispute(v_t, o, v_at, v_type);
   WHEN v_type IN ('customer.tax_id.created', 'customer.tax_id.updated', 'customer.tax_id.deleted') THEN
-    PERFORM billing.sync_tax_id(v_t, o, v_type = 'customer.tax_id.deleted');   -- 91_tax.sql
+    PERFORM billing.sync_tax_id(v_t, o, v_type = 'customer.tax_id.deleted', v_at);   -- 91_tax.sql
   ELSE
     out_tenant := NULL;   -- a type we do not handle
     out_state := 'ignored';

@@ -503,10 +503,20 @@ $$;
 -- The Stripe time a response speaks for: when we sent the request, on the
 -- billing clock (the real clock in production; moved with it in a test or
 -- demo, as Stripe's times are there).  A webhook event created later (a
--- later state) still wins; one created before does not.
+-- later state) still wins; one created before does not.  A POST is answered
+-- under its Idempotency-Key with the body of the FIRST attempt that reached
+-- Stripe, whenever the retry that gets it goes out: its answer speaks for
+-- that first attempt (first_sent_at), never for the retry, or a body lost
+-- once and replayed later would overwrite a state a webhook brought in
+-- between (docs/architecture.md, "Mirroring Stripe" and "Unknown
+-- outcomes").  A GET or a DELETE is not replayed (Stripe ignores their
+-- keys): its answer is the state when this attempt was sent (claimed_at).
 CREATE FUNCTION billing.outbox_state_at(r billing.stripe_requests) RETURNS timestamptz
   LANGUAGE sql STABLE
-RETURN date_trunc('second', coalesce(r.claimed_at, r.updated_at) + (billing.now() - pg_catalog.now()));
+RETURN date_trunc('second', coalesce(CASE WHEN r.method = 'POST' THEN r.first_sent_at END, r.claimed_at, r.updated_at)
+                            + (billing.now() - pg_catalog.now()));
+COMMENT ON FUNCTION billing.outbox_state_at(billing.stripe_requests) IS
+  'The Stripe time an answer speaks for, on the billing clock: a POST''s first attempt that may have reached Stripe (first_sent_at: a retry replays that attempt''s answer), else the attempt answered (claimed_at).';
 
 -- Success: what the answer means for local state.
 CREATE FUNCTION billing.outbox_apply(r billing.stripe_requests) RETURNS void

@@ -10,6 +10,14 @@
 -- charge (customer tax_exempt=reverse), and the decision is audited with its
 -- basis.
 
+-- The Stripe time of the followed tax ID's state (the event's created, or
+-- for the tax_id.create answer the second its request first went out):
+-- customer.tax_id.* events arrive in any order, and an older one must not
+-- overwrite a newer verification (docs/architecture.md, "Mirroring Stripe").
+ALTER TABLE billing.billing_details ADD COLUMN tax_id_state_at timestamptz;
+COMMENT ON COLUMN billing.billing_details.tax_id_state_at IS
+  'The Stripe time of the state of stripe_tax_id kept here (an event''s created, or the tax_id.create answer''s first attempt); an older state of that tax ID is ignored, and its deletion is final.';
+
 -- ISO 3166-1 alpha-2 codes (officially assigned).
 CREATE FUNCTION billing.iso_countries() RETURNS text[]
   LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -142,6 +150,9 @@ BEGIN
          line1 = EXCLUDED.line1, city = EXCLUDED.city, vat_number = EXCLUDED.vat_number,
          state = 'pending', refusal = NULL, stripe_request = NULL, version = x.version + 1,
          tax_id_status = CASE WHEN x.vat_number IS NOT DISTINCT FROM EXCLUDED.vat_number THEN x.tax_id_status END,
+         -- another number: its own tax ID is followed (billing.sync_tax_id), from its first state
+         stripe_tax_id = CASE WHEN x.vat_number IS NOT DISTINCT FROM EXCLUDED.vat_number THEN x.stripe_tax_id END,
+         tax_id_state_at = CASE WHEN x.vat_number IS NOT DISTINCT FROM EXCLUDED.vat_number THEN x.tax_id_state_at END,
          reverse_charge = x.reverse_charge AND x.vat_number IS NOT DISTINCT FROM EXCLUDED.vat_number
                           AND x.country = EXCLUDED.country,
          updated_at = now()
@@ -149,8 +160,7 @@ BEGIN
   -- reverse charge rests on a verified VAT number of that country: another
   -- number, none, or another country ends it until the new one is verified
   IF v_old.reverse_charge AND NOT d.reverse_charge AND t.stripe_customer_id IS NOT NULL THEN
-    PERFORM billing.outbox_enqueue(t.tenant_id, 'tax_exempt.update', 'POST', '/v1/customers/' || t.stripe_customer_id,
-                                   jsonb_build_object('tax_exempt', 'none'));
+    PERFORM billing.tax_exempt_send(t.tenant_id, t.stripe_customer_id, 'none');
     PERFORM billing.audit('tax.reverse_charge', t.tenant_id, jsonb_build_object(
       'reverse_charge', false,
       'basis', jsonb_build_object('vat_number', d.vat_number, 'vat_number_before', v_old.vat_number,
@@ -217,7 +227,7 @@ BEGIN
                                       jsonb_build_object('version', d.version));
     END IF;
   ELSIF r.kind = 'tax_id.create' THEN
-    PERFORM billing.sync_tax_id(r.tenant_id, r.response, false);
+    PERFORM billing.sync_tax_id(r.tenant_id, r.response, false, billing.outbox_state_at(r));
   END IF;
 END
 $$;
@@ -251,21 +261,117 @@ $$;
 COMMENT ON FUNCTION billing.billing_details_failure(billing.stripe_requests) IS
   'Stripe refused the billing details (e.g. customer_tax_location_invalid) or the VAT number: refused, with the field, shown by GET /rpc/billing_details as 422.';
 
+-- The customer's tax_exempt as decided, sent so that the last decision is
+-- the one Stripe keeps: the requests about one customer's tax_exempt go out
+-- one after the other.  A decision taken while an earlier request has not
+-- gone out yet replaces that request's value (nothing of it reached
+-- Stripe); while one may have reached Stripe (in flight, or retried after a
+-- 5xx or a lost answer), the new one waits for it (after_request), so a
+-- retry of the older value can never land after the newer one
+-- (docs/architecture.md, "Tax").  Returns the request that carries it.
+CREATE FUNCTION billing.tax_exempt_send(p_tenant text, p_customer text, p_tax_exempt text) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_path text := '/v1/customers/' || p_customer;
+  v_id   bigint;
+  r      billing.stripe_requests;
+BEGIN
+  IF p_tax_exempt IS NULL OR p_tax_exempt NOT IN ('none', 'exempt', 'reverse') THEN
+    RAISE EXCEPTION 'tax_exempt %: not one of Stripe''s values', coalesce(quote_literal(p_tax_exempt), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Use none, exempt or reverse.';
+  END IF;
+  IF p_customer IS NULL THEN
+    RAISE EXCEPTION 'tenant % has no Stripe customer to set tax_exempt on', p_tenant
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'The customer''s tax_exempt follows once it is created.';
+  END IF;
+  -- the newest request about this customer's tax_exempt not done yet,
+  -- locked (the worker records it under the same lock); looked up again if
+  -- it was done between the look and the lock
+  FOR i IN 1 .. 5 LOOP
+    SELECT x.request_id INTO v_id FROM billing.stripe_requests x
+     WHERE x.tenant_id = p_tenant AND x.kind = 'tax_exempt.update' AND x.path = v_path
+       AND x.state IN ('waiting', 'pending', 'in_flight')
+     ORDER BY x.request_id DESC LIMIT 1;
+    EXIT WHEN v_id IS NULL;
+    SELECT * INTO r FROM billing.stripe_requests x WHERE x.request_id = v_id FOR UPDATE;
+    EXIT WHEN r.state IN ('waiting', 'pending', 'in_flight');
+    r := NULL;
+    v_id := NULL;
+  END LOOP;
+  IF v_id IS NULL THEN
+    RETURN billing.outbox_enqueue(p_tenant, 'tax_exempt.update', 'POST', v_path,
+                                  jsonb_build_object('tax_exempt', p_tax_exempt));
+  END IF;
+  IF r.state IN ('waiting', 'pending') AND r.first_sent_at IS NULL THEN
+    -- not gone out yet: it carries the new decision instead
+    UPDATE billing.stripe_requests x SET params = x.params || jsonb_build_object('tax_exempt', p_tax_exempt),
+                                         updated_at = now()
+     WHERE x.request_id = r.request_id;
+    RETURN r.request_id;
+  END IF;
+  IF r.params ->> 'tax_exempt' = p_tax_exempt THEN
+    RETURN r.request_id;     -- already what goes out last
+  END IF;
+  RETURN billing.outbox_enqueue(p_tenant, 'tax_exempt.update', 'POST', v_path,
+                                jsonb_build_object('tax_exempt', p_tax_exempt), '{}'::jsonb, r.request_id);
+END
+$$;
+COMMENT ON FUNCTION billing.tax_exempt_send(text, text, text) IS
+  'Queue the customer''s tax_exempt (none, exempt, reverse) so that the last decision is the one Stripe keeps: it replaces the value of a request that has not gone out, or waits for one that may have reached Stripe. Returns the request.';
+
 -- A tax ID as Stripe tells of it (the answer, or customer.tax_id.* events):
--- its verification mirrored; reverse charge decided and audited.
-CREATE FUNCTION billing.sync_tax_id(p_tenant text, o jsonb, p_deleted boolean) RETURNS void
+-- its verification mirrored; reverse charge decided and audited.  Ordered
+-- as every mirror is (docs/architecture.md, "Mirroring Stripe"): p_at is the
+-- Stripe time of this state (the event's created; the answer's first
+-- attempt; NULL: an operator's call, taken as the newest state); an older
+-- state of the followed tax ID is ignored, and in the same second the state
+-- further along wins (a decided verification over pending; of two decided
+-- ones, the one that does not reverse-charge, so that a tie never leaves
+-- VAT uncollected); its deletion is final.  Another tax ID of the same
+-- number is followed instead only when the followed one is deleted or it
+-- was created after the followed one's newest state.
+CREATE FUNCTION billing.sync_tax_id(p_tenant text, o jsonb, p_deleted boolean, p_at timestamptz DEFAULT NULL)
+  RETURNS void
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
 DECLARE
   d        billing.billing_details;
   v_status text := CASE WHEN p_deleted THEN 'deleted' ELSE coalesce(o -> 'verification' ->> 'status', 'pending') END;
   v_origin text := upper(nullif(btrim(current_setting('qes_billing.tax_origin_country')), ''));
+  v_at     timestamptz := coalesce(p_at, date_trunc('second', billing.now()));
+  v_id     text;
   v_rc     boolean;
   v_cust   text := (SELECT t.stripe_customer_id FROM billing.tenants t WHERE t.tenant_id = p_tenant);
+  -- the order of states within one second (further along is greater)
+  v_rank   text[] := ARRAY['pending', 'verified', 'unavailable', 'unverified'];
 BEGIN
   SELECT * INTO d FROM billing.billing_details x WHERE x.tenant_id = p_tenant FOR UPDATE;
   IF NOT FOUND OR (o ->> 'value') IS DISTINCT FROM d.vat_number THEN
     RETURN;    -- a tax ID of a VAT number the tenant no longer gives
+  END IF;
+  v_id := coalesce(o ->> 'id', d.stripe_tax_id);
+  IF p_at IS NULL THEN
+    -- an operator's statement of the tax ID as it is now: the newest state
+    v_at := greatest(v_at, d.tax_id_state_at);
+  ELSIF d.stripe_tax_id IS NOT NULL AND v_id <> d.stripe_tax_id THEN
+    -- another tax ID of the same number
+    IF p_deleted OR NOT (d.tax_id_status = 'deleted' OR d.tax_id_state_at IS NULL
+                         -- (its creation; without one, the time of this state)
+                         OR coalesce(to_timestamp((o ->> 'created')::double precision), v_at) > d.tax_id_state_at) THEN
+      RETURN;
+    END IF;
+  ELSIF d.stripe_tax_id IS NOT NULL THEN
+    IF d.tax_id_status = 'deleted' THEN
+      RETURN;    -- deleted is final for this tax ID
+    END IF;
+    IF NOT p_deleted AND d.tax_id_state_at IS NOT NULL
+       AND (v_at < d.tax_id_state_at
+            OR (v_at = d.tax_id_state_at
+                AND coalesce(array_position(v_rank, v_status), 0) < coalesce(array_position(v_rank, d.tax_id_status), 0))) THEN
+      RETURN;    -- an older state of this tax ID
+    END IF;
+    v_at := greatest(v_at, d.tax_id_state_at);
   END IF;
   IF billing.eu_vat_pattern(v_origin) IS NULL THEN
     v_origin := NULL;    -- not an EU member state's code (GR, not EL): reverse charge is never decided
@@ -274,15 +380,14 @@ BEGIN
   v_rc := v_status = 'verified' AND billing.eu_vat_pattern(d.country) IS NOT NULL
           AND v_origin IS NOT NULL AND d.country <> v_origin;
   UPDATE billing.billing_details x
-     SET stripe_tax_id = o ->> 'id', tax_id_status = v_status, reverse_charge = v_rc
+     SET stripe_tax_id = v_id, tax_id_status = v_status, reverse_charge = v_rc, tax_id_state_at = v_at
    WHERE x.tenant_id = p_tenant;
   IF d.tax_id_status IS DISTINCT FROM v_status THEN
     PERFORM billing.audit('tax_id.' || v_status, p_tenant,
-                          jsonb_build_object('tax_id', o ->> 'id', 'vat_number', d.vat_number));
+                          jsonb_build_object('tax_id', v_id, 'vat_number', d.vat_number));
   END IF;
   IF d.reverse_charge IS DISTINCT FROM v_rc AND v_cust IS NOT NULL THEN
-    PERFORM billing.outbox_enqueue(p_tenant, 'tax_exempt.update', 'POST', '/v1/customers/' || v_cust,
-                                   jsonb_build_object('tax_exempt', CASE WHEN v_rc THEN 'reverse' ELSE 'none' END));
+    PERFORM billing.tax_exempt_send(p_tenant, v_cust, CASE WHEN v_rc THEN 'reverse' ELSE 'none' END);
     PERFORM billing.audit('tax.reverse_charge', p_tenant, jsonb_build_object(
       'reverse_charge', v_rc,
       'basis', jsonb_build_object('vat_number', d.vat_number, 'verification', v_status,
@@ -292,8 +397,8 @@ BEGIN
   END IF;
 END
 $$;
-COMMENT ON FUNCTION billing.sync_tax_id(text, jsonb, boolean) IS
-  'Mirror a tenant''s tax ID (verification status) and decide reverse charge: a verified EU VAT number of another member state than qes_billing.tax_origin_country; the customer''s tax_exempt follows in Stripe; audited with its basis.';
+COMMENT ON FUNCTION billing.sync_tax_id(text, jsonb, boolean, timestamptz) IS
+  'Mirror a tenant''s tax ID (verification status) as of Stripe time p_at (older states ignored, deletion final) and decide reverse charge: a verified EU VAT number of another member state than qes_billing.tax_origin_country; the customer''s tax_exempt follows in Stripe, the last decision last; audited with its basis.';
 
 -- ---- the invoices' tax --------------------------------------------------------
 

@@ -490,8 +490,14 @@ BEGIN
                                       jsonb_build_object('subscription_id', cur.subscription_id));
       v_done := 'cancel_at_period_end';
     ELSE   -- cancel_now
+      -- Stripe's cancel ends the subscription at once and, by default,
+      -- bills nothing more: invoice_now=true issues the final invoice with
+      -- the metered usage not yet invoiced (docs/architecture.md, "Usage
+      -- billed through meters"); prorate=false credits no unused time (the
+      -- chargeback already took back the period's payment).
       v_req := billing.outbox_enqueue(d.tenant_id, 'subscription.update', 'DELETE',
-                                      '/v1/subscriptions/' || cur.stripe_subscription_id, '{}'::jsonb,
+                                      '/v1/subscriptions/' || cur.stripe_subscription_id,
+                                      jsonb_build_object('invoice_now', true, 'prorate', false),
                                       jsonb_build_object('subscription_id', cur.subscription_id));
       v_done := 'cancel_now';
     END IF;

@@ -128,6 +128,8 @@ class FakeStripe:
         self.meter_dedup_s = 24 * 3600
         self.meter_forget_keys = False
         self.meter_repeats = 0     # events refused as repeats of an identifier
+        self.cancellations = {}    # subscription id -> the parameters of each DELETE (cancel now)
+        self.meter_refuse = set()  # customers whose meter events are refused at once (a 400)
 
     # ---- the clock ----------------------------------------------------
 
@@ -271,6 +273,8 @@ class FakeStripe:
                 return self._list("subscription", params, customer=params.get("customer"))
             if method == "POST" and len(parts) == 2:
                 return self._update_subscription(self.get(parts[1], "subscription"), params)
+            if method == "DELETE" and len(parts) == 2:
+                return self._cancel_subscription(self.get(parts[1], "subscription"), params)
         if name == "invoices":
             if method == "GET" and len(parts) == 2:
                 return self.get(parts[1], "invoice")
@@ -463,6 +467,9 @@ class FakeStripe:
             self.meter_repeats += 1
             raise StripeError(400, "invalid_request_error",
                               f"An event already exists with identifier {ident}.", param="identifier")
+        if p.get("payload", {}).get("stripe_customer_id") in self.meter_refuse:
+            raise StripeError(400, "invalid_request_error", "This customer cannot report usage to this meter.",
+                              param="payload[stripe_customer_id]")
         ts = int(p.get("timestamp") or self.now())
         if ts < self.now() - 35 * 24 * 3600 or ts > self.now() + 300:
             raise StripeError(400, "invalid_request_error", "timestamp must be within the past 35 days.",
@@ -694,6 +701,35 @@ class FakeStripe:
         self._event("customer.subscription.updated", sub, previous)
         return self._expand(sub, p)
 
+    def _cancel_subscription(self, sub, p):
+        """DELETE /v1/subscriptions/{id}: canceled at once.  As Stripe:
+        invoice_now (default false) issues a final invoice for the metered
+        usage not yet invoiced (and, with prorate, a credit for the unused
+        time of the licensed item); without it that usage is never billed.
+        The parameters each cancel came with are kept in self.cancellations."""
+        if sub["status"] in ("canceled", "incomplete_expired"):
+            raise StripeError(400, "invalid_request_error",
+                              f"No such subscription: '{sub['id']}' is already canceled.", param="id")
+        self.cancellations.setdefault(sub["id"], []).append(dict(p))
+        now = self.now()
+        if p.get("invoice_now") == "true":
+            usage = 0
+            for it in sub["items"]["data"][1:]:
+                price = it["price"]
+                used = self.meter_value(price["recurring"]["meter"], sub["customer"], sub["current_period_start"], now + 1)
+                usage += int(used * float(price.get("unit_amount_decimal") or price.get("unit_amount") or 0))
+            if p.get("prorate") == "true":
+                licensed = sub["items"]["data"][0]["price"]["unit_amount"] or 0
+                span = max(1, sub["current_period_end"] - sub["current_period_start"])
+                usage -= licensed * max(0, sub["current_period_end"] - now) // span
+            inv = self._invoice(sub, sub["customer"], max(0, usage), status="open" if usage > 0 else "paid",
+                                billing_reason="subscription_cycle")
+            inv["final_for_cancel"] = True
+            sub["latest_invoice"] = inv["id"]
+        sub.update(status="canceled", canceled_at=now, ended_at=now, cancel_at_period_end=False)
+        self._event("customer.subscription.deleted", sub)
+        return self._expand(sub, p)
+
     # ---- HTTP ---------------------------------------------------------
 
     def serve(self, port=0):
@@ -743,7 +779,7 @@ class FakeStripe:
                                                         "message": "Invalid API Key provided."}})
                 if fake.echo and fake.echo_now():
                     return self._echo(method, body)
-                params = parse_form(url.query if method == "GET" else body)
+                params = parse_form(url.query if method in ("GET", "DELETE") else body)
                 if fake.delay_s:
                     time.sleep(fake.delay_s)
                 key = self.headers.get("Idempotency-Key") if method == "POST" else None

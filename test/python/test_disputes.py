@@ -317,3 +317,34 @@ def test_events_in_any_order_end_in_the_same_dispute(pg, api, fake, world):
                  "WHERE stripe_dispute_id = %s", (dp["id"],))[0]
     assert row == ("lost", True, True)
     assert pg.sql("SELECT count(*) FROM billing.dispute_responses WHERE stripe_dispute_id = %s", (dp["id"],))[0][0] == 0
+
+
+def test_a_lost_dispute_cancelling_now_bills_the_usage_not_yet_invoiced(pg, api, fake, world):
+    """cancel_now ends the subscription at once and asks Stripe for the
+    final invoice (invoice_now=true: without it, Stripe bills nothing more
+    and the metered usage of the period is never invoiced); no credit for
+    the unused time (prorate=false: the chargeback took the payment back)."""
+    charge = subscribe_and_pay(pg, api, fake, "nowco", "Cancel Now Ltd", "billing@nowco.example")
+    dp = fake.dispute(charge, reason="fraudulent", due_in_s=6 * 86400)
+    settle(pg, api, fake)
+    [(sub_id,)] = pg.sql("SELECT stripe_subscription_id FROM billing.subscriptions WHERE tenant_id = 'nowco' "
+                         "AND status = 'active'")
+    set_conf(pg, dispute_lost_action="cancel_now")
+    try:
+        fake.close_dispute(dp["id"], "lost")
+        settle(pg, api, fake)
+    finally:
+        set_conf(pg, dispute_lost_action="none")
+    [(details,)] = pg.sql("SELECT details FROM billing.audit_log WHERE action = 'dispute.closed' "
+                          "AND details ->> 'dispute' = %s", (dp["id"],))
+    assert details["entitlements"] == "cancel_now" and details["subscription"] == sub_id, details
+    assert pg.sql("SELECT method, path, params FROM billing.stripe_requests WHERE request_id = %s",
+                  (details["request_id"],)) == [("DELETE", f"/v1/subscriptions/{sub_id}",
+                                                 {"invoice_now": True, "prorate": False})]
+    # Stripe canceled it with the final invoice; the mirror follows
+    assert fake.cancellations[sub_id] == [{"invoice_now": "true", "prorate": "false"}]
+    assert fake.get(sub_id)["status"] == "canceled"
+    final = [i for i in fake.of_type("invoice") if i["subscription"] == sub_id and i.get("final_for_cancel")]
+    assert len(final) == 1, final
+    assert pg.sql("SELECT status FROM billing.subscriptions WHERE stripe_subscription_id = %s", (sub_id,)) == \
+        [("canceled",)]

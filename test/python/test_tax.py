@@ -12,11 +12,12 @@ depends on the day.
 import json
 import os
 import subprocess
+import uuid
 
 import pytest
 
 from conftest import TEST_KEYS, amcheck_and_stop, tenant_claims
-from fake_stripe import FakeStripe, signed
+from fake_stripe import API_VERSION, FakeStripe, signed
 from pgcluster import Cluster
 from postgrest import PostgREST
 
@@ -203,6 +204,115 @@ def test_a_verified_business_at_home_is_not_reverse_charged(pg, api, fake):
     assert (r["vat_verification"], r["reverse_charge"]) == ("verified", False), r
     assert pg.sql("SELECT count(*) FROM billing.audit_log WHERE action = 'tax.reverse_charge' AND tenant_id = 'debv'")[0][0] == 0
     assert fake.get(txi["customer"]).get("tax_exempt") in (None, "none")
+
+
+def billing_now(pg):
+    """The billing clock in Unix seconds (Stripe's times are whole seconds)."""
+    return pg.sql("SELECT extract(epoch FROM date_trunc('second', billing.now()))::bigint")[0][0]
+
+
+def tax_id_event(type_, txi, created, status=None):
+    """A customer.tax_id.* event of `txi` as of Stripe time `created`, with
+    its verification `status` (the fake's as it is, when None)."""
+    o = json.loads(json.dumps(txi))
+    if status is not None:
+        o["verification"] = {"status": status, "verified_name": None, "verified_address": None}
+    return {"id": "evt_" + uuid.uuid4().hex[:24], "object": "event", "api_version": API_VERSION,
+            "created": created, "livemode": False, "type": type_, "pending_webhooks": 1,
+            "request": {"id": None, "idempotency_key": None}, "data": {"object": o}}
+
+
+def deliver_events(pg, api, events):
+    """These events, in this order, each applied before the next arrives."""
+    for ev in events:
+        body, header = signed(ev, SECRET)
+        r = api.post("/rpc/stripe_webhook", body=body,
+                     headers={"Content-Type": "application/json", "Stripe-Signature": header})
+        assert r.status == 200, r.body
+        assert pg.wait_until("SELECT NOT EXISTS (SELECT 1 FROM billing.webhook_events WHERE state = 'received')")
+    assert pg.sql("SELECT event_type, last_error FROM billing.webhook_events WHERE state = 'needs_review'") == []
+
+
+def tenant_with_tax_id(pg, api, fake, tenant, name, country, postal_code, vat):
+    pg.sql("SELECT billing.upsert_tenant(%s, %s, %s)", (tenant, name, f"billing@{tenant}.example"))
+    assert put(api, tenant, legal_name=name, country=country, postal_code=postal_code, vat_number=vat).status == 200
+    settle(pg, api, fake)
+    assert details(api, tenant).body["vat_verification"] == "pending"
+    [txi] = [t for t in fake.of_type("tax_id") if t["value"] == vat]
+    return txi
+
+
+def test_a_late_older_tax_id_event_does_not_undo_a_verification(pg, api, fake):
+    """customer.tax_id.updated (verified) applied, then the created event
+    (pending) ten minutes older arrives late: the verified EU business keeps
+    its reverse charge, and Stripe is not told to charge it VAT."""
+    txi = tenant_with_tax_id(pg, api, fake, "frlate", "Signature Tardive SAS", "FR", "75001", "FR12345678901")
+    t = billing_now(pg)
+    deliver_events(pg, api, [tax_id_event("customer.tax_id.updated", txi, t + 600, "verified"),
+                             tax_id_event("customer.tax_id.created", txi, t, "pending")])
+    settle(pg, api, fake)
+    r = details(api, "frlate").body
+    assert (r["vat_verification"], r["reverse_charge"]) == ("verified", True), r
+    assert fake.get(txi["customer"])["tax_exempt"] == "reverse"
+    assert [d["reverse_charge"] for (d,) in pg.sql(
+        "SELECT details FROM billing.audit_log WHERE action = 'tax.reverse_charge' AND tenant_id = 'frlate' "
+        "ORDER BY audit_id")] == [True]
+
+
+def test_a_deleted_tax_id_is_not_revived_by_an_older_verification(pg, api, fake):
+    """customer.tax_id.deleted applied, then an updated (verified) event an
+    hour older arrives late: the tax ID stays deleted, no reverse charge
+    (no VAT would be collected without a tax ID)."""
+    txi = tenant_with_tax_id(pg, api, fake, "itdel", "Firma Cancellata S.r.l.", "IT", "00184", "IT12345678901")
+    t = billing_now(pg)
+    deliver_events(pg, api, [tax_id_event("customer.tax_id.deleted", txi, t + 7200),
+                             tax_id_event("customer.tax_id.updated", txi, t + 3600, "verified")])
+    settle(pg, api, fake)
+    r = details(api, "itdel").body
+    assert (r["vat_verification"], r["reverse_charge"]) == ("deleted", False), r
+    assert fake.get(txi["customer"]).get("tax_exempt") in (None, "none")
+    assert pg.sql("SELECT count(*) FROM billing.audit_log WHERE action = 'tax.reverse_charge' "
+                  "AND tenant_id = 'itdel'")[0][0] == 0
+    # deleted is final for that tax ID: even a newer state of it changes nothing
+    deliver_events(pg, api, [tax_id_event("customer.tax_id.updated", txi, t + 9000, "verified")])
+    settle(pg, api, fake)
+    assert details(api, "itdel").body["vat_verification"] == "deleted"
+
+
+def test_the_last_tax_exempt_decision_is_the_one_stripe_keeps(pg, api, fake):
+    """Reverse charge decided (verified), its request answered 500 and
+    retried; meanwhile the verification is withdrawn (unverified): the
+    retry of "reverse" must not land after "none"."""
+    txi = tenant_with_tax_id(pg, api, fake, "beretry", "Handtekening NV", "BE", "1000", "BE0123456789")
+    cus = txi["customer"]
+    failing = {"on": True}
+    original = fake.process
+
+    def process(method, path, params, key, raw):
+        if failing["on"] and method == "POST" and path == f"/v1/customers/{cus}" and "tax_exempt=reverse" in raw:
+            return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}, []
+        return original(method, path, params, key, raw)
+    fake.process = process
+    try:
+        t = billing_now(pg)
+        deliver_events(pg, api, [tax_id_event("customer.tax_id.updated", txi, t + 1, "verified")])
+        # "reverse" reached Stripe and failed: it is retried
+        assert pg.wait_until("SELECT first_sent_at IS NOT NULL AND state <> 'succeeded' FROM billing.stripe_requests "
+                             "WHERE tenant_id = 'beretry' AND kind = 'tax_exempt.update'", 30)
+        deliver_events(pg, api, [tax_id_event("customer.tax_id.updated", txi, t + 2, "unverified")])
+        # whatever goes out of "none" has gone out (it waits, or it was sent)
+        assert pg.wait_until("SELECT NOT EXISTS (SELECT 1 FROM billing.stripe_requests WHERE tenant_id = 'beretry' "
+                             "AND kind = 'tax_exempt.update' AND params ->> 'tax_exempt' = 'none' "
+                             "AND state IN ('pending', 'in_flight'))", 30)
+    finally:
+        failing["on"] = False
+        fake.process = original
+    settle(pg, api, fake)
+    r = details(api, "beretry").body
+    assert (r["vat_verification"], r["reverse_charge"]) == ("unverified", False), r
+    assert fake.get(cus)["tax_exempt"] == "none"
+    assert pg.sql("SELECT params ->> 'tax_exempt', state FROM billing.stripe_requests WHERE tenant_id = 'beretry' "
+                  "AND kind = 'tax_exempt.update' ORDER BY request_id") == [("reverse", "succeeded"), ("none", "succeeded")]
 
 
 def test_request_shapes_are_valid_for_stripe(stripe_mock):

@@ -6,13 +6,16 @@ then it may fail -- but before the failure stands, the worker looks the
 object up in Stripe; the tenant's retry never makes a second customer or
 subscription.  An operator's retry_request keeps the key of an unknown
 outcome and renews the key of a refusal (Stripe would replay the refusal)."""
+import json
+import time
+import uuid
 from datetime import datetime, timezone
 
 import psycopg
 import pytest
 
-from conftest import amcheck_and_stop, tenant_claims
-from fake_stripe import FakeStripe
+from conftest import TEST_KEYS, amcheck_and_stop, tenant_claims
+from fake_stripe import API_VERSION, FakeStripe, signed
 from postgrest import PostgREST
 from test_stripe_worker import cluster_for, drain, set_clocks, setup_command, sub, ts
 
@@ -215,3 +218,76 @@ def test_retry_request_keeps_the_key_of_an_unknown_outcome_and_renews_a_refusal(
     assert keys["unknown"] == ids["unknown"][1]
     assert keys["refused"] != ids["refused"][1]
     assert sorted(a[0] for a in audited) == ["false", "true"]
+
+
+def billing_now(pg):
+    return pg.sql("SELECT extract(epoch FROM date_trunc('second', billing.now()))::bigint")[0][0]
+
+
+def deliver_events(pg, api, events):
+    for ev in events:
+        body, header = signed(ev, TEST_KEYS["STRIPE_TEST_WEBHOOK_SECRET"])
+        r = api.post("/rpc/stripe_webhook", body=body,
+                     headers={"Content-Type": "application/json", "Stripe-Signature": header})
+        assert r.status == 200, r.body
+    assert pg.wait_until("SELECT NOT EXISTS (SELECT 1 FROM billing.webhook_events WHERE state = 'received')")
+    assert pg.sql("SELECT event_type, last_error FROM billing.webhook_events WHERE state = 'needs_review'") == []
+
+
+def set_conf(pg, **kv):
+    for k, v in kv.items():
+        pg.sql(f"ALTER SYSTEM {'RESET qes_billing.' + k if v is None else f'SET qes_billing.{k} = {v!r}'}")
+    pg.sql("SELECT pg_reload_conf()")
+    time.sleep(0.5)      # the worker reloads at its next wake-up
+
+
+def test_a_replayed_answer_does_not_overwrite_a_newer_webhook(pgu, api, fake):
+    """A change Stripe made whose answer was lost: Stripe replays the FIRST
+    attempt's body to the retry.  A webhook about a later change (past_due,
+    at T1) applied before the retry (at T2) must not be overwritten by that
+    older body: the answer speaks for its first attempt, not for T2."""
+    pg = pgu
+    pg.sql("SELECT billing.upsert_tenant('replayed', 'Replayed GmbH', 'billing@replayed.example')")
+    claims = tenant_claims("replayed")
+    assert api.post("/rpc/create_subscription", body={"plan": "professional"}, claims=claims).status == 200
+    drain(pg)
+    fake.confirm(sub(api, "replayed")["client_secret"].split("_secret_")[0], "pm_card_visa")
+    [stripe_sub] = subscriptions_in_stripe(fake, "replayed")
+    sid, cus = stripe_sub["id"], stripe_sub["customer"]
+    deliver_events(pg, api, [e for e in list(fake.events)
+                             if cus in (e["data"]["object"].get("customer"), e["data"]["object"].get("id"))])
+    assert sub(api, "replayed")["status"] == "active"
+    query = "FROM billing.stripe_requests WHERE tenant_id = 'replayed' AND kind = 'subscription.update'"
+    set_conf(pg, retry_base_delay="10s", retry_max_delay="20s", idempotency_window="1h")
+    fake.lost[("POST", f"/v1/subscriptions/{sid}")] = "drop"
+    try:
+        assert api.post("/rpc/update_subscription", body={"cancel_at_period_end": True}, claims=claims).status == 200
+        # Stripe acted on the first attempt; its answer was lost; the retry waits (held here)
+        assert pg.wait_until(f"SELECT first_sent_at IS NOT NULL AND state = 'pending' {query}", 30)
+        pg.sql(f"UPDATE billing.stripe_requests SET next_attempt_at = 'infinity' WHERE request_id = "
+               f"(SELECT request_id {query})")
+        assert fake.get(sid)["cancel_at_period_end"] is True
+        # then, at T1, the subscription goes past_due in Stripe, and its webhook is applied
+        t1 = billing_now(pg) + 1
+        assert pg.wait_until(f"SELECT billing.now() >= to_timestamp({t1})", 10)
+        fake.get(sid)["status"] = "past_due"
+        ev = {"id": "evt_" + uuid.uuid4().hex[:24], "object": "event", "api_version": API_VERSION, "created": t1,
+              "livemode": False, "type": "customer.subscription.updated", "pending_webhooks": 1,
+              "request": {"id": None, "idempotency_key": None},
+              "data": {"object": json.loads(json.dumps(fake.get(sid))),
+                       "previous_attributes": {"status": "active"}}}
+        deliver_events(pg, api, [ev])
+        assert sub(api, "replayed")["status"] == "past_due"
+        # the retry goes out at T2, after T1, and gets the first attempt's body (active)
+        assert pg.wait_until(f"SELECT billing.now() >= to_timestamp({t1 + 1})", 10)
+    finally:
+        fake.lost.clear()
+    pg.sql(f"UPDATE billing.stripe_requests SET next_attempt_at = now() WHERE request_id = (SELECT request_id {query})")
+    try:
+        assert pg.wait_until(f"SELECT state = 'succeeded' {query}", 30), pg.sql(f"SELECT state, error {query}")
+    finally:
+        set_conf(pg, retry_base_delay=None, retry_max_delay=None, idempotency_window=None)
+    [(body_status, attempts)] = pg.sql(f"SELECT response ->> 'status', attempts {query}")
+    assert (body_status, attempts) == ("active", 2)      # the replayed, older state
+    s = sub(api, "replayed")
+    assert (s["status"], s["cancel_at_period_end"]) == ("past_due", True), s
