@@ -12,6 +12,26 @@ SELECT billing.redact_text(t) FROM (VALUES
   ('Bearer [redacted] and sk_test_[redacted]'),
   ('ümlaut sk_test_x ümlaut')) v(t);
 
+-- the value given to a setting that holds a secret, found by the setting's
+-- name (any case, quoted or not) whatever the value looks like: to the end of
+-- the statement after "=" or TO, the argument after the name in set_config;
+-- reading, resetting and other settings stay
+SELECT billing.redact_text(t) FROM (VALUES
+  ('ALTER SYSTEM SET qes_billing.smtp_password = ''Plain-Password-1'''),
+  ('SET qes_billing.notify_webhook_secret TO $x$plain;secret$x$; SELECT 1'),
+  ('SET "qes_billing"."smtp_password" = E''it\''s; still the value'''),
+  ('SET "qes_billing.smtp_password" = plainword -- why; it is'),
+  ('SELECT set_config(''QES_BILLING.SMTP_PASSWORD'', ''a'' || lower(''B,c''), false), now()'),
+  ('SELECT set_config(''qes_billing.notify_webhook_secret'', $1, false)'),
+  ('ALTER SYSTEM SET qes_billing.stripe_live_secret_key = ''not-in-a-key-form'''),
+  ('ALTER ROLE ops SET qes_billing.smtp_password = ''refused-but-shown'''),
+  ('ALTER SYSTEM RESET qes_billing.smtp_password'),
+  ('SHOW qes_billing.smtp_password'),
+  ('SELECT current_setting(''qes_billing.smtp_password'')'),
+  ('SET qes_billing.smtp_username = ''ops'''),
+  ('SET qes_billing.smtp_password_old = ''another setting'''),
+  ('SET qes_billing.smtp_password = [redacted]')) v(t);
+
 -- JSON: "secret" and "authorization" at any depth, any case; strings (keys too)
 -- masked; a client_secret stays; a null secret stays null
 SELECT billing.redact('{"id": "we_1", "secret": "whsec_abc", "url": "https://x.example"}');

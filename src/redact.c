@@ -20,6 +20,17 @@
  *	  "secret").  A client_secret is the tenant's, handed to its front end
  *	  by design, and stays.
  *
+ *	- the value given to a setting that holds a secret, recognised by the
+ *	  setting's name: SET / ALTER SYSTEM SET qes_billing.smtp_password =
+ *	  <value> (or TO; ALTER ROLE/DATABASE ... SET, refused, alike) masks
+ *	  everything after the "=" up to the end of the statement, and
+ *	  set_config('qes_billing.smtp_password', <value>, ...) the argument
+ *	  after the name.  The settings are every qes_billing.* string setting
+ *	  defined as a secret (superuser-only and hidden from SHOW ALL,
+ *	  src/guc.c), read from the GUC table at load: the SMTP password and
+ *	  the platform webhook's signing secret, which have no form to be
+ *	  recognised by, and the Stripe keys, whatever their value looks like.
+ *
  * A key or secret is recognised at the start of a word (not preceded by a
  * letter or digit), so identifiers that merely contain the letters stay.
  * Masking is idempotent: what it produces is never masked again.
@@ -54,7 +65,9 @@
 #include "tcop/tcopprot.h"
 #include "utils/builtins.h"
 #include "utils/elog.h"
+#include "utils/guc_tables.h"
 #include "utils/jsonb.h"
+#include "utils/memutils.h"
 
 #include "guc.h"
 #include "redact.h"
@@ -84,6 +97,218 @@ static inline bool
 is_token68_char(char c)
 {
 	return is_alnum(c) || c == '-' || c == '.' || c == '_' || c == '~' || c == '+' || c == '/' || c == '=';
+}
+
+/* ---- settings that hold secrets ------------------------------------------- */
+
+#define QES_GUC_PREFIX "qes_billing"
+
+/* the names after "qes_billing." of the settings that hold secrets */
+static char **secret_settings = NULL;
+static int	n_secret_settings = 0;
+
+/*
+ * Read them from the GUC table (qes_define_gucs() ran first, in _PG_init):
+ * every qes_billing.* string setting defined as a secret, superuser-only and
+ * hidden from SHOW ALL (src/guc.c, SECRET_FLAGS).
+ */
+static void
+collect_secret_settings(void)
+{
+	struct config_generic **vars = get_guc_variables();
+	int			nvars = GetNumConfigOptions();
+	int			plen = strlen(QES_GUC_PREFIX ".");
+
+	secret_settings = MemoryContextAllocZero(TopMemoryContext, sizeof(char *) * (nvars + 1));
+	n_secret_settings = 0;
+	for (int i = 0; i < nvars; i++)
+	{
+		struct config_generic *g = vars[i];
+
+		if (g->vartype == PGC_STRING &&
+			(g->flags & (GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL)) == (GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL) &&
+			pg_strncasecmp(g->name, QES_GUC_PREFIX ".", plen) == 0 && g->name[plen] != '\0')
+			secret_settings[n_secret_settings++] = MemoryContextStrdup(TopMemoryContext, g->name + plen);
+	}
+}
+
+/* a character of an unquoted SQL identifier */
+static inline bool
+is_ident_char(char c)
+{
+	return is_alnum(c) || c == '_' || c == '$' || IS_HIGHBIT_SET(c);
+}
+
+static inline int
+skip_space(const char *s, int len, int j)
+{
+	while (j < len && (s[j] == ' ' || s[j] == '\t' || s[j] == '\n' || s[j] == '\r' || s[j] == '\f'))
+		j++;
+	return j;
+}
+
+/* the end of the quoted string or identifier that opens at s[j] */
+static int
+quoted_end(const char *s, int len, int j, bool backslash_escapes)
+{
+	char		q = s[j];
+
+	for (j++; j < len; j++)
+	{
+		if (backslash_escapes && s[j] == '\\')
+			j++;
+		else if (s[j] == q)
+		{
+			if (j + 1 < len && s[j + 1] == q)
+				j++;			/* a doubled quote */
+			else
+				return j + 1;
+		}
+	}
+	return len;
+}
+
+/*
+ * Where the value of a setting that starts at s[j] ends: a statement's value
+ * (SET name = value) at the end of the statement, a function's argument
+ * (set_config(name, value, ...)) at the next "," or ")" outside brackets as
+ * well.  Quoted strings and identifiers, dollar quotes and comments are
+ * skipped whole; what cannot be read runs to the end of the text, which
+ * masks too much rather than too little.
+ */
+static int
+value_end(const char *s, int len, int j, bool argument)
+{
+	int			depth = 0;
+
+	while (j < len)
+	{
+		char		c = s[j];
+
+		if (c == '\'')
+			j = quoted_end(s, len, j,
+						   j > 0 && (s[j - 1] == 'E' || s[j - 1] == 'e') &&
+						   (j < 2 || !is_ident_char(s[j - 2])));
+		else if (c == '"')
+			j = quoted_end(s, len, j, false);
+		else if (c == '$' && (j == 0 || !is_ident_char(s[j - 1])))
+		{
+			/* $tag$ ... $tag$ (the tag may be empty); $1 is a parameter */
+			int			t = j + 1;
+
+			if (t < len && (is_alnum(s[t]) || s[t] == '_') && !(s[t] >= '0' && s[t] <= '9'))
+				while (t < len && (is_alnum(s[t]) || s[t] == '_'))
+					t++;
+			if (t < len && s[t] == '$')
+			{
+				int			tlen = t - j + 1;
+				int			k;
+
+				for (k = t + 1; k + tlen <= len; k++)
+					if (s[k] == '$' && memcmp(s + k, s + j, tlen) == 0)
+						break;
+				j = (k + tlen <= len) ? k + tlen : len;
+			}
+			else
+				j++;
+		}
+		else if (c == '-' && j + 1 < len && s[j + 1] == '-')
+		{
+			while (j < len && s[j] != '\n')
+				j++;
+		}
+		else if (c == '/' && j + 1 < len && s[j + 1] == '*')
+		{
+			int			nest = 1;
+
+			for (j += 2; j < len && nest > 0; j++)
+			{
+				if (s[j] == '/' && j + 1 < len && s[j + 1] == '*')
+					nest++, j++;
+				else if (s[j] == '*' && j + 1 < len && s[j + 1] == '/')
+					nest--, j++;
+			}
+		}
+		else if (c == ';')
+			return j;
+		else if (argument && (c == '(' || c == '['))
+			depth++, j++;
+		else if (argument && (c == ')' || c == ']'))
+		{
+			if (depth == 0)
+				return j;
+			depth--, j++;
+		}
+		else if (argument && c == ',' && depth == 0)
+			return j;
+		else
+			j++;
+	}
+	return len;
+}
+
+/*
+ * Is a value assigned at s[i] to a setting that holds a secret?  That is,
+ * the setting's name (qes_billing.smtp_password, any case, either part
+ * double-quoted, or the whole in quotes) followed by "=" or TO (SET, ALTER
+ * SYSTEM SET) or by "," (set_config).  Returns its value's span, blanks
+ * around it left out, in *vstart and *vend; a value already masked does
+ * not count.
+ */
+static bool
+setting_value_at(const char *s, int len, int i, int *vstart, int *vend)
+{
+	int			plen = strlen(QES_GUC_PREFIX);
+	int			j;
+	int			k;
+	bool		argument;
+
+	if (n_secret_settings == 0 || (i > 0 && is_ident_char(s[i - 1])) ||
+		len - i <= plen || pg_strncasecmp(s + i, QES_GUC_PREFIX, plen) != 0)
+		return false;
+	j = i + plen;
+	if (s[j] == '"')
+		j++;
+	j = skip_space(s, len, j);
+	if (j >= len || s[j] != '.')
+		return false;
+	j = skip_space(s, len, j + 1);
+	if (j < len && s[j] == '"')
+		j++;
+	for (k = 0; k < n_secret_settings; k++)
+	{
+		int			nlen = strlen(secret_settings[k]);
+
+		if (len - j >= nlen && pg_strncasecmp(s + j, secret_settings[k], nlen) == 0 &&
+			(j + nlen == len || !is_ident_char(s[j + nlen])))
+		{
+			j += nlen;
+			break;
+		}
+	}
+	if (k == n_secret_settings)
+		return false;
+	if (j < len && (s[j] == '"' || s[j] == '\''))
+		j++;
+	j = skip_space(s, len, j);
+	if (j < len && s[j] == '=')
+		argument = false, j++;
+	else if (j < len && s[j] == ',')
+		argument = true, j++;
+	else if (len - j > 2 && pg_strncasecmp(s + j, "to", 2) == 0 && !is_ident_char(s[j + 2]))
+		argument = false, j += 2;
+	else
+		return false;
+	*vstart = skip_space(s, len, j);
+	*vend = value_end(s, len, *vstart, argument);
+	while (*vend > *vstart && (s[*vend - 1] == ' ' || s[*vend - 1] == '\t' ||
+							   s[*vend - 1] == '\n' || s[*vend - 1] == '\r'))
+		(*vend)--;
+	if (*vend == *vstart ||
+		(*vend - *vstart == strlen(QES_REDACTED) &&
+		 memcmp(s + *vstart, QES_REDACTED, strlen(QES_REDACTED)) == 0))
+		return false;
+	return true;
 }
 
 /*
@@ -149,12 +374,15 @@ secret_at(const char *s, int len, int i, int *keep)
  * Does s (len bytes) hold anything to mask?  Run on every statement's text
  * (the ExecutorRun hook below), so it looks closely only where a secret can
  * begin: at a word's first letter, and only at the letters secret_at()
- * knows (s, r, w for keys; b, B for credentials).
+ * knows (s, r, w for keys; b, B for credentials) and setting_value_at()
+ * (q, Q for a setting's name).
  */
 bool
 qes_redact_needed(const char *s, int len)
 {
 	int			keep;
+	int			vstart;
+	int			vend;
 	bool		after_alnum = false;
 
 	for (int i = 0; i < len; i++)
@@ -163,6 +391,9 @@ qes_redact_needed(const char *s, int len)
 
 		if (!after_alnum && (c == 's' || c == 'r' || c == 'w' || c == 'b' || c == 'B') &&
 			secret_at(s, len, i, &keep) > 0)
+			return true;
+		if (!after_alnum && (c == 'q' || c == 'Q') &&
+			setting_value_at(s, len, i, &vstart, &vend))
 			return true;
 		after_alnum = is_alnum(c);
 	}
@@ -178,8 +409,19 @@ redact_into(StringInfo buf, const char *s, int len)
 	for (int i = 0; i < len;)
 	{
 		int			keep;
-		int			n = secret_at(s, len, i, &keep);
+		int			vstart;
+		int			vend;
+		int			n;
 
+		if ((s[i] == 'q' || s[i] == 'Q') && setting_value_at(s, len, i, &vstart, &vend))
+		{
+			/* the value given to a secret setting, up to its end */
+			appendBinaryStringInfo(buf, s + from, vstart - from);
+			appendStringInfoString(buf, QES_REDACTED);
+			i = from = vend;
+			continue;
+		}
+		n = secret_at(s, len, i, &keep);
 		if (n == 0)
 		{
 			i++;
@@ -249,6 +491,20 @@ qes_redact_secrets(const char *s)
 	s = redact_value(s, qes_smtp_password());
 	s = redact_value(s, qes_notify_webhook_secret());
 	return qes_redact_cstring(s);
+}
+
+/* Does s give a setting that holds a secret a value (SET, set_config)? */
+static bool
+sets_secret_setting(const char *s)
+{
+	int			len = strlen(s);
+	int			vstart;
+	int			vend;
+
+	for (int i = 0; i < len; i++)
+		if ((s[i] == 'q' || s[i] == 'Q') && setting_value_at(s, len, i, &vstart, &vend))
+			return true;
+	return false;
 }
 
 /* Does s hold a secret of either kind? */
@@ -468,6 +724,19 @@ qes_emit_log_hook(ErrorData *edata)
 	redact_field(&edata->hint, to_client);
 	redact_field(&edata->context, to_client);
 	redact_field(&edata->internalquery, to_client);
+	/*
+	 * A statement of the extended protocol is logged (log_statement,
+	 * log_min_duration_statement) with its parameters in the detail:
+	 * set_config('qes_billing.smtp_password', $1, false) has the password
+	 * there, where nothing names it.
+	 */
+	if (debug_query_string != NULL && sets_secret_setting(debug_query_string))
+	{
+		if (edata->detail != NULL && strncmp(edata->detail, "parameters: ", 12) == 0)
+			edata->detail = pstrdup("parameters: " QES_REDACTED);
+		if (edata->detail_log != NULL && strncmp(edata->detail_log, "parameters: ", 12) == 0)
+			edata->detail_log = pstrdup("parameters: " QES_REDACTED);
+	}
 	if (!edata->hide_stmt && debug_query_string != NULL && holds_secret(debug_query_string))
 		edata->hide_stmt = true;
 	if (prev_emit_log_hook)
@@ -540,6 +809,7 @@ qes_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTr
 void
 qes_redact_install_log_hook(void)
 {
+	collect_secret_settings();
 	prev_emit_log_hook = emit_log_hook;
 	emit_log_hook = qes_emit_log_hook;
 	prev_post_parse_analyze_hook = post_parse_analyze_hook;

@@ -17,6 +17,12 @@
  * Stripe never escapes them.  A repeated key counts with its last value, as
  * in jsonb (which is how the worker reads the payload).
  *
+ * What costs in proportion to the body comes last: a body over
+ * QES_WEBHOOK_MAX_BODY (1 MB) is refused with 54000 before anything reads
+ * it, and a Stripe-Signature header that cannot match (no timestamp, no v1,
+ * no v1 of 64 lower-case hex digits) before the secret is looked up or any
+ * HMAC computed.
+ *
  * A new event is inserted into billing.webhook_events (src/insert_once.c)
  * and wakes the worker at commit; a known one answers 200 and stores
  * nothing.
@@ -49,6 +55,19 @@
 
 /* 2011-01-01T00:00:00Z: no Stripe event is older */
 #define QES_EARLIEST_EVENT	INT64CONST(1293840000)
+
+/*
+ * The largest body taken (docs/operations.md, "Many webhooks refused"):
+ * Stripe's events are a few kilobytes, far below this.  Anything larger is
+ * refused before the signature is computed or the body scanned, which would
+ * otherwise cost CPU in proportion to what an unauthenticated sender posts
+ * (an HMAC and a scan of 20 MB: about 137 ms).  A constant, not a setting:
+ * no genuine event comes near it.
+ */
+#define QES_WEBHOOK_MAX_BODY	(1024 * 1024)
+
+/* a v1 signature: HMAC-SHA256 in lower-case hex */
+#define QES_SIG_HEX_LEN		64
 
 PG_FUNCTION_INFO_V1(qes_stripe_webhook_fn);
 
@@ -183,6 +202,44 @@ sig_reason(QesSigResult sig)
 }
 
 /*
+ * Could a v1 signature of the Stripe-Signature header equal an HMAC?  The
+ * verifier (webhook_signature.c) reads the header as Stripe's libraries do
+ * and computes the HMAC of the whole body for every secret before it
+ * compares; a header whose v1 signatures are none of them 64 lower-case hex
+ * digits cannot match, and is refused as malformed before that, for the
+ * cost of reading it.  Fields are split on ",", a v1's value runs from its
+ * first "=" to the next.
+ */
+static bool
+v1_may_match(const char *header)
+{
+	for (const char *p = header; p != NULL; p = strchr(p, ','))
+	{
+		const char *v;
+
+		if (*p == ',')
+			p++;
+		if (strncmp(p, "v1=", 3) != 0)
+			continue;
+		for (v = p + 3; (*v >= '0' && *v <= '9') || (*v >= 'a' && *v <= 'f'); v++)
+			;
+		if (v - (p + 3) == QES_SIG_HEX_LEN && (*v == '\0' || *v == ',' || *v == '='))
+			return true;
+	}
+	return false;
+}
+
+/* does the (comma-separated) secrets setting hold a secret at all? */
+static bool
+any_secret(const char *secrets)
+{
+	for (const char *c = secrets; c != NULL && *c != '\0'; c++)
+		if (*c != ',' && *c != ' ' && *c != '\t')
+			return true;
+	return false;
+}
+
+/*
  * api.stripe_webhook(json) returns json
  */
 Datum
@@ -219,6 +276,27 @@ qes_stripe_webhook_fn(PG_FUNCTION_ARGS)
 	payload = VARDATA_ANY(body);
 	len = VARSIZE_ANY_EXHDR(body);
 
+	/*
+	 * Before anything costs in proportion to the body (the HMAC, the scan):
+	 * an error, not a counted refusal, since nothing is written for it.
+	 */
+	if (len > QES_WEBHOOK_MAX_BODY)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("webhook body too large: %d bytes, the limit is %d", len, QES_WEBHOOK_MAX_BODY),
+				 errdetail("Stripe's events are far smaller; the delivery was not verified or stored."),
+				 errhint("Refuse bodies over 1 MB in front of PostgREST as well (e.g. the proxy's body size limit).")));
+
+	/*
+	 * A header the verifier refuses unread (missing, no timestamp, no v1)
+	 * is refused before the secret is looked up: with no secret and no body
+	 * it reads the header and stops there (QES_SIG_NO_SECRET: it is read).
+	 */
+	header = qes_request_header("stripe-signature");
+	sig = qes_verify_stripe_signature(header, "", 0, NULL, 0, 0);
+	if (sig != QES_SIG_NO_SECRET)
+		PG_RETURN_DATUM(reject(sig_reason(sig), live));
+
 	/* the configured secret(s); without one, what --setup-webhook stored */
 	secrets = qes_stripe_key(QES_KEY_WEBHOOK, true);
 	if (secrets == NULL)
@@ -235,7 +313,9 @@ qes_stripe_webhook_fn(PG_FUNCTION_ARGS)
 		SPI_finish();
 	}
 
-	header = qes_request_header("stripe-signature");
+	/* a signature no HMAC can equal: refused before any is computed */
+	if (any_secret(secrets) && !v1_may_match(header))
+		PG_RETURN_DATUM(reject(QES_REJECT_MALFORMED, live));
 	sig = qes_verify_stripe_signature(header, payload, len, secrets, qes_webhook_tolerance_s,
 									  qes_unix_usecs(GetCurrentTimestamp()));
 	if (sig != QES_SIG_OK)

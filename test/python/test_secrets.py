@@ -29,6 +29,7 @@ import re
 import subprocess
 import threading
 import time
+import uuid
 
 import psycopg
 import pytest
@@ -376,6 +377,67 @@ def test_a_running_statement_shows_its_secret_masked(pg):
                 running.release()
     finally:
         running.close()
+
+
+def test_a_secret_setting_is_masked_by_its_name(pg):
+    """The SMTP password and the platform webhook's signing secret have no
+    form to be recognised by: a statement that gives either a value -- SET,
+    ALTER SYSTEM SET, set_config(), by the simple and the extended protocol
+    -- shows it masked in pg_stat_activity, to the superuser and to a
+    pg_monitor login, while it runs and after it, and the server log
+    (log_statement = all, the extended protocol's parameters too) never has
+    it.  A control statement carrying a plain string beside them is seen in
+    clear."""
+    tag = uuid.uuid4().hex[:10]
+    password, signing, other, control = (f"Smtp-Pass-{tag}", f"platform-signing-{tag}",
+                                         f"Alter-System-Pass-{tag}", f"Plain-Control-{tag}")
+    values = (password, signing, other)
+    monitor_login(pg)
+    running = Running(pg, {
+        "smtp": f"SELECT set_config('qes_billing.smtp_password', '{password}', false)"
+                f" FROM pg_advisory_lock_shared({HELD})",
+        "notify": f"SELECT set_config('QES_BILLING.Notify_Webhook_Secret', '{signing}' || '', false)"
+                  f" FROM pg_advisory_lock_shared({HELD})",
+        "extended": ("SELECT set_config('qes_billing.smtp_password', %s, false) FROM pg_advisory_lock_shared(%s)",
+                     (password, HELD)),
+        "control": f"SELECT pg_advisory_lock_shared({HELD}), '{control}' AS control",
+    })
+    # utility statements cannot be held: their sessions are read idle, as
+    # they stay after the statement
+    utility = {"set": f"SET qes_billing.notify_webhook_secret TO '{signing}'",
+               "quoted": f'SET "qes_billing"."smtp_password" = \'{password}\'',
+               "alter_system": f"ALTER SYSTEM SET qes_billing.smtp_password = '{other}'"}
+    idle = {name: pg.connect(autocommit=True) for name in utility}
+    try:
+        for name, statement in utility.items():
+            psycopg.ClientCursor(idle[name]).execute(statement)
+        pids = dict(running.pids, **{name: c.info.backend_pid for name, c in idle.items()})
+        for state in ("active", "idle"):
+            with pg.connect(autocommit=True) as su, pg.connect(user=MONITOR, autocommit=True) as mon:
+                for who, conn in (("postgres", su), (MONITOR, mon)):
+                    seen = activity(conn, pids.values())
+                    for name in ("smtp", "notify", "extended", *utility):
+                        query = seen[pids[name]][1]
+                        assert not any(v in query for v in values), (who, state, name, query)
+                        assert "[redacted]" in query, (who, state, name, query)
+                        assert "set_config" in query or name in utility, (who, state, name, query)
+                    assert "pg_advisory_lock_shared" in seen[pids["smtp"]][1]
+                    assert "pg_advisory_lock_shared($2)" in seen[pids["extended"]][1]
+                    assert seen[pids["control"]][1].count(control) == 1, (who, state, seen[pids["control"]])
+            if state == "active":
+                running.release()
+        log = pg.log()
+        assert control in log
+        assert "set_config('qes_billing.smtp_password', [redacted], false)" in log
+        assert "ALTER SYSTEM SET qes_billing.smtp_password = [redacted]" in log
+        assert "parameters: [redacted]" in log
+        assert not [v for v in values if v in log], [line for line in log.splitlines() if any(v in line for v in values)]
+    finally:
+        running.close()
+        for c in idle.values():
+            c.close()
+        with pg.connect(autocommit=True) as su:
+            su.execute("ALTER SYSTEM RESET qes_billing.smtp_password")
 
 
 def test_the_search_finds_planted_secrets(pg):

@@ -111,3 +111,61 @@ def test_not_an_event(pg, api):
 def test_only_the_anonymous_role_calls_it(api):
     r = deliver(api, event(), claims=tenant_claims("acme"))
     assert r.status == 403
+
+
+# the intake's body limit (src/webhook_intake.c, QES_WEBHOOK_MAX_BODY)
+MAX_BODY = 1024 * 1024
+
+
+def padded_event(size):
+    """A valid event whose body is exactly size bytes (padding in data.object)."""
+    body = event()
+    ev = json.loads(body)
+    ev["data"]["object"]["description"] = ""
+    base = len(json.dumps(ev, indent=2).encode())
+    ev["data"]["object"]["description"] = "x" * (size - base)
+    body = json.dumps(ev, indent=2)
+    assert len(body.encode()) == size
+    return body
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_verified(pg, api):
+    """A forged 20 MB delivery once cost an HMAC and a scan of all of it.  A
+    body over 1 MB is refused with 54000 before anything reads it: neither
+    verified (it is counted as no refusal: the signature was never looked
+    at) nor stored.  One at the limit, validly signed, is taken."""
+    big = padded_event(MAX_BODY + 1)
+    eid = json.loads(big)["id"]
+    before = {reason: refused(pg, reason) for reason in ("mismatch", "malformed")}
+    for kwargs in ({"secret": "whsec_not_ours"}, {}):           # forged, and even validly signed
+        r = deliver(api, big, **kwargs)
+        assert r.status == 400 and r.body["code"] == "54000", r.body
+        assert r.body["message"] == f"webhook body too large: {MAX_BODY + 1} bytes, the limit is {MAX_BODY}", r.body
+    r = deliver(api, padded_event(20 * MAX_BODY), secret="whsec_not_ours")
+    assert r.status == 400 and r.body["code"] == "54000", r.body
+    assert inbox_count(pg, eid) == 0
+    assert {reason: refused(pg, reason) for reason in before} == before
+    # at the limit: an event, verified and stored
+    ok = padded_event(MAX_BODY)
+    r = deliver(api, ok)
+    assert r.status == 200 and r.body["duplicate"] is False, r.body
+    assert inbox_count(pg, json.loads(ok)["id"]) == 1
+
+
+@pytest.mark.parametrize("header", [
+    "t={t},v1=00",                                   # too short to be an HMAC-SHA256
+    "t={t},v1=" + "A" * 64,                          # upper case: no HMAC we compute equals it
+    "t={t},v1=" + "g" * 64,                          # not hex
+    "t={t},v1=" + "0" * 65,                          # too long
+    "t={t},v0=" + "0" * 64 + ",v1=x",                # the v0 would not count either
+])
+def test_a_signature_no_hmac_can_equal_is_refused_unverified(pg, api, header):
+    """A v1 that is not 64 lower-case hex digits cannot equal any HMAC: the
+    header is refused as malformed before the secret is looked up and the
+    body's HMAC computed (which would refuse it as a mismatch, later)."""
+    body = event()
+    before = refused(pg, "malformed"), refused(pg, "mismatch")
+    r = deliver(api, body, header=header.format(t=int(time.time())))
+    assert r.status == 400 and r.body["reason"] == "malformed", r.body
+    assert (refused(pg, "malformed"), refused(pg, "mismatch")) == (before[0] + 1, before[1])
+    assert inbox_count(pg, json.loads(body)["id"]) == 0
