@@ -69,6 +69,21 @@ ALTER TABLE billing.webhook_events
 
 -- ---- 2. the 0.2 install script where it differs from 0.1, in its order ----------
 
+-- The roles PostgREST switches to.  Roles are cluster-wide and are not
+-- members of the extension: they are created when missing and survive
+-- DROP EXTENSION, so that other databases using them keep working.
+DO $roles$
+DECLARE
+  r text;
+BEGIN
+  FOREACH r IN ARRAY ARRAY['qes_anon', 'qes_tenant', 'qes_admin', 'qes_app', 'qes_monitor'] LOOP
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = r) THEN
+      EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', r);
+    END IF;
+  END LOOP;
+END
+$roles$;
+
 -- (upgrade) what 0.2 adds to billing.plans
 ALTER TABLE billing.plans ADD CONSTRAINT plans_features_check CHECK ((array_position(features, NULL::text) IS NULL));
 
@@ -951,8 +966,9 @@ BEGIN
   -- most tenants are billed by usage for nothing: answer without the
   -- usage_current call (GET /usage asks for every tenant)
   IF NOT EXISTS (SELECT 1 FROM billing.subscriptions s
+                   LEFT JOIN billing.prices pr ON pr.stripe_price_id = s.stripe_price_id
                    JOIN billing.metered_prices mp ON mp.plan_id = s.plan_id AND mp.billing_interval = s.billing_interval
-                                                 AND mp.active
+                                                 AND mp.currency = coalesce(pr.currency, 'usd') AND mp.active
                   WHERE s.tenant_id = p_tenant AND s.stripe_subscription_id IS NOT NULL
                     AND s.status IN ('trialing', 'active', 'past_due')) THEN
     RETURN;
@@ -971,8 +987,12 @@ BEGIN
     FROM billing.usage_current(p_tenant) c
     JOIN billing.subscriptions s ON s.tenant_id = p_tenant AND s.stripe_subscription_id IS NOT NULL
                                 AND s.status IN ('trialing', 'active', 'past_due')
+    -- the metered price in the subscription's currency (that of its licensed
+    -- price; usd, the one subscriptions are made in, when it is not known
+    -- here), as the meter pass picks it (billing.meter_unsent, 94_meters.sql)
+    LEFT JOIN billing.prices pr ON pr.stripe_price_id = s.stripe_price_id
     JOIN billing.metered_prices mp ON mp.plan_id = s.plan_id AND mp.billing_interval = s.billing_interval
-                                  AND mp.metric = c.metric AND mp.active
+                                  AND mp.metric = c.metric AND mp.currency = coalesce(pr.currency, 'usd') AND mp.active
    ORDER BY c.metric;
 END
 $$;
@@ -1329,12 +1349,45 @@ BEGIN
 END
 $$;
 
+-- Who may write the chain: the owner of the audit tables (and superusers),
+-- which is what billing.audit() runs as (SECURITY DEFINER) and what calls
+-- billing.audit_archive() (72_audit_export.sql: superusers and the
+-- extension's owner).  A role that may write every table but owns none of
+-- these -- pg_write_all_data, an ETL or DBA login -- could otherwise append
+-- a row with a hash it computed itself and move the chain head to it, or
+-- record an archive that "covers" every row and then delete them all, and
+-- the chain would still verify (docs/operations.md, "The audit chain does
+-- not verify").  The check is on the role the statement runs as, which a
+-- caller cannot set to the owner's (set_config can fake a setting, not
+-- current_user); a pg_restore, run as a superuser or the owner, passes.
+-- (Inline, not a helper function: a trigger's function needs no EXECUTE
+-- right of whoever fires it, a function it calls would.)
+CREATE OR REPLACE FUNCTION billing.audit_writers_guard() RETURNS trigger
+  LANGUAGE plpgsql SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  IF NOT pg_has_role(current_user, (SELECT c.relowner FROM pg_class c WHERE c.oid = TG_RELID), 'USAGE') THEN
+    RAISE EXCEPTION 'only billing.audit() and billing.audit_archive() write the audit chain: % on %.% is not allowed for role %',
+                    TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME, current_user
+      USING ERRCODE = 'insufficient_privilege',
+            DETAIL = 'Audit rows, the chain head and the archives are written only as the owner of the audit tables.',
+            HINT = 'Write audit rows with billing.audit(); archive with the command qes_billing_audit archive.';
+  END IF;
+  RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END
+$$;
+
+COMMENT ON FUNCTION billing.audit_writers_guard() IS
+  'Trigger: refuse writes to audit_log, audit_head and audit_archives by any role without the tables'' owner''s rights (pg_write_all_data too); billing.audit() and billing.audit_archive() run as the owner.';
+
 CREATE OR REPLACE FUNCTION billing.audit_guard() RETURNS trigger
   LANGUAGE plpgsql SET search_path = pg_catalog, billing
 AS $$
 BEGIN
-  -- a row covered by a recorded archive may be removed (billing.audit_archive)
+  -- a row covered by a recorded archive may be removed (billing.audit_archive,
+  -- which runs as the owner: nobody else may delete even those)
   IF TG_OP = 'DELETE' AND TG_TABLE_NAME = 'audit_log'
+     AND pg_has_role(current_user, (SELECT c.relowner FROM pg_class c WHERE c.oid = TG_RELID), 'USAGE')
      AND EXISTS (SELECT FROM billing.audit_archives a
                   WHERE a.last_id >= OLD.audit_id AND a.first_id <= OLD.audit_id) THEN
     RETURN OLD;
@@ -1349,13 +1402,27 @@ END
 $$;
 
 COMMENT ON FUNCTION billing.audit_guard() IS
-  'Trigger: refuse UPDATE, DELETE and TRUNCATE of the audit log (but the DELETE of rows an archive covers) and of its archives.';
+  'Trigger: refuse UPDATE, DELETE and TRUNCATE of the audit log (but the owner''s DELETE of rows an archive covers) and of its archives.';
 
 CREATE OR REPLACE TRIGGER append_only BEFORE UPDATE OR DELETE ON billing.audit_archives
   FOR EACH ROW EXECUTE FUNCTION billing.audit_guard();
 
 CREATE OR REPLACE TRIGGER append_only_truncate BEFORE TRUNCATE ON billing.audit_archives
   FOR EACH STATEMENT EXECUTE FUNCTION billing.audit_guard();
+
+-- the writers: INSERT into the log and the archives, any change to the head
+-- (named to fire before 97_dump.sql's replace_seed on audit_head)
+CREATE OR REPLACE TRIGGER chain_writers BEFORE INSERT ON billing.audit_log
+  FOR EACH ROW EXECUTE FUNCTION billing.audit_writers_guard();
+
+CREATE OR REPLACE TRIGGER chain_writers BEFORE INSERT ON billing.audit_archives
+  FOR EACH ROW EXECUTE FUNCTION billing.audit_writers_guard();
+
+CREATE OR REPLACE TRIGGER chain_writers BEFORE INSERT OR UPDATE OR DELETE ON billing.audit_head
+  FOR EACH ROW EXECUTE FUNCTION billing.audit_writers_guard();
+
+CREATE OR REPLACE TRIGGER chain_writers_truncate BEFORE TRUNCATE ON billing.audit_head
+  FOR EACH STATEMENT EXECUTE FUNCTION billing.audit_writers_guard();
 
 CREATE OR REPLACE FUNCTION billing.verify_audit_chain(
   OUT ok boolean, OUT rows_checked bigint, OUT first_bad_id bigint, OUT problem text)
@@ -1376,32 +1443,90 @@ BEGIN
   END IF;
   SELECT count(*) INTO rows_checked FROM billing.audit_log;
 
-  SELECT c.audit_id,
-         CASE
-           WHEN c.prev_id IS NULL AND c.audit_id <> v_base_id + 1 THEN 'rows before this one are missing'
-           WHEN c.prev_id IS NOT NULL AND c.audit_id <> c.prev_id + 1 THEN 'rows before this one are missing'
-           WHEN c.prev_hash <> coalesce(c.chain_prev, v_base_hash)
-             THEN 'prev_hash does not match the previous row'
-           ELSE 'content does not match its hash'
-         END
+  -- The archives first: the chain kept starts from the newest one's last
+  -- hash, so a forged archive would hide every row it claims to cover
+  -- (docs/operations.md, "The audit trail out of the database").  They
+  -- follow one another from row 1 without a gap or an overlap ...
+  SELECT a.first_id,
+         format('archive %s (rows %s to %s) does not follow on from %s', a.archive_id, a.first_id, a.last_id,
+                CASE WHEN a.prev_last IS NULL THEN 'the start of the chain (row 1)'
+                     ELSE 'the archive before it (rows up to ' || a.prev_last || ')' END)
     INTO first_bad_id, problem
-    FROM (SELECT a.*,
-                 lag(a.hash) OVER w AS chain_prev,
-                 lag(a.audit_id) OVER w AS prev_id
-            FROM billing.audit_log a
-          WINDOW w AS (ORDER BY a.audit_id)) c
-   WHERE (c.prev_id IS NULL AND c.audit_id <> v_base_id + 1)
-      OR (c.prev_id IS NOT NULL AND c.audit_id <> c.prev_id + 1)
-      OR c.prev_hash <> coalesce(c.chain_prev, v_base_hash)
-      OR c.hash <> billing.audit_hash(c.prev_hash, c.audit_id, c.occurred_at, c.actor_role, c.actor_sub,
-                                      c.actor_tenant, c.tenant_id, c.action, c.details)
-   ORDER BY c.audit_id
+    FROM (SELECT b.*, lag(b.last_id) OVER (ORDER BY b.first_id, b.last_id) AS prev_last
+            FROM billing.audit_archives b) a
+   WHERE a.first_id <> coalesce(a.prev_last, 0) + 1
+   ORDER BY a.first_id, a.last_id
    LIMIT 1;
+  -- ... and each is vouched for by the audit.archived row that
+  -- billing.audit_archive() chained after it: the newest archive's row is
+  -- always kept (its id is past the archive), an older one's may have been
+  -- archived in turn; a row that is kept names the same rows, last hash and
+  -- export digest.  A superuser who records an archive by hand (triggers
+  -- off) has no such row to show.
+  IF first_bad_id IS NULL THEN
+    SELECT a.first_id,
+           CASE WHEN r.audit_id IS NULL
+                THEN format('archive %s (rows %s to %s) has no audit.archived row: billing.audit_archive() did not make it',
+                            a.archive_id, a.first_id, a.last_id)
+                ELSE format('archive %s (rows %s to %s) is not what its audit.archived row (audit_id %s) recorded',
+                            a.archive_id, a.first_id, a.last_id, r.audit_id) END
+      INTO first_bad_id, problem
+      FROM billing.audit_archives a
+      LEFT JOIN billing.audit_log r
+        ON r.action = 'audit.archived' AND r.details ->> 'last_id' = a.last_id::text
+     WHERE (r.audit_id IS NULL AND a.last_id = v_base_id)
+        OR (r.audit_id IS NOT NULL
+            AND (r.audit_id <= a.last_id
+                 OR r.details ->> 'first_id' IS DISTINCT FROM a.first_id::text
+                 OR r.details ->> 'last_hash' IS DISTINCT FROM encode(a.last_hash, 'hex')
+                 OR r.details ->> 'export_sha256' IS DISTINCT FROM encode(a.export_sha256, 'hex')))
+     ORDER BY a.first_id
+     LIMIT 1;
+  END IF;
+  -- every audit.archived row kept has its archive (one removed by hand)
+  IF first_bad_id IS NULL THEN
+    SELECT r.audit_id,
+           format('the archive of rows %s to %s that this audit.archived row records is missing',
+                  r.details ->> 'first_id', r.details ->> 'last_id')
+      INTO first_bad_id, problem
+      FROM billing.audit_log r
+     WHERE r.action = 'audit.archived'
+       AND NOT EXISTS (SELECT FROM billing.audit_archives a WHERE r.details ->> 'last_id' = a.last_id::text)
+     ORDER BY r.audit_id
+     LIMIT 1;
+  END IF;
+
+  IF first_bad_id IS NULL THEN
+    SELECT c.audit_id,
+           CASE
+             WHEN c.prev_id IS NULL AND c.audit_id <> v_base_id + 1 THEN 'rows before this one are missing'
+             WHEN c.prev_id IS NOT NULL AND c.audit_id <> c.prev_id + 1 THEN 'rows before this one are missing'
+             WHEN c.prev_hash <> coalesce(c.chain_prev, v_base_hash)
+               THEN 'prev_hash does not match the previous row'
+             ELSE 'content does not match its hash'
+           END
+      INTO first_bad_id, problem
+      FROM (SELECT a.*,
+                   lag(a.hash) OVER w AS chain_prev,
+                   lag(a.audit_id) OVER w AS prev_id
+              FROM billing.audit_log a
+            WINDOW w AS (ORDER BY a.audit_id)) c
+     WHERE (c.prev_id IS NULL AND c.audit_id <> v_base_id + 1)
+        OR (c.prev_id IS NOT NULL AND c.audit_id <> c.prev_id + 1)
+        OR c.prev_hash <> coalesce(c.chain_prev, v_base_hash)
+        OR c.hash <> billing.audit_hash(c.prev_hash, c.audit_id, c.occurred_at, c.actor_role, c.actor_sub,
+                                        c.actor_tenant, c.tenant_id, c.action, c.details)
+     ORDER BY c.audit_id
+     LIMIT 1;
+  END IF;
 
   IF first_bad_id IS NULL THEN
     SELECT * INTO v_head FROM billing.audit_head;
     SELECT * INTO v_last FROM billing.audit_log ORDER BY audit_id DESC LIMIT 1;
-    IF v_head.last_id <> coalesce(v_last.audit_id, v_base_id)
+    IF v_head.last_id IS NULL THEN
+      first_bad_id := coalesce(v_last.audit_id, v_base_id) + 1;
+      problem := 'the chain head (billing.audit_head) is missing';
+    ELSIF v_head.last_id <> coalesce(v_last.audit_id, v_base_id)
        OR v_head.last_hash <> coalesce(v_last.hash, v_head.last_hash) THEN
       first_bad_id := coalesce(v_last.audit_id, v_base_id) + 1;
       problem := 'the newest rows are missing (the chain head is at ' || v_head.last_id || ')';
@@ -1412,7 +1537,7 @@ END
 $$;
 
 COMMENT ON FUNCTION billing.verify_audit_chain() IS
-  'Walk the audit chain from the newest archive''s last hash (or from the start); report the first row whose link or hash does not match, or that newest rows are missing.';
+  'Check that the archives follow one another from row 1, each recorded by its audit.archived row; walk the audit chain from the newest archive''s last hash (or from the start); report the first archive or row whose link or hash does not match, or that newest rows are missing.';
 
 -- The audit trail leaves the database: an export of a period that can be
 -- verified without PostgreSQL (src/qes_billing_audit_verify), and archival
@@ -2707,7 +2832,7 @@ BEGIN
     PERFORM billing.apply_dispute(v_t, o);
     PERFORM billing.sync_dispute(v_t, o, v_at, v_type);
   WHEN v_type IN ('customer.tax_id.created', 'customer.tax_id.updated', 'customer.tax_id.deleted') THEN
-    PERFORM billing.sync_tax_id(v_t, o, v_type = 'customer.tax_id.deleted');   -- 91_tax.sql
+    PERFORM billing.sync_tax_id(v_t, o, v_type = 'customer.tax_id.deleted', v_at);   -- 91_tax.sql
   ELSE
     out_tenant := NULL;   -- a type we do not handle
     out_state := 'ignored';
@@ -3602,10 +3727,21 @@ $$;
 -- The Stripe time a response speaks for: when we sent the request, on the
 -- billing clock (the real clock in production; moved with it in a test or
 -- demo, as Stripe's times are there).  A webhook event created later (a
--- later state) still wins; one created before does not.
+-- later state) still wins; one created before does not.  A POST is answered
+-- under its Idempotency-Key with the body of the FIRST attempt that reached
+-- Stripe, whenever the retry that gets it goes out: its answer speaks for
+-- that first attempt (first_sent_at), never for the retry, or a body lost
+-- once and replayed later would overwrite a state a webhook brought in
+-- between (docs/architecture.md, "Mirroring Stripe" and "Unknown
+-- outcomes").  A GET or a DELETE is not replayed (Stripe ignores their
+-- keys): its answer is the state when this attempt was sent (claimed_at).
 CREATE OR REPLACE FUNCTION billing.outbox_state_at(r billing.stripe_requests) RETURNS timestamptz
   LANGUAGE sql STABLE
-RETURN date_trunc('second', coalesce(r.claimed_at, r.updated_at) + (billing.now() - pg_catalog.now()));
+RETURN date_trunc('second', coalesce(CASE WHEN r.method = 'POST' THEN r.first_sent_at END, r.claimed_at, r.updated_at)
+                            + (billing.now() - pg_catalog.now()));
+
+COMMENT ON FUNCTION billing.outbox_state_at(billing.stripe_requests) IS
+  'The Stripe time an answer speaks for, on the billing clock: a POST''s first attempt that may have reached Stripe (first_sent_at: a retry replays that attempt''s answer), else the attempt answered (claimed_at).';
 
 -- Success: what the answer means for local state.
 CREATE OR REPLACE FUNCTION billing.outbox_apply(r billing.stripe_requests) RETURNS void
@@ -4964,6 +5100,15 @@ COMMENT ON VIEW api.invoices IS
 -- charge (customer tax_exempt=reverse), and the decision is audited with its
 -- basis.
 
+-- The Stripe time of the followed tax ID's state (the event's created, or
+-- for the tax_id.create answer the second its request first went out):
+-- customer.tax_id.* events arrive in any order, and an older one must not
+-- overwrite a newer verification (docs/architecture.md, "Mirroring Stripe").
+ALTER TABLE billing.billing_details ADD COLUMN tax_id_state_at timestamptz;
+
+COMMENT ON COLUMN billing.billing_details.tax_id_state_at IS
+  'The Stripe time of the state of stripe_tax_id kept here (an event''s created, or the tax_id.create answer''s first attempt); an older state of that tax ID is ignored, and its deletion is final.';
+
 -- ISO 3166-1 alpha-2 codes (officially assigned).
 CREATE OR REPLACE FUNCTION billing.iso_countries() RETURNS text[]
   LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -5099,6 +5244,9 @@ BEGIN
          line1 = EXCLUDED.line1, city = EXCLUDED.city, vat_number = EXCLUDED.vat_number,
          state = 'pending', refusal = NULL, stripe_request = NULL, version = x.version + 1,
          tax_id_status = CASE WHEN x.vat_number IS NOT DISTINCT FROM EXCLUDED.vat_number THEN x.tax_id_status END,
+         -- another number: its own tax ID is followed (billing.sync_tax_id), from its first state
+         stripe_tax_id = CASE WHEN x.vat_number IS NOT DISTINCT FROM EXCLUDED.vat_number THEN x.stripe_tax_id END,
+         tax_id_state_at = CASE WHEN x.vat_number IS NOT DISTINCT FROM EXCLUDED.vat_number THEN x.tax_id_state_at END,
          reverse_charge = x.reverse_charge AND x.vat_number IS NOT DISTINCT FROM EXCLUDED.vat_number
                           AND x.country = EXCLUDED.country,
          updated_at = now()
@@ -5106,8 +5254,7 @@ BEGIN
   -- reverse charge rests on a verified VAT number of that country: another
   -- number, none, or another country ends it until the new one is verified
   IF v_old.reverse_charge AND NOT d.reverse_charge AND t.stripe_customer_id IS NOT NULL THEN
-    PERFORM billing.outbox_enqueue(t.tenant_id, 'tax_exempt.update', 'POST', '/v1/customers/' || t.stripe_customer_id,
-                                   jsonb_build_object('tax_exempt', 'none'));
+    PERFORM billing.tax_exempt_send(t.tenant_id, t.stripe_customer_id, 'none');
     PERFORM billing.audit('tax.reverse_charge', t.tenant_id, jsonb_build_object(
       'reverse_charge', false,
       'basis', jsonb_build_object('vat_number', d.vat_number, 'vat_number_before', v_old.vat_number,
@@ -5176,7 +5323,7 @@ BEGIN
                                       jsonb_build_object('version', d.version));
     END IF;
   ELSIF r.kind = 'tax_id.create' THEN
-    PERFORM billing.sync_tax_id(r.tenant_id, r.response, false);
+    PERFORM billing.sync_tax_id(r.tenant_id, r.response, false, billing.outbox_state_at(r));
   END IF;
 END
 $$;
@@ -5212,21 +5359,118 @@ $$;
 COMMENT ON FUNCTION billing.billing_details_failure(billing.stripe_requests) IS
   'Stripe refused the billing details (e.g. customer_tax_location_invalid) or the VAT number: refused, with the field, shown by GET /rpc/billing_details as 422.';
 
+-- The customer's tax_exempt as decided, sent so that the last decision is
+-- the one Stripe keeps: the requests about one customer's tax_exempt go out
+-- one after the other.  A decision taken while an earlier request has not
+-- gone out yet replaces that request's value (nothing of it reached
+-- Stripe); while one may have reached Stripe (in flight, or retried after a
+-- 5xx or a lost answer), the new one waits for it (after_request), so a
+-- retry of the older value can never land after the newer one
+-- (docs/architecture.md, "Tax").  Returns the request that carries it.
+CREATE OR REPLACE FUNCTION billing.tax_exempt_send(p_tenant text, p_customer text, p_tax_exempt text) RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_path text := '/v1/customers/' || p_customer;
+  v_id   bigint;
+  r      billing.stripe_requests;
+BEGIN
+  IF p_tax_exempt IS NULL OR p_tax_exempt NOT IN ('none', 'exempt', 'reverse') THEN
+    RAISE EXCEPTION 'tax_exempt %: not one of Stripe''s values', coalesce(quote_literal(p_tax_exempt), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Use none, exempt or reverse.';
+  END IF;
+  IF p_customer IS NULL THEN
+    RAISE EXCEPTION 'tenant % has no Stripe customer to set tax_exempt on', p_tenant
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'The customer''s tax_exempt follows once it is created.';
+  END IF;
+  -- the newest request about this customer's tax_exempt not done yet,
+  -- locked (the worker records it under the same lock); looked up again if
+  -- it was done between the look and the lock
+  FOR i IN 1 .. 5 LOOP
+    SELECT x.request_id INTO v_id FROM billing.stripe_requests x
+     WHERE x.tenant_id = p_tenant AND x.kind = 'tax_exempt.update' AND x.path = v_path
+       AND x.state IN ('waiting', 'pending', 'in_flight')
+     ORDER BY x.request_id DESC LIMIT 1;
+    EXIT WHEN v_id IS NULL;
+    SELECT * INTO r FROM billing.stripe_requests x WHERE x.request_id = v_id FOR UPDATE;
+    EXIT WHEN r.state IN ('waiting', 'pending', 'in_flight');
+    r := NULL;
+    v_id := NULL;
+  END LOOP;
+  IF v_id IS NULL THEN
+    RETURN billing.outbox_enqueue(p_tenant, 'tax_exempt.update', 'POST', v_path,
+                                  jsonb_build_object('tax_exempt', p_tax_exempt));
+  END IF;
+  IF r.state IN ('waiting', 'pending') AND r.first_sent_at IS NULL THEN
+    -- not gone out yet: it carries the new decision instead
+    UPDATE billing.stripe_requests x SET params = x.params || jsonb_build_object('tax_exempt', p_tax_exempt),
+                                         updated_at = now()
+     WHERE x.request_id = r.request_id;
+    RETURN r.request_id;
+  END IF;
+  IF r.params ->> 'tax_exempt' = p_tax_exempt THEN
+    RETURN r.request_id;     -- already what goes out last
+  END IF;
+  RETURN billing.outbox_enqueue(p_tenant, 'tax_exempt.update', 'POST', v_path,
+                                jsonb_build_object('tax_exempt', p_tax_exempt), '{}'::jsonb, r.request_id);
+END
+$$;
+
+COMMENT ON FUNCTION billing.tax_exempt_send(text, text, text) IS
+  'Queue the customer''s tax_exempt (none, exempt, reverse) so that the last decision is the one Stripe keeps: it replaces the value of a request that has not gone out, or waits for one that may have reached Stripe. Returns the request.';
+
 -- A tax ID as Stripe tells of it (the answer, or customer.tax_id.* events):
--- its verification mirrored; reverse charge decided and audited.
-CREATE OR REPLACE FUNCTION billing.sync_tax_id(p_tenant text, o jsonb, p_deleted boolean) RETURNS void
+-- its verification mirrored; reverse charge decided and audited.  Ordered
+-- as every mirror is (docs/architecture.md, "Mirroring Stripe"): p_at is the
+-- Stripe time of this state (the event's created; the answer's first
+-- attempt; NULL: an operator's call, taken as the newest state); an older
+-- state of the followed tax ID is ignored, and in the same second the state
+-- further along wins (a decided verification over pending; of two decided
+-- ones, the one that does not reverse-charge, so that a tie never leaves
+-- VAT uncollected); its deletion is final.  Another tax ID of the same
+-- number is followed instead only when the followed one is deleted or it
+-- was created after the followed one's newest state.
+CREATE OR REPLACE FUNCTION billing.sync_tax_id(p_tenant text, o jsonb, p_deleted boolean, p_at timestamptz DEFAULT NULL)
+  RETURNS void
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
 DECLARE
   d        billing.billing_details;
   v_status text := CASE WHEN p_deleted THEN 'deleted' ELSE coalesce(o -> 'verification' ->> 'status', 'pending') END;
   v_origin text := upper(nullif(btrim(current_setting('qes_billing.tax_origin_country')), ''));
+  v_at     timestamptz := coalesce(p_at, date_trunc('second', billing.now()));
+  v_id     text;
   v_rc     boolean;
   v_cust   text := (SELECT t.stripe_customer_id FROM billing.tenants t WHERE t.tenant_id = p_tenant);
+  -- the order of states within one second (further along is greater)
+  v_rank   text[] := ARRAY['pending', 'verified', 'unavailable', 'unverified'];
 BEGIN
   SELECT * INTO d FROM billing.billing_details x WHERE x.tenant_id = p_tenant FOR UPDATE;
   IF NOT FOUND OR (o ->> 'value') IS DISTINCT FROM d.vat_number THEN
     RETURN;    -- a tax ID of a VAT number the tenant no longer gives
+  END IF;
+  v_id := coalesce(o ->> 'id', d.stripe_tax_id);
+  IF p_at IS NULL THEN
+    -- an operator's statement of the tax ID as it is now: the newest state
+    v_at := greatest(v_at, d.tax_id_state_at);
+  ELSIF d.stripe_tax_id IS NOT NULL AND v_id <> d.stripe_tax_id THEN
+    -- another tax ID of the same number
+    IF p_deleted OR NOT (d.tax_id_status = 'deleted' OR d.tax_id_state_at IS NULL
+                         -- (its creation; without one, the time of this state)
+                         OR coalesce(to_timestamp((o ->> 'created')::double precision), v_at) > d.tax_id_state_at) THEN
+      RETURN;
+    END IF;
+  ELSIF d.stripe_tax_id IS NOT NULL THEN
+    IF d.tax_id_status = 'deleted' THEN
+      RETURN;    -- deleted is final for this tax ID
+    END IF;
+    IF NOT p_deleted AND d.tax_id_state_at IS NOT NULL
+       AND (v_at < d.tax_id_state_at
+            OR (v_at = d.tax_id_state_at
+                AND coalesce(array_position(v_rank, v_status), 0) < coalesce(array_position(v_rank, d.tax_id_status), 0))) THEN
+      RETURN;    -- an older state of this tax ID
+    END IF;
+    v_at := greatest(v_at, d.tax_id_state_at);
   END IF;
   IF billing.eu_vat_pattern(v_origin) IS NULL THEN
     v_origin := NULL;    -- not an EU member state's code (GR, not EL): reverse charge is never decided
@@ -5235,15 +5479,14 @@ BEGIN
   v_rc := v_status = 'verified' AND billing.eu_vat_pattern(d.country) IS NOT NULL
           AND v_origin IS NOT NULL AND d.country <> v_origin;
   UPDATE billing.billing_details x
-     SET stripe_tax_id = o ->> 'id', tax_id_status = v_status, reverse_charge = v_rc
+     SET stripe_tax_id = v_id, tax_id_status = v_status, reverse_charge = v_rc, tax_id_state_at = v_at
    WHERE x.tenant_id = p_tenant;
   IF d.tax_id_status IS DISTINCT FROM v_status THEN
     PERFORM billing.audit('tax_id.' || v_status, p_tenant,
-                          jsonb_build_object('tax_id', o ->> 'id', 'vat_number', d.vat_number));
+                          jsonb_build_object('tax_id', v_id, 'vat_number', d.vat_number));
   END IF;
   IF d.reverse_charge IS DISTINCT FROM v_rc AND v_cust IS NOT NULL THEN
-    PERFORM billing.outbox_enqueue(p_tenant, 'tax_exempt.update', 'POST', '/v1/customers/' || v_cust,
-                                   jsonb_build_object('tax_exempt', CASE WHEN v_rc THEN 'reverse' ELSE 'none' END));
+    PERFORM billing.tax_exempt_send(p_tenant, v_cust, CASE WHEN v_rc THEN 'reverse' ELSE 'none' END);
     PERFORM billing.audit('tax.reverse_charge', p_tenant, jsonb_build_object(
       'reverse_charge', v_rc,
       'basis', jsonb_build_object('vat_number', d.vat_number, 'verification', v_status,
@@ -5254,8 +5497,8 @@ BEGIN
 END
 $$;
 
-COMMENT ON FUNCTION billing.sync_tax_id(text, jsonb, boolean) IS
-  'Mirror a tenant''s tax ID (verification status) and decide reverse charge: a verified EU VAT number of another member state than qes_billing.tax_origin_country; the customer''s tax_exempt follows in Stripe; audited with its basis.';
+COMMENT ON FUNCTION billing.sync_tax_id(text, jsonb, boolean, timestamptz) IS
+  'Mirror a tenant''s tax ID (verification status) as of Stripe time p_at (older states ignored, deletion final) and decide reverse charge: a verified EU VAT number of another member state than qes_billing.tax_origin_country; the customer''s tax_exempt follows in Stripe, the last decision last; audited with its basis.';
 
 -- ---- the invoices' tax --------------------------------------------------------
 
@@ -6388,8 +6631,14 @@ BEGIN
                                       jsonb_build_object('subscription_id', cur.subscription_id));
       v_done := 'cancel_at_period_end';
     ELSE   -- cancel_now
+      -- Stripe's cancel ends the subscription at once and, by default,
+      -- bills nothing more: invoice_now=true issues the final invoice with
+      -- the metered usage not yet invoiced (docs/architecture.md, "Usage
+      -- billed through meters"); prorate=false credits no unused time (the
+      -- chargeback already took back the period's payment).
       v_req := billing.outbox_enqueue(d.tenant_id, 'subscription.update', 'DELETE',
-                                      '/v1/subscriptions/' || cur.stripe_subscription_id, '{}'::jsonb,
+                                      '/v1/subscriptions/' || cur.stripe_subscription_id,
+                                      jsonb_build_object('invoice_now', true, 'prorate', false),
                                       jsonb_build_object('subscription_id', cur.subscription_id));
       v_done := 'cancel_now';
     END IF;
@@ -6573,17 +6822,22 @@ $$;
 
 -- ---- subscriptions' metered items ----------------------------------------------------
 
--- The metered items a new subscription of this plan and interval gets.
+-- The metered items a new subscription of this plan and interval gets: the
+-- metered prices in the currency of its licensed price, which is usd
+-- (billing.check_plan_interval, 92_subscriptions.sql): a subscription's
+-- prices all share one currency, and one active metered price per metric
+-- is kept per currency.
 CREATE OR REPLACE FUNCTION billing.metered_items_for(p_plan text, p_interval text) RETURNS jsonb
   LANGUAGE sql STABLE SET search_path = pg_catalog, billing
 AS $$
   SELECT coalesce(jsonb_agg(jsonb_build_object('price', mp.stripe_price_id) ORDER BY mp.price_key), '[]')
     FROM billing.metered_prices mp
    WHERE mp.plan_id = p_plan AND mp.billing_interval = p_interval AND mp.active AND mp.stripe_price_id IS NOT NULL
+     AND mp.currency = 'usd'
 $$;
 
 COMMENT ON FUNCTION billing.metered_items_for(text, text) IS
-  'The subscription items (metered prices) a subscription of the plan and interval carries: [{"price": ...}].';
+  'The subscription items (metered prices) a subscription of the plan and interval carries, in the currency of its licensed price (usd): [{"price": ...}].';
 
 -- What a plan change does to the metered items: the current ones deleted,
 -- the new plan's added (none when neither has any).
@@ -6611,41 +6865,54 @@ RETURN coalesce((SELECT jsonb_agg(jsonb_build_object('id', i ->> 'id', 'price', 
 
 -- ---- the pass -----------------------------------------------------------------------
 
--- Stripe's dedup identifier of a meter event: derived from the usage rows
--- it carries (tenant, metric and their idempotency keys, as record_usage
--- stored them), so the same rows always give the same identifier.
-CREATE OR REPLACE FUNCTION billing.meter_identifier(p_tenant text, p_metric text, p_keys text[]) RETURNS text
+-- Stripe's dedup identifier of a meter event: the event's own (its tenant,
+-- metric and id, and the idempotency keys of the usage rows it carries),
+-- computed once when the event is made and stored, so every attempt, a
+-- stale reclaim and a re-send by reconciliation carry the same one, and no
+-- two events ever share one -- not even an event that carries again the
+-- same keys after another was cancelled, or a key voided and recorded anew
+-- (docs/architecture.md, "Usage billed through meters").  Every part is
+-- length-prefixed, so no key (whatever characters it holds) can be read as
+-- two, nor two as one.
+CREATE OR REPLACE FUNCTION billing.meter_identifier(p_tenant text, p_metric text, p_meter_event_id bigint, p_keys text[])
+  RETURNS text
   LANGUAGE sql IMMUTABLE
-RETURN 'qes_' || encode(sha256(convert_to(p_tenant || chr(1) || p_metric || chr(1)
-                                         || array_to_string(p_keys, chr(1)), 'UTF8')), 'hex');
+RETURN 'qes_' || encode(sha256(convert_to(
+         'qes_meter_event:2:' || length(p_tenant) || ':' || p_tenant || length(p_metric) || ':' || p_metric
+         || length(p_meter_event_id::text) || ':' || p_meter_event_id::text
+         || coalesce(cardinality(p_keys), 0) || ':'
+         || coalesce((SELECT string_agg(length(k) || ':' || k, '' ORDER BY n)
+                        FROM unnest(p_keys) WITH ORDINALITY x(k, n)), ''),
+         'UTF8')), 'hex');
 
--- Queue the billable usage no meter event carries yet: one meter event per
--- tenant and metric (none while one is under way for them: Stripe takes one
--- concurrent call per customer and meter), at most p_limit.  Returns how
--- many were queued.
-CREATE OR REPLACE FUNCTION billing.meter_queue(p_limit integer, p_wait boolean DEFAULT true) RETURNS integer
-  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+COMMENT ON FUNCTION billing.meter_identifier(text, text, bigint, text[]) IS
+  'Stripe''s identifier of one meter event: a hash of its tenant, metric, meter_event_id and usage rows'' idempotency keys, each part length-prefixed (unambiguous whatever the keys hold). Unique per event; stored with it, so every retry carries the same.';
+
+-- The billable usage rows no meter event carries yet, grouped as the next
+-- meter events would carry them: one per tenant and metric (none while one
+-- is under way for them: Stripe takes one concurrent call per customer and
+-- meter), of the oldest period with unsent rows; all tenants, or one.
+-- The metered price is the one in the subscription's currency: that of its
+-- licensed price (billing.prices, by Stripe price id), else usd, the only
+-- currency a subscription is created in (check_plan_interval,
+-- 92_subscriptions.sql) -- metered_prices keeps one active price per
+-- currency, and any other would count the same usage twice.
+CREATE OR REPLACE FUNCTION billing.meter_unsent(p_now timestamptz, p_tenant text DEFAULT NULL)
+  RETURNS TABLE (tenant_id text, metric text, event_name text, stripe_customer_id text, period_start timestamptz,
+                 value bigint, event_at timestamptz, keys text[], first_recorded timestamptz)
+  LANGUAGE sql STABLE SET search_path = pg_catalog, billing
 AS $$
-DECLARE
-  v_now timestamptz := billing.now();
-  v_ev  text[];
-  x     text;
-BEGIN
-  -- one pass at a time: a second one waits (or, the worker's, skips) and
-  -- then, in a statement of its own, sees what the first committed
-  IF p_wait THEN
-    PERFORM pg_advisory_xact_lock(hashtext('qes_billing.meter_queue'));
-  ELSIF NOT pg_try_advisory_xact_lock(hashtext('qes_billing.meter_queue')) THEN
-    RETURN 0;
-  END IF;
   WITH live AS (
     SELECT s.tenant_id, s.current_period_start, s.billing_interval, t.stripe_customer_id, mp.metric, m.event_name,
            m.aggregation
-      FROM billing.metered_prices mp
+      FROM billing.subscriptions s
+      LEFT JOIN billing.prices pr ON pr.stripe_price_id = s.stripe_price_id
+      JOIN billing.metered_prices mp ON mp.plan_id = s.plan_id AND mp.billing_interval = s.billing_interval
+                                    AND mp.currency = coalesce(pr.currency, 'usd')
       JOIN billing.meters m ON m.metric = mp.metric AND m.stripe_meter_id IS NOT NULL
-      JOIN billing.subscriptions s ON s.plan_id = mp.plan_id AND s.billing_interval = mp.billing_interval
       JOIN billing.tenants t ON t.tenant_id = s.tenant_id
      WHERE mp.active AND mp.stripe_price_id IS NOT NULL
+       AND (p_tenant IS NULL OR s.tenant_id = p_tenant)
        AND s.stripe_subscription_id IS NOT NULL AND s.status IN ('trialing', 'active', 'past_due')
        AND s.current_period_start IS NOT NULL AND t.stripe_customer_id IS NOT NULL
        AND NOT billing.tenant_fenced(s.tenant_id)   -- its partition is moving (src/fence.c)
@@ -6662,7 +6929,7 @@ BEGIN
       JOIN billing.usage_events u ON u.tenant_id = l.tenant_id AND u.metric = l.metric
                                  AND u.period_start >= l.current_period_start
                                       - CASE l.billing_interval WHEN 'year' THEN interval '1 year' ELSE interval '1 month' END
-     WHERE u.occurred_at > v_now - interval '34 days'
+     WHERE u.occurred_at > p_now - interval '34 days'
        AND NOT EXISTS (SELECT 1 FROM billing.meter_event_usage x
                         WHERE x.tenant_id = u.tenant_id AND x.idempotency_key = u.idempotency_key)),
   -- one period per tenant and metric and pass (the oldest): one call per
@@ -6670,31 +6937,50 @@ BEGIN
   oldest AS (
     SELECT f.* FROM fresh f
      WHERE f.period_start = (SELECT min(g.period_start) FROM fresh g
-                              WHERE g.tenant_id = f.tenant_id AND g.metric = f.metric)),
-  grouped AS (
-    SELECT f.tenant_id, f.metric, f.event_name, f.stripe_customer_id, f.period_start AS current_period_start,
-           CASE WHEN f.aggregation = 'sum' THEN least(sum(f.quantity), 9223372036854775807)::bigint
-                ELSE (array_agg(f.quantity ORDER BY f.occurred_at DESC, f.recorded_at DESC, f.idempotency_key))[1] END
-             AS value,
-           -- in the rows' period; Stripe takes timestamps of the last 35
-           -- days, at most 5 minutes ahead
-           least(greatest(max(f.occurred_at), v_now - interval '34 days', f.period_start), v_now) AS event_at,
-           array_agg(f.idempotency_key ORDER BY f.idempotency_key) AS keys
-      FROM oldest f
-     GROUP BY f.tenant_id, f.metric, f.event_name, f.stripe_customer_id, f.period_start, f.aggregation
-     ORDER BY min(f.recorded_at)
-     LIMIT p_limit),
+                              WHERE g.tenant_id = f.tenant_id AND g.metric = f.metric))
+  SELECT f.tenant_id, f.metric, f.event_name, f.stripe_customer_id, f.period_start,
+         CASE WHEN f.aggregation = 'sum' THEN least(sum(f.quantity), 9223372036854775807)::bigint
+              ELSE (array_agg(f.quantity ORDER BY f.occurred_at DESC, f.recorded_at DESC, f.idempotency_key))[1] END,
+         -- in the rows' period; Stripe takes timestamps of the last 35
+         -- days, at most 5 minutes ahead
+         least(greatest(max(f.occurred_at), p_now - interval '34 days', f.period_start), p_now),
+         array_agg(f.idempotency_key ORDER BY f.idempotency_key),
+         min(f.recorded_at)
+    FROM oldest f
+   GROUP BY f.tenant_id, f.metric, f.event_name, f.stripe_customer_id, f.period_start, f.aggregation
+$$;
+
+COMMENT ON FUNCTION billing.meter_unsent(timestamptz, text) IS
+  'The billable usage rows no meter event carries yet, as the next meter events would carry them (one per tenant and metric, the oldest period first; none while one is under way), in the metered price of the subscription''s currency; every tenant''s, or one''s.';
+
+-- Make and queue the next meter events (of every tenant, or of one), at
+-- most p_limit: the events, the rows each carries, their requests.
+-- Returns how many.
+CREATE OR REPLACE FUNCTION billing.meter_queue_some(p_now timestamptz, p_limit integer, p_tenant text DEFAULT NULL)
+  RETURNS integer
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_seq regclass := pg_get_serial_sequence('billing.meter_events', 'meter_event_id')::regclass;
+  v_ev  text[];
+  x     text;
+BEGIN
+  -- the event's id is drawn first: its identifier is made from it
+  WITH grouped AS (
+    SELECT g.*, nextval(v_seq) AS new_id
+      FROM (SELECT u.* FROM billing.meter_unsent(p_now, p_tenant) u ORDER BY u.first_recorded LIMIT p_limit) g),
   ev AS (
-    INSERT INTO billing.meter_events (tenant_id, identifier, metric, event_name, stripe_customer_id, value,
-                                      event_at, period_start, usage_rows)
-    SELECT g.tenant_id, billing.meter_identifier(g.tenant_id, g.metric, g.keys), g.metric, g.event_name,
-           g.stripe_customer_id, g.value, g.event_at, g.current_period_start, cardinality(g.keys)
+    INSERT INTO billing.meter_events (tenant_id, meter_event_id, identifier, metric, event_name, stripe_customer_id,
+                                      value, event_at, period_start, usage_rows)
+    OVERRIDING SYSTEM VALUE
+    SELECT g.tenant_id, g.new_id, billing.meter_identifier(g.tenant_id, g.metric, g.new_id, g.keys), g.metric,
+           g.event_name, g.stripe_customer_id, g.value, g.event_at, g.period_start, cardinality(g.keys)
       FROM grouped g
-    RETURNING tenant_id, meter_event_id, metric),
+    RETURNING meter_events.tenant_id, meter_events.meter_event_id),
   used AS (
     INSERT INTO billing.meter_event_usage (tenant_id, idempotency_key, meter_event_id)
     SELECT e.tenant_id, k, e.meter_event_id
-      FROM ev e JOIN grouped g ON g.tenant_id = e.tenant_id AND g.metric = e.metric, unnest(g.keys) k)
+      FROM ev e JOIN grouped g ON g.tenant_id = e.tenant_id AND g.new_id = e.meter_event_id, unnest(g.keys) k)
   SELECT array_agg(e.meter_event_id::text || ' ' || e.tenant_id) INTO v_ev FROM ev e;
   -- the requests, in a statement of their own (they read the rows just made)
   FOREACH x IN ARRAY coalesce(v_ev, '{}') LOOP
@@ -6704,8 +6990,81 @@ BEGIN
 END
 $$;
 
+COMMENT ON FUNCTION billing.meter_queue_some(timestamptz, integer, text) IS
+  'Part of the meter pass: make and queue the next meter events of every tenant (p_tenant NULL) or of one, at most p_limit. Returns how many.';
+
+-- A tenant whose meter events could not be made: the pass goes on without
+-- it.  Logged each time; audited (naming the tenant and the error) unless
+-- the tenant's newest audit row already says so within the hour.
+CREATE OR REPLACE FUNCTION billing.meter_skipped(p_tenant text, p_sqlstate text, p_error text) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  a billing.audit_log;
+BEGIN
+  RAISE WARNING 'qes_billing: the meter pass skipped tenant "%": % (SQLSTATE %)', p_tenant, p_error, p_sqlstate
+    USING HINT = 'The tenant''s usage is not sent to Stripe until this is fixed; the other tenants'' is. '
+                 'See its rows in billing.usage_events and billing.meter_events, then run billing.meter_pass_now().';
+  SELECT * INTO a FROM billing.audit_log l WHERE l.tenant_id = p_tenant ORDER BY l.audit_id DESC LIMIT 1;
+  IF a.action = 'meter.pass_skipped' AND a.details ->> 'sqlstate' = p_sqlstate AND a.details ->> 'error' = p_error
+     AND a.occurred_at > clock_timestamp() - interval '1 hour' THEN
+    RETURN;
+  END IF;
+  PERFORM billing.audit('meter.pass_skipped', p_tenant,
+                        jsonb_build_object('sqlstate', p_sqlstate, 'error', p_error,
+                                           'to_do', 'the tenant''s usage is not sent to Stripe until the error is fixed'));
+END
+$$;
+
+COMMENT ON FUNCTION billing.meter_skipped(text, text, text) IS
+  'Part of the meter pass: a tenant whose meter events failed to be made is skipped; logged (WARNING) and audited as meter.pass_skipped (at most hourly for the same error).';
+
+-- Queue the billable usage no meter event carries yet: one meter event per
+-- tenant and metric, at most p_limit.  One pass at a time.  All tenants in
+-- one statement; if that fails, each tenant on its own (a subtransaction
+-- each), so that one tenant's failure skips only that tenant -- reported
+-- by billing.meter_skipped -- and never holds up the others' billing.
+-- Returns how many were queued.
+CREATE OR REPLACE FUNCTION billing.meter_queue(p_limit integer, p_wait boolean DEFAULT true) RETURNS integer
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_now    timestamptz := billing.now();
+  v_tenant text;
+  v_state  text;
+  v_msg    text;
+  n        integer := 0;
+BEGIN
+  -- one pass at a time: a second one waits (or, the worker's, skips) and
+  -- then, in a statement of its own, sees what the first committed
+  IF p_wait THEN
+    PERFORM pg_advisory_xact_lock(hashtext('qes_billing.meter_queue'));
+  ELSIF NOT pg_try_advisory_xact_lock(hashtext('qes_billing.meter_queue')) THEN
+    RETURN 0;
+  END IF;
+  BEGIN
+    n := billing.meter_queue_some(v_now, p_limit);
+  EXCEPTION WHEN OTHERS THEN
+    -- (one subtransaction per tenant only now: many of them in one
+    -- transaction cost every backend's snapshots while it runs)
+    n := 0;
+    FOR v_tenant IN SELECT u.tenant_id FROM billing.meter_unsent(v_now) u
+                     GROUP BY u.tenant_id ORDER BY min(u.first_recorded), u.tenant_id LOOP
+      EXIT WHEN n >= p_limit;
+      BEGIN
+        n := n + billing.meter_queue_some(v_now, p_limit - n, v_tenant);
+      EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
+        PERFORM billing.meter_skipped(v_tenant, v_state, v_msg);
+      END;
+    END LOOP;
+  END;
+  RETURN n;
+END
+$$;
+
 COMMENT ON FUNCTION billing.meter_queue(integer, boolean) IS
-  'Gather the committed billable usage rows no meter event carries yet into one meter event per tenant and metric (none while one is under way) and queue them; at most p_limit. One pass at a time (p_wait false: skip when another runs). Returns how many.';
+  'Gather the committed billable usage rows no meter event carries yet into one meter event per tenant and metric (none while one is under way) and queue them; at most p_limit. A tenant whose events fail is skipped (WARNING, audited as meter.pass_skipped), the others go on. One pass at a time (p_wait false: skip when another runs). Returns how many.';
 
 -- Queue the request that sends one meter event.  The Idempotency-Key and
 -- the identifier are the event's own: a retry of the request (lost answer,
@@ -6723,7 +7082,8 @@ BEGIN
   INSERT INTO billing.stripe_requests (tenant_id, kind, method, path, params, subject, idempotency_key)
   VALUES (e.tenant_id, 'meter.event', 'POST', '/v1/billing/meter_events',
           jsonb_build_object('event_name', e.event_name, 'identifier', e.identifier,
-                             'timestamp', extract(epoch FROM e.event_at)::bigint,
+                             -- whole seconds, rounded down: usage of a period's last second stays in it
+                             'timestamp', floor(extract(epoch FROM e.event_at))::bigint,
                              'payload', jsonb_build_object('stripe_customer_id', e.stripe_customer_id,
                                                            'value', e.value::text)),
           jsonb_build_object('meter_event_id', e.meter_event_id),
@@ -6805,8 +7165,9 @@ DECLARE
 BEGIN
   CASE r.kind
   WHEN 'meter.event' THEN
+    -- (failed: an operator's billing.retry_request sent it again)
     UPDATE billing.meter_events SET state = 'delivered', delivered_at = now(), last_error = NULL
-     WHERE request_id = r.request_id AND state = 'queued';
+     WHERE request_id = r.request_id AND state IN ('queued', 'failed');
   WHEN 'meter.cancel' THEN
     PERFORM billing.meter_cancelled(r);
   WHEN 'meter.summary' THEN
@@ -6876,18 +7237,44 @@ COMMENT ON FUNCTION billing.meter_apply(billing.stripe_requests) IS
 CREATE OR REPLACE FUNCTION billing.meter_apply_failure(r billing.stripe_requests) RETURNS void
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
+DECLARE
+  e billing.meter_events;
 BEGIN
   CASE r.kind
   WHEN 'meter.event' THEN
     IF r.error ->> 'message' ILIKE '%already exists with identifier%' THEN
       -- Stripe has this identifier: an earlier attempt was delivered
       UPDATE billing.meter_events SET state = 'delivered', delivered_at = now(), last_error = NULL
-       WHERE request_id = r.request_id AND state = 'queued';
+       WHERE request_id = r.request_id AND state IN ('queued', 'failed');
     ELSE
       UPDATE billing.meter_events SET state = 'failed', last_error = r.error
        WHERE request_id = r.request_id AND state = 'queued';
     END IF;
   WHEN 'meter.cancel' THEN
+    IF r.subject ->> 'was' = 'failed' THEN
+      SELECT * INTO e FROM billing.meter_events WHERE cancel_request_id = r.request_id AND state = 'cancel_queued'
+         FOR UPDATE;
+      IF NOT FOUND THEN
+        NULL;
+      ELSIF r.error ->> 'category' = 'not_found' OR r.error ->> 'code' = 'resource_missing'
+            OR r.error ->> 'message' ILIKE '%no meter event%' THEN
+        -- Stripe never had the failed event: nothing to cancel there
+        PERFORM billing.meter_cancel_here(e, 'a row was voided; Stripe never had the event');
+      ELSE
+        -- Stripe may have it (a failed send of unknown outcome): failed as
+        -- before (last_error stays the send's), never sent again:
+        -- reconciliation re-sends no event a voided row was part of
+        UPDATE billing.meter_events SET state = 'failed'
+         WHERE tenant_id = e.tenant_id AND meter_event_id = e.meter_event_id;
+        PERFORM billing.audit('meter.cancel_failed', r.tenant_id,
+                              jsonb_build_object('meter_event_id', e.meter_event_id, 'identifier', e.identifier,
+                                                 'error', r.error ->> 'message',
+                                                 'to_do', 'look the identifier up in Stripe: if Stripe has the event, '
+                                                          'credit the voided usage by hand; if not, its other rows '
+                                                          'were never billed'));
+      END IF;
+      RETURN;
+    END IF;
     -- not cancelled (e.g. past Stripe's window): it stays billed
     UPDATE billing.meter_events SET state = 'delivered', last_error = r.error
      WHERE cancel_request_id = r.request_id AND state = 'cancel_queued';
@@ -6978,6 +7365,7 @@ DECLARE
   v_stripe numeric;
   v_local  numeric;
   v_failed numeric;
+  v_short  bigint;
   v_repair text := 'none';
   e        billing.meter_events;
 BEGIN
@@ -6996,7 +7384,15 @@ BEGIN
       -- identifier makes a second copy impossible within Stripe's window)
       SELECT coalesce(sum(x.value), 0) INTO v_failed FROM billing.meter_events x
        WHERE x.tenant_id = r.tenant_id AND x.metric = v_metric AND x.period_start = v_period AND x.state = 'failed';
-      IF v_agg = 'sum' AND v_failed > 0 AND v_local - coalesce(v_stripe, 0) = v_failed THEN
+      -- an event whose rows are not all there (one was voided) is never
+      -- sent again: its value would bill the voided units
+      SELECT count(*) INTO v_short FROM billing.meter_events x
+       WHERE x.tenant_id = r.tenant_id AND x.metric = v_metric AND x.period_start = v_period AND x.state = 'failed'
+         AND x.usage_rows <> (SELECT count(*) FROM billing.meter_event_usage y
+                                JOIN billing.usage_events u ON u.tenant_id = y.tenant_id
+                                                           AND u.idempotency_key = y.idempotency_key
+                               WHERE y.tenant_id = x.tenant_id AND y.meter_event_id = x.meter_event_id);
+      IF v_agg = 'sum' AND v_failed > 0 AND v_short = 0 AND v_local - coalesce(v_stripe, 0) = v_failed THEN
         FOR e IN SELECT * FROM billing.meter_events x
                   WHERE x.tenant_id = r.tenant_id AND x.metric = v_metric AND x.period_start = v_period
                     AND x.state = 'failed' LOOP
@@ -7069,17 +7465,27 @@ BEGIN
       USING ERRCODE = 'object_in_use', HINT = 'Try again in a minute, when Stripe has answered.';
   ELSIF e.state IN ('cancel_queued', 'cancelled') THEN
     v_done := 'voided; its meter event is cancelled already';
-  ELSIF e.state = 'delivered' AND e.delivered_at > now() - interval '23 hours' THEN
+  ELSIF e.state = 'failed' AND e.last_error ->> 'category' IN ('invalid_request', 'card', 'authentication',
+                                                                  'permission', 'not_found')
+        AND e.last_error ->> 'type' IS DISTINCT FROM 'idempotency_error' THEN
+    -- Stripe refused the event: it bills none of it.  Cancelled here, so
+    -- that neither reconciliation nor anything else ever sends its value
+    -- (which counts the voided row) again; its other rows go out in a new
+    -- event, under a new identifier, at the next pass
+    PERFORM billing.meter_cancel_here(e, 'a row was voided after Stripe refused the event');
+    v_done := format('voided; meter event %s had been refused by Stripe and is cancelled, its other %s row(s) '
+                     'will be sent again', e.meter_event_id, e.usage_rows - 1);
+  ELSIF (e.state = 'delivered' AND e.delivered_at > now() - interval '23 hours') OR e.state = 'failed' THEN
+    -- delivered within Stripe's window, or failed with an outcome unknown
+    -- (Stripe may have it): cancelled in Stripe by its identifier
     v_req := billing.outbox_enqueue(p_tenant, 'meter.cancel', 'POST', '/v1/billing/meter_event_adjustments',
                jsonb_build_object('event_name', e.event_name, 'type', 'cancel',
                                   'cancel', jsonb_build_object('identifier', e.identifier)),
-               jsonb_build_object('meter_event_id', e.meter_event_id));
+               jsonb_build_object('meter_event_id', e.meter_event_id, 'was', e.state));
     UPDATE billing.meter_events SET state = 'cancel_queued', cancel_request_id = v_req
      WHERE tenant_id = e.tenant_id AND meter_event_id = e.meter_event_id;
     v_done := format('voided; meter event %s is being cancelled in Stripe, its other %s row(s) will be sent again',
                      e.meter_event_id, e.usage_rows - 1);
-  ELSIF e.state = 'failed' THEN
-    v_done := format('voided; its meter event %s had failed (not billed unless reconciliation finds it)', e.meter_event_id);
   ELSE
     v_done := format('voided locally; meter event %s was delivered more than 23 hours ago and stays billed: '
                      'credit the tenant by hand (a credit note on the invoice)', e.meter_event_id);
@@ -7105,17 +7511,32 @@ AS $$
 DECLARE
   e billing.meter_events;
 BEGIN
-  UPDATE billing.meter_events SET state = 'cancelled'
-   WHERE cancel_request_id = r.request_id AND state = 'cancel_queued'
-  RETURNING * INTO e;
+  SELECT * INTO e FROM billing.meter_events WHERE cancel_request_id = r.request_id AND state = 'cancel_queued'
+     FOR UPDATE;
   IF FOUND THEN
-    DELETE FROM billing.meter_event_usage WHERE tenant_id = e.tenant_id AND meter_event_id = e.meter_event_id;
-    PERFORM billing.audit('meter.cancelled', e.tenant_id,
-                          jsonb_build_object('meter_event_id', e.meter_event_id, 'identifier', e.identifier,
-                                             'value', e.value));
+    PERFORM billing.meter_cancel_here(e, 'cancelled in Stripe');
   END IF;
 END
 $$;
+
+-- A meter event that no longer counts: cancelled, and the rows it carried
+-- that were not voided become unsent (the next pass sends them in a new
+-- event, under a new identifier).  Audited.
+CREATE OR REPLACE FUNCTION billing.meter_cancel_here(e billing.meter_events, p_why text) RETURNS void
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+BEGIN
+  UPDATE billing.meter_events SET state = 'cancelled'
+   WHERE tenant_id = e.tenant_id AND meter_event_id = e.meter_event_id;
+  DELETE FROM billing.meter_event_usage WHERE tenant_id = e.tenant_id AND meter_event_id = e.meter_event_id;
+  PERFORM billing.audit('meter.cancelled', e.tenant_id,
+                        jsonb_build_object('meter_event_id', e.meter_event_id, 'identifier', e.identifier,
+                                           'value', e.value, 'was', e.state, 'why', p_why));
+END
+$$;
+
+COMMENT ON FUNCTION billing.meter_cancel_here(billing.meter_events, text) IS
+  'A meter event no longer counts (cancelled in Stripe, or refused by it and a row voided): cancelled, its rows not voided unsent again (the next pass sends them under a new identifier). Audited as meter.cancelled.';
 
 -- ---- what Stripe billed: the invoices' lines -------------------------------------------
 
@@ -7227,8 +7648,9 @@ COMMENT ON VIEW billing.subscription_health IS
 --     rise that rate() and increase() see.
 --
 -- A view scans a table at most once; the queue gauges read the queues'
--- partial indexes.  Nothing here is granted beyond qes_admin: the exporter
--- logs in as a member of it (docs/operations.md, "Monitoring").
+-- partial indexes.  Operators (qes_admin) read them; the exporter logs in
+-- as a member of qes_monitor, which reads them and nothing else
+-- (99_security.sql; docs/operations.md, "Monitoring").
 
 -- Upper bounds (seconds) of the webhook latency histogram's buckets.
 CREATE OR REPLACE FUNCTION billing.prometheus_latency_buckets() RETURNS double precision[]
@@ -7661,6 +8083,7 @@ $tax$;
 --   qes_tenant  a tenant's users; the JWT carries tenant_id
 --   qes_admin   operators
 --   qes_app     the QES platform itself (registers tenants, records usage)
+--   qes_monitor the Prometheus exporter: the metrics views, nothing else
 -- Nothing is granted to PUBLIC.
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA billing FROM PUBLIC;
@@ -7805,6 +8228,31 @@ GRANT SELECT ON billing.prometheus_tax TO qes_admin;
 
 GRANT EXECUTE ON FUNCTION api.set_billing_details(text, text, text, text, text, text), api.billing_details()
   TO qes_tenant;
+
+-- The exporter's role (docs/operations.md, "Monitoring"): the metrics views
+-- and the functions they call, and nothing that acts or reads a tenant's
+-- rows.  (Not qes_admin: default_transaction_read_only is only a default,
+-- and an operator's role can force a retry, void usage or read payment
+-- secrets.)
+GRANT USAGE ON SCHEMA billing TO qes_monitor;
+
+GRANT SELECT ON billing.prometheus_webhook_events, billing.prometheus_webhook_inbox,
+                billing.prometheus_webhook_rejections, billing.prometheus_outbox,
+                billing.prometheus_outbox_failures, billing.prometheus_audit_counters,
+                billing.prometheus_worker, billing.prometheus_subscriptions, billing.prometheus_payments,
+                billing.prometheus_usage, billing.prometheus_usage_cache, billing.prometheus_rate_limit,
+                billing.prometheus_disputes, billing.prometheus_tax
+  TO qes_monitor;
+
+-- (a view's functions are called with the reader's rights; usage_current
+-- gives one tenant's usage counts, which prometheus_usage sums)
+GRANT EXECUTE ON FUNCTION billing.prometheus_latency_buckets(), billing.webhook_event_types(),
+                          billing.worker_state(), billing.rate_limit_stats(), billing.usage_cache_stats(),
+                          billing.webhook_rejections_pending(), billing.usage_current(text), billing.now(),
+                          billing.environment()
+  TO qes_monitor;
+
+GRANT SELECT ON billing.clock TO qes_monitor;   -- billing.now() reads it
 
 -- Shared memory outlives DROP EXTENSION: forget what an earlier
 -- incarnation cached, and let the worker find the new extension (and
