@@ -3691,8 +3691,9 @@ CREATE OR REPLACE FUNCTION billing.outbox_fail(p_request_id bigint, p_http_statu
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
 DECLARE
-  r billing.stripe_requests;
-  w bigint;
+  r      billing.stripe_requests;
+  w      bigint;
+  v_kind text;
 BEGIN
   UPDATE billing.stripe_requests
      SET state = 'failed', http_status = p_http_status, response = billing.redact(p_body),
@@ -3702,8 +3703,16 @@ BEGIN
   PERFORM billing.outbox_apply_failure(r);
   PERFORM billing.audit('stripe.request_failed', r.tenant_id,
                         jsonb_build_object('request_id', r.request_id, 'kind', r.kind, 'error', r.error));
-  FOR w IN SELECT c.request_id FROM billing.stripe_requests c
-            WHERE c.after_request = p_request_id AND c.state = 'waiting' LOOP
+  FOR w, v_kind IN SELECT c.request_id, c.kind FROM billing.stripe_requests c
+                    WHERE c.after_request = p_request_id AND c.state = 'waiting' LOOP
+    IF r.kind = 'tax_exempt.update' AND v_kind = 'tax_exempt.update' THEN
+      -- a chain for order only (billing.tax_exempt_send, 91_tax.sql): the
+      -- newer decision goes out whatever became of the older one, which
+      -- may have reached Stripe before it failed
+      UPDATE billing.stripe_requests SET state = 'pending', next_attempt_at = now(), updated_at = now()
+       WHERE request_id = w;
+      CONTINUE;
+    END IF;
     PERFORM billing.outbox_fail(w, NULL, NULL,
                                 jsonb_build_object('category', 'dependency', 'retryable', false,
                                                    'message', format('request %s (%s) failed: %s', r.request_id,
@@ -3711,6 +3720,9 @@ BEGIN
   END LOOP;
 END
 $$;
+
+COMMENT ON FUNCTION billing.outbox_fail(bigint, integer, jsonb, jsonb) IS
+  'Mark a request failed for good, undo what its caller started, audit it, and fail the requests that waited for it (a tax_exempt.update waiting for an older one, for order only, is released instead).';
 
 CREATE OR REPLACE FUNCTION billing.outbox_release_waiting(r billing.stripe_requests) RETURNS void
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
@@ -3902,6 +3914,20 @@ BEGIN
                             r.kind),
             HINT = format('Check in Stripe that it did not happen, then: SELECT billing.retry_request(%s, force => true).',
                           p_request_id);
+  END IF;
+  -- a meter event goes back to queued with its request (so that void_usage
+  -- waits for the answer instead of cancelling it here, and the answer
+  -- marks it delivered); one cancelled meanwhile is not sent again
+  IF r.kind = 'meter.event' THEN
+    IF EXISTS (SELECT 1 FROM billing.meter_events e
+                WHERE e.request_id = p_request_id AND e.state IN ('cancel_queued', 'cancelled')) THEN
+      RAISE EXCEPTION 'outbox request % is a meter event that was cancelled after it failed', p_request_id
+        USING ERRCODE = 'object_not_in_prerequisite_state',
+              DETAIL = 'A usage row of it was voided (billing.void_usage); its other rows go out in a new event.',
+              HINT = 'Nothing to retry: SELECT * FROM billing.meter_events WHERE request_id = ' || p_request_id || '.';
+    END IF;
+    UPDATE billing.meter_events SET state = 'queued', last_error = NULL
+     WHERE request_id = p_request_id AND state = 'failed';
   END IF;
   -- the same key while Stripe keeps its result; else a new one (first_sent_at starts again)
   v_new_key := v_refused OR v_stale;
@@ -7033,6 +7059,7 @@ DECLARE
   v_tenant text;
   v_state  text;
   v_msg    text;
+  v_subs   integer := 0;
   n        integer := 0;
 BEGIN
   -- one pass at a time: a second one waits (or, the worker's, skips) and
@@ -7046,13 +7073,17 @@ BEGIN
     n := billing.meter_queue_some(v_now, p_limit);
   EXCEPTION WHEN OTHERS THEN
     -- (one subtransaction per tenant only now: many of them in one
-    -- transaction cost every backend's snapshots while it runs)
+    -- transaction cost every backend's snapshots while it runs -- past the
+    -- 64 a backend caches, every snapshot looks into pg_subtrans -- so at
+    -- most 32 tenants' events are made this way per pass; the others wait
+    -- for the next pass)
     n := 0;
     FOR v_tenant IN SELECT u.tenant_id FROM billing.meter_unsent(v_now) u
                      GROUP BY u.tenant_id ORDER BY min(u.first_recorded), u.tenant_id LOOP
-      EXIT WHEN n >= p_limit;
+      EXIT WHEN n >= p_limit OR v_subs >= 32;
       BEGIN
         n := n + billing.meter_queue_some(v_now, p_limit - n, v_tenant);
+        v_subs := v_subs + 1;   -- (a subtransaction that rolled back holds no xid)
       EXCEPTION WHEN OTHERS THEN
         GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
         PERFORM billing.meter_skipped(v_tenant, v_state, v_msg);
@@ -7165,9 +7196,8 @@ DECLARE
 BEGIN
   CASE r.kind
   WHEN 'meter.event' THEN
-    -- (failed: an operator's billing.retry_request sent it again)
     UPDATE billing.meter_events SET state = 'delivered', delivered_at = now(), last_error = NULL
-     WHERE request_id = r.request_id AND state IN ('queued', 'failed');
+     WHERE request_id = r.request_id AND state = 'queued';
   WHEN 'meter.cancel' THEN
     PERFORM billing.meter_cancelled(r);
   WHEN 'meter.summary' THEN
@@ -7245,7 +7275,7 @@ BEGIN
     IF r.error ->> 'message' ILIKE '%already exists with identifier%' THEN
       -- Stripe has this identifier: an earlier attempt was delivered
       UPDATE billing.meter_events SET state = 'delivered', delivered_at = now(), last_error = NULL
-       WHERE request_id = r.request_id AND state IN ('queued', 'failed');
+       WHERE request_id = r.request_id AND state = 'queued';
     ELSE
       UPDATE billing.meter_events SET state = 'failed', last_error = r.error
        WHERE request_id = r.request_id AND state = 'queued';
@@ -7465,8 +7495,10 @@ BEGIN
       USING ERRCODE = 'object_in_use', HINT = 'Try again in a minute, when Stripe has answered.';
   ELSIF e.state IN ('cancel_queued', 'cancelled') THEN
     v_done := 'voided; its meter event is cancelled already';
-  ELSIF e.state = 'failed' AND e.last_error ->> 'category' IN ('invalid_request', 'card', 'authentication',
-                                                                  'permission', 'not_found')
+  -- (a 401 or 403 is no refusal: Stripe checks the API key before the
+  -- Idempotency-Key, so an earlier attempt may have delivered it --
+  -- billing.retry_request's rule)
+  ELSIF e.state = 'failed' AND e.last_error ->> 'category' IN ('invalid_request', 'card', 'not_found')
         AND e.last_error ->> 'type' IS DISTINCT FROM 'idempotency_error' THEN
     -- Stripe refused the event: it bills none of it.  Cancelled here, so
     -- that neither reconciliation nor anything else ever sends its value
@@ -7858,6 +7890,16 @@ COMMENT ON VIEW billing.prometheus_payments IS
   'Prometheus: payments mirrored from Stripe by kind (one_time, subscription) and current status. For success rates use the counters of payment_intent.succeeded and payment_intent.payment_failed events.';
 
 -- Usage in the current periods (billing.usage_patterns).
+-- (through a function that runs as the extension's owner: the view's
+-- functions would be called with the reader's rights, and the exporter's
+-- role may not call usage_current, which gives one tenant's usage)
+CREATE OR REPLACE FUNCTION billing.usage_patterns_now() RETURNS SETOF billing.usage_patterns
+  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$ SELECT * FROM billing.usage_patterns $$;
+
+COMMENT ON FUNCTION billing.usage_patterns_now() IS
+  'billing.usage_patterns, aggregated over every tenant, for billing.prometheus_usage (whose readers may not read one tenant''s usage).';
+
 CREATE VIEW billing.prometheus_usage AS
 SELECT u.metric, u.tenants, u.active_tenants,
        coalesce(u.used, 0)::double precision AS current_period,
@@ -7866,7 +7908,7 @@ SELECT u.metric, u.tenants, u.active_tenants,
        u.used_max::double precision AS tenant_max,
        u.near_limit AS tenants_near_limit,
        u.over_limit AS tenants_over_limit
-  FROM billing.usage_patterns u;
+  FROM billing.usage_patterns_now() u;
 
 COMMENT ON VIEW billing.prometheus_usage IS
   'Prometheus: usage in each tenant''s current period by metric (billing.usage_patterns): tenants, active tenants, the sum, the per-tenant median, p95 and maximum, tenants near (80 %) and over their limit.';
@@ -7891,9 +7933,10 @@ SELECT s.allowed AS requests_allowed_total, s.limited AS requests_limited_total,
 COMMENT ON VIEW billing.prometheus_rate_limit IS
   'Prometheus: inbound rate limiting since the server started: requests allowed, limited (429) and sharing the overflow bucket; token buckets in use and available.';
 
-REVOKE ALL ON FUNCTION billing.prometheus_latency_buckets() FROM PUBLIC;
+REVOKE ALL ON FUNCTION billing.prometheus_latency_buckets(), billing.usage_patterns_now() FROM PUBLIC;
 
-GRANT EXECUTE ON FUNCTION billing.prometheus_latency_buckets(), billing.webhook_event_types() TO qes_admin;
+GRANT EXECUTE ON FUNCTION billing.prometheus_latency_buckets(), billing.webhook_event_types(),
+                          billing.usage_patterns_now() TO qes_admin;
 
 GRANT SELECT ON billing.prometheus_webhook_events, billing.prometheus_webhook_inbox,
                 billing.prometheus_webhook_rejections, billing.prometheus_outbox,
@@ -8244,11 +8287,12 @@ GRANT SELECT ON billing.prometheus_webhook_events, billing.prometheus_webhook_in
                 billing.prometheus_disputes, billing.prometheus_tax
   TO qes_monitor;
 
--- (a view's functions are called with the reader's rights; usage_current
--- gives one tenant's usage counts, which prometheus_usage sums)
+-- (a view's functions are called with the reader's rights; not
+-- usage_current, one tenant's usage: prometheus_usage reads the sums
+-- through billing.usage_patterns_now())
 GRANT EXECUTE ON FUNCTION billing.prometheus_latency_buckets(), billing.webhook_event_types(),
                           billing.worker_state(), billing.rate_limit_stats(), billing.usage_cache_stats(),
-                          billing.webhook_rejections_pending(), billing.usage_current(text), billing.now(),
+                          billing.webhook_rejections_pending(), billing.usage_patterns_now(), billing.now(),
                           billing.environment()
   TO qes_monitor;
 

@@ -290,7 +290,8 @@ lookup_key(QesKeyKind kind, const char **source, char **problem, char **hint,
 							*source, live ? "test" : "live", ks->what, envname);
 	else
 		*problem = psprintf("%s does not hold a Stripe %s", *source, ks->what);
-	*hint = psprintf("%s uses %s-mode keys: set %s to a key that starts with %s.",
+	/* (worded so that the setting's name is not read as an assignment and masked: src/redact.c) */
+	*hint = psprintf("%s uses %s-mode keys: %s needs a key that starts with %s.",
 					 envname, live ? "live" : "test", *source,
 					 live ? ks->live_prefixes[0] : ks->test_prefixes[0]);
 	return NULL;

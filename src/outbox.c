@@ -187,6 +187,7 @@ token_wait_ms(void)
  */
 #define QES_PACE_MS 100
 static bool paced = false;
+static bool bucket_cut = false; /* the turn under way claims less than it could, for the bucket */
 static TimestampTz answered_at = 0; /* the oldest unrecorded answer came then (0: none waits) */
 
 static MemoryContext outbox_context = NULL;
@@ -528,14 +529,24 @@ claim(int room, ClaimedRow **rows_out)
 	/*
 	 * Every due row we could take is taken: when is the next one due?  One
 	 * due now was skipped (SKIP LOCKED: a backend holds it): look again
-	 * after the naptime, or when that backend's commit wakes us.
+	 * after the naptime, or when that backend's commit wakes us.  When the
+	 * bucket cut the claim short and it took all it could, is a backlog
+	 * left (paced sending), or did it take the last due row?
 	 */
-	if (n < room)
+	if (n < room || bucket_cut)
 	{
 		double		due_s = next_due();
 
-		claim_more = false;
-		qes_outbox_set_due(due_s == 0 ? qes_worker_naptime_ms / 1000.0 : due_s);
+		if (n < room)
+		{
+			claim_more = false;
+			qes_outbox_set_due(due_s == 0 ? qes_worker_naptime_ms / 1000.0 : due_s);
+		}
+		else if (due_s != 0)
+		{
+			claim_more = false;
+			qes_outbox_set_due(due_s);
+		}
 	}
 	*rows_out = rows;
 	return n;
@@ -1047,14 +1058,15 @@ qes_outbox_pump(bool *progress)
 		int			want = qes_max_inflight - n_in_flight;
 
 		room = take_tokens(want);
-		/* the bucket, not the queue, cut the claim short */
-		paced = claim_more && room < want;
+		/* the bucket, not the queue, cut the claim short (claim() looks for a backlog) */
+		bucket_cut = paced = claim_more && room < want;
 	}
 	if (room > 0 || n_answered > 0)
 	{
 		int			recorded;
 		int			claimed = turn(room, !claim_more, &recorded);
 
+		bucket_cut = false;
 		tokens += room - claimed;	/* unused tokens go back */
 		*progress = claimed > 0 || recorded > 0;
 		if (!claim_more)
@@ -1073,8 +1085,9 @@ qes_outbox_pump(bool *progress)
 long
 qes_outbox_busy_wait_ms(void)
 {
+	/* (with transfers in flight the loop waits on their sockets: run_pumps) */
 	if (paced)
-		return pace_wait_ms();
+		return qes_http_in_flight() == 0 ? pace_wait_ms() : 0;
 	if (n_in_flight > 0 || n_answered > 0 || !claim_more)
 		return 0;
 	return token_wait_ms();

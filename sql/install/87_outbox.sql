@@ -465,8 +465,9 @@ CREATE FUNCTION billing.outbox_fail(p_request_id bigint, p_http_status integer, 
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
 DECLARE
-  r billing.stripe_requests;
-  w bigint;
+  r      billing.stripe_requests;
+  w      bigint;
+  v_kind text;
 BEGIN
   UPDATE billing.stripe_requests
      SET state = 'failed', http_status = p_http_status, response = billing.redact(p_body),
@@ -476,8 +477,16 @@ BEGIN
   PERFORM billing.outbox_apply_failure(r);
   PERFORM billing.audit('stripe.request_failed', r.tenant_id,
                         jsonb_build_object('request_id', r.request_id, 'kind', r.kind, 'error', r.error));
-  FOR w IN SELECT c.request_id FROM billing.stripe_requests c
-            WHERE c.after_request = p_request_id AND c.state = 'waiting' LOOP
+  FOR w, v_kind IN SELECT c.request_id, c.kind FROM billing.stripe_requests c
+                    WHERE c.after_request = p_request_id AND c.state = 'waiting' LOOP
+    IF r.kind = 'tax_exempt.update' AND v_kind = 'tax_exempt.update' THEN
+      -- a chain for order only (billing.tax_exempt_send, 91_tax.sql): the
+      -- newer decision goes out whatever became of the older one, which
+      -- may have reached Stripe before it failed
+      UPDATE billing.stripe_requests SET state = 'pending', next_attempt_at = now(), updated_at = now()
+       WHERE request_id = w;
+      CONTINUE;
+    END IF;
     PERFORM billing.outbox_fail(w, NULL, NULL,
                                 jsonb_build_object('category', 'dependency', 'retryable', false,
                                                    'message', format('request %s (%s) failed: %s', r.request_id,
@@ -486,7 +495,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing.outbox_fail(bigint, integer, jsonb, jsonb) IS
-  'Mark a request failed for good, undo what its caller started, audit it, and fail the requests that waited for it.';
+  'Mark a request failed for good, undo what its caller started, audit it, and fail the requests that waited for it (a tax_exempt.update waiting for an older one, for order only, is released instead).';
 
 CREATE FUNCTION billing.outbox_release_waiting(r billing.stripe_requests) RETURNS void
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
@@ -681,6 +690,20 @@ BEGIN
                             r.kind),
             HINT = format('Check in Stripe that it did not happen, then: SELECT billing.retry_request(%s, force => true).',
                           p_request_id);
+  END IF;
+  -- a meter event goes back to queued with its request (so that void_usage
+  -- waits for the answer instead of cancelling it here, and the answer
+  -- marks it delivered); one cancelled meanwhile is not sent again
+  IF r.kind = 'meter.event' THEN
+    IF EXISTS (SELECT 1 FROM billing.meter_events e
+                WHERE e.request_id = p_request_id AND e.state IN ('cancel_queued', 'cancelled')) THEN
+      RAISE EXCEPTION 'outbox request % is a meter event that was cancelled after it failed', p_request_id
+        USING ERRCODE = 'object_not_in_prerequisite_state',
+              DETAIL = 'A usage row of it was voided (billing.void_usage); its other rows go out in a new event.',
+              HINT = 'Nothing to retry: SELECT * FROM billing.meter_events WHERE request_id = ' || p_request_id || '.';
+    END IF;
+    UPDATE billing.meter_events SET state = 'queued', last_error = NULL
+     WHERE request_id = p_request_id AND state = 'failed';
   END IF;
   -- the same key while Stripe keeps its result; else a new one (first_sent_at starts again)
   v_new_key := v_refused OR v_stale;

@@ -300,6 +300,7 @@ DECLARE
   v_tenant text;
   v_state  text;
   v_msg    text;
+  v_subs   integer := 0;
   n        integer := 0;
 BEGIN
   -- one pass at a time: a second one waits (or, the worker's, skips) and
@@ -313,13 +314,17 @@ BEGIN
     n := billing.meter_queue_some(v_now, p_limit);
   EXCEPTION WHEN OTHERS THEN
     -- (one subtransaction per tenant only now: many of them in one
-    -- transaction cost every backend's snapshots while it runs)
+    -- transaction cost every backend's snapshots while it runs -- past the
+    -- 64 a backend caches, every snapshot looks into pg_subtrans -- so at
+    -- most 32 tenants' events are made this way per pass; the others wait
+    -- for the next pass)
     n := 0;
     FOR v_tenant IN SELECT u.tenant_id FROM billing.meter_unsent(v_now) u
                      GROUP BY u.tenant_id ORDER BY min(u.first_recorded), u.tenant_id LOOP
-      EXIT WHEN n >= p_limit;
+      EXIT WHEN n >= p_limit OR v_subs >= 32;
       BEGIN
         n := n + billing.meter_queue_some(v_now, p_limit - n, v_tenant);
+        v_subs := v_subs + 1;   -- (a subtransaction that rolled back holds no xid)
       EXCEPTION WHEN OTHERS THEN
         GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
         PERFORM billing.meter_skipped(v_tenant, v_state, v_msg);
@@ -429,9 +434,8 @@ DECLARE
 BEGIN
   CASE r.kind
   WHEN 'meter.event' THEN
-    -- (failed: an operator's billing.retry_request sent it again)
     UPDATE billing.meter_events SET state = 'delivered', delivered_at = now(), last_error = NULL
-     WHERE request_id = r.request_id AND state IN ('queued', 'failed');
+     WHERE request_id = r.request_id AND state = 'queued';
   WHEN 'meter.cancel' THEN
     PERFORM billing.meter_cancelled(r);
   WHEN 'meter.summary' THEN
@@ -508,7 +512,7 @@ BEGIN
     IF r.error ->> 'message' ILIKE '%already exists with identifier%' THEN
       -- Stripe has this identifier: an earlier attempt was delivered
       UPDATE billing.meter_events SET state = 'delivered', delivered_at = now(), last_error = NULL
-       WHERE request_id = r.request_id AND state IN ('queued', 'failed');
+       WHERE request_id = r.request_id AND state = 'queued';
     ELSE
       UPDATE billing.meter_events SET state = 'failed', last_error = r.error
        WHERE request_id = r.request_id AND state = 'queued';
@@ -726,8 +730,10 @@ BEGIN
       USING ERRCODE = 'object_in_use', HINT = 'Try again in a minute, when Stripe has answered.';
   ELSIF e.state IN ('cancel_queued', 'cancelled') THEN
     v_done := 'voided; its meter event is cancelled already';
-  ELSIF e.state = 'failed' AND e.last_error ->> 'category' IN ('invalid_request', 'card', 'authentication',
-                                                                  'permission', 'not_found')
+  -- (a 401 or 403 is no refusal: Stripe checks the API key before the
+  -- Idempotency-Key, so an earlier attempt may have delivered it --
+  -- billing.retry_request's rule)
+  ELSIF e.state = 'failed' AND e.last_error ->> 'category' IN ('invalid_request', 'card', 'not_found')
         AND e.last_error ->> 'type' IS DISTINCT FROM 'idempotency_error' THEN
     -- Stripe refused the event: it bills none of it.  Cancelled here, so
     -- that neither reconciliation nor anything else ever sends its value

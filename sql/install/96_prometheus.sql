@@ -223,6 +223,15 @@ COMMENT ON VIEW billing.prometheus_payments IS
   'Prometheus: payments mirrored from Stripe by kind (one_time, subscription) and current status. For success rates use the counters of payment_intent.succeeded and payment_intent.payment_failed events.';
 
 -- Usage in the current periods (billing.usage_patterns).
+-- (through a function that runs as the extension's owner: the view's
+-- functions would be called with the reader's rights, and the exporter's
+-- role may not call usage_current, which gives one tenant's usage)
+CREATE FUNCTION billing.usage_patterns_now() RETURNS SETOF billing.usage_patterns
+  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, billing
+AS $$ SELECT * FROM billing.usage_patterns $$;
+COMMENT ON FUNCTION billing.usage_patterns_now() IS
+  'billing.usage_patterns, aggregated over every tenant, for billing.prometheus_usage (whose readers may not read one tenant''s usage).';
+
 CREATE VIEW billing.prometheus_usage AS
 SELECT u.metric, u.tenants, u.active_tenants,
        coalesce(u.used, 0)::double precision AS current_period,
@@ -231,7 +240,7 @@ SELECT u.metric, u.tenants, u.active_tenants,
        u.used_max::double precision AS tenant_max,
        u.near_limit AS tenants_near_limit,
        u.over_limit AS tenants_over_limit
-  FROM billing.usage_patterns u;
+  FROM billing.usage_patterns_now() u;
 COMMENT ON VIEW billing.prometheus_usage IS
   'Prometheus: usage in each tenant''s current period by metric (billing.usage_patterns): tenants, active tenants, the sum, the per-tenant median, p95 and maximum, tenants near (80 %) and over their limit.';
 
@@ -253,8 +262,9 @@ SELECT s.allowed AS requests_allowed_total, s.limited AS requests_limited_total,
 COMMENT ON VIEW billing.prometheus_rate_limit IS
   'Prometheus: inbound rate limiting since the server started: requests allowed, limited (429) and sharing the overflow bucket; token buckets in use and available.';
 
-REVOKE ALL ON FUNCTION billing.prometheus_latency_buckets() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION billing.prometheus_latency_buckets(), billing.webhook_event_types() TO qes_admin;
+REVOKE ALL ON FUNCTION billing.prometheus_latency_buckets(), billing.usage_patterns_now() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing.prometheus_latency_buckets(), billing.webhook_event_types(),
+                          billing.usage_patterns_now() TO qes_admin;
 GRANT SELECT ON billing.prometheus_webhook_events, billing.prometheus_webhook_inbox,
                 billing.prometheus_webhook_rejections, billing.prometheus_outbox,
                 billing.prometheus_outbox_failures, billing.prometheus_audit_counters,

@@ -136,11 +136,12 @@ GRANT SELECT ON billing.prometheus_webhook_events, billing.prometheus_webhook_in
                 billing.prometheus_usage, billing.prometheus_usage_cache, billing.prometheus_rate_limit,
                 billing.prometheus_disputes, billing.prometheus_tax
   TO qes_monitor;
--- (a view's functions are called with the reader's rights; usage_current
--- gives one tenant's usage counts, which prometheus_usage sums)
+-- (a view's functions are called with the reader's rights; not
+-- usage_current, one tenant's usage: prometheus_usage reads the sums
+-- through billing.usage_patterns_now())
 GRANT EXECUTE ON FUNCTION billing.prometheus_latency_buckets(), billing.webhook_event_types(),
                           billing.worker_state(), billing.rate_limit_stats(), billing.usage_cache_stats(),
-                          billing.webhook_rejections_pending(), billing.usage_current(text), billing.now(),
+                          billing.webhook_rejections_pending(), billing.usage_patterns_now(), billing.now(),
                           billing.environment()
   TO qes_monitor;
 GRANT SELECT ON billing.clock TO qes_monitor;   -- billing.now() reads it

@@ -743,18 +743,18 @@ def test_a_failed_event_retried_by_an_operator_is_delivered(billed, fake):
     follows the request (it stayed failed, out of what was sent)."""
     pg = billed
     hold_passes(pg)
-    customer = subscribe(pg, fake, "ent_r", "enterprise")
+    customer = subscribe(pg, fake, "ent_opretry", "enterprise")
     fake.meter_refuse.add(customer)
     try:
-        pg.sql("SELECT billing.record_usage('ent_r', 'signatures', 6, 'r1')")
+        pg.sql("SELECT billing.record_usage('ent_opretry', 'signatures', 6, 'opretry1')")
         pass_and_drain(pg)
     finally:
         fake.meter_refuse.discard(customer)
-    assert pg.sql("SELECT state FROM billing.meter_events WHERE tenant_id = 'ent_r'") == [("failed",)]
-    pg.sql("SELECT billing.retry_request(request_id) FROM billing.meter_events WHERE tenant_id = 'ent_r'")
+    assert pg.sql("SELECT state FROM billing.meter_events WHERE tenant_id = 'ent_opretry'") == [("failed",)]
+    pg.sql("SELECT billing.retry_request(request_id) FROM billing.meter_events WHERE tenant_id = 'ent_opretry'")
     drain(pg)
-    assert pg.sql("SELECT state, value FROM billing.meter_events WHERE tenant_id = 'ent_r'") == [("delivered", 6)]
-    assert stripe_value(pg, fake, "ent_r", "signatures") == 6 == local_value(pg, "ent_r", "signatures")
+    assert pg.sql("SELECT state, value FROM billing.meter_events WHERE tenant_id = 'ent_opretry'") == [("delivered", 6)]
+    assert stripe_value(pg, fake, "ent_opretry", "signatures") == 6 == local_value(pg, "ent_opretry", "signatures")
 
 
 def test_usage_of_a_periods_last_second_is_billed_in_it(billed, fake):

@@ -383,7 +383,8 @@ def test_exporter_role_reads_metrics_only(activity):
                      "SELECT billing.reconcile_now()",
                      "SELECT count(*) FROM billing.payments",
                      "SELECT count(*) FROM billing.tenants",
-                     "SELECT count(*) FROM billing.stripe_requests"):
+                     "SELECT count(*) FROM billing.stripe_requests",
+                     "SELECT * FROM billing.usage_current('t0')"):
             with pytest.raises(Exception) as e:
                 c.execute(stmt)
             assert getattr(e.value, "sqlstate", None) == "42501", (stmt, e.value)

@@ -315,6 +315,51 @@ def test_the_last_tax_exempt_decision_is_the_one_stripe_keeps(pg, api, fake):
                   "AND kind = 'tax_exempt.update' ORDER BY request_id") == [("reverse", "succeeded"), ("none", "succeeded")]
 
 
+def test_a_newer_tax_exempt_decision_goes_out_when_the_older_fails(pg, api, fake):
+    """"reverse" reaches Stripe (applied, its answer lost: 500), then is
+    refused for good on a retry; "none", decided meanwhile, waited for it
+    for order only: it still goes out, and Stripe keeps "none" (failing it
+    with its predecessor left Stripe on "reverse", no VAT charged)."""
+    txi = tenant_with_tax_id(pg, api, fake, "beorder", "Orde BV", "BE", "1000", "BE0987654321")
+    cus = txi["customer"]
+    seen = {"reverse": 0}
+    original = fake.process
+
+    def process(method, path, params, key, raw):
+        if method == "POST" and path == f"/v1/customers/{cus}" and "tax_exempt=reverse" in raw:
+            seen["reverse"] += 1
+            if seen["reverse"] == 1:
+                original(method, path, params, key, raw)      # applied, the answer lost
+                return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}, []
+            if seen.get("refuse"):
+                return 400, {"error": {"type": "invalid_request_error", "message": "Refused for this test"}}, []
+            return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}, []
+        return original(method, path, params, key, raw)
+    fake.process = process
+    try:
+        t = billing_now(pg)
+        deliver_events(pg, api, [tax_id_event("customer.tax_id.updated", txi, t + 1, "verified")])
+        assert pg.wait_until("SELECT first_sent_at IS NOT NULL AND state <> 'succeeded' FROM billing.stripe_requests "
+                             "WHERE tenant_id = 'beorder' AND kind = 'tax_exempt.update'", 30)
+        assert fake.get(cus)["tax_exempt"] == "reverse"
+        deliver_events(pg, api, [tax_id_event("customer.tax_id.updated", txi, t + 2, "unverified")])
+        assert pg.wait_until("SELECT state = 'waiting' FROM billing.stripe_requests WHERE tenant_id = 'beorder' "
+                             "AND kind = 'tax_exempt.update' AND params ->> 'tax_exempt' = 'none'", 30)
+        seen["refuse"] = True
+        pg.sql("UPDATE billing.stripe_requests SET next_attempt_at = now() WHERE tenant_id = 'beorder' "
+               "AND kind = 'tax_exempt.update' AND state = 'pending'")
+        pg.sql("SELECT billing.wake_worker()")
+        assert pg.wait_until("SELECT NOT EXISTS (SELECT 1 FROM billing.stripe_requests WHERE tenant_id = 'beorder' "
+                             "AND kind = 'tax_exempt.update' AND state IN ('waiting', 'pending', 'in_flight'))", 60), \
+            pg.sql("SELECT request_id, params, state, error FROM billing.stripe_requests WHERE tenant_id = 'beorder'")
+    finally:
+        fake.process = original
+    settle(pg, api, fake)
+    assert pg.sql("SELECT params ->> 'tax_exempt', state FROM billing.stripe_requests WHERE tenant_id = 'beorder' "
+                  "AND kind = 'tax_exempt.update' ORDER BY request_id") == [("reverse", "failed"), ("none", "succeeded")]
+    assert fake.get(cus)["tax_exempt"] == "none"
+
+
 def test_request_shapes_are_valid_for_stripe(stripe_mock):
     pg = cluster("taxmock", stripe_mock)
     try:
