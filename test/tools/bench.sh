@@ -400,26 +400,35 @@ settings qes_billing.stripe_api_base="http://127.0.0.1:$EP_PORT" qes_billing.str
 # warm-up (not measured): the worker's plans, the connections
 sql -c "SELECT count(billing.outbox_enqueue(NULL, 'bench.request', 'POST', '/v1/customers', '{\"name\": \"Warm\"}')) FROM generate_series(1, 1000)" >/dev/null
 until [ "$(sql -c "SELECT count(*) FROM billing.stripe_requests WHERE state <> 'succeeded'")" = 0 ]; do sleep 0.1; done
+# outbox_round: with the worker paused, N fresh requests queued; then the
+# worker sends them all.  Appends the round's requests per second (first
+# claim to last answer recorded) to vs and the worker's CPU per request to
+# cpus.
+outbox_round() {
+  settings qes_billing.worker_paused=on
+  sleep 1
+  # (TRUNCATE: each round starts from an empty table; a DELETE would also
+  # look for requests waiting for each row, through no index)
+  sql -c "TRUNCATE billing.stripe_requests" \
+      -c "SELECT count(billing.outbox_enqueue(NULL, 'bench.request', 'POST', '/v1/customers',
+                jsonb_build_object('name', 'Bench', 'metadata', jsonb_build_object('n', i)))) FROM generate_series(1, $N) i" \
+      -c "CHECKPOINT" >/dev/null
+  local pid cpu0 cpu1
+  pid=$(worker_pid); cpu0=$(cpu_us "$pid")
+  settings qes_billing.worker_paused=off
+  until [ "$(sql -c "SELECT count(*) FROM billing.stripe_requests WHERE kind = 'bench.request' AND state <> 'succeeded'")" = 0 ]; do
+    sleep 0.05
+  done
+  cpu1=$(cpu_us "$pid")
+  vs="$vs $(sql -c "SELECT round($N / extract(epoch FROM max(updated_at) - min(claimed_at))) FROM billing.stripe_requests WHERE kind = 'bench.request'")"
+  cpus="$cpus $(( (cpu1 - cpu0) / N ))"
+}
 for c in ${BENCH_OUTBOX_CONCURRENCY:-16 32 64}; do
   vs=""; cs=""; cpus=""
   for _ in $(seq 1 "$ROUNDS"); do
     cs="$cs $(python3 "$src/test/bench/slow_endpoint.py" load "$EP_PORT" "$c" 5)"
-    settings qes_billing.max_concurrent_requests="$c" qes_billing.worker_paused=on
-    sleep 1
-    # (TRUNCATE: each round starts from an empty table; a DELETE would also
-    # look for requests waiting for each row, through no index)
-    sql -c "TRUNCATE billing.stripe_requests" \
-        -c "SELECT count(billing.outbox_enqueue(NULL, 'bench.request', 'POST', '/v1/customers',
-                  jsonb_build_object('name', 'Bench', 'metadata', jsonb_build_object('n', i)))) FROM generate_series(1, $N) i" \
-        -c "CHECKPOINT" >/dev/null
-    pid=$(worker_pid); cpu0=$(cpu_us "$pid")
-    settings qes_billing.worker_paused=off
-    until [ "$(sql -c "SELECT count(*) FROM billing.stripe_requests WHERE kind = 'bench.request' AND state <> 'succeeded'")" = 0 ]; do
-      sleep 0.05
-    done
-    cpu1=$(cpu_us "$pid")
-    vs="$vs $(sql -c "SELECT round($N / extract(epoch FROM max(updated_at) - min(claimed_at))) FROM billing.stripe_requests WHERE kind = 'bench.request'")"
-    cpus="$cpus $(( (cpu1 - cpu0) / N ))"
+    settings qes_billing.max_concurrent_requests="$c"
+    outbox_round
   done
   report "outbox_c$c" rps "endpoint_20ms_c$c" "$vs" "$cs" \
     "$(awk -v v="$cpus" 'BEGIN { k = split(v, a, " "); t = 0; lo = 1e9; hi = 0
@@ -467,20 +476,7 @@ rate=${pg_net_rps:-200}
 settings qes_billing.max_requests_per_second="$rate" qes_billing.max_concurrent_requests=16
 vs=""; cpus=""
 for _ in $(seq 1 "$ROUNDS"); do
-  settings qes_billing.worker_paused=on
-  sleep 1
-  sql -c "TRUNCATE billing.stripe_requests" \
-      -c "SELECT count(billing.outbox_enqueue(NULL, 'bench.request', 'POST', '/v1/customers',
-                jsonb_build_object('name', 'Bench', 'metadata', jsonb_build_object('n', i)))) FROM generate_series(1, $N) i" \
-      -c "CHECKPOINT" >/dev/null
-  pid=$(worker_pid); cpu0=$(cpu_us "$pid")
-  settings qes_billing.worker_paused=off
-  until [ "$(sql -c "SELECT count(*) FROM billing.stripe_requests WHERE kind = 'bench.request' AND state <> 'succeeded'")" = 0 ]; do
-    sleep 0.05
-  done
-  cpu1=$(cpu_us "$pid")
-  vs="$vs $(sql -c "SELECT round($N / extract(epoch FROM max(updated_at) - min(claimed_at))) FROM billing.stripe_requests WHERE kind = 'bench.request'")"
-  cpus="$cpus $(( (cpu1 - cpu0) / N ))"
+  outbox_round
 done
 settings qes_billing.max_requests_per_second=0
 if [ -n "${pg_net_cpus:-}" ]; then
