@@ -3869,6 +3869,7 @@ DECLARE
   v_refused boolean;
   v_stale   boolean;
   v_new_key boolean;
+  v_event   billing.meter_events;
 BEGIN
   SELECT * INTO r FROM billing.stripe_requests WHERE request_id = p_request_id FOR UPDATE;
   -- parked by billing.outbox_claim (its failure could not be recorded):
@@ -3918,16 +3919,44 @@ BEGIN
   -- a meter event goes back to queued with its request (so that void_usage
   -- waits for the answer instead of cancelling it here, and the answer
   -- marks it delivered); one cancelled meanwhile is not sent again
+  -- (the event by the request's subject: a re-send by reconciliation
+  -- moves meter_events.request_id to a newer request)
   IF r.kind = 'meter.event' THEN
-    IF EXISTS (SELECT 1 FROM billing.meter_events e
-                WHERE e.request_id = p_request_id AND e.state IN ('cancel_queued', 'cancelled')) THEN
-      RAISE EXCEPTION 'outbox request % is a meter event that was cancelled after it failed', p_request_id
+    SELECT * INTO v_event FROM billing.meter_events e
+     WHERE e.tenant_id = r.tenant_id AND e.meter_event_id = (r.subject ->> 'meter_event_id')::bigint
+       FOR UPDATE;
+    IF NOT FOUND OR v_event.state <> 'failed' OR v_event.request_id <> p_request_id
+       OR v_event.cancel_request_id IS NOT NULL
+       OR (SELECT count(*) FROM billing.meter_event_usage x
+            WHERE x.tenant_id = v_event.tenant_id AND x.meter_event_id = v_event.meter_event_id) <> v_event.usage_rows THEN
+      RAISE EXCEPTION 'outbox request % sends meter event % as it no longer stands', p_request_id,
+                      coalesce(v_event.meter_event_id::text, r.subject ->> 'meter_event_id')
         USING ERRCODE = 'object_not_in_prerequisite_state',
-              DETAIL = 'A usage row of it was voided (billing.void_usage); its other rows go out in a new event.',
-              HINT = 'Nothing to retry: SELECT * FROM billing.meter_events WHERE request_id = ' || p_request_id || '.';
+              DETAIL = format('The event is %s%s: sent again, this request would bill what it held when it was made.',
+                              coalesce(v_event.state, 'gone'),
+                              CASE WHEN v_event.request_id IS DISTINCT FROM p_request_id
+                                   THEN format(', sent since by request %s', v_event.request_id)
+                                   WHEN v_event.cancel_request_id IS NOT NULL THEN ', a row of it voided'
+                                   ELSE '' END),
+              HINT = 'Nothing to retry; reconciliation (billing.meter_reconcile) sends what Stripe lacks.';
     END IF;
     UPDATE billing.meter_events SET state = 'queued', last_error = NULL
-     WHERE request_id = p_request_id AND state = 'failed';
+     WHERE tenant_id = v_event.tenant_id AND meter_event_id = v_event.meter_event_id;
+  ELSIF r.kind = 'meter.cancel' THEN
+    -- a cancellation sent again: its answer is applied to the event again
+    UPDATE billing.meter_events SET state = 'cancel_queued'
+     WHERE cancel_request_id = p_request_id AND state IN ('failed', 'delivered');
+  ELSIF r.kind = 'tax_exempt.update' AND EXISTS (
+          SELECT 1 FROM billing.stripe_requests x
+           WHERE x.tenant_id = r.tenant_id AND x.kind = 'tax_exempt.update' AND x.path = r.path
+             AND x.request_id > p_request_id) THEN
+    -- a newer decision about the customer's tax_exempt exists: sending this
+    -- one again would make Stripe keep the older (91_tax.sql, tax_exempt_send)
+    RAISE EXCEPTION 'outbox request % is a tax_exempt decision a newer one replaced', p_request_id
+      USING ERRCODE = 'object_not_in_prerequisite_state',
+            DETAIL = 'Sent again, it would go out after the newer decision and Stripe would keep this older one.',
+            HINT = format('Look at the newer one: SELECT request_id, params, state FROM billing.stripe_requests WHERE kind = ''tax_exempt.update'' AND path = %L ORDER BY request_id.',
+                          r.path);
   END IF;
   -- the same key while Stripe keeps its result; else a new one (first_sent_at starts again)
   v_new_key := v_refused OR v_stale;

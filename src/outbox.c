@@ -1058,8 +1058,13 @@ qes_outbox_pump(bool *progress)
 		int			want = qes_max_inflight - n_in_flight;
 
 		room = take_tokens(want);
-		/* the bucket, not the queue, cut the claim short (claim() looks for a backlog) */
-		bucket_cut = paced = claim_more && room < want;
+		/*
+		 * The bucket, not the queue, cut the claim short (claim() looks for
+		 * a backlog).  An empty bucket decides nothing: no claim looks, and
+		 * a lone request after a burst waits for one token, not a pace.
+		 */
+		if (room > 0)
+			bucket_cut = paced = claim_more && room < want;
 	}
 	if (room > 0 || n_answered > 0)
 	{

@@ -757,6 +757,32 @@ def test_a_failed_event_retried_by_an_operator_is_delivered(billed, fake):
     assert stripe_value(pg, fake, "ent_opretry", "signatures") == 6 == local_value(pg, "ent_opretry", "signatures")
 
 
+def test_retry_never_sends_an_event_as_it_no_longer_stands(billed, fake):
+    """An operator's billing.retry_request of a failed meter event that
+    lost a row since (voided while its cancellation failed too) is refused:
+    sent again it would bill the voided units."""
+    pg = billed
+    hold_passes(pg)
+    customer = subscribe(pg, fake, "ent_lost", "enterprise")
+    fake.meter_refuse.add(customer)
+    try:
+        pg.sql("SELECT billing.record_usage('ent_lost', 'signatures', 4, 'lost1')")
+        pg.sql("SELECT billing.record_usage('ent_lost', 'signatures', 5, 'lost2')")
+        pass_and_drain(pg)
+    finally:
+        fake.meter_refuse.discard(customer)
+    assert pg.sql("SELECT state, value, usage_rows FROM billing.meter_events WHERE tenant_id = 'ent_lost'") \
+        == [("failed", 9, 2)]
+    # what a void leaves when the cancellation in Stripe failed as well: the
+    # event failed, one row fewer
+    pg.sql("DELETE FROM billing.meter_event_usage WHERE tenant_id = 'ent_lost' AND idempotency_key = 'lost1'")
+    pg.sql("DELETE FROM billing.usage_events WHERE tenant_id = 'ent_lost' AND idempotency_key = 'lost1'")
+    with pytest.raises(psycopg.Error) as e:
+        pg.sql("SELECT billing.retry_request(request_id) FROM billing.meter_events WHERE tenant_id = 'ent_lost'")
+    assert e.value.sqlstate == "55000" and "no longer stands" in str(e.value), e.value
+    assert pg.sql("SELECT state FROM billing.meter_events WHERE tenant_id = 'ent_lost'") == [("failed",)]
+
+
 def test_usage_of_a_periods_last_second_is_billed_in_it(billed, fake):
     """Usage at 23:59:59.6 on the period's last day is dated 23:59:59 in
     Stripe (rounded down), not at the next period's first second."""

@@ -14,6 +14,7 @@ import os
 import subprocess
 import uuid
 
+import psycopg
 import pytest
 
 from conftest import TEST_KEYS, amcheck_and_stop, tenant_claims
@@ -358,6 +359,12 @@ def test_a_newer_tax_exempt_decision_goes_out_when_the_older_fails(pg, api, fake
     assert pg.sql("SELECT params ->> 'tax_exempt', state FROM billing.stripe_requests WHERE tenant_id = 'beorder' "
                   "AND kind = 'tax_exempt.update' ORDER BY request_id") == [("reverse", "failed"), ("none", "succeeded")]
     assert fake.get(cus)["tax_exempt"] == "none"
+    # the failed older decision is not sent again by an operator's retry:
+    # Stripe would keep it
+    with pytest.raises(psycopg.Error) as e:
+        pg.sql("SELECT billing.retry_request(request_id) FROM billing.stripe_requests WHERE tenant_id = 'beorder' "
+               "AND kind = 'tax_exempt.update' AND state = 'failed'")
+    assert e.value.sqlstate == "55000" and "newer one replaced" in str(e.value), e.value
 
 
 def test_request_shapes_are_valid_for_stripe(stripe_mock):
