@@ -575,6 +575,7 @@ run_pumps(long budget_ms, long *notify_due_ms)
 		bool		busy;
 		bool		progress;
 		long		left_ms;
+		long		pace_ms;
 
 		CHECK_FOR_INTERRUPTS();
 		qes_http_drive();
@@ -593,8 +594,9 @@ run_pumps(long budget_ms, long *notify_due_ms)
 		if (qes_http_in_flight() == 0 || left_ms <= 0 || MyLatch->is_set)
 			return busy;
 		/* (a paced outbox turn may be due before any answer comes) */
-		if (qes_outbox_pace_wait_ms() > 0)
-			left_ms = Min(left_ms, qes_outbox_pace_wait_ms());
+		pace_ms = qes_outbox_pace_wait_ms();
+		if (pace_ms > 0)
+			left_ms = Min(left_ms, pace_ms);
 		qes_http_wait(left_ms);
 	}
 }

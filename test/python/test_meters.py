@@ -11,6 +11,7 @@ event summaries with the local sums.
 
 Every cluster runs at a fixed date through the billing clock, the fake's
 clock with it (2027-06-15 19:00 UTC, in a period from June 1)."""
+import contextlib
 import random
 import time
 from datetime import datetime, timedelta, timezone
@@ -560,6 +561,16 @@ def hold_passes(pg):
     pg.sql("UPDATE billing.meter_state SET pass_interval = '1 hour', next_pass_at = now() + interval '1 hour'")
 
 
+@contextlib.contextmanager
+def refusing(fake, customer):
+    """The fake answers the customer's meter events with a 400 meanwhile."""
+    fake.meter_refuse.add(customer)
+    try:
+        yield
+    finally:
+        fake.meter_refuse.discard(customer)
+
+
 def test_a_key_recorded_again_after_a_void_goes_out_in_a_new_event(billed, fake):
     """k4 and k5 went out in one event; k4 is voided (the event cancelled in
     Stripe, k5 unsent again) and the application records k4 again under the
@@ -695,13 +706,10 @@ def test_voiding_a_row_of_a_failed_event_never_bills_it(billed, fake):
     pg = billed
     hold_passes(pg)
     customer = subscribe(pg, fake, "ent_f", "enterprise")
-    fake.meter_refuse.add(customer)
-    try:
+    with refusing(fake, customer):
         for key, q in (("k6", 5), ("k7", 3), ("k8", 4), ("k9", 1)):
             pg.sql("SELECT billing.record_usage('ent_f', 'signatures', %s, %s)", (q, key))
         pass_and_drain(pg)
-    finally:
-        fake.meter_refuse.discard(customer)
     assert pg.sql("SELECT state, value FROM billing.meter_events WHERE tenant_id = 'ent_f'") == [("failed", 13)]
     done = pg.sql("SELECT billing.void_usage('ent_f', 'k6', 'not the tenant''s')")[0][0]
     assert "refused by Stripe and is cancelled" in done, done
@@ -714,11 +722,8 @@ def test_voiding_a_row_of_a_failed_event_never_bills_it(billed, fake):
         == [("cancelled", 13), ("delivered", 8)]
     # the new event failed too, its outcome unknown (Stripe may have it)
     pg.sql("SELECT billing.record_usage('ent_f', 'signatures', 2, 'k10')")
-    fake.meter_refuse.add(customer)
-    try:
+    with refusing(fake, customer):
         pass_and_drain(pg)
-    finally:
-        fake.meter_refuse.discard(customer)
     pg.sql("""UPDATE billing.meter_events SET last_error = '{"category": "expired", "retryable": false}'
                WHERE tenant_id = 'ent_f' AND state = 'failed'""")
     done = pg.sql("SELECT billing.void_usage('ent_f', 'k10', 'not the tenant''s')")[0][0]
@@ -744,12 +749,9 @@ def test_a_failed_event_retried_by_an_operator_is_delivered(billed, fake):
     pg = billed
     hold_passes(pg)
     customer = subscribe(pg, fake, "ent_opretry", "enterprise")
-    fake.meter_refuse.add(customer)
-    try:
+    with refusing(fake, customer):
         pg.sql("SELECT billing.record_usage('ent_opretry', 'signatures', 6, 'opretry1')")
         pass_and_drain(pg)
-    finally:
-        fake.meter_refuse.discard(customer)
     assert pg.sql("SELECT state FROM billing.meter_events WHERE tenant_id = 'ent_opretry'") == [("failed",)]
     pg.sql("SELECT billing.retry_request(request_id) FROM billing.meter_events WHERE tenant_id = 'ent_opretry'")
     drain(pg)
@@ -764,13 +766,10 @@ def test_retry_never_sends_an_event_as_it_no_longer_stands(billed, fake):
     pg = billed
     hold_passes(pg)
     customer = subscribe(pg, fake, "ent_lost", "enterprise")
-    fake.meter_refuse.add(customer)
-    try:
+    with refusing(fake, customer):
         pg.sql("SELECT billing.record_usage('ent_lost', 'signatures', 4, 'lost1')")
         pg.sql("SELECT billing.record_usage('ent_lost', 'signatures', 5, 'lost2')")
         pass_and_drain(pg)
-    finally:
-        fake.meter_refuse.discard(customer)
     assert pg.sql("SELECT state, value, usage_rows FROM billing.meter_events WHERE tenant_id = 'ent_lost'") \
         == [("failed", 9, 2)]
     # what a void leaves when the cancellation in Stripe failed as well: the
