@@ -17,6 +17,7 @@ OBJS = \
 	src/worker.o \
 	src/worker_xact.o \
 	src/worker_http.o \
+	src/outbox_lane.o \
 	src/audit.o \
 	src/config.o \
 	src/catalog_cache.o \

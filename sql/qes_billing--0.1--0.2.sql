@@ -32,6 +32,8 @@ DROP VIEW billing.worker_status;
 DROP FUNCTION billing.apply_event(jsonb);
 DROP FUNCTION billing.apply_invoice(text,jsonb,timestamp with time zone);
 DROP FUNCTION billing.current_subscription(text);
+DROP FUNCTION billing.outbox_enqueue(text,text,text,text,jsonb,jsonb,bigint,text,text);
+DROP FUNCTION billing.outbox_enqueue_once(text,text,text,text,jsonb);
 DROP FUNCTION billing.refresh_subscription(text,text);
 DROP FUNCTION billing.retry_request(bigint);
 DROP FUNCTION billing.setup_webhook(text);
@@ -1934,7 +1936,10 @@ BEGIN
   IF p_id IS NULL OR p_id !~ '^[a-z]{2,4}_[A-Za-z0-9_]+$' THEN
     RETURN NULL;
   END IF;
-  v_id := billing.outbox_enqueue_once(p_tenant, 'mirror.' || p_object || '.lookup', 'GET', v_path || p_id);
+  v_id := billing.outbox_enqueue_once(p_tenant, 'mirror.' || p_object || '.lookup', 'GET', v_path || p_id,
+                                      p_not_before => CASE WHEN p_next_second
+                                                           THEN date_trunc('second', clock_timestamp()) + interval '1 second' END);
+  -- (one queued before, not sent yet, goes in the next second too)
   IF p_next_second THEN
     UPDATE billing.stripe_requests
        SET next_attempt_at = greatest(next_attempt_at, date_trunc('second', clock_timestamp()) + interval '1 second')
@@ -3160,8 +3165,7 @@ BEGIN
                                  coalesce(st.events_cursor, '-infinity'), now() - interval '30 days'
                                ) - interval '1 minute')::bigint))
             || CASE WHEN p_after IS NOT NULL THEN jsonb_build_object('starting_after', p_after) ELSE '{}' END,
-            jsonb_build_object('run_id', p_run), p_run_id => p_run);
-  UPDATE billing.stripe_requests SET next_attempt_at = greatest(p_due, now()) WHERE request_id = v_id;
+            jsonb_build_object('run_id', p_run), p_run_id => p_run, p_not_before => p_due);
   RETURN v_id;
 END
 $$;
@@ -3340,6 +3344,127 @@ SELECT d.repaired_at, d.tenant_id, d.object, d.stripe_id, d.source, d.stripe_eve
 
 COMMENT ON VIEW billing.drift_report IS
   'What reconciliation found and fixed: each repaired object with the mirror''s state before and after, what changed, the run (pass or tenant) and the missed event that repaired it.';
+
+-- The direct lane (src/outbox_lane.c, docs/architecture.md, "The direct
+-- lane"): while the worker would claim a request at once, the transaction
+-- that queues it claims it itself -- the row goes in in_flight, attempt 1,
+-- as billing.outbox_claim would have left it -- and hands it to the worker
+-- through shared memory, which sends it once this transaction has
+-- committed, without a transaction of its own.  NULL: the lane is closed or
+-- full, or the request too large for it; the request is queued pending.
+CREATE OR REPLACE FUNCTION billing.outbox_lane_reserve(p_method text, p_path text, p_params jsonb, p_idempotency_key text)
+  RETURNS integer
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_outbox_lane_reserve';
+
+COMMENT ON FUNCTION billing.outbox_lane_reserve(text, text, jsonb, text) IS
+  'Run by billing.outbox_enqueue: a slot of the outbox''s direct lane for the request about to be inserted, or NULL.';
+
+CREATE OR REPLACE FUNCTION billing.outbox_lane_fill(p_slot integer, p_request_id bigint) RETURNS void
+  LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'qes_outbox_lane_fill';
+
+COMMENT ON FUNCTION billing.outbox_lane_fill(integer, bigint) IS
+  'Run by billing.outbox_enqueue: the row of a reserved lane slot is inserted.';
+
+CREATE OR REPLACE FUNCTION billing.outbox_note_waiter() RETURNS void
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_outbox_note_waiter';
+
+COMMENT ON FUNCTION billing.outbox_note_waiter() IS
+  'Run by billing.outbox_enqueue: a request now waits for another, so the worker records answers at once (a chain goes at the pace of Stripe''s answers).';
+
+CREATE OR REPLACE FUNCTION billing.outbox_lane_state(OUT open boolean, OUT slots_in_use integer, OUT sent bigint,
+                                          OUT released bigint)
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_outbox_lane_state';
+
+COMMENT ON FUNCTION billing.outbox_lane_state() IS
+  'The outbox''s direct lane: open (the worker would claim a request at once, so the queuing transaction claims it), its slots in use, and since the server started how many requests the worker sent from it and how many it put back in the queue (too old, no key, the rate limit).';
+
+-- Run by the worker: requests of the lane it could not send (no key, the
+-- rate limit's bucket empty, a slot older than the request timeout) go back
+-- to the queue as if never claimed, to be claimed the ordinary way.
+CREATE OR REPLACE FUNCTION billing.outbox_lane_release(p_request_ids bigint[]) RETURNS bigint
+  LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
+BEGIN ATOMIC
+  WITH r AS (
+    UPDATE billing.stripe_requests
+       SET state = 'pending', attempts = attempts - 1, claimed_at = NULL, next_attempt_at = now(),
+           updated_at = now()
+     WHERE request_id = ANY (p_request_ids) AND state = 'in_flight' AND attempts = 1
+       AND first_sent_at IS NULL
+    RETURNING 1)
+  SELECT count(*) FROM r;
+
+END;
+
+COMMENT ON FUNCTION billing.outbox_lane_release(bigint[]) IS
+  'Run by the worker: put requests of the direct lane it did not send back in the queue, unclaimed. Returns how many.';
+
+CREATE OR REPLACE FUNCTION billing.outbox_enqueue(p_tenant text, p_kind text, p_method text, p_path text,
+                                       p_params jsonb DEFAULT '{}', p_subject jsonb DEFAULT '{}',
+                                       p_after bigint DEFAULT NULL, p_inherit text DEFAULT NULL,
+                                       p_run_id text DEFAULT NULL, p_not_before timestamptz DEFAULT NULL)
+  RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+DECLARE
+  v_id    bigint;
+  v_after billing.stripe_requests;
+  v_key   text := 'qes-' || gen_random_uuid();
+  v_slot  integer;
+BEGIN
+  IF p_after IS NOT NULL THEN
+    SELECT * INTO v_after FROM billing.stripe_requests WHERE request_id = p_after;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'outbox request % does not exist', p_after USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    IF v_after.state = 'failed' THEN
+      RAISE EXCEPTION 'outbox request % has failed; nothing can wait for it', p_after
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM billing.outbox_note_waiter();
+  ELSIF (p_not_before IS NULL OR p_not_before <= now())
+        AND NOT coalesce(billing.tenant_fenced(p_tenant), false)
+        AND NOT EXISTS (SELECT FROM billing.stripe_rate_budget) THEN
+    -- due now, for a tenant whose partition is not moving, and no share of
+    -- a sharded account's rate to take: the direct lane may take it
+    v_slot := billing.outbox_lane_reserve(p_method, p_path, p_params, v_key);
+  END IF;
+  INSERT INTO billing.stripe_requests (tenant_id, kind, method, path, params, subject, after_request, inherit,
+                                       run_id, idempotency_key, state, attempts, claimed_at, next_attempt_at)
+  VALUES (p_tenant, p_kind, p_method, p_path, p_params, p_subject, p_after, p_inherit, p_run_id, v_key,
+          CASE WHEN v_slot IS NOT NULL THEN 'in_flight' WHEN p_after IS NULL THEN 'pending' ELSE 'waiting' END,
+          (v_slot IS NOT NULL)::integer, CASE WHEN v_slot IS NOT NULL THEN clock_timestamp() END,
+          greatest(now(), p_not_before))
+  RETURNING request_id INTO v_id;
+  IF v_slot IS NOT NULL THEN
+    PERFORM billing.outbox_lane_fill(v_slot, v_id);
+  END IF;
+  IF v_after.state = 'succeeded' THEN
+    PERFORM billing.outbox_release_waiting(v_after);   -- done already: due at once
+  END IF;
+  RETURN v_id;
+END
+$$;
+
+COMMENT ON FUNCTION billing.outbox_enqueue(text, text, text, text, jsonb, jsonb, bigint, text, text, timestamptz) IS
+  'Queue a Stripe request in the caller''s transaction; the worker sends it after COMMIT (not before p_not_before). With p_after it waits for that request and, with p_inherit, receives its response id as that parameter. While the worker has no backlog the request is claimed here and handed to the worker directly (the direct lane): its row is in_flight from the start.';
+
+-- Queue a request unless the same one (tenant, kind, path) is still
+-- queued or in flight; returns the request either way.
+CREATE OR REPLACE FUNCTION billing.outbox_enqueue_once(p_tenant text, p_kind text, p_method text, p_path text,
+                                            p_params jsonb DEFAULT '{}', p_not_before timestamptz DEFAULT NULL)
+  RETURNS bigint
+  LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
+AS $$
+  SELECT coalesce(
+    (SELECT r.request_id FROM billing.stripe_requests r
+      WHERE r.tenant_id = p_tenant AND r.kind = p_kind AND r.path = p_path
+        AND r.state IN ('waiting', 'pending', 'in_flight')
+      ORDER BY r.request_id LIMIT 1),
+    billing.outbox_enqueue(p_tenant, p_kind, p_method, p_path, p_params, p_not_before => p_not_before))
+$$;
+
+COMMENT ON FUNCTION billing.outbox_enqueue_once(text, text, text, text, jsonb, timestamptz) IS
+  'Queue a request unless the same one (tenant, kind, path) is still queued or in flight; returns the request.';
 
 -- Claim due requests for sending: the worker commits this before any byte
 -- goes out.  Rows are taken with SKIP LOCKED, so a backend busy with a
@@ -3647,21 +3772,25 @@ DECLARE
   v_done boolean[] := array_fill(false, ARRAY[coalesce(cardinality(p_request_ids), 0)]);
   v_n    integer := 0;
 BEGIN
+  -- (applied in the order of the arrays, the order the requests were
+  -- queued in: of two answers about one object, the later wins)
   FOR v IN
-    UPDATE billing.stripe_requests s
-       SET state = 'succeeded', http_status = a.http_status, response = billing.redact(a.body), error = NULL,
-           first_sent_at = coalesce(s.first_sent_at, s.claimed_at), updated_at = now()
-      FROM (SELECT x.request_id, x.attempt, x.http_status, x.body::jsonb AS body, x.ord
-              FROM unnest(p_request_ids, p_attempts, p_http_status, p_bodies, p_transport_errors)
-                     WITH ORDINALITY AS x(request_id, attempt, http_status, body, transport_error, ord)
-             WHERE x.transport_error IS NULL) a
-     WHERE s.request_id = a.request_id AND s.request_id = ANY (p_request_ids)
-       -- (a value the planner does not see: the rows are found by their
-       -- primary key, never by a scan of stripe_requests_in_flight, whatever
-       -- the statistics say)
-       AND s.state = (SELECT 'in_flight'::text)
-       AND s.attempts = a.attempt AND billing.outbox_accepts(s.kind, a.http_status)
-    RETURNING s AS req, a.body, a.ord
+    WITH u AS (
+      UPDATE billing.stripe_requests s
+         SET state = 'succeeded', http_status = a.http_status, response = billing.redact(a.body), error = NULL,
+             first_sent_at = coalesce(s.first_sent_at, s.claimed_at), updated_at = now()
+        FROM (SELECT x.request_id, x.attempt, x.http_status, x.body::jsonb AS body, x.ord
+                FROM unnest(p_request_ids, p_attempts, p_http_status, p_bodies, p_transport_errors)
+                       WITH ORDINALITY AS x(request_id, attempt, http_status, body, transport_error, ord)
+               WHERE x.transport_error IS NULL) a
+       WHERE s.request_id = a.request_id AND s.request_id = ANY (p_request_ids)
+         -- (a value the planner does not see: the rows are found by their
+         -- primary key, never by a scan of stripe_requests_in_flight, whatever
+         -- the statistics say)
+         AND s.state = (SELECT 'in_flight'::text)
+         AND s.attempts = a.attempt AND billing.outbox_accepts(s.kind, a.http_status)
+      RETURNING s AS req, a.body, a.ord)
+    SELECT * FROM u ORDER BY u.ord
   LOOP
     -- as billing.outbox_succeed: stored redacted, applied as Stripe sent it
     r := v.req;
@@ -8264,7 +8393,7 @@ GRANT SELECT ON billing.drift_report, billing.reconcile_runs TO qes_admin;
 
 GRANT EXECUTE ON FUNCTION billing.reconcile_tenant(text), billing.reconcile_now() TO qes_admin;
 
-GRANT EXECUTE ON FUNCTION billing.worker_state(), billing.verify_audit_chain(), billing.usage_cache_stats(),
+GRANT EXECUTE ON FUNCTION billing.worker_state(), billing.outbox_lane_state(), billing.verify_audit_chain(), billing.usage_cache_stats(),
                           billing.audit_hash(bytea, bigint, timestamptz, text, text, text, text, text, jsonb),
                           billing.wake_worker()
   TO qes_admin;

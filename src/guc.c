@@ -49,6 +49,7 @@ int			qes_request_timeout_ms = 30000;
 int			qes_max_requests_per_second = 0;
 bool		qes_audit_guard = true;
 bool		qes_worker_paused = false;
+bool		qes_direct_lane = true;
 
 /* reconciliation (sql/install/86_reconcile.sql reads them with current_setting) */
 static int	qes_reconcile_interval_s = 3600;
@@ -827,6 +828,11 @@ qes_define_gucs(void)
 	DefineCustomBoolVariable("qes_billing.worker_paused",
 							 "Pause the worker's work (queues, timers) for maintenance; it keeps its heartbeat.",
 							 NULL, &qes_worker_paused, false,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomBoolVariable("qes_billing.direct_lane",
+							 "Let a transaction that queues a Stripe request claim it and hand it to the worker directly while the worker has no backlog.",
+							 "Off: every request is claimed by the worker in a transaction of its own (docs/architecture.md, \"The direct lane\").",
+							 &qes_direct_lane, true,
 							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomBoolVariable("qes_billing.audit_guard",
 							 "Refuse UPDATE and DELETE on the audit log (superusers may turn it off to test tamper detection).",

@@ -43,6 +43,7 @@ extern int	qes_request_timeout_ms;
 extern int	qes_max_requests_per_second;
 extern bool qes_audit_guard;
 extern bool qes_worker_paused;
+extern bool qes_direct_lane;
 
 /* notifications (src/notify.c) */
 typedef enum QesStartTls

@@ -89,6 +89,7 @@
 
 #include "guc.h"
 #include "outbox.h"
+#include "outbox_lane.h"
 #include "fence.h"
 #include "redact.h"
 #include "shmem.h"
@@ -102,6 +103,23 @@
 #define QES_RECORD_TRIES		3
 /* answers per call of billing.outbox_record_batch */
 #define QES_RECORD_BATCH		32
+/*
+ * An answer that no claim records waits this long for others to share its
+ * transaction ("Recording later", below)
+ */
+#define QES_RECORD_DELAY_MS		1000
+/* ... but not for this long after a request was queued to wait for another */
+#define QES_PROMPT_MS			60000
+/* requests of the direct lane waiting to go back to the queue, at most */
+#define QES_LANE_RELEASE_MAX	256
+/*
+ * A request of the lane queued longer ago than this goes back to the queue
+ * instead: its claim's time (claimed_at, set when it was queued) dates
+ * Stripe's answer (billing.outbox_state_at), and must be close to when it
+ * is sent.  A prepared transaction's requests go back so, as do those of a
+ * transaction that went on for long after queuing them.
+ */
+#define QES_LANE_MAX_AGE_MS		50
 
 typedef struct OutboxCall
 {
@@ -189,6 +207,7 @@ token_wait_ms(void)
 static bool paced = false;
 static bool bucket_cut = false; /* the turn under way claims less than it could, for the bucket */
 static TimestampTz answered_at = 0; /* the oldest unrecorded answer came then (0: none waits) */
+static bool answer_urgent = false;	/* an unrecorded answer is not a success: record it at once */
 
 static MemoryContext outbox_context = NULL;
 static MemoryContext turn_context = NULL;	/* one turn's claimed rows, reset per turn */
@@ -208,6 +227,15 @@ static SPIPlanPtr claim_plan = NULL;
 static SPIPlanPtr record_batch_plan = NULL;
 static SPIPlanPtr record_plan = NULL;
 static SPIPlanPtr next_due_plan = NULL;
+static SPIPlanPtr lane_release_plan = NULL;
+
+/* requests taken from the direct lane (src/outbox_lane.c), and those to put back */
+static QesLaneRequest *lane_buf = NULL;
+static int64 *lane_release = NULL;
+static int	n_release = 0;
+/* qes_lane_waiters() as last read, and answers recorded at once until then */
+static uint64 waiters_seen = 0;
+static TimestampTz prompt_until = 0;
 
 /* ---- curl callbacks (must not ereport) ---------------------------------- */
 
@@ -267,6 +295,8 @@ outbox_init(void)
 										   ALLOCSET_DEFAULT_SIZES);
 	turn_context = AllocSetContextCreate(outbox_context, "qes_billing outbox turn",
 										 ALLOCSET_DEFAULT_SIZES);
+	lane_buf = MemoryContextAlloc(outbox_context, sizeof(QesLaneRequest) * QES_LANE_SLOTS);
+	lane_release = MemoryContextAlloc(outbox_context, sizeof(int64) * QES_LANE_RELEASE_MAX);
 }
 
 /*
@@ -280,8 +310,9 @@ prepare_plans(Oid extoid)
 	TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
 	Oid			record_types[7] = {INT8OID, INT4OID, INT4OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
 	Oid			claim_types[1] = {INT4OID};
+	Oid			release_types[1] = {INT8ARRAYOID};
 
-	if (plans_extoid == extoid && next_due_plan != NULL)
+	if (plans_extoid == extoid && lane_release_plan != NULL)
 		return;
 	if (claim_plan)
 		SPI_freeplan(claim_plan);
@@ -291,7 +322,9 @@ prepare_plans(Oid extoid)
 		SPI_freeplan(record_plan);
 	if (next_due_plan)
 		SPI_freeplan(next_due_plan);
-	claim_plan = record_batch_plan = record_plan = next_due_plan = NULL;
+	if (lane_release_plan)
+		SPI_freeplan(lane_release_plan);
+	claim_plan = record_batch_plan = record_plan = next_due_plan = lane_release_plan = NULL;
 	plans_extoid = InvalidOid;
 
 	claim_plan = SPI_prepare(/* result: int8, int4, text, text, jsonb, text */ "SELECT request_id, attempt, method, path, params, idempotency_key"
@@ -308,6 +341,9 @@ prepare_plans(Oid extoid)
 	next_due_plan = SPI_prepare(/* result: float8 */ "SELECT billing.outbox_next_due()", 0, NULL);
 	if (next_due_plan == NULL || SPI_keepplan(next_due_plan) != 0)
 		elog(ERROR, "qes_billing worker: cannot prepare billing.outbox_next_due(): %s", SPI_result_code_string(SPI_result));
+	lane_release_plan = SPI_prepare(/* result: int8 */ "SELECT billing.outbox_lane_release($1)", 1, release_types);
+	if (lane_release_plan == NULL || SPI_keepplan(lane_release_plan) != 0)
+		elog(ERROR, "qes_billing worker: cannot prepare billing.outbox_lane_release(): %s", SPI_result_code_string(SPI_result));
 	plans_extoid = extoid;
 }
 
@@ -339,6 +375,8 @@ call_done(QesHttpTransfer *xfer)
 
 	call->done = true;
 	n_in_flight--;
+	if (xfer->result != CURLE_OK || xfer->response_code < 200 || xfer->response_code > 299)
+		answer_urgent = true;
 	if (n_answered++ == 0)
 		answered_at = GetCurrentTimestamp();
 }
@@ -711,6 +749,16 @@ record_batch_in_subxact(OutboxCall **calls, int n)
 	return qes_worker_subxact(record_batch, &batch, NULL);
 }
 
+/* calls in the order of their requests' ids: the order they were queued in */
+static int
+call_cmp(const void *a, const void *b)
+{
+	int64		x = (*(OutboxCall *const *) a)->request_id;
+	int64		y = (*(OutboxCall *const *) b)->request_id;
+
+	return x < y ? -1 : (x > y ? 1 : 0);
+}
+
 /*
  * Record the answered calls in the transaction we are in (of incarnation
  * *extoid), committing and beginning another before the subtransaction
@@ -743,6 +791,9 @@ record_answers(Oid *extoid, OutboxCall **recorded)
 		}
 		todo[n_todo++] = c;
 	}
+	/* in the order they were queued (billing.outbox_record_batch applies them so) */
+	if (n_todo > 1)
+		qsort(todo, n_todo, sizeof(OutboxCall *), call_cmp);
 
 	for (int start = 0; start < n_todo; start += QES_RECORD_BATCH)
 	{
@@ -830,6 +881,166 @@ forget_finished(void)
 	}
 }
 
+/* ---- the direct lane (src/outbox_lane.c) --------------------------------- */
+
+/*
+ * Put the lane's requests we did not send back in the queue (in the
+ * transaction we are in); true when that was done.
+ */
+static bool
+release_lane_requests(void)
+{
+	Datum		elems[QES_LANE_RELEASE_MAX];
+	Datum		args[1];
+
+	for (int i = 0; i < n_release; i++)
+		elems[i] = Int64GetDatum(lane_release[i]);
+	args[0] = PointerGetDatum(construct_array(elems, n_release, INT8OID, sizeof(int64),
+											  FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	if (SPI_execute_plan(lane_release_plan, args, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "qes_billing worker: billing.outbox_lane_release failed");
+	return true;
+}
+
+/*
+ * Open the lane while a request queued now would be claimed at once: no
+ * backlog (nothing known due, not paced, nothing to put back), room in
+ * flight, a token, a key, not paused, and no synchronous standbys (a claim
+ * there reaches the standby before any byte leaves; the lane's claim is the
+ * queuing transaction's, whose own synchronous_commit decides).
+ */
+static void
+lane_publish(void)
+{
+	char	   *problem;
+	int			rate = qes_max_requests_per_second;
+	bool		open;
+
+	if (rate > 0)
+		refill_tokens(rate);
+	open = qes_direct_lane && !claim_more && !paced && n_release == 0 &&
+		n_in_flight < qes_max_inflight && (rate <= 0 || tokens >= 1) &&
+		!qes_worker_paused &&
+		(SyncRepStandbyNames == NULL || SyncRepStandbyNames[0] == '\0') &&
+		!qes_stripe_key_problem(QES_KEY_SECRET, &problem);
+	qes_lane_publish(open, qes_worker_incarnation());
+}
+
+/*
+ * Send what the lane holds of committed transactions, as far as there is
+ * room in flight; what cannot be sent now (no key, paused, no token, queued
+ * more than QES_LANE_MAX_AGE_MS ago) is put back in the queue by the next
+ * turn.  Returns how many were sent.
+ */
+static int
+lane_send(void)
+{
+	int			room = qes_max_inflight - n_in_flight;
+	int			n;
+	int			sent = 0;
+	const char *key = NULL;
+	char	   *problem;
+	Oid			extoid = qes_worker_incarnation();
+	TimestampTz now;
+
+	if (!qes_lane_has_work() || room <= 0 || n_release > QES_LANE_RELEASE_MAX - QES_LANE_SLOTS)
+		return 0;
+	n = qes_lane_take(lane_buf, Min(room, QES_LANE_SLOTS));
+	if (n == 0)
+		return 0;
+	if (!qes_stripe_key_problem(QES_KEY_SECRET, &problem))
+		key = qes_stripe_key(QES_KEY_SECRET, false);
+	now = GetCurrentTimestamp();
+	for (int i = 0; i < n; i++)
+	{
+		QesLaneRequest *r = &lane_buf[i];
+		ClaimedRow	row;
+		OutboxCall *call;
+
+		if (r->extoid != extoid)
+		{
+			/* queued in an incarnation dropped since: its row went with it */
+			ereport(LOG,
+					(errmsg("qes_billing worker: dropped Stripe request " INT64_FORMAT " of a dropped incarnation of the extension",
+							r->request_id)));
+			continue;
+		}
+		if (key == NULL || qes_worker_paused ||
+			now - r->reserved_at > (TimestampTz) QES_LANE_MAX_AGE_MS * 1000 ||
+			take_tokens(1) == 0)
+		{
+			lane_release[n_release++] = r->request_id;
+			claim_more = true;	/* (the turn that releases it claims it) */
+			continue;
+		}
+		row.request_id = r->request_id;
+		row.attempt = 1;
+		row.method = r->method;
+		row.path = r->path;
+		row.form = r->form;
+		row.idempotency_key = r->idempotency_key;
+		call = make_call(&row, key, extoid);
+		call->next = calls;
+		calls = call;
+		n_in_flight++;
+		qes_http_start(&call->http);
+		sent++;
+	}
+	qes_lane_count(sent, n - sent);
+	return sent;
+}
+
+/* ---- recording later ------------------------------------------------------- */
+
+/*
+ * Recording later.  An answer is recorded with the next claim, which
+ * shares its transaction; when none comes, a success waits up to
+ * QES_RECORD_DELAY_MS for others (or until QES_RECORD_BATCH have come, or
+ * requests wait to go back to the queue), so that at low load, where the
+ * lane sends without a transaction, a transaction records several answers
+ * instead of one each (pg_net records its answers about once a second
+ * too).  What waits on a recording: a retry scheduled, the mirror updated
+ * come QES_RECORD_DELAY_MS later at most (a failure, whose retry or
+ * final state matters, is recorded at once); a request waiting for another is
+ * released at once, for answers are recorded as they come for
+ * QES_PROMPT_MS after a request was queued to wait
+ * (billing.outbox_note_waiter), so that a chain goes at the pace of
+ * Stripe's answers.
+ */
+static bool
+record_due(void)
+{
+	uint64		waiters = qes_lane_waiters();
+	TimestampTz now;
+
+	if (n_answered == 0)
+		return false;
+	now = GetCurrentTimestamp();
+	if (waiters != waiters_seen)
+	{
+		waiters_seen = waiters;
+		prompt_until = TimestampTzPlusMilliseconds(now, QES_PROMPT_MS);
+	}
+	return n_answered >= QES_RECORD_BATCH || n_release > 0 || answer_urgent || now < prompt_until ||
+		now >= TimestampTzPlusMilliseconds(answered_at, QES_RECORD_DELAY_MS);
+}
+
+/* milliseconds until the answers that came in are due for recording (-1: none waits) */
+static long
+record_wait_ms(void)
+{
+	TimestampTz now;
+	TimestampTz due;
+
+	if (n_answered == 0)
+		return -1;
+	if (record_due())
+		return 0;
+	now = GetCurrentTimestamp();
+	due = TimestampTzPlusMilliseconds(answered_at, QES_RECORD_DELAY_MS);
+	return Max(1, TimestampDifferenceMilliseconds(now, due));
+}
+
 /*
  * One transaction: record the answers that came in, then claim up to room
  * due requests (if the extension is the incarnation the tick reconciled and
@@ -852,6 +1063,7 @@ turn(int room, bool only_if_due, int *n_recorded)
 	int			claimed = 0;
 	double		due_s;
 	bool		apart = last_turn_failed;
+	bool		released = false;
 	MemoryContext old;
 
 	*n_recorded = 0;
@@ -869,7 +1081,7 @@ turn(int room, bool only_if_due, int *n_recorded)
 		else					/* present and of the environment's mode (guc.c checks the prefix) */
 			key = qes_stripe_key(QES_KEY_SECRET, false);
 	}
-	if (room == 0 && n_answered == 0)
+	if (room == 0 && n_answered == 0 && n_release == 0)
 		return 0;
 
 	old = CurrentMemoryContext;
@@ -882,6 +1094,13 @@ turn(int room, bool only_if_due, int *n_recorded)
 		prepare_plans(extoid);
 	if (n_answered > 0)
 		*n_recorded = record_answers(&extoid, recorded);
+	if (n_release > 0)
+	{
+		if (OidIsValid(extoid) && extoid == qes_worker_incarnation())
+			released = release_lane_requests();
+		else
+			n_release = 0;		/* their incarnation is gone, and they with it */
+	}
 	if (room > 0)
 	{
 		/*
@@ -941,7 +1160,14 @@ turn(int room, bool only_if_due, int *n_recorded)
 	MemoryContextSwitchTo(old);
 	last_turn_failed = false;
 
-	/* committed: forget what was recorded */
+	/* committed: forget what was recorded, and released */
+	if (n_answered == *n_recorded)
+		answer_urgent = false;
+	if (released)
+	{
+		n_release = 0;
+		claim_more = true;		/* (they are due) */
+	}
 	for (int i = 0; i < *n_recorded; i++)
 		recorded[i]->record_tries = -1;
 	forget_finished();
@@ -1041,19 +1267,31 @@ qes_outbox_pump(bool *progress)
 		claim_at = 0;
 		claim_more = true;		/* a commit queued one: claimed at once */
 	}
-	if (!claim_more && n_in_flight == 0 && n_answered == 0)
-		return false;			/* idle: no transaction, no curl */
 	outbox_init();
-	forget_finished();
+	/* the direct lane first: committed requests on the wire, no transaction */
+	if (lane_send() > 0)
+		*progress = true;
+	if (!claim_more && n_in_flight == 0 && n_answered == 0 && n_release == 0)
+	{
+		lane_publish();
+		return false;			/* idle: no transaction, no curl */
+	}
+	/* (a turn forgets what it recorded; one that failed leaves it to us) */
+	if (last_turn_failed)
+		forget_finished();
 	if (qes_max_requests_per_second <= 0)
 		paced = false;
 	else if (pace_wait_ms() > 0)
+	{
+		lane_publish();
 		return true;			/* paced: the turn waits for a batch */
+	}
 	/*
-	 * Answers to record: claim in the same transaction (a retry scheduled
-	 * or a waiting request released may be due), not in a turn of its own.
+	 * Answers due for recording: claim in the same transaction (a retry
+	 * scheduled or a waiting request released may be due), not in a turn of
+	 * its own.
 	 */
-	if ((claim_more || n_answered > 0) && n_in_flight < qes_max_inflight)
+	if ((claim_more || record_due()) && n_in_flight < qes_max_inflight)
 	{
 		int			want = qes_max_inflight - n_in_flight;
 
@@ -1066,20 +1304,21 @@ qes_outbox_pump(bool *progress)
 		if (room > 0)
 			bucket_cut = paced = claim_more && room < want;
 	}
-	if (room > 0 || n_answered > 0)
+	if (room > 0 || record_due() || n_release > 0)
 	{
 		int			recorded;
 		int			claimed = turn(room, !claim_more, &recorded);
 
 		bucket_cut = false;
 		tokens += room - claimed;	/* unused tokens go back */
-		*progress = claimed > 0 || recorded > 0;
+		*progress |= claimed > 0 || recorded > 0;
 		if (!claim_more)
 			paced = false;		/* the claim found the queue's end */
 		if (n_answered > 0)
 			answered_at = GetCurrentTimestamp();	/* (left unrecorded: tried again at once) */
 	}
-	return n_in_flight > 0 || claim_more || n_answered > 0;
+	lane_publish();
+	return n_in_flight > 0 || claim_more || n_answered > 0 || n_release > 0;
 }
 
 /*
@@ -1093,19 +1332,40 @@ qes_outbox_busy_wait_ms(void)
 	/* (with transfers in flight the loop waits on their sockets: run_pumps) */
 	if (paced)
 		return qes_http_in_flight() == 0 ? pace_wait_ms() : 0;
-	if (n_in_flight > 0 || n_answered > 0 || !claim_more)
+	if (n_in_flight > 0 || n_release > 0)
 		return 0;
-	return token_wait_ms();
+	if (!claim_more)
+	{
+		long		record = record_wait_ms();
+		long		claim = qes_outbox_claim_wait_ms();
+
+		/* answers wait to be recorded: until then, or a claim due sooner */
+		if (record <= 0)
+			return 0;
+		return claim >= 0 ? Min(record, claim) : record;
+	}
+	return token_wait_ms();		/* (answers that came in share the claim's turn) */
 }
 
 /*
  * How long the worker may wait on curl's sockets before the outbox wants a
- * turn although no answer came (-1: until one comes): a paced turn's time.
+ * turn although no answer came (-1: until one comes): a paced turn's time,
+ * when the answers that came in are due for recording, or when a request
+ * falls due.
  */
 long
 qes_outbox_pace_wait_ms(void)
 {
-	return paced ? pace_wait_ms() : -1;
+	long		wait = paced ? pace_wait_ms() : -1;
+	long		record = record_wait_ms();
+	long		claim = claim_at != 0 ? qes_outbox_claim_wait_ms() : -1;
+
+	/* (0 from any: its turn is due now, and the pump has taken it) */
+	if (record > 0 && (wait <= 0 || record < wait))
+		wait = record;
+	if (claim > 0 && (wait <= 0 || claim < wait))
+		wait = claim;
+	return wait;
 }
 
 /*
@@ -1155,4 +1415,33 @@ qes_outbox_tick_wanted(bool take)
 	if (take)
 		tick_wanted_at = 0;
 	return at;
+}
+
+/*
+ * The worker is asked to stop: record the answers that came in, so that a
+ * clean shutdown leaves no request in flight whose answer we had (it would
+ * be reclaimed at the next start as possibly sent, and sent again).  What
+ * is still on the wire stays in flight, as it must.  Called outside any
+ * transaction; an error is logged and given up on.
+ */
+void
+qes_outbox_flush_answers(void)
+{
+	MemoryContext old = CurrentMemoryContext;
+	int			recorded = 0;
+
+	if (n_answered == 0 || outbox_context == NULL)
+		return;
+	PG_TRY();
+	{
+		(void) turn(0, true, &recorded);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(old);
+		EmitErrorReport();
+		FlushErrorState();
+		qes_worker_abort_xact();
+	}
+	PG_END_TRY();
 }

@@ -16,5 +16,6 @@ extern long qes_outbox_claim_wait_ms(void);
 extern long qes_outbox_busy_wait_ms(void);
 extern long qes_outbox_pace_wait_ms(void);
 extern TimestampTz qes_outbox_tick_wanted(bool take);
+extern void qes_outbox_flush_answers(void);
 
 #endif							/* QES_OUTBOX_H */

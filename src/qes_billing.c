@@ -23,6 +23,7 @@
 #include "guard.h"
 #include "guc.h"
 #include "insert_once.h"
+#include "outbox_lane.h"
 #include "redact.h"
 #include "shmem.h"
 #include "usage.h"
@@ -74,6 +75,8 @@ qes_xact_callback(XactEvent event, void *arg)
 		default:
 			break;
 	}
+	/* (the lane stamps its slots before the worker is woken) */
+	qes_lane_xact_event(event);
 	qes_wake_xact_event(event);
 }
 
@@ -88,6 +91,7 @@ qes_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 			qes_counters_at_subabort(mySubid);
 			qes_fence_at_xact_end(false);
 			qes_guard_at_subabort(mySubid);
+			qes_lane_subxact_abort(mySubid);
 			break;
 		case SUBXACT_EVENT_COMMIT_SUB:
 			qes_counters_at_subcommit(mySubid, parentSubid);

@@ -18,7 +18,7 @@
  *   lock; a commit counts other_wakes before wake_requests.
  * - The usage counters have locks of their own: see counters.c; so do the
  *   partition fences (fence.c), the rejection counters and rate-limit
- *   buckets (guard.c).
+ *   buckets (guard.c), and the outbox's direct lane (outbox_lane.c).
  * - Waking the worker reads the latch pointer under the SHARED lock and sets
  *   it after releasing the lock.  Setting a stale latch (worker gone, PGPROC
  *   reused) is harmless: at worst a spurious wake-up of some process.
@@ -43,6 +43,7 @@
 #include "counters.h"
 #include "fence.h"
 #include "guard.h"
+#include "outbox_lane.h"
 #include "shmem.h"
 
 #define QES_TRANCHE "qes_billing"
@@ -208,6 +209,7 @@ qes_shmem_request(void)
 	qes_counters_request();
 	qes_fence_request();
 	qes_guard_request();
+	qes_lane_request();
 }
 
 static void
@@ -240,6 +242,7 @@ qes_shmem_startup(void)
 	qes_counters_startup();
 	qes_fence_startup();
 	qes_guard_startup();
+	qes_lane_startup();
 	LWLockRelease(AddinShmemInitLock);
 }
 

@@ -68,6 +68,7 @@
 #include "guard.h"
 #include "notify.h"
 #include "outbox.h"
+#include "outbox_lane.h"
 #include "redact.h"
 #include "shmem.h"
 #include "worker.h"
@@ -183,7 +184,13 @@ qes_wake_worker_trigger(PG_FUNCTION_ARGS)
 				   "stripe_requests") == 0)
 		{
 			wake_pending = true;
-			wake_outbox_pending = true;
+			/*
+			 * (unless the direct lane took it: then the worker is woken for
+			 * the lane, and there is nothing to claim, src/outbox_lane.c)
+			 */
+			if (!(TRIGGER_FIRED_BY_INSERT(((TriggerData *) fcinfo->context)->tg_event) &&
+				  qes_lane_take_insert()))
+				wake_outbox_pending = true;
 		}
 		else
 			qes_wake_at_commit();
@@ -271,6 +278,8 @@ worker_detach(int code, Datum arg)
 	qes_worker_state->pid = 0;
 	qes_worker_state->latch = NULL;
 	LWLockRelease(qes_worker_state->lock);
+	/* nothing may take the lane while no worker sends (src/outbox_lane.c) */
+	qes_lane_publish(false, InvalidOid);
 }
 
 /*
@@ -555,6 +564,29 @@ flush_rejections_if_due(void)
 }
 
 /*
+ * CHECK_FOR_INTERRUPTS, but asked to stop (SIGTERM: a shutdown, or
+ * pg_terminate_backend) the outbox first records the answers that came in
+ * (src/outbox.c, "Recording later").
+ */
+static void
+worker_check_for_interrupts(void)
+{
+	/*
+	 * (The request is set aside while the answers are recorded, and stands
+	 * again after: holding interrupts would not do, for any error raised
+	 * and caught on the way -- a subtransaction's -- ends the holdoff.)
+	 */
+	if (ProcDiePending && !IsTransactionState())
+	{
+		ProcDiePending = false;
+		qes_outbox_flush_answers();
+		ProcDiePending = true;
+		InterruptPending = true;
+	}
+	CHECK_FOR_INTERRUPTS();
+}
+
+/*
  * The pumps, for at most budget_ms: turn by turn, each records what came
  * back and claims what takes its place (the outbox first: a Stripe request
  * a commit queued goes before anything else), and between turns the loop
@@ -577,7 +609,7 @@ run_pumps(long budget_ms, long *notify_due_ms)
 		long		left_ms;
 		long		pace_ms;
 
-		CHECK_FOR_INTERRUPTS();
+		worker_check_for_interrupts();
 		qes_http_drive();
 		busy = qes_outbox_pump(&progress);
 		if (notify_due_ms != NULL)
@@ -684,6 +716,7 @@ qes_worker_main(Datum main_arg)
 	qes_worker_state->started_at = GetCurrentTimestamp();
 	qes_worker_state->naptime_ms = qes_worker_naptime_ms;
 	LWLockRelease(qes_worker_state->lock);
+	qes_lane_worker_start();
 	before_shmem_exit(worker_detach, (Datum) 0);
 
 	ereport(LOG,
@@ -705,7 +738,7 @@ qes_worker_main(Datum main_arg)
 		TimestampTz loop_started = GetCurrentTimestamp();
 		volatile bool outbox_only;
 
-		CHECK_FOR_INTERRUPTS();
+		worker_check_for_interrupts();
 		if (ConfigReloadPending)
 		{
 			ConfigReloadPending = false;
@@ -750,6 +783,9 @@ qes_worker_main(Datum main_arg)
 				if (active)
 					qes_outbox_set_due(r.outbox_due_s);
 			}
+			/* no extension to serve, or paused: the direct lane closes (outbox.c opens it) */
+			if (!active || qes_worker_paused)
+				qes_lane_publish(false, InvalidOid);
 			if (active)
 			{
 				/*

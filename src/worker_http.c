@@ -314,6 +314,9 @@ qes_http_drive(void)
 
 	if (multi == NULL)
 		return;
+	/* (nothing in flight: no socket can be ready, and no timer runs for one) */
+	if (n_in_flight == 0 && !curl_timer_armed)
+		return;
 	do
 	{
 		n = epoll_wait(curl_epoll, events, lengthof(events), 0);

@@ -156,7 +156,10 @@ BEGIN
   IF p_id IS NULL OR p_id !~ '^[a-z]{2,4}_[A-Za-z0-9_]+$' THEN
     RETURN NULL;
   END IF;
-  v_id := billing.outbox_enqueue_once(p_tenant, 'mirror.' || p_object || '.lookup', 'GET', v_path || p_id);
+  v_id := billing.outbox_enqueue_once(p_tenant, 'mirror.' || p_object || '.lookup', 'GET', v_path || p_id,
+                                      p_not_before => CASE WHEN p_next_second
+                                                           THEN date_trunc('second', clock_timestamp()) + interval '1 second' END);
+  -- (one queued before, not sent yet, goes in the next second too)
   IF p_next_second THEN
     UPDATE billing.stripe_requests
        SET next_attempt_at = greatest(next_attempt_at, date_trunc('second', clock_timestamp()) + interval '1 second')

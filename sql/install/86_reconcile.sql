@@ -224,8 +224,7 @@ BEGIN
                                  coalesce(st.events_cursor, '-infinity'), now() - interval '30 days'
                                ) - interval '1 minute')::bigint))
             || CASE WHEN p_after IS NOT NULL THEN jsonb_build_object('starting_after', p_after) ELSE '{}' END,
-            jsonb_build_object('run_id', p_run), p_run_id => p_run);
-  UPDATE billing.stripe_requests SET next_attempt_at = greatest(p_due, now()) WHERE request_id = v_id;
+            jsonb_build_object('run_id', p_run), p_run_id => p_run, p_not_before => p_due);
   RETURN v_id;
 END
 $$;

@@ -22,16 +22,64 @@ CREATE FUNCTION billing.stripe_form(params jsonb) RETURNS text
 COMMENT ON FUNCTION billing.stripe_form(jsonb) IS
   'Stripe''s form encoding of request parameters (what the worker sends for a queued request).';
 
+-- The direct lane (src/outbox_lane.c, docs/architecture.md, "The direct
+-- lane"): while the worker would claim a request at once, the transaction
+-- that queues it claims it itself -- the row goes in in_flight, attempt 1,
+-- as billing.outbox_claim would have left it -- and hands it to the worker
+-- through shared memory, which sends it once this transaction has
+-- committed, without a transaction of its own.  NULL: the lane is closed or
+-- full, or the request too large for it; the request is queued pending.
+CREATE FUNCTION billing.outbox_lane_reserve(p_method text, p_path text, p_params jsonb, p_idempotency_key text)
+  RETURNS integer
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_outbox_lane_reserve';
+COMMENT ON FUNCTION billing.outbox_lane_reserve(text, text, jsonb, text) IS
+  'Run by billing.outbox_enqueue: a slot of the outbox''s direct lane for the request about to be inserted, or NULL.';
+CREATE FUNCTION billing.outbox_lane_fill(p_slot integer, p_request_id bigint) RETURNS void
+  LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'qes_outbox_lane_fill';
+COMMENT ON FUNCTION billing.outbox_lane_fill(integer, bigint) IS
+  'Run by billing.outbox_enqueue: the row of a reserved lane slot is inserted.';
+
+CREATE FUNCTION billing.outbox_note_waiter() RETURNS void
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_outbox_note_waiter';
+COMMENT ON FUNCTION billing.outbox_note_waiter() IS
+  'Run by billing.outbox_enqueue: a request now waits for another, so the worker records answers at once (a chain goes at the pace of Stripe''s answers).';
+
+CREATE FUNCTION billing.outbox_lane_state(OUT open boolean, OUT slots_in_use integer, OUT sent bigint,
+                                          OUT released bigint)
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'qes_outbox_lane_state';
+COMMENT ON FUNCTION billing.outbox_lane_state() IS
+  'The outbox''s direct lane: open (the worker would claim a request at once, so the queuing transaction claims it), its slots in use, and since the server started how many requests the worker sent from it and how many it put back in the queue (too old, no key, the rate limit).';
+
+-- Run by the worker: requests of the lane it could not send (no key, the
+-- rate limit's bucket empty, a slot older than the request timeout) go back
+-- to the queue as if never claimed, to be claimed the ordinary way.
+CREATE FUNCTION billing.outbox_lane_release(p_request_ids bigint[]) RETURNS bigint
+  LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
+BEGIN ATOMIC
+  WITH r AS (
+    UPDATE billing.stripe_requests
+       SET state = 'pending', attempts = attempts - 1, claimed_at = NULL, next_attempt_at = now(),
+           updated_at = now()
+     WHERE request_id = ANY (p_request_ids) AND state = 'in_flight' AND attempts = 1
+       AND first_sent_at IS NULL
+    RETURNING 1)
+  SELECT count(*) FROM r;
+END;
+COMMENT ON FUNCTION billing.outbox_lane_release(bigint[]) IS
+  'Run by the worker: put requests of the direct lane it did not send back in the queue, unclaimed. Returns how many.';
+
 CREATE FUNCTION billing.outbox_enqueue(p_tenant text, p_kind text, p_method text, p_path text,
                                        p_params jsonb DEFAULT '{}', p_subject jsonb DEFAULT '{}',
                                        p_after bigint DEFAULT NULL, p_inherit text DEFAULT NULL,
-                                       p_run_id text DEFAULT NULL)
+                                       p_run_id text DEFAULT NULL, p_not_before timestamptz DEFAULT NULL)
   RETURNS bigint
   LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, billing
 AS $$
 DECLARE
   v_id    bigint;
   v_after billing.stripe_requests;
+  v_key   text := 'qes-' || gen_random_uuid();
+  v_slot  integer;
 BEGIN
   IF p_after IS NOT NULL THEN
     SELECT * INTO v_after FROM billing.stripe_requests WHERE request_id = p_after;
@@ -42,25 +90,37 @@ BEGIN
       RAISE EXCEPTION 'outbox request % has failed; nothing can wait for it', p_after
         USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    PERFORM billing.outbox_note_waiter();
+  ELSIF (p_not_before IS NULL OR p_not_before <= now())
+        AND NOT coalesce(billing.tenant_fenced(p_tenant), false)
+        AND NOT EXISTS (SELECT FROM billing.stripe_rate_budget) THEN
+    -- due now, for a tenant whose partition is not moving, and no share of
+    -- a sharded account's rate to take: the direct lane may take it
+    v_slot := billing.outbox_lane_reserve(p_method, p_path, p_params, v_key);
   END IF;
   INSERT INTO billing.stripe_requests (tenant_id, kind, method, path, params, subject, after_request, inherit,
-                                       run_id, state)
-  VALUES (p_tenant, p_kind, p_method, p_path, p_params, p_subject, p_after, p_inherit, p_run_id,
-          CASE WHEN p_after IS NULL THEN 'pending' ELSE 'waiting' END)
+                                       run_id, idempotency_key, state, attempts, claimed_at, next_attempt_at)
+  VALUES (p_tenant, p_kind, p_method, p_path, p_params, p_subject, p_after, p_inherit, p_run_id, v_key,
+          CASE WHEN v_slot IS NOT NULL THEN 'in_flight' WHEN p_after IS NULL THEN 'pending' ELSE 'waiting' END,
+          (v_slot IS NOT NULL)::integer, CASE WHEN v_slot IS NOT NULL THEN clock_timestamp() END,
+          greatest(now(), p_not_before))
   RETURNING request_id INTO v_id;
+  IF v_slot IS NOT NULL THEN
+    PERFORM billing.outbox_lane_fill(v_slot, v_id);
+  END IF;
   IF v_after.state = 'succeeded' THEN
     PERFORM billing.outbox_release_waiting(v_after);   -- done already: due at once
   END IF;
   RETURN v_id;
 END
 $$;
-COMMENT ON FUNCTION billing.outbox_enqueue(text, text, text, text, jsonb, jsonb, bigint, text, text) IS
-  'Queue a Stripe request in the caller''s transaction; the worker sends it after COMMIT. With p_after it waits for that request and, with p_inherit, receives its response id as that parameter.';
+COMMENT ON FUNCTION billing.outbox_enqueue(text, text, text, text, jsonb, jsonb, bigint, text, text, timestamptz) IS
+  'Queue a Stripe request in the caller''s transaction; the worker sends it after COMMIT (not before p_not_before). With p_after it waits for that request and, with p_inherit, receives its response id as that parameter. While the worker has no backlog the request is claimed here and handed to the worker directly (the direct lane): its row is in_flight from the start.';
 
 -- Queue a request unless the same one (tenant, kind, path) is still
 -- queued or in flight; returns the request either way.
 CREATE FUNCTION billing.outbox_enqueue_once(p_tenant text, p_kind text, p_method text, p_path text,
-                                            p_params jsonb DEFAULT '{}')
+                                            p_params jsonb DEFAULT '{}', p_not_before timestamptz DEFAULT NULL)
   RETURNS bigint
   LANGUAGE sql VOLATILE SET search_path = pg_catalog, billing
 AS $$
@@ -69,9 +129,9 @@ AS $$
       WHERE r.tenant_id = p_tenant AND r.kind = p_kind AND r.path = p_path
         AND r.state IN ('waiting', 'pending', 'in_flight')
       ORDER BY r.request_id LIMIT 1),
-    billing.outbox_enqueue(p_tenant, p_kind, p_method, p_path, p_params))
+    billing.outbox_enqueue(p_tenant, p_kind, p_method, p_path, p_params, p_not_before => p_not_before))
 $$;
-COMMENT ON FUNCTION billing.outbox_enqueue_once(text, text, text, text, jsonb) IS
+COMMENT ON FUNCTION billing.outbox_enqueue_once(text, text, text, text, jsonb, timestamptz) IS
   'Queue a request unless the same one (tenant, kind, path) is still queued or in flight; returns the request.';
 
 -- Claim due requests for sending: the worker commits this before any byte
@@ -422,21 +482,25 @@ DECLARE
   v_done boolean[] := array_fill(false, ARRAY[coalesce(cardinality(p_request_ids), 0)]);
   v_n    integer := 0;
 BEGIN
+  -- (applied in the order of the arrays, the order the requests were
+  -- queued in: of two answers about one object, the later wins)
   FOR v IN
-    UPDATE billing.stripe_requests s
-       SET state = 'succeeded', http_status = a.http_status, response = billing.redact(a.body), error = NULL,
-           first_sent_at = coalesce(s.first_sent_at, s.claimed_at), updated_at = now()
-      FROM (SELECT x.request_id, x.attempt, x.http_status, x.body::jsonb AS body, x.ord
-              FROM unnest(p_request_ids, p_attempts, p_http_status, p_bodies, p_transport_errors)
-                     WITH ORDINALITY AS x(request_id, attempt, http_status, body, transport_error, ord)
-             WHERE x.transport_error IS NULL) a
-     WHERE s.request_id = a.request_id AND s.request_id = ANY (p_request_ids)
-       -- (a value the planner does not see: the rows are found by their
-       -- primary key, never by a scan of stripe_requests_in_flight, whatever
-       -- the statistics say)
-       AND s.state = (SELECT 'in_flight'::text)
-       AND s.attempts = a.attempt AND billing.outbox_accepts(s.kind, a.http_status)
-    RETURNING s AS req, a.body, a.ord
+    WITH u AS (
+      UPDATE billing.stripe_requests s
+         SET state = 'succeeded', http_status = a.http_status, response = billing.redact(a.body), error = NULL,
+             first_sent_at = coalesce(s.first_sent_at, s.claimed_at), updated_at = now()
+        FROM (SELECT x.request_id, x.attempt, x.http_status, x.body::jsonb AS body, x.ord
+                FROM unnest(p_request_ids, p_attempts, p_http_status, p_bodies, p_transport_errors)
+                       WITH ORDINALITY AS x(request_id, attempt, http_status, body, transport_error, ord)
+               WHERE x.transport_error IS NULL) a
+       WHERE s.request_id = a.request_id AND s.request_id = ANY (p_request_ids)
+         -- (a value the planner does not see: the rows are found by their
+         -- primary key, never by a scan of stripe_requests_in_flight, whatever
+         -- the statistics say)
+         AND s.state = (SELECT 'in_flight'::text)
+         AND s.attempts = a.attempt AND billing.outbox_accepts(s.kind, a.http_status)
+      RETURNING s AS req, a.body, a.ord)
+    SELECT * FROM u ORDER BY u.ord
   LOOP
     -- as billing.outbox_succeed: stored redacted, applied as Stripe sent it
     r := v.req;

@@ -97,7 +97,7 @@ GRANT EXECUTE ON FUNCTION billing.replay_webhook(text), billing.retry_request(bi
 -- reconciliation (sql/install/86_reconcile.sql)
 GRANT SELECT ON billing.drift_report, billing.reconcile_runs TO qes_admin;
 GRANT EXECUTE ON FUNCTION billing.reconcile_tenant(text), billing.reconcile_now() TO qes_admin;
-GRANT EXECUTE ON FUNCTION billing.worker_state(), billing.verify_audit_chain(), billing.usage_cache_stats(),
+GRANT EXECUTE ON FUNCTION billing.worker_state(), billing.outbox_lane_state(), billing.verify_audit_chain(), billing.usage_cache_stats(),
                           billing.audit_hash(bytea, bigint, timestamptz, text, text, text, text, text, jsonb),
                           billing.wake_worker()
   TO qes_admin;

@@ -153,12 +153,10 @@ def test_no_second_subscription_while_an_outcome_is_checked(pgu, api):
     pg = pgu
     pg.sql("SELECT billing.upsert_tenant('checking', 'Checking GmbH', 'billing@checking.example')")
     # a lookup under way (held back, so that the worker does not answer it first)
-    with pg.connect() as c:      # one transaction: the worker never sees it due
+    with pg.connect() as c:      # queued to go in an hour: the worker never sees it due
         req = c.execute("SELECT billing.outbox_enqueue('checking', 'resolve.subscription.list', 'GET', "
                         "'/v1/subscriptions', '{\"customer\": \"cus_none\", \"status\": \"all\"}', "
-                        "'{\"request_id\": 0}')").fetchone()[0]
-        c.execute("UPDATE billing.stripe_requests SET next_attempt_at = now() + interval '1 hour' "
-                  "WHERE request_id = %s", (req,))
+                        "'{\"request_id\": 0}', p_not_before => now() + interval '1 hour')").fetchone()[0]
     r = api.post("/rpc/create_subscription", body={"plan": "professional"}, claims=tenant_claims("checking"))
     assert r.status == 409 and "being checked" in r.body["message"], r.body
     assert "Try again" in r.body["hint"]

@@ -109,6 +109,16 @@ cmp_ok(scalar(@resent), '<=', scalar(@in_flight), 'and only they reached Stripe 
 # then the row was in flight at the crash, is sent again as in the part
 # above and shows a second attempt, and the part goes again with another
 # request, up to three times.
+#
+# Only a claim of the worker's own can be lost so: the direct lane's claim
+# is the queuing transaction's, and durable (its part is at the end).  The
+# lane is off for these parts.
+$node->safe_psql('postgres', q{
+	ALTER SYSTEM SET qes_billing.direct_lane = off;
+	SELECT pg_reload_conf();});
+ok(defined wait_for(sub {
+	$node->safe_psql('postgres', 'SELECT NOT open FROM billing.outbox_lane_state()') eq 't' }, 30),
+	'the direct lane is closed');
 my $lost;
 for my $try (1 .. 3)
 {
@@ -272,6 +282,10 @@ ok(defined wait_for(sub {
 is($node->safe_psql('postgres', "SELECT state FROM billing.stripe_requests WHERE request_id = $new_req"), 'succeeded',
 	'it was not dated (past the 1 s window it would have failed as expired): sent');
 
+$node->safe_psql('postgres', q{
+	ALTER SYSTEM RESET qes_billing.direct_lane;
+	SELECT pg_reload_conf();});
+
 # A request whose connection was never made (Stripe unreachable: here a
 # port nothing listens on) did not reach Stripe: the worker says "not sent",
 # its key's time does not start, and past the window (still 1 s) it is sent
@@ -311,6 +325,37 @@ ok(defined wait_for(sub {
 	'unreachable: sent once Stripe is back, not failed as expired');
 my $unreached_key = $node->safe_psql('postgres', "SELECT idempotency_key FROM billing.stripe_requests WHERE request_id = $unreached");
 is(scalar(grep { $_->[2] eq $unreached_key } @{ fake_stats($fake_port)->{requests} }), 1, 'unreachable: Stripe saw it once');
+
+# A request of the direct lane (src/outbox_lane.c): claimed by the
+# transaction that queued it, so its claim is as durable as the row.  Stripe
+# carries it out, the server crashes before the answer comes: after
+# recovery the row is in flight, reclaimed at start-up and sent again under
+# its key (a second attempt), and Stripe replays its first answer.
+ok(defined wait_for(sub {
+	$node->safe_psql('postgres', 'SELECT open FROM billing.outbox_lane_state()') eq 't' }, 30),
+	'direct lane: open again');
+my $lane_sent = $node->safe_psql('postgres', 'SELECT sent FROM billing.outbox_lane_state()');
+$creates = fake_stats($fake_port)->{creates}{customer};
+fake_control($fake_port, 'delay', { after_ms => 8000 });
+my $lane_req = $node->safe_psql('postgres', qq{
+	SELECT billing.outbox_enqueue(NULL, 'test.customer', 'POST', '/v1/customers',
+	                              jsonb_build_object('name', 'Lane crash', 'metadata', jsonb_build_object('n', 'lane')))});
+ok(defined wait_for(sub { (fake_stats($fake_port)->{creates}{customer} // 0) == $creates + 1 }, 30),
+	'direct lane: Stripe carried it out (its answer held back)');
+is($node->safe_psql('postgres', 'SELECT sent FROM billing.outbox_lane_state()'), $lane_sent + 1,
+	'direct lane: it went through the lane');
+$node->stop('immediate');
+fake_control($fake_port, 'delay', { after_ms => 0 });
+$node->start;
+ok(defined wait_for(sub {
+	my ($rc, $o) = $node->psql('postgres', "SELECT state FROM billing.stripe_requests WHERE request_id = $lane_req");
+	$rc == 0 && $o eq 'succeeded' }, 60), 'direct lane: after the crash it is sent again and succeeds');
+is($node->safe_psql('postgres', "SELECT attempts FROM billing.stripe_requests WHERE request_id = $lane_req"),
+	'2', 'direct lane: the claim survived the crash (the row was in flight), the resend is its second attempt');
+my $lane_key = $node->safe_psql('postgres', "SELECT idempotency_key FROM billing.stripe_requests WHERE request_id = $lane_req");
+$stats = fake_stats($fake_port);
+is(scalar(grep { $_->[2] eq $lane_key } @{ $stats->{requests} }), 2, 'direct lane: its key went out twice');
+is($stats->{creates}{customer}, $creates + 1, 'direct lane: Stripe has one customer for it');
 
 unlike(slurp_file($node->logfile), qr/sk_test_tap_outbox_crash/, 'the secret key never reaches the log');
 is($node->safe_psql('postgres', "SELECT count(*) FROM billing.stripe_requests WHERE params::text LIKE '%sk_test%' OR response::text LIKE '%sk_test%'"),
