@@ -32,9 +32,10 @@
  * before this process claims for the first time (billing.notify_reclaim).
  *
  * Idle is free (docs/architecture.md, rule 14): a claim transaction runs only when a
- * commit woke the worker since the last claim (qes_worker_state's
- * wake_requests moved: notifications, a changed grace period or billing
- * clock wake it), when the due time billing.notify_next_due() gave has
+ * commit that queued work other than Stripe requests woke the worker since
+ * the last claim (qes_worker_state's other_wakes moved: notifications, a
+ * changed grace period or billing clock wake it; a commit that only queued
+ * Stripe requests does not), when the due time billing.notify_next_due() gave has
  * come, or while rows may be waiting; with no channel configured, never.
  *
  * Secrets (the SMTP password, the webhook signing secret) are read from the
@@ -129,7 +130,12 @@ static MemoryContext notify_context = NULL;
 static Transfer *transfers = NULL;	/* in flight or done, not yet recorded */
 static int	n_in_flight = 0;
 static bool claim_more = true;	/* rows may be due now */
-static uint64 seen_wakes = 0;	/* wake_requests when we last claimed */
+/*
+ * other_wakes when we last claimed: commits that queued work other than
+ * Stripe requests (a notification is such work, src/worker.c); a commit
+ * that only queued Stripe requests does not send us claiming
+ */
+static uint64 seen_wakes = 0;
 static TimestampTz due_at = 0;	/* when the next row is due (0: none known) */
 static bool was_enabled = false;
 static Oid	reclaimed_for = InvalidOid;
@@ -607,7 +613,7 @@ claim_and_send(int room, const Channels *ch)
 	/* until this succeeds: look again in a while (an error propagates) */
 	claim_more = false;
 	due_at = TimestampTzPlusMilliseconds(now, 5000);
-	seen_wakes = pg_atomic_read_u64(&qes_worker_state->wake_requests);
+	seen_wakes = pg_atomic_read_u64(&qes_worker_state->other_wakes);
 
 	extoid = qes_worker_begin_xact("qes_billing worker: claiming notifications");
 	if (!OidIsValid(extoid))
@@ -928,7 +934,7 @@ qes_notify_pump(long *next_due_ms, bool *progress)
 	forget_connections_if_settings_changed();
 
 	if (enabled &&
-		(pg_atomic_read_u64(&qes_worker_state->wake_requests) != seen_wakes ||
+		(pg_atomic_read_u64(&qes_worker_state->other_wakes) != seen_wakes ||
 		 (due_at != 0 && now >= due_at)))
 		claim_more = true;
 	if (enabled && claim_more && n_in_flight + 2 <= QES_NOTIFY_MAX_INFLIGHT)

@@ -233,6 +233,7 @@ static SPIPlanPtr lane_release_plan = NULL;
 static QesLaneRequest *lane_buf = NULL;
 static int64 *lane_release = NULL;
 static int	n_release = 0;
+static bool lane_open = false;	/* as last published */
 /* qes_lane_waiters() as last read, and answers recorded at once until then */
 static uint64 waiters_seen = 0;
 static TimestampTz prompt_until = 0;
@@ -921,8 +922,15 @@ lane_publish(void)
 	open = qes_direct_lane && !claim_more && !paced && n_release == 0 &&
 		n_in_flight < qes_max_inflight && (rate <= 0 || tokens >= 1) &&
 		!qes_worker_paused &&
-		(SyncRepStandbyNames == NULL || SyncRepStandbyNames[0] == '\0') &&
-		!qes_stripe_key_problem(QES_KEY_SECRET, &problem);
+		(SyncRepStandbyNames == NULL || SyncRepStandbyNames[0] == '\0');
+	/*
+	 * (the key is looked at when the lane opens, not at every turn: a key
+	 * gone since is found when a request is taken, and that one goes back
+	 * to the queue)
+	 */
+	if (open && !lane_open)
+		open = !qes_stripe_key_problem(QES_KEY_SECRET, &problem);
+	lane_open = open;
 	qes_lane_publish(open, qes_worker_incarnation());
 }
 

@@ -465,6 +465,24 @@ def test_idle_runs_no_claim(pg, sinks):
     assert pg.sql(claims)[0][0] > before
 
 
+def test_stripe_requests_wake_no_notification_claim(pg, sinks):
+    """A commit that only queued Stripe requests wakes the worker for the
+    outbox; the notification pump does not claim for it (a transaction per
+    Stripe request, before: it claimed on every wake-up)."""
+    claims = ("SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
+              "WHERE query LIKE '%billing.notify_claim(%' AND query NOT LIKE '%pg_stat_statements%'")
+    time.sleep(1.0)
+    before = pg.sql(claims)[0][0]
+    wakes = pg.sql("SELECT wake_requests FROM billing.worker_state()")[0][0]
+    for _ in range(10):
+        pg.sql("SELECT billing.outbox_enqueue(NULL, 'test.customer', 'POST', '/v1/customers', '{}')")
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert pg.sql("SELECT wake_requests FROM billing.worker_state()")[0][0] >= wakes + 10
+    assert pg.sql(claims)[0][0] == before
+    pg.sql("DELETE FROM billing.stripe_requests WHERE kind = 'test.customer'")
+
+
 def test_channels_and_secrets(pg, sinks):
     smtp, hook = sinks
     rows = {r[0]: r for r in pg.sql("SELECT * FROM billing.notify_channels()")}
