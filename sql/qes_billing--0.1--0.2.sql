@@ -3771,9 +3771,14 @@ DECLARE
   r      billing.stripe_requests;
   v_done boolean[] := array_fill(false, ARRAY[coalesce(cardinality(p_request_ids), 0)]);
   v_n    integer := 0;
+  -- does anything wait for one of them?  One look for the batch, taken
+  -- after its UPDATE (as a release per answer would be), not a statement per
+  -- answer; a request an answer's application queues to wait for one of
+  -- them sees it succeeded and is released at once.
+  v_waited boolean;
 BEGIN
-  -- (applied in the order of the arrays, the order the requests were
-  -- queued in: of two answers about one object, the later wins)
+  -- (applied in the order of the arrays, the order the worker sent the
+  -- requests in: of two answers about one object, the later wins)
   FOR v IN
     WITH u AS (
       UPDATE billing.stripe_requests s
@@ -3796,7 +3801,13 @@ BEGIN
     r := v.req;
     r.response := v.body;
     PERFORM billing.outbox_apply(r);
-    PERFORM billing.outbox_release_waiting(r);
+    IF v_waited IS NULL THEN
+      v_waited := EXISTS (SELECT FROM billing.stripe_requests w
+                           WHERE w.after_request = ANY (p_request_ids) AND w.state = 'waiting');
+    END IF;
+    IF v_waited THEN
+      PERFORM billing.outbox_release_waiting(r);
+    END IF;
     v_done[v.ord] := true;
     v_n := v_n + 1;
   END LOOP;

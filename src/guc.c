@@ -50,6 +50,7 @@ int			qes_max_requests_per_second = 0;
 bool		qes_audit_guard = true;
 bool		qes_worker_paused = false;
 bool		qes_direct_lane = true;
+int			qes_record_delay_ms = 1000;
 
 /* reconciliation (sql/install/86_reconcile.sql reads them with current_setting) */
 static int	qes_reconcile_interval_s = 3600;
@@ -834,6 +835,11 @@ qes_define_gucs(void)
 							 "Off: every request is claimed by the worker in a transaction of its own (docs/architecture.md, \"The direct lane\").",
 							 &qes_direct_lane, true,
 							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("qes_billing.record_delay",
+							"Longest time the worker keeps a successful answer of the direct lane before recording it with others (0: at once).",
+							"Longer: fewer transactions at low load (the worker's CPU), the local state updated later; failures, and answers while a request waits for another, are recorded at once.",
+							&qes_record_delay_ms, 1000, 0, 10000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomBoolVariable("qes_billing.audit_guard",
 							 "Refuse UPDATE and DELETE on the audit log (superusers may turn it off to test tamper detection).",
 							 NULL, &qes_audit_guard, true,

@@ -44,6 +44,7 @@ extern int	qes_max_requests_per_second;
 extern bool qes_audit_guard;
 extern bool qes_worker_paused;
 extern bool qes_direct_lane;
+extern int	qes_record_delay_ms;
 
 /* notifications (src/notify.c) */
 typedef enum QesStartTls

@@ -81,6 +81,7 @@
 #include "replication/syncrep.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -104,11 +105,9 @@
 /* answers per call of billing.outbox_record_batch */
 #define QES_RECORD_BATCH		32
 /*
- * An answer that no claim records waits this long for others to share its
- * transaction ("Recording later", below)
+ * answers are recorded as they come for this long after a request was
+ * queued to wait for another ("Recording later", below)
  */
-#define QES_RECORD_DELAY_MS		1000
-/* ... but not for this long after a request was queued to wait for another */
 #define QES_PROMPT_MS			60000
 /* requests of the direct lane waiting to go back to the queue, at most */
 #define QES_LANE_RELEASE_MAX	256
@@ -135,6 +134,8 @@ typedef struct OutboxCall
 	char		should_retry[16];
 	char		retry_after[32];
 	bool		done;			/* answered (http.result, http.response_code) */
+	bool		lane;			/* sent from the direct lane (src/outbox_lane.c) */
+	TimestampTz started_at;		/* when it was handed to curl */
 	int			record_tries;	/* -1: recorded; -2: dropped (its incarnation is gone) */
 	struct OutboxCall *next;
 } OutboxCall;
@@ -376,7 +377,8 @@ call_done(QesHttpTransfer *xfer)
 
 	call->done = true;
 	n_in_flight--;
-	if (xfer->result != CURLE_OK || xfer->response_code < 200 || xfer->response_code > 299)
+	/* (only the lane's successes wait: "Recording later") */
+	if (!call->lane || xfer->result != CURLE_OK || xfer->response_code < 200 || xfer->response_code > 299)
 		answer_urgent = true;
 	if (n_answered++ == 0)
 		answered_at = GetCurrentTimestamp();
@@ -457,6 +459,7 @@ make_call(const ClaimedRow *row, const char *key, Oid extoid)
 	call->should_retry[0] = '\0';
 	call->retry_after[0] = '\0';
 	call->done = false;
+	call->lane = false;
 	call->record_tries = 0;
 	resetStringInfo(&call->response);
 
@@ -509,6 +512,7 @@ make_call(const ClaimedRow *row, const char *key, Oid extoid)
 						 strcmp(row->method, "DELETE") == 0 ? "DELETE" : NULL);
 	}
 	curl_easy_setopt(call->http.easy, CURLOPT_TIMEOUT_MS, timeout_ms);
+	call->started_at = GetCurrentTimestamp();
 	curl_easy_setopt(call->http.easy, CURLOPT_CONNECTTIMEOUT_MS, Min(timeout_ms, 10000L));
 	return call;
 }
@@ -750,14 +754,19 @@ record_batch_in_subxact(OutboxCall **calls, int n)
 	return qes_worker_subxact(record_batch, &batch, NULL);
 }
 
-/* calls in the order of their requests' ids: the order they were queued in */
+/*
+ * calls in the order they were sent (then of their requests' ids): of two
+ * answers about one object, the one asked for later is applied last
+ */
 static int
 call_cmp(const void *a, const void *b)
 {
-	int64		x = (*(OutboxCall *const *) a)->request_id;
-	int64		y = (*(OutboxCall *const *) b)->request_id;
+	const OutboxCall *x = *(OutboxCall *const *) a;
+	const OutboxCall *y = *(OutboxCall *const *) b;
 
-	return x < y ? -1 : (x > y ? 1 : 0);
+	if (x->started_at != y->started_at)
+		return x->started_at < y->started_at ? -1 : 1;
+	return x->request_id < y->request_id ? -1 : (x->request_id > y->request_id ? 1 : 0);
 }
 
 /*
@@ -792,7 +801,7 @@ record_answers(Oid *extoid, OutboxCall **recorded)
 		}
 		todo[n_todo++] = c;
 	}
-	/* in the order they were queued (billing.outbox_record_batch applies them so) */
+	/* in the order they were sent (billing.outbox_record_batch applies them so) */
 	if (n_todo > 1)
 		qsort(todo, n_todo, sizeof(OutboxCall *), call_cmp);
 
@@ -940,12 +949,39 @@ lane_publish(void)
  * more than QES_LANE_MAX_AGE_MS ago) is put back in the queue by the next
  * turn.  Returns how many were sent.
  */
+/*
+ * make_call for request i of the n taken from the lane; when that raises,
+ * it and the ones after it go back to the queue (their slots are free:
+ * they would be lost until a reclaim took them for possibly sent).
+ */
+static OutboxCall *
+make_lane_call(const ClaimedRow *row, const char *key, Oid extoid, int i, int n)
+{
+	OutboxCall *call = NULL;
+
+	PG_TRY();
+	{
+		call = make_call(row, key, extoid);
+	}
+	PG_CATCH();
+	{
+		for (int j = i; j < n; j++)
+			if (lane_buf[j].extoid == extoid)
+				lane_release[n_release++] = lane_buf[j].request_id;
+		claim_more = true;
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	return call;
+}
+
 static int
 lane_send(void)
 {
 	int			room = qes_max_inflight - n_in_flight;
 	int			n;
 	int			sent = 0;
+	int			released = 0;
 	const char *key = NULL;
 	char	   *problem;
 	Oid			extoid = qes_worker_incarnation();
@@ -973,11 +1009,12 @@ lane_send(void)
 							r->request_id)));
 			continue;
 		}
-		if (key == NULL || qes_worker_paused ||
+		if (r->unknown || key == NULL || qes_worker_paused ||
 			now - r->reserved_at > (TimestampTz) QES_LANE_MAX_AGE_MS * 1000 ||
 			take_tokens(1) == 0)
 		{
 			lane_release[n_release++] = r->request_id;
+			released++;
 			claim_more = true;	/* (the turn that releases it claims it) */
 			continue;
 		}
@@ -987,31 +1024,32 @@ lane_send(void)
 		row.path = r->path;
 		row.form = r->form;
 		row.idempotency_key = r->idempotency_key;
-		call = make_call(&row, key, extoid);
+		call = make_lane_call(&row, key, extoid, i, n);
+		call->lane = true;
 		call->next = calls;
 		calls = call;
 		n_in_flight++;
 		qes_http_start(&call->http);
 		sent++;
 	}
-	qes_lane_count(sent, n - sent);
+	qes_lane_count(sent, released);
 	return sent;
 }
 
 /* ---- recording later ------------------------------------------------------- */
 
 /*
- * Recording later.  An answer is recorded with the next claim, which
- * shares its transaction; when none comes, a success waits up to
- * QES_RECORD_DELAY_MS for others (or until QES_RECORD_BATCH have come, or
- * requests wait to go back to the queue), so that at low load, where the
- * lane sends without a transaction, a transaction records several answers
- * instead of one each (pg_net records its answers about once a second
- * too).  What waits on a recording: a retry scheduled, the mirror updated
- * come QES_RECORD_DELAY_MS later at most (a failure, whose retry or
- * final state matters, is recorded at once); a request waiting for another is
- * released at once, for answers are recorded as they come for
- * QES_PROMPT_MS after a request was queued to wait
+ * Recording later.  A successful answer to a request of the direct lane is
+ * recorded with the next claim, which shares its transaction; when none
+ * comes, it waits up to qes_billing.record_delay (1 s) for others, or
+ * until QES_RECORD_BATCH have come, or requests wait to go back to the
+ * queue: at low load, where the lane sends without a transaction, a
+ * transaction then records several answers instead of one each (pg_net
+ * records about once a second).  The local state (the mirror, a pending
+ * change) follows Stripe that much later.  Recorded at once: a failure
+ * (its retry or final state matters), the answer to a request claimed from
+ * the queue (a backlog's turns record as they claim), and every answer for
+ * QES_PROMPT_MS after a request was queued to wait for another
  * (billing.outbox_note_waiter), so that a chain goes at the pace of
  * Stripe's answers.
  */
@@ -1030,7 +1068,7 @@ record_due(void)
 		prompt_until = TimestampTzPlusMilliseconds(now, QES_PROMPT_MS);
 	}
 	return n_answered >= QES_RECORD_BATCH || n_release > 0 || answer_urgent || now < prompt_until ||
-		now >= TimestampTzPlusMilliseconds(answered_at, QES_RECORD_DELAY_MS);
+		now >= TimestampTzPlusMilliseconds(answered_at, qes_record_delay_ms);
 }
 
 /* milliseconds until the answers that came in are due for recording (-1: none waits) */
@@ -1045,7 +1083,7 @@ record_wait_ms(void)
 	if (record_due())
 		return 0;
 	now = GetCurrentTimestamp();
-	due = TimestampTzPlusMilliseconds(answered_at, QES_RECORD_DELAY_MS);
+	due = TimestampTzPlusMilliseconds(answered_at, qes_record_delay_ms);
 	return Max(1, TimestampDifferenceMilliseconds(now, due));
 }
 
@@ -1426,10 +1464,12 @@ qes_outbox_tick_wanted(bool take)
 }
 
 /*
- * The worker is asked to stop: record the answers that came in, so that a
- * clean shutdown leaves no request in flight whose answer we had (it would
- * be reclaimed at the next start as possibly sent, and sent again).  What
- * is still on the wire stays in flight, as it must.  Called outside any
+ * The worker is asked to stop: record the answers that came in (and put
+ * back what the lane left to release), so that a clean shutdown leaves no
+ * request in flight whose answer we had (it would be reclaimed at the next
+ * start as possibly sent, and sent again).  What is still on the wire stays
+ * in flight, as it must.  With a lock timeout: a lock held by a prepared
+ * transaction must not hold the shutdown.  Called outside any
  * transaction; an error is logged and given up on.
  */
 void
@@ -1438,8 +1478,11 @@ qes_outbox_flush_answers(void)
 	MemoryContext old = CurrentMemoryContext;
 	int			recorded = 0;
 
-	if (n_answered == 0 || outbox_context == NULL)
+	if ((n_answered == 0 && n_release == 0) || outbox_context == NULL)
 		return;
+	/* (never waits long: a lock held by a prepared transaction would hold the shutdown) */
+	SetConfigOption("lock_timeout", "1000", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("statement_timeout", "5000", PGC_SUSET, PGC_S_OVERRIDE);
 	PG_TRY();
 	{
 		(void) turn(0, true, &recorded);

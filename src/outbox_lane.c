@@ -64,6 +64,10 @@
 
 #include "access/transam.h"
 #include "access/xlog.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "utils/array.h"
+#include "utils/snapmgr.h"
 #include "commands/extension.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -121,9 +125,16 @@ typedef struct LaneShared
 
 static LaneShared *lane = NULL;
 
+/*
+ * A transaction takes at most this many slots: one that queues many
+ * requests (the meter pass) leaves the lane to others, and one left open
+ * (idle in transaction) cannot close it.
+ */
+#define QES_LANE_PER_XACT	8
+
 /* this backend's slots in the current transaction, and the subtransaction of each */
-static int	my_slot[QES_LANE_SLOTS];
-static SubTransactionId my_subid[QES_LANE_SLOTS];
+static int	my_slot[QES_LANE_PER_XACT];
+static SubTransactionId my_subid[QES_LANE_PER_XACT];
 static int	my_n = 0;
 /* the next INSERT into billing.stripe_requests is one the lane took */
 static bool insert_expected = false;
@@ -196,7 +207,7 @@ qes_outbox_lane_reserve(PG_FUNCTION_ARGS)
 		PG_RETURN_NULL();
 	/* (unlocked: a hint; checked again under the lock) */
 	if (lane == NULL || !lane->open || lane->dboid != MyDatabaseId ||
-		RecoveryInProgress() || IsInParallelMode() || my_n >= QES_LANE_SLOTS)
+		RecoveryInProgress() || IsInParallelMode() || my_n >= QES_LANE_PER_XACT)
 		PG_RETURN_NULL();
 	extoid = get_extension_oid("qes_billing", true);
 	if (!OidIsValid(extoid) || extoid != lane->extoid)
@@ -327,10 +338,61 @@ qes_lane_take_insert(void)
 	return r;
 }
 
-/* the transaction ends: stamp our slots at commit, hand them over at prepare, free them at abort */
+/*
+ * PREPARE TRANSACTION: a prepared transaction carries no claim of the
+ * lane.  Its rows go back to the queue as never claimed, in the
+ * transaction being prepared, and its slots are freed: after COMMIT
+ * PREPARED the worker claims them the ordinary way (and dates them from
+ * then), and a prepared transaction that waits for hours leaves no row in
+ * flight that a reclaim would take for possibly sent.
+ */
+static void
+unclaim_for_prepare(void)
+{
+	Datum	   *ids = palloc(sizeof(Datum) * Max(my_n, 1));
+	int			n = 0;
+	Datum		args[1];
+	Oid			types[1] = {INT8ARRAYOID};
+	int			rc;
+
+	LWLockAcquire(lane->lock, LW_EXCLUSIVE);
+	for (int k = 0; k < my_n; k++)
+	{
+		LaneSlot   *s = &lane->slots[my_slot[k]];
+
+		if (s->state == LANE_FREE || s->owner != MyProcPid)
+			continue;
+		if (s->state == LANE_FILLED)
+			ids[n++] = Int64GetDatum(s->request_id);
+		free_slot(my_slot[k]);
+	}
+	LWLockRelease(lane->lock);
+	my_n = 0;
+	insert_expected = false;
+	if (n == 0)
+		return;
+
+	args[0] = PointerGetDatum(construct_array(ids, n, INT8OID, sizeof(int64), FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "qes_billing: SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	rc = SPI_execute_with_args("SELECT billing.outbox_lane_release($1)", 1, types, args, NULL, false, 1);
+	PopActiveSnapshot();
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "qes_billing: could not put the direct lane's requests back in the queue before PREPARE TRANSACTION");
+	SPI_finish();
+}
+
+/* the transaction ends: stamp our slots at commit, free them at abort (and prepare) */
 void
 qes_lane_xact_event(XactEvent event)
 {
+	if (event == XACT_EVENT_PRE_PREPARE)
+	{
+		if (my_n > 0 && lane != NULL)
+			unclaim_for_prepare();
+		return;
+	}
 	if (event != XACT_EVENT_COMMIT && event != XACT_EVENT_PARALLEL_COMMIT &&
 		event != XACT_EVENT_PREPARE && event != XACT_EVENT_ABORT &&
 		event != XACT_EVENT_PARALLEL_ABORT)
@@ -439,7 +501,8 @@ qes_lane_take(QesLaneRequest *out, int max)
 {
 	int			idx[QES_LANE_SLOTS];
 	TransactionId xids[QES_LANE_SLOTS];
-	int			status[QES_LANE_SLOTS]; /* 0: in progress, 1: committed, -1: aborted */
+	int			status[QES_LANE_SLOTS]; /* 0: in progress, 1: committed, -1: aborted, 2: not known */
+	TransactionId oldest;
 	int			n = 0;
 	int			taken = 0;
 	XLogRecPtr	flush_to = InvalidXLogRecPtr;
@@ -460,11 +523,21 @@ qes_lane_take(QesLaneRequest *out, int max)
 	if (n == 0)
 		return 0;
 
-	/* their transactions' fate, without our lock (ProcArrayLock, the clog) */
+	/*
+	 * Their transactions' fate, without our lock (ProcArrayLock, the clog).
+	 * One so old that the clog no longer holds it (the worker paused for
+	 * ages) is not looked up -- that would raise -- but handed back for
+	 * release by id: if its row exists, it goes back to the queue.
+	 */
+	LWLockAcquire(XactTruncationLock, LW_SHARED);
+	oldest = ShmemVariableCache->oldestClogXid;
+	LWLockRelease(XactTruncationLock);
 	for (int k = 0; k < n; k++)
 	{
 		if (TransactionIdIsInProgress(xids[k]))
 			status[k] = 0;
+		else if (TransactionIdPrecedes(xids[k], oldest))
+			status[k] = 2;
 		else
 			status[k] = TransactionIdDidCommit(xids[k]) ? 1 : -1;
 	}
@@ -491,7 +564,9 @@ qes_lane_take(QesLaneRequest *out, int max)
 		 * that could not stamp it within a second): then everything
 		 * inserted so far is flushed instead.
 		 */
-		if (XLogRecPtrIsInvalid(s->commit_lsn))
+		if (status[k] == 2)
+			s->commit_lsn = InvalidXLogRecPtr;	/* (released, never sent: no flush needed) */
+		else if (XLogRecPtrIsInvalid(s->commit_lsn))
 		{
 			if (!s->prepared && now - s->reserved_at < USECS_PER_SEC)
 				continue;
@@ -500,6 +575,7 @@ qes_lane_take(QesLaneRequest *out, int max)
 		if (s->commit_lsn > flush_to)
 			flush_to = s->commit_lsn;
 		r = &out[taken++];
+		r->unknown = status[k] == 2;
 		r->extoid = s->extoid;
 		r->request_id = s->request_id;
 		r->reserved_at = s->reserved_at;

@@ -21,6 +21,7 @@
 /* a request taken from the lane by the worker (a copy, its own memory) */
 typedef struct QesLaneRequest
 {
+	bool		unknown;		/* its transaction's fate is not known: release it, never send */
 	Oid			extoid;			/* the incarnation of the extension it was queued in */
 	int64		request_id;
 	TimestampTz reserved_at;	/* when its transaction queued it */

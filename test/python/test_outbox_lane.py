@@ -122,10 +122,13 @@ def test_rolled_back_requests_are_never_sent(pg, fake):
     assert reached(fake, k) == 1 and lane(pg)[0] == sent0 + 1
 
 
-def test_prepared_transaction_request_waits_for_commit_prepared(pg, fake):
-    """A prepared transaction's request leaves only after COMMIT PREPARED
-    (put back in the queue and claimed then: its claim would date Stripe's
-    answer too early), and never after ROLLBACK PREPARED."""
+def test_prepared_transaction_carries_no_lane_claim(pg, fake):
+    """PREPARE TRANSACTION puts the transaction's lane requests back in the
+    queue as never claimed (and frees their slots): nothing leaves before
+    COMMIT PREPARED, nothing after ROLLBACK PREPARED, and a prepared
+    transaction that waits longer than twice the request timeout leaves no
+    row in flight that a reclaim would date as possibly sent: the request
+    goes after COMMIT PREPARED, dated from then."""
     drain(pg)
     with pg.connect() as c:
         k1 = enqueue(c.cursor(), "prepared, committed")
@@ -133,19 +136,32 @@ def test_prepared_transaction_request_waits_for_commit_prepared(pg, fake):
     with pg.connect() as c:
         k2 = enqueue(c.cursor(), "prepared, rolled back")
         c.execute("PREPARE TRANSACTION 'lane_rollback'")
-    time.sleep(1.0)
+    assert pg.sql("SELECT slots_in_use FROM billing.outbox_lane_state()") == [(0,)]
+    time.sleep(5.0)     # (the request timeout is 2 s: a claim would be stale by now)
     assert (reached(fake, k1), reached(fake, k2)) == (0, 0)
-    _, released0 = lane(pg)
     with pg.connect(autocommit=True) as c:
+        committed = c.execute("SELECT clock_timestamp()").fetchone()[0]
         c.execute("COMMIT PREPARED 'lane_commit'")
         c.execute("ROLLBACK PREPARED 'lane_rollback'")
     drain(pg)
     time.sleep(0.3)
     assert (reached(fake, k1), reached(fake, k2)) == (1, 0)
-    assert pg.sql("SELECT state, attempts FROM billing.stripe_requests WHERE idempotency_key = %s", (k1,)) \
-        == [("succeeded", 1)]
-    assert lane(pg)[1] == released0 + 1
-    assert pg.sql("SELECT slots_in_use FROM billing.outbox_lane_state()") == [(0,)]
+    rows = pg.sql("SELECT state, attempts, first_sent_at >= %s FROM billing.stripe_requests "
+                  "WHERE idempotency_key = %s", (committed, k1))
+    assert rows == [("succeeded", 1, True)], rows
+
+
+def test_one_transaction_takes_a_few_slots(pg, fake):
+    """A transaction that queues many requests takes at most 8 slots of the
+    lane; the rest are claimed from the queue; each is sent once."""
+    drain(pg)
+    sent0, _ = lane(pg)
+    with pg.connect() as c:
+        keys = [enqueue(c.cursor(), f"many {i}") for i in range(20)]
+        c.commit()
+    drain(pg)
+    assert [reached(fake, k) for k in keys] == [1] * 20
+    assert lane(pg)[0] - sent0 <= 8, lane(pg)
 
 
 def test_long_transaction_request_is_claimed_at_its_commit(pg, fake):
