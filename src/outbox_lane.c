@@ -376,7 +376,7 @@ unclaim_for_prepare(void)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "qes_billing: SPI_connect failed");
 	PushActiveSnapshot(GetTransactionSnapshot());
-	rc = SPI_execute_with_args("SELECT billing.outbox_lane_release($1)", 1, types, args, NULL, false, 1);
+	rc = SPI_execute_with_args(/* result: int8 */ "SELECT billing.outbox_lane_release($1)", 1, types, args, NULL, false, 1);
 	PopActiveSnapshot();
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "qes_billing: could not put the direct lane's requests back in the queue before PREPARE TRANSACTION");
