@@ -66,8 +66,11 @@
 #include "access/xlog.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_namespace.h"
 #include "utils/array.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "commands/extension.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -354,6 +357,11 @@ unclaim_for_prepare(void)
 	Datum		args[1];
 	Oid			types[1] = {INT8ARRAYOID};
 	int			rc;
+	Oid			nsp;
+	HeapTuple	tup;
+	Oid			owner;
+	Oid			save_userid;
+	int			save_sec;
 
 	LWLockAcquire(lane->lock, LW_EXCLUSIVE);
 	for (int k = 0; k < my_n; k++)
@@ -373,6 +381,21 @@ unclaim_for_prepare(void)
 		return;
 
 	args[0] = PointerGetDatum(construct_array(ids, n, INT8OID, sizeof(int64), FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+
+	/*
+	 * As the owner of the billing schema (the extension's): the rows were
+	 * queued by SECURITY DEFINER code, and the session's own role (an
+	 * application's) may call none of this.
+	 */
+	nsp = get_namespace_oid("billing", false);
+	tup = SearchSysCache1(NAMESPACEOID, ObjectIdGetDatum(nsp));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for schema %u", nsp);
+	owner = ((Form_pg_namespace) GETSTRUCT(tup))->nspowner;
+	ReleaseSysCache(tup);
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE);
+
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "qes_billing: SPI_connect failed");
 	PushActiveSnapshot(GetTransactionSnapshot());
@@ -381,6 +404,7 @@ unclaim_for_prepare(void)
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "qes_billing: could not put the direct lane's requests back in the queue before PREPARE TRANSACTION");
 	SPI_finish();
+	SetUserIdAndSecContext(save_userid, save_sec);
 }
 
 /* the transaction ends: stamp our slots at commit, free them at abort (and prepare) */

@@ -151,6 +151,36 @@ def test_prepared_transaction_carries_no_lane_claim(pg, fake):
     assert rows == [("succeeded", 1, True)], rows
 
 
+def test_prepared_by_an_application_role(pg, fake):
+    """PREPARE TRANSACTION in a session whose own role may not touch the
+    queue (an application's, queuing through SECURITY DEFINER code as the
+    API does) still puts the transaction's lane requests back; after COMMIT
+    PREPARED they go."""
+    drain(pg)
+    pg.sql("DO $$ BEGIN CREATE ROLE lane_app; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    pg.sql("""CREATE OR REPLACE FUNCTION public.lane_app_enqueue(p_name text) RETURNS text
+                LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $f$
+              DECLARE v bigint;
+              BEGIN
+                v := billing.outbox_enqueue(NULL, 'test.customer', 'POST', '/v1/customers',
+                                            jsonb_build_object('name', p_name));
+                RETURN (SELECT idempotency_key FROM billing.stripe_requests WHERE request_id = v);
+              END $f$""")
+    pg.sql("REVOKE ALL ON FUNCTION public.lane_app_enqueue(text) FROM PUBLIC")
+    pg.sql("GRANT EXECUTE ON FUNCTION public.lane_app_enqueue(text) TO lane_app")
+    with pg.connect() as c:
+        c.execute("SET LOCAL ROLE lane_app")
+        k = c.execute("SELECT public.lane_app_enqueue('prepared by an application')").fetchone()[0]
+        c.execute("PREPARE TRANSACTION 'lane_app'")
+    assert pg.sql("SELECT slots_in_use FROM billing.outbox_lane_state()") == [(0,)]
+    with pg.connect(autocommit=True) as c:
+        c.execute("COMMIT PREPARED 'lane_app'")
+    drain(pg)
+    assert reached(fake, k) == 1
+    assert pg.sql("SELECT state, attempts FROM billing.stripe_requests WHERE idempotency_key = %s", (k,)) \
+        == [("succeeded", 1)]
+
+
 def test_one_transaction_takes_a_few_slots(pg, fake):
     """A transaction that queues many requests takes at most 8 slots of the
     lane; the rest are claimed from the queue; each is sent once."""
